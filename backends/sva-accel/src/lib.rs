@@ -1,0 +1,1 @@
+//! sva-accel (work in progress).

@@ -1,0 +1,1 @@
+//! vdpa-net (work in progress).

@@ -1,0 +1,1 @@
+//! Runnable examples for ioasis; see the `examples` targets.

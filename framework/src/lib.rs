@@ -1,0 +1,1 @@
+//! ioasis: device-server framework (work in progress).

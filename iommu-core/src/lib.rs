@@ -1,0 +1,1 @@
+//! The /dev/iommu object model in userspace (work in progress).
