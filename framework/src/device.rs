@@ -1,1 +1,351 @@
-//! (work in progress)
+//! The device trait backend authors implement.
+//!
+//! A device is split in two, like a real virtio device:
+//!
+//! - [`Device`]: the control plane. It describes the device (virtio device
+//!   type, features, config space, queue count and sizes, threading) and is
+//!   called from the connection thread while the frontend negotiates. It is
+//!   shared (`Send + Sync`) and takes `&self`.
+//! - [`Worker`]: the data plane of one worker thread. When the frontend starts
+//!   the queues, the framework asks the device for one worker per thread
+//!   ([`Device::worker`]), moves it to its thread and calls it there with
+//!   `&mut self`, so per-thread state (scratch buffers, a tap fd, counters)
+//!   needs no lock. Which queues a thread serves is the device's choice
+//!   ([`Device::queues_per_thread`]).
+//!
+//! Everything a worker touches in frontend memory goes through the queue handle
+//! ([`Queue`]) or the DMA handle ([`Dma`](crate::dma::Dma)) it hands out: both
+//! translate every access through the device's I/O address space, so a device
+//! can never read or write memory the frontend did not map for it. A
+//! translation miss surfaces as a [`DmaError`]; returning it (for example with
+//! `?`) parks the queue until the frontend supplies the mapping, and the chain
+//! that was being popped is offered again afterwards: nothing is lost.
+//!
+//! # Writing a device
+//!
+//! ```
+//! use ioasis::device::{Device, DeviceError, Queues, Worker};
+//! use ioasis::queue::Chain;
+//!
+//! /// A device whose single queue echoes nothing: it completes every chain
+//! /// with zero bytes written.
+//! struct Null;
+//!
+//! impl Device for Null {
+//!     fn device_type(&self) -> u32 { 0x1f }
+//!     fn features(&self) -> u64 { 0 }
+//!     fn num_queues(&self) -> usize { 1 }
+//!     fn max_queue_size(&self) -> u16 { 256 }
+//!     fn worker(&self, _thread: usize) -> Result<Box<dyn Worker>, DeviceError> {
+//!         Ok(Box::new(NullWorker { chain: Chain::new() }))
+//!     }
+//! }
+//!
+//! struct NullWorker { chain: Chain }
+//!
+//! impl Worker for NullWorker {
+//!     fn process_queue(&mut self, index: u16, queues: &mut Queues<'_>) -> Result<(), DeviceError> {
+//!         let Some(mut queue) = queues.get(index) else { return Ok(()) };
+//!         while queue.pop(&mut self.chain)? {
+//!             queue.add_used(self.chain.head(), 0)?;
+//!         }
+//!         queue.notify()?;
+//!         Ok(())
+//!     }
+//! }
+//! ```
+
+use std::io;
+use std::os::fd::BorrowedFd;
+use std::time::Duration;
+
+pub use crate::dma::{Dma, DmaError};
+pub use crate::queue::{Chain, Queue, QueueError, Queues};
+
+/// Errors a device or worker reports to the framework.
+///
+/// The framework decides what to do with each one through
+/// [`DeviceError::is_translation_miss`] and [`DeviceError::needs_reset`]: a
+/// translation miss parks the queue until the mapping arrives; anything else is
+/// logged, counted and marks the device as needing a reset. No error ever ends
+/// the process or silently stops a queue.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The device does not implement an optional capability.
+    #[error("Operation not supported by the device: {0}")]
+    Unsupported(&'static str),
+    /// A queue operation failed.
+    #[error("Queue operation failed")]
+    Queue(#[from] QueueError),
+    /// A DMA access outside a queue failed.
+    #[error("DMA access failed")]
+    Dma(#[from] DmaError),
+    /// A config space access was out of range.
+    #[error("Config space access out of range: offset {offset}, length {len}")]
+    ConfigRange {
+        /// Offset into the config space.
+        offset: u32,
+        /// Length of the access.
+        len: usize,
+    },
+    /// The device rejected the features the driver acknowledged.
+    #[error("Features {0:#x} rejected by the device")]
+    Features(u64),
+    /// An I/O operation of the device's own failed.
+    #[error("Device I/O failed: {op}")]
+    Io {
+        /// What the device was doing.
+        op: &'static str,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A device-specific failure.
+    #[error("Device failure: {0}")]
+    Other(String),
+}
+
+impl DeviceError {
+    /// The DMA error behind this error, if any.
+    pub fn dma_error(&self) -> Option<&DmaError> {
+        match self {
+            DeviceError::Dma(e) => Some(e),
+            DeviceError::Queue(q) => q.dma_error(),
+            DeviceError::Unsupported(_)
+            | DeviceError::ConfigRange { .. }
+            | DeviceError::Features(_)
+            | DeviceError::Io { .. }
+            | DeviceError::Other(_) => None,
+        }
+    }
+
+    /// True when the error is an I/O translation miss that the frontend can
+    /// resolve by supplying a mapping: the queue is parked, not failed.
+    pub fn is_translation_miss(&self) -> bool {
+        self.dma_error().is_some_and(DmaError::is_miss)
+    }
+
+    /// True when the error leaves the device in a state the driver must reset.
+    pub fn needs_reset(&self) -> bool {
+        match self {
+            DeviceError::Unsupported(_) | DeviceError::ConfigRange { .. } => false,
+            DeviceError::Features(_) => false,
+            DeviceError::Queue(_) | DeviceError::Dma(_) => !self.is_translation_miss(),
+            DeviceError::Io { .. } | DeviceError::Other(_) => true,
+        }
+    }
+}
+
+/// Result of device operations.
+pub type Result<T> = std::result::Result<T, DeviceError>;
+
+/// A virtio device served by the framework: the control plane.
+///
+/// Required: what the device is ([`device_type`](Device::device_type),
+/// [`features`](Device::features), [`num_queues`](Device::num_queues),
+/// [`max_queue_size`](Device::max_queue_size)) and how its data plane is built
+/// ([`worker`](Device::worker)). Everything else has a default that either does
+/// nothing or answers "unsupported".
+///
+/// The framework adds the transport features itself (`VIRTIO_F_VERSION_1`,
+/// `VIRTIO_F_ACCESS_PLATFORM`, `VIRTIO_RING_F_EVENT_IDX`,
+/// `VIRTIO_RING_F_INDIRECT_DESC` and the vhost-user protocol feature bit);
+/// [`features`](Device::features) returns the device-specific bits and any
+/// transport bit the device wants offered beyond those.
+pub trait Device: Send + Sync + 'static {
+    /// The virtio device type (`VIRTIO_ID_*`, e.g. 1 for net, 4 for rng).
+    fn device_type(&self) -> u32;
+
+    /// Device feature bits offered to the driver.
+    fn features(&self) -> u64;
+
+    /// Number of virtqueues the device has.
+    fn num_queues(&self) -> usize;
+
+    /// Largest queue size the device accepts (a power of two, at most 32768).
+    fn max_queue_size(&self) -> u16;
+
+    /// Builds the data plane of worker thread `thread` (an index into
+    /// [`queues_per_thread`](Device::queues_per_thread)). Called when the
+    /// frontend starts the device; the worker is dropped when the frontend
+    /// stops it, resets it or disconnects.
+    fn worker(&self, thread: usize) -> Result<Box<dyn Worker>>;
+
+    /// Size of the device's config space in bytes (0: none).
+    fn config_size(&self) -> u32 {
+        0
+    }
+
+    /// Reads `data.len()` bytes of config space at `offset`. The framework
+    /// has already checked that the range lies within
+    /// [`config_size`](Device::config_size).
+    fn read_config(&self, offset: u32, data: &mut [u8]) -> Result<()> {
+        let _ = (offset, data);
+        Err(DeviceError::Unsupported("config space read"))
+    }
+
+    /// Writes config space (range already checked).
+    fn write_config(&self, offset: u32, data: &[u8]) -> Result<()> {
+        let _ = (offset, data);
+        Err(DeviceError::Unsupported("config space write"))
+    }
+
+    /// The driver acknowledged `features` (a subset of what was offered, with
+    /// transport bits included). The device may reject a combination.
+    fn set_features(&self, features: u64) -> Result<()> {
+        let _ = features;
+        Ok(())
+    }
+
+    /// Which queues each worker thread serves: one bit mask per thread, bit
+    /// `i` for queue `i`. The default is one thread serving every queue. Every
+    /// queue must appear in exactly one mask; masks beyond 64 queues are not
+    /// supported.
+    fn queues_per_thread(&self) -> Vec<u64> {
+        let n = self.num_queues().min(64);
+        let mask = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
+        vec![mask]
+    }
+
+    /// If set, a worker thread with nothing to do keeps polling its queues
+    /// (and calls [`Worker::poll`]) for this long before it sleeps in the
+    /// kernel again. Trades CPU for latency; `None` (the default) never polls.
+    fn busy_poll(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Resets device state (the frontend reset the device, or disconnected).
+    /// Workers have already been dropped when this is called.
+    fn reset(&self) {}
+
+    /// The driver wrote the virtio device status (vhost-user `SET_STATUS`).
+    fn set_status(&self, status: u8) {
+        let _ = status;
+    }
+}
+
+/// The data plane of one worker thread, built by [`Device::worker`].
+///
+/// All methods run on the worker thread, inside a DMA access section: host
+/// memory behind the translations a method obtains stays valid until it
+/// returns, and an unmap issued meanwhile waits for it. A method must
+/// therefore not block for long (no waiting on other threads or sockets).
+pub trait Worker: Send {
+    /// Called once on the worker thread before anything else: register the
+    /// device's own event sources (for example a tap fd) with `events`.
+    fn init(&mut self, events: &mut EventRegistrar<'_>) -> Result<()> {
+        let _ = events;
+        Ok(())
+    }
+
+    /// The driver kicked queue `index` (or the framework resumed it after a
+    /// translation miss was resolved). Pop chains, process them and complete
+    /// every popped head exactly once.
+    fn process_queue(&mut self, index: u16, queues: &mut Queues<'_>) -> Result<()>;
+
+    /// An event source registered in [`init`](Worker::init) with `token`
+    /// became ready.
+    fn handle_event(&mut self, token: u64, queues: &mut Queues<'_>) -> Result<()> {
+        let _ = (token, queues);
+        Err(DeviceError::Unsupported("device event sources"))
+    }
+
+    /// Busy-poll hook (see [`Device::busy_poll`]): do any pending work and
+    /// return whether there was some.
+    fn poll(&mut self, queues: &mut Queues<'_>) -> Result<bool> {
+        let _ = queues;
+        Ok(false)
+    }
+}
+
+/// Which readiness a device event source waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Interest {
+    /// Readable (`EPOLLIN`).
+    Readable,
+    /// Writable (`EPOLLOUT`).
+    Writable,
+    /// Either.
+    Both,
+}
+
+impl Interest {
+    pub(crate) fn epoll_events(self) -> u32 {
+        let bits = match self {
+            Interest::Readable => libc::EPOLLIN,
+            Interest::Writable => libc::EPOLLOUT,
+            Interest::Both => libc::EPOLLIN | libc::EPOLLOUT,
+        };
+        // The libc constants are small positive values.
+        bits as u32
+    }
+}
+
+/// Largest token a device may use for its own event sources.
+pub const MAX_DEVICE_TOKEN: u64 = (1 << 48) - 1;
+
+/// Registers a device's own event sources on its worker thread's event loop.
+#[derive(Debug)]
+pub struct EventRegistrar<'a> {
+    pub(crate) epoll: BorrowedFd<'a>,
+    pub(crate) thread: usize,
+}
+
+impl EventRegistrar<'_> {
+    /// The worker thread's index.
+    pub fn thread(&self) -> usize {
+        self.thread
+    }
+
+    /// Watches `fd` for `interest` (level-triggered); readiness calls
+    /// [`Worker::handle_event`] with `token` (at most [`MAX_DEVICE_TOKEN`]).
+    /// The fd must stay open until the worker is dropped.
+    pub fn add(&mut self, fd: BorrowedFd<'_>, interest: Interest, token: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, interest, token)
+    }
+
+    /// Changes the interest of a registered fd.
+    pub fn modify(&mut self, fd: BorrowedFd<'_>, interest: Interest, token: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_MOD, fd, interest, token)
+    }
+
+    /// Stops watching `fd`.
+    pub fn remove(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: both fds are valid for the duration of the call; a null event
+        // pointer is allowed for EPOLL_CTL_DEL.
+        let rc = unsafe {
+            libc::epoll_ctl(
+                self.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd.as_raw_fd(),
+                std::ptr::null_mut(),
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn ctl(&mut self, op: i32, fd: BorrowedFd<'_>, interest: Interest, token: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        if token > MAX_DEVICE_TOKEN {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("device event token {token:#x} above {MAX_DEVICE_TOKEN:#x}"),
+            ));
+        }
+        let mut ev = libc::epoll_event {
+            events: interest.epoll_events(),
+            u64: crate::server::worker_device_token(token),
+        };
+        // SAFETY: both fds are valid for the duration of the call and `ev` is
+        // a valid epoll_event the kernel only reads.
+        let rc = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd.as_raw_fd(), &mut ev) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}

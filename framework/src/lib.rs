@@ -1,7 +1,34 @@
-//! ioasis: a userspace device-server framework for vDPA and SVA (work in progress).
+//! ioasis: a userspace device-server framework for vDPA and SVA.
+//!
+//! # Model
+//!
+//! A backend process runs one [`Server`](server::Server). The server hosts any
+//! number of devices, each listening on its own unix socket for a vhost-user
+//! frontend (QEMU, DPDK virtio-user, cloud-hypervisor, ...), and all sharing
+//! one iommu-core [`Iommu`](iommu_core::Iommu) context, so devices of one
+//! process can be attached to the same I/O address space (IOAS).
+//!
+//! A device is written against two small traits in [`device`]: [`Device`]
+//! (what the device is: type, features, config space, queues, threading) and
+//! [`Worker`] (the data plane of one worker thread). Workers see their
+//! virtqueues through [`Queue`](queue::Queue) handles and reach frontend memory
+//! only through the [`Dma`](dma::Dma) handle, which translates every access
+//! through the device's IOAS, fragment by fragment. A translation miss is a
+//! typed error, never a touch of unmapped memory.
+//!
+//! The vhost-user transport ([`vhost_user`]) owns the backend side of the
+//! protocol. Without `VIRTIO_F_ACCESS_PLATFORM` the frontend's memory table
+//! becomes the device's IOAS (IOVA = guest physical address); with it, the
+//! frontend's IOTLB updates and invalidations become maps and unmaps of that
+//! IOAS, and a miss is sent back to the frontend while the queue waits.
+//!
+//! [`Device`]: device::Device
+//! [`Worker`]: device::Worker
+#![deny(missing_docs)]
 
 pub mod device;
 pub mod dma;
+pub mod queue;
 pub mod server;
 pub mod service;
 pub mod uring;

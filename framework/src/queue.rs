@@ -1,0 +1,580 @@
+//! Virtqueues as a device sees them.
+//!
+//! A [`Queue`] is a split virtqueue whose rings and buffers live in the
+//! device's I/O address space. It is built on virtio-queue's `Queue` (ring
+//! layout, `EVENT_IDX` notification suppression) driven through the
+//! framework's [`Dma`] handle, which implements vm-memory's `GuestMemory` on top
+//! of iommu-core translation. virtio-queue reports a memory error as "no more
+//! chains"; this module tells the two apart, so a translation miss parks the
+//! queue (and the chain is offered again once the mapping exists) instead of
+//! looking like an empty queue.
+//!
+//! Popping is allocation-free after warm-up: [`Queue::pop`] fills a
+//! caller-owned [`Chain`] whose descriptor vector is reused.
+
+use std::num::Wrapping;
+use std::sync::{Mutex, MutexGuard, TryLockError};
+
+use log::{error, warn};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::dma::{Access, Dma, DmaError};
+
+/// Largest queue size (`VIRTIO` split rings: 32768).
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+/// Errors of queue operations.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// A ring or buffer access failed translation or permission checks.
+    #[error("DMA access failed on queue {queue}")]
+    Dma {
+        /// Queue index.
+        queue: u16,
+        /// What failed.
+        #[source]
+        source: DmaError,
+    },
+    /// The driver's available index ran ahead of the ring by more than the size.
+    #[error("Available index {avail} of queue {queue} is more than the queue size ahead of {next}")]
+    AvailIndex {
+        /// Queue index.
+        queue: u16,
+        /// Available index read from the ring.
+        avail: u16,
+        /// Next index the device expected.
+        next: u16,
+    },
+    /// A descriptor chain was malformed (bad index, loop, bad indirect table, too long).
+    #[error("Malformed descriptor chain with head {head} on queue {queue}")]
+    BadChain {
+        /// Queue index.
+        queue: u16,
+        /// Head index of the chain.
+        head: u16,
+    },
+    /// `add_used` was given a head outside the queue.
+    #[error("Used head {head} out of range on queue {queue} of size {size}")]
+    BadHead {
+        /// Queue index.
+        queue: u16,
+        /// Head index given.
+        head: u16,
+        /// Queue size.
+        size: u16,
+    },
+    /// A ring update failed.
+    #[error("Ring update failed on queue {queue}: {msg}")]
+    Ring {
+        /// Queue index.
+        queue: u16,
+        /// virtio-queue's description of the failure.
+        msg: String,
+    },
+    /// Signalling the driver failed.
+    #[error("Signalling queue {queue} failed")]
+    Notify {
+        /// Queue index.
+        queue: u16,
+        /// The eventfd write error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl QueueError {
+    /// The DMA error behind this error, if any.
+    pub fn dma_error(&self) -> Option<&DmaError> {
+        match self {
+            QueueError::Dma { source, .. } => Some(source),
+            QueueError::AvailIndex { .. }
+            | QueueError::BadChain { .. }
+            | QueueError::BadHead { .. }
+            | QueueError::Ring { .. }
+            | QueueError::Notify { .. } => None,
+        }
+    }
+}
+
+/// Result of queue operations.
+pub type Result<T> = std::result::Result<T, QueueError>;
+
+/// One descriptor of a chain: a buffer in the device's I/O address space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Desc {
+    /// I/O virtual address of the buffer.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// True for a device-writable buffer, false for a device-readable one.
+    pub writable: bool,
+}
+
+/// A popped descriptor chain. Reuse one `Chain` across pops: its storage is
+/// kept, so the hot path does not allocate.
+#[derive(Clone, Debug, Default)]
+pub struct Chain {
+    head: u16,
+    descs: Vec<Desc>,
+    readable: u64,
+    writable: u64,
+}
+
+impl Chain {
+    /// An empty chain.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Head index: what [`Queue::add_used`] takes.
+    pub fn head(&self) -> u16 {
+        self.head
+    }
+
+    /// All descriptors in chain order (readable ones first, as the spec requires).
+    pub fn descriptors(&self) -> &[Desc] {
+        &self.descs
+    }
+
+    /// Total bytes in device-readable descriptors.
+    pub fn readable_len(&self) -> u64 {
+        self.readable
+    }
+
+    /// Total bytes in device-writable descriptors.
+    pub fn writable_len(&self) -> u64 {
+        self.writable
+    }
+
+    fn clear(&mut self) {
+        self.head = 0;
+        self.descs.clear();
+        self.readable = 0;
+        self.writable = 0;
+    }
+}
+
+/// Why a queue is parked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Parked {
+    /// The I/O address that missed.
+    pub iova: u64,
+    /// The access that missed.
+    pub access: Access,
+    /// Whether the miss was reported to the frontend yet.
+    pub reported: bool,
+}
+
+/// Per-queue state shared between the connection thread and the worker.
+#[derive(Debug)]
+pub(crate) struct Vring {
+    pub q: virtio_queue::Queue,
+    pub kick: Option<EventFd>,
+    pub call: Option<EventFd>,
+    pub err: Option<EventFd>,
+    /// SET_VRING_ENABLE state.
+    pub enabled: bool,
+    /// Started by the frontend (kick received) and not stopped by GET_VRING_BASE.
+    pub started: bool,
+    /// Waiting for the frontend to map an address.
+    pub parked: Option<Parked>,
+    /// A non-recoverable error hit this queue; it stays stopped until reset.
+    pub broken: bool,
+    /// Chains completed with an error status (counted, rate-limited warnings).
+    pub errors: u64,
+}
+
+impl Vring {
+    /// A stopped queue; `None` if `max_size` is not a power of two in
+    /// `1..=MAX_QUEUE_SIZE`.
+    pub fn new(max_size: u16) -> Option<Self> {
+        let q = virtio_queue::Queue::new(max_size).ok()?;
+        Some(Vring {
+            q,
+            kick: None,
+            call: None,
+            err: None,
+            enabled: false,
+            started: false,
+            parked: None,
+            broken: false,
+            errors: 0,
+        })
+    }
+
+    /// True when a worker may process this queue.
+    pub fn serving(&self) -> bool {
+        self.started && self.enabled && self.parked.is_none() && !self.broken && self.q.ready()
+    }
+}
+
+/// The queues of one worker thread, handed to [`Worker`](crate::device::Worker)
+/// methods.
+#[derive(Debug)]
+pub struct Queues<'a> {
+    pub(crate) vrings: &'a [(u16, &'a Mutex<Vring>)],
+    pub(crate) dma: &'a Dma,
+}
+
+impl<'a> Queues<'a> {
+    /// The thread's queue `index`, if it is running: started by the
+    /// frontend, enabled, not parked on a translation miss and not failed, and
+    /// its rings are mapped. Returns `None` otherwise (and when this thread
+    /// already holds that queue).
+    pub fn get(&mut self, index: u16) -> Option<Queue<'a>> {
+        let (_, m) = self.vrings.iter().find(|(i, _)| *i == index)?;
+        let guard = match m.try_lock() {
+            Ok(g) => g,
+            // The connection thread holds it briefly; wait for it.
+            Err(TryLockError::WouldBlock) => match m.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            },
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+        };
+        if !guard.serving() {
+            return None;
+        }
+        let mut queue = Queue {
+            index,
+            vring: guard,
+            dma: self.dma,
+        };
+        match queue.check_rings() {
+            Ok(()) => Some(queue),
+            Err(e) => {
+                if !matches!(e.dma_error(), Some(d) if d.is_miss()) {
+                    error!("queue {index}: {e}");
+                }
+                None
+            }
+        }
+    }
+
+    /// Indices of the queues this thread serves.
+    pub fn indices(&self) -> impl Iterator<Item = u16> + '_ {
+        self.vrings.iter().map(|(i, _)| *i)
+    }
+
+    /// The thread's DMA handle.
+    pub fn dma(&self) -> &'a Dma {
+        self.dma
+    }
+}
+
+/// A running virtqueue, obtained from [`Queues::get`].
+#[derive(Debug)]
+pub struct Queue<'a> {
+    index: u16,
+    vring: MutexGuard<'a, Vring>,
+    dma: &'a Dma,
+}
+
+impl<'a> Queue<'a> {
+    /// Queue index.
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    /// Queue size negotiated with the driver.
+    pub fn size(&self) -> u16 {
+        self.vring.q.size()
+    }
+
+    /// The DMA handle for buffer accesses outside [`read`](Queue::read) and
+    /// [`write`](Queue::write).
+    pub fn dma(&self) -> &'a Dma {
+        self.dma
+    }
+
+    fn dma_err(&mut self, source: DmaError) -> QueueError {
+        if let Some((iova, access)) = source.miss_address() {
+            self.vring.parked = Some(Parked {
+                iova,
+                access,
+                reported: false,
+            });
+        } else {
+            self.vring.broken = true;
+        }
+        QueueError::Dma {
+            queue: self.index,
+            source,
+        }
+    }
+
+    /// Checks that the three rings are mapped with the access they need; on a
+    /// miss the queue is parked.
+    fn check_rings(&mut self) -> Result<()> {
+        let size = u64::from(self.vring.q.size());
+        let event = u64::from(self.vring.q.event_idx_enabled()) * 2;
+        let checks = [
+            (self.vring.q.desc_table(), size * 16, Access::Read),
+            (self.vring.q.avail_ring(), 4 + size * 2 + event, Access::Read),
+            (self.vring.q.used_ring(), 4 + size * 8 + event, Access::Write),
+        ];
+        for (addr, len, access) in checks {
+            if let Err(e) = self.dma.check(addr, len, access) {
+                return Err(self.dma_err(e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Pops the next available chain into `chain`. Returns `Ok(false)` when
+    /// the driver has made nothing more available.
+    ///
+    /// Every buffer of the chain is translated before it is returned, so the
+    /// device's accesses to it cannot miss while this call's access section
+    /// lasts. On a translation miss the chain is put back, the queue is parked
+    /// and the miss is returned; a malformed chain is completed with length 0
+    /// and reported as [`QueueError::BadChain`].
+    pub fn pop(&mut self, chain: &mut Chain) -> Result<bool> {
+        chain.clear();
+        let dma = self.dma;
+        dma.clear_fault();
+        let queue = self.index;
+        let mut truncated = true;
+        let fault = {
+            let mut iter = match self.vring.q.iter(dma) {
+                Ok(it) => it,
+                Err(virtio_queue::Error::InvalidAvailRingIndex) => {
+                    let next = self.vring.q.next_avail();
+                    let avail = self
+                        .vring
+                        .q
+                        .avail_idx(dma, std::sync::atomic::Ordering::Acquire)
+                        .map(|w| w.0)
+                        .unwrap_or(0);
+                    self.vring.broken = true;
+                    return Err(QueueError::AvailIndex { queue, avail, next });
+                }
+                Err(e) => {
+                    if let Some(f) = dma.take_fault() {
+                        return Err(self.dma_err(f));
+                    }
+                    return Err(QueueError::Ring {
+                        queue,
+                        msg: e.to_string(),
+                    });
+                }
+            };
+            match iter.next() {
+                None => match dma.take_fault() {
+                    Some(f) => Some(f),
+                    None => return Ok(false),
+                },
+                Some(dc) => {
+                    chain.head = dc.head_index();
+                    for d in dc {
+                        truncated = d.has_next();
+                        let desc = Desc {
+                            addr: d.addr().0,
+                            len: d.len(),
+                            writable: d.is_write_only(),
+                        };
+                        if desc.writable {
+                            chain.writable += u64::from(desc.len);
+                        } else {
+                            chain.readable += u64::from(desc.len);
+                        }
+                        chain.descs.push(desc);
+                    }
+                    let f = dma.take_fault();
+                    if f.is_some() {
+                        // Put the chain back: it is popped again once mapped.
+                        iter.go_to_previous_position();
+                    }
+                    f
+                }
+            }
+        };
+        if let Some(f) = fault {
+            chain.clear();
+            return Err(self.dma_err(f));
+        }
+        let head = chain.head;
+        if truncated || chain.descs.is_empty() {
+            self.complete_bad(head);
+            chain.clear();
+            return Err(QueueError::BadChain { queue, head });
+        }
+        // Translate every buffer now, so a miss is seen before any work is
+        // done and the chain can be offered again.
+        for i in 0..chain.descs.len() {
+            let d = chain.descs[i];
+            let access = if d.writable {
+                Access::Write
+            } else {
+                Access::Read
+            };
+            if let Err(e) = dma.check(d.addr, u64::from(d.len), access) {
+                if e.is_miss() {
+                    let next = self.vring.q.next_avail();
+                    self.vring.q.set_next_avail(next.wrapping_sub(1));
+                    chain.clear();
+                    return Err(self.dma_err(e));
+                }
+                // Permission failure or fault: the chain cannot be served.
+                self.complete_bad(head);
+                chain.clear();
+                return Err(self.dma_err(e));
+            }
+        }
+        Ok(true)
+    }
+
+    fn complete_bad(&mut self, head: u16) {
+        self.vring.errors += 1;
+        if self.vring.errors.is_power_of_two() {
+            warn!(
+                "queue {}: completing bad chain {head} with length 0 ({} so far)",
+                self.index, self.vring.errors
+            );
+        }
+        if let Err(e) = self.vring.q.add_used(self.dma, head, 0) {
+            error!("queue {}: cannot complete bad chain {head}: {e}", self.index);
+            self.vring.broken = true;
+        }
+    }
+
+    /// Puts `head` on the used ring with `len` bytes written. Call
+    /// [`notify`](Queue::notify) after a batch.
+    pub fn add_used(&mut self, head: u16, len: u32) -> Result<()> {
+        let size = self.vring.q.size();
+        if head >= size {
+            return Err(QueueError::BadHead {
+                queue: self.index,
+                head,
+                size,
+            });
+        }
+        self.dma.clear_fault();
+        let dma = self.dma;
+        match self.vring.q.add_used(dma, head, len) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if let Some(f) = dma.take_fault() {
+                    return Err(self.dma_err(f));
+                }
+                Err(QueueError::Ring {
+                    queue: self.index,
+                    msg: e.to_string(),
+                })
+            }
+        }
+    }
+
+    /// Signals the driver if it asked to be (honours `EVENT_IDX` and
+    /// `VRING_AVAIL_F_NO_INTERRUPT`).
+    pub fn notify(&mut self) -> Result<()> {
+        let dma = self.dma;
+        let needed = match self.vring.q.needs_notification(dma) {
+            Ok(n) => n,
+            // If the event index cannot be read, signalling is the safe choice.
+            Err(_) => true,
+        };
+        if needed {
+            self.signal()?;
+        }
+        Ok(())
+    }
+
+    /// Signals the driver unconditionally.
+    pub fn signal(&mut self) -> Result<()> {
+        if let Some(call) = &self.vring.call {
+            call.write(1).map_err(|source| QueueError::Notify {
+                queue: self.index,
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Asks the driver to kick again (clears suppression). Returns true if
+    /// chains became available meanwhile: process them before sleeping.
+    pub fn enable_notification(&mut self) -> Result<bool> {
+        let dma = self.dma;
+        self.vring.q.enable_notification(dma).map_err(|e| QueueError::Ring {
+            queue: self.index,
+            msg: e.to_string(),
+        })
+    }
+
+    /// Asks the driver not to kick (the device polls).
+    pub fn disable_notification(&mut self) -> Result<()> {
+        let dma = self.dma;
+        self.vring
+            .q
+            .disable_notification(dma)
+            .map_err(|e| QueueError::Ring {
+                queue: self.index,
+                msg: e.to_string(),
+            })
+    }
+
+    /// Copies device-readable bytes of `chain`, starting `offset` bytes into
+    /// its readable part, into `buf`. Returns the number of bytes copied
+    /// (less than `buf.len()` at the end of the readable part).
+    pub fn read(&mut self, chain: &Chain, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let mut skip = offset;
+        let mut done = 0usize;
+        for d in chain.descs.iter().filter(|d| !d.writable) {
+            if done == buf.len() {
+                break;
+            }
+            let len = u64::from(d.len);
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            let avail = usize::try_from(len - skip).unwrap_or(usize::MAX);
+            let n = avail.min(buf.len() - done);
+            let addr = d.addr.wrapping_add(skip);
+            if let Err(e) = self.dma.read(addr, &mut buf[done..done + n]) {
+                return Err(self.dma_err(e));
+            }
+            done += n;
+            skip = 0;
+        }
+        Ok(done)
+    }
+
+    /// Copies `data` into the device-writable part of `chain`, starting
+    /// `offset` bytes into it. Returns the number of bytes written (less than
+    /// `data.len()` when the writable part is too short).
+    pub fn write(&mut self, chain: &Chain, offset: u64, data: &[u8]) -> Result<usize> {
+        let mut skip = offset;
+        let mut done = 0usize;
+        for d in chain.descs.iter().filter(|d| d.writable) {
+            if done == data.len() {
+                break;
+            }
+            let len = u64::from(d.len);
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            let avail = usize::try_from(len - skip).unwrap_or(usize::MAX);
+            let n = avail.min(data.len() - done);
+            let addr = d.addr.wrapping_add(skip);
+            if let Err(e) = self.dma.write(addr, &data[done..done + n]) {
+                return Err(self.dma_err(e));
+            }
+            done += n;
+            skip = 0;
+        }
+        Ok(done)
+    }
+
+    /// Next available index the device will pop.
+    pub fn next_avail(&self) -> u16 {
+        self.vring.q.next_avail()
+    }
+
+    /// Next used index the device will fill.
+    pub fn next_used(&self) -> u16 {
+        Wrapping(self.vring.q.next_used()).0
+    }
+}
