@@ -1,0 +1,1 @@
+//! Invalidation delivery (in progress).
