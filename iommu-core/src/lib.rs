@@ -1,1 +1,124 @@
-//! The /dev/iommu object model in userspace (work in progress).
+//! The `/dev/iommu` (iommufd) object model in userspace.
+//!
+//! # Model
+//!
+//! An [`Iommu`] is one open `/dev/iommu`: a table of objects addressed by
+//! 32-bit ids (from 1, 31 bits, one id space for every kind). The objects:
+//!
+//! | object | created by | iommufd analogue |
+//! | --- | --- | --- |
+//! | IOAS: IOVA areas → [`Memory`] with R/W permissions | [`Iommu::ioas_alloc`] | `IOMMU_IOAS_*` |
+//! | device: a [`Device`] (label + [`HwInfo`]) bound to the context | [`Iommu::bind`] | VFIO cdev bind |
+//! | HWPT paging: what devices attach to, built from an IOAS | [`Iommu::hwpt_alloc`], or automatically by attaching an IOAS id | `IOMMU_HWPT_ALLOC` |
+//! | HWPT nested: a user-owned stage-1 table walked through its parent | [`Iommu::hwpt_alloc`] with [`HwptData::Stage1`] | `IOMMU_HWPT_ALLOC` + data |
+//! | fault queue: page-fault records out, responses in | [`Iommu::fault_queue_alloc`] | `IOMMU_FAULT_QUEUE_ALLOC` |
+//! | vIOMMU / vdevice: virtual device ids and vPASID ↔ pPASID | [`Iommu::viommu_alloc`], [`Iommu::vdevice_alloc`] | `IOMMU_VIOMMU_ALLOC`, `IOMMU_VDEVICE_ALLOC` |
+//! | event queue: unrecoverable translation failures | [`Iommu::event_queue_alloc`] | `IOMMU_VEVENTQ_ALLOC` |
+//!
+//! Semantics follow iommufd: fixed or allocated IOVA; unmap covers whole
+//! areas only (iova 0 + `u64::MAX` unmaps all); the usable IOVA space is the
+//! allowed ranges minus the reserved ranges of every device whose RID is
+//! attached; destroying an object that something depends on fails with
+//! [`Error::Busy`]; copy between IOAS shares the same pages. Every
+//! [`Error`] names the errno iommufd returns ([`Error::errno`]).
+//!
+//! # The device side
+//!
+//! A device's owner creates a [`Device`] and gives each DMA thread a
+//! [`Translator`] ([`Device::translator`]). A translator has its own
+//! translation cache (IOTLB, direct-mapped by 4 KiB page, each entry covering
+//! a whole contiguous area). DMA happens inside an *access section*
+//! ([`Translator::access`] → [`Access`]): [`Access::translate`] yields the
+//! host [`Fragment`]s covering a range (one IOVA range need not be one host
+//! buffer), [`Access::read`] / [`Access::write`] / [`Access::copy`] move
+//! bytes. Host pointers are valid only until the section ends.
+//!
+//! A translation that fails on a HWPT with a fault queue raises an I/O page
+//! fault: the access returns [`Error::FaultRaised`] with a [`PendingFault`].
+//! The device ends its section, and either polls [`PendingFault::status`] or
+//! blocks in [`PendingFault::wait`]; a per-device waker
+//! ([`Device::set_fault_waker`]) is called when a group is answered, so an
+//! event loop can learn of it without spinning. On a HWPT without a fault
+//! queue the access fails with [`Error::Unmapped`] / [`Error::AccessDenied`]
+//! and an event goes to the event queue that covers the device.
+//!
+//! # Unmap safety protocol
+//!
+//! After [`Iommu::ioas_unmap`], [`Iommu::replace`], [`Iommu::detach`],
+//! [`Iommu::unbind`] or [`Iommu::hwpt_invalidate`] returns, no device can
+//! touch the old pages through a translation it obtained before. The
+//! mechanism, per translator:
+//!
+//! - `gen`: a counter the invalidator bumps. At the start of every access
+//!   section the translator compares it with the value it last saw and drops
+//!   its whole cache if it changed.
+//! - `active`: a sequence the translator makes odd when a section begins and
+//!   even when it ends.
+//!
+//! A section begins with a sequentially consistent store of `active` followed
+//! by a load of `gen`; an invalidator first changes the shared state (removes
+//! areas, switches the attachment), then bumps `gen` and loads `active`, both
+//! sequentially consistent. So either the translator sees the new `gen` (and
+//! its misses see the new state), or the invalidator sees the section open and
+//! waits for `active` to move on. The invalidation is thus two-phase:
+//!
+//! 1. `*_begin` ([`Iommu::ioas_unmap_begin`], ...) changes the state, bumps
+//!    every affected translator's `gen` and returns an
+//!    [`InvalidationTicket`] holding the translators that were inside a
+//!    section, with the `active` value seen.
+//! 2. The ticket is complete when each of those has a different `active`.
+//!    [`InvalidationTicket::is_done`] polls, [`InvalidationTicket::pending`]
+//!    names the laggards, [`InvalidationTicket::nudge`] calls their nudge
+//!    hook ([`Translator::set_nudge`]), [`InvalidationTicket::wait`] blocks
+//!    (a translator that ends a section wakes waiters; no spinning).
+//!
+//! The blocking forms are `*_begin` plus `wait`. Idle translators cost the
+//! invalidator two atomic operations each and never delay it. A thread must
+//! never block inside an access section (not on a fault, not on a lock of its
+//! own that an unmapper may hold): the invalidator waits for sections to end.
+//! [`Memory`] is reference counted by areas and by translator caches, so the
+//! mapping itself outlives every user.
+//!
+//! # Stage-1 table format (nested HWPTs)
+//!
+//! A nested HWPT's stage-1 table is x86-64 4-level style, with 4 KiB pages
+//! only, and lives in the parent's IOAS (its addresses are stage-2 input
+//! addresses, i.e. IOVAs of the parent):
+//!
+//! - Input addresses are 48 bits; higher bits set → not mapped.
+//! - Four levels of 512 little-endian 64-bit entries, indexed by address
+//!   bits 47:39, 38:30, 29:21 and 20:12. [`HwptData::Stage1::root`] is the
+//!   4 KiB aligned address of the level-4 table.
+//! - Entry bit 0 is *present*, bit 1 is *writable*; bits 51:12 are the
+//!   address of the next table (or of the 4 KiB page at the last level);
+//!   other bits are ignored (bit 7, large pages, is not supported and is
+//!   ignored).
+//! - A read needs *present* at every level; a write needs *present* and
+//!   *writable* at every level; the output address is then translated by the
+//!   parent's stage 2 with the same permission. Table reads go through stage
+//!   2 with read permission; a table that is not mapped there is a
+//!   [`EventReason::BadStage1Table`].
+//! - Cached stage-1 translations stay in use until [`Iommu::hwpt_invalidate`]
+//!   (as on hardware); stage-2 changes invalidate on their own.
+#![deny(missing_docs)]
+#![deny(unsafe_code)]
+
+mod ctx;
+mod device;
+mod error;
+mod event;
+mod fault;
+pub mod memory;
+mod sync;
+mod translate;
+mod types;
+
+pub use ctx::Iommu;
+pub use device::{Device, FaultWaker};
+pub use error::{Error, Result};
+pub use event::*;
+pub use fault::*;
+pub use memory::Memory;
+pub use sync::{InvalidationTicket, Nudge, TranslatorInfo};
+pub use translate::{Access, Fragment, Translator, TranslatorStats};
+pub use types::*;
