@@ -1,1 +1,16 @@
-//! sva-accel (work in progress).
+//! sva-accel: a software accelerator with the programming model of Intel DSA.
+//!
+//! Clients share their own address space with the device through a PASID:
+//! memory they allocate through the client driver ([`client`]) is mapped in
+//! the device's view at the same addresses as in the client, so descriptors
+//! carry plain pointers. Work is submitted as 64-byte descriptors ([`desc`])
+//! through a per-client portal ([`wq`]), executed by worker threads over the
+//! client's address space ([`engine`], [`device`]), and completed with 32-byte
+//! completion records written back into client memory. A page the device
+//! cannot translate either ends the descriptor with a partial completion
+//! (block-on-fault off) or parks it and raises an I/O page fault that the
+//! client answers (block-on-fault on).
+
+pub mod crc;
+pub mod desc;
+pub mod engine;
