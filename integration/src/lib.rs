@@ -1,1 +1,37 @@
-//! Helpers for end-to-end tests against real frontends.
+//! End-to-end test harness for ioasis backends driven by real vhost-user
+//! frontends.
+//!
+//! The harness starts real programs and cleans up after them:
+//!
+//! - [`testpmd`]: DPDK's `dpdk-testpmd`, as a virtio_user frontend or as
+//!   DPDK's own vhost backend (net_vhost, the reference), with its statistics
+//!   parsed;
+//! - [`qemu`]: QEMU guests (TCG) with vhost-user virtio-net devices,
+//!   optionally behind an emulated intel-iommu;
+//! - [`guest`]: the guest kit they boot (Debian's kernel and a busybox
+//!   initramfs built once and cached under `target/`);
+//! - [`netns`]: network namespaces and taps;
+//! - [`vdpa_net`]: the workspace's `vdpa-net` daemon and its JSON statistics.
+//!
+//! Every process runs in its own process group and is killed with SIGKILL
+//! and reaped when its handle drops; namespaces are deleted and scratch
+//! directories removed (kept, with their logs, when the test panics). Every
+//! wait is bounded in time and in iterations.
+//!
+//! Tests that need something this machine lacks skip loudly, or fail in CI
+//! ([`env::ready`]). Tests that busy-poll cores or boot guests serialize on
+//! [`env::heavy_lock`], so a 2-core machine runs one at a time.
+
+pub mod bins;
+pub mod cpio;
+pub mod env;
+pub mod error;
+pub mod guest;
+pub mod netns;
+pub mod process;
+pub mod qemu;
+pub mod testpmd;
+pub mod vdpa_net;
+
+pub use env::{heavy_lock, ready, WorkDir};
+pub use error::{Error, Result};

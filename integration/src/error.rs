@@ -1,0 +1,87 @@
+//! The harness's error type.
+
+use std::path::PathBuf;
+use std::process::ExitStatus;
+
+/// Everything that can go wrong while driving external frontends and backends.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file-system or process operation failed.
+    #[error("I/O error while trying to {what}")]
+    Io {
+        /// What the harness was doing.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A system call made through nix failed.
+    #[error("system call failed while trying to {what}")]
+    Sys {
+        /// What the harness was doing.
+        what: String,
+        /// The errno.
+        #[source]
+        source: nix::Error,
+    },
+    /// A helper command ran but reported failure.
+    #[error("command `{cmd}` failed ({status}): {stderr}")]
+    Command {
+        /// The command line.
+        cmd: String,
+        /// Its exit status.
+        status: ExitStatus,
+        /// The tail of its standard error.
+        stderr: String,
+    },
+    /// A bounded wait ran out of time.
+    #[error("timed out after {secs:.1} s waiting for {what}\n{context}")]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// How long the harness waited.
+        secs: f64,
+        /// Log tails that help to see why.
+        context: String,
+    },
+    /// A supervised process exited before the harness expected it to.
+    #[error("{name} exited early ({status}) while waiting for {what}\n{context}")]
+    ExitedEarly {
+        /// The process's name in the harness.
+        name: String,
+        /// Its exit status.
+        status: ExitStatus,
+        /// What was awaited.
+        what: String,
+        /// Log tails.
+        context: String,
+    },
+    /// A prerequisite (tool, kernel, module, binary) is missing on this machine.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// Output of a tool could not be understood.
+    #[error("cannot parse {what} in {path}: {detail}")]
+    Parse {
+        /// What was being parsed.
+        what: String,
+        /// The file it came from.
+        path: PathBuf,
+        /// What was wrong.
+        detail: String,
+    },
+}
+
+/// Result alias for the harness.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Attaches a description to an I/O error.
+pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+/// Attaches a description to a nix error.
+pub(crate) fn sys(what: impl Into<String>) -> impl FnOnce(nix::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Sys { what, source }
+}
