@@ -1,1 +1,15 @@
-//! vdpa-net (work in progress).
+//! vdpa-net: a virtio-net device served over vhost-user.
+//!
+//! The device is split the way its concerns are:
+//! - [`net`]: the virtio-net model with no sockets: features, header, config
+//!   space, control commands, receive filter.
+//! - [`port`]: where frames go: a tap, an in-process L2 switch, a sink or a
+//!   reflector, each batched and allocation-free on the packet path.
+//! - [`stats`]: per-device and per-queue counters and their JSON lines.
+//!
+//! A frontend (QEMU, DPDK virtio-user) drives the device's virtqueues; the
+//! device moves frames between them and the port in bursts.
+
+pub mod net;
+pub mod port;
+pub mod stats;
