@@ -85,3 +85,20 @@ pub(crate) fn sys(what: impl Into<String>) -> impl FnOnce(nix::Error) -> Error {
     let what = what.into();
     move |source| Error::Sys { what, source }
 }
+
+/// Turns a harness error into a test failure whose message shows the
+/// (multi-line) context as text, rather than `expect`'s debug rendering.
+pub trait OrPanic<T> {
+    /// Returns the value, or panics with `what` and the error's message.
+    fn or_panic(self, what: &str) -> T;
+}
+
+impl<T> OrPanic<T> for Result<T> {
+    #[track_caller]
+    fn or_panic(self, what: &str) -> T {
+        match self {
+            Ok(v) => v,
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+}

@@ -112,10 +112,20 @@ net_up() {
 try_ping() {
     if ping -c "$1" -w "$2" "$3"; then mark PING_OK "$3"; return 0; fi
     mark PING_FAIL "$3"
-    ip -s link
+    cat /proc/net/dev
     return 1
 }
 "#;
+
+/// A script that addresses the first virtio-net interface with `cidr` and
+/// pings `peer` `count` times (markers `PING_OK <peer>` / `PING_FAIL <peer>`).
+pub fn ping_script(cidr: &str, peer: &str, count: u32) -> String {
+    format!(
+        "IF=$(virtio_if) || {{ mark NO_VIRTIO_IF; exit 1; }}\n\
+         net_up \"$IF\" {cidr} || {{ mark LINK_DOWN; exit 1; }}\n\
+         try_ping {count} 30 {peer}\n"
+    )
+}
 
 /// A guest kernel and the cached base initramfs.
 #[derive(Debug)]

@@ -34,4 +34,4 @@ pub mod testpmd;
 pub mod vdpa_net;
 
 pub use env::{heavy_lock, ready, WorkDir};
-pub use error::{Error, Result};
+pub use error::{Error, OrPanic, Result};

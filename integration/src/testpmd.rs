@@ -102,6 +102,7 @@ pub struct TestpmdConfig {
     mbufs: u32,
     duration: Duration,
     extra: Vec<String>,
+    netns: Option<String>,
 }
 
 impl TestpmdConfig {
@@ -120,6 +121,7 @@ impl TestpmdConfig {
             mbufs: 16384,
             duration: Duration::from_secs(30),
             extra: Vec::new(),
+            netns: None,
         }
     }
 
@@ -190,6 +192,12 @@ impl TestpmdConfig {
         self
     }
 
+    /// Runs testpmd inside network namespace `name` (e.g. for a net_tap port).
+    pub fn in_netns(mut self, name: &str) -> TestpmdConfig {
+        self.netns = Some(name.to_string());
+        self
+    }
+
     /// The name of this run.
     pub fn name(&self) -> &str {
         &self.name
@@ -211,7 +219,14 @@ impl TestpmdConfig {
             MemMode::NoHuge => false,
             MemMode::Auto => free_hugepage_mb() >= u64::from(self.mem_mb) + 64,
         };
-        let mut cmd = Command::new(timeout);
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(timeout);
+                c
+            }
+            None => Command::new(timeout),
+        };
         cmd.args(["-s", "INT", "-k", "10"])
             .arg(format!("{}", self.duration.as_secs().max(1)))
             .arg(testpmd)
