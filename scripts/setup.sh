@@ -1,16 +1,80 @@
 #!/usr/bin/env bash
-# Installs the system packages the test suite uses. Idempotent; needs root
-# (or sudo) to install, and is a no-op once everything is present.
+# Prepares this machine for the test suite and the benchmarks. Idempotent and
+# safe to run repeatedly; needs root (or passwordless sudo) for everything
+# below except the checks.
+#
+# - installs the system packages the tests use (QEMU, DPDK's testpmd, a
+#   Debian kernel for guests, a static busybox for their initramfs, cpio,
+#   iproute2);
+# - reserves 2 MiB hugepages (IOASIS_HUGEPAGES, default 600) and mounts
+#   hugetlbfs at /dev/hugepages, then deletes hugepage files that no running
+#   process maps (left behind by a killed DPDK process, they starve the next);
+# - makes sure /dev/net/tun exists (taps), and that network namespaces work;
+# - deletes network namespaces of earlier test runs whose process is gone.
 set -euo pipefail
+
 PKGS=(qemu-system-x86 dpdk dpdk-dev linux-image-amd64 busybox-static cpio iproute2)
+HUGEPAGES="${IOASIS_HUGEPAGES:-600}"
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo -n"
+warn() { echo "!! setup: $*" >&2; }
+
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "== installing: ${missing[*]}"
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO="sudo -n"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Hugepages for DPDK (testpmd falls back to --no-huge without them).
+cur=$(cat /proc/sys/vm/nr_hugepages 2>/dev/null || echo 0)
+if [ "$cur" -lt "$HUGEPAGES" ]; then
+    echo "$HUGEPAGES" | $SUDO tee /proc/sys/vm/nr_hugepages >/dev/null || warn "cannot reserve hugepages"
+fi
+if ! mountpoint -q /dev/hugepages; then
+    $SUDO mkdir -p /dev/hugepages
+    $SUDO mount -t hugetlbfs nodev /dev/hugepages || warn "cannot mount hugetlbfs at /dev/hugepages"
+fi
+if mountpoint -q /dev/hugepages; then
+    # Files mapped by a live process are in its /proc/PID/maps; delete the rest.
+    inuse=$(cat /proc/[0-9]*/maps 2>/dev/null | awk '$6 ~ "^/dev/hugepages/" {print $6}' | sort -u || true)
+    for f in /dev/hugepages/*; do
+        [ -e "$f" ] || continue
+        if ! grep -qxF "$f" <<<"$inuse"; then
+            $SUDO rm -rf -- "$f"
+        fi
+    done
+fi
+free=$(awk '/^HugePages_Free:/ {print $2}' /proc/meminfo)
+echo "== hugepages: $(cat /proc/sys/vm/nr_hugepages) reserved, ${free:-0} free (2 MiB)"
+
+# Taps.
+if [ ! -c /dev/net/tun ]; then
+    $SUDO modprobe tun 2>/dev/null || true
+    if [ ! -c /dev/net/tun ]; then
+        $SUDO mkdir -p /dev/net
+        $SUDO mknod /dev/net/tun c 10 200 2>/dev/null || true
+        $SUDO chmod 0666 /dev/net/tun 2>/dev/null || true
+    fi
+fi
+[ -c /dev/net/tun ] || warn "/dev/net/tun is missing: tap tests cannot run"
+
+# Network namespaces: named ioasis-<pid>-<n> by the harness; drop those whose
+# creating process is gone.
+if command -v ip >/dev/null; then
+    for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^ioasis-[0-9]*-[0-9]*$' || true); do
+        pid=${ns#ioasis-}
+        pid=${pid%%-*}
+        [ -d "/proc/$pid" ] || $SUDO ip netns del "$ns" 2>/dev/null || true
+    done
+    probe="ioasis-setup-probe-$$"
+    if $SUDO ip netns add "$probe" 2>/dev/null; then
+        $SUDO ip netns del "$probe"
+    else
+        warn "cannot create network namespaces: tap tests cannot run"
+    fi
 fi
