@@ -1,1 +1,68 @@
-//! (work in progress)
+//! The userspace `/dev/iommu` service: how other processes share IOAS
+//! objects with the devices of this server.
+//!
+//! A [`Service`] listens on a `SOCK_SEQPACKET` unix socket. Each connection
+//! is a *session*: the userspace analogue of a process that opened
+//! `/dev/iommu`, except that the context is the server's one shared
+//! [`iommu_core::Iommu`] and the devices are the server's, found by label in
+//! a [`DeviceDirectory`]. Through its session a client (a VMM, an SVA client
+//! driver, the quickstart driver) allocates IOAS, maps its own memory into
+//! them (a memfd passed with `SCM_RIGHTS`, so the device and the client
+//! touch the same pages), copies, queries and restricts IOVA ranges,
+//! attaches the server's devices on their RID or on a PASID, allocates and
+//! invalidates HWPTs, and allocates fault queues whose fault channel fd
+//! comes back with the reply ([`crate::uring::FaultChannel`] reads it).
+//!
+//! # Protocol
+//!
+//! [`proto`] has the wire format: a 24-byte versioned header (magic,
+//! version, opcode, length, fd count, flags, request id), a body per opcode,
+//! replies carrying an errno that is the iommu-core errno
+//! ([`iommu_core::Error::errno`]) and its message. Every message is
+//! validated once, centrally, before anything executes: exact lengths,
+//! bounded counts, known flags, zero reserved words, checked arithmetic,
+//! the right number of fds.
+//!
+//! # Ownership and isolation
+//!
+//! - A session sees only the objects it created: any other id is `ENOENT`.
+//! - A PASID attach needs a PASID the session reserved with `PASID_ALLOC`
+//!   (else `EPERM`); a session detaches only what it attached.
+//! - A memfd must be sealed with `F_SEAL_SHRINK` (so the client cannot
+//!   truncate it under a device); [`sealed_memfd`] makes one.
+//! - Every count a session can grow is bounded ([`MAX_OBJECTS_PER_SESSION`],
+//!   [`MAX_MAPPINGS_PER_SESSION`], [`MAX_PASIDS_PER_SESSION`],
+//!   [`MAX_FAULT_QUEUES_PER_SESSION`], [`MAX_SESSIONS`]).
+//! - When the connection closes, its attachments are detached (PASIDs
+//!   first), its fault channels closed, its objects destroyed (reverse
+//!   order) and its PASIDs released.
+//!
+//! # Who owns a PASID
+//!
+//! A device server that takes the PASID of work from its client (an SVA
+//! accelerator) asks the service: the `HELLO` reply gives the client its
+//! session id ([`Client::session_id`]); the client presents it, with the
+//! PASID it reserved, to the device server, which checks it with
+//! [`ServiceHandle::pasid_owner`] (and may compare the session's peer pid
+//! from `SO_PEERCRED` with its own client's). A [`ServiceObserver`] learns
+//! of PASID reservations and of sessions closing *before* their PASIDs are
+//! detached, so the device can drain that PASID's work first.
+//!
+//! # Running it
+//!
+//! [`Service::spawn`] runs it on its own thread; or put
+//! [`Service::poll_fd`] in another event loop and call
+//! [`Service::run_once`] with a zero timeout when it polls readable.
+
+pub mod client;
+pub mod proto;
+pub mod server;
+pub mod transport;
+
+pub use client::{sealed_memfd, Client, ClientError, DeviceInfo, HwptRequest, MapPerm};
+pub use proto::WireInvalidation;
+pub use server::{
+    DeviceDirectory, QueueSource, Service, ServiceError, ServiceHandle, ServiceObserver,
+    ServiceThread, SessionInfo, StaticDirectory, MAX_FAULT_QUEUES_PER_SESSION,
+    MAX_MAPPINGS_PER_SESSION, MAX_OBJECTS_PER_SESSION, MAX_PASIDS_PER_SESSION, MAX_SESSIONS,
+};

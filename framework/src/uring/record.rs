@@ -7,7 +7,7 @@
 //!
 //! | offset | size | field | meaning |
 //! | --- | --- | --- | --- |
-//! | 0 | 4 | `flags` | [`FAULT_FLAG_PASID_VALID`], [`FAULT_FLAG_LAST_PAGE`] |
+//! | 0 | 4 | `flags` | [`FAULT_FLAG_PASID_VALID`], [`FAULT_FLAG_LAST_PAGE`], [`FAULT_FLAG_VIRTUAL_IDS`] |
 //! | 4 | 4 | `dev_id` | id of the faulting device (virtual where one exists) |
 //! | 8 | 4 | `pasid` | valid only with [`FAULT_FLAG_PASID_VALID`] |
 //! | 12 | 4 | `grpid` | page request group index |
@@ -52,8 +52,12 @@ pub const STATUS_MAGIC: u32 = 0x4154_5346;
 pub const FAULT_FLAG_PASID_VALID: u32 = 1 << 0;
 /// Record flag: last record of its group.
 pub const FAULT_FLAG_LAST_PAGE: u32 = 1 << 1;
+/// Record flag (ioasis extension): `dev_id` is the device's virtual id and
+/// `pasid` the virtual PASID where one is mapped.
+pub const FAULT_FLAG_VIRTUAL_IDS: u32 = 1 << 31;
 /// Every record flag this version knows.
-pub const FAULT_FLAGS_KNOWN: u32 = FAULT_FLAG_PASID_VALID | FAULT_FLAG_LAST_PAGE;
+pub const FAULT_FLAGS_KNOWN: u32 =
+    FAULT_FLAG_PASID_VALID | FAULT_FLAG_LAST_PAGE | FAULT_FLAG_VIRTUAL_IDS;
 
 /// Permission bit: read access faulted.
 pub const FAULT_PERM_READ: u32 = 1 << 0;

@@ -1,0 +1,1360 @@
+//! The service server: sessions over a unix socket, each owning objects in
+//! the server's shared [`Iommu`].
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use iommu_core::{
+    Device, FaultQueue, HwInfo, HwptAlloc, HwptData, InvalidateEntry, Iommu, IovaRange, Memory,
+    PageResponseCode, Perm,
+};
+use log::{debug, info, warn};
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+use thiserror::Error;
+
+use super::proto::*;
+use std::result::Result;
+use super::transport::{recv_packet, send_packet};
+use crate::uring::{
+    fault_channel_pair, FaultPump, FaultRecord, FaultSource, PageResponse, PumpError,
+};
+
+/// Most sessions served at once; further connections are refused.
+pub const MAX_SESSIONS: usize = 128;
+/// Most objects (IOAS, HWPT, fault queues) one session may own.
+pub const MAX_OBJECTS_PER_SESSION: usize = 1024;
+/// Most memfd mappings one session may keep alive (each is an `mmap` in
+/// the server, so this bounds the server's map count).
+pub const MAX_MAPPINGS_PER_SESSION: usize = 4096;
+/// Most PASIDs one session may reserve.
+pub const MAX_PASIDS_PER_SESSION: usize = 256;
+/// Most fault queues one session may own.
+pub const MAX_FAULT_QUEUES_PER_SESSION: usize = 16;
+/// How many candidate PASIDs `PASID_ALLOC` examines.
+pub const MAX_PASID_SCAN: u32 = 1 << 16;
+
+/// The devices a service offers to its clients, by label.
+///
+/// The devices must be bound to the service's [`Iommu`]. The server
+/// (`crate::server`) implements this for its hosted devices; a
+/// [`StaticDirectory`] serves tests and small programs.
+pub trait DeviceDirectory: Send + Sync {
+    /// The device with this label, if offered.
+    fn device(&self, label: &str) -> Option<Device>;
+    /// Labels of every offered device.
+    fn labels(&self) -> Vec<String>;
+}
+
+/// A [`DeviceDirectory`] holding a fixed set of devices.
+#[derive(Debug, Default)]
+pub struct StaticDirectory {
+    devices: RwLock<BTreeMap<String, Device>>,
+}
+
+impl StaticDirectory {
+    /// An empty directory.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Offers `device` under its label (replacing one of the same label).
+    pub fn insert(&self, device: Device) {
+        let mut g = self.devices.write().unwrap_or_else(|e| e.into_inner());
+        g.insert(device.label().to_owned(), device);
+    }
+
+    /// Withdraws a device.
+    pub fn remove(&self, label: &str) -> Option<Device> {
+        let mut g = self.devices.write().unwrap_or_else(|e| e.into_inner());
+        g.remove(label)
+    }
+}
+
+impl DeviceDirectory for StaticDirectory {
+    fn device(&self, label: &str) -> Option<Device> {
+        let g = self.devices.read().unwrap_or_else(|e| e.into_inner());
+        g.get(label).cloned()
+    }
+
+    fn labels(&self) -> Vec<String> {
+        let g = self.devices.read().unwrap_or_else(|e| e.into_inner());
+        g.keys().cloned().collect()
+    }
+}
+
+/// Who is on the other end of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// The session id (also given to the client in the `HELLO` reply).
+    pub id: u64,
+    /// Peer process id (`SO_PEERCRED`).
+    pub pid: i32,
+    /// Peer user id.
+    pub uid: u32,
+    /// Peer group id.
+    pub gid: u32,
+}
+
+/// Callbacks for a device server that must know which client owns which
+/// PASID (an SVA accelerator taking the PASID of work from the portal's
+/// owner). All are called on the service thread and must not block for
+/// long; the default implementations do nothing.
+pub trait ServiceObserver: Send + Sync {
+    /// A session opened.
+    fn session_opened(&self, _session: &SessionInfo) {}
+    /// A session reserved a PASID of a device.
+    fn pasid_allocated(&self, _session: &SessionInfo, _label: &str, _pasid: u32) {}
+    /// A session is closing: called before its PASIDs are detached and its
+    /// objects destroyed, so that a device can stop (drain) the work of
+    /// those PASIDs first.
+    fn session_closing(&self, _session: &SessionInfo, _pasids: &[(String, u32)]) {}
+    /// A PASID reserved by a session was released (freed or the session
+    /// closed), after it was detached.
+    fn pasid_released(&self, _session: &SessionInfo, _label: &str, _pasid: u32) {}
+}
+
+/// Errors of the service server itself (not of requests, which are answered).
+#[derive(Debug, Error)]
+pub enum ServiceError {
+    /// Creating or binding the listening socket failed.
+    #[error("cannot listen on {path:?}")]
+    Listen {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Setting up the event loop failed.
+    #[error("cannot set up the service event loop")]
+    EventLoop(#[source] io::Error),
+    /// Waiting for events failed.
+    #[error("waiting for service events failed")]
+    Wait(#[source] io::Error),
+}
+
+#[derive(Default)]
+struct Registry {
+    sessions: HashMap<u64, SessionInfo>,
+    /// (label, pasid) -> owning session.
+    pasids: HashMap<(String, u32), u64>,
+}
+
+struct Shared {
+    iommu: Iommu,
+    dir: Arc<dyn DeviceDirectory>,
+    registry: Mutex<Registry>,
+    observer: RwLock<Option<Arc<dyn ServiceObserver>>>,
+}
+
+impl Shared {
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn observer(&self) -> Option<Arc<dyn ServiceObserver>> {
+        self.observer
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// A cheap handle on a running service: the context, and who owns what.
+#[derive(Clone)]
+pub struct ServiceHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ServiceHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceHandle").finish_non_exhaustive()
+    }
+}
+
+impl ServiceHandle {
+    /// The shared context.
+    pub fn iommu(&self) -> &Iommu {
+        &self.shared.iommu
+    }
+
+    /// The session that reserved `pasid` of device `label`, if any.
+    pub fn pasid_owner(&self, label: &str, pasid: u32) -> Option<SessionInfo> {
+        let r = self.shared.registry();
+        let sid = r.pasids.get(&(label.to_owned(), pasid))?;
+        r.sessions.get(sid).cloned()
+    }
+
+    /// A live session by id.
+    pub fn session(&self, id: u64) -> Option<SessionInfo> {
+        self.shared.registry().sessions.get(&id).cloned()
+    }
+
+    /// The live sessions.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        self.shared.registry().sessions.values().cloned().collect()
+    }
+
+    /// The PASIDs (device label, PASID) a session has reserved.
+    pub fn session_pasids(&self, id: u64) -> Vec<(String, u32)> {
+        let r = self.shared.registry();
+        let mut v: Vec<_> = r
+            .pasids
+            .iter()
+            .filter(|(_, s)| **s == id)
+            .map(|(k, _)| k.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Installs (or clears) the observer.
+    pub fn set_observer(&self, observer: Option<Arc<dyn ServiceObserver>>) {
+        *self
+            .shared
+            .observer
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = observer;
+    }
+}
+
+/// A fault queue as a [`FaultSource`] for a [`FaultPump`].
+#[derive(Debug, Clone)]
+pub struct QueueSource(pub FaultQueue);
+
+impl FaultSource for QueueSource {
+    fn ready_fd(&self) -> BorrowedFd<'_> {
+        self.0.fd()
+    }
+
+    fn read_groups(&mut self, out: &mut Vec<FaultRecord>, max: usize) -> Result<usize, i32> {
+        let mut recs = Vec::with_capacity(max.min(64));
+        let n = self.0.read_batch(&mut recs, max).map_err(|e| e.errno())?;
+        out.extend(recs.iter().map(|r| FaultRecord {
+            flags: r.flags,
+            dev_id: u32::try_from(r.dev_id).unwrap_or(u32::MAX),
+            pasid: r.pasid,
+            grpid: r.grpid,
+            perm: r.perm.bits(),
+            addr: r.addr,
+            length: r.length,
+            cookie: r.cookie,
+        }));
+        Ok(n)
+    }
+
+    fn respond(&mut self, responses: &[PageResponse]) -> Result<(), (usize, i32)> {
+        let mut conv = Vec::with_capacity(responses.len());
+        for (i, r) in responses.iter().enumerate() {
+            match PageResponseCode::try_from(r.code) {
+                Ok(code) => conv.push(iommu_core::PageResponse {
+                    cookie: r.cookie,
+                    code,
+                }),
+                Err(e) => {
+                    // Apply the valid prefix first, then report this one.
+                    let (n, res) = self.0.respond_batch(&conv);
+                    return match res {
+                        Ok(()) => Err((i, e.errno())),
+                        Err(e) => Err((n, e.errno())),
+                    };
+                }
+            }
+        }
+        let (n, res) = self.0.respond_batch(&conv);
+        res.map_err(|e| (n, e.errno()))
+    }
+}
+
+/// A request failure: the errno and message sent back.
+#[derive(Debug)]
+struct Fail {
+    errno: i32,
+    aux: u32,
+    message: String,
+}
+
+impl Fail {
+    fn new(errno: i32, message: impl Into<String>) -> Self {
+        Fail {
+            errno,
+            aux: 0,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<iommu_core::Error> for Fail {
+    fn from(e: iommu_core::Error) -> Self {
+        Fail::new(e.errno(), e.to_string())
+    }
+}
+
+impl From<ProtoError> for Fail {
+    fn from(e: ProtoError) -> Self {
+        Fail::new(e.errno(), e.to_string())
+    }
+}
+
+type Handled = Result<(ReplyBody, u32, Option<OwnedFd>), Fail>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owned {
+    Ioas,
+    Hwpt,
+    Fault,
+}
+
+const KIND_CONTROL: u64 = 0;
+const KIND_SOURCE: u64 = 1;
+const KIND_CHANNEL: u64 = 2;
+const TOKEN_LISTENER: u64 = u64::MAX;
+const TOKEN_STOP: u64 = u64::MAX - 1;
+
+fn token(sid: u64, fault_id: u32, kind: u64) -> u64 {
+    (sid << 34) | (u64::from(fault_id) << 2) | kind
+}
+
+struct Session {
+    info: SessionInfo,
+    sock: OwnedFd,
+    /// Owned objects in creation order.
+    objects: Vec<(u32, Owned)>,
+    /// Attachments this session made: (label, pasid).
+    attachments: Vec<(String, Option<u32>)>,
+    /// PASIDs reserved: (label, pasid).
+    pasids: HashSet<(String, u32)>,
+    /// Fault pumps by fault queue id.
+    pumps: HashMap<u32, FaultPump<QueueSource>>,
+    /// Live memfd mappings (weak: areas keep them alive).
+    mappings: Vec<Weak<Memory>>,
+}
+
+impl Session {
+    fn owns(&self, id: u32, kinds: &[Owned]) -> bool {
+        self.objects
+            .iter()
+            .any(|(i, k)| *i == id && kinds.contains(k))
+    }
+
+    fn require(&self, id: u32, kinds: &[Owned], what: &str) -> Result<(), Fail> {
+        if self.owns(id, kinds) {
+            Ok(())
+        } else {
+            Err(Fail::new(
+                libc::ENOENT,
+                format!("no {what} with id {id} in this session"),
+            ))
+        }
+    }
+
+    fn add_object(&mut self, id: u32, kind: Owned) {
+        self.objects.push((id, kind));
+    }
+}
+
+/// The userspace `/dev/iommu` service: listens on a unix socket and serves
+/// sessions, each owning IOAS, HWPT and fault queue objects in the shared
+/// context and attaching the directory's devices.
+///
+/// Run it on its own thread ([`Service::spawn`]) or from another event
+/// loop: poll [`Service::poll_fd`] and call [`Service::run_once`] with a
+/// zero timeout when it is readable.
+pub struct Service {
+    shared: Arc<Shared>,
+    listener: Option<OwnedFd>,
+    path: Option<PathBuf>,
+    epoll: Epoll,
+    stop: Arc<EventFd>,
+    sessions: HashMap<u64, Session>,
+    next_session: u64,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("path", &self.path)
+            .field("sessions", &self.sessions.len())
+            .finish()
+    }
+}
+
+/// A service running on its own thread; dropping it stops the thread.
+#[derive(Debug)]
+pub struct ServiceThread {
+    stop: Arc<EventFd>,
+    handle: ServiceHandle,
+    join: Option<JoinHandle<()>>,
+}
+
+impl ServiceThread {
+    /// The service's handle.
+    pub fn handle(&self) -> &ServiceHandle {
+        &self.handle
+    }
+
+    /// Stops the thread and waits for it; every session is closed and
+    /// cleaned up.
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(j) = self.join.take() {
+            if j.join().is_err() {
+                warn!("service thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for ServiceThread {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
+
+impl Service {
+    /// A service over `iommu` offering `dir`'s devices, without a listener
+    /// (add sessions with [`Service::connect_local`]).
+    pub fn new(iommu: Iommu, dir: Arc<dyn DeviceDirectory>) -> Result<Self, ServiceError> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
+            .map_err(|e| ServiceError::EventLoop(e.into()))?;
+        let stop = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(|e| ServiceError::EventLoop(e.into()))?;
+        epoll
+            .add(stop.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_STOP))
+            .map_err(|e| ServiceError::EventLoop(e.into()))?;
+        Ok(Service {
+            shared: Arc::new(Shared {
+                iommu,
+                dir,
+                registry: Mutex::new(Registry::default()),
+                observer: RwLock::new(None),
+            }),
+            listener: None,
+            path: None,
+            epoll,
+            stop: Arc::new(stop),
+            sessions: HashMap::new(),
+            next_session: 1,
+        })
+    }
+
+    /// A service listening on a `SOCK_SEQPACKET` unix socket at `path` (an
+    /// existing socket file there is replaced).
+    pub fn bind(
+        path: impl AsRef<Path>,
+        iommu: Iommu,
+        dir: Arc<dyn DeviceDirectory>,
+    ) -> Result<Self, ServiceError> {
+        let path = path.as_ref().to_path_buf();
+        let lerr = |source: io::Error| ServiceError::Listen {
+            path: path.clone(),
+            source,
+        };
+        let fd = socket::socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .map_err(|e| lerr(e.into()))?;
+        let _ = std::fs::remove_file(&path);
+        let addr = UnixAddr::new(&path).map_err(|e| lerr(e.into()))?;
+        socket::bind(fd.as_raw_fd(), &addr).map_err(|e| lerr(e.into()))?;
+        socket::listen(&fd, Backlog::MAXCONN).map_err(|e| lerr(e.into()))?;
+        let mut s = Service::new(iommu, dir)?;
+        s.epoll
+            .add(fd.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_LISTENER))
+            .map_err(|e| ServiceError::EventLoop(e.into()))?;
+        s.listener = Some(fd);
+        s.path = Some(path);
+        Ok(s)
+    }
+
+    /// The handle (context and ownership queries).
+    pub fn handle(&self) -> ServiceHandle {
+        ServiceHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// An fd that polls readable whenever [`Service::run_once`] has work.
+    pub fn poll_fd(&self) -> BorrowedFd<'_> {
+        self.epoll.0.as_fd()
+    }
+
+    /// Opens a session over a socket pair and returns the client end (for
+    /// in-process clients and tests).
+    pub fn connect_local(&mut self) -> io::Result<OwnedFd> {
+        let (a, b) = socket::socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        self.add_session(a)?;
+        Ok(b)
+    }
+
+    /// Runs the service on a new thread until [`ServiceThread::stop`].
+    pub fn spawn(mut self) -> io::Result<ServiceThread> {
+        let stop = self.stop.clone();
+        let handle = self.handle();
+        let join = std::thread::Builder::new()
+            .name("ioasis-service".into())
+            .spawn(move || {
+                if let Err(e) = self.run() {
+                    warn!("service loop ended: {e}");
+                }
+            })?;
+        Ok(ServiceThread {
+            stop,
+            handle,
+            join: Some(join),
+        })
+    }
+
+    /// Serves until the stop eventfd fires, then closes every session.
+    pub fn run(&mut self) -> Result<(), ServiceError> {
+        loop {
+            if !self.run_once(None)? {
+                break;
+            }
+        }
+        self.shutdown();
+        Ok(())
+    }
+
+    /// Closes every session (cleaning up its objects) and removes the
+    /// socket file.
+    pub fn shutdown(&mut self) {
+        let ids: Vec<u64> = self.sessions.keys().copied().collect();
+        for sid in ids {
+            self.close_session(sid);
+        }
+        if let Some(p) = self.path.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    /// Handles whatever is ready, waiting up to `timeout` (`None`: forever)
+    /// for something. Returns false once stopped.
+    pub fn run_once(&mut self, timeout: Option<Duration>) -> Result<bool, ServiceError> {
+        let mut events = [EpollEvent::empty(); 32];
+        let t = match timeout {
+            None => EpollTimeout::NONE,
+            Some(d) => EpollTimeout::try_from(d).unwrap_or(EpollTimeout::MAX),
+        };
+        let n = match self.epoll.wait(&mut events, t) {
+            Ok(n) => n,
+            Err(Errno::EINTR) => return Ok(true),
+            Err(e) => return Err(ServiceError::Wait(e.into())),
+        };
+        for ev in &events[..n] {
+            let tok = ev.data();
+            match tok {
+                TOKEN_STOP => return Ok(false),
+                TOKEN_LISTENER => self.accept_all(),
+                _ => {
+                    let sid = tok >> 34;
+                    let fault_id = ((tok >> 2) & 0xffff_ffff) as u32;
+                    match tok & 3 {
+                        KIND_CONTROL => self.service_session(sid),
+                        KIND_SOURCE | KIND_CHANNEL => self.service_pump(sid, fault_id),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    fn accept_all(&mut self) {
+        let Some(l) = self.listener.take() else { return };
+        // Bounded: at most this many accepts per wakeup.
+        for _ in 0..64 {
+            match socket::accept4(l.as_fd(), SockFlag::SOCK_CLOEXEC) {
+                Ok(fd) => {
+                    if let Err(e) = self.add_session(fd) {
+                        warn!("service: cannot add session: {e}");
+                    }
+                }
+                Err(Errno::EAGAIN) => break,
+                Err(Errno::EINTR) | Err(Errno::ECONNABORTED) => continue,
+                Err(e) => {
+                    warn!("service: accept failed: {e}");
+                    break;
+                }
+            }
+        }
+        self.listener = Some(l);
+    }
+
+    fn add_session(&mut self, fd: OwnedFd) -> io::Result<()> {
+        if self.sessions.len() >= MAX_SESSIONS {
+            return Err(io::Error::other(format!(
+                "session limit of {MAX_SESSIONS} reached"
+            )));
+        }
+        {
+            use nix::fcntl::{fcntl, FcntlArg, OFlag};
+            let fl = fcntl(fd.as_fd(), FcntlArg::F_GETFL)?;
+            fcntl(
+                fd.as_fd(),
+                FcntlArg::F_SETFL(OFlag::from_bits_truncate(fl) | OFlag::O_NONBLOCK),
+            )?;
+        }
+        let (pid, uid, gid) = match socket::getsockopt(&fd, sockopt::PeerCredentials) {
+            Ok(c) => (c.pid(), c.uid(), c.gid()),
+            Err(_) => (0, u32::MAX, u32::MAX),
+        };
+        let sid = self.next_session;
+        self.next_session += 1;
+        self.epoll
+            .add(
+                fd.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, token(sid, 0, KIND_CONTROL)),
+            )
+            .map_err(io::Error::from)?;
+        let info = SessionInfo {
+            id: sid,
+            pid,
+            uid,
+            gid,
+        };
+        debug!("service: session {sid} opened by pid {pid}");
+        self.shared.registry().sessions.insert(sid, info.clone());
+        if let Some(o) = self.shared.observer() {
+            o.session_opened(&info);
+        }
+        self.sessions.insert(
+            sid,
+            Session {
+                info,
+                sock: fd,
+                objects: Vec::new(),
+                attachments: Vec::new(),
+                pasids: HashSet::new(),
+                pumps: HashMap::new(),
+                mappings: Vec::new(),
+            },
+        );
+        Ok(())
+    }
+
+    fn service_session(&mut self, sid: u64) {
+        // Bounded: at most this many messages per wakeup, then others get
+        // their turn (epoll is level-triggered).
+        for _ in 0..64 {
+            let Some(sess) = self.sessions.get(&sid) else { return };
+            let pkt = match recv_packet(sess.sock.as_fd()) {
+                Ok(Some(p)) => p,
+                Ok(None) => {
+                    self.close_session(sid);
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    warn!("service: session {sid}: receive failed: {e}");
+                    self.close_session(sid);
+                    return;
+                }
+            };
+            if !self.handle_packet(sid, pkt) {
+                self.close_session(sid);
+                return;
+            }
+        }
+    }
+
+    /// Decodes, executes and answers one packet. False: drop the session.
+    fn handle_packet(&mut self, sid: u64, pkt: super::transport::Packet) -> bool {
+        let nfds = pkt.fds.len();
+        let decoded = if pkt.truncated {
+            Err((
+                Header::decode(&pkt.data[..HEADER_SIZE.min(pkt.data.len())], nfds).ok(),
+                ProtoError::TooLong {
+                    len: pkt.data.len(),
+                },
+            ))
+        } else if pkt.fds_truncated {
+            Err((
+                None,
+                ProtoError::FdCount {
+                    expected: MAX_FDS,
+                    got: nfds,
+                },
+            ))
+        } else {
+            Request::decode(&pkt.data, nfds)
+        };
+        let (opcode, request_id, result) = match decoded {
+            Ok((h, req)) => {
+                let r = self.execute(sid, req, pkt.fds);
+                (h.opcode, h.request_id, r)
+            }
+            Err((h, e)) => {
+                debug!("service: session {sid}: malformed message: {e}");
+                // Answer with what could be read of the header.
+                let (op, id) = h
+                    .map(|h| (h.opcode, h.request_id))
+                    .or_else(|| raw_header_ids(&pkt.data))
+                    .unwrap_or((0, 0));
+                (op, id, Err(Fail::from(e)))
+            }
+        };
+        let (bytes, fd) = match result {
+            Ok((body, aux, fd)) => {
+                let nfds = u16::from(fd.is_some());
+                (Reply::Ok { body, aux }.encode(opcode, request_id, nfds), fd)
+            }
+            Err(f) => (
+                Reply::Err {
+                    errno: f.errno,
+                    aux: f.aux,
+                    message: f.message,
+                }
+                .encode(opcode, request_id, 0),
+                None,
+            ),
+        };
+        let Some(sess) = self.sessions.get(&sid) else { return false };
+        let fds: Vec<BorrowedFd<'_>> = fd.iter().map(|f| f.as_fd()).collect();
+        match send_packet(sess.sock.as_fd(), &bytes, &fds) {
+            Ok(()) => true,
+            Err(e) => {
+                // A client that does not read its replies loses its session.
+                warn!("service: session {sid}: reply failed: {e}");
+                false
+            }
+        }
+    }
+
+    fn service_pump(&mut self, sid: u64, fault_id: u32) {
+        let Some(sess) = self.sessions.get_mut(&sid) else { return };
+        let Some(pump) = sess.pumps.get_mut(&fault_id) else { return };
+        let was_blocked = pump.wants_writable();
+        let res = pump.pump_in().and_then(|_| pump.pump_out());
+        match res {
+            Ok(_) => {
+                let blocked = pump.wants_writable();
+                if blocked != was_blocked {
+                    let (src, chan) = pump_interest(blocked);
+                    let sfd = pump.source().0.fd();
+                    let _ = self
+                        .epoll
+                        .modify(sfd, &mut EpollEvent::new(src, token(sid, fault_id, KIND_SOURCE)));
+                    let _ = self.epoll.modify(
+                        pump.socket(),
+                        &mut EpollEvent::new(chan, token(sid, fault_id, KIND_CHANNEL)),
+                    );
+                }
+            }
+            Err(PumpError::Closed) => {
+                debug!("service: session {sid}: fault channel {fault_id} closed by the consumer");
+                self.drop_pump(sid, fault_id);
+            }
+            Err(e) => {
+                warn!("service: session {sid}: fault channel {fault_id}: {e}");
+                self.drop_pump(sid, fault_id);
+            }
+        }
+    }
+
+    fn drop_pump(&mut self, sid: u64, fault_id: u32) {
+        let Some(sess) = self.sessions.get_mut(&sid) else { return };
+        if let Some(p) = sess.pumps.remove(&fault_id) {
+            let _ = self.epoll.delete(p.source().0.fd());
+            let _ = self.epoll.delete(p.socket());
+        }
+    }
+
+    fn close_session(&mut self, sid: u64) {
+        let Some(mut sess) = self.sessions.remove(&sid) else { return };
+        let _ = self.epoll.delete(sess.sock.as_fd());
+        let mut pasids: Vec<(String, u32)> = sess.pasids.iter().cloned().collect();
+        pasids.sort();
+        let observer = self.shared.observer();
+        if let Some(o) = &observer {
+            o.session_closing(&sess.info, &pasids);
+        }
+        let iommu = &self.shared.iommu;
+        // Detach PASIDs before RIDs (a RID may need to stay PASID-capable
+        // while PASIDs are attached).
+        sess.attachments.sort_by_key(|(_, p)| p.is_none());
+        for (label, pasid) in sess.attachments.drain(..) {
+            if let Some(dev) = self.shared.dir.device(&label).and_then(|d| d.dev_id()) {
+                if let Err(e) = iommu.detach(dev, pasid) {
+                    warn!("service: session {sid}: detach {label:?}/{pasid:?}: {e}");
+                }
+            }
+        }
+        for (_, p) in sess.pumps.drain() {
+            let _ = self.epoll.delete(p.source().0.fd());
+            let _ = self.epoll.delete(p.socket());
+        }
+        // Destroy in reverse creation order; repeat while progress is made
+        // (dependencies between objects of the session).
+        let mut left: Vec<(u32, Owned)> = sess.objects.drain(..).rev().collect();
+        for _ in 0..4 {
+            if left.is_empty() {
+                break;
+            }
+            left.retain(|(id, _)| match iommu.destroy(*id) {
+                Ok(()) => false,
+                Err(e) if e.errno() == libc::ENOENT => false,
+                Err(_) => true,
+            });
+        }
+        for (id, kind) in &left {
+            warn!("service: session {sid}: could not destroy {kind:?} {id}");
+        }
+        {
+            let mut r = self.shared.registry();
+            r.sessions.remove(&sid);
+            r.pasids.retain(|_, s| *s != sid);
+        }
+        if let Some(o) = &observer {
+            for (label, pasid) in &pasids {
+                o.pasid_released(&sess.info, label, *pasid);
+            }
+        }
+        info!(
+            "service: session {sid} (pid {}) closed and cleaned up",
+            sess.info.pid
+        );
+    }
+
+    fn device(&self, label: &str) -> Result<(Device, u32), Fail> {
+        let dev = self
+            .shared
+            .dir
+            .device(label)
+            .ok_or_else(|| Fail::new(libc::ENOENT, format!("no device {label:?}")))?;
+        let id = dev
+            .dev_id()
+            .ok_or_else(|| Fail::new(libc::ENOENT, format!("device {label:?} is not bound")))?;
+        Ok((dev, id))
+    }
+
+    fn execute(&mut self, sid: u64, req: Request, mut fds: Vec<OwnedFd>) -> Handled {
+        let iommu = self.shared.iommu.clone();
+        let ok = |b: ReplyBody| Ok((b, 0, None));
+        match req {
+            Request::Hello => ok(ReplyBody::Hello {
+                session_id: sid,
+                server_pid: std::process::id(),
+            }),
+            Request::IoasAlloc => {
+                self.room_for_object(sid)?;
+                let id = iommu.ioas_alloc()?;
+                self.session(sid)?.add_object(id, Owned::Ioas);
+                ok(ReplyBody::Id(id))
+            }
+            Request::Destroy { id } => self.destroy(sid, id),
+            Request::IoasMap {
+                flags,
+                ioas_id,
+                offset,
+                length,
+                iova,
+            } => {
+                let perm = map_perm(flags)?;
+                self.session(sid)?.require(ioas_id, &[Owned::Ioas], "IOAS")?;
+                let fd = fds
+                    .pop()
+                    .ok_or_else(|| Fail::new(libc::EBADF, "IOAS_MAP needs a memfd"))?;
+                check_sealed(fd.as_fd())?;
+                let len = usize::try_from(length)
+                    .map_err(|_| Fail::new(libc::EOVERFLOW, "length exceeds the address space"))?;
+                {
+                    let sess = self.session(sid)?;
+                    sess.mappings.retain(|w| w.strong_count() > 0);
+                    if sess.mappings.len() >= MAX_MAPPINGS_PER_SESSION {
+                        return Err(Fail::new(
+                            libc::ENOSPC,
+                            format!("session has {MAX_MAPPINGS_PER_SESSION} mappings"),
+                        ));
+                    }
+                }
+                let mem = Memory::from_memfd(fd, offset, len)?;
+                let fixed = (flags & MAP_FIXED_IOVA != 0).then_some(iova);
+                let iova = iommu.ioas_map(ioas_id, &mem, 0, length, fixed, perm)?;
+                self.session(sid)?.mappings.push(Arc::downgrade(&mem));
+                ok(ReplyBody::U64(iova))
+            }
+            Request::IoasUnmap {
+                ioas_id,
+                iova,
+                length,
+            } => {
+                self.session(sid)?.require(ioas_id, &[Owned::Ioas], "IOAS")?;
+                let n = iommu.ioas_unmap(ioas_id, iova, length)?;
+                ok(ReplyBody::U64(n))
+            }
+            Request::IoasCopy {
+                flags,
+                dst_ioas_id,
+                src_ioas_id,
+                length,
+                dst_iova,
+                src_iova,
+            } => {
+                let perm = map_perm(flags)?;
+                let s = self.session(sid)?;
+                s.require(dst_ioas_id, &[Owned::Ioas], "IOAS")?;
+                s.require(src_ioas_id, &[Owned::Ioas], "IOAS")?;
+                let fixed = (flags & MAP_FIXED_IOVA != 0).then_some(dst_iova);
+                let iova = iommu.ioas_copy(dst_ioas_id, src_ioas_id, src_iova, length, fixed, perm)?;
+                ok(ReplyBody::U64(iova))
+            }
+            Request::IoasIovaRanges { ioas_id } => {
+                self.session(sid)?.require(ioas_id, &[Owned::Ioas], "IOAS")?;
+                let r = iommu.ioas_iova_ranges(ioas_id)?;
+                if r.ranges.len() > MAX_RANGES {
+                    return Err(Fail::new(
+                        libc::EMSGSIZE,
+                        format!("{} ranges exceed the limit of {MAX_RANGES}", r.ranges.len()),
+                    ));
+                }
+                ok(ReplyBody::Ranges {
+                    alignment: r.alignment,
+                    ranges: r.ranges.iter().map(|r| (r.start, r.last)).collect(),
+                })
+            }
+            Request::IoasAllowIovas { ioas_id, ranges } => {
+                self.session(sid)?.require(ioas_id, &[Owned::Ioas], "IOAS")?;
+                let ranges: Vec<IovaRange> =
+                    ranges.iter().map(|(s, l)| IovaRange::new(*s, *l)).collect();
+                iommu.ioas_allow_iovas(ioas_id, &ranges)?;
+                ok(ReplyBody::Empty)
+            }
+            Request::DeviceList => {
+                let mut labels = self.shared.dir.labels();
+                labels.retain(|l| !l.is_empty() && l.len() <= MAX_LABEL);
+                labels.truncate(MAX_DEVICES);
+                ok(ReplyBody::Devices(labels))
+            }
+            Request::DeviceInfo { label } => {
+                let (dev, dev_id) = self.device(&label)?;
+                let hw: HwInfo = iommu.hw_info(dev_id).unwrap_or_else(|_| dev.hw_info().clone());
+                ok(ReplyBody::DeviceInfo(device_info(dev_id, &hw)))
+            }
+            Request::Attach {
+                label,
+                pasid,
+                pt_id,
+            } => {
+                let (_, dev_id) = self.device(&label)?;
+                let s = self.session(sid)?;
+                s.require(pt_id, &[Owned::Ioas, Owned::Hwpt], "IOAS or HWPT")?;
+                if let Some(p) = pasid {
+                    if !s.pasids.contains(&(label.clone(), p)) {
+                        return Err(Fail::new(
+                            libc::EPERM,
+                            format!("pasid {p} of {label:?} is not reserved by this session"),
+                        ));
+                    }
+                }
+                let key = (label, pasid);
+                let replace = s.attachments.contains(&key);
+                let hwpt = if replace {
+                    iommu.replace(dev_id, pasid, pt_id)?
+                } else {
+                    iommu.attach(dev_id, pasid, pt_id)?
+                };
+                if !replace {
+                    self.session(sid)?.attachments.push(key);
+                }
+                ok(ReplyBody::Id(hwpt))
+            }
+            Request::Detach { label, pasid } => {
+                let (_, dev_id) = self.device(&label)?;
+                let key = (label, pasid);
+                let s = self.session(sid)?;
+                if let Some(pos) = s.attachments.iter().position(|k| *k == key) {
+                    iommu.detach(dev_id, pasid)?;
+                    self.session(sid)?.attachments.remove(pos);
+                    ok(ReplyBody::Empty)
+                } else if iommu.attached_hwpt(dev_id, pasid)?.is_some() {
+                    Err(Fail::new(
+                        libc::EPERM,
+                        format!("{:?}/{pasid:?} was not attached by this session", key.0),
+                    ))
+                } else {
+                    // iommufd: detaching what is not attached is a no-op.
+                    ok(ReplyBody::Empty)
+                }
+            }
+            Request::PasidAlloc { label } => self.pasid_alloc(sid, label),
+            Request::PasidFree { label, pasid } => {
+                let (_, dev_id) = self.device(&label)?;
+                let key = (label, pasid);
+                let s = self.session(sid)?;
+                if !s.pasids.contains(&key) {
+                    return Err(Fail::new(
+                        libc::ENOENT,
+                        format!("pasid {pasid} of {:?} is not reserved by this session", key.0),
+                    ));
+                }
+                let akey = (key.0.clone(), Some(pasid));
+                if let Some(pos) = s.attachments.iter().position(|k| *k == akey) {
+                    iommu.detach(dev_id, Some(pasid))?;
+                    self.session(sid)?.attachments.remove(pos);
+                }
+                let info = {
+                    let s = self.session(sid)?;
+                    s.pasids.remove(&key);
+                    s.info.clone()
+                };
+                self.shared.registry().pasids.remove(&key);
+                if let Some(o) = self.shared.observer() {
+                    o.pasid_released(&info, &key.0, pasid);
+                }
+                ok(ReplyBody::Empty)
+            }
+            Request::HwptAlloc {
+                label,
+                pt_id,
+                flags,
+                fault_id,
+                data_type,
+                data,
+            } => {
+                let (_, dev_id) = self.device(&label)?;
+                self.room_for_object(sid)?;
+                let s = self.session(sid)?;
+                s.require(pt_id, &[Owned::Ioas, Owned::Hwpt], "IOAS or HWPT")?;
+                if let Some(f) = fault_id {
+                    s.require(f, &[Owned::Fault], "fault queue")?;
+                }
+                let data = match data_type {
+                    HWPT_DATA_NONE if data.is_empty() => HwptData::None,
+                    HWPT_DATA_STAGE1 if data.len() == 8 => {
+                        let mut w = [0u8; 8];
+                        w.copy_from_slice(&data);
+                        HwptData::Stage1 {
+                            root: u64::from_le_bytes(w),
+                        }
+                    }
+                    HWPT_DATA_NONE | HWPT_DATA_STAGE1 => {
+                        return Err(Fail::new(
+                            libc::EINVAL,
+                            format!("data_len {} does not fit data_type {data_type}", data.len()),
+                        ))
+                    }
+                    _ => {
+                        return Err(Fail::new(
+                            libc::EOPNOTSUPP,
+                            format!("hwpt data_type {data_type}"),
+                        ))
+                    }
+                };
+                let id = iommu.hwpt_alloc(&HwptAlloc {
+                    dev_id,
+                    pt_id,
+                    flags,
+                    data,
+                    fault_id,
+                })?;
+                self.session(sid)?.add_object(id, Owned::Hwpt);
+                ok(ReplyBody::Id(id))
+            }
+            Request::HwptInvalidate {
+                hwpt_id,
+                data_type,
+                entries,
+                ..
+            } => {
+                self.session(sid)?.require(hwpt_id, &[Owned::Hwpt], "HWPT")?;
+                if data_type != INVALIDATE_DATA_STAGE1 && data_type != INVALIDATE_DATA_VIOMMU {
+                    return Err(Fail::new(
+                        libc::EINVAL,
+                        format!("invalidation data_type {data_type}"),
+                    ));
+                }
+                let conv: Vec<InvalidateEntry> = entries
+                    .iter()
+                    .map(|e| match *e {
+                        WireInvalidation::Stage1 {
+                            flags,
+                            addr,
+                            npages,
+                        } => InvalidateEntry::Stage1 {
+                            flags,
+                            addr,
+                            npages,
+                        },
+                        WireInvalidation::Viommu {
+                            vdev_id,
+                            vpasid,
+                            flags,
+                            addr,
+                            npages,
+                        } => InvalidateEntry::Viommu {
+                            vdev_id,
+                            vpasid,
+                            flags,
+                            addr,
+                            npages,
+                        },
+                    })
+                    .collect();
+                let (done, res) = iommu.hwpt_invalidate(hwpt_id, &conv);
+                match res {
+                    Ok(()) => Ok((ReplyBody::Empty, done, None)),
+                    Err(e) => Err(Fail {
+                        errno: e.errno(),
+                        aux: done,
+                        message: e.to_string(),
+                    }),
+                }
+            }
+            Request::FaultQueueAlloc => {
+                self.room_for_object(sid)?;
+                if self.session(sid)?.pumps.len() >= MAX_FAULT_QUEUES_PER_SESSION {
+                    return Err(Fail::new(
+                        libc::ENOSPC,
+                        format!("session has {MAX_FAULT_QUEUES_PER_SESSION} fault queues"),
+                    ));
+                }
+                let (server_end, client_end) =
+                    fault_channel_pair().map_err(|e| Fail::new(errno_of(&e), e.to_string()))?;
+                let (id, fq) = iommu.fault_queue_alloc()?;
+                let pump = match FaultPump::new(QueueSource(fq), server_end) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = iommu.destroy(id);
+                        return Err(Fail::new(errno_of(&e), e.to_string()));
+                    }
+                };
+                let (src, chan) = pump_interest(false);
+                let reg = self
+                    .epoll
+                    .add(
+                        pump.source().0.fd(),
+                        EpollEvent::new(src, token(sid, id, KIND_SOURCE)),
+                    )
+                    .and_then(|_| {
+                        self.epoll.add(
+                            pump.socket(),
+                            EpollEvent::new(chan, token(sid, id, KIND_CHANNEL)),
+                        )
+                    });
+                if let Err(e) = reg {
+                    let _ = self.epoll.delete(pump.source().0.fd());
+                    drop(pump);
+                    let _ = iommu.destroy(id);
+                    return Err(Fail::new(e as i32, "cannot watch the fault queue"));
+                }
+                let s = self.session(sid)?;
+                s.add_object(id, Owned::Fault);
+                s.pumps.insert(id, pump);
+                Ok((ReplyBody::Id(id), 0, Some(client_end)))
+            }
+        }
+    }
+
+    fn session(&mut self, sid: u64) -> Result<&mut Session, Fail> {
+        self.sessions
+            .get_mut(&sid)
+            .ok_or_else(|| Fail::new(libc::ENOENT, "session is gone"))
+    }
+
+    fn room_for_object(&mut self, sid: u64) -> Result<(), Fail> {
+        if self.session(sid)?.objects.len() >= MAX_OBJECTS_PER_SESSION {
+            return Err(Fail::new(
+                libc::ENOSPC,
+                format!("session owns {MAX_OBJECTS_PER_SESSION} objects"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn destroy(&mut self, sid: u64, id: u32) -> Handled {
+        let s = self.session(sid)?;
+        let Some(pos) = s.objects.iter().position(|(i, _)| *i == id) else {
+            return Err(Fail::new(
+                libc::ENOENT,
+                format!("no object with id {id} in this session"),
+            ));
+        };
+        // A fault queue's pump holds a handle on it: take the pump away
+        // while destroying, and give it back if the object is busy.
+        let pump = s.pumps.remove(&id);
+        match self.shared.iommu.destroy(id) {
+            Ok(()) => {
+                if let Some(p) = pump {
+                    let _ = self.epoll.delete(p.source().0.fd());
+                    let _ = self.epoll.delete(p.socket());
+                }
+                self.session(sid)?.objects.remove(pos);
+                Ok((ReplyBody::Empty, 0, None))
+            }
+            Err(e) => {
+                if let Some(p) = pump {
+                    self.session(sid)?.pumps.insert(id, p);
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    fn pasid_alloc(&mut self, sid: u64, label: String) -> Handled {
+        let (dev, dev_id) = self.device(&label)?;
+        if self.session(sid)?.pasids.len() >= MAX_PASIDS_PER_SESSION {
+            return Err(Fail::new(
+                libc::ENOSPC,
+                format!("session holds {MAX_PASIDS_PER_SESSION} pasids"),
+            ));
+        }
+        let bits = self
+            .shared
+            .iommu
+            .hw_info(dev_id)
+            .map(|h| h.max_pasid_log2)
+            .unwrap_or_else(|_| dev.hw_info().max_pasid_log2);
+        if bits == 0 {
+            return Err(Fail::new(
+                libc::EOPNOTSUPP,
+                format!("device {label:?} has no PASID support"),
+            ));
+        }
+        let limit = (1u64 << bits.min(20)).min(u64::from(MAX_PASID_SCAN)) as u32;
+        let pasid = {
+            let reg = self.shared.registry();
+            (1..limit).find(|p| {
+                !reg.pasids.contains_key(&(label.clone(), *p))
+                    && matches!(self.shared.iommu.attached_hwpt(dev_id, Some(*p)), Ok(None))
+            })
+        };
+        let Some(pasid) = pasid else {
+            return Err(Fail::new(
+                libc::ENOSPC,
+                format!("no free pasid on {label:?}"),
+            ));
+        };
+        self.shared
+            .registry()
+            .pasids
+            .insert((label.clone(), pasid), sid);
+        let info = {
+            let s = self.session(sid)?;
+            s.pasids.insert((label.clone(), pasid));
+            s.info.clone()
+        };
+        if let Some(o) = self.shared.observer() {
+            o.pasid_allocated(&info, &label, pasid);
+        }
+        Ok((ReplyBody::Id(pasid), 0, None))
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn pump_interest(blocked: bool) -> (EpollFlags, EpollFlags) {
+    if blocked {
+        // Stop listening to the (level-triggered) source until the socket
+        // drains, or the loop would spin.
+        (EpollFlags::empty(), EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT)
+    } else {
+        (EpollFlags::EPOLLIN, EpollFlags::EPOLLIN)
+    }
+}
+
+fn raw_header_ids(data: &[u8]) -> Option<(u16, u64)> {
+    if data.len() < HEADER_SIZE {
+        return None;
+    }
+    let mut r = Reader::new(data);
+    if r.u32().ok()? != SERVICE_MAGIC {
+        return None;
+    }
+    let _version = r.u16().ok()?;
+    let opcode = r.u16().ok()?;
+    let _len = r.u32().ok()?;
+    let _nfds = r.u16().ok()?;
+    let _flags = r.u16().ok()?;
+    Some((opcode, r.u64().ok()?))
+}
+
+fn errno_of(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+fn map_perm(flags: u32) -> Result<Perm, Fail> {
+    let mut p = Perm::NONE;
+    if flags & MAP_READABLE != 0 {
+        p = p | Perm::READ;
+    }
+    if flags & MAP_WRITEABLE != 0 {
+        p = p | Perm::WRITE;
+    }
+    if p.is_empty() {
+        return Err(Fail::new(
+            libc::EINVAL,
+            "a mapping needs MAP_READABLE or MAP_WRITEABLE",
+        ));
+    }
+    Ok(p)
+}
+
+/// The memfd must be sealed against shrinking: otherwise the client could
+/// truncate it under a device's feet and the server would take SIGBUS.
+fn check_sealed(fd: BorrowedFd<'_>) -> Result<(), Fail> {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    let seals = fcntl(fd, FcntlArg::F_GET_SEALS).map_err(|e| {
+        Fail::new(
+            libc::EINVAL,
+            format!("the fd is not a sealable memfd ({e})"),
+        )
+    })?;
+    if SealFlag::from_bits_truncate(seals).contains(SealFlag::F_SEAL_SHRINK) {
+        Ok(())
+    } else {
+        Err(Fail::new(
+            libc::EINVAL,
+            "the memfd must carry F_SEAL_SHRINK",
+        ))
+    }
+}
+
+fn device_info(dev_id: u32, hw: &HwInfo) -> WireDeviceInfo {
+    let mut flags = 0;
+    if hw.nesting {
+        flags |= INFO_NESTING;
+    }
+    if hw.iopf {
+        flags |= INFO_IOPF;
+    }
+    if hw.dirty_tracking {
+        flags |= INFO_DIRTY_TRACKING;
+    }
+    WireDeviceInfo {
+        dev_id,
+        max_pasid_log2: hw.max_pasid_log2,
+        flags,
+        page_sizes: hw.page_sizes,
+        reserved: hw
+            .reserved
+            .iter()
+            .take(MAX_RESERVED)
+            .map(|r| (r.start, r.last))
+            .collect(),
+    }
+}
