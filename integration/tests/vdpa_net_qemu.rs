@@ -1,0 +1,245 @@
+//! vdpa-net serving QEMU guests (Debian kernel, busybox initramfs): ping
+//! through a tap in a network namespace, with and without the guest's
+//! intel-iommu (lazy and strict invalidation), two guests joined by the
+//! in-process switch, a VMM killed mid-traffic, and a TCP bulk transfer.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{need_qemu_and_vdpa_net, SETUP_TIMEOUT, STOP_TIMEOUT};
+use ioasis_integration::env::require_tool;
+use ioasis_integration::guest::ping_script;
+use ioasis_integration::netns::Netns;
+use ioasis_integration::process::{Output, Proc};
+use ioasis_integration::qemu::{IommuMode, Qemu, QemuConfig, GUEST_TIMEOUT};
+use ioasis_integration::vdpa_net::{VdpaNet, VdpaNetConfig};
+use ioasis_integration::{heavy_lock, ready, OrPanic, WorkDir};
+
+const TAP: &str = "vtap0";
+const HOST_IP: &str = "10.0.0.2";
+
+/// A namespace with vdpa-net inside serving one device on a tap addressed `HOST_IP`.
+fn tap_backend(dir: &WorkDir) -> (Netns, VdpaNet) {
+    let ns = Netns::new().or_panic("netns");
+    let sock = dir.join("net.sock");
+    let cfg = VdpaNetConfig::new()
+        .device(&sock, &format!("tap={TAP}"))
+        .stats_interval(1);
+    let vdpa = VdpaNet::spawn(&cfg, dir.path(), Some(&ns)).or_panic("start vdpa-net");
+    ns.wait_link(TAP, SETUP_TIMEOUT).or_panic("tap");
+    ns.addr_up(TAP, &format!("{HOST_IP}/24"))
+        .or_panic("address the tap");
+    (ns, vdpa)
+}
+
+fn guest_pings_host_through_tap(test: &str, iommu: IommuMode) {
+    let Some(_) = ready(test, need_qemu_and_vdpa_net().and_then(|_| Netns::new())) else {
+        return;
+    };
+    let _lock = heavy_lock().or_panic("heavy lock");
+    let dir = WorkDir::new(test).or_panic("workdir");
+    let (ns, mut vdpa) = tap_backend(&dir);
+    let cfg = QemuConfig::new("guest", &ping_script("10.0.0.1/24", HOST_IP, 3))
+        .netdev(&dir.join("net.sock"), "52:54:00:00:00:01")
+        .iommu(iommu);
+    let mut guest = Qemu::launch(&cfg, dir.path()).or_panic("start QEMU");
+    guest
+        .expect_marker(
+            &format!("PING_OK {HOST_IP}"),
+            &format!("PING_FAIL {HOST_IP}"),
+            GUEST_TIMEOUT,
+        )
+        .or_panic("guest ping");
+    assert_eq!(guest.wait_end(GUEST_TIMEOUT).or_panic("guest end"), 0);
+    let tap = ns.link_stats(TAP).or_panic("tap counters");
+    let last = vdpa.stop(STOP_TIMEOUT).or_panic("stop vdpa-net");
+    let c = vdpa.device_counters(&last, &dir.join("net.sock"));
+    assert!(tap.rx_packets >= 3 && tap.tx_packets >= 3, "{tap:?}");
+    assert!(c.rx_packets >= 3 && c.tx_packets >= 3, "{last}");
+    assert_eq!(c.errors, 0, "{last}");
+}
+
+#[test]
+fn test_guest_pings_host_through_tap() {
+    guest_pings_host_through_tap("test_guest_pings_host_through_tap", IommuMode::Off);
+}
+
+#[test]
+fn test_guest_with_intel_iommu_lazy_pings_through_tap() {
+    guest_pings_host_through_tap(
+        "test_guest_with_intel_iommu_lazy_pings_through_tap",
+        IommuMode::Lazy,
+    );
+}
+
+#[test]
+fn test_guest_with_intel_iommu_strict_pings_through_tap() {
+    guest_pings_host_through_tap(
+        "test_guest_with_intel_iommu_strict_pings_through_tap",
+        IommuMode::Strict,
+    );
+}
+
+#[test]
+fn test_two_guests_ping_each_other_through_switch() {
+    let test = "test_two_guests_ping_each_other_through_switch";
+    let Some(_) = ready(test, need_qemu_and_vdpa_net()) else {
+        return;
+    };
+    let _lock = heavy_lock().or_panic("heavy lock");
+    let dir = WorkDir::new("vdpa-switch").or_panic("workdir");
+    let (a, b) = (dir.join("a.sock"), dir.join("b.sock"));
+    let cfg = VdpaNetConfig::new()
+        .device(&a, "switch=sw0")
+        .device(&b, "switch=sw0")
+        .stats_interval(1);
+    let mut vdpa = VdpaNet::spawn(&cfg, dir.path(), None).or_panic("start vdpa-net");
+    let mut ga = Qemu::launch(
+        &QemuConfig::new("guest-a", &ping_script("10.0.1.1/24", "10.0.1.2", 3))
+            .netdev(&a, "52:54:00:00:01:01"),
+        dir.path(),
+    )
+    .or_panic("start guest a");
+    let mut gb = Qemu::launch(
+        &QemuConfig::new("guest-b", &ping_script("10.0.1.2/24", "10.0.1.1", 3))
+            .netdev(&b, "52:54:00:00:01:02"),
+        dir.path(),
+    )
+    .or_panic("start guest b");
+    // Two TCG guests share two cores with the daemon: allow for it.
+    let t = GUEST_TIMEOUT * 2;
+    ga.expect_marker("PING_OK 10.0.1.2", "PING_FAIL 10.0.1.2", t)
+        .or_panic("guest a pings b");
+    gb.expect_marker("PING_OK 10.0.1.1", "PING_FAIL 10.0.1.1", t)
+        .or_panic("guest b pings a");
+    assert_eq!(ga.wait_end(t).or_panic("guest a end"), 0);
+    assert_eq!(gb.wait_end(t).or_panic("guest b end"), 0);
+    let last = vdpa.stop(STOP_TIMEOUT).or_panic("stop vdpa-net");
+    for sock in [&a, &b] {
+        let c = vdpa.device_counters(&last, sock);
+        assert!(c.rx_packets >= 3 && c.tx_packets >= 3, "{last}");
+    }
+}
+
+#[test]
+fn test_qemu_killed_mid_traffic_then_new_qemu_works() {
+    let test = "test_qemu_killed_mid_traffic_then_new_qemu_works";
+    let Some(_) = ready(test, need_qemu_and_vdpa_net().and_then(|_| Netns::new())) else {
+        return;
+    };
+    let _lock = heavy_lock().or_panic("heavy lock");
+    let dir = WorkDir::new("vdpa-kill").or_panic("workdir");
+    let (_ns, mut vdpa) = tap_backend(&dir);
+    let sock = dir.join("net.sock");
+    let busy = format!(
+        "{}mark TRAFFIC\nping -q -i 0.01 -s 1000 {HOST_IP}\n",
+        ping_script("10.0.0.1/24", HOST_IP, 1)
+    );
+    let mut first = Qemu::launch(
+        &QemuConfig::new("first", &busy).netdev(&sock, "52:54:00:00:00:01"),
+        dir.path(),
+    )
+    .or_panic("start first QEMU");
+    first
+        .wait_marker("TRAFFIC", GUEST_TIMEOUT)
+        .or_panic("first guest traffic");
+    // Kill once the daemon has seen a good share of the flood.
+    let before = vdpa.device_counters(
+        &vdpa.last_stats().or_panic("stats").unwrap_or_default(),
+        &sock,
+    );
+    vdpa.wait_stats("flood traffic in the stats", Duration::from_secs(60), |v| {
+        vdpa_rx(v, &sock) >= before.rx_packets + 50
+    })
+    .or_panic("traffic counted");
+    first.kill();
+    drop(first);
+    vdpa.check_running("QEMU to be killed")
+        .or_panic("vdpa-net survives a killed VMM");
+    let mut second = Qemu::launch(
+        &QemuConfig::new("second", &ping_script("10.0.0.1/24", HOST_IP, 3))
+            .netdev(&sock, "52:54:00:00:00:01"),
+        dir.path(),
+    )
+    .or_panic("start second QEMU");
+    second
+        .expect_marker(
+            &format!("PING_OK {HOST_IP}"),
+            &format!("PING_FAIL {HOST_IP}"),
+            GUEST_TIMEOUT,
+        )
+        .or_panic("second guest ping");
+    assert_eq!(second.wait_end(GUEST_TIMEOUT).or_panic("second end"), 0);
+    vdpa.stop(STOP_TIMEOUT).or_panic("stop vdpa-net");
+}
+
+fn vdpa_rx(v: &serde_json::Value, sock: &std::path::Path) -> u64 {
+    ioasis_integration::vdpa_net::find_device(v, sock)
+        .map(|d| ioasis_integration::vdpa_net::counters(d).rx_packets)
+        .unwrap_or_else(|| ioasis_integration::vdpa_net::counters(v).rx_packets)
+}
+
+#[test]
+fn test_guest_tcp_bulk_to_netns_uses_large_frames() {
+    let test = "test_guest_tcp_bulk_to_netns_uses_large_frames";
+    let Some(busybox) = ready(
+        test,
+        need_qemu_and_vdpa_net()
+            .and_then(|_| Netns::new())
+            .and_then(|_| require_tool("busybox", "busybox-static")),
+    ) else {
+        return;
+    };
+    let _lock = heavy_lock().or_panic("heavy lock");
+    let dir = WorkDir::new("vdpa-tcp").or_panic("workdir");
+    let (ns, mut vdpa) = tap_backend(&dir);
+    const BYTES: u64 = 20_000_000;
+    // The listener's stdin must stay open: busybox nc ends on either EOF.
+    let mut listener = Proc::spawn(
+        "listener",
+        ns.command("sh").arg("-c").arg(format!(
+            "sleep 600 | {} nc -l -p 5000 | wc -c",
+            busybox.display()
+        )),
+        dir.path(),
+        Output::Combined,
+    )
+    .or_panic("listener");
+    let script = format!(
+        "{}head -c {BYTES} /dev/zero | nc {HOST_IP} 5000 && mark SENT || mark SEND_FAIL\n",
+        ping_script("10.0.0.1/24", HOST_IP, 1)
+    );
+    let mut guest = Qemu::launch(
+        &QemuConfig::new("guest", &script).netdev(&dir.join("net.sock"), "52:54:00:00:00:01"),
+        dir.path(),
+    )
+    .or_panic("start QEMU");
+    guest
+        .expect_marker("PING_OK 10.0.0.2", "PING_FAIL 10.0.0.2", GUEST_TIMEOUT)
+        .or_panic("guest reaches the namespace");
+    let start = std::time::Instant::now();
+    guest
+        .expect_marker("SENT", "SEND_FAIL", GUEST_TIMEOUT)
+        .or_panic("bulk transfer");
+    let received: u64 = listener
+        .wait_for_output("the byte count", Duration::from_secs(60), |t| {
+            t.trim().parse().ok()
+        })
+        .or_panic("listener result");
+    let secs = start.elapsed().as_secs_f64();
+    let tap = ns.link_stats(TAP).or_panic("tap counters");
+    vdpa.stop(STOP_TIMEOUT).or_panic("stop vdpa-net");
+    eprintln!(
+        "guest TCP bulk: {received} bytes in {secs:.1} s ({:.1} MB/s incl. guest side), tap rx {} frames, {} bytes",
+        received as f64 / secs / 1e6,
+        tap.rx_packets,
+        tap.rx_bytes
+    );
+    assert_eq!(received, BYTES);
+    let avg = tap.rx_bytes / tap.rx_packets.max(1);
+    assert!(
+        avg > 1514,
+        "frames on the tap average {avg} bytes: TSO/GSO from the guest did not reach the tap as large frames ({tap:?})"
+    );
+}
