@@ -328,7 +328,13 @@ impl EventRegistrar<'_> {
         Ok(())
     }
 
-    fn ctl(&mut self, op: i32, fd: BorrowedFd<'_>, interest: Interest, token: u64) -> io::Result<()> {
+    fn ctl(
+        &mut self,
+        op: i32,
+        fd: BorrowedFd<'_>,
+        interest: Interest,
+        token: u64,
+    ) -> io::Result<()> {
         use std::os::fd::AsRawFd;
         if token > MAX_DEVICE_TOKEN {
             return Err(io::Error::new(
@@ -338,7 +344,7 @@ impl EventRegistrar<'_> {
         }
         let mut ev = libc::epoll_event {
             events: interest.epoll_events(),
-            u64: crate::server::worker_device_token(token),
+            u64: crate::worker::device_token(token),
         };
         // SAFETY: both fds are valid for the duration of the call and `ev` is
         // a valid epoll_event the kernel only reads.

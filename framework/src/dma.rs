@@ -1,8 +1,26 @@
 //! DMA: how a device reads and writes frontend memory.
 //!
-//! (being wired to iommu-core translation)
+//! A [`Dma`] handle is a worker thread's window on its device's I/O address
+//! space, valid for one *access section* of the device's iommu-core
+//! [`Translator`]. Every access is translated through the IOAS (through the
+//! translator's cache), fragment by fragment: one IOVA range need not be one
+//! contiguous host buffer. A miss is [`DmaError::NotMapped`], a permission
+//! failure [`DmaError::Denied`]; unmapped memory is never touched.
+//!
+//! Host memory obtained inside a section stays mapped until the section
+//! ends: an unmap issued meanwhile waits for it. So a worker must never block
+//! while it holds a `Dma` (see [`Worker`](crate::device::Worker)).
+//!
+//! `Dma` also implements vm-memory's [`GuestMemory`](vm_memory::GuestMemory)
+//! (the IOVA-aware trait of vm-memory 0.18), which is how virtio-queue walks
+//! rings and descriptor chains through the same translation. vm-memory turns
+//! errors into its own type and virtio-queue into `None`; the handle keeps the
+//! typed cause of the last failure so the queue layer can tell a miss from an
+//! empty ring.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
+
+use iommu_core::{Fragment, Perm, Translator};
 
 /// The access a DMA operation makes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -15,12 +33,31 @@ pub enum Access {
     ReadWrite,
 }
 
+impl Access {
+    /// The iommu-core permission this access needs.
+    pub fn perm(self) -> Perm {
+        match self {
+            Access::Read => Perm::READ,
+            Access::Write => Perm::WRITE,
+            Access::ReadWrite => Perm::RW,
+        }
+    }
+
+    fn from_vm(p: vm_memory::Permissions) -> Access {
+        match p {
+            vm_memory::Permissions::Write => Access::Write,
+            vm_memory::Permissions::ReadWrite => Access::ReadWrite,
+            vm_memory::Permissions::Read | vm_memory::Permissions::No => Access::Read,
+        }
+    }
+}
+
 /// Errors of DMA accesses.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DmaError {
     /// No translation exists for the address: the frontend has not mapped it
     /// (yet). Recoverable: the framework asks the frontend and parks the queue.
-    #[error("iova {iova:#x} is not mapped for {access:?}")]
+    #[error("Iova {iova:#x} is not mapped for {access:?}")]
     NotMapped {
         /// The first unmapped address.
         iova: u64,
@@ -28,7 +65,7 @@ pub enum DmaError {
         access: Access,
     },
     /// A translation exists but does not allow the access.
-    #[error("iova {iova:#x} does not allow {access:?}")]
+    #[error("Iova {iova:#x} does not allow {access:?}")]
     Denied {
         /// The address.
         iova: u64,
@@ -36,26 +73,28 @@ pub enum DmaError {
         access: Access,
     },
     /// `iova + len` overflows the 64-bit address space.
-    #[error("range {iova:#x}+{len:#x} overflows")]
+    #[error("Range {iova:#x}+{len:#x} overflows")]
     Overflow {
         /// Start of the range.
         iova: u64,
         /// Its length.
         len: u64,
     },
-    /// Nothing is attached: DMA is blocked.
+    /// Nothing is attached to the device: DMA is blocked.
     #[error("DMA is blocked: no address space attached")]
     Blocked,
-    /// Any other translation failure.
-    #[error("translation failed at {iova:#x}: {msg}")]
+    /// Any other translation failure (for example an I/O page fault raised on
+    /// a fault-capable address space).
+    #[error("Translation failed at {iova:#x}")]
     Failed {
         /// The address.
         iova: u64,
-        /// What failed.
-        msg: String,
+        /// The iommu-core error.
+        #[source]
+        source: iommu_core::Error,
     },
-    /// A memory error without a recorded cause.
-    #[error("unknown memory error")]
+    /// A memory error whose cause was not recorded.
+    #[error("Unknown memory error")]
     Unknown,
 }
 
@@ -76,61 +115,251 @@ impl DmaError {
             | DmaError::Unknown => None,
         }
     }
+
+    /// The address and access of a permission failure.
+    pub fn denied_address(&self) -> Option<(u64, Access)> {
+        match self {
+            DmaError::Denied { iova, access } => Some((*iova, *access)),
+            DmaError::NotMapped { .. }
+            | DmaError::Overflow { .. }
+            | DmaError::Blocked
+            | DmaError::Failed { .. }
+            | DmaError::Unknown => None,
+        }
+    }
+
+    fn from_core(e: iommu_core::Error, iova: u64, len: u64, access: Access) -> DmaError {
+        match e {
+            iommu_core::Error::Unmapped { iova, .. } => DmaError::NotMapped { iova, access },
+            iommu_core::Error::AccessDenied { iova, .. } => DmaError::Denied { iova, access },
+            iommu_core::Error::NotAttached { .. } => DmaError::Blocked,
+            iommu_core::Error::Overflow { .. } => DmaError::Overflow { iova, len },
+            source => DmaError::Failed { iova, source },
+        }
+    }
 }
 
 /// Result of DMA operations.
 pub type Result<T> = std::result::Result<T, DmaError>;
 
-/// A worker thread's DMA handle.
-#[derive(Debug, Default)]
-pub struct Dma {
-    fault: Cell<Option<(u64, Access)>>,
-    last: RefCell<Option<DmaError>>,
+/// Largest number of host fragments a single access may resolve to.
+pub const MAX_FRAGMENTS: usize = 1024;
+
+/// One open access section of a translator, with its scratch storage.
+pub(crate) struct Section<'t> {
+    access: RefCell<iommu_core::Access<'t>>,
+    pasid: Option<u32>,
+    frags: RefCell<Vec<Fragment>>,
+    last_err: RefCell<Option<DmaError>>,
 }
 
-impl Dma {
-    /// Checks that `iova..iova+len` is mapped for `access`.
+impl<'t> Section<'t> {
+    pub(crate) fn new(translator: &'t mut Translator, pasid: Option<u32>) -> Self {
+        Section {
+            access: RefCell::new(translator.access()),
+            pasid,
+            frags: RefCell::new(Vec::with_capacity(8)),
+            last_err: RefCell::new(None),
+        }
+    }
+}
+
+/// What a [`Dma`] handle needs from a section (object-safe, so the handle
+/// carries no invariant lifetime).
+pub(crate) trait SectionOps {
+    fn translate_with(
+        &self,
+        iova: u64,
+        len: u64,
+        access: Access,
+        f: &mut dyn FnMut(&[Fragment]) -> Result<()>,
+    ) -> Result<()>;
+    fn record(&self, e: DmaError);
+    fn take(&self) -> Option<DmaError>;
+}
+
+impl SectionOps for Section<'_> {
+    fn translate_with(
+        &self,
+        iova: u64,
+        len: u64,
+        access: Access,
+        f: &mut dyn FnMut(&[Fragment]) -> Result<()>,
+    ) -> Result<()> {
+        if len == 0 {
+            return f(&[]);
+        }
+        if iova.checked_add(len - 1).is_none() {
+            return Err(DmaError::Overflow { iova, len });
+        }
+        let (Ok(mut acc), Ok(mut frags)) =
+            (self.access.try_borrow_mut(), self.frags.try_borrow_mut())
+        else {
+            // Re-entrant use from inside a callback: refuse rather than alias.
+            return Err(DmaError::Unknown);
+        };
+        acc.translate(self.pasid, iova, len, access.perm(), &mut frags)
+            .map_err(|e| DmaError::from_core(e, iova, len, access))?;
+        drop(acc);
+        let r = f(&frags);
+        if frags.capacity() > MAX_FRAGMENTS {
+            frags.shrink_to(MAX_FRAGMENTS);
+        }
+        r
+    }
+
+    fn record(&self, e: DmaError) {
+        if let Ok(mut l) = self.last_err.try_borrow_mut() {
+            *l = Some(e);
+        }
+    }
+
+    fn take(&self) -> Option<DmaError> {
+        self.last_err
+            .try_borrow_mut()
+            .ok()
+            .and_then(|mut l| l.take())
+    }
+}
+
+/// A worker thread's DMA handle for one access section. Cheap to copy.
+#[derive(Clone, Copy)]
+pub struct Dma<'a> {
+    ops: &'a (dyn SectionOps + 'a),
+}
+
+impl std::fmt::Debug for Dma<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dma").finish_non_exhaustive()
+    }
+}
+
+impl<'a> Dma<'a> {
+    /// Opens an access section of `translator` on `pasid` (`None`: the
+    /// device's RID) and runs `f` with a handle to it. The section ends when
+    /// `f` returns; `f` must not block.
+    pub fn enter<R>(
+        translator: &mut Translator,
+        pasid: Option<u32>,
+        f: impl FnOnce(Dma<'_>) -> R,
+    ) -> R {
+        let section = Section::new(translator, pasid);
+        f(Dma { ops: &section })
+    }
+
+    pub(crate) fn from_section(ops: &'a (dyn SectionOps + 'a)) -> Self {
+        Dma { ops }
+    }
+
+    /// Checks that `iova..iova+len` is mapped for `access` (and warms the
+    /// translation cache for it).
     pub fn check(&self, iova: u64, len: u64, access: Access) -> Result<()> {
-        let _ = (iova, len, access, &self.fault);
-        Err(DmaError::NotMapped { iova, access })
+        self.ops.translate_with(iova, len, access, &mut |_| Ok(()))
+    }
+
+    /// Runs `f` with the host fragments covering `iova..iova+len`, in order.
+    /// The slices are valid only inside `f`; use them for zero-copy I/O
+    /// (`readv`/`writev` on a tap, for instance).
+    pub fn with_fragments<R>(
+        &self,
+        iova: u64,
+        len: u64,
+        access: Access,
+        f: impl FnOnce(&[vm_memory::VolatileSlice<'_>]) -> R,
+    ) -> Result<R> {
+        let mut f = Some(f);
+        let mut out = None;
+        self.ops.translate_with(iova, len, access, &mut |frags| {
+            let slices: Vec<vm_memory::VolatileSlice<'_>> = frags
+                .iter()
+                .map(|fr| {
+                    // SAFETY: iommu-core returned `fr.len` bytes at `fr.ptr`
+                    // that stay mapped until the access section ends, which is
+                    // after this callback returns; the slice does not escape it.
+                    unsafe { vm_memory::VolatileSlice::new(fr.ptr, fr.len) }
+                })
+                .collect();
+            if let Some(f) = f.take() {
+                out = Some(f(&slices));
+            }
+            Ok(())
+        })?;
+        out.ok_or(DmaError::Unknown)
     }
 
     /// Reads `buf.len()` bytes at `iova`.
     pub fn read(&self, iova: u64, buf: &mut [u8]) -> Result<()> {
-        self.check(iova, buf.len() as u64, Access::Read)
+        let len = buf.len() as u64;
+        self.ops
+            .translate_with(iova, len, Access::Read, &mut |frags| {
+                let mut done = 0usize;
+                for fr in frags {
+                    let n = fr.len.min(buf.len() - done);
+                    // SAFETY: `fr.ptr` is valid for `fr.len >= n` bytes for the
+                    // rest of the access section (iommu-core's translation
+                    // contract); `buf[done..done + n]` is in bounds and cannot
+                    // overlap guest memory we only reach through raw pointers.
+                    unsafe { std::ptr::copy_nonoverlapping(fr.ptr, buf[done..].as_mut_ptr(), n) };
+                    done += n;
+                }
+                Ok(())
+            })
     }
 
     /// Writes `data` at `iova`.
     pub fn write(&self, iova: u64, data: &[u8]) -> Result<()> {
-        self.check(iova, data.len() as u64, Access::Write)
+        let len = data.len() as u64;
+        self.ops
+            .translate_with(iova, len, Access::Write, &mut |frags| {
+                let mut done = 0usize;
+                for fr in frags {
+                    let n = fr.len.min(data.len() - done);
+                    // SAFETY: `fr.ptr` is valid and writable for `fr.len >= n`
+                    // bytes until the access section ends (the translation was
+                    // made for write permission); the source is a distinct slice.
+                    unsafe { std::ptr::copy_nonoverlapping(data[done..].as_ptr(), fr.ptr, n) };
+                    done += n;
+                }
+                Ok(())
+            })
+    }
+
+    /// Reads a plain-data object at `iova`.
+    pub fn read_obj<T: vm_memory::ByteValued + Default>(&self, iova: u64) -> Result<T> {
+        let mut v = T::default();
+        self.read(iova, v.as_mut_slice())?;
+        Ok(v)
+    }
+
+    /// Writes a plain-data object at `iova`.
+    pub fn write_obj<T: vm_memory::ByteValued>(&self, iova: u64, v: &T) -> Result<()> {
+        self.write(iova, v.as_slice())
     }
 
     pub(crate) fn clear_fault(&self) {
-        self.last.replace(None);
+        let _ = self.ops.take();
     }
 
     pub(crate) fn take_fault(&self) -> Option<DmaError> {
-        self.last.take()
+        self.ops.take()
     }
-}
 
-impl Dma {
-    /// The first contiguous host fragment of `iova..iova+len`: its host
-    /// address and length (at most `len`).
+    /// The first contiguous host fragment of `iova..iova+len`.
     fn first_fragment(&self, iova: u64, len: usize, access: Access) -> Result<(*mut u8, usize)> {
-        let _ = len;
-        Err(DmaError::NotMapped { iova, access })
-    }
-
-    fn record(&self, e: DmaError) {
-        self.last.replace(Some(e));
+        let mut first = None;
+        self.ops
+            .translate_with(iova, len as u64, access, &mut |frags| {
+                first = frags.first().map(|f| (f.ptr, f.len));
+                Ok(())
+            })?;
+        first.ok_or(DmaError::NotMapped { iova, access })
     }
 }
 
 /// Iterator over the host fragments of an IOVA range, translated lazily.
 #[derive(Debug)]
 pub struct DmaSlices<'a> {
-    dma: &'a Dma,
+    dma: Dma<'a>,
     iova: u64,
     remaining: usize,
     access: Access,
@@ -144,21 +373,24 @@ impl<'a> Iterator for DmaSlices<'a> {
         if self.done || self.remaining == 0 {
             return None;
         }
-        match self.dma.first_fragment(self.iova, self.remaining, self.access) {
+        match self
+            .dma
+            .first_fragment(self.iova, self.remaining, self.access)
+        {
             Ok((ptr, n)) => {
                 let n = n.min(self.remaining);
                 self.remaining -= n;
                 self.iova = self.iova.wrapping_add(n as u64);
-                // SAFETY: `first_fragment` returned `n` bytes of host memory that
-                // stay mapped while the worker's access section lasts, which
-                // outlives every use of the `Dma` borrow `'a`; all accesses
-                // through VolatileSlice are volatile.
+                // SAFETY: iommu-core returned `n` bytes of host memory that stay
+                // mapped until the access section ends; the section outlives
+                // `'a`, the borrow every `Dma<'a>` is tied to. Accesses through
+                // VolatileSlice are volatile.
                 Some(Ok(unsafe { vm_memory::VolatileSlice::new(ptr, n) }))
             }
             Err(e) => {
                 self.done = true;
                 let addr = vm_memory::GuestAddress(self.iova);
-                self.dma.record(e);
+                self.dma.ops.record(e);
                 Some(Err(vm_memory::GuestMemoryError::InvalidGuestAddress(addr)))
             }
         }
@@ -169,7 +401,7 @@ impl std::iter::FusedIterator for DmaSlices<'_> {}
 
 impl<'a> vm_memory::guest_memory::GuestMemorySliceIterator<'a, ()> for DmaSlices<'a> {}
 
-impl vm_memory::GuestMemory for Dma {
+impl vm_memory::GuestMemory for Dma<'_> {
     type PhysicalMemory = vm_memory::GuestMemoryMmap<()>;
     type Bitmap = ();
 
@@ -179,39 +411,35 @@ impl vm_memory::GuestMemory for Dma {
         count: usize,
         access: vm_memory::Permissions,
     ) -> bool {
-        let access = match access {
-            vm_memory::Permissions::Write => Access::Write,
-            vm_memory::Permissions::ReadWrite => Access::ReadWrite,
-            vm_memory::Permissions::Read | vm_memory::Permissions::No => Access::Read,
-        };
-        self.check(addr.0, count as u64, access).is_ok()
+        match self.check(addr.0, count as u64, Access::from_vm(access)) {
+            Ok(()) => true,
+            Err(e) => {
+                self.ops.record(e);
+                false
+            }
+        }
     }
 
-    fn get_slices<'a>(
-        &'a self,
+    fn get_slices<'b>(
+        &'b self,
         addr: vm_memory::GuestAddress,
         count: usize,
         access: vm_memory::Permissions,
     ) -> vm_memory::guest_memory::Result<
-        impl vm_memory::guest_memory::GuestMemorySliceIterator<'a, vm_memory::bitmap::BS<'a, ()>>,
+        impl vm_memory::guest_memory::GuestMemorySliceIterator<'b, vm_memory::bitmap::BS<'b, ()>>,
     > {
-        let access = match access {
-            vm_memory::Permissions::Write => Access::Write,
-            vm_memory::Permissions::ReadWrite => Access::ReadWrite,
-            vm_memory::Permissions::Read | vm_memory::Permissions::No => Access::Read,
-        };
-        if addr.0.checked_add(count as u64).is_none() {
-            self.record(DmaError::Overflow {
+        if count > 0 && addr.0.checked_add(count as u64 - 1).is_none() {
+            self.ops.record(DmaError::Overflow {
                 iova: addr.0,
                 len: count as u64,
             });
             return Err(vm_memory::GuestMemoryError::GuestAddressOverflow);
         }
         Ok(DmaSlices {
-            dma: self,
+            dma: *self,
             iova: addr.0,
             remaining: count,
-            access,
+            access: Access::from_vm(access),
             done: false,
         })
     }

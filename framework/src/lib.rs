@@ -33,3 +33,18 @@ pub mod server;
 pub mod service;
 pub mod uring;
 pub mod vhost_user;
+mod worker;
+
+/// Formats an error with its chain of sources, for logs.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    // Source chains are short; bound the walk anyway.
+    for _ in 0..16 {
+        let Some(c) = cur else { break };
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -37,7 +37,9 @@ pub enum QueueError {
         source: DmaError,
     },
     /// The driver's available index ran ahead of the ring by more than the size.
-    #[error("Available index {avail} of queue {queue} is more than the queue size ahead of {next}")]
+    #[error(
+        "Available index {avail} of queue {queue} is more than the queue size ahead of {next}"
+    )]
     AvailIndex {
         /// Queue index.
         queue: u16,
@@ -213,8 +215,8 @@ impl Vring {
 /// methods.
 #[derive(Debug)]
 pub struct Queues<'a> {
-    pub(crate) vrings: &'a [(u16, &'a Mutex<Vring>)],
-    pub(crate) dma: &'a Dma,
+    pub(crate) vrings: &'a [(u16, std::sync::Arc<Mutex<Vring>>)],
+    pub(crate) dma: Dma<'a>,
 }
 
 impl<'a> Queues<'a> {
@@ -258,7 +260,7 @@ impl<'a> Queues<'a> {
     }
 
     /// The thread's DMA handle.
-    pub fn dma(&self) -> &'a Dma {
+    pub fn dma(&self) -> Dma<'a> {
         self.dma
     }
 }
@@ -268,7 +270,7 @@ impl<'a> Queues<'a> {
 pub struct Queue<'a> {
     index: u16,
     vring: MutexGuard<'a, Vring>,
-    dma: &'a Dma,
+    dma: Dma<'a>,
 }
 
 impl<'a> Queue<'a> {
@@ -284,7 +286,7 @@ impl<'a> Queue<'a> {
 
     /// The DMA handle for buffer accesses outside [`read`](Queue::read) and
     /// [`write`](Queue::write).
-    pub fn dma(&self) -> &'a Dma {
+    pub fn dma(&self) -> Dma<'a> {
         self.dma
     }
 
@@ -311,8 +313,16 @@ impl<'a> Queue<'a> {
         let event = u64::from(self.vring.q.event_idx_enabled()) * 2;
         let checks = [
             (self.vring.q.desc_table(), size * 16, Access::Read),
-            (self.vring.q.avail_ring(), 4 + size * 2 + event, Access::Read),
-            (self.vring.q.used_ring(), 4 + size * 8 + event, Access::Write),
+            (
+                self.vring.q.avail_ring(),
+                4 + size * 2 + event,
+                Access::Read,
+            ),
+            (
+                self.vring.q.used_ring(),
+                4 + size * 8 + event,
+                Access::Write,
+            ),
         ];
         for (addr, len, access) in checks {
             if let Err(e) = self.dma.check(addr, len, access) {
@@ -337,14 +347,14 @@ impl<'a> Queue<'a> {
         let queue = self.index;
         let mut truncated = true;
         let fault = {
-            let mut iter = match self.vring.q.iter(dma) {
+            let mut iter = match self.vring.q.iter(&dma) {
                 Ok(it) => it,
                 Err(virtio_queue::Error::InvalidAvailRingIndex) => {
                     let next = self.vring.q.next_avail();
                     let avail = self
                         .vring
                         .q
-                        .avail_idx(dma, std::sync::atomic::Ordering::Acquire)
+                        .avail_idx(&dma, std::sync::atomic::Ordering::Acquire)
                         .map(|w| w.0)
                         .unwrap_or(0);
                     self.vring.broken = true;
@@ -433,8 +443,11 @@ impl<'a> Queue<'a> {
                 self.index, self.vring.errors
             );
         }
-        if let Err(e) = self.vring.q.add_used(self.dma, head, 0) {
-            error!("queue {}: cannot complete bad chain {head}: {e}", self.index);
+        if let Err(e) = self.vring.q.add_used(&self.dma, head, 0) {
+            error!(
+                "queue {}: cannot complete bad chain {head}: {e}",
+                self.index
+            );
             self.vring.broken = true;
         }
     }
@@ -452,7 +465,7 @@ impl<'a> Queue<'a> {
         }
         self.dma.clear_fault();
         let dma = self.dma;
-        match self.vring.q.add_used(dma, head, len) {
+        match self.vring.q.add_used(&dma, head, len) {
             Ok(()) => Ok(()),
             Err(e) => {
                 if let Some(f) = dma.take_fault() {
@@ -470,7 +483,7 @@ impl<'a> Queue<'a> {
     /// `VRING_AVAIL_F_NO_INTERRUPT`).
     pub fn notify(&mut self) -> Result<()> {
         let dma = self.dma;
-        let needed = match self.vring.q.needs_notification(dma) {
+        let needed = match self.vring.q.needs_notification(&dma) {
             Ok(n) => n,
             // If the event index cannot be read, signalling is the safe choice.
             Err(_) => true,
@@ -496,10 +509,13 @@ impl<'a> Queue<'a> {
     /// chains became available meanwhile: process them before sleeping.
     pub fn enable_notification(&mut self) -> Result<bool> {
         let dma = self.dma;
-        self.vring.q.enable_notification(dma).map_err(|e| QueueError::Ring {
-            queue: self.index,
-            msg: e.to_string(),
-        })
+        self.vring
+            .q
+            .enable_notification(&dma)
+            .map_err(|e| QueueError::Ring {
+                queue: self.index,
+                msg: e.to_string(),
+            })
     }
 
     /// Asks the driver not to kick (the device polls).
@@ -507,7 +523,7 @@ impl<'a> Queue<'a> {
         let dma = self.dma;
         self.vring
             .q
-            .disable_notification(dma)
+            .disable_notification(&dma)
             .map_err(|e| QueueError::Ring {
                 queue: self.index,
                 msg: e.to_string(),

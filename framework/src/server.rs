@@ -1,6 +1,602 @@
-//! The server event loop (being written).
+//! The server: one backend process's event loop.
+//!
+//! A [`Server`] hosts any number of devices, each listening on its own unix
+//! socket, all sharing one iommu-core [`Iommu`] context (so devices of one
+//! process can be attached to the same IOAS). Its event loop (epoll, on the
+//! thread that calls [`Server::run`]) accepts frontends; each connection is
+//! served on a thread of its own, so a slow or hostile frontend cannot stall
+//! another device, and each running device has its worker threads.
+//!
+//! Lifecycle:
+//! - A frontend that disconnects or crashes leaves the device serving: its
+//!   workers stop, the device is reset ([`Device::reset`]), its address space
+//!   is torn down, and the next connection is accepted.
+//! - A malformed message is logged and drops that connection only.
+//! - [`ShutdownHandle::shutdown`], or SIGINT/SIGTERM once
+//!   [`Server::handle_signals`] was called, ends the loop: connections are
+//!   closed, workers joined and the socket files removed.
+//!
+//! Extra listeners ([`Server::add_listener`]) run in the same loop, for
+//! example a `/dev/iommu` service socket that needs the shared context
+//! ([`Server::iommu`]) and the hosted devices ([`Server::directory`]).
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! # fn device() -> Arc<dyn ioasis::device::Device> { unimplemented!() }
+//! let mut server = ioasis::server::Server::new();
+//! server.add_device("rng0", "/tmp/rng0.sock", device())?;
+//! server.handle_signals()?;
+//! server.run()?;
+//! # Ok::<(), ioasis::server::ServerError>(())
+//! ```
 
-/// Tags a device-owned event token for a worker's epoll set.
-pub(crate) fn worker_device_token(token: u64) -> u64 {
-    token | (1 << 63)
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, RwLock};
+use std::thread::JoinHandle;
+
+use iommu_core::{DevId, HwInfo, Iommu};
+use log::{error, info, warn};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::device::Device;
+use crate::vhost_user::conn::{Connection, Served};
+
+/// Errors of the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A device socket could not be created.
+    #[error("Binding socket {path:?} failed")]
+    Bind {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The path exists and is not a socket; it is left alone.
+    #[error("Path {0:?} exists and is not a socket")]
+    NotASocket(PathBuf),
+    /// A device label is used twice.
+    #[error("Device label {0:?} is already in use")]
+    DuplicateLabel(String),
+    /// A device's description is unusable.
+    #[error("Device {label:?} is invalid: {reason}")]
+    InvalidDevice {
+        /// The label.
+        label: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// Binding the device to the iommu context failed.
+    #[error("Binding device {label:?} to the iommu context failed")]
+    Iommu {
+        /// The label.
+        label: String,
+        /// iommu-core's error.
+        #[source]
+        source: iommu_core::Error,
+    },
+    /// An event loop system call failed.
+    #[error("Event loop {op} failed")]
+    Io {
+        /// The operation.
+        op: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Result of server operations.
+pub type Result<T> = std::result::Result<T, ServerError>;
+
+/// A hosted device as the iommu context knows it.
+#[derive(Debug, Clone)]
+pub struct DirectoryEntry {
+    /// The iommu-core device (bound to the server's context).
+    pub device: iommu_core::Device,
+    /// Its binding id in the context.
+    pub dev_id: DevId,
+    /// The socket the device listens on.
+    pub socket: PathBuf,
+}
+
+/// The hosted devices by label. Cheap to clone; shared with extra listeners.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceDirectory {
+    inner: Arc<RwLock<BTreeMap<String, DirectoryEntry>>>,
+}
+
+impl DeviceDirectory {
+    /// The device with `label`.
+    pub fn get(&self, label: &str) -> Option<DirectoryEntry> {
+        match self.inner.read() {
+            Ok(m) => m.get(label).cloned(),
+            Err(p) => p.into_inner().get(label).cloned(),
+        }
+    }
+
+    /// All labels, sorted.
+    pub fn labels(&self) -> Vec<String> {
+        match self.inner.read() {
+            Ok(m) => m.keys().cloned().collect(),
+            Err(p) => p.into_inner().keys().cloned().collect(),
+        }
+    }
+
+    fn insert(&self, label: String, e: DirectoryEntry) -> bool {
+        let mut m = match self.inner.write() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        if m.contains_key(&label) {
+            return false;
+        }
+        m.insert(label, e);
+        true
+    }
+}
+
+/// Stops a running [`Server`] from any thread.
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle {
+    event: Arc<EventFd>,
+}
+
+impl ShutdownHandle {
+    /// Asks the server to shut down; [`Server::run`] returns once it has.
+    pub fn shutdown(&self) {
+        if let Err(e) = self.event.write(1) {
+            error!("signalling shutdown: {e}");
+        }
+    }
+}
+
+/// What an extra listener does with an accepted connection.
+pub type AcceptHandler = Box<dyn FnMut(UnixStream) + Send>;
+
+struct Extra {
+    listener: UnixListener,
+    path: Option<PathBuf>,
+    on_accept: AcceptHandler,
+}
+
+struct Active {
+    stream: UnixStream,
+    handle: JoinHandle<()>,
+}
+
+struct Hosted {
+    label: String,
+    path: PathBuf,
+    listener: UnixListener,
+    served: Served,
+    active: Option<Active>,
+}
+
+/// One backend process's device server.
+pub struct Server {
+    iommu: Iommu,
+    hosted: Vec<Hosted>,
+    extra: Vec<Extra>,
+    directory: DeviceDirectory,
+    stop: Arc<EventFd>,
+    reaped: Arc<EventFd>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("devices", &self.directory.labels())
+            .field("extra_listeners", &self.extra.len())
+            .finish_non_exhaustive()
+    }
+}
+
+const TOKEN_STOP: u64 = 0;
+const TOKEN_REAP: u64 = 1;
+const TOKEN_DEVICE: u64 = 1 << 32;
+const TOKEN_EXTRA: u64 = 2 << 32;
+
+/// Global fd written by the signal handler (-1: none).
+static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(_sig: libc::c_int) {
+    let fd = SIGNAL_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; `one` is a valid 8-byte buffer
+        // and `fd` is the server's stop eventfd, kept open while installed.
+        let _ = unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    }
+}
+
+fn eventfd(op: &'static str) -> Result<EventFd> {
+    EventFd::new(EFD_NONBLOCK).map_err(|source| ServerError::Io { op, source })
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Server {
+    /// A server with a fresh iommu context.
+    pub fn new() -> Server {
+        Self::with_iommu(Iommu::new())
+    }
+
+    /// A server using an existing iommu context.
+    ///
+    /// # Panics
+    /// Only if the process cannot create two eventfds at start-up.
+    pub fn with_iommu(iommu: Iommu) -> Server {
+        let (stop, reaped) = match (eventfd("eventfd"), eventfd("eventfd")) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => panic!("cannot create the server's eventfds: {e}"),
+        };
+        Server {
+            iommu,
+            hosted: Vec::new(),
+            extra: Vec::new(),
+            directory: DeviceDirectory::default(),
+            stop: Arc::new(stop),
+            reaped: Arc::new(reaped),
+        }
+    }
+
+    /// The shared iommu context.
+    pub fn iommu(&self) -> &Iommu {
+        &self.iommu
+    }
+
+    /// The hosted devices by label.
+    pub fn directory(&self) -> DeviceDirectory {
+        self.directory.clone()
+    }
+
+    /// A handle that stops [`run`](Server::run) from another thread.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            event: self.stop.clone(),
+        }
+    }
+
+    /// Hosts `device` as `label`, listening on the unix socket `path` (a stale
+    /// socket file there is replaced). The device is bound to the shared
+    /// iommu context right away; its address space is created per connection.
+    pub fn add_device(
+        &mut self,
+        label: &str,
+        path: impl AsRef<Path>,
+        device: Arc<dyn Device>,
+    ) -> Result<()> {
+        let path = path.as_ref().to_path_buf();
+        let invalid = |reason| ServerError::InvalidDevice {
+            label: label.to_string(),
+            reason,
+        };
+        let n = device.num_queues();
+        if n == 0 || n > 64 {
+            return Err(invalid("num_queues must be in 1..=64"));
+        }
+        let max = device.max_queue_size();
+        if max == 0 || !max.is_power_of_two() || max > crate::queue::MAX_QUEUE_SIZE {
+            return Err(invalid("max_queue_size must be a power of two up to 32768"));
+        }
+        let masks = device.queues_per_thread();
+        let all = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
+        let mut seen = 0u64;
+        for m in &masks {
+            if m & seen != 0 || m & !all != 0 || *m == 0 {
+                return Err(invalid(
+                    "queues_per_thread masks must be non-empty, disjoint and within num_queues",
+                ));
+            }
+            seen |= m;
+        }
+        if seen != all {
+            return Err(invalid("queues_per_thread must cover every queue"));
+        }
+        if self.directory.get(label).is_some() {
+            return Err(ServerError::DuplicateLabel(label.to_string()));
+        }
+        let listener = bind_socket(&path)?;
+        let core = iommu_core::Device::new(label, HwInfo::default());
+        let dev_id = match self.iommu.bind(&core) {
+            Ok(id) => id,
+            Err(source) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(ServerError::Iommu {
+                    label: label.to_string(),
+                    source,
+                });
+            }
+        };
+        self.directory.insert(
+            label.to_string(),
+            DirectoryEntry {
+                device: core.clone(),
+                dev_id,
+                socket: path.clone(),
+            },
+        );
+        self.hosted.push(Hosted {
+            label: label.to_string(),
+            path,
+            listener,
+            served: Served {
+                device,
+                core,
+                dev_id,
+                iommu: self.iommu.clone(),
+            },
+            active: None,
+        });
+        Ok(())
+    }
+
+    /// Runs `on_accept` (on the event loop thread) for every connection
+    /// accepted on `listener`; it should hand the stream to a thread of its
+    /// own. `path`, if given, is removed at shutdown.
+    pub fn add_listener(
+        &mut self,
+        listener: UnixListener,
+        path: Option<PathBuf>,
+        on_accept: AcceptHandler,
+    ) -> Result<()> {
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| ServerError::Io {
+                op: "set_nonblocking",
+                source,
+            })?;
+        self.extra.push(Extra {
+            listener,
+            path,
+            on_accept,
+        });
+        Ok(())
+    }
+
+    /// Makes SIGINT and SIGTERM shut this server down cleanly. One server
+    /// per process should call this.
+    pub fn handle_signals(&mut self) -> Result<()> {
+        SIGNAL_FD.store(self.stop.as_raw_fd(), Ordering::SeqCst);
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            // SAFETY: a zeroed sigaction is a valid starting value; we set a
+            // handler that only performs async-signal-safe operations.
+            let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+            sa.sa_sigaction = on_signal as *const () as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            // SAFETY: `sa` is fully initialised and outlives the call; a null
+            // old-action pointer is allowed.
+            let rc = unsafe { libc::sigaction(sig, &sa, std::ptr::null_mut()) };
+            if rc < 0 {
+                return Err(ServerError::Io {
+                    op: "sigaction",
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the event loop until shut down.
+    pub fn run(&mut self) -> Result<()> {
+        // SAFETY: epoll_create1 has no memory-safety preconditions.
+        let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if raw < 0 {
+            return Err(ServerError::Io {
+                op: "epoll_create1",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: `raw` is a fresh fd from the kernel owned by nobody else.
+        let epoll = unsafe { OwnedFd::from_raw_fd(raw) };
+        let add = |fd: RawFd, token: u64| -> Result<()> {
+            let mut ev = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: token,
+            };
+            // SAFETY: both fds are live for the call; `ev` is a valid event.
+            let rc =
+                unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
+            if rc < 0 {
+                return Err(ServerError::Io {
+                    op: "epoll_ctl",
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            Ok(())
+        };
+        add(self.stop.as_raw_fd(), TOKEN_STOP)?;
+        add(self.reaped.as_raw_fd(), TOKEN_REAP)?;
+        for (i, h) in self.hosted.iter().enumerate() {
+            h.listener
+                .set_nonblocking(true)
+                .map_err(|source| ServerError::Io {
+                    op: "set_nonblocking",
+                    source,
+                })?;
+            add(h.listener.as_raw_fd(), TOKEN_DEVICE + i as u64)?;
+            info!("device {:?} listening on {:?}", h.label, h.path);
+        }
+        for (i, x) in self.extra.iter().enumerate() {
+            add(x.listener.as_raw_fd(), TOKEN_EXTRA + i as u64)?;
+        }
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 16];
+        'outer: loop {
+            // SAFETY: `events` is a valid buffer of 16 entries; epoll is live.
+            let n = unsafe { libc::epoll_wait(epoll.as_raw_fd(), events.as_mut_ptr(), 16, -1) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                self.shutdown_all();
+                return Err(ServerError::Io {
+                    op: "epoll_wait",
+                    source: e,
+                });
+            }
+            let n = usize::try_from(n).unwrap_or(0).min(16);
+            for ev in events.iter().take(n) {
+                let token = ev.u64;
+                if token == TOKEN_STOP {
+                    break 'outer;
+                } else if token == TOKEN_REAP {
+                    let _ = self.reaped.read();
+                    self.reap();
+                } else if token >= TOKEN_EXTRA {
+                    self.accept_extra(usize::try_from(token - TOKEN_EXTRA).unwrap_or(usize::MAX));
+                } else if token >= TOKEN_DEVICE {
+                    self.accept_device(usize::try_from(token - TOKEN_DEVICE).unwrap_or(usize::MAX));
+                }
+            }
+        }
+        info!("shutting down");
+        self.shutdown_all();
+        Ok(())
+    }
+
+    fn reap(&mut self) {
+        for h in &mut self.hosted {
+            if h.active.as_ref().is_some_and(|a| a.handle.is_finished()) {
+                if let Some(a) = h.active.take() {
+                    if a.handle.join().is_err() {
+                        error!("device {:?}: connection thread panicked", h.label);
+                    }
+                }
+            }
+        }
+    }
+
+    fn accept_extra(&mut self, i: usize) {
+        let Some(x) = self.extra.get_mut(i) else {
+            return;
+        };
+        // Bounded: a listener backlog is finite; stop at the first WouldBlock.
+        for _ in 0..64 {
+            match x.listener.accept() {
+                Ok((s, _)) => (x.on_accept)(s),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    warn!("accept on extra listener: {e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    fn accept_device(&mut self, i: usize) {
+        self.reap();
+        let reaped = self.reaped.clone();
+        let Some(h) = self.hosted.get_mut(i) else {
+            return;
+        };
+        for _ in 0..64 {
+            let stream = match h.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    warn!("device {:?}: accept: {e}", h.label);
+                    break;
+                }
+            };
+            if h.active.is_some() {
+                warn!(
+                    "device {:?}: a frontend is already connected; refusing another",
+                    h.label
+                );
+                drop(stream);
+                continue;
+            }
+            if let Err(e) = stream.set_nonblocking(false) {
+                warn!("device {:?}: {e}", h.label);
+                continue;
+            }
+            let shut = match stream.try_clone() {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!("device {:?}: cloning stream: {e}", h.label);
+                    continue;
+                }
+            };
+            let served = h.served.clone();
+            let label = h.label.clone();
+            let reaped = reaped.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("ioasis-conn-{label}"))
+                .spawn(move || {
+                    info!("device {label:?}: frontend connected");
+                    match Connection::new(served, stream) {
+                        Ok(c) => match c.serve() {
+                            Ok(()) => {
+                                info!("device {label:?}: frontend disconnected; device reset")
+                            }
+                            Err(e) => error!(
+                                "device {label:?}: dropping connection: {}",
+                                crate::error_chain(&e)
+                            ),
+                        },
+                        Err(e) => error!(
+                            "device {label:?}: setting up connection: {}",
+                            crate::error_chain(&e)
+                        ),
+                    }
+                    let _ = reaped.write(1);
+                });
+            match spawned {
+                Ok(handle) => {
+                    h.active = Some(Active {
+                        stream: shut,
+                        handle,
+                    })
+                }
+                Err(e) => error!("device {:?}: spawning connection thread: {e}", h.label),
+            }
+        }
+    }
+
+    fn shutdown_all(&mut self) {
+        for h in &mut self.hosted {
+            if let Some(a) = h.active.take() {
+                let _ = a.stream.shutdown(std::net::Shutdown::Both);
+                if a.handle.join().is_err() {
+                    error!("device {:?}: connection thread panicked", h.label);
+                }
+            }
+            if let Err(e) = std::fs::remove_file(&h.path) {
+                warn!("removing {:?}: {e}", h.path);
+            }
+        }
+        for x in &self.extra {
+            if let Some(p) = &x.path {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        let fd = self.stop.as_raw_fd();
+        let _ = SIGNAL_FD.compare_exchange(fd, -1, Ordering::SeqCst, Ordering::SeqCst);
+    }
+}
+
+fn bind_socket(path: &Path) -> Result<UnixListener> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(ServerError::NotASocket(path.to_path_buf()));
+        }
+        // A stale socket from an earlier run; replace it.
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path).map_err(|source| ServerError::Bind {
+        path: path.to_path_buf(),
+        source,
+    })
 }

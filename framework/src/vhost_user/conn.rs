@@ -1,0 +1,562 @@
+//! One frontend connection: the backend side of the vhost-user protocol.
+
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use log::{debug, error, info, warn};
+use vhost::vhost_user::message::{VhostUserConfig, VhostUserProtocolFeatures, VhostUserVringState};
+use virtio_queue::QueueT;
+use vm_memory::{ByteValued, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::iotlb::{AddressSpace, Mode};
+use super::mem::{MemTable, MAX_MEM_SLOTS};
+use super::msg::{
+    decode, recv_message, send_reply, IotlbRequest, Limits, MsgError, Request, VringFdKind,
+};
+use super::{Error, Result};
+use crate::device::Device;
+use crate::queue::Vring;
+use crate::worker::{ConnShared, WorkerSet};
+
+/// `VIRTIO_F_VERSION_1`.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// `VIRTIO_F_ACCESS_PLATFORM`: addresses are I/O virtual addresses.
+pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
+/// `VIRTIO_RING_F_INDIRECT_DESC`.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+/// `VIRTIO_RING_F_EVENT_IDX`.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+/// `VHOST_USER_F_PROTOCOL_FEATURES`.
+pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// `VIRTIO_CONFIG_S_NEEDS_RESET`.
+pub const VIRTIO_CONFIG_S_NEEDS_RESET: u8 = 0x40;
+
+/// The transport features the framework offers on top of the device's.
+pub const TRANSPORT_FEATURES: u64 = VIRTIO_F_VERSION_1
+    | VIRTIO_F_ACCESS_PLATFORM
+    | VIRTIO_RING_F_INDIRECT_DESC
+    | VIRTIO_RING_F_EVENT_IDX
+    | VHOST_USER_F_PROTOCOL_FEATURES;
+
+/// Virtio features offered for `device`.
+pub fn offered_features(device: &dyn Device) -> u64 {
+    device.features() | TRANSPORT_FEATURES
+}
+
+/// Protocol features offered for `device`.
+pub fn offered_protocol_features(device: &dyn Device) -> VhostUserProtocolFeatures {
+    let mut p = VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::STATUS;
+    if device.config_size() > 0 {
+        p |= VhostUserProtocolFeatures::CONFIG;
+    }
+    p
+}
+
+/// What a connection needs of the device it serves.
+#[derive(Clone)]
+pub(crate) struct Served {
+    pub device: Arc<dyn Device>,
+    pub core: iommu_core::Device,
+    pub dev_id: iommu_core::DevId,
+    pub iommu: iommu_core::Iommu,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct RingAddr {
+    desc: u64,
+    used: u64,
+    avail: u64,
+}
+
+/// State of one connection.
+pub(crate) struct Connection {
+    served: Served,
+    sock: UnixStream,
+    limits: Limits,
+    owner: bool,
+    features: u64,
+    protocol: u64,
+    status: u8,
+    vrings: Vec<Arc<Mutex<Vring>>>,
+    ring_addrs: Vec<Option<RingAddr>>,
+    table: MemTable,
+    space: AddressSpace,
+    shared: Arc<ConnShared>,
+    workers: Option<WorkerSet>,
+}
+
+fn lock(m: &Mutex<Vring>) -> MutexGuard<'_, Vring> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn new_vrings(n: usize, max: u16) -> Result<Vec<Arc<Mutex<Vring>>>> {
+    (0..n)
+        .map(|_| {
+            Vring::new(max)
+                .map(|v| Arc::new(Mutex::new(v)))
+                .ok_or(Error::BadDevice(
+                    "max_queue_size must be a power of two up to 32768",
+                ))
+        })
+        .collect()
+}
+
+impl Connection {
+    /// Sets up the connection state (allocating and attaching the IOAS).
+    pub fn new(served: Served, sock: UnixStream) -> Result<Connection> {
+        let n = served.device.num_queues();
+        if n == 0 || n > usize::from(crate::queue::MAX_QUEUE_SIZE) {
+            return Err(Error::BadDevice("num_queues must be in 1..=32768"));
+        }
+        let max = served.device.max_queue_size();
+        let vrings = new_vrings(n, max)?;
+        let space = AddressSpace::new(&served.iommu, served.dev_id)?;
+        Ok(Connection {
+            limits: Limits {
+                num_queues: n,
+                max_queue_size: max,
+                max_mem_slots: MAX_MEM_SLOTS,
+            },
+            served,
+            sock,
+            owner: false,
+            features: 0,
+            protocol: 0,
+            status: 0,
+            ring_addrs: vec![None; n],
+            vrings,
+            table: MemTable::default(),
+            space,
+            shared: Arc::new(ConnShared::default()),
+            workers: None,
+        })
+    }
+
+    /// Serves requests until the frontend disconnects (`Ok`) or sends
+    /// something malformed (`Err`). Either way the device is reset afterwards.
+    pub fn serve(mut self) -> Result<()> {
+        let r = self.serve_loop();
+        self.teardown();
+        r
+    }
+
+    fn serve_loop(&mut self) -> Result<()> {
+        loop {
+            let (hdr, payload, fds) = match recv_message(&self.sock) {
+                Ok(m) => m,
+                Err(MsgError::Disconnected) => return Ok(()),
+                Err(e) => return Err(Error::Msg(e)),
+            };
+            let req = decode(&hdr, &payload, fds, &self.limits).map_err(Error::Msg)?;
+            let reply_ack = self.protocol & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0;
+            let need_ack = hdr.need_reply() && reply_ack;
+            debug!("request {:?}", req_name(&req));
+            match self.handle(req) {
+                Ok(Some(reply)) => {
+                    send_reply(&self.sock, hdr.request, &reply).map_err(Error::Msg)?
+                }
+                Ok(None) => {
+                    if need_ack {
+                        send_reply(&self.sock, hdr.request, &0u64.to_ne_bytes())
+                            .map_err(Error::Msg)?;
+                    }
+                }
+                Err(e) if e.is_fatal() => return Err(e),
+                Err(e) => {
+                    error!("request {} failed: {e}", hdr.request);
+                    if need_ack {
+                        send_reply(&self.sock, hdr.request, &1u64.to_ne_bytes())
+                            .map_err(Error::Msg)?;
+                    }
+                }
+            }
+        }
+    }
+
+    fn teardown(&mut self) {
+        if let Some(w) = self.workers.take() {
+            w.stop();
+        }
+        self.served.device.reset();
+        self.shared.backend.set(None);
+        // The address space detaches and is destroyed when dropped.
+    }
+
+    fn ensure_workers(&mut self) -> Result<()> {
+        if self.workers.is_none() {
+            let w = WorkerSet::start(
+                &self.served.device,
+                &self.vrings,
+                &self.served.core,
+                &self.shared,
+            )
+            .map_err(Error::Worker)?;
+            self.workers = Some(w);
+        } else if let Some(w) = &self.workers {
+            w.wake();
+        }
+        Ok(())
+    }
+
+    fn wake_workers(&self) {
+        if let Some(w) = &self.workers {
+            w.wake();
+        }
+    }
+
+    fn vring(&self, index: u16) -> MutexGuard<'_, Vring> {
+        // Indices are validated against num_queues when decoding.
+        lock(&self.vrings[usize::from(index)])
+    }
+
+    /// Resets the device state: stops workers, forgets rings and features.
+    fn reset_device(&mut self) -> Result<()> {
+        if let Some(w) = self.workers.take() {
+            w.stop();
+        }
+        self.served.device.reset();
+        let n = self.vrings.len();
+        self.vrings = new_vrings(n, self.limits.max_queue_size)?;
+        self.ring_addrs = vec![None; n];
+        self.features = 0;
+        self.status = 0;
+        self.shared.iotlb_mode.store(false, Ordering::SeqCst);
+        self.shared.needs_reset.store(false, Ordering::SeqCst);
+        self.space.set_mode(Mode::Table, &self.table)
+    }
+
+    /// Unparks every parked queue (the address space changed) and wakes workers.
+    fn resume_parked(&self, only_covered: bool) {
+        let mut any = false;
+        for m in &self.vrings {
+            let mut v = lock(m);
+            if let Some(p) = v.parked {
+                if !only_covered || self.space.covers(p.iova) {
+                    v.parked = None;
+                    any = true;
+                }
+            }
+        }
+        if any {
+            self.wake_workers();
+        }
+    }
+
+    fn apply_ring_addr(&self, index: u16) -> Result<()> {
+        let Some(a) = self.ring_addrs[usize::from(index)] else {
+            return Ok(());
+        };
+        let (desc, used, avail) = match self.space.mode() {
+            Mode::Iotlb => (a.desc, a.used, a.avail),
+            Mode::Table => {
+                let t = |va: u64| {
+                    self.table
+                        .va_to_gpa(va)
+                        .ok_or(Error::RingAddress { index, addr: va })
+                };
+                (t(a.desc)?, t(a.used)?, t(a.avail)?)
+            }
+        };
+        let mut v = self.vring(index);
+        v.q.try_set_desc_table_address(GuestAddress(desc))
+            .and_then(|_| v.q.try_set_used_ring_address(GuestAddress(used)))
+            .and_then(|_| v.q.try_set_avail_ring_address(GuestAddress(avail)))
+            .map_err(|_| Error::RingAddress { index, addr: desc })
+    }
+
+    fn reapply_ring_addrs(&self) {
+        for i in 0..self.vrings.len() {
+            let Ok(index) = u16::try_from(i) else { break };
+            if let Err(e) = self.apply_ring_addr(index) {
+                debug!("ring address of queue {index} not resolvable yet: {e}");
+            }
+        }
+    }
+
+    fn handle(&mut self, req: Request) -> Result<Option<Vec<u8>>> {
+        let dev = self.served.device.clone();
+        match req {
+            Request::GetFeatures => Ok(Some(offered_features(&*dev).to_ne_bytes().to_vec())),
+            Request::SetFeatures(f) => {
+                let offered = offered_features(&*dev);
+                if f & !offered != 0 {
+                    return Err(Error::FeaturesNotOffered(f & !offered));
+                }
+                dev.set_features(f).map_err(Error::Device)?;
+                self.features = f;
+                let iotlb = f & VIRTIO_F_ACCESS_PLATFORM != 0;
+                self.shared.iotlb_mode.store(iotlb, Ordering::SeqCst);
+                let mode = if iotlb { Mode::Iotlb } else { Mode::Table };
+                self.space.set_mode(mode, &self.table)?;
+                let event_idx = f & VIRTIO_RING_F_EVENT_IDX != 0;
+                for m in &self.vrings {
+                    lock(m).q.set_event_idx(event_idx);
+                }
+                self.reapply_ring_addrs();
+                Ok(None)
+            }
+            Request::SetOwner => {
+                if self.owner {
+                    warn!("SET_OWNER on a connection that already has an owner");
+                }
+                self.owner = true;
+                Ok(None)
+            }
+            Request::ResetOwner => {
+                self.reset_device()?;
+                self.owner = false;
+                Ok(None)
+            }
+            Request::GetProtocolFeatures => Ok(Some(
+                offered_protocol_features(&*dev)
+                    .bits()
+                    .to_ne_bytes()
+                    .to_vec(),
+            )),
+            Request::SetProtocolFeatures(p) => {
+                let offered = offered_protocol_features(&*dev).bits();
+                if p & !offered != 0 {
+                    return Err(Error::ProtocolFeaturesNotOffered(p & !offered));
+                }
+                self.protocol = p;
+                Ok(None)
+            }
+            Request::GetQueueNum => Ok(Some((self.vrings.len() as u64).to_ne_bytes().to_vec())),
+            Request::GetMaxMemSlots => Ok(Some((MAX_MEM_SLOTS as u64).to_ne_bytes().to_vec())),
+            Request::SetMemTable(regions) => {
+                let mut mapped = Vec::with_capacity(regions.len());
+                for (d, f) in regions {
+                    mapped.push(MemTable::map_region(d, f)?);
+                }
+                self.table.replace(mapped);
+                self.space.table_replaced(&self.table)?;
+                self.reapply_ring_addrs();
+                self.resume_parked(false);
+                Ok(None)
+            }
+            Request::AddMemReg(d, f) => {
+                let r = MemTable::map_region(d, f)?;
+                self.table.add(r.clone())?;
+                self.space.region_added(&r)?;
+                self.reapply_ring_addrs();
+                self.resume_parked(false);
+                Ok(None)
+            }
+            Request::RemMemReg(d) => {
+                let r = self.table.remove(&d)?;
+                self.space.region_removed(&r)?;
+                Ok(None)
+            }
+            Request::SetVringNum { index, num } => {
+                let mut v = self.vring(index);
+                if v.started {
+                    return Err(Error::RingStarted { index });
+                }
+                v.q.try_set_size(num)
+                    .map_err(|_| Error::BadRingSize { index, num })?;
+                Ok(None)
+            }
+            Request::SetVringAddr {
+                index,
+                desc,
+                used,
+                avail,
+            } => {
+                self.ring_addrs[usize::from(index)] = Some(RingAddr { desc, used, avail });
+                self.apply_ring_addr(index)?;
+                Ok(None)
+            }
+            Request::SetVringBase { index, base } => {
+                let mut v = self.vring(index);
+                if v.started {
+                    return Err(Error::RingStarted { index });
+                }
+                v.q.set_next_avail(base);
+                v.q.set_next_used(base);
+                Ok(None)
+            }
+            Request::GetVringBase { index } => {
+                let base = {
+                    let mut v = self.vring(index);
+                    v.started = false;
+                    v.kick = None;
+                    v.parked = None;
+                    v.q.set_ready(false);
+                    v.q.next_avail()
+                };
+                let any_started = self.vrings.iter().any(|m| lock(m).started);
+                if any_started {
+                    self.wake_workers();
+                } else if let Some(w) = self.workers.take() {
+                    w.stop();
+                }
+                let s = VhostUserVringState::new(u32::from(index), u32::from(base));
+                Ok(Some(s.as_slice().to_vec()))
+            }
+            Request::SetVringFd { kind, index, fd } => {
+                // SAFETY (for each conversion below): the File owns its fd
+                // exclusively; into_raw_fd transfers that ownership to the
+                // EventFd, which closes it.
+                let efd = fd.map(|f| unsafe { EventFd::from_raw_fd(f.into_raw_fd()) });
+                match kind {
+                    VringFdKind::Kick => {
+                        let protocol = self.features & VHOST_USER_F_PROTOCOL_FEATURES != 0;
+                        {
+                            let mut v = self.vring(index);
+                            if efd.is_none() {
+                                warn!("queue {index}: started without a kick fd; it runs only when polled");
+                            }
+                            v.kick = efd;
+                            v.started = true;
+                            v.broken = false;
+                            v.q.set_ready(true);
+                            if !protocol {
+                                v.enabled = true;
+                            }
+                        }
+                        self.ensure_workers()?;
+                    }
+                    VringFdKind::Call => {
+                        self.vring(index).call = efd;
+                    }
+                    VringFdKind::Err => {
+                        self.vring(index).err = efd;
+                    }
+                }
+                Ok(None)
+            }
+            Request::SetVringEnable { index, enable } => {
+                self.vring(index).enabled = enable;
+                self.wake_workers();
+                Ok(None)
+            }
+            Request::SetBackendReqFd(fd) => {
+                self.shared.backend.set(Some(UnixStream::from(fd)));
+                Ok(None)
+            }
+            Request::Iotlb(m) => {
+                if self.space.mode() != Mode::Iotlb {
+                    return Err(Error::NotIotlbMode);
+                }
+                match m {
+                    IotlbRequest::Update {
+                        iova,
+                        size,
+                        uaddr,
+                        perm,
+                    } => {
+                        self.space.update(iova, size, uaddr, perm, &self.table)?;
+                        self.resume_parked(true);
+                    }
+                    IotlbRequest::Invalidate { iova, last } => self.space.invalidate(iova, last)?,
+                    IotlbRequest::BatchBegin | IotlbRequest::BatchEnd => {}
+                }
+                Ok(None)
+            }
+            Request::GetConfig {
+                offset,
+                size,
+                flags,
+            } => {
+                let mut buf = vec![0u8; size as usize];
+                let cs = dev.config_size();
+                if offset < cs {
+                    let n = (cs - offset).min(size) as usize;
+                    if let Err(e) = dev.read_config(offset, &mut buf[..n]) {
+                        warn!("config read at {offset:#x}+{n}: {e}");
+                    }
+                }
+                let hdr = VhostUserConfig {
+                    offset,
+                    size,
+                    flags,
+                };
+                let mut out = hdr.as_slice().to_vec();
+                out.extend_from_slice(&buf);
+                Ok(Some(out))
+            }
+            Request::SetConfig {
+                offset,
+                flags: _,
+                data,
+            } => {
+                let end = u64::from(offset) + data.len() as u64;
+                if end > u64::from(dev.config_size()) {
+                    return Err(Error::Device(crate::device::DeviceError::ConfigRange {
+                        offset,
+                        len: data.len(),
+                    }));
+                }
+                dev.write_config(offset, &data).map_err(Error::Device)?;
+                Ok(None)
+            }
+            Request::ResetDevice => {
+                self.reset_device()?;
+                Ok(None)
+            }
+            Request::SetStatus(s) => {
+                self.status = s;
+                dev.set_status(s);
+                if s == 0 {
+                    self.shared.needs_reset.store(false, Ordering::SeqCst);
+                }
+                Ok(None)
+            }
+            Request::GetStatus => {
+                let mut s = self.status;
+                if self.shared.needs_reset.load(Ordering::SeqCst) {
+                    s |= VIRTIO_CONFIG_S_NEEDS_RESET;
+                }
+                Ok(Some(u64::from(s).to_ne_bytes().to_vec()))
+            }
+            Request::SetLogBase | Request::SetLogFd => Err(Error::Unsupported("dirty logging")),
+            Request::Unsupported(r) => {
+                info!("unsupported request {r:?}");
+                Err(Error::Unsupported("request"))
+            }
+        }
+    }
+}
+
+fn req_name(r: &Request) -> &'static str {
+    match r {
+        Request::GetFeatures => "GET_FEATURES",
+        Request::SetFeatures(_) => "SET_FEATURES",
+        Request::SetOwner => "SET_OWNER",
+        Request::ResetOwner => "RESET_OWNER",
+        Request::SetMemTable(_) => "SET_MEM_TABLE",
+        Request::SetLogBase => "SET_LOG_BASE",
+        Request::SetLogFd => "SET_LOG_FD",
+        Request::SetVringNum { .. } => "SET_VRING_NUM",
+        Request::SetVringAddr { .. } => "SET_VRING_ADDR",
+        Request::SetVringBase { .. } => "SET_VRING_BASE",
+        Request::GetVringBase { .. } => "GET_VRING_BASE",
+        Request::SetVringFd { .. } => "SET_VRING_KICK/CALL/ERR",
+        Request::GetProtocolFeatures => "GET_PROTOCOL_FEATURES",
+        Request::SetProtocolFeatures(_) => "SET_PROTOCOL_FEATURES",
+        Request::GetQueueNum => "GET_QUEUE_NUM",
+        Request::SetVringEnable { .. } => "SET_VRING_ENABLE",
+        Request::SetBackendReqFd(_) => "SET_BACKEND_REQ_FD",
+        Request::Iotlb(_) => "IOTLB_MSG",
+        Request::GetConfig { .. } => "GET_CONFIG",
+        Request::SetConfig { .. } => "SET_CONFIG",
+        Request::ResetDevice => "RESET_DEVICE",
+        Request::GetMaxMemSlots => "GET_MAX_MEM_SLOTS",
+        Request::AddMemReg(..) => "ADD_MEM_REG",
+        Request::RemMemReg(_) => "REM_MEM_REG",
+        Request::SetStatus(_) => "SET_STATUS",
+        Request::GetStatus => "GET_STATUS",
+        Request::Unsupported(_) => "unsupported",
+    }
+}

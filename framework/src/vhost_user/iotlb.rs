@@ -1,0 +1,352 @@
+//! The device's I/O address space as the frontend defines it.
+//!
+//! Each connection owns one iommu-core IOAS, attached to the device's RID.
+//! Its content depends on `VIRTIO_F_ACCESS_PLATFORM`:
+//!
+//! - Without it ([`Mode::Table`]) the memory table is the address space:
+//!   every region is mapped read-write at IOVA = its guest physical address,
+//!   and kept in step with SET_MEM_TABLE, ADD_MEM_REG and REM_MEM_REG.
+//! - With it ([`Mode::Iotlb`]) the address space holds exactly the frontend's
+//!   IOTLB updates: an update maps the slice of memory-table memory behind its
+//!   frontend virtual address at its IOVA with its permission; an invalidation
+//!   unmaps every translation in its range. iommu-core unmaps whole areas only,
+//!   so an invalidation that cuts an area unmaps it and maps back the parts
+//!   outside the range. A shadow of the updates makes all of that exact.
+
+use std::collections::BTreeMap;
+
+use iommu_core::{DevId, InvalidationTicket, IoasId, Iommu, Perm};
+use log::{debug, warn};
+
+use super::mem::{MemTable, Region};
+use super::msg::{VHOST_ACCESS_RO, VHOST_ACCESS_RW, VHOST_ACCESS_WO};
+use super::{Error, Result};
+
+/// Largest number of IOTLB translations a frontend may install at once.
+pub const MAX_IOTLB_ENTRIES: usize = 1 << 16;
+
+/// How the IOAS is populated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// IOVA = guest physical address, from the memory table.
+    Table,
+    /// IOVA space from IOTLB messages.
+    Iotlb,
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    len: u64,
+    uaddr: u64,
+    perm: u8,
+    region: Region,
+    region_off: u64,
+}
+
+/// A connection's address space.
+#[derive(Debug)]
+pub(crate) struct AddressSpace {
+    iommu: Iommu,
+    dev_id: DevId,
+    ioas: IoasId,
+    mode: Mode,
+    /// Mapped areas: iova -> entry (one IOAS area each).
+    areas: BTreeMap<u64, Entry>,
+}
+
+fn perm_of(p: u8) -> Perm {
+    match p {
+        VHOST_ACCESS_RO => Perm::READ,
+        VHOST_ACCESS_WO => Perm::WRITE,
+        VHOST_ACCESS_RW => Perm::RW,
+        _ => Perm::NONE,
+    }
+}
+
+impl AddressSpace {
+    /// Allocates an IOAS and attaches the device to it.
+    pub fn new(iommu: &Iommu, dev_id: DevId) -> Result<Self> {
+        let ioas = iommu.ioas_alloc().map_err(|source| Error::Ioas {
+            op: "allocate",
+            source,
+        })?;
+        if let Err(source) = iommu.attach(dev_id, None, ioas) {
+            let _ = iommu.destroy(ioas);
+            return Err(Error::Ioas {
+                op: "attach",
+                source,
+            });
+        }
+        Ok(AddressSpace {
+            iommu: iommu.clone(),
+            dev_id,
+            ioas,
+            mode: Mode::Table,
+            areas: BTreeMap::new(),
+        })
+    }
+
+    /// The IOAS id.
+    pub fn ioas(&self) -> IoasId {
+        self.ioas
+    }
+
+    /// The current mode.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Number of mapped areas.
+    pub fn area_count(&self) -> usize {
+        self.areas.len()
+    }
+
+    /// Switches mode, rebuilding the content from `table`.
+    pub fn set_mode(&mut self, mode: Mode, table: &MemTable) -> Result<()> {
+        if mode == self.mode {
+            return Ok(());
+        }
+        self.clear()?;
+        self.mode = mode;
+        if mode == Mode::Table {
+            self.map_table(table)?;
+        }
+        Ok(())
+    }
+
+    fn map_area(&mut self, iova: u64, entry: Entry) -> Result<()> {
+        if self.areas.len() >= MAX_IOTLB_ENTRIES {
+            return Err(Error::TooManyMappings);
+        }
+        self.iommu
+            .ioas_map(
+                self.ioas,
+                &entry.region.mem,
+                entry.region_off,
+                entry.len,
+                Some(iova),
+                perm_of(entry.perm),
+            )
+            .map_err(|source| Error::Map {
+                iova,
+                len: entry.len,
+                source,
+            })?;
+        self.areas.insert(iova, entry);
+        Ok(())
+    }
+
+    fn map_table(&mut self, table: &MemTable) -> Result<()> {
+        for r in table.regions() {
+            self.map_region(r)?;
+        }
+        Ok(())
+    }
+
+    fn map_region(&mut self, r: &Region) -> Result<()> {
+        let entry = Entry {
+            len: r.desc.size,
+            uaddr: r.desc.uaddr,
+            perm: VHOST_ACCESS_RW,
+            region: r.clone(),
+            region_off: 0,
+        };
+        self.map_area(r.desc.gpa, entry)
+    }
+
+    /// Unmaps everything.
+    pub fn clear(&mut self) -> Result<()> {
+        if self.areas.is_empty() {
+            return Ok(());
+        }
+        let r = self.iommu.ioas_unmap(self.ioas, 0, u64::MAX);
+        self.areas.clear();
+        match r {
+            Ok(_) => Ok(()),
+            // Nothing left mapped is fine.
+            Err(iommu_core::Error::NotMapped { .. }) => Ok(()),
+            Err(source) => Err(Error::Unmap {
+                iova: 0,
+                len: u64::MAX,
+                source,
+            }),
+        }
+    }
+
+    /// The memory table was replaced.
+    pub fn table_replaced(&mut self, table: &MemTable) -> Result<()> {
+        match self.mode {
+            Mode::Table => {
+                self.clear()?;
+                self.map_table(table)
+            }
+            Mode::Iotlb => {
+                // Re-resolve every translation against the new table; drop
+                // those whose frontend address is gone.
+                let old: Vec<(u64, Entry)> = std::mem::take(&mut self.areas).into_iter().collect();
+                let _ = self.iommu.ioas_unmap(self.ioas, 0, u64::MAX);
+                for (iova, e) in old {
+                    if let Err(err) = self.map_update(iova, e.len, e.uaddr, e.perm, table) {
+                        debug!(
+                            "dropping translation at {iova:#x} after memory table change: {err}"
+                        );
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// A region was added to the table.
+    pub fn region_added(&mut self, r: &Region) -> Result<()> {
+        match self.mode {
+            Mode::Table => self.map_region(r),
+            Mode::Iotlb => Ok(()),
+        }
+    }
+
+    /// A region was removed from the table: nothing may reach it any more.
+    pub fn region_removed(&mut self, r: &Region) -> Result<()> {
+        let doomed: Vec<(u64, u64)> = self
+            .areas
+            .iter()
+            .filter(|(_, e)| std::sync::Arc::ptr_eq(&e.region.mem, &r.mem))
+            .map(|(iova, e)| (*iova, e.len))
+            .collect();
+        self.unmap_areas(&doomed)
+    }
+
+    fn unmap_areas(&mut self, areas: &[(u64, u64)]) -> Result<()> {
+        let mut tickets: Vec<InvalidationTicket> = Vec::with_capacity(areas.len());
+        let mut first_err = None;
+        for &(iova, len) in areas {
+            self.areas.remove(&iova);
+            match self.iommu.ioas_unmap_begin(self.ioas, iova, len) {
+                Ok((_, t)) => tickets.push(t),
+                Err(source) => {
+                    warn!("unmap of {iova:#x}+{len:#x} failed: {source}");
+                    first_err.get_or_insert(Error::Unmap { iova, len, source });
+                }
+            }
+        }
+        // Every area is gone from the IOAS; now wait until no worker can
+        // still be using a translation of one.
+        for t in tickets {
+            t.wait();
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// IOTLB update: maps `iova..iova+size` to the memory behind the
+    /// frontend address `uaddr`. Replaces whatever was mapped there.
+    pub fn update(
+        &mut self,
+        iova: u64,
+        size: u64,
+        uaddr: u64,
+        perm: u8,
+        table: &MemTable,
+    ) -> Result<()> {
+        if self.mode != Mode::Iotlb {
+            return Err(Error::NotIotlbMode);
+        }
+        // Validated at decode: size > 0 and no overflow.
+        let last = iova.saturating_add(size - 1);
+        if let Some(e) = self.areas.get(&iova) {
+            if e.len == size && e.uaddr == uaddr && e.perm == perm {
+                return Ok(());
+            }
+        }
+        self.invalidate(iova, last)?;
+        self.map_update(iova, size, uaddr, perm, table)
+    }
+
+    fn map_update(
+        &mut self,
+        iova: u64,
+        size: u64,
+        uaddr: u64,
+        perm: u8,
+        table: &MemTable,
+    ) -> Result<()> {
+        let pieces = table
+            .split_va(uaddr, size)
+            .ok_or(Error::UaddrNotInTable { uaddr, size })?;
+        let mut cur = iova;
+        for (region, off, len) in pieces {
+            let entry = Entry {
+                len,
+                uaddr: region.desc.uaddr + off,
+                perm,
+                region,
+                region_off: off,
+            };
+            self.map_area(cur, entry)?;
+            cur = cur.saturating_add(len);
+        }
+        Ok(())
+    }
+
+    /// IOTLB invalidation of `iova..=last`: afterwards no translation in the
+    /// range exists and no worker can still use one.
+    pub fn invalidate(&mut self, iova: u64, last: u64) -> Result<()> {
+        let hit: Vec<(u64, Entry)> = self
+            .areas
+            .range(..=last)
+            .rev()
+            .take_while(|(a, e)| a.saturating_add(e.len - 1) >= iova)
+            .map(|(a, e)| (*a, e.clone()))
+            .collect();
+        if hit.is_empty() {
+            return Ok(());
+        }
+        let ranges: Vec<(u64, u64)> = hit.iter().map(|(a, e)| (*a, e.len)).collect();
+        self.unmap_areas(&ranges)?;
+        // Map back the parts of cut areas outside the range.
+        for (a, e) in hit {
+            let e_last = a + (e.len - 1);
+            if a < iova {
+                let keep = iova - a;
+                let left = Entry {
+                    len: keep,
+                    ..e.clone()
+                };
+                self.map_area(a, left)?;
+            }
+            if e_last > last {
+                let skip = last + 1 - a;
+                let right = Entry {
+                    len: e_last - last,
+                    uaddr: e.uaddr + skip,
+                    region_off: e.region_off + skip,
+                    ..e.clone()
+                };
+                self.map_area(last + 1, right)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// True if `iova` is covered by a mapping.
+    pub fn covers(&self, iova: u64) -> bool {
+        self.areas
+            .range(..=iova)
+            .next_back()
+            .is_some_and(|(a, e)| iova - a < e.len)
+    }
+}
+
+impl Drop for AddressSpace {
+    fn drop(&mut self) {
+        let _ = self.clear();
+        if let Err(e) = self.iommu.detach(self.dev_id, None) {
+            debug!("detach on teardown: {e}");
+        }
+        if let Err(e) = self.iommu.destroy(self.ioas) {
+            debug!("destroying IOAS {}: {e}", self.ioas);
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! The frontend's memory table: regions of its memory, mapped here once.
+//!
+//! Each region arrives as an fd (a memfd or hugetlbfs file of QEMU or DPDK)
+//! with its guest physical address, its address in the frontend's own
+//! address space and its offset in the fd. The region is mapped into this
+//! process as an iommu-core [`Memory`], which is what IOAS areas point at.
+
+use std::fs::File;
+use std::sync::Arc;
+
+use iommu_core::Memory;
+
+use super::msg::RegionDesc;
+use super::{Error, Result};
+
+/// Memory slots the backend supports (GET_MAX_MEM_SLOTS).
+pub const MAX_MEM_SLOTS: usize = 32;
+
+/// One mapped region.
+#[derive(Debug, Clone)]
+pub(crate) struct Region {
+    pub desc: RegionDesc,
+    pub mem: Arc<Memory>,
+}
+
+/// The current memory table, sorted by guest physical address.
+#[derive(Debug, Default)]
+pub(crate) struct MemTable {
+    regions: Vec<Region>,
+}
+
+impl MemTable {
+    /// Maps a region's fd.
+    pub fn map_region(desc: RegionDesc, file: File) -> Result<Region> {
+        let len =
+            usize::try_from(desc.size).map_err(|_| Error::RegionTooLarge { size: desc.size })?;
+        let mem =
+            Memory::from_memfd(file.into(), desc.offset, len).map_err(|source| Error::Mmap {
+                gpa: desc.gpa,
+                size: desc.size,
+                source,
+            })?;
+        Ok(Region { desc, mem })
+    }
+
+    /// Replaces the whole table.
+    pub fn replace(&mut self, mut regions: Vec<Region>) {
+        regions.sort_by_key(|r| r.desc.gpa);
+        self.regions = regions;
+    }
+
+    /// Adds one region (no overlap with existing ones, within the slot limit).
+    pub fn add(&mut self, region: Region) -> Result<()> {
+        if self.regions.len() >= MAX_MEM_SLOTS {
+            return Err(Error::TooManyRegions);
+        }
+        if let Some(o) = self.regions.iter().find(|o| o.desc.overlaps(&region.desc)) {
+            return Err(Error::RegionOverlap {
+                gpa: region.desc.gpa,
+                existing: o.desc.gpa,
+            });
+        }
+        self.regions.push(region);
+        self.regions.sort_by_key(|r| r.desc.gpa);
+        Ok(())
+    }
+
+    /// Removes the region with the same guest address, frontend address and
+    /// size (the offset is not compared, as the protocol says).
+    pub fn remove(&mut self, desc: &RegionDesc) -> Result<Region> {
+        let pos = self
+            .regions
+            .iter()
+            .position(|r| {
+                r.desc.gpa == desc.gpa && r.desc.uaddr == desc.uaddr && r.desc.size == desc.size
+            })
+            .ok_or(Error::NoSuchRegion { gpa: desc.gpa })?;
+        Ok(self.regions.remove(pos))
+    }
+
+    /// All regions.
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    /// Number of regions.
+    pub fn len(&self) -> usize {
+        self.regions.len()
+    }
+
+    /// Drops every region.
+    pub fn clear(&mut self) {
+        self.regions.clear();
+    }
+
+    /// Converts a frontend virtual address to a guest physical address.
+    pub fn va_to_gpa(&self, va: u64) -> Option<u64> {
+        self.regions
+            .iter()
+            .find(|r| r.desc.uaddr <= va && va <= r.desc.uaddr_last())
+            .map(|r| r.desc.gpa + (va - r.desc.uaddr))
+    }
+
+    /// The region containing frontend virtual address `va`, and the offset of
+    /// `va` in it.
+    pub fn find_va(&self, va: u64) -> Option<(&Region, u64)> {
+        self.regions
+            .iter()
+            .find(|r| r.desc.uaddr <= va && va <= r.desc.uaddr_last())
+            .map(|r| (r, va - r.desc.uaddr))
+    }
+
+    /// Splits the frontend virtual range `va..=va+len-1` into pieces that
+    /// each lie in one region: `(region, offset in region, length)`. `None`
+    /// if some part is outside every region.
+    pub fn split_va(&self, va: u64, len: u64) -> Option<Vec<(Region, u64, u64)>> {
+        let mut out = Vec::new();
+        let mut cur = va;
+        let mut left = len;
+        // Each step consumes at least one byte of a distinct region.
+        for _ in 0..=self.regions.len() {
+            if left == 0 {
+                return Some(out);
+            }
+            let (r, off) = self.find_va(cur)?;
+            let room = r.desc.size - off;
+            let n = room.min(left);
+            out.push((r.clone(), off, n));
+            left -= n;
+            cur = cur.checked_add(n)?;
+        }
+        if left == 0 {
+            Some(out)
+        } else {
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(gpa: u64, size: u64, uaddr: u64) -> Region {
+        Region {
+            desc: RegionDesc {
+                gpa,
+                size,
+                uaddr,
+                offset: 0,
+            },
+            mem: Memory::anonymous("t", usize::try_from(size).unwrap_or(4096)).expect("memfd"),
+        }
+    }
+
+    #[test]
+    fn test_va_to_gpa_and_split() {
+        let mut t = MemTable::default();
+        t.replace(vec![
+            region(0x10_0000, 0x1000, 0x7000_1000),
+            region(0, 0x1000, 0x7000_0000),
+        ]);
+        assert_eq!(t.va_to_gpa(0x7000_0010), Some(0x10));
+        assert_eq!(t.va_to_gpa(0x7000_1010), Some(0x10_0010));
+        assert_eq!(t.va_to_gpa(0x7000_2000), None);
+        let parts = t.split_va(0x7000_0800, 0x1000).expect("covered");
+        assert_eq!(parts.len(), 2);
+        assert_eq!((parts[0].1, parts[0].2), (0x800, 0x800));
+        assert_eq!((parts[1].1, parts[1].2), (0, 0x800));
+        assert!(t.split_va(0x7000_1800, 0x1000).is_none());
+    }
+
+    #[test]
+    fn test_add_rejects_overlap_and_remove_matches() {
+        let mut t = MemTable::default();
+        t.add(region(0, 0x2000, 0x1000_0000)).expect("add");
+        assert!(matches!(
+            t.add(region(0x1000, 0x1000, 0x2000_0000)),
+            Err(Error::RegionOverlap { .. })
+        ));
+        let d = RegionDesc {
+            gpa: 0,
+            size: 0x2000,
+            uaddr: 0x1000_0000,
+            offset: 0x5000,
+        };
+        assert!(t.remove(&d).is_ok());
+        assert_eq!(t.len(), 0);
+        assert!(matches!(t.remove(&d), Err(Error::NoSuchRegion { .. })));
+    }
+}

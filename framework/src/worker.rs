@@ -1,0 +1,485 @@
+//! Worker threads: the data plane of a running device.
+//!
+//! One thread per entry of [`Device::queues_per_thread`]. Each thread has its
+//! own epoll set (its queues' kick eventfds, a control eventfd, and the
+//! device's own event sources), its own iommu-core translator (so its
+//! translation cache needs no lock), and its [`Worker`]. Every call into the
+//! worker runs inside one access section of the translator.
+//!
+//! A queue that misses a translation is parked by the queue layer; after the
+//! call the thread reports the miss to the frontend (IOTLB mode) and sleeps
+//! until the connection thread resumes it through the control eventfd, once
+//! an IOTLB update covers the address. Nothing spins and no popped chain is
+//! lost.
+
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use iommu_core::Translator;
+use log::{debug, error, warn};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::device::{Device, DeviceError, EventRegistrar, Worker};
+use crate::dma::{Dma, Section};
+use crate::queue::{Queues, Vring};
+use crate::vhost_user::backend_req::{BackendChannel, SendOutcome};
+use crate::vhost_user::msg::{VHOST_IOTLB_ACCESS_FAIL, VHOST_IOTLB_MISS};
+
+/// Token of the control eventfd in a worker's epoll set.
+const CTL_TOKEN: u64 = 1 << 62;
+/// Bit marking a device-owned token.
+const DEVICE_BIT: u64 = 1 << 63;
+/// Poll interval while a miss could not be sent yet.
+const RETRY_MS: i32 = 10;
+/// Events handled per epoll_wait.
+const MAX_EVENTS: usize = 64;
+
+/// Tags a device-owned event token.
+pub(crate) fn device_token(token: u64) -> u64 {
+    token | DEVICE_BIT
+}
+
+/// State a connection shares with its workers.
+#[derive(Debug, Default)]
+pub(crate) struct ConnShared {
+    /// Addresses are IOVAs resolved through IOTLB messages (ACCESS_PLATFORM).
+    pub iotlb_mode: AtomicBool,
+    /// The backend request channel.
+    pub backend: BackendChannel,
+    /// A worker hit an error the driver must reset the device for.
+    pub needs_reset: AtomicBool,
+}
+
+#[derive(Debug)]
+struct Ctl {
+    event: EventFd,
+    stop: AtomicBool,
+}
+
+#[derive(Debug)]
+struct Thread {
+    ctl: Arc<Ctl>,
+    handle: Option<JoinHandle<()>>,
+}
+
+/// The running worker threads of one connection.
+#[derive(Debug)]
+pub(crate) struct WorkerSet {
+    threads: Vec<Thread>,
+}
+
+/// Errors starting workers.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The device could not build a worker.
+    #[error("Device failed to build worker {thread}")]
+    Device {
+        /// Thread index.
+        thread: usize,
+        /// The device's error.
+        #[source]
+        source: DeviceError,
+    },
+    /// A system resource could not be created.
+    #[error("Creating worker {thread} failed: {op}")]
+    Io {
+        /// Thread index.
+        thread: usize,
+        /// What failed.
+        op: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl WorkerSet {
+    /// Builds one worker per thread mask and starts the threads.
+    pub fn start(
+        device: &Arc<dyn Device>,
+        vrings: &[Arc<Mutex<Vring>>],
+        core: &iommu_core::Device,
+        shared: &Arc<ConnShared>,
+    ) -> Result<WorkerSet, WorkerError> {
+        let masks = device.queues_per_thread();
+        let busy = device.busy_poll();
+        let mut set = WorkerSet {
+            threads: Vec::with_capacity(masks.len()),
+        };
+        for (thread, mask) in masks.iter().enumerate() {
+            let mine: Vec<(u16, Arc<Mutex<Vring>>)> = vrings
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i < 64 && mask & (1u64 << i) != 0)
+                .filter_map(|(i, v)| u16::try_from(i).ok().map(|i| (i, v.clone())))
+                .collect();
+            let worker = device
+                .worker(thread)
+                .map_err(|source| WorkerError::Device { thread, source })?;
+            let event = EventFd::new(EFD_NONBLOCK).map_err(|source| WorkerError::Io {
+                thread,
+                op: "eventfd",
+                source,
+            })?;
+            let ctl = Arc::new(Ctl {
+                event,
+                stop: AtomicBool::new(false),
+            });
+            let mut runner = Runner {
+                thread,
+                worker,
+                vrings: mine,
+                translator: core.translator(),
+                ctl: ctl.clone(),
+                shared: shared.clone(),
+                busy,
+                kicks: Vec::new(),
+                pending_report: false,
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("ioasis-worker-{thread}"))
+                .spawn(move || runner.run())
+                .map_err(|source| WorkerError::Io {
+                    thread,
+                    op: "spawn",
+                    source,
+                })?;
+            set.threads.push(Thread {
+                ctl,
+                handle: Some(handle),
+            });
+        }
+        Ok(set)
+    }
+
+    /// Wakes every worker: re-read kick fds and process every serving queue
+    /// (used after ring changes and to resume parked queues).
+    pub fn wake(&self) {
+        for t in &self.threads {
+            if let Err(e) = t.ctl.event.write(1) {
+                warn!("waking worker: {e}");
+            }
+        }
+    }
+
+    /// Stops and joins every worker thread.
+    pub fn stop(mut self) {
+        self.stop_all();
+    }
+
+    fn stop_all(&mut self) {
+        for t in &self.threads {
+            t.ctl.stop.store(true, Ordering::SeqCst);
+            let _ = t.ctl.event.write(1);
+        }
+        for t in &mut self.threads {
+            if let Some(h) = t.handle.take() {
+                if h.join().is_err() {
+                    error!("a worker thread panicked");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for WorkerSet {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+struct Runner {
+    thread: usize,
+    worker: Box<dyn Worker>,
+    vrings: Vec<(u16, Arc<Mutex<Vring>>)>,
+    translator: Translator,
+    ctl: Arc<Ctl>,
+    shared: Arc<ConnShared>,
+    busy: Option<Duration>,
+    /// Our clones of the kick fds, registered in epoll.
+    kicks: Vec<(u16, EventFd)>,
+    pending_report: bool,
+}
+
+fn lock(m: &Mutex<Vring>) -> std::sync::MutexGuard<'_, Vring> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn epoll_ctl(epoll: &OwnedFd, op: i32, fd: i32, token: u64) -> std::io::Result<()> {
+    let mut ev = libc::epoll_event {
+        events: libc::EPOLLIN as u32,
+        u64: token,
+    };
+    // SAFETY: `epoll` is a live epoll fd, `fd` is a live fd owned by the
+    // caller for the duration of the call, and `ev` is a valid epoll_event.
+    let rc = unsafe { libc::epoll_ctl(epoll.as_raw_fd(), op, fd, &mut ev) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Runner {
+    fn run(&mut self) {
+        // SAFETY: epoll_create1 has no memory-safety preconditions.
+        let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if raw < 0 {
+            error!(
+                "worker {}: epoll_create1: {}",
+                self.thread,
+                std::io::Error::last_os_error()
+            );
+            return;
+        }
+        // SAFETY: `raw` is a new fd returned by the kernel that nothing else owns.
+        let epoll = unsafe { OwnedFd::from_raw_fd(raw) };
+        if let Err(e) = epoll_ctl(
+            &epoll,
+            libc::EPOLL_CTL_ADD,
+            self.ctl.event.as_raw_fd(),
+            CTL_TOKEN,
+        ) {
+            error!("worker {}: registering control eventfd: {e}", self.thread);
+            return;
+        }
+        {
+            let mut reg = EventRegistrar {
+                epoll: epoll.as_fd(),
+                thread: self.thread,
+            };
+            if let Err(e) = self.worker.init(&mut reg) {
+                error!("worker {}: init failed: {e}", self.thread);
+                self.shared.needs_reset.store(true, Ordering::SeqCst);
+            }
+        }
+        self.sync_kicks(&epoll);
+        self.process_all();
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS];
+        let mut poll_until: Option<Instant> = None;
+        loop {
+            if self.ctl.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let now = Instant::now();
+            let timeout = if poll_until.is_some_and(|t| now < t) {
+                0
+            } else if self.pending_report {
+                RETRY_MS
+            } else {
+                -1
+            };
+            // SAFETY: `events` is a valid buffer of MAX_EVENTS entries and the
+            // epoll fd is live.
+            let n = unsafe {
+                libc::epoll_wait(
+                    epoll.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    MAX_EVENTS as i32,
+                    timeout,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                error!("worker {}: epoll_wait: {e}", self.thread);
+                break;
+            }
+            let n = usize::try_from(n).unwrap_or(0).min(MAX_EVENTS);
+            if n == 0 && poll_until.is_some() {
+                // Busy-poll window: look at every queue and the device hook.
+                self.process_all();
+                self.poll_device();
+            }
+            for ev in events.iter().take(n) {
+                let token = ev.u64;
+                if token == CTL_TOKEN {
+                    let _ = self.ctl.event.read();
+                    if self.ctl.stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    self.sync_kicks(&epoll);
+                    self.process_all();
+                } else if token & DEVICE_BIT != 0 {
+                    self.handle_device_event(token & !DEVICE_BIT);
+                } else if let Ok(index) = u16::try_from(token) {
+                    if let Some((_, k)) = self.kicks.iter().find(|(i, _)| *i == index) {
+                        // Readable, so the counter is non-zero: this does not block.
+                        let _ = k.read();
+                    }
+                    self.process(index);
+                }
+            }
+            if n > 0 {
+                poll_until = self.busy.map(|d| Instant::now() + d);
+            }
+            self.report();
+        }
+    }
+
+    fn sync_kicks(&mut self, epoll: &OwnedFd) {
+        for (_, k) in self.kicks.drain(..) {
+            // Best effort: the fd is ours, so it is still registered.
+            let _ = epoll_ctl(epoll, libc::EPOLL_CTL_DEL, k.as_raw_fd(), 0);
+        }
+        for (index, m) in &self.vrings {
+            let v = lock(m);
+            if !v.started {
+                continue;
+            }
+            let Some(kick) = &v.kick else { continue };
+            match kick.try_clone() {
+                Ok(k) => {
+                    if let Err(e) =
+                        epoll_ctl(epoll, libc::EPOLL_CTL_ADD, k.as_raw_fd(), u64::from(*index))
+                    {
+                        error!(
+                            "worker {}: watching kick of queue {index}: {e}",
+                            self.thread
+                        );
+                        continue;
+                    }
+                    self.kicks.push((*index, k));
+                }
+                Err(e) => error!("worker {}: cloning kick of queue {index}: {e}", self.thread),
+            }
+        }
+    }
+
+    fn process_all(&mut self) {
+        for i in 0..self.vrings.len() {
+            let index = self.vrings[i].0;
+            let serving = lock(&self.vrings[i].1).serving();
+            if serving {
+                self.process(index);
+            }
+        }
+    }
+
+    fn process(&mut self, index: u16) {
+        let r = {
+            let section = Section::new(&mut self.translator, None);
+            let mut queues = Queues {
+                vrings: &self.vrings,
+                dma: Dma::from_section(&section),
+            };
+            self.worker.process_queue(index, &mut queues)
+        };
+        self.after(r);
+    }
+
+    fn handle_device_event(&mut self, token: u64) {
+        let r = {
+            let section = Section::new(&mut self.translator, None);
+            let mut queues = Queues {
+                vrings: &self.vrings,
+                dma: Dma::from_section(&section),
+            };
+            self.worker.handle_event(token, &mut queues)
+        };
+        self.after(r);
+    }
+
+    fn poll_device(&mut self) {
+        let r = {
+            let section = Section::new(&mut self.translator, None);
+            let mut queues = Queues {
+                vrings: &self.vrings,
+                dma: Dma::from_section(&section),
+            };
+            self.worker.poll(&mut queues).map(|_| ())
+        };
+        self.after(r);
+    }
+
+    fn after(&mut self, r: Result<(), DeviceError>) {
+        let Err(e) = r else { return };
+        if e.is_translation_miss() {
+            debug!("worker {}: parked on a translation miss: {e}", self.thread);
+            return;
+        }
+        if let Some((iova, access)) = e.dma_error().and_then(|d| d.denied_address()) {
+            if self.shared.iotlb_mode.load(Ordering::SeqCst) {
+                if let Err(err) =
+                    self.shared
+                        .backend
+                        .send_iotlb(VHOST_IOTLB_ACCESS_FAIL, iova, access)
+                {
+                    warn!("worker {}: sending access failure: {err}", self.thread);
+                }
+            }
+        }
+        error!("worker {}: {e}", self.thread);
+        if e.needs_reset() {
+            self.shared.needs_reset.store(true, Ordering::SeqCst);
+        }
+        for (index, m) in &self.vrings {
+            let v = lock(m);
+            if v.broken {
+                if let Some(err) = &v.err {
+                    if let Err(we) = err.write(1) {
+                        warn!("queue {index}: signalling error fd: {we}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reports unreported misses of parked queues.
+    fn report(&mut self) {
+        self.pending_report = false;
+        let iotlb = self.shared.iotlb_mode.load(Ordering::SeqCst);
+        for (index, m) in &self.vrings {
+            let mut v = lock(m);
+            let Some(mut p) = v.parked else { continue };
+            if p.reported {
+                continue;
+            }
+            if !iotlb {
+                // Without an IOMMU every valid address is in the memory table:
+                // the driver gave an address that does not exist.
+                error!(
+                    "queue {index}: address {:#x} is outside guest memory; stopping the queue",
+                    p.iova
+                );
+                v.parked = None;
+                v.broken = true;
+                self.shared.needs_reset.store(true, Ordering::SeqCst);
+                if let Some(err) = &v.err {
+                    let _ = err.write(1);
+                }
+                continue;
+            }
+            match self
+                .shared
+                .backend
+                .send_iotlb(VHOST_IOTLB_MISS, p.iova, p.access)
+            {
+                Ok(SendOutcome::Sent) => {
+                    debug!("queue {index}: IOTLB miss sent for {:#x}", p.iova);
+                    p.reported = true;
+                }
+                Ok(SendOutcome::WouldBlock) => self.pending_report = true,
+                Ok(SendOutcome::NoChannel) => {
+                    warn!(
+                        "queue {index}: IOTLB miss at {:#x} but the frontend set no backend channel; waiting for an update",
+                        p.iova
+                    );
+                    p.reported = true;
+                }
+                Err(e) => {
+                    error!("queue {index}: sending IOTLB miss: {e}");
+                    p.reported = true;
+                }
+            }
+            v.parked = Some(p);
+        }
+    }
+}
