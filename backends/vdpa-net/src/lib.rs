@@ -6,10 +6,16 @@
 //! - [`port`]: where frames go: a tap, an in-process L2 switch, a sink or a
 //!   reflector, each batched and allocation-free on the packet path.
 //! - [`stats`]: per-device and per-queue counters and their JSON lines.
+//! - [`vhu_net`]: the glue onto the framework's device trait: queue pairs,
+//!   bursts, mergeable receive buffers, notification suppression.
 //!
 //! A frontend (QEMU, DPDK virtio-user) drives the device's virtqueues; the
 //! device moves frames between them and the port in bursts.
 
+pub mod cli;
 pub mod net;
 pub mod port;
 pub mod stats;
+pub mod vhu_net;
+
+pub use vhu_net::{NetConfig, VhostUserNetBackend};

@@ -1,1 +1,156 @@
-fn main() {}
+//! `vdpa-net`: serves virtio-net devices over vhost-user (see `--help`).
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{error, info};
+use vdpa_net::cli::{self, USAGE};
+use vdpa_net::stats::{json_line, DeviceStats};
+use vdpa_net::VhostUserNetBackend;
+
+mod serve;
+
+/// SIGINT and SIGTERM, blocked in every thread and taken synchronously by main.
+fn signal_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is a plain C struct; sigemptyset initialises it below.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a live sigset_t.
+    unsafe { libc::sigemptyset(&mut set) };
+    for s in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: `set` is a live, initialised sigset_t and `s` a valid signal.
+        unsafe { libc::sigaddset(&mut set, s) };
+    }
+    set
+}
+
+fn block_signals(set: &libc::sigset_t) {
+    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, set, std::ptr::null_mut()) };
+}
+
+/// Waits up to `timeout` (forever if None) for SIGINT/SIGTERM; true if one came.
+fn wait_signal(set: &libc::sigset_t, timeout: Option<Duration>) -> bool {
+    let r = match timeout {
+        Some(t) => {
+            let ts = libc::timespec {
+                tv_sec: t.as_secs() as libc::time_t,
+                tv_nsec: t.subsec_nanos() as libc::c_long,
+            };
+            // SAFETY: `set` and `ts` are live; a null siginfo pointer is allowed.
+            unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) }
+        }
+        None => {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` and `sig` are live for the call.
+            let r = unsafe { libc::sigwait(set, &mut sig) };
+            if r == 0 {
+                sig
+            } else {
+                -1
+            }
+        }
+    };
+    r > 0
+}
+
+fn print_stats(stats: &[Arc<DeviceStats>], start: Instant, final_line: bool) {
+    let refs: Vec<&DeviceStats> = stats.iter().map(|s| s.as_ref()).collect();
+    let line = json_line(&refs, start.elapsed().as_secs_f64(), final_line);
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .target(env_logger::Target::Stderr)
+        .init();
+    let opts = match cli::parse(std::env::args().skip(1)) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("vdpa-net: {e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    if opts.help {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let set = signal_set();
+    // Before any thread exists, so every thread inherits the mask.
+    block_signals(&set);
+
+    let mut backends = Vec::with_capacity(opts.devices.len());
+    for d in &opts.devices {
+        match VhostUserNetBackend::new(d) {
+            Ok(b) => {
+                info!(
+                    "device {}: port {}, {} queue pair(s), mac {}",
+                    d.socket,
+                    d.port,
+                    b.pairs(),
+                    vdpa_net::net::format_mac(&d.mac)
+                );
+                backends.push(Arc::new(b));
+            }
+            Err(e) => {
+                error!("device {}: {e}", d.socket);
+                eprintln!("vdpa-net: device {}: {}", d.socket, error_chain(&e));
+                return ExitCode::from(1);
+            }
+        }
+    }
+    let stats: Vec<Arc<DeviceStats>> = backends.iter().map(|b| b.stats()).collect();
+    let sockets: Vec<String> = opts.devices.iter().map(|d| d.socket.clone()).collect();
+    let server = match serve::start(&sockets, &backends) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vdpa-net: {e}");
+            for s in &sockets {
+                let _ = std::fs::remove_file(s);
+            }
+            return ExitCode::from(1);
+        }
+    };
+
+    let start = Instant::now();
+    let interval =
+        (opts.stats_interval > 0.0).then(|| Duration::from_secs_f64(opts.stats_interval));
+    let mut next = interval.map(|i| start + i);
+    loop {
+        let timeout = next.map(|n| n.saturating_duration_since(Instant::now()));
+        if wait_signal(&set, timeout) {
+            break;
+        }
+        if let (Some(n), Some(i)) = (next.as_mut(), interval) {
+            if Instant::now() >= *n {
+                print_stats(&stats, start, false);
+                *n += i;
+                // Do not try to catch up after a stall.
+                if *n < Instant::now() {
+                    *n = Instant::now() + i;
+                }
+            }
+        }
+    }
+    info!("signal received, shutting down");
+    server.stop();
+    for s in &sockets {
+        let _ = std::fs::remove_file(s);
+    }
+    print_stats(&stats, start, true);
+    ExitCode::SUCCESS
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}

@@ -422,7 +422,7 @@ pub fn set_num_buffers(hdr: &mut [u8], n: u16) {
 
 /// The virtio-net config space (`struct virtio_net_config`), the part we fill.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NetConfig {
+pub struct VirtioNetConfig {
     /// `mac`.
     pub mac: MacAddr,
     /// `status`: VIRTIO_NET_S_LINK_UP.
@@ -436,7 +436,7 @@ pub struct NetConfig {
 /// Size of the config space we expose: mac, status, max_virtqueue_pairs, mtu.
 pub const NET_CONFIG_LEN: usize = 12;
 
-impl NetConfig {
+impl VirtioNetConfig {
     /// Encodes the config space (little endian, VERSION_1 layout).
     pub fn bytes(&self) -> [u8; NET_CONFIG_LEN] {
         let mut b = [0u8; NET_CONFIG_LEN];
@@ -688,8 +688,8 @@ impl NetDevice {
     }
 
     /// The config space as it reads now.
-    pub fn config(&self) -> NetConfig {
-        NetConfig {
+    pub fn config(&self) -> VirtioNetConfig {
+        VirtioNetConfig {
             mac: self.filter.mac,
             status: if self.link_up {
                 VIRTIO_NET_S_LINK_UP

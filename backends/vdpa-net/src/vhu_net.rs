@@ -1,0 +1,963 @@
+//! The vhost-user glue: the virtio-net device on the framework's device trait.
+//!
+//! Queue layout (VIRTIO net): queue `2i` receives for pair `i` (device to
+//! driver), queue `2i+1` transmits (driver to device), the control queue comes
+//! last. Each queue pair is served by its own worker thread, which owns that
+//! pair's port endpoint while the device runs and gives it back when the
+//! frontend stops or disconnects; the control queue rides on thread 0.
+//!
+//! Transmit: pop up to a burst of chains, copy each into a reused packet
+//! buffer (12-byte header first), complete the heads, hand the batch to the
+//! port, notify once. Receive: take frames from the port as long as the
+//! receive queue has buffers, merging buffers with VIRTIO_NET_F_MRG_RXBUF;
+//! chains popped for a frame that then does not fit stay with the worker for
+//! the next frame, so no head is ever lost or completed twice. When the driver
+//! has no receive buffers the port's readiness is switched off until the
+//! driver kicks the receive queue.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use ioasis::device::{
+    Chain, Device, DeviceError, EventRegistrar, Interest, Queue, QueueError, Queues, Result, Worker,
+};
+use log::{debug, info, warn};
+
+use crate::net::{
+    self, Features, MacAddr, NetDevice, RxFilter, VnetHdr, NET_CONFIG_LEN, VIRTIO_NET_ERR,
+    VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_OK, VNET_HDR_LEN,
+};
+use crate::port::{PacketBuf, Port, PortSpec, TapIo, MAX_FRAME_LEN};
+use crate::stats::DeviceStats;
+
+/// VIRTIO_ID_NET.
+pub const VIRTIO_ID_NET: u32 = 1;
+/// Largest queue size offered.
+pub const QUEUE_SIZE: u16 = 1024;
+/// Chains taken from a transmit queue, and frames from a port, per burst.
+pub const BURST: usize = 64;
+/// Bursts one receive pass may move before it yields to other queues.
+const RX_BURSTS_PER_PASS: usize = 16;
+/// Most receive buffers one frame may be merged over (`num_buffers` is a u16,
+/// and no real driver needs more for a 64 KiB frame).
+pub const MAX_MERGED_BUFFERS: usize = 256;
+/// Largest control command accepted.
+const MAX_CTRL_LEN: usize = net::MAX_CTRL_PAYLOAD + 2;
+/// Token of a worker's port readiness in the framework's event loop.
+const PORT_TOKEN: u64 = 1;
+
+/// Configuration of one virtio-net device.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// Unix socket path the device listens on.
+    pub socket: String,
+    /// Where frames go.
+    pub port: PortSpec,
+    /// Queue pairs (1..=8).
+    pub queues: u16,
+    /// MAC address in the config space.
+    pub mac: MacAddr,
+    /// Busy-poll window of idle workers, in microseconds (0: none).
+    pub poll_us: u64,
+    /// How tap ports do their I/O.
+    pub tap_io: TapIo,
+}
+
+/// State shared by the control plane and the workers of one device.
+#[derive(Debug)]
+struct Shared {
+    net: Mutex<NetDevice>,
+    /// Bumped whenever the receive filter changes; workers re-read it then.
+    filter_gen: AtomicU64,
+    /// Port endpoints, one per pair, parked here while no worker runs.
+    ports: Vec<Mutex<Option<Box<dyn Port>>>>,
+    stats: Arc<DeviceStats>,
+    poll: Option<Duration>,
+    label: String,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The virtio-net device as the framework sees it.
+#[derive(Debug)]
+pub struct VhostUserNetBackend {
+    shared: Arc<Shared>,
+}
+
+impl VhostUserNetBackend {
+    /// Opens the ports of a device; the device then waits for a frontend.
+    pub fn new(cfg: &NetConfig) -> std::result::Result<VhostUserNetBackend, crate::port::Error> {
+        let pairs = cfg.queues.clamp(1, net::MAX_QUEUE_PAIRS);
+        let ports = cfg.port.open(pairs, cfg.mac, cfg.tap_io)?;
+        let offloads = ports[0].offloads();
+        let mtu = ports[0].mtu();
+        let stats = Arc::new(DeviceStats::new(
+            &cfg.socket,
+            &cfg.port.to_string(),
+            pairs as usize,
+        ));
+        let shared = Shared {
+            net: Mutex::new(NetDevice::new(cfg.mac, pairs, offloads, mtu)),
+            filter_gen: AtomicU64::new(0),
+            ports: ports.into_iter().map(|p| Mutex::new(Some(p))).collect(),
+            stats,
+            poll: (cfg.poll_us > 0).then(|| Duration::from_micros(cfg.poll_us)),
+            label: cfg.socket.clone(),
+        };
+        Ok(VhostUserNetBackend {
+            shared: Arc::new(shared),
+        })
+    }
+
+    /// The device's counters.
+    pub fn stats(&self) -> Arc<DeviceStats> {
+        self.shared.stats.clone()
+    }
+
+    /// The number of queue pairs.
+    pub fn pairs(&self) -> u16 {
+        lock(&self.shared.net).max_pairs
+    }
+}
+
+impl Device for VhostUserNetBackend {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn features(&self) -> u64 {
+        lock(&self.shared.net).offered
+    }
+
+    fn num_queues(&self) -> usize {
+        lock(&self.shared.net).num_queues()
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        QUEUE_SIZE
+    }
+
+    fn worker(&self, thread: usize) -> Result<Box<dyn Worker>> {
+        let (features, pairs) = {
+            let n = lock(&self.shared.net);
+            (n.acked, n.max_pairs)
+        };
+        let pair = thread.min(pairs as usize - 1);
+        let Some(mut port) = lock(&self.shared.ports[pair]).take() else {
+            return Err(DeviceError::Other(format!(
+                "port of queue pair {pair} is already in use"
+            )));
+        };
+        if let Err(e) = port.set_guest_offloads(features.tun_offloads()) {
+            warn!("{}: {e}", self.shared.label);
+        }
+        let ctrl = (thread == 0 && features.has(net::VIRTIO_NET_F_CTRL_VQ)).then_some(2 * pairs);
+        Ok(Box::new(NetWorker::new(
+            self.shared.clone(),
+            pair,
+            port,
+            features,
+            ctrl,
+        )))
+    }
+
+    fn config_size(&self) -> u32 {
+        NET_CONFIG_LEN as u32
+    }
+
+    fn read_config(&self, offset: u32, data: &mut [u8]) -> Result<()> {
+        let c = lock(&self.shared.net)
+            .config()
+            .read(offset, data.len() as u32);
+        data.copy_from_slice(&c[..data.len().min(c.len())]);
+        Ok(())
+    }
+
+    fn write_config(&self, offset: u32, data: &[u8]) -> Result<()> {
+        lock(&self.shared.net).write_config(offset, data);
+        self.shared.filter_gen.fetch_add(1, Ordering::Release);
+        Ok(())
+    }
+
+    fn set_features(&self, features: u64) -> Result<()> {
+        let mut n = lock(&self.shared.net);
+        n.set_features(features);
+        debug!("{}: features acked {:#x}", self.shared.label, n.acked.0);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        let pairs = lock(&self.shared.net).max_pairs as u32;
+        (0..pairs)
+            .map(|i| {
+                let mut m = (1u64 << (2 * i)) | (1u64 << (2 * i + 1));
+                if i == 0 {
+                    m |= 1u64 << (2 * pairs);
+                }
+                m
+            })
+            .collect()
+    }
+
+    fn busy_poll(&self) -> Option<Duration> {
+        self.shared.poll
+    }
+
+    fn reset(&self) {
+        lock(&self.shared.net).reset();
+        self.shared.filter_gen.fetch_add(1, Ordering::Release);
+        info!("{}: device reset", self.shared.label);
+    }
+}
+
+/// Level-triggered readiness of the port that can be switched off while the
+/// driver has no receive buffers.
+///
+/// The framework's event registrar is only available in `Worker::init`, so
+/// the port fd lives in a private epoll set that is itself registered once;
+/// switching the port's interest in the private set gates the outer event.
+/// (A `Worker` method that receives the registrar would make this go away.)
+#[derive(Debug)]
+struct RxGate {
+    epoll: OwnedFd,
+    port_fd: i32,
+    armed: bool,
+}
+
+impl RxGate {
+    fn new(port_fd: BorrowedFd<'_>) -> std::io::Result<RxGate> {
+        // SAFETY: epoll_create1 takes no pointers; the result is checked.
+        let e = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if e < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `e` is a fresh descriptor nobody else owns.
+        let epoll = unsafe { OwnedFd::from_raw_fd(e) };
+        let gate = RxGate {
+            epoll,
+            port_fd: port_fd.as_raw_fd(),
+            armed: true,
+        };
+        gate.ctl(libc::EPOLL_CTL_ADD, libc::EPOLLIN as u32)?;
+        Ok(gate)
+    }
+
+    fn ctl(&self, op: i32, events: u32) -> std::io::Result<()> {
+        let mut ev = libc::epoll_event { events, u64: 0 };
+        // SAFETY: both fds are open (the port fd is owned by the worker, which
+        // owns this gate too) and `ev` is a live epoll_event.
+        let r = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, self.port_fd, &mut ev) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn set(&mut self, on: bool) {
+        if on != self.armed {
+            let events = if on { libc::EPOLLIN as u32 } else { 0 };
+            if let Err(e) = self.ctl(libc::EPOLL_CTL_MOD, events) {
+                warn!("port readiness switch failed: {e}");
+                return;
+            }
+            self.armed = on;
+        }
+    }
+}
+
+/// Why receiving stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RxStop {
+    /// The port had nothing more (or the burst was full).
+    Port,
+    /// The driver has no receive buffers.
+    NoBuffers,
+}
+
+/// What the engine needs to know of a popped chain.
+pub(crate) trait ChainInfo: Default {
+    fn head(&self) -> u16;
+    fn readable_len(&self) -> u64;
+    fn writable_len(&self) -> u64;
+}
+
+impl ChainInfo for Chain {
+    fn head(&self) -> u16 {
+        Chain::head(self)
+    }
+    fn readable_len(&self) -> u64 {
+        Chain::readable_len(self)
+    }
+    fn writable_len(&self) -> u64 {
+        Chain::writable_len(self)
+    }
+}
+
+/// The queue operations the engine uses: the framework's [`Queue`] in the
+/// daemon, an in-memory ring in the unit tests. The contract is the
+/// framework's: `pop` completes a malformed chain itself (length 0) and
+/// reports [`QueueError::BadChain`]; any other error stops the queue.
+pub(crate) trait Ring {
+    type C: ChainInfo;
+    fn pop(&mut self, c: &mut Self::C) -> std::result::Result<bool, QueueError>;
+    fn read(
+        &mut self,
+        c: &Self::C,
+        off: u64,
+        buf: &mut [u8],
+    ) -> std::result::Result<usize, QueueError>;
+    fn write(
+        &mut self,
+        c: &Self::C,
+        off: u64,
+        data: &[u8],
+    ) -> std::result::Result<usize, QueueError>;
+    fn add_used(&mut self, head: u16, len: u32) -> std::result::Result<(), QueueError>;
+    fn notify(&mut self) -> std::result::Result<(), QueueError>;
+    fn enable_notification(&mut self) -> std::result::Result<bool, QueueError>;
+    fn disable_notification(&mut self) -> std::result::Result<(), QueueError>;
+}
+
+impl Ring for Queue<'_> {
+    type C = Chain;
+    fn pop(&mut self, c: &mut Chain) -> std::result::Result<bool, QueueError> {
+        Queue::pop(self, c)
+    }
+    fn read(
+        &mut self,
+        c: &Chain,
+        off: u64,
+        buf: &mut [u8],
+    ) -> std::result::Result<usize, QueueError> {
+        Queue::read(self, c, off, buf)
+    }
+    fn write(
+        &mut self,
+        c: &Chain,
+        off: u64,
+        data: &[u8],
+    ) -> std::result::Result<usize, QueueError> {
+        Queue::write(self, c, off, data)
+    }
+    fn add_used(&mut self, head: u16, len: u32) -> std::result::Result<(), QueueError> {
+        Queue::add_used(self, head, len)
+    }
+    fn notify(&mut self) -> std::result::Result<(), QueueError> {
+        Queue::notify(self)
+    }
+    fn enable_notification(&mut self) -> std::result::Result<bool, QueueError> {
+        Queue::enable_notification(self)
+    }
+    fn disable_notification(&mut self) -> std::result::Result<(), QueueError> {
+        Queue::disable_notification(self)
+    }
+}
+
+/// Where a receive frame's bytes come from: the header (possibly rewritten)
+/// and the frame proper, written as one virtual buffer.
+struct RxParts<'a> {
+    hdr: &'a [u8],
+    frame: &'a [u8],
+}
+
+impl RxParts<'_> {
+    /// Writes virtual bytes `start..start+len` into `chain` from offset 0.
+    fn write_into<R: Ring>(
+        &self,
+        q: &mut R,
+        chain: &R::C,
+        start: usize,
+        len: usize,
+    ) -> std::result::Result<(), QueueError> {
+        let end = start + len;
+        let mut off = 0u64;
+        if start < self.hdr.len() {
+            let h = &self.hdr[start..end.min(self.hdr.len())];
+            off += q.write(chain, 0, h)? as u64;
+        }
+        let fs = start.max(self.hdr.len()) - self.hdr.len();
+        let fe = end.saturating_sub(self.hdr.len());
+        if fe > fs {
+            q.write(chain, off, &self.frame[fs..fe])?;
+        }
+        Ok(())
+    }
+}
+
+/// The packet engine of one queue pair: everything but event plumbing.
+pub(crate) struct PairEngine<C> {
+    pair: usize,
+    label: String,
+    stats: Arc<DeviceStats>,
+    features: Features,
+    hdr_len: usize,
+    pub(crate) filter: RxFilter,
+    tx_bufs: Vec<PacketBuf>,
+    tx_heads: Vec<u16>,
+    chain: C,
+    /// Receive chains popped and not yet used, in ring order.
+    rx_chains: Vec<C>,
+    rx_held: usize,
+    ctrl_buf: Vec<u8>,
+    warned: u64,
+}
+
+impl<C: ChainInfo> PairEngine<C> {
+    pub(crate) fn new(
+        pair: usize,
+        label: &str,
+        stats: Arc<DeviceStats>,
+        features: Features,
+        filter: RxFilter,
+    ) -> Self {
+        PairEngine {
+            pair,
+            label: label.to_string(),
+            stats,
+            features,
+            hdr_len: features.hdr_len(),
+            filter,
+            tx_bufs: (0..BURST).map(|_| PacketBuf::new()).collect(),
+            tx_heads: Vec::with_capacity(BURST),
+            chain: C::default(),
+            rx_chains: Vec::new(),
+            rx_held: 0,
+            ctrl_buf: vec![0u8; MAX_CTRL_LEN],
+            warned: 0,
+        }
+    }
+
+    fn warn_limited(&mut self, what: std::fmt::Arguments<'_>) {
+        self.warned += 1;
+        if self.warned.is_power_of_two() {
+            warn!(
+                "{} pair {}: {what} ({} so far)",
+                self.label, self.pair, self.warned
+            );
+        }
+    }
+
+    /// Driver-to-device: bursts from the transmit queue into the port, until
+    /// the driver has nothing more. Returns the frames moved.
+    pub(crate) fn tx<R: Ring<C = C>>(
+        &mut self,
+        q: &mut R,
+        port: &mut dyn Port,
+    ) -> std::result::Result<usize, QueueError> {
+        let mut moved = 0;
+        // Bounded by the driver: each pass consumes chains it made available.
+        loop {
+            q.disable_notification()?;
+            let mut pending_err = None;
+            let mut n = 0;
+            let (mut bytes, mut errors) = (0u64, 0u64);
+            self.tx_heads.clear();
+            while self.tx_heads.len() < BURST {
+                match q.pop(&mut self.chain) {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(QueueError::BadChain { .. }) => {
+                        // The queue completed it with length 0.
+                        errors += 1;
+                        continue;
+                    }
+                    Err(e) => {
+                        pending_err = Some(e);
+                        break;
+                    }
+                }
+                let head = self.chain.head();
+                match self.read_tx_frame(q, n) {
+                    Ok(len) => {
+                        bytes += len as u64;
+                        n += 1;
+                    }
+                    Err(e) => {
+                        errors += 1;
+                        self.warn_limited(format_args!("transmit chain {head} dropped: {e}"));
+                    }
+                }
+                self.tx_heads.push(head);
+            }
+            let mut used_err = None;
+            for &h in &self.tx_heads {
+                if let Err(e) = q.add_used(h, 0) {
+                    used_err = Some(e);
+                    break;
+                }
+            }
+            let popped = self.tx_heads.len();
+            if popped > 0 && used_err.is_none() {
+                q.notify()?;
+            }
+            let out = if n > 0 {
+                port.send(&mut self.tx_bufs[..n])
+            } else {
+                Default::default()
+            };
+            let st = self.stats.queue(self.pair);
+            st.add_rx(n as u64, bytes);
+            st.add_drops(out.dropped as u64);
+            st.add_errors(errors + out.errors as u64);
+            moved += n;
+            if let Some(e) = used_err.or(pending_err) {
+                return Err(e);
+            }
+            if popped < BURST && !q.enable_notification()? {
+                break;
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Copies the popped chain into transmit buffer `n`, normalising the
+    /// header to 12 bytes. Returns the frame length.
+    fn read_tx_frame<R: Ring<C = C>>(
+        &mut self,
+        q: &mut R,
+        n: usize,
+    ) -> std::result::Result<usize, String> {
+        let total = self.chain.readable_len();
+        let hl = self.hdr_len as u64;
+        if self.chain.writable_len() != 0 {
+            return Err("transmit chain has device-writable buffers".to_string());
+        }
+        if total < hl {
+            return Err(format!(
+                "{total} readable bytes, shorter than the {hl}-byte header"
+            ));
+        }
+        if total - hl > MAX_FRAME_LEN as u64 {
+            return Err(format!(
+                "frame of {} bytes exceeds {MAX_FRAME_LEN}",
+                total - hl
+            ));
+        }
+        let buf = &mut self.tx_bufs[n];
+        let frame_len = (total - hl) as usize;
+        let spare = buf.spare();
+        let got = if self.hdr_len == VNET_HDR_LEN {
+            q.read(&self.chain, 0, &mut spare[..VNET_HDR_LEN + frame_len])
+                .map_err(|e| e.to_string())?
+        } else {
+            let a = q
+                .read(&self.chain, 0, &mut spare[..self.hdr_len])
+                .map_err(|e| e.to_string())?;
+            spare[self.hdr_len..VNET_HDR_LEN].fill(0);
+            a + q
+                .read(
+                    &self.chain,
+                    hl,
+                    &mut spare[VNET_HDR_LEN..VNET_HDR_LEN + frame_len],
+                )
+                .map_err(|e| e.to_string())?
+        };
+        if got != self.hdr_len + frame_len {
+            return Err(format!("short read of {got} bytes"));
+        }
+        let hdr = VnetHdr::read(&spare[..VNET_HDR_LEN]).map_err(|e| e.to_string())?;
+        self.features
+            .check_tx_hdr(&hdr)
+            .map_err(|e| e.to_string())?;
+        spare[10] = 0;
+        spare[11] = 0;
+        buf.set_len(VNET_HDR_LEN + frame_len);
+        Ok(frame_len)
+    }
+
+    /// Device-to-driver: one burst of frames from the port into the receive queue.
+    pub(crate) fn rx_burst<R: Ring<C = C>>(
+        &mut self,
+        q: &mut R,
+        port: &mut dyn Port,
+    ) -> std::result::Result<(usize, RxStop), QueueError> {
+        let mrg = self.features.mrg_rxbuf();
+        let hdr_len = self.hdr_len;
+        let guest_csum = self.features.has(net::VIRTIO_NET_F_GUEST_CSUM);
+        let filter = &self.filter;
+        let chains = &mut self.rx_chains;
+        let held = &mut self.rx_held;
+        let (mut pkts, mut bytes, mut drops, mut errors) = (0u64, 0u64, 0u64, 0u64);
+        let mut stop = RxStop::Port;
+        let mut fatal: Option<QueueError> = None;
+        let mut completed = 0usize;
+        let taken = port.recv(BURST, &mut |data: &[u8]| {
+            if data.len() < VNET_HDR_LEN + 14 {
+                errors += 1;
+                return true;
+            }
+            let frame = &data[VNET_HDR_LEN..];
+            if !filter.accepts(&frame[..6]) {
+                drops += 1;
+                return true;
+            }
+            let mut hdr = [0u8; VNET_HDR_LEN];
+            hdr.copy_from_slice(&data[..VNET_HDR_LEN]);
+            if !guest_csum {
+                // Partial checksums and GSO need the driver's consent.
+                if hdr[0] & !VIRTIO_NET_HDR_F_DATA_VALID != 0 || hdr[1] != 0 {
+                    drops += 1;
+                    return true;
+                }
+                hdr = [0u8; VNET_HDR_LEN];
+            }
+            let total = hdr_len + frame.len();
+            // Gather enough chains: those held from an earlier frame first.
+            let mut cap = 0usize;
+            let mut k = 0usize;
+            let mut bad_pops = 0usize;
+            while cap < total && k < MAX_MERGED_BUFFERS {
+                if k == *held {
+                    if chains.len() <= k {
+                        // Warm-up only: grows to the most buffers one frame needed.
+                        chains.push(C::default());
+                    }
+                    match q.pop(&mut chains[k]) {
+                        Ok(true) => *held += 1,
+                        Ok(false) => {
+                            stop = RxStop::NoBuffers;
+                            return false;
+                        }
+                        Err(QueueError::BadChain { .. }) => {
+                            errors += 1;
+                            bad_pops += 1;
+                            // Each one consumed an entry of the ring: bounded.
+                            if bad_pops > QUEUE_SIZE as usize {
+                                stop = RxStop::NoBuffers;
+                                return false;
+                            }
+                            continue;
+                        }
+                        Err(e) => {
+                            fatal = Some(e);
+                            return false;
+                        }
+                    }
+                }
+                let c = &chains[k];
+                // A chain with readable buffers is not a receive buffer; it
+                // contributes no room and is completed empty with the frame.
+                let w = if c.readable_len() == 0 {
+                    usize::try_from(c.writable_len()).unwrap_or(usize::MAX)
+                } else {
+                    0
+                };
+                cap = cap.saturating_add(w);
+                k += 1;
+                if !mrg {
+                    break;
+                }
+            }
+            if cap < total {
+                // Too small without merging, or more buffers than allowed:
+                // the chains go back empty and the frame is dropped.
+                for c in chains[..k].iter() {
+                    if let Err(e) = q.add_used(c.head(), 0) {
+                        fatal = Some(e);
+                        return false;
+                    }
+                }
+                chains[..*held].rotate_left(k);
+                *held -= k;
+                completed += k;
+                drops += 1;
+                return true;
+            }
+            if hdr_len == VNET_HDR_LEN {
+                let num = if mrg { k as u16 } else { 1 };
+                hdr[10..12].copy_from_slice(&num.to_le_bytes());
+            }
+            let parts = RxParts {
+                hdr: &hdr[..hdr_len],
+                frame,
+            };
+            let mut start = 0usize;
+            for c in chains[..k].iter() {
+                let room = if c.readable_len() == 0 {
+                    usize::try_from(c.writable_len()).unwrap_or(usize::MAX)
+                } else {
+                    0
+                };
+                let w = room.min(total - start);
+                if w > 0 {
+                    if let Err(e) = parts.write_into(q, c, start, w) {
+                        fatal = Some(e);
+                        return false;
+                    }
+                }
+                if let Err(e) = q.add_used(c.head(), w as u32) {
+                    fatal = Some(e);
+                    return false;
+                }
+                start += w;
+            }
+            chains[..*held].rotate_left(k);
+            *held -= k;
+            completed += k;
+            pkts += 1;
+            bytes += frame.len() as u64;
+            true
+        });
+        if completed > 0 && fatal.is_none() {
+            q.notify()?;
+        }
+        let st = self.stats.queue(self.pair);
+        st.add_tx(pkts, bytes);
+        st.add_drops(drops);
+        st.add_errors(errors);
+        if let Some(e) = fatal {
+            return Err(e);
+        }
+        match taken {
+            Ok(n) => Ok((n, stop)),
+            Err(e) => {
+                st.add_errors(1);
+                self.warn_limited(format_args!("port receive failed: {e}"));
+                Ok((0, RxStop::Port))
+            }
+        }
+    }
+
+    /// Device-to-driver: bursts until the port is empty, the driver has no
+    /// buffers (returns true) or the pass limit is reached.
+    pub(crate) fn rx<R: Ring<C = C>>(
+        &mut self,
+        q: &mut R,
+        port: &mut dyn Port,
+    ) -> std::result::Result<(usize, bool), QueueError> {
+        let mut moved = 0;
+        for _ in 0..RX_BURSTS_PER_PASS {
+            let (n, stop) = self.rx_burst(q, port)?;
+            moved += n;
+            match stop {
+                RxStop::NoBuffers => {
+                    // Ask for a kick; if buffers arrived meanwhile, go on.
+                    if q.enable_notification()? {
+                        continue;
+                    }
+                    return Ok((moved, true));
+                }
+                RxStop::Port if n < BURST => break,
+                RxStop::Port => {}
+            }
+        }
+        Ok((moved, false))
+    }
+
+    /// Runs the control queue's commands against `net`. Returns whether the
+    /// receive filter may have changed.
+    pub(crate) fn ctrl<R: Ring<C = C>>(
+        &mut self,
+        q: &mut R,
+        net: &Mutex<NetDevice>,
+    ) -> std::result::Result<usize, QueueError> {
+        let mut done = 0;
+        // Bounded: at most one queue's worth of commands per kick.
+        while done < QUEUE_SIZE as usize {
+            match q.pop(&mut self.chain) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(QueueError::BadChain { .. }) => {
+                    self.stats.ctrl.add_errors(1);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            done += 1;
+            let head = self.chain.head();
+            let len = usize::try_from(self.chain.readable_len()).unwrap_or(usize::MAX);
+            let status = if len > MAX_CTRL_LEN || self.chain.writable_len() < 1 {
+                self.warn_limited(format_args!("control command of {len} bytes rejected"));
+                VIRTIO_NET_ERR
+            } else {
+                let got = q.read(&self.chain, 0, &mut self.ctrl_buf[..len])?;
+                let r = lock(net).handle_ctrl(&self.ctrl_buf[..got]);
+                match r {
+                    Ok(cmd) => {
+                        debug!("{}: control {cmd:?}", self.label);
+                        VIRTIO_NET_OK
+                    }
+                    Err(e) => {
+                        info!("{}: control command rejected: {e}", self.label);
+                        VIRTIO_NET_ERR
+                    }
+                }
+            };
+            if status != VIRTIO_NET_OK {
+                self.stats.ctrl.add_errors(1);
+            }
+            let w = if self.chain.writable_len() >= 1 {
+                q.write(&self.chain, 0, &[status])?
+            } else {
+                0
+            };
+            q.add_used(head, w as u32)?;
+        }
+        if done > 0 {
+            q.notify()?;
+        }
+        Ok(done)
+    }
+}
+
+/// Data plane of one queue pair (and the control queue on thread 0).
+struct NetWorker {
+    shared: Arc<Shared>,
+    pair: usize,
+    rx_q: u16,
+    tx_q: u16,
+    ctrl_q: Option<u16>,
+    port: Option<Box<dyn Port>>,
+    gate: Option<RxGate>,
+    engine: PairEngine<Chain>,
+    filter_gen: u64,
+    rx_blocked: bool,
+}
+
+impl std::fmt::Debug for NetWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetWorker")
+            .field("pair", &self.pair)
+            .field("port", &self.port)
+            .finish()
+    }
+}
+
+impl Drop for NetWorker {
+    fn drop(&mut self) {
+        // The gate refers to the port's fd: close it first.
+        self.gate = None;
+        if let Some(p) = self.port.take() {
+            *lock(&self.shared.ports[self.pair]) = Some(p);
+        }
+    }
+}
+
+impl NetWorker {
+    fn new(
+        shared: Arc<Shared>,
+        pair: usize,
+        port: Box<dyn Port>,
+        features: Features,
+        ctrl_q: Option<u16>,
+    ) -> NetWorker {
+        let filter = lock(&shared.net).filter.clone();
+        let filter_gen = shared.filter_gen.load(Ordering::Acquire);
+        let engine = PairEngine::new(pair, &shared.label, shared.stats.clone(), features, filter);
+        NetWorker {
+            pair,
+            rx_q: (2 * pair) as u16,
+            tx_q: (2 * pair + 1) as u16,
+            ctrl_q,
+            port: Some(port),
+            gate: None,
+            engine,
+            filter_gen,
+            rx_blocked: false,
+            shared,
+        }
+    }
+
+    fn refresh_filter(&mut self) {
+        let g = self.shared.filter_gen.load(Ordering::Acquire);
+        if g != self.filter_gen {
+            self.engine.filter = lock(&self.shared.net).filter.clone();
+            self.filter_gen = g;
+        }
+    }
+
+    fn process_tx(&mut self, queues: &mut Queues<'_>) -> Result<usize> {
+        let Some(port) = self.port.as_mut() else {
+            return Ok(0);
+        };
+        let Some(mut q) = queues.get(self.tx_q) else {
+            return Ok(0);
+        };
+        Ok(self.engine.tx(&mut q, port.as_mut())?)
+    }
+
+    fn process_rx(&mut self, queues: &mut Queues<'_>) -> Result<usize> {
+        self.refresh_filter();
+        let Some(port) = self.port.as_mut() else {
+            return Ok(0);
+        };
+        let Some(mut q) = queues.get(self.rx_q) else {
+            return Ok(0);
+        };
+        let (n, blocked) = self.engine.rx(&mut q, port.as_mut())?;
+        if blocked {
+            self.rx_blocked = true;
+            if let Some(g) = self.gate.as_mut() {
+                g.set(false);
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl Worker for NetWorker {
+    fn init(&mut self, events: &mut EventRegistrar<'_>) -> Result<()> {
+        let Some(port) = self.port.as_ref() else {
+            return Ok(());
+        };
+        if let Some(fd) = port.rx_fd() {
+            let gate = RxGate::new(fd).map_err(|source| DeviceError::Io {
+                op: "port readiness epoll",
+                source,
+            })?;
+            events
+                .add(gate.epoll.as_fd(), Interest::Readable, PORT_TOKEN)
+                .map_err(|source| DeviceError::Io {
+                    op: "register port readiness",
+                    source,
+                })?;
+            self.gate = Some(gate);
+        }
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: u16, queues: &mut Queues<'_>) -> Result<()> {
+        if index == self.tx_q {
+            self.process_tx(queues)?;
+            // Reflected frames may be waiting now.
+            self.process_rx(queues)?;
+        } else if index == self.rx_q {
+            self.rx_blocked = false;
+            if let Some(g) = self.gate.as_mut() {
+                g.set(true);
+            }
+            self.process_rx(queues)?;
+        } else if Some(index) == self.ctrl_q {
+            if let Some(mut q) = queues.get(index) {
+                if self.engine.ctrl(&mut q, &self.shared.net)? > 0 {
+                    self.shared.filter_gen.fetch_add(1, Ordering::Release);
+                }
+            }
+            self.refresh_filter();
+        }
+        Ok(())
+    }
+
+    fn handle_event(&mut self, token: u64, queues: &mut Queues<'_>) -> Result<()> {
+        if token == PORT_TOKEN {
+            self.process_rx(queues)?;
+        }
+        Ok(())
+    }
+
+    fn poll(&mut self, queues: &mut Queues<'_>) -> Result<bool> {
+        let mut n = self.process_tx(queues)?;
+        if !self.rx_blocked {
+            n += self.process_rx(queues)?;
+        }
+        Ok(n > 0)
+    }
+}
+
+#[cfg(test)]
+#[path = "vhu_net_tests.rs"]
+mod tests;
