@@ -83,6 +83,13 @@ pub enum Error {
         /// The required alignment.
         align: u64,
     },
+    /// The object or id already exists (a second vdevice for a device, a
+    /// taken virtual id or vPASID, a second event queue). errno: `EEXIST`.
+    #[error("{what} already exists")]
+    AlreadyExists {
+        /// What exists.
+        what: &'static str,
+    },
     /// A fixed IOVA range intersects an existing area. errno: `EEXIST`.
     #[error("iova range {iova:#x}+{length:#x} overlaps an existing area")]
     Exists {
@@ -235,6 +242,7 @@ impl Error {
             Error::ZeroLength => libc::EINVAL,
             Error::Overflow { .. } => libc::EOVERFLOW,
             Error::Misaligned { .. } => libc::EINVAL,
+            Error::AlreadyExists { .. } => libc::EEXIST,
             Error::Exists { .. } => libc::EEXIST,
             Error::ReservedIova { .. } => libc::EINVAL,
             Error::NoSpace { .. } => libc::ENOSPC,
@@ -272,6 +280,7 @@ impl Error {
             | Error::ZeroLength
             | Error::Overflow { .. }
             | Error::Misaligned { .. }
+            | Error::AlreadyExists { .. }
             | Error::Exists { .. }
             | Error::ReservedIova { .. }
             | Error::NoSpace { .. }

@@ -1,9 +1,13 @@
 //! Event queues: unrecoverable translation failures (vEVENTQ-like).
 
-use std::os::fd::BorrowedFd;
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::{Arc, Mutex};
 
-use crate::error::Result;
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use crate::error::{Error, Result};
+use crate::sync::lock;
 use crate::types::{EventQueueId, Perm};
 
 /// `IOMMU_VEVENTQ_FLAG_LOST_EVENTS`: events were dropped before this
@@ -54,7 +58,69 @@ pub struct EventQueueStats {
     pub lost: u64,
 }
 
-pub(crate) struct EventInner {}
+pub(crate) struct EventInner {
+    pub(crate) id: EventQueueId,
+    depth: usize,
+    state: Mutex<EventState>,
+    efd: EventFd,
+}
+
+#[derive(Default)]
+struct EventState {
+    destroyed: bool,
+    queue: VecDeque<EventRecord>,
+    next_seq: u32,
+    /// Events were dropped since the last read: a lost-events record is
+    /// delivered after the queued ones.
+    lost_pending: bool,
+    stats: EventQueueStats,
+}
+
+impl EventInner {
+    pub(crate) fn new(id: EventQueueId, depth: u32) -> Result<Arc<EventInner>> {
+        let efd = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(|e| Error::os("eventfd", e))?;
+        Ok(Arc::new(EventInner {
+            id,
+            depth: depth as usize,
+            state: Mutex::new(EventState::default()),
+            efd,
+        }))
+    }
+
+    /// Queues an event (its `sequence` and `flags` are set here). On a full
+    /// queue the event is dropped, its sequence number consumed, and the
+    /// lost-events marker set.
+    pub(crate) fn push(&self, mut ev: EventRecord) {
+        let mut st = lock(&self.state);
+        if st.destroyed {
+            return;
+        }
+        let seq = st.next_seq;
+        st.next_seq = if seq >= i32::MAX as u32 { 0 } else { seq + 1 };
+        let was_empty = st.queue.is_empty() && !st.lost_pending;
+        if st.queue.len() >= self.depth {
+            st.lost_pending = true;
+            st.stats.lost += 1;
+        } else {
+            ev.sequence = seq;
+            ev.flags = 0;
+            st.queue.push_back(ev);
+            st.stats.queued += 1;
+        }
+        if was_empty {
+            if let Err(e) = self.efd.write(1) {
+                log::warn!("event queue {}: eventfd write failed: {e}", self.id);
+            }
+        }
+    }
+
+    pub(crate) fn destroy(&self) {
+        let mut st = lock(&self.state);
+        st.destroyed = true;
+        st.queue.clear();
+    }
+}
 
 /// Consumer side of an event queue; poll [`EventQueue::fd`].
 #[derive(Clone)]
@@ -71,20 +137,48 @@ impl std::fmt::Debug for EventQueue {
 impl EventQueue {
     /// The queue's object id.
     pub fn id(&self) -> EventQueueId {
-        todo!()
+        self.inner.id
     }
     /// An eventfd readable while events are pending.
     pub fn fd(&self) -> BorrowedFd<'_> {
-        todo!()
+        self.inner.efd.as_fd()
     }
     /// Appends up to `max` records to `out` (a lost-events record counts as
     /// one); returns how many.
     pub fn read_batch(&self, out: &mut Vec<EventRecord>, max: usize) -> Result<usize> {
-        let _ = (out, max);
-        todo!()
+        let inner = &self.inner;
+        let mut st = lock(&inner.state);
+        if st.destroyed {
+            return Err(Error::QueueDestroyed { id: inner.id });
+        }
+        let mut n = 0;
+        while n < max {
+            let Some(ev) = st.queue.pop_front() else {
+                break;
+            };
+            out.push(ev);
+            n += 1;
+        }
+        if n < max && st.queue.is_empty() && st.lost_pending {
+            st.lost_pending = false;
+            out.push(EventRecord {
+                flags: IOMMU_VEVENTQ_FLAG_LOST_EVENTS,
+                sequence: st.next_seq,
+                dev_id: 0,
+                pasid: None,
+                addr: 0,
+                perm: Perm::NONE,
+                reason: EventReason::Lost,
+            });
+            n += 1;
+        }
+        if st.queue.is_empty() && !st.lost_pending {
+            let _ = inner.efd.read();
+        }
+        Ok(n)
     }
     /// Counters.
     pub fn stats(&self) -> EventQueueStats {
-        todo!()
+        lock(&self.inner.state).stats
     }
 }

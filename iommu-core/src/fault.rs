@@ -1,11 +1,16 @@
 //! Fault queues: I/O page fault records out, page responses in
 //! (`IOMMU_FAULT_QUEUE_ALLOC`).
 
-use std::os::fd::BorrowedFd;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
-use crate::error::Result;
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use crate::device::DeviceShared;
+use crate::error::{Error, Result};
+use crate::sync::lock;
 use crate::types::{FaultId, Perm};
 
 /// `IOMMU_PGFAULT_FLAGS_PASID_VALID`: the record's `pasid` is valid.
@@ -103,7 +108,155 @@ pub struct FaultQueueStats {
     pub overflows: u64,
 }
 
-pub(crate) struct FaultInner {}
+pub(crate) struct FaultInner {
+    pub(crate) id: FaultId,
+    state: Mutex<FaultState>,
+    efd: EventFd,
+}
+
+#[derive(Default)]
+struct FaultState {
+    destroyed: bool,
+    next_cookie: u32,
+    /// Every outstanding group by cookie, with "delivered" set once read.
+    groups: HashMap<u32, (Arc<Group>, bool)>,
+    /// Cookies not yet delivered, oldest first.
+    undelivered: VecDeque<u32>,
+    stats: FaultQueueStats,
+}
+
+impl FaultInner {
+    pub(crate) fn new(id: FaultId) -> Result<Arc<FaultInner>> {
+        let efd = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(|e| Error::os("eventfd", e))?;
+        Ok(Arc::new(FaultInner {
+            id,
+            state: Mutex::new(FaultState {
+                next_cookie: 1,
+                ..FaultState::default()
+            }),
+            efd,
+        }))
+    }
+
+    fn signal(&self) {
+        if let Err(e) = self.efd.write(1) {
+            log::warn!("fault queue {}: eventfd write failed: {e}", self.id);
+        }
+    }
+
+    fn drain_signal(&self) {
+        // EAGAIN when already zero is fine.
+        let _ = self.efd.read();
+    }
+
+    /// Queues a one-record group for `dev`; `rec.cookie` is filled in.
+    pub(crate) fn raise(
+        &self,
+        dev: &Arc<DeviceShared>,
+        pasid_key: u32,
+        mut rec: FaultRecord,
+    ) -> Result<PendingFault> {
+        let mut st = lock(&self.state);
+        if st.destroyed {
+            return Err(Error::QueueDestroyed { id: self.id });
+        }
+        if !dev.try_take_fault_slot() {
+            st.stats.overflows += 1;
+            log::warn!(
+                "device {:?}: {} page faults outstanding, refusing another",
+                dev.label,
+                MAX_OUTSTANDING_FAULTS_PER_DEVICE
+            );
+            return Err(Error::FaultOverflow {
+                label: dev.label.to_string(),
+            });
+        }
+        let mut cookie = st.next_cookie;
+        // At most MAX per device outstanding: a free cookie is found quickly.
+        while cookie == 0 || st.groups.contains_key(&cookie) {
+            cookie = cookie.wrapping_add(1);
+        }
+        st.next_cookie = cookie.wrapping_add(1);
+        rec.cookie = cookie;
+        rec.flags |= IOMMU_PGFAULT_FLAGS_LAST_PAGE;
+        let group = Arc::new(Group {
+            cookie,
+            addr: rec.addr,
+            records: vec![rec],
+            dev: dev.clone(),
+            pasid_key,
+            status: Mutex::new(FaultStatus::Pending),
+            cv: Condvar::new(),
+        });
+        st.groups.insert(cookie, (group.clone(), false));
+        st.undelivered.push_back(cookie);
+        st.stats.raised += 1;
+        if st.undelivered.len() == 1 {
+            self.signal();
+        }
+        Ok(PendingFault { group })
+    }
+
+    /// Answers INVALID every outstanding group of `dev` (on `pasid_key`, or
+    /// all of the device's when `None`; every group when `dev` is `None`).
+    pub(crate) fn auto_respond(
+        &self,
+        dev: Option<&Arc<DeviceShared>>,
+        pasid_key: Option<u32>,
+    ) -> AutoAnswered {
+        let done: Vec<Arc<Group>> = {
+            let mut st = lock(&self.state);
+            let cookies: Vec<u32> = st
+                .groups
+                .iter()
+                .filter(|(_, (g, _))| {
+                    dev.is_none_or(|d| Arc::ptr_eq(d, &g.dev))
+                        && pasid_key.is_none_or(|p| p == g.pasid_key)
+                })
+                .map(|(c, _)| *c)
+                .collect();
+            let mut out = Vec::with_capacity(cookies.len());
+            for c in cookies {
+                if let Some((g, _)) = st.groups.remove(&c) {
+                    out.push(g);
+                }
+            }
+            let before = st.undelivered.len();
+            let groups = std::mem::take(&mut st.groups);
+            st.undelivered.retain(|c| groups.contains_key(c));
+            st.groups = groups;
+            if before != 0 && st.undelivered.is_empty() {
+                self.drain_signal();
+            }
+            st.stats.answered += out.len() as u64;
+            st.stats.auto_answered += out.len() as u64;
+            out
+        };
+        AutoAnswered(done)
+    }
+
+    pub(crate) fn destroy(&self) -> AutoAnswered {
+        lock(&self.state).destroyed = true;
+        self.auto_respond(None, None)
+    }
+}
+
+/// Groups answered INVALID automatically; the raising devices learn of it
+/// when [`AutoAnswered::finish`] runs (after the caller's locks are gone).
+#[derive(Default)]
+pub(crate) struct AutoAnswered(Vec<Arc<Group>>);
+
+impl AutoAnswered {
+    pub(crate) fn append(&mut self, mut o: AutoAnswered) {
+        self.0.append(&mut o.0);
+    }
+    pub(crate) fn finish(self) {
+        for g in self.0 {
+            g.complete(FaultStatus::Invalid);
+        }
+    }
+}
 
 /// Consumer side of a fault queue. Poll [`FaultQueue::fd`] (readable while
 /// undelivered groups exist), read whole groups with
@@ -122,38 +275,118 @@ impl std::fmt::Debug for FaultQueue {
 impl FaultQueue {
     /// The queue's object id.
     pub fn id(&self) -> FaultId {
-        todo!()
+        self.inner.id
     }
     /// An eventfd that is readable while undelivered groups are queued.
     pub fn fd(&self) -> BorrowedFd<'_> {
-        todo!()
+        self.inner.efd.as_fd()
     }
     /// Appends whole pending groups to `out`, at most `max` records in all;
     /// returns the number of records appended (0 when empty). If the first
     /// group alone exceeds `max`: [`Error::BatchTooSmall`](crate::Error::BatchTooSmall).
     pub fn read_batch(&self, out: &mut Vec<FaultRecord>, max: usize) -> Result<usize> {
-        let _ = (out, max);
-        todo!()
+        let inner = &self.inner;
+        let mut st = lock(&inner.state);
+        if st.destroyed {
+            return Err(Error::QueueDestroyed { id: inner.id });
+        }
+        let mut n = 0;
+        while let Some(&cookie) = st.undelivered.front() {
+            let Some((g, delivered)) = st.groups.get_mut(&cookie) else {
+                st.undelivered.pop_front();
+                continue;
+            };
+            let len = g.records.len();
+            if n + len > max {
+                if n == 0 {
+                    return Err(Error::BatchTooSmall { needed: len, max });
+                }
+                break;
+            }
+            out.extend_from_slice(&g.records);
+            *delivered = true;
+            n += len;
+            st.undelivered.pop_front();
+            st.stats.delivered += 1;
+        }
+        if n > 0 && st.undelivered.is_empty() {
+            inner.drain_signal();
+        }
+        Ok(n)
     }
     /// Answers one delivered group. Unknown or already answered cookie:
     /// [`Error::UnknownCookie`](crate::Error::UnknownCookie) (`EINVAL`).
     pub fn respond(&self, cookie: u32, code: PageResponseCode) -> Result<()> {
-        let _ = (cookie, code);
-        todo!()
+        let g = {
+            let mut st = lock(&self.inner.state);
+            if st.destroyed {
+                return Err(Error::QueueDestroyed { id: self.inner.id });
+            }
+            match st.groups.get(&cookie) {
+                Some((_, true)) => {}
+                _ => return Err(Error::UnknownCookie { cookie }),
+            }
+            st.stats.answered += 1;
+            match st.groups.remove(&cookie) {
+                Some((g, _)) => g,
+                None => return Err(Error::UnknownCookie { cookie }),
+            }
+        };
+        g.complete(match code {
+            PageResponseCode::Success => FaultStatus::Success,
+            PageResponseCode::Invalid => FaultStatus::Invalid,
+        });
+        Ok(())
     }
     /// Answers in order, stopping at the first bad entry; returns how many
     /// were accepted and the first error.
     pub fn respond_batch(&self, responses: &[PageResponse]) -> (usize, Result<()>) {
-        let _ = responses;
-        todo!()
+        for (i, r) in responses.iter().enumerate() {
+            if let Err(e) = self.respond(r.cookie, r.code) {
+                return (i, Err(e));
+            }
+        }
+        (responses.len(), Ok(()))
     }
     /// Counters.
     pub fn stats(&self) -> FaultQueueStats {
-        todo!()
+        lock(&self.inner.state).stats
+    }
+    /// Groups queued but not yet read.
+    pub fn undelivered(&self) -> usize {
+        lock(&self.inner.state).undelivered.len()
     }
 }
 
-pub(crate) struct Group {}
+pub(crate) struct Group {
+    cookie: u32,
+    addr: u64,
+    records: Vec<FaultRecord>,
+    dev: Arc<DeviceShared>,
+    pasid_key: u32,
+    status: Mutex<FaultStatus>,
+    cv: Condvar,
+}
+
+impl Group {
+    fn complete(self: &Arc<Self>, status: FaultStatus) {
+        {
+            let mut s = lock(&self.status);
+            if *s != FaultStatus::Pending {
+                return;
+            }
+            *s = status;
+            self.cv.notify_all();
+        }
+        self.dev.release_fault_slot();
+        let waker = self.dev.fault_waker();
+        if let Some(w) = waker {
+            w(&PendingFault {
+                group: self.clone(),
+            });
+        }
+    }
+}
 
 /// The raising device's handle on one fault group: poll
 /// [`PendingFault::status`] or block in [`PendingFault::wait`]. A
@@ -180,23 +413,44 @@ impl std::fmt::Debug for PendingFault {
 impl PendingFault {
     /// The group's cookie.
     pub fn cookie(&self) -> u32 {
-        todo!()
+        self.group.cookie
     }
     /// The faulting address.
     pub fn addr(&self) -> u64 {
-        todo!()
+        self.group.addr
     }
     /// Current state, without blocking.
     pub fn status(&self) -> FaultStatus {
-        todo!()
+        *lock(&self.group.status)
     }
     /// Blocks until answered.
     pub fn wait(&self) -> FaultStatus {
-        todo!()
+        let mut s = lock(&self.group.status);
+        while *s == FaultStatus::Pending {
+            s = match self.group.cv.wait(s) {
+                Ok(g) => g,
+                Err(e) => e.into_inner(),
+            };
+        }
+        *s
     }
     /// Blocks until answered or `timeout` passed; returns the state then.
     pub fn wait_timeout(&self, timeout: Duration) -> FaultStatus {
-        let _ = timeout;
-        todo!()
+        let deadline = Instant::now().checked_add(timeout);
+        let mut s = lock(&self.group.status);
+        while *s == FaultStatus::Pending {
+            let left = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(l) if !l.is_zero() => l,
+                    _ => break,
+                },
+                None => Duration::from_secs(3600),
+            };
+            s = match self.group.cv.wait_timeout(s, left) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+        *s
     }
 }

@@ -108,6 +108,7 @@ mod device;
 mod error;
 mod event;
 mod fault;
+mod ioas;
 pub mod memory;
 mod sync;
 mod translate;

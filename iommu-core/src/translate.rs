@@ -1,9 +1,27 @@
 //! The device side: per-thread translators with their own IOTLB.
+//!
+//! The cache is direct mapped by 4 KiB page number; an entry covers the
+//! whole contiguous run it was filled from (a whole area for a paging HWPT,
+//! one stage-1 page for a nested one), so a warm translation is one array
+//! index, a tag compare and a range check.
 
-use crate::device::Device;
-use crate::error::Result;
-use crate::sync::Nudge;
-use crate::types::Perm;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::device::{pasid_key, Device, Domain};
+use crate::error::{Error, Result};
+use crate::event::EventReason;
+use crate::fault::{FaultRecord, IOMMU_PGFAULT_FLAGS_PASID_VALID, IOMMU_PGFAULT_FLAGS_VIRTUAL_IDS};
+use crate::ioas::IoasState;
+use crate::memory::Memory;
+use crate::sync::{Nudge, Slot};
+use crate::types::{Perm, PAGE_SIZE};
+
+/// Entries of the translation cache (a power of two).
+pub const TRANSLATION_CACHE_ENTRIES: usize = 256;
+const CACHE_MASK: u64 = TRANSLATION_CACHE_ENTRIES as u64 - 1;
+/// Distinct memories a cache refers to before it is dropped wholesale.
+const MAX_CACHED_MEMORIES: usize = 1024;
 
 /// A host fragment of a translated range. `ptr` is valid for `len` bytes
 /// only until the [`Access`] section it came from ends.
@@ -26,22 +44,59 @@ pub struct TranslatorStats {
     pub flushes: u64,
 }
 
+#[derive(Clone, Copy, Default)]
+struct Entry {
+    epoch: u64,
+    start: u64,
+    last: u64,
+    host: u64,
+    mem_off: u64,
+    key: u32,
+    perm: u32,
+    mem: u32,
+}
+
 /// One DMA thread's view of a device: its own translation cache, validated
 /// by a generation counter at the start of each access section.
 pub struct Translator {
-    pub(crate) device: Device,
+    device: Device,
+    slot: Arc<Slot>,
+    seen_gen: u64,
+    epoch: u64,
+    entries: Box<[Entry]>,
+    mems: Vec<Arc<Memory>>,
+    stats: TranslatorStats,
 }
 
 impl std::fmt::Debug for Translator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Translator").finish_non_exhaustive()
+        f.debug_struct("Translator")
+            .field("id", &self.slot.id)
+            .field("device", &self.device.label())
+            .field("stats", &self.stats)
+            .finish()
     }
 }
 
 impl Translator {
+    pub(crate) fn new(device: Device) -> Translator {
+        let slot = Arc::new(Slot::new(device.shared.label.clone()));
+        device.shared.add_slot(&slot);
+        let seen_gen = slot.gen.load(Ordering::SeqCst);
+        Translator {
+            device,
+            slot,
+            seen_gen,
+            epoch: 1,
+            entries: vec![Entry::default(); TRANSLATION_CACHE_ENTRIES].into_boxed_slice(),
+            mems: Vec::new(),
+            stats: TranslatorStats::default(),
+        }
+    }
+
     /// Unique id (as reported by [`InvalidationTicket::pending`](crate::InvalidationTicket::pending)).
     pub fn id(&self) -> u64 {
-        todo!()
+        self.slot.id
     }
     /// The device.
     pub fn device(&self) -> &Device {
@@ -49,8 +104,14 @@ impl Translator {
     }
     /// Opens an access section. Never block inside one (an unmap waits for
     /// it to end).
+    #[inline]
     pub fn access(&mut self) -> Access<'_> {
-        todo!()
+        let g = self.slot.enter();
+        if g != self.seen_gen {
+            self.flush();
+            self.seen_gen = g;
+        }
+        Access { t: self }
     }
     /// Reads `buf.len()` bytes at `iova` (own access section).
     pub fn read(&mut self, pasid: Option<u32>, iova: u64, buf: &mut [u8]) -> Result<()> {
@@ -62,17 +123,236 @@ impl Translator {
     }
     /// Sets the hook an invalidator may call to nudge this thread.
     pub fn set_nudge(&mut self, nudge: Option<Nudge>) {
-        let _ = nudge;
-        todo!()
+        self.slot.set_nudge(nudge);
     }
     /// Valid cached translations (drops the cache first if it was invalidated).
     pub fn cached_translations(&mut self) -> usize {
-        todo!()
+        let g = self.slot.gen.load(Ordering::SeqCst);
+        if g != self.seen_gen {
+            self.flush();
+            self.seen_gen = g;
+        }
+        self.entries
+            .iter()
+            .filter(|e| e.epoch == self.epoch)
+            .count()
     }
     /// Counters.
     pub fn stats(&self) -> TranslatorStats {
-        todo!()
+        self.stats
     }
+
+    fn flush(&mut self) {
+        self.epoch = self.epoch.wrapping_add(1);
+        self.mems.clear();
+        self.stats.flushes += 1;
+    }
+
+    #[inline(always)]
+    fn hit(&self, key: u32, iova: u64, perm: Perm) -> Option<Entry> {
+        let e = self.entries[((iova / PAGE_SIZE) & CACHE_MASK) as usize];
+        (e.epoch == self.epoch
+            && e.key == key
+            && iova >= e.start
+            && iova <= e.last
+            && perm.bits() & !e.perm == 0)
+            .then_some(e)
+    }
+
+    #[inline]
+    fn resolve(&mut self, pasid: Option<u32>, iova: u64, perm: Perm) -> Result<Entry> {
+        let key = pasid_key(pasid);
+        if let Some(e) = self.hit(key, iova, perm) {
+            self.stats.hits += 1;
+            return Ok(e);
+        }
+        self.fill(key, pasid, iova, perm)
+    }
+
+    fn mem_index(&mut self, m: &Arc<Memory>) -> u32 {
+        if let Some(i) = self.mems.iter().position(|x| Arc::ptr_eq(x, m)) {
+            return i as u32;
+        }
+        if self.mems.len() >= MAX_CACHED_MEMORIES {
+            // Indexes handed out in this section must stay valid: drop the
+            // cache at the next section start instead.
+            self.seen_gen = self.seen_gen.wrapping_sub(1);
+        }
+        self.mems.push(m.clone());
+        (self.mems.len() - 1) as u32
+    }
+
+    #[cold]
+    fn fill(&mut self, key: u32, pasid: Option<u32>, iova: u64, perm: Perm) -> Result<Entry> {
+        self.stats.misses += 1;
+        let dom = self.device.shared.attach_read().get(&key).cloned();
+        let Some(dom) = dom else {
+            return Err(Error::NotAttached { pasid });
+        };
+        let walked = {
+            let st = dom.s2.read();
+            match dom.s1_root {
+                None => walk_s2(&st, iova, perm),
+                Some(root) => walk_nested(&st, root, iova, perm),
+            }
+        };
+        let (mut e, mem) = match walked {
+            Ok(x) => x,
+            Err(reason) => return Err(self.fail(&dom, pasid, key, iova, perm, reason)),
+        };
+        e.mem = self.mem_index(&mem);
+        e.epoch = self.epoch;
+        e.key = key;
+        self.entries[((iova / PAGE_SIZE) & CACHE_MASK) as usize] = e;
+        Ok(e)
+    }
+
+    #[cold]
+    fn fail(
+        &mut self,
+        dom: &Domain,
+        pasid: Option<u32>,
+        key: u32,
+        iova: u64,
+        perm: Perm,
+        reason: EventReason,
+    ) -> Error {
+        let shared = &self.device.shared;
+        let dev_id = shared.bound_ctx().map(|(_, id)| id).unwrap_or(0);
+        let (vdev, vpasid, virtual_ids) = {
+            let v = shared.virt_read();
+            let vp = pasid.map(|p| v.p2v.get(&p).copied().unwrap_or(p));
+            (
+                v.virt_id.unwrap_or(u64::from(dev_id)),
+                vp,
+                v.virt_id.is_some(),
+            )
+        };
+        if let Some(q) = &dom.fault {
+            let mut flags = 0;
+            if pasid.is_some() {
+                flags |= IOMMU_PGFAULT_FLAGS_PASID_VALID;
+            }
+            if virtual_ids {
+                flags |= IOMMU_PGFAULT_FLAGS_VIRTUAL_IDS;
+            }
+            let rec = FaultRecord {
+                flags,
+                dev_id: vdev,
+                pasid: vpasid.unwrap_or(0),
+                grpid: shared.next_grpid(),
+                perm,
+                addr: iova & !(PAGE_SIZE - 1),
+                length: 0,
+                cookie: 0,
+            };
+            return match q.raise(shared, key, rec) {
+                Ok(pending) => Error::FaultRaised {
+                    iova,
+                    cookie: pending.cookie(),
+                    pending,
+                },
+                Err(e) => e,
+            };
+        }
+        if let Some((ctx, dev_id)) = shared.bound_ctx() {
+            ctx.report_event(dev_id, shared, pasid, iova, perm, reason);
+        }
+        match reason {
+            EventReason::Permission => Error::AccessDenied { pasid, iova, perm },
+            EventReason::NotMapped | EventReason::BadStage1Table | EventReason::Lost => {
+                Error::Unmapped { pasid, iova }
+            }
+        }
+    }
+}
+
+fn walk_s2(
+    st: &IoasState,
+    iova: u64,
+    perm: Perm,
+) -> std::result::Result<(Entry, Arc<Memory>), EventReason> {
+    let Some((s, a)) = st.lookup(iova) else {
+        return Err(EventReason::NotMapped);
+    };
+    if !a.perm.contains(perm) {
+        return Err(EventReason::Permission);
+    }
+    Ok((
+        Entry {
+            start: s,
+            last: a.last,
+            host: a.host_addr(),
+            mem_off: a.mem_off,
+            perm: a.perm.bits(),
+            ..Entry::default()
+        },
+        a.mem.clone(),
+    ))
+}
+
+/// Stage-1 address mask of table and page addresses (bits 51:12).
+const S1_ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+const S1_PRESENT: u64 = 1;
+const S1_WRITABLE: u64 = 2;
+
+fn walk_nested(
+    st: &IoasState,
+    root: u64,
+    iova: u64,
+    perm: Perm,
+) -> std::result::Result<(Entry, Arc<Memory>), EventReason> {
+    if iova >> 48 != 0 {
+        return Err(EventReason::NotMapped);
+    }
+    let mut table = root & S1_ADDR_MASK;
+    let mut writable = true;
+    for level in (0..4u32).rev() {
+        let idx = (iova >> (12 + 9 * level)) & 0x1ff;
+        let pte_addr = table + idx * 8;
+        let Some((s, a)) = st.lookup(pte_addr) else {
+            return Err(EventReason::BadStage1Table);
+        };
+        if !a.perm.contains(Perm::READ) || pte_addr.checked_add(7).is_none_or(|l| l > a.last) {
+            return Err(EventReason::BadStage1Table);
+        }
+        let off = a.mem_off + (pte_addr - s);
+        let pte = usize::try_from(off)
+            .ok()
+            .and_then(|o| a.mem.read_u64_le(o).ok())
+            .ok_or(EventReason::BadStage1Table)?;
+        if pte & S1_PRESENT == 0 {
+            return Err(EventReason::NotMapped);
+        }
+        writable &= pte & S1_WRITABLE != 0;
+        table = pte & S1_ADDR_MASK;
+    }
+    let s1perm = if writable { Perm::RW } else { Perm::READ };
+    if !s1perm.contains(perm) {
+        return Err(EventReason::Permission);
+    }
+    let page = iova & !(PAGE_SIZE - 1);
+    let gpa_page = table;
+    let gpa = gpa_page + (iova - page);
+    let Some((s, a)) = st.lookup(gpa) else {
+        return Err(EventReason::NotMapped);
+    };
+    if !a.perm.contains(perm) {
+        return Err(EventReason::Permission);
+    }
+    let lo = s.max(gpa_page);
+    let hi = a.last.min(gpa_page + PAGE_SIZE - 1);
+    Ok((
+        Entry {
+            start: page + (lo - gpa_page),
+            last: page + (hi - gpa_page),
+            host: a.host_addr() + (lo - s),
+            mem_off: a.mem_off + (lo - s),
+            perm: s1perm.bits() & a.perm.bits(),
+            ..Entry::default()
+        },
+        a.mem.clone(),
+    ))
 }
 
 /// An access section: host pointers from [`Access::translate`] stay valid
@@ -83,13 +363,35 @@ pub struct Access<'t> {
 
 impl std::fmt::Debug for Access<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Access").finish_non_exhaustive()
+        f.debug_struct("Access")
+            .field("translator", &self.t.slot.id)
+            .finish()
     }
+}
+
+impl Drop for Access<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        self.t.slot.leave();
+    }
+}
+
+fn check_range(iova: u64, len: u64) -> Result<()> {
+    if len == 0 {
+        return Err(Error::ZeroLength);
+    }
+    iova.checked_add(len - 1).ok_or(Error::Overflow {
+        start: iova,
+        length: len,
+    })?;
+    Ok(())
 }
 
 impl Access<'_> {
     /// Translates `[iova, iova+len)` for `perm`: clears `out` and fills it
-    /// with host fragments covering the range in order.
+    /// with host fragments covering the range in order (adjacent host runs
+    /// are merged).
+    #[inline]
     pub fn translate(
         &mut self,
         pasid: Option<u32>,
@@ -98,19 +400,71 @@ impl Access<'_> {
         perm: Perm,
         out: &mut Vec<Fragment>,
     ) -> Result<()> {
-        let _ = (pasid, iova, len, perm, out, &self.t);
-        todo!()
+        out.clear();
+        check_range(iova, len)?;
+        let mut at = iova;
+        let mut left = len;
+        loop {
+            let e = self.t.resolve(pasid, at, perm)?;
+            let avail = (e.last - at).saturating_add(1);
+            let n = left.min(avail);
+            let ptr = e.host.wrapping_add(at - e.start) as usize as *mut u8;
+            match out.last_mut() {
+                Some(f) if (f.ptr as usize).wrapping_add(f.len) == ptr as usize => {
+                    f.len += n as usize
+                }
+                _ => out.push(Fragment {
+                    ptr,
+                    len: n as usize,
+                }),
+            }
+            left -= n;
+            if left == 0 {
+                return Ok(());
+            }
+            at += n;
+        }
     }
+
+    fn for_each_piece(
+        &mut self,
+        pasid: Option<u32>,
+        iova: u64,
+        len: usize,
+        perm: Perm,
+        mut f: impl FnMut(&Memory, usize, usize, usize) -> Result<()>,
+    ) -> Result<()> {
+        check_range(iova, len as u64)?;
+        let mut done = 0usize;
+        while done < len {
+            let at = iova + done as u64;
+            let e = self.t.resolve(pasid, at, perm)?;
+            let avail = (e.last - at).saturating_add(1);
+            let n = ((len - done) as u64).min(avail) as usize;
+            let off = usize::try_from(e.mem_off + (at - e.start))
+                .map_err(|_| Error::Unmapped { pasid, iova: at })?;
+            let mem = &self.t.mems[e.mem as usize];
+            f(mem, off, done, n)?;
+            done += n;
+        }
+        Ok(())
+    }
+
     /// Reads device memory into `buf`.
     pub fn read(&mut self, pasid: Option<u32>, iova: u64, buf: &mut [u8]) -> Result<()> {
-        let _ = (pasid, iova, buf);
-        todo!()
+        let len = buf.len();
+        self.for_each_piece(pasid, iova, len, Perm::READ, |m, off, done, n| {
+            m.read_at(off, &mut buf[done..done + n])
+        })
     }
+
     /// Writes `buf` to device memory.
     pub fn write(&mut self, pasid: Option<u32>, iova: u64, buf: &[u8]) -> Result<()> {
-        let _ = (pasid, iova, buf);
-        todo!()
+        self.for_each_piece(pasid, iova, buf.len(), Perm::WRITE, |m, off, done, n| {
+            m.write_at(off, &buf[done..done + n])
+        })
     }
+
     /// Copies `len` bytes between two device addresses (memmove semantics
     /// per fragment pair).
     pub fn copy(
@@ -121,7 +475,40 @@ impl Access<'_> {
         dst: u64,
         len: u64,
     ) -> Result<()> {
-        let _ = (src_pasid, src, dst_pasid, dst, len);
-        todo!()
+        check_range(src, len)?;
+        check_range(dst, len)?;
+        let mut done = 0u64;
+        while done < len {
+            let s_at = src + done;
+            let d_at = dst + done;
+            let es = self.t.resolve(src_pasid, s_at, Perm::READ)?;
+            let ed = self.t.resolve(dst_pasid, d_at, Perm::WRITE)?;
+            let n = (len - done)
+                .min((es.last - s_at).saturating_add(1))
+                .min((ed.last - d_at).saturating_add(1));
+            let so =
+                usize::try_from(es.mem_off + (s_at - es.start)).map_err(|_| Error::Unmapped {
+                    pasid: src_pasid,
+                    iova: s_at,
+                })?;
+            let dof =
+                usize::try_from(ed.mem_off + (d_at - ed.start)).map_err(|_| Error::Unmapped {
+                    pasid: dst_pasid,
+                    iova: d_at,
+                })?;
+            let nn = usize::try_from(n).map_err(|_| Error::Overflow {
+                start: src,
+                length: len,
+            })?;
+            Memory::copy(
+                &self.t.mems[es.mem as usize],
+                so,
+                &self.t.mems[ed.mem as usize],
+                dof,
+                nn,
+            )?;
+            done += n;
+        }
+        Ok(())
     }
 }

@@ -1,0 +1,400 @@
+//! IOAS internals: the area tree, reservations, allowed ranges and IOVA
+//! allocation. The public operations live on [`Iommu`](crate::Iommu).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::device::DeviceShared;
+use crate::error::{Error, Result};
+use crate::memory::Memory;
+use crate::sync::Slot;
+use crate::types::{AreaInfo, DevId, IoasId, IovaRange, IovaRanges, Perm, PAGE_SIZE};
+
+/// Largest alignment automatic IOVA allocation asks for (a THP).
+const MAX_AUTO_ALIGN: u64 = 2 << 20;
+
+/// One mapping: `[start, last]` (the key holds `start`) → `mem[mem_off..]`.
+#[derive(Clone)]
+pub(crate) struct Area {
+    pub(crate) last: u64,
+    pub(crate) mem: Arc<Memory>,
+    pub(crate) mem_off: u64,
+    pub(crate) perm: Perm,
+    /// The pages were first mapped writable (copy may ask for WRITE).
+    pub(crate) pages_writable: bool,
+}
+
+impl Area {
+    pub(crate) fn host_addr(&self) -> u64 {
+        (self.mem.as_ptr() as u64).wrapping_add(self.mem_off)
+    }
+}
+
+/// Who added a reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ResvOwner {
+    User,
+    Device(DevId),
+}
+
+pub(crate) struct IoasState {
+    pub(crate) areas: BTreeMap<u64, Area>,
+    pub(crate) reserved: Vec<(IovaRange, ResvOwner)>,
+    pub(crate) allowed: Vec<IovaRange>,
+    /// Devices attached through a domain over this IOAS, with the number of
+    /// their attachments (RID and PASIDs).
+    pub(crate) users: HashMap<DevId, (usize, Arc<DeviceShared>)>,
+    hint: u64,
+}
+
+pub(crate) struct IoasInner {
+    pub(crate) id: IoasId,
+    state: RwLock<IoasState>,
+}
+
+impl IoasInner {
+    pub(crate) fn new(id: IoasId) -> Arc<IoasInner> {
+        Arc::new(IoasInner {
+            id,
+            state: RwLock::new(IoasState {
+                areas: BTreeMap::new(),
+                reserved: Vec::new(),
+                allowed: Vec::new(),
+                users: HashMap::new(),
+                hint: PAGE_SIZE,
+            }),
+        })
+    }
+
+    pub(crate) fn read(&self) -> RwLockReadGuard<'_, IoasState> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn write(&self) -> RwLockWriteGuard<'_, IoasState> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// `[start, start + len - 1]`, or `EOVERFLOW`.
+pub(crate) fn range_of(start: u64, len: u64) -> Result<IovaRange> {
+    let last = start
+        .checked_add(len - 1)
+        .ok_or(Error::Overflow { start, length: len })?;
+    Ok(IovaRange::new(start, last))
+}
+
+fn align_up(x: u64, a: u64) -> Option<u64> {
+    let m = a - 1;
+    x.checked_add(m).map(|v| v & !m)
+}
+
+impl IoasState {
+    /// The area containing `iova`.
+    #[inline]
+    pub(crate) fn lookup(&self, iova: u64) -> Option<(u64, &Area)> {
+        let (s, a) = self.areas.range(..=iova).next_back()?;
+        (iova <= a.last).then_some((*s, a))
+    }
+
+    /// The first area (lowest start) intersecting `r`, with its start.
+    pub(crate) fn first_area_in(&self, r: IovaRange) -> Option<(u64, &Area)> {
+        if let Some((s, a)) = self.areas.range(..=r.start).next_back() {
+            if a.last >= r.start {
+                return Some((*s, a));
+            }
+        }
+        self.areas
+            .range(r.start..=r.last)
+            .next()
+            .map(|(s, a)| (*s, a))
+    }
+
+    fn last_area_in(&self, r: IovaRange) -> Option<(u64, &Area)> {
+        let (s, a) = self.areas.range(..=r.last).next_back()?;
+        (a.last >= r.start).then_some((*s, a))
+    }
+
+    pub(crate) fn reserved_hit(&self, r: IovaRange) -> Option<IovaRange> {
+        self.reserved
+            .iter()
+            .filter(|(x, _)| x.intersects(&r))
+            .map(|(x, _)| *x)
+            .max_by_key(|x| x.last)
+    }
+
+    /// `out_iova_alignment`.
+    pub(crate) fn alignment(&self) -> u64 {
+        self.users
+            .values()
+            .map(|(_, d)| d.info.min_page_size())
+            .max()
+            .unwrap_or(1)
+    }
+
+    pub(crate) fn user_slots(&self) -> Vec<Arc<Slot>> {
+        let mut v = Vec::new();
+        for (_, d) in self.users.values() {
+            d.collect_slots(&mut v);
+        }
+        v
+    }
+
+    pub(crate) fn iova_ranges(&self) -> IovaRanges {
+        let mut resv: Vec<IovaRange> = self.reserved.iter().map(|(r, _)| *r).collect();
+        resv.sort();
+        let mut ranges = Vec::new();
+        let mut next: Option<u64> = Some(0);
+        for r in resv {
+            let Some(n) = next else { break };
+            if r.start > n {
+                ranges.push(IovaRange::new(n, r.start - 1));
+            }
+            if r.last >= n {
+                next = r.last.checked_add(1);
+            }
+        }
+        if let Some(n) = next {
+            ranges.push(IovaRange::new(n, u64::MAX));
+        }
+        IovaRanges {
+            ranges,
+            alignment: self.alignment(),
+        }
+    }
+
+    /// Checks a fixed range as `iopt_check_iova` does.
+    pub(crate) fn check_fixed(&self, iova: u64, len: u64, align: u64) -> Result<IovaRange> {
+        if iova % align != 0 {
+            return Err(Error::Misaligned { value: iova, align });
+        }
+        let r = range_of(iova, len)?;
+        if self.reserved_hit(r).is_some() {
+            return Err(Error::ReservedIova { iova, length: len });
+        }
+        if self.first_area_in(r).is_some() {
+            return Err(Error::Exists { iova, length: len });
+        }
+        Ok(r)
+    }
+
+    /// Automatic IOVA allocation as `iopt_alloc_iova` does it.
+    pub(crate) fn alloc_iova(&mut self, host_addr: u64, len: u64, ioas_align: u64) -> Result<u64> {
+        let mut align = len.checked_next_power_of_two().unwrap_or(1 << 63);
+        if host_addr != 0 {
+            align = align.min(1u64 << host_addr.trailing_zeros());
+        }
+        align = align.min(MAX_AUTO_ALIGN);
+        if align < ioas_align {
+            return Err(Error::Misaligned {
+                value: host_addr,
+                align: ioas_align,
+            });
+        }
+        let page_off = host_addr % PAGE_SIZE;
+        let windows: Vec<IovaRange> = if self.allowed.is_empty() {
+            vec![IovaRange::new(PAGE_SIZE, u64::MAX - PAGE_SIZE)]
+        } else {
+            self.allowed.clone()
+        };
+        let hint = self.hint;
+        // Next fit from the hint, then from the start of every window.
+        for from in [hint, 0] {
+            for w in &windows {
+                if w.last < from {
+                    continue;
+                }
+                let lo = w.start.max(from);
+                if let Some(iova) = self.search(*w, lo, len, align, page_off) {
+                    self.hint = iova.saturating_add(len);
+                    return Ok(iova);
+                }
+            }
+        }
+        Err(Error::NoSpace { length: len })
+    }
+
+    fn search(&self, w: IovaRange, lo: u64, len: u64, align: u64, page_off: u64) -> Option<u64> {
+        let cand = |x: u64| -> Option<u64> {
+            if align >= PAGE_SIZE {
+                align_up(x, align)
+            } else {
+                let base = (x & !(PAGE_SIZE - 1)).checked_add(page_off)?;
+                if base >= x {
+                    Some(base)
+                } else {
+                    base.checked_add(PAGE_SIZE)
+                }
+            }
+        };
+        let mut c = cand(lo)?;
+        // Each step skips past one conflicting area or reservation.
+        loop {
+            let last = c.checked_add(len - 1)?;
+            if c < w.start || last > w.last {
+                return None;
+            }
+            let r = IovaRange::new(c, last);
+            let mut skip = None;
+            if let Some((_, a)) = self.last_area_in(r) {
+                skip = Some(a.last);
+            }
+            if let Some(x) = self.reserved_hit(r) {
+                skip = Some(skip.map_or(x.last, |s: u64| s.max(x.last)));
+            }
+            match skip {
+                None => return Some(c),
+                Some(s) => c = cand(s.checked_add(1)?)?,
+            }
+        }
+    }
+
+    /// Adds reservations for `owner`, all or nothing (`EADDRINUSE` on a
+    /// conflict with areas or the allowed list).
+    pub(crate) fn reserve(&mut self, ranges: &[IovaRange], owner: ResvOwner) -> Result<()> {
+        for r in ranges {
+            if r.start > r.last {
+                return Err(Error::Invalid {
+                    what: "reserved range with start > last",
+                });
+            }
+            if self.first_area_in(*r).is_some() || self.allowed.iter().any(|a| a.intersects(r)) {
+                return Err(Error::AddressInUse {
+                    start: r.start,
+                    last: r.last,
+                });
+            }
+        }
+        for r in ranges {
+            self.reserved.push((*r, owner));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn unreserve(&mut self, owner: ResvOwner) {
+        self.reserved.retain(|(_, o)| *o != owner);
+    }
+
+    pub(crate) fn set_allowed(&mut self, ranges: &[IovaRange]) -> Result<()> {
+        let mut sorted = ranges.to_vec();
+        sorted.sort();
+        for r in &sorted {
+            if r.start >= r.last {
+                return Err(Error::Invalid {
+                    what: "allowed range needs start < last",
+                });
+            }
+        }
+        for w in sorted.windows(2) {
+            if w[0].intersects(&w[1]) {
+                return Err(Error::Invalid {
+                    what: "allowed ranges overlap",
+                });
+            }
+        }
+        for r in &sorted {
+            if let Some(x) = self.reserved_hit(*r) {
+                return Err(Error::AddressInUse {
+                    start: x.start,
+                    last: x.last,
+                });
+            }
+        }
+        self.allowed = sorted;
+        Ok(())
+    }
+
+    /// Areas not aligned to `align` (start, length or host address).
+    pub(crate) fn misaligned_area(&self, align: u64) -> Option<IovaRange> {
+        if align <= 1 {
+            return None;
+        }
+        self.areas
+            .iter()
+            .find(|(s, a)| {
+                let len = a.last - **s + 1;
+                **s % align != 0 || len % align != 0 || a.host_addr() % align != 0
+            })
+            .map(|(s, a)| IovaRange::new(*s, a.last))
+    }
+
+    /// Removes the whole areas inside `r` (atomically: a partial cover
+    /// removes nothing); returns the bytes and the removed areas.
+    pub(crate) fn unmap(&mut self, r: IovaRange, all: bool) -> Result<(u64, Vec<Area>)> {
+        let keys: Vec<u64> = if all {
+            self.areas.keys().copied().collect()
+        } else {
+            let mut keys = Vec::new();
+            if let Some((s, a)) = self.areas.range(..r.start).next_back() {
+                if a.last >= r.start {
+                    let _ = s;
+                    return Err(Error::NotMapped {
+                        iova: r.start,
+                        length: r.last - r.start + 1,
+                    });
+                }
+            }
+            for (s, a) in self.areas.range(r.start..=r.last) {
+                if a.last > r.last {
+                    return Err(Error::NotMapped {
+                        iova: r.start,
+                        length: r.last.wrapping_sub(r.start).wrapping_add(1),
+                    });
+                }
+                keys.push(*s);
+            }
+            if keys.is_empty() {
+                return Err(Error::NotMapped {
+                    iova: r.start,
+                    length: r.last.wrapping_sub(r.start).wrapping_add(1),
+                });
+            }
+            keys
+        };
+        let mut bytes = 0u64;
+        let mut removed = Vec::with_capacity(keys.len());
+        for k in keys {
+            if let Some(a) = self.areas.remove(&k) {
+                bytes = bytes.wrapping_add(a.last - k + 1);
+                removed.push(a);
+            }
+        }
+        Ok((bytes, removed))
+    }
+
+    /// The areas covering `r` without gaps, cut to `r`: `(iova, area)` with
+    /// the area narrowed to the piece.
+    pub(crate) fn pieces(&self, r: IovaRange) -> Result<Vec<(u64, Area)>> {
+        let missing = Error::NotMapped {
+            iova: r.start,
+            length: r.last - r.start + 1,
+        };
+        let mut out = Vec::new();
+        let mut at = r.start;
+        loop {
+            let Some((s, a)) = self.lookup(at) else {
+                return Err(missing);
+            };
+            let end = a.last.min(r.last);
+            let mut piece = a.clone();
+            piece.mem_off = a.mem_off + (at - s);
+            piece.last = end;
+            out.push((at, piece));
+            if end == r.last {
+                return Ok(out);
+            }
+            at = end + 1;
+        }
+    }
+
+    pub(crate) fn area_infos(&self) -> Vec<AreaInfo> {
+        self.areas
+            .iter()
+            .map(|(s, a)| AreaInfo {
+                iova: *s,
+                length: a.last - *s + 1,
+                perm: a.perm,
+                mem_offset: a.mem_off,
+            })
+            .collect()
+    }
+}
