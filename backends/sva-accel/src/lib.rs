@@ -14,3 +14,9 @@
 pub mod crc;
 pub mod desc;
 pub mod engine;
+pub mod device;
+pub mod proto;
+pub mod shm;
+pub mod space;
+pub mod wq;
+pub mod client;

@@ -1,0 +1,1131 @@
+//! The client driver library, shaped like Intel DML.
+//!
+//! ```no_run
+//! use sva_accel::client::Client;
+//! # fn main() -> Result<(), sva_accel::client::ClientError> {
+//! let client = Client::connect("/run/sva-accel.sock")?;
+//! let src = client.alloc(4096)?;          // memfd memory the device sees
+//! let dst = client.alloc(4096)?;          // at the same addresses as we do
+//! src.write(0, b"hello");
+//! let cr = client.mem_move(dst.addr(), src.addr(), 4096)?;
+//! assert_eq!(cr.status, sva_accel::desc::status::SUCCESS);
+//! # Ok(()) }
+//! ```
+//!
+//! - Memory: [`Client::alloc`] creates a sealed memfd, maps it in this
+//!   process at some address A and registers it with the device at device
+//!   address A, so descriptors carry our own pointers (shared virtual
+//!   addressing). [`Client::alloc_lazy`] leaves registration for later, for
+//!   example for a page fault handler.
+//! - Synchronous operations ([`Client::mem_move`], [`Client::fill`], ...),
+//!   asynchronous submission ([`Client::submit`] → [`Handle::wait`]), a batch
+//!   builder ([`Client::batch`]).
+//! - Options: block on fault (descriptors carry BOF and faults go to the
+//!   handler), and a CPU fallback that finishes a partially completed
+//!   operation in software when the rest lies in memory this client owns.
+//! - I/O page faults arrive over the framework's io_uring fault channel on a
+//!   library thread that calls the user's handler and answers the device.
+
+use crate::crc;
+use crate::desc::{
+    flags, opcode, status, CompletionRecord, Descriptor, OpCap, CR_SIZE, DESC_SIZE,
+};
+use crate::proto::{self, Reader, Writer};
+use crate::shm::{self, SharedMap};
+use crate::wq::{ClientPortal, Event, Rejected, WqMode};
+use ioasis::uring::record::FAULT_PERM_WRITE;
+use ioasis::uring::{FaultBatch, FaultChannel, PageResponse, Wait};
+use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// Completion record slots per client.
+pub const CR_SLOTS: usize = 4096;
+/// How long a submission retries a full shared queue before giving up.
+pub const SUBMIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a wait for a completion lasts before it reports a timeout.
+pub const WAIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Errors of the client library.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// Connecting to the daemon failed.
+    #[error("cannot connect to {path}")]
+    Connect {
+        /// Socket path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: nix::Error,
+    },
+    /// The control socket failed.
+    #[error("control socket failed during {what}")]
+    Socket {
+        /// Operation.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: nix::Error,
+    },
+    /// The daemon refused a request.
+    #[error("daemon refused {what} with errno {errno}")]
+    Refused {
+        /// Operation.
+        what: &'static str,
+        /// errno.
+        errno: i32,
+    },
+    /// The daemon sent a malformed reply.
+    #[error("malformed reply to {0}")]
+    Protocol(&'static str),
+    /// Local resource setup failed.
+    #[error("cannot set up {what}")]
+    Setup {
+        /// What.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The fault channel could not be set up.
+    #[error("cannot set up the fault channel")]
+    FaultChannel(#[source] ioasis::uring::ChannelError),
+    /// A shared queue stayed full (ENQCMD kept answering retry).
+    #[error("work queue full, retry")]
+    Retry,
+    /// No completion within the wait limit.
+    #[error("no completion within {0:?}")]
+    Timeout(Duration),
+    /// All completion record slots are in use.
+    #[error("no free completion record slot")]
+    NoSlots,
+    /// A batch has more members than the device allows.
+    #[error("batch of {count} exceeds the maximum of {max}")]
+    BatchTooLarge {
+        /// Members.
+        count: usize,
+        /// Device maximum.
+        max: u32,
+    },
+}
+
+/// Result alias of the client library.
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// What the device reported at connect time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// PASID bound to this client.
+    pub pasid: u32,
+    /// Work queue mode.
+    pub wq_mode: WqMode,
+    /// Work queue size.
+    pub wq_size: u32,
+    /// Maximum batch size.
+    pub max_batch: u32,
+    /// Maximum transfer size.
+    pub max_xfer: u32,
+    /// Device id in fault records.
+    pub dev_id: u32,
+    /// Operation capability.
+    pub opcap: OpCap,
+}
+
+/// An I/O page fault the device raised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    /// Faulting page (page aligned).
+    pub addr: u64,
+    /// The access was a write.
+    pub write: bool,
+    /// PASID of the access.
+    pub pasid: u32,
+}
+
+/// The handler's answer to a fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultAction {
+    /// The page is now mapped: retry (page response SUCCESS).
+    Retry,
+    /// Give up: the descriptor completes with 0x04 (page response INVALID).
+    Fail,
+}
+
+/// A page fault handler.
+pub type FaultHandler = Box<dyn FnMut(&Fault) -> FaultAction + Send>;
+
+/// Connection options.
+pub struct Options {
+    /// Work queue priority of this client's portal, 1..=15.
+    pub priority: u8,
+    /// Library-built descriptors carry BOF.
+    pub block_on_fault: bool,
+    /// Finish partially completed operations on the CPU.
+    pub cpu_fallback: bool,
+    /// Called for each I/O page fault; without one every fault is answered
+    /// INVALID.
+    pub fault_handler: Option<FaultHandler>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            priority: 1,
+            block_on_fault: false,
+            cpu_fallback: false,
+            fault_handler: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("priority", &self.priority)
+            .field("block_on_fault", &self.block_on_fault)
+            .field("cpu_fallback", &self.cpu_fallback)
+            .field("fault_handler", &self.fault_handler.is_some())
+            .finish()
+    }
+}
+
+/// Counters of a client.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    /// Descriptors submitted.
+    pub submitted: AtomicU64,
+    /// Shared-queue retries.
+    pub retries: AtomicU64,
+    /// Faults received.
+    pub faults: AtomicU64,
+    /// Faults answered Retry.
+    pub faults_retried: AtomicU64,
+    /// Operations finished on the CPU.
+    pub cpu_fallbacks: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    ctrl: Mutex<OwnedFd>,
+    portal: Mutex<ClientPortal>,
+    info: DeviceInfo,
+    doorbell: OwnedFd,
+    completion: OwnedFd,
+    regions: RwLock<Vec<(u64, u64)>>,
+    free_slots: Mutex<Vec<u32>>,
+    stop: AtomicBool,
+    stats: ClientStats,
+    block_on_fault: bool,
+    cpu_fallback: bool,
+}
+
+/// A connection to the device.
+#[derive(Debug)]
+pub struct Client {
+    inner: Arc<Inner>,
+    crs: Arc<Buffer>,
+    fault_thread: Option<JoinHandle<()>>,
+}
+
+/// Memory shared with the device: mapped here at [`Buffer::addr`], and (once
+/// registered) at the same device address.
+#[derive(Debug)]
+pub struct Buffer {
+    inner: Arc<Inner>,
+    map: SharedMap,
+    fd: OwnedFd,
+    registered: AtomicBool,
+}
+
+fn request(inner: &Inner, what: &'static str, msg: &[u8], fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<Vec<u8>> {
+    let ctrl = inner.ctrl.lock().map_err(|_| ClientError::Protocol(what))?;
+    proto::send(ctrl.as_fd(), msg, fds).map_err(|source| ClientError::Socket { what, source })?;
+    let pkt = proto::recv(ctrl.as_fd())
+        .map_err(|source| ClientError::Socket { what, source })?
+        .ok_or(ClientError::Socket {
+            what,
+            source: nix::errno::Errno::ECONNRESET,
+        })?;
+    let mut r = Reader::new(&pkt.data);
+    let st = r.i32().ok_or(ClientError::Protocol(what))?;
+    if st != 0 {
+        return Err(ClientError::Refused { what, errno: -st });
+    }
+    Ok(pkt.data[8.min(pkt.data.len())..].to_vec())
+}
+
+impl Buffer {
+    /// Device address (and our own address) of the first byte.
+    pub fn addr(&self) -> u64 {
+        self.map.as_ptr() as u64
+    }
+
+    /// Device address of byte `off`.
+    pub fn at(&self, off: usize) -> u64 {
+        self.addr() + off as u64
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether the buffer is empty (never).
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Raw pointer to the first byte.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.map.as_ptr()
+    }
+
+    /// Copies bytes out of the buffer.
+    pub fn read(&self, off: usize, buf: &mut [u8]) {
+        self.map.read(off, buf);
+    }
+
+    /// Copies bytes into the buffer.
+    pub fn write(&self, off: usize, data: &[u8]) {
+        self.map.write(off, data);
+    }
+
+    /// A copy of `len` bytes from `off`.
+    pub fn to_vec(&self, off: usize, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.read(off, &mut v);
+        v
+    }
+
+    /// Whether the device can currently reach this buffer.
+    pub fn is_registered(&self) -> bool {
+        self.registered.load(Ordering::Acquire)
+    }
+
+    /// Registers the buffer with the device at its own address.
+    pub fn register(&self) -> Result<()> {
+        if self.is_registered() {
+            return Ok(());
+        }
+        let msg = Writer::default()
+            .u32(proto::OP_MAP)
+            .u32(0)
+            .u64(self.addr())
+            .u64(self.len() as u64)
+            .u64(0)
+            .u32(proto::MAP_WRITABLE)
+            .0;
+        request(&self.inner, "map", &msg, &[self.fd.as_fd()])?;
+        self.registered.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Removes the buffer from the device's view. When this returns the
+    /// device no longer touches it.
+    pub fn unregister(&self) -> Result<()> {
+        if !self.registered.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let msg = Writer::default()
+            .u32(proto::OP_UNMAP)
+            .u32(0)
+            .u64(self.addr())
+            .u64(self.len() as u64)
+            .0;
+        request(&self.inner, "unmap", &msg, &[])?;
+        Ok(())
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        let _ = self.unregister();
+        let a = self.addr();
+        if let Ok(mut r) = self.inner.regions.write() {
+            r.retain(|(x, _)| *x != a);
+        }
+    }
+}
+
+/// An operation in flight.
+#[derive(Debug)]
+pub struct Handle<'c> {
+    client: &'c Client,
+    slot: Option<u32>,
+    desc: Descriptor,
+}
+
+impl Handle<'_> {
+    /// The completion record address.
+    pub fn record_addr(&self) -> u64 {
+        self.desc.completion_addr
+    }
+
+    /// The record, if the device wrote it.
+    pub fn poll(&self) -> Option<CompletionRecord> {
+        self.client.read_record(self.desc.completion_addr)
+    }
+
+    /// Waits for the completion record (then applies the CPU fallback when
+    /// enabled).
+    pub fn wait(mut self) -> Result<CompletionRecord> {
+        let cr = self.client.wait_record(self.desc.completion_addr)?;
+        if let Some(s) = self.slot.take() {
+            self.client.free_slot(s);
+        }
+        Ok(self.client.fallback(&self.desc, cr))
+    }
+}
+
+impl Drop for Handle<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.slot.take() {
+            // The device may still write the slot: reuse it only once it has.
+            if self.client.wait_record(self.desc.completion_addr).is_ok() {
+                self.client.free_slot(s);
+            }
+        }
+    }
+}
+
+impl Client {
+    /// Connects with default options.
+    pub fn connect(path: impl AsRef<Path>) -> Result<Client> {
+        Client::connect_with(path, Options::default())
+    }
+
+    /// Connects: HELLO, map the portal, register the completion record
+    /// pool, start the fault thread.
+    pub fn connect_with(path: impl AsRef<Path>, mut opts: Options) -> Result<Client> {
+        let path = path.as_ref();
+        let cerr = |source| ClientError::Connect {
+            path: path.display().to_string(),
+            source,
+        };
+        let sock = socket::socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(cerr)?;
+        let addr = UnixAddr::new(path).map_err(cerr)?;
+        socket::connect(sock.as_raw_fd(), &addr).map_err(cerr)?;
+        let msg = Writer::default()
+            .u32(proto::OP_HELLO)
+            .u32(0)
+            .u32(proto::VERSION)
+            .u32(u32::from(opts.priority))
+            .0;
+        let what = "hello";
+        proto::send(sock.as_fd(), &msg, &[]).map_err(|source| ClientError::Socket { what, source })?;
+        let pkt = proto::recv(sock.as_fd())
+            .map_err(|source| ClientError::Socket { what, source })?
+            .ok_or(ClientError::Protocol(what))?;
+        let mut r = Reader::new(&pkt.data);
+        let st = r.i32().ok_or(ClientError::Protocol(what))?;
+        if st != 0 {
+            return Err(ClientError::Refused { what, errno: -st });
+        }
+        let _ = r.u32();
+        let mut f = || r.u32().ok_or(ClientError::Protocol(what));
+        let (pasid, mode, wq_size, max_batch, max_xfer, dev_id) = (f()?, f()?, f()?, f()?, f()?, f()?);
+        let mut opcap = [0u64; 4];
+        for w in opcap.iter_mut() {
+            *w = r.u64().ok_or(ClientError::Protocol(what))?;
+        }
+        let wq_mode = WqMode::from_u32(mode).ok_or(ClientError::Protocol(what))?;
+        if !(2..=crate::wq::MAX_WQ_SIZE).contains(&wq_size) || pkt.fds.len() != 4 {
+            return Err(ClientError::Protocol(what));
+        }
+        let mut fds = pkt.fds.into_iter();
+        let (Some(portal_fd), Some(doorbell), Some(completion), Some(fault_fd)) =
+            (fds.next(), fds.next(), fds.next(), fds.next())
+        else {
+            return Err(ClientError::Protocol(what));
+        };
+        let portal = ClientPortal::new(&portal_fd, wq_size).map_err(|source| ClientError::Setup {
+            what: "portal mapping",
+            source,
+        })?;
+        let info = DeviceInfo {
+            pasid,
+            wq_mode,
+            wq_size,
+            max_batch,
+            max_xfer,
+            dev_id,
+            opcap: OpCap(opcap),
+        };
+        let inner = Arc::new(Inner {
+            ctrl: Mutex::new(sock),
+            portal: Mutex::new(portal),
+            info,
+            doorbell,
+            completion,
+            regions: RwLock::new(Vec::new()),
+            free_slots: Mutex::new((0..CR_SLOTS as u32).rev().collect()),
+            stop: AtomicBool::new(false),
+            stats: ClientStats::default(),
+            block_on_fault: opts.block_on_fault,
+            cpu_fallback: opts.cpu_fallback,
+        });
+        let crs = Arc::new(alloc_buffer(&inner, CR_SLOTS * CR_SIZE)?);
+        crs.register()?;
+        let channel = FaultChannel::new(fault_fd).map_err(ClientError::FaultChannel)?;
+        let handler = opts.fault_handler.take();
+        let t_inner = inner.clone();
+        let fault_thread = std::thread::Builder::new()
+            .name("sva-faults".into())
+            .spawn(move || fault_loop(&t_inner, channel, handler))
+            .map_err(|source| ClientError::Setup {
+                what: "fault thread",
+                source,
+            })?;
+        Ok(Client {
+            inner,
+            crs,
+            fault_thread: Some(fault_thread),
+        })
+    }
+
+    /// What the device reported at connect time.
+    pub fn info(&self) -> DeviceInfo {
+        self.inner.info
+    }
+
+    /// PASID bound to this client.
+    pub fn pasid(&self) -> u32 {
+        self.inner.info.pasid
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &ClientStats {
+        &self.inner.stats
+    }
+
+    /// Allocates `len` bytes (rounded up to pages) and registers them.
+    pub fn alloc(&self, len: usize) -> Result<Buffer> {
+        let b = alloc_buffer(&self.inner, len)?;
+        b.register()?;
+        Ok(b)
+    }
+
+    /// Allocates `len` bytes without registering them (the device faults on
+    /// them until [`Buffer::register`]).
+    pub fn alloc_lazy(&self, len: usize) -> Result<Buffer> {
+        alloc_buffer(&self.inner, len)
+    }
+
+    /// Events the device reported (completion records it could not write).
+    pub fn events(&self) -> Vec<Event> {
+        let mut v = Vec::new();
+        if let Ok(mut p) = self.inner.portal.lock() {
+            p.take_events(&mut v);
+        }
+        v
+    }
+
+    fn alloc_slot(&self) -> Result<(u32, u64)> {
+        let s = self
+            .inner
+            .free_slots
+            .lock()
+            .map_err(|_| ClientError::NoSlots)?
+            .pop()
+            .ok_or(ClientError::NoSlots)?;
+        let off = s as usize * CR_SIZE;
+        self.crs.write(off, &[0u8; CR_SIZE]);
+        Ok((s, self.crs.at(off)))
+    }
+
+    fn free_slot(&self, s: u32) {
+        if let Ok(mut f) = self.inner.free_slots.lock() {
+            f.push(s);
+        }
+    }
+
+    /// Reads a completion record at a device address inside one of our
+    /// buffers, if its status byte is set.
+    fn read_record(&self, addr: u64) -> Option<CompletionRecord> {
+        if !self.owns(addr, CR_SIZE as u64) {
+            return None;
+        }
+        let p = addr as *mut u8;
+        // SAFETY: `owns` checked that the 32 bytes lie in a live mapping of
+        // this client; the status byte is accessed atomically on both sides.
+        let st = unsafe { AtomicU8::from_ptr(p) }.load(Ordering::Acquire);
+        if st == 0 {
+            return None;
+        }
+        let mut b = [0u8; CR_SIZE];
+        // SAFETY: as above; the acquire load orders the rest of the record.
+        unsafe { std::ptr::copy_nonoverlapping(p, b.as_mut_ptr(), CR_SIZE) };
+        Some(CompletionRecord::from_bytes(&b))
+    }
+
+    fn owns(&self, addr: u64, len: u64) -> bool {
+        let Some(end) = addr.checked_add(len) else {
+            return false;
+        };
+        self.inner
+            .regions
+            .read()
+            .map_or(false, |r| r.iter().any(|(a, l)| addr >= *a && end <= a + l))
+    }
+
+    /// Waits until the record at `addr` (in our memory) has a status.
+    pub fn wait_record(&self, addr: u64) -> Result<CompletionRecord> {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_micros(20) {
+            if let Some(cr) = self.read_record(addr) {
+                return Ok(cr);
+            }
+            std::hint::spin_loop();
+        }
+        loop {
+            if let Some(cr) = self.read_record(addr) {
+                return Ok(cr);
+            }
+            if start.elapsed() > WAIT_TIMEOUT {
+                return Err(ClientError::Timeout(WAIT_TIMEOUT));
+            }
+            self.with_portal(|p| p.set_waiting(true));
+            if self.read_record(addr).is_none() {
+                let _ = shm::poll_in(&[self.inner.completion.as_fd()], 5);
+                shm::drain(self.inner.completion.as_fd());
+            }
+            self.with_portal(|p| p.set_waiting(false));
+        }
+    }
+
+    fn with_portal<T>(&self, f: impl FnOnce(&mut ClientPortal) -> T) -> Option<T> {
+        self.inner.portal.lock().ok().map(|mut p| f(&mut p))
+    }
+
+    /// Submits raw descriptors as they are (fields, flags and completion
+    /// addresses untouched); retries a full shared queue and waits for
+    /// credits on a dedicated one, up to [`SUBMIT_TIMEOUT`].
+    pub fn submit_raw(&self, descs: &[Descriptor]) -> Result<()> {
+        let raw: Vec<[u8; DESC_SIZE]> = descs.iter().map(|d| d.to_bytes()).collect();
+        let start = Instant::now();
+        loop {
+            match self.try_submit_bytes(&raw) {
+                Err(ClientError::Retry) if start.elapsed() < SUBMIT_TIMEOUT => {
+                    std::thread::yield_now();
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One submission attempt: `Err(Retry)` when the shared queue is full
+    /// (ENQCMD's retry) or the dedicated queue has no credit.
+    pub fn try_submit_raw(&self, descs: &[Descriptor]) -> Result<()> {
+        let raw: Vec<[u8; DESC_SIZE]> = descs.iter().map(|d| d.to_bytes()).collect();
+        self.try_submit_bytes(&raw)
+    }
+
+    /// Submits raw 64-byte descriptors (one attempt).
+    pub fn try_submit_bytes(&self, raw: &[[u8; DESC_SIZE]]) -> Result<()> {
+        let mut p = self.inner.portal.lock().map_err(|_| ClientError::Retry)?;
+        match p.submit(raw, self.inner.info.wq_mode) {
+            Ok(()) => {
+                self.inner
+                    .stats
+                    .submitted
+                    .fetch_add(raw.len() as u64, Ordering::Relaxed);
+                if p.needs_doorbell() {
+                    shm::signal(self.inner.doorbell.as_fd());
+                }
+                Ok(())
+            }
+            Err(Rejected::Retry | Rejected::NoCredit) => {
+                self.inner.stats.retries.fetch_add(1, Ordering::Relaxed);
+                if p.needs_doorbell() {
+                    shm::signal(self.inner.doorbell.as_fd());
+                }
+                Err(ClientError::Retry)
+            }
+        }
+    }
+
+    /// Submits a descriptor with a library completion record (CRAV|RCR,
+    /// BOF per options); the descriptor's completion address is replaced.
+    pub fn submit(&self, mut d: Descriptor) -> Result<Handle<'_>> {
+        let (slot, addr) = self.alloc_slot()?;
+        d.completion_addr = addr;
+        d.flags |= flags::CRAV | flags::RCR;
+        if self.inner.block_on_fault {
+            d.flags |= flags::BOF;
+        }
+        let h = Handle {
+            client: self,
+            slot: Some(slot),
+            desc: d,
+        };
+        if let Err(e) = self.submit_raw(&[d]) {
+            let mut h = h;
+            if let Some(s) = h.slot.take() {
+                self.free_slot(s);
+            }
+            return Err(e);
+        }
+        Ok(h)
+    }
+
+    /// Submits and waits.
+    pub fn run(&self, d: Descriptor) -> Result<CompletionRecord> {
+        self.submit(d)?.wait()
+    }
+
+    /// Memory move (overlap allowed).
+    pub fn mem_move(&self, dst: u64, src: u64, len: u32) -> Result<CompletionRecord> {
+        self.run(ops::mem_move(dst, src, len))
+    }
+
+    /// Fill with an 8-byte pattern.
+    pub fn fill(&self, dst: u64, pattern: u64, len: u32) -> Result<CompletionRecord> {
+        self.run(ops::fill(dst, pattern, len))
+    }
+
+    /// Compare two regions (`result` 0 equal, else `bytes_completed` is the
+    /// first difference).
+    pub fn compare(&self, a: u64, b: u64, len: u32) -> Result<CompletionRecord> {
+        self.run(ops::compare(a, b, len))
+    }
+
+    /// Compare a region with a pattern.
+    pub fn compare_pattern(&self, src: u64, pattern: u64, len: u32) -> Result<CompletionRecord> {
+        self.run(ops::compare_pattern(src, pattern, len))
+    }
+
+    /// CRC-32C with a seed.
+    pub fn crc(&self, src: u64, len: u32, seed: u32) -> Result<CompletionRecord> {
+        self.run(ops::crc(src, len, seed))
+    }
+
+    /// Copy with CRC-32C.
+    pub fn copy_crc(&self, dst: u64, src: u64, len: u32, seed: u32) -> Result<CompletionRecord> {
+        self.run(ops::copy_crc(dst, src, len, seed))
+    }
+
+    /// Copy one source to two destinations.
+    pub fn dualcast(&self, dst1: u64, dst2: u64, src: u64, len: u32) -> Result<CompletionRecord> {
+        self.run(ops::dualcast(dst1, dst2, src, len))
+    }
+
+    /// Create a delta record of `a` → `b`.
+    pub fn create_delta(&self, a: u64, b: u64, len: u32, delta: u64, max: u32) -> Result<CompletionRecord> {
+        self.run(ops::create_delta(a, b, len, delta, max))
+    }
+
+    /// Apply a delta record to `dst`.
+    pub fn apply_delta(&self, dst: u64, len: u32, delta: u64, delta_size: u32) -> Result<CompletionRecord> {
+        self.run(ops::apply_delta(dst, len, delta, delta_size))
+    }
+
+    /// Cache flush of a range.
+    pub fn cache_flush(&self, dst: u64, len: u32) -> Result<CompletionRecord> {
+        self.run(ops::cache_flush(dst, len))
+    }
+
+    /// Drain: completes after everything submitted before it.
+    pub fn drain(&self) -> Result<CompletionRecord> {
+        self.run(Descriptor::new(opcode::DRAIN, 0))
+    }
+
+    /// A batch builder with room for `capacity` members.
+    pub fn batch(&self, capacity: usize) -> Result<Batch<'_>> {
+        let max = self.inner.info.max_batch;
+        if capacity > max as usize {
+            return Err(ClientError::BatchTooLarge {
+                count: capacity,
+                max,
+            });
+        }
+        let cap = capacity.max(2);
+        Ok(Batch {
+            client: self,
+            list: self.alloc(cap * DESC_SIZE)?,
+            crs: self.alloc(cap * CR_SIZE)?,
+            descs: Vec::with_capacity(cap),
+            capacity: cap,
+            fence_next: false,
+        })
+    }
+
+    /// The CPU fallback: finish a partially completed operation in software
+    /// when everything left lies in this client's buffers (DML's rewrite
+    /// rules: advance by `bytes_completed`, continue CRCs from `crc_val`).
+    fn fallback(&self, d: &Descriptor, cr: CompletionRecord) -> CompletionRecord {
+        let code = cr.code();
+        if !self.inner.cpu_fallback
+            || (code != status::PAGE_FAULT_NOBOF && code != status::PAGE_FAULT_IR)
+        {
+            return cr;
+        }
+        let done = u64::from(cr.bytes_completed);
+        let len = u64::from(d.xfer_size);
+        if done > len {
+            return cr;
+        }
+        let rem = len - done;
+        let own = |a: u64| self.owns(a, rem);
+        let mut out = CompletionRecord::with_status(status::SUCCESS);
+        out.bytes_completed = d.xfer_size;
+        let ok = match d.opcode {
+            opcode::MEMMOVE => {
+                // Descending copies completed their tail.
+                let (s, t) = if cr.result == 1 {
+                    (d.src, d.dst)
+                } else {
+                    (d.src + done, d.dst + done)
+                };
+                out.result = cr.result;
+                own(s) && own(t) && {
+                    // SAFETY: both ranges lie in live mappings of this client
+                    // (checked); ptr::copy allows overlap.
+                    unsafe { std::ptr::copy(s as *const u8, t as *mut u8, rem as usize) };
+                    true
+                }
+            }
+            opcode::MEMFILL => {
+                let t = d.dst + done;
+                own(t) && {
+                    let pat = d.src.to_le_bytes();
+                    for i in 0..rem {
+                        let b = pat[((done + i) % 8) as usize];
+                        // SAFETY: t + i lies in a live mapping of this client.
+                        unsafe { ((t + i) as *mut u8).write_volatile(b) };
+                    }
+                    true
+                }
+            }
+            opcode::CRCGEN | opcode::COPY_CRC => {
+                let s = d.src + done;
+                let copy_ok = d.opcode == opcode::CRCGEN || own(d.dst + done);
+                own(s) && copy_ok && {
+                    let mut v = vec![0u8; rem as usize];
+                    // SAFETY: the source range lies in a live mapping.
+                    unsafe { std::ptr::copy_nonoverlapping(s as *const u8, v.as_mut_ptr(), v.len()) };
+                    if d.opcode == opcode::COPY_CRC {
+                        // SAFETY: the destination range lies in a live mapping.
+                        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), (d.dst + done) as *mut u8, v.len()) };
+                    }
+                    out.set_crc_val(crc::crc32c(cr.crc_val(), &v));
+                    true
+                }
+            }
+            opcode::CFLUSH => true,
+            _ => false,
+        };
+        if ok {
+            self.inner.stats.cpu_fallbacks.fetch_add(1, Ordering::Relaxed);
+            out
+        } else {
+            cr
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.fault_thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn alloc_buffer(inner: &Arc<Inner>, len: usize) -> Result<Buffer> {
+    let len = len.max(1).div_ceil(4096) * 4096;
+    let setup = |what| move |source| ClientError::Setup { what, source };
+    let fd = shm::memfd("sva-buffer", len as u64).map_err(setup("memfd"))?;
+    // Sealed against shrinking: the device refuses memory that could vanish.
+    shm::add_seals(fd.as_fd(), libc::F_SEAL_SHRINK).map_err(setup("memfd seals"))?;
+    let map = SharedMap::map(fd.as_fd(), 0, len, true).map_err(setup("buffer mapping"))?;
+    let b = Buffer {
+        inner: inner.clone(),
+        map,
+        fd,
+        registered: AtomicBool::new(false),
+    };
+    if let Ok(mut r) = inner.regions.write() {
+        r.push((b.addr(), len as u64));
+    }
+    Ok(b)
+}
+
+fn fault_loop(inner: &Inner, mut ch: FaultChannel, mut handler: Option<FaultHandler>) {
+    let mut batch = FaultBatch::with_capacity(64);
+    let mut responses = Vec::new();
+    while !inner.stop.load(Ordering::SeqCst) {
+        batch.clear();
+        match ch.respond_and_recv(&responses, &mut batch, Wait::Timeout(Duration::from_millis(50))) {
+            Ok(_) => {}
+            Err(ioasis::uring::ChannelError::Closed) => return,
+            Err(e) => {
+                log::warn!("fault channel: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        responses.clear();
+        let mut ok = true;
+        for r in &batch.records {
+            inner.stats.faults.fetch_add(1, Ordering::Relaxed);
+            let f = Fault {
+                addr: r.addr,
+                write: r.perm & FAULT_PERM_WRITE != 0,
+                pasid: r.pasid,
+            };
+            let act = handler.as_mut().map_or(FaultAction::Fail, |h| h(&f));
+            ok &= act == FaultAction::Retry;
+            if r.is_last() {
+                if ok {
+                    inner.stats.faults_retried.fetch_add(1, Ordering::Relaxed);
+                    responses.push(PageResponse::success(r.cookie));
+                } else {
+                    responses.push(PageResponse::invalid(r.cookie));
+                }
+                ok = true;
+            }
+        }
+        if !responses.is_empty() {
+            if let Err(e) = ch.respond(&responses) {
+                log::warn!("fault responses: {e}");
+            }
+            responses.clear();
+        }
+    }
+}
+
+/// Builders of library descriptors (completion address filled at submit).
+pub mod ops {
+    use crate::desc::{opcode, Descriptor};
+
+    /// Memory move.
+    pub fn mem_move(dst: u64, src: u64, len: u32) -> Descriptor {
+        let mut d = Descriptor::new(opcode::MEMMOVE, 0);
+        d.src = src;
+        d.dst = dst;
+        d.xfer_size = len;
+        d
+    }
+    /// Fill.
+    pub fn fill(dst: u64, pattern: u64, len: u32) -> Descriptor {
+        let mut d = Descriptor::new(opcode::MEMFILL, 0);
+        d.src = pattern;
+        d.dst = dst;
+        d.xfer_size = len;
+        d
+    }
+    /// Compare.
+    pub fn compare(a: u64, b: u64, len: u32) -> Descriptor {
+        let mut d = Descriptor::new(opcode::COMPARE, 0);
+        d.src = a;
+        d.dst = b;
+        d.xfer_size = len;
+        d
+    }
+    /// Compare with a pattern.
+    pub fn compare_pattern(src: u64, pattern: u64, len: u32) -> Descriptor {
+        let mut d = Descriptor::new(opcode::COMPVAL, 0);
+        d.src = src;
+        d.dst = pattern;
+        d.xfer_size = len;
+        d
+    }
+    /// CRC-32C.
+    pub fn crc(src: u64, len: u32, seed: u32) -> Descriptor {
+        let mut d = Descriptor::new(opcode::CRCGEN, 0);
+        d.src = src;
+        d.xfer_size = len;
+        d.set_op_u32(0, seed);
+        d
+    }
+    /// Copy with CRC-32C.
+    pub fn copy_crc(dst: u64, src: u64, len: u32, seed: u32) -> Descriptor {
+        let mut d = crc(src, len, seed);
+        d.opcode = opcode::COPY_CRC;
+        d.dst = dst;
+        d
+    }
+    /// Dualcast.
+    pub fn dualcast(dst1: u64, dst2: u64, src: u64, len: u32) -> Descriptor {
+        let mut d = Descriptor::new(opcode::DUALCAST, 0);
+        d.src = src;
+        d.dst = dst1;
+        d.xfer_size = len;
+        d.set_op_u64(0, dst2);
+        d
+    }
+    /// Create a delta record.
+    pub fn create_delta(a: u64, b: u64, len: u32, delta: u64, max: u32) -> Descriptor {
+        let mut d = Descriptor::new(opcode::CR_DELTA, 0);
+        d.src = a;
+        d.dst = b;
+        d.xfer_size = len;
+        d.set_op_u64(0, delta);
+        d.set_op_u32(8, max);
+        d
+    }
+    /// Apply a delta record.
+    pub fn apply_delta(dst: u64, len: u32, delta: u64, delta_size: u32) -> Descriptor {
+        let mut d = Descriptor::new(opcode::AP_DELTA, 0);
+        d.src = delta;
+        d.dst = dst;
+        d.xfer_size = len;
+        d.set_op_u32(0, delta_size);
+        d
+    }
+    /// Cache flush.
+    pub fn cache_flush(dst: u64, len: u32) -> Descriptor {
+        let mut d = Descriptor::new(opcode::CFLUSH, 0);
+        d.dst = dst;
+        d.xfer_size = len;
+        d
+    }
+}
+
+/// A batch under construction. Members get a completion record slot each
+/// (written only when they fail: CRAV without RCR); a one-member batch is
+/// padded with a NOOP because the device needs at least two.
+#[derive(Debug)]
+pub struct Batch<'c> {
+    client: &'c Client,
+    list: Buffer,
+    crs: Buffer,
+    descs: Vec<Descriptor>,
+    capacity: usize,
+    fence_next: bool,
+}
+
+/// The outcome of a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchResult {
+    /// The batch's record (`bytes_completed` = members completed).
+    pub record: CompletionRecord,
+    /// Each member's record; status 0 means it succeeded (no record) or was
+    /// abandoned after a fence.
+    pub members: Vec<CompletionRecord>,
+}
+
+impl<'c> Batch<'c> {
+    /// Adds a descriptor (its completion address is replaced by the
+    /// member's slot).
+    pub fn push(&mut self, mut d: Descriptor) -> &mut Self {
+        if self.descs.len() >= self.capacity {
+            log::warn!("batch full ({} members), descriptor dropped", self.capacity);
+            return self;
+        }
+        let i = self.descs.len();
+        d.flags |= flags::CRAV;
+        if self.client.inner.block_on_fault {
+            d.flags |= flags::BOF;
+        }
+        if std::mem::take(&mut self.fence_next) {
+            d.flags |= flags::FENCE;
+        }
+        d.completion_addr = self.crs.at(i * CR_SIZE);
+        self.descs.push(d);
+        self
+    }
+
+    /// The next member waits for every earlier one (and is abandoned, with
+    /// the rest, if one of them failed).
+    pub fn fence(&mut self) -> &mut Self {
+        self.fence_next = true;
+        self
+    }
+
+    /// Adds a memory move.
+    pub fn mem_move(&mut self, dst: u64, src: u64, len: u32) -> &mut Self {
+        self.push(ops::mem_move(dst, src, len))
+    }
+
+    /// Adds a fill.
+    pub fn fill(&mut self, dst: u64, pattern: u64, len: u32) -> &mut Self {
+        self.push(ops::fill(dst, pattern, len))
+    }
+
+    /// Adds a compare.
+    pub fn compare(&mut self, a: u64, b: u64, len: u32) -> &mut Self {
+        self.push(ops::compare(a, b, len))
+    }
+
+    /// Adds a CRC.
+    pub fn crc(&mut self, src: u64, len: u32, seed: u32) -> &mut Self {
+        self.push(ops::crc(src, len, seed))
+    }
+
+    /// Adds a NOOP.
+    pub fn noop(&mut self) -> &mut Self {
+        self.push(Descriptor::new(opcode::NOOP, 0))
+    }
+
+    /// Members so far.
+    pub fn len(&self) -> usize {
+        self.descs.len()
+    }
+
+    /// Whether there are no members.
+    pub fn is_empty(&self) -> bool {
+        self.descs.is_empty()
+    }
+
+    /// Removes every member (the builder and its memory are reused).
+    pub fn clear(&mut self) {
+        self.descs.clear();
+        self.fence_next = false;
+    }
+
+    /// Device address of the descriptor list.
+    pub fn list_addr(&self) -> u64 {
+        self.list.addr()
+    }
+
+    /// Writes the list and submits the batch descriptor.
+    pub fn submit(&mut self) -> Result<BatchHandle<'_, 'c>> {
+        if self.descs.len() == 1 {
+            self.noop();
+        }
+        let n = self.descs.len();
+        for (i, d) in self.descs.iter().enumerate() {
+            self.list.write(i * DESC_SIZE, &d.to_bytes());
+        }
+        self.crs.write(0, &vec![0u8; n * CR_SIZE]);
+        let mut b = Descriptor::new(opcode::BATCH, 0);
+        b.src = self.list.addr();
+        b.xfer_size = n as u32;
+        let h = self.client.submit(b)?;
+        Ok(BatchHandle { batch: self, h })
+    }
+}
+
+/// A batch in flight.
+#[derive(Debug)]
+pub struct BatchHandle<'b, 'c> {
+    batch: &'b Batch<'c>,
+    h: Handle<'c>,
+}
+
+impl BatchHandle<'_, '_> {
+    /// Waits for the batch and collects the member records.
+    pub fn wait(self) -> Result<BatchResult> {
+        let record = self.h.wait()?;
+        let n = self.batch.descs.len();
+        let mut members = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut b = [0u8; CR_SIZE];
+            self.batch.crs.read(i * CR_SIZE, &mut b);
+            members.push(CompletionRecord::from_bytes(&b));
+        }
+        Ok(BatchResult { record, members })
+    }
+}

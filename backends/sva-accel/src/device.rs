@@ -1,0 +1,936 @@
+//! The device: clients (PASID, portal, address space), worker threads, block
+//! on fault, and the server loop that accepts clients.
+//!
+//! Threads:
+//! - workers (configurable, default cores - 1, at least 1): take parked work
+//!   that was answered, then descriptors from portals in priority order; spin
+//!   a short adaptive while when idle, then sleep on the doorbell eventfd;
+//! - one acceptor; one control thread per client (map/unmap requests and
+//!   the fault channel pump).
+//!
+//! Isolation: a descriptor's PASID is the one bound to the portal it came
+//! through (its own pasid field is overwritten) and it only ever translates
+//! in that client's [`AddressSpace`]. Batch members inherit the batch's.
+
+use crate::desc::{opcode, CompletionRecord, Descriptor, OpCap, DESC_SIZE};
+use crate::engine::{self, CrWriteFailed, Job, Limits, Outcome, PageFault, Resume};
+use crate::proto::{self, Reader, Writer};
+use crate::shm;
+use crate::space::AddressSpace;
+use crate::wq::{Event, Portal, WqMode, MAX_WQ_SIZE, MIN_WQ_SIZE};
+use ioasis::uring::{
+    fault_channel_pair, FaultPump, FaultRecord, FaultSource, PageResponse,
+};
+use ioasis::uring::record::{FAULT_FLAG_LAST_PAGE, FAULT_FLAG_PASID_VALID, FAULT_PERM_READ, FAULT_PERM_WRITE, PAGE_RESP_SUCCESS};
+use log::{debug, info, warn};
+use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// Device id carried in fault records.
+pub const DEV_ID: u32 = 1;
+/// Bound on parked (block-on-fault) descriptors per client; further blocks
+/// are answered Invalid at once.
+pub const MAX_PARKED: usize = 64;
+/// Bound on connected clients.
+pub const MAX_CLIENTS: usize = 256;
+/// Bound on dedicated queues (one per client in dedicated mode).
+pub const MAX_DEDICATED_WQS: usize = 8;
+/// Descriptors a worker takes from a portal at once.
+const POP_MAX: usize = 32;
+/// Largest PASID (20 bits).
+const MAX_PASID: u32 = (1 << 20) - 1;
+
+/// Errors of the device.
+#[derive(Debug, Error)]
+pub enum DeviceError {
+    /// Invalid configuration.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The listening socket could not be set up.
+    #[error("cannot listen on {path}")]
+    Listen {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: nix::Error,
+    },
+    /// A thread could not be started.
+    #[error("cannot start thread {name}")]
+    Thread {
+        /// Thread name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An fd could not be created.
+    #[error("cannot create {what}")]
+    Fd {
+        /// What.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Result alias of this module.
+pub type Result<T> = std::result::Result<T, DeviceError>;
+
+/// Device configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// Worker threads.
+    pub workers: usize,
+    /// Work queue size (descriptors), a power of two.
+    pub wq_size: u32,
+    /// Work queue mode.
+    pub wq_mode: WqMode,
+    /// Maximum transfer size.
+    pub max_xfer: u32,
+    /// Maximum batch size.
+    pub max_batch: u32,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        DeviceConfig {
+            workers: cores.saturating_sub(1).max(1),
+            wq_size: 128,
+            wq_mode: WqMode::Shared,
+            max_xfer: 1 << 31,
+            max_batch: 1024,
+        }
+    }
+}
+
+impl DeviceConfig {
+    fn check(&self) -> Result<()> {
+        if self.workers == 0 || self.workers > 256 {
+            return Err(DeviceError::Config(format!("workers {} not in 1..=256", self.workers)));
+        }
+        if !self.wq_size.is_power_of_two() || !(MIN_WQ_SIZE..=MAX_WQ_SIZE).contains(&self.wq_size) {
+            return Err(DeviceError::Config(format!(
+                "wq size {} is not a power of two in {MIN_WQ_SIZE}..={MAX_WQ_SIZE}",
+                self.wq_size
+            )));
+        }
+        if self.max_batch < 2 || self.max_batch > 1024 || self.max_xfer == 0 {
+            return Err(DeviceError::Config("bad max batch or max transfer".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Per-client counters.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    /// Descriptors taken from the portal.
+    pub submitted: AtomicU64,
+    /// Descriptors completed.
+    pub completed: AtomicU64,
+    /// Fault groups raised.
+    pub faults_raised: AtomicU64,
+    /// Fault groups answered.
+    pub faults_answered: AtomicU64,
+    /// Events (completion records not written).
+    pub events: AtomicU64,
+}
+
+/// One connected client.
+#[derive(Debug)]
+pub struct ClientCtx {
+    /// PASID bound to this client's address space.
+    pub pasid: u32,
+    priority: u8,
+    portal: Portal,
+    /// The client's address space.
+    pub space: AddressSpace,
+    completion_efd: OwnedFd,
+    dead: AtomicBool,
+    inflight: AtomicU64,
+    parked: Mutex<HashMap<u32, Job>>,
+    resume: Mutex<VecDeque<(Job, Resume)>>,
+    held: Mutex<VecDeque<Job>>,
+    has_held: AtomicBool,
+    faults: Mutex<VecDeque<FaultRecord>>,
+    faults_efd: OwnedFd,
+    next_cookie: AtomicU32,
+    /// Counters.
+    pub stats: ClientStats,
+}
+
+#[derive(Debug)]
+struct Shared {
+    cfg: DeviceConfig,
+    limits: Limits,
+    clients: RwLock<Arc<Vec<Arc<ClientCtx>>>>,
+    clients_gen: AtomicU64,
+    doorbell: OwnedFd,
+    sleepers: AtomicUsize,
+    shutdown: AtomicBool,
+    occupancy: AtomicU64,
+    pasids: Mutex<Vec<bool>>,
+    next_pasid: AtomicU32,
+    dedicated_in_use: AtomicUsize,
+}
+
+/// A running device: workers plus (optionally) a listening socket.
+#[derive(Debug)]
+pub struct Device {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Device {
+    /// Starts the workers.
+    pub fn start(cfg: DeviceConfig) -> Result<Device> {
+        cfg.check()?;
+        let doorbell = shm::eventfd().map_err(|source| DeviceError::Fd {
+            what: "doorbell eventfd",
+            source,
+        })?;
+        let shared = Arc::new(Shared {
+            cfg,
+            limits: Limits {
+                max_xfer: cfg.max_xfer,
+                max_batch: cfg.max_batch,
+                opcap: OpCap::supported(),
+            },
+            clients: RwLock::new(Arc::new(Vec::new())),
+            clients_gen: AtomicU64::new(0),
+            doorbell,
+            sleepers: AtomicUsize::new(0),
+            shutdown: AtomicBool::new(false),
+            occupancy: AtomicU64::new(0),
+            pasids: Mutex::new(Vec::new()),
+            next_pasid: AtomicU32::new(1),
+            dedicated_in_use: AtomicUsize::new(0),
+        });
+        let mut threads = Vec::new();
+        for i in 0..cfg.workers {
+            let s = shared.clone();
+            let name = format!("sva-worker-{i}");
+            let h = std::thread::Builder::new()
+                .name(name.clone())
+                .spawn(move || worker(&s))
+                .map_err(|source| DeviceError::Thread { name, source })?;
+            threads.push(h);
+        }
+        info!(
+            "sva-accel: {} workers, wq size {}, {:?} queue",
+            cfg.workers, cfg.wq_size, cfg.wq_mode
+        );
+        Ok(Device { shared, threads })
+    }
+
+    /// Listens on `path` and serves clients on a background thread.
+    pub fn listen(&mut self, path: &Path) -> Result<()> {
+        let err = |source| DeviceError::Listen {
+            path: path.to_path_buf(),
+            source,
+        };
+        let _ = std::fs::remove_file(path);
+        let fd = socket::socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(err)?;
+        let addr = UnixAddr::new(path).map_err(err)?;
+        socket::bind(fd.as_raw_fd(), &addr).map_err(err)?;
+        socket::listen(&fd, Backlog::new(64).map_err(err)?).map_err(err)?;
+        let s = self.shared.clone();
+        let h = std::thread::Builder::new()
+            .name("sva-accept".into())
+            .spawn(move || acceptor(&s, fd))
+            .map_err(|source| DeviceError::Thread {
+                name: "sva-accept".into(),
+                source,
+            })?;
+        self.threads.push(h);
+        Ok(())
+    }
+
+    /// Serves one already-connected client socket on a new control thread.
+    pub fn serve_connection(&self, conn: OwnedFd) {
+        let s = self.shared.clone();
+        if let Err(e) = std::thread::Builder::new()
+            .name("sva-client".into())
+            .spawn(move || client_thread(&s, conn))
+        {
+            warn!("cannot start a client thread: {e}");
+        }
+    }
+
+    /// Number of connected clients.
+    pub fn clients(&self) -> usize {
+        self.shared.clients.read().map_or(0, |c| c.len())
+    }
+
+    /// Stops the workers and the acceptor (joins them).
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        shm::signal(self.shared.doorbell.as_fd());
+        for h in self.threads.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn alloc_pasid(s: &Shared) -> Option<u32> {
+    let mut used = s.pasids.lock().ok()?;
+    for _ in 0..MAX_PASID {
+        let p = s.next_pasid.fetch_add(1, Ordering::Relaxed) % MAX_PASID;
+        if p == 0 {
+            continue;
+        }
+        if used.len() <= p as usize {
+            used.resize(p as usize + 1, false);
+        }
+        if !used[p as usize] {
+            used[p as usize] = true;
+            return Some(p);
+        }
+    }
+    None
+}
+
+fn free_pasid(s: &Shared, p: u32) {
+    if let Ok(mut used) = s.pasids.lock() {
+        if let Some(u) = used.get_mut(p as usize) {
+            *u = false;
+        }
+    }
+}
+
+fn acceptor(s: &Arc<Shared>, listener: OwnedFd) {
+    loop {
+        let r = match shm::poll_in(&[listener.as_fd()], 100) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("accept poll failed: {e}");
+                return;
+            }
+        };
+        if s.shutdown.load(Ordering::SeqCst) {
+            return;
+        }
+        if r[0] == 0 {
+            continue;
+        }
+        match socket::accept(&listener) {
+            Ok(conn) => {
+                let s2 = s.clone();
+                if let Err(e) = std::thread::Builder::new()
+                    .name("sva-client".into())
+                    .spawn(move || client_thread(&s2, conn))
+                {
+                    warn!("cannot start a client thread: {e}");
+                }
+            }
+            Err(e) => warn!("accept failed: {e}"),
+        }
+    }
+}
+
+fn reply(conn: BorrowedFd<'_>, status: i32, payload: &[u8], fds: &[BorrowedFd<'_>]) {
+    let mut msg = Writer::default().i32(status).u32(0).0;
+    msg.extend_from_slice(payload);
+    if let Err(e) = proto::send(conn, &msg, fds) {
+        debug!("reply failed: {e}");
+    }
+}
+
+/// Where a client's fault groups come from, for the framework's fault pump.
+struct ClientFaults {
+    shared: Arc<Shared>,
+    client: Arc<ClientCtx>,
+}
+
+impl FaultSource for ClientFaults {
+    fn ready_fd(&self) -> BorrowedFd<'_> {
+        self.client.faults_efd.as_fd()
+    }
+
+    fn read_groups(&mut self, out: &mut Vec<FaultRecord>, max: usize) -> std::result::Result<usize, i32> {
+        let mut q = self.client.faults.lock().map_err(|_| libc::EIO)?;
+        let n = q.len().min(max);
+        out.extend(q.drain(..n));
+        if q.is_empty() {
+            shm::drain(self.client.faults_efd.as_fd());
+        }
+        Ok(n)
+    }
+
+    fn respond(&mut self, responses: &[PageResponse]) -> std::result::Result<(), (usize, i32)> {
+        for (i, r) in responses.iter().enumerate() {
+            let job = self
+                .client
+                .parked
+                .lock()
+                .map_err(|_| (i, libc::EIO))?
+                .remove(&r.cookie);
+            let Some(job) = job else {
+                return Err((i, libc::EINVAL));
+            };
+            let how = if r.code == PAGE_RESP_SUCCESS {
+                Resume::Success
+            } else {
+                Resume::Invalid
+            };
+            self.client.stats.faults_answered.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut q) = self.client.resume.lock() {
+                q.push_back((job, how));
+            }
+            shm::signal(self.shared.doorbell.as_fd());
+        }
+        Ok(())
+    }
+}
+
+fn hello(s: &Arc<Shared>, conn: BorrowedFd<'_>, pkt: &proto::Packet) -> Option<(Arc<ClientCtx>, FaultPump<ClientFaults>)> {
+    let mut r = Reader::new(&pkt.data);
+    let (Some(_op), Some(_), Some(version), Some(prio)) = (r.u32(), r.u32(), r.u32(), r.u32()) else {
+        reply(conn, -libc::EINVAL, &[], &[]);
+        return None;
+    };
+    if version != proto::VERSION {
+        reply(conn, -libc::EPROTO, &[], &[]);
+        return None;
+    }
+    let priority = prio.clamp(1, 15) as u8;
+    if s.clients.read().map_or(0, |c| c.len()) >= MAX_CLIENTS {
+        reply(conn, -libc::EBUSY, &[], &[]);
+        return None;
+    }
+    if s.cfg.wq_mode == WqMode::Dedicated
+        && s.dedicated_in_use.fetch_add(1, Ordering::SeqCst) >= MAX_DEDICATED_WQS
+    {
+        s.dedicated_in_use.fetch_sub(1, Ordering::SeqCst);
+        reply(conn, -libc::EBUSY, &[], &[]);
+        return None;
+    }
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        warn!("client setup: {what}: {e}");
+        if s.cfg.wq_mode == WqMode::Dedicated {
+            s.dedicated_in_use.fetch_sub(1, Ordering::SeqCst);
+        }
+        reply(conn, -libc::ENOMEM, &[], &[]);
+    };
+    let Some(pasid) = alloc_pasid(s) else {
+        fail("pasid", &"no PASID left");
+        return None;
+    };
+    let made = (|| -> std::io::Result<_> {
+        let (portal, portal_fd) = Portal::create(s.cfg.wq_size)?;
+        let completion_efd = shm::eventfd()?;
+        let faults_efd = shm::eventfd()?;
+        let (server_end, client_end) = fault_channel_pair()?;
+        Ok((portal, portal_fd, completion_efd, faults_efd, server_end, client_end))
+    })();
+    let (portal, portal_fd, completion_efd, faults_efd, server_end, client_end) = match made {
+        Ok(v) => v,
+        Err(e) => {
+            free_pasid(s, pasid);
+            fail("resources", &e);
+            return None;
+        }
+    };
+    let client = Arc::new(ClientCtx {
+        pasid,
+        priority,
+        portal,
+        space: AddressSpace::default(),
+        completion_efd,
+        dead: AtomicBool::new(false),
+        inflight: AtomicU64::new(0),
+        parked: Mutex::new(HashMap::new()),
+        resume: Mutex::new(VecDeque::new()),
+        held: Mutex::new(VecDeque::new()),
+        has_held: AtomicBool::new(false),
+        faults: Mutex::new(VecDeque::new()),
+        faults_efd,
+        next_cookie: AtomicU32::new(1),
+        stats: ClientStats::default(),
+    });
+    let pump = match FaultPump::new(
+        ClientFaults {
+            shared: s.clone(),
+            client: client.clone(),
+        },
+        server_end,
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            free_pasid(s, pasid);
+            fail("fault pump", &e);
+            return None;
+        }
+    };
+    let mut w = Writer::default()
+        .u32(pasid)
+        .u32(s.cfg.wq_mode.to_u32())
+        .u32(s.cfg.wq_size)
+        .u32(s.cfg.max_batch)
+        .u32(s.cfg.max_xfer)
+        .u32(DEV_ID);
+    for word in s.limits.opcap.0 {
+        w = w.u64(word);
+    }
+    reply(
+        conn,
+        0,
+        &w.0,
+        &[
+            portal_fd.as_fd(),
+            s.doorbell.as_fd(),
+            client.completion_efd.as_fd(),
+            client_end.as_fd(),
+        ],
+    );
+    // Publish the client to the workers, highest priority first.
+    if let Ok(mut list) = s.clients.write() {
+        let mut v: Vec<_> = list.iter().cloned().collect();
+        v.push(client.clone());
+        v.sort_by(|a, b| b.priority.cmp(&a.priority));
+        *list = Arc::new(v);
+        s.clients_gen.fetch_add(1, Ordering::Release);
+    }
+    info!("client bound to PASID {pasid} (priority {priority})");
+    Some((client, pump))
+}
+
+fn handle_request(c: &ClientCtx, conn: BorrowedFd<'_>, pkt: proto::Packet) {
+    let mut r = Reader::new(&pkt.data);
+    let op = r.u32();
+    let _ = r.u32();
+    match op {
+        Some(proto::OP_MAP) => {
+            let (Some(iova), Some(len), Some(offset), Some(flags)) = (r.u64(), r.u64(), r.u64(), r.u32()) else {
+                return reply(conn, -libc::EINVAL, &[], &[]);
+            };
+            let Some(fd) = pkt.fds.into_iter().next() else {
+                return reply(conn, -libc::EBADF, &[], &[]);
+            };
+            match c.space.map(&fd, iova, len, offset, flags & proto::MAP_WRITABLE != 0) {
+                Ok(()) => reply(conn, 0, &[], &[]),
+                Err(e) => {
+                    debug!("PASID {}: map refused: {e}", c.pasid);
+                    reply(conn, -e.errno(), &[], &[])
+                }
+            }
+        }
+        Some(proto::OP_UNMAP) => {
+            let (Some(iova), Some(len)) = (r.u64(), r.u64()) else {
+                return reply(conn, -libc::EINVAL, &[], &[]);
+            };
+            match c.space.unmap(iova, len) {
+                Ok(n) => reply(conn, 0, &Writer::default().u64(n).0, &[]),
+                Err(e) => reply(conn, -e.errno(), &[], &[]),
+            }
+        }
+        _ => reply(conn, -libc::EINVAL, &[], &[]),
+    }
+}
+
+fn client_thread(s: &Arc<Shared>, conn: OwnedFd) {
+    // The first packet must be HELLO.
+    let pkt = match proto::recv(conn.as_fd()) {
+        Ok(Some(p)) => p,
+        _ => return,
+    };
+    if Reader::new(&pkt.data).u32() != Some(proto::OP_HELLO) {
+        reply(conn.as_fd(), -libc::EPROTO, &[], &[]);
+        return;
+    }
+    let Some((client, mut pump)) = hello(s, conn.as_fd(), &pkt) else {
+        return;
+    };
+    loop {
+        let mut fds = vec![conn.as_fd(), client.faults_efd.as_fd(), pump.socket()];
+        let r = match shm::poll_in(&fds, 100) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("PASID {}: poll failed: {e}", client.pasid);
+                break;
+            }
+        };
+        fds.clear();
+        if s.shutdown.load(Ordering::SeqCst) {
+            break;
+        }
+        if r[0] != 0 {
+            match proto::recv(conn.as_fd()) {
+                Ok(Some(p)) => handle_request(&client, conn.as_fd(), p),
+                Ok(None) => break,
+                Err(nix::errno::Errno::EMSGSIZE) => reply(conn.as_fd(), -libc::EMSGSIZE, &[], &[]),
+                Err(e) => {
+                    debug!("PASID {}: control socket: {e}", client.pasid);
+                    break;
+                }
+            }
+        }
+        if r[1] != 0 || pump.wants_writable() {
+            if let Err(e) = pump.pump_out() {
+                debug!("PASID {}: fault pump out: {e}", client.pasid);
+            }
+        }
+        if r[2] != 0 {
+            match pump.pump_in() {
+                Ok(_) => {}
+                Err(ioasis::uring::PumpError::Closed) => break,
+                Err(e) => debug!("PASID {}: fault pump in: {e}", client.pasid),
+            }
+        }
+    }
+    teardown(s, &client);
+}
+
+/// Drops a client: stop taking its work, drop parked work, wait for what is
+/// executing, unmap its memory, free its PASID.
+fn teardown(s: &Arc<Shared>, c: &Arc<ClientCtx>) {
+    c.dead.store(true, Ordering::SeqCst);
+    if let Ok(mut list) = s.clients.write() {
+        let v: Vec<_> = list.iter().filter(|x| !Arc::ptr_eq(x, c)).cloned().collect();
+        *list = Arc::new(v);
+        s.clients_gen.fetch_add(1, Ordering::Release);
+    }
+    let mut dropped = 0u64;
+    if let Ok(mut p) = c.parked.lock() {
+        dropped += p.len() as u64;
+        p.clear();
+    }
+    if let Ok(mut q) = c.resume.lock() {
+        dropped += q.len() as u64;
+        q.clear();
+    }
+    if let Ok(mut q) = c.held.lock() {
+        dropped += q.len() as u64;
+        q.clear();
+    }
+    retire(s, c, dropped);
+    // Descriptors already executing finish; bounded wait.
+    let start = Instant::now();
+    while c.inflight.load(Ordering::Acquire) > 0 && start.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    c.space.clear();
+    free_pasid(s, c.pasid);
+    if s.cfg.wq_mode == WqMode::Dedicated {
+        s.dedicated_in_use.fetch_sub(1, Ordering::SeqCst);
+    }
+    info!(
+        "PASID {}: client gone ({} descriptors, {} faults)",
+        c.pasid,
+        c.stats.completed.load(Ordering::Relaxed),
+        c.stats.faults_raised.load(Ordering::Relaxed)
+    );
+}
+
+fn retire(s: &Shared, c: &ClientCtx, n: u64) {
+    if n == 0 {
+        return;
+    }
+    c.inflight.fetch_sub(n, Ordering::AcqRel);
+    s.occupancy.fetch_sub(n, Ordering::AcqRel);
+    c.portal.complete(n);
+    c.stats.completed.fetch_add(n, Ordering::Relaxed);
+}
+
+fn report(c: &ClientCtx, e: CrWriteFailed, opcode: u8) {
+    c.stats.events.fetch_add(1, Ordering::Relaxed);
+    debug!(
+        "PASID {}: completion record at {:#x} not written ({:#x})",
+        c.pasid, e.cr_addr, e.code
+    );
+    c.portal.push_event(&Event {
+        code: e.code,
+        status: e.status,
+        opcode,
+        pasid: c.pasid,
+        cr_addr: e.cr_addr,
+    });
+}
+
+/// Runs (or resumes) one job of client `c` to completion or a park.
+fn run_job(s: &Shared, c: &ClientCtx, mut job: Job, resume: Resume) {
+    let op = job.desc.opcode;
+    let view = c.space.view();
+    let out = engine::execute(&mut job, &view, &s.limits, resume, &mut |e| report(c, e, op));
+    match out {
+        Outcome::Complete(cr) => {
+            write_record(c, &view, &job.desc, &cr);
+            drop(view);
+            finish(s, c);
+        }
+        Outcome::Blocked(f) => {
+            drop(view);
+            park(s, c, job, f);
+        }
+    }
+}
+
+fn write_record(c: &ClientCtx, view: &crate::space::SpaceView<'_>, d: &Descriptor, cr: &CompletionRecord) {
+    if engine::wants_record(d, cr.status) {
+        if let Err(e) = engine::write_completion(view, d.completion_addr, cr) {
+            report(c, e, d.opcode);
+        }
+    }
+}
+
+fn finish(s: &Shared, c: &ClientCtx) {
+    retire(s, c, 1);
+    if c.portal.client_waiting() {
+        shm::signal(c.completion_efd.as_fd());
+    }
+}
+
+fn park(s: &Shared, c: &ClientCtx, job: Job, f: PageFault) {
+    let Ok(mut parked) = c.parked.lock() else {
+        return;
+    };
+    if c.dead.load(Ordering::SeqCst) {
+        drop(parked);
+        retire(s, c, 1);
+        return;
+    }
+    if parked.len() >= MAX_PARKED {
+        drop(parked);
+        warn!("PASID {}: too many parked descriptors, answering Invalid", c.pasid);
+        return run_job(s, c, job, Resume::Invalid);
+    }
+    let cookie = c.next_cookie.fetch_add(1, Ordering::Relaxed);
+    parked.insert(cookie, job);
+    drop(parked);
+    c.stats.faults_raised.fetch_add(1, Ordering::Relaxed);
+    let rec = FaultRecord {
+        flags: FAULT_FLAG_PASID_VALID | FAULT_FLAG_LAST_PAGE,
+        dev_id: DEV_ID,
+        pasid: c.pasid,
+        grpid: cookie & 0x1ff,
+        perm: if f.write { FAULT_PERM_WRITE } else { FAULT_PERM_READ },
+        addr: f.addr & !0xfff,
+        length: 0,
+        cookie,
+    };
+    if let Ok(mut q) = c.faults.lock() {
+        q.push_back(rec);
+        shm::signal(c.faults_efd.as_fd());
+    }
+}
+
+/// Completes held descriptors once everything before the drain at their
+/// head has completed.
+fn check_held(s: &Shared, c: &ClientCtx) -> bool {
+    if !c.has_held.load(Ordering::Acquire) {
+        return false;
+    }
+    let mut did = false;
+    loop {
+        let Ok(mut held) = c.held.try_lock() else {
+            return did;
+        };
+        // Only the held descriptors themselves are in flight: the drain at
+        // the head may complete.
+        if c.inflight.load(Ordering::Acquire) != held.len() as u64 {
+            return did;
+        }
+        let Some(drain) = held.pop_front() else {
+            c.has_held.store(false, Ordering::Release);
+            return did;
+        };
+        let view = c.space.view();
+        let mut cr = CompletionRecord::with_status(crate::desc::status::SUCCESS);
+        if let Err(cr_err) = engine::validate(&drain.desc, &s.limits, false) {
+            cr = cr_err;
+        }
+        write_record(c, &view, &drain.desc, &cr);
+        drop(view);
+        finish(s, c);
+        did = true;
+        // Run what follows, up to the next drain.
+        let mut run = Vec::new();
+        while let Some(j) = held.front() {
+            if j.desc.opcode == opcode::DRAIN {
+                break;
+            }
+            if let Some(j) = held.pop_front() {
+                run.push(j);
+            }
+        }
+        if held.is_empty() {
+            c.has_held.store(false, Ordering::Release);
+        }
+        drop(held);
+        for j in run {
+            run_job(s, c, j, Resume::Start);
+        }
+    }
+}
+
+fn take_from(s: &Shared, c: &ClientCtx, buf: &mut Vec<[u8; DESC_SIZE]>) -> bool {
+    if c.has_held.load(Ordering::Acquire) || !c.portal.has_work() {
+        return false;
+    }
+    let room = if s.cfg.wq_mode == WqMode::Shared {
+        let occ = s.occupancy.load(Ordering::Acquire);
+        let cap = u64::from(s.cfg.wq_size);
+        if occ >= cap {
+            return false;
+        }
+        (cap - occ) as usize
+    } else {
+        POP_MAX
+    };
+    buf.clear();
+    let Some(n) = c.portal.pop(buf, room.min(POP_MAX)) else {
+        return false;
+    };
+    if n == 0 {
+        return false;
+    }
+    c.inflight.fetch_add(n as u64, Ordering::AcqRel);
+    s.occupancy.fetch_add(n as u64, Ordering::AcqRel);
+    c.stats.submitted.fetch_add(n as u64, Ordering::Relaxed);
+    if c.dead.load(Ordering::SeqCst) {
+        retire(s, c, n as u64);
+        return true;
+    }
+    let mut iter = buf.drain(..);
+    for raw in iter.by_ref() {
+        let mut d = Descriptor::from_bytes(&raw);
+        // ENQCMD semantics: the PASID is the portal owner's.
+        d.pasid = c.pasid;
+        if d.opcode == opcode::DRAIN {
+            // A drain holds itself and everything after it until all that
+            // came before has completed.
+            if let Ok(mut held) = c.held.lock() {
+                held.push_back(Job::new(d));
+                c.has_held.store(true, Ordering::Release);
+            }
+            break;
+        }
+        run_job(s, c, Job::new(d), Resume::Start);
+    }
+    let rest: Vec<_> = iter.collect();
+    if !rest.is_empty() {
+        if let Ok(mut held) = c.held.lock() {
+            for raw in rest {
+                let mut d = Descriptor::from_bytes(&raw);
+                d.pasid = c.pasid;
+                held.push_back(Job::new(d));
+            }
+        }
+    }
+    check_held(s, c);
+    true
+}
+
+fn work_once(s: &Shared, clients: &[Arc<ClientCtx>], rr: &mut usize, buf: &mut Vec<[u8; DESC_SIZE]>) -> bool {
+    let mut did = false;
+    for c in clients {
+        let next = c.resume.try_lock().ok().and_then(|mut q| q.pop_front());
+        if let Some((job, how)) = next {
+            run_job(s, c, job, how);
+            did = true;
+        }
+        did |= check_held(s, c);
+    }
+    // Highest priority first; round robin among equal priorities.
+    let n = clients.len();
+    let mut i = 0;
+    while i < n {
+        let prio = clients[i].priority;
+        let mut j = i;
+        while j < n && clients[j].priority == prio {
+            j += 1;
+        }
+        let group = j - i;
+        let mut took = false;
+        for k in 0..group {
+            let c = &clients[i + (*rr + k) % group];
+            if take_from(s, c, buf) {
+                took = true;
+            }
+        }
+        if took {
+            *rr = rr.wrapping_add(1);
+            return true;
+        }
+        i = j;
+    }
+    did
+}
+
+fn worker(s: &Arc<Shared>) {
+    let mut buf = Vec::with_capacity(POP_MAX);
+    let mut rr = 0usize;
+    let mut gen = u64::MAX;
+    let mut clients: Arc<Vec<Arc<ClientCtx>>> = Arc::new(Vec::new());
+    // Adaptive busy-poll budget: grows when work shows up while spinning,
+    // shrinks when the spin ends in sleep.
+    let mut spin = Duration::from_micros(50);
+    let (spin_min, spin_max) = (Duration::from_micros(5), Duration::from_micros(500));
+    let mut idle_since: Option<Instant> = None;
+    while !s.shutdown.load(Ordering::Relaxed) {
+        let g = s.clients_gen.load(Ordering::Acquire);
+        if g != gen {
+            if let Ok(l) = s.clients.read() {
+                clients = l.clone();
+            }
+            gen = g;
+        }
+        if work_once(s, &clients, &mut rr, &mut buf) {
+            if idle_since.take().is_some() {
+                spin = (spin * 2).min(spin_max);
+            }
+            continue;
+        }
+        let since = *idle_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < spin {
+            std::hint::spin_loop();
+            std::thread::yield_now();
+            continue;
+        }
+        spin = (spin / 2).max(spin_min);
+        // Sleep: ask every portal for a doorbell, re-check, then wait.
+        s.sleepers.fetch_add(1, Ordering::SeqCst);
+        for c in clients.iter() {
+            c.portal.set_need_doorbell(true);
+        }
+        let pending = clients.iter().any(|c| {
+            c.portal.has_work() || c.resume.lock().map_or(false, |q| !q.is_empty())
+        });
+        if !pending && s.clients_gen.load(Ordering::Acquire) == gen {
+            let _ = shm::poll_in(&[s.doorbell.as_fd()], 100);
+            shm::drain(s.doorbell.as_fd());
+        }
+        if s.sleepers.fetch_sub(1, Ordering::SeqCst) == 1 {
+            for c in clients.iter() {
+                c.portal.set_need_doorbell(false);
+            }
+        }
+        idle_since = None;
+    }
+}

@@ -1,0 +1,85 @@
+//! `sva-accel`: the accelerator daemon.
+//!
+//! ```text
+//! sva-accel --socket-path PATH [--workers N] [--wq-size N] [--wq-mode shared|dedicated]
+//!           [--max-batch N] [--max-xfer BYTES]
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use sva_accel::device::{Device, DeviceConfig};
+use sva_accel::wq::WqMode;
+
+const USAGE: &str = "usage: sva-accel --socket-path PATH [--workers N] [--wq-size N] \
+[--wq-mode shared|dedicated] [--max-batch N] [--max-xfer BYTES]";
+
+fn parse(args: &[String]) -> Result<(PathBuf, DeviceConfig), String> {
+    let mut cfg = DeviceConfig::default();
+    let mut path = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = |name: &str| {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        let num = |name: &str, v: String| {
+            v.parse::<u64>()
+                .map_err(|_| format!("{name}: not a number: {v}"))
+        };
+        match a.as_str() {
+            "--socket-path" => path = Some(PathBuf::from(val(a)?)),
+            "--workers" => {
+                cfg.workers = usize::try_from(num(a, val(a)?)?).map_err(|e| e.to_string())?
+            }
+            "--wq-size" => {
+                cfg.wq_size = u32::try_from(num(a, val(a)?)?).map_err(|e| e.to_string())?
+            }
+            "--max-batch" => {
+                cfg.max_batch = u32::try_from(num(a, val(a)?)?).map_err(|e| e.to_string())?
+            }
+            "--max-xfer" => {
+                cfg.max_xfer = u32::try_from(num(a, val(a)?)?).map_err(|e| e.to_string())?
+            }
+            "--wq-mode" => {
+                cfg.wq_mode = match val(a)?.as_str() {
+                    "shared" => WqMode::Shared,
+                    "dedicated" => WqMode::Dedicated,
+                    m => return Err(format!("--wq-mode: unknown mode {m}")),
+                }
+            }
+            "-h" | "--help" => return Err(USAGE.to_string()),
+            other => return Err(format!("unknown argument {other}\n{USAGE}")),
+        }
+    }
+    let path = path.ok_or_else(|| format!("--socket-path is required\n{USAGE}"))?;
+    Ok((path, cfg))
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (path, cfg) = match parse(&args) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut dev = match Device::start(cfg) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("sva-accel: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = dev.listen(&path) {
+        eprintln!("sva-accel: {e}");
+        return ExitCode::FAILURE;
+    }
+    log::info!("listening on {}", path.display());
+    // Serve until killed.
+    loop {
+        std::thread::park();
+    }
+}

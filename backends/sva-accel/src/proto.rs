@@ -1,0 +1,173 @@
+//! The control protocol between the client driver and the daemon.
+//!
+//! One `SOCK_SEQPACKET` connection per client; each request is one packet
+//! answered by one reply packet. All integers little-endian.
+//!
+//! ```text
+//! request: u32 op | u32 0 | payload          reply: i32 status (0 or -errno) | u32 0 | payload
+//! HELLO  payload: u32 version, u32 priority (1..=15)
+//!        reply:   u32 pasid, u32 wq_mode, u32 wq_size, u32 max_batch, u32 max_xfer,
+//!                 u32 dev_id, [u64; 4] opcap
+//!                 fds: portal memfd, doorbell eventfd, completion eventfd,
+//!                      fault channel (consumer end)
+//! MAP    payload: u64 iova, u64 len, u64 offset, u32 flags (1 = writable); fd: memfd
+//! UNMAP  payload: u64 iova, u64 len;  reply: u64 bytes unmapped
+//! ```
+//!
+//! HELLO must come first and only once. A malformed packet is answered
+//! `-EINVAL` and the connection stays up.
+
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+/// Protocol version.
+pub const VERSION: u32 = 1;
+/// Opcode: hello.
+pub const OP_HELLO: u32 = 1;
+/// Opcode: map memory.
+pub const OP_MAP: u32 = 2;
+/// Opcode: unmap memory.
+pub const OP_UNMAP: u32 = 3;
+/// Largest packet either side sends.
+pub const MAX_PACKET: usize = 256;
+/// Most fds in one packet.
+pub const MAX_FDS: usize = 4;
+/// MAP flag: writable.
+pub const MAP_WRITABLE: u32 = 1;
+
+/// A received packet.
+#[derive(Debug, Default)]
+pub struct Packet {
+    /// Payload bytes.
+    pub data: Vec<u8>,
+    /// Received fds (owned).
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Sends one packet with optional fds.
+pub fn send(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> nix::Result<()> {
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let iov = [IoSlice::new(data)];
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
+    sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
+    Ok(())
+}
+
+/// Receives one packet; `Ok(None)` on end of file.
+pub fn recv(sock: BorrowedFd<'_>) -> nix::Result<Option<Packet>> {
+    let mut buf = [0u8; MAX_PACKET];
+    let mut space = nix::cmsg_space!([i32; MAX_FDS]);
+    let (n, fds, truncated) = {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )?;
+        let mut fds = Vec::new();
+        for c in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(v) = c {
+                for fd in v {
+                    // SAFETY: SCM_RIGHTS installed this fd in our table just
+                    // now; nothing else owns it.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        let truncated = msg.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+        (msg.bytes, fds, truncated)
+    };
+    if n == 0 && fds.is_empty() {
+        return Ok(None);
+    }
+    if truncated {
+        return Err(nix::errno::Errno::EMSGSIZE);
+    }
+    Ok(Some(Packet {
+        data: buf[..n].to_vec(),
+        fds,
+    }))
+}
+
+/// Little-endian writer.
+#[derive(Debug, Default)]
+pub struct Writer(pub Vec<u8>);
+
+impl Writer {
+    /// Appends a u32.
+    pub fn u32(mut self, v: u32) -> Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    /// Appends an i32.
+    pub fn i32(mut self, v: i32) -> Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    /// Appends a u64.
+    pub fn u64(mut self, v: u64) -> Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+}
+
+/// Little-endian reader that fails (None) past the end.
+#[derive(Debug)]
+pub struct Reader<'a> {
+    b: &'a [u8],
+    off: usize,
+}
+
+impl<'a> Reader<'a> {
+    /// Reads from `b`.
+    pub fn new(b: &'a [u8]) -> Self {
+        Reader { b, off: 0 }
+    }
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.off.checked_add(n)?;
+        let s = self.b.get(self.off..end)?;
+        self.off = end;
+        Some(s)
+    }
+    /// Reads a u32.
+    pub fn u32(&mut self) -> Option<u32> {
+        let s = self.take(4)?;
+        Some(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    }
+    /// Reads an i32.
+    pub fn i32(&mut self) -> Option<i32> {
+        self.u32().map(|v| v as i32)
+    }
+    /// Reads a u64.
+    pub fn u64(&mut self) -> Option<u64> {
+        let s = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(s);
+        Some(u64::from_le_bytes(a))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn test_packet_with_fds_roundtrip() {
+        let (a, b) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::empty())
+            .expect("pair");
+        let efd = crate::shm::eventfd().expect("eventfd");
+        let msg = Writer::default().u32(OP_HELLO).u32(0).u64(42).0;
+        send(a.as_fd(), &msg, &[efd.as_fd()]).expect("send");
+        let p = recv(b.as_fd()).expect("recv").expect("packet");
+        assert_eq!(p.fds.len(), 1);
+        let mut r = Reader::new(&p.data);
+        assert_eq!((r.u32(), r.u32(), r.u64(), r.u32()), (Some(1), Some(0), Some(42), None));
+        drop(a);
+        assert!(recv(b.as_fd()).expect("eof").is_none());
+    }
+}
