@@ -31,6 +31,7 @@ pub mod dma;
 pub mod queue;
 pub mod server;
 pub mod service;
+pub mod testing;
 pub mod uring;
 pub mod vhost_user;
 mod worker;

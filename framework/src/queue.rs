@@ -594,3 +594,222 @@ impl<'a> Queue<'a> {
         Wrapping(self.vring.q.next_used()).0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use iommu_core::{HwInfo, Iommu, Memory, Perm};
+    use virtio_queue::QueueT;
+
+    use super::*;
+    use crate::dma::Section;
+    use crate::testing::{Buf, DriverRing};
+
+    const RING_IOVA: u64 = 0x10_0000;
+    const BUF_IOVA: u64 = 0x20_0000;
+
+    struct Fixture {
+        iommu: Iommu,
+        ioas: u32,
+        core: iommu_core::Device,
+        ring_mem: Arc<Memory>,
+        buf_mem: Arc<Memory>,
+        vrings: Vec<(u16, Arc<Mutex<Vring>>)>,
+        driver: DriverRing,
+    }
+
+    fn fixture(map_bufs: bool) -> Fixture {
+        let iommu = Iommu::new();
+        let core = iommu_core::Device::new("q", HwInfo::default());
+        let dev_id = iommu.bind(&core).expect("bind");
+        let ioas = iommu.ioas_alloc().expect("ioas");
+        iommu.attach(dev_id, None, ioas).expect("attach");
+        let ring_mem = Memory::anonymous("ring", 0x4000).expect("ring mem");
+        let buf_mem = Memory::anonymous("buf", 0x4000).expect("buf mem");
+        iommu
+            .ioas_map(ioas, &ring_mem, 0, 0x4000, Some(RING_IOVA), Perm::RW)
+            .expect("map ring");
+        if map_bufs {
+            iommu
+                .ioas_map(ioas, &buf_mem, 0, 0x4000, Some(BUF_IOVA), Perm::RW)
+                .expect("map bufs");
+        }
+        let driver = DriverRing::new(ring_mem.clone(), 0, RING_IOVA, 16).expect("ring");
+        let mut v = Vring::new(16).expect("vring");
+        v.q.set_size(16);
+        v.q.try_set_desc_table_address(vm_memory::GuestAddress(driver.desc_addr()))
+            .expect("desc");
+        v.q.try_set_avail_ring_address(vm_memory::GuestAddress(driver.avail_addr()))
+            .expect("avail");
+        v.q.try_set_used_ring_address(vm_memory::GuestAddress(driver.used_addr()))
+            .expect("used");
+        v.q.set_ready(true);
+        v.started = true;
+        v.enabled = true;
+        Fixture {
+            iommu,
+            ioas,
+            core,
+            ring_mem,
+            buf_mem,
+            vrings: vec![(0, Arc::new(Mutex::new(v)))],
+            driver,
+        }
+    }
+
+    fn with_queue<R>(f: &Fixture, body: impl FnOnce(Option<Queue<'_>>) -> R) -> R {
+        let mut tr = f.core.translator();
+        let section = Section::new(&mut tr, None);
+        let mut qs = Queues {
+            vrings: &f.vrings,
+            dma: Dma::from_section(&section),
+        };
+        body(qs.get(0))
+    }
+
+    #[test]
+    fn test_pop_read_write_complete() {
+        let mut f = fixture(true);
+        f.buf_mem.write_at(0, b"hello").expect("write");
+        f.driver
+            .add_chain(&[
+                Buf {
+                    addr: BUF_IOVA,
+                    len: 5,
+                    writable: false,
+                },
+                Buf {
+                    addr: BUF_IOVA + 0x1000,
+                    len: 16,
+                    writable: true,
+                },
+            ])
+            .expect("chain");
+        f.driver.publish().expect("publish");
+        let mut chain = Chain::new();
+        with_queue(&f, |q| {
+            let mut q = q.expect("queue serving");
+            assert!(q.pop(&mut chain).expect("pop"));
+            assert_eq!(chain.readable_len(), 5);
+            assert_eq!(chain.writable_len(), 16);
+            let mut buf = [0u8; 8];
+            assert_eq!(q.read(&chain, 0, &mut buf).expect("read"), 5);
+            assert_eq!(&buf[..5], b"hello");
+            assert_eq!(q.write(&chain, 2, b"world").expect("write"), 5);
+            q.add_used(chain.head(), 7).expect("used");
+            assert!(!q.pop(&mut chain).expect("pop empty"));
+        });
+        assert_eq!(f.driver.used_idx().expect("idx"), 1);
+        assert_eq!(f.driver.used_elem(0).expect("elem"), (0, 7));
+        let mut out = [0u8; 7];
+        f.buf_mem.read_at(0x1000, &mut out).expect("read back");
+        assert_eq!(&out[2..], b"world");
+    }
+
+    #[test]
+    fn test_miss_parks_queue_and_keeps_chain() {
+        let mut f = fixture(false);
+        f.driver
+            .add_chain(&[Buf {
+                addr: BUF_IOVA,
+                len: 64,
+                writable: true,
+            }])
+            .expect("chain");
+        f.driver.publish().expect("publish");
+        let mut chain = Chain::new();
+        with_queue(&f, |q| {
+            let mut q = q.expect("queue serving");
+            let e = q.pop(&mut chain).expect_err("miss");
+            assert_eq!(
+                e.dma_error().and_then(DmaError::miss_address),
+                Some((BUF_IOVA, Access::Write))
+            );
+        });
+        {
+            let v = f.vrings[0].1.lock().expect("lock");
+            assert!(v.parked.is_some());
+            assert_eq!(v.q.next_avail(), 0, "the chain must be offered again");
+        }
+        // A parked queue is not handed out.
+        with_queue(&f, |q| assert!(q.is_none()));
+        // The frontend maps the buffer; the queue resumes.
+        f.iommu
+            .ioas_map(f.ioas, &f.buf_mem, 0, 0x4000, Some(BUF_IOVA), Perm::RW)
+            .expect("map");
+        f.vrings[0].1.lock().expect("lock").parked = None;
+        with_queue(&f, |q| {
+            let mut q = q.expect("queue serving");
+            assert!(q.pop(&mut chain).expect("pop"));
+            q.add_used(chain.head(), 0).expect("used");
+        });
+        assert_eq!(f.driver.used_idx().expect("idx"), 1);
+        let _ = &f.ring_mem;
+    }
+
+    #[test]
+    fn test_permission_failure_completes_chain_and_breaks_queue() {
+        let mut f = fixture(false);
+        f.iommu
+            .ioas_map(f.ioas, &f.buf_mem, 0, 0x4000, Some(BUF_IOVA), Perm::READ)
+            .expect("map read-only");
+        f.driver
+            .add_chain(&[Buf {
+                addr: BUF_IOVA,
+                len: 64,
+                writable: true,
+            }])
+            .expect("chain");
+        f.driver.publish().expect("publish");
+        let mut chain = Chain::new();
+        with_queue(&f, |q| {
+            let mut q = q.expect("queue serving");
+            let e = q.pop(&mut chain).expect_err("denied");
+            assert!(e.dma_error().and_then(DmaError::denied_address).is_some());
+        });
+        assert_eq!(
+            f.driver.used_idx().expect("idx"),
+            1,
+            "head completed with 0"
+        );
+        assert!(f.vrings[0].1.lock().expect("lock").broken);
+    }
+
+    #[test]
+    fn test_bad_avail_index_is_an_error_not_empty() {
+        let mut f = fixture(true);
+        f.driver.set_avail_idx(100).expect("idx");
+        let mut chain = Chain::new();
+        with_queue(&f, |q| {
+            let mut q = q.expect("queue serving");
+            assert!(matches!(
+                q.pop(&mut chain),
+                Err(QueueError::AvailIndex { avail: 100, .. })
+            ));
+        });
+    }
+
+    #[test]
+    fn test_descriptor_loop_is_bad_chain() {
+        let mut f = fixture(true);
+        // Two descriptors pointing at each other.
+        f.driver
+            .write_desc(0, BUF_IOVA, 8, crate::testing::VRING_DESC_F_NEXT, 1)
+            .expect("d0");
+        f.driver
+            .write_desc(1, BUF_IOVA, 8, crate::testing::VRING_DESC_F_NEXT, 0)
+            .expect("d1");
+        f.driver.push_avail(0).expect("avail");
+        f.driver.publish().expect("publish");
+        let mut chain = Chain::new();
+        with_queue(&f, |q| {
+            let mut q = q.expect("queue serving");
+            assert!(matches!(
+                q.pop(&mut chain),
+                Err(QueueError::BadChain { head: 0, .. })
+            ));
+        });
+        assert_eq!(f.driver.used_idx().expect("idx"), 1, "bad chain completed");
+    }
+}
