@@ -256,9 +256,9 @@ mod tests {
         let s = AddressSpace::default();
         let fd = sealed(0x3000);
         s.map(&fd, 0x10000, 0x2000, 0x1000, true).expect("map");
-        write_bytes(&s.view(), 0x11ff0, &[1u8; 32]).expect("write");
+        write_bytes(&s.view(), 0x11fe0, &[1u8; 32]).expect("write");
         let mut b = [0u8; 32];
-        read_bytes(&s.view(), 0x11ff0, &mut b).expect("read");
+        read_bytes(&s.view(), 0x11fe0, &mut b).expect("read");
         assert_eq!(b, [1u8; 32]);
         assert!(read_bytes(&s.view(), 0x12000, &mut b).is_err());
         assert_eq!(s.unmap(0x10000, 0x1000), Err(SpaceError::Partial { iova: 0x10000, len: 0x1000 }));
