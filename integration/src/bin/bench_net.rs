@@ -1,1 +1,352 @@
-fn main() {}
+//! Packet-rate benchmark: vdpa-net against DPDK's own vhost backend
+//! (net_vhost), with the same testpmd virtio_user frontend, alternating the
+//! backends round by round on one machine and comparing medians.
+//!
+//! Run through `scripts/bench-net.sh` (it prepares hugepages and builds in
+//! release mode). Measurements, all with 64-byte frames:
+//!
+//! - `to-backend`: frontend txonly into net_vhost (rxonly) / vdpa-net `sink`;
+//!   the figure is the frontend's Tx-pps (frames the backend took off the ring);
+//! - `loop`: frontend io forwarding with a first burst, the backend returning
+//!   every frame (net_vhost io / vdpa-net `reflect`); the figure is the
+//!   frontend's Rx-pps, i.e. frames the backend delivered into the ring;
+//! - `from-backend`: net_vhost txonly into a frontend in rxonly (reference
+//!   only: vdpa-net has no generator port);
+//! - `tap` (with `--tap`): frontend txonly through the backend into a tap
+//!   inside a network namespace, counted on the tap (DPDK's reference is
+//!   net_vhost + net_tap in io mode).
+//!
+//! Usage: `ioasis-bench-net [--rounds N] [--secs S] [--tap] [--only-reference]`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use ioasis_integration::env::{heavy_lock, which, WorkDir};
+use ioasis_integration::netns::Netns;
+use ioasis_integration::process::wait_for_path;
+use ioasis_integration::testpmd::{median, net_vhost_vdev, Testpmd, TestpmdConfig};
+use ioasis_integration::vdpa_net::{vdpa_net_bin, VdpaNet, VdpaNetConfig};
+use ioasis_integration::{Error, Result};
+
+const STOP: Duration = Duration::from_secs(30);
+const SOCKET: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Reference,
+    VdpaNet,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Reference => "net_vhost",
+            Backend::VdpaNet => "vdpa-net",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Test {
+    ToBackend,
+    Loop,
+    FromBackend,
+    Tap,
+}
+
+impl Test {
+    fn name(self) -> &'static str {
+        match self {
+            Test::ToBackend => "to-backend",
+            Test::Loop => "loop",
+            Test::FromBackend => "from-backend",
+            Test::Tap => "tap",
+        }
+    }
+}
+
+struct Opts {
+    rounds: usize,
+    secs: u64,
+    tap: bool,
+    vdpa: Option<PathBuf>,
+    vdpa_args: Vec<String>,
+}
+
+/// A backend under test, killed on drop.
+enum Running {
+    Testpmd(Testpmd),
+    Vdpa(VdpaNet),
+}
+
+fn start_backend(
+    b: Backend,
+    t: Test,
+    opts: &Opts,
+    dir: &Path,
+    sock: &Path,
+    ns: Option<&Netns>,
+) -> Result<Running> {
+    match b {
+        Backend::Reference => {
+            let (fwd, vdevs) = match t {
+                Test::ToBackend => ("rxonly", vec![net_vhost_vdev(0, sock, 1, false)]),
+                Test::Loop => ("io", vec![net_vhost_vdev(0, sock, 1, false)]),
+                Test::FromBackend => ("txonly", vec![net_vhost_vdev(0, sock, 1, false)]),
+                Test::Tap => (
+                    "io",
+                    vec![
+                        net_vhost_vdev(0, sock, 1, false),
+                        "net_tap0,iface=btap0".to_string(),
+                    ],
+                ),
+            };
+            let mut cfg = TestpmdConfig::reference_backend("backend", sock, fwd)
+                .vdevs(vdevs)
+                .duration(Duration::from_secs(opts.secs + 60));
+            if let Some(ns) = ns {
+                cfg = cfg.in_netns(ns.name());
+            }
+            let mut p = Testpmd::spawn(&cfg, dir)?;
+            wait_for_path(sock, SOCKET, Some(p.proc_mut()))?;
+            Ok(Running::Testpmd(p))
+        }
+        Backend::VdpaNet => {
+            let bin = opts
+                .vdpa
+                .as_ref()
+                .ok_or_else(|| Error::Unavailable("vdpa-net".into()))?;
+            let port = match t {
+                Test::ToBackend => "sink",
+                Test::Loop => "reflect",
+                Test::Tap => "tap=btap0",
+                Test::FromBackend => return Err(Error::Unavailable("no generator port".into())),
+            };
+            let mut cfg = VdpaNetConfig::new().device(sock, port).stats_interval(1);
+            for a in &opts.vdpa_args {
+                cfg = cfg.arg(a);
+            }
+            // Pin the daemon to CPU 1, where net_vhost's forwarding lcore
+            // runs, so both backends get the same share of the machine.
+            let pinned;
+            let bin = match which("taskset") {
+                Some(ts) => {
+                    pinned = dir.join("vdpa-net-pinned.sh");
+                    std::fs::write(
+                        &pinned,
+                        format!(
+                            "#!/bin/sh\nexec {} -c 1 {} \"$@\"\n",
+                            ts.display(),
+                            bin.display()
+                        ),
+                    )
+                    .map_err(|e| Error::Io {
+                        what: "write wrapper".into(),
+                        source: e,
+                    })?;
+                    let _ = Command::new("chmod").arg("+x").arg(&pinned).status();
+                    pinned.as_path()
+                }
+                None => bin.as_path(),
+            };
+            Ok(Running::Vdpa(VdpaNet::spawn_bin(bin, &cfg, dir, ns)?))
+        }
+    }
+}
+
+/// One measurement; returns the median pps.
+fn measure(b: Backend, t: Test, opts: &Opts) -> Result<u64> {
+    let dir = WorkDir::new(&format!("bench-{}-{}", b.name(), t.name()))?;
+    let sock = dir.join("net.sock");
+    let ns = if t == Test::Tap {
+        Some(Netns::new()?)
+    } else {
+        None
+    };
+    let mut backend = start_backend(b, t, opts, dir.path(), &sock, ns.as_ref())?;
+    if let Some(ns) = &ns {
+        ns.wait_link("btap0", SOCKET)?;
+        ns.addr_up("btap0", "10.0.8.1/24")?;
+    }
+    let fwd = match t {
+        Test::ToBackend | Test::Tap => "txonly",
+        Test::Loop => "io",
+        Test::FromBackend => "rxonly",
+    };
+    let mut cfg = TestpmdConfig::frontend("frontend", &sock, fwd)
+        .duration(Duration::from_secs(opts.secs + 2));
+    if t == Test::Loop {
+        cfg = cfg.tx_first();
+    }
+    let mut front = Testpmd::spawn(&cfg, dir.path())?;
+    let mut tap_rates = Vec::new();
+    if let Some(ns) = &ns {
+        // Sample the tap's receive counter once a second while traffic runs.
+        front.wait_samples(0, 2, SOCKET)?;
+        let mut prev = (ns.link_stats("btap0")?.rx_packets, Instant::now());
+        for _ in 0..opts.secs.saturating_sub(1) {
+            std::thread::sleep(Duration::from_secs(1));
+            let now = (ns.link_stats("btap0")?.rx_packets, Instant::now());
+            let dt = now.1.duration_since(prev.1).as_secs_f64();
+            tap_rates.push(((now.0 - prev.0) as f64 / dt) as u64);
+            prev = now;
+        }
+    }
+    let report = front.finish(STOP)?;
+    match &mut backend {
+        Running::Testpmd(p) => {
+            let _ = p.stop(STOP)?;
+        }
+        Running::Vdpa(v) => {
+            v.stop(STOP)?;
+        }
+    }
+    let rates = report.rates(0, 1);
+    let figure = match t {
+        Test::ToBackend => median(rates.iter().map(|r| r.1).collect()),
+        Test::Loop | Test::FromBackend => median(rates.iter().map(|r| r.0).collect()),
+        Test::Tap => median(tap_rates),
+    };
+    Ok(figure)
+}
+
+fn parse_opts() -> std::result::Result<Opts, String> {
+    let mut o = Opts {
+        rounds: 3,
+        secs: 5,
+        tap: false,
+        vdpa: None,
+        vdpa_args: Vec::new(),
+    };
+    let mut only_ref = false;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = |name: &str| args.next().ok_or(format!("{name} needs a value"));
+        match a.as_str() {
+            "--rounds" => o.rounds = val("--rounds")?.parse().map_err(|e| format!("{e}"))?,
+            "--secs" => o.secs = val("--secs")?.parse().map_err(|e| format!("{e}"))?,
+            "--tap" => o.tap = true,
+            "--only-reference" => only_ref = true,
+            "--vdpa-arg" => o.vdpa_args.push(val("--vdpa-arg")?),
+            "-h" | "--help" => {
+                return Err("usage: ioasis-bench-net [--rounds N] [--secs S] [--tap] [--only-reference] [--vdpa-arg ARG]...".into())
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    o.rounds = o.rounds.clamp(1, 50);
+    o.secs = o.secs.clamp(3, 120);
+    if !only_ref {
+        match vdpa_net_bin() {
+            Ok(p) => o.vdpa = Some(p),
+            Err(e) => eprintln!("!! vdpa-net unavailable, measuring net_vhost only: {e}"),
+        }
+    }
+    Ok(o)
+}
+
+fn fmt_mpps(v: u64) -> String {
+    format!("{:.2}", v as f64 / 1e6)
+}
+
+fn main() -> ExitCode {
+    let opts = match parse_opts() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let _lock = match heavy_lock() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut tests = vec![Test::ToBackend, Test::Loop, Test::FromBackend];
+    if opts.tap {
+        tests.push(Test::Tap);
+    }
+    let mut backends = vec![Backend::Reference];
+    if let Some(p) = &opts.vdpa {
+        eprintln!("vdpa-net: {}", p.display());
+        backends.push(Backend::VdpaNet);
+    }
+    // results[test][backend] = per-round figures
+    let mut results: Vec<Vec<Vec<u64>>> = vec![vec![Vec::new(); backends.len()]; tests.len()];
+    let mut failed = false;
+    for round in 0..opts.rounds {
+        for (ti, &t) in tests.iter().enumerate() {
+            // Alternate which backend goes first from round to round.
+            let order: Vec<usize> = if round % 2 == 0 {
+                (0..backends.len()).collect()
+            } else {
+                (0..backends.len()).rev().collect()
+            };
+            for bi in order {
+                let b = backends[bi];
+                if b == Backend::VdpaNet && t == Test::FromBackend {
+                    continue;
+                }
+                match measure(b, t, &opts) {
+                    Ok(pps) => {
+                        println!(
+                            "round {} {:<12} {:<9} {:>7} Mpps",
+                            round + 1,
+                            t.name(),
+                            b.name(),
+                            fmt_mpps(pps)
+                        );
+                        results[ti][bi].push(pps);
+                    }
+                    Err(e) => {
+                        failed = true;
+                        println!(
+                            "round {} {:<12} {:<9} FAILED: {e}",
+                            round + 1,
+                            t.name(),
+                            b.name()
+                        );
+                    }
+                }
+            }
+        }
+    }
+    println!(
+        "\n64-byte frames, medians over {} rounds of {} s (Mpps):",
+        opts.rounds, opts.secs
+    );
+    println!(
+        "| test | {} | ratio |",
+        backends
+            .iter()
+            .map(|b| b.name())
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    println!("|---|{}---|", "---|".repeat(backends.len()));
+    for (ti, t) in tests.iter().enumerate() {
+        let meds: Vec<u64> = results[ti].iter().map(|v| median(v.clone())).collect();
+        let ratio = if meds.len() == 2 && meds[0] > 0 && meds[1] > 0 {
+            format!("{:.2}x", meds[1] as f64 / meds[0] as f64)
+        } else {
+            "-".into()
+        };
+        println!(
+            "| {} | {} | {} |",
+            t.name(),
+            meds.iter()
+                .map(|m| if *m > 0 { fmt_mpps(*m) } else { "-".into() })
+                .collect::<Vec<_>>()
+                .join(" | "),
+            ratio
+        );
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# 64-byte packet rates of vdpa-net against DPDK's own vhost backend
+# (net_vhost), both driven by the same testpmd virtio_user frontend,
+# alternating the backends round by round and comparing medians (this kind of
+# machine is shared and noisy: compare only within one run).
+#
+#   scripts/bench-net.sh [--rounds N] [--secs S] [--tap] [--only-reference] [--vdpa-arg ARG]...
+#
+# --tap adds the tap benchmark (frames from testpmd through the backend into a
+# tap inside a network namespace, counted on the tap). Without a vdpa-net
+# binary only net_vhost is measured. Extra daemon options go through
+# --vdpa-arg (e.g. --vdpa-arg --poll-us --vdpa-arg 50).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh >/dev/null
+cargo build -q -j2 --release -p ioasis-integration --bin ioasis-bench-net
+if cargo build -q -j2 --release -p vdpa-net --bin vdpa-net 2>/dev/null && [ -x target/release/vdpa-net ]; then
+    export IOASIS_VDPA_NET_BIN="$PWD/target/release/vdpa-net"
+else
+    echo "!! vdpa-net does not build in release mode: measuring net_vhost only" >&2
+    set -- "$@" --only-reference
+fi
+echo "== $(nproc) CPUs, $(uname -r), DPDK $(dpkg-query -W -f="${Version}" dpdk-dev 2>/dev/null || echo "?")"
+exec target/release/ioasis-bench-net "$@"
