@@ -1,19 +1,48 @@
-//! Hands the devices to the framework's server.
+//! Hands the devices to the framework's server, which runs on a thread of
+//! its own while the main thread takes signals and prints statistics.
 
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
+use ioasis::server::{Server, ServerError, ShutdownHandle};
+use log::error;
 use vdpa_net::VhostUserNetBackend;
 
 /// The running server.
-pub struct Running;
-
-impl Running {
-    /// Stops serving.
-    pub fn stop(self) {}
+pub struct Running {
+    shutdown: ShutdownHandle,
+    thread: JoinHandle<Result<(), ServerError>>,
 }
 
-/// Starts serving `backends` on `sockets`.
-pub fn start(sockets: &[String], backends: &[Arc<VhostUserNetBackend>]) -> Result<Running, String> {
-    let _ = (sockets, backends);
-    Err("the framework server is not available in this build".to_string())
+impl Running {
+    /// Stops serving: connections closed, workers joined, sockets removed.
+    pub fn stop(self) {
+        self.shutdown.shutdown();
+        match self.thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!("server: {e}"),
+            Err(_) => error!("server thread panicked"),
+        }
+    }
+}
+
+/// Starts serving `backends` on `sockets` (same order); every device shares
+/// the server's iommu context.
+pub fn start(
+    sockets: &[String],
+    backends: &[Arc<VhostUserNetBackend>],
+) -> Result<Running, ServerError> {
+    let mut server = Server::new();
+    for (i, (s, b)) in sockets.iter().zip(backends).enumerate() {
+        server.add_device(&format!("net{i}"), s, b.clone())?;
+    }
+    let shutdown = server.shutdown_handle();
+    let thread = std::thread::Builder::new()
+        .name("vdpa-net-server".into())
+        .spawn(move || server.run())
+        .map_err(|source| ServerError::Io {
+            op: "spawn server thread",
+            source,
+        })?;
+    Ok(Running { shutdown, thread })
 }
