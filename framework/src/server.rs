@@ -177,6 +177,9 @@ struct Hosted {
     listener: UnixListener,
     served: Served,
     active: Option<Active>,
+    /// A frontend that connected while the previous connection was still
+    /// being torn down; served as soon as that finishes.
+    pending: Option<UnixStream>,
 }
 
 /// One backend process's device server.
@@ -338,6 +341,7 @@ impl Server {
                 iommu: self.iommu.clone(),
             },
             active: None,
+            pending: None,
         });
         Ok(())
     }
@@ -467,12 +471,18 @@ impl Server {
     }
 
     fn reap(&mut self) {
+        let reaped = self.reaped.clone();
         for h in &mut self.hosted {
             if h.active.as_ref().is_some_and(|a| a.handle.is_finished()) {
                 if let Some(a) = h.active.take() {
                     if a.handle.join().is_err() {
                         error!("device {:?}: connection thread panicked", h.label);
                     }
+                }
+            }
+            if h.active.is_none() {
+                if let Some(s) = h.pending.take() {
+                    start_connection(h, s, &reaped);
                 }
             }
         }
@@ -510,63 +520,28 @@ impl Server {
                     break;
                 }
             };
-            if h.active.is_some() {
-                warn!(
-                    "device {:?}: a frontend is already connected; refusing another",
-                    h.label
-                );
-                drop(stream);
-                continue;
-            }
             if let Err(e) = stream.set_nonblocking(false) {
                 warn!("device {:?}: {e}", h.label);
                 continue;
             }
-            let shut = match stream.try_clone() {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!("device {:?}: cloning stream: {e}", h.label);
-                    continue;
-                }
-            };
-            let served = h.served.clone();
-            let label = h.label.clone();
-            let reaped = reaped.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("ioasis-conn-{label}"))
-                .spawn(move || {
-                    info!("device {label:?}: frontend connected");
-                    match Connection::new(served, stream) {
-                        Ok(c) => match c.serve() {
-                            Ok(()) => {
-                                info!("device {label:?}: frontend disconnected; device reset")
-                            }
-                            Err(e) => error!(
-                                "device {label:?}: dropping connection: {}",
-                                crate::error_chain(&e)
-                            ),
-                        },
-                        Err(e) => error!(
-                            "device {label:?}: setting up connection: {}",
-                            crate::error_chain(&e)
-                        ),
-                    }
-                    let _ = reaped.write(1);
-                });
-            match spawned {
-                Ok(handle) => {
-                    h.active = Some(Active {
-                        stream: shut,
-                        handle,
-                    })
-                }
-                Err(e) => error!("device {:?}: spawning connection thread: {e}", h.label),
+            if h.active.is_none() {
+                start_connection(h, stream, &reaped);
+            } else if h.pending.is_none() {
+                // The previous frontend may be going away (reconnect): serve
+                // this one once it is gone.
+                h.pending = Some(stream);
+            } else {
+                warn!(
+                    "device {:?}: a frontend is already connected; refusing another",
+                    h.label
+                );
             }
         }
     }
 
     fn shutdown_all(&mut self) {
         for h in &mut self.hosted {
+            h.pending = None;
             if let Some(a) = h.active.take() {
                 let _ = a.stream.shutdown(std::net::Shutdown::Both);
                 if a.handle.join().is_err() {
@@ -584,6 +559,47 @@ impl Server {
         }
         let fd = self.stop.as_raw_fd();
         let _ = SIGNAL_FD.compare_exchange(fd, -1, Ordering::SeqCst, Ordering::SeqCst);
+    }
+}
+
+fn start_connection(h: &mut Hosted, stream: UnixStream, reaped: &Arc<EventFd>) {
+    let shut = match stream.try_clone() {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("device {:?}: cloning stream: {e}", h.label);
+            return;
+        }
+    };
+    let served = h.served.clone();
+    let label = h.label.clone();
+    let reaped = reaped.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("ioasis-conn-{label}"))
+        .spawn(move || {
+            info!("device {label:?}: frontend connected");
+            match Connection::new(served, stream) {
+                Ok(c) => match c.serve() {
+                    Ok(()) => info!("device {label:?}: frontend disconnected; device reset"),
+                    Err(e) => error!(
+                        "device {label:?}: dropping connection: {}",
+                        crate::error_chain(&e)
+                    ),
+                },
+                Err(e) => error!(
+                    "device {label:?}: setting up connection: {}",
+                    crate::error_chain(&e)
+                ),
+            }
+            let _ = reaped.write(1);
+        });
+    match spawned {
+        Ok(handle) => {
+            h.active = Some(Active {
+                stream: shut,
+                handle,
+            })
+        }
+        Err(e) => error!("device {:?}: spawning connection thread: {e}", h.label),
     }
 }
 

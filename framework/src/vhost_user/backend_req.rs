@@ -52,14 +52,6 @@ impl BackendChannel {
         *g = sock;
     }
 
-    /// True if the frontend set up a channel.
-    pub fn is_set(&self) -> bool {
-        match self.sock.lock() {
-            Ok(g) => g.is_some(),
-            Err(p) => p.into_inner().is_some(),
-        }
-    }
-
     /// Sends an IOTLB message of type `typ` (miss or access failure).
     pub fn send_iotlb(&self, typ: u8, iova: u64, access: Access) -> Result<SendOutcome, MsgError> {
         let msg = IotlbMsg {

@@ -86,17 +86,13 @@ impl AddressSpace {
         })
     }
 
-    /// The IOAS id.
-    pub fn ioas(&self) -> IoasId {
-        self.ioas
-    }
-
     /// The current mode.
     pub fn mode(&self) -> Mode {
         self.mode
     }
 
     /// Number of mapped areas.
+    #[cfg(test)]
     pub fn area_count(&self) -> usize {
         self.areas.len()
     }

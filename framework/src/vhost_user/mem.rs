@@ -84,13 +84,9 @@ impl MemTable {
     }
 
     /// Number of regions.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.regions.len()
-    }
-
-    /// Drops every region.
-    pub fn clear(&mut self) {
-        self.regions.clear();
     }
 
     /// Converts a frontend virtual address to a guest physical address.
