@@ -162,6 +162,7 @@ pub struct ClientCtx {
     resume: Mutex<VecDeque<(Job, Resume)>>,
     held: Mutex<VecDeque<Job>>,
     has_held: AtomicBool,
+    no_faults: AtomicBool,
     faults: Mutex<VecDeque<FaultRecord>>,
     faults_efd: OwnedFd,
     next_cookie: AtomicU32,
@@ -469,6 +470,7 @@ fn hello(s: &Arc<Shared>, conn: BorrowedFd<'_>, pkt: &proto::Packet) -> Option<(
         resume: Mutex::new(VecDeque::new()),
         held: Mutex::new(VecDeque::new()),
         has_held: AtomicBool::new(false),
+        no_faults: AtomicBool::new(false),
         faults: Mutex::new(VecDeque::new()),
         faults_efd,
         next_cookie: AtomicU32::new(1),
@@ -564,11 +566,15 @@ fn client_thread(s: &Arc<Shared>, conn: OwnedFd) {
         reply(conn.as_fd(), -libc::EPROTO, &[], &[]);
         return;
     }
-    let Some((client, mut pump)) = hello(s, conn.as_fd(), &pkt) else {
+    let Some((client, pump)) = hello(s, conn.as_fd(), &pkt) else {
         return;
     };
+    let mut pump = Some(pump);
     loop {
-        let mut fds = vec![conn.as_fd(), client.faults_efd.as_fd(), pump.socket()];
+        let mut fds = vec![conn.as_fd(), client.faults_efd.as_fd()];
+        if let Some(p) = pump.as_ref() {
+            fds.push(p.socket());
+        }
         let r = match shm::poll_in(&fds, 100) {
             Ok(r) => r,
             Err(e) => {
@@ -576,7 +582,7 @@ fn client_thread(s: &Arc<Shared>, conn: OwnedFd) {
                 break;
             }
         };
-        fds.clear();
+        drop(fds);
         if s.shutdown.load(Ordering::SeqCst) {
             break;
         }
@@ -591,20 +597,46 @@ fn client_thread(s: &Arc<Shared>, conn: OwnedFd) {
                 }
             }
         }
-        if r[1] != 0 || pump.wants_writable() {
-            if let Err(e) = pump.pump_out() {
+        let Some(p) = pump.as_mut() else {
+            shm::drain(client.faults_efd.as_fd());
+            continue;
+        };
+        if r[1] != 0 || p.wants_writable() {
+            if let Err(e) = p.pump_out() {
                 debug!("PASID {}: fault pump out: {e}", client.pasid);
             }
         }
-        if r[2] != 0 {
-            match pump.pump_in() {
+        if r.get(2).copied().unwrap_or(0) != 0 {
+            match p.pump_in() {
                 Ok(_) => {}
-                Err(ioasis::uring::PumpError::Closed) => break,
+                Err(ioasis::uring::PumpError::Closed) => {
+                    info!("PASID {}: fault channel closed; faults now answered Invalid", client.pasid);
+                    pump = None;
+                    close_faults(s, &client);
+                }
                 Err(e) => debug!("PASID {}: fault pump in: {e}", client.pasid),
             }
         }
     }
     teardown(s, &client);
+}
+
+/// The client closed its fault channel: answer every parked descriptor
+/// Invalid, and every later block at once.
+fn close_faults(s: &Shared, c: &ClientCtx) {
+    c.no_faults.store(true, Ordering::SeqCst);
+    let parked: Vec<Job> = c
+        .parked
+        .lock()
+        .map(|mut p| p.drain().map(|(_, j)| j).collect())
+        .unwrap_or_default();
+    if let Ok(mut q) = c.resume.lock() {
+        q.extend(parked.into_iter().map(|j| (j, Resume::Invalid)));
+    }
+    if let Ok(mut q) = c.faults.lock() {
+        q.clear();
+    }
+    shm::signal(s.doorbell.as_fd());
 }
 
 /// Drops a client: stop taking its work, drop parked work, wait for what is
@@ -715,7 +747,7 @@ fn park(s: &Shared, c: &ClientCtx, job: Job, f: PageFault) {
         retire(s, c, 1);
         return;
     }
-    if parked.len() >= MAX_PARKED {
+    if parked.len() >= MAX_PARKED || c.no_faults.load(Ordering::SeqCst) {
         drop(parked);
         warn!("PASID {}: too many parked descriptors, answering Invalid", c.pasid);
         return run_job(s, c, job, Resume::Invalid);
