@@ -1,0 +1,215 @@
+//! Several clients at once, a client killed mid-work, queue modes, drain.
+
+mod common;
+
+use common::{eventually, pattern, Daemon};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+use sva_accel::client::{ops, Client, ClientError, FaultAction, Options};
+use sva_accel::desc::{flags, opcode, status, Descriptor};
+
+#[test]
+fn test_several_clients_at_once() {
+    let d = Daemon::start(&["--workers", "2"]);
+    let path = d.socket.clone();
+    let threads: Vec<_> = (0..4u8)
+        .map(|t| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let c = Client::connect(&path).expect("connect");
+                let src = c.alloc(1 << 16).expect("alloc");
+                let dst = c.alloc(1 << 16).expect("alloc");
+                for i in 0..100u32 {
+                    let len = 1 + (i * 613 + u32::from(t) * 97) % (1 << 16);
+                    let data = pattern(len as usize, t.wrapping_add(i as u8));
+                    src.write(0, &data);
+                    let cr = c.mem_move(dst.addr(), src.addr(), len).expect("run");
+                    assert_eq!(cr.status, status::SUCCESS);
+                    assert_eq!(dst.to_vec(0, len as usize), data, "client {t} op {i}");
+                }
+                c.pasid()
+            })
+        })
+        .collect();
+    let mut pasids: Vec<u32> = threads.into_iter().map(|t| t.join().expect("client thread")).collect();
+    pasids.sort_unstable();
+    pasids.dedup();
+    assert_eq!(pasids.len(), 4, "distinct PASIDs");
+}
+
+/// Run as a separate process by `test_killed_client_is_cleaned_up`.
+#[test]
+fn victim_process() {
+    let Ok(path) = std::env::var("SVA_VICTIM_SOCKET") else {
+        return;
+    };
+    let c = Client::connect_with(
+        &path,
+        Options {
+            block_on_fault: true,
+            // Never answers: the fault stays parked until the process dies.
+            fault_handler: Some(Box::new(|_| {
+                std::thread::sleep(Duration::from_secs(60));
+                FaultAction::Fail
+            })),
+            ..Options::default()
+        },
+    )
+    .expect("connect");
+    let big = c.alloc(16 << 20).expect("alloc");
+    let lazy = c.alloc_lazy(4096).expect("lazy");
+    let parked = c.submit(ops::fill(lazy.addr(), 0, 4096)).expect("submit");
+    println!("READY");
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        let _ = c.mem_move(big.at(8 << 20), big.addr(), 8 << 20);
+    }
+    drop(parked);
+}
+
+fn memfd_maps(pid: u32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map(|m| m.lines().filter(|l| l.contains("memfd:sva-buffer")).count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn test_killed_client_is_cleaned_up() {
+    let d = Daemon::shared();
+    let survivor = Client::connect(&d.socket).expect("connect");
+    let a = survivor.alloc(1 << 20).expect("alloc");
+    let baseline = memfd_maps(d.child.id());
+    let mut victim = Command::new(std::env::current_exe().expect("exe"))
+        .args(["victim_process", "--exact", "--nocapture", "--test-threads=1"])
+        .env("SVA_VICTIM_SOCKET", &d.socket)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn victim");
+    let out = victim.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(out).lines();
+    let ready = lines.any(|l| l.map(|l| l.contains("READY")).unwrap_or(false));
+    assert!(ready, "victim did not start");
+    assert!(memfd_maps(d.child.id()) > baseline, "victim memory mapped in the daemon");
+    victim.kill().expect("kill");
+    victim.wait().expect("wait");
+    // Its memory goes away; the survivor keeps working meanwhile.
+    let data = pattern(1 << 19, 1);
+    a.write(0, &data);
+    eventually("victim memory unmapped", || {
+        let cr = survivor.mem_move(a.at(1 << 19), a.addr(), 1 << 19).expect("run");
+        assert_eq!(cr.status, status::SUCCESS);
+        memfd_maps(d.child.id()) == baseline
+    });
+    assert_eq!(a.to_vec(1 << 19, 1 << 19), data);
+    let newcomer = Client::connect(&d.socket).expect("connect after kill");
+    assert_eq!(newcomer.run(Descriptor::new(opcode::NOOP, 0)).expect("noop").status, status::SUCCESS);
+}
+
+#[test]
+fn test_dedicated_queue_credits() {
+    let d = Daemon::start(&["--workers", "1", "--wq-mode", "dedicated", "--wq-size", "4"]);
+    let c = Client::connect(&d.socket).expect("connect");
+    assert_eq!(c.info().wq_mode, sva_accel::wq::WqMode::Dedicated);
+    let a = c.alloc(1 << 20).expect("alloc");
+    // More operations in flight than the queue has entries: the library
+    // waits for credits instead of overrunning the queue.
+    let handles: Vec<_> = (0..32u32)
+        .map(|i| c.submit(ops::fill(a.at(i as usize * 4096), u64::from(i), 4096)).expect("submit"))
+        .collect();
+    for h in handles {
+        assert_eq!(h.wait().expect("wait").status, status::SUCCESS);
+    }
+    assert_eq!(a.to_vec(31 * 4096, 1), vec![31]);
+    // Every dedicated queue taken: the next client is refused.
+    let mut others = Vec::new();
+    loop {
+        match Client::connect(&d.socket) {
+            Ok(o) => others.push(o),
+            Err(ClientError::Refused { errno, .. }) => {
+                assert_eq!(errno, libc::EBUSY);
+                break;
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+        assert!(others.len() < 16, "dedicated queues unbounded");
+    }
+    assert_eq!(others.len() + 1, sva_accel::device::MAX_DEDICATED_WQS);
+}
+
+#[test]
+fn test_shared_queue_retry() {
+    let d = Daemon::start(&["--workers", "1", "--wq-size", "2"]);
+    let c = Client::connect(&d.socket).expect("connect");
+    let big = c.alloc(128 << 20).expect("alloc");
+    let cr = c.alloc(4096).expect("alloc");
+    let mut m = ops::mem_move(big.at(64 << 20), big.addr(), 64 << 20);
+    m.flags |= flags::CRAV | flags::RCR;
+    m.completion_addr = cr.addr();
+    c.submit_raw(&[m]).expect("submit");
+    let mut retried = false;
+    for _ in 0..1000 {
+        match c.try_submit_raw(&[Descriptor::new(opcode::NOOP, 0)]) {
+            Ok(()) => {}
+            Err(ClientError::Retry) => {
+                retried = true;
+                break;
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert!(retried, "a full shared queue answers retry");
+    assert_eq!(c.wait_record(cr.addr()).expect("wait").status, status::SUCCESS);
+    assert!(c.stats().retries.load(Ordering::Relaxed) >= 1);
+}
+
+#[test]
+fn test_drain_waits_for_parked_work() {
+    let d = Daemon::shared();
+    let (entered_tx, entered_rx) = mpsc::channel();
+    let release: Arc<Mutex<Option<mpsc::Receiver<()>>>> = Arc::default();
+    let (release_tx, release_rx) = mpsc::channel();
+    *release.lock().expect("lock") = Some(release_rx);
+    let lazy_slot: Arc<Mutex<Option<Arc<sva_accel::client::Buffer>>>> = Arc::default();
+    let (r2, l2) = (release.clone(), lazy_slot.clone());
+    let c = Client::connect_with(
+        &d.socket,
+        Options {
+            block_on_fault: true,
+            fault_handler: Some(Box::new(move |_| {
+                let _ = entered_tx.send(());
+                if let Some(rx) = r2.lock().expect("lock").as_ref() {
+                    let _ = rx.recv_timeout(Duration::from_secs(20));
+                }
+                match l2.lock().expect("lock").as_ref() {
+                    Some(b) if b.register().is_ok() => FaultAction::Retry,
+                    _ => FaultAction::Fail,
+                }
+            })),
+            ..Options::default()
+        },
+    )
+    .expect("connect");
+    let other = Client::connect(&d.socket).expect("connect");
+    let lazy = Arc::new(c.alloc_lazy(4096).expect("lazy"));
+    *lazy_slot.lock().expect("lock") = Some(lazy.clone());
+    let parked = c.submit(ops::fill(lazy.addr(), 0x0101_0101_0101_0101, 4096)).expect("submit");
+    entered_rx.recv_timeout(Duration::from_secs(10)).expect("fault raised");
+    let drain = c.submit(Descriptor::new(opcode::DRAIN, 0)).expect("drain");
+    // Let the workers make several full passes: the drain must stay pending.
+    let done = AtomicBool::new(false);
+    for _ in 0..20 {
+        assert_eq!(other.run(Descriptor::new(opcode::NOOP, 0)).expect("noop").status, status::SUCCESS);
+        done.store(drain.poll().is_some(), Ordering::SeqCst);
+        assert!(!done.load(Ordering::SeqCst), "drain completed before the parked work");
+    }
+    release_tx.send(()).expect("release");
+    let dr = drain.wait().expect("drain");
+    assert_eq!(dr.status, status::SUCCESS);
+    assert!(parked.poll().is_some(), "parked work completed before the drain");
+    assert_eq!(parked.wait().expect("parked").status, status::SUCCESS);
+    assert_eq!(lazy.to_vec(0, 4), vec![1, 1, 1, 1]);
+}
