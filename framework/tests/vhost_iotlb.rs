@@ -1,0 +1,333 @@
+//! DMA remapping: with VIRTIO_F_ACCESS_PLATFORM the device's address space
+//! is exactly the frontend's IOTLB updates; a miss is reported on the
+//! backend request channel while the queue is parked, and the queue resumes
+//! once an update covers the address.
+
+mod vhost_common;
+
+use std::os::unix::net::UnixStream;
+
+use ioasis::testing::Buf;
+use ioasis::vhost_user::msg::{
+    IotlbMsg, VHOST_ACCESS_RO, VHOST_ACCESS_RW, VHOST_ACCESS_WO, VHOST_IOTLB_ACCESS_FAIL,
+    VHOST_IOTLB_INVALIDATE, VHOST_IOTLB_MISS, VHOST_IOTLB_UPDATE,
+};
+use ioasis::vhost_user::{
+    VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost_common::*;
+use vm_memory::ByteValued;
+
+const FEATURES: u64 =
+    VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES | VIRTIO_F_ACCESS_PLATFORM;
+const RING_IOVA: u64 = 0x10_0000;
+const BUF_IOVA: u64 = 0x20_0000;
+
+struct Setup {
+    _srv: TestServer,
+    _fe: Frontend,
+    raw: UnixStream,
+    backend: UnixStream,
+    guest: Guest,
+    q: QueueSetup,
+}
+
+fn setup() -> Setup {
+    let srv = TestServer::start(vec![("echo", EchoDevice::new(1))]);
+    let (mut fe, raw) = connect(&srv.socket("echo"), 1);
+    let guest = Guest::new();
+    handshake(&mut fe, &guest, FEATURES);
+    let (ours, backend) = UnixStream::pair().expect("pair");
+    fe.set_backend_request_fd(&ours).expect("backend fd");
+    backend.set_read_timeout(Some(WAIT)).expect("timeout");
+    // Map the rings; ring addresses are IOVAs in this mode.
+    assert_eq!(
+        iotlb(
+            &raw,
+            VHOST_IOTLB_UPDATE,
+            RING_IOVA,
+            0x4000,
+            guest.va(RING_OFF),
+            VHOST_ACCESS_RW
+        ),
+        0
+    );
+    let q = setup_queue(&mut fe, &guest, 0, RING_OFF, RING_IOVA, RING_IOVA);
+    Setup {
+        _srv: srv,
+        _fe: fe,
+        raw,
+        backend,
+        guest,
+        q,
+    }
+}
+
+/// Reads one IOTLB message from the backend channel.
+fn backend_msg(s: &UnixStream) -> IotlbMsg {
+    let (hdr, p) = recv_raw(s).expect("backend request");
+    assert_eq!(hdr.request, 1, "BACKEND_IOTLB_MSG");
+    assert_eq!(p.len(), 32);
+    let mut m = IotlbMsg::default();
+    m.as_mut_slice().copy_from_slice(&p);
+    m
+}
+
+fn echo_chain(s: &mut Setup, src: u64, dst: u64) {
+    s.q.ring
+        .add_chain(&[
+            Buf {
+                addr: src,
+                len: 4,
+                writable: false,
+            },
+            Buf {
+                addr: dst,
+                len: 64,
+                writable: true,
+            },
+        ])
+        .expect("chain");
+    s.q.ring.publish().expect("publish");
+    s.q.kick.write(1).expect("kick");
+}
+
+#[test]
+fn test_miss_parks_queue_then_update_resumes() {
+    let mut s = setup();
+    s.guest.mem.write_at(BUF_OFF, b"iotl").expect("write");
+    echo_chain(&mut s, BUF_IOVA, BUF_IOVA + 0x1000);
+    // The readable buffer is not mapped: a miss for it, and nothing completed.
+    let m = backend_msg(&s.backend);
+    assert_eq!(
+        (m.typ, m.iova, m.perm),
+        (VHOST_IOTLB_MISS, BUF_IOVA, VHOST_ACCESS_RO)
+    );
+    assert_eq!(
+        s.q.ring.used_idx().expect("idx"),
+        0,
+        "queue parked, not completed"
+    );
+    // Map it; now the writable one misses.
+    assert_eq!(
+        iotlb(
+            &s.raw,
+            VHOST_IOTLB_UPDATE,
+            BUF_IOVA,
+            0x1000,
+            s.guest.va(BUF_OFF),
+            VHOST_ACCESS_RO
+        ),
+        0
+    );
+    let m = backend_msg(&s.backend);
+    assert_eq!(
+        (m.typ, m.iova, m.perm),
+        (VHOST_IOTLB_MISS, BUF_IOVA + 0x1000, VHOST_ACCESS_WO)
+    );
+    assert_eq!(s.q.ring.used_idx().expect("idx"), 0);
+    assert_eq!(
+        iotlb(
+            &s.raw,
+            VHOST_IOTLB_UPDATE,
+            BUF_IOVA + 0x1000,
+            0x1000,
+            s.guest.va(BUF_OFF + 0x1000),
+            VHOST_ACCESS_WO
+        ),
+        0
+    );
+    wait_used(&s.q, 1);
+    assert_eq!(s.q.ring.used_elem(0).expect("elem"), (0, 4));
+    let mut out = [0u8; 4];
+    s.guest
+        .mem
+        .read_at(BUF_OFF + 0x1000, &mut out)
+        .expect("read");
+    assert_eq!(&out, b"iotl");
+}
+
+#[test]
+fn test_whole_range_invalidation_then_ring_miss() {
+    let mut s = setup();
+    assert_eq!(
+        iotlb(
+            &s.raw,
+            VHOST_IOTLB_UPDATE,
+            BUF_IOVA,
+            0x2000,
+            s.guest.va(BUF_OFF),
+            VHOST_ACCESS_RW
+        ),
+        0
+    );
+    echo_chain(&mut s, BUF_IOVA, BUF_IOVA + 0x1000);
+    wait_used(&s.q, 1);
+    // Real frontends invalidate everything at once: iova 0, size u64::MAX.
+    assert_eq!(iotlb(&s.raw, VHOST_IOTLB_INVALIDATE, 0, u64::MAX, 0, 0), 0);
+    echo_chain(&mut s, BUF_IOVA, BUF_IOVA + 0x1000);
+    let m = backend_msg(&s.backend);
+    assert_eq!(m.typ, VHOST_IOTLB_MISS);
+    assert!(
+        (RING_IOVA..RING_IOVA + 0x4000).contains(&m.iova),
+        "the rings miss first: {:#x}",
+        m.iova
+    );
+    assert_eq!(s.q.ring.used_idx().expect("idx"), 1);
+    assert_eq!(
+        iotlb(
+            &s.raw,
+            VHOST_IOTLB_UPDATE,
+            RING_IOVA,
+            0x4000,
+            s.guest.va(RING_OFF),
+            VHOST_ACCESS_RW
+        ),
+        0
+    );
+    assert_eq!(
+        iotlb(
+            &s.raw,
+            VHOST_IOTLB_UPDATE,
+            BUF_IOVA,
+            0x2000,
+            s.guest.va(BUF_OFF),
+            VHOST_ACCESS_RW
+        ),
+        0
+    );
+    wait_used(&s.q, 2);
+}
+
+#[test]
+fn test_partial_invalidation_keeps_the_rest_mapped() {
+    let mut s = setup();
+    s.guest.mem.write_at(BUF_OFF, b"left").expect("write");
+    assert_eq!(
+        iotlb(
+            &s.raw,
+            VHOST_IOTLB_UPDATE,
+            BUF_IOVA,
+            0x3000,
+            s.guest.va(BUF_OFF),
+            VHOST_ACCESS_RW
+        ),
+        0
+    );
+    // Cut the middle page out of the 3-page mapping.
+    assert_eq!(
+        iotlb(
+            &s.raw,
+            VHOST_IOTLB_INVALIDATE,
+            BUF_IOVA + 0x1000,
+            0x1000,
+            0,
+            0
+        ),
+        0
+    );
+    // Left and right pages still translate.
+    echo_chain(&mut s, BUF_IOVA, BUF_IOVA + 0x2000);
+    wait_used(&s.q, 1);
+    let mut out = [0u8; 4];
+    s.guest
+        .mem
+        .read_at(BUF_OFF + 0x2000, &mut out)
+        .expect("read");
+    assert_eq!(&out, b"left");
+    // The middle one misses.
+    echo_chain(&mut s, BUF_IOVA, BUF_IOVA + 0x1000);
+    let m = backend_msg(&s.backend);
+    assert_eq!((m.typ, m.iova), (VHOST_IOTLB_MISS, BUF_IOVA + 0x1000));
+}
+
+#[test]
+fn test_permission_failure_sends_access_fail() {
+    let mut s = setup();
+    // The writable buffer is mapped read-only.
+    assert_eq!(
+        iotlb(
+            &s.raw,
+            VHOST_IOTLB_UPDATE,
+            BUF_IOVA,
+            0x2000,
+            s.guest.va(BUF_OFF),
+            VHOST_ACCESS_RO
+        ),
+        0
+    );
+    echo_chain(&mut s, BUF_IOVA, BUF_IOVA + 0x1000);
+    let m = backend_msg(&s.backend);
+    assert_eq!(
+        (m.typ, m.iova, m.perm),
+        (VHOST_IOTLB_ACCESS_FAIL, BUF_IOVA + 0x1000, VHOST_ACCESS_WO)
+    );
+    // The chain is completed (length 0), never leaked.
+    wait_used(&s.q, 1);
+    assert_eq!(s.q.ring.used_elem(0).expect("elem"), (0, 0));
+}
+
+#[test]
+fn test_update_outside_memory_table_is_refused_not_fatal() {
+    let s = setup();
+    assert_ne!(
+        iotlb(
+            &s.raw,
+            VHOST_IOTLB_UPDATE,
+            BUF_IOVA,
+            0x1000,
+            0xdead_0000_0000,
+            VHOST_ACCESS_RW
+        ),
+        0
+    );
+    // Straddling the end of the table: refused too.
+    assert_ne!(
+        iotlb(
+            &s.raw,
+            VHOST_IOTLB_UPDATE,
+            BUF_IOVA,
+            0x2000,
+            s.guest.va(GUEST_SIZE - 0x1000),
+            VHOST_ACCESS_RW
+        ),
+        0
+    );
+    // Still connected and serving.
+    assert_eq!(
+        iotlb(
+            &s.raw,
+            VHOST_IOTLB_UPDATE,
+            BUF_IOVA,
+            0x1000,
+            s.guest.va(BUF_OFF),
+            VHOST_ACCESS_RW
+        ),
+        0
+    );
+}
+
+#[test]
+fn test_iotlb_without_access_platform_is_refused() {
+    let srv = TestServer::start(vec![("echo", EchoDevice::new(1))]);
+    let (mut fe, raw) = connect(&srv.socket("echo"), 1);
+    let guest = Guest::new();
+    handshake(
+        &mut fe,
+        &guest,
+        VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES,
+    );
+    assert_ne!(
+        iotlb(
+            &raw,
+            VHOST_IOTLB_UPDATE,
+            0,
+            0x1000,
+            guest.va(0),
+            VHOST_ACCESS_RW
+        ),
+        0
+    );
+    assert_eq!(fe.get_queue_num().expect("still connected"), 1);
+}
