@@ -27,9 +27,7 @@
 //!   library thread that calls the user's handler and answers the device.
 
 use crate::crc;
-use crate::desc::{
-    flags, opcode, status, CompletionRecord, Descriptor, OpCap, CR_SIZE, DESC_SIZE,
-};
+use crate::desc::{flags, opcode, status, CompletionRecord, Descriptor, OpCap, CR_SIZE, DESC_SIZE};
 use crate::proto::{self, Reader, Writer};
 use crate::shm::{self, SharedMap};
 use crate::wq::{ClientPortal, Event, Rejected, WqMode};
@@ -242,7 +240,12 @@ pub struct Buffer {
     registered: AtomicBool,
 }
 
-fn request(inner: &Inner, what: &'static str, msg: &[u8], fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<Vec<u8>> {
+fn request(
+    inner: &Inner,
+    what: &'static str,
+    msg: &[u8],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> Result<Vec<u8>> {
     let ctrl = inner.ctrl.lock().map_err(|_| ClientError::Protocol(what))?;
     proto::send(ctrl.as_fd(), msg, fds).map_err(|source| ClientError::Socket { what, source })?;
     let pkt = proto::recv(ctrl.as_fd())
@@ -423,7 +426,8 @@ impl Client {
             .u32(u32::from(opts.priority))
             .0;
         let what = "hello";
-        proto::send(sock.as_fd(), &msg, &[]).map_err(|source| ClientError::Socket { what, source })?;
+        proto::send(sock.as_fd(), &msg, &[])
+            .map_err(|source| ClientError::Socket { what, source })?;
         let pkt = proto::recv(sock.as_fd())
             .map_err(|source| ClientError::Socket { what, source })?
             .ok_or(ClientError::Protocol(what))?;
@@ -434,7 +438,8 @@ impl Client {
         }
         let _ = r.u32();
         let mut f = || r.u32().ok_or(ClientError::Protocol(what));
-        let (pasid, mode, wq_size, max_batch, max_xfer, dev_id) = (f()?, f()?, f()?, f()?, f()?, f()?);
+        let (pasid, mode, wq_size, max_batch, max_xfer, dev_id) =
+            (f()?, f()?, f()?, f()?, f()?, f()?);
         let mut opcap = [0u64; 4];
         for w in opcap.iter_mut() {
             *w = r.u64().ok_or(ClientError::Protocol(what))?;
@@ -449,10 +454,11 @@ impl Client {
         else {
             return Err(ClientError::Protocol(what));
         };
-        let portal = ClientPortal::new(&portal_fd, wq_size).map_err(|source| ClientError::Setup {
-            what: "portal mapping",
-            source,
-        })?;
+        let portal =
+            ClientPortal::new(&portal_fd, wq_size).map_err(|source| ClientError::Setup {
+                what: "portal mapping",
+                source,
+            })?;
         let info = DeviceInfo {
             pasid,
             wq_mode,
@@ -576,7 +582,7 @@ impl Client {
         self.inner
             .regions
             .read()
-            .map_or(false, |r| r.iter().any(|(a, l)| addr >= *a && end <= a + l))
+            .is_ok_and(|r| r.iter().any(|(a, l)| addr >= *a && end <= a + l))
     }
 
     /// Waits until the record at `addr` (in our memory) has a status.
@@ -721,12 +727,25 @@ impl Client {
     }
 
     /// Create a delta record of `a` → `b`.
-    pub fn create_delta(&self, a: u64, b: u64, len: u32, delta: u64, max: u32) -> Result<CompletionRecord> {
+    pub fn create_delta(
+        &self,
+        a: u64,
+        b: u64,
+        len: u32,
+        delta: u64,
+        max: u32,
+    ) -> Result<CompletionRecord> {
         self.run(ops::create_delta(a, b, len, delta, max))
     }
 
     /// Apply a delta record to `dst`.
-    pub fn apply_delta(&self, dst: u64, len: u32, delta: u64, delta_size: u32) -> Result<CompletionRecord> {
+    pub fn apply_delta(
+        &self,
+        dst: u64,
+        len: u32,
+        delta: u64,
+        delta_size: u32,
+    ) -> Result<CompletionRecord> {
         self.run(ops::apply_delta(dst, len, delta, delta_size))
     }
 
@@ -813,10 +832,18 @@ impl Client {
                 own(s) && copy_ok && {
                     let mut v = vec![0u8; rem as usize];
                     // SAFETY: the source range lies in a live mapping.
-                    unsafe { std::ptr::copy_nonoverlapping(s as *const u8, v.as_mut_ptr(), v.len()) };
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(s as *const u8, v.as_mut_ptr(), v.len())
+                    };
                     if d.opcode == opcode::COPY_CRC {
                         // SAFETY: the destination range lies in a live mapping.
-                        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), (d.dst + done) as *mut u8, v.len()) };
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                v.as_ptr(),
+                                (d.dst + done) as *mut u8,
+                                v.len(),
+                            )
+                        };
                     }
                     out.set_crc_val(crc::crc32c(cr.crc_val(), &v));
                     true
@@ -826,7 +853,10 @@ impl Client {
             _ => false,
         };
         if ok {
-            self.inner.stats.cpu_fallbacks.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .stats
+                .cpu_fallbacks
+                .fetch_add(1, Ordering::Relaxed);
             out
         } else {
             cr
@@ -867,7 +897,11 @@ fn fault_loop(inner: &Inner, mut ch: FaultChannel, mut handler: Option<FaultHand
     let mut responses = Vec::new();
     while !inner.stop.load(Ordering::SeqCst) {
         batch.clear();
-        match ch.respond_and_recv(&responses, &mut batch, Wait::Timeout(Duration::from_millis(50))) {
+        match ch.respond_and_recv(
+            &responses,
+            &mut batch,
+            Wait::Timeout(Duration::from_millis(50)),
+        ) {
             Ok(_) => {}
             Err(ioasis::uring::ChannelError::Closed) => return,
             Err(e) => {

@@ -18,10 +18,11 @@ use crate::proto::{self, Reader, Writer};
 use crate::shm;
 use crate::space::AddressSpace;
 use crate::wq::{Event, Portal, WqMode, MAX_WQ_SIZE, MIN_WQ_SIZE};
-use ioasis::uring::{
-    fault_channel_pair, FaultPump, FaultRecord, FaultSource, PageResponse,
+use ioasis::uring::record::{
+    FAULT_FLAG_LAST_PAGE, FAULT_FLAG_PASID_VALID, FAULT_PERM_READ, FAULT_PERM_WRITE,
+    PAGE_RESP_SUCCESS,
 };
-use ioasis::uring::record::{FAULT_FLAG_LAST_PAGE, FAULT_FLAG_PASID_VALID, FAULT_PERM_READ, FAULT_PERM_WRITE, PAGE_RESP_SUCCESS};
+use ioasis::uring::{fault_channel_pair, FaultPump, FaultRecord, FaultSource, PageResponse};
 use log::{debug, info, warn};
 use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
 use std::collections::{HashMap, VecDeque};
@@ -116,7 +117,10 @@ impl Default for DeviceConfig {
 impl DeviceConfig {
     fn check(&self) -> Result<()> {
         if self.workers == 0 || self.workers > 256 {
-            return Err(DeviceError::Config(format!("workers {} not in 1..=256", self.workers)));
+            return Err(DeviceError::Config(format!(
+                "workers {} not in 1..=256",
+                self.workers
+            )));
         }
         if !self.wq_size.is_power_of_two() || !(MIN_WQ_SIZE..=MAX_WQ_SIZE).contains(&self.wq_size) {
             return Err(DeviceError::Config(format!(
@@ -374,7 +378,11 @@ impl FaultSource for ClientFaults {
         self.client.faults_efd.as_fd()
     }
 
-    fn read_groups(&mut self, out: &mut Vec<FaultRecord>, max: usize) -> std::result::Result<usize, i32> {
+    fn read_groups(
+        &mut self,
+        out: &mut Vec<FaultRecord>,
+        max: usize,
+    ) -> std::result::Result<usize, i32> {
         let mut q = self.client.faults.lock().map_err(|_| libc::EIO)?;
         let n = q.len().min(max);
         out.extend(q.drain(..n));
@@ -400,7 +408,10 @@ impl FaultSource for ClientFaults {
             } else {
                 Resume::Invalid
             };
-            self.client.stats.faults_answered.fetch_add(1, Ordering::Relaxed);
+            self.client
+                .stats
+                .faults_answered
+                .fetch_add(1, Ordering::Relaxed);
             if let Ok(mut q) = self.client.resume.lock() {
                 q.push_back((job, how));
             }
@@ -410,9 +421,14 @@ impl FaultSource for ClientFaults {
     }
 }
 
-fn hello(s: &Arc<Shared>, conn: BorrowedFd<'_>, pkt: &proto::Packet) -> Option<(Arc<ClientCtx>, FaultPump<ClientFaults>)> {
+fn hello(
+    s: &Arc<Shared>,
+    conn: BorrowedFd<'_>,
+    pkt: &proto::Packet,
+) -> Option<(Arc<ClientCtx>, FaultPump<ClientFaults>)> {
     let mut r = Reader::new(&pkt.data);
-    let (Some(_op), Some(_), Some(version), Some(prio)) = (r.u32(), r.u32(), r.u32(), r.u32()) else {
+    let (Some(_op), Some(_), Some(version), Some(prio)) = (r.u32(), r.u32(), r.u32(), r.u32())
+    else {
         reply(conn, -libc::EINVAL, &[], &[]);
         return None;
     };
@@ -448,7 +464,14 @@ fn hello(s: &Arc<Shared>, conn: BorrowedFd<'_>, pkt: &proto::Packet) -> Option<(
         let completion_efd = shm::eventfd()?;
         let faults_efd = shm::eventfd()?;
         let (server_end, client_end) = fault_channel_pair()?;
-        Ok((portal, portal_fd, completion_efd, faults_efd, server_end, client_end))
+        Ok((
+            portal,
+            portal_fd,
+            completion_efd,
+            faults_efd,
+            server_end,
+            client_end,
+        ))
     })();
     let (portal, portal_fd, completion_efd, faults_efd, server_end, client_end) = match made {
         Ok(v) => v,
@@ -515,7 +538,7 @@ fn hello(s: &Arc<Shared>, conn: BorrowedFd<'_>, pkt: &proto::Packet) -> Option<(
     if let Ok(mut list) = s.clients.write() {
         let mut v: Vec<_> = list.iter().cloned().collect();
         v.push(client.clone());
-        v.sort_by(|a, b| b.priority.cmp(&a.priority));
+        v.sort_by_key(|c| std::cmp::Reverse(c.priority));
         *list = Arc::new(v);
         s.clients_gen.fetch_add(1, Ordering::Release);
     }
@@ -529,13 +552,18 @@ fn handle_request(c: &ClientCtx, conn: BorrowedFd<'_>, pkt: proto::Packet) {
     let _ = r.u32();
     match op {
         Some(proto::OP_MAP) => {
-            let (Some(iova), Some(len), Some(offset), Some(flags)) = (r.u64(), r.u64(), r.u64(), r.u32()) else {
+            let (Some(iova), Some(len), Some(offset), Some(flags)) =
+                (r.u64(), r.u64(), r.u64(), r.u32())
+            else {
                 return reply(conn, -libc::EINVAL, &[], &[]);
             };
             let Some(fd) = pkt.fds.into_iter().next() else {
                 return reply(conn, -libc::EBADF, &[], &[]);
             };
-            match c.space.map(&fd, iova, len, offset, flags & proto::MAP_WRITABLE != 0) {
+            match c
+                .space
+                .map(&fd, iova, len, offset, flags & proto::MAP_WRITABLE != 0)
+            {
                 Ok(()) => reply(conn, 0, &[], &[]),
                 Err(e) => {
                     debug!("PASID {}: map refused: {e}", c.pasid);
@@ -610,7 +638,10 @@ fn client_thread(s: &Arc<Shared>, conn: OwnedFd) {
             match p.pump_in() {
                 Ok(_) => {}
                 Err(ioasis::uring::PumpError::Closed) => {
-                    info!("PASID {}: fault channel closed; faults now answered Invalid", client.pasid);
+                    info!(
+                        "PASID {}: fault channel closed; faults now answered Invalid",
+                        client.pasid
+                    );
                     pump = None;
                     close_faults(s, &client);
                 }
@@ -644,7 +675,11 @@ fn close_faults(s: &Shared, c: &ClientCtx) {
 fn teardown(s: &Arc<Shared>, c: &Arc<ClientCtx>) {
     c.dead.store(true, Ordering::SeqCst);
     if let Ok(mut list) = s.clients.write() {
-        let v: Vec<_> = list.iter().filter(|x| !Arc::ptr_eq(x, c)).cloned().collect();
+        let v: Vec<_> = list
+            .iter()
+            .filter(|x| !Arc::ptr_eq(x, c))
+            .cloned()
+            .collect();
         *list = Arc::new(v);
         s.clients_gen.fetch_add(1, Ordering::Release);
     }
@@ -709,7 +744,9 @@ fn report(c: &ClientCtx, e: CrWriteFailed, opcode: u8) {
 fn run_job(s: &Shared, c: &ClientCtx, mut job: Job, resume: Resume) {
     let op = job.desc.opcode;
     let view = c.space.view();
-    let out = engine::execute(&mut job, &view, &s.limits, resume, &mut |e| report(c, e, op));
+    let out = engine::execute(&mut job, &view, &s.limits, resume, &mut |e| {
+        report(c, e, op)
+    });
     match out {
         Outcome::Complete(cr) => {
             write_record(c, &view, &job.desc, &cr);
@@ -723,7 +760,12 @@ fn run_job(s: &Shared, c: &ClientCtx, mut job: Job, resume: Resume) {
     }
 }
 
-fn write_record(c: &ClientCtx, view: &crate::space::SpaceView<'_>, d: &Descriptor, cr: &CompletionRecord) {
+fn write_record(
+    c: &ClientCtx,
+    view: &crate::space::SpaceView<'_>,
+    d: &Descriptor,
+    cr: &CompletionRecord,
+) {
     if engine::wants_record(d, cr.status) {
         if let Err(e) = engine::write_completion(view, d.completion_addr, cr) {
             report(c, e, d.opcode);
@@ -749,7 +791,10 @@ fn park(s: &Shared, c: &ClientCtx, job: Job, f: PageFault) {
     }
     if parked.len() >= MAX_PARKED || c.no_faults.load(Ordering::SeqCst) {
         drop(parked);
-        warn!("PASID {}: too many parked descriptors, answering Invalid", c.pasid);
+        warn!(
+            "PASID {}: too many parked descriptors, answering Invalid",
+            c.pasid
+        );
         return run_job(s, c, job, Resume::Invalid);
     }
     let cookie = c.next_cookie.fetch_add(1, Ordering::Relaxed);
@@ -761,7 +806,11 @@ fn park(s: &Shared, c: &ClientCtx, job: Job, f: PageFault) {
         dev_id: DEV_ID,
         pasid: c.pasid,
         grpid: cookie & 0x1ff,
-        perm: if f.write { FAULT_PERM_WRITE } else { FAULT_PERM_READ },
+        perm: if f.write {
+            FAULT_PERM_WRITE
+        } else {
+            FAULT_PERM_READ
+        },
         addr: f.addr & !0xfff,
         length: 0,
         cookie,
@@ -879,7 +928,12 @@ fn take_from(s: &Shared, c: &ClientCtx, buf: &mut Vec<[u8; DESC_SIZE]>) -> bool 
     true
 }
 
-fn work_once(s: &Shared, clients: &[Arc<ClientCtx>], rr: &mut usize, buf: &mut Vec<[u8; DESC_SIZE]>) -> bool {
+fn work_once(
+    s: &Shared,
+    clients: &[Arc<ClientCtx>],
+    rr: &mut usize,
+    buf: &mut Vec<[u8; DESC_SIZE]>,
+) -> bool {
     let mut did = false;
     for c in clients {
         let next = c.resume.try_lock().ok().and_then(|mut q| q.pop_front());
@@ -951,9 +1005,9 @@ fn worker(s: &Arc<Shared>) {
         for c in clients.iter() {
             c.portal.set_need_doorbell(true);
         }
-        let pending = clients.iter().any(|c| {
-            c.portal.has_work() || c.resume.lock().map_or(false, |q| !q.is_empty())
-        });
+        let pending = clients
+            .iter()
+            .any(|c| c.portal.has_work() || c.resume.lock().is_ok_and(|q| !q.is_empty()));
         if !pending && s.clients_gen.load(Ordering::Acquire) == gen {
             let _ = shm::poll_in(&[s.doorbell.as_fd()], 100);
             shm::drain(s.doorbell.as_fd());

@@ -418,10 +418,8 @@ pub fn write_completion<M: DmaMemory + ?Sized>(
 /// calling `f(src_ptr, dst_ptr, n, offset)`; stops at the first fault.
 fn zip2<M: DmaMemory + ?Sized>(
     mem: &M,
-    a: u64,
-    a_write: bool,
-    b: u64,
-    b_write: bool,
+    (a, a_write): (u64, bool),
+    (b, b_write): (u64, bool),
     len: u64,
     done: &mut u64,
     mut f: impl FnMut(*mut u8, *mut u8, usize, u64) -> bool,
@@ -545,12 +543,19 @@ fn memmove<M: DmaMemory + ?Sized>(
         p.started = true;
     }
     if !p.descending {
-        zip2(mem, d.src, false, d.dst, true, len, &mut p.done, |s, t, n, _| {
-            // SAFETY: s is readable and t writable for n bytes (DmaMemory);
-            // they may overlap, which ptr::copy allows.
-            unsafe { std::ptr::copy(s, t, n) };
-            true
-        })?;
+        zip2(
+            mem,
+            (d.src, false),
+            (d.dst, true),
+            len,
+            &mut p.done,
+            |s, t, n, _| {
+                // SAFETY: s is readable and t writable for n bytes (DmaMemory);
+                // they may overlap, which ptr::copy allows.
+                unsafe { std::ptr::copy(s, t, n) };
+                true
+            },
+        )?;
     } else {
         // Descending: copy the tail first, page by page, so an overlapping
         // destination above the source never overwrites unread bytes.
@@ -602,16 +607,23 @@ pub fn run_op<M: DmaMemory + ?Sized>(
         }
         opcode::COMPARE => {
             let mut diff = None;
-            zip2(mem, d.src, false, d.dst, false, len, &mut p.done, |a, b, n, off| {
-                // SAFETY: both fragments are readable for n bytes.
-                match unsafe { first_diff(a, b, n) } {
-                    Some(i) => {
-                        diff = Some(off + i as u64);
-                        false
+            zip2(
+                mem,
+                (d.src, false),
+                (d.dst, false),
+                len,
+                &mut p.done,
+                |a, b, n, off| {
+                    // SAFETY: both fragments are readable for n bytes.
+                    match unsafe { first_diff(a, b, n) } {
+                        Some(i) => {
+                            diff = Some(off + i as u64);
+                            false
+                        }
+                        None => true,
                     }
-                    None => true,
-                }
-            })?;
+                },
+            )?;
             compare_result(d, &mut cr, diff, len);
             return Ok(cr);
         }
@@ -651,14 +663,21 @@ pub fn run_op<M: DmaMemory + ?Sized>(
                     true
                 })
             } else {
-                zip2(mem, d.src, false, d.dst, true, len, &mut p.done, |a, t, n, _| {
-                    // SAFETY: a readable, t writable for n bytes; validation
-                    // rejected overlapping buffers.
-                    unsafe { std::ptr::copy_nonoverlapping(a, t, n) };
-                    // SAFETY: the source fragment is readable for n bytes.
-                    crc = unsafe { crc::update_raw(crc, a, n) };
-                    true
-                })
+                zip2(
+                    mem,
+                    (d.src, false),
+                    (d.dst, true),
+                    len,
+                    &mut p.done,
+                    |a, t, n, _| {
+                        // SAFETY: a readable, t writable for n bytes; validation
+                        // rejected overlapping buffers.
+                        unsafe { std::ptr::copy_nonoverlapping(a, t, n) };
+                        // SAFETY: the source fragment is readable for n bytes.
+                        crc = unsafe { crc::update_raw(crc, a, n) };
+                        true
+                    },
+                )
             };
             p.crc = crc;
             res?;
@@ -815,7 +834,12 @@ fn apply_delta<M: DmaMemory + ?Sized>(
 
 /// The record for a descriptor that stopped on `fault` after `p`: status
 /// `code` (0x03 or 0x04) with the write bit, fault address and progress.
-pub fn partial_record(d: &Descriptor, p: &Progress, fault: PageFault, code: u8) -> CompletionRecord {
+pub fn partial_record(
+    d: &Descriptor,
+    p: &Progress,
+    fault: PageFault,
+    code: u8,
+) -> CompletionRecord {
     let mut cr = err(code | if fault.write { status::WRITE } else { 0 });
     cr.fault_addr = fault.addr;
     cr.bytes_completed = p.done as u32;
@@ -923,7 +947,12 @@ fn run_batch<M: DmaMemory + ?Sized>(
     loop {
         if let Some((md, mut mp)) = job.batch.member.take() {
             let r = if resume == Resume::Invalid {
-                Ok(partial_record(&md, &mp, job.last_fault, status::PAGE_FAULT_IR))
+                Ok(partial_record(
+                    &md,
+                    &mp,
+                    job.last_fault,
+                    status::PAGE_FAULT_IR,
+                ))
             } else {
                 run_op(&md, mem, &mut mp)
             };
@@ -1082,7 +1111,9 @@ mod tests {
     }
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
-        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
     }
 
     fn desc(op: u8, fl: u32) -> Descriptor {
@@ -1223,7 +1254,8 @@ mod tests {
             execute(&mut job, &m, &lim, Resume::Start, &mut |_| {}),
             Outcome::Blocked(_)
         ));
-        let Outcome::Complete(cr) = execute(&mut job, &m, &lim, Resume::Invalid, &mut |_| {}) else {
+        let Outcome::Complete(cr) = execute(&mut job, &m, &lim, Resume::Invalid, &mut |_| {})
+        else {
             panic!("blocked")
         };
         assert_eq!(cr.status, status::PAGE_FAULT_IR | status::WRITE);
@@ -1259,7 +1291,10 @@ mod tests {
         assert_eq!((cr.status, cr.result), (status::SUCCESS, 0));
         m.write(DST + 3333, &[!data[3333]]);
         let cr = run(&m, d);
-        assert_eq!((cr.status, cr.result, cr.bytes_completed), (status::SUCCESS, 1, 3333));
+        assert_eq!(
+            (cr.status, cr.result, cr.bytes_completed),
+            (status::SUCCESS, 1, 3333)
+        );
         // Check result: expected 0, got 1: false predicate.
         let mut d2 = d;
         d2.flags |= flags::CR;
@@ -1326,7 +1361,10 @@ mod tests {
         let mut o = d;
         o.set_op_u32(8, 20);
         let cr = run(&m, o);
-        assert_eq!((cr.status, cr.result, cr.delta_rec_size()), (status::SUCCESS, 2, 20));
+        assert_eq!(
+            (cr.status, cr.result, cr.delta_rec_size()),
+            (status::SUCCESS, 2, 20)
+        );
     }
 
     #[test]
@@ -1345,12 +1383,18 @@ mod tests {
         ap.xfer_size = 4096;
         ap.set_op_u32(0, 20);
         let cr = run(&m, ap);
-        assert_eq!((cr.status, cr.bytes_completed), (status::DR_OFFSET_NOINC, 10));
+        assert_eq!(
+            (cr.status, cr.bytes_completed),
+            (status::DR_OFFSET_NOINC, 10)
+        );
         // Offset out of range.
         m.write(AUX, &600u16.to_le_bytes());
         ap.xfer_size = 4096;
         let cr = run(&m, ap);
-        assert_eq!((cr.status, cr.bytes_completed), (status::DR_OFFSET_ERANGE, 0));
+        assert_eq!(
+            (cr.status, cr.bytes_completed),
+            (status::DR_OFFSET_ERANGE, 0)
+        );
         // Record size not a multiple of 10.
         ap.set_op_u32(0, 15);
         assert_eq!(run(&m, ap).status, status::DR_ERANGE);
@@ -1478,8 +1522,14 @@ mod tests {
         assert_eq!(mv(&|d| d.flags |= 0x10000).invalid_flags(), 0x10000);
         assert_eq!(mv(&|d| d.rsvd1 = 1).status, status::NOZERO_RESERVE);
         assert_eq!(mv(&|d| d.rsvd0 = 1).status, status::NOZERO_RESERVE);
-        assert_eq!(mv(&|d| d.op_specific[23] = 1).status, status::NOZERO_RESERVE);
-        assert_eq!(mv(&|d| d.flags |= flags::RCI).status, status::INT_HANDLE_INVAL);
+        assert_eq!(
+            mv(&|d| d.op_specific[23] = 1).status,
+            status::NOZERO_RESERVE
+        );
+        assert_eq!(
+            mv(&|d| d.flags |= flags::RCI).status,
+            status::INT_HANDLE_INVAL
+        );
         assert_eq!(mv(&|d| d.xfer_size = 0).status, status::XFER_ERANGE);
         assert_eq!(mv(&|d| d.src = u64::MAX - 10).status, status::XFER_ERANGE);
         let lim = Limits {
@@ -1488,13 +1538,22 @@ mod tests {
         };
         let mut d = desc(opcode::MEMMOVE, 0);
         d.xfer_size = 64;
-        assert_eq!(validate(&d, &lim, false).unwrap_err().status, status::XFER_ERANGE);
+        assert_eq!(
+            validate(&d, &lim, false).expect_err("invalid").status,
+            status::XFER_ERANGE
+        );
         // Order: opcode before priv before flags.
         let mut d = desc(0x30, 0x40);
         d.privileged = true;
-        assert_eq!(validate(&d, &lim, false).unwrap_err().status, status::BAD_OPCODE);
+        assert_eq!(
+            validate(&d, &lim, false).expect_err("invalid").status,
+            status::BAD_OPCODE
+        );
         d.opcode = opcode::NOOP;
-        assert_eq!(validate(&d, &lim, false).unwrap_err().status, status::PRIV_BAD);
+        assert_eq!(
+            validate(&d, &lim, false).expect_err("invalid").status,
+            status::PRIV_BAD
+        );
     }
 
     #[test]
@@ -1518,7 +1577,7 @@ mod tests {
         m.map(CR, 4096);
         assert_eq!(
             write_completion(&m, CR + 8, &CompletionRecord::with_status(1))
-                .unwrap_err()
+                .expect_err("invalid")
                 .code,
             status::CRA_ALIGN
         );
@@ -1606,7 +1665,10 @@ mod tests {
         put_list(&m, AUX + 0x10000 - 64, &list[..1]);
         b.src = AUX + 0x10000 - 64;
         let cr = run(&m, b);
-        assert_eq!((cr.status, cr.bytes_completed), (status::BATCH_PAGE_FAULT, 1));
+        assert_eq!(
+            (cr.status, cr.bytes_completed),
+            (status::BATCH_PAGE_FAULT, 1)
+        );
         assert_eq!(cr.fault_addr, AUX + 0x10000);
     }
 
@@ -1631,7 +1693,8 @@ mod tests {
             })
         );
         m.map(0x90_0000, 4096);
-        let Outcome::Complete(cr) = execute(&mut job, &m, &lim, Resume::Success, &mut |_| {}) else {
+        let Outcome::Complete(cr) = execute(&mut job, &m, &lim, Resume::Success, &mut |_| {})
+        else {
             panic!("blocked")
         };
         assert_eq!((cr.status, cr.bytes_completed), (status::SUCCESS, 3));
@@ -1639,7 +1702,8 @@ mod tests {
         let mut job = Job::new(b);
         m.unmap(0x90_0000);
         execute(&mut job, &m, &lim, Resume::Start, &mut |_| {});
-        let Outcome::Complete(cr) = execute(&mut job, &m, &lim, Resume::Invalid, &mut |_| {}) else {
+        let Outcome::Complete(cr) = execute(&mut job, &m, &lim, Resume::Invalid, &mut |_| {})
+        else {
             panic!("blocked")
         };
         assert_eq!((cr.status, cr.bytes_completed), (status::BATCH_FAIL, 3));

@@ -11,12 +11,12 @@
 //! (block-on-fault off) or parks it and raises an I/O page fault that the
 //! client answers (block-on-fault on).
 
+pub mod client;
 pub mod crc;
 pub mod desc;
-pub mod engine;
 pub mod device;
+pub mod engine;
 pub mod proto;
 pub mod shm;
 pub mod space;
 pub mod wq;
-pub mod client;

@@ -77,7 +77,9 @@ pub fn recv(sock: BorrowedFd<'_>) -> nix::Result<Option<Packet>> {
                 }
             }
         }
-        let truncated = msg.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+        let truncated = msg
+            .flags
+            .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
         (msg.bytes, fds, truncated)
     };
     if n == 0 && fds.is_empty() {
@@ -158,15 +160,23 @@ mod tests {
 
     #[test]
     fn test_packet_with_fds_roundtrip() {
-        let (a, b) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::empty())
-            .expect("pair");
+        let (a, b) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::empty(),
+        )
+        .expect("pair");
         let efd = crate::shm::eventfd().expect("eventfd");
         let msg = Writer::default().u32(OP_HELLO).u32(0).u64(42).0;
         send(a.as_fd(), &msg, &[efd.as_fd()]).expect("send");
         let p = recv(b.as_fd()).expect("recv").expect("packet");
         assert_eq!(p.fds.len(), 1);
         let mut r = Reader::new(&p.data);
-        assert_eq!((r.u32(), r.u32(), r.u64(), r.u32()), (Some(1), Some(0), Some(42), None));
+        assert_eq!(
+            (r.u32(), r.u32(), r.u64(), r.u32()),
+            (Some(1), Some(0), Some(42), None)
+        );
         drop(a);
         assert!(recv(b.as_fd()).expect("eof").is_none());
     }

@@ -48,10 +48,7 @@ impl SharedMap {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(SharedMap {
-            ptr: p.cast(),
-            len,
-        })
+        Ok(SharedMap { ptr: p.cast(), len })
     }
 
     /// First byte of the mapping.
@@ -71,7 +68,10 @@ impl SharedMap {
 
     /// The 8-byte atomic at `off` (must be 8-aligned and inside).
     pub fn atomic_u64(&self, off: usize) -> &AtomicU64 {
-        assert!(off % 8 == 0 && off + 8 <= self.len, "atomic_u64 offset {off}");
+        assert!(
+            off % 8 == 0 && off + 8 <= self.len,
+            "atomic_u64 offset {off}"
+        );
         // SAFETY: in bounds and 8-aligned (mappings are page aligned); the
         // memory lives as long as `self`; both processes only access these
         // words atomically.
@@ -80,14 +80,20 @@ impl SharedMap {
 
     /// The 4-byte atomic at `off` (must be 4-aligned and inside).
     pub fn atomic_u32(&self, off: usize) -> &AtomicU32 {
-        assert!(off % 4 == 0 && off + 4 <= self.len, "atomic_u32 offset {off}");
+        assert!(
+            off % 4 == 0 && off + 4 <= self.len,
+            "atomic_u32 offset {off}"
+        );
         // SAFETY: as for atomic_u64.
         unsafe { AtomicU32::from_ptr(self.ptr.add(off).cast()) }
     }
 
     /// Copies `buf.len()` bytes out of the mapping at `off`.
     pub fn read(&self, off: usize, buf: &mut [u8]) {
-        assert!(off <= self.len && buf.len() <= self.len - off, "read out of bounds");
+        assert!(
+            off <= self.len && buf.len() <= self.len - off,
+            "read out of bounds"
+        );
         // SAFETY: the range is inside the mapping (checked above) and the
         // destination is a distinct Rust buffer.
         unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(off), buf.as_mut_ptr(), buf.len()) };
@@ -95,7 +101,10 @@ impl SharedMap {
 
     /// Copies `buf` into the mapping at `off`.
     pub fn write(&self, off: usize, buf: &[u8]) {
-        assert!(off <= self.len && buf.len() <= self.len - off, "write out of bounds");
+        assert!(
+            off <= self.len && buf.len() <= self.len - off,
+            "write out of bounds"
+        );
         // SAFETY: the range is inside the mapping (checked above).
         unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), self.ptr.add(off), buf.len()) };
     }
@@ -110,14 +119,11 @@ impl Drop for SharedMap {
 
 /// Creates a sealable memfd of `len` bytes.
 pub fn memfd(name: &str, len: u64) -> io::Result<OwnedFd> {
-    let cname = std::ffi::CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let cname =
+        std::ffi::CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: cname is a valid NUL-terminated string.
-    let fd = unsafe {
-        libc::memfd_create(
-            cname.as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
+    let fd =
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }

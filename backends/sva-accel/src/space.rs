@@ -123,7 +123,14 @@ pub struct SpaceView<'a> {
 
 impl AddressSpace {
     /// Maps `len` bytes of memfd `fd` from `offset` at device address `iova`.
-    pub fn map(&self, fd: &OwnedFd, iova: u64, len: u64, offset: u64, writable: bool) -> Result<()> {
+    pub fn map(
+        &self,
+        fd: &OwnedFd,
+        iova: u64,
+        len: u64,
+        offset: u64,
+        writable: bool,
+    ) -> Result<()> {
         let bad = SpaceError::BadRange { iova, len, offset };
         if len == 0
             || len > MAX_MAP_LEN
@@ -222,7 +229,12 @@ impl AddressSpace {
 // `self` borrows, so it stays mapped while `self` lives; its length never
 // passes the mapping's end; write access is refused on read-only mappings.
 unsafe impl DmaMemory for SpaceView<'_> {
-    fn translate(&self, addr: u64, len: u64, write: bool) -> std::result::Result<Fragment, PageFault> {
+    fn translate(
+        &self,
+        addr: u64,
+        len: u64,
+        write: bool,
+    ) -> std::result::Result<Fragment, PageFault> {
         let fault = PageFault { addr, write };
         let pos = self.maps.partition_point(|m| m.iova <= addr);
         if pos == 0 {
@@ -236,7 +248,10 @@ unsafe impl DmaMemory for SpaceView<'_> {
         let n = (m.len - off).min(len);
         // SAFETY: off < m.len == the mapping's length.
         let ptr = unsafe { m.map.as_ptr().add(off as usize) };
-        Ok(Fragment { ptr, len: n as usize })
+        Ok(Fragment {
+            ptr,
+            len: n as usize,
+        })
     }
 }
 
@@ -261,7 +276,13 @@ mod tests {
         read_bytes(&s.view(), 0x11fe0, &mut b).expect("read");
         assert_eq!(b, [1u8; 32]);
         assert!(read_bytes(&s.view(), 0x12000, &mut b).is_err());
-        assert_eq!(s.unmap(0x10000, 0x1000), Err(SpaceError::Partial { iova: 0x10000, len: 0x1000 }));
+        assert_eq!(
+            s.unmap(0x10000, 0x1000),
+            Err(SpaceError::Partial {
+                iova: 0x10000,
+                len: 0x1000
+            })
+        );
         assert_eq!(s.unmap(0, u64::MAX), Ok(0x2000));
         assert!(read_bytes(&s.view(), 0x11000, &mut b).is_err());
     }
@@ -270,15 +291,36 @@ mod tests {
     fn test_map_rejects_bad_input() {
         let s = AddressSpace::default();
         let fd = sealed(0x2000);
-        assert!(matches!(s.map(&fd, 0x10001, 0x1000, 0, true), Err(SpaceError::BadRange { .. })));
-        assert!(matches!(s.map(&fd, u64::MAX - 0xfff, 0x1000, 0, true), Err(SpaceError::BadRange { .. })));
-        assert!(matches!(s.map(&fd, 0x10000, 0x3000, 0, true), Err(SpaceError::TooSmall { .. })));
+        assert!(matches!(
+            s.map(&fd, 0x10001, 0x1000, 0, true),
+            Err(SpaceError::BadRange { .. })
+        ));
+        assert!(matches!(
+            s.map(&fd, u64::MAX - 0xfff, 0x1000, 0, true),
+            Err(SpaceError::BadRange { .. })
+        ));
+        assert!(matches!(
+            s.map(&fd, 0x10000, 0x3000, 0, true),
+            Err(SpaceError::TooSmall { .. })
+        ));
         let unsealed = shm::memfd("u", 0x1000).expect("memfd");
-        assert_eq!(s.map(&unsealed, 0x10000, 0x1000, 0, true), Err(SpaceError::NotSealed));
+        assert_eq!(
+            s.map(&unsealed, 0x10000, 0x1000, 0, true),
+            Err(SpaceError::NotSealed)
+        );
         s.map(&fd, 0x10000, 0x2000, 0, false).expect("map");
-        assert!(matches!(s.map(&fd, 0x11000, 0x1000, 0, true), Err(SpaceError::Overlap { .. })));
+        assert!(matches!(
+            s.map(&fd, 0x11000, 0x1000, 0, true),
+            Err(SpaceError::Overlap { .. })
+        ));
         // Read-only mapping refuses writes.
         assert!(write_bytes(&s.view(), 0x10000, &[1]).is_err());
-        assert_eq!(s.unmap(0x40000, 0x1000), Err(SpaceError::NotFound { iova: 0x40000, len: 0x1000 }));
+        assert_eq!(
+            s.unmap(0x40000, 0x1000),
+            Err(SpaceError::NotFound {
+                iova: 0x40000,
+                len: 0x1000
+            })
+        );
     }
 }

@@ -208,10 +208,14 @@ impl Portal {
         }
         if n > 0 {
             cur.head += n as u64;
-            self.map.atomic_u64(OFF_HEAD).store(cur.head, Ordering::Release);
+            self.map
+                .atomic_u64(OFF_HEAD)
+                .store(cur.head, Ordering::Release);
         } else if avail == 0 && tail != cur.head {
             // The client moved its tail backwards: resynchronise the mirror.
-            self.map.atomic_u64(OFF_HEAD).store(cur.head, Ordering::Release);
+            self.map
+                .atomic_u64(OFF_HEAD)
+                .store(cur.head, Ordering::Release);
         }
         Some(n)
     }
@@ -219,7 +223,9 @@ impl Portal {
     /// Counts `n` completed descriptors and mirrors the count.
     pub fn complete(&self, n: u64) {
         let c = self.completed.fetch_add(n, Ordering::AcqRel) + n;
-        self.map.atomic_u64(OFF_COMPLETED).store(c, Ordering::Release);
+        self.map
+            .atomic_u64(OFF_COMPLETED)
+            .store(c, Ordering::Release);
     }
 
     /// Asks the client to ring (or not) the doorbell after publishing.
@@ -232,7 +238,10 @@ impl Portal {
     /// Whether the client sleeps waiting for a completion.
     pub fn client_waiting(&self) -> bool {
         fence(Ordering::SeqCst);
-        self.map.atomic_u32(OFF_CLIENT_WAITING).load(Ordering::SeqCst) != 0
+        self.map
+            .atomic_u32(OFF_CLIENT_WAITING)
+            .load(Ordering::SeqCst)
+            != 0
     }
 
     /// Publishes an event; counts it as dropped when the ring is full.
@@ -248,9 +257,12 @@ impl Portal {
                 .store(cur.ev_dropped, Ordering::Release);
             return;
         }
-        self.map.write(event_off(self.wq_size, cur.ev_tail), &ev.encode());
+        self.map
+            .write(event_off(self.wq_size, cur.ev_tail), &ev.encode());
         cur.ev_tail += 1;
-        self.map.atomic_u64(OFF_EV_TAIL).store(cur.ev_tail, Ordering::Release);
+        self.map
+            .atomic_u64(OFF_EV_TAIL)
+            .store(cur.ev_tail, Ordering::Release);
     }
 }
 
@@ -309,17 +321,23 @@ impl ClientPortal {
             }
         }
         for (i, d) in descs.iter().enumerate() {
-            self.map.write(ring_off(self.wq_size, self.tail + i as u64), d);
+            self.map
+                .write(ring_off(self.wq_size, self.tail + i as u64), d);
         }
         self.tail += n;
-        self.map.atomic_u64(OFF_TAIL).store(self.tail, Ordering::Release);
+        self.map
+            .atomic_u64(OFF_TAIL)
+            .store(self.tail, Ordering::Release);
         Ok(())
     }
 
     /// Whether the daemon asked for a doorbell (checked after publishing).
     pub fn needs_doorbell(&self) -> bool {
         fence(Ordering::SeqCst);
-        self.map.atomic_u32(OFF_NEED_DOORBELL).load(Ordering::SeqCst) != 0
+        self.map
+            .atomic_u32(OFF_NEED_DOORBELL)
+            .load(Ordering::SeqCst)
+            != 0
     }
 
     /// Counts a client thread as sleeping (`true`) or awake again
@@ -344,7 +362,9 @@ impl ClientPortal {
             out.push(Event::decode(&b));
             self.ev_head += 1;
         }
-        self.map.atomic_u64(OFF_EV_HEAD).store(self.ev_head, Ordering::Release);
+        self.map
+            .atomic_u64(OFF_EV_HEAD)
+            .store(self.ev_head, Ordering::Release);
     }
 
     /// Events the daemon dropped because the ring was full.
@@ -369,7 +389,8 @@ mod tests {
         let mut out = Vec::new();
         assert_eq!(p.pop(&mut out, 3), Some(3));
         assert_eq!(out[0], d);
-        c.submit(&[d, d, d], WqMode::Shared).expect("room after pop");
+        c.submit(&[d, d, d], WqMode::Shared)
+            .expect("room after pop");
         assert!(p.has_work());
     }
 
@@ -391,7 +412,9 @@ mod tests {
     fn test_forged_tail_is_clamped() {
         let (p, fd) = Portal::create(4).expect("portal");
         let c = ClientPortal::new(&fd, 4).expect("client");
-        c.map.atomic_u64(OFF_TAIL).store(1_000_000, Ordering::Release);
+        c.map
+            .atomic_u64(OFF_TAIL)
+            .store(1_000_000, Ordering::Release);
         let mut out = Vec::new();
         assert_eq!(p.pop(&mut out, 100), Some(4));
     }

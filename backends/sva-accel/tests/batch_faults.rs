@@ -26,14 +26,23 @@ fn test_batch_success_and_member_records() {
         b.mem_move(dst.at(64 * i), src.at(64 * i), 64);
     }
     let r = b.submit().expect("submit").wait().expect("wait");
-    assert_eq!((r.record.status, r.record.bytes_completed), (status::SUCCESS, 100));
-    assert!(r.members.iter().all(|m| m.status == 0), "no records on success");
+    assert_eq!(
+        (r.record.status, r.record.bytes_completed),
+        (status::SUCCESS, 100)
+    );
+    assert!(
+        r.members.iter().all(|m| m.status == 0),
+        "no records on success"
+    );
     assert_eq!(dst.to_vec(0, 64 * 100), data);
     // Reuse the builder; a single member is padded to a valid batch.
     b.clear();
     b.fill(dst.addr(), 0, 64);
     let r = b.submit().expect("submit").wait().expect("wait");
-    assert_eq!((r.record.status, r.record.bytes_completed), (status::SUCCESS, 2));
+    assert_eq!(
+        (r.record.status, r.record.bytes_completed),
+        (status::SUCCESS, 2)
+    );
 }
 
 #[test]
@@ -48,14 +57,19 @@ fn test_batch_partial_failure_and_fence() {
     b.fence().fill(a.at(256), 3, 64); // abandoned
     b.fill(a.at(512), 4, 64); // abandoned
     let r = b.submit().expect("submit").wait().expect("wait");
-    assert_eq!((r.record.status, r.record.bytes_completed), (status::BATCH_FAIL, 3));
+    assert_eq!(
+        (r.record.status, r.record.bytes_completed),
+        (status::BATCH_FAIL, 3)
+    );
     assert_eq!(r.members[1].status, status::XFER_ERANGE);
     assert_eq!(r.members[3].status, 0);
     assert_eq!(a.to_vec(128, 1), vec![2]);
     assert_eq!(a.to_vec(256, 1), vec![0], "fenced member abandoned");
     // A fence without earlier failure just orders.
     b.clear();
-    b.fill(a.addr(), rep(7), 64).fence().mem_move(a.at(1024), a.addr(), 64);
+    b.fill(a.addr(), rep(7), 64)
+        .fence()
+        .mem_move(a.at(1024), a.addr(), 64);
     let r = b.submit().expect("submit").wait().expect("wait");
     assert_eq!(r.record.status, status::SUCCESS);
     assert_eq!(a.to_vec(1024, 64), vec![7u8; 64]);
@@ -105,7 +119,10 @@ fn test_page_fault_bof0_partial_and_cpu_fallback() {
     assert_eq!(lazy.to_vec(0, 8192), data);
     assert_eq!(c.stats().cpu_fallbacks.load(Ordering::Relaxed), 1);
     let cr = c.crc(lazy.addr(), 8192, 0).expect("run");
-    assert_eq!((cr.status, cr.crc_val()), (status::SUCCESS, sva_accel::crc::crc32c(0, &data)));
+    assert_eq!(
+        (cr.status, cr.crc_val()),
+        (status::SUCCESS, sva_accel::crc::crc32c(0, &data))
+    );
 }
 
 #[test]
@@ -121,7 +138,10 @@ fn test_page_fault_bof1_lazy_mapping_by_handler() {
             fault_handler: Some(Box::new(move |f| {
                 seen2.fetch_add(1, Ordering::SeqCst);
                 let bufs = s2.lock().expect("lock");
-                match bufs.iter().find(|b| f.addr >= b.addr() && f.addr < b.addr() + b.len() as u64) {
+                match bufs
+                    .iter()
+                    .find(|b| f.addr >= b.addr() && f.addr < b.addr() + b.len() as u64)
+                {
                     Some(b) if b.register().is_ok() => FaultAction::Retry,
                     _ => FaultAction::Fail,
                 }
@@ -149,10 +169,18 @@ fn test_page_fault_bof1_lazy_mapping_by_handler() {
     let lazy2 = Arc::new(c.alloc_lazy(4096).expect("lazy"));
     slot.lock().expect("lock").push(lazy2.clone());
     let mut b = c.batch(3).expect("batch");
-    b.fill(src.addr(), 1, 64).fill(lazy2.addr(), rep(9), 4096).fill(src.at(64), 2, 64);
+    b.fill(src.addr(), 1, 64)
+        .fill(lazy2.addr(), rep(9), 4096)
+        .fill(src.at(64), 2, 64);
     let r = b.submit().expect("submit").wait().expect("wait");
-    assert_eq!((r.record.status, r.record.bytes_completed), (status::SUCCESS, 3));
-    assert!(lazy2.to_vec(0, 4096) == vec![9u8; 4096], "lazily mapped fill");
+    assert_eq!(
+        (r.record.status, r.record.bytes_completed),
+        (status::SUCCESS, 3)
+    );
+    assert!(
+        lazy2.to_vec(0, 4096) == vec![9u8; 4096],
+        "lazily mapped fill"
+    );
 }
 
 #[test]
@@ -182,6 +210,9 @@ fn test_batch_list_fault_partial_batch() {
     bd.src = list.at(4096 - 64);
     bd.xfer_size = 2;
     let cr = c.run(bd).expect("run");
-    assert_eq!((cr.status, cr.bytes_completed), (status::BATCH_PAGE_FAULT, 1));
+    assert_eq!(
+        (cr.status, cr.bytes_completed),
+        (status::BATCH_PAGE_FAULT, 1)
+    );
     assert_eq!(cr.fault_addr, list.at(4096));
 }

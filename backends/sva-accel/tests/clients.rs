@@ -34,7 +34,10 @@ fn test_several_clients_at_once() {
             })
         })
         .collect();
-    let mut pasids: Vec<u32> = threads.into_iter().map(|t| t.join().expect("client thread")).collect();
+    let mut pasids: Vec<u32> = threads
+        .into_iter()
+        .map(|t| t.join().expect("client thread"))
+        .collect();
     pasids.sort_unstable();
     pasids.dedup();
     assert_eq!(pasids.len(), 4, "distinct PASIDs");
@@ -83,7 +86,12 @@ fn test_killed_client_is_cleaned_up() {
     let a = survivor.alloc(1 << 20).expect("alloc");
     let baseline = memfd_maps(d.child.id());
     let mut victim = Command::new(std::env::current_exe().expect("exe"))
-        .args(["victim_process", "--exact", "--nocapture", "--test-threads=1"])
+        .args([
+            "victim_process",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("SVA_VICTIM_SOCKET", &d.socket)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -93,20 +101,31 @@ fn test_killed_client_is_cleaned_up() {
     let mut lines = BufReader::new(out).lines();
     let ready = lines.any(|l| l.map(|l| l.contains("READY")).unwrap_or(false));
     assert!(ready, "victim did not start");
-    assert!(memfd_maps(d.child.id()) > baseline, "victim memory mapped in the daemon");
+    assert!(
+        memfd_maps(d.child.id()) > baseline,
+        "victim memory mapped in the daemon"
+    );
     victim.kill().expect("kill");
     victim.wait().expect("wait");
     // Its memory goes away; the survivor keeps working meanwhile.
     let data = pattern(1 << 19, 1);
     a.write(0, &data);
     eventually("victim memory unmapped", || {
-        let cr = survivor.mem_move(a.at(1 << 19), a.addr(), 1 << 19).expect("run");
+        let cr = survivor
+            .mem_move(a.at(1 << 19), a.addr(), 1 << 19)
+            .expect("run");
         assert_eq!(cr.status, status::SUCCESS);
         memfd_maps(d.child.id()) == baseline
     });
     assert_eq!(a.to_vec(1 << 19, 1 << 19), data);
     let newcomer = Client::connect(&d.socket).expect("connect after kill");
-    assert_eq!(newcomer.run(Descriptor::new(opcode::NOOP, 0)).expect("noop").status, status::SUCCESS);
+    assert_eq!(
+        newcomer
+            .run(Descriptor::new(opcode::NOOP, 0))
+            .expect("noop")
+            .status,
+        status::SUCCESS
+    );
 }
 
 #[test]
@@ -118,7 +137,10 @@ fn test_dedicated_queue_credits() {
     // More operations in flight than the queue has entries: the library
     // waits for credits instead of overrunning the queue.
     let handles: Vec<_> = (0..32u32)
-        .map(|i| c.submit(ops::fill(a.at(i as usize * 4096), u64::from(i), 4096)).expect("submit"))
+        .map(|i| {
+            c.submit(ops::fill(a.at(i as usize * 4096), u64::from(i), 4096))
+                .expect("submit")
+        })
         .collect();
     for h in handles {
         assert_eq!(h.wait().expect("wait").status, status::SUCCESS);
@@ -162,7 +184,10 @@ fn test_shared_queue_retry() {
         }
     }
     assert!(retried, "a full shared queue answers retry");
-    assert_eq!(c.wait_record(cr.addr()).expect("wait").status, status::SUCCESS);
+    assert_eq!(
+        c.wait_record(cr.addr()).expect("wait").status,
+        status::SUCCESS
+    );
     assert!(c.stats().retries.load(Ordering::Relaxed) >= 1);
 }
 
@@ -196,20 +221,36 @@ fn test_drain_waits_for_parked_work() {
     let other = Client::connect(&d.socket).expect("connect");
     let lazy = Arc::new(c.alloc_lazy(4096).expect("lazy"));
     *lazy_slot.lock().expect("lock") = Some(lazy.clone());
-    let parked = c.submit(ops::fill(lazy.addr(), 0x0101_0101_0101_0101, 4096)).expect("submit");
-    entered_rx.recv_timeout(Duration::from_secs(10)).expect("fault raised");
+    let parked = c
+        .submit(ops::fill(lazy.addr(), 0x0101_0101_0101_0101, 4096))
+        .expect("submit");
+    entered_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("fault raised");
     let drain = c.submit(Descriptor::new(opcode::DRAIN, 0)).expect("drain");
     // Let the workers make several full passes: the drain must stay pending.
     let done = AtomicBool::new(false);
     for _ in 0..20 {
-        assert_eq!(other.run(Descriptor::new(opcode::NOOP, 0)).expect("noop").status, status::SUCCESS);
+        assert_eq!(
+            other
+                .run(Descriptor::new(opcode::NOOP, 0))
+                .expect("noop")
+                .status,
+            status::SUCCESS
+        );
         done.store(drain.poll().is_some(), Ordering::SeqCst);
-        assert!(!done.load(Ordering::SeqCst), "drain completed before the parked work");
+        assert!(
+            !done.load(Ordering::SeqCst),
+            "drain completed before the parked work"
+        );
     }
     release_tx.send(()).expect("release");
     let dr = drain.wait().expect("drain");
     assert_eq!(dr.status, status::SUCCESS);
-    assert!(parked.poll().is_some(), "parked work completed before the drain");
+    assert!(
+        parked.poll().is_some(),
+        "parked work completed before the drain"
+    );
     assert_eq!(parked.wait().expect("parked").status, status::SUCCESS);
     assert_eq!(lazy.to_vec(0, 4), vec![1, 1, 1, 1]);
 }

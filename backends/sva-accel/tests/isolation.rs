@@ -23,8 +23,13 @@ fn test_other_clients_memory_is_unreachable() {
     let loot = attacker.alloc(8192).expect("alloc");
 
     // Read the victim's memory.
-    let cr = attacker.mem_move(loot.addr(), secret.addr(), 8192).expect("run");
-    assert_eq!((cr.status, cr.fault_addr), (status::PAGE_FAULT_NOBOF, secret.addr()));
+    let cr = attacker
+        .mem_move(loot.addr(), secret.addr(), 8192)
+        .expect("run");
+    assert_eq!(
+        (cr.status, cr.fault_addr),
+        (status::PAGE_FAULT_NOBOF, secret.addr())
+    );
     assert_eq!(loot.to_vec(0, 8192), vec![0u8; 8192]);
     // Write the victim's memory.
     let cr = attacker.fill(secret.addr(), 0, 8192).expect("run");
@@ -32,7 +37,10 @@ fn test_other_clients_memory_is_unreachable() {
     // Forge the pasid field with the victim's PASID: overwritten.
     let mut forged = ops::mem_move(loot.addr(), secret.addr(), 64);
     forged.pasid = victim.pasid();
-    assert_eq!(attacker.run(forged).expect("run").code(), status::PAGE_FAULT_NOBOF);
+    assert_eq!(
+        attacker.run(forged).expect("run").code(),
+        status::PAGE_FAULT_NOBOF
+    );
     // A batch list in the victim's memory: the list read faults.
     let list = victim.alloc(4096).expect("alloc");
     let mut m = ops::fill(secret.addr(), 0, 64);
@@ -45,7 +53,10 @@ fn test_other_clients_memory_is_unreachable() {
     b.xfer_size = 2;
     b.pasid = victim.pasid();
     let cr = attacker.run(b).expect("run");
-    assert_eq!((cr.status, cr.bytes_completed), (status::BATCH_PAGE_FAULT, 0));
+    assert_eq!(
+        (cr.status, cr.bytes_completed),
+        (status::BATCH_PAGE_FAULT, 0)
+    );
     // A batch in the attacker's memory whose members aim at the victim.
     let mut ab = attacker.batch(2).expect("batch");
     let mut member = ops::fill(secret.addr(), 0, 64);
@@ -53,13 +64,22 @@ fn test_other_clients_memory_is_unreachable() {
     ab.push(member).push(member);
     let r = ab.submit().expect("submit").wait().expect("wait");
     assert_eq!(r.record.status, status::BATCH_FAIL);
-    assert_eq!(r.members[0].status, status::PAGE_FAULT_NOBOF | status::WRITE);
+    assert_eq!(
+        r.members[0].status,
+        status::PAGE_FAULT_NOBOF | status::WRITE
+    );
     // priv=1 from a user portal.
     let mut p = ops::mem_move(loot.addr(), loot.at(4096), 64);
     p.privileged = true;
     assert_eq!(attacker.run(p).expect("run").status, status::PRIV_BAD);
     assert_eq!(secret.to_vec(0, 8192), data, "victim memory untouched");
-    assert_eq!(victim.mem_move(secret.at(4096), secret.addr(), 64).expect("run").status, status::SUCCESS);
+    assert_eq!(
+        victim
+            .mem_move(secret.at(4096), secret.addr(), 64)
+            .expect("run")
+            .status,
+        status::SUCCESS
+    );
 }
 
 #[test]
@@ -93,7 +113,11 @@ fn test_completion_record_elsewhere_is_an_event() {
     assert_eq!(events[0].pasid, attacker.pasid());
     assert_eq!(events[1].code, status::CRA_ALIGN);
     assert_eq!(events[2].code, status::CRA_XLAT);
-    assert_eq!(vbuf.to_vec(0, 4096), vec![0u8; 4096], "victim memory untouched");
+    assert_eq!(
+        vbuf.to_vec(0, 4096),
+        vec![0u8; 4096],
+        "victim memory untouched"
+    );
     assert!(victim.events().is_empty());
     // The work itself was done.
     assert_eq!(abuf.to_vec(0, 1), vec![0x11]);
@@ -105,12 +129,18 @@ fn test_unregistered_memory_faults_after_unmap() {
     let c = Client::connect(&d.socket).expect("connect");
     let a = c.alloc(4096).expect("alloc");
     let b = c.alloc(4096).expect("alloc");
-    assert_eq!(c.mem_move(b.addr(), a.addr(), 4096).expect("run").status, status::SUCCESS);
+    assert_eq!(
+        c.mem_move(b.addr(), a.addr(), 4096).expect("run").status,
+        status::SUCCESS
+    );
     b.unregister().expect("unmap");
     let cr = c.mem_move(b.addr(), a.addr(), 4096).expect("run");
-    assert_eq!((cr.status, cr.fault_addr), (status::PAGE_FAULT_NOBOF | status::WRITE, b.addr()));
+    assert_eq!(
+        (cr.status, cr.fault_addr),
+        (status::PAGE_FAULT_NOBOF | status::WRITE, b.addr())
+    );
     // Addresses nobody mapped: low memory, this function's code, the top.
-    let code = test_unregistered_memory_faults_after_unmap as usize as u64 & !0xfff;
+    let code = test_unregistered_memory_faults_after_unmap as fn() as usize as u64 & !0xfff;
     for addr in [0u64, 0x1000, code, 0xffff_ffff_ffff_f000] {
         let cr = c.mem_move(a.addr(), addr, 64).expect("run");
         assert_eq!(cr.code(), status::PAGE_FAULT_NOBOF, "addr {addr:#x}");
@@ -120,14 +150,23 @@ fn test_unregistered_memory_faults_after_unmap() {
 fn raw_connect(path: &std::path::Path) -> std::os::fd::OwnedFd {
     use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
     use std::os::fd::AsRawFd;
-    let s = socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
-        .expect("socket");
+    let s = socket::socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
     socket::connect(s.as_raw_fd(), &UnixAddr::new(path).expect("addr")).expect("connect");
     s
 }
 
 #[track_caller]
-fn status_of(sock: &std::os::fd::OwnedFd, msg: &[u8], fds: &[std::os::fd::BorrowedFd<'_>]) -> (i32, usize) {
+fn status_of(
+    sock: &std::os::fd::OwnedFd,
+    msg: &[u8],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> (i32, usize) {
     proto::send(sock.as_fd(), msg, fds).expect("send");
     let p = proto::recv(sock.as_fd()).expect("recv").expect("reply");
     (Reader::new(&p.data).i32().expect("status"), p.fds.len())
@@ -138,18 +177,38 @@ fn test_control_protocol_rejects_bad_input() {
     let d = Daemon::shared();
     // MAP before HELLO closes the connection with EPROTO.
     let s = raw_connect(&d.socket);
-    let map = Writer::default().u32(proto::OP_MAP).u32(0).u64(0x10000).u64(4096).u64(0).u32(1).0;
+    let map = Writer::default()
+        .u32(proto::OP_MAP)
+        .u32(0)
+        .u64(0x10000)
+        .u64(4096)
+        .u64(0)
+        .u32(1)
+        .0;
     assert_eq!(status_of(&s, &map, &[]).0, -libc::EPROTO);
     // Bad version.
     let s = raw_connect(&d.socket);
-    let hello = Writer::default().u32(proto::OP_HELLO).u32(0).u32(99).u32(1).0;
+    let hello = Writer::default()
+        .u32(proto::OP_HELLO)
+        .u32(0)
+        .u32(99)
+        .u32(1)
+        .0;
     assert_eq!(status_of(&s, &hello, &[]).0, -libc::EPROTO);
     // A proper session, then garbage.
     let s = raw_connect(&d.socket);
-    let hello = Writer::default().u32(proto::OP_HELLO).u32(0).u32(proto::VERSION).u32(99).0;
+    let hello = Writer::default()
+        .u32(proto::OP_HELLO)
+        .u32(0)
+        .u32(proto::VERSION)
+        .u32(99)
+        .0;
     assert_eq!(status_of(&s, &hello, &[]), (0, 4));
     assert_eq!(status_of(&s, &[1, 2, 3], &[]).0, -libc::EINVAL);
-    assert_eq!(status_of(&s, &Writer::default().u32(77).u32(0).0, &[]).0, -libc::EINVAL);
+    assert_eq!(
+        status_of(&s, &Writer::default().u32(77).u32(0).0, &[]).0,
+        -libc::EINVAL
+    );
     // MAP without an fd, with a truncated payload, with an unsealed memfd,
     // with a pipe, misaligned, too large for the file, overlapping.
     assert_eq!(status_of(&s, &map, &[]).0, -libc::EBADF);
@@ -159,17 +218,41 @@ fn test_control_protocol_rejects_bad_input() {
     let (r, _w) = nix::unistd::pipe().expect("pipe");
     assert_eq!(status_of(&s, &map, &[r.as_fd()]).0, -libc::EINVAL);
     sva_accel::shm::add_seals(unsealed.as_fd(), libc::F_SEAL_SHRINK).expect("seal");
-    let odd = Writer::default().u32(proto::OP_MAP).u32(0).u64(0x10001).u64(4096).u64(0).u32(1).0;
+    let odd = Writer::default()
+        .u32(proto::OP_MAP)
+        .u32(0)
+        .u64(0x10001)
+        .u64(4096)
+        .u64(0)
+        .u32(1)
+        .0;
     assert_eq!(status_of(&s, &odd, &[unsealed.as_fd()]).0, -libc::EINVAL);
-    let big = Writer::default().u32(proto::OP_MAP).u32(0).u64(0x10000).u64(3 * 4096).u64(0).u32(1).0;
+    let big = Writer::default()
+        .u32(proto::OP_MAP)
+        .u32(0)
+        .u64(0x10000)
+        .u64(3 * 4096)
+        .u64(0)
+        .u32(1)
+        .0;
     assert_eq!(status_of(&s, &big, &[unsealed.as_fd()]).0, -libc::EINVAL);
     assert_eq!(status_of(&s, &map, &[unsealed.as_fd()]).0, 0);
     assert_eq!(status_of(&s, &map, &[unsealed.as_fd()]).0, -libc::EEXIST);
-    let unmap = Writer::default().u32(proto::OP_UNMAP).u32(0).u64(0x20000).u64(4096).0;
+    let unmap = Writer::default()
+        .u32(proto::OP_UNMAP)
+        .u32(0)
+        .u64(0x20000)
+        .u64(4096)
+        .0;
     assert_eq!(status_of(&s, &unmap, &[]).0, -libc::ENOENT);
     // A second HELLO is not an opcode of a bound session.
     assert_eq!(status_of(&s, &hello, &[]).0, -libc::EINVAL);
     // The daemon still serves others.
     let c = Client::connect(&d.socket).expect("connect");
-    assert_eq!(c.run(Descriptor::new(opcode::NOOP, 0)).expect("noop").status, status::SUCCESS);
+    assert_eq!(
+        c.run(Descriptor::new(opcode::NOOP, 0))
+            .expect("noop")
+            .status,
+        status::SUCCESS
+    );
 }

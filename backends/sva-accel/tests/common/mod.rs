@@ -27,7 +27,10 @@ impl Daemon {
             .expect("spawn sva-accel");
         let start = Instant::now();
         while !socket.exists() {
-            assert!(start.elapsed() < Duration::from_secs(10), "daemon did not come up");
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "daemon did not come up"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         Daemon {
@@ -59,7 +62,10 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
 pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
-        assert!(start.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
 }
