@@ -1,6 +1,7 @@
 //! The context: one `Iommu` is one open `/dev/iommu`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::device::{pasid_key, Binding, Device, DeviceShared, Domain, NO_PASID};
@@ -72,6 +73,9 @@ struct State {
 
 pub(crate) struct CtxInner {
     state: Mutex<State>,
+    /// Live event queues: lets translation failures skip the state lock
+    /// when nobody listens.
+    event_queues: AtomicUsize,
 }
 
 fn no_such(kind: &'static str, id: u32) -> Error {
@@ -377,6 +381,9 @@ impl CtxInner {
         perm: Perm,
         reason: EventReason,
     ) {
+        if self.event_queues.load(Ordering::Relaxed) == 0 {
+            return;
+        }
         let q = {
             let st = self.lock();
             let Ok(dev) = st.dev(dev_id) else { return };
@@ -496,6 +503,7 @@ impl Iommu {
         Iommu {
             inner: Arc::new(CtxInner {
                 state: Mutex::new(State::default()),
+                event_queues: AtomicUsize::new(0),
             }),
         }
     }
@@ -526,7 +534,10 @@ impl Iommu {
             let mut answered = AutoAnswered::default();
             match st.objects.remove(&id) {
                 Some(Object::Fault(f)) => answered.append(f.destroy()),
-                Some(Object::EventQueue(e)) => e.inner.destroy(),
+                Some(Object::EventQueue(e)) => {
+                    e.inner.destroy();
+                    self.inner.event_queues.fetch_sub(1, Ordering::Relaxed);
+                }
                 Some(Object::Vdevice(v)) => {
                     if let Ok(d) = st.dev_mut(v.dev_id) {
                         d.vdevice = None;
@@ -1407,6 +1418,7 @@ impl Iommu {
                 viommu,
             }),
         );
+        self.inner.event_queues.fetch_add(1, Ordering::Relaxed);
         Ok((id, EventQueue { inner }))
     }
 }

@@ -218,17 +218,17 @@ impl Translator {
         reason: EventReason,
     ) -> Error {
         let shared = &self.device.shared;
-        let dev_id = shared.bound_ctx().map(|(_, id)| id).unwrap_or(0);
-        let (vdev, vpasid, virtual_ids) = {
-            let v = shared.virt_read();
-            let vp = pasid.map(|p| v.p2v.get(&p).copied().unwrap_or(p));
-            (
-                v.virt_id.unwrap_or(u64::from(dev_id)),
-                vp,
-                v.virt_id.is_some(),
-            )
-        };
         if let Some(q) = &dom.fault {
+            let dev_id = shared.bound_ctx().map(|(_, id)| id).unwrap_or(0);
+            let (vdev, vpasid, virtual_ids) = {
+                let v = shared.virt_read();
+                let vp = pasid.map(|p| v.p2v.get(&p).copied().unwrap_or(p));
+                (
+                    v.virt_id.unwrap_or(u64::from(dev_id)),
+                    vp,
+                    v.virt_id.is_some(),
+                )
+            };
             let mut flags = 0;
             if pasid.is_some() {
                 flags |= IOMMU_PGFAULT_FLAGS_PASID_VALID;
@@ -435,6 +435,15 @@ impl Access<'_> {
         mut f: impl FnMut(&Memory, usize, usize, usize) -> Result<()>,
     ) -> Result<()> {
         check_range(iova, len as u64)?;
+        // First pass: translate the whole range, so that a failure transfers
+        // nothing. The second pass hits the cache.
+        let mut done = 0usize;
+        while done < len {
+            let at = iova + done as u64;
+            let e = self.t.resolve(pasid, at, perm)?;
+            let avail = (e.last - at).saturating_add(1);
+            done += ((len - done) as u64).min(avail) as usize;
+        }
         let mut done = 0usize;
         while done < len {
             let at = iova + done as u64;
@@ -450,7 +459,8 @@ impl Access<'_> {
         Ok(())
     }
 
-    /// Reads device memory into `buf`.
+    /// Reads device memory into `buf`. The whole range is translated
+    /// first: on error nothing was transferred.
     pub fn read(&mut self, pasid: Option<u32>, iova: u64, buf: &mut [u8]) -> Result<()> {
         let len = buf.len();
         self.for_each_piece(pasid, iova, len, Perm::READ, |m, off, done, n| {
@@ -458,7 +468,8 @@ impl Access<'_> {
         })
     }
 
-    /// Writes `buf` to device memory.
+    /// Writes `buf` to device memory. The whole range is translated first:
+    /// on error nothing was written.
     pub fn write(&mut self, pasid: Option<u32>, iova: u64, buf: &[u8]) -> Result<()> {
         self.for_each_piece(pasid, iova, buf.len(), Perm::WRITE, |m, off, done, n| {
             m.write_at(off, &buf[done..done + n])
