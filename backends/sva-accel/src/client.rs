@@ -46,6 +46,10 @@ use thiserror::Error;
 pub const CR_SLOTS: usize = 4096;
 /// How long a submission retries a full shared queue before giving up.
 pub const SUBMIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a wait busy-polls a completion record.
+pub const SPIN_BUSY: Duration = Duration::from_micros(50);
+/// How long a wait polls with yields before it sleeps.
+pub const SPIN_YIELD: Duration = Duration::from_millis(2);
 /// How long a wait for a completion lasts before it reports a timeout.
 pub const WAIT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -205,6 +209,10 @@ pub struct ClientStats {
     pub faults_retried: AtomicU64,
     /// Operations finished on the CPU.
     pub cpu_fallbacks: AtomicU64,
+    /// Doorbells rung (workers were asleep).
+    pub doorbells: AtomicU64,
+    /// Waits that went to sleep on the completion eventfd.
+    pub sleeps: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -585,12 +593,25 @@ impl Client {
             .is_ok_and(|r| r.iter().any(|(a, l)| addr >= *a && end <= a + l))
     }
 
-    /// Waits until the record at `addr` (in our memory) has a status.
+    /// Waits until the record at `addr` (in our memory) has a status: spins
+    /// (the device is another core, as with UMWAIT on DSA), then yields, then
+    /// sleeps on the completion eventfd.
     pub fn wait_record(&self, addr: u64) -> Result<CompletionRecord> {
         let start = Instant::now();
-        while start.elapsed() < Duration::from_micros(20) {
+        let mut i = 0u32;
+        loop {
             if let Some(cr) = self.read_record(addr) {
                 return Ok(cr);
+            }
+            i = i.wrapping_add(1);
+            if i % 64 == 0 {
+                let e = start.elapsed();
+                if e > SPIN_YIELD {
+                    break;
+                }
+                if e > SPIN_BUSY {
+                    std::thread::yield_now();
+                }
             }
             std::hint::spin_loop();
         }
@@ -603,6 +624,7 @@ impl Client {
             }
             self.with_portal(|p| p.set_waiting(true));
             if self.read_record(addr).is_none() {
+                self.inner.stats.sleeps.fetch_add(1, Ordering::Relaxed);
                 let _ = shm::poll_in(&[self.inner.completion.as_fd()], 5);
                 shm::drain(self.inner.completion.as_fd());
             }
@@ -647,6 +669,7 @@ impl Client {
                     .submitted
                     .fetch_add(raw.len() as u64, Ordering::Relaxed);
                 if p.needs_doorbell() {
+                    self.inner.stats.doorbells.fetch_add(1, Ordering::Relaxed);
                     shm::signal(self.inner.doorbell.as_fd());
                 }
                 Ok(())

@@ -775,7 +775,7 @@ fn write_record(
 
 fn finish(s: &Shared, c: &ClientCtx) {
     retire(s, c, 1);
-    if c.portal.client_waiting() {
+    if c.portal.client_needs_wakeup() {
         shm::signal(c.completion_efd.as_fd());
     }
 }

@@ -44,8 +44,10 @@ pub const OFF_HEAD: usize = 64;
 pub const OFF_COMPLETED: usize = 128;
 /// Daemon-written u32: non-zero while workers sleep and want a doorbell.
 pub const OFF_NEED_DOORBELL: usize = 192;
-/// Client-written u32: non-zero while the client sleeps on its completion eventfd.
+/// Client-written u32: number of client threads asleep on the completion eventfd.
 pub const OFF_CLIENT_WAITING: usize = 256;
+/// Client-written u32: sleep epoch, bumped by each client thread before it sleeps.
+pub const OFF_CLIENT_EPOCH: usize = 260;
 /// Daemon-written: events published (free-running).
 pub const OFF_EV_TAIL: usize = 320;
 /// Client-written: events consumed (free-running).
@@ -156,6 +158,7 @@ pub struct Portal {
     wq_size: u32,
     cursor: Mutex<Cursor>,
     completed: AtomicU64,
+    woken_epoch: std::sync::atomic::AtomicU32,
 }
 
 impl Portal {
@@ -175,6 +178,7 @@ impl Portal {
                 wq_size,
                 cursor: Mutex::new(Cursor::default()),
                 completed: AtomicU64::new(0),
+                woken_epoch: std::sync::atomic::AtomicU32::new(0),
             },
             fd,
         ))
@@ -235,13 +239,21 @@ impl Portal {
             .store(u32::from(on), Ordering::SeqCst);
     }
 
-    /// Whether the client sleeps waiting for a completion.
-    pub fn client_waiting(&self) -> bool {
+    /// Whether a client thread went to sleep waiting for a completion since
+    /// the last time this answered true (one wake-up per sleep, not one per
+    /// completion).
+    pub fn client_needs_wakeup(&self) -> bool {
         fence(Ordering::SeqCst);
-        self.map
+        if self
+            .map
             .atomic_u32(OFF_CLIENT_WAITING)
             .load(Ordering::SeqCst)
-            != 0
+            == 0
+        {
+            return false;
+        }
+        let epoch = self.map.atomic_u32(OFF_CLIENT_EPOCH).load(Ordering::SeqCst);
+        self.woken_epoch.swap(epoch, Ordering::AcqRel) != epoch
     }
 
     /// Publishes an event; counts it as dropped when the ring is full.
@@ -345,6 +357,9 @@ impl ClientPortal {
     pub fn set_waiting(&self, on: bool) {
         let w = self.map.atomic_u32(OFF_CLIENT_WAITING);
         if on {
+            self.map
+                .atomic_u32(OFF_CLIENT_EPOCH)
+                .fetch_add(1, Ordering::SeqCst);
             w.fetch_add(1, Ordering::SeqCst);
         } else {
             w.fetch_sub(1, Ordering::SeqCst);
