@@ -32,10 +32,10 @@ cargo build -j2 --workspace --bins
 cargo test -j2 --workspace --all-targets --no-run
 
 step "unit and in-process tests"
-cargo test -j2 --workspace --all-targets --exclude ioasis-integration
+cargo test -j2 --workspace --all-targets --exclude ioasis-integration --no-fail-fast
 cargo test -j2 --workspace --doc
 step "end-to-end tests (real frontends)"
 t1=$SECONDS
-cargo test -j2 -p ioasis-integration --all-targets
+cargo test -j2 -p ioasis-integration --all-targets --no-fail-fast
 echo "== end-to-end tests took $((SECONDS - t1))s"
 step "done"

@@ -164,11 +164,9 @@ fn test_two_devices_in_one_process_count_separately() {
     let ca = counters(find_device(&last, &a).or_panic_opt("device a in stats"));
     let cb = counters(find_device(&last, &b).or_panic_opt("device b in stats"));
     assert_eq!((ca.rx_packets, cb.rx_packets), (sent_a, sent_b), "{last}");
-    // testpmd reads the MAC from the device config space.
-    assert!(
-        f.log.to_lowercase().contains("52:54:00:00:00:0b"),
-        "device b's MAC not seen by testpmd"
-    );
+    // The MAC is not checked here: DPDK 22.11's virtio_user does not read the
+    // config space of a vhost-user backend (it picks a random MAC for net_vhost
+    // as well), and QEMU 7.2 sets its own.
 }
 
 #[test]
