@@ -40,6 +40,10 @@ pub const QUEUE_SIZE: u16 = 1024;
 pub const BURST: usize = 64;
 /// Bursts one receive pass may move before it yields to other queues.
 const RX_BURSTS_PER_PASS: usize = 16;
+/// Bursts one transmit pass may move before it yields: a pass runs inside
+/// one DMA access section, which an unmap waits for, so it must end even
+/// while the driver keeps the queue full.
+const TX_BURSTS_PER_PASS: usize = 32;
 /// Most receive buffers one frame may be merged over (`num_buffers` is a u16,
 /// and no real driver needs more for a 64 KiB frame).
 pub const MAX_MERGED_BUFFERS: usize = 256;
@@ -47,6 +51,9 @@ pub const MAX_MERGED_BUFFERS: usize = 256;
 const MAX_CTRL_LEN: usize = net::MAX_CTRL_PAYLOAD + 2;
 /// Token of a worker's port readiness in the framework's event loop.
 const PORT_TOKEN: u64 = 1;
+/// Token of a worker's own wake-up: a pass that stopped with work left
+/// asks to be called again (a fresh access section) through it.
+const WAKE_TOKEN: u64 = 2;
 
 /// Configuration of one virtio-net device.
 #[derive(Debug, Clone)]
@@ -278,6 +285,17 @@ pub(crate) enum RxStop {
     NoBuffers,
 }
 
+/// The outcome of a receive pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RxPass {
+    /// Frames taken from the port.
+    pub(crate) moved: usize,
+    /// The driver has no receive buffers.
+    pub(crate) blocked: bool,
+    /// The pass limit was reached with frames possibly left.
+    pub(crate) more: bool,
+}
+
 /// What the engine needs to know of a popped chain.
 pub(crate) trait ChainInfo: Default {
     fn head(&self) -> u16;
@@ -442,15 +460,15 @@ impl<C: ChainInfo> PairEngine<C> {
     }
 
     /// Driver-to-device: bursts from the transmit queue into the port, until
-    /// the driver has nothing more. Returns the frames moved.
+    /// the driver has nothing more or the pass limit is reached. Returns the
+    /// frames moved and whether work is left (the caller must come back).
     pub(crate) fn tx<R: Ring<C = C>>(
         &mut self,
         q: &mut R,
         port: &mut dyn Port,
-    ) -> std::result::Result<usize, QueueError> {
+    ) -> std::result::Result<(usize, bool), QueueError> {
         let mut moved = 0;
-        // Bounded by the driver: each pass consumes chains it made available.
-        loop {
+        for _ in 0..TX_BURSTS_PER_PASS {
             q.disable_notification()?;
             let mut pending_err = None;
             let mut n = 0;
@@ -508,10 +526,10 @@ impl<C: ChainInfo> PairEngine<C> {
                 return Err(e);
             }
             if popped < BURST && !q.enable_notification()? {
-                break;
+                return Ok((moved, false));
             }
         }
-        Ok(moved)
+        Ok((moved, true))
     }
 
     /// Copies the popped chain into transmit buffer `n`, normalising the
@@ -723,12 +741,12 @@ impl<C: ChainInfo> PairEngine<C> {
     }
 
     /// Device-to-driver: bursts until the port is empty, the driver has no
-    /// buffers (returns true) or the pass limit is reached.
+    /// buffers or the pass limit is reached.
     pub(crate) fn rx<R: Ring<C = C>>(
         &mut self,
         q: &mut R,
         port: &mut dyn Port,
-    ) -> std::result::Result<(usize, bool), QueueError> {
+    ) -> std::result::Result<RxPass, QueueError> {
         let mut moved = 0;
         for _ in 0..RX_BURSTS_PER_PASS {
             let (n, stop) = self.rx_burst(q, port)?;
@@ -739,13 +757,27 @@ impl<C: ChainInfo> PairEngine<C> {
                     if q.enable_notification()? {
                         continue;
                     }
-                    return Ok((moved, true));
+                    return Ok(RxPass {
+                        moved,
+                        blocked: true,
+                        more: false,
+                    });
                 }
-                RxStop::Port if n < BURST => break,
+                RxStop::Port if n < BURST => {
+                    return Ok(RxPass {
+                        moved,
+                        blocked: false,
+                        more: false,
+                    })
+                }
                 RxStop::Port => {}
             }
         }
-        Ok((moved, false))
+        Ok(RxPass {
+            moved,
+            blocked: false,
+            more: true,
+        })
     }
 
     /// Runs the control queue's commands against `net`. Returns whether the
@@ -813,6 +845,7 @@ struct NetWorker {
     ctrl_q: Option<u16>,
     port: Option<Box<dyn Port>>,
     gate: Option<RxGate>,
+    wake: Option<crate::port::EventFd>,
     engine: PairEngine<Chain>,
     filter_gen: u64,
     rx_blocked: bool,
@@ -831,6 +864,7 @@ impl Drop for NetWorker {
     fn drop(&mut self) {
         // The gate refers to the port's fd: close it first.
         self.gate = None;
+        self.wake = None;
         if let Some(p) = self.port.take() {
             *lock(&self.shared.ports[self.pair]) = Some(p);
         }
@@ -855,6 +889,7 @@ impl NetWorker {
             ctrl_q,
             port: Some(port),
             gate: None,
+            wake: None,
             engine,
             filter_gen,
             rx_blocked: false,
@@ -877,7 +912,17 @@ impl NetWorker {
         let Some(mut q) = queues.get(self.tx_q) else {
             return Ok(0);
         };
-        Ok(self.engine.tx(&mut q, port.as_mut())?)
+        let (n, more) = self.engine.tx(&mut q, port.as_mut())?;
+        if more {
+            self.wake_later();
+        }
+        Ok(n)
+    }
+
+    fn wake_later(&self) {
+        if let Some(w) = &self.wake {
+            w.signal();
+        }
     }
 
     fn process_rx(&mut self, queues: &mut Queues<'_>) -> Result<usize> {
@@ -888,19 +933,30 @@ impl NetWorker {
         let Some(mut q) = queues.get(self.rx_q) else {
             return Ok(0);
         };
-        let (n, blocked) = self.engine.rx(&mut q, port.as_mut())?;
-        if blocked {
+        let pass = self.engine.rx(&mut q, port.as_mut())?;
+        if pass.blocked {
             self.rx_blocked = true;
             if let Some(g) = self.gate.as_mut() {
                 g.set(false);
             }
         }
-        Ok(n)
+        if pass.more {
+            self.wake_later();
+        }
+        Ok(pass.moved)
     }
 }
 
 impl Worker for NetWorker {
     fn init(&mut self, events: &mut EventRegistrar<'_>) -> Result<()> {
+        let wake = crate::port::EventFd::new().map_err(|e| DeviceError::Other(e.to_string()))?;
+        events
+            .add(wake.fd(), Interest::Readable, WAKE_TOKEN)
+            .map_err(|source| DeviceError::Io {
+                op: "register wake-up eventfd",
+                source,
+            })?;
+        self.wake = Some(wake);
         let Some(port) = self.port.as_ref() else {
             return Ok(());
         };
@@ -943,8 +999,20 @@ impl Worker for NetWorker {
     }
 
     fn handle_event(&mut self, token: u64, queues: &mut Queues<'_>) -> Result<()> {
-        if token == PORT_TOKEN {
-            self.process_rx(queues)?;
+        match token {
+            PORT_TOKEN => {
+                self.process_rx(queues)?;
+            }
+            WAKE_TOKEN => {
+                if let Some(w) = &self.wake {
+                    w.clear();
+                }
+                self.process_tx(queues)?;
+                if !self.rx_blocked {
+                    self.process_rx(queues)?;
+                }
+            }
+            _ => {}
         }
         Ok(())
     }

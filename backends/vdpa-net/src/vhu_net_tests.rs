@@ -332,7 +332,7 @@ fn test_tx_frames_reach_port_and_heads_complete() {
             ring.add_chain(i * 2, &[(addr, 12, false), (addr + 12, 60, false)]);
         }
     }
-    assert_eq!(e.tx(&mut ring, &mut port).unwrap(), 100);
+    assert_eq!(e.tx(&mut ring, &mut port).unwrap(), (100, false));
     assert_eq!(port.frames.len(), 100);
     assert_eq!(port.frames[7].len(), 72);
     assert_eq!(port.frames[7][VNET_HDR_LEN + 6 + 5], 7);
@@ -341,6 +341,24 @@ fn test_tx_frames_reach_port_and_heads_complete() {
     let s = e.stats.total();
     assert_eq!((s.rx_packets, s.rx_bytes, s.errors), (100, 6000, 0));
     assert!(ring.notifies >= 2, "one notification per burst");
+}
+
+#[test]
+fn test_tx_pass_is_bounded_and_resumes() {
+    let mut e = engine(modern());
+    let mut ring = MockRing::new(4096);
+    let mut port = SinkPort::default();
+    let total = BURST * TX_BURSTS_PER_PASS + 10;
+    put_frame(&mut ring, 0x1000, 60, 1);
+    for i in 0..total {
+        ring.add_chain(i as u16, &[(0x1000, 72, false)]);
+    }
+    assert_eq!(
+        e.tx(&mut ring, &mut port).unwrap(),
+        (BURST * TX_BURSTS_PER_PASS, true)
+    );
+    assert_eq!(e.tx(&mut ring, &mut port).unwrap(), (10, false));
+    assert_eq!(ring.used.len(), total);
 }
 
 #[test]
@@ -396,7 +414,7 @@ fn test_tx_bad_chains_completed_once_and_counted() {
     put_frame(&mut ring, 0x3000, 60, 3);
     ring.mem[0x3000] = 1;
     ring.add_chain(40, &[(0x3000, 72, false)]);
-    assert_eq!(e.tx(&mut ring, &mut port).unwrap(), 2);
+    assert_eq!(e.tx(&mut ring, &mut port).unwrap().0, 2);
     assert_eq!(port.frames(), 2);
     assert_eq!(ring.used.len(), 10);
     assert_each_head_once(&ring.used);
@@ -406,7 +424,7 @@ fn test_tx_bad_chains_completed_once_and_counted() {
     // The queue goes on.
     put_frame(&mut ring, 0x2000, 60, 2);
     ring.add_chain(50, &[(0x2000, 72, false)]);
-    assert_eq!(e.tx(&mut ring, &mut port).unwrap(), 1);
+    assert_eq!(e.tx(&mut ring, &mut port).unwrap().0, 1);
 }
 
 #[test]
@@ -418,8 +436,8 @@ fn test_rx_mergeable_spans_buffers() {
     for i in 0..4u16 {
         ring.add_chain(i, &[(0x10000 + i as u64 * 0x1000, 1536, true)]);
     }
-    let (n, blocked) = e.rx(&mut ring, &mut port).unwrap();
-    assert_eq!((n, blocked), (1, false));
+    let p = e.rx(&mut ring, &mut port).unwrap();
+    assert_eq!((p.moved, p.blocked, p.more), (1, false, false));
     assert_eq!(ring.used, vec![(0, 1536), (1, 1476)]);
     let hdr = VnetHdr::read(&ring.mem[0x10000..0x1000c]).unwrap();
     assert_eq!(hdr.num_buffers, 2);
@@ -441,13 +459,13 @@ fn test_rx_without_buffers_keeps_frame_and_chains() {
     let mut port = Feeder::default();
     port.frames.push_back(feed_frame(3000, 1));
     ring.add_chain(0, &[(0x10000, 1536, true)]);
-    let (n, blocked) = e.rx(&mut ring, &mut port).unwrap();
-    assert_eq!((n, blocked), (0, true));
+    let p = e.rx(&mut ring, &mut port).unwrap();
+    assert_eq!((p.moved, p.blocked), (0, true));
     assert!(ring.used.is_empty(), "held, not completed");
     assert_eq!(port.frames.len(), 1);
     ring.add_chain(1, &[(0x11000, 1536, true)]);
-    let (n, blocked) = e.rx(&mut ring, &mut port).unwrap();
-    assert_eq!((n, blocked), (1, false));
+    let p = e.rx(&mut ring, &mut port).unwrap();
+    assert_eq!((p.moved, p.blocked), (1, false));
     assert_eq!(ring.used, vec![(0, 1536), (1, 1476)]);
 }
 
