@@ -12,6 +12,9 @@
 //! A frontend (QEMU, DPDK virtio-user) drives the device's virtqueues; the
 //! device moves frames between them and the port in bursts.
 
+// Tests may unwrap: a failure is the test's report.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod cli;
 pub mod net;
 pub mod port;
