@@ -31,6 +31,7 @@ use crate::desc::{flags, opcode, status, CompletionRecord, Descriptor, OpCap, CR
 use crate::proto::{self, Reader, Writer};
 use crate::shm::{self, SharedMap};
 use crate::wq::{ClientPortal, Event, Rejected, WqMode};
+use ioasis::service::{HwptRequest, MapPerm};
 use ioasis::uring::record::FAULT_PERM_WRITE;
 use ioasis::uring::{FaultBatch, FaultChannel, PageResponse, Wait};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
@@ -93,6 +94,15 @@ pub enum ClientError {
         /// Cause.
         #[source]
         source: std::io::Error,
+    },
+    /// A request to the `/dev/iommu` service failed.
+    #[error("iommu service request failed during {what}")]
+    Service {
+        /// Operation.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: ioasis::service::ClientError,
     },
     /// The fault channel could not be set up.
     #[error("cannot set up the fault channel")]
@@ -218,6 +228,7 @@ pub struct ClientStats {
 #[derive(Debug)]
 struct Inner {
     ctrl: Mutex<OwnedFd>,
+    reg: Option<Registrar>,
     portal: Mutex<ClientPortal>,
     info: DeviceInfo,
     doorbell: OwnedFd,
@@ -236,6 +247,44 @@ pub struct Client {
     inner: Arc<Inner>,
     crs: Arc<Buffer>,
     fault_thread: Option<JoinHandle<()>>,
+    iommu_mode: bool,
+}
+
+/// Where memory registration goes.
+enum Registrar {
+    /// Through the `/dev/iommu` service, into an IOAS.
+    Service {
+        svc: Mutex<ioasis::service::Client>,
+        ioas: u32,
+    },
+}
+
+impl std::fmt::Debug for Registrar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Registrar::Service { ioas, .. } => f
+                .debug_struct("Service")
+                .field("ioas", ioas)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+fn dial(path: &Path) -> Result<OwnedFd> {
+    let cerr = |source| ClientError::Connect {
+        path: path.display().to_string(),
+        source,
+    };
+    let sock = socket::socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(cerr)?;
+    let addr = UnixAddr::new(path).map_err(cerr)?;
+    socket::connect(sock.as_raw_fd(), &addr).map_err(cerr)?;
+    Ok(sock)
 }
 
 /// Memory shared with the device: mapped here at [`Buffer::addr`], and (once
@@ -323,6 +372,21 @@ impl Buffer {
         if self.is_registered() {
             return Ok(());
         }
+        if let Some(Registrar::Service { svc, ioas }) = &self.inner.reg {
+            let what = "ioas map";
+            let mut svc = svc.lock().map_err(|_| ClientError::Protocol(what))?;
+            svc.ioas_map(
+                *ioas,
+                self.fd.as_fd(),
+                0,
+                self.len() as u64,
+                Some(self.addr()),
+                MapPerm::ReadWrite,
+            )
+            .map_err(|source| ClientError::Service { what, source })?;
+            self.registered.store(true, Ordering::Release);
+            return Ok(());
+        }
         let msg = Writer::default()
             .u32(proto::OP_MAP)
             .u32(0)
@@ -340,6 +404,13 @@ impl Buffer {
     /// device no longer touches it.
     pub fn unregister(&self) -> Result<()> {
         if !self.registered.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        if let Some(Registrar::Service { svc, ioas }) = &self.inner.reg {
+            let what = "ioas unmap";
+            let mut svc = svc.lock().map_err(|_| ClientError::Protocol(what))?;
+            svc.ioas_unmap(*ioas, self.addr(), self.len() as u64)
+                .map_err(|source| ClientError::Service { what, source })?;
             return Ok(());
         }
         let msg = Writer::default()
@@ -411,30 +482,98 @@ impl Client {
     }
 
     /// Connects: HELLO, map the portal, register the completion record
-    /// pool, start the fault thread.
-    pub fn connect_with(path: impl AsRef<Path>, mut opts: Options) -> Result<Client> {
-        let path = path.as_ref();
-        let cerr = |source| ClientError::Connect {
-            path: path.display().to_string(),
-            source,
-        };
-        let sock = socket::socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .map_err(cerr)?;
-        let addr = UnixAddr::new(path).map_err(cerr)?;
-        socket::connect(sock.as_raw_fd(), &addr).map_err(cerr)?;
-        let msg = Writer::default()
+    /// pool, start the fault thread. Memory is registered with the device
+    /// itself, which keeps this client's address space.
+    pub fn connect_with(path: impl AsRef<Path>, opts: Options) -> Result<Client> {
+        let sock = dial(path.as_ref())?;
+        let hello = Writer::default()
             .u32(proto::OP_HELLO)
             .u32(0)
             .u32(proto::VERSION)
             .u32(u32::from(opts.priority))
             .0;
+        Client::finish_connect(sock, &hello, opts, None)
+    }
+
+    /// Connects through the `/dev/iommu` service at `service`: allocates an
+    /// IOAS, reserves a PASID of device `label`, allocates a fault queue, a
+    /// HWPT over the IOAS with that fault queue, attaches the device on the
+    /// PASID, then binds the PASID at the device socket `device`. Every
+    /// device access is then translated by iommu-core, and memory is mapped
+    /// into the IOAS at the client's own addresses.
+    pub fn connect_iommu(
+        device: impl AsRef<Path>,
+        service: impl AsRef<Path>,
+        label: &str,
+        opts: Options,
+    ) -> Result<Client> {
+        let what = "iommu service setup";
+        let serr = |source| ClientError::Service { what, source };
+        let mut svc = ioasis::service::Client::connect(service.as_ref()).map_err(serr)?;
+        let ioas = svc.ioas_alloc().map_err(serr)?;
+        let pasid = svc.pasid_alloc(label).map_err(serr)?;
+        let (fault_id, channel) = svc.fault_queue_alloc().map_err(serr)?;
+        let hwpt = svc
+            .hwpt_alloc(&HwptRequest {
+                label: label.to_owned(),
+                pt_id: ioas,
+                flags: iommu_core::IOMMU_HWPT_ALLOC_PASID,
+                fault_id: Some(fault_id),
+                ..HwptRequest::default()
+            })
+            .map_err(serr)?;
+        svc.attach(label, Some(pasid), hwpt).map_err(serr)?;
+        Client::connect_with_session(device, svc, ioas, pasid, Some(channel), opts)
+    }
+
+    /// Binds a PASID the caller already attached through its service
+    /// session `svc` (for example to an IOAS shared with other devices) at
+    /// the device socket `device`. Buffers are mapped into `ioas` at their
+    /// own addresses; faults arrive on `faults` when given.
+    pub fn connect_with_session(
+        device: impl AsRef<Path>,
+        svc: ioasis::service::Client,
+        ioas: u32,
+        pasid: u32,
+        faults: Option<FaultChannel>,
+        opts: Options,
+    ) -> Result<Client> {
+        let sock = dial(device.as_ref())?;
+        let hello = Writer::default()
+            .u32(proto::OP_HELLO)
+            .u32(0)
+            .u32(proto::VERSION_IOMMU)
+            .u32(u32::from(opts.priority))
+            .u64(svc.session_id())
+            .u32(pasid)
+            .0;
+        let reg = Registrar::Service {
+            svc: Mutex::new(svc),
+            ioas,
+        };
+        let mut c = Client::finish_connect_mode(sock, &hello, opts, Some(reg), faults)?;
+        c.iommu_mode = true;
+        Ok(c)
+    }
+
+    fn finish_connect(
+        sock: OwnedFd,
+        hello: &[u8],
+        opts: Options,
+        reg: Option<Registrar>,
+    ) -> Result<Client> {
+        Client::finish_connect_mode(sock, hello, opts, reg, None)
+    }
+
+    fn finish_connect_mode(
+        sock: OwnedFd,
+        hello: &[u8],
+        mut opts: Options,
+        reg: Option<Registrar>,
+        faults: Option<FaultChannel>,
+    ) -> Result<Client> {
         let what = "hello";
-        proto::send(sock.as_fd(), &msg, &[])
+        proto::send(sock.as_fd(), hello, &[])
             .map_err(|source| ClientError::Socket { what, source })?;
         let pkt = proto::recv(sock.as_fd())
             .map_err(|source| ClientError::Socket { what, source })?
@@ -453,14 +592,19 @@ impl Client {
             *w = r.u64().ok_or(ClientError::Protocol(what))?;
         }
         let wq_mode = WqMode::from_u32(mode).ok_or(ClientError::Protocol(what))?;
-        if !(2..=crate::wq::MAX_WQ_SIZE).contains(&wq_size) || pkt.fds.len() != 4 {
+        let want_fds = if reg.is_some() { 3 } else { 4 };
+        if !(2..=crate::wq::MAX_WQ_SIZE).contains(&wq_size) || pkt.fds.len() != want_fds {
             return Err(ClientError::Protocol(what));
         }
         let mut fds = pkt.fds.into_iter();
-        let (Some(portal_fd), Some(doorbell), Some(completion), Some(fault_fd)) =
-            (fds.next(), fds.next(), fds.next(), fds.next())
+        let (Some(portal_fd), Some(doorbell), Some(completion)) =
+            (fds.next(), fds.next(), fds.next())
         else {
             return Err(ClientError::Protocol(what));
+        };
+        let channel = match (fds.next(), faults) {
+            (Some(fd), _) => Some(FaultChannel::new(fd).map_err(ClientError::FaultChannel)?),
+            (None, ch) => ch,
         };
         let portal =
             ClientPortal::new(&portal_fd, wq_size).map_err(|source| ClientError::Setup {
@@ -478,6 +622,7 @@ impl Client {
         };
         let inner = Arc::new(Inner {
             ctrl: Mutex::new(sock),
+            reg,
             portal: Mutex::new(portal),
             info,
             doorbell,
@@ -491,21 +636,34 @@ impl Client {
         });
         let crs = Arc::new(alloc_buffer(&inner, CR_SLOTS * CR_SIZE)?);
         crs.register()?;
-        let channel = FaultChannel::new(fault_fd).map_err(ClientError::FaultChannel)?;
         let handler = opts.fault_handler.take();
-        let t_inner = inner.clone();
-        let fault_thread = std::thread::Builder::new()
-            .name("sva-faults".into())
-            .spawn(move || fault_loop(&t_inner, channel, handler))
-            .map_err(|source| ClientError::Setup {
-                what: "fault thread",
-                source,
-            })?;
+        let fault_thread = match channel {
+            Some(channel) => {
+                let t_inner = inner.clone();
+                Some(
+                    std::thread::Builder::new()
+                        .name("sva-faults".into())
+                        .spawn(move || fault_loop(&t_inner, channel, handler))
+                        .map_err(|source| ClientError::Setup {
+                            what: "fault thread",
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
         Ok(Client {
             inner,
             crs,
-            fault_thread: Some(fault_thread),
+            fault_thread,
+            iommu_mode: false,
         })
+    }
+
+    /// Whether device accesses are translated by iommu-core (memory mapped
+    /// through the service) rather than by the device's own table.
+    pub fn is_iommu_mode(&self) -> bool {
+        self.iommu_mode
     }
 
     /// What the device reported at connect time.

@@ -16,6 +16,7 @@ pub mod crc;
 pub mod desc;
 pub mod device;
 pub mod engine;
+pub mod iommu;
 pub mod proto;
 pub mod shm;
 pub mod space;

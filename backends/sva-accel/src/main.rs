@@ -11,11 +11,20 @@ use sva_accel::device::{Device, DeviceConfig};
 use sva_accel::wq::WqMode;
 
 const USAGE: &str = "usage: sva-accel --socket-path PATH [--workers N] [--wq-size N] \
-[--wq-mode shared|dedicated] [--max-batch N] [--max-xfer BYTES]";
+[--wq-mode shared|dedicated] [--max-batch N] [--max-xfer BYTES] [--iommu-socket PATH] [--label NAME]";
 
-fn parse(args: &[String]) -> Result<(PathBuf, DeviceConfig), String> {
+struct Opts {
+    path: PathBuf,
+    iommu: PathBuf,
+    label: String,
+    cfg: DeviceConfig,
+}
+
+fn parse(args: &[String]) -> Result<Opts, String> {
     let mut cfg = DeviceConfig::default();
     let mut path = None;
+    let mut iommu = None;
+    let mut label = sva_accel::device::DEFAULT_LABEL.to_string();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut val = |name: &str| {
@@ -29,6 +38,8 @@ fn parse(args: &[String]) -> Result<(PathBuf, DeviceConfig), String> {
         };
         match a.as_str() {
             "--socket-path" => path = Some(PathBuf::from(val(a)?)),
+            "--iommu-socket" => iommu = Some(PathBuf::from(val(a)?)),
+            "--label" => label = val(a)?,
             "--workers" => {
                 cfg.workers = usize::try_from(num(a, val(a)?)?).map_err(|e| e.to_string())?
             }
@@ -52,21 +63,41 @@ fn parse(args: &[String]) -> Result<(PathBuf, DeviceConfig), String> {
             other => return Err(format!("unknown argument {other}\n{USAGE}")),
         }
     }
-    let path = path.ok_or_else(|| format!("--socket-path is required\n{USAGE}"))?;
-    Ok((path, cfg))
+    let path: PathBuf = path.ok_or_else(|| format!("--socket-path is required\n{USAGE}"))?;
+    let iommu = iommu.unwrap_or_else(|| {
+        let mut p = path.clone().into_os_string();
+        p.push(".iommu");
+        PathBuf::from(p)
+    });
+    Ok(Opts {
+        path,
+        iommu,
+        label,
+        cfg,
+    })
 }
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (path, cfg) = match parse(&args) {
+    let o = match parse(&args) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(2);
         }
     };
-    let mut dev = match Device::start(cfg) {
+    // The daemon's own /dev/iommu service: clients that set up their IOAS
+    // and PASID there get iommu-core translation.
+    let (binding, _service) = match sva_accel::device::serve_iommu(&o.iommu, &o.label) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("sva-accel: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let path = o.path;
+    let mut dev = match Device::start_with(o.cfg, Some(binding)) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("sva-accel: {e}");
@@ -77,7 +108,12 @@ fn main() -> ExitCode {
         eprintln!("sva-accel: {e}");
         return ExitCode::FAILURE;
     }
-    log::info!("listening on {}", path.display());
+    log::info!(
+        "listening on {} (device {}, /dev/iommu service on {})",
+        path.display(),
+        o.label,
+        o.iommu.display()
+    );
     // Serve until killed.
     loop {
         std::thread::park();

@@ -21,8 +21,13 @@ use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, Ms
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
-/// Protocol version.
+/// Protocol version: the client's memory is registered with the device.
 pub const VERSION: u32 = 1;
+/// HELLO version for a client whose PASID and IOAS come from the
+/// `/dev/iommu` service: the payload continues with u64 session id, u32
+/// PASID; the reply carries no fault channel (faults go to the client's
+/// fault queue).
+pub const VERSION_IOMMU: u32 = 2;
 /// Opcode: hello.
 pub const OP_HELLO: u32 = 1;
 /// Opcode: map memory.

@@ -26,7 +26,8 @@ impl Daemon {
             .spawn()
             .expect("spawn sva-accel");
         let start = Instant::now();
-        while !socket.exists() {
+        let iommu = dir.path().join("sva.sock.iommu");
+        while !socket.exists() || !iommu.exists() {
             assert!(
                 start.elapsed() < Duration::from_secs(10),
                 "daemon did not come up"
@@ -38,6 +39,13 @@ impl Daemon {
             socket,
             _dir: dir,
         }
+    }
+
+    /// The daemon's /dev/iommu service socket.
+    pub fn iommu_socket(&self) -> PathBuf {
+        let mut p = self.socket.clone().into_os_string();
+        p.push(".iommu");
+        PathBuf::from(p)
     }
 
     pub fn shared() -> Daemon {
