@@ -36,7 +36,9 @@ pub struct Fragment {
 /// Counters of a translator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TranslatorStats {
-    /// Translations answered from the cache.
+    /// Translations of multi-fragment or helper (read/write/copy) accesses
+    /// answered from the cache; single-entry [`Access::translate`] hits
+    /// are not counted, to keep that path minimal.
     pub hits: u64,
     /// Translations that walked the IOAS / page table.
     pub misses: u64,
@@ -44,14 +46,18 @@ pub struct TranslatorStats {
     pub flushes: u64,
 }
 
+/// One cache entry: `[start, last]` → `host`, valid while `tag` equals the
+/// translator's `(epoch << 32) | pasid key` (epoch >= 1, so a zero tag never
+/// matches).
 #[derive(Clone, Copy, Default)]
 struct Entry {
-    epoch: u64,
+    tag: u64,
     start: u64,
+    /// `last - start`.
+    span: u64,
     last: u64,
     host: u64,
     mem_off: u64,
-    key: u32,
     perm: u32,
     mem: u32,
 }
@@ -63,7 +69,7 @@ pub struct Translator {
     slot: Arc<Slot>,
     seen_gen: u64,
     epoch: u64,
-    entries: Box<[Entry]>,
+    entries: Box<[Entry; TRANSLATION_CACHE_ENTRIES]>,
     mems: Vec<Arc<Memory>>,
     stats: TranslatorStats,
 }
@@ -88,7 +94,7 @@ impl Translator {
             slot,
             seen_gen,
             epoch: 1,
-            entries: vec![Entry::default(); TRANSLATION_CACHE_ENTRIES].into_boxed_slice(),
+            entries: Box::new([Entry::default(); TRANSLATION_CACHE_ENTRIES]),
             mems: Vec::new(),
             stats: TranslatorStats::default(),
         }
@@ -134,7 +140,7 @@ impl Translator {
         }
         self.entries
             .iter()
-            .filter(|e| e.epoch == self.epoch)
+            .filter(|e| e.tag >> 32 == self.epoch)
             .count()
     }
     /// Counters.
@@ -143,18 +149,20 @@ impl Translator {
     }
 
     fn flush(&mut self) {
-        self.epoch = self.epoch.wrapping_add(1);
+        self.epoch += 1;
+        if self.epoch > u64::from(u32::MAX) {
+            self.entries.fill(Entry::default());
+            self.epoch = 1;
+        }
         self.mems.clear();
         self.stats.flushes += 1;
     }
 
     #[inline(always)]
-    fn hit(&self, key: u32, iova: u64, perm: Perm) -> Option<Entry> {
-        let e = self.entries[((iova / PAGE_SIZE) & CACHE_MASK) as usize];
-        (e.epoch == self.epoch
-            && e.key == key
-            && iova >= e.start
-            && iova <= e.last
+    fn hit(&self, key: u32, iova: u64, perm: Perm) -> Option<&Entry> {
+        let e = &self.entries[((iova / PAGE_SIZE) & CACHE_MASK) as usize];
+        (e.tag == (self.epoch << 32 | u64::from(key))
+            && iova.wrapping_sub(e.start) <= e.span
             && perm.bits() & !e.perm == 0)
             .then_some(e)
     }
@@ -163,6 +171,7 @@ impl Translator {
     fn resolve(&mut self, pasid: Option<u32>, iova: u64, perm: Perm) -> Result<Entry> {
         let key = pasid_key(pasid);
         if let Some(e) = self.hit(key, iova, perm) {
+            let e = *e;
             self.stats.hits += 1;
             return Ok(e);
         }
@@ -201,8 +210,8 @@ impl Translator {
             Err(reason) => return Err(self.fail(&dom, pasid, key, iova, perm, reason)),
         };
         e.mem = self.mem_index(&mem);
-        e.epoch = self.epoch;
-        e.key = key;
+        e.tag = self.epoch << 32 | u64::from(key);
+        e.span = e.last - e.start;
         self.entries[((iova / PAGE_SIZE) & CACHE_MASK) as usize] = e;
         Ok(e)
     }
@@ -391,7 +400,7 @@ impl Access<'_> {
     /// Translates `[iova, iova+len)` for `perm`: clears `out` and fills it
     /// with host fragments covering the range in order (adjacent host runs
     /// are merged).
-    #[inline]
+    #[inline(always)]
     pub fn translate(
         &mut self,
         pasid: Option<u32>,
@@ -401,6 +410,19 @@ impl Access<'_> {
         out: &mut Vec<Fragment>,
     ) -> Result<()> {
         out.clear();
+        // Fast path: one cache entry covers the whole range.
+        let key = pasid_key(pasid);
+        if let Some(e) = self.t.hit(key, iova, perm) {
+            let off = iova - e.start;
+            if len != 0 && len - 1 <= e.span - off {
+                let ptr = e.host.wrapping_add(off) as usize as *mut u8;
+                out.push(Fragment {
+                    ptr,
+                    len: len as usize,
+                });
+                return Ok(());
+            }
+        }
         check_range(iova, len)?;
         let mut at = iova;
         let mut left = len;
@@ -424,6 +446,33 @@ impl Access<'_> {
             }
             at += n;
         }
+    }
+
+    /// Translates the first contiguous host run of `[iova, iova+len)`: the
+    /// fragment returned covers `iova` and is at most `len` bytes long
+    /// (shorter when the range continues in another host buffer).
+    #[inline(always)]
+    pub fn translate_contiguous(
+        &mut self,
+        pasid: Option<u32>,
+        iova: u64,
+        len: u64,
+        perm: Perm,
+    ) -> Result<Fragment> {
+        if len == 0 {
+            return Err(Error::ZeroLength);
+        }
+        let key = pasid_key(pasid);
+        let e = match self.t.hit(key, iova, perm) {
+            Some(e) => *e,
+            None => self.t.fill(key, pasid, iova, perm)?,
+        };
+        let off = iova - e.start;
+        let n = (len - 1).min(e.span - off) + 1;
+        Ok(Fragment {
+            ptr: e.host.wrapping_add(off) as usize as *mut u8,
+            len: n as usize,
+        })
     }
 
     fn for_each_piece(
