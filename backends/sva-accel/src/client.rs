@@ -48,9 +48,9 @@ pub const CR_SLOTS: usize = 4096;
 /// How long a submission retries a full shared queue before giving up.
 pub const SUBMIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a wait busy-polls a completion record.
-pub const SPIN_BUSY: Duration = Duration::from_micros(50);
+pub const SPIN_BUSY: Duration = Duration::from_micros(200);
 /// How long a wait polls with yields before it sleeps.
-pub const SPIN_YIELD: Duration = Duration::from_millis(2);
+pub const SPIN_YIELD: Duration = Duration::from_millis(1);
 /// How long a wait for a completion lasts before it reports a timeout.
 pub const WAIT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -113,6 +113,9 @@ pub enum ClientError {
     /// No completion within the wait limit.
     #[error("no completion within {0:?}")]
     Timeout(Duration),
+    /// A completion record address outside this client's buffers.
+    #[error("completion record address {0:#x} is not in a buffer of this client")]
+    NotOwned(u64),
     /// All completion record slots are in use.
     #[error("no free completion record slot")]
     NoSlots,
@@ -728,17 +731,7 @@ impl Client {
         if !self.owns(addr, CR_SIZE as u64) {
             return None;
         }
-        let p = addr as *mut u8;
-        // SAFETY: `owns` checked that the 32 bytes lie in a live mapping of
-        // this client; the status byte is accessed atomically on both sides.
-        let st = unsafe { AtomicU8::from_ptr(p) }.load(Ordering::Acquire);
-        if st == 0 {
-            return None;
-        }
-        let mut b = [0u8; CR_SIZE];
-        // SAFETY: as above; the acquire load orders the rest of the record.
-        unsafe { std::ptr::copy_nonoverlapping(p, b.as_mut_ptr(), CR_SIZE) };
-        Some(CompletionRecord::from_bytes(&b))
+        read_owned_record(addr)
     }
 
     fn owns(&self, addr: u64, len: u64) -> bool {
@@ -755,10 +748,13 @@ impl Client {
     /// (the device is another core, as with UMWAIT on DSA), then yields, then
     /// sleeps on the completion eventfd.
     pub fn wait_record(&self, addr: u64) -> Result<CompletionRecord> {
+        if !self.owns(addr, CR_SIZE as u64) {
+            return Err(ClientError::NotOwned(addr));
+        }
         let start = Instant::now();
         let mut i = 0u32;
         loop {
-            if let Some(cr) = self.read_record(addr) {
+            if let Some(cr) = read_owned_record(addr) {
                 return Ok(cr);
             }
             i = i.wrapping_add(1);
@@ -1052,6 +1048,24 @@ impl Drop for Client {
             let _ = t.join();
         }
     }
+}
+
+/// Reads the record at `addr`, which the caller checked lies in one of this
+/// client's live buffers, if its status byte is set.
+fn read_owned_record(addr: u64) -> Option<CompletionRecord> {
+    let p = addr as *mut u8;
+    // SAFETY: the caller checked that the 32 bytes lie in a live mapping of
+    // this client (buffers stay mapped while a wait on them runs, since the
+    // handle borrows the client); the status byte is accessed atomically on
+    // both sides.
+    let st = unsafe { AtomicU8::from_ptr(p) }.load(Ordering::Acquire);
+    if st == 0 {
+        return None;
+    }
+    let mut b = [0u8; CR_SIZE];
+    // SAFETY: as above; the acquire load orders the rest of the record.
+    unsafe { std::ptr::copy_nonoverlapping(p, b.as_mut_ptr(), CR_SIZE) };
+    Some(CompletionRecord::from_bytes(&b))
 }
 
 fn alloc_buffer(inner: &Arc<Inner>, len: usize) -> Result<Buffer> {

@@ -1273,8 +1273,11 @@ fn worker(s: &Arc<Shared>) {
         }
         let since = *idle_since.get_or_insert_with(Instant::now);
         if since.elapsed() < spin {
-            std::hint::spin_loop();
-            std::thread::yield_now();
+            // Pure spinning: yielding to a busy neighbour can cost a whole
+            // scheduler slice.
+            for _ in 0..32 {
+                std::hint::spin_loop();
+            }
             continue;
         }
         spin = (spin / 2).max(spin_min);
