@@ -298,6 +298,7 @@ pub struct Buffer {
     map: SharedMap,
     fd: OwnedFd,
     registered: AtomicBool,
+    registered_len: AtomicU64,
 }
 
 fn request(
@@ -372,6 +373,13 @@ impl Buffer {
 
     /// Registers the buffer with the device at its own address.
     pub fn register(&self) -> Result<()> {
+        self.register_prefix(self.len())
+    }
+
+    /// Registers only the first `len` bytes (rounded up to pages): the rest
+    /// stays unreachable for the device.
+    pub fn register_prefix(&self, len: usize) -> Result<()> {
+        let len = (len.max(1).div_ceil(4096) * 4096).min(self.len()) as u64;
         if self.is_registered() {
             return Ok(());
         }
@@ -382,11 +390,12 @@ impl Buffer {
                 *ioas,
                 self.fd.as_fd(),
                 0,
-                self.len() as u64,
+                len,
                 Some(self.addr()),
                 MapPerm::ReadWrite,
             )
             .map_err(|source| ClientError::Service { what, source })?;
+            self.registered_len.store(len, Ordering::Release);
             self.registered.store(true, Ordering::Release);
             return Ok(());
         }
@@ -394,11 +403,12 @@ impl Buffer {
             .u32(proto::OP_MAP)
             .u32(0)
             .u64(self.addr())
-            .u64(self.len() as u64)
+            .u64(len)
             .u64(0)
             .u32(proto::MAP_WRITABLE)
             .0;
         request(&self.inner, "map", &msg, &[self.fd.as_fd()])?;
+        self.registered_len.store(len, Ordering::Release);
         self.registered.store(true, Ordering::Release);
         Ok(())
     }
@@ -412,15 +422,19 @@ impl Buffer {
         if let Some(Registrar::Service { svc, ioas }) = &self.inner.reg {
             let what = "ioas unmap";
             let mut svc = svc.lock().map_err(|_| ClientError::Protocol(what))?;
-            svc.ioas_unmap(*ioas, self.addr(), self.len() as u64)
-                .map_err(|source| ClientError::Service { what, source })?;
+            svc.ioas_unmap(
+                *ioas,
+                self.addr(),
+                self.registered_len.load(Ordering::Acquire),
+            )
+            .map_err(|source| ClientError::Service { what, source })?;
             return Ok(());
         }
         let msg = Writer::default()
             .u32(proto::OP_UNMAP)
             .u32(0)
             .u64(self.addr())
-            .u64(self.len() as u64)
+            .u64(self.registered_len.load(Ordering::Acquire))
             .0;
         request(&self.inner, "unmap", &msg, &[])?;
         Ok(())
@@ -1080,6 +1094,7 @@ fn alloc_buffer(inner: &Arc<Inner>, len: usize) -> Result<Buffer> {
         map,
         fd,
         registered: AtomicBool::new(false),
+        registered_len: AtomicU64::new(0),
     };
     if let Ok(mut r) = inner.regions.write() {
         r.push((b.addr(), len as u64));

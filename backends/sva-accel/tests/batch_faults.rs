@@ -187,7 +187,9 @@ fn test_page_fault_bof1_lazy_mapping_by_handler() {
 fn test_bof1_without_handler_completes_invalid() {
     let d = Daemon::shared();
     let c = Client::connect(&d.socket).expect("connect");
-    let a = c.alloc(4096).expect("alloc");
+    // Two pages, only the first one reachable by the device.
+    let a = c.alloc_lazy(8192).expect("alloc");
+    a.register_prefix(4096).expect("register");
     let mut desc = ops::fill(a.at(4000), 5, 200);
     desc.flags |= flags::BOF;
     let cr = c.run(desc).expect("run");
@@ -199,7 +201,8 @@ fn test_bof1_without_handler_completes_invalid() {
 fn test_batch_list_fault_partial_batch() {
     let d = Daemon::shared();
     let c = Client::connect(&d.socket).expect("connect");
-    let list = c.alloc(4096).expect("alloc");
+    let list = c.alloc_lazy(8192).expect("alloc");
+    list.register_prefix(4096).expect("register");
     let a = c.alloc(4096).expect("alloc");
     // Two members, the second one beyond the end of the list's mapping.
     let mut m = ops::fill(a.addr(), 1, 64);
