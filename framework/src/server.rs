@@ -169,6 +169,9 @@ struct Extra {
 struct Active {
     stream: UnixStream,
     handle: JoinHandle<()>,
+    /// Set by the connection thread when it is done (before it signals the
+    /// loop), so the loop never waits on a thread that is still exiting.
+    done: Arc<std::sync::atomic::AtomicBool>,
 }
 
 struct Hosted {
@@ -473,7 +476,10 @@ impl Server {
     fn reap(&mut self) {
         let reaped = self.reaped.clone();
         for h in &mut self.hosted {
-            if h.active.as_ref().is_some_and(|a| a.handle.is_finished()) {
+            if h.active
+                .as_ref()
+                .is_some_and(|a| a.done.load(Ordering::SeqCst))
+            {
                 if let Some(a) = h.active.take() {
                     if a.handle.join().is_err() {
                         error!("device {:?}: connection thread panicked", h.label);
@@ -573,6 +579,8 @@ fn start_connection(h: &mut Hosted, stream: UnixStream, reaped: &Arc<EventFd>) {
     let served = h.served.clone();
     let label = h.label.clone();
     let reaped = reaped.clone();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done_thread = done.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("ioasis-conn-{label}"))
         .spawn(move || {
@@ -590,6 +598,7 @@ fn start_connection(h: &mut Hosted, stream: UnixStream, reaped: &Arc<EventFd>) {
                     crate::error_chain(&e)
                 ),
             }
+            done_thread.store(true, Ordering::SeqCst);
             let _ = reaped.write(1);
         });
     match spawned {
@@ -597,6 +606,7 @@ fn start_connection(h: &mut Hosted, stream: UnixStream, reaped: &Arc<EventFd>) {
             h.active = Some(Active {
                 stream: shut,
                 handle,
+                done,
             })
         }
         Err(e) => error!("device {:?}: spawning connection thread: {e}", h.label),
