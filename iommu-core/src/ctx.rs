@@ -329,10 +329,10 @@ fn link_ioas(s2: &IoasInner, dev_id: DevId, shared: &Arc<DeviceShared>, rid: boo
     Ok(())
 }
 
-fn unlink_ioas(s2: &IoasInner, dev_id: DevId, rid: bool) {
+fn unlink_ioas(s2: &IoasInner, dev_id: DevId, shared: &DeviceShared, rid: bool) {
     let mut st = s2.write();
     if rid {
-        st.unreserve(ResvOwner::Device(dev_id));
+        st.unreserve(&shared.info.reserved, ResvOwner::Device(dev_id));
     }
     if let Some(u) = st.users.get_mut(&dev_id) {
         u.0 = u.0.saturating_sub(1);
@@ -444,7 +444,7 @@ impl CtxInner {
         if let Some(q) = &dom.fault {
             answered.append(q.auto_respond(Some(&shared), Some(key)));
         }
-        unlink_ioas(&dom.s2, dev_id, key == NO_PASID);
+        unlink_ioas(&dom.s2, dev_id, &shared, key == NO_PASID);
         if auto && st.referenced(hwpt_id).is_none() {
             st.objects.remove(&hwpt_id);
         }
@@ -658,7 +658,7 @@ impl Iommu {
                 let id = match st.alloc_id() {
                     Ok(id) => id,
                     Err(e) => {
-                        unlink_ioas(&ioas, dev_id, key == NO_PASID);
+                        unlink_ioas(&ioas, dev_id, &shared, key == NO_PASID);
                         return Err(e);
                     }
                 };
@@ -736,7 +736,7 @@ impl Iommu {
             if let Some(q) = &old_dom.fault {
                 answered.append(q.auto_respond(Some(&shared), Some(key)));
             }
-            unlink_ioas(&old_dom.s2, dev_id, key == NO_PASID);
+            unlink_ioas(&old_dom.s2, dev_id, &shared, key == NO_PASID);
             if old_auto && st.referenced(old_id).is_none() {
                 st.objects.remove(&old_id);
             }
@@ -980,6 +980,29 @@ impl Iommu {
         self.ioas_arc(ioas)?
             .write()
             .reserve(&[range], ResvOwner::User)
+    }
+
+    /// `IOMMU_OPTION_HUGE_PAGES` SET: `false` forces `PAGE_SIZE` alignment
+    /// on the IOAS; existing areas that are not aligned → `EADDRINUSE`.
+    pub fn ioas_set_huge_pages(&self, ioas: IoasId, enable: bool) -> Result<()> {
+        let ioas = self.ioas_arc(ioas)?;
+        let mut st = ioas.write();
+        if !enable {
+            let align = st.alignment().max(PAGE_SIZE);
+            if let Some(r) = st.misaligned_area(align) {
+                return Err(Error::AddressInUse {
+                    start: r.start,
+                    last: r.last,
+                });
+            }
+        }
+        st.huge_pages = enable;
+        Ok(())
+    }
+
+    /// `IOMMU_OPTION_HUGE_PAGES` GET.
+    pub fn ioas_huge_pages(&self, ioas: IoasId) -> Result<bool> {
+        Ok(self.ioas_arc(ioas)?.read().huge_pages)
     }
 
     /// The areas of an IOAS, ascending.

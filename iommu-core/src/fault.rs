@@ -27,6 +27,11 @@ pub const IOMMU_PGFAULT_FLAGS_VIRTUAL_IDS: u32 = 1 << 31;
 /// queued, and the overflow is counted in [`FaultQueueStats::overflows`].
 pub const MAX_OUTSTANDING_FAULTS_PER_DEVICE: usize = 32;
 
+/// Most records in one fault group: an access that misses on several
+/// consecutive pages raises one group with a record per page, up to this
+/// many.
+pub const MAX_FAULT_GROUP_RECORDS: usize = 16;
+
 /// One fault record (`struct iommu_hwpt_pgfault`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FaultRecord {
@@ -150,12 +155,13 @@ impl FaultInner {
         let _ = self.efd.read();
     }
 
-    /// Queues a one-record group for `dev`; `rec.cookie` is filled in.
+    /// Queues a group of records for `dev`; cookies and LAST_PAGE are
+    /// filled in here.
     pub(crate) fn raise(
         &self,
         dev: &Arc<DeviceShared>,
         pasid_key: u32,
-        mut rec: FaultRecord,
+        mut records: Vec<FaultRecord>,
     ) -> Result<PendingFault> {
         let mut st = lock(&self.state);
         if st.destroyed {
@@ -178,12 +184,16 @@ impl FaultInner {
             cookie = cookie.wrapping_add(1);
         }
         st.next_cookie = cookie.wrapping_add(1);
-        rec.cookie = cookie;
-        rec.flags |= IOMMU_PGFAULT_FLAGS_LAST_PAGE;
+        for r in records.iter_mut() {
+            r.cookie = cookie;
+        }
+        if let Some(r) = records.last_mut() {
+            r.flags |= IOMMU_PGFAULT_FLAGS_LAST_PAGE;
+        }
         let group = Arc::new(Group {
             cookie,
-            addr: rec.addr,
-            records: vec![rec],
+            addr: records.first().map_or(0, |r| r.addr),
+            records,
             dev: dev.clone(),
             pasid_key,
             status: Mutex::new(FaultStatus::Pending),

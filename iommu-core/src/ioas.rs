@@ -44,6 +44,9 @@ pub(crate) struct IoasState {
     /// Devices attached through a domain over this IOAS, with the number of
     /// their attachments (RID and PASIDs).
     pub(crate) users: HashMap<DevId, (usize, Arc<DeviceShared>)>,
+    /// `IOMMU_OPTION_HUGE_PAGES`: when false the alignment is at least
+    /// `PAGE_SIZE`.
+    pub(crate) huge_pages: bool,
     hint: u64,
 }
 
@@ -61,6 +64,7 @@ impl IoasInner {
                 reserved: Vec::new(),
                 allowed: Vec::new(),
                 users: HashMap::new(),
+                huge_pages: true,
                 hint: PAGE_SIZE,
             }),
         })
@@ -124,11 +128,17 @@ impl IoasState {
 
     /// `out_iova_alignment`.
     pub(crate) fn alignment(&self) -> u64 {
-        self.users
+        let devs = self
+            .users
             .values()
             .map(|(_, d)| d.info.min_page_size())
             .max()
-            .unwrap_or(1)
+            .unwrap_or(1);
+        if self.huge_pages {
+            devs
+        } else {
+            devs.max(PAGE_SIZE)
+        }
     }
 
     pub(crate) fn user_slots(&self) -> Vec<Arc<Slot>> {
@@ -270,8 +280,18 @@ impl IoasState {
         Ok(())
     }
 
-    pub(crate) fn unreserve(&mut self, owner: ResvOwner) {
-        self.reserved.retain(|(_, o)| *o != owner);
+    /// Removes one copy of each of `ranges` reserved by `owner` (a device
+    /// attached twice to the same IOAS, e.g. during a replace, holds two).
+    pub(crate) fn unreserve(&mut self, ranges: &[IovaRange], owner: ResvOwner) {
+        for r in ranges {
+            if let Some(i) = self
+                .reserved
+                .iter()
+                .position(|(x, o)| x == r && *o == owner)
+            {
+                self.reserved.swap_remove(i);
+            }
+        }
     }
 
     pub(crate) fn set_allowed(&mut self, ranges: &[IovaRange]) -> Result<()> {

@@ -22,6 +22,32 @@
 //! [`Error::Busy`]; copy between IOAS shares the same pages. Every
 //! [`Error`] names the errno iommufd returns ([`Error::errno`]).
 //!
+//! ```
+//! use iommu_core::{Device, HwInfo, Iommu, Memory, Perm};
+//!
+//! # fn main() -> iommu_core::Result<()> {
+//! let iommu = Iommu::new();
+//! let dev = Device::new("net0", HwInfo::default());
+//! let dev_id = iommu.bind(&dev)?;
+//! let ioas = iommu.ioas_alloc()?;
+//! let mem = Memory::anonymous("guest-ram", 1 << 20)?;
+//! let iova = iommu.ioas_map(ioas, &mem, 0, 64 << 10, Some(0x10000), Perm::RW)?;
+//! iommu.attach(dev_id, None, ioas)?;
+//!
+//! // On the device's DMA thread:
+//! let mut t = dev.translator();
+//! t.write(None, iova + 8, b"hello")?;
+//! let mut buf = [0u8; 5];
+//! t.read(None, iova + 8, &mut buf)?;
+//! assert_eq!(&buf, b"hello");
+//!
+//! // After unmap returns, no device can reach the old pages.
+//! assert_eq!(iommu.ioas_unmap(ioas, iova, 64 << 10)?, 64 << 10);
+//! assert!(t.read(None, iova + 8, &mut buf).is_err());
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # The device side
 //!
 //! A device's owner creates a [`Device`] and gives each DMA thread a

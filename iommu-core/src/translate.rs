@@ -11,7 +11,10 @@ use std::sync::Arc;
 use crate::device::{pasid_key, Device, Domain};
 use crate::error::{Error, Result};
 use crate::event::EventReason;
-use crate::fault::{FaultRecord, IOMMU_PGFAULT_FLAGS_PASID_VALID, IOMMU_PGFAULT_FLAGS_VIRTUAL_IDS};
+use crate::fault::{
+    FaultRecord, IOMMU_PGFAULT_FLAGS_PASID_VALID, IOMMU_PGFAULT_FLAGS_VIRTUAL_IDS,
+    MAX_FAULT_GROUP_RECORDS,
+};
 use crate::ioas::IoasState;
 use crate::memory::Memory;
 use crate::sync::{Nudge, Slot};
@@ -167,15 +170,17 @@ impl Translator {
             .then_some(e)
     }
 
+    /// `left` is how many bytes the access still needs from `iova` (it
+    /// sizes the fault group if the translation fails).
     #[inline]
-    fn resolve(&mut self, pasid: Option<u32>, iova: u64, perm: Perm) -> Result<Entry> {
+    fn resolve(&mut self, pasid: Option<u32>, iova: u64, perm: Perm, left: u64) -> Result<Entry> {
         let key = pasid_key(pasid);
         if let Some(e) = self.hit(key, iova, perm) {
             let e = *e;
             self.stats.hits += 1;
             return Ok(e);
         }
-        self.fill(key, pasid, iova, perm)
+        self.fill(key, pasid, iova, perm, left)
     }
 
     fn mem_index(&mut self, m: &Arc<Memory>) -> u32 {
@@ -192,7 +197,14 @@ impl Translator {
     }
 
     #[cold]
-    fn fill(&mut self, key: u32, pasid: Option<u32>, iova: u64, perm: Perm) -> Result<Entry> {
+    fn fill(
+        &mut self,
+        key: u32,
+        pasid: Option<u32>,
+        iova: u64,
+        perm: Perm,
+        left: u64,
+    ) -> Result<Entry> {
         self.stats.misses += 1;
         let dom = self.device.shared.attach_read().get(&key).cloned();
         let Some(dom) = dom else {
@@ -207,7 +219,7 @@ impl Translator {
         };
         let (mut e, mem) = match walked {
             Ok(x) => x,
-            Err(reason) => return Err(self.fail(&dom, pasid, key, iova, perm, reason)),
+            Err(reason) => return Err(self.fail(&dom, pasid, key, iova, perm, reason, left)),
         };
         e.mem = self.mem_index(&mem);
         e.tag = self.epoch << 32 | u64::from(key);
@@ -225,6 +237,7 @@ impl Translator {
         iova: u64,
         perm: Perm,
         reason: EventReason,
+        left: u64,
     ) -> Error {
         let shared = &self.device.shared;
         if let Some(q) = &dom.fault {
@@ -245,17 +258,38 @@ impl Translator {
             if virtual_ids {
                 flags |= IOMMU_PGFAULT_FLAGS_VIRTUAL_IDS;
             }
-            let rec = FaultRecord {
+            let grpid = shared.next_grpid();
+            let first = iova & !(PAGE_SIZE - 1);
+            let rec = |addr| FaultRecord {
                 flags,
                 dev_id: vdev,
                 pasid: vpasid.unwrap_or(0),
-                grpid: shared.next_grpid(),
+                grpid,
                 perm,
-                addr: iova & !(PAGE_SIZE - 1),
+                addr,
                 length: 0,
                 cookie: 0,
             };
-            return match q.raise(shared, key, rec) {
+            // One group for the access: the faulting page and the following
+            // pages of the access that fail too (a page request group).
+            let mut recs = vec![rec(first)];
+            let last = iova.saturating_add(left.max(1) - 1) & !(PAGE_SIZE - 1);
+            {
+                let st = dom.s2.read();
+                let mut page = first;
+                while page < last && recs.len() < MAX_FAULT_GROUP_RECORDS {
+                    page += PAGE_SIZE;
+                    let ok = match dom.s1_root {
+                        None => walk_s2(&st, page, perm).is_ok(),
+                        Some(root) => walk_nested(&st, root, page, perm).is_ok(),
+                    };
+                    if ok {
+                        break;
+                    }
+                    recs.push(rec(page));
+                }
+            }
+            return match q.raise(shared, key, recs) {
                 Ok(pending) => Error::FaultRaised {
                     iova,
                     cookie: pending.cookie(),
@@ -427,7 +461,7 @@ impl Access<'_> {
         let mut at = iova;
         let mut left = len;
         loop {
-            let e = self.t.resolve(pasid, at, perm)?;
+            let e = self.t.resolve(pasid, at, perm, left)?;
             let avail = (e.last - at).saturating_add(1);
             let n = left.min(avail);
             let ptr = e.host.wrapping_add(at - e.start) as usize as *mut u8;
@@ -465,7 +499,7 @@ impl Access<'_> {
         let key = pasid_key(pasid);
         let e = match self.t.hit(key, iova, perm) {
             Some(e) => *e,
-            None => self.t.fill(key, pasid, iova, perm)?,
+            None => self.t.fill(key, pasid, iova, perm, len)?,
         };
         let off = iova - e.start;
         let n = (len - 1).min(e.span - off) + 1;
@@ -489,14 +523,14 @@ impl Access<'_> {
         let mut done = 0usize;
         while done < len {
             let at = iova + done as u64;
-            let e = self.t.resolve(pasid, at, perm)?;
+            let e = self.t.resolve(pasid, at, perm, (len - done) as u64)?;
             let avail = (e.last - at).saturating_add(1);
             done += ((len - done) as u64).min(avail) as usize;
         }
         let mut done = 0usize;
         while done < len {
             let at = iova + done as u64;
-            let e = self.t.resolve(pasid, at, perm)?;
+            let e = self.t.resolve(pasid, at, perm, (len - done) as u64)?;
             let avail = (e.last - at).saturating_add(1);
             let n = ((len - done) as u64).min(avail) as usize;
             let off = usize::try_from(e.mem_off + (at - e.start))
@@ -541,8 +575,8 @@ impl Access<'_> {
         while done < len {
             let s_at = src + done;
             let d_at = dst + done;
-            let es = self.t.resolve(src_pasid, s_at, Perm::READ)?;
-            let ed = self.t.resolve(dst_pasid, d_at, Perm::WRITE)?;
+            let es = self.t.resolve(src_pasid, s_at, Perm::READ, len - done)?;
+            let ed = self.t.resolve(dst_pasid, d_at, Perm::WRITE, len - done)?;
             let n = (len - done)
                 .min((es.last - s_at).saturating_add(1))
                 .min((ed.last - d_at).saturating_add(1));

@@ -1735,3 +1735,124 @@ fn test_fault_waker_called() {
     assert_eq!(seen.load(Ordering::SeqCst), p.cookie());
     assert_eq!(p.wait(), FaultStatus::Invalid);
 }
+
+// ------------------------------------------------------ options, groups, misc
+
+/// [ioas_option_huge_pages] HUGE_PAGES on an IOAS: GET → 1; SET 0, GET → 0;
+/// SET 1 → ok; unknown IOAS → ENOENT.
+#[test]
+fn test_ioas_option_huge_pages() {
+    let iommu = Iommu::new();
+    let ioas = iommu.ioas_alloc().unwrap();
+    assert_eq!(iommu.ioas_huge_pages(ioas), Ok(true));
+    iommu.ioas_set_huge_pages(ioas, false).unwrap();
+    assert_eq!(iommu.ioas_huge_pages(ioas), Ok(false));
+    iommu.ioas_set_huge_pages(ioas, true).unwrap();
+    assert_eq!(errno(iommu.ioas_huge_pages(99)), libc::ENOENT);
+}
+
+/// [ioas_align_change] with HUGE_PAGES off a sub-page map → EINVAL; with it
+/// on a sub-page area maps, and turning it off then → EADDRINUSE.
+#[test]
+fn test_ioas_align_change() {
+    let iommu = Iommu::new();
+    let ioas = iommu.ioas_alloc().unwrap();
+    let m = mem(1 << 20);
+    iommu.ioas_map(ioas, &m, 0, P, Some(P), Perm::RW).unwrap();
+    iommu.ioas_set_huge_pages(ioas, false).unwrap();
+    assert_eq!(
+        errno(iommu.ioas_map(ioas, &m, 2048, P, Some(4 * P), Perm::RW)),
+        libc::EINVAL
+    );
+    iommu.ioas_set_huge_pages(ioas, true).unwrap();
+    iommu
+        .ioas_map(ioas, &m, 2048, P, Some(4 * P), Perm::RW)
+        .unwrap();
+    assert_eq!(
+        errno(iommu.ioas_set_huge_pages(ioas, false)),
+        libc::EADDRINUSE
+    );
+}
+
+/// (src, reserved regions follow the RID attachment) replacing the RID
+/// between two HWPTs of the same IOAS keeps the device's reserved range.
+#[test]
+fn test_replace_same_ioas_keeps_reservation() {
+    let iommu = Iommu::new();
+    let dev = Device::new(
+        "msi",
+        HwInfo {
+            reserved: vec![HwInfo::X86_MSI_WINDOW],
+            ..HwInfo::default()
+        },
+    );
+    let dev_id = iommu.bind(&dev).unwrap();
+    let ioas = iommu.ioas_alloc().unwrap();
+    let h1 = paging(&iommu, dev_id, ioas, 0);
+    let h2 = paging(&iommu, dev_id, ioas, 0);
+    iommu.attach(dev_id, None, h1).unwrap();
+    iommu.replace(dev_id, None, h2).unwrap();
+    assert_eq!(iommu.ioas_iova_ranges(ioas).unwrap().ranges.len(), 2);
+    iommu.detach(dev_id, None).unwrap();
+    assert_eq!(iommu.ioas_iova_ranges(ioas).unwrap().ranges.len(), 1);
+}
+
+/// (eventq.c, whole groups) an access missing on several pages raises one
+/// group with a record per page, LAST_PAGE only on the last; a batch smaller
+/// than the group → EINVAL and nothing is consumed.
+#[test]
+fn test_fault_group_whole() {
+    let (_iommu, dev, _id, _ioas, _m, q, _h) = fault_setup();
+    let mut t = dev.translator();
+    let mut buf = vec![0u8; (3 * P) as usize];
+    let p = match t.read(None, 8 * P + 100, &mut buf) {
+        Err(Error::FaultRaised { pending, .. }) => pending,
+        other => panic!("expected a fault, got {other:?}"),
+    };
+    let mut recs = Vec::new();
+    assert_eq!(errno(q.read_batch(&mut recs, 3)), libc::EINVAL);
+    assert_eq!(q.read_batch(&mut recs, 4), Ok(4));
+    let addrs: Vec<u64> = recs.iter().map(|r| r.addr).collect();
+    assert_eq!(addrs, vec![8 * P, 9 * P, 10 * P, 11 * P]);
+    assert!(recs
+        .iter()
+        .all(|r| r.cookie == p.cookie() && r.grpid == recs[0].grpid));
+    let last: Vec<bool> = recs
+        .iter()
+        .map(|r| r.flags & IOMMU_PGFAULT_FLAGS_LAST_PAGE != 0)
+        .collect();
+    assert_eq!(last, vec![false, false, false, true]);
+}
+
+/// (eventq.c) several groups are delivered in order, as many whole groups
+/// as fit the batch.
+#[test]
+fn test_fault_batch_whole_groups_only() {
+    let (_iommu, dev, _id, _ioas, _m, q, _h) = fault_setup();
+    let mut t = dev.translator();
+    raise(&mut t, None, P);
+    let _ = t.read(None, 4 * P + 10, &mut vec![0u8; P as usize]); // 2 records
+    raise(&mut t, None, 9 * P);
+    let mut recs = Vec::new();
+    assert_eq!(q.read_batch(&mut recs, 2), Ok(1));
+    assert_eq!(q.read_batch(&mut recs, 2), Ok(2));
+    assert_eq!(q.read_batch(&mut recs, 2), Ok(1));
+    assert_eq!(recs[3].addr, 9 * P);
+}
+
+/// (design) the handles are thread-safe: `Iommu`, `Device`, queues and
+/// tickets are `Send + Sync`, a `Translator` moves to its DMA thread.
+#[test]
+fn test_handles_are_send_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Iommu>();
+    send_sync::<Device>();
+    send_sync::<FaultQueue>();
+    send_sync::<EventQueue>();
+    send_sync::<PendingFault>();
+    send_sync::<Memory>();
+    send::<InvalidationTicket>();
+    send::<Translator>();
+    send_sync::<Error>();
+}
