@@ -65,6 +65,17 @@ struct Entry {
     mem: u32,
 }
 
+/// A failed translation, as the fault / event path needs it.
+#[derive(Clone, Copy)]
+struct Miss {
+    pasid: Option<u32>,
+    key: u32,
+    iova: u64,
+    perm: Perm,
+    /// Bytes the access still needs from `iova`.
+    left: u64,
+}
+
 /// One DMA thread's view of a device: its own translation cache, validated
 /// by a generation counter at the start of each access section.
 pub struct Translator {
@@ -219,7 +230,16 @@ impl Translator {
         };
         let (mut e, mem) = match walked {
             Ok(x) => x,
-            Err(reason) => return Err(self.fail(&dom, pasid, key, iova, perm, reason, left)),
+            Err(reason) => {
+                let miss = Miss {
+                    pasid,
+                    key,
+                    iova,
+                    perm,
+                    left,
+                };
+                return Err(self.fail(&dom, miss, reason));
+            }
         };
         e.mem = self.mem_index(&mem);
         e.tag = self.epoch << 32 | u64::from(key);
@@ -229,16 +249,14 @@ impl Translator {
     }
 
     #[cold]
-    fn fail(
-        &mut self,
-        dom: &Domain,
-        pasid: Option<u32>,
-        key: u32,
-        iova: u64,
-        perm: Perm,
-        reason: EventReason,
-        left: u64,
-    ) -> Error {
+    fn fail(&mut self, dom: &Domain, miss: Miss, reason: EventReason) -> Error {
+        let Miss {
+            pasid,
+            key,
+            iova,
+            perm,
+            left,
+        } = miss;
         let shared = &self.device.shared;
         if let Some(q) = &dom.fault {
             let dev_id = shared.bound_ctx().map(|(_, id)| id).unwrap_or(0);
