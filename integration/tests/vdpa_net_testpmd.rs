@@ -16,6 +16,8 @@ use ioasis_integration::{heavy_lock, ready, OrPanic, WorkDir};
 use serde_json::Value;
 
 const RUN: Duration = Duration::from_secs(4);
+/// virtio_user's default queue size.
+const RING_SIZE: u64 = 256;
 
 fn txonly(name: &str, sock: &Path) -> TestpmdConfig {
     TestpmdConfig::frontend(name, sock, "txonly").duration(RUN)
@@ -115,7 +117,14 @@ fn reflect_loop(test: &str, fwd: &str) {
         "the loop did not run: {fp:?}\n{}",
         f.log
     );
-    assert_eq!(c.rx_packets, fp.tx_packets, "final stats {last}");
+    // Frames still in the ring when testpmd stops its port (GET_VRING_BASE)
+    // stay unprocessed by protocol: at most one ring's worth.
+    assert!(
+        c.rx_packets <= fp.tx_packets && fp.tx_packets - c.rx_packets <= RING_SIZE,
+        "testpmd sent {} but vdpa-net received {}; final stats {last}",
+        fp.tx_packets,
+        c.rx_packets
+    );
     assert!(
         c.tx_packets >= fp.rx_packets,
         "testpmd received {} but vdpa-net sent {}; final stats {last}",
