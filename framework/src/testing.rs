@@ -224,3 +224,168 @@ impl DriverRing {
         Ok((id, len))
     }
 }
+
+/// Runs a device's [`Worker`](crate::device::Worker) against driver rings in
+/// one memory, without sockets: the way to unit-test a device.
+///
+/// The memory is mapped at IOVA 0 of a private IOAS (so an offset in
+/// [`memory`](Harness::memory) is the device address); queue `i`'s ring lives
+/// at offset `i * RING_STRIDE` and buffers can go from
+/// [`BUFFER_AREA`](Harness::BUFFER_AREA) on.
+///
+/// ```
+/// # use ioasis::testing::{Buf, Harness};
+/// # use ioasis::device::{Device, DeviceError, Queues, Worker};
+/// # struct Zero;
+/// # impl Device for Zero {
+/// #     fn device_type(&self) -> u32 { 4 }
+/// #     fn features(&self) -> u64 { 0 }
+/// #     fn num_queues(&self) -> usize { 1 }
+/// #     fn max_queue_size(&self) -> u16 { 64 }
+/// #     fn worker(&self, _: usize) -> Result<Box<dyn Worker>, DeviceError> { Ok(Box::new(ZeroW)) }
+/// # }
+/// # struct ZeroW;
+/// # impl Worker for ZeroW {
+/// #     fn process_queue(&mut self, i: u16, qs: &mut Queues<'_>) -> Result<(), DeviceError> {
+/// #         let Some(mut q) = qs.get(i) else { return Ok(()) };
+/// #         let mut c = ioasis::queue::Chain::new();
+/// #         while q.pop(&mut c)? { q.add_used(c.head(), 0)?; }
+/// #         Ok(())
+/// #     }
+/// # }
+/// let dev = Zero;
+/// let mut h = Harness::new(&dev, 16).unwrap();
+/// let mut worker = dev.worker(0).unwrap();
+/// h.ring(0).add_chain(&[Buf { addr: Harness::BUFFER_AREA, len: 8, writable: true }]).unwrap();
+/// h.ring(0).publish().unwrap();
+/// h.process(&mut *worker, 0).unwrap();
+/// assert_eq!(h.ring(0).used_idx().unwrap(), 1);
+/// ```
+#[derive(Debug)]
+pub struct Harness {
+    _iommu: iommu_core::Iommu,
+    core: iommu_core::Device,
+    mem: Arc<Memory>,
+    vrings: Vec<(u16, Arc<std::sync::Mutex<crate::queue::Vring>>)>,
+    rings: Vec<DriverRing>,
+}
+
+/// Errors setting up a [`Harness`].
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    /// iommu-core refused a step.
+    #[error("iommu setup failed: {0}")]
+    Iommu(#[from] iommu_core::Error),
+    /// A ring could not be laid out.
+    #[error("ring setup failed: {0}")]
+    Ring(#[from] DriverError),
+    /// The device description cannot be used.
+    #[error("bad device: {0}")]
+    Device(&'static str),
+}
+
+impl Harness {
+    /// Distance between two queues' rings in the memory.
+    pub const RING_STRIDE: u64 = 0x1_0000;
+    /// Start of the area for buffers (after 16 rings).
+    pub const BUFFER_AREA: u64 = 0x10_0000;
+    /// Size of the memory.
+    pub const MEMORY_SIZE: usize = 0x40_0000;
+
+    /// Sets up every queue of `device` with `size` entries, started and
+    /// enabled, on a fresh iommu context.
+    pub fn new(device: &dyn crate::device::Device, size: u16) -> Result<Self, HarnessError> {
+        use virtio_queue::QueueT;
+        let n = device.num_queues();
+        if n == 0 || n > 16 {
+            return Err(HarnessError::Device("the harness supports 1..=16 queues"));
+        }
+        let iommu = iommu_core::Iommu::new();
+        let core = iommu_core::Device::new("harness", iommu_core::HwInfo::default());
+        let dev_id = iommu.bind(&core)?;
+        let ioas = iommu.ioas_alloc()?;
+        iommu.attach(dev_id, None, ioas)?;
+        let mem = Memory::anonymous("harness", Self::MEMORY_SIZE)?;
+        iommu.ioas_map(
+            ioas,
+            &mem,
+            0,
+            Self::MEMORY_SIZE as u64,
+            Some(0),
+            iommu_core::Perm::RW,
+        )?;
+        let mut vrings = Vec::with_capacity(n);
+        let mut rings = Vec::with_capacity(n);
+        for i in 0..n {
+            let addr = i as u64 * Self::RING_STRIDE;
+            let ring = DriverRing::new(mem.clone(), addr as usize, addr, size)?;
+            let mut v = crate::queue::Vring::new(device.max_queue_size())
+                .ok_or(HarnessError::Device("bad max_queue_size"))?;
+            v.q.try_set_size(size)
+                .map_err(|_| HarnessError::Device("queue size above the device maximum"))?;
+            let bad = |_| HarnessError::Device("ring alignment");
+            v.q.try_set_desc_table_address(vm_memory::GuestAddress(ring.desc_addr()))
+                .map_err(bad)?;
+            v.q.try_set_avail_ring_address(vm_memory::GuestAddress(ring.avail_addr()))
+                .map_err(bad)?;
+            v.q.try_set_used_ring_address(vm_memory::GuestAddress(ring.used_addr()))
+                .map_err(bad)?;
+            v.q.set_ready(true);
+            v.started = true;
+            v.enabled = true;
+            let index = u16::try_from(i).map_err(|_| HarnessError::Device("queue index"))?;
+            vrings.push((index, Arc::new(std::sync::Mutex::new(v))));
+            rings.push(ring);
+        }
+        Ok(Harness {
+            _iommu: iommu,
+            core,
+            mem,
+            vrings,
+            rings,
+        })
+    }
+
+    /// The memory (device address = offset).
+    pub fn memory(&self) -> &Arc<Memory> {
+        &self.mem
+    }
+
+    /// The driver side of queue `index`.
+    ///
+    /// # Panics
+    /// If `index` is not a queue of the device.
+    pub fn ring(&mut self, index: u16) -> &mut DriverRing {
+        &mut self.rings[usize::from(index)]
+    }
+
+    /// Calls `worker.process_queue(index)` inside one access section.
+    pub fn process(
+        &mut self,
+        worker: &mut dyn crate::device::Worker,
+        index: u16,
+    ) -> Result<(), crate::device::DeviceError> {
+        let mut tr = self.core.translator();
+        let section = crate::dma::Section::new(&mut tr, None);
+        let mut queues = crate::queue::Queues {
+            vrings: &self.vrings,
+            dma: crate::dma::Dma::from_section(&section),
+        };
+        worker.process_queue(index, &mut queues)
+    }
+
+    /// Calls `worker.handle_event(token)` inside one access section.
+    pub fn handle_event(
+        &mut self,
+        worker: &mut dyn crate::device::Worker,
+        token: u64,
+    ) -> Result<(), crate::device::DeviceError> {
+        let mut tr = self.core.translator();
+        let section = crate::dma::Section::new(&mut tr, None);
+        let mut queues = crate::queue::Queues {
+            vrings: &self.vrings,
+            dma: crate::dma::Dma::from_section(&section),
+        };
+        worker.handle_event(token, &mut queues)
+    }
+}
