@@ -46,6 +46,10 @@ pub const MAX_PARKED: usize = 64;
 pub const MAX_CLIENTS: usize = 256;
 /// Bound on dedicated queues (one per client in dedicated mode).
 pub const MAX_DEDICATED_WQS: usize = 8;
+/// Shortest idle busy-poll of a worker before it sleeps.
+pub const SPIN_MIN: Duration = Duration::from_micros(20);
+/// Longest idle busy-poll of a worker before it sleeps.
+pub const SPIN_MAX: Duration = Duration::from_millis(1);
 /// Descriptors a worker takes from a portal at once.
 const POP_MAX: usize = 32;
 /// Largest PASID (20 bits).
@@ -1253,8 +1257,8 @@ fn worker(s: &Arc<Shared>) {
     let mut clients: Arc<Vec<Arc<ClientCtx>>> = Arc::new(Vec::new());
     // Adaptive busy-poll budget: grows when work shows up while spinning,
     // shrinks when the spin ends in sleep.
-    let mut spin = Duration::from_micros(50);
-    let (spin_min, spin_max) = (Duration::from_micros(5), Duration::from_micros(500));
+    let mut spin = Duration::from_micros(100);
+    let (spin_min, spin_max) = (SPIN_MIN, SPIN_MAX);
     let mut idle_since: Option<Instant> = None;
     let mut tr = s.iommu.as_ref().map(|b| b.device.translator());
     while !s.shutdown.load(Ordering::Relaxed) {

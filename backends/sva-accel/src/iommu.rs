@@ -12,9 +12,6 @@ use crate::engine::{DmaMemory, Fragment, PageFault};
 use iommu_core::{Access, Error as IommuError, PendingFault, Perm};
 use std::cell::RefCell;
 
-/// Largest range translated in one call (bounds the fragment list).
-const MAX_CHUNK: u64 = 64 << 20;
-
 /// The first translation failure seen in a view.
 #[derive(Debug, Clone)]
 pub struct Failure {
@@ -31,7 +28,6 @@ pub struct Failure {
 pub struct IommuView<'a, 't> {
     acc: RefCell<&'a mut Access<'t>>,
     pasid: u32,
-    frags: RefCell<Vec<iommu_core::Fragment>>,
     failure: RefCell<Option<Failure>>,
 }
 
@@ -41,7 +37,6 @@ impl<'a, 't> IommuView<'a, 't> {
         IommuView {
             acc: RefCell::new(acc),
             pasid,
-            frags: RefCell::new(Vec::with_capacity(8)),
             failure: RefCell::new(None),
         }
     }
@@ -50,70 +45,45 @@ impl<'a, 't> IommuView<'a, 't> {
     pub fn take_failure(&self) -> Option<Failure> {
         self.failure.borrow_mut().take()
     }
-
-    fn first(&self, addr: u64, len: u64, perm: Perm) -> Result<Fragment, IommuError> {
-        let mut acc = self.acc.borrow_mut();
-        let mut frags = self.frags.borrow_mut();
-        acc.translate(Some(self.pasid), addr, len, perm, &mut frags)?;
-        let f = frags.first().ok_or(IommuError::Unmapped {
-            pasid: Some(self.pasid),
-            iova: addr,
-        })?;
-        Ok(Fragment {
-            ptr: f.ptr,
-            len: f.len.min(len as usize).max(1),
-        })
-    }
 }
 
 // SAFETY: fragments come from iommu-core's translation inside the access
 // section this view borrows for its whole life; iommu-core keeps them
-// valid (and unmaps wait) until the section ends, and checked `perm`.
+// valid (and unmaps wait) until the section ends, checked `perm`, and
+// returns at most `len` bytes.
 unsafe impl DmaMemory for IommuView<'_, '_> {
     fn translate(&self, addr: u64, len: u64, write: bool) -> Result<Fragment, PageFault> {
-        let perm = if write { Perm::WRITE } else { Perm::READ };
-        let mut len = len.clamp(1, MAX_CHUNK);
         if let Some(f) = self.failure.borrow().as_ref() {
             if f.addr == addr {
+                // Already failed (and possibly raised) here: not again.
                 return Err(PageFault {
                     addr,
                     write: f.write,
                 });
             }
-            if f.addr > addr && f.addr - addr < len {
-                len = f.addr - addr;
-            }
         }
-        match self.first(addr, len, perm) {
-            Ok(f) => Ok(f),
+        let perm = if write { Perm::WRITE } else { Perm::READ };
+        let res =
+            self.acc
+                .borrow_mut()
+                .translate_contiguous(Some(self.pasid), addr, len.max(1), perm);
+        match res {
+            Ok(f) => Ok(Fragment {
+                ptr: f.ptr,
+                len: f.len.clamp(1, len.max(1) as usize),
+            }),
             Err(e) => {
-                let (at, pending) = match e {
-                    IommuError::FaultRaised { iova, pending, .. } => (iova, Some(pending)),
-                    IommuError::Unmapped { iova, .. } | IommuError::AccessDenied { iova, .. } => {
-                        (iova, None)
-                    }
-                    _ => (addr, None),
+                let pending = match e {
+                    IommuError::FaultRaised { pending, .. } => Some(pending),
+                    _ => None,
                 };
-                let at = if at >= addr && at - addr < len {
-                    at
-                } else {
-                    addr
-                };
-                {
-                    let mut slot = self.failure.borrow_mut();
-                    if slot.is_none() {
-                        *slot = Some(Failure {
-                            addr: at,
-                            write,
-                            pending,
-                        });
-                    }
-                }
-                if at > addr {
-                    // The prefix before the failure translates (cached now).
-                    if let Ok(f) = self.first(addr, at - addr, perm) {
-                        return Ok(f);
-                    }
+                let mut slot = self.failure.borrow_mut();
+                if slot.is_none() {
+                    *slot = Some(Failure {
+                        addr,
+                        write,
+                        pending,
+                    });
                 }
                 Err(PageFault { addr, write })
             }

@@ -2,8 +2,12 @@
 //! descriptor rates with and without batching, in one run.
 //!
 //! ```text
-//! sva-bench [--socket-path PATH] [--workers N] [--ms MILLISECONDS] [--batch N]
+//! sva-bench [--socket-path PATH] [--iommu] [--workers N] [--ms MILLISECONDS] [--batch N]
 //! ```
+//!
+//! `--iommu` binds the client's PASID through the `/dev/iommu` service so
+//! that every access is translated by iommu-core (with an external daemon,
+//! its service socket is `PATH.iommu`).
 //!
 //! Without `--socket-path` the device runs inside this process (its worker
 //! threads poll as in the daemon) and the client talks to it over a unix
@@ -28,6 +32,7 @@ const SIZES: [(usize, &str); 5] = [
 
 struct Args {
     socket: Option<PathBuf>,
+    iommu: bool,
     workers: usize,
     ms: u64,
     batch: usize,
@@ -36,6 +41,7 @@ struct Args {
 fn parse() -> Result<Args, String> {
     let mut a = Args {
         socket: None,
+        iommu: false,
         workers: 1,
         ms: 300,
         batch: 256,
@@ -45,12 +51,13 @@ fn parse() -> Result<Args, String> {
         let mut v = || it.next().ok_or_else(|| format!("{k} needs a value"));
         match k.as_str() {
             "--socket-path" => a.socket = Some(PathBuf::from(v()?)),
+            "--iommu" => a.iommu = true,
             "--workers" => a.workers = v()?.parse().map_err(|e| format!("--workers: {e}"))?,
             "--ms" => a.ms = v()?.parse().map_err(|e| format!("--ms: {e}"))?,
             "--batch" => a.batch = v()?.parse().map_err(|e| format!("--batch: {e}"))?,
             _ => {
                 return Err(
-                    "usage: sva-bench [--socket-path PATH] [--workers N] [--ms MS] [--batch N]"
+                    "usage: sva-bench [--socket-path PATH] [--iommu] [--workers N] [--ms MS] [--batch N]"
                         .into(),
                 )
             }
@@ -236,25 +243,49 @@ fn engine_only(ms: u64, per: usize) -> Result<f64, String> {
 fn run(a: &Args) -> Result<(), String> {
     let dir = std::env::temp_dir().join(format!("sva-bench-{}", std::process::id()));
     let mut _dev = None;
-    let path = match &a.socket {
-        Some(p) => p.clone(),
+    let mut _svc = None;
+    let (path, iommu_path) = match &a.socket {
+        Some(p) => {
+            let mut i = p.clone().into_os_string();
+            i.push(".iommu");
+            (p.clone(), PathBuf::from(i))
+        }
         None => {
             std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
             let p = dir.join("sva.sock");
-            let mut d = Device::start(DeviceConfig {
-                workers: a.workers,
-                ..DeviceConfig::default()
-            })
+            let ip = dir.join("sva.sock.iommu");
+            let (binding, svc) =
+                sva_accel::device::serve_iommu(&ip, sva_accel::device::DEFAULT_LABEL)
+                    .map_err(|e| e.to_string())?;
+            _svc = Some(svc);
+            let mut d = Device::start_with(
+                DeviceConfig {
+                    workers: a.workers,
+                    ..DeviceConfig::default()
+                },
+                Some(binding),
+            )
             .map_err(|e| e.to_string())?;
             d.listen(&p).map_err(|e| e.to_string())?;
             _dev = Some(d);
-            p
+            (p, ip)
         }
     };
-    let c = Client::connect(&path).map_err(|e| e.to_string())?;
+    let c = if a.iommu {
+        Client::connect_iommu(
+            &path,
+            &iommu_path,
+            sva_accel::device::DEFAULT_LABEL,
+            Default::default(),
+        )
+    } else {
+        Client::connect(&path)
+    }
+    .map_err(|e| e.to_string())?;
     let info = c.info();
     println!(
-        "sva-bench: {} device, {} worker(s), wq size {}, {:?} queue, {} ms x 3 per figure (median)",
+        "sva-bench: {} translation, {} device, {} worker(s), wq size {}, {:?} queue, {} ms x 3 per figure (median)",
+        if a.iommu { "iommu-core" } else { "own address space" },
         if a.socket.is_some() {
             "external"
         } else {
