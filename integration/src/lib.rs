@@ -22,6 +22,8 @@
 //! ([`env::ready`]). Tests that busy-poll cores or boot guests serialize on
 //! [`env::heavy_lock`], so a 2-core machine runs one at a time.
 
+#![deny(missing_docs)]
+
 pub mod bins;
 pub mod cpio;
 pub mod env;
