@@ -13,6 +13,10 @@ use crate::memory::Memory;
 use crate::sync::{invalidate_slots, lock, InvalidationTicket, Slot};
 use crate::types::*;
 
+/// Most areas one IOAS holds; a map past it fails with `ENOSPC` (iommufd
+/// bounds this through memory accounting instead).
+pub const MAX_AREAS_PER_IOAS: usize = 1 << 22;
+
 /// Largest object id (31 bits).
 const MAX_ID: u32 = i32::MAX as u32;
 const HWPT_FLAGS_KNOWN: u32 = IOMMU_HWPT_ALLOC_NEST_PARENT
@@ -612,7 +616,11 @@ impl Iommu {
             let vdevice = dev.vdevice;
             let mut ticket = InvalidationTicket::done();
             for k in keys {
-                ticket.merge(CtxInner::detach_locked(&mut st, dev_id, k, &mut answered)?);
+                // Cannot fail: the device was looked up above, under the
+                // same lock. (A ticket must never be dropped under the lock.)
+                if let Ok(t) = CtxInner::detach_locked(&mut st, dev_id, k, &mut answered) {
+                    ticket.merge(t);
+                }
             }
             if let Some(v) = vdevice {
                 st.objects.insert(v, Object::Tombstone);
@@ -836,6 +844,9 @@ impl Iommu {
         if host % align != 0 {
             return Err(Error::Misaligned { value: host, align });
         }
+        if st.areas.len() >= MAX_AREAS_PER_IOAS {
+            return Err(Error::NoSpace { length: len });
+        }
         let start = match iova {
             Some(i) => st.check_fixed(i, len, align)?.start,
             None => st.alloc_iova(host, len, align)?,
@@ -938,6 +949,9 @@ impl Iommu {
                     align,
                 });
             }
+        }
+        if st.areas.len().saturating_add(pieces.len()) > MAX_AREAS_PER_IOAS {
+            return Err(Error::NoSpace { length: len });
         }
         let host = pieces.first().map(|(_, a)| a.host_addr()).unwrap_or(0);
         let start = match dst_iova {

@@ -140,12 +140,12 @@ mod sync;
 mod translate;
 mod types;
 
-pub use ctx::Iommu;
+pub use ctx::{Iommu, MAX_AREAS_PER_IOAS};
 pub use device::{Device, FaultWaker};
 pub use error::{Error, Result};
 pub use event::*;
 pub use fault::*;
 pub use memory::Memory;
 pub use sync::{InvalidationTicket, Nudge, TranslatorInfo};
-pub use translate::{Access, Fragment, Translator, TranslatorStats};
+pub use translate::{Access, Fragment, Translator, TranslatorStats, TRANSLATION_CACHE_ENTRIES};
 pub use types::*;
