@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::device::{pasid_key, Binding, Device, DeviceShared, Domain, NO_PASID};
+use crate::device::{pasid_key, Binding, Device, DeviceShared, DirtyState, Domain, NO_PASID};
 use crate::error::{Error, Result};
 use crate::event::{EventInner, EventQueue, EventReason, EventRecord, MAX_EVENT_QUEUE_DEPTH};
 use crate::fault::{AutoAnswered, FaultInner, FaultQueue};
@@ -16,6 +16,9 @@ use crate::types::*;
 /// Most areas one IOAS holds; a map past it fails with `ENOSPC` (iommufd
 /// bounds this through memory accounting instead).
 pub const MAX_AREAS_PER_IOAS: usize = 1 << 22;
+
+/// Most bits one dirty bitmap query returns (a 32 MiB bitmap).
+pub const MAX_DIRTY_BITMAP_BITS: u64 = 1 << 28;
 
 /// Largest object id (31 bits).
 const MAX_ID: u32 = i32::MAX as u32;
@@ -38,7 +41,6 @@ struct HwptEntry {
     auto: bool,
     flags: u32,
     fault_id: Option<FaultId>,
-    dirty_enabled: bool,
 }
 
 struct ViommuEntry {
@@ -674,6 +676,7 @@ impl Iommu {
                     s2: ioas,
                     s1_root: None,
                     fault: None,
+                    dirty: None,
                 });
                 st.objects.insert(
                     id,
@@ -683,7 +686,6 @@ impl Iommu {
                         auto: true,
                         flags: 0,
                         fault_id: None,
-                        dirty_enabled: false,
                     }),
                 );
                 st.dev_mut(dev_id)?.attached.insert(key, id);
@@ -1043,7 +1045,7 @@ impl Iommu {
         }
         let wants_fault = args.fault_id.is_some();
         let pt = st.objects.get(&args.pt_id);
-        let (s2, nested, s1_root) = match args.data {
+        let (s2, nested, s1_root, dirty) = match args.data {
             HwptData::None => {
                 let Some(Object::Ioas(i)) = pt else {
                     return Err(Error::WrongObjectType {
@@ -1066,7 +1068,9 @@ impl Iommu {
                         what: "the device does not support dirty tracking",
                     });
                 }
-                (i.clone(), None, None)
+                let dirty = (args.flags & IOMMU_HWPT_ALLOC_DIRTY_TRACKING != 0)
+                    .then(|| Arc::new(DirtyState::default()));
+                (i.clone(), None, None, dirty)
             }
             HwptData::Stage1 { root } => {
                 if args.flags & IOMMU_HWPT_ALLOC_NEST_PARENT != 0 {
@@ -1108,8 +1112,13 @@ impl Iommu {
                         align: PAGE_SIZE,
                     });
                 }
-                let s2 = st.hwpt(parent)?.domain.s2.clone();
-                (s2, Some((parent, viommu)), Some(root))
+                let pd = &st.hwpt(parent)?.domain;
+                (
+                    pd.s2.clone(),
+                    Some((parent, viommu)),
+                    Some(root),
+                    pd.dirty.clone(),
+                )
             }
         };
         if wants_fault && !info.iopf {
@@ -1129,41 +1138,131 @@ impl Iommu {
         st.objects.insert(
             id,
             Object::Hwpt(HwptEntry {
-                domain: Arc::new(Domain { s2, s1_root, fault }),
+                domain: Arc::new(Domain {
+                    s2,
+                    s1_root,
+                    fault,
+                    dirty,
+                }),
                 nested,
                 auto: false,
                 flags,
                 fault_id: args.fault_id,
-                dirty_enabled: false,
             }),
         );
         Ok(id)
     }
 
-    /// `IOMMU_HWPT_SET_DIRTY_TRACKING`. Only paging HWPTs allocated with
-    /// `DIRTY_TRACKING` (else `EOPNOTSUPP`); other ids → `ENOENT`.
-    pub fn hwpt_set_dirty_tracking(&self, hwpt: HwptId, enable: bool) -> Result<()> {
-        let mut st = self.lock();
-        match st.objects.get_mut(&hwpt) {
-            Some(Object::Hwpt(h)) if h.nested.is_none() => {
-                if h.flags & IOMMU_HWPT_ALLOC_DIRTY_TRACKING == 0 {
-                    return Err(Error::NotSupported {
-                        what: "the HWPT was not allocated with dirty tracking",
-                    });
-                }
-                h.dirty_enabled = enable;
-                Ok(())
-            }
+    /// The dirty state and IOAS of a paging HWPT with dirty tracking.
+    fn dirty_of(&self, hwpt: HwptId) -> Result<(Arc<DirtyState>, Arc<IoasInner>)> {
+        match self.lock().objects.get(&hwpt) {
+            Some(Object::Hwpt(h)) if h.nested.is_none() => match &h.domain.dirty {
+                Some(d) => Ok((d.clone(), h.domain.s2.clone())),
+                None => Err(Error::NotSupported {
+                    what: "the HWPT was not allocated with dirty tracking",
+                }),
+            },
             _ => Err(no_such("paging HWPT", hwpt)),
         }
     }
 
+    /// `IOMMU_HWPT_SET_DIRTY_TRACKING`. Only paging HWPTs allocated with
+    /// `DIRTY_TRACKING` (else `EOPNOTSUPP`); other ids → `ENOENT`. Enabling
+    /// clears stale dirty state. Returns once every device of the IOAS
+    /// translates under the new mode.
+    pub fn hwpt_set_dirty_tracking(&self, hwpt: HwptId, enable: bool) -> Result<()> {
+        let (d, s2) = self.dirty_of(hwpt)?;
+        if enable {
+            lock(&d.pages).clear();
+        }
+        d.enabled.store(enable, Ordering::SeqCst);
+        let slots = s2.read().user_slots();
+        invalidate_slots(&slots).wait();
+        Ok(())
+    }
+
     /// Whether dirty tracking is enabled on a paging HWPT.
     pub fn hwpt_dirty_tracking(&self, hwpt: HwptId) -> Result<bool> {
-        match self.lock().objects.get(&hwpt) {
-            Some(Object::Hwpt(h)) if h.nested.is_none() => Ok(h.dirty_enabled),
-            _ => Err(no_such("paging HWPT", hwpt)),
+        Ok(self.dirty_of(hwpt)?.0.enabled.load(Ordering::SeqCst))
+    }
+
+    /// `IOMMU_HWPT_GET_DIRTY_BITMAP`: bit `n` of the result (word `n / 64`,
+    /// bit `n % 64`) is set when the page `[iova + n * page_size, +page_size)`
+    /// was written by a device since the last clear. Unless `no_clear`, the
+    /// range is cleared, and the call returns once no device can still
+    /// write through a translation cached before the clear (writes that
+    /// raced with the clear are reported now as well).
+    ///
+    /// Errors: `page_size` zero or not a power of two, `iova`/`length` not
+    /// multiples of it or of the IOAS alignment, zero length, or a bitmap
+    /// above [`MAX_DIRTY_BITMAP_BITS`] → `EINVAL`; overflow → `EOVERFLOW`; a
+    /// HWPT without dirty tracking → `EOPNOTSUPP`.
+    pub fn hwpt_get_dirty_bitmap(
+        &self,
+        hwpt: HwptId,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        no_clear: bool,
+    ) -> Result<Vec<u64>> {
+        let (d, s2) = self.dirty_of(hwpt)?;
+        if page_size == 0 || !page_size.is_power_of_two() {
+            return Err(Error::Invalid {
+                what: "dirty bitmap page size must be a power of two",
+            });
         }
+        if length == 0 {
+            return Err(Error::ZeroLength);
+        }
+        let r = range_of(iova, length)?;
+        let align = s2.read().alignment().max(page_size);
+        for v in [iova, length] {
+            if v % align != 0 {
+                return Err(Error::Misaligned { value: v, align });
+            }
+        }
+        let bits = length / page_size;
+        if bits > MAX_DIRTY_BITMAP_BITS {
+            return Err(Error::Invalid {
+                what: "dirty bitmap too large",
+            });
+        }
+        let first = r.start / PAGE_SIZE;
+        let last = r.last / PAGE_SIZE;
+        let mut bitmap = vec![0u64; bits.div_ceil(64) as usize];
+        let mut set = |page: u64| {
+            let n = (page * PAGE_SIZE).max(iova) - iova;
+            let bit = n / page_size;
+            if let Some(w) = bitmap.get_mut((bit / 64) as usize) {
+                *w |= 1 << (bit % 64);
+            }
+        };
+        if no_clear {
+            for p in lock(&d.pages).range(first..=last) {
+                set(*p);
+            }
+            return Ok(bitmap);
+        }
+        // Take the range out, make every device drop its cached writable
+        // translations, then report what was taken plus what was marked in
+        // the meantime (left marked for the next round).
+        let taken: Vec<u64> = {
+            let mut pages = lock(&d.pages);
+            let taken: Vec<u64> = pages.range(first..=last).copied().collect();
+            for p in &taken {
+                pages.remove(p);
+            }
+            taken
+        };
+        let slots = s2.read().user_slots();
+        invalidate_slots(&slots).wait();
+        for p in taken {
+            set(p);
+        }
+        for p in lock(&d.pages).range(first..=last) {
+            set(*p);
+        }
+        Ok(bitmap)
     }
 
     /// `IOMMU_HWPT_INVALIDATE` on a nested HWPT or a vIOMMU; returns the

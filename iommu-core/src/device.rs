@@ -1,7 +1,7 @@
 //! Devices, as their owner (a backend) creates them.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use crate::ctx::CtxInner;
@@ -30,6 +30,18 @@ pub(crate) struct Domain {
     pub(crate) s1_root: Option<u64>,
     /// Fault queue of the HWPT.
     pub(crate) fault: Option<Arc<FaultInner>>,
+    /// Dirty tracking state of the (parent) paging HWPT.
+    pub(crate) dirty: Option<Arc<DirtyState>>,
+}
+
+/// Dirty tracking of a paging HWPT: IOVA page numbers (4 KiB) written
+/// since the last clear. While enabled, translators cache writable
+/// translations one page at a time and mark the page when they fill it, so
+/// every page written through a cached entry is marked.
+#[derive(Default)]
+pub(crate) struct DirtyState {
+    pub(crate) enabled: AtomicBool,
+    pub(crate) pages: Mutex<BTreeSet<u64>>,
 }
 
 pub(crate) struct Binding {

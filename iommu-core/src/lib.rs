@@ -140,7 +140,7 @@ mod sync;
 mod translate;
 mod types;
 
-pub use ctx::{Iommu, MAX_AREAS_PER_IOAS};
+pub use ctx::{Iommu, MAX_AREAS_PER_IOAS, MAX_DIRTY_BITMAP_BITS};
 pub use device::{Device, FaultWaker};
 pub use error::{Error, Result};
 pub use event::*;

@@ -8,7 +8,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::device::{pasid_key, Device, Domain};
+use crate::device::{pasid_key, Device, DirtyState, Domain};
 use crate::error::{Error, Result};
 use crate::event::EventReason;
 use crate::fault::{
@@ -17,7 +17,7 @@ use crate::fault::{
 };
 use crate::ioas::IoasState;
 use crate::memory::Memory;
-use crate::sync::{Nudge, Slot};
+use crate::sync::{lock, Nudge, Slot};
 use crate::types::{Perm, PAGE_SIZE};
 
 /// Entries of the translation cache (a power of two).
@@ -224,11 +224,17 @@ impl Translator {
         let walked = {
             let st = dom.s2.read();
             match dom.s1_root {
-                None => walk_s2(&st, iova, perm),
+                None => walk_s2(&st, iova, perm).map(|(e, m)| (e, m, iova & !(PAGE_SIZE - 1))),
                 Some(root) => walk_nested(&st, root, iova, perm),
             }
         };
-        let (mut e, mem) = match walked {
+        let walked = match (&dom.dirty, walked) {
+            (Some(d), Ok((e, m, s2_page))) if d.enabled.load(Ordering::SeqCst) => {
+                Ok((track_dirty(d, e, iova, perm, s2_page), m, s2_page))
+            }
+            (_, w) => w,
+        };
+        let (mut e, mem, _) = match walked {
             Ok(x) => x,
             Err(reason) => {
                 let miss = Miss {
@@ -328,6 +334,25 @@ impl Translator {
     }
 }
 
+/// Dirty tracking: narrows `e` to `iova`'s page; a write marks the page
+/// (as its stage-2 address), a read caches it without write permission so
+/// that a later write misses and marks it.
+fn track_dirty(d: &DirtyState, mut e: Entry, iova: u64, perm: Perm, s2_page: u64) -> Entry {
+    let page = iova & !(PAGE_SIZE - 1);
+    let lo = e.start.max(page);
+    let hi = e.last.min(page + (PAGE_SIZE - 1));
+    e.host += lo - e.start;
+    e.mem_off += lo - e.start;
+    e.start = lo;
+    e.last = hi;
+    if perm.contains(Perm::WRITE) {
+        lock(&d.pages).insert(s2_page / PAGE_SIZE);
+    } else {
+        e.perm &= !Perm::WRITE.bits();
+    }
+    e
+}
+
 fn walk_s2(
     st: &IoasState,
     iova: u64,
@@ -357,12 +382,13 @@ const S1_ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 const S1_PRESENT: u64 = 1;
 const S1_WRITABLE: u64 = 2;
 
+/// Returns the entry, its memory and the stage-2 address of `iova`'s page.
 fn walk_nested(
     st: &IoasState,
     root: u64,
     iova: u64,
     perm: Perm,
-) -> std::result::Result<(Entry, Arc<Memory>), EventReason> {
+) -> std::result::Result<(Entry, Arc<Memory>, u64), EventReason> {
     if iova >> 48 != 0 {
         return Err(EventReason::NotMapped);
     }
@@ -413,6 +439,7 @@ fn walk_nested(
             ..Entry::default()
         },
         a.mem.clone(),
+        gpa_page,
     ))
 }
 
