@@ -444,17 +444,14 @@ impl Runner {
             }
             if !iotlb {
                 // Without an IOMMU every valid address is in the memory table:
-                // the driver gave an address that does not exist.
-                error!(
-                    "queue {index}: address {:#x} is outside guest memory; stopping the queue",
+                // the driver gave an address outside guest memory, or the
+                // table is being changed. Wait for the next table change.
+                warn!(
+                    "queue {index}: address {:#x} is not in the memory table; the queue waits for a memory table change",
                     p.iova
                 );
-                v.parked = None;
-                v.broken = true;
-                self.shared.needs_reset.store(true, Ordering::SeqCst);
-                if let Some(err) = &v.err {
-                    let _ = err.write(1);
-                }
+                p.reported = true;
+                v.parked = Some(p);
                 continue;
             }
             match self
