@@ -26,7 +26,11 @@ fn label(u: &mut Unstructured<'_>) -> ArbResult<String> {
 }
 
 fn pasid(u: &mut Unstructured<'_>) -> ArbResult<Option<u32>> {
-    Ok(if u.arbitrary()? { Some(u.arbitrary()?) } else { None })
+    Ok(if u.arbitrary()? {
+        Some(u.arbitrary()?)
+    } else {
+        None
+    })
 }
 
 fn range(u: &mut Unstructured<'_>) -> ArbResult<(u64, u64)> {
@@ -196,7 +200,12 @@ fn test_arbitrary_bytes_never_panic() {
         if let Err((_, e)) = Request::decode(&pkt, nfds) {
             assert!(e.errno() > 0);
         }
-        for op in [Opcode::Hello, Opcode::IoasIovaRanges, Opcode::DeviceList, Opcode::DeviceInfo] {
+        for op in [
+            Opcode::Hello,
+            Opcode::IoasIovaRanges,
+            Opcode::DeviceList,
+            Opcode::DeviceInfo,
+        ] {
             if let Err(e) = Reply::decode(&pkt, nfds, op) {
                 assert!(e.errno() > 0);
             }
@@ -238,7 +247,10 @@ fn test_mutated_messages_never_panic() {
                 // A mutation may still be valid: then it must re-encode to
                 // a message that decodes to the same request.
                 let again = r.encode(1);
-                assert_eq!(Request::decode(&again, r.opcode().request_fds()).map(|x| x.1), Ok(r));
+                assert_eq!(
+                    Request::decode(&again, r.opcode().request_fds()).map(|x| x.1),
+                    Ok(r)
+                );
             }
             Err((_, e)) => assert!(e.errno() > 0),
         }

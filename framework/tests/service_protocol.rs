@@ -13,15 +13,13 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use iommu_core::{
-    Device, FaultStatus, HwInfo, Iommu, Memory, Perm, IOMMU_HWPT_ALLOC_PASID,
-};
 use ioasis::service::proto::*;
 use ioasis::service::{
     sealed_memfd, Client, HwptRequest, MapPerm, Service, ServiceObserver, ServiceThread,
     SessionInfo, StaticDirectory,
 };
 use ioasis::uring::{FaultBatch, PageResponse, Wait};
+use iommu_core::{Device, FaultStatus, HwInfo, Iommu, Memory, Perm, IOMMU_HWPT_ALLOC_PASID};
 
 const CHILD_ENV: &str = "IOASIS_SERVICE_CHILD";
 const WAIT: Duration = Duration::from_secs(10);
@@ -41,7 +39,10 @@ impl ServiceObserver for Obs {
         let _ = self.0.lock().map(|t| t.send(Ev::Other));
     }
     fn session_closing(&self, s: &SessionInfo, pasids: &[(String, u32)]) {
-        let _ = self.0.lock().map(|t| t.send(Ev::Closing(s.id, pasids.to_vec())));
+        let _ = self
+            .0
+            .lock()
+            .map(|t| t.send(Ev::Closing(s.id, pasids.to_vec())));
     }
     fn pasid_released(&self, s: &SessionInfo, label: &str, pasid: u32) {
         let _ = (s, label, pasid);
@@ -95,7 +96,11 @@ impl Fixture {
 
     fn wait_closed(&self, sid: u64) -> Vec<(String, u32)> {
         loop {
-            match self.events.recv_timeout(WAIT).expect("session_closing event") {
+            match self
+                .events
+                .recv_timeout(WAIT)
+                .expect("session_closing event")
+            {
                 Ev::Closing(id, p) if id == sid => break p,
                 _ => {}
             }
@@ -106,7 +111,10 @@ impl Fixture {
     fn wait_cleaned(&self, sid: u64) {
         let deadline = std::time::Instant::now() + WAIT;
         while self.handle().session(sid).is_some() {
-            assert!(std::time::Instant::now() < deadline, "session {sid} never cleaned up");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "session {sid} never cleaned up"
+            );
             std::thread::yield_now();
         }
     }
@@ -123,16 +131,26 @@ fn remote_errno(r: std::result::Result<impl std::fmt::Debug, ioasis::service::Cl
 /// run as the child.
 #[test]
 fn child_client() {
-    let Ok(path) = std::env::var(CHILD_ENV) else { return };
+    let Ok(path) = std::env::var(CHILD_ENV) else {
+        return;
+    };
     let mut c = Client::connect(&path).expect("child connect");
     let fd = sealed_memfd("child", 0x4000).expect("memfd");
     let dup = fd.try_clone().expect("dup");
     let mem = Memory::from_memfd(dup, 0, 0x4000).expect("map memfd");
-    mem.write_at(0, b"written by the child process").expect("write");
+    mem.write_at(0, b"written by the child process")
+        .expect("write");
     let ioas = c.ioas_alloc().expect("ioas");
     c.attach("dev0", None, ioas).expect("attach");
     let iova = c
-        .ioas_map(ioas, fd.as_fd(), 0, 0x4000, Some(0x10_0000), MapPerm::ReadWrite)
+        .ioas_map(
+            ioas,
+            fd.as_fd(),
+            0,
+            0x4000,
+            Some(0x10_0000),
+            MapPerm::ReadWrite,
+        )
         .expect("map");
     println!("READY {} {ioas} {iova}", c.session_id());
     std::io::stdout().flush().expect("flush");
@@ -184,11 +202,15 @@ fn test_two_processes_share_pages() {
     t.read(None, iova, &mut buf).expect("device read");
     assert_eq!(&buf, b"written by the child process");
     // And the child sees what the device writes.
-    t.write(None, iova + 0x1000, b"written by a device").expect("device write");
+    t.write(None, iova + 0x1000, b"written by a device")
+        .expect("device write");
     writeln!(stdin, "CHECK").expect("to child");
     let seen = loop {
         line.clear();
-        assert!(out.read_line(&mut line).expect("read child") > 0, "child ended");
+        assert!(
+            out.read_line(&mut line).expect("read child") > 0,
+            "child ended"
+        );
         if let Some(at) = line.find("SEEN ") {
             break line[at + 5..].trim().to_owned();
         }
@@ -198,7 +220,10 @@ fn test_two_processes_share_pages() {
     // The child exited without cleaning up: the service did.
     fx.wait_closed(sid);
     fx.wait_cleaned(sid);
-    assert_eq!(fx.iommu.attached_hwpt(fx.dev.dev_id().expect("id"), None), Ok(None));
+    assert_eq!(
+        fx.iommu.attached_hwpt(fx.dev.dev_id().expect("id"), None),
+        Ok(None)
+    );
     assert!(fx.iommu.object_kind(ioas).is_err());
     let mut t = fx.dev.translator();
     assert!(t.read(None, iova, &mut buf).is_err());
@@ -229,9 +254,15 @@ fn test_disconnect_destroys_objects_and_releases_pasids() {
         fx.handle().pasid_owner("dev0", pasid).map(|s| s.id),
         Some(sid)
     );
-    assert_eq!(fx.handle().session_pasids(sid), vec![("dev0".to_owned(), pasid)]);
+    assert_eq!(
+        fx.handle().session_pasids(sid),
+        vec![("dev0".to_owned(), pasid)]
+    );
     assert_eq!(c.attach("dev0", None, hwpt).expect("attach rid"), hwpt);
-    assert_eq!(c.attach("dev0", Some(pasid), hwpt).expect("attach pasid"), hwpt);
+    assert_eq!(
+        c.attach("dev0", Some(pasid), hwpt).expect("attach pasid"),
+        hwpt
+    );
     let dev_id = fx.dev.dev_id().expect("bound");
     assert_eq!(fx.iommu.attached_hwpt(dev_id, Some(pasid)), Ok(Some(hwpt)));
     drop(c);
@@ -265,7 +296,10 @@ fn test_sessions_are_isolated() {
     // A PASID must be reserved by the session that attaches it.
     let pasid = a.pasid_alloc("dev0").expect("pasid");
     let ioas_b = b.ioas_alloc().expect("ioas b");
-    assert_eq!(remote_errno(b.attach("dev0", Some(pasid), ioas_b)), libc::EPERM);
+    assert_eq!(
+        remote_errno(b.attach("dev0", Some(pasid), ioas_b)),
+        libc::EPERM
+    );
     assert_eq!(remote_errno(b.pasid_free("dev0", pasid)), libc::ENOENT);
     // B cannot detach what A attached.
     a.attach("dev0", None, ioas_a).expect("attach");
@@ -284,8 +318,15 @@ fn test_errors_carry_the_iommu_errno() {
     let mut c = fx.client();
     let ioas = c.ioas_alloc().expect("ioas");
     let fd = sealed_memfd("m", 0x4000).expect("memfd");
-    c.ioas_map(ioas, fd.as_fd(), 0, 0x2000, Some(0x10000), MapPerm::ReadWrite)
-        .expect("map");
+    c.ioas_map(
+        ioas,
+        fd.as_fd(),
+        0,
+        0x2000,
+        Some(0x10000),
+        MapPerm::ReadWrite,
+    )
+    .expect("map");
     // Overlap: EEXIST.
     assert_eq!(
         remote_errno(c.ioas_map(ioas, fd.as_fd(), 0, 0x1000, Some(0x11000), MapPerm::Read)),
@@ -297,7 +338,10 @@ fn test_errors_carry_the_iommu_errno() {
         libc::EINVAL
     );
     // Partial unmap of an area: ENOENT.
-    assert_eq!(remote_errno(c.ioas_unmap(ioas, 0x10000, 0x1000)), libc::ENOENT);
+    assert_eq!(
+        remote_errno(c.ioas_unmap(ioas, 0x10000, 0x1000)),
+        libc::ENOENT
+    );
     // No R/W: EINVAL (checked before the memfd is looked at).
     let bad = Request::IoasMap {
         flags: MAP_FIXED_IOVA,
@@ -324,7 +368,8 @@ fn test_errors_carry_the_iommu_errno() {
         .ioas_copy(ioas2, ioas, 0x10000, 0x2000, Some(0x80000), MapPerm::Read)
         .expect("copy");
     assert_eq!(at, 0x80000);
-    c.ioas_allow_iovas(ioas2, &[(0x100000, 0x1fffff)]).expect("allow");
+    c.ioas_allow_iovas(ioas2, &[(0x100000, 0x1fffff)])
+        .expect("allow");
     let got = c
         .ioas_map(ioas2, fd.as_fd(), 0, 0x1000, None, MapPerm::Read)
         .expect("alloc map");
@@ -333,7 +378,10 @@ fn test_errors_carry_the_iommu_errno() {
     assert!(align >= 1);
     assert!(!ranges.is_empty());
     assert_eq!(c.ioas_unmap_all(ioas2).expect("unmap all"), 0x3000);
-    assert_eq!(c.devices().expect("list"), vec!["dev0".to_owned(), "plain".to_owned()]);
+    assert_eq!(
+        c.devices().expect("list"),
+        vec!["dev0".to_owned(), "plain".to_owned()]
+    );
     let info = c.device_info("dev0").expect("info");
     assert_eq!(info.max_pasid_log2, 20);
     assert_eq!(info.dev_id, fx.dev.dev_id().expect("id"));
@@ -399,7 +447,10 @@ fn test_malformed_messages_get_errors() {
     b.resize(MAX_MESSAGE + 100, 0);
     let len = b.len() as u32;
     b[8..12].copy_from_slice(&len.to_le_bytes());
-    assert_eq!(raw_errno(&mut c, &b, &[], Opcode::IoasAlloc), libc::EMSGSIZE);
+    assert_eq!(
+        raw_errno(&mut c, &b, &[], Opcode::IoasAlloc),
+        libc::EMSGSIZE
+    );
     // Bad version.
     let mut b = Request::IoasAlloc.encode(5);
     b[4..6].copy_from_slice(&7u16.to_le_bytes());
@@ -452,12 +503,18 @@ fn test_malformed_messages_get_errors() {
         length: u64::MAX,
     }
     .encode(5);
-    assert_eq!(raw_errno(&mut c, &over, &[], Opcode::IoasUnmap), libc::EOVERFLOW);
+    assert_eq!(
+        raw_errno(&mut c, &over, &[], Opcode::IoasUnmap),
+        libc::EOVERFLOW
+    );
     // Too many ranges.
     let mut w = Writer::new();
     w.u32(1).u32((MAX_RANGES + 1) as u32);
     let b = w.finish(Opcode::IoasAllowIovas as u16, 0, 0, 5);
-    assert_eq!(raw_errno(&mut c, &b, &[], Opcode::IoasAllowIovas), libc::EINVAL);
+    assert_eq!(
+        raw_errno(&mut c, &b, &[], Opcode::IoasAllowIovas),
+        libc::EINVAL
+    );
     // Garbage without a header at all.
     let (reply, _) = c.raw_call(&[1, 2, 3], &[]).expect("raw").expect("reply");
     assert!(Header::decode(&reply, 0).is_ok());
@@ -497,9 +554,17 @@ fn test_fault_queue_over_the_service() {
     assert!(r.is_last());
     // Map the page lazily, then answer: the device resumes.
     let fd = sealed_memfd("lazy", 0x1000).expect("memfd");
-    c.ioas_map(ioas, fd.as_fd(), 0, 0x1000, Some(0x5000), MapPerm::ReadWrite)
-        .expect("lazy map");
-    chan.respond(&[PageResponse::success(r.cookie)]).expect("respond");
+    c.ioas_map(
+        ioas,
+        fd.as_fd(),
+        0,
+        0x1000,
+        Some(0x5000),
+        MapPerm::ReadWrite,
+    )
+    .expect("lazy map");
+    chan.respond(&[PageResponse::success(r.cookie)])
+        .expect("respond");
     assert_eq!(pending.wait_timeout(WAIT), FaultStatus::Success);
     t.read(None, 0x5000, &mut buf).expect("read after fault");
     let _ = Perm::READ;

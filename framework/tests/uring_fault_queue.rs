@@ -4,12 +4,12 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use iommu_core::{Device, Error, FaultStatus, HwInfo, HwptAlloc, Iommu, PendingFault};
 use ioasis::service::QueueSource;
 use ioasis::uring::record::{FAULT_PERM_READ, FAULT_PERM_WRITE, PAGE_RESP_SUCCESS};
 use ioasis::uring::{
     fault_channel_pair, FaultBatch, FaultChannel, FaultPump, PageResponse, Rejection, Wait,
 };
+use iommu_core::{Device, Error, FaultStatus, HwInfo, HwptAlloc, Iommu, PendingFault};
 
 const WAIT: Wait = Wait::Timeout(Duration::from_secs(10));
 const LONG: Duration = Duration::from_secs(10);
@@ -44,7 +44,7 @@ fn rig(ndev: usize) -> Rig {
     Rig {
         iommu,
         devs,
-        pump: FaultPump::new(QueueSource(fq), s).expect("pump"),
+        pump: FaultPump::new(QueueSource::new(fq), s).expect("pump"),
         chan: FaultChannel::new(c).expect("channel"),
     }
 }
@@ -82,7 +82,10 @@ fn pump_in_n(pump: &mut FaultPump<QueueSource>, n: usize) {
     let deadline = std::time::Instant::now() + LONG;
     let mut got = 0;
     while got < n {
-        assert!(std::time::Instant::now() < deadline, "responses never arrived");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "responses never arrived"
+        );
         let fd = pump.socket();
         let mut pfd = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
         let _ = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(100u16));
@@ -96,7 +99,11 @@ fn test_whole_groups_from_many_devices_in_one_batch() {
     let mut pending = Vec::new();
     for (i, d) in r.devs.iter().enumerate() {
         for k in 0..8u64 {
-            pending.push(fault(d, 0x10_0000 * (i as u64 + 1) + k * 0x1000, k % 2 == 1));
+            pending.push(fault(
+                d,
+                0x10_0000 * (i as u64 + 1) + k * 0x1000,
+                k % 2 == 1,
+            ));
         }
     }
     assert_eq!(r.pump.pump_out().expect("pump out"), 32);

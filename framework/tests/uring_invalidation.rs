@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use iommu_core::{Device, HwInfo, Iommu, Memory, Perm};
 use ioasis::uring::InvalidationHub;
+use iommu_core::{Device, HwInfo, Iommu, Memory, Perm};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 fn setup() -> (Iommu, Device, u32) {
@@ -56,9 +56,13 @@ fn test_unmap_completes_after_the_open_section_ends() {
         let mut buf = [0u8; 5];
         assert!(t.read(None, 0x10000, &mut buf).is_err());
     });
-    rx.recv_timeout(Duration::from_secs(10)).expect("worker in section");
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("worker in section");
     let n = hub.unmap(&iommu, ioas, 0, u64::MAX).expect("unmap");
-    assert!(ended.load(Ordering::SeqCst), "unmap returned while a section was open");
+    assert!(
+        ended.load(Ordering::SeqCst),
+        "unmap returned while a section was open"
+    );
     assert_eq!(n, 0x4000);
     worker.join().expect("worker");
     let st = hub.stats();
@@ -76,7 +80,10 @@ fn test_idle_translators_need_no_wait() {
     link.install(&mut t);
     let mut buf = [0u8; 5];
     t.read(None, 0x10000, &mut buf).expect("warm the cache");
-    assert_eq!(hub.unmap(&iommu, ioas, 0x10000, 0x4000).expect("unmap"), 0x4000);
+    assert_eq!(
+        hub.unmap(&iommu, ioas, 0x10000, 0x4000).expect("unmap"),
+        0x4000
+    );
     assert_eq!(hub.stats().immediate, 1);
     assert!(!link.is_requested());
     assert!(!link.acknowledge());
@@ -98,7 +105,10 @@ fn test_completion_fd_and_poll_report_the_finished_operation() {
     assert!(readable(link.doorbell(), 1000));
     drop(a);
     assert!(link.acknowledge());
-    assert!(readable(hub.completion_fd().as_fd(), 10_000), "ack never reached the ring");
+    assert!(
+        readable(hub.completion_fd().as_fd(), 10_000),
+        "ack never reached the ring"
+    );
     let mut done = Vec::new();
     for _ in 0..100 {
         done.extend(hub.poll(Duration::from_millis(100)).expect("poll"));

@@ -123,8 +123,8 @@ pub fn sealed_memfd(name: &str, len: u64) -> io::Result<OwnedFd> {
     use nix::fcntl::{fcntl, FcntlArg, SealFlag};
     use nix::sys::memfd::{memfd_create, MFdFlags};
     let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)?;
-    let len = libc::off_t::try_from(len)
-        .map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    let len =
+        libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
     nix::unistd::ftruncate(&fd, len)?;
     fcntl(fd.as_fd(), FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK))?;
     Ok(fd)
@@ -164,10 +164,13 @@ impl Client {
             session_id: 0,
             server_pid: 0,
         };
-        if let (ReplyBody::Hello {
-            session_id,
-            server_pid,
-        }, _) = c.call(&Request::Hello, &[])?
+        if let (
+            ReplyBody::Hello {
+                session_id,
+                server_pid,
+            },
+            _,
+        ) = c.call(&Request::Hello, &[])?
         {
             c.session_id = session_id;
             c.server_pid = server_pid;
@@ -211,7 +214,8 @@ impl Client {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
         let bytes = req.encode(id);
-        send_packet(self.fd.as_fd(), &bytes, fds).map_err(|source| ClientError::Io { op, source })?;
+        send_packet(self.fd.as_fd(), &bytes, fds)
+            .map_err(|source| ClientError::Io { op, source })?;
         let pkt = recv_packet(self.fd.as_fd())
             .map_err(|source| ClientError::Io { op, source })?
             .ok_or(ClientError::Closed(op))?;

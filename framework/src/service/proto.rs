@@ -770,7 +770,11 @@ impl Request {
                 length,
                 iova,
             } => {
-                w.u32(*flags).u32(*ioas_id).u64(*offset).u64(*length).u64(*iova);
+                w.u32(*flags)
+                    .u32(*ioas_id)
+                    .u64(*offset)
+                    .u64(*length)
+                    .u64(*iova);
             }
             Request::IoasUnmap {
                 ioas_id,
@@ -1236,9 +1240,7 @@ impl Reply {
                         session_id,
                         server_pid,
                     } => {
-                        w.u64(*session_id)
-                            .u32(*server_pid)
-                            .u32(MAX_MESSAGE as u32);
+                        w.u64(*session_id).u32(*server_pid).u32(MAX_MESSAGE as u32);
                     }
                     ReplyBody::Id(id) => {
                         w.u32(*id);
@@ -1369,10 +1371,11 @@ impl Reply {
             Opcode::DeviceInfo => {
                 let dev_id = r.u32()?;
                 let pasid_bits = r.u32()?;
-                let max_pasid_log2 = u8::try_from(pasid_bits).map_err(|_| ProtoError::BadValue {
-                    field: "max_pasid_log2",
-                    value: u64::from(pasid_bits),
-                })?;
+                let max_pasid_log2 =
+                    u8::try_from(pasid_bits).map_err(|_| ProtoError::BadValue {
+                        field: "max_pasid_log2",
+                        value: u64::from(pasid_bits),
+                    })?;
                 let flags = r.u32()?;
                 r.reserved32("device info reserved")?;
                 let page_sizes = r.u64()?;
@@ -1460,19 +1463,19 @@ mod tests {
     fn test_bad_version_magic_and_length() {
         let mut b = Request::IoasAlloc.encode(1);
         b[4] = 9;
-        let (h, e) = Request::decode(&b, 0).unwrap_err();
+        let (h, e) = Request::decode(&b, 0).expect_err("must fail");
         assert_eq!(h.map(|h| h.request_id), Some(1));
         assert_eq!(e.errno(), libc::EPROTONOSUPPORT);
         let mut b = Request::IoasAlloc.encode(1);
         b[0] = 0;
-        assert_eq!(Request::decode(&b, 0).unwrap_err().1.errno(), libc::EPROTO);
+        assert_eq!(Request::decode(&b, 0).expect_err("must fail").1.errno(), libc::EPROTO);
         let b = Request::Destroy { id: 1 }.encode(1);
         assert!(matches!(
-            Request::decode(&b[..b.len() - 1], 0).unwrap_err().1,
+            Request::decode(&b[..b.len() - 1], 0).expect_err("must fail").1,
             ProtoError::LengthMismatch { .. }
         ));
         assert!(matches!(
-            Request::decode(&b[..10], 0).unwrap_err().1,
+            Request::decode(&b[..10], 0).expect_err("must fail").1,
             ProtoError::Truncated { .. }
         ));
     }
@@ -1482,12 +1485,12 @@ mod tests {
         let mut b = Request::Destroy { id: 1 }.encode(1);
         b.truncate(HEADER_SIZE + 2);
         b[8..12].copy_from_slice(&((HEADER_SIZE + 2) as u32).to_le_bytes());
-        assert_eq!(Request::decode(&b, 0).unwrap_err().1.errno(), libc::EINVAL);
+        assert_eq!(Request::decode(&b, 0).expect_err("must fail").1.errno(), libc::EINVAL);
         let mut b = Request::Destroy { id: 1 }.encode(1);
         b.extend_from_slice(&[1, 2]);
         let len = b.len() as u32;
         b[8..12].copy_from_slice(&len.to_le_bytes());
-        assert_eq!(Request::decode(&b, 0).unwrap_err().1.errno(), libc::E2BIG);
+        assert_eq!(Request::decode(&b, 0).expect_err("must fail").1.errno(), libc::E2BIG);
     }
 
     #[test]
@@ -1501,11 +1504,11 @@ mod tests {
         }
         .encode(1);
         // Header says 1 fd, none arrived.
-        assert_eq!(Request::decode(&b, 0).unwrap_err().1.errno(), libc::EBADF);
+        assert_eq!(Request::decode(&b, 0).expect_err("must fail").1.errno(), libc::EBADF);
         // An fd on a request that takes none.
         let mut b = Request::IoasAlloc.encode(1);
         b[12] = 1;
-        assert_eq!(Request::decode(&b, 1).unwrap_err().1.errno(), libc::EBADF);
+        assert_eq!(Request::decode(&b, 1).expect_err("must fail").1.errno(), libc::EBADF);
     }
 
     #[test]
@@ -1518,7 +1521,10 @@ mod tests {
             iova: u64::MAX - 0x1000,
         }
         .encode(1);
-        assert_eq!(Request::decode(&b, 1).unwrap_err().1.errno(), libc::EOVERFLOW);
+        assert_eq!(
+            Request::decode(&b, 1).expect_err("must fail").1.errno(),
+            libc::EOVERFLOW
+        );
         let b = Request::IoasMap {
             flags: MAP_READABLE,
             ioas_id: 1,
@@ -1527,14 +1533,20 @@ mod tests {
             iova: 0,
         }
         .encode(1);
-        assert_eq!(Request::decode(&b, 1).unwrap_err().1.errno(), libc::EOVERFLOW);
+        assert_eq!(
+            Request::decode(&b, 1).expect_err("must fail").1.errno(),
+            libc::EOVERFLOW
+        );
         let b = Request::IoasUnmap {
             ioas_id: 1,
             iova: 2,
             length: u64::MAX,
         }
         .encode(1);
-        assert_eq!(Request::decode(&b, 0).unwrap_err().1.errno(), libc::EOVERFLOW);
+        assert_eq!(
+            Request::decode(&b, 0).expect_err("must fail").1.errno(),
+            libc::EOVERFLOW
+        );
     }
 
     #[test]
@@ -1547,23 +1559,26 @@ mod tests {
             iova: 0,
         }
         .encode(1);
-        assert_eq!(Request::decode(&b, 1).unwrap_err().1.errno(), libc::EOPNOTSUPP);
+        assert_eq!(
+            Request::decode(&b, 1).expect_err("must fail").1.errno(),
+            libc::EOPNOTSUPP
+        );
         let mut w = Writer::new();
         w.u32(1).u32(u32::MAX);
         let b = w.finish(Opcode::IoasAllowIovas as u16, 0, 0, 1);
         assert!(matches!(
-            Request::decode(&b, 0).unwrap_err().1,
+            Request::decode(&b, 0).expect_err("must fail").1,
             ProtoError::TooMany { .. }
         ));
         let mut w = Writer::new();
         w.u32(1).u32(5);
         let b = w.finish(Opcode::IoasAllowIovas as u16, 0, 0, 1);
         assert!(matches!(
-            Request::decode(&b, 0).unwrap_err().1,
+            Request::decode(&b, 0).expect_err("must fail").1,
             ProtoError::Truncated { .. }
         ));
         let b = Writer::new().finish(999, 0, 0, 1);
-        assert_eq!(Request::decode(&b, 0).unwrap_err().1.errno(), libc::ENOTTY);
+        assert_eq!(Request::decode(&b, 0).expect_err("must fail").1.errno(), libc::ENOTTY);
     }
 
     #[test]
@@ -1573,7 +1588,7 @@ mod tests {
         }
         .encode(1);
         assert!(matches!(
-            Request::decode(&b, 0).unwrap_err().1,
+            Request::decode(&b, 0).expect_err("must fail").1,
             ProtoError::BadLabel(_)
         ));
         let mut w = Writer::new();
@@ -1584,7 +1599,7 @@ mod tests {
         w.u16(2).bytes(&[0xff, 0xfe]);
         let b = w.finish(Opcode::DeviceInfo as u16, 0, 0, 1);
         assert!(matches!(
-            Request::decode(&b, 0).unwrap_err().1,
+            Request::decode(&b, 0).expect_err("must fail").1,
             ProtoError::BadLabel("not UTF-8")
         ));
     }
@@ -1638,7 +1653,9 @@ mod tests {
         };
         let b = r.encode(Opcode::HwptInvalidate as u16, 2, 0);
         assert_eq!(
-            Reply::decode(&b, 0, Opcode::HwptInvalidate).expect("decode").1,
+            Reply::decode(&b, 0, Opcode::HwptInvalidate)
+                .expect("decode")
+                .1,
             r
         );
     }

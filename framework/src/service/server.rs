@@ -21,11 +21,11 @@ use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType
 use thiserror::Error;
 
 use super::proto::*;
-use std::result::Result;
 use super::transport::{recv_packet, send_packet};
 use crate::uring::{
     fault_channel_pair, FaultPump, FaultRecord, FaultSource, PageResponse, PumpError,
 };
+use std::result::Result;
 
 /// Most sessions served at once; further connections are refused.
 pub const MAX_SESSIONS: usize = 128;
@@ -227,18 +227,41 @@ impl ServiceHandle {
 }
 
 /// A fault queue as a [`FaultSource`] for a [`FaultPump`].
-#[derive(Debug, Clone)]
-pub struct QueueSource(pub FaultQueue);
+#[derive(Debug)]
+pub struct QueueSource {
+    queue: FaultQueue,
+    records: Vec<iommu_core::FaultRecord>,
+    responses: Vec<iommu_core::PageResponse>,
+}
+
+impl QueueSource {
+    /// Wraps the consumer side of a fault queue.
+    pub fn new(queue: FaultQueue) -> Self {
+        QueueSource {
+            queue,
+            records: Vec::new(),
+            responses: Vec::new(),
+        }
+    }
+
+    /// The fault queue.
+    pub fn queue(&self) -> &FaultQueue {
+        &self.queue
+    }
+}
 
 impl FaultSource for QueueSource {
     fn ready_fd(&self) -> BorrowedFd<'_> {
-        self.0.fd()
+        self.queue.fd()
     }
 
     fn read_groups(&mut self, out: &mut Vec<FaultRecord>, max: usize) -> Result<usize, i32> {
-        let mut recs = Vec::with_capacity(max.min(64));
-        let n = self.0.read_batch(&mut recs, max).map_err(|e| e.errno())?;
-        out.extend(recs.iter().map(|r| FaultRecord {
+        self.records.clear();
+        let n = self
+            .queue
+            .read_batch(&mut self.records, max)
+            .map_err(|e| e.errno())?;
+        out.extend(self.records.iter().map(|r| FaultRecord {
             flags: r.flags,
             dev_id: u32::try_from(r.dev_id).unwrap_or(u32::MAX),
             pasid: r.pasid,
@@ -252,16 +275,16 @@ impl FaultSource for QueueSource {
     }
 
     fn respond(&mut self, responses: &[PageResponse]) -> Result<(), (usize, i32)> {
-        let mut conv = Vec::with_capacity(responses.len());
+        self.responses.clear();
         for (i, r) in responses.iter().enumerate() {
             match PageResponseCode::try_from(r.code) {
-                Ok(code) => conv.push(iommu_core::PageResponse {
+                Ok(code) => self.responses.push(iommu_core::PageResponse {
                     cookie: r.cookie,
                     code,
                 }),
                 Err(e) => {
                     // Apply the valid prefix first, then report this one.
-                    let (n, res) = self.0.respond_batch(&conv);
+                    let (n, res) = self.queue.respond_batch(&self.responses);
                     return match res {
                         Ok(()) => Err((i, e.errno())),
                         Err(e) => Err((n, e.errno())),
@@ -269,7 +292,7 @@ impl FaultSource for QueueSource {
                 }
             }
         }
-        let (n, res) = self.0.respond_batch(&conv);
+        let (n, res) = self.queue.respond_batch(&self.responses);
         res.map_err(|e| (n, e.errno()))
     }
 }
@@ -432,7 +455,10 @@ impl Service {
         let stop = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
             .map_err(|e| ServiceError::EventLoop(e.into()))?;
         epoll
-            .add(stop.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_STOP))
+            .add(
+                stop.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_STOP),
+            )
             .map_err(|e| ServiceError::EventLoop(e.into()))?;
         Ok(Service {
             shared: Arc::new(Shared {
@@ -475,7 +501,10 @@ impl Service {
         socket::listen(&fd, Backlog::MAXCONN).map_err(|e| lerr(e.into()))?;
         let mut s = Service::new(iommu, dir)?;
         s.epoll
-            .add(fd.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_LISTENER))
+            .add(
+                fd.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_LISTENER),
+            )
             .map_err(|e| ServiceError::EventLoop(e.into()))?;
         s.listener = Some(fd);
         s.path = Some(path);
@@ -581,7 +610,9 @@ impl Service {
     }
 
     fn accept_all(&mut self) {
-        let Some(l) = self.listener.take() else { return };
+        let Some(l) = self.listener.take() else {
+            return;
+        };
         // Bounded: at most this many accepts per wakeup.
         for _ in 0..64 {
             match socket::accept4(l.as_fd(), SockFlag::SOCK_CLOEXEC) {
@@ -657,7 +688,9 @@ impl Service {
         // Bounded: at most this many messages per wakeup, then others get
         // their turn (epoll is level-triggered).
         for _ in 0..64 {
-            let Some(sess) = self.sessions.get(&sid) else { return };
+            let Some(sess) = self.sessions.get(&sid) else {
+                return;
+            };
             let pkt = match recv_packet(sess.sock.as_fd()) {
                 Ok(Some(p)) => p,
                 Ok(None) => {
@@ -729,7 +762,9 @@ impl Service {
                 None,
             ),
         };
-        let Some(sess) = self.sessions.get(&sid) else { return false };
+        let Some(sess) = self.sessions.get(&sid) else {
+            return false;
+        };
         let fds: Vec<BorrowedFd<'_>> = fd.iter().map(|f| f.as_fd()).collect();
         match send_packet(sess.sock.as_fd(), &bytes, &fds) {
             Ok(()) => true,
@@ -742,8 +777,12 @@ impl Service {
     }
 
     fn service_pump(&mut self, sid: u64, fault_id: u32) {
-        let Some(sess) = self.sessions.get_mut(&sid) else { return };
-        let Some(pump) = sess.pumps.get_mut(&fault_id) else { return };
+        let Some(sess) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        let Some(pump) = sess.pumps.get_mut(&fault_id) else {
+            return;
+        };
         let was_blocked = pump.wants_writable();
         let res = pump.pump_in().and_then(|_| pump.pump_out());
         match res {
@@ -751,10 +790,11 @@ impl Service {
                 let blocked = pump.wants_writable();
                 if blocked != was_blocked {
                     let (src, chan) = pump_interest(blocked);
-                    let sfd = pump.source().0.fd();
-                    let _ = self
-                        .epoll
-                        .modify(sfd, &mut EpollEvent::new(src, token(sid, fault_id, KIND_SOURCE)));
+                    let sfd = pump.source().queue().fd();
+                    let _ = self.epoll.modify(
+                        sfd,
+                        &mut EpollEvent::new(src, token(sid, fault_id, KIND_SOURCE)),
+                    );
                     let _ = self.epoll.modify(
                         pump.socket(),
                         &mut EpollEvent::new(chan, token(sid, fault_id, KIND_CHANNEL)),
@@ -773,15 +813,19 @@ impl Service {
     }
 
     fn drop_pump(&mut self, sid: u64, fault_id: u32) {
-        let Some(sess) = self.sessions.get_mut(&sid) else { return };
+        let Some(sess) = self.sessions.get_mut(&sid) else {
+            return;
+        };
         if let Some(p) = sess.pumps.remove(&fault_id) {
-            let _ = self.epoll.delete(p.source().0.fd());
+            let _ = self.epoll.delete(p.source().queue().fd());
             let _ = self.epoll.delete(p.socket());
         }
     }
 
     fn close_session(&mut self, sid: u64) {
-        let Some(mut sess) = self.sessions.remove(&sid) else { return };
+        let Some(mut sess) = self.sessions.remove(&sid) else {
+            return;
+        };
         let _ = self.epoll.delete(sess.sock.as_fd());
         let mut pasids: Vec<(String, u32)> = sess.pasids.iter().cloned().collect();
         pasids.sort();
@@ -801,7 +845,7 @@ impl Service {
             }
         }
         for (_, p) in sess.pumps.drain() {
-            let _ = self.epoll.delete(p.source().0.fd());
+            let _ = self.epoll.delete(p.source().queue().fd());
             let _ = self.epoll.delete(p.socket());
         }
         // Destroy in reverse creation order; repeat while progress is made
@@ -871,7 +915,8 @@ impl Service {
                 iova,
             } => {
                 let perm = map_perm(flags)?;
-                self.session(sid)?.require(ioas_id, &[Owned::Ioas], "IOAS")?;
+                self.session(sid)?
+                    .require(ioas_id, &[Owned::Ioas], "IOAS")?;
                 let fd = fds
                     .pop()
                     .ok_or_else(|| Fail::new(libc::EBADF, "IOAS_MAP needs a memfd"))?;
@@ -899,7 +944,8 @@ impl Service {
                 iova,
                 length,
             } => {
-                self.session(sid)?.require(ioas_id, &[Owned::Ioas], "IOAS")?;
+                self.session(sid)?
+                    .require(ioas_id, &[Owned::Ioas], "IOAS")?;
                 let n = iommu.ioas_unmap(ioas_id, iova, length)?;
                 ok(ReplyBody::U64(n))
             }
@@ -916,11 +962,13 @@ impl Service {
                 s.require(dst_ioas_id, &[Owned::Ioas], "IOAS")?;
                 s.require(src_ioas_id, &[Owned::Ioas], "IOAS")?;
                 let fixed = (flags & MAP_FIXED_IOVA != 0).then_some(dst_iova);
-                let iova = iommu.ioas_copy(dst_ioas_id, src_ioas_id, src_iova, length, fixed, perm)?;
+                let iova =
+                    iommu.ioas_copy(dst_ioas_id, src_ioas_id, src_iova, length, fixed, perm)?;
                 ok(ReplyBody::U64(iova))
             }
             Request::IoasIovaRanges { ioas_id } => {
-                self.session(sid)?.require(ioas_id, &[Owned::Ioas], "IOAS")?;
+                self.session(sid)?
+                    .require(ioas_id, &[Owned::Ioas], "IOAS")?;
                 let r = iommu.ioas_iova_ranges(ioas_id)?;
                 if r.ranges.len() > MAX_RANGES {
                     return Err(Fail::new(
@@ -934,7 +982,8 @@ impl Service {
                 })
             }
             Request::IoasAllowIovas { ioas_id, ranges } => {
-                self.session(sid)?.require(ioas_id, &[Owned::Ioas], "IOAS")?;
+                self.session(sid)?
+                    .require(ioas_id, &[Owned::Ioas], "IOAS")?;
                 let ranges: Vec<IovaRange> =
                     ranges.iter().map(|(s, l)| IovaRange::new(*s, *l)).collect();
                 iommu.ioas_allow_iovas(ioas_id, &ranges)?;
@@ -948,7 +997,9 @@ impl Service {
             }
             Request::DeviceInfo { label } => {
                 let (dev, dev_id) = self.device(&label)?;
-                let hw: HwInfo = iommu.hw_info(dev_id).unwrap_or_else(|_| dev.hw_info().clone());
+                let hw: HwInfo = iommu
+                    .hw_info(dev_id)
+                    .unwrap_or_else(|_| dev.hw_info().clone());
                 ok(ReplyBody::DeviceInfo(device_info(dev_id, &hw)))
             }
             Request::Attach {
@@ -1005,7 +1056,10 @@ impl Service {
                 if !s.pasids.contains(&key) {
                     return Err(Fail::new(
                         libc::ENOENT,
-                        format!("pasid {pasid} of {:?} is not reserved by this session", key.0),
+                        format!(
+                            "pasid {pasid} of {:?} is not reserved by this session",
+                            key.0
+                        ),
                     ));
                 }
                 let akey = (key.0.clone(), Some(pasid));
@@ -1077,7 +1131,8 @@ impl Service {
                 entries,
                 ..
             } => {
-                self.session(sid)?.require(hwpt_id, &[Owned::Hwpt], "HWPT")?;
+                self.session(sid)?
+                    .require(hwpt_id, &[Owned::Hwpt], "HWPT")?;
                 if data_type != INVALIDATE_DATA_STAGE1 && data_type != INVALIDATE_DATA_VIOMMU {
                     return Err(Fail::new(
                         libc::EINVAL,
@@ -1132,7 +1187,7 @@ impl Service {
                 let (server_end, client_end) =
                     fault_channel_pair().map_err(|e| Fail::new(errno_of(&e), e.to_string()))?;
                 let (id, fq) = iommu.fault_queue_alloc()?;
-                let pump = match FaultPump::new(QueueSource(fq), server_end) {
+                let pump = match FaultPump::new(QueueSource::new(fq), server_end) {
                     Ok(p) => p,
                     Err(e) => {
                         let _ = iommu.destroy(id);
@@ -1143,7 +1198,7 @@ impl Service {
                 let reg = self
                     .epoll
                     .add(
-                        pump.source().0.fd(),
+                        pump.source().queue().fd(),
                         EpollEvent::new(src, token(sid, id, KIND_SOURCE)),
                     )
                     .and_then(|_| {
@@ -1153,7 +1208,7 @@ impl Service {
                         )
                     });
                 if let Err(e) = reg {
-                    let _ = self.epoll.delete(pump.source().0.fd());
+                    let _ = self.epoll.delete(pump.source().queue().fd());
                     drop(pump);
                     let _ = iommu.destroy(id);
                     return Err(Fail::new(e as i32, "cannot watch the fault queue"));
@@ -1196,7 +1251,7 @@ impl Service {
         match self.shared.iommu.destroy(id) {
             Ok(()) => {
                 if let Some(p) = pump {
-                    let _ = self.epoll.delete(p.source().0.fd());
+                    let _ = self.epoll.delete(p.source().queue().fd());
                     let _ = self.epoll.delete(p.socket());
                 }
                 self.session(sid)?.objects.remove(pos);
@@ -1271,7 +1326,10 @@ fn pump_interest(blocked: bool) -> (EpollFlags, EpollFlags) {
     if blocked {
         // Stop listening to the (level-triggered) source until the socket
         // drains, or the loop would spin.
-        (EpollFlags::empty(), EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT)
+        (
+            EpollFlags::empty(),
+            EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT,
+        )
     } else {
         (EpollFlags::EPOLLIN, EpollFlags::EPOLLIN)
     }

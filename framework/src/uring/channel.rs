@@ -87,7 +87,8 @@ pub type Result<T> = std::result::Result<T, ChannelError>;
 pub enum Wait {
     /// Reap only what is already there.
     Poll,
-    /// Spin on the completion ring for up to this long, then block.
+    /// Poll for up to this long (non-blocking `io_uring_enter` calls, which
+    /// run the kernel's task work at once), then block.
     SpinThenBlock(Duration),
     /// Block for up to this long.
     Timeout(Duration),
@@ -122,7 +123,10 @@ impl FaultBatch {
     /// The cookies of the groups completed in this batch (one per group, in
     /// order): the cookie of each record that has LAST_PAGE.
     pub fn group_cookies(&self) -> impl Iterator<Item = u32> + '_ {
-        self.records.iter().filter(|r| r.is_last()).map(|r| r.cookie)
+        self.records
+            .iter()
+            .filter(|r| r.is_last())
+            .map(|r| r.cookie)
     }
 }
 
@@ -140,7 +144,8 @@ pub struct FaultChannel {
     recv_armed: bool,
     closed: bool,
     send_error: Option<io::Error>,
-    scratch: Vec<PageResponse>,
+    cqes: Vec<cqueue::Entry>,
+    provide: Vec<u16>,
 }
 
 impl std::fmt::Debug for FaultChannel {
@@ -170,7 +175,8 @@ impl FaultChannel {
             recv_armed: false,
             closed: false,
             send_error: None,
-            scratch: Vec::new(),
+            cqes: Vec::with_capacity(RING_ENTRIES as usize * 2),
+            provide: Vec::with_capacity(usize::from(RECV_BUFFERS)),
         };
         let provide = opcode::ProvideBuffers::new(
             ch.recv_bufs.as_mut_ptr(),
@@ -323,11 +329,22 @@ impl FaultChannel {
                     self.reap(Some(batch))?;
                 }
             }
-            Wait::Timeout(d) => self.wait_until(batch, Instant::now() + d, before, rejected_before)?,
+            Wait::Timeout(d) => {
+                self.wait_until(batch, Instant::now() + d, before, rejected_before)?
+            }
             Wait::SpinThenBlock(spin) => {
-                let start = Instant::now();
-                while !got(batch) && !self.closed && start.elapsed() < spin {
-                    std::hint::spin_loop();
+                let deadline = Instant::now() + spin;
+                let mut i = 0u32;
+                while !got(batch) && !self.closed {
+                    // Read the clock only every 64 polls of the ring.
+                    i = i.wrapping_add(1);
+                    if i % 64 == 0 && Instant::now() >= deadline {
+                        break;
+                    }
+                    // A (cheap) enter runs the task work that posts the
+                    // receive completions; a pure userspace spin on the
+                    // completion ring could wait for the next tick.
+                    self.ring.submit().map_err(ChannelError::Enter)?;
                     self.reap(Some(batch))?;
                 }
                 if !got(batch) && !self.closed {
@@ -390,10 +407,18 @@ impl FaultChannel {
     /// reaped only by `recv`, which passes one).
     fn reap(&mut self, mut batch: Option<&mut FaultBatch>) -> Result<()> {
         let mut rearm = false;
-        let mut provide: Vec<u16> = Vec::new();
         let mut first_err = None;
-        let cqes: Vec<cqueue::Entry> = self.ring.completion().collect();
-        for cqe in cqes {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        let mut provide = std::mem::take(&mut self.provide);
+        cqes.clear();
+        provide.clear();
+        cqes.extend(self.ring.completion());
+        if cqes.is_empty() {
+            self.cqes = cqes;
+            self.provide = provide;
+            return Ok(());
+        }
+        for cqe in cqes.drain(..) {
             let ud = cqe.user_data();
             let res = cqe.result();
             match ud & TAG_MASK {
@@ -406,8 +431,11 @@ impl FaultChannel {
                     if res < 0 {
                         if res == -libc::ENOBUFS {
                             rearm = true;
+                        } else if res == -libc::ECONNRESET || res == -libc::EPIPE {
+                            self.closed = true;
                         } else if first_err.is_none() {
-                            first_err = Some(ChannelError::Recv(io::Error::from_raw_os_error(-res)));
+                            first_err =
+                                Some(ChannelError::Recv(io::Error::from_raw_os_error(-res)));
                         }
                     } else if res == 0 {
                         self.closed = true;
@@ -455,9 +483,15 @@ impl FaultChannel {
                 _ => warn!("fault channel: completion with unknown tag {ud:#x}"),
             }
         }
-        for bid in provide {
-            self.reprovide(bid)?;
+        self.cqes = cqes;
+        let mut res = Ok(());
+        for bid in provide.drain(..) {
+            if let Err(e) = self.reprovide(bid) {
+                res = Err(e);
+            }
         }
+        self.provide = provide;
+        res?;
         if rearm && !self.closed && !self.recv_armed {
             self.arm_recv()?;
         }
@@ -488,8 +522,7 @@ impl Drop for FaultChannel {
         let _ = nix::sys::socket::shutdown(self.fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         let deadline = Instant::now() + Duration::from_secs(2);
         let mut scratch = FaultBatch::default();
-        while (self.recv_armed || self.free_send.len() < SEND_SLOTS) && Instant::now() < deadline
-        {
+        while (self.recv_armed || self.free_send.len() < SEND_SLOTS) && Instant::now() < deadline {
             let ts = types::Timespec::new().nsec(10_000_000);
             let args = types::SubmitArgs::new().timespec(&ts);
             let _ = self.ring.submitter().submit_with_args(1, &args);
@@ -499,6 +532,5 @@ impl Drop for FaultChannel {
             }
             scratch.clear();
         }
-        self.scratch.clear();
     }
 }

@@ -152,7 +152,8 @@ impl InvalidationHub {
         let ring = IoUring::builder().setup_clamp().build(256)?;
         let completion =
             EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
-        ring.submitter().register_eventfd(completion.as_fd().as_raw_fd())?;
+        ring.submitter()
+            .register_eventfd(completion.as_fd().as_raw_fd())?;
         Ok(InvalidationHub {
             ring,
             completion,
@@ -244,7 +245,7 @@ impl InvalidationHub {
             }
             self.arm(idx)?;
         }
-        if n > 0 || self.ring.submission().len() > 0 {
+        if n > 0 || !self.ring.submission().is_empty() {
             self.ring.submit()?;
         }
         self.stats.acks += n as u64;
@@ -350,7 +351,12 @@ impl InvalidationHub {
     }
 
     /// Detach through the hub.
-    pub fn detach(&mut self, iommu: &Iommu, dev_id: u32, pasid: Option<u32>) -> Result<(), HubError> {
+    pub fn detach(
+        &mut self,
+        iommu: &Iommu,
+        dev_id: u32,
+        pasid: Option<u32>,
+    ) -> Result<(), HubError> {
         let t = iommu.detach_begin(dev_id, pasid)?;
         self.complete(t).map_err(HubError::Io)
     }

@@ -10,9 +10,7 @@ use nix::sys::socket::{self, MsgFlags};
 use thiserror::Error;
 
 use super::channel::{MAX_RECORDS_PER_PACKET, MAX_RESPONSE_PACKET};
-use super::record::{
-    FaultRecord, PageResponse, Rejection, FAULT_RECORD_SIZE, PAGE_RESPONSE_SIZE,
-};
+use super::record::{FaultRecord, PageResponse, Rejection, FAULT_RECORD_SIZE, PAGE_RESPONSE_SIZE};
 
 /// Where fault groups come from and where their answers go: the consumer
 /// side of a fault queue.
@@ -80,6 +78,7 @@ pub struct FaultPump<S> {
     responses: Vec<PageResponse>,
     inbuf: Box<[u8]>,
     stats: PumpStats,
+    packet_limit: usize,
 }
 
 impl<S: FaultSource> FaultPump<S> {
@@ -95,7 +94,16 @@ impl<S: FaultSource> FaultPump<S> {
             responses: Vec::with_capacity(MAX_RESPONSE_PACKET / PAGE_RESPONSE_SIZE),
             inbuf: vec![0u8; MAX_RESPONSE_PACKET + 1].into_boxed_slice(),
             stats: PumpStats::default(),
+            packet_limit: MAX_RECORDS_PER_PACKET,
         })
+    }
+
+    /// Limits the records per packet (1..=[`MAX_RECORDS_PER_PACKET`]). A
+    /// group larger than the limit makes the source fail (`EINVAL`), so
+    /// keep it at least the largest group. A limit of 1 gives one packet
+    /// per one-record group: the per-record baseline of the benchmarks.
+    pub fn set_packet_limit(&mut self, records: usize) {
+        self.packet_limit = records.clamp(1, MAX_RECORDS_PER_PACKET);
     }
 
     /// The channel socket (server end).
@@ -133,7 +141,7 @@ impl<S: FaultSource> FaultPump<S> {
                 self.records.clear();
                 let n = self
                     .source
-                    .read_groups(&mut self.records, MAX_RECORDS_PER_PACKET)
+                    .read_groups(&mut self.records, self.packet_limit)
                     .map_err(PumpError::Source)?;
                 if n == 0 {
                     return Ok(sent);
@@ -172,11 +180,8 @@ impl<S: FaultSource> FaultPump<S> {
     pub fn pump_in(&mut self) -> Result<usize, PumpError> {
         let mut applied = 0;
         loop {
-            let n = match socket::recv(
-                self.fd.as_raw_fd(),
-                &mut self.inbuf,
-                MsgFlags::MSG_DONTWAIT,
-            ) {
+            let n = match socket::recv(self.fd.as_raw_fd(), &mut self.inbuf, MsgFlags::MSG_DONTWAIT)
+            {
                 Ok(0) => return Err(PumpError::Closed),
                 Ok(n) => n,
                 Err(Errno::EAGAIN) => return Ok(applied),
@@ -216,7 +221,10 @@ impl<S: FaultSource> FaultPump<S> {
                         let idx = idx.min(self.responses.len() - start - 1);
                         applied += idx;
                         let r = self.responses[start + idx];
-                        debug!("fault pump: response for cookie {} refused: errno {errno}", r.cookie);
+                        debug!(
+                            "fault pump: response for cookie {} refused: errno {errno}",
+                            r.cookie
+                        );
                         self.reject(Rejection {
                             cookie: r.cookie,
                             code: r.code,

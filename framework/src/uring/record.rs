@@ -268,10 +268,7 @@ impl PageResponse {
 
     /// Decodes a packet of responses, appending them to `out`. A response
     /// with an unknown code is an error and nothing is appended.
-    pub fn decode_packet(
-        packet: &[u8],
-        out: &mut Vec<PageResponse>,
-    ) -> Result<usize, RecordError> {
+    pub fn decode_packet(packet: &[u8], out: &mut Vec<PageResponse>) -> Result<usize, RecordError> {
         if packet.is_empty() || packet.len() % PAGE_RESPONSE_SIZE != 0 {
             return Err(RecordError::BadLength {
                 len: packet.len(),
@@ -385,7 +382,7 @@ mod tests {
     #[test]
     fn test_packet_length_must_be_whole_records() {
         let mut out = Vec::new();
-        let e = FaultRecord::decode_packet(&[0u8; 41], &mut out).unwrap_err();
+        let e = FaultRecord::decode_packet(&[0u8; 41], &mut out).expect_err("must fail");
         assert_eq!(e.errno(), libc::ESPIPE);
         assert!(FaultRecord::decode_packet(&[], &mut out).is_err());
         assert_eq!(FaultRecord::decode_packet(&[0u8; 80], &mut out), Ok(2));

@@ -112,7 +112,9 @@ fn test_whole_groups_are_delivered_and_answered() {
     }
     assert_eq!(got, 4);
     assert_eq!(batch.group_cookies().collect::<Vec<_>>(), vec![c1, c2]);
-    assert!(batch.records[..3].iter().all(|r| r.cookie == c1 && r.dev_id == 3));
+    assert!(batch.records[..3]
+        .iter()
+        .all(|r| r.cookie == c1 && r.dev_id == 3));
     ch.respond(&[PageResponse::success(c1), PageResponse::invalid(c2)])
         .expect("respond");
     let mut applied = 0;
