@@ -483,11 +483,8 @@ impl<'a> Queue<'a> {
     /// `VRING_AVAIL_F_NO_INTERRUPT`).
     pub fn notify(&mut self) -> Result<()> {
         let dma = self.dma;
-        let needed = match self.vring.q.needs_notification(&dma) {
-            Ok(n) => n,
-            // If the event index cannot be read, signalling is the safe choice.
-            Err(_) => true,
-        };
+        // If the event index cannot be read, signalling is the safe choice.
+        let needed = self.vring.q.needs_notification(&dma).unwrap_or(true);
         if needed {
             self.signal()?;
         }

@@ -167,8 +167,8 @@ fn test_extra_listener_and_shutdown_remove_sockets() {
     c.read_exact(&mut b).expect("echo");
     assert_eq!(&b, b"ping");
     // A frontend connected at shutdown is disconnected.
-    let (mut fe, raw) = connect(&dev_sock, 1);
-    vhost::VhostBackend::set_owner(&mut fe).expect("owner");
+    let (fe, raw) = connect(&dev_sock, 1);
+    vhost::VhostBackend::set_owner(&fe).expect("owner");
     stop.shutdown();
     t.join().expect("server thread");
     assert!(is_closed(&raw));
@@ -179,12 +179,12 @@ fn test_extra_listener_and_shutdown_remove_sockets() {
 #[test]
 fn test_second_frontend_waits_for_the_first() {
     let srv = TestServer::start(vec![("echo", EchoDevice::new(1))]);
-    let (mut first, _r1) = connect(&srv.socket("echo"), 1);
-    vhost::VhostBackend::set_owner(&mut first).expect("owner");
+    let (first, _r1) = connect(&srv.socket("echo"), 1);
+    vhost::VhostBackend::set_owner(&first).expect("owner");
     // A second frontend is held until the first goes away, then served.
-    let (mut second, _r2) = connect(&srv.socket("echo"), 1);
+    let (second, _r2) = connect(&srv.socket("echo"), 1);
     drop(first);
     drop(_r1);
-    let f = vhost::VhostBackend::get_features(&mut second).expect("served after the first left");
+    let f = vhost::VhostBackend::get_features(&second).expect("served after the first left");
     assert_ne!(f, 0);
 }

@@ -17,8 +17,8 @@ fn test_sigterm_shuts_down_and_removes_sockets() {
     server.handle_signals().expect("signals");
     let t = std::thread::spawn(move || server.run().expect("run"));
     // The socket exists while serving.
-    let (mut fe, _raw) = connect(&sock, 1);
-    vhost::VhostBackend::set_owner(&mut fe).expect("owner");
+    let (fe, _raw) = connect(&sock, 1);
+    vhost::VhostBackend::set_owner(&fe).expect("owner");
     // SAFETY: raise has no memory-safety preconditions; the handler installed
     // above turns SIGTERM into a shutdown request instead of killing us.
     let rc = unsafe { libc::raise(libc::SIGTERM) };

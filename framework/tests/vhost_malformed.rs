@@ -13,7 +13,6 @@ use ioasis::vhost_user::msg::{FLAG_NEED_REPLY, VERSION_1, VHOST_ACCESS_RW, VHOST
 use ioasis::vhost_user::{
     VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
 };
-use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
 use vhost_common::*;
 
@@ -98,14 +97,20 @@ fn test_malformed_messages_drop_connection_only() {
     expect_dropped(&srv, 12, VERSION_1, &(0x100u64 | 7).to_ne_bytes(), &[]);
     // Memory table: fd count mismatch, overlapping regions, overflow, empty region.
     let r0 = region_bytes(0, 0x10000, va, 0);
-    expect_dropped(&srv, 5, VERSION_1, &mem_table(&[r0.clone()]), &[]);
+    expect_dropped(
+        &srv,
+        5,
+        VERSION_1,
+        &mem_table(std::slice::from_ref(&r0)),
+        &[],
+    );
     let r1 = region_bytes(0x8000, 0x10000, va + 0x100000, 0);
     expect_dropped(&srv, 5, VERSION_1, &mem_table(&[r0.clone(), r1]), &[fd, fd]);
     let r2 = region_bytes(u64::MAX - 0xfff, 0x2000, va, 0);
     expect_dropped(&srv, 5, VERSION_1, &mem_table(&[r2]), &[fd]);
     let r3 = region_bytes(0, 0, va, 0);
     expect_dropped(&srv, 5, VERSION_1, &mem_table(&[r3]), &[fd]);
-    let mut too_many = mem_table(&[r0.clone()]);
+    let mut too_many = mem_table(std::slice::from_ref(&r0));
     too_many[0..4].copy_from_slice(&1000u32.to_ne_bytes());
     expect_dropped(&srv, 5, VERSION_1, &too_many, &[fd]);
     // IOTLB update whose iova + size overflows; unknown IOTLB type.
@@ -173,10 +178,10 @@ fn test_reconnect_after_frontend_disappears() {
         // Go away without stopping anything (a crashed frontend).
         drop(fe);
         drop(_raw);
-        assert!(counters.chains.load(Ordering::SeqCst) >= usize::from(round) + 1);
+        assert!(counters.chains.load(Ordering::SeqCst) > usize::from(round));
     }
     // The next frontend is accepted once the last one is torn down.
-    let (mut fe, _raw) = connect(&srv.socket("echo"), 1);
+    let (fe, _raw) = connect(&srv.socket("echo"), 1);
     fe.set_owner().expect("owner");
     assert_ne!(fe.get_features().expect("features") & VIRTIO_F_VERSION_1, 0);
     assert!(counters.resets.load(Ordering::SeqCst) >= 3);

@@ -405,10 +405,13 @@ impl Connection {
                 Ok(Some(s.as_slice().to_vec()))
             }
             Request::SetVringFd { kind, index, fd } => {
-                // SAFETY (for each conversion below): the File owns its fd
-                // exclusively; into_raw_fd transfers that ownership to the
-                // EventFd, which closes it.
-                let efd = fd.map(|f| unsafe { EventFd::from_raw_fd(f.into_raw_fd()) });
+                let efd = fd.map(|f| {
+                    let raw = f.into_raw_fd();
+                    // SAFETY: `raw` comes from a File that owned it exclusively;
+                    // into_raw_fd released that ownership, so the EventFd is
+                    // now its only owner and closes it exactly once.
+                    unsafe { EventFd::from_raw_fd(raw) }
+                });
                 match kind {
                     VringFdKind::Kick => {
                         let protocol = self.features & VHOST_USER_F_PROTOCOL_FEATURES != 0;
