@@ -1234,16 +1234,13 @@ fn work_once(
             j += 1;
         }
         let group = j - i;
-        let mut took = false;
         for k in 0..group {
             let c = &clients[i + (*rr + k) % group];
             if take_from(s, c, buf, tr) {
-                took = true;
+                // Re-check higher priorities before taking more.
+                *rr = rr.wrapping_add(1);
+                return true;
             }
-        }
-        if took {
-            *rr = rr.wrapping_add(1);
-            return true;
         }
         i = j;
     }
