@@ -1,9 +1,12 @@
 //! Concurrency stress test of the unmap-safety promise: device threads
 //! translate and read through several devices while another thread maps,
-//! unmaps (blocking and two-phase) and replaces. A page is poisoned right
-//! after its unmap returns and refilled before it is mapped again, so a
-//! read that ever sees the poison byte used a translation that outlived its
-//! unmap. Bounded by a deadline and an iteration cap.
+//! unmaps (blocking and two-phase) and replaces.
+//!
+//! A slot is poisoned right after its unmap returns and stays poisoned
+//! while unmapped; it is refilled with valid bytes before it is mapped
+//! again. Device threads re-read the same slot several times inside one
+//! access section, so a translation that outlived its unmap would read the
+//! poison. Bounded by a deadline and by iteration caps.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,14 +18,19 @@ use iommu_core::*;
 const P: u64 = PAGE_SIZE;
 const SLOTS: u64 = 32;
 const POISON: u8 = 0xde;
+/// Hard time bound of the mapper loop (the test's duration).
 const RUN_FOR: Duration = Duration::from_millis(2500);
+/// The mapper stops after this many unmaps even before the deadline.
+const MAX_UNMAPS: u64 = 400_000;
 const MAX_ITERS: u64 = 20_000_000;
+/// Reads of one slot inside one access section.
+const READS_PER_SECTION: u64 = 16;
 
 struct Space {
     ioas: IoasId,
     mem: Arc<Memory>,
-    /// IOVA base; slot i lives at base + i * 2P (2 pages, so multi-page
-    /// reads cross a page boundary).
+    /// IOVA base; slot i lives at base + i * 2P (2 pages, so reads can cross
+    /// a page boundary).
     base: u64,
 }
 
@@ -43,6 +51,13 @@ fn map_slot(iommu: &Iommu, s: &Space, slot: u64) {
             Perm::RW,
         )
         .unwrap();
+}
+
+fn xorshift(r: &mut u64) -> u64 {
+    *r ^= *r << 13;
+    *r ^= *r >> 7;
+    *r ^= *r << 17;
+    *r
 }
 
 #[test]
@@ -95,23 +110,22 @@ fn test_stress_no_access_after_unmap() {
             let mut iters = 0u64;
             while !stop.load(Ordering::Relaxed) && iters < MAX_ITERS {
                 iters += 1;
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                let base = bases[(rng >> 60) as usize % bases.len()];
-                let slot = (rng >> 8) % SLOTS;
-                // Straddle the page boundary inside the slot half the time.
-                let off = if rng & 1 == 0 {
-                    P - 48
-                } else {
-                    (rng >> 20) % (P - 96)
-                };
-                let iova = base + slot * 2 * P + off;
-                // Several reads inside one access section, to keep sections
-                // open across the mapper's unmaps.
+                if iters % 64 == 0 {
+                    // Real device threads wait for work between sections.
+                    std::thread::yield_now();
+                }
+                let r = xorshift(&mut rng);
+                let base = bases[(r >> 60) as usize % bases.len()];
+                let slot_iova = base + ((r >> 8) % SLOTS) * 2 * P;
                 let mut a = t.access();
-                for k in 0..4u64 {
-                    match a.read(None, iova + k * 8, &mut buf) {
+                for k in 0..READS_PER_SECTION {
+                    // Straddle the page boundary every other read.
+                    let off = if k % 2 == 0 {
+                        P - 48
+                    } else {
+                        (xorshift(&mut rng) >> 20) % (P - 96)
+                    };
+                    match a.read(None, slot_iova + off, &mut buf) {
                         Ok(()) => {
                             reads_ok.fetch_add(1, Ordering::Relaxed);
                             if buf.contains(&POISON) {
@@ -120,6 +134,7 @@ fn test_stress_no_access_after_unmap() {
                         }
                         Err(Error::Unmapped { .. }) => {
                             reads_failed.fetch_add(1, Ordering::Relaxed);
+                            break;
                         }
                         Err(e) => panic!("unexpected translation error {e}"),
                     }
@@ -128,8 +143,10 @@ fn test_stress_no_access_after_unmap() {
         }));
     }
 
-    // The mapper: unmap a slot, poison it, refill, remap; now and then
-    // replace d0 between the spaces; every third unmap two-phase.
+    // The mapper: unmap a mapped slot and poison it (every third unmap
+    // two-phase); keep about a quarter of the slots unmapped and poisoned,
+    // refilling and remapping the others; now and then replace d0 between
+    // the spaces.
     let deadline = Instant::now() + RUN_FOR;
     let mut unmaps = 0u64;
     let mut replaces = 0u64;
@@ -137,12 +154,15 @@ fn test_stress_no_access_after_unmap() {
     let mut rng = 12345u64;
     let d0 = devs[0].1;
     let mut d0_space = 0;
-    while Instant::now() < deadline && unmaps < 2_000_000 {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let s = &spaces[(rng >> 40) as usize % 2];
-        let slot = (rng >> 8) % SLOTS;
+    let mut unmapped: Vec<(usize, u64)> = Vec::new();
+    while Instant::now() < deadline && unmaps < MAX_UNMAPS {
+        let r = xorshift(&mut rng);
+        let si = (r >> 40) as usize % 2;
+        let slot = (r >> 8) % SLOTS;
+        if unmapped.contains(&(si, slot)) {
+            continue;
+        }
+        let s = &spaces[si];
         let iova = s.base + slot * 2 * P;
         if unmaps % 3 == 0 {
             let (n, mut ticket) = iommu.ioas_unmap_begin(s.ioas, iova, 2 * P).unwrap();
@@ -164,9 +184,14 @@ fn test_stress_no_access_after_unmap() {
         s.mem
             .fill((slot * 2 * P) as usize, (2 * P) as usize, POISON)
             .unwrap();
-        fill_valid(&s.mem, slot, round);
-        round += 1;
-        map_slot(&iommu, s, slot);
+        unmapped.push((si, slot));
+        if unmapped.len() as u64 > SLOTS / 2 {
+            let k = (xorshift(&mut rng) % unmapped.len() as u64) as usize;
+            let (si, slot) = unmapped.swap_remove(k);
+            fill_valid(&spaces[si].mem, slot, round);
+            round += 1;
+            map_slot(&iommu, &spaces[si], slot);
+        }
         if unmaps % 64 == 0 {
             d0_space = 1 - d0_space;
             iommu.replace(d0, None, spaces[d0_space].ioas).unwrap();
@@ -179,10 +204,16 @@ fn test_stress_no_access_after_unmap() {
     }
     let ok = reads_ok.load(Ordering::SeqCst);
     let failed = reads_failed.load(Ordering::SeqCst);
+    let poisoned = poison_seen.load(Ordering::SeqCst);
     eprintln!(
-        "stress: {unmaps} unmaps, {replaces} replaces, {ok} good reads, {failed} unmapped reads"
+        "stress: {unmaps} unmaps, {replaces} replaces, {ok} good reads, \
+         {failed} unmapped reads, {poisoned} poisoned reads"
     );
-    assert!(unmaps > 100, "the mapper made progress");
-    assert!(ok > 1000, "the devices made progress");
-    assert_eq!(poison_seen.load(Ordering::SeqCst), 0, "a read saw poison");
+    // Progress, not speed: both sides did some work.
+    assert!(unmaps > 0, "the mapper made progress");
+    assert!(ok > 0, "the devices made progress");
+    assert_eq!(
+        poisoned, 0,
+        "a read used a translation after its unmap returned"
+    );
 }
