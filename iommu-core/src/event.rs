@@ -182,3 +182,50 @@ impl EventQueue {
         lock(&self.inner.state).stats
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev() -> EventRecord {
+        EventRecord {
+            flags: 0,
+            sequence: 0,
+            dev_id: 1,
+            pasid: None,
+            addr: 0x1000,
+            perm: Perm::READ,
+            reason: EventReason::NotMapped,
+        }
+    }
+
+    #[test]
+    fn test_sequence_wraps_at_int_max() {
+        let q = EventInner::new(1, 4).expect("eventq");
+        lock(&q.state).next_seq = i32::MAX as u32;
+        q.push(ev());
+        q.push(ev());
+        let eq = EventQueue { inner: q };
+        let mut out = Vec::new();
+        assert_eq!(eq.read_batch(&mut out, 8), Ok(2));
+        assert_eq!(out[0].sequence, i32::MAX as u32);
+        assert_eq!(out[1].sequence, 0);
+    }
+
+    #[test]
+    fn test_lost_record_after_drain_only() {
+        let eq = EventQueue {
+            inner: EventInner::new(1, 1).expect("eventq"),
+        };
+        eq.inner.push(ev());
+        eq.inner.push(ev());
+        let mut out = Vec::new();
+        // The batch of one takes the event; the lost marker comes next.
+        assert_eq!(eq.read_batch(&mut out, 1), Ok(1));
+        assert_eq!(eq.read_batch(&mut out, 1), Ok(1));
+        assert_eq!(out[1].flags, IOMMU_VEVENTQ_FLAG_LOST_EVENTS);
+        assert_eq!(out[1].sequence, 2);
+        assert_eq!(eq.read_batch(&mut out, 1), Ok(0));
+        assert_eq!(eq.stats(), EventQueueStats { queued: 1, lost: 1 });
+    }
+}

@@ -418,3 +418,60 @@ impl IoasState {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn area(mem: &Arc<Memory>, last: u64) -> Area {
+        Area {
+            last,
+            mem: mem.clone(),
+            mem_off: 0,
+            perm: Perm::RW,
+            pages_writable: true,
+        }
+    }
+
+    #[test]
+    fn test_alloc_skips_areas_and_reservations() {
+        let ioas = IoasInner::new(1);
+        let mem = Memory::anonymous("t", 1 << 16).expect("mem");
+        let mut st = ioas.write();
+        st.areas.insert(PAGE_SIZE, area(&mem, 2 * PAGE_SIZE - 1));
+        st.reserved.push((
+            IovaRange::new(2 * PAGE_SIZE, 3 * PAGE_SIZE - 1),
+            ResvOwner::User,
+        ));
+        let host = mem.as_ptr() as u64;
+        assert_eq!(st.alloc_iova(host, PAGE_SIZE, 1), Ok(3 * PAGE_SIZE));
+    }
+
+    #[test]
+    fn test_unmap_is_atomic_on_partial_cover() {
+        let ioas = IoasInner::new(1);
+        let mem = Memory::anonymous("t", 1 << 16).expect("mem");
+        let mut st = ioas.write();
+        st.areas.insert(0x1000, area(&mem, 0x1fff));
+        st.areas.insert(0x2000, area(&mem, 0x3fff));
+        let r = st.unmap(IovaRange::new(0x1000, 0x2fff), false);
+        assert!(r.is_err());
+        assert_eq!(st.areas.len(), 2);
+    }
+
+    #[test]
+    fn test_iova_ranges_merge_overlapping_reservations() {
+        let ioas = IoasInner::new(1);
+        let mut st = ioas.write();
+        st.reserved.push((IovaRange::new(10, 20), ResvOwner::User));
+        st.reserved
+            .push((IovaRange::new(15, 30), ResvOwner::Device(3)));
+        st.reserved
+            .push((IovaRange::new(u64::MAX - 1, u64::MAX), ResvOwner::User));
+        let r = st.iova_ranges();
+        assert_eq!(
+            r.ranges,
+            vec![IovaRange::new(0, 9), IovaRange::new(31, u64::MAX - 2)]
+        );
+    }
+}

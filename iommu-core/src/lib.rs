@@ -105,6 +105,32 @@
 //! [`Memory`] is reference counted by areas and by translator caches, so the
 //! mapping itself outlives every user.
 //!
+//! # Faults, events and dirty tracking
+//!
+//! - A failed access on a fault-capable HWPT raises one fault *group*: a
+//!   record for the faulting page and for each following page of the same
+//!   access that fails too (at most [`MAX_FAULT_GROUP_RECORDS`]), all with
+//!   the group's cookie and `grpid`, `LAST_PAGE` on the last. The consumer
+//!   reads whole groups only ([`FaultQueue::read_batch`]); each group holds
+//!   one of the device's [`MAX_OUTSTANDING_FAULTS_PER_DEVICE`] slots until
+//!   it is answered (by [`FaultQueue::respond`], or INVALID automatically on
+//!   detach, replace, unbind or queue destroy). Past the bound the access
+//!   fails with [`Error::FaultOverflow`] and [`FaultQueueStats::overflows`]
+//!   counts it.
+//! - A failed access on a HWPT without fault queue is reported to the event
+//!   queue of the device's vIOMMU (if it has a vdevice there) or else to the
+//!   context-wide event queue, with a sequence number; a full queue drops
+//!   the event, counts it and appends one `LOST_EVENTS` record.
+//! - Fault records and events carry the vdevice's virtual id and the virtual
+//!   PASID where one is mapped ([`Iommu::vdevice_set_vpasid`]).
+//! - Dirty tracking ([`Iommu::hwpt_set_dirty_tracking`],
+//!   [`Iommu::hwpt_get_dirty_bitmap`]): while enabled, translators cache
+//!   writable translations one page at a time and mark the page when they
+//!   fill the entry; reads cache the page without write permission. A
+//!   clearing read takes the range's marks, invalidates every translator of
+//!   the IOAS and waits, then reports the taken marks plus any made
+//!   meanwhile, so no write is lost between two reads.
+//!
 //! # Stage-1 table format (nested HWPTs)
 //!
 //! A nested HWPT's stage-1 table is x86-64 4-level style, with 4 KiB pages
