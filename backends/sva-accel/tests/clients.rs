@@ -49,18 +49,19 @@ fn victim_process() {
     let Ok(path) = std::env::var("SVA_VICTIM_SOCKET") else {
         return;
     };
-    let c = Client::connect_with(
-        &path,
-        Options {
-            block_on_fault: true,
-            // Never answers: the fault stays parked until the process dies.
-            fault_handler: Some(Box::new(|_| {
-                std::thread::sleep(Duration::from_secs(60));
-                FaultAction::Fail
-            })),
-            ..Options::default()
-        },
-    )
+    let opts = Options {
+        block_on_fault: true,
+        // Never answers: the fault stays parked until the process dies.
+        fault_handler: Some(Box::new(|_| {
+            std::thread::sleep(Duration::from_secs(60));
+            FaultAction::Fail
+        })),
+        ..Options::default()
+    };
+    let c = match std::env::var("SVA_VICTIM_IOMMU") {
+        Ok(svc) => Client::connect_iommu(&path, svc, sva_accel::device::DEFAULT_LABEL, opts),
+        Err(_) => Client::connect_with(&path, opts),
+    }
     .expect("connect");
     let big = c.alloc(16 << 20).expect("alloc");
     let lazy = c.alloc_lazy(4096).expect("lazy");
@@ -124,6 +125,62 @@ fn test_killed_client_is_cleaned_up() {
             .run(Descriptor::new(opcode::NOOP, 0))
             .expect("noop")
             .status,
+        status::SUCCESS
+    );
+}
+
+#[test]
+fn test_killed_iommu_client_leaves_others_working() {
+    let d = Daemon::shared();
+    let svc = d.iommu_socket();
+    let survivor = Client::connect_iommu(
+        &d.socket,
+        &svc,
+        sva_accel::device::DEFAULT_LABEL,
+        Options::default(),
+    )
+    .expect("connect");
+    let a = survivor.alloc(1 << 20).expect("alloc");
+    let mut victim = Command::new(std::env::current_exe().expect("exe"))
+        .args([
+            "victim_process",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("SVA_VICTIM_SOCKET", &d.socket)
+        .env("SVA_VICTIM_IOMMU", &svc)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn victim");
+    let out = victim.stdout.take().expect("stdout");
+    let ready = BufReader::new(out)
+        .lines()
+        .any(|l| l.map(|l| l.contains("READY")).unwrap_or(false));
+    assert!(ready, "victim did not start");
+    victim.kill().expect("kill");
+    victim.wait().expect("wait");
+    let data = pattern(1 << 19, 9);
+    a.write(0, &data);
+    for _ in 0..20 {
+        let cr = survivor
+            .mem_move(a.at(1 << 19), a.addr(), 1 << 19)
+            .expect("run");
+        assert_eq!(cr.status, status::SUCCESS);
+    }
+    assert_eq!(a.to_vec(1 << 19, 1 << 19), data);
+    // A newcomer gets a PASID and works.
+    let newcomer = Client::connect_iommu(
+        &d.socket,
+        &svc,
+        sva_accel::device::DEFAULT_LABEL,
+        Options::default(),
+    )
+    .expect("connect after kill");
+    let b = newcomer.alloc(4096).expect("alloc");
+    assert_eq!(
+        newcomer.fill(b.addr(), 0, 4096).expect("fill").status,
         status::SUCCESS
     );
 }
