@@ -1468,10 +1468,15 @@ mod tests {
         assert_eq!(e.errno(), libc::EPROTONOSUPPORT);
         let mut b = Request::IoasAlloc.encode(1);
         b[0] = 0;
-        assert_eq!(Request::decode(&b, 0).expect_err("must fail").1.errno(), libc::EPROTO);
+        assert_eq!(
+            Request::decode(&b, 0).expect_err("must fail").1.errno(),
+            libc::EPROTO
+        );
         let b = Request::Destroy { id: 1 }.encode(1);
         assert!(matches!(
-            Request::decode(&b[..b.len() - 1], 0).expect_err("must fail").1,
+            Request::decode(&b[..b.len() - 1], 0)
+                .expect_err("must fail")
+                .1,
             ProtoError::LengthMismatch { .. }
         ));
         assert!(matches!(
@@ -1485,12 +1490,18 @@ mod tests {
         let mut b = Request::Destroy { id: 1 }.encode(1);
         b.truncate(HEADER_SIZE + 2);
         b[8..12].copy_from_slice(&((HEADER_SIZE + 2) as u32).to_le_bytes());
-        assert_eq!(Request::decode(&b, 0).expect_err("must fail").1.errno(), libc::EINVAL);
+        assert_eq!(
+            Request::decode(&b, 0).expect_err("must fail").1.errno(),
+            libc::EINVAL
+        );
         let mut b = Request::Destroy { id: 1 }.encode(1);
         b.extend_from_slice(&[1, 2]);
         let len = b.len() as u32;
         b[8..12].copy_from_slice(&len.to_le_bytes());
-        assert_eq!(Request::decode(&b, 0).expect_err("must fail").1.errno(), libc::E2BIG);
+        assert_eq!(
+            Request::decode(&b, 0).expect_err("must fail").1.errno(),
+            libc::E2BIG
+        );
     }
 
     #[test]
@@ -1504,11 +1515,17 @@ mod tests {
         }
         .encode(1);
         // Header says 1 fd, none arrived.
-        assert_eq!(Request::decode(&b, 0).expect_err("must fail").1.errno(), libc::EBADF);
+        assert_eq!(
+            Request::decode(&b, 0).expect_err("must fail").1.errno(),
+            libc::EBADF
+        );
         // An fd on a request that takes none.
         let mut b = Request::IoasAlloc.encode(1);
         b[12] = 1;
-        assert_eq!(Request::decode(&b, 1).expect_err("must fail").1.errno(), libc::EBADF);
+        assert_eq!(
+            Request::decode(&b, 1).expect_err("must fail").1.errno(),
+            libc::EBADF
+        );
     }
 
     #[test]
@@ -1578,7 +1595,10 @@ mod tests {
             ProtoError::Truncated { .. }
         ));
         let b = Writer::new().finish(999, 0, 0, 1);
-        assert_eq!(Request::decode(&b, 0).expect_err("must fail").1.errno(), libc::ENOTTY);
+        assert_eq!(
+            Request::decode(&b, 0).expect_err("must fail").1.errno(),
+            libc::ENOTTY
+        );
     }
 
     #[test]

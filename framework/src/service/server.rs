@@ -23,7 +23,8 @@ use thiserror::Error;
 use super::proto::*;
 use super::transport::{recv_packet, send_packet};
 use crate::uring::{
-    fault_channel_pair, FaultPump, FaultRecord, FaultSource, PageResponse, PumpError,
+    fault_channel_pair, FaultPump, FaultRecord, FaultSource, HubError, InvalidationHub, Linker,
+    PageResponse, PumpError,
 };
 use std::result::Result;
 
@@ -150,6 +151,7 @@ struct Registry {
 
 struct Shared {
     iommu: Iommu,
+    linker: Linker,
     dir: Arc<dyn DeviceDirectory>,
     registry: Mutex<Registry>,
     observer: RwLock<Option<Arc<dyn ServiceObserver>>>,
@@ -184,6 +186,14 @@ impl ServiceHandle {
     /// The shared context.
     pub fn iommu(&self) -> &Iommu {
         &self.shared.iommu
+    }
+
+    /// Makes invalidation links for device threads: the service completes
+    /// its clients' unmaps, detaches and invalidations on its own io_uring
+    /// hub, which nudges linked threads and reaps their acknowledgements
+    /// (see [`crate::uring::invalidate`]).
+    pub fn linker(&self) -> Linker {
+        self.shared.linker.clone()
     }
 
     /// The session that reserved `pasid` of device `label`, if any.
@@ -321,6 +331,12 @@ impl From<iommu_core::Error> for Fail {
     }
 }
 
+impl From<HubError> for Fail {
+    fn from(e: HubError) -> Self {
+        Fail::new(e.errno(), e.to_string())
+    }
+}
+
 impl From<ProtoError> for Fail {
     fn from(e: ProtoError) -> Self {
         Fail::new(e.errno(), e.to_string())
@@ -397,6 +413,7 @@ pub struct Service {
     path: Option<PathBuf>,
     epoll: Epoll,
     stop: Arc<EventFd>,
+    hub: InvalidationHub,
     sessions: HashMap<u64, Session>,
     next_session: u64,
 }
@@ -460,9 +477,11 @@ impl Service {
                 EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_STOP),
             )
             .map_err(|e| ServiceError::EventLoop(e.into()))?;
+        let hub = InvalidationHub::new().map_err(ServiceError::EventLoop)?;
         Ok(Service {
             shared: Arc::new(Shared {
                 iommu,
+                linker: hub.linker(),
                 dir,
                 registry: Mutex::new(Registry::default()),
                 observer: RwLock::new(None),
@@ -471,6 +490,7 @@ impl Service {
             path: None,
             epoll,
             stop: Arc::new(stop),
+            hub,
             sessions: HashMap::new(),
             next_session: 1,
         })
@@ -839,7 +859,7 @@ impl Service {
         sess.attachments.sort_by_key(|(_, p)| p.is_none());
         for (label, pasid) in sess.attachments.drain(..) {
             if let Some(dev) = self.shared.dir.device(&label).and_then(|d| d.dev_id()) {
-                if let Err(e) = iommu.detach(dev, pasid) {
+                if let Err(e) = self.hub.detach(iommu, dev, pasid) {
                     warn!("service: session {sid}: detach {label:?}/{pasid:?}: {e}");
                 }
             }
@@ -946,7 +966,7 @@ impl Service {
             } => {
                 self.session(sid)?
                     .require(ioas_id, &[Owned::Ioas], "IOAS")?;
-                let n = iommu.ioas_unmap(ioas_id, iova, length)?;
+                let n = self.hub.unmap(&iommu, ioas_id, iova, length)?;
                 ok(ReplyBody::U64(n))
             }
             Request::IoasCopy {
@@ -1021,7 +1041,11 @@ impl Service {
                 let key = (label, pasid);
                 let replace = s.attachments.contains(&key);
                 let hwpt = if replace {
-                    iommu.replace(dev_id, pasid, pt_id)?
+                    let (hwpt, ticket) = iommu.replace_begin(dev_id, pasid, pt_id)?;
+                    self.hub
+                        .complete(ticket)
+                        .map_err(|e| Fail::from(HubError::Io(e)))?;
+                    hwpt
                 } else {
                     iommu.attach(dev_id, pasid, pt_id)?
                 };
@@ -1035,7 +1059,7 @@ impl Service {
                 let key = (label, pasid);
                 let s = self.session(sid)?;
                 if let Some(pos) = s.attachments.iter().position(|k| *k == key) {
-                    iommu.detach(dev_id, pasid)?;
+                    self.hub.detach(&iommu, dev_id, pasid)?;
                     self.session(sid)?.attachments.remove(pos);
                     ok(ReplyBody::Empty)
                 } else if iommu.attached_hwpt(dev_id, pasid)?.is_some() {
@@ -1064,7 +1088,7 @@ impl Service {
                 }
                 let akey = (key.0.clone(), Some(pasid));
                 if let Some(pos) = s.attachments.iter().position(|k| *k == akey) {
-                    iommu.detach(dev_id, Some(pasid))?;
+                    self.hub.detach(&iommu, dev_id, Some(pasid))?;
                     self.session(sid)?.attachments.remove(pos);
                 }
                 let info = {
@@ -1166,7 +1190,7 @@ impl Service {
                         },
                     })
                     .collect();
-                let (done, res) = iommu.hwpt_invalidate(hwpt_id, &conv);
+                let (done, res) = self.hub.hwpt_invalidate(&iommu, hwpt_id, &conv);
                 match res {
                     Ok(()) => Ok((ReplyBody::Empty, done, None)),
                     Err(e) => Err(Fail {

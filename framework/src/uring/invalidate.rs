@@ -38,7 +38,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types, IoUring};
@@ -106,6 +106,33 @@ impl ThreadLink {
     }
 }
 
+/// Makes [`ThreadLink`]s for a hub from any thread (the hub adopts them
+/// at its next operation). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Linker {
+    pending: Arc<Mutex<Vec<Arc<LinkShared>>>>,
+}
+
+impl Linker {
+    /// A new link for one device thread.
+    pub fn link(&self) -> io::Result<ThreadLink> {
+        let flags = EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK;
+        let shared = Arc::new(LinkShared {
+            doorbell: EventFd::from_value_and_flags(0, flags)?,
+            ack: EventFd::from_value_and_flags(0, flags)?,
+            requested: AtomicBool::new(false),
+        });
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if p.len() >= MAX_THREAD_LINKS {
+            return Err(io::Error::other(format!(
+                "{MAX_THREAD_LINKS} links wait to be adopted"
+            )));
+        }
+        p.push(shared.clone());
+        Ok(ThreadLink { shared })
+    }
+}
+
 struct LinkSlot {
     shared: Arc<LinkShared>,
     buf: Box<[u8; 8]>,
@@ -131,6 +158,7 @@ pub struct InvalidationHub {
     ring: IoUring,
     completion: EventFd,
     links: Vec<LinkSlot>,
+    linker: Linker,
     ops: HashMap<OpId, InvalidationTicket>,
     next_op: OpId,
     stats: HubStats,
@@ -158,6 +186,9 @@ impl InvalidationHub {
             ring,
             completion,
             links: Vec::new(),
+            linker: Linker {
+                pending: Arc::new(Mutex::new(Vec::new())),
+            },
             ops: HashMap::new(),
             next_op: 1,
             stats: HubStats::default(),
@@ -174,28 +205,45 @@ impl InvalidationHub {
         self.stats
     }
 
+    /// A linker that makes links for this hub from other threads.
+    pub fn linker(&self) -> Linker {
+        self.linker.clone()
+    }
+
     /// A new link for one device thread.
     pub fn link(&mut self) -> io::Result<ThreadLink> {
-        if self.links.len() >= MAX_THREAD_LINKS {
-            return Err(io::Error::other(format!(
-                "hub serves {MAX_THREAD_LINKS} links already"
-            )));
+        let l = self.linker.link()?;
+        self.adopt()?;
+        Ok(l)
+    }
+
+    /// Arms the ring's reads for links made by the linker.
+    fn adopt(&mut self) -> io::Result<()> {
+        let new: Vec<Arc<LinkShared>> = {
+            let mut p = self
+                .linker
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if p.is_empty() {
+                return Ok(());
+            }
+            std::mem::take(&mut *p)
+        };
+        for shared in new {
+            if self.links.len() >= MAX_THREAD_LINKS {
+                warn!("invalidation hub: link dropped, {MAX_THREAD_LINKS} already served");
+                continue;
+            }
+            self.links.push(LinkSlot {
+                shared,
+                buf: Box::new([0u8; 8]),
+                armed: false,
+            });
+            self.arm(self.links.len() - 1)?;
         }
-        let flags = EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK;
-        let shared = Arc::new(LinkShared {
-            doorbell: EventFd::from_value_and_flags(0, flags)?,
-            ack: EventFd::from_value_and_flags(0, flags)?,
-            requested: AtomicBool::new(false),
-        });
-        self.links.push(LinkSlot {
-            shared: shared.clone(),
-            buf: Box::new([0u8; 8]),
-            armed: false,
-        });
-        let idx = self.links.len() - 1;
-        self.arm(idx)?;
         self.ring.submit()?;
-        Ok(ThreadLink { shared })
+        Ok(())
     }
 
     fn arm(&mut self, idx: usize) -> io::Result<()> {
@@ -256,6 +304,9 @@ impl InvalidationHub {
     /// else nudges its translators and returns an id that
     /// [`InvalidationHub::poll`] reports when complete.
     pub fn submit(&mut self, mut ticket: InvalidationTicket) -> Option<OpId> {
+        if let Err(e) = self.adopt() {
+            warn!("invalidation hub: cannot adopt new links: {e}");
+        }
         self.stats.submitted += 1;
         if ticket.is_done() {
             self.stats.immediate += 1;

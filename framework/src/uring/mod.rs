@@ -41,7 +41,7 @@ pub use channel::{
     ChannelError, FaultBatch, FaultChannel, Wait, MAX_FAULT_PACKET, MAX_RECORDS_PER_PACKET,
     MAX_RESPONSES_PER_PACKET, MAX_RESPONSE_PACKET,
 };
-pub use invalidate::{HubError, HubStats, InvalidationHub, ThreadLink};
+pub use invalidate::{HubError, HubStats, InvalidationHub, Linker, ThreadLink};
 pub use pump::{FaultPump, FaultSource, PumpError, PumpStats};
 pub use record::{FaultRecord, PageResponse, Rejection};
 
