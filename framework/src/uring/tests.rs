@@ -96,6 +96,15 @@ fn pair() -> (FaultPump<MemSource>, FaultChannel) {
 
 const WAIT: Wait = Wait::Timeout(Duration::from_secs(5));
 
+/// Waits (bounded) until the pump's socket has something to read.
+fn wait_readable(pump: &FaultPump<MemSource>) {
+    let mut p = [nix::poll::PollFd::new(
+        pump.socket(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let _ = nix::poll::poll(&mut p, nix::poll::PollTimeout::from(1000u16));
+}
+
 #[test]
 fn test_whole_groups_are_delivered_and_answered() {
     let (mut pump, mut ch) = pair();
@@ -123,7 +132,7 @@ fn test_whole_groups_are_delivered_and_answered() {
         if applied == 2 {
             break;
         }
-        std::thread::sleep(Duration::from_millis(1));
+        wait_readable(&pump);
     }
     assert_eq!(
         pump.source().answered,
@@ -144,7 +153,7 @@ fn test_unknown_cookie_is_rejected_with_einval() {
         if pump.pump_in().expect("pump in") > 0 {
             break;
         }
-        std::thread::sleep(Duration::from_millis(1));
+        wait_readable(&pump);
     }
     // The bad response is reported, the good one after it still applies.
     assert_eq!(pump.source().answered, vec![PageResponse::success(c1)]);
@@ -188,7 +197,7 @@ fn test_many_groups_span_packets_whole() {
         if applied == 100 {
             break;
         }
-        std::thread::sleep(Duration::from_millis(1));
+        wait_readable(&pump);
     }
     assert_eq!(applied, 100);
 }
