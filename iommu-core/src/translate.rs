@@ -527,6 +527,14 @@ impl Access<'_> {
         }
     }
 
+    /// True when an invalidation started since this section began: a
+    /// device thread in a long section should finish its current unit of
+    /// work and end the section (one atomic load).
+    #[inline]
+    pub fn invalidation_requested(&self) -> bool {
+        self.t.slot.gen.load(Ordering::Relaxed) != self.t.seen_gen
+    }
+
     /// Translates the first contiguous host run of `[iova, iova+len)`: the
     /// fragment returned covers `iova` and is at most `len` bytes long
     /// (shorter when the range continues in another host buffer).
@@ -605,7 +613,8 @@ impl Access<'_> {
     }
 
     /// Copies `len` bytes between two device addresses (memmove semantics
-    /// per fragment pair).
+    /// per fragment pair). Both ranges are translated first: on error
+    /// nothing was copied.
     pub fn copy(
         &mut self,
         src_pasid: Option<u32>,
@@ -616,6 +625,14 @@ impl Access<'_> {
     ) -> Result<()> {
         check_range(src, len)?;
         check_range(dst, len)?;
+        // Validate both ranges first: on error nothing is copied.
+        for (pasid, base, perm) in [(src_pasid, src, Perm::READ), (dst_pasid, dst, Perm::WRITE)] {
+            let mut done = 0u64;
+            while done < len {
+                let e = self.t.resolve(pasid, base + done, perm, len - done)?;
+                done += (len - done).min((e.last - (base + done)).saturating_add(1));
+            }
+        }
         let mut done = 0u64;
         while done < len {
             let s_at = src + done;

@@ -1985,3 +1985,42 @@ fn test_dirty_through_nested() {
         .unwrap();
     assert_eq!(bm, vec![1 << 8]);
 }
+
+/// (design: unmap safety) a device in a long access section can see that an
+/// invalidation waits for it.
+#[test]
+fn test_access_sees_invalidation_request() {
+    let (iommu, dev, dev_id, ioas, m) = fixture();
+    iommu.ioas_map(ioas, &m, 0, P, Some(P), Perm::RW).unwrap();
+    iommu.attach(dev_id, None, ioas).unwrap();
+    let mut t = dev.translator();
+    let a = t.access();
+    assert!(!a.invalidation_requested());
+    let (_n, mut ticket) = iommu.ioas_unmap_begin(ioas, P, P).unwrap();
+    assert!(a.invalidation_requested());
+    drop(a);
+    assert!(ticket.is_done());
+}
+
+/// (src, iopt_access_rw: no partial effect on a hole) a device copy whose
+/// destination is partly unmapped copies nothing.
+#[test]
+fn test_access_copy_all_or_nothing() {
+    let (iommu, dev, dev_id, ioas, m) = fixture();
+    iommu.ioas_map(ioas, &m, 0, P, Some(P), Perm::RW).unwrap();
+    iommu
+        .ioas_map(ioas, &m, 4 * P, P, Some(8 * P), Perm::RW)
+        .unwrap();
+    iommu.attach(dev_id, None, ioas).unwrap();
+    m.write_at(0, b"source").unwrap();
+    let mut t = dev.translator();
+    let r = t.access().copy(None, P, None, 9 * P - 3, 6);
+    assert_eq!(errno(r), libc::ENOENT);
+    let mut b = [0u8; 3];
+    m.read_at((5 * P - 3) as usize, &mut b).unwrap();
+    assert_eq!(b, [0, 0, 0]);
+    t.access().copy(None, P, None, 8 * P, 6).unwrap();
+    let mut b = [0u8; 6];
+    m.read_at((4 * P) as usize, &mut b).unwrap();
+    assert_eq!(&b, b"source");
+}
