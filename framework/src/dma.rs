@@ -142,8 +142,12 @@ impl DmaError {
 /// Result of DMA operations.
 pub type Result<T> = std::result::Result<T, DmaError>;
 
-/// Largest number of host fragments a single access may resolve to.
+/// Capacity the fragment scratch vector is trimmed back to after an access
+/// that resolved to more fragments.
 pub const MAX_FRAGMENTS: usize = 1024;
+
+/// Fragments [`Dma::with_fragments`] hands out without allocating.
+pub const INLINE_FRAGMENTS: usize = 8;
 
 /// One open access section of a translator, with its scratch storage.
 pub(crate) struct Section<'t> {
@@ -259,7 +263,8 @@ impl<'a> Dma<'a> {
 
     /// Runs `f` with the host fragments covering `iova..iova+len`, in order.
     /// The slices are valid only inside `f`; use them for zero-copy I/O
-    /// (`readv`/`writev` on a tap, for instance).
+    /// (`readv`/`writev` on a tap, for instance). Allocation-free for up to
+    /// [`INLINE_FRAGMENTS`] fragments.
     pub fn with_fragments<R>(
         &self,
         iova: u64,
@@ -270,17 +275,27 @@ impl<'a> Dma<'a> {
         let mut f = Some(f);
         let mut out = None;
         self.ops.translate_with(iova, len, access, &mut |frags| {
-            let slices: Vec<vm_memory::VolatileSlice<'_>> = frags
-                .iter()
-                .map(|fr| {
-                    // SAFETY: iommu-core returned `fr.len` bytes at `fr.ptr`
-                    // that stay mapped until the access section ends, which is
-                    // after this callback returns; the slice does not escape it.
-                    unsafe { vm_memory::VolatileSlice::new(fr.ptr, fr.len) }
-                })
-                .collect();
-            if let Some(f) = f.take() {
-                out = Some(f(&slices));
+            let slice = |fr: &Fragment| {
+                // SAFETY: iommu-core returned `fr.len` bytes at `fr.ptr` that
+                // stay mapped until the access section ends, which is after
+                // this callback returns; the slice does not escape it.
+                unsafe { vm_memory::VolatileSlice::new(fr.ptr, fr.len) }
+            };
+            let Some(f) = f.take() else { return Ok(()) };
+            if frags.len() <= INLINE_FRAGMENTS {
+                let empty = || {
+                    // SAFETY: a zero-length slice at a dangling, well-aligned
+                    // pointer is never dereferenced.
+                    unsafe {
+                        vm_memory::VolatileSlice::new(std::ptr::NonNull::dangling().as_ptr(), 0)
+                    }
+                };
+                let arr: [vm_memory::VolatileSlice<'_>; INLINE_FRAGMENTS] =
+                    std::array::from_fn(|i| frags.get(i).map_or_else(empty, slice));
+                out = Some(f(&arr[..frags.len()]));
+            } else {
+                let v: Vec<vm_memory::VolatileSlice<'_>> = frags.iter().map(slice).collect();
+                out = Some(f(&v));
             }
             Ok(())
         })?;
@@ -442,5 +457,99 @@ impl vm_memory::GuestMemory for Dma<'_> {
             access: Access::from_vm(access),
             done: false,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use iommu_core::{HwInfo, Iommu, Memory};
+
+    use super::*;
+
+    fn setup() -> (
+        Iommu,
+        iommu_core::Device,
+        u32,
+        std::sync::Arc<Memory>,
+        std::sync::Arc<Memory>,
+    ) {
+        let iommu = Iommu::new();
+        let core = iommu_core::Device::new("dma", HwInfo::default());
+        let dev = iommu.bind(&core).expect("bind");
+        let ioas = iommu.ioas_alloc().expect("ioas");
+        iommu.attach(dev, None, ioas).expect("attach");
+        // Two separate host buffers, adjacent in IOVA space.
+        let a = Memory::anonymous("a", 0x1000).expect("a");
+        let b = Memory::anonymous("b", 0x1000).expect("b");
+        iommu
+            .ioas_map(ioas, &a, 0, 0x1000, Some(0x10000), Perm::RW)
+            .expect("map a");
+        iommu
+            .ioas_map(ioas, &b, 0, 0x1000, Some(0x11000), Perm::READ)
+            .expect("map b");
+        (iommu, core, ioas, a, b)
+    }
+
+    #[test]
+    fn test_access_spanning_two_host_buffers() {
+        let (_iommu, core, _ioas, a, b) = setup();
+        a.write_at(0xffe, b"xy").expect("write");
+        b.write_at(0, b"zw").expect("write");
+        let mut tr = core.translator();
+        Dma::enter(&mut tr, None, |dma| {
+            let mut buf = [0u8; 4];
+            dma.read(0x10ffe, &mut buf).expect("read across");
+            assert_eq!(&buf, b"xyzw");
+            let n = dma
+                .with_fragments(0x10ff0, 0x20, Access::Read, |s| s.len())
+                .expect("fragments");
+            assert_eq!(n, 2, "one IOVA range, two host fragments");
+            let v: u32 = dma.read_obj(0x10ffe).expect("read obj");
+            assert_eq!(v.to_ne_bytes(), *b"xyzw");
+        });
+    }
+
+    #[test]
+    fn test_miss_permission_and_overflow_are_typed() {
+        let (_iommu, core, _ioas, _a, _b) = setup();
+        let mut tr = core.translator();
+        Dma::enter(&mut tr, None, |dma| {
+            assert_eq!(
+                dma.read(0x20000, &mut [0u8; 4]),
+                Err(DmaError::NotMapped {
+                    iova: 0x20000,
+                    access: Access::Read
+                })
+            );
+            // Writable part first, then a read-only page: denied at the boundary.
+            let e = dma.write(0x10ff0, &[0u8; 0x20]).expect_err("denied");
+            assert_eq!(e.denied_address(), Some((0x11000, Access::Write)));
+            assert!(matches!(
+                dma.check(u64::MAX - 1, 8, Access::Read),
+                Err(DmaError::Overflow { .. })
+            ));
+            // The first half was not written: a failed access touches nothing.
+            assert!(dma.check(0x10000, 0x1000, Access::Write).is_ok());
+        });
+    }
+
+    #[test]
+    fn test_guest_memory_records_typed_cause() {
+        use vm_memory::{Bytes, GuestAddress};
+        let (_iommu, core, _ioas, _a, _b) = setup();
+        let mut tr = core.translator();
+        Dma::enter(&mut tr, None, |dma| {
+            let r: std::result::Result<u16, _> = Bytes::read_obj(&dma, GuestAddress(0x30000));
+            assert!(r.is_err());
+            assert_eq!(
+                dma.take_fault(),
+                Some(DmaError::NotMapped {
+                    iova: 0x30000,
+                    access: Access::Read
+                })
+            );
+            let v: u16 = Bytes::read_obj(&dma, GuestAddress(0x10000)).expect("read");
+            assert_eq!(v, 0);
+        });
     }
 }
