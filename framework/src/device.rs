@@ -56,7 +56,7 @@
 //! ```
 
 use std::io;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::time::Duration;
 
 pub use crate::dma::{Dma, DmaError};
@@ -245,6 +245,12 @@ pub trait Worker: Send {
 
     /// An event source registered in [`init`](Worker::init) with `token`
     /// became ready.
+    ///
+    /// Sources are level-triggered: a device that cannot consume what is
+    /// ready (no buffers on its queue, say) should stop watching the source
+    /// through an [`EventHandle`] kept from `init` and watch it again from
+    /// [`process_queue`](Worker::process_queue) once the driver adds buffers,
+    /// rather than leave it ready and make the thread spin.
     fn handle_event(&mut self, token: u64, queues: &mut Queues<'_>) -> Result<()> {
         let _ = (token, queues);
         Err(DeviceError::Unsupported("device event sources"))
@@ -284,6 +290,38 @@ impl Interest {
 /// Largest token a device may use for its own event sources.
 pub const MAX_DEVICE_TOKEN: u64 = (1 << 48) - 1;
 
+/// An owned handle to a worker thread's event loop, obtained from
+/// [`EventRegistrar::handle`]; same operations as the registrar.
+#[derive(Debug)]
+pub struct EventHandle {
+    epoll: std::os::fd::OwnedFd,
+}
+
+impl EventHandle {
+    fn registrar(&self) -> EventRegistrar<'_> {
+        use std::os::fd::AsFd;
+        EventRegistrar {
+            epoll: self.epoll.as_fd(),
+            thread: usize::MAX,
+        }
+    }
+
+    /// See [`EventRegistrar::add`].
+    pub fn add(&self, fd: &impl AsRawFd, interest: Interest, token: u64) -> io::Result<()> {
+        self.registrar().add(fd, interest, token)
+    }
+
+    /// See [`EventRegistrar::modify`].
+    pub fn modify(&self, fd: &impl AsRawFd, interest: Interest, token: u64) -> io::Result<()> {
+        self.registrar().modify(fd, interest, token)
+    }
+
+    /// See [`EventRegistrar::remove`].
+    pub fn remove(&self, fd: &impl AsRawFd) -> io::Result<()> {
+        self.registrar().remove(fd)
+    }
+}
+
 /// Registers a device's own event sources on its worker thread's event loop.
 #[derive(Debug)]
 pub struct EventRegistrar<'a> {
@@ -297,21 +335,28 @@ impl EventRegistrar<'_> {
         self.thread
     }
 
+    /// An owned handle to the same event loop, for changing registrations
+    /// later (from [`Worker::handle_event`] or [`Worker::process_queue`]).
+    pub fn handle(&self) -> io::Result<EventHandle> {
+        Ok(EventHandle {
+            epoll: self.epoll.try_clone_to_owned()?,
+        })
+    }
+
     /// Watches `fd` for `interest` (level-triggered); readiness calls
     /// [`Worker::handle_event`] with `token` (at most [`MAX_DEVICE_TOKEN`]).
     /// The fd must stay open until the worker is dropped.
-    pub fn add(&mut self, fd: BorrowedFd<'_>, interest: Interest, token: u64) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_ADD, fd, interest, token)
+    pub fn add(&mut self, fd: &impl AsRawFd, interest: Interest, token: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd.as_raw_fd(), interest, token)
     }
 
     /// Changes the interest of a registered fd.
-    pub fn modify(&mut self, fd: BorrowedFd<'_>, interest: Interest, token: u64) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_MOD, fd, interest, token)
+    pub fn modify(&mut self, fd: &impl AsRawFd, interest: Interest, token: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_MOD, fd.as_raw_fd(), interest, token)
     }
 
     /// Stops watching `fd`.
-    pub fn remove(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
-        use std::os::fd::AsRawFd;
+    pub fn remove(&mut self, fd: &impl AsRawFd) -> io::Result<()> {
         // SAFETY: both fds are valid for the duration of the call; a null event
         // pointer is allowed for EPOLL_CTL_DEL.
         let rc = unsafe {
@@ -328,14 +373,7 @@ impl EventRegistrar<'_> {
         Ok(())
     }
 
-    fn ctl(
-        &mut self,
-        op: i32,
-        fd: BorrowedFd<'_>,
-        interest: Interest,
-        token: u64,
-    ) -> io::Result<()> {
-        use std::os::fd::AsRawFd;
+    fn ctl(&mut self, op: i32, fd: RawFd, interest: Interest, token: u64) -> io::Result<()> {
         if token > MAX_DEVICE_TOKEN {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -348,7 +386,7 @@ impl EventRegistrar<'_> {
         };
         // SAFETY: both fds are valid for the duration of the call and `ev` is
         // a valid epoll_event the kernel only reads.
-        let rc = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd.as_raw_fd(), &mut ev) };
+        let rc = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd, &mut ev) };
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
