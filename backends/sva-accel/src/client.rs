@@ -967,6 +967,8 @@ impl Client {
             descs: Vec::with_capacity(cap),
             capacity: cap,
             fence_next: false,
+            written: false,
+            crs_zero: std::cell::Cell::new(true),
         })
     }
 
@@ -1248,6 +1250,11 @@ pub struct Batch<'c> {
     descs: Vec<Descriptor>,
     capacity: usize,
     fence_next: bool,
+    /// The list in memory matches `descs` (resubmission skips rewriting it,
+    /// so the device reads lines it already caches).
+    written: bool,
+    /// The member record area is all zero.
+    crs_zero: std::cell::Cell<bool>,
 }
 
 /// The outcome of a batch.
@@ -1278,6 +1285,7 @@ impl<'c> Batch<'c> {
         }
         d.completion_addr = self.crs.at(i * CR_SIZE);
         self.descs.push(d);
+        self.written = false;
         self
     }
 
@@ -1327,6 +1335,7 @@ impl<'c> Batch<'c> {
     pub fn clear(&mut self) {
         self.descs.clear();
         self.fence_next = false;
+        self.written = false;
     }
 
     /// Device address of the descriptor list.
@@ -1340,10 +1349,17 @@ impl<'c> Batch<'c> {
             self.noop();
         }
         let n = self.descs.len();
-        for (i, d) in self.descs.iter().enumerate() {
-            self.list.write(i * DESC_SIZE, &d.to_bytes());
+        if !self.written {
+            for (i, d) in self.descs.iter().enumerate() {
+                self.list.write(i * DESC_SIZE, &d.to_bytes());
+            }
+            self.written = true;
         }
-        self.crs.write(0, &vec![0u8; n * CR_SIZE]);
+        if !self.crs_zero.get() {
+            self.crs.write(0, &vec![0u8; self.capacity * CR_SIZE]);
+        }
+        // Until a wait finds them untouched, the device may write them.
+        self.crs_zero.set(false);
         let mut b = Descriptor::new(opcode::BATCH, 0);
         b.src = self.list.addr();
         b.xfer_size = n as u32;
@@ -1369,6 +1385,9 @@ impl BatchHandle<'_, '_> {
             let mut b = [0u8; CR_SIZE];
             self.batch.crs.read(i * CR_SIZE, &mut b);
             members.push(CompletionRecord::from_bytes(&b));
+        }
+        if members.iter().all(|m| m.status == 0) {
+            self.batch.crs_zero.set(true);
         }
         Ok(BatchResult { record, members })
     }

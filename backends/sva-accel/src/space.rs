@@ -119,6 +119,8 @@ pub struct AddressSpace {
 #[derive(Debug)]
 pub struct SpaceView<'a> {
     maps: RwLockReadGuard<'a, Vec<Mapping>>,
+    /// Index of the mapping that answered last (a one-entry cache).
+    last: std::cell::Cell<usize>,
 }
 
 impl AddressSpace {
@@ -221,6 +223,7 @@ impl AddressSpace {
     pub fn view(&self) -> SpaceView<'_> {
         SpaceView {
             maps: self.maps.read().unwrap_or_else(|e| e.into_inner()),
+            last: std::cell::Cell::new(0),
         }
     }
 }
@@ -236,11 +239,21 @@ unsafe impl DmaMemory for SpaceView<'_> {
         write: bool,
     ) -> std::result::Result<Fragment, PageFault> {
         let fault = PageFault { addr, write };
-        let pos = self.maps.partition_point(|m| m.iova <= addr);
-        if pos == 0 {
-            return Err(fault);
-        }
-        let m = &self.maps[pos - 1];
+        let hit = self
+            .maps
+            .get(self.last.get())
+            .filter(|m| addr >= m.iova && addr - m.iova < m.len);
+        let m = match hit {
+            Some(m) => m,
+            None => {
+                let pos = self.maps.partition_point(|m| m.iova <= addr);
+                if pos == 0 {
+                    return Err(fault);
+                }
+                self.last.set(pos - 1);
+                &self.maps[pos - 1]
+            }
+        };
         let off = addr - m.iova;
         if off >= m.len || (write && !m.writable) {
             return Err(fault);
