@@ -20,5 +20,5 @@ else
     echo "!! vdpa-net does not build in release mode: measuring net_vhost only" >&2
     set -- "$@" --only-reference
 fi
-echo "== $(nproc) CPUs, $(uname -r), DPDK $(dpkg-query -W -f="${Version}" dpdk-dev 2>/dev/null || echo "?")"
+echo "== $(nproc) CPUs, kernel $(uname -r), DPDK $(dpkg-query -W -f='${Version}' dpdk-dev 2>/dev/null || echo '?'), load $(cut -d' ' -f1-3 /proc/loadavg)"
 exec target/release/ioasis-bench-net "$@"

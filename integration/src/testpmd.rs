@@ -52,7 +52,8 @@ pub fn net_vhost_vdev(index: u32, socket: &Path, queues: u16, iommu: bool) -> St
 /// How testpmd gets its memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MemMode {
-    /// Hugepages if enough are free, otherwise no hugepages.
+    /// Hugepages if enough are free (and `IOASIS_TESTPMD_NO_HUGE` is unset),
+    /// otherwise no hugepages.
     Auto,
     /// 2 MiB hugepages, `--in-memory --single-file-segments`.
     Hugepages,
@@ -217,7 +218,10 @@ impl TestpmdConfig {
         let huge = match self.mem {
             MemMode::Hugepages => true,
             MemMode::NoHuge => false,
-            MemMode::Auto => free_hugepage_mb() >= u64::from(self.mem_mb) + 64,
+            MemMode::Auto => {
+                std::env::var_os("IOASIS_TESTPMD_NO_HUGE").is_none()
+                    && free_hugepage_mb() >= u64::from(self.mem_mb) + 64
+            }
         };
         let mut cmd = match &self.netns {
             Some(ns) => {

@@ -7,11 +7,14 @@
 //!
 //! - `to-backend`: frontend txonly into net_vhost (rxonly) / vdpa-net `sink`;
 //!   the figure is the frontend's Tx-pps (frames the backend took off the ring);
-//! - `loop`: frontend io forwarding with a first burst, the backend returning
-//!   every frame (net_vhost io / vdpa-net `reflect`); the figure is the
-//!   frontend's Rx-pps, i.e. frames the backend delivered into the ring;
-//! - `from-backend`: net_vhost txonly into a frontend in rxonly (reference
-//!   only: vdpa-net has no generator port);
+//! - `from-backend`: frames the backend delivers into the frontend's receive
+//!   ring, the frontend's Rx-pps: net_vhost generates (txonly) into a frontend
+//!   in rxonly; vdpa-net has no generator port, so the frontend generates
+//!   (flowgen, which also receives) into `reflect` and the returned frames are
+//!   counted: vdpa-net then carries both directions at once;
+//! - `loop`: the same workload for both: frontend flowgen, the backend
+//!   returning every frame (net_vhost macswap / vdpa-net `reflect`); the
+//!   figure is the frontend's Rx-pps;
 //! - `tap` (with `--tap`): frontend txonly through the backend into a tap
 //!   inside a network namespace, counted on the tap (DPDK's reference is
 //!   net_vhost + net_tap in io mode).
@@ -92,7 +95,7 @@ fn start_backend(
         Backend::Reference => {
             let (fwd, vdevs) = match t {
                 Test::ToBackend => ("rxonly", vec![net_vhost_vdev(0, sock, 1, false)]),
-                Test::Loop => ("io", vec![net_vhost_vdev(0, sock, 1, false)]),
+                Test::Loop => ("macswap", vec![net_vhost_vdev(0, sock, 1, false)]),
                 Test::FromBackend => ("txonly", vec![net_vhost_vdev(0, sock, 1, false)]),
                 Test::Tap => (
                     "io",
@@ -119,9 +122,8 @@ fn start_backend(
                 .ok_or_else(|| Error::Unavailable("vdpa-net".into()))?;
             let port = match t {
                 Test::ToBackend => "sink",
-                Test::Loop => "reflect",
+                Test::Loop | Test::FromBackend => "reflect",
                 Test::Tap => "tap=btap0",
-                Test::FromBackend => return Err(Error::Unavailable("no generator port".into())),
             };
             let mut cfg = VdpaNetConfig::new().device(sock, port).stats_interval(1);
             for a in &opts.vdpa_args {
@@ -169,16 +171,13 @@ fn measure(b: Backend, t: Test, opts: &Opts) -> Result<u64> {
         ns.wait_link("btap0", SOCKET)?;
         ns.addr_up("btap0", "10.0.8.1/24")?;
     }
-    let fwd = match t {
-        Test::ToBackend | Test::Tap => "txonly",
-        Test::Loop => "io",
-        Test::FromBackend => "rxonly",
+    let fwd = match (t, b) {
+        (Test::ToBackend | Test::Tap, _) => "txonly",
+        (Test::Loop, _) | (Test::FromBackend, Backend::VdpaNet) => "flowgen",
+        (Test::FromBackend, Backend::Reference) => "rxonly",
     };
-    let mut cfg = TestpmdConfig::frontend("frontend", &sock, fwd)
+    let cfg = TestpmdConfig::frontend("frontend", &sock, fwd)
         .duration(Duration::from_secs(opts.secs + 2));
-    if t == Test::Loop {
-        cfg = cfg.tx_first();
-    }
     let mut front = Testpmd::spawn(&cfg, dir.path())?;
     let mut tap_rates = Vec::new();
     if let Some(ns) = &ns {
@@ -287,9 +286,6 @@ fn main() -> ExitCode {
             };
             for bi in order {
                 let b = backends[bi];
-                if b == Backend::VdpaNet && t == Test::FromBackend {
-                    continue;
-                }
                 match measure(b, t, &opts) {
                     Ok(pps) => {
                         println!(
