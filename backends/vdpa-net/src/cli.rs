@@ -21,7 +21,7 @@ usage: vdpa-net --socket-path PATH --port PORT [--queues N] [--mac MAC]
 
 Serves virtio-net devices over vhost-user.
   --socket-path PATH     unix socket the device listens on
-  --port PORT            tap=IFNAME | switch=NAME | sink | reflect
+  --port PORT            tap=IFNAME | switch=NAME | sink | reflect | source[=LEN]
   --queues N             queue pairs, 1 to 8 (default 1)
   --mac MAC              MAC address in the config space (default: derived from the socket path)
   --device SPEC          one more device (repeatable); the form above is shorthand for one

@@ -15,13 +15,13 @@
 //! has no receive buffers the port's readiness is switched off until the
 //! driver kicks the receive queue.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ioasis::device::{
-    Chain, Device, DeviceError, EventRegistrar, Interest, Queue, QueueError, Queues, Result, Worker,
+    Chain, Device, DeviceError, EventHandle, EventRegistrar, Interest, Queue, QueueError, Queues,
+    Result, Worker,
 };
 use log::{debug, info, warn};
 
@@ -221,57 +221,29 @@ impl Device for VhostUserNetBackend {
     }
 }
 
-/// Level-triggered readiness of the port that can be switched off while the
-/// driver has no receive buffers.
-///
-/// The framework's event registrar is only available in `Worker::init`, so
-/// the port fd lives in a private epoll set that is itself registered once;
-/// switching the port's interest in the private set gates the outer event.
-/// (A `Worker` method that receives the registrar would make this go away.)
+/// Level-triggered readiness of the port, switched off (removed from the
+/// worker's event loop) while the driver has no receive buffers, so a tap
+/// with frames queued does not spin the worker.
 #[derive(Debug)]
 struct RxGate {
-    epoll: OwnedFd,
-    port_fd: i32,
+    events: EventHandle,
     armed: bool,
 }
 
 impl RxGate {
-    fn new(port_fd: BorrowedFd<'_>) -> std::io::Result<RxGate> {
-        // SAFETY: epoll_create1 takes no pointers; the result is checked.
-        let e = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if e < 0 {
-            return Err(std::io::Error::last_os_error());
+    fn set(&mut self, port: &dyn Port, on: bool) {
+        if on == self.armed {
+            return;
         }
-        // SAFETY: `e` is a fresh descriptor nobody else owns.
-        let epoll = unsafe { OwnedFd::from_raw_fd(e) };
-        let gate = RxGate {
-            epoll,
-            port_fd: port_fd.as_raw_fd(),
-            armed: true,
+        let Some(fd) = port.rx_fd() else { return };
+        let r = if on {
+            self.events.add(&fd, Interest::Readable, PORT_TOKEN)
+        } else {
+            self.events.remove(&fd)
         };
-        gate.ctl(libc::EPOLL_CTL_ADD, libc::EPOLLIN as u32)?;
-        Ok(gate)
-    }
-
-    fn ctl(&self, op: i32, events: u32) -> std::io::Result<()> {
-        let mut ev = libc::epoll_event { events, u64: 0 };
-        // SAFETY: both fds are open (the port fd is owned by the worker, which
-        // owns this gate too) and `ev` is a live epoll_event.
-        let r = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, self.port_fd, &mut ev) };
-        if r < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    fn set(&mut self, on: bool) {
-        if on != self.armed {
-            let events = if on { libc::EPOLLIN as u32 } else { 0 };
-            if let Err(e) = self.ctl(libc::EPOLL_CTL_MOD, events) {
-                warn!("port readiness switch failed: {e}");
-                return;
-            }
-            self.armed = on;
+        match r {
+            Ok(()) => self.armed = on,
+            Err(e) => warn!("port readiness switch failed: {e}"),
         }
     }
 }
@@ -603,13 +575,13 @@ impl<C: ChainInfo> PairEngine<C> {
         let mut stop = RxStop::Port;
         let mut fatal: Option<QueueError> = None;
         let mut completed = 0usize;
-        let taken = port.recv(BURST, &mut |data: &[u8]| {
+        let taken = port.recv(BURST, &mut |data: &mut [u8]| {
             if data.len() < VNET_HDR_LEN + 14 {
                 errors += 1;
                 return true;
             }
-            let frame = &data[VNET_HDR_LEN..];
-            if !filter.accepts(&frame[..6]) {
+            let frame_len = data.len() - VNET_HDR_LEN;
+            if !filter.accepts(&data[VNET_HDR_LEN..VNET_HDR_LEN + 6]) {
                 drops += 1;
                 return true;
             }
@@ -623,7 +595,7 @@ impl<C: ChainInfo> PairEngine<C> {
                 }
                 hdr = [0u8; VNET_HDR_LEN];
             }
-            let total = hdr_len + frame.len();
+            let total = hdr_len + frame_len;
             // Gather enough chains: those held from an earlier frame first.
             let mut cap = 0usize;
             let mut k = 0usize;
@@ -685,13 +657,21 @@ impl<C: ChainInfo> PairEngine<C> {
                 drops += 1;
                 return true;
             }
-            if hdr_len == VNET_HDR_LEN {
-                let num = if mrg { k as u16 } else { 1 };
-                hdr[10..12].copy_from_slice(&num.to_le_bytes());
-            }
-            let parts = RxParts {
-                hdr: &hdr[..hdr_len],
-                frame,
+            let num = if mrg { k as u16 } else { 1 };
+            hdr[10..12].copy_from_slice(&num.to_le_bytes());
+            // With the 12-byte header the port's buffer already is the
+            // virtual buffer: patch the header in place, one copy per chain.
+            let parts = if hdr_len == VNET_HDR_LEN {
+                data[..VNET_HDR_LEN].copy_from_slice(&hdr);
+                RxParts {
+                    hdr: &[],
+                    frame: data,
+                }
+            } else {
+                RxParts {
+                    hdr: &hdr[..hdr_len],
+                    frame: &data[VNET_HDR_LEN..],
+                }
             };
             let mut start = 0usize;
             for c in chains[..k].iter() {
@@ -717,7 +697,7 @@ impl<C: ChainInfo> PairEngine<C> {
             *held -= k;
             completed += k;
             pkts += 1;
-            bytes += frame.len() as u64;
+            bytes += frame_len as u64;
             true
         });
         if completed > 0 && fatal.is_none() {
@@ -862,7 +842,10 @@ impl std::fmt::Debug for NetWorker {
 
 impl Drop for NetWorker {
     fn drop(&mut self) {
-        // The gate refers to the port's fd: close it first.
+        // Stop watching the port's fd before it goes back to the device.
+        if let (Some(g), Some(p)) = (self.gate.as_mut(), self.port.as_ref()) {
+            g.set(p.as_ref(), false);
+        }
         self.gate = None;
         self.wake = None;
         if let Some(p) = self.port.take() {
@@ -937,7 +920,7 @@ impl NetWorker {
         if pass.blocked {
             self.rx_blocked = true;
             if let Some(g) = self.gate.as_mut() {
-                g.set(false);
+                g.set(port.as_ref(), false);
             }
         }
         if pass.more {
@@ -951,7 +934,7 @@ impl Worker for NetWorker {
     fn init(&mut self, events: &mut EventRegistrar<'_>) -> Result<()> {
         let wake = crate::port::EventFd::new().map_err(|e| DeviceError::Other(e.to_string()))?;
         events
-            .add(wake.fd(), Interest::Readable, WAKE_TOKEN)
+            .add(&wake.fd(), Interest::Readable, WAKE_TOKEN)
             .map_err(|source| DeviceError::Io {
                 op: "register wake-up eventfd",
                 source,
@@ -961,17 +944,20 @@ impl Worker for NetWorker {
             return Ok(());
         };
         if let Some(fd) = port.rx_fd() {
-            let gate = RxGate::new(fd).map_err(|source| DeviceError::Io {
-                op: "port readiness epoll",
-                source,
-            })?;
             events
-                .add(gate.epoll.as_fd(), Interest::Readable, PORT_TOKEN)
+                .add(&fd, Interest::Readable, PORT_TOKEN)
                 .map_err(|source| DeviceError::Io {
                     op: "register port readiness",
                     source,
                 })?;
-            self.gate = Some(gate);
+            let handle = events.handle().map_err(|source| DeviceError::Io {
+                op: "worker event handle",
+                source,
+            })?;
+            self.gate = Some(RxGate {
+                events: handle,
+                armed: true,
+            });
         }
         Ok(())
     }
@@ -983,8 +969,8 @@ impl Worker for NetWorker {
             self.process_rx(queues)?;
         } else if index == self.rx_q {
             self.rx_blocked = false;
-            if let Some(g) = self.gate.as_mut() {
-                g.set(true);
+            if let (Some(g), Some(p)) = (self.gate.as_mut(), self.port.as_ref()) {
+                g.set(p.as_ref(), true);
             }
             self.process_rx(queues)?;
         } else if Some(index) == self.ctrl_q {

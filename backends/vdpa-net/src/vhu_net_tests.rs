@@ -265,7 +265,7 @@ impl Port for Recorder {
     fn recv(
         &mut self,
         _max: usize,
-        _d: &mut dyn FnMut(&[u8]) -> bool,
+        _d: &mut dyn FnMut(&mut [u8]) -> bool,
     ) -> crate::port::Result<usize> {
         Ok(0)
     }
@@ -290,10 +290,16 @@ impl Port for Feeder {
             ..Default::default()
         }
     }
-    fn recv(&mut self, max: usize, d: &mut dyn FnMut(&[u8]) -> bool) -> crate::port::Result<usize> {
+    fn recv(
+        &mut self,
+        max: usize,
+        d: &mut dyn FnMut(&mut [u8]) -> bool,
+    ) -> crate::port::Result<usize> {
         let mut n = 0;
         while n < max {
-            let Some(f) = self.frames.front() else { break };
+            let Some(f) = self.frames.front_mut() else {
+                break;
+            };
             if !d(f) {
                 break;
             }

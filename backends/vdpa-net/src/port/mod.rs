@@ -9,6 +9,7 @@
 
 mod reflect;
 mod sink;
+mod source;
 mod switch;
 pub mod tap;
 
@@ -21,6 +22,7 @@ use crate::net::{MacAddr, PortOffloads, VNET_HDR_LEN};
 
 pub use reflect::ReflectPort;
 pub use sink::SinkPort;
+pub use source::SourcePort;
 pub use switch::{Switch, SwitchPort};
 pub use tap::{TapIo, TapPort};
 
@@ -38,7 +40,7 @@ pub const PORT_QUEUE_LEN: usize = 1024;
 #[derive(Debug, Error)]
 pub enum Error {
     /// The port string does not parse.
-    #[error("bad port {0:?} (expected tap=IFNAME, switch=NAME, sink or reflect)")]
+    #[error("bad port {0:?} (expected tap=IFNAME, switch=NAME, sink, reflect or source[=LEN])")]
     BadSpec(String),
     /// A tap interface name is empty or too long.
     #[error("bad tap interface name {0:?} (1 to 15 bytes)")]
@@ -180,7 +182,7 @@ pub trait Port: Send + fmt::Debug {
     /// at most `max`; `deliver` returns false when it cannot take the frame,
     /// which the port then keeps for the next call. Returns how many were
     /// taken, or an error that is not about one packet.
-    fn recv(&mut self, max: usize, deliver: &mut dyn FnMut(&[u8]) -> bool) -> Result<usize>;
+    fn recv(&mut self, max: usize, deliver: &mut dyn FnMut(&mut [u8]) -> bool) -> Result<usize>;
 
     /// A file descriptor that becomes readable when [`Port::recv`] may have
     /// frames; `None` when frames only appear as a result of
@@ -215,6 +217,8 @@ pub enum PortSpec {
     Sink,
     /// `reflect`.
     Reflect,
+    /// `source[=LEN]`: generates frames of LEN bytes (default 64).
+    Source(usize),
 }
 
 impl std::str::FromStr for PortSpec {
@@ -224,6 +228,13 @@ impl std::str::FromStr for PortSpec {
         match s.split_once('=') {
             None if s == "sink" => Ok(PortSpec::Sink),
             None if s == "reflect" => Ok(PortSpec::Reflect),
+            None if s == "source" => Ok(PortSpec::Source(source::SOURCE_DEFAULT_LEN)),
+            Some(("source", len)) => match len.parse::<usize>() {
+                Ok(n) if (source::SOURCE_MIN_LEN..=source::SOURCE_MAX_LEN).contains(&n) => {
+                    Ok(PortSpec::Source(n))
+                }
+                _ => Err(Error::BadSpec(s.to_string())),
+            },
             Some(("tap", name)) => {
                 if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
                     return Err(Error::BadIfName(name.to_string()));
@@ -243,6 +254,7 @@ impl fmt::Display for PortSpec {
             PortSpec::Switch(n) => write!(f, "switch={n}"),
             PortSpec::Sink => write!(f, "sink"),
             PortSpec::Reflect => write!(f, "reflect"),
+            PortSpec::Source(n) => write!(f, "source={n}"),
         }
     }
 }
@@ -261,6 +273,11 @@ impl PortSpec {
             PortSpec::Reflect => {
                 for _ in 0..pairs {
                     v.push(Box::new(ReflectPort::new()));
+                }
+            }
+            PortSpec::Source(len) => {
+                for _ in 0..pairs {
+                    v.push(Box::new(SourcePort::new(*len)));
                 }
             }
             PortSpec::Tap(name) => {
@@ -338,10 +355,17 @@ mod tests {
             "switch=",
             "foo",
             "sink=1",
+            "source=10",
+            "source=x",
         ] {
             assert!(bad.parse::<PortSpec>().is_err(), "{bad}");
         }
         assert_eq!(PortSpec::Tap("t".into()).to_string(), "tap=t");
+        assert_eq!("source".parse::<PortSpec>().unwrap(), PortSpec::Source(64));
+        assert_eq!(
+            "source=128".parse::<PortSpec>().unwrap(),
+            PortSpec::Source(128)
+        );
     }
 
     #[test]

@@ -62,13 +62,13 @@ impl Port for ReflectPort {
         out
     }
 
-    fn recv(&mut self, max: usize, deliver: &mut dyn FnMut(&[u8]) -> bool) -> Result<usize> {
+    fn recv(&mut self, max: usize, deliver: &mut dyn FnMut(&mut [u8]) -> bool) -> Result<usize> {
         let mut n = 0;
         while n < max {
-            let Some(front) = self.queue.front() else {
+            let Some(front) = self.queue.front_mut() else {
                 break;
             };
-            if !deliver(front.as_slice()) {
+            if !deliver(front.as_mut_slice()) {
                 break;
             }
             if let Some(b) = self.queue.pop_front() {

@@ -30,7 +30,7 @@ impl Port for SinkPort {
         }
     }
 
-    fn recv(&mut self, _max: usize, _deliver: &mut dyn FnMut(&[u8]) -> bool) -> Result<usize> {
+    fn recv(&mut self, _max: usize, _deliver: &mut dyn FnMut(&mut [u8]) -> bool) -> Result<usize> {
         Ok(0)
     }
 

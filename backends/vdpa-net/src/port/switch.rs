@@ -191,7 +191,7 @@ impl Port for SwitchPort {
         out
     }
 
-    fn recv(&mut self, max: usize, deliver: &mut dyn FnMut(&[u8]) -> bool) -> Result<usize> {
+    fn recv(&mut self, max: usize, deliver: &mut dyn FnMut(&mut [u8]) -> bool) -> Result<usize> {
         self.ep.event.clear();
         let mut q = lock(&self.ep.queue);
         let mut n = 0;
@@ -202,7 +202,7 @@ impl Port for SwitchPort {
             if let Some(h) = front.as_mut_slice().get_mut(10..VNET_HDR_LEN) {
                 h.fill(0);
             }
-            if !deliver(front.as_slice()) {
+            if !deliver(front.as_mut_slice()) {
                 break;
             }
             if let Some(b) = q.frames.pop_front() {

@@ -165,9 +165,9 @@ impl UringIo {
         })
     }
 
-    fn slot(&self, i: u16) -> &[u8] {
+    fn slot_mut(&mut self, i: u16) -> &mut [u8] {
         let start = i as usize * PKT_BUF_LEN;
-        &self.rx_mem[start..start + PKT_BUF_LEN]
+        &mut self.rx_mem[start..start + PKT_BUF_LEN]
     }
 
     /// Submits `n` non-blocking reads into slots 0..n and collects them.
@@ -465,7 +465,7 @@ impl Port for TapPort {
         }
     }
 
-    fn recv(&mut self, max: usize, deliver: &mut dyn FnMut(&[u8]) -> bool) -> Result<usize> {
+    fn recv(&mut self, max: usize, deliver: &mut dyn FnMut(&mut [u8]) -> bool) -> Result<usize> {
         let mut n = 0;
         match &mut self.io {
             Io::Uring(u) => {
@@ -475,7 +475,7 @@ impl Port for TapPort {
                         if n >= max {
                             return Ok(n);
                         }
-                        if !deliver(&u.slot(slot)[..len as usize]) {
+                        if !deliver(&mut u.slot_mut(slot)[..len as usize]) {
                             return Ok(n);
                         }
                         u.ready.pop_front();
@@ -521,7 +521,7 @@ impl Port for TapPort {
                             }
                         }
                     }
-                    if !deliver(buf.as_slice()) {
+                    if !deliver(buf.as_mut_slice()) {
                         break;
                     }
                     *held = false;
