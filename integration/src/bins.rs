@@ -34,6 +34,21 @@ static BUILT: Mutex<Option<HashMap<String, std::result::Result<PathBuf, String>>
 /// A package without that binary yet, or a build failure, is
 /// [`Error::Unavailable`] with the reason (in CI, tests turn that into a failure).
 pub fn workspace_bin(package: &str, bin: &str) -> Result<PathBuf> {
+    workspace_target(package, bin, Kind::Bin)
+}
+
+/// Like [`workspace_bin`] for an example (`target/<profile>/examples/<name>`).
+pub fn workspace_example(package: &str, example: &str) -> Result<PathBuf> {
+    workspace_target(package, example, Kind::Example)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Bin,
+    Example,
+}
+
+fn workspace_target(package: &str, bin: &str, kind: Kind) -> Result<PathBuf> {
     let var = format!("IOASIS_{}_BIN", bin.to_uppercase().replace('-', "_"));
     if let Some(p) = std::env::var_os(&var) {
         let p = PathBuf::from(p);
@@ -48,27 +63,30 @@ pub fn workspace_bin(package: &str, bin: &str) -> Result<PathBuf> {
     }
     let mut guard = BUILT.lock().unwrap_or_else(|e| e.into_inner());
     let cache = guard.get_or_insert_with(HashMap::new);
-    let key = format!("{package}/{bin}");
+    let key = format!("{package}/{bin}/{kind:?}");
     if let Some(r) = cache.get(&key) {
         return r.clone().map_err(Error::Unavailable);
     }
-    let r = build(package, bin);
+    let r = build(package, bin, kind);
     cache.insert(key, r.clone());
     r.map_err(Error::Unavailable)
 }
 
-fn build(package: &str, bin: &str) -> std::result::Result<PathBuf, String> {
+fn build(package: &str, bin: &str, kind: Kind) -> std::result::Result<PathBuf, String> {
     let profile = profile_dir().ok_or("cannot tell the target directory of this test")?;
-    let exe = profile.join(bin);
+    let (exe, flag) = match kind {
+        Kind::Bin => (profile.join(bin), "--bin"),
+        Kind::Example => (profile.join("examples").join(bin), "--example"),
+    };
     let release = profile.file_name().is_some_and(|n| n == "release");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root())
-        .args(["build", "-q", "-j2", "-p", package, "--bin", bin]);
+        .args(["build", "-q", "-j2", "-p", package, flag, bin]);
     if release {
         cmd.arg("--release");
     }
-    eprintln!("[ioasis-integration] building {bin} (cargo build -p {package} --bin {bin})");
+    eprintln!("[ioasis-integration] building {bin} (cargo build -p {package} {flag} {bin})");
     match run(&mut cmd, BUILD_TIMEOUT) {
         Ok(_) if exe.is_file() => Ok(exe),
         Ok(_) => Err(format!(
@@ -77,8 +95,11 @@ fn build(package: &str, bin: &str) -> std::result::Result<PathBuf, String> {
         )),
         Err(e) => {
             let why = match &e {
-                Error::Command { stderr, .. } if stderr.contains("no bin target named") => {
-                    format!("package {package} has no binary `{bin}` yet")
+                Error::Command { stderr, .. }
+                    if stderr.contains("no bin target named")
+                        || stderr.contains("no example target named") =>
+                {
+                    format!("package {package} has no {flag} `{bin}` yet")
                 }
                 Error::Command { stderr, .. } => {
                     let tail: Vec<&str> = stderr.lines().rev().take(30).collect();
