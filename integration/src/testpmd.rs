@@ -52,8 +52,8 @@ pub fn net_vhost_vdev(index: u32, socket: &Path, queues: u16, iommu: bool) -> St
 /// How testpmd gets its memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MemMode {
-    /// Hugepages if enough are free (and `IOASIS_TESTPMD_NO_HUGE` is unset),
-    /// otherwise no hugepages.
+    /// Hugepages if running as root, enough are free and
+    /// `IOASIS_TESTPMD_NO_HUGE` is unset; otherwise no hugepages.
     Auto,
     /// 2 MiB hugepages, `--in-memory --single-file-segments`.
     Hugepages,
@@ -220,6 +220,7 @@ impl TestpmdConfig {
             MemMode::NoHuge => false,
             MemMode::Auto => {
                 std::env::var_os("IOASIS_TESTPMD_NO_HUGE").is_none()
+                    && nix::unistd::geteuid().is_root()
                     && free_hugepage_mb() >= u64::from(self.mem_mb) + 64
             }
         };
