@@ -683,6 +683,24 @@ impl Client {
         self.iommu_mode
     }
 
+    /// The IOAS buffers are mapped into (iommu mode).
+    pub fn ioas(&self) -> Option<u32> {
+        match &self.inner.reg {
+            Some(Registrar::Service { ioas, .. }) => Some(*ioas),
+            None => None,
+        }
+    }
+
+    /// Runs `f` with the `/dev/iommu` service session this client uses
+    /// (iommu mode), for example to map or unmap memory of other devices
+    /// sharing the IOAS. `None` in own-address-space mode.
+    pub fn with_service<T>(&self, f: impl FnOnce(&mut ioasis::service::Client) -> T) -> Option<T> {
+        match &self.inner.reg {
+            Some(Registrar::Service { svc, .. }) => svc.lock().ok().map(|mut g| f(&mut g)),
+            None => None,
+        }
+    }
+
     /// What the device reported at connect time.
     pub fn info(&self) -> DeviceInfo {
         self.inner.info

@@ -123,3 +123,68 @@ fn test_iommu_mode_isolation() {
         status::SUCCESS
     );
 }
+
+#[test]
+fn test_session_shared_ioas_with_plain_iovas() {
+    use ioasis::service::{sealed_memfd, HwptRequest, MapPerm};
+    use std::os::fd::AsFd;
+    let d = Daemon::shared();
+    // The driver sets up the IOAS itself, as the owner of several devices
+    // would, and maps a memfd at an IOVA that is not a pointer.
+    let mut svc = ioasis::service::Client::connect(d.iommu_socket()).expect("session");
+    let ioas = svc.ioas_alloc().expect("ioas");
+    let mem = sealed_memfd("frames", 1 << 16).expect("memfd");
+    let iova = 0x4000_0000u64;
+    svc.ioas_map(
+        ioas,
+        mem.as_fd(),
+        0,
+        1 << 16,
+        Some(iova),
+        MapPerm::ReadWrite,
+    )
+    .expect("map");
+    let pasid = svc.pasid_alloc(DEFAULT_LABEL).expect("pasid");
+    let (fault_id, channel) = svc.fault_queue_alloc().expect("fault queue");
+    let hwpt = svc
+        .hwpt_alloc(&HwptRequest {
+            label: DEFAULT_LABEL.into(),
+            pt_id: ioas,
+            flags: iommu_core::IOMMU_HWPT_ALLOC_PASID,
+            fault_id: Some(fault_id),
+            ..HwptRequest::default()
+        })
+        .expect("hwpt");
+    svc.attach(DEFAULT_LABEL, Some(pasid), hwpt)
+        .expect("attach");
+    let c = Client::connect_with_session(
+        &d.socket,
+        svc,
+        ioas,
+        pasid,
+        Some(channel),
+        Options::default(),
+    )
+    .expect("bind");
+    assert_eq!((c.pasid(), c.ioas()), (pasid, Some(ioas)));
+    // Fill and checksum at plain IOVAs; the record lands in the library's
+    // pool (mapped at its pointer in the same IOAS).
+    assert_eq!(
+        c.fill(iova, 0x0202_0202_0202_0202, 4096)
+            .expect("fill")
+            .status,
+        status::SUCCESS
+    );
+    let cr = c.crc(iova, 4096, 0).expect("crc");
+    assert_eq!(cr.crc_val(), sva_accel::crc::crc32c(0, &[2u8; 4096]));
+    // Unmapping through the same session: the device faults afterwards.
+    let n = c
+        .with_service(|s| s.ioas_unmap(ioas, iova, 1 << 16))
+        .expect("iommu mode")
+        .expect("unmap");
+    assert_eq!(n, 1 << 16);
+    assert_eq!(
+        c.fill(iova, 0, 64).expect("fill").code(),
+        status::PAGE_FAULT_NOBOF
+    );
+}
