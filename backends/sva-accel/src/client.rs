@@ -685,10 +685,10 @@ impl Client {
 
     /// The IOAS buffers are mapped into (iommu mode).
     pub fn ioas(&self) -> Option<u32> {
-        match &self.inner.reg {
-            Some(Registrar::Service { ioas, .. }) => Some(*ioas),
-            None => None,
-        }
+        self.inner
+            .reg
+            .as_ref()
+            .map(|Registrar::Service { ioas, .. }| *ioas)
     }
 
     /// Runs `f` with the `/dev/iommu` service session this client uses
