@@ -1,5 +1,5 @@
 //! Translation through iommu-core: the engine's [`DmaMemory`] over one
-//! access section of a worker's [`Translator`] for one PASID.
+//! access section of a worker's [`Translator`](iommu_core::Translator) for one PASID.
 //!
 //! iommu-core translates a whole range or fails at its first untranslatable
 //! address, raising an I/O page fault when the HWPT has a fault queue. The
