@@ -10,8 +10,16 @@
 //! cannot translate either ends the descriptor with a partial completion
 //! (block-on-fault off) or parks it and raises an I/O page fault that the
 //! client answers (block-on-fault on).
+//!
+//! Two ways to share memory: the client registers memfds with the device,
+//! which keeps the client's address space ([`space`]); or the client sets up
+//! an IOAS and a PASID through the `/dev/iommu` service of the framework and
+//! every access is translated by iommu-core ([`iommu`]).
+
+#![deny(missing_docs)]
 
 pub mod client;
+
 pub mod crc;
 pub mod desc;
 pub mod device;
