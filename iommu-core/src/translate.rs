@@ -488,20 +488,26 @@ impl Access<'_> {
         perm: Perm,
         out: &mut Vec<Fragment>,
     ) -> Result<()> {
-        out.clear();
         // Fast path: one cache entry covers the whole range.
         let key = pasid_key(pasid);
         if let Some(e) = self.t.hit(key, iova, perm) {
             let off = iova - e.start;
             if len != 0 && len - 1 <= e.span - off {
-                let ptr = e.host.wrapping_add(off) as usize as *mut u8;
-                out.push(Fragment {
-                    ptr,
+                let frag = Fragment {
+                    ptr: e.host.wrapping_add(off) as usize as *mut u8,
                     len: len as usize,
-                });
+                };
+                match out.first_mut() {
+                    Some(f) => {
+                        *f = frag;
+                        out.truncate(1);
+                    }
+                    None => out.push(frag),
+                }
                 return Ok(());
             }
         }
+        out.clear();
         check_range(iova, len)?;
         let mut at = iova;
         let mut left = len;
