@@ -2024,3 +2024,147 @@ fn test_access_copy_all_or_nothing() {
     m.read_at((4 * P) as usize, &mut b).unwrap();
     assert_eq!(&b, b"source");
 }
+
+// ------------------------------------------------ validation order (errnos)
+
+/// (src, iommufd_ioas_map order) unknown flags are checked before the IOAS
+/// lookup: EOPNOTSUPP, not ENOENT.
+#[test]
+fn test_map_order_flags_before_lookup() {
+    let iommu = Iommu::new();
+    let m = mem(1 << 20);
+    assert_eq!(
+        errno(iommu.ioas_map(77, &m, 0, P, None, Perm::from_bits_retain(0x100))),
+        libc::EOPNOTSUPP
+    );
+}
+
+/// (src, iommufd_ioas_map order) ULONG_MAX is checked before the R/W flag
+/// and the IOAS lookup: EOVERFLOW.
+#[test]
+fn test_map_order_overflow_before_rw() {
+    let iommu = Iommu::new();
+    let m = mem(1 << 20);
+    assert_eq!(
+        errno(iommu.ioas_map(77, &m, 0, u64::MAX, None, Perm::NONE)),
+        libc::EOVERFLOW
+    );
+}
+
+/// (src, iommufd_ioas_map order) the R/W flag is checked before the IOAS
+/// lookup: EINVAL.
+#[test]
+fn test_map_order_rw_before_lookup() {
+    let iommu = Iommu::new();
+    let m = mem(1 << 20);
+    assert_eq!(
+        errno(iommu.ioas_map(77, &m, 0, P, None, Perm::NONE)),
+        libc::EINVAL
+    );
+}
+
+/// (src, iopt_check_iova order) a fixed map both reserved and overlapping
+/// an area reports the reservation (EINVAL) first.
+#[test]
+fn test_map_order_reserved_before_overlap() {
+    let (iommu, _d, _id, ioas, m) = fixture();
+    iommu
+        .ioas_map(ioas, &m, 0, P, Some(4 * P), Perm::RW)
+        .unwrap();
+    iommu
+        .ioas_add_reserved(ioas, IovaRange::new(5 * P, 6 * P - 1))
+        .unwrap();
+    assert_eq!(
+        errno(iommu.ioas_map(ioas, &m, 0, 2 * P, Some(4 * P), Perm::RW)),
+        libc::EINVAL
+    );
+}
+
+/// (src, iopt_reserve_iova) a reservation over an existing area →
+/// EADDRINUSE.
+#[test]
+fn test_reserve_over_area_eaddrinuse() {
+    let (iommu, _d, _id, ioas, m) = fixture();
+    iommu
+        .ioas_map(ioas, &m, 0, P, Some(4 * P), Perm::RW)
+        .unwrap();
+    assert_eq!(
+        errno(iommu.ioas_add_reserved(ioas, IovaRange::new(4 * P, 4 * P))),
+        libc::EADDRINUSE
+    );
+}
+
+/// (src, iopt_alloc_iova) automatic allocation skips reserved ranges.
+#[test]
+fn test_auto_iova_skips_reserved() {
+    let (iommu, _d, _id, ioas, m) = fixture();
+    iommu
+        .ioas_add_reserved(ioas, IovaRange::new(0, (1 << 30) - 1))
+        .unwrap();
+    let iova = iommu.ioas_map(ioas, &m, 0, P, None, Perm::RW).unwrap();
+    assert!(iova >= 1 << 30);
+}
+
+/// (src) a copy into an unknown destination IOAS → ENOENT; from an unknown
+/// source → ENOENT.
+#[test]
+fn test_copy_unknown_ioas_enoent() {
+    let iommu = Iommu::new();
+    let a = iommu.ioas_alloc().unwrap();
+    assert_eq!(
+        errno(iommu.ioas_copy(99, a, P, P, None, Perm::READ)),
+        libc::ENOENT
+    );
+    assert_eq!(
+        errno(iommu.ioas_copy(a, 99, P, P, None, Perm::READ)),
+        libc::ENOENT
+    );
+}
+
+/// (src) a copy onto an occupied fixed destination → EEXIST.
+#[test]
+fn test_copy_fixed_overlap_eexist() {
+    let iommu = Iommu::new();
+    let src = iommu.ioas_alloc().unwrap();
+    let dst = iommu.ioas_alloc().unwrap();
+    let m = mem(1 << 20);
+    iommu.ioas_map(src, &m, 0, P, Some(P), Perm::RW).unwrap();
+    iommu.ioas_map(dst, &m, 0, P, Some(P), Perm::RW).unwrap();
+    assert_eq!(
+        errno(iommu.ioas_copy(dst, src, P, P, Some(P), Perm::READ)),
+        libc::EEXIST
+    );
+}
+
+/// (src, vdevice) a vPASID mapped twice, or a pPASID beyond the device's
+/// width, is refused; clearing an unknown vPASID → ENOENT.
+#[test]
+fn test_vpasid_table_rules() {
+    let (iommu, _d, dev_id, _ioas, v) = viommu_setup();
+    let vd = iommu.vdevice_alloc(v, dev_id, 1).unwrap();
+    iommu.vdevice_set_vpasid(vd, 1, 10).unwrap();
+    assert_eq!(errno(iommu.vdevice_set_vpasid(vd, 1, 11)), libc::EEXIST);
+    assert_eq!(errno(iommu.vdevice_set_vpasid(vd, 2, 10)), libc::EEXIST);
+    assert_eq!(
+        errno(iommu.vdevice_set_vpasid(vd, 3, 1 << 20)),
+        libc::EINVAL
+    );
+    assert_eq!(errno(iommu.vdevice_clear_vpasid(vd, 9)), libc::ENOENT);
+    iommu.vdevice_clear_vpasid(vd, 1).unwrap();
+    assert_eq!(errno(iommu.vdevice_ppasid(vd, 1)), libc::ENOENT);
+}
+
+/// (src, event routing) a device without a vdevice reports to the
+/// context-wide event queue; a second context-wide queue → EEXIST.
+#[test]
+fn test_context_event_queue() {
+    let (iommu, dev, dev_id, ioas, _m) = fixture();
+    let (_e, q) = iommu.event_queue_alloc(None, 4).unwrap();
+    assert_eq!(errno(iommu.event_queue_alloc(None, 4)), libc::EEXIST);
+    iommu.attach(dev_id, None, ioas).unwrap();
+    let _ = dev.translator().read(None, 3 * P, &mut [0u8; 1]);
+    let mut evs = Vec::new();
+    assert_eq!(q.read_batch(&mut evs, 4), Ok(1));
+    assert_eq!(evs[0].dev_id, u64::from(dev_id));
+    assert_eq!(evs[0].addr, 3 * P);
+}
