@@ -50,6 +50,8 @@ struct MockRing {
     avail: VecDeque<u16>,
     used: Vec<(u16, u32)>,
     notifies: usize,
+    /// add_used fails once the used list has this many entries.
+    fail_used_at: Option<usize>,
 }
 
 impl MockRing {
@@ -69,6 +71,7 @@ impl MockRing {
             avail: VecDeque::new(),
             used: Vec::new(),
             notifies: 0,
+            fail_used_at: None,
         }
     }
 
@@ -188,6 +191,12 @@ impl Ring for MockRing {
 
     fn add_used(&mut self, head: u16, len: u32) -> std::result::Result<(), QueueError> {
         assert!(head < self.size);
+        if self.fail_used_at == Some(self.used.len()) {
+            return Err(QueueError::Ring {
+                queue: 0,
+                msg: "injected".into(),
+            });
+        }
         self.used.push((head, len));
         Ok(())
     }
@@ -368,6 +377,24 @@ fn test_tx_pass_is_bounded_and_resumes() {
 }
 
 #[test]
+fn test_tx_queue_failure_keeps_heads_for_later() {
+    let mut e = engine(modern());
+    let mut ring = MockRing::new(64);
+    let mut port = SinkPort::default();
+    put_frame(&mut ring, 0x1000, 60, 1);
+    for i in 0..5u16 {
+        ring.add_chain(i, &[(0x1000, 72, false)]);
+    }
+    ring.fail_used_at = Some(2);
+    assert!(e.tx(&mut ring, &mut port).is_err());
+    assert_eq!(ring.used.len(), 2);
+    ring.fail_used_at = None;
+    e.tx(&mut ring, &mut port).unwrap();
+    assert_eq!(ring.used.len(), 5);
+    assert_each_head_once(&ring.used);
+}
+
+#[test]
 fn test_tx_legacy_header_is_normalised() {
     let mut e = engine(0);
     let mut ring = MockRing::new(16);
@@ -473,6 +500,26 @@ fn test_rx_without_buffers_keeps_frame_and_chains() {
     let p = e.rx(&mut ring, &mut port).unwrap();
     assert_eq!((p.moved, p.blocked), (1, false));
     assert_eq!(ring.used, vec![(0, 1536), (1, 1476)]);
+}
+
+#[test]
+fn test_rx_queue_failure_mid_frame_never_completes_twice() {
+    let mut e = engine(modern());
+    let mut ring = MockRing::new(64);
+    let mut port = Feeder::default();
+    port.frames.push_back(feed_frame(3000, 1));
+    port.frames.push_back(feed_frame(3000, 2));
+    for i in 0..6u16 {
+        ring.add_chain(i, &[(0x10000 + i as u64 * 0x1000, 1536, true)]);
+    }
+    ring.fail_used_at = Some(1);
+    assert!(e.rx(&mut ring, &mut port).is_err());
+    assert_eq!(ring.used.len(), 1);
+    // The queue comes back (a parked queue resumes): go on.
+    ring.fail_used_at = None;
+    e.rx(&mut ring, &mut port).unwrap();
+    assert_each_head_once(&ring.used);
+    assert_eq!(ring.used.len() + e.rx_held + ring.avail.len(), 6);
 }
 
 #[test]
