@@ -617,3 +617,50 @@ fn test_unmap_over_the_service_waits_for_linked_device_threads() {
     );
     worker.join().expect("worker");
 }
+
+#[test]
+fn test_session_limits_are_enforced() {
+    let fx = Fixture::new();
+    let mut c = fx.client();
+    let mut chans = Vec::new();
+    for _ in 0..ioasis::service::MAX_FAULT_QUEUES_PER_SESSION {
+        chans.push(c.fault_queue_alloc_fd().expect("fault queue"));
+    }
+    assert_eq!(remote_errno(c.fault_queue_alloc_fd()), libc::ENOSPC);
+    // Destroying one makes room again.
+    let (id, _) = chans.pop().expect("one");
+    c.destroy(id).expect("destroy");
+    c.fault_queue_alloc_fd().expect("room again");
+}
+
+#[test]
+fn test_pasid_free_detaches_and_releases() {
+    let fx = Fixture::new();
+    let mut c = fx.client();
+    let ioas = c.ioas_alloc().expect("ioas");
+    let hwpt = c
+        .hwpt_alloc(&HwptRequest {
+            label: "dev0".into(),
+            pt_id: ioas,
+            flags: IOMMU_HWPT_ALLOC_PASID,
+            ..HwptRequest::default()
+        })
+        .expect("hwpt");
+    let p1 = c.pasid_alloc("dev0").expect("pasid");
+    let p2 = c.pasid_alloc("dev0").expect("pasid");
+    assert_ne!(p1, p2);
+    c.attach("dev0", Some(p1), hwpt).expect("attach");
+    let dev_id = fx.dev.dev_id().expect("bound");
+    assert_eq!(fx.iommu.attached_hwpt(dev_id, Some(p1)), Ok(Some(hwpt)));
+    c.pasid_free("dev0", p1).expect("free");
+    assert_eq!(fx.iommu.attached_hwpt(dev_id, Some(p1)), Ok(None));
+    assert_eq!(fx.handle().pasid_owner("dev0", p1), None);
+    assert_eq!(
+        fx.handle().session_pasids(c.session_id()),
+        vec![("dev0".to_owned(), p2)]
+    );
+    // Freed: it can no longer be attached by this session.
+    assert_eq!(remote_errno(c.attach("dev0", Some(p1), hwpt)), libc::EPERM);
+    // The HWPT is now unused and can be destroyed.
+    c.destroy(hwpt).expect("destroy hwpt");
+}

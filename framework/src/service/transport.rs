@@ -25,12 +25,26 @@ pub struct Packet {
 /// Receives one packet. `Ok(None)` on end of stream; `EAGAIN` is returned as
 /// an error for non-blocking sockets.
 pub fn recv_packet(fd: BorrowedFd<'_>) -> io::Result<Option<Packet>> {
-    let mut data = vec![0u8; MAX_MESSAGE + 1];
+    thread_local! {
+        // One receive buffer per thread, so that a message costs a copy of
+        // its own length rather than a zeroed 64 KiB allocation.
+        static RXBUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    RXBUF.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.len() != MAX_MESSAGE + 1 {
+            b.resize(MAX_MESSAGE + 1, 0);
+        }
+        recv_into(fd, &mut b)
+    })
+}
+
+fn recv_into(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<Packet>> {
     // Room for a few more fds than allowed, so that an excess is seen and
     // closed rather than silently dropped by the kernel.
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS + 3]);
     let (len, flags, raw_fds) = {
-        let mut iov = [IoSliceMut::new(&mut data)];
+        let mut iov = [IoSliceMut::new(buf)];
         let msg = loop {
             match socket::recvmsg::<()>(
                 fd.as_raw_fd(),
@@ -64,12 +78,12 @@ pub fn recv_packet(fd: BorrowedFd<'_>) -> io::Result<Option<Packet>> {
     if len == 0 && fds.is_empty() {
         return Ok(None);
     }
-    data.truncate(len);
+    let len = len.min(buf.len());
     let fds_truncated = flags.contains(MsgFlags::MSG_CTRUNC) || fds.len() > MAX_FDS;
     Ok(Some(Packet {
         truncated: flags.contains(MsgFlags::MSG_TRUNC) || len > MAX_MESSAGE,
         fds_truncated,
-        data,
+        data: buf[..len].to_vec(),
         fds,
     }))
 }
