@@ -483,7 +483,9 @@ impl Drop for CtxInner {
 
 /// One iommufd context: a table of objects addressed by 31-bit ids from 1.
 /// Cheap to clone (an `Arc`); `Send + Sync`. When the last clone is dropped
-/// every object is destroyed and every device unbound.
+/// every object is destroyed, every device unbound, outstanding faults are
+/// answered INVALID, and the drop waits for open access sections of the
+/// devices (so never drop the last clone inside one).
 #[derive(Clone)]
 pub struct Iommu {
     pub(crate) inner: Arc<CtxInner>,

@@ -142,7 +142,8 @@ pub(crate) fn invalidate_slots<'a>(
 /// has ended. Poll it with [`InvalidationTicket::is_done`], list laggards
 /// with [`InvalidationTicket::pending`], nudge them, or block in
 /// [`InvalidationTicket::wait`]. Dropping an incomplete ticket blocks until
-/// it completes, so the safety promise holds either way.
+/// it completes, so the safety promise holds either way: never wait on or
+/// drop a ticket from inside an access section of a translator it may name.
 #[must_use = "an invalidation is complete only when its ticket is done"]
 pub struct InvalidationTicket {
     pub(crate) waits: Vec<(Arc<Slot>, u64)>,
