@@ -664,3 +664,55 @@ fn test_pasid_free_detaches_and_releases() {
     // The HWPT is now unused and can be destroyed.
     c.destroy(hwpt).expect("destroy hwpt");
 }
+
+#[test]
+fn test_nested_invalidation_reports_entries_done() {
+    let fx = Fixture::new();
+    let mut c = fx.client();
+    let ioas = c.ioas_alloc().expect("ioas");
+    let fd = sealed_memfd("s1", 0x1000).expect("memfd");
+    c.ioas_map(
+        ioas,
+        fd.as_fd(),
+        0,
+        0x1000,
+        Some(0x1000),
+        MapPerm::ReadWrite,
+    )
+    .expect("map stage-1 root");
+    let parent = c
+        .hwpt_alloc(&HwptRequest {
+            label: "dev0".into(),
+            pt_id: ioas,
+            flags: iommu_core::IOMMU_HWPT_ALLOC_NEST_PARENT,
+            ..HwptRequest::default()
+        })
+        .expect("nest parent");
+    let nested = c
+        .hwpt_alloc(&HwptRequest {
+            label: "dev0".into(),
+            pt_id: parent,
+            stage1_root: Some(0x1000),
+            ..HwptRequest::default()
+        })
+        .expect("nested");
+    let ok = WireInvalidation::Stage1 {
+        flags: 0,
+        addr: 0x2000,
+        npages: 1,
+    };
+    let bad = WireInvalidation::Stage1 {
+        flags: 0xffff_ffff,
+        addr: 0x2000,
+        npages: 1,
+    };
+    let (done, r) = c.hwpt_invalidate(nested, &[ok, ok]);
+    assert_eq!(done, 2);
+    assert!(r.is_ok());
+    let (done, r) = c.hwpt_invalidate(nested, &[ok, bad]);
+    assert_eq!(done, 1);
+    assert_eq!(remote_errno(r), libc::EOPNOTSUPP);
+    // A probe (no entries) succeeds.
+    let (done, r) = c.hwpt_invalidate(nested, &[]);
+    assert_eq!((done, r.is_ok()), (0, true));
+}

@@ -137,6 +137,7 @@ pub fn sealed_memfd(name: &str, len: u64) -> io::Result<OwnedFd> {
 pub struct Client {
     fd: OwnedFd,
     next_id: u64,
+    last_aux: u32,
     session_id: u64,
     server_pid: u32,
 }
@@ -161,6 +162,7 @@ impl Client {
         let mut c = Client {
             fd,
             next_id: 1,
+            last_aux: 0,
             session_id: 0,
             server_pid: 0,
         };
@@ -236,13 +238,16 @@ impl Client {
             });
         }
         match reply {
-            Reply::Ok { body, aux } => Ok((body, aux, pkt.fds.into_iter().next())),
+            Reply::Ok { body, aux } => {
+                self.last_aux = aux;
+                Ok((body, aux, pkt.fds.into_iter().next()))
+            }
             Reply::Err {
                 errno,
                 aux,
                 message,
             } => {
-                let _ = aux;
+                self.last_aux = aux;
                 Err(ClientError::Remote { op, errno, message })
             }
         }
@@ -481,9 +486,11 @@ impl Client {
             entry_len,
             entries: entries.to_vec(),
         };
+        self.last_aux = 0;
         match self.call(&req, &[]) {
             Ok((_, aux)) => (aux, Ok(())),
-            Err(e) => (0, Err(e)),
+            // The entries done come back with the error too.
+            Err(e) => (self.last_aux, Err(e)),
         }
     }
 
