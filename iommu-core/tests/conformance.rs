@@ -2168,3 +2168,45 @@ fn test_context_event_queue() {
     assert_eq!(evs[0].dev_id, u64::from(dev_id));
     assert_eq!(evs[0].addr, 3 * P);
 }
+
+/// (src, iommufd_device_unbind → detach) unbinding answers the device's
+/// outstanding faults INVALID and waits for its open access sections.
+#[test]
+fn test_unbind_answers_faults_and_waits() {
+    let (iommu, dev, dev_id, _ioas, _m, q, _h) = fault_setup();
+    let mut t = dev.translator();
+    let p = raise(&mut t, None, P);
+    let mut other = dev.translator();
+    let a = other.access();
+    let mut ticket = iommu.unbind_begin(dev_id).unwrap();
+    assert_eq!(p.status(), FaultStatus::Invalid);
+    assert!(!ticket.is_done());
+    drop(a);
+    assert!(ticket.is_done());
+    assert_eq!(dev.dev_id(), None);
+    assert_eq!(q.stats().auto_answered, 1);
+    assert_eq!(
+        t.read(None, P, &mut [0u8; 1]),
+        Err(Error::NotAttached { pasid: None })
+    );
+}
+
+/// (design: unmap safety) detach_begin and replace_begin report a
+/// translator inside a section until it leaves.
+#[test]
+fn test_detach_and_replace_two_phase() {
+    let (iommu, dev, dev_id, ioas, _m) = fixture();
+    let ioas2 = iommu.ioas_alloc().unwrap();
+    iommu.attach(dev_id, None, ioas).unwrap();
+    let mut t = dev.translator();
+    let a = t.access();
+    let (_h, mut ticket) = iommu.replace_begin(dev_id, None, ioas2).unwrap();
+    assert_eq!(ticket.pending().len(), 1);
+    drop(a);
+    assert!(ticket.is_done());
+    let a = t.access();
+    let mut ticket = iommu.detach_begin(dev_id, None).unwrap();
+    assert!(!ticket.is_done());
+    drop(a);
+    assert!(ticket.wait_timeout(std::time::Duration::from_secs(10)));
+}
