@@ -146,6 +146,9 @@ pub struct FaultChannel {
     send_error: Option<io::Error>,
     cqes: Vec<cqueue::Entry>,
     provide: Vec<u16>,
+    /// Records and status packets reaped while no receive was asking
+    /// (while waiting for a send slot); handed out by the next receive.
+    stash: FaultBatch,
 }
 
 impl std::fmt::Debug for FaultChannel {
@@ -177,6 +180,7 @@ impl FaultChannel {
             send_error: None,
             cqes: Vec::with_capacity(RING_ENTRIES as usize * 2),
             provide: Vec::with_capacity(usize::from(RECV_BUFFERS)),
+            stash: FaultBatch::default(),
         };
         let provide = opcode::ProvideBuffers::new(
             ch.recv_bufs.as_mut_ptr(),
@@ -254,7 +258,10 @@ impl FaultChannel {
                 }
                 // Every slot is in flight: wait for one send to complete.
                 self.ring.submit_and_wait(1).map_err(ChannelError::Enter)?;
-                self.reap(None)?;
+                let mut stash = std::mem::take(&mut self.stash);
+                let r = self.reap(&mut stash);
+                self.stash = stash;
+                r?;
                 if self.closed {
                     return Err(ChannelError::Closed);
                 }
@@ -313,9 +320,12 @@ impl FaultChannel {
         }
         let before = batch.records.len();
         let rejected_before = batch.rejected.len();
+        // Whatever was reaped while waiting for a send slot comes first.
+        batch.records.append(&mut self.stash.records);
+        batch.rejected.append(&mut self.stash.rejected);
         // First pass: submit, reap what is ready.
         self.ring.submit().map_err(ChannelError::Enter)?;
-        self.reap(Some(batch))?;
+        self.reap(batch)?;
         let got = |b: &FaultBatch| b.records.len() > before || b.rejected.len() > rejected_before;
         if got(batch) || self.closed {
             return self.finish(batch, before);
@@ -326,7 +336,7 @@ impl FaultChannel {
                 // Bounded only by the peer: the pump closing ends it.
                 while !got(batch) && !self.closed {
                     self.ring.submit_and_wait(1).map_err(ChannelError::Enter)?;
-                    self.reap(Some(batch))?;
+                    self.reap(batch)?;
                 }
             }
             Wait::Timeout(d) => {
@@ -345,14 +355,14 @@ impl FaultChannel {
                     // receive completions; a pure userspace spin on the
                     // completion ring could wait for the next tick.
                     self.ring.submit().map_err(ChannelError::Enter)?;
-                    self.reap(Some(batch))?;
+                    self.reap(batch)?;
                 }
                 if !got(batch) && !self.closed {
                     self.ring.submit_and_wait(1).map_err(ChannelError::Enter)?;
-                    self.reap(Some(batch))?;
+                    self.reap(batch)?;
                     while !got(batch) && !self.closed {
                         self.ring.submit_and_wait(1).map_err(ChannelError::Enter)?;
-                        self.reap(Some(batch))?;
+                        self.reap(batch)?;
                     }
                 }
             }
@@ -387,7 +397,7 @@ impl FaultChannel {
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(e) => return Err(ChannelError::Enter(e)),
             }
-            self.reap(Some(batch))?;
+            self.reap(batch)?;
         }
     }
 
@@ -402,10 +412,8 @@ impl FaultChannel {
         Ok(n)
     }
 
-    /// Reaps every completion; records go to `batch` when given (a receive
-    /// completion without a batch cannot happen: receive completions are
-    /// reaped only by `recv`, which passes one).
-    fn reap(&mut self, mut batch: Option<&mut FaultBatch>) -> Result<()> {
+    /// Reaps every completion; records and status packets go to `batch`.
+    fn reap(&mut self, batch: &mut FaultBatch) -> Result<()> {
         let mut rearm = false;
         let mut first_err = None;
         let mut cqes = std::mem::take(&mut self.cqes);
@@ -451,12 +459,10 @@ impl FaultChannel {
                         let off = usize::from(bid) * RECV_BUFFER_SIZE;
                         let len = (res as usize).min(RECV_BUFFER_SIZE);
                         let packet = &self.recv_bufs[off..off + len];
-                        if let Some(b) = batch.as_deref_mut() {
-                            if let Err(e) = decode_packet(packet, b) {
-                                warn!("fault channel: {e}");
-                                if first_err.is_none() {
-                                    first_err = Some(e);
-                                }
+                        if let Err(e) = decode_packet(packet, batch) {
+                            warn!("fault channel: {e}");
+                            if first_err.is_none() {
+                                first_err = Some(e);
                             }
                         }
                     }
@@ -527,7 +533,7 @@ impl Drop for FaultChannel {
             let args = types::SubmitArgs::new().timespec(&ts);
             let _ = self.ring.submitter().submit_with_args(1, &args);
             self.closed = true;
-            if self.reap(Some(&mut scratch)).is_err() {
+            if self.reap(&mut scratch).is_err() {
                 // Keep draining; errors no longer matter.
             }
             scratch.clear();

@@ -227,3 +227,26 @@ fn test_malformed_response_packet_is_dropped() {
     assert_eq!(pump.pump_in().expect("pump in"), 0);
     assert_eq!(pump.stats().malformed, 1);
 }
+
+#[test]
+fn test_records_reaped_while_waiting_for_send_slots_are_kept() {
+    let (mut pump, mut ch) = pair();
+    for i in 0..5 {
+        pump.source_mut().raise(i, 1);
+    }
+    assert_eq!(pump.pump_out().expect("pump out"), 5);
+    // More response packets than send slots: the channel waits for sends
+    // to complete and reaps the records' completions meanwhile.
+    let many: Vec<PageResponse> = (0..MAX_RESPONSES_PER_PACKET as u32 * 12)
+        .map(|c| PageResponse::invalid(10_000 + c))
+        .collect();
+    ch.respond(&many).expect("respond");
+    let mut batch = FaultBatch::default();
+    for _ in 0..10 {
+        if batch.records.len() >= 5 {
+            break;
+        }
+        ch.recv(&mut batch, WAIT).expect("recv");
+    }
+    assert_eq!(batch.records.len(), 5);
+}
