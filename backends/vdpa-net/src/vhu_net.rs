@@ -17,7 +17,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ioasis::device::{
     Chain, Device, DeviceError, EventHandle, EventRegistrar, Interest, Queue, QueueError, Queues,
@@ -49,6 +49,8 @@ const TX_BURSTS_PER_PASS: usize = 32;
 pub const MAX_MERGED_BUFFERS: usize = 256;
 /// Largest control command accepted.
 const MAX_CTRL_LEN: usize = net::MAX_CTRL_PAYLOAD + 2;
+/// Longest a polling session keeps one DMA access section open.
+const MAX_POLL_SECTION: Duration = Duration::from_millis(1);
 /// Token of a worker's port readiness in the framework's event loop.
 const PORT_TOKEN: u64 = 1;
 /// Token of a worker's own wake-up: a pass that stopped with work left
@@ -212,7 +214,9 @@ impl Device for VhostUserNetBackend {
     }
 
     fn busy_poll(&self) -> Option<Duration> {
-        self.shared.poll
+        // The workers poll themselves (see `NetWorker::serve`), with driver
+        // notifications suppressed while they do.
+        None
     }
 
     fn reset(&self) {
@@ -408,6 +412,8 @@ pub(crate) struct PairEngine<C> {
     rx_held: usize,
     ctrl_buf: Vec<u8>,
     warned: u64,
+    /// Polling: leave driver notifications off when a queue runs dry.
+    pub(crate) suppress: bool,
 }
 
 impl<C: ChainInfo> PairEngine<C> {
@@ -433,6 +439,7 @@ impl<C: ChainInfo> PairEngine<C> {
             rx_held: 0,
             ctrl_buf: vec![0u8; MAX_CTRL_LEN],
             warned: 0,
+            suppress: false,
         }
     }
 
@@ -517,7 +524,7 @@ impl<C: ChainInfo> PairEngine<C> {
             if let Some(e) = used_err.or(pending_err) {
                 return Err(e);
             }
-            if popped < BURST && !q.enable_notification()? {
+            if popped < BURST && (self.suppress || !q.enable_notification()?) {
                 return Ok((moved, false));
             }
         }
@@ -761,7 +768,7 @@ impl<C: ChainInfo> PairEngine<C> {
             match stop {
                 RxStop::NoBuffers => {
                     // Ask for a kick; if buffers arrived meanwhile, go on.
-                    if q.enable_notification()? {
+                    if !self.suppress && q.enable_notification()? {
                         continue;
                     }
                     return Ok(RxPass {
@@ -856,6 +863,7 @@ struct NetWorker {
     engine: PairEngine<Chain>,
     filter_gen: u64,
     rx_blocked: bool,
+    poll: Option<Duration>,
 }
 
 impl std::fmt::Debug for NetWorker {
@@ -903,6 +911,7 @@ impl NetWorker {
             engine,
             filter_gen,
             rx_blocked: false,
+            poll: shared.poll,
             shared,
         }
     }
@@ -944,7 +953,7 @@ impl NetWorker {
             return Ok(0);
         };
         let pass = self.engine.rx(&mut q, port.as_mut())?;
-        if pass.blocked {
+        if pass.blocked && !self.engine.suppress {
             self.rx_blocked = true;
             if let Some(g) = self.gate.as_mut() {
                 g.set(port.as_ref(), false);
@@ -954,6 +963,51 @@ impl NetWorker {
             self.wake_later();
         }
         Ok(pass.moved)
+    }
+
+    /// Moves frames both ways. Without a poll window: one pass each, ending
+    /// with driver notifications enabled. With one (`--poll-us`): keeps
+    /// polling both queues and the port with notifications suppressed until
+    /// nothing moved for the window, then one ordinary pass; a session that
+    /// stays busy yields its access section every [`MAX_POLL_SECTION`] and
+    /// resumes through the wake-up eventfd, notifications still off.
+    fn serve(&mut self, queues: &mut Queues<'_>) -> Result<()> {
+        if let Some(window) = self.poll {
+            let start = Instant::now();
+            let mut last_work = start;
+            self.engine.suppress = true;
+            // Bounded by time: the idle window or the section limit ends it.
+            let r = loop {
+                let moved = match self.process_tx(queues) {
+                    Ok(n) => n,
+                    Err(e) => break Err(e),
+                };
+                let moved = match self.process_rx(queues) {
+                    Ok(n) => moved + n,
+                    Err(e) => break Err(e),
+                };
+                let now = Instant::now();
+                if moved > 0 {
+                    last_work = now;
+                }
+                if now.duration_since(last_work) >= window {
+                    break Ok(false);
+                }
+                if now.duration_since(start) >= MAX_POLL_SECTION {
+                    break Ok(true);
+                }
+            };
+            self.engine.suppress = false;
+            if r? {
+                self.wake_later();
+                return Ok(());
+            }
+        }
+        self.process_tx(queues)?;
+        if !self.rx_blocked {
+            self.process_rx(queues)?;
+        }
+        Ok(())
     }
 }
 
@@ -991,15 +1045,14 @@ impl Worker for NetWorker {
 
     fn process_queue(&mut self, index: u16, queues: &mut Queues<'_>) -> Result<()> {
         if index == self.tx_q {
-            self.process_tx(queues)?;
-            // Reflected frames may be waiting now.
-            self.process_rx(queues)?;
+            // Reflected frames may be waiting after the transmit pass.
+            self.serve(queues)?;
         } else if index == self.rx_q {
             self.rx_blocked = false;
             if let (Some(g), Some(p)) = (self.gate.as_mut(), self.port.as_ref()) {
                 g.set(p.as_ref(), true);
             }
-            self.process_rx(queues)?;
+            self.serve(queues)?;
         } else if Some(index) == self.ctrl_q {
             if let Some(mut q) = queues.get(index) {
                 if self.engine.ctrl(&mut q, &self.shared.net)? > 0 {
@@ -1013,6 +1066,7 @@ impl Worker for NetWorker {
 
     fn handle_event(&mut self, token: u64, queues: &mut Queues<'_>) -> Result<()> {
         match token {
+            PORT_TOKEN if self.poll.is_some() => self.serve(queues)?,
             PORT_TOKEN => {
                 self.process_rx(queues)?;
             }
@@ -1020,10 +1074,7 @@ impl Worker for NetWorker {
                 if let Some(w) = &self.wake {
                     w.clear();
                 }
-                self.process_tx(queues)?;
-                if !self.rx_blocked {
-                    self.process_rx(queues)?;
-                }
+                self.serve(queues)?;
             }
             _ => {}
         }

@@ -52,6 +52,7 @@ struct MockRing {
     notifies: usize,
     /// add_used fails once the used list has this many entries.
     fail_used_at: Option<usize>,
+    enables: usize,
 }
 
 impl MockRing {
@@ -72,6 +73,7 @@ impl MockRing {
             used: Vec::new(),
             notifies: 0,
             fail_used_at: None,
+            enables: 0,
         }
     }
 
@@ -207,6 +209,7 @@ impl Ring for MockRing {
     }
 
     fn enable_notification(&mut self) -> std::result::Result<bool, QueueError> {
+        self.enables += 1;
         Ok(!self.avail.is_empty())
     }
 
@@ -392,6 +395,26 @@ fn test_tx_queue_failure_keeps_heads_for_later() {
     e.tx(&mut ring, &mut port).unwrap();
     assert_eq!(ring.used.len(), 5);
     assert_each_head_once(&ring.used);
+}
+
+#[test]
+fn test_polling_keeps_notifications_suppressed() {
+    let mut e = engine(modern());
+    let mut ring = MockRing::new(64);
+    let mut port = SinkPort::default();
+    put_frame(&mut ring, 0x1000, 60, 1);
+    ring.add_chain(0, &[(0x1000, 72, false)]);
+    e.suppress = true;
+    assert_eq!(e.tx(&mut ring, &mut port).unwrap(), (1, false));
+    let mut rx = MockRing::new(64);
+    let mut feeder = Feeder::default();
+    feeder.frames.push_back(feed_frame(60, 1));
+    assert!(e.rx(&mut rx, &mut feeder).unwrap().blocked);
+    assert_eq!(ring.enables + rx.enables, 0);
+    e.suppress = false;
+    e.tx(&mut ring, &mut port).unwrap();
+    e.rx(&mut rx, &mut feeder).unwrap();
+    assert_eq!((ring.enables, rx.enables), (1, 1));
 }
 
 #[test]
