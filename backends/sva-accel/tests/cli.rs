@@ -8,7 +8,10 @@ fn run(args: &[&str]) -> (Option<i32>, String) {
         .env("RUST_LOG", "off")
         .output()
         .expect("run sva-accel");
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]

@@ -105,6 +105,21 @@ fn test_iommu_mode_isolation() {
         attacker.run(forged).expect("run").code(),
         status::PAGE_FAULT_IR
     );
+    // A completion record aimed at the victim: not written, an event instead.
+    let mut cr_elsewhere = ops::fill(loot.addr(), 0, 64);
+    cr_elsewhere.flags |= flags::CRAV | flags::RCR;
+    cr_elsewhere.completion_addr = secret.addr();
+    attacker.submit_raw(&[cr_elsewhere]).expect("submit");
+    assert_eq!(attacker.drain().expect("drain").status, status::SUCCESS);
+    let mut events = Vec::new();
+    common::eventually("an event", || {
+        events.extend(attacker.events());
+        !events.is_empty()
+    });
+    assert_eq!(
+        (events[0].code, events[0].cr_addr),
+        (status::CRA_XLAT, secret.addr())
+    );
     assert_eq!(secret.to_vec(0, 4096), vec![0x77; 4096]);
     // Binding somebody else's PASID with another session is refused.
     let svc = ioasis::service::Client::connect(d.iommu_socket()).expect("session");
