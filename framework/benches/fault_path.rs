@@ -4,7 +4,8 @@
 //!
 //! Prints, in one run:
 //! - round trip (raise, consume, respond, resume) p50/p99, one fault in
-//!   flight, with both sides busy-polling and with both sides blocking;
+//!   flight, with both sides blocking and with both sides polling for 50 us
+//!   before they block (`--latency-matrix` tries each side alone);
 //! - batched throughput with many faults in flight (io_uring consumer,
 //!   packets of whole groups);
 //! - the baseline on the same channel: one packet and one read/write
@@ -168,12 +169,16 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 /// Round trip with one fault in flight.
-fn round_trip(iters: usize, spin: Option<Duration>) -> (Duration, Duration) {
+fn round_trip(
+    iters: usize,
+    spin: Option<Duration>,
+    consumer_spin: Option<Duration>,
+) -> (Duration, Duration) {
     let mut r = rig(1);
     let stop = Arc::new(AtomicBool::new(false));
     let fd = r.consumer_fd.take().expect("fd");
     let s2 = stop.clone();
-    let wait = match spin {
+    let wait = match consumer_spin {
         Some(d) => Wait::SpinThenBlock(d),
         None => Wait::Forever,
     };
@@ -283,17 +288,31 @@ fn main() {
         );
         return;
     }
-    let (p50, p99) = round_trip(iters, Some(Duration::from_micros(50)));
-    println!(
-        "round trip, spin 50us:      p50 {:>7.2} us  p99 {:>7.2} us  ({iters} faults)",
-        p50.as_secs_f64() * 1e6,
-        p99.as_secs_f64() * 1e6
-    );
-    let (bp50, bp99) = round_trip(iters / 5, None);
+    if std::env::args().any(|a| a == "--latency-matrix") {
+        let s = Some(Duration::from_micros(50));
+        for (d, c) in [(None, None), (s, None), (None, s), (s, s)] {
+            let (p50, p99) = round_trip(iters / 5, d, c);
+            println!(
+                "device spin {d:?} consumer spin {c:?}: p50 {:.2} us p99 {:.2} us",
+                p50.as_secs_f64() * 1e6,
+                p99.as_secs_f64() * 1e6
+            );
+        }
+        return;
+    }
+    let (bp50, bp99) = round_trip(iters / 5, None, None);
     println!(
         "round trip, blocking:       p50 {:>7.2} us  p99 {:>7.2} us  ({} faults)",
         bp50.as_secs_f64() * 1e6,
         bp99.as_secs_f64() * 1e6,
+        iters / 5
+    );
+    let spin = Some(Duration::from_micros(50));
+    let (p50, p99) = round_trip(iters / 5, spin, spin);
+    println!(
+        "round trip, polling 50us:   p50 {:>7.2} us  p99 {:>7.2} us  ({} faults)",
+        p50.as_secs_f64() * 1e6,
+        p99.as_secs_f64() * 1e6,
         iters / 5
     );
     let mut ur = Vec::new();
