@@ -68,7 +68,9 @@ fn test_unmap_completes_after_the_open_section_ends() {
     let st = hub.stats();
     assert_eq!(st.submitted, 1);
     assert_eq!(st.immediate, 0);
-    assert!(st.acks >= 1);
+    // The thread was nudged; its acknowledgement may be reaped after the
+    // ticket is seen complete by a re-check, so it is not counted here.
+    assert!(st.nudges >= 1);
 }
 
 #[test]
