@@ -50,9 +50,20 @@
 //!
 //! # Running it
 //!
+//! A [`crate::server::Server`]'s hosted devices are a [`DeviceDirectory`]
+//! as they are:
+//! `Service::bind(path, server.iommu().clone(), Arc::new(server.directory()))`.
 //! [`Service::spawn`] runs it on its own thread; or put
 //! [`Service::poll_fd`] in another event loop and call
 //! [`Service::run_once`] with a zero timeout when it polls readable.
+//!
+//! Unmaps, detaches, replaces and HWPT invalidations requested by clients
+//! complete on the service's own io_uring [`crate::uring::InvalidationHub`]:
+//! device threads that take a link from [`ServiceHandle::linker`] are
+//! nudged through their doorbell and acknowledged on the hub's ring. Such an
+//! operation holds up the service loop until the device threads that were
+//! inside an access section have left it (that is the unmap promise), so
+//! device threads must keep their sections short.
 
 pub mod client;
 pub mod proto;

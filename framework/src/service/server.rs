@@ -91,6 +91,18 @@ impl DeviceDirectory for StaticDirectory {
     }
 }
 
+/// The hosted devices of a [`crate::server::Server`] are offered as they
+/// are: `Service::new(server.iommu().clone(), Arc::new(server.directory()))`.
+impl DeviceDirectory for crate::server::DeviceDirectory {
+    fn device(&self, label: &str) -> Option<Device> {
+        self.get(label).map(|e| e.device)
+    }
+
+    fn labels(&self) -> Vec<String> {
+        crate::server::DeviceDirectory::labels(self)
+    }
+}
+
 /// Who is on the other end of a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionInfo {
