@@ -30,6 +30,11 @@ pub trait FaultSource {
     fn respond(&mut self, responses: &[PageResponse]) -> Result<(), (usize, i32)>;
 }
 
+/// Most packets one [`FaultPump::pump_in`] or [`FaultPump::pump_out`] call
+/// handles, so that a flooding consumer cannot hold the loop; the socket
+/// stays readable (level-triggered) and the loop comes back.
+pub const MAX_PACKETS_PER_CALL: usize = 64;
+
 /// Errors of the fault pump.
 #[derive(Debug, Error)]
 pub enum PumpError {
@@ -131,12 +136,13 @@ impl<S: FaultSource> FaultPump<S> {
         self.pending > 0
     }
 
-    /// Moves every waiting group into the channel, a packet of whole groups
-    /// at a time, until the source is empty or the socket is full. Returns
-    /// the number of records sent.
+    /// Moves waiting groups into the channel, a packet of whole groups at a
+    /// time, until the source is empty, the socket is full or
+    /// [`MAX_PACKETS_PER_CALL`] packets went. Returns the number of records
+    /// sent.
     pub fn pump_out(&mut self) -> Result<usize, PumpError> {
         let mut sent = 0;
-        loop {
+        for _ in 0..MAX_PACKETS_PER_CALL {
             if self.pending == 0 {
                 self.records.clear();
                 let n = self
@@ -171,15 +177,17 @@ impl<S: FaultSource> FaultPump<S> {
                 Err(e) => return Err(PumpError::Send(e.into())),
             }
         }
+        Ok(sent)
     }
 
-    /// Applies every response packet waiting on the socket. Refused
-    /// responses are reported to the consumer with a status packet and
-    /// processing goes on with the next one; a malformed packet is dropped
-    /// and counted. Returns the number of responses applied.
+    /// Applies the response packets waiting on the socket (at most
+    /// [`MAX_PACKETS_PER_CALL`]). Refused responses are reported to the
+    /// consumer with a status packet and processing goes on with the next
+    /// one; a malformed packet is dropped and counted. Returns the number of
+    /// responses applied.
     pub fn pump_in(&mut self) -> Result<usize, PumpError> {
         let mut applied = 0;
-        loop {
+        for _ in 0..MAX_PACKETS_PER_CALL {
             let n = match socket::recv(self.fd.as_raw_fd(), &mut self.inbuf, MsgFlags::MSG_DONTWAIT)
             {
                 Ok(0) => return Err(PumpError::Closed),
@@ -211,15 +219,16 @@ impl<S: FaultSource> FaultPump<S> {
                 continue;
             }
             let mut start = 0;
+            let mut here = 0;
             while start < self.responses.len() {
                 match self.source.respond(&self.responses[start..]) {
                     Ok(()) => {
-                        applied += self.responses.len() - start;
+                        here += self.responses.len() - start;
                         break;
                     }
                     Err((idx, errno)) => {
                         let idx = idx.min(self.responses.len() - start - 1);
-                        applied += idx;
+                        here += idx;
                         let r = self.responses[start + idx];
                         debug!(
                             "fault pump: response for cookie {} refused: errno {errno}",
@@ -234,8 +243,10 @@ impl<S: FaultSource> FaultPump<S> {
                     }
                 }
             }
-            self.stats.responses_in += applied as u64;
+            applied += here;
+            self.stats.responses_in += here as u64;
         }
+        Ok(applied)
     }
 
     fn reject(&mut self, r: Rejection) -> Result<(), PumpError> {

@@ -200,6 +200,8 @@ fn test_many_groups_span_packets_whole() {
         wait_readable(&pump);
     }
     assert_eq!(applied, 100);
+    assert_eq!(pump.stats().responses_in, 100);
+    assert_eq!(pump.stats().records_out, 300);
 }
 
 #[test]
@@ -249,4 +251,26 @@ fn test_records_reaped_while_waiting_for_send_slots_are_kept() {
         ch.recv(&mut batch, WAIT).expect("recv");
     }
     assert_eq!(batch.records.len(), 5);
+}
+
+#[test]
+fn test_pump_in_is_bounded_per_call() {
+    let (s, c) = fault_channel_pair().expect("socketpair");
+    let mut pump = FaultPump::new(MemSource::new(), s).expect("pump");
+    // More garbage packets than one call handles.
+    for _ in 0..pump::MAX_PACKETS_PER_CALL + 10 {
+        nix::sys::socket::send(
+            std::os::fd::AsRawFd::as_raw_fd(&c),
+            &[9u8; 5],
+            nix::sys::socket::MsgFlags::empty(),
+        )
+        .expect("send");
+    }
+    assert_eq!(pump.pump_in().expect("pump in"), 0);
+    assert_eq!(pump.stats().malformed, pump::MAX_PACKETS_PER_CALL as u64);
+    assert_eq!(pump.pump_in().expect("pump in"), 0);
+    assert_eq!(
+        pump.stats().malformed,
+        pump::MAX_PACKETS_PER_CALL as u64 + 10
+    );
 }
