@@ -20,6 +20,35 @@
 //! error a message follows (`u16` length + UTF-8, at most
 //! [`MAX_ERROR_MESSAGE`] bytes); on success the opcode's reply body.
 //!
+//! Request bodies (`label` is a string as below; `[n x (start, last)]` is
+//! `n` pairs of `u64`) and successful reply bodies:
+//!
+//! | opcode | request body | reply body |
+//! | --- | --- | --- |
+//! | 1 `HELLO` | empty | `session_id u64, server_pid u32, max_message u32` |
+//! | 2 `IOAS_ALLOC` | empty | `ioas_id u32` |
+//! | 3 `DESTROY` | `id u32` | empty |
+//! | 4 `IOAS_MAP` (1 fd: a memfd sealed with `F_SEAL_SHRINK`) | `flags u32, ioas_id u32, offset u64, length u64, iova u64` | `iova u64` |
+//! | 5 `IOAS_UNMAP` | `ioas_id u32, 0 u32, iova u64, length u64` | `unmapped u64` |
+//! | 6 `IOAS_COPY` | `flags u32, dst_ioas_id u32, src_ioas_id u32, 0 u32, length u64, dst_iova u64, src_iova u64` | `dst_iova u64` |
+//! | 7 `IOAS_IOVA_RANGES` | `ioas_id u32` | `alignment u64, n u32, [n x (start, last)]` |
+//! | 8 `IOAS_ALLOW_IOVAS` | `ioas_id u32, n u32, [n x (start, last)]` | empty |
+//! | 9 `DEVICE_LIST` | empty | `n u32, n x label` |
+//! | 10 `DEVICE_INFO` | `label` | `dev_id u32, max_pasid_log2 u32, flags u32 (INFO_*), 0 u32, page_sizes u64, n u32, [n x (start, last)]` |
+//! | 11 `ATTACH` | `label, flags u32 (ATTACH_PASID), pasid u32, pt_id u32` | `hwpt_id u32` |
+//! | 12 `DETACH` | `label, flags u32 (ATTACH_PASID), pasid u32` | empty |
+//! | 13 `PASID_ALLOC` | `label` | `pasid u32` |
+//! | 14 `PASID_FREE` | `label, pasid u32` | empty |
+//! | 15 `HWPT_ALLOC` | `label, pt_id u32, flags u32 (IOMMU_HWPT_ALLOC_*, FAULT_ID_VALID), fault_id u32, data_type u32, data_len u32, data` | `hwpt_id u32` |
+//! | 16 `HWPT_INVALIDATE` | `hwpt_id u32, data_type u32, entry_len u32, entry_num u32, entries` | empty (`aux` = entries done, also on error) |
+//! | 17 `FAULT_QUEUE_ALLOC` | `flags u32` (0) | `fault_id u32` + 1 fd: the fault channel |
+//!
+//! `MAP_FIXED_IOVA` off means the `iova` fields must be 0 and the server
+//! picks the IOVA. `ATTACH_PASID` off means `pasid` must be 0 (the RID).
+//! HWPT data: type 0 has no data; type 1 (stage 1) is the `u64` root IOVA.
+//! Invalidation entries are described at [`INVALIDATE_DATA_STAGE1`] and
+//! [`INVALIDATE_DATA_VIOMMU`].
+//!
 //! Strings (device labels) are a `u16` length and that many UTF-8 bytes,
 //! 1..=[`MAX_LABEL`]. Ranges are inclusive `[start, last]` pairs of `u64`.
 //! Every count has a named bound, every body must be consumed exactly
