@@ -304,6 +304,8 @@ fn test_sessions_are_isolated() {
     // B cannot detach what A attached.
     a.attach("dev0", None, ioas_a).expect("attach");
     assert_eq!(remote_errno(b.detach("dev0", None)), libc::EPERM);
+    // Nor take the device over.
+    assert_eq!(remote_errno(b.attach("dev0", None, ioas_b)), libc::EBUSY);
     a.detach("dev0", None).expect("detach");
     // Detaching what is not attached is a no-op, as in iommufd.
     b.detach("dev0", None).expect("no-op detach");
