@@ -149,21 +149,53 @@ pub const MAX_FRAGMENTS: usize = 1024;
 /// Fragments [`Dma::with_fragments`] hands out without allocating.
 pub const INLINE_FRAGMENTS: usize = 8;
 
+/// Contiguous translations remembered for the rest of a section.
+const HOT_ENTRIES: usize = 8;
+/// Smallest single-fragment translation worth remembering (rings, buffers).
+const HOT_MIN_LEN: u64 = 16;
+/// Aligned window translated speculatively around a small access.
+const HOT_WINDOW: u64 = 64 * 1024;
+
+/// A translation obtained earlier in the same section: `len` bytes at `iova`
+/// are contiguous host memory at `ptr`, allowed for `perm`.
+#[derive(Clone, Copy)]
+struct Hot {
+    iova: u64,
+    len: u64,
+    ptr: *mut u8,
+    perm: Perm,
+}
+
 /// One open access section of a translator, with its scratch storage.
+///
+/// Within a section the host memory behind a translation stays mapped (an
+/// unmap waits for the section to end), so the section remembers a few
+/// recent contiguous translations (the rings, the buffers of popped chains)
+/// and answers repeated small accesses to them without asking iommu-core.
 pub(crate) struct Section<'t> {
     access: RefCell<iommu_core::Access<'t>>,
     pasid: Option<u32>,
     frags: RefCell<Vec<Fragment>>,
     last_err: RefCell<Option<DmaError>>,
+    hot: RefCell<[Option<Hot>; HOT_ENTRIES]>,
+    hot_next: std::cell::Cell<usize>,
+    windows: std::cell::Cell<bool>,
 }
 
 impl<'t> Section<'t> {
-    pub(crate) fn new(translator: &'t mut Translator, pasid: Option<u32>) -> Self {
+    /// Opens a section. `speculate`: translate whole aligned windows around
+    /// small accesses (only where a failed speculative translation has no
+    /// side effect: no fault or event queue behind the device's HWPT, as for
+    /// vhost-user devices whose memory table is their address space).
+    pub(crate) fn new(translator: &'t mut Translator, pasid: Option<u32>, speculate: bool) -> Self {
         Section {
             access: RefCell::new(translator.access()),
             pasid,
             frags: RefCell::new(Vec::with_capacity(8)),
             last_err: RefCell::new(None),
+            hot: RefCell::new([None; HOT_ENTRIES]),
+            hot_next: std::cell::Cell::new(0),
+            windows: std::cell::Cell::new(speculate),
         }
     }
 }
@@ -182,6 +214,16 @@ pub(crate) trait SectionOps {
     fn take(&self) -> Option<DmaError>;
 }
 
+impl Section<'_> {
+    fn remember(&self, h: Hot) {
+        let i = self.hot_next.get() % HOT_ENTRIES;
+        if let Ok(mut hot) = self.hot.try_borrow_mut() {
+            hot[i] = Some(h);
+        }
+        self.hot_next.set(i + 1);
+    }
+}
+
 impl SectionOps for Section<'_> {
     fn translate_with(
         &self,
@@ -193,8 +235,26 @@ impl SectionOps for Section<'_> {
         if len == 0 {
             return f(&[]);
         }
-        if iova.checked_add(len - 1).is_none() {
+        let Some(last) = iova.checked_add(len - 1) else {
             return Err(DmaError::Overflow { iova, len });
+        };
+        let perm = access.perm();
+        let hit = self.hot.try_borrow().ok().and_then(|hot| {
+            hot.iter().flatten().find_map(|h| {
+                // `h.len >= 1` and `h.iova + h.len - 1` did not overflow when stored.
+                (h.perm.contains(perm) && iova >= h.iova && last <= h.iova + (h.len - 1)).then(
+                    || {
+                        let off = usize::try_from(iova - h.iova).unwrap_or(usize::MAX);
+                        Fragment {
+                            ptr: h.ptr.wrapping_add(off),
+                            len: usize::try_from(len).unwrap_or(usize::MAX),
+                        }
+                    },
+                )
+            })
+        });
+        if let Some(frag) = hit {
+            return f(&[frag]);
         }
         let (Ok(mut acc), Ok(mut frags)) =
             (self.access.try_borrow_mut(), self.frags.try_borrow_mut())
@@ -202,9 +262,45 @@ impl SectionOps for Section<'_> {
             // Re-entrant use from inside a callback: refuse rather than alias.
             return Err(DmaError::Unknown);
         };
-        acc.translate(self.pasid, iova, len, access.perm(), &mut frags)
+        // Try the enclosing window first: mappings are usually much larger
+        // than one buffer, and one window answers many later accesses.
+        if self.windows.get() && len <= HOT_WINDOW {
+            let start = iova & !(HOT_WINDOW - 1);
+            let wlast = last | (HOT_WINDOW - 1);
+            let wlen = wlast - start + 1;
+            let ok = acc
+                .translate(self.pasid, start, wlen, perm, &mut frags)
+                .is_ok();
+            if ok && frags.len() == 1 {
+                let base = frags[0].ptr;
+                self.remember(Hot {
+                    iova: start,
+                    len: wlen,
+                    ptr: base,
+                    perm,
+                });
+                drop(acc);
+                let off = usize::try_from(iova - start).unwrap_or(usize::MAX);
+                let frag = Fragment {
+                    ptr: base.wrapping_add(off),
+                    len: usize::try_from(len).unwrap_or(usize::MAX),
+                };
+                return f(&[frag]);
+            }
+            // Sparse mappings: stop trying windows in this section.
+            self.windows.set(false);
+        }
+        acc.translate(self.pasid, iova, len, perm, &mut frags)
             .map_err(|e| DmaError::from_core(e, iova, len, access))?;
         drop(acc);
+        if frags.len() == 1 && len >= HOT_MIN_LEN {
+            self.remember(Hot {
+                iova,
+                len,
+                ptr: frags[0].ptr,
+                perm,
+            });
+        }
         let r = f(&frags);
         if frags.capacity() > MAX_FRAGMENTS {
             frags.shrink_to(MAX_FRAGMENTS);
@@ -247,7 +343,7 @@ impl<'a> Dma<'a> {
         pasid: Option<u32>,
         f: impl FnOnce(Dma<'_>) -> R,
     ) -> R {
-        let section = Section::new(translator, pasid);
+        let section = Section::new(translator, pasid, false);
         f(Dma { ops: &section })
     }
 
@@ -551,5 +647,40 @@ mod tests {
             let v: u16 = Bytes::read_obj(&dma, GuestAddress(0x10000)).expect("read");
             assert_eq!(v, 0);
         });
+    }
+
+    #[test]
+    fn test_speculative_windows_keep_permissions() {
+        let iommu = Iommu::new();
+        let core = iommu_core::Device::new("spec", HwInfo::default());
+        let dev = iommu.bind(&core).expect("bind");
+        let ioas = iommu.ioas_alloc().expect("ioas");
+        iommu.attach(dev, None, ioas).expect("attach");
+        let m = Memory::anonymous("m", 0x20000).expect("m");
+        iommu
+            .ioas_map(ioas, &m, 0, 0x10000, Some(0x40000), Perm::READ)
+            .expect("ro");
+        iommu
+            .ioas_map(ioas, &m, 0x10000, 0x10000, Some(0x50000), Perm::RW)
+            .expect("rw");
+        m.write_at(0x100, b"ro").expect("write");
+        let mut tr = core.translator();
+        let section = Section::new(&mut tr, None, true);
+        let dma = Dma::from_section(&section);
+        let mut b = [0u8; 2];
+        dma.read(0x40100, &mut b).expect("read");
+        assert_eq!(&b, b"ro");
+        // The read-only window answered reads; a write must still be denied.
+        assert_eq!(
+            dma.write(0x40200, b"no").map_err(|e| e.denied_address()),
+            Err(Some((0x40200, Access::Write)))
+        );
+        dma.write(0x50010, b"ok").expect("rw write");
+        dma.read(0x50010, &mut b).expect("rw read");
+        assert_eq!(&b, b"ok");
+        assert!(matches!(
+            dma.read(0x60000, &mut b),
+            Err(DmaError::NotMapped { iova: 0x60000, .. })
+        ));
     }
 }

@@ -657,7 +657,7 @@ mod tests {
 
     fn with_queue<R>(f: &Fixture, body: impl FnOnce(Option<Queue<'_>>) -> R) -> R {
         let mut tr = f.core.translator();
-        let section = Section::new(&mut tr, None);
+        let section = Section::new(&mut tr, None, false);
         let mut qs = Queues {
             vrings: &f.vrings,
             dma: Dma::from_section(&section),

@@ -200,6 +200,15 @@ impl DriverRing {
         Ok(())
     }
 
+    /// Writes `used_event` (EVENT_IDX): the driver wants a notification once
+    /// the used index moves past `idx`.
+    pub fn set_used_event(&self, idx: u16) -> Result<(), DriverError> {
+        let off = Self::avail_offset(self.size) + 4 + 2 * usize::from(self.size);
+        self.write(off, &idx.to_le_bytes())?;
+        fence(Ordering::SeqCst);
+        Ok(())
+    }
+
     /// Overwrites the published available index (to craft bad drivers).
     pub fn set_avail_idx(&mut self, idx: u16) -> Result<(), DriverError> {
         self.avail_idx = idx;
@@ -366,7 +375,7 @@ impl Harness {
         index: u16,
     ) -> Result<(), crate::device::DeviceError> {
         let mut tr = self.core.translator();
-        let section = crate::dma::Section::new(&mut tr, None);
+        let section = crate::dma::Section::new(&mut tr, None, true);
         let mut queues = crate::queue::Queues {
             vrings: &self.vrings,
             dma: crate::dma::Dma::from_section(&section),
@@ -381,7 +390,7 @@ impl Harness {
         token: u64,
     ) -> Result<(), crate::device::DeviceError> {
         let mut tr = self.core.translator();
-        let section = crate::dma::Section::new(&mut tr, None);
+        let section = crate::dma::Section::new(&mut tr, None, true);
         let mut queues = crate::queue::Queues {
             vrings: &self.vrings,
             dma: crate::dma::Dma::from_section(&section),

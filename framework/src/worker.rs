@@ -365,7 +365,11 @@ impl Runner {
 
     fn process(&mut self, index: u16) {
         let r = {
-            let section = Section::new(&mut self.translator, None);
+            let section = Section::new(
+                &mut self.translator,
+                None,
+                !self.shared.iotlb_mode.load(Ordering::Relaxed),
+            );
             let mut queues = Queues {
                 vrings: &self.vrings,
                 dma: Dma::from_section(&section),
@@ -377,7 +381,11 @@ impl Runner {
 
     fn handle_device_event(&mut self, token: u64) {
         let r = {
-            let section = Section::new(&mut self.translator, None);
+            let section = Section::new(
+                &mut self.translator,
+                None,
+                !self.shared.iotlb_mode.load(Ordering::Relaxed),
+            );
             let mut queues = Queues {
                 vrings: &self.vrings,
                 dma: Dma::from_section(&section),
@@ -389,7 +397,11 @@ impl Runner {
 
     fn poll_device(&mut self) {
         let r = {
-            let section = Section::new(&mut self.translator, None);
+            let section = Section::new(
+                &mut self.translator,
+                None,
+                !self.shared.iotlb_mode.load(Ordering::Relaxed),
+            );
             let mut queues = Queues {
                 vrings: &self.vrings,
                 dma: Dma::from_section(&section),
