@@ -718,3 +718,103 @@ fn test_nested_invalidation_reports_entries_done() {
     let (done, r) = c.hwpt_invalidate(nested, &[]);
     assert_eq!((done, r.is_ok()), (0, true));
 }
+
+const FAULT_CHILD_ENV: &str = "IOASIS_SERVICE_FAULT_CHILD";
+
+/// The client half of `test_fault_answered_by_another_process`: owns a
+/// fault-capable HWPT, consumes the fault over its channel, maps the page
+/// lazily and answers. Does nothing unless run as the child.
+#[test]
+fn child_fault_client() {
+    let Ok(path) = std::env::var(FAULT_CHILD_ENV) else {
+        return;
+    };
+    let mut c = Client::connect(&path).expect("child connect");
+    let ioas = c.ioas_alloc().expect("ioas");
+    let (fault_id, mut chan) = c.fault_queue_alloc().expect("fault queue");
+    let hwpt = c
+        .hwpt_alloc(&HwptRequest {
+            label: "dev0".into(),
+            pt_id: ioas,
+            fault_id: Some(fault_id),
+            ..HwptRequest::default()
+        })
+        .expect("hwpt");
+    c.attach("dev0", None, hwpt).expect("attach");
+    println!("FAULT-READY");
+    std::io::stdout().flush().expect("flush");
+    let mut batch = FaultBatch::default();
+    let n = chan
+        .recv(&mut batch, Wait::Timeout(WAIT))
+        .expect("fault record");
+    assert_eq!(n, 1);
+    let rec = batch.records[0];
+    let fd = sealed_memfd("lazy", 0x1000).expect("memfd");
+    let mem = Memory::from_memfd(fd.try_clone().expect("dup"), 0, 0x1000).expect("map");
+    mem.write_at(0, b"paged in by the child").expect("write");
+    c.ioas_map(
+        ioas,
+        fd.as_fd(),
+        0,
+        0x1000,
+        Some(rec.addr),
+        MapPerm::ReadWrite,
+    )
+    .expect("lazy map");
+    chan.respond(&[PageResponse::success(rec.cookie)])
+        .expect("respond");
+    println!("ANSWERED {}", rec.cookie);
+    std::io::stdout().flush().expect("flush");
+    let mut line = String::new();
+    // Stay alive (keeping the mapping) until the parent is done.
+    let _ = std::io::stdin().read_line(&mut line);
+    std::process::exit(0);
+}
+
+#[test]
+fn test_fault_answered_by_another_process() {
+    let fx = Fixture::new();
+    let exe = std::env::current_exe().expect("exe");
+    let mut child = Command::new(exe)
+        .args([
+            "--exact",
+            "child_fault_client",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(FAULT_CHILD_ENV, &fx.path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn child");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut line = String::new();
+    let mut next = |tag: &str| -> String {
+        loop {
+            line.clear();
+            assert!(
+                out.read_line(&mut line).expect("read child") > 0,
+                "child ended before {tag}"
+            );
+            if let Some(at) = line.find(tag) {
+                break line[at + tag.len()..].trim().to_owned();
+            }
+        }
+    };
+    next("FAULT-READY");
+    let mut t = fx.dev.translator();
+    let mut buf = [0u8; 21];
+    let pending = match t.read(None, 0x7000, &mut buf) {
+        Err(iommu_core::Error::FaultRaised { pending, .. }) => pending,
+        other => panic!("expected a fault, got {other:?}"),
+    };
+    let cookie: u32 = next("ANSWERED ").parse().expect("cookie");
+    assert_eq!(cookie, pending.cookie());
+    assert_eq!(pending.wait_timeout(WAIT), FaultStatus::Success);
+    t.read(None, 0x7000, &mut buf)
+        .expect("read after the answer");
+    assert_eq!(&buf, b"paged in by the child");
+    writeln!(stdin, "DONE").expect("to child");
+    assert!(child.wait().expect("wait child").success());
+}
