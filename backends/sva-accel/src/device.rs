@@ -845,24 +845,27 @@ fn teardown(s: &Arc<Shared>, c: &Arc<ClientCtx>) {
         *list = Arc::new(v);
         s.clients_gen.fetch_add(1, Ordering::Release);
     }
-    let mut dropped = 0u64;
+    // Parked and answered-but-not-resumed work holds no work queue slot;
+    // held work (behind a drain) does.
+    let mut released = 0u64;
     if let Ok(mut p) = c.parked.lock() {
-        dropped += p.len() as u64;
+        released += p.len() as u64;
         p.clear();
     }
     if let Ok(mut q) = c.resume.lock() {
-        dropped += q.len() as u64;
-        q.clear();
-    }
-    if let Ok(mut q) = c.held.lock() {
-        dropped += q.len() as u64;
+        released += q.len() as u64;
         q.clear();
     }
     if let Ok(mut p) = c.parked_iommu.lock() {
-        dropped += p.len() as u64;
+        released += p.len() as u64;
         p.clear();
     }
-    retire(s, c, dropped);
+    retire_released(c, released);
+    if let Ok(mut q) = c.held.lock() {
+        let n = q.len() as u64;
+        q.clear();
+        retire(s, c, n);
+    }
     // Descriptors already executing finish; bounded wait.
     let start = Instant::now();
     while c.inflight.load(Ordering::Acquire) > 0 && start.elapsed() < Duration::from_secs(30) {
@@ -883,12 +886,22 @@ fn teardown(s: &Arc<Shared>, c: &Arc<ClientCtx>) {
     );
 }
 
+/// Retires `n` descriptors that hold a work queue slot.
 fn retire(s: &Shared, c: &ClientCtx, n: u64) {
     if n == 0 {
         return;
     }
-    c.inflight.fetch_sub(n, Ordering::AcqRel);
     s.occupancy.fetch_sub(n, Ordering::AcqRel);
+    retire_released(c, n);
+}
+
+/// Retires `n` descriptors whose work queue slot was already released
+/// (parked on a fault).
+fn retire_released(c: &ClientCtx, n: u64) {
+    if n == 0 {
+        return;
+    }
+    c.inflight.fetch_sub(n, Ordering::AcqRel);
     c.portal.complete(n);
     c.stats.completed.fetch_add(n, Ordering::Relaxed);
 }
@@ -977,6 +990,9 @@ fn park_iommu(s: &Shared, c: &ClientCtx, job: Job, p: PendingFault) {
     let answered = p.status() != FaultStatus::Pending;
     parked.push((job, p));
     drop(parked);
+    // A parked descriptor gives its work queue slot back, so that blocked
+    // work of one client cannot fill the shared queue for the others.
+    s.occupancy.fetch_sub(1, Ordering::AcqRel);
     c.stats.faults_raised.fetch_add(1, Ordering::Relaxed);
     if answered {
         // Answered before it was parked: make sure a worker looks.
@@ -1015,6 +1031,7 @@ fn resume_answered(s: &Shared, clients: &[Arc<ClientCtx>], tr: &mut Option<Trans
         };
         for (job, how) in ready {
             c.stats.faults_answered.fetch_add(1, Ordering::Relaxed);
+            s.occupancy.fetch_add(1, Ordering::AcqRel);
             run_job(s, c, job, how, tr);
             did = true;
         }
@@ -1081,6 +1098,7 @@ fn park(s: &Shared, c: &ClientCtx, job: Job, f: PageFault) {
     let cookie = c.next_cookie.fetch_add(1, Ordering::Relaxed);
     parked.insert(cookie, job);
     drop(parked);
+    s.occupancy.fetch_sub(1, Ordering::AcqRel);
     c.stats.faults_raised.fetch_add(1, Ordering::Relaxed);
     let rec = FaultRecord {
         flags: FAULT_FLAG_PASID_VALID | FAULT_FLAG_LAST_PAGE,
@@ -1219,6 +1237,7 @@ fn work_once(
     for c in clients {
         let next = c.resume.try_lock().ok().and_then(|mut q| q.pop_front());
         if let Some((job, how)) = next {
+            s.occupancy.fetch_add(1, Ordering::AcqRel);
             run_job(s, c, job, how, tr);
             did = true;
         }

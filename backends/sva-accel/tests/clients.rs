@@ -376,3 +376,48 @@ fn test_priority_orders_waiting_portals() {
     }
     eprintln!("priority premise never held on this machine; ordering not checked");
 }
+
+#[test]
+fn test_parked_work_does_not_starve_shared_queue() {
+    let d = Daemon::start(&["--workers", "1", "--wq-size", "4"]);
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let release_rx = Mutex::new(release_rx);
+    let blocked = Client::connect_with(
+        &d.socket,
+        Options {
+            block_on_fault: true,
+            fault_handler: Some(Box::new(move |_| {
+                // Hold every fault until the test releases them.
+                if let Ok(rx) = release_rx.lock() {
+                    let _ = rx.recv_timeout(Duration::from_secs(20));
+                }
+                FaultAction::Fail
+            })),
+            ..Options::default()
+        },
+    )
+    .expect("connect");
+    let lazy = blocked.alloc_lazy(16 * 4096).expect("lazy");
+    let parked: Vec<_> = (0..8)
+        .map(|i| {
+            blocked
+                .submit(ops::fill(lazy.at(i * 4096), 0, 64))
+                .expect("submit")
+        })
+        .collect();
+    // Eight blocked descriptors, a queue of four: the other client still runs.
+    let other = Client::connect(&d.socket).expect("connect");
+    let a = other.alloc(8192).expect("alloc");
+    for _ in 0..10 {
+        assert_eq!(
+            other.fill(a.addr(), 0, 8192).expect("fill").status,
+            status::SUCCESS
+        );
+    }
+    for _ in 0..8 {
+        let _ = release_tx.send(());
+    }
+    for h in parked {
+        assert_eq!(h.wait().expect("wait").code(), status::PAGE_FAULT_IR);
+    }
+}
