@@ -26,7 +26,7 @@ Serves virtio-net devices over vhost-user.
   --mac MAC              MAC address in the config space (default: derived from the socket path)
   --device SPEC          one more device (repeatable); the form above is shorthand for one
   --stats-interval SECS  print a JSON statistics line every SECS seconds (0: only at exit)
-  --poll-us N            idle workers busy-poll their queues for N microseconds (default 0)
+  --poll-us N            after work, poll queues and port for N microseconds, notifications off (default 0)
   --tap-io MODE          tap packet I/O: auto (io_uring if available), uring, syscall
 Statistics go to stdout, one JSON object per line; logs go to stderr (RUST_LOG).";
 
