@@ -149,6 +149,8 @@ pub struct DeviceInfo {
     pub dev_id: u32,
     /// Operation capability.
     pub opcap: OpCap,
+    /// Portal priority granted (the daemon may lower the one asked for).
+    pub priority: u8,
 }
 
 /// An I/O page fault the device raised.
@@ -608,6 +610,7 @@ impl Client {
         for w in opcap.iter_mut() {
             *w = r.u64().ok_or(ClientError::Protocol(what))?;
         }
+        let priority = r.u32().map_or(opts.priority, |p| p.min(15) as u8);
         let wq_mode = WqMode::from_u32(mode).ok_or(ClientError::Protocol(what))?;
         let want_fds = if reg.is_some() { 3 } else { 4 };
         if !(2..=crate::wq::MAX_WQ_SIZE).contains(&wq_size) || pkt.fds.len() != want_fds {
@@ -636,6 +639,7 @@ impl Client {
             max_xfer,
             dev_id,
             opcap: OpCap(opcap),
+            priority,
         };
         let inner = Arc::new(Inner {
             ctrl: Mutex::new(sock),

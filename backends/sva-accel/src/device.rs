@@ -143,6 +143,9 @@ pub struct DeviceConfig {
     pub max_xfer: u32,
     /// Maximum batch size.
     pub max_batch: u32,
+    /// Highest portal priority a client may ask for (1..=15); requests
+    /// above it are lowered to it.
+    pub max_priority: u8,
 }
 
 impl Default for DeviceConfig {
@@ -154,6 +157,7 @@ impl Default for DeviceConfig {
             wq_mode: WqMode::Shared,
             max_xfer: 1 << 31,
             max_batch: 1024,
+            max_priority: 15,
         }
     }
 }
@@ -170,6 +174,12 @@ impl DeviceConfig {
             return Err(DeviceError::Config(format!(
                 "wq size {} is not a power of two in {MIN_WQ_SIZE}..={MAX_WQ_SIZE}",
                 self.wq_size
+            )));
+        }
+        if !(1..=15).contains(&self.max_priority) {
+            return Err(DeviceError::Config(format!(
+                "max priority {} not in 1..=15",
+                self.max_priority
             )));
         }
         if self.max_batch < 2 || self.max_batch > 1024 || self.max_xfer == 0 {
@@ -540,7 +550,7 @@ fn hello(
         }
     };
     let iommu_mode = iommu_pasid.is_some();
-    let priority = prio.clamp(1, 15) as u8;
+    let priority = prio.clamp(1, u32::from(s.cfg.max_priority)) as u8;
     if s.clients.read().map_or(0, |c| c.len()) >= MAX_CLIENTS {
         reply(conn, -libc::EBUSY, &[], &[]);
         return None;
@@ -641,6 +651,7 @@ fn hello(
     for word in s.limits.opcap.0 {
         w = w.u64(word);
     }
+    w = w.u32(u32::from(priority));
     let mut fds = vec![
         portal_fd.as_fd(),
         s.doorbell.as_fd(),

@@ -11,7 +11,8 @@ use sva_accel::device::{Device, DeviceConfig};
 use sva_accel::wq::WqMode;
 
 const USAGE: &str = "usage: sva-accel --socket-path PATH [--workers N] [--wq-size N] \
-[--wq-mode shared|dedicated] [--max-batch N] [--max-xfer BYTES] [--iommu-socket PATH] [--label NAME]";
+[--wq-mode shared|dedicated] [--max-batch N] [--max-xfer BYTES] [--max-priority N] \
+[--iommu-socket PATH] [--label NAME]";
 
 struct Opts {
     path: PathBuf,
@@ -48,6 +49,9 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             }
             "--max-batch" => {
                 cfg.max_batch = u32::try_from(num(a, val(a)?)?).map_err(|e| e.to_string())?
+            }
+            "--max-priority" => {
+                cfg.max_priority = u8::try_from(num(a, val(a)?)?).map_err(|e| e.to_string())?
             }
             "--max-xfer" => {
                 cfg.max_xfer = u32::try_from(num(a, val(a)?)?).map_err(|e| e.to_string())?

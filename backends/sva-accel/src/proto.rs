@@ -7,7 +7,7 @@
 //! request: u32 op | u32 0 | payload          reply: i32 status (0 or -errno) | u32 0 | payload
 //! HELLO  payload: u32 version, u32 priority (1..=15)
 //!        reply:   u32 pasid, u32 wq_mode, u32 wq_size, u32 max_batch, u32 max_xfer,
-//!                 u32 dev_id, [u64; 4] opcap
+//!                 u32 dev_id, [u64; 4] opcap, u32 granted priority
 //!                 fds: portal memfd, doorbell eventfd, completion eventfd,
 //!                      fault channel (consumer end)
 //! MAP    payload: u64 iova, u64 len, u64 offset, u32 flags (1 = writable); fd: memfd

@@ -35,3 +35,35 @@ fn test_cli_rejects_bad_arguments() {
     let (code, _) = run(&["--socket-path", sock, "--workers", "0"]);
     assert_eq!(code, Some(1));
 }
+
+#[test]
+fn test_max_priority_caps_client_requests() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("s.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sva-accel"))
+        .args(["--workers", "1", "--max-priority", "3", "--socket-path"])
+        .arg(&sock)
+        .env("RUST_LOG", "off")
+        .spawn()
+        .expect("spawn");
+    let start = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "no socket"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let c = sva_accel::client::Client::connect_with(
+        &sock,
+        sva_accel::client::Options {
+            priority: 15,
+            ..Default::default()
+        },
+    )
+    .expect("connect");
+    assert_eq!(c.info().priority, 3);
+    drop(c);
+    let _ = child.kill();
+    let _ = child.wait();
+}
