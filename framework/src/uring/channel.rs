@@ -48,6 +48,7 @@ const RING_ENTRIES: u32 = 64;
 const TAG_RECV: u64 = 1 << 32;
 const TAG_PROVIDE: u64 = 2 << 32;
 const TAG_SEND: u64 = 3 << 32;
+const TAG_CANCEL: u64 = 4 << 32;
 const TAG_MASK: u64 = 0xffff_ffff << 32;
 
 /// Errors of the fault channel consumer.
@@ -142,6 +143,10 @@ pub struct FaultChannel {
     send_bufs: Box<[[u8; MAX_RESPONSE_PACKET]]>,
     free_send: Vec<usize>,
     recv_armed: bool,
+    /// The thread that armed the receive: io_uring runs a request's task
+    /// work in the task that submitted it, so the receive is re-armed from
+    /// the thread that consumes.
+    armed_by: Option<std::thread::ThreadId>,
     closed: bool,
     send_error: Option<io::Error>,
     cqes: Vec<cqueue::Entry>,
@@ -176,6 +181,7 @@ impl FaultChannel {
             send_bufs: vec![[0u8; MAX_RESPONSE_PACKET]; SEND_SLOTS].into_boxed_slice(),
             free_send: (0..SEND_SLOTS).collect(),
             recv_armed: false,
+            armed_by: None,
             closed: false,
             send_error: None,
             cqes: Vec::with_capacity(RING_ENTRIES as usize * 2),
@@ -192,7 +198,8 @@ impl FaultChannel {
         .build()
         .user_data(TAG_PROVIDE);
         ch.push(&provide)?;
-        ch.arm_recv()?;
+        // The receive is armed by the first receive call, on the consuming
+        // thread.
         ch.ring.submit().map_err(ChannelError::Enter)?;
         Ok(ch)
     }
@@ -226,6 +233,29 @@ impl FaultChannel {
             .user_data(TAG_RECV);
         self.push(&entry)?;
         self.recv_armed = true;
+        self.armed_by = Some(std::thread::current().id());
+        Ok(())
+    }
+
+    /// Arms the receive from this thread, or moves it here: cancels a
+    /// receive armed by another thread (the cancellation completes it
+    /// without `MORE`, and `reap` re-arms from the reaping thread).
+    fn ensure_armed(&mut self) -> Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        let me = std::thread::current().id();
+        if !self.recv_armed {
+            return self.arm_recv();
+        }
+        if self.armed_by != Some(me) {
+            let entry = opcode::AsyncCancel::new(TAG_RECV)
+                .build()
+                .user_data(TAG_CANCEL);
+            self.push(&entry)?;
+            // Do not cancel twice; the re-arm resets it.
+            self.armed_by = Some(me);
+        }
         Ok(())
     }
 
@@ -323,6 +353,7 @@ impl FaultChannel {
         // Whatever was reaped while waiting for a send slot comes first.
         batch.records.append(&mut self.stash.records);
         batch.rejected.append(&mut self.stash.rejected);
+        self.ensure_armed()?;
         // First pass: submit, reap what is ready.
         self.ring.submit().map_err(ChannelError::Enter)?;
         self.reap(batch)?;
@@ -437,7 +468,7 @@ impl FaultChannel {
                     }
                     let bid = cqueue::buffer_select(cqe.flags());
                     if res < 0 {
-                        if res == -libc::ENOBUFS {
+                        if res == -libc::ENOBUFS || res == -libc::ECANCELED {
                             rearm = true;
                         } else if res == -libc::ECONNRESET || res == -libc::EPIPE {
                             self.closed = true;
@@ -481,6 +512,7 @@ impl FaultChannel {
                         }
                     }
                 }
+                TAG_CANCEL => {}
                 TAG_PROVIDE => {
                     if res < 0 {
                         warn!("fault channel: providing buffers failed: {res}");

@@ -274,3 +274,44 @@ fn test_pump_in_is_bounded_per_call() {
         pump::MAX_PACKETS_PER_CALL as u64 + 10
     );
 }
+
+#[test]
+fn test_channel_moves_between_threads() {
+    let (mut pump, ch) = pair();
+    pump.source_mut().raise(1, 1);
+    pump.pump_out().expect("pump out");
+    // Armed and used on one thread that then exits...
+    let mut ch = std::thread::spawn(move || {
+        let mut ch = ch;
+        let mut b = FaultBatch::default();
+        assert_eq!(ch.recv(&mut b, WAIT).expect("recv on thread a"), 1);
+        ch
+    })
+    .join()
+    .expect("thread a");
+    // ...then used on another: the receive is re-armed here.
+    pump.source_mut().raise(2, 2);
+    pump.pump_out().expect("pump out");
+    let mut b = FaultBatch::default();
+    for _ in 0..10 {
+        if b.records.len() >= 2 {
+            break;
+        }
+        ch.recv(&mut b, WAIT).expect("recv on thread b");
+    }
+    assert_eq!(b.records.len(), 2);
+    // And on a third thread that stays alive while this one waits.
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let h = std::thread::spawn(move || {
+        let mut b = FaultBatch::default();
+        let n = ch.recv(&mut b, WAIT).expect("recv on thread c");
+        let _ = tx.send(());
+        (n, ch)
+    });
+    pump.source_mut().raise(3, 1);
+    pump.pump_out().expect("pump out");
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("thread c got it");
+    let (n, _ch) = h.join().expect("thread c");
+    assert_eq!(n, 1);
+}
