@@ -286,7 +286,9 @@ impl InvalidationHub {
                 continue;
             }
             self.links[idx].armed = false;
-            if res < 0 && res != -libc::EAGAIN && res != -libc::EINTR {
+            // ECANCELED: the thread that armed this read exited; it is
+            // re-armed from this one below.
+            if res < 0 && res != -libc::EAGAIN && res != -libc::EINTR && res != -libc::ECANCELED {
                 warn!("invalidation hub: ack read failed: {res}");
             } else if res > 0 {
                 n += 1;
