@@ -202,6 +202,8 @@ pub struct ClientStats {
     pub faults_answered: AtomicU64,
     /// Events (completion records not written).
     pub events: AtomicU64,
+    /// Blocks answered Invalid at once because too many were parked.
+    pub park_overflows: AtomicU64,
 }
 
 /// One connected client.
@@ -1098,12 +1100,19 @@ fn park(s: &Shared, c: &ClientCtx, job: Job, f: PageFault) {
         retire(s, c, 1);
         return;
     }
-    if parked.len() >= MAX_PARKED || c.no_faults.load(Ordering::SeqCst) {
+    let full = parked.len() >= MAX_PARKED;
+    if full || c.no_faults.load(Ordering::SeqCst) {
         drop(parked);
-        warn!(
-            "PASID {}: too many parked descriptors, answering Invalid",
-            c.pasid
-        );
+        if full {
+            // Rate limited: the 1st, 2nd, 4th, 8th, ... overflow.
+            let n = c.stats.park_overflows.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                warn!(
+                    "PASID {}: {MAX_PARKED} descriptors parked already, answering Invalid ({n} times)",
+                    c.pasid
+                );
+            }
+        }
         return run_job(s, c, job, Resume::Invalid, &mut None);
     }
     let cookie = c.next_cookie.fetch_add(1, Ordering::Relaxed);
