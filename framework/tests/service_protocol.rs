@@ -818,3 +818,46 @@ fn test_fault_answered_by_another_process() {
     writeln!(stdin, "DONE").expect("to child");
     assert!(child.wait().expect("wait child").success());
 }
+
+#[test]
+fn test_service_driven_from_another_event_loop() {
+    let iommu = Iommu::new();
+    let dev = Device::new("dev0", HwInfo::full());
+    iommu.bind(&dev).expect("bind");
+    let dir = Arc::new(StaticDirectory::new());
+    dir.insert(dev);
+    let mut svc = Service::new(iommu.clone(), dir).expect("service");
+    let fd = svc.connect_local().expect("local session");
+    let client = std::thread::spawn(move || {
+        let mut c = Client::from_fd(fd).expect("hello");
+        let ioas = c.ioas_alloc().expect("ioas");
+        c.attach("dev0", None, ioas).expect("attach");
+        ioas
+    });
+    // The host loop: poll the service's fd, run it without blocking.
+    let deadline = std::time::Instant::now() + WAIT;
+    while !client.is_finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "client never finished"
+        );
+        let mut p = [nix::poll::PollFd::new(
+            svc.poll_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let _ = nix::poll::poll(&mut p, nix::poll::PollTimeout::from(100u16));
+        assert!(svc.run_once(Some(Duration::ZERO)).expect("run once"));
+    }
+    let ioas = client.join().expect("client");
+    // The client's socket closed when its thread ended: one more turn of
+    // the loop cleans the session up.
+    for _ in 0..100 {
+        if svc.handle().sessions().is_empty() {
+            break;
+        }
+        svc.run_once(Some(Duration::from_millis(100)))
+            .expect("run once");
+    }
+    assert!(svc.handle().sessions().is_empty());
+    assert!(iommu.object_kind(ioas).is_err());
+}
