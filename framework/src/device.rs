@@ -14,7 +14,7 @@
 //!   ([`Device::queues_per_thread`]).
 //!
 //! Everything a worker touches in frontend memory goes through the queue handle
-//! ([`Queue`]) or the DMA handle ([`Dma`](crate::dma::Dma)) it hands out: both
+//! ([`Queue`]) or the DMA handle ([`Dma`]) it hands out: both
 //! translate every access through the device's I/O address space, so a device
 //! can never read or write memory the frontend did not map for it. A
 //! translation miss surfaces as a [`DmaError`]; returning it (for example with

@@ -138,6 +138,7 @@ impl WorkerSet {
                 busy,
                 kicks: Vec::new(),
                 pending_report: false,
+                errors: 0,
             };
             let handle = std::thread::Builder::new()
                 .name(format!("ioasis-worker-{thread}"))
@@ -202,6 +203,8 @@ struct Runner {
     /// Our clones of the kick fds, registered in epoll.
     kicks: Vec<(u16, EventFd)>,
     pending_report: bool,
+    /// Errors returned by the worker (logged at powers of two).
+    errors: u64,
 }
 
 fn lock(m: &Mutex<Vring>) -> std::sync::MutexGuard<'_, Vring> {
@@ -428,7 +431,15 @@ impl Runner {
                 }
             }
         }
-        error!("worker {}: {e}", self.thread);
+        self.errors += 1;
+        if self.errors.is_power_of_two() {
+            error!(
+                "worker {}: {} ({} errors so far)",
+                self.thread,
+                crate::error_chain(&e),
+                self.errors
+            );
+        }
         if e.needs_reset() {
             self.shared.needs_reset.store(true, Ordering::SeqCst);
         }
