@@ -287,7 +287,7 @@ impl FaultChannel {
                     break s;
                 }
                 // Every slot is in flight: wait for one send to complete.
-                self.ring.submit_and_wait(1).map_err(ChannelError::Enter)?;
+                self.enter_wait()?;
                 let mut stash = std::mem::take(&mut self.stash);
                 let r = self.reap(&mut stash);
                 self.stash = stash;
@@ -366,7 +366,7 @@ impl FaultChannel {
             Wait::Forever => {
                 // Bounded only by the peer: the pump closing ends it.
                 while !got(batch) && !self.closed {
-                    self.ring.submit_and_wait(1).map_err(ChannelError::Enter)?;
+                    self.enter_wait()?;
                     self.reap(batch)?;
                 }
             }
@@ -389,16 +389,26 @@ impl FaultChannel {
                     self.reap(batch)?;
                 }
                 if !got(batch) && !self.closed {
-                    self.ring.submit_and_wait(1).map_err(ChannelError::Enter)?;
+                    self.enter_wait()?;
                     self.reap(batch)?;
                     while !got(batch) && !self.closed {
-                        self.ring.submit_and_wait(1).map_err(ChannelError::Enter)?;
+                        self.enter_wait()?;
                         self.reap(batch)?;
                     }
                 }
             }
         }
         self.finish(batch, before)
+    }
+
+    /// Submits and blocks for at least one completion; a signal is not an
+    /// error (the caller loops).
+    fn enter_wait(&mut self) -> Result<()> {
+        match self.ring.submit_and_wait(1) {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(()),
+            Err(e) => Err(ChannelError::Enter(e)),
+        }
     }
 
     fn wait_until(
