@@ -241,6 +241,13 @@ pub trait Worker: Send {
     /// The driver kicked queue `index` (or the framework resumed it after a
     /// translation miss was resolved). Pop chains, process them and complete
     /// every popped head exactly once.
+    ///
+    /// The robust shape (it also handles `VIRTIO_RING_F_EVENT_IDX`, which
+    /// the framework offers): `disable_notification`, pop until empty,
+    /// `notify`, and go round again while `enable_notification` reports that
+    /// the driver added chains meanwhile; `examples/backend-template` has it.
+    /// Returning a translation miss (with `?`) parks the queue; the framework
+    /// calls again once the mapping exists.
     fn process_queue(&mut self, index: u16, queues: &mut Queues<'_>) -> Result<()>;
 
     /// An event source registered in [`init`](Worker::init) with `token`
