@@ -435,6 +435,25 @@ impl<'a> Queue<'a> {
         Ok(true)
     }
 
+    /// Pops up to `chains.len()` chains into `chains` and returns how many.
+    ///
+    /// A translation miss after some chains were popped ends the batch early
+    /// with the chains popped so far (the queue is parked and the framework
+    /// reports the miss); a miss on the first one is returned as an error,
+    /// like [`pop`](Queue::pop).
+    pub fn pop_batch(&mut self, chains: &mut [Chain]) -> Result<usize> {
+        let mut n = 0;
+        for c in chains.iter_mut() {
+            match self.pop(c) {
+                Ok(true) => n += 1,
+                Ok(false) => break,
+                Err(e) if n > 0 && e.dma_error().is_some_and(DmaError::is_miss) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(n)
+    }
+
     fn complete_bad(&mut self, head: u16) {
         self.vring.errors += 1;
         if self.vring.errors.is_power_of_two() {
@@ -743,6 +762,33 @@ mod tests {
         });
         assert_eq!(f.driver.used_idx().expect("idx"), 1);
         let _ = &f.ring_mem;
+    }
+
+    #[test]
+    fn test_pop_batch_stops_at_a_miss_and_keeps_the_rest() {
+        let mut f = fixture(false);
+        f.iommu
+            .ioas_map(f.ioas, &f.buf_mem, 0, 0x1000, Some(BUF_IOVA), Perm::RW)
+            .expect("map first page");
+        for i in 0..3u64 {
+            f.driver
+                .add_chain(&[Buf {
+                    addr: BUF_IOVA + i * 0x1000,
+                    len: 16,
+                    writable: true,
+                }])
+                .expect("chain");
+        }
+        f.driver.publish().expect("publish");
+        let mut chains = vec![Chain::new(); 8];
+        with_queue(&f, |q| {
+            let mut q = q.expect("queue serving");
+            assert_eq!(q.pop_batch(&mut chains).expect("batch"), 1);
+            q.add_used(chains[0].head(), 0).expect("used");
+        });
+        let v = f.vrings[0].1.lock().expect("lock");
+        assert_eq!(v.parked.map(|p| p.iova), Some(BUF_IOVA + 0x1000));
+        assert_eq!(v.q.next_avail(), 1, "the missed chain is offered again");
     }
 
     #[test]
