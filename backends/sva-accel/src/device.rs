@@ -224,6 +224,10 @@ pub struct ClientCtx {
     has_held: AtomicBool,
     no_faults: AtomicBool,
     iommu_mode: bool,
+    /// Service session that reserved the PASID (iommu mode), else 0.
+    session: u64,
+    /// The PASID was released by its session: nothing translates for it.
+    unbound: AtomicBool,
     parked_iommu: Mutex<Vec<(Job, PendingFault)>>,
     faults: Mutex<VecDeque<FaultRecord>>,
     faults_efd: OwnedFd,
@@ -311,6 +315,11 @@ impl Device {
             fault_answered: AtomicBool::new(false),
         });
         if let Some(b) = shared.iommu.as_ref() {
+            // Learn of PASIDs their sessions give up (this replaces any
+            // observer the service had).
+            b.service.set_observer(Some(Arc::new(Unbinder {
+                shared: Arc::downgrade(&shared),
+            })));
             // An answered fault group wakes a worker to resume its job.
             let weak = Arc::downgrade(&shared);
             b.device.set_fault_waker(Some(Arc::new(move |_| {
@@ -531,14 +540,16 @@ fn hello(
         reply(conn, -libc::EINVAL, &[], &[]);
         return None;
     };
+    let mut session = 0u64;
     let iommu_pasid = match version {
         proto::VERSION => None,
         proto::VERSION_IOMMU => {
-            let (Some(session), Some(pasid)) = (r.u64(), r.u32()) else {
+            let (Some(sid), Some(pasid)) = (r.u64(), r.u32()) else {
                 reply(conn, -libc::EINVAL, &[], &[]);
                 return None;
             };
-            match check_pasid_owner(s, conn, session, pasid) {
+            session = sid;
+            match check_pasid_owner(s, conn, sid, pasid) {
                 Ok(()) => Some(pasid),
                 Err(errno) => {
                     reply(conn, -errno, &[], &[]);
@@ -616,6 +627,8 @@ fn hello(
         has_held: AtomicBool::new(false),
         no_faults: AtomicBool::new(false),
         iommu_mode,
+        session,
+        unbound: AtomicBool::new(false),
         parked_iommu: Mutex::new(Vec::new()),
         faults: Mutex::new(VecDeque::new()),
         faults_efd,
@@ -682,6 +695,47 @@ fn hello(
     Some((client, pump))
 }
 
+/// Unbinds device clients whose PASID their service session gives up,
+/// before (session closing) or right after (PASID freed) the detach, so that
+/// no descriptor of theirs starts translating for a PASID that may be handed
+/// to another session next.
+struct Unbinder {
+    shared: std::sync::Weak<Shared>,
+}
+
+impl Unbinder {
+    fn unbind(&self, session: u64, label: &str, pasid: u32) {
+        let Some(s) = self.shared.upgrade() else {
+            return;
+        };
+        if s.iommu.as_ref().is_none_or(|b| b.device.label() != label) {
+            return;
+        }
+        let list = match s.clients.read() {
+            Ok(l) => l.clone(),
+            Err(_) => return,
+        };
+        for c in list.iter() {
+            if c.iommu_mode && c.session == session && c.pasid == pasid {
+                c.unbound.store(true, Ordering::SeqCst);
+                info!("PASID {pasid}: released by session {session}; client unbound");
+            }
+        }
+    }
+}
+
+impl ioasis::service::ServiceObserver for Unbinder {
+    fn session_closing(&self, session: &ioasis::service::SessionInfo, pasids: &[(String, u32)]) {
+        for (label, pasid) in pasids {
+            self.unbind(session.id, label, *pasid);
+        }
+    }
+
+    fn pasid_released(&self, session: &ioasis::service::SessionInfo, label: &str, pasid: u32) {
+        self.unbind(session.id, label, pasid);
+    }
+}
+
 /// Checks that the session presenting `pasid` reserved it from the service
 /// and is the process on the other end of `conn`, and that no live client
 /// has bound it already.
@@ -708,8 +762,12 @@ fn check_pasid_owner(
         .clients
         .read()
         .map(|l| {
-            l.iter()
-                .any(|c| c.iommu_mode && c.pasid == pasid && !c.dead.load(Ordering::SeqCst))
+            l.iter().any(|c| {
+                c.iommu_mode
+                    && c.pasid == pasid
+                    && !c.dead.load(Ordering::SeqCst)
+                    && !c.unbound.load(Ordering::SeqCst)
+            })
         })
         .unwrap_or(true);
     if taken {
@@ -936,6 +994,27 @@ fn report(c: &ClientCtx, e: CrWriteFailed, opcode: u8) {
 
 /// Runs (or resumes) one job of client `c` to completion or a park.
 fn run_job(s: &Shared, c: &ClientCtx, job: Job, resume: Resume, tr: &mut Option<Translator>) {
+    if c.dead.load(Ordering::Acquire) {
+        // The client is gone: nothing to do for it.
+        retire(s, c, 1);
+        return;
+    }
+    if c.unbound.load(Ordering::Acquire) {
+        // Its PASID was released: nothing translates, not even the record.
+        if job.desc.flags & crate::desc::flags::CRAV != 0 {
+            report(
+                c,
+                CrWriteFailed {
+                    cr_addr: job.desc.completion_addr,
+                    status: crate::desc::status::PAGE_FAULT_NOBOF,
+                    code: crate::desc::status::CRA_XLAT,
+                },
+                job.desc.opcode,
+            );
+        }
+        retire(s, c, 1);
+        return;
+    }
     if c.iommu_mode {
         return run_job_iommu(s, c, job, resume, tr);
     }

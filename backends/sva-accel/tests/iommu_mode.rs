@@ -203,3 +203,80 @@ fn test_session_shared_ioas_with_plain_iovas() {
         status::PAGE_FAULT_NOBOF
     );
 }
+
+#[test]
+fn test_released_pasid_is_unbound_before_reuse() {
+    let d = Daemon::shared();
+    let a = connect(&d, Options::default());
+    let pasid = a.pasid();
+    let abuf = a.alloc(4096).expect("alloc");
+    assert_eq!(
+        a.fill(abuf.addr(), 0, 64).expect("fill").status,
+        status::SUCCESS
+    );
+    // A gives its PASID back while staying connected to the device.
+    a.with_service(|s| s.pasid_free(DEFAULT_LABEL, pasid))
+        .expect("iommu mode")
+        .expect("pasid free");
+    // B reserves PASIDs until it holds the same number (bounded).
+    let mut svc = ioasis::service::Client::connect(d.iommu_socket()).expect("session");
+    let mut got = None;
+    for _ in 0..64 {
+        let p = svc.pasid_alloc(DEFAULT_LABEL).expect("pasid");
+        if p == pasid {
+            got = Some(p);
+            break;
+        }
+    }
+    let Some(p) = got else {
+        eprintln!("PASID {pasid} not handed out again; reuse not exercised");
+        return;
+    };
+    let (fault_id, channel) = svc.fault_queue_alloc().expect("fault queue");
+    let ioas = svc.ioas_alloc().expect("ioas");
+    let hwpt = svc
+        .hwpt_alloc(&ioasis::service::HwptRequest {
+            label: DEFAULT_LABEL.into(),
+            pt_id: ioas,
+            flags: iommu_core::IOMMU_HWPT_ALLOC_PASID,
+            fault_id: Some(fault_id),
+            ..Default::default()
+        })
+        .expect("hwpt");
+    svc.attach(DEFAULT_LABEL, Some(p), hwpt).expect("attach");
+    // B's memory, at an IOVA of B's IOAS that A knows.
+    let mem = ioasis::service::sealed_memfd("b-secret", 4096).expect("memfd");
+    let view =
+        sva_accel::shm::SharedMap::map(std::os::fd::AsFd::as_fd(&mem), 0, 4096, true).expect("map");
+    view.write(0, &[0x55; 4096]);
+    let iova = 0x6000_0000u64;
+    svc.ioas_map(
+        ioas,
+        std::os::fd::AsFd::as_fd(&mem),
+        0,
+        4096,
+        Some(iova),
+        ioasis::service::MapPerm::ReadWrite,
+    )
+    .expect("ioas map");
+    // A aims at it through its old binding: nothing translates for A any
+    // more, although PASID p now leads to B's IOAS.
+    let mut attack = ops::fill(iova, 0, 4096);
+    attack.flags |= flags::CRAV | flags::RCR;
+    attack.completion_addr = abuf.at(2048);
+    a.submit_raw(&[attack]).expect("submit");
+    let mut events = Vec::new();
+    common::eventually("an event for the unbound client", || {
+        events.extend(a.events());
+        !events.is_empty()
+    });
+    assert_eq!(events[0].code, status::CRA_XLAT);
+    let mut got_back = vec![0u8; 4096];
+    view.read(0, &mut got_back);
+    assert!(got_back == vec![0x55; 4096], "B's memory untouched");
+    // And B can bind the PASID at the device.
+    let b =
+        Client::connect_with_session(&d.socket, svc, ioas, p, Some(channel), Options::default())
+            .expect("B binds the reused PASID");
+    assert_eq!(b.fill(iova, 0, 64).expect("fill").status, status::SUCCESS);
+}
