@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use log::warn;
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use thiserror::Error;
 
 use super::record::{
@@ -139,6 +140,9 @@ impl FaultBatch {
 pub struct FaultChannel {
     ring: IoUring,
     fd: OwnedFd,
+    /// Registered on first use of `completion_fd` (it costs a read per
+    /// reap, which the blocking receive loop does not need).
+    completion: Option<EventFd>,
     recv_bufs: Box<[u8]>,
     send_bufs: Box<[[u8; MAX_RESPONSE_PACKET]]>,
     free_send: Vec<usize>,
@@ -174,9 +178,13 @@ impl FaultChannel {
             .setup_clamp()
             .build(RING_ENTRIES)
             .map_err(ChannelError::Setup)?;
+        let completion =
+            EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                .map_err(|e| ChannelError::Setup(e.into()))?;
         let mut ch = FaultChannel {
             ring,
             fd,
+            completion: None,
             recv_bufs: vec![0u8; RECV_BUFFER_SIZE * usize::from(RECV_BUFFERS)].into_boxed_slice(),
             send_bufs: vec![[0u8; MAX_RESPONSE_PACKET]; SEND_SLOTS].into_boxed_slice(),
             free_send: (0..SEND_SLOTS).collect(),
@@ -198,15 +206,45 @@ impl FaultChannel {
         .build()
         .user_data(TAG_PROVIDE);
         ch.push(&provide)?;
-        // The receive is armed by the first receive call, on the consuming
-        // thread.
+        // Armed here so that `completion_fd` works at once; the first
+        // receive call from another thread moves it to that thread.
+        ch.arm_recv()?;
         ch.ring.submit().map_err(ChannelError::Enter)?;
         Ok(ch)
     }
 
-    /// The socket of the channel (for readiness polling in another loop).
+    /// The socket of the channel. Its data is taken by the ring's
+    /// receive: to wait in another event loop, poll
+    /// [`completion_fd`](Self::completion_fd) instead.
     pub fn socket(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+
+    /// An eventfd that polls readable when the ring has completions (records
+    /// or status packets arrived): put it in an epoll loop and call
+    /// [`recv`](Self::recv) with [`Wait::Poll`] when it fires. Registered
+    /// on the first call.
+    pub fn completion_fd(&mut self) -> Result<BorrowedFd<'_>> {
+        if self.completion.is_none() {
+            let efd =
+                EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                    .map_err(|e| ChannelError::Setup(e.into()))?;
+            self.ring
+                .submitter()
+                .register_eventfd(efd.as_fd().as_raw_fd())
+                .map_err(ChannelError::Setup)?;
+            // Completions that came before the registration did not signal.
+            if !self.ring.completion().is_empty() || !self.stash.records.is_empty() {
+                let _ = efd.write(1);
+            }
+            self.completion = Some(efd);
+        }
+        match &self.completion {
+            Some(e) => Ok(e.as_fd()),
+            None => Err(ChannelError::Setup(io::Error::from_raw_os_error(
+                libc::EBADF,
+            ))),
+        }
     }
 
     /// Whether the server end has closed.
@@ -466,6 +504,13 @@ impl FaultChannel {
             self.cqes = cqes;
             self.provide = provide;
             return Ok(());
+        }
+        // Drain the completion eventfd, then look again: a completion
+        // posted after the drain signals it anew, so none is missed by a
+        // loop polling `completion_fd`.
+        if let Some(efd) = &self.completion {
+            let _ = efd.read();
+            cqes.extend(self.ring.completion());
         }
         for cqe in cqes.drain(..) {
             let ud = cqe.user_data();

@@ -315,3 +315,18 @@ fn test_channel_moves_between_threads() {
     let (n, _ch) = h.join().expect("thread c");
     assert_eq!(n, 1);
 }
+
+#[test]
+fn test_completion_fd_fires_for_records() {
+    let (mut pump, mut ch) = pair();
+    pump.source_mut().raise(1, 1);
+    pump.pump_out().expect("pump out");
+    let mut p = [nix::poll::PollFd::new(
+        ch.completion_fd().expect("completion fd"),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let n = nix::poll::poll(&mut p, nix::poll::PollTimeout::from(10_000u16));
+    assert_eq!(n, Ok(1));
+    let mut b = FaultBatch::default();
+    assert_eq!(ch.recv(&mut b, Wait::Poll).expect("recv"), 1);
+}
