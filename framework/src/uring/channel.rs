@@ -178,9 +178,6 @@ impl FaultChannel {
             .setup_clamp()
             .build(RING_ENTRIES)
             .map_err(ChannelError::Setup)?;
-        let completion =
-            EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-                .map_err(|e| ChannelError::Setup(e.into()))?;
         let mut ch = FaultChannel {
             ring,
             fd,
