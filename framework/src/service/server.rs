@@ -527,7 +527,15 @@ impl Service {
             None,
         )
         .map_err(|e| lerr(e.into()))?;
-        let _ = std::fs::remove_file(&path);
+        // Replace a stale socket, never any other kind of file.
+        {
+            use std::os::unix::fs::FileTypeExt;
+            if let Ok(m) = std::fs::symlink_metadata(&path) {
+                if m.file_type().is_socket() {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
         let addr = UnixAddr::new(&path).map_err(|e| lerr(e.into()))?;
         socket::bind(fd.as_raw_fd(), &addr).map_err(|e| lerr(e.into()))?;
         socket::listen(&fd, Backlog::MAXCONN).map_err(|e| lerr(e.into()))?;
