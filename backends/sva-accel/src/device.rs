@@ -216,6 +216,9 @@ pub struct ClientCtx {
     /// The client's address space.
     pub space: AddressSpace,
     completion_efd: OwnedFd,
+    /// This client's doorbell (each client its own, so that one client
+    /// draining its eventfd cannot swallow another's wake-ups).
+    doorbell_efd: OwnedFd,
     dead: AtomicBool,
     inflight: AtomicU64,
     parked: Mutex<HashMap<u32, Job>>,
@@ -594,31 +597,35 @@ fn hello(
     let made = (|| -> std::io::Result<_> {
         let (portal, portal_fd) = Portal::create(s.cfg.wq_size)?;
         let completion_efd = shm::eventfd()?;
+        let doorbell_efd = shm::eventfd()?;
         let faults_efd = shm::eventfd()?;
         let (server_end, client_end) = fault_channel_pair()?;
         Ok((
             portal,
             portal_fd,
             completion_efd,
+            doorbell_efd,
             faults_efd,
             server_end,
             client_end,
         ))
     })();
-    let (portal, portal_fd, completion_efd, faults_efd, server_end, client_end) = match made {
-        Ok(v) => v,
-        Err(e) => {
-            release(s);
-            fail("resources", &e);
-            return None;
-        }
-    };
+    let (portal, portal_fd, completion_efd, doorbell_efd, faults_efd, server_end, client_end) =
+        match made {
+            Ok(v) => v,
+            Err(e) => {
+                release(s);
+                fail("resources", &e);
+                return None;
+            }
+        };
     let client = Arc::new(ClientCtx {
         pasid,
         priority,
         portal,
         space: AddressSpace::default(),
         completion_efd,
+        doorbell_efd,
         dead: AtomicBool::new(false),
         inflight: AtomicU64::new(0),
         parked: Mutex::new(HashMap::new()),
@@ -669,7 +676,7 @@ fn hello(
     w = w.u32(u32::from(priority));
     let mut fds = vec![
         portal_fd.as_fd(),
-        s.doorbell.as_fd(),
+        client.doorbell_efd.as_fd(),
         client.completion_efd.as_fd(),
     ];
     if !iommu_mode {
@@ -684,6 +691,9 @@ fn hello(
         *list = Arc::new(v);
         s.clients_gen.fetch_add(1, Ordering::Release);
     }
+    // Sleeping workers re-read the list (and so wait on this client's
+    // doorbell too).
+    shm::signal(s.doorbell.as_fd());
     info!(
         "client bound to PASID {pasid} (priority {priority}, {})",
         if iommu_mode {
@@ -1409,8 +1419,18 @@ fn worker(s: &Arc<Shared>) {
             .iter()
             .any(|c| c.portal.has_work() || c.resume.lock().is_ok_and(|q| !q.is_empty()));
         if !pending && s.clients_gen.load(Ordering::Acquire) == gen {
-            let _ = shm::poll_in(&[s.doorbell.as_fd()], 100);
-            shm::drain(s.doorbell.as_fd());
+            // The internal doorbell (answers, shutdown, new clients) and
+            // every client's own.
+            let mut fds = Vec::with_capacity(clients.len() + 1);
+            fds.push(s.doorbell.as_fd());
+            fds.extend(clients.iter().map(|c| c.doorbell_efd.as_fd()));
+            if let Ok(ready) = shm::poll_in(&fds, 100) {
+                for (fd, r) in fds.iter().zip(ready) {
+                    if r != 0 {
+                        shm::drain(*fd);
+                    }
+                }
+            }
         }
         if s.sleepers.fetch_sub(1, Ordering::SeqCst) == 1 {
             for c in clients.iter() {
