@@ -1,4 +1,4 @@
-//! Quickstart: a walk through the iommu-core model, end to end.
+//! iommu-walkthrough: the iommu-core object model, in one process.
 //!
 //! Two devices bind to one `Iommu` context; an IOAS is filled from memfd
 //! memory; the devices attach, translate, read and write; one device raises
@@ -33,7 +33,7 @@ fn step(n: u32, title: &str) {
 }
 
 fn run() -> Res<()> {
-    println!("ioasis quickstart: the /dev/iommu object model in userspace");
+    println!("ioasis iommu-walkthrough: the /dev/iommu object model in userspace");
 
     step(1, "open a context and bind two devices");
     let iommu = Iommu::new();
@@ -205,13 +205,13 @@ fn run() -> Res<()> {
     iommu.destroy(ioas)?;
     let mem_refs = Arc::strong_count(&mem);
     println!("    all objects destroyed; memory references left: {mem_refs}");
-    println!("\nquickstart: OK");
+    println!("\niommu-walkthrough: OK");
     Ok(())
 }
 
 fn main() {
     if let Err(e) = run() {
-        eprintln!("quickstart FAILED: {e}");
+        eprintln!("iommu-walkthrough FAILED: {e}");
         std::process::exit(1);
     }
 }
