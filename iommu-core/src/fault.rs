@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -198,6 +199,7 @@ impl FaultInner {
             pasid_key,
             status: Mutex::new(FaultStatus::Pending),
             cv: Condvar::new(),
+            waiters: AtomicU32::new(0),
         });
         st.groups.insert(cookie, (group.clone(), false));
         st.undelivered.push_back(cookie);
@@ -376,6 +378,10 @@ pub(crate) struct Group {
     pasid_key: u32,
     status: Mutex<FaultStatus>,
     cv: Condvar,
+    /// Threads blocked in `wait*`; changed only with `status` locked, so
+    /// `complete` skips the wake-up syscall when nobody waits (the common
+    /// case for event-loop devices that use the waker instead).
+    waiters: AtomicU32,
 }
 
 impl Group {
@@ -386,7 +392,9 @@ impl Group {
                 return;
             }
             *s = status;
-            self.cv.notify_all();
+            if self.waiters.load(Ordering::Relaxed) != 0 {
+                self.cv.notify_all();
+            }
         }
         self.dev.release_fault_slot();
         let waker = self.dev.fault_waker();
@@ -437,10 +445,12 @@ impl PendingFault {
     pub fn wait(&self) -> FaultStatus {
         let mut s = lock(&self.group.status);
         while *s == FaultStatus::Pending {
+            self.group.waiters.fetch_add(1, Ordering::Relaxed);
             s = match self.group.cv.wait(s) {
                 Ok(g) => g,
                 Err(e) => e.into_inner(),
             };
+            self.group.waiters.fetch_sub(1, Ordering::Relaxed);
         }
         *s
     }
@@ -456,10 +466,12 @@ impl PendingFault {
                 },
                 None => Duration::from_secs(3600),
             };
+            self.group.waiters.fetch_add(1, Ordering::Relaxed);
             s = match self.group.cv.wait_timeout(s, left) {
                 Ok((g, _)) => g,
                 Err(e) => e.into_inner().0,
             };
+            self.group.waiters.fetch_sub(1, Ordering::Relaxed);
         }
         *s
     }
