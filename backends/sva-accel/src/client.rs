@@ -764,33 +764,47 @@ impl Client {
     /// Reads a completion record at a device address inside one of our
     /// buffers, if its status byte is set.
     fn read_record(&self, addr: u64) -> Option<CompletionRecord> {
-        if !self.owns(addr, CR_SIZE as u64) {
+        // The regions lock is held across the read: a buffer is removed
+        // from the regions before it is unmapped.
+        let regions = self.inner.regions.read().ok()?;
+        if !contains(&regions, addr, CR_SIZE as u64) {
             return None;
         }
-        read_owned_record(addr)
+        // SAFETY: the record lies in a registered buffer, which cannot be
+        // unmapped while the regions lock is held.
+        unsafe { read_owned_record(addr) }
     }
 
-    fn owns(&self, addr: u64, len: u64) -> bool {
-        let Some(end) = addr.checked_add(len) else {
-            return false;
-        };
-        self.inner
+    /// Waits for the completion record at byte `off` of `buf` (a record
+    /// address the caller put in a raw descriptor).
+    pub fn wait_record_in(&self, buf: &Buffer, off: usize) -> Result<CompletionRecord> {
+        let addr = buf.addr().wrapping_add(off as u64);
+        if off.checked_add(CR_SIZE).is_none_or(|end| end > buf.len()) {
+            return Err(ClientError::NotOwned(addr));
+        }
+        // `buf` is borrowed for the whole wait, so it stays mapped.
+        self.wait_record(addr)
+    }
+
+    /// Waits until the record at `addr` has a status: spins (the device is
+    /// another core, as with UMWAIT on DSA), then yields, then sleeps on the
+    /// completion eventfd. `addr` must lie in memory that stays mapped for
+    /// the wait (the record pool, or a buffer the caller borrows).
+    fn wait_record(&self, addr: u64) -> Result<CompletionRecord> {
+        let known = self
+            .inner
             .regions
             .read()
-            .is_ok_and(|r| r.iter().any(|(a, l)| addr >= *a && end <= a + l))
-    }
-
-    /// Waits until the record at `addr` (in our memory) has a status: spins
-    /// (the device is another core, as with UMWAIT on DSA), then yields, then
-    /// sleeps on the completion eventfd.
-    pub fn wait_record(&self, addr: u64) -> Result<CompletionRecord> {
-        if !self.owns(addr, CR_SIZE as u64) {
+            .is_ok_and(|r| contains(&r, addr, CR_SIZE as u64));
+        if !known {
             return Err(ClientError::NotOwned(addr));
         }
         let start = Instant::now();
         let mut i = 0u32;
         loop {
-            if let Some(cr) = read_owned_record(addr) {
+            // SAFETY: the record is in the client's pool or in a buffer the
+            // caller borrows for the wait (see `wait_record_in`).
+            if let Some(cr) = unsafe { read_owned_record(addr) } {
                 return Ok(cr);
             }
             i = i.wrapping_add(1);
@@ -1010,7 +1024,12 @@ impl Client {
             return cr;
         }
         let rem = len - done;
-        let own = |a: u64| self.owns(a, rem);
+        // Held for the whole fallback: a buffer leaves the regions before it
+        // is unmapped, so every range checked here stays mapped meanwhile.
+        let Ok(regions) = self.inner.regions.read() else {
+            return cr;
+        };
+        let own = |a: u64| contains(&regions, a, rem);
         let mut out = CompletionRecord::with_status(status::SUCCESS);
         out.bytes_completed = d.xfer_size;
         let ok = match d.opcode {
@@ -1023,8 +1042,10 @@ impl Client {
                 };
                 out.result = cr.result;
                 own(s) && own(t) && {
-                    // SAFETY: both ranges lie in live mappings of this client
-                    // (checked); ptr::copy allows overlap.
+                    // SAFETY: both ranges lie in buffers of this client,
+                    // checked under the regions read lock held for the whole
+                    // fallback (a buffer leaves the regions before it is
+                    // unmapped); ptr::copy allows overlap.
                     unsafe { std::ptr::copy(s as *const u8, t as *mut u8, rem as usize) };
                     true
                 }
@@ -1035,7 +1056,8 @@ impl Client {
                     let pat = d.src.to_le_bytes();
                     for i in 0..rem {
                         let b = pat[((done + i) % 8) as usize];
-                        // SAFETY: t + i lies in a live mapping of this client.
+                        // SAFETY: t + i lies in a buffer checked under the
+                        // regions read lock held throughout.
                         unsafe { ((t + i) as *mut u8).write_volatile(b) };
                     }
                     true
@@ -1046,12 +1068,13 @@ impl Client {
                 let copy_ok = d.opcode == opcode::CRCGEN || own(d.dst + done);
                 own(s) && copy_ok && {
                     let mut v = vec![0u8; rem as usize];
-                    // SAFETY: the source range lies in a live mapping.
+                    // SAFETY: the source range lies in a buffer checked
+                    // under the regions read lock held throughout.
                     unsafe {
                         std::ptr::copy_nonoverlapping(s as *const u8, v.as_mut_ptr(), v.len())
                     };
                     if d.opcode == opcode::COPY_CRC {
-                        // SAFETY: the destination range lies in a live mapping.
+                        // SAFETY: the destination range too.
                         unsafe {
                             std::ptr::copy_nonoverlapping(
                                 v.as_ptr(),
@@ -1088,14 +1111,23 @@ impl Drop for Client {
     }
 }
 
-/// Reads the record at `addr`, which the caller checked lies in one of this
-/// client's live buffers, if its status byte is set.
-fn read_owned_record(addr: u64) -> Option<CompletionRecord> {
+/// Whether `[addr, addr + len)` lies inside one of `regions`.
+fn contains(regions: &[(u64, u64)], addr: u64, len: u64) -> bool {
+    let Some(end) = addr.checked_add(len) else {
+        return false;
+    };
+    regions.iter().any(|(a, l)| addr >= *a && end <= a + l)
+}
+
+/// Reads the record at `addr` if its status byte is set.
+///
+/// # Safety
+/// The 32 bytes at `addr` must lie in a mapping of this process that stays
+/// mapped for the call.
+unsafe fn read_owned_record(addr: u64) -> Option<CompletionRecord> {
     let p = addr as *mut u8;
-    // SAFETY: the caller checked that the 32 bytes lie in a live mapping of
-    // this client (buffers stay mapped while a wait on them runs, since the
-    // handle borrows the client); the status byte is accessed atomically on
-    // both sides.
+    // SAFETY: mapped for the call (caller); the status byte is accessed
+    // atomically on both sides and has u8 alignment.
     let st = unsafe { AtomicU8::from_ptr(p) }.load(Ordering::Acquire);
     if st == 0 {
         return None;

@@ -242,7 +242,7 @@ fn test_shared_queue_retry() {
     }
     assert!(retried, "a full shared queue answers retry");
     assert_eq!(
-        c.wait_record(cr.addr()).expect("wait").status,
+        c.wait_record_in(&cr, 0).expect("wait").status,
         status::SUCCESS
     );
     assert!(c.stats().retries.load(Ordering::Relaxed) >= 1);
