@@ -351,17 +351,17 @@ impl Buffer {
         self.map.as_ptr()
     }
 
-    /// Copies bytes out of the buffer.
+    /// Copies bytes out of the buffer. Panics if the range is outside it.
     pub fn read(&self, off: usize, buf: &mut [u8]) {
         self.map.read(off, buf);
     }
 
-    /// Copies bytes into the buffer.
+    /// Copies bytes into the buffer. Panics if the range is outside it.
     pub fn write(&self, off: usize, data: &[u8]) {
         self.map.write(off, data);
     }
 
-    /// A copy of `len` bytes from `off`.
+    /// A copy of `len` bytes from `off`. Panics if the range is outside it.
     pub fn to_vec(&self, off: usize, len: usize) -> Vec<u8> {
         let mut v = vec![0u8; len];
         self.read(off, &mut v);
