@@ -84,6 +84,15 @@ fn parse(args: &[String]) -> Result<Opts, String> {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // SIGINT/SIGTERM are taken synchronously by the main thread below; block
+    // them before any thread starts so that every thread inherits the mask.
+    let mut sigs = nix::sys::signal::SigSet::empty();
+    sigs.add(nix::sys::signal::Signal::SIGINT);
+    sigs.add(nix::sys::signal::Signal::SIGTERM);
+    if let Err(e) = sigs.thread_block() {
+        eprintln!("sva-accel: cannot block signals: {e}");
+        return ExitCode::FAILURE;
+    }
     let o = match parse(&args) {
         Ok(v) => v,
         Err(e) => {
@@ -118,8 +127,13 @@ fn main() -> ExitCode {
         o.label,
         o.iommu.display()
     );
-    // Serve until killed.
-    loop {
-        std::thread::park();
+    // Serve until SIGINT or SIGTERM.
+    match sigs.wait() {
+        Ok(sig) => log::info!("{sig:?}: shutting down"),
+        Err(e) => log::warn!("sigwait failed ({e}); shutting down"),
     }
+    dev.shutdown();
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&o.iommu);
+    ExitCode::SUCCESS
 }

@@ -67,3 +67,30 @@ fn test_max_priority_caps_client_requests() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn test_sigterm_shuts_down_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("s.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sva-accel"))
+        .args(["--workers", "1", "--socket-path"])
+        .arg(&sock)
+        .env("RUST_LOG", "off")
+        .spawn()
+        .expect("spawn");
+    let start = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "no socket"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let c = sva_accel::client::Client::connect(&sock).expect("connect");
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("kill");
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0));
+    assert!(!sock.exists(), "socket removed");
+    drop(c);
+}
