@@ -38,7 +38,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ioasis::service::{sealed_memfd, Client as Session, HwptRequest, MapPerm};
@@ -94,6 +94,8 @@ fn iova(off: usize) -> u64 {
 
 /// Pid of the backend, for the watchdog (0: none).
 static BACKEND_PID: AtomicI32 = AtomicI32::new(0);
+/// The backend's scratch directory, for the watchdog to remove.
+static SCRATCH: Mutex<Option<PathBuf>> = Mutex::new(None);
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -138,6 +140,9 @@ fn start_watchdog() {
             if pid > 0 {
                 // SAFETY: kill(2) with a pid we spawned; no memory involved.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            if let Some(dir) = SCRATCH.lock().ok().and_then(|mut d| d.take()) {
+                let _ = std::fs::remove_dir_all(dir);
             }
             std::process::exit(1);
         });
@@ -240,6 +245,9 @@ impl BackendProc {
             .prefix("ioasis-quickstart-")
             .tempdir()
             .map_err(ctx("temporary directory"))?;
+        if let Ok(mut d) = SCRATCH.lock() {
+            *d = Some(dir.path().to_path_buf());
+        }
         let exe = std::env::current_exe().map_err(ctx("own executable"))?;
         let log = dir.path().join("backend.log");
         let log_file = std::fs::File::create(&log).map_err(ctx("backend log"))?;

@@ -90,6 +90,36 @@ fn test_quickstart_transcript() {
     assert!(out.contains("status 0x03"), "{out}");
 }
 
+/// The in-process tour of iommu-core that the README points to.
+#[test]
+fn test_iommu_walkthrough_runs() {
+    let test = "test_iommu_walkthrough_runs";
+    let Some(exe) = ready(
+        test,
+        workspace_example("ioasis-examples", "iommu-walkthrough"),
+    ) else {
+        return;
+    };
+    let dir = WorkDir::new("iommu-walkthrough").or_panic("workdir");
+    let mut p = Proc::spawn(
+        "iommu-walkthrough",
+        &mut Command::new(&exe),
+        dir.path(),
+        Output::Split,
+    )
+    .or_panic("start the walkthrough");
+    let status = p
+        .wait_timeout(Duration::from_secs(120))
+        .or_panic("walkthrough to finish");
+    let out = p.stdout_text();
+    assert!(
+        status.success(),
+        "walkthrough failed ({status}):\n{out}\n{}",
+        p.log_tail()
+    );
+    assert!(out.trim_end().ends_with("iommu-walkthrough: OK"), "{out}");
+}
+
 #[test]
 fn test_summary_parser() {
     let out =
