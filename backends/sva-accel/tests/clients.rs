@@ -222,17 +222,36 @@ fn test_dedicated_queue_credits() {
 #[test]
 fn test_shared_queue_retry() {
     let d = Daemon::start(&["--workers", "1", "--wq-size", "2"]);
-    let c = Client::connect(&d.socket).expect("connect");
-    let big = c.alloc(128 << 20).expect("alloc");
-    let cr = c.alloc(4096).expect("alloc");
-    let mut m = ops::mem_move(big.at(64 << 20), big.addr(), 64 << 20);
-    m.flags |= flags::CRAV | flags::RCR;
-    m.completion_addr = cr.addr();
-    c.submit_raw(&[m]).expect("submit");
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let release_rx = Mutex::new(release_rx);
+    let c = Client::connect_with(
+        &d.socket,
+        Options {
+            fault_handler: Some(Box::new(move |_| {
+                if let Ok(rx) = release_rx.lock() {
+                    let _ = rx.recv_timeout(Duration::from_secs(20));
+                }
+                FaultAction::Fail
+            })),
+            ..Options::default()
+        },
+    )
+    .expect("connect");
+    // A parked descriptor and a drain behind it: the worker takes nothing
+    // more from this portal until the fault is answered, so its ring fills.
+    let lazy = c.alloc_lazy(4096).expect("lazy");
+    let crs = c.alloc(4096).expect("alloc");
+    let mut parked = ops::fill(lazy.addr(), 0, 64);
+    parked.flags |= flags::CRAV | flags::RCR | flags::BOF;
+    parked.completion_addr = crs.addr();
+    let mut drain = Descriptor::new(opcode::DRAIN, flags::CRAV | flags::RCR);
+    drain.completion_addr = crs.at(32);
+    c.submit_raw(&[parked, drain]).expect("submit");
+    let mut accepted = 0;
     let mut retried = false;
-    for _ in 0..1000 {
+    for _ in 0..64 {
         match c.try_submit_raw(&[Descriptor::new(opcode::NOOP, 0)]) {
-            Ok(()) => {}
+            Ok(()) => accepted += 1,
             Err(ClientError::Retry) => {
                 retried = true;
                 break;
@@ -241,11 +260,17 @@ fn test_shared_queue_retry() {
         }
     }
     assert!(retried, "a full shared queue answers retry");
+    assert!(accepted <= 2, "{accepted} accepted into a ring of 2");
+    assert!(c.stats().retries.load(Ordering::Relaxed) >= 1);
+    release_tx.send(()).expect("release");
     assert_eq!(
-        c.wait_record_in(&cr, 0).expect("wait").status,
+        c.wait_record_in(&crs, 0).expect("wait").status,
+        status::PAGE_FAULT_IR | status::WRITE
+    );
+    assert_eq!(
+        c.wait_record_in(&crs, 32).expect("wait").status,
         status::SUCCESS
     );
-    assert!(c.stats().retries.load(Ordering::Relaxed) >= 1);
 }
 
 #[test]
