@@ -1557,6 +1557,66 @@ mod tests {
     }
 
     #[test]
+    fn test_every_data_opcode_checks_its_size_and_faults() {
+        let m = mem();
+        for op in [
+            opcode::MEMMOVE,
+            opcode::MEMFILL,
+            opcode::COMPARE,
+            opcode::COMPVAL,
+            opcode::CR_DELTA,
+            opcode::AP_DELTA,
+            opcode::DUALCAST,
+            opcode::CRCGEN,
+            opcode::COPY_CRC,
+            opcode::CFLUSH,
+        ] {
+            let mut d = desc(op, 0);
+            d.src = SRC;
+            d.dst = DST + 0x2000;
+            d.xfer_size = 0;
+            match op {
+                opcode::CR_DELTA => {
+                    d.set_op_u64(0, AUX);
+                    d.set_op_u32(8, 100);
+                }
+                opcode::AP_DELTA => d.set_op_u32(0, 10),
+                opcode::DUALCAST => d.set_op_u64(0, AUX + 0x2000),
+                _ => {}
+            }
+            assert_eq!(
+                run(&m, d).status,
+                status::XFER_ERANGE,
+                "opcode {op:#x} size 0"
+            );
+            // Every operand in unmapped memory: a page fault, never a panic.
+            let mut f = d;
+            f.xfer_size = 64;
+            f.src = 0x7000_0000;
+            f.dst = 0x7100_0000;
+            if op == opcode::DUALCAST {
+                f.set_op_u64(0, 0x7200_0000);
+            }
+            if op == opcode::MEMFILL {
+                f.dst = 0x7100_0000;
+            }
+            assert_eq!(
+                run(&m, f).code(),
+                status::PAGE_FAULT_NOBOF,
+                "opcode {op:#x} unmapped"
+            );
+        }
+        // Compare pattern with check result: false predicate.
+        let mut cv = desc(opcode::COMPVAL, flags::CR);
+        cv.src = SRC;
+        cv.dst = 0x1111;
+        cv.xfer_size = 64;
+        assert_eq!(run(&m, cv).status, status::SUCCESS_PRED);
+        cv.op_specific[0] = 1;
+        assert_eq!(run(&m, cv).status, status::SUCCESS);
+    }
+
+    #[test]
     fn test_completion_record_rules() {
         let mut m = mem();
         // CRAV without RCR: no record on success, a record on failure.
