@@ -446,3 +446,46 @@ fn test_parked_work_does_not_starve_shared_queue() {
         assert_eq!(h.wait().expect("wait").code(), status::PAGE_FAULT_IR);
     }
 }
+
+#[test]
+fn test_mixed_work_two_workers() {
+    let d = Daemon::start(&["--workers", "2", "--wq-size", "16"]);
+    let path = d.socket.clone();
+    let threads: Vec<_> = (0..3u8)
+        .map(|t| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let c = Client::connect(&path).expect("connect");
+                let a = c.alloc(1 << 16).expect("alloc");
+                let mut b = c.batch(16).expect("batch");
+                for round in 0..30u32 {
+                    let v = t.wrapping_mul(31).wrapping_add(round as u8);
+                    let pat = u64::from_ne_bytes([v; 8]);
+                    // Async fills, a drain, then a batch that copies them.
+                    let fills: Vec<_> = (0..8)
+                        .map(|i| {
+                            c.submit(ops::fill(a.at(i * 1024), pat, 1024))
+                                .expect("fill")
+                        })
+                        .collect();
+                    assert_eq!(c.drain().expect("drain").status, status::SUCCESS);
+                    for f in fills {
+                        assert!(f.poll().is_some(), "drain completed before earlier work");
+                        assert_eq!(f.wait().expect("wait").status, status::SUCCESS);
+                    }
+                    b.clear();
+                    for i in 0..8 {
+                        b.mem_move(a.at(32768 + i * 1024), a.at(i * 1024), 1024);
+                    }
+                    b.fence().compare(a.addr(), a.at(32768), 8192);
+                    let r = b.submit().expect("submit").wait().expect("wait");
+                    assert_eq!(r.record.status, status::SUCCESS, "client {t} round {round}");
+                    assert!(a.to_vec(32768, 8192).iter().all(|x| *x == v));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("client thread");
+    }
+}
