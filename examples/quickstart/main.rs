@@ -268,12 +268,26 @@ impl BackendProc {
             let _ = tx.send(r.map(|_| line));
         });
         let mut b = BackendProc { child, dir, log };
-        match rx.recv_timeout(WAIT) {
-            Ok(Ok(l)) if l.trim() == READY => Ok(b),
-            Ok(Ok(l)) => Err(b.fail(&format!("backend said {l:?} instead of {READY:?}"))),
-            Ok(Err(e)) => Err(b.fail(&format!("reading the backend: {e}"))),
-            Err(_) => Err(b.fail(&format!("backend not ready after {WAIT:?}"))),
+        let secs = WAIT.as_secs() as usize;
+        let mut progress = Progress::new("waiting for the backend, seconds", secs);
+        for waited in 0..secs {
+            match rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(Ok(l)) if l.trim() == READY => {
+                    progress.finish();
+                    return Ok(b);
+                }
+                Ok(Ok(l)) => {
+                    return Err(b.fail(&format!("backend said {l:?} instead of {READY:?}")))
+                }
+                Ok(Err(e)) => return Err(b.fail(&format!("reading the backend: {e}"))),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(b.fail("backend closed its stdout"))
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => progress.tick(waited + 1),
+            }
         }
+        progress.finish();
+        Err(b.fail(&format!("backend not ready after {WAIT:?}")))
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -302,13 +316,19 @@ impl BackendProc {
         // SAFETY: kill(2) on our own child; no memory involved.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(5);
+        let mut progress = Progress::new("waiting for the backend to exit, tenths of a second", 50);
+        let mut n = 0;
         while Instant::now() < deadline {
             if let Some(s) = self.child.try_wait().map_err(ctx("waiting"))? {
                 BACKEND_PID.store(0, Ordering::SeqCst);
+                progress.finish();
                 return Ok(s);
             }
             std::thread::sleep(Duration::from_millis(10));
+            n += 1;
+            progress.tick(n / 10);
         }
+        progress.finish();
         let _ = self.child.kill();
         let s = self.child.wait().map_err(ctx("waiting"))?;
         BACKEND_PID.store(0, Ordering::SeqCst);
