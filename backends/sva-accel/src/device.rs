@@ -79,6 +79,24 @@ pub enum DeviceError {
         #[source]
         source: std::io::Error,
     },
+    /// The device could not be bound to the iommu-core context.
+    #[error("cannot bind device {label} to the iommu context")]
+    Bind {
+        /// Device label.
+        label: String,
+        /// Cause.
+        #[source]
+        source: iommu_core::Error,
+    },
+    /// The `/dev/iommu` service could not be started.
+    #[error("cannot serve /dev/iommu on {path}")]
+    Service {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: ioasis::service::ServiceError,
+    },
     /// An fd could not be created.
     #[error("cannot create {what}")]
     Fd {
@@ -115,13 +133,18 @@ pub fn serve_iommu(
 ) -> Result<(IommuBinding, ioasis::service::ServiceThread)> {
     let iommu = iommu_core::Iommu::new();
     let device = iommu_core::Device::new(label, hw_info());
-    iommu
-        .bind(&device)
-        .map_err(|e| DeviceError::Config(format!("binding {label}: {e}")))?;
+    iommu.bind(&device).map_err(|source| DeviceError::Bind {
+        label: label.to_owned(),
+        source,
+    })?;
     let dir = Arc::new(ioasis::service::StaticDirectory::new());
     dir.insert(device.clone());
-    let svc = ioasis::service::Service::bind(path, iommu, dir)
-        .map_err(|e| DeviceError::Config(format!("iommu service on {}: {e}", path.display())))?;
+    let svc = ioasis::service::Service::bind(path, iommu, dir).map_err(|source| {
+        DeviceError::Service {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
     let service = svc.handle();
     let thread = svc.spawn().map_err(|source| DeviceError::Thread {
         name: "ioasis-service".into(),
