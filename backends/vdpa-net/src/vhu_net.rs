@@ -949,6 +949,9 @@ impl NetWorker {
         let Some(port) = self.port.as_mut() else {
             return Ok(0);
         };
+        if !port.produces_frames() {
+            return Ok(0);
+        }
         let Some(mut q) = queues.get(self.rx_q) else {
             return Ok(0);
         };
@@ -1004,7 +1007,13 @@ impl NetWorker {
             }
         }
         self.process_tx(queues)?;
-        if !self.rx_blocked {
+        // A port with a readiness fd is served when it fires; one without
+        // (reflect, source) may have frames as a result of this pass.
+        let rx_now = self
+            .port
+            .as_ref()
+            .is_some_and(|p| p.produces_frames() && p.rx_fd().is_none());
+        if rx_now && !self.rx_blocked {
             self.process_rx(queues)?;
         }
         Ok(())
@@ -1052,7 +1061,11 @@ impl Worker for NetWorker {
             if let (Some(g), Some(p)) = (self.gate.as_mut(), self.port.as_ref()) {
                 g.set(p.as_ref(), true);
             }
-            self.serve(queues)?;
+            // Frames the port held back for lack of buffers go first.
+            self.process_rx(queues)?;
+            if self.poll.is_some() {
+                self.serve(queues)?;
+            }
         } else if Some(index) == self.ctrl_q {
             if let Some(mut q) = queues.get(index) {
                 if self.engine.ctrl(&mut q, &self.shared.net)? > 0 {

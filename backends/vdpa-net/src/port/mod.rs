@@ -189,6 +189,12 @@ pub trait Port: Send + fmt::Debug {
     /// [`Port::send`] on this same endpoint (or never).
     fn rx_fd(&self) -> Option<BorrowedFd<'_>>;
 
+    /// Whether [`Port::recv`] can ever yield a frame (a sink never does, so
+    /// the receive queue need not be looked at).
+    fn produces_frames(&self) -> bool {
+        true
+    }
+
     /// The offloads this port can honour.
     fn offloads(&self) -> PortOffloads {
         PortOffloads::default()

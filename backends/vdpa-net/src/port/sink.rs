@@ -37,6 +37,10 @@ impl Port for SinkPort {
     fn rx_fd(&self) -> Option<BorrowedFd<'_>> {
         None
     }
+
+    fn produces_frames(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

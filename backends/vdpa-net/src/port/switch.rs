@@ -210,6 +210,11 @@ impl Port for SwitchPort {
             }
             n += 1;
         }
+        if n == max && !q.frames.is_empty() {
+            // Stopped by the caller's limit, not for lack of buffers: the
+            // readiness was consumed above, so raise it again.
+            self.ep.event.signal();
+        }
         Ok(n)
     }
 
@@ -306,6 +311,36 @@ mod tests {
         assert!(Arc::ptr_eq(&s1, &s2));
         let s3 = Switch::get("test-other");
         assert!(!Arc::ptr_eq(&s1, &s3));
+    }
+
+    fn readable(fd: BorrowedFd<'_>) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one live pollfd, zero timeout.
+        let r = unsafe { libc::poll(&mut p, 1, 0) };
+        r == 1
+    }
+
+    #[test]
+    fn test_switch_readiness_raised_again_when_limit_hit() {
+        let sw = Switch::get("test-resignal");
+        let mut a = sw.attach(1, A).unwrap().remove(0);
+        let mut b = sw.attach(1, B).unwrap().remove(0);
+        let mut batch: Vec<PacketBuf> = (0..10).map(|_| frame(B, A)).collect();
+        a.send(&mut batch);
+        assert!(readable(b.rx_fd().unwrap()));
+        assert_eq!(b.recv(4, &mut |_| true).unwrap(), 4);
+        assert!(readable(b.rx_fd().unwrap()), "frames left: still readable");
+        assert_eq!(b.recv(4, &mut |_| false).unwrap(), 0);
+        assert!(
+            !readable(b.rx_fd().unwrap()),
+            "refused: wait for the driver"
+        );
+        assert_eq!(b.recv(64, &mut |_| true).unwrap(), 6);
     }
 
     #[test]
