@@ -86,6 +86,18 @@ pub enum QueueError {
 }
 
 impl QueueError {
+    /// The queue the error happened on.
+    pub fn queue(&self) -> u16 {
+        match self {
+            QueueError::Dma { queue, .. }
+            | QueueError::AvailIndex { queue, .. }
+            | QueueError::BadChain { queue, .. }
+            | QueueError::BadHead { queue, .. }
+            | QueueError::Ring { queue, .. }
+            | QueueError::Notify { queue, .. } => *queue,
+        }
+    }
+
     /// The DMA error behind this error, if any.
     pub fn dma_error(&self) -> Option<&DmaError> {
         match self {

@@ -443,9 +443,13 @@ impl Runner {
         if e.needs_reset() {
             self.shared.needs_reset.store(true, Ordering::SeqCst);
         }
+        let failed = match &e {
+            DeviceError::Queue(q) => Some(q.queue()),
+            _ => None,
+        };
         for (index, m) in &self.vrings {
             let v = lock(m);
-            if v.broken {
+            if v.broken || failed == Some(*index) {
                 if let Some(err) = &v.err {
                     if let Err(we) = err.write(1) {
                         warn!("queue {index}: signalling error fd: {we}");

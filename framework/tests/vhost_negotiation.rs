@@ -247,3 +247,39 @@ fn test_two_queues_on_separate_threads() {
         "one worker per thread"
     );
 }
+
+#[test]
+fn test_bad_chain_signals_error_fd_and_needs_reset() {
+    let dev = EchoDevice::new(1);
+    let srv = TestServer::start(vec![("echo", dev)]);
+    let (mut fe, raw) = connect(&srv.socket("echo"), 1);
+    let guest = Guest::new();
+    handshake(&mut fe, &guest, FEATURES);
+    let err = vmm_sys_util::eventfd::EventFd::new(0).expect("err fd");
+    fe.set_vring_err(0, &err).expect("set_vring_err");
+    let mut q = setup_queue(&mut fe, &guest, 0, RING_OFF, guest.gpa, guest.va(0));
+    // A descriptor loop: 0 -> 1 -> 0.
+    let b = guest.gpa + BUF_OFF as u64;
+    q.ring
+        .write_desc(0, b, 8, ioasis::testing::VRING_DESC_F_NEXT, 1)
+        .expect("d0");
+    q.ring
+        .write_desc(1, b, 8, ioasis::testing::VRING_DESC_F_NEXT, 0)
+        .expect("d1");
+    q.ring.push_avail(0).expect("avail");
+    q.ring.publish().expect("publish");
+    q.kick.write(1).expect("kick");
+    assert!(
+        wait_readable(std::os::fd::AsRawFd::as_raw_fd(&err), WAIT),
+        "error eventfd signalled"
+    );
+    // The bad chain was completed (length 0), not leaked.
+    assert_eq!(q.ring.used_idx().expect("used"), 1);
+    assert_eq!(q.ring.used_elem(0).expect("elem"), (0, 0));
+    send_raw(&raw, 40, 1, &[], &[]);
+    let (_, p) = recv_raw(&raw).expect("status");
+    assert_ne!(p[0] & 0x40, 0, "VIRTIO_CONFIG_S_NEEDS_RESET reported");
+    // A reset brings the device back.
+    fe.reset_device().expect("reset");
+    assert_eq!(fe.get_queue_num().expect("still connected"), 1);
+}
