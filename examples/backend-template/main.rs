@@ -151,8 +151,16 @@ mod tests {
         for i in 0..4u64 {
             h.ring(0)
                 .add_chain(&[
-                    Buf { addr: base + i * 0x1000, len: 32, writable: true },
-                    Buf { addr: base + i * 0x1000 + 0x800, len: 32, writable: true },
+                    Buf {
+                        addr: base + i * 0x1000,
+                        len: 32,
+                        writable: true,
+                    },
+                    Buf {
+                        addr: base + i * 0x1000 + 0x800,
+                        len: 32,
+                        writable: true,
+                    },
                 ])
                 .expect("chain");
         }
@@ -175,7 +183,11 @@ mod tests {
         let mut h = Harness::new(&dev, 16).expect("harness");
         let mut worker = dev.worker(0).expect("worker");
         h.ring(0)
-            .add_chain(&[Buf { addr: Harness::BUFFER_AREA, len: 32, writable: false }])
+            .add_chain(&[Buf {
+                addr: Harness::BUFFER_AREA,
+                len: 32,
+                writable: false,
+            }])
             .expect("chain");
         h.ring(0).publish().expect("publish");
         h.process(&mut *worker, 0).expect("process");
@@ -188,11 +200,19 @@ mod tests {
         let mut h = Harness::new(&dev, 16).expect("harness");
         let mut worker = dev.worker(0).expect("worker");
         h.ring(0)
-            .add_chain(&[Buf { addr: 0x1_0000_0000, len: 32, writable: true }])
+            .add_chain(&[Buf {
+                addr: 0x1_0000_0000,
+                len: 32,
+                writable: true,
+            }])
             .expect("chain");
         h.ring(0).publish().expect("publish");
         let e = h.process(&mut *worker, 0).expect_err("miss");
         assert!(e.is_translation_miss());
-        assert_eq!(h.ring(0).used_idx().expect("used"), 0, "chain kept for later");
+        assert_eq!(
+            h.ring(0).used_idx().expect("used"),
+            0,
+            "chain kept for later"
+        );
     }
 }
