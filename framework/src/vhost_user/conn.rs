@@ -41,9 +41,15 @@ pub const TRANSPORT_FEATURES: u64 = VIRTIO_F_VERSION_1
     | VIRTIO_RING_F_EVENT_IDX
     | VHOST_USER_F_PROTOCOL_FEATURES;
 
-/// Virtio features offered for `device`.
+/// `VIRTIO_F_RING_PACKED`: packed rings (not supported: split rings only).
+pub const VIRTIO_F_RING_PACKED: u64 = 1 << 34;
+/// `VHOST_F_LOG_ALL`: dirty logging (not supported).
+pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
+
+/// Virtio features offered for `device`: its own, without the transport
+/// bits the framework cannot honour, plus [`TRANSPORT_FEATURES`].
 pub fn offered_features(device: &dyn Device) -> u64 {
-    device.features() | TRANSPORT_FEATURES
+    (device.features() & !(VIRTIO_F_RING_PACKED | VHOST_F_LOG_ALL)) | TRANSPORT_FEATURES
 }
 
 /// Protocol features offered for `device`.
