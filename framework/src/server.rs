@@ -283,6 +283,20 @@ impl Server {
         path: impl AsRef<Path>,
         device: Arc<dyn Device>,
     ) -> Result<()> {
+        self.add_device_with_info(label, path, device, HwInfo::default())
+    }
+
+    /// [`add_device`](Server::add_device) with the hardware information the
+    /// device reports to the iommu context (PASID width, page sizes,
+    /// reserved IOVA ranges, ...), for devices that other processes attach
+    /// through the `/dev/iommu` service.
+    pub fn add_device_with_info(
+        &mut self,
+        label: &str,
+        path: impl AsRef<Path>,
+        device: Arc<dyn Device>,
+        info: HwInfo,
+    ) -> Result<()> {
         let path = path.as_ref().to_path_buf();
         let invalid = |reason| ServerError::InvalidDevice {
             label: label.to_string(),
@@ -314,7 +328,7 @@ impl Server {
             return Err(ServerError::DuplicateLabel(label.to_string()));
         }
         let listener = bind_socket(&path)?;
-        let core = iommu_core::Device::new(label, HwInfo::default());
+        let core = iommu_core::Device::new(label, info);
         let dev_id = match self.iommu.bind(&core) {
             Ok(id) => id,
             Err(source) => {
