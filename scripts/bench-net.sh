@@ -4,7 +4,10 @@
 # alternating the backends round by round and comparing medians (this kind of
 # machine is shared and noisy: compare only within one run).
 #
-#   scripts/bench-net.sh [--rounds N] [--secs S] [--tap] [--only-reference] [--vdpa-arg ARG]...
+#   scripts/bench-net.sh [--rounds N] [--secs S] [--tap] [--only-reference] [--no-pin] [--vdpa-arg ARG]...
+#
+# vdpa-net is pinned to CPU 1, where net_vhost forwards (testpmd's frontend
+# forwards on CPU 0); --no-pin lets it run anywhere.
 #
 # --tap adds the tap benchmark (frames from testpmd through the backend into a
 # tap inside a network namespace, counted on the tap). Without a vdpa-net

@@ -19,7 +19,11 @@
 //!   inside a network namespace, counted on the tap (DPDK's reference is
 //!   net_vhost + net_tap in io mode).
 //!
-//! Usage: `ioasis-bench-net [--rounds N] [--secs S] [--tap] [--only-reference]`.
+//! vdpa-net is pinned to CPU 1 (where net_vhost's forwarding lcore runs;
+//! testpmd's frontend forwards on CPU 0) unless `--no-pin` is given.
+//!
+//! Usage: `ioasis-bench-net [--rounds N] [--secs S] [--tap] [--only-reference]
+//! [--no-pin] [--vdpa-arg ARG]...`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -75,6 +79,7 @@ struct Opts {
     tap: bool,
     vdpa: Option<PathBuf>,
     vdpa_args: Vec<String>,
+    pin: bool,
 }
 
 /// A backend under test, killed on drop.
@@ -132,7 +137,7 @@ fn start_backend(
             // Pin the daemon to CPU 1, where net_vhost's forwarding lcore
             // runs, so both backends get the same share of the machine.
             let pinned;
-            let bin = match which("taskset") {
+            let bin = match which("taskset").filter(|_| opts.pin) {
                 Some(ts) => {
                     pinned = dir.join("vdpa-net-pinned.sh");
                     std::fs::write(
@@ -217,6 +222,7 @@ fn parse_opts() -> std::result::Result<Opts, String> {
         tap: false,
         vdpa: None,
         vdpa_args: Vec::new(),
+        pin: true,
     };
     let mut only_ref = false;
     let mut args = std::env::args().skip(1);
@@ -226,10 +232,11 @@ fn parse_opts() -> std::result::Result<Opts, String> {
             "--rounds" => o.rounds = val("--rounds")?.parse().map_err(|e| format!("{e}"))?,
             "--secs" => o.secs = val("--secs")?.parse().map_err(|e| format!("{e}"))?,
             "--tap" => o.tap = true,
+            "--no-pin" => o.pin = false,
             "--only-reference" => only_ref = true,
             "--vdpa-arg" => o.vdpa_args.push(val("--vdpa-arg")?),
             "-h" | "--help" => {
-                return Err("usage: ioasis-bench-net [--rounds N] [--secs S] [--tap] [--only-reference] [--vdpa-arg ARG]...".into())
+                return Err("usage: ioasis-bench-net [--rounds N] [--secs S] [--tap] [--only-reference] [--no-pin] [--vdpa-arg ARG]...".into())
             }
             other => return Err(format!("unknown argument {other}")),
         }
