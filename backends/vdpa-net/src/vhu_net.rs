@@ -414,6 +414,8 @@ pub(crate) struct PairEngine<C> {
     warned: u64,
     /// Polling: leave driver notifications off when a queue runs dry.
     pub(crate) suppress: bool,
+    /// Heads were completed since the driver was last notified.
+    notify_pending: bool,
 }
 
 impl<C: ChainInfo> PairEngine<C> {
@@ -440,6 +442,7 @@ impl<C: ChainInfo> PairEngine<C> {
             ctrl_buf: vec![0u8; MAX_CTRL_LEN],
             warned: 0,
             suppress: false,
+            notify_pending: false,
         }
     }
 
@@ -461,13 +464,42 @@ impl<C: ChainInfo> PairEngine<C> {
         q: &mut R,
         port: &mut dyn Port,
     ) -> std::result::Result<(usize, bool), QueueError> {
+        let r = self.tx_pass(q, port);
+        self.flush_notify(q, r)
+    }
+
+    /// One notification per pass, not per burst: without EVENT_IDX (DPDK
+    /// virtio-user never negotiates it) every `notify` is an eventfd write.
+    fn flush_notify<R: Ring<C = C>, T>(
+        &mut self,
+        q: &mut R,
+        r: std::result::Result<T, QueueError>,
+    ) -> std::result::Result<T, QueueError> {
+        if std::mem::take(&mut self.notify_pending) {
+            let n = q.notify();
+            if r.is_ok() {
+                n?;
+            }
+        }
+        r
+    }
+
+    fn tx_pass<R: Ring<C = C>>(
+        &mut self,
+        q: &mut R,
+        port: &mut dyn Port,
+    ) -> std::result::Result<(usize, bool), QueueError> {
         let mut moved = 0;
+        let mut suppressed = false;
         while let Some(&h) = self.tx_unacked.first() {
             q.add_used(h, 0)?;
             self.tx_unacked.remove(0);
         }
         for _ in 0..TX_BURSTS_PER_PASS {
-            q.disable_notification()?;
+            if !suppressed {
+                q.disable_notification()?;
+                suppressed = true;
+            }
             let mut pending_err = None;
             let mut n = 0;
             let (mut bytes, mut errors) = (0u64, 0u64);
@@ -509,7 +541,7 @@ impl<C: ChainInfo> PairEngine<C> {
             }
             let popped = self.tx_heads.len();
             if popped > 0 && used_err.is_none() {
-                q.notify()?;
+                self.notify_pending = true;
             }
             let out = if n > 0 {
                 port.send(&mut self.tx_bufs[..n])
@@ -524,8 +556,11 @@ impl<C: ChainInfo> PairEngine<C> {
             if let Some(e) = used_err.or(pending_err) {
                 return Err(e);
             }
-            if popped < BURST && (self.suppress || !q.enable_notification()?) {
-                return Ok((moved, false));
+            if popped < BURST {
+                if self.suppress || !q.enable_notification()? {
+                    return Ok((moved, false));
+                }
+                suppressed = false;
             }
         }
         Ok((moved, true))
@@ -734,8 +769,8 @@ impl<C: ChainInfo> PairEngine<C> {
             bytes += frame_len as u64;
             true
         });
-        if completed > 0 && fatal.is_none() {
-            q.notify()?;
+        if completed > 0 {
+            self.notify_pending = true;
         }
         let st = self.stats.queue(self.pair);
         st.add_tx(pkts, bytes);
@@ -757,6 +792,15 @@ impl<C: ChainInfo> PairEngine<C> {
     /// Device-to-driver: bursts until the port is empty, the driver has no
     /// buffers or the pass limit is reached.
     pub(crate) fn rx<R: Ring<C = C>>(
+        &mut self,
+        q: &mut R,
+        port: &mut dyn Port,
+    ) -> std::result::Result<RxPass, QueueError> {
+        let r = self.rx_pass(q, port);
+        self.flush_notify(q, r)
+    }
+
+    fn rx_pass<R: Ring<C = C>>(
         &mut self,
         q: &mut R,
         port: &mut dyn Port,
