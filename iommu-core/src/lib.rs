@@ -68,6 +68,14 @@
 //! queue the access fails with [`Error::Unmapped`] / [`Error::AccessDenied`]
 //! and an event goes to the event queue that covers the device.
 //!
+//! The `_nofault` forms ([`Access::translate_nofault`],
+//! [`Access::translate_contiguous_nofault`], [`Access::read_nofault`],
+//! [`Access::write_nofault`], [`Access::copy_nofault`]) ask "is this
+//! mapped?" without side effects: on any HWPT a failure is
+//! [`Error::Unmapped`] / [`Error::AccessDenied`], no fault group is queued
+//! and no event is reported; the caller reports the failure its own way
+//! (a device that does not block on faults, a completion-record write).
+//!
 //! # Unmap safety protocol
 //!
 //! After [`Iommu::ioas_unmap`], [`Iommu::replace`], [`Iommu::detach`],

@@ -65,6 +65,16 @@ struct Entry {
     mem: u32,
 }
 
+/// What a failed translation does.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    /// Raise an I/O page fault (fault-capable HWPT) or report an event.
+    Fault,
+    /// Only return [`Error::Unmapped`] / [`Error::AccessDenied`]: no fault
+    /// group, no event (the caller reports the failure its own way).
+    NoFault,
+}
+
 /// A failed translation, as the fault / event path needs it.
 #[derive(Clone, Copy)]
 struct Miss {
@@ -141,6 +151,14 @@ impl Translator {
     pub fn write(&mut self, pasid: Option<u32>, iova: u64, buf: &[u8]) -> Result<()> {
         self.access().write(pasid, iova, buf)
     }
+    /// [`Access::read_nofault`] in its own access section.
+    pub fn read_nofault(&mut self, pasid: Option<u32>, iova: u64, buf: &mut [u8]) -> Result<()> {
+        self.access().read_nofault(pasid, iova, buf)
+    }
+    /// [`Access::write_nofault`] in its own access section.
+    pub fn write_nofault(&mut self, pasid: Option<u32>, iova: u64, buf: &[u8]) -> Result<()> {
+        self.access().write_nofault(pasid, iova, buf)
+    }
     /// Sets the hook an invalidator may call to nudge this thread.
     pub fn set_nudge(&mut self, nudge: Option<Nudge>) {
         self.slot.set_nudge(nudge);
@@ -184,14 +202,21 @@ impl Translator {
     /// `left` is how many bytes the access still needs from `iova` (it
     /// sizes the fault group if the translation fails).
     #[inline]
-    fn resolve(&mut self, pasid: Option<u32>, iova: u64, perm: Perm, left: u64) -> Result<Entry> {
+    fn resolve(
+        &mut self,
+        pasid: Option<u32>,
+        iova: u64,
+        perm: Perm,
+        left: u64,
+        mode: Mode,
+    ) -> Result<Entry> {
         let key = pasid_key(pasid);
         if let Some(e) = self.hit(key, iova, perm) {
             let e = *e;
             self.stats.hits += 1;
             return Ok(e);
         }
-        self.fill(key, pasid, iova, perm, left)
+        self.fill(key, pasid, iova, perm, left, mode)
     }
 
     fn mem_index(&mut self, m: &Arc<Memory>) -> u32 {
@@ -215,6 +240,7 @@ impl Translator {
         iova: u64,
         perm: Perm,
         left: u64,
+        mode: Mode,
     ) -> Result<Entry> {
         self.stats.misses += 1;
         let dom = self.device.shared.attach_read().get(&key).cloned();
@@ -244,7 +270,7 @@ impl Translator {
                     perm,
                     left,
                 };
-                return Err(self.fail(&dom, miss, reason));
+                return Err(self.fail(&dom, miss, reason, mode));
             }
         };
         e.mem = self.mem_index(&mem);
@@ -255,7 +281,7 @@ impl Translator {
     }
 
     #[cold]
-    fn fail(&mut self, dom: &Domain, miss: Miss, reason: EventReason) -> Error {
+    fn fail(&mut self, dom: &Domain, miss: Miss, reason: EventReason, mode: Mode) -> Error {
         let Miss {
             pasid,
             key,
@@ -263,6 +289,15 @@ impl Translator {
             perm,
             left,
         } = miss;
+        let plain = match reason {
+            EventReason::Permission => Error::AccessDenied { pasid, iova, perm },
+            EventReason::NotMapped | EventReason::BadStage1Table | EventReason::Lost => {
+                Error::Unmapped { pasid, iova }
+            }
+        };
+        if mode == Mode::NoFault {
+            return plain;
+        }
         let shared = &self.device.shared;
         if let Some(q) = &dom.fault {
             let dev_id = shared.bound_ctx().map(|(_, id)| id).unwrap_or(0);
@@ -325,12 +360,7 @@ impl Translator {
         if let Some((ctx, dev_id)) = shared.bound_ctx() {
             ctx.report_event(dev_id, shared, pasid, iova, perm, reason);
         }
-        match reason {
-            EventReason::Permission => Error::AccessDenied { pasid, iova, perm },
-            EventReason::NotMapped | EventReason::BadStage1Table | EventReason::Lost => {
-                Error::Unmapped { pasid, iova }
-            }
-        }
+        plain
     }
 }
 
@@ -479,6 +509,10 @@ impl Access<'_> {
     /// Translates `[iova, iova+len)` for `perm`: clears `out` and fills it
     /// with host fragments covering the range in order (adjacent host runs
     /// are merged).
+    ///
+    /// A failure raises an I/O page fault on a fault-capable HWPT
+    /// ([`Error::FaultRaised`]) or reports an event otherwise; see
+    /// [`Access::translate_nofault`] for a translation that does neither.
     #[inline(always)]
     pub fn translate(
         &mut self,
@@ -487,6 +521,38 @@ impl Access<'_> {
         len: u64,
         perm: Perm,
         out: &mut Vec<Fragment>,
+    ) -> Result<()> {
+        self.translate_in(pasid, iova, len, perm, out, Mode::Fault)
+    }
+
+    /// [`Access::translate`] without fault or event: a range that is not
+    /// mapped, or not with `perm`, fails with [`Error::Unmapped`] /
+    /// [`Error::AccessDenied`] even on a fault-capable HWPT. No fault group
+    /// is queued (nothing for the fault queue's reader to answer) and no
+    /// event goes to any event queue: the caller reports the failure its
+    /// own way (a completion status, a `block-on-fault=0` error). Hits and
+    /// fills of the cache are the same as for [`Access::translate`].
+    #[inline(always)]
+    pub fn translate_nofault(
+        &mut self,
+        pasid: Option<u32>,
+        iova: u64,
+        len: u64,
+        perm: Perm,
+        out: &mut Vec<Fragment>,
+    ) -> Result<()> {
+        self.translate_in(pasid, iova, len, perm, out, Mode::NoFault)
+    }
+
+    #[inline(always)]
+    fn translate_in(
+        &mut self,
+        pasid: Option<u32>,
+        iova: u64,
+        len: u64,
+        perm: Perm,
+        out: &mut Vec<Fragment>,
+        mode: Mode,
     ) -> Result<()> {
         // Fast path: one cache entry covers the whole range.
         let key = pasid_key(pasid);
@@ -512,7 +578,7 @@ impl Access<'_> {
         let mut at = iova;
         let mut left = len;
         loop {
-            let e = self.t.resolve(pasid, at, perm, left)?;
+            let e = self.t.resolve(pasid, at, perm, left, mode)?;
             let avail = (e.last - at).saturating_add(1);
             let n = left.min(avail);
             let ptr = e.host.wrapping_add(at - e.start) as usize as *mut u8;
@@ -544,6 +610,9 @@ impl Access<'_> {
     /// Translates the first contiguous host run of `[iova, iova+len)`: the
     /// fragment returned covers `iova` and is at most `len` bytes long
     /// (shorter when the range continues in another host buffer).
+    ///
+    /// A failure raises a fault or reports an event as for
+    /// [`Access::translate`].
     #[inline(always)]
     pub fn translate_contiguous(
         &mut self,
@@ -552,13 +621,39 @@ impl Access<'_> {
         len: u64,
         perm: Perm,
     ) -> Result<Fragment> {
+        self.translate_contiguous_in(pasid, iova, len, perm, Mode::Fault)
+    }
+
+    /// [`Access::translate_contiguous`] without fault or event: fails with
+    /// [`Error::Unmapped`] / [`Error::AccessDenied`] as
+    /// [`Access::translate_nofault`] does.
+    #[inline(always)]
+    pub fn translate_contiguous_nofault(
+        &mut self,
+        pasid: Option<u32>,
+        iova: u64,
+        len: u64,
+        perm: Perm,
+    ) -> Result<Fragment> {
+        self.translate_contiguous_in(pasid, iova, len, perm, Mode::NoFault)
+    }
+
+    #[inline(always)]
+    fn translate_contiguous_in(
+        &mut self,
+        pasid: Option<u32>,
+        iova: u64,
+        len: u64,
+        perm: Perm,
+        mode: Mode,
+    ) -> Result<Fragment> {
         if len == 0 {
             return Err(Error::ZeroLength);
         }
         let key = pasid_key(pasid);
         let e = match self.t.hit(key, iova, perm) {
             Some(e) => *e,
-            None => self.t.fill(key, pasid, iova, perm, len)?,
+            None => self.t.fill(key, pasid, iova, perm, len, mode)?,
         };
         let off = iova - e.start;
         let n = (len - 1).min(e.span - off) + 1;
@@ -574,6 +669,7 @@ impl Access<'_> {
         iova: u64,
         len: usize,
         perm: Perm,
+        mode: Mode,
         mut f: impl FnMut(&Memory, usize, usize, usize) -> Result<()>,
     ) -> Result<()> {
         check_range(iova, len as u64)?;
@@ -582,14 +678,14 @@ impl Access<'_> {
         let mut done = 0usize;
         while done < len {
             let at = iova + done as u64;
-            let e = self.t.resolve(pasid, at, perm, (len - done) as u64)?;
+            let e = self.t.resolve(pasid, at, perm, (len - done) as u64, mode)?;
             let avail = (e.last - at).saturating_add(1);
             done += ((len - done) as u64).min(avail) as usize;
         }
         let mut done = 0usize;
         while done < len {
             let at = iova + done as u64;
-            let e = self.t.resolve(pasid, at, perm, (len - done) as u64)?;
+            let e = self.t.resolve(pasid, at, perm, (len - done) as u64, mode)?;
             let avail = (e.last - at).saturating_add(1);
             let n = ((len - done) as u64).min(avail) as usize;
             let off = usize::try_from(e.mem_off + (at - e.start))
@@ -604,8 +700,18 @@ impl Access<'_> {
     /// Reads device memory into `buf`. The whole range is translated
     /// first: on error nothing was transferred.
     pub fn read(&mut self, pasid: Option<u32>, iova: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_in(pasid, iova, buf, Mode::Fault)
+    }
+
+    /// [`Access::read`] without fault or event (see
+    /// [`Access::translate_nofault`]).
+    pub fn read_nofault(&mut self, pasid: Option<u32>, iova: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_in(pasid, iova, buf, Mode::NoFault)
+    }
+
+    fn read_in(&mut self, pasid: Option<u32>, iova: u64, buf: &mut [u8], mode: Mode) -> Result<()> {
         let len = buf.len();
-        self.for_each_piece(pasid, iova, len, Perm::READ, |m, off, done, n| {
+        self.for_each_piece(pasid, iova, len, Perm::READ, mode, |m, off, done, n| {
             m.read_at(off, &mut buf[done..done + n])
         })
     }
@@ -613,9 +719,25 @@ impl Access<'_> {
     /// Writes `buf` to device memory. The whole range is translated first:
     /// on error nothing was written.
     pub fn write(&mut self, pasid: Option<u32>, iova: u64, buf: &[u8]) -> Result<()> {
-        self.for_each_piece(pasid, iova, buf.len(), Perm::WRITE, |m, off, done, n| {
-            m.write_at(off, &buf[done..done + n])
-        })
+        self.write_in(pasid, iova, buf, Mode::Fault)
+    }
+
+    /// [`Access::write`] without fault or event (see
+    /// [`Access::translate_nofault`]), e.g. for a completion record whose
+    /// failure the device reports itself.
+    pub fn write_nofault(&mut self, pasid: Option<u32>, iova: u64, buf: &[u8]) -> Result<()> {
+        self.write_in(pasid, iova, buf, Mode::NoFault)
+    }
+
+    fn write_in(&mut self, pasid: Option<u32>, iova: u64, buf: &[u8], mode: Mode) -> Result<()> {
+        self.for_each_piece(
+            pasid,
+            iova,
+            buf.len(),
+            Perm::WRITE,
+            mode,
+            |m, off, done, n| m.write_at(off, &buf[done..done + n]),
+        )
     }
 
     /// Copies `len` bytes between two device addresses (memmove semantics
@@ -629,13 +751,38 @@ impl Access<'_> {
         dst: u64,
         len: u64,
     ) -> Result<()> {
+        self.copy_in(src_pasid, src, dst_pasid, dst, len, Mode::Fault)
+    }
+
+    /// [`Access::copy`] without fault or event (see
+    /// [`Access::translate_nofault`]).
+    pub fn copy_nofault(
+        &mut self,
+        src_pasid: Option<u32>,
+        src: u64,
+        dst_pasid: Option<u32>,
+        dst: u64,
+        len: u64,
+    ) -> Result<()> {
+        self.copy_in(src_pasid, src, dst_pasid, dst, len, Mode::NoFault)
+    }
+
+    fn copy_in(
+        &mut self,
+        src_pasid: Option<u32>,
+        src: u64,
+        dst_pasid: Option<u32>,
+        dst: u64,
+        len: u64,
+        mode: Mode,
+    ) -> Result<()> {
         check_range(src, len)?;
         check_range(dst, len)?;
         // Validate both ranges first: on error nothing is copied.
         for (pasid, base, perm) in [(src_pasid, src, Perm::READ), (dst_pasid, dst, Perm::WRITE)] {
             let mut done = 0u64;
             while done < len {
-                let e = self.t.resolve(pasid, base + done, perm, len - done)?;
+                let e = self.t.resolve(pasid, base + done, perm, len - done, mode)?;
                 done += (len - done).min((e.last - (base + done)).saturating_add(1));
             }
         }
@@ -643,8 +790,12 @@ impl Access<'_> {
         while done < len {
             let s_at = src + done;
             let d_at = dst + done;
-            let es = self.t.resolve(src_pasid, s_at, Perm::READ, len - done)?;
-            let ed = self.t.resolve(dst_pasid, d_at, Perm::WRITE, len - done)?;
+            let es = self
+                .t
+                .resolve(src_pasid, s_at, Perm::READ, len - done, mode)?;
+            let ed = self
+                .t
+                .resolve(dst_pasid, d_at, Perm::WRITE, len - done, mode)?;
             let n = (len - done)
                 .min((es.last - s_at).saturating_add(1))
                 .min((ed.last - d_at).saturating_add(1));
@@ -672,5 +823,195 @@ impl Access<'_> {
             done += n;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{EventQueue, FaultQueue, HwInfo, HwptAlloc, Iommu};
+
+    const P: u64 = PAGE_SIZE;
+
+    /// A device attached to a fault-capable HWPT over an IOAS with one
+    /// read-only page at `P` and one read-write page at `2P`, plus the
+    /// context-wide event queue.
+    fn fault_capable() -> (Iommu, Device, FaultQueue, EventQueue, Arc<Memory>) {
+        let iommu = Iommu::new();
+        let dev = Device::new("d0", HwInfo::full());
+        let dev_id = iommu.bind(&dev).expect("bind");
+        let ioas = iommu.ioas_alloc().expect("ioas");
+        let mem = Memory::anonymous("m", (2 * P) as usize).expect("mem");
+        iommu
+            .ioas_map(ioas, &mem, 0, P, Some(P), Perm::READ)
+            .expect("map ro");
+        iommu
+            .ioas_map(ioas, &mem, P, P, Some(2 * P), Perm::RW)
+            .expect("map rw");
+        let (fid, fq) = iommu.fault_queue_alloc().expect("fault queue");
+        let (_eid, eq) = iommu.event_queue_alloc(None, 8).expect("event queue");
+        let h = iommu
+            .hwpt_alloc(&HwptAlloc {
+                dev_id,
+                pt_id: ioas,
+                fault_id: Some(fid),
+                ..Default::default()
+            })
+            .expect("hwpt");
+        iommu.attach(dev_id, None, h).expect("attach");
+        (iommu, dev, fq, eq, mem)
+    }
+
+    fn assert_quiet(fq: &FaultQueue, eq: &EventQueue) {
+        assert_eq!(fq.stats().raised, 0);
+        assert_eq!(fq.undelivered(), 0);
+        let mut evs = Vec::new();
+        assert_eq!(eq.read_batch(&mut evs, 8), Ok(0));
+        assert_eq!(eq.stats().queued, 0);
+    }
+
+    #[test]
+    fn test_nofault_miss_is_unmapped_without_group_or_event() {
+        let (_iommu, dev, fq, eq, _mem) = fault_capable();
+        let mut t = dev.translator();
+        let mut out = Vec::new();
+        {
+            let mut a = t.access();
+            assert_eq!(
+                a.translate_nofault(None, 5 * P + 8, 64, Perm::READ, &mut out),
+                Err(Error::Unmapped {
+                    pasid: None,
+                    iova: 5 * P + 8
+                })
+            );
+            assert!(out.is_empty());
+            assert_eq!(
+                a.translate_contiguous_nofault(None, 5 * P, 8, Perm::WRITE),
+                Err(Error::Unmapped {
+                    pasid: None,
+                    iova: 5 * P
+                })
+            );
+            // A range that starts mapped and runs into a hole.
+            assert_eq!(
+                a.translate_nofault(None, 3 * P - 8, 16, Perm::READ, &mut out),
+                Err(Error::Unmapped {
+                    pasid: None,
+                    iova: 3 * P
+                })
+            );
+            assert_eq!(
+                a.copy_nofault(None, 2 * P, None, 7 * P, 8),
+                Err(Error::Unmapped {
+                    pasid: None,
+                    iova: 7 * P
+                })
+            );
+        }
+        assert_eq!(
+            t.read_nofault(None, 9 * P, &mut [0u8; 4]),
+            Err(Error::Unmapped {
+                pasid: None,
+                iova: 9 * P
+            })
+        );
+        assert_quiet(&fq, &eq);
+    }
+
+    #[test]
+    fn test_nofault_permission_is_access_denied() {
+        let (_iommu, dev, fq, eq, _mem) = fault_capable();
+        let mut t = dev.translator();
+        assert_eq!(
+            t.write_nofault(None, P + 16, b"x"),
+            Err(Error::AccessDenied {
+                pasid: None,
+                iova: P + 16,
+                perm: Perm::WRITE
+            })
+        );
+        {
+            let mut a = t.access();
+            assert_eq!(
+                a.translate_contiguous_nofault(None, P, 4, Perm::WRITE),
+                Err(Error::AccessDenied {
+                    pasid: None,
+                    iova: P,
+                    perm: Perm::WRITE
+                })
+            );
+        }
+        assert_quiet(&fq, &eq);
+    }
+
+    #[test]
+    fn test_nofault_hits_behave_as_translate() {
+        let (_iommu, dev, fq, eq, mem) = fault_capable();
+        let mut t = dev.translator();
+        t.write_nofault(None, 2 * P + 4, b"rec").expect("write");
+        let mut b = [0u8; 3];
+        mem.read_at((P + 4) as usize, &mut b).expect("read back");
+        assert_eq!(&b, b"rec");
+        let mut out = Vec::new();
+        {
+            let mut a = t.access();
+            a.translate_nofault(None, 2 * P, P, Perm::RW, &mut out)
+                .expect("translate");
+            let f = a
+                .translate_contiguous_nofault(None, P, 2 * P, Perm::READ)
+                .expect("contiguous");
+            assert_eq!(f.len as u64, P);
+        }
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].len as u64, P);
+        assert_quiet(&fq, &eq);
+    }
+
+    #[test]
+    fn test_translate_still_raises_after_nofault_miss() {
+        let (_iommu, dev, fq, _eq, _mem) = fault_capable();
+        let mut t = dev.translator();
+        let mut out = Vec::new();
+        let mut a = t.access();
+        assert!(matches!(
+            a.translate_nofault(None, 5 * P, 8, Perm::READ, &mut out),
+            Err(Error::Unmapped { .. })
+        ));
+        assert_eq!(fq.stats().raised, 0);
+        let err = a.translate(None, 5 * P, 8, Perm::READ, &mut out);
+        assert!(
+            matches!(err, Err(Error::FaultRaised { iova, .. }) if iova == 5 * P),
+            "{err:?}"
+        );
+        let err = a.translate_contiguous(None, 6 * P, 8, Perm::READ);
+        assert!(matches!(err, Err(Error::FaultRaised { .. })), "{err:?}");
+        drop(a);
+        assert_eq!(fq.stats().raised, 2);
+        let mut recs = Vec::new();
+        assert_eq!(fq.read_batch(&mut recs, 8), Ok(2));
+        assert_eq!(recs[0].addr, 5 * P);
+    }
+
+    #[test]
+    fn test_nofault_without_fault_queue_reports_no_event() {
+        let iommu = Iommu::new();
+        let dev = Device::new("d0", HwInfo::full());
+        let dev_id = iommu.bind(&dev).expect("bind");
+        let ioas = iommu.ioas_alloc().expect("ioas");
+        let (_eid, eq) = iommu.event_queue_alloc(None, 8).expect("event queue");
+        iommu.attach(dev_id, None, ioas).expect("attach");
+        let mut t = dev.translator();
+        assert_eq!(
+            t.read_nofault(None, P, &mut [0u8; 1]),
+            Err(Error::Unmapped {
+                pasid: None,
+                iova: P
+            })
+        );
+        let mut evs = Vec::new();
+        assert_eq!(eq.read_batch(&mut evs, 8), Ok(0));
+        // The faulting form reports one.
+        assert!(t.read(None, P, &mut [0u8; 1]).is_err());
+        assert_eq!(eq.read_batch(&mut evs, 8), Ok(1));
     }
 }
