@@ -50,6 +50,7 @@ use sva_accel::desc::{flags, status, CompletionRecord};
 
 use backend::{ACCEL, NET, NET_MAC, READY};
 use frontend::{NetFrontend, RingPlace, QUEUE_SIZE, VHOST_IOTLB_MISS};
+use ioasis::vhost_user::msg::VHOST_ACCESS_RO;
 
 type Res<T> = Result<T, String>;
 
@@ -166,6 +167,8 @@ struct Tally {
     faults_answered: u64,
     lazy_copies: u64,
     invalidations_observed: u64,
+    writes_stopped: u64,
+    poison_intact_bytes: u64,
     net_time: Duration,
     accel_time: Duration,
     accel_bytes: u64,
@@ -624,69 +627,9 @@ fn drive(t: &mut Tally, be: &mut BackendProc) -> Res<()> {
 
     step(
         6,
-        "unmap: both devices drop their translations before it returns",
+        "unmap while both devices write: no access after it returns",
     );
-    let (off, len) = AREA_FRAMES;
-    let t0 = Instant::now();
-    let n = accel
-        .with_service(|s| s.ioas_unmap(ioas, iova(off), len as u64))
-        .ok_or("the accelerator client has no service session")?
-        .map_err(ctx("IOAS_UNMAP"))?;
-    let dt = t0.elapsed();
-    println!(
-        "    IOAS_UNMAP {:#x} +{} KiB returned after {} us: {n} bytes unmapped; both devices \
-         used these pages a moment ago",
-        iova(off),
-        len / KIB,
-        dt.as_micros()
-    );
-    // net0: transmit a frame that sits in the unmapped area.
-    let target = iova(RX_BUF_OFF);
-    let used_before = net.tx.ring.used_idx().map_err(ctx("used index"))?;
-    NetFrontend::add(
-        &mut net.tx,
-        target,
-        (VNET_HDR_LEN + MIN_FRAME) as u32,
-        false,
-    )?;
-    net.tx.kick()?;
-    let m = net.wait_miss(WAIT)?;
-    let end = iova(off) + len as u64;
-    if m.typ != VHOST_IOTLB_MISS || m.iova < iova(off) || m.iova >= end {
-        return Err(format!(
-            "net0 sent IOTLB message type {} for {:#x}, not a miss in the unmapped area",
-            m.typ, m.iova
-        ));
-    }
-    let used_after = net.tx.ring.used_idx().map_err(ctx("used index"))?;
-    if used_after != used_before {
-        return Err("net0 completed a transmit from unmapped memory".into());
-    }
-    t.invalidations_observed += 1;
-    println!(
-        "    {NET}: transmit from {target:#x} -> IOTLB miss for {:#x} on the backend request \
-         channel; the queue waits, nothing was read",
-        m.iova
-    );
-    // sva0: checksum the same bytes.
-    let cr = accel
-        .run(ops::crc(target + VNET_HDR_LEN as u64, 64, 0))
-        .map_err(ctx("sva0 CRC after unmap"))?;
-    if cr.code() != status::PAGE_FAULT_NOBOF || cr.fault_addr < iova(off) || cr.fault_addr >= end {
-        return Err(format!(
-            "sva0 CRC of unmapped memory completed with status {:#x} at {:#x}",
-            cr.status, cr.fault_addr
-        ));
-    }
-    t.invalidations_observed += 1;
-    println!(
-        "    {ACCEL}: CRC of {:#x} -> status {:#04x} (page fault, block-on-fault off) at {:#x}, \
-         {} bytes done",
-        target + VNET_HDR_LEN as u64,
-        cr.status,
-        cr.fault_addr,
-        cr.bytes_completed
-    );
+    unmap_step(t, &mem, &mut net, &accel, ioas)?;
 
     step(7, "tear down");
     if glued {
@@ -1045,9 +988,211 @@ impl Lazy {
     }
 }
 
+/// Fills sva0 writes per batch during the unmap step, and their size.
+const FILLS_PER_BATCH: usize = 32;
+const FILL_LEN: usize = 64 * 1024;
+const FILL_BATCHES: usize = 64;
+const FILL_PATTERN: u64 = 0xa5a5_a5a5_a5a5_a5a5;
+const POISON: u8 = 0x5a;
+
+fn unmap_step(
+    t: &mut Tally,
+    mem: &Arc<Memory>,
+    net: &mut NetFrontend,
+    accel: &Accel,
+    ioas: u32,
+) -> Res<()> {
+    let (off, len) = AREA_FRAMES;
+    let area = iova(off)..iova(off + len);
+    // Both devices get work that writes into the frame area: net0 reflects
+    // a round of frames into receive buffers there, sva0 runs batches of
+    // fills over the copy half.
+    for j in 0..PER_ROUND {
+        NetFrontend::add(&mut net.rx, iova(RX_BUF_OFF + j * SLOT), SLOT as u32, true)?;
+    }
+    for j in 0..PER_ROUND {
+        let hdr = mem_read(mem, TX_BUF_OFF + j * SLOT + VNET_HDR_LEN, MIN_FRAME)?;
+        let s = seq_of(&hdr).ok_or("short frame")?;
+        let flen = frame(s).len();
+        NetFrontend::add(
+            &mut net.tx,
+            iova(TX_BUF_OFF + j * SLOT),
+            (VNET_HDR_LEN + flen) as u32,
+            false,
+        )?;
+    }
+    let mut batches = Vec::with_capacity(FILL_BATCHES);
+    for _ in 0..FILL_BATCHES {
+        let mut b = accel.batch(FILLS_PER_BATCH).map_err(ctx("sva0 batch"))?;
+        for k in 0..FILLS_PER_BATCH {
+            let at = COPY_OFF + (k * FILL_LEN) % (len - (COPY_OFF - off));
+            b.fill(iova(at), FILL_PATTERN, FILL_LEN as u32);
+        }
+        batches.push(b);
+    }
+    let rx_before = net.rx.ring.used_idx().map_err(ctx("used index"))?;
+    net.rx.kick()?;
+    net.tx.kick()?;
+    let mut inflight = Vec::with_capacity(FILL_BATCHES);
+    for b in batches.iter_mut() {
+        inflight.push(b.submit().map_err(ctx("sva0 batch submit"))?);
+    }
+    let t0 = Instant::now();
+    let n = accel
+        .with_service(|s| s.ioas_unmap(ioas, iova(off), len as u64))
+        .ok_or("the accelerator client has no service session")?
+        .map_err(ctx("IOAS_UNMAP"))?;
+    let dt = t0.elapsed();
+    // From here on no device may write these pages: poison them (through
+    // the driver's own mapping of the memfd) and check at the end.
+    mem.fill(off, len, POISON).map_err(ctx("poisoning"))?;
+    println!(
+        "    {NET} reflecting {PER_ROUND} frames into {:#x} +512 KiB and {ACCEL} running \
+         {FILL_BATCHES} batches of {FILLS_PER_BATCH} fills into {:#x} +512 KiB, when",
+        iova(RX_BUF_OFF),
+        iova(COPY_OFF)
+    );
+    println!(
+        "    IOAS_UNMAP {:#x} +{} KiB returned after {} us ({n} bytes; an unmap waits for device \
+         threads inside an access section); the driver then poisoned those pages",
+        iova(off),
+        len / KIB,
+        dt.as_micros()
+    );
+
+    // sva0: every fill either finished before the unmap or faulted.
+    let (mut done, mut stopped) = (0u64, 0u64);
+    for h in inflight {
+        let r = h.wait().map_err(ctx("sva0 batch"))?;
+        for m in &r.members {
+            match m.code() {
+                0 | status::SUCCESS => done += 1,
+                status::PAGE_FAULT_NOBOF if area.contains(&m.fault_addr) => stopped += 1,
+                c => {
+                    return Err(format!(
+                        "a fill completed with status {c:#x} at {:#x}",
+                        m.fault_addr
+                    ))
+                }
+            }
+        }
+    }
+    // net0: the transmit side reads mapped memory and completes; the
+    // receive side stops at the first buffer it can no longer translate.
+    let want = net.tx.seen.wrapping_add(PER_ROUND as u16);
+    net.tx.wait_used(want, WAIT)?;
+    net.tx.seen = want;
+    let rx_used = |net: &NetFrontend| -> Res<u16> {
+        Ok(net
+            .rx
+            .ring
+            .used_idx()
+            .map_err(ctx("used index"))?
+            .wrapping_sub(rx_before))
+    };
+    let mut miss = None;
+    let mut delivered = rx_used(net)?;
+    // Bounded: 20 waits of at most 500 ms.
+    for _ in 0..20 {
+        if usize::from(delivered) == PER_ROUND {
+            break;
+        }
+        match net.wait_miss(Duration::from_millis(500)) {
+            Ok(m) if m.typ == VHOST_IOTLB_MISS && area.contains(&m.iova) => {
+                miss = Some(m);
+                delivered = rx_used(net)?;
+                break;
+            }
+            Ok(m) => {
+                return Err(format!(
+                    "net0 sent IOTLB message type {} for {:#x}",
+                    m.typ, m.iova
+                ))
+            }
+            Err(_) => delivered = rx_used(net)?,
+        }
+    }
+    if usize::from(delivered) != PER_ROUND && miss.is_none() {
+        return Err(format!(
+            "net0 delivered {delivered} of {PER_ROUND} frames and reported no miss"
+        ));
+    }
+    net.rx.seen = net.rx.seen.wrapping_add(delivered);
+    let intact = mem_read(mem, off, len)?.iter().all(|&b| b == POISON);
+    if !intact {
+        return Err("a device wrote into the frame area after IOAS_UNMAP returned".into());
+    }
+    t.writes_stopped = stopped + (PER_ROUND as u64 - u64::from(delivered));
+    t.poison_intact_bytes = len as u64;
+    println!(
+        "    {ACCEL}: {done} fills finished before, {stopped} stopped by the unmap (status 0x03)"
+    );
+    match miss {
+        Some(m) => println!(
+            "    {NET}: {delivered} frames delivered before, the next receive buffer missed \
+             (IOTLB miss for {:#x})",
+            m.iova
+        ),
+        None => println!("    {NET}: all {delivered} frames delivered before the unmap"),
+    }
+    println!(
+        "    poison intact in all {} KiB: no device wrote after the unmap returned",
+        len / KIB
+    );
+
+    // Now both devices are idle: each one's next access misses.
+    let target = iova(RX_BUF_OFF);
+    let used_before = net.tx.ring.used_idx().map_err(ctx("used index"))?;
+    NetFrontend::add(
+        &mut net.tx,
+        target,
+        (VNET_HDR_LEN + MIN_FRAME) as u32,
+        false,
+    )?;
+    net.tx.kick()?;
+    let mut got = None;
+    for _ in 0..4 {
+        let m = net.wait_miss(WAIT)?;
+        if m.typ == VHOST_IOTLB_MISS && m.iova == target && m.perm == VHOST_ACCESS_RO {
+            got = Some(m);
+            break;
+        }
+    }
+    let m = got.ok_or("net0 reported no miss for the transmit from unmapped memory")?;
+    let used_after = net.tx.ring.used_idx().map_err(ctx("used index"))?;
+    if used_after != used_before {
+        return Err("net0 completed a transmit from unmapped memory".into());
+    }
+    t.invalidations_observed += 1;
+    println!(
+        "    {NET}: transmit from {target:#x} -> IOTLB miss for {:#x} (read) on the backend \
+         request channel; the queue waits, nothing was read",
+        m.iova
+    );
+    let cr = accel
+        .run(ops::crc(target + VNET_HDR_LEN as u64, 64, 0))
+        .map_err(ctx("sva0 CRC after unmap"))?;
+    if cr.code() != status::PAGE_FAULT_NOBOF || !area.contains(&cr.fault_addr) {
+        return Err(format!(
+            "sva0 CRC of unmapped memory completed with status {:#x} at {:#x}",
+            cr.status, cr.fault_addr
+        ));
+    }
+    t.invalidations_observed += 1;
+    println!(
+        "    {ACCEL}: CRC of {:#x} -> status {:#04x} (page fault, block-on-fault off) at {:#x}, \
+         {} bytes done",
+        target + VNET_HDR_LEN as u64,
+        cr.status,
+        cr.fault_addr,
+        cr.bytes_completed
+    );
+    Ok(())
+}
+
 fn summary(t: &Tally) {
     println!("\nsummary");
-    let rows: [(&str, u64); 12] = [
+    let rows: [(&str, u64); 14] = [
         ("packets sent", t.packets_sent),
         ("packets received", t.packets_received),
         ("bytes sent", t.bytes_sent),
@@ -1060,6 +1205,8 @@ fn summary(t: &Tally) {
         ("faults answered", t.faults_answered),
         ("lazy copies", t.lazy_copies),
         ("invalidations observed", t.invalidations_observed),
+        ("writes stopped by unmap", t.writes_stopped),
+        ("poison intact bytes", t.poison_intact_bytes),
     ];
     for (k, v) in rows {
         println!("    {k:<24}{v}");
