@@ -53,6 +53,7 @@ pub struct NetDev {
 pub struct QemuConfig {
     name: String,
     mem_mb: u32,
+    smp: u32,
     iommu: IommuMode,
     netdevs: Vec<NetDev>,
     script: String,
@@ -65,6 +66,7 @@ impl QemuConfig {
         QemuConfig {
             name: name.to_string(),
             mem_mb: 256,
+            smp: 1,
             iommu: IommuMode::Off,
             netdevs: Vec::new(),
             script: script.to_string(),
@@ -104,6 +106,13 @@ impl QemuConfig {
         self
     }
 
+    /// Sets the number of vCPUs (default 1). The guest's virtio-net driver
+    /// uses as many queue pairs as it has CPUs, up to the device's maximum.
+    pub fn smp(mut self, n: u32) -> QemuConfig {
+        self.smp = n.max(1);
+        self
+    }
+
     /// Appends to the kernel command line.
     pub fn append(mut self, extra: &str) -> QemuConfig {
         self.append.push(' ');
@@ -132,14 +141,13 @@ impl QemuConfig {
             "-display",
             "none",
             "-no-reboot",
-            "-smp",
-            "1",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
         let mut push = |v: &[&str]| a.extend(v.iter().map(|s| s.to_string()));
         push(&["-m", &format!("{}M", self.mem_mb)]);
+        push(&["-smp", &self.smp.to_string()]);
         push(&["-serial", &format!("file:{}", console.display())]);
         push(&["-kernel", &kernel.to_string_lossy()]);
         push(&["-initrd", &initrd.to_string_lossy()]);

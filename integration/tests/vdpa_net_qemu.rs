@@ -80,6 +80,65 @@ fn test_guest_with_intel_iommu_strict_pings_through_tap() {
     );
 }
 
+/// Two queue pairs, a guest with two vCPUs (so its driver enables both pairs
+/// through the control queue) and a multiqueue tap: traffic from both
+/// vCPUs gets through, and both queue pairs carry frames.
+#[test]
+fn test_multiqueue_guest_pings_through_multiqueue_tap() {
+    let test = "test_multiqueue_guest_pings_through_multiqueue_tap";
+    let Some(_) = ready(test, need_qemu_and_vdpa_net().and_then(|_| Netns::new())) else {
+        return;
+    };
+    let _lock = heavy_lock().or_panic("heavy lock");
+    let dir = WorkDir::new("vdpa-mq").or_panic("workdir");
+    let ns = Netns::new().or_panic("netns");
+    let sock = dir.join("net.sock");
+    let cfg = VdpaNetConfig::new()
+        .device(&sock, &format!("tap={TAP}"))
+        .queues(2)
+        .stats_interval(1);
+    let mut vdpa = VdpaNet::spawn(&cfg, dir.path(), Some(&ns)).or_panic("start vdpa-net");
+    ns.wait_link(TAP, SETUP_TIMEOUT).or_panic("tap");
+    ns.addr_up(TAP, &format!("{HOST_IP}/24"))
+        .or_panic("address the tap");
+    // One ping pinned to each vCPU: the driver transmits on the queue pair
+    // of the CPU it runs on.
+    let script = format!(
+        "{}echo \"queues: $(ls /sys/class/net/$IF/queues)\"\n\
+         taskset -c 0 ping -c 3 -w 30 {HOST_IP} && taskset -c 1 ping -c 3 -w 30 {HOST_IP} \
+         && mark BOTH_OK || mark BOTH_FAIL\n",
+        ping_script("10.0.0.1/24", HOST_IP, 1)
+    );
+    let mut guest = Qemu::launch(
+        &QemuConfig::new("guest", &script)
+            .netdev_mq(&sock, "52:54:00:00:00:01", 2)
+            .smp(2),
+        dir.path(),
+    )
+    .or_panic("start QEMU");
+    guest
+        .expect_marker("BOTH_OK", "BOTH_FAIL", GUEST_TIMEOUT)
+        .or_panic("pings from both vCPUs");
+    assert_eq!(guest.wait_end(GUEST_TIMEOUT).or_panic("guest end"), 0);
+    let last = vdpa.stop(STOP_TIMEOUT).or_panic("stop vdpa-net");
+    let dev = ioasis_integration::vdpa_net::find_device(&last, &sock).unwrap_or(&last);
+    let queues = dev
+        .get("queues")
+        .and_then(|q| q.as_array())
+        .cloned()
+        .unwrap_or_default();
+    let busy = queues
+        .iter()
+        .filter(|q| ioasis_integration::vdpa_net::counters(q).rx_packets > 0)
+        .count();
+    assert_eq!(
+        busy,
+        2,
+        "both queue pairs should carry the guest's frames; final stats {last}\n{}",
+        guest.console_text()
+    );
+}
+
 #[test]
 fn test_two_guests_ping_each_other_through_switch() {
     let test = "test_two_guests_ping_each_other_through_switch";
