@@ -191,9 +191,9 @@ fn test_qemu_guest_pings_through_net_vhost() {
 }
 
 #[test]
-fn test_qemu_guest_with_intel_iommu_pings_through_net_vhost() {
+fn test_qemu_guest_with_intel_iommu_transmits_through_net_vhost() {
     guest_ping_through_net_vhost(
-        "test_qemu_guest_with_intel_iommu_pings_through_net_vhost",
+        "test_qemu_guest_with_intel_iommu_transmits_through_net_vhost",
         IommuMode::Lazy,
     );
 }
