@@ -21,8 +21,10 @@
 //! 4. it has sva0 copy frames into a window it has not mapped yet: the I/O
 //!    page faults reach the driver over the fault channel, the driver maps
 //!    the memory and answers SUCCESS, and the copies complete;
-//! 5. it unmaps the frame area and shows that neither device can reach it
-//!    any more: net0's next access is an IOTLB miss, sva0's a page fault.
+//! 5. it unmaps the frame area while both devices are writing into it,
+//!    poisons the pages as soon as the unmap returns and checks that no
+//!    device wrote after that; then each device's next access to the area
+//!    fails: an IOTLB miss from net0, a page-fault completion from sva0.
 //!
 //! It prints a transcript with a summary and exits 0; any failure exits 1
 //! with a message. Every wait is bounded, a watchdog ends a stuck run, and
@@ -584,8 +586,8 @@ fn drive(t: &mut Tally, be: &mut BackendProc) -> Res<()> {
     )
     .map_err(ctx("binding the sva0 portal"))?;
     println!(
-        "    {ACCEL}: portal bound to PASID {} ({} work queue of {}); the session now travels \
-         with the accelerator client",
+        "    {ACCEL}: portal bound to PASID {} ({} work queue of {}); the client library \
+         maps its completion records through the driver's session",
         accel.pasid(),
         format!("{:?}", accel.info().wq_mode).to_lowercase(),
         accel.info().wq_size
@@ -1209,7 +1211,7 @@ fn summary(t: &Tally) {
         ("poison intact bytes", t.poison_intact_bytes),
     ];
     for (k, v) in rows {
-        println!("    {k:<24}{v}");
+        println!("    {k:<26}{v}");
     }
 }
 
