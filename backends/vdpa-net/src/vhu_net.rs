@@ -220,6 +220,12 @@ impl Device for VhostUserNetBackend {
     }
 
     fn reset(&self) {
+        // Workers are gone: every port is back in its slot.
+        for p in &self.shared.ports {
+            if let Some(p) = lock(p).as_mut() {
+                p.reset();
+            }
+        }
         lock(&self.shared.net).reset();
         self.shared.filter_gen.fetch_add(1, Ordering::Release);
         info!("{}: device reset", self.shared.label);

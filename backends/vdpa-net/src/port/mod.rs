@@ -189,6 +189,10 @@ pub trait Port: Send + fmt::Debug {
     /// [`Port::send`] on this same endpoint (or never).
     fn rx_fd(&self) -> Option<BorrowedFd<'_>>;
 
+    /// Drops frames queued for the device: called when the device is reset,
+    /// so a new frontend does not receive the previous one's traffic.
+    fn reset(&mut self) {}
+
     /// Whether [`Port::recv`] can ever yield a frame (a sink never does, so
     /// the receive queue need not be looked at).
     fn produces_frames(&self) -> bool {

@@ -82,6 +82,12 @@ impl Port for ReflectPort {
     fn rx_fd(&self) -> Option<BorrowedFd<'_>> {
         None
     }
+
+    fn reset(&mut self) {
+        while let Some(b) = self.queue.pop_front() {
+            self.spare.push(b);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -127,6 +133,14 @@ mod tests {
         assert_eq!(r.recv(10, &mut |_| false).unwrap(), 0);
         assert_eq!(r.recv(0, &mut |_| true).unwrap(), 0);
         assert_eq!(r.recv(10, &mut |_| true).unwrap(), 1);
+    }
+
+    #[test]
+    fn test_reflect_reset_forgets_queued_frames() {
+        let mut r = ReflectPort::new();
+        r.send(&mut [frame(1, 2, 60)]);
+        r.reset();
+        assert_eq!(r.recv(10, &mut |_| true).unwrap(), 0);
     }
 
     #[test]

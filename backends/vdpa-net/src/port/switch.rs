@@ -221,6 +221,15 @@ impl Port for SwitchPort {
     fn rx_fd(&self) -> Option<BorrowedFd<'_>> {
         Some(self.ep.event.fd())
     }
+
+    fn reset(&mut self) {
+        let mut q = lock(&self.ep.queue);
+        while let Some(b) = q.frames.pop_front() {
+            q.spare.push(b);
+        }
+        drop(q);
+        self.ep.event.clear();
+    }
 }
 
 #[cfg(test)]
