@@ -1,0 +1,113 @@
+//! The daemon's command line and lifecycle, run as a process.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vdpa-net");
+
+fn wait_for(path: &Path, limit: Duration) -> bool {
+    let start = Instant::now();
+    // Bounded by `limit`.
+    while start.elapsed() < limit {
+        if path.exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn test_bad_arguments_exit_nonzero_with_message() {
+    for args in [
+        vec![],
+        vec!["--socket-path", "/tmp/x.sock"],
+        vec!["--socket-path", "/tmp/x.sock", "--port", "nonsense"],
+        vec![
+            "--socket-path",
+            "/tmp/x.sock",
+            "--port",
+            "sink",
+            "--queues",
+            "99",
+        ],
+        vec!["--device", "socket=/tmp/x.sock"],
+        vec!["--bogus"],
+    ] {
+        let out = Command::new(BIN)
+            .args(&args)
+            .env("RUST_LOG", "off")
+            .output()
+            .expect("run vdpa-net");
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("vdpa-net: ") && err.contains("usage:"),
+            "{args:?}: {err}"
+        );
+        assert!(out.stdout.is_empty(), "stdout carries only statistics");
+    }
+}
+
+#[test]
+fn test_help_exits_zero() {
+    let out = Command::new(BIN)
+        .arg("--help")
+        .output()
+        .expect("run vdpa-net");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--socket-path"));
+}
+
+#[test]
+fn test_sigterm_prints_final_stats_and_removes_sockets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = dir.path().join("a.sock");
+    let b = dir.path().join("b.sock");
+    let mut child = Command::new(BIN)
+        .arg("--device")
+        .arg(format!("socket={},port=sink", a.display()))
+        .arg("--device")
+        .arg(format!("socket={},port=reflect,queues=2", b.display()))
+        .args(["--stats-interval", "0.2"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn vdpa-net");
+    let up = wait_for(&a, Duration::from_secs(10)) && wait_for(&b, Duration::from_secs(10));
+    if !up {
+        let _ = child.kill();
+        panic!("sockets did not appear");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on the child we spawned and still own.
+    let r = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(r, 0);
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status:?}");
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("read");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert!(lines.len() >= 2, "periodic lines and a final one: {out}");
+    let last = lines.last().expect("a line");
+    assert_eq!(last["final"], true);
+    assert_eq!(last["devices"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        last["devices"][1]["queues"].as_array().map(Vec::len),
+        Some(2)
+    );
+    assert_eq!(last["devices"][1]["port"], "reflect");
+    assert!(lines[..lines.len() - 1].iter().all(|l| l["final"] == false));
+    assert!(!a.exists() && !b.exists(), "sockets removed");
+}
