@@ -455,7 +455,7 @@ fn run(t: &mut Tally) -> Res<()> {
     let mut be = BackendProc::start()?;
     println!(
         "    backend pid {}: a framework Server hosting {NET} (vdpa-net, reflect port) and \
-         {ACCEL} (sva-accel), one iommu-core context, /dev/iommu service on iommu.sock",
+         {ACCEL} (sva-accel),\n      one iommu-core context, a /dev/iommu service on iommu.sock",
         be.child.id()
     );
     let r = drive(t, &mut be);
@@ -539,15 +539,15 @@ fn drive(t: &mut Tally, be: &mut BackendProc) -> Res<()> {
     svc.attach(ACCEL, Some(pasid), hwpt)
         .map_err(ctx("attaching sva0"))?;
     println!(
-        "    {ACCEL}: PASID {pasid} attached to fault-capable HWPT {hwpt} (fault queue {fault_id}; \
+        "    {ACCEL}: PASID {pasid} attached to fault-capable HWPT {hwpt}\n      (fault queue {fault_id}; \
          its channel fd came back over SCM_RIGHTS and is read with io_uring)"
     );
 
     let mut fe = frontend::connect(&be.path("net0.sock"))?;
     let offered = frontend::negotiate(&mut fe)?;
     println!(
-        "    {NET}: vhost-user frontend connected; device offers features {offered:#x}, \
-         driver acks VERSION_1 | ACCESS_PLATFORM (ring and buffer addresses are IOVAs)"
+        "    {NET}: vhost-user frontend connected; device offers features {offered:#x};\n      \
+         driver acks VERSION_1 | ACCESS_PLATFORM: ring and buffer addresses are IOVAs"
     );
     let mut glue = Glue::connect(&be.path("glue.sock"))?;
     let glued = match svc.attach(NET, None, ioas) {
@@ -558,7 +558,7 @@ fn drive(t: &mut Tally, be: &mut BackendProc) -> Res<()> {
         Err(e) if e.errno() == Some(libc::EBUSY) => {
             let h = glue.call(&format!("attach {ioas}"))?;
             println!(
-                "    {NET}: RID attached to IOAS {ioas} (HWPT {h}); the service answered EBUSY \
+                "    {NET}: RID attached to IOAS {ioas} (HWPT {h}); the service answered EBUSY\n      \
                  (the vhost-user connection holds the RID), so the backend switched it with replace"
             );
             true
@@ -586,7 +586,7 @@ fn drive(t: &mut Tally, be: &mut BackendProc) -> Res<()> {
     )
     .map_err(ctx("binding the sva0 portal"))?;
     println!(
-        "    {ACCEL}: portal bound to PASID {} ({} work queue of {}); the client library \
+        "    {ACCEL}: portal bound to PASID {} ({} work queue of {});\n      the client library \
          maps its completion records through the driver's session",
         accel.pasid(),
         format!("{:?}", accel.info().wq_mode).to_lowercase(),
@@ -606,7 +606,7 @@ fn drive(t: &mut Tally, be: &mut BackendProc) -> Res<()> {
         t.packets_sent, t.bytes_sent, t.packets_received, t.bytes_received
     );
     println!(
-        "    {} frames copied by sva0 (COPY_CRC, one batch of {PER_ROUND} per round); {} CRC-32C \
+        "    {} frames copied by sva0 (COPY_CRC, one batch of {PER_ROUND} per round);\n      {} CRC-32C \
          values equal the driver's own, every copy byte-identical",
         t.frames_copied, t.crcs_verified
     );
@@ -620,8 +620,8 @@ fn drive(t: &mut Tally, be: &mut BackendProc) -> Res<()> {
         t.accel_bytes as f64 / acc_s / 1e6
     );
     println!(
-        "    (one queue pair, {PER_ROUND}-frame rounds, one accelerator worker: a demonstration, \
-         not a benchmark; see BENCHMARKS.md)"
+        "      (one queue pair, {PER_ROUND}-frame rounds, one accelerator worker: a demonstration, \
+         not a benchmark)"
     );
 
     step(5, "an I/O page fault, answered by mapping memory lazily");
@@ -647,7 +647,7 @@ fn drive(t: &mut Tally, be: &mut BackendProc) -> Res<()> {
     drop(glue);
     println!(
         "    {NET} detached and its vhost-user connection closed; the accelerator client and \
-         its session closed (the service detaches and destroys what a closed session owned)"
+         its session closed\n      (the service detaches and destroys what a closed session owned)"
     );
     Ok(())
 }
@@ -858,7 +858,7 @@ fn lazy_faults(
     }
     progress.finish();
     println!(
-        "    {} fault groups raised and {} answered over the io_uring fault channel (several \
+        "    {} fault groups raised and {} answered over the io_uring fault channel\n      (several \
          descriptors may fault on one page); {} chunks of {} KiB mapped on demand",
         t.faults_raised,
         t.faults_answered,
@@ -1049,14 +1049,14 @@ fn unmap_step(
     // the driver's own mapping of the memfd) and check at the end.
     mem.fill(off, len, POISON).map_err(ctx("poisoning"))?;
     println!(
-        "    {NET} reflecting {PER_ROUND} frames into {:#x} +512 KiB and {ACCEL} running \
+        "    {NET} reflecting {PER_ROUND} frames into {:#x} +512 KiB and\n    {ACCEL} running \
          {FILL_BATCHES} batches of {FILLS_PER_BATCH} fills into {:#x} +512 KiB, when",
         iova(RX_BUF_OFF),
         iova(COPY_OFF)
     );
     println!(
-        "    IOAS_UNMAP {:#x} +{} KiB returned after {} us ({n} bytes; an unmap waits for device \
-         threads inside an access section); the driver then poisoned those pages",
+        "    IOAS_UNMAP {:#x} +{} KiB returned after {} us ({n} bytes; it waits for device \
+         threads\n      inside an access section); the driver then poisoned those pages",
         iova(off),
         len / KIB,
         dt.as_micros()
@@ -1168,7 +1168,7 @@ fn unmap_step(
     t.invalidations_observed += 1;
     println!(
         "    {NET}: transmit from {target:#x} -> IOTLB miss for {:#x} (read) on the backend \
-         request channel; the queue waits, nothing was read",
+         request channel;\n      the queue waits, nothing was read",
         m.iova
     );
     let cr = accel
