@@ -52,8 +52,8 @@
 //!
 //! A device's owner creates a [`Device`] and gives each DMA thread a
 //! [`Translator`] ([`Device::translator`]). A translator has its own
-//! translation cache (IOTLB, direct-mapped by 4 KiB page, each entry covering
-//! a whole contiguous area). DMA happens inside an *access section*
+//! translation cache (IOTLB, 2-way set associative by hashed 4 KiB page
+//! number, each entry covering a whole contiguous area). DMA happens inside an *access section*
 //! ([`Translator::access`] → [`Access`]): [`Access::translate`] yields the
 //! host [`Fragment`]s covering a range (one IOVA range need not be one host
 //! buffer), [`Access::read`] / [`Access::write`] / [`Access::copy`] move
@@ -181,5 +181,8 @@ pub use event::*;
 pub use fault::*;
 pub use memory::Memory;
 pub use sync::{InvalidationTicket, Nudge, TranslatorInfo};
-pub use translate::{Access, Fragment, Translator, TranslatorStats, TRANSLATION_CACHE_ENTRIES};
+pub use translate::{
+    Access, Fragment, Translator, TranslatorStats, TRANSLATION_CACHE_ENTRIES,
+    TRANSLATION_CACHE_WAYS,
+};
 pub use types::*;

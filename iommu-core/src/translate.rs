@@ -1,9 +1,21 @@
 //! The device side: per-thread translators with their own IOTLB.
 //!
-//! The cache is direct mapped by 4 KiB page number; an entry covers the
+//! The cache is set associative: the 4 KiB page number, hashed
+//! multiplicatively (Fibonacci hashing: the top bits of `page * 2^64/φ`),
+//! picks a set of [`TRANSLATION_CACHE_WAYS`] entries. An entry covers the
 //! whole contiguous run it was filled from (a whole area for a paging HWPT,
-//! one stage-1 page for a nested one), so a warm translation is one array
-//! index, a tag compare and a range check.
+//! one stage-1 page for a nested one), so a warm translation is a multiply,
+//! a shift, and a tag compare plus a range check per way probed.
+//!
+//! The hash spreads pages that a plain `page mod sets` index would put in
+//! one slot (buffers 1 MiB, 64 MiB, ... apart, as a memmove's source and
+//! destination often are), and the second way keeps two hot pages that do
+//! share a set. A fill goes to way 0 and moves the older entries down one
+//! way (the last falls out), so the set holds its most recently filled
+//! pages; a fill that replaces an entry covering the same address (one
+//! cached without the permission now asked) takes that entry's place
+//! instead, so no stale duplicate stays. Hits do not reorder the set: the
+//! warm path only reads.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -22,7 +34,24 @@ use crate::types::{Perm, PAGE_SIZE};
 
 /// Entries of the translation cache (a power of two).
 pub const TRANSLATION_CACHE_ENTRIES: usize = 256;
-const CACHE_MASK: u64 = TRANSLATION_CACHE_ENTRIES as u64 - 1;
+/// Entries per set of the translation cache (its associativity).
+pub const TRANSLATION_CACHE_WAYS: usize = 2;
+const CACHE_SETS: usize = TRANSLATION_CACHE_ENTRIES / TRANSLATION_CACHE_WAYS;
+const SET_BITS: u32 = CACHE_SETS.trailing_zeros();
+/// `2^64 / φ`, odd: consecutive pages and pages a power of two apart land
+/// in well spread sets.
+const HASH_MUL: u64 = 0x9e37_79b9_7f4a_7c15;
+
+const _: () = assert!(
+    CACHE_SETS.is_power_of_two()
+        && CACHE_SETS * TRANSLATION_CACHE_WAYS == TRANSLATION_CACHE_ENTRIES
+);
+
+/// The cache set of `iova`'s page.
+#[inline(always)]
+fn set_index(iova: u64) -> usize {
+    ((iova / PAGE_SIZE).wrapping_mul(HASH_MUL) >> (64 - SET_BITS)) as usize
+}
 /// Distinct memories a cache refers to before it is dropped wholesale.
 const MAX_CACHED_MEMORIES: usize = 1024;
 
@@ -75,6 +104,13 @@ enum Mode {
     NoFault,
 }
 
+/// One set of the cache: way 0 is the most recently filled.
+#[derive(Clone, Copy, Default)]
+#[repr(align(64))]
+struct Set {
+    ways: [Entry; TRANSLATION_CACHE_WAYS],
+}
+
 /// A failed translation, as the fault / event path needs it.
 #[derive(Clone, Copy)]
 struct Miss {
@@ -93,7 +129,7 @@ pub struct Translator {
     slot: Arc<Slot>,
     seen_gen: u64,
     epoch: u64,
-    entries: Box<[Entry; TRANSLATION_CACHE_ENTRIES]>,
+    sets: Box<[Set; CACHE_SETS]>,
     mems: Vec<Arc<Memory>>,
     stats: TranslatorStats,
 }
@@ -118,7 +154,7 @@ impl Translator {
             slot,
             seen_gen,
             epoch: 1,
-            entries: Box::new([Entry::default(); TRANSLATION_CACHE_ENTRIES]),
+            sets: Box::new([Set::default(); CACHE_SETS]),
             mems: Vec::new(),
             stats: TranslatorStats::default(),
         }
@@ -170,8 +206,9 @@ impl Translator {
             self.flush();
             self.seen_gen = g;
         }
-        self.entries
+        self.sets
             .iter()
+            .flat_map(|s| s.ways.iter())
             .filter(|e| e.tag >> 32 == self.epoch)
             .count()
     }
@@ -183,7 +220,7 @@ impl Translator {
     fn flush(&mut self) {
         self.epoch += 1;
         if self.epoch > u64::from(u32::MAX) {
-            self.entries.fill(Entry::default());
+            self.sets.fill(Set::default());
             self.epoch = 1;
         }
         self.mems.clear();
@@ -192,11 +229,10 @@ impl Translator {
 
     #[inline(always)]
     fn hit(&self, key: u32, iova: u64, perm: Perm) -> Option<&Entry> {
-        let e = &self.entries[((iova / PAGE_SIZE) & CACHE_MASK) as usize];
-        (e.tag == (self.epoch << 32 | u64::from(key))
-            && iova.wrapping_sub(e.start) <= e.span
-            && perm.bits() & !e.perm == 0)
-            .then_some(e)
+        let tag = self.epoch << 32 | u64::from(key);
+        self.sets[set_index(iova)].ways.iter().find(|e| {
+            e.tag == tag && iova.wrapping_sub(e.start) <= e.span && perm.bits() & !e.perm == 0
+        })
     }
 
     /// `left` is how many bytes the access still needs from `iova` (it
@@ -276,7 +312,15 @@ impl Translator {
         e.mem = self.mem_index(&mem);
         e.tag = self.epoch << 32 | u64::from(key);
         e.span = e.last - e.start;
-        self.entries[((iova / PAGE_SIZE) & CACHE_MASK) as usize] = e;
+        let ways = &mut self.sets[set_index(iova)].ways;
+        // Take the place of an entry that covers `iova` (cached without
+        // `perm`), else of the oldest; the entries before it move down.
+        let victim = ways
+            .iter()
+            .position(|w| w.tag == e.tag && iova.wrapping_sub(w.start) <= w.span)
+            .unwrap_or(TRANSLATION_CACHE_WAYS - 1);
+        ways.copy_within(0..victim, 1);
+        ways[0] = e;
         Ok(e)
     }
 
@@ -990,6 +1034,131 @@ mod tests {
         let mut recs = Vec::new();
         assert_eq!(fq.read_batch(&mut recs, 8), Ok(2));
         assert_eq!(recs[0].addr, 5 * P);
+    }
+
+    /// A device attached (auto paging HWPT) to an IOAS with a 64 KiB area
+    /// at each of `iovas`.
+    fn plain(iovas: &[u64]) -> (Iommu, Device) {
+        let iommu = Iommu::new();
+        let dev = Device::new("d0", HwInfo::full());
+        let dev_id = iommu.bind(&dev).expect("bind");
+        let ioas = iommu.ioas_alloc().expect("ioas");
+        let mem = Memory::anonymous("m", 16 * P as usize).expect("mem");
+        for &iova in iovas {
+            iommu
+                .ioas_map(ioas, &mem, 0, 16 * P, Some(iova), Perm::RW)
+                .expect("map");
+        }
+        iommu.attach(dev_id, None, ioas).expect("attach");
+        (iommu, dev)
+    }
+
+    #[test]
+    fn test_buffers_a_power_of_two_apart_stay_cached() {
+        for apart in [1u64 << 20, 64 << 20, 1 << 30] {
+            let src = 0x1000_0000u64;
+            let dst = src + apart;
+            let (_iommu, dev) = plain(&[src, dst]);
+            let mut t = dev.translator();
+            let mut b = [0u8; 8];
+            // Every page of both buffers, alternately: one miss each.
+            for round in 0..4u64 {
+                for k in 0..16u64 {
+                    t.read(None, src + k * P, &mut b).expect("read src");
+                    t.write(None, dst + k * P + 8, &b).expect("write dst");
+                }
+                assert_eq!(t.stats().misses, 32, "apart {apart:#x} round {round}");
+            }
+            assert_eq!(t.cached_translations(), 32);
+            let mut a = t.access();
+            for _ in 0..8 {
+                a.translate_contiguous(None, src, 16 * P, Perm::READ)
+                    .expect("src");
+                a.translate_contiguous(None, dst, 16 * P, Perm::WRITE)
+                    .expect("dst");
+            }
+            drop(a);
+            assert_eq!(t.stats().misses, 32, "apart {apart:#x}");
+        }
+    }
+
+    #[test]
+    fn test_set_keeps_the_two_most_recent_fills() {
+        // Three pages that share a set (the search is bounded and the hash
+        // spreads pages evenly, so it finds them quickly).
+        let base = 0x1_0000_0000u64 / P;
+        let want = set_index(base * P);
+        let same: Vec<u64> = (base..base + 64 * CACHE_SETS as u64)
+            .filter(|p| set_index(p * P) == want)
+            .take(3)
+            .map(|p| p * P)
+            .collect();
+        assert_eq!(same.len(), 3);
+        let iommu = Iommu::new();
+        let dev = Device::new("d0", HwInfo::full());
+        let dev_id = iommu.bind(&dev).expect("bind");
+        let ioas = iommu.ioas_alloc().expect("ioas");
+        let mem = Memory::anonymous("m", P as usize).expect("mem");
+        for &iova in &same {
+            iommu
+                .ioas_map(ioas, &mem, 0, P, Some(iova), Perm::RW)
+                .expect("map");
+        }
+        iommu.attach(dev_id, None, ioas).expect("attach");
+        let mut t = dev.translator();
+        let mut b = [0u8; 1];
+        let mut misses = |t: &mut Translator, iova: u64| {
+            let before = t.stats().misses;
+            t.read(None, iova, &mut b).expect("read");
+            t.stats().misses - before
+        };
+        assert_eq!(misses(&mut t, same[0]), 1);
+        assert_eq!(misses(&mut t, same[1]), 1);
+        assert_eq!(misses(&mut t, same[0]), 0);
+        assert_eq!(misses(&mut t, same[1]), 0);
+        // A third page evicts the oldest fill (same[0]).
+        assert_eq!(misses(&mut t, same[2]), 1);
+        assert_eq!(misses(&mut t, same[1]), 0);
+        assert_eq!(misses(&mut t, same[2]), 0);
+        assert_eq!(misses(&mut t, same[0]), 1);
+        assert_eq!(t.cached_translations(), 2);
+    }
+
+    #[test]
+    fn test_refill_for_write_replaces_read_only_entry() {
+        let iommu = Iommu::new();
+        let dev = Device::new("d0", HwInfo::full());
+        let dev_id = iommu.bind(&dev).expect("bind");
+        let ioas = iommu.ioas_alloc().expect("ioas");
+        let mem = Memory::anonymous("m", 16 * P as usize).expect("mem");
+        iommu
+            .ioas_map(ioas, &mem, 0, 16 * P, Some(0), Perm::RW)
+            .expect("map");
+        let h = iommu
+            .hwpt_alloc(&HwptAlloc {
+                dev_id,
+                pt_id: ioas,
+                flags: crate::IOMMU_HWPT_ALLOC_DIRTY_TRACKING,
+                ..Default::default()
+            })
+            .expect("hwpt");
+        iommu.attach(dev_id, None, h).expect("attach");
+        iommu.hwpt_set_dirty_tracking(h, true).expect("dirty on");
+        let mut t = dev.translator();
+        let mut b = [0u8; 4];
+        // Dirty tracking caches a read without write permission.
+        t.read(None, 3 * P, &mut b).expect("read");
+        assert_eq!(t.cached_translations(), 1);
+        t.write(None, 3 * P + 4, &b).expect("write");
+        assert_eq!(t.cached_translations(), 1);
+        let misses = t.stats().misses;
+        t.read(None, 3 * P, &mut b).expect("read again");
+        t.write(None, 3 * P, &b).expect("write again");
+        assert_eq!(t.stats().misses, misses);
+        assert_eq!(
+            iommu.hwpt_get_dirty_bitmap(h, 0, 16 * P, P, false),
+            Ok(vec![1 << 3])
+        );
     }
 
     #[test]
