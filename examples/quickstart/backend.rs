@@ -166,9 +166,9 @@ fn serve_glue(s: UnixStream, iommu: &Iommu, net: DevId, stats: &DeviceStats) {
 }
 
 fn glue_request(line: &str, iommu: &Iommu, net: DevId, stats: &DeviceStats) -> Res<String> {
-    let mut words = line.split_whitespace();
-    match (words.next(), words.next()) {
-        (Some("attach"), Some(id)) => {
+    let words: Vec<&str> = line.split_whitespace().take(3).collect();
+    match words.as_slice() {
+        ["attach", id] => {
             let ioas: u32 = id.parse().map_err(|_| format!("bad IOAS id {id:?}"))?;
             match iommu.object_kind(ioas) {
                 Ok(ObjectKind::Ioas) => {}
@@ -182,11 +182,11 @@ fn glue_request(line: &str, iommu: &Iommu, net: DevId, stats: &DeviceStats) -> R
             .map_err(|e| e.to_string())?;
             Ok(hwpt.to_string())
         }
-        (Some("detach"), None) => {
+        ["detach"] => {
             iommu.detach(net, None).map_err(|e| e.to_string())?;
             Ok(String::new())
         }
-        (Some("stats"), None) => {
+        ["stats"] => {
             let t = stats.total();
             Ok(format!(
                 "rx_packets={} rx_bytes={} tx_packets={} tx_bytes={} drops={} errors={}",
@@ -194,5 +194,61 @@ fn glue_request(line: &str, iommu: &Iommu, net: DevId, stats: &DeviceStats) -> R
             ))
         }
         _ => Err(format!("unknown request {line:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (Iommu, DevId, DeviceStats) {
+        let iommu = Iommu::new();
+        let dev = iommu_core::Device::new(NET, iommu_core::HwInfo::default());
+        let id = iommu.bind(&dev).expect("bind");
+        (iommu, id, DeviceStats::new("net0.sock", "reflect", 1))
+    }
+
+    #[test]
+    fn test_glue_attach_replace_detach() {
+        let (iommu, net, stats) = setup();
+        let a = iommu.ioas_alloc().expect("ioas");
+        let b = iommu.ioas_alloc().expect("ioas");
+        assert!(glue_request(&format!("attach {a}"), &iommu, net, &stats).is_ok());
+        // Attached already: the second attach replaces.
+        assert!(glue_request(&format!("attach {b}"), &iommu, net, &stats).is_ok());
+        assert!(iommu.attached_hwpt(net, None).expect("query").is_some());
+        assert!(glue_request("detach", &iommu, net, &stats).is_ok());
+        assert_eq!(iommu.attached_hwpt(net, None).expect("query"), None);
+    }
+
+    #[test]
+    fn test_glue_rejects_bad_requests() {
+        let (iommu, net, stats) = setup();
+        for bad in [
+            "",
+            "attach",
+            "attach x",
+            "attach 99",
+            "attach -1",
+            "attach 1 2",
+            "detach now",
+            "frobnicate",
+        ] {
+            assert!(
+                glue_request(bad, &iommu, net, &stats).is_err(),
+                "{bad:?} accepted"
+            );
+        }
+        // The device's own id is not an IOAS.
+        let req = format!("attach {net}");
+        assert!(glue_request(&req, &iommu, net, &stats).is_err());
+    }
+
+    #[test]
+    fn test_glue_stats_line() {
+        let (iommu, net, stats) = setup();
+        stats.queue(0).add_rx(3, 300);
+        let s = glue_request("stats", &iommu, net, &stats).expect("stats");
+        assert!(s.starts_with("rx_packets=3 rx_bytes=300 "), "{s}");
     }
 }
