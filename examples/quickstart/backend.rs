@@ -54,6 +54,9 @@ fn ctx<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> String + '_ {
 
 /// Runs the backend until SIGTERM/SIGINT (or the parent's death).
 pub fn run(dir: &Path) -> Res<()> {
+    // The driver blocks SIGINT/SIGTERM for its signal thread, and a child
+    // inherits the mask: take them back, the server handles them.
+    unblock_signals()?;
     // Die with the driver, whatever happens to it.
     // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and has no
     // memory-safety preconditions.
@@ -143,6 +146,23 @@ pub fn run(dir: &Path) -> Res<()> {
     accel.shutdown();
     service.stop();
     r
+}
+
+fn unblock_signals() -> Res<()> {
+    // SAFETY: sigset_t is a plain C struct; sigemptyset initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a live sigset_t.
+    unsafe { libc::sigemptyset(&mut set) };
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: `set` is initialised and `sig` a valid signal number.
+        unsafe { libc::sigaddset(&mut set, sig) };
+    }
+    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(format!("pthread_sigmask: error {rc}"));
+    }
+    Ok(())
 }
 
 fn serve_glue(s: UnixStream, iommu: &Iommu, net: DevId, stats: &DeviceStats) {

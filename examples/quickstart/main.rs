@@ -118,6 +118,7 @@ fn main() {
         eprintln!("usage: quickstart (no arguments)");
         std::process::exit(2);
     }
+    start_signal_thread();
     start_watchdog();
     let mut tally = Tally::default();
     match run(&mut tally) {
@@ -133,20 +134,60 @@ fn main() {
     }
 }
 
+/// Kills the backend and removes the scratch directory.
+fn emergency_cleanup() {
+    let pid = BACKEND_PID.load(Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill(2) with a pid we spawned; no memory involved.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    if let Some(dir) = SCRATCH.lock().ok().and_then(|mut d| d.take()) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// SIGINT and SIGTERM are taken by a thread of their own (blocked in every
+/// other thread; children start with an empty mask), which cleans up and
+/// exits.
+fn start_signal_thread() {
+    // SAFETY: sigset_t is a plain C struct; sigemptyset initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a live sigset_t.
+    unsafe { libc::sigemptyset(&mut set) };
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: `set` is initialised and `sig` a valid signal number.
+        unsafe { libc::sigaddset(&mut set, sig) };
+    }
+    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        eprintln!("quickstart: cannot block signals (error {rc}); Ctrl-C may leave files behind");
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` and `sig` are live for the call.
+            let rc = unsafe { libc::sigwait(&set, &mut sig) };
+            if rc == 0 {
+                eprintln!("\nquickstart: interrupted (signal {sig})");
+                emergency_cleanup();
+                std::process::exit(130);
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("quickstart: no signal thread: {e}");
+    }
+}
+
 fn start_watchdog() {
     let spawned = std::thread::Builder::new()
         .name("watchdog".into())
         .spawn(|| {
             std::thread::sleep(WATCHDOG);
             eprintln!("\nquickstart FAILED: no result after {WATCHDOG:?}; giving up");
-            let pid = BACKEND_PID.load(Ordering::SeqCst);
-            if pid > 0 {
-                // SAFETY: kill(2) with a pid we spawned; no memory involved.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            if let Some(dir) = SCRATCH.lock().ok().and_then(|mut d| d.take()) {
-                let _ = std::fs::remove_dir_all(dir);
-            }
+            emergency_cleanup();
             std::process::exit(1);
         });
     if let Err(e) = spawned {
