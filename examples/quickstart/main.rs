@@ -224,6 +224,7 @@ fn step(n: u32, title: &str) {
 /// A progress line on stderr for a step that runs longer than a second.
 struct Progress {
     what: &'static str,
+    /// Items to do; 0 for a wait, which shows the time waited instead.
     total: usize,
     start: Instant,
     last: Option<Instant>,
@@ -231,6 +232,7 @@ struct Progress {
 }
 
 impl Progress {
+    /// Progress through `total` items.
     fn new(what: &'static str, total: usize) -> Progress {
         Progress {
             what,
@@ -241,9 +243,15 @@ impl Progress {
         }
     }
 
+    /// A bounded wait: shows the seconds waited.
+    fn waiting(what: &'static str) -> Progress {
+        Progress::new(what, 0)
+    }
+
     fn tick(&mut self, done: usize) {
         let now = Instant::now();
-        if now.duration_since(self.start) < Duration::from_secs(1) {
+        let elapsed = now.duration_since(self.start);
+        if elapsed < Duration::from_secs(1) {
             return;
         }
         let every = if self.tty {
@@ -255,16 +263,15 @@ impl Progress {
             return;
         }
         self.last = Some(now);
-        let pct = done * 100 / self.total.max(1);
+        let text = match (done * 100).checked_div(self.total) {
+            None => format!("    ... {} ({:.1} s)", self.what, elapsed.as_secs_f64()),
+            Some(pct) => format!("    ... {} {done}/{} ({pct}%)", self.what, self.total),
+        };
         let mut err = std::io::stderr().lock();
         if self.tty {
-            let _ = write!(
-                err,
-                "\r    ... {} {done}/{} ({pct}%)",
-                self.what, self.total
-            );
+            let _ = write!(err, "\r{text}");
         } else {
-            let _ = writeln!(err, "    ... {} {done}/{} ({pct}%)", self.what, self.total);
+            let _ = writeln!(err, "{text}");
         }
         let _ = err.flush();
     }
@@ -314,10 +321,10 @@ impl BackendProc {
             let _ = tx.send(r.map(|_| line));
         });
         let mut b = BackendProc { child, dir, log };
-        let secs = WAIT.as_secs() as usize;
-        let mut progress = Progress::new("waiting for the backend, seconds", secs);
-        for waited in 0..secs {
-            match rx.recv_timeout(Duration::from_secs(1)) {
+        let mut progress = Progress::waiting("waiting for the backend to start");
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(Ok(l)) if l.trim() == READY => {
                     progress.finish();
                     return Ok(b);
@@ -329,7 +336,7 @@ impl BackendProc {
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                     return Err(b.fail("backend closed its stdout"))
                 }
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => progress.tick(waited + 1),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => progress.tick(0),
             }
         }
         progress.finish();
@@ -362,8 +369,7 @@ impl BackendProc {
         // SAFETY: kill(2) on our own child; no memory involved.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(5);
-        let mut progress = Progress::new("waiting for the backend to exit, tenths of a second", 50);
-        let mut n = 0;
+        let mut progress = Progress::waiting("waiting for the backend to exit");
         while Instant::now() < deadline {
             if let Some(s) = self.child.try_wait().map_err(ctx("waiting"))? {
                 BACKEND_PID.store(0, Ordering::SeqCst);
@@ -371,8 +377,7 @@ impl BackendProc {
                 return Ok(s);
             }
             std::thread::sleep(Duration::from_millis(10));
-            n += 1;
-            progress.tick(n / 10);
+            progress.tick(0);
         }
         progress.finish();
         let _ = self.child.kill();
