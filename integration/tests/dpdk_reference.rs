@@ -198,6 +198,42 @@ fn test_qemu_guest_with_intel_iommu_transmits_through_net_vhost() {
     );
 }
 
+/// The multiqueue QEMU configuration the vdpa-net test uses (2 vCPUs, 2
+/// queue pairs), against net_vhost answering on both queues.
+#[test]
+fn test_qemu_multiqueue_guest_pings_through_net_vhost() {
+    let test = "test_qemu_multiqueue_guest_pings_through_net_vhost";
+    let Some(_) = ready(test, require_qemu()) else {
+        return;
+    };
+    let _lock = heavy_lock().or_panic("heavy lock");
+    let dir = WorkDir::new("ref-mq").or_panic("workdir");
+    let sock = dir.join("vh.sock");
+    let mut backend = Testpmd::spawn(
+        &TestpmdConfig::reference_backend("backend", &sock, "icmpecho")
+            .queues(2)
+            .cpus(0, 0)
+            .duration(Duration::from_secs(300)),
+        dir.path(),
+    )
+    .or_panic("start net_vhost");
+    wait_for_path(&sock, SOCKET_TIMEOUT, Some(backend.proc_mut())).or_panic("vhost socket");
+    let script = format!(
+        "{}taskset -c 0 ping -c 3 -w 30 10.0.0.2 && taskset -c 1 ping -c 3 -w 30 10.0.0.2 \
+         && mark BOTH_OK || mark BOTH_FAIL\n",
+        ping_script("10.0.0.1/24", "10.0.0.2", 1)
+    );
+    let cfg = QemuConfig::new("guest", &script)
+        .netdev_mq(&sock, "52:54:00:00:00:01", 2)
+        .smp(2);
+    let mut guest = Qemu::launch(&cfg, dir.path()).or_panic("start QEMU");
+    guest
+        .expect_marker("BOTH_OK", "BOTH_FAIL", GUEST_TIMEOUT)
+        .or_panic("pings from both vCPUs");
+    assert_eq!(guest.wait_end(GUEST_TIMEOUT).or_panic("guest end"), 0);
+    backend.stop(STOP_TIMEOUT).or_panic("backend run");
+}
+
 trait OrPanicOpt<T> {
     fn or_panic_opt(self, what: &str) -> T;
 }
