@@ -11,6 +11,25 @@
 //! ends: an unmap issued meanwhile waits for it. So a worker must never block
 //! while it holds a `Dma` (see [`Worker`](crate::device::Worker)).
 //!
+//! # PASIDs and I/O page faults
+//!
+//! A handle addresses one PASID of the device ([`Dma::pasid`]; `None` is
+//! the device's RID) and [`Dma::with_pasid`] gives a handle on another PASID
+//! in the same section. On an address space whose HWPT has a fault queue, a
+//! failed access in the default *raising* mode raises an I/O page fault and
+//! returns [`DmaError::Fault`] with the group's [`PendingFault`]: the device
+//! ends its section (it must not block inside one), parks the work, and
+//! resumes it when [`PendingFault::status`] says the group was answered. A
+//! *probe* handle ([`Dma::probe`]) asks "is this mapped?" without side
+//! effects: a failure is [`DmaError::NotMapped`] / [`DmaError::Denied`] on
+//! any HWPT, no fault group is queued and no event is reported, for accesses
+//! whose failure the device reports its own way (a partial completion, a
+//! completion record it cannot write).
+//!
+//! [`Dma::fragment`] is the allocation-free hot path of such devices: the
+//! first host-contiguous run of a range, straight from the translator's
+//! cache. [`Dma::copy`] moves bytes between two device addresses.
+//!
 //! `Dma` also implements vm-memory's [`GuestMemory`](vm_memory::GuestMemory)
 //! (the IOVA-aware trait of vm-memory 0.18), which is how virtio-queue walks
 //! rings and descriptor chains through the same translation. vm-memory turns
@@ -19,8 +38,13 @@
 //! empty ring.
 
 use std::cell::RefCell;
+use std::marker::PhantomData;
 
-use iommu_core::{Fragment, Perm, Translator};
+use iommu_core::Fragment;
+
+/// The iommu-core types a device needs next to its DMA handle, re-exported
+/// so that backends use them through the framework.
+pub use iommu_core::{FaultStatus, PageResponseCode, PendingFault, Perm, Translator};
 
 /// The access a DMA operation makes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +96,21 @@ pub enum DmaError {
         /// The access attempted.
         access: Access,
     },
+    /// The access failed on an address space with a fault queue and raised
+    /// an I/O page fault (raising mode only; a probe reports
+    /// [`DmaError::NotMapped`] / [`DmaError::Denied`] instead). The fault
+    /// group stays outstanding until its owner answers it: end the access
+    /// section, then poll [`PendingFault::status`] (or wait, outside any
+    /// section) and retry on [`FaultStatus::Success`].
+    #[error("Iova {iova:#x} raised an I/O page fault for {access:?}")]
+    Fault {
+        /// The faulting address.
+        iova: u64,
+        /// The access attempted.
+        access: Access,
+        /// The raised fault group.
+        pending: PendingFault,
+    },
     /// `iova + len` overflows the 64-bit address space.
     #[error("Range {iova:#x}+{len:#x} overflows")]
     Overflow {
@@ -109,6 +148,7 @@ impl DmaError {
         match self {
             DmaError::NotMapped { iova, access } => Some((*iova, *access)),
             DmaError::Denied { .. }
+            | DmaError::Fault { .. }
             | DmaError::Overflow { .. }
             | DmaError::Blocked
             | DmaError::Failed { .. }
@@ -121,7 +161,35 @@ impl DmaError {
         match self {
             DmaError::Denied { iova, access } => Some((*iova, *access)),
             DmaError::NotMapped { .. }
+            | DmaError::Fault { .. }
             | DmaError::Overflow { .. }
+            | DmaError::Blocked
+            | DmaError::Failed { .. }
+            | DmaError::Unknown => None,
+        }
+    }
+
+    /// The I/O page fault this access raised, if it raised one.
+    pub fn pending_fault(&self) -> Option<&PendingFault> {
+        match self {
+            DmaError::Fault { pending, .. } => Some(pending),
+            DmaError::NotMapped { .. }
+            | DmaError::Denied { .. }
+            | DmaError::Overflow { .. }
+            | DmaError::Blocked
+            | DmaError::Failed { .. }
+            | DmaError::Unknown => None,
+        }
+    }
+
+    /// The first address the access could not reach, for the failures that
+    /// name one (miss, permission, raised fault).
+    pub fn fault_address(&self) -> Option<u64> {
+        match self {
+            DmaError::NotMapped { iova, .. }
+            | DmaError::Denied { iova, .. }
+            | DmaError::Fault { iova, .. } => Some(*iova),
+            DmaError::Overflow { .. }
             | DmaError::Blocked
             | DmaError::Failed { .. }
             | DmaError::Unknown => None,
@@ -130,6 +198,11 @@ impl DmaError {
 
     fn from_core(e: iommu_core::Error, iova: u64, len: u64, access: Access) -> DmaError {
         match e {
+            iommu_core::Error::FaultRaised { iova, pending, .. } => DmaError::Fault {
+                iova,
+                access,
+                pending,
+            },
             iommu_core::Error::Unmapped { iova, .. } => DmaError::NotMapped { iova, access },
             iommu_core::Error::AccessDenied { iova, .. } => DmaError::Denied { iova, access },
             iommu_core::Error::NotAttached { .. } => DmaError::Blocked,
@@ -157,9 +230,10 @@ const HOT_MIN_LEN: u64 = 16;
 const HOT_WINDOW: u64 = 64 * 1024;
 
 /// A translation obtained earlier in the same section: `len` bytes at `iova`
-/// are contiguous host memory at `ptr`, allowed for `perm`.
+/// of `pasid` are contiguous host memory at `ptr`, allowed for `perm`.
 #[derive(Clone, Copy)]
 struct Hot {
+    pasid: Option<u32>,
     iova: u64,
     len: u64,
     ptr: *mut u8,
@@ -191,7 +265,9 @@ impl<'t> Section<'t> {
         Section {
             access: RefCell::new(translator.access()),
             pasid,
-            frags: RefCell::new(Vec::with_capacity(8)),
+            // Allocated on the first multi-fragment translation only: a
+            // section that only asks for contiguous runs never allocates.
+            frags: RefCell::new(Vec::new()),
             last_err: RefCell::new(None),
             hot: RefCell::new([None; HOT_ENTRIES]),
             hot_next: std::cell::Cell::new(0),
@@ -203,15 +279,29 @@ impl<'t> Section<'t> {
 /// What a [`Dma`] handle needs from a section (object-safe, so the handle
 /// carries no invariant lifetime).
 pub(crate) trait SectionOps {
+    /// The PASID handles made by [`Dma::from_section`] address.
+    fn pasid(&self) -> Option<u32>;
     fn translate_with(
         &self,
+        at: Target,
         iova: u64,
         len: u64,
         access: Access,
         f: &mut dyn FnMut(&[Fragment]) -> Result<()>,
     ) -> Result<()>;
+    fn contiguous(&self, at: Target, iova: u64, len: u64, access: Access) -> Result<Fragment>;
+    fn copy(&self, at: Target, src: u64, dst: u64, len: u64) -> Result<()>;
+    fn invalidation_requested(&self) -> bool;
     fn record(&self, e: DmaError);
     fn take(&self) -> Option<DmaError>;
+}
+
+/// Where and how a handle translates: its PASID, and whether a failure may
+/// raise an I/O page fault (or report an event).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Target {
+    pasid: Option<u32>,
+    probe: bool,
 }
 
 impl Section<'_> {
@@ -225,8 +315,13 @@ impl Section<'_> {
 }
 
 impl SectionOps for Section<'_> {
+    fn pasid(&self) -> Option<u32> {
+        self.pasid
+    }
+
     fn translate_with(
         &self,
+        at: Target,
         iova: u64,
         len: u64,
         access: Access,
@@ -242,15 +337,17 @@ impl SectionOps for Section<'_> {
         let hit = self.hot.try_borrow().ok().and_then(|hot| {
             hot.iter().flatten().find_map(|h| {
                 // `h.len >= 1` and `h.iova + h.len - 1` did not overflow when stored.
-                (h.perm.contains(perm) && iova >= h.iova && last <= h.iova + (h.len - 1)).then(
-                    || {
+                (h.pasid == at.pasid
+                    && h.perm.contains(perm)
+                    && iova >= h.iova
+                    && last <= h.iova + (h.len - 1))
+                    .then(|| {
                         let off = usize::try_from(iova - h.iova).unwrap_or(usize::MAX);
                         Fragment {
                             ptr: h.ptr.wrapping_add(off),
                             len: usize::try_from(len).unwrap_or(usize::MAX),
                         }
-                    },
-                )
+                    })
             })
         });
         if let Some(frag) = hit {
@@ -268,12 +365,14 @@ impl SectionOps for Section<'_> {
             let start = iova & !(HOT_WINDOW - 1);
             let wlast = last | (HOT_WINDOW - 1);
             let wlen = wlast - start + 1;
+            // Speculation never has side effects: no fault, no event.
             let ok = acc
-                .translate(self.pasid, start, wlen, perm, &mut frags)
+                .translate_nofault(at.pasid, start, wlen, perm, &mut frags)
                 .is_ok();
             if ok && frags.len() == 1 {
                 let base = frags[0].ptr;
                 self.remember(Hot {
+                    pasid: at.pasid,
                     iova: start,
                     len: wlen,
                     ptr: base,
@@ -290,11 +389,16 @@ impl SectionOps for Section<'_> {
             // Sparse mappings: stop trying windows in this section.
             self.windows.set(false);
         }
-        acc.translate(self.pasid, iova, len, perm, &mut frags)
-            .map_err(|e| DmaError::from_core(e, iova, len, access))?;
+        let r = if at.probe {
+            acc.translate_nofault(at.pasid, iova, len, perm, &mut frags)
+        } else {
+            acc.translate(at.pasid, iova, len, perm, &mut frags)
+        };
+        r.map_err(|e| DmaError::from_core(e, iova, len, access))?;
         drop(acc);
         if frags.len() == 1 && len >= HOT_MIN_LEN {
             self.remember(Hot {
+                pasid: at.pasid,
                 iova,
                 len,
                 ptr: frags[0].ptr,
@@ -306,6 +410,64 @@ impl SectionOps for Section<'_> {
             frags.shrink_to(MAX_FRAGMENTS);
         }
         r
+    }
+
+    #[inline]
+    fn contiguous(&self, at: Target, iova: u64, len: u64, access: Access) -> Result<Fragment> {
+        if len == 0 {
+            return Ok(Fragment {
+                ptr: std::ptr::NonNull::dangling().as_ptr(),
+                len: 0,
+            });
+        }
+        let Ok(mut acc) = self.access.try_borrow_mut() else {
+            return Err(DmaError::Unknown);
+        };
+        let perm = access.perm();
+        let r = if at.probe {
+            acc.translate_contiguous_nofault(at.pasid, iova, len, perm)
+        } else {
+            acc.translate_contiguous(at.pasid, iova, len, perm)
+        };
+        r.map_err(|e| DmaError::from_core(e, iova, len, access))
+    }
+
+    fn copy(&self, at: Target, src: u64, dst: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let Ok(mut acc) = self.access.try_borrow_mut() else {
+            return Err(DmaError::Unknown);
+        };
+        let r = if at.probe {
+            acc.copy_nofault(at.pasid, src, at.pasid, dst, len)
+        } else {
+            acc.copy(at.pasid, src, at.pasid, dst, len)
+        };
+        r.map_err(|e| {
+            // iommu-core checks the whole source before the destination, so
+            // an address inside the source range failed the read, unless
+            // the error says it was a write permission.
+            let failed_at = match &e {
+                iommu_core::Error::Unmapped { iova, .. }
+                | iommu_core::Error::FaultRaised { iova, .. } => Some((*iova, None)),
+                iommu_core::Error::AccessDenied { iova, perm, .. } => Some((*iova, Some(*perm))),
+                _ => None,
+            };
+            let access = match failed_at {
+                Some((_, Some(p))) if p.contains(Perm::WRITE) => Access::Write,
+                Some((a, None)) if a.wrapping_sub(src) >= len => Access::Write,
+                _ => Access::Read,
+            };
+            let base = if access == Access::Write { dst } else { src };
+            DmaError::from_core(e, base, len, access)
+        })
+    }
+
+    fn invalidation_requested(&self) -> bool {
+        self.access
+            .try_borrow()
+            .is_ok_and(|a| a.invalidation_requested())
     }
 
     fn record(&self, e: DmaError) {
@@ -322,15 +484,59 @@ impl SectionOps for Section<'_> {
     }
 }
 
-/// A worker thread's DMA handle for one access section. Cheap to copy.
+/// A worker thread's DMA handle for one access section, on one PASID, in
+/// raising or probe mode. Cheap to copy.
 #[derive(Clone, Copy)]
 pub struct Dma<'a> {
     ops: &'a (dyn SectionOps + 'a),
+    at: Target,
 }
 
 impl std::fmt::Debug for Dma<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dma").finish_non_exhaustive()
+        f.debug_struct("Dma")
+            .field("pasid", &self.at.pasid)
+            .field("probe", &self.at.probe)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One host-contiguous run of device memory, valid for the rest of the
+/// access section it was translated in (the `'a` of its [`Dma`] handle).
+///
+/// The memory may be shared with the frontend or client process, which can
+/// change it at any time: access it through raw pointers or volatile
+/// accesses ([`DmaFragment::as_volatile_slice`]), never as a Rust reference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaFragment<'a> {
+    ptr: *mut u8,
+    len: usize,
+    section: PhantomData<&'a ()>,
+}
+
+impl<'a> DmaFragment<'a> {
+    /// Host address of the first byte; valid for [`DmaFragment::len`] bytes
+    /// (writable when translated for write) until the section ends.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for the empty fragment of a zero-length request.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The fragment as a vm-memory volatile slice.
+    pub fn as_volatile_slice(&self) -> vm_memory::VolatileSlice<'a> {
+        // SAFETY: iommu-core returned `len` bytes at `ptr` that stay mapped
+        // until the access section ends, which outlives `'a`; a zero-length
+        // fragment is never dereferenced.
+        unsafe { vm_memory::VolatileSlice::new(self.ptr, self.len) }
     }
 }
 
@@ -344,17 +550,103 @@ impl<'a> Dma<'a> {
         f: impl FnOnce(Dma<'_>) -> R,
     ) -> R {
         let section = Section::new(translator, pasid, false);
-        f(Dma { ops: &section })
+        f(Dma::from_section(&section))
     }
 
     pub(crate) fn from_section(ops: &'a (dyn SectionOps + 'a)) -> Self {
-        Dma { ops }
+        Dma {
+            ops,
+            at: Target {
+                pasid: ops.pasid(),
+                probe: false,
+            },
+        }
+    }
+
+    /// The PASID this handle addresses (`None`: the device's RID).
+    pub fn pasid(&self) -> Option<u32> {
+        self.at.pasid
+    }
+
+    /// A handle on `pasid` in the same access section, same mode.
+    #[must_use]
+    pub fn with_pasid(self, pasid: Option<u32>) -> Dma<'a> {
+        Dma {
+            at: Target { pasid, ..self.at },
+            ..self
+        }
+    }
+
+    /// The probe form of this handle: its failures are
+    /// [`DmaError::NotMapped`] / [`DmaError::Denied`] on any HWPT, without
+    /// an I/O page fault or an event. For accesses whose failure the device
+    /// reports its own way.
+    #[must_use]
+    pub fn probe(self) -> Dma<'a> {
+        Dma {
+            at: Target {
+                probe: true,
+                ..self.at
+            },
+            ..self
+        }
+    }
+
+    /// The raising form of this handle (the default): a failure on a HWPT
+    /// with a fault queue raises an I/O page fault ([`DmaError::Fault`]),
+    /// on one without reports an event.
+    #[must_use]
+    pub fn raising(self) -> Dma<'a> {
+        Dma {
+            at: Target {
+                probe: false,
+                ..self.at
+            },
+            ..self
+        }
+    }
+
+    /// True for a probe handle.
+    pub fn is_probe(&self) -> bool {
+        self.at.probe
+    }
+
+    /// True when an unmap or invalidation started since the section
+    /// began: a device in a long section should finish its current unit of
+    /// work and end the section, so the invalidation can complete.
+    pub fn invalidation_requested(&self) -> bool {
+        self.ops.invalidation_requested()
     }
 
     /// Checks that `iova..iova+len` is mapped for `access` (and warms the
     /// translation cache for it).
     pub fn check(&self, iova: u64, len: u64, access: Access) -> Result<()> {
-        self.ops.translate_with(iova, len, access, &mut |_| Ok(()))
+        self.ops
+            .translate_with(self.at, iova, len, access, &mut |_| Ok(()))
+    }
+
+    /// The first host-contiguous run of `iova..iova+len`: it starts at
+    /// `iova` and holds at most `len` bytes (fewer when the range goes on
+    /// in another host buffer, or another area). Zero-copy and
+    /// allocation-free; a warm translation is a lookup in the translator's
+    /// cache. A zero `len` gives an empty fragment.
+    #[inline]
+    pub fn fragment(&self, iova: u64, len: u64, access: Access) -> Result<DmaFragment<'a>> {
+        let f = self.ops.contiguous(self.at, iova, len, access)?;
+        Ok(DmaFragment {
+            ptr: f.ptr,
+            len: f.len,
+            section: PhantomData,
+        })
+    }
+
+    /// Copies `len` bytes from `src` to `dst` (both device addresses of
+    /// this handle's PASID; memmove semantics per pair of host fragments).
+    /// Both ranges are translated first: on error nothing was copied. The
+    /// error's access is [`Access::Read`] for the source, [`Access::Write`]
+    /// for the destination.
+    pub fn copy(&self, src: u64, dst: u64, len: u64) -> Result<()> {
+        self.ops.copy(self.at, src, dst, len)
     }
 
     /// Runs `f` with the host fragments covering `iova..iova+len`, in order.
@@ -370,31 +662,32 @@ impl<'a> Dma<'a> {
     ) -> Result<R> {
         let mut f = Some(f);
         let mut out = None;
-        self.ops.translate_with(iova, len, access, &mut |frags| {
-            let slice = |fr: &Fragment| {
-                // SAFETY: iommu-core returned `fr.len` bytes at `fr.ptr` that
-                // stay mapped until the access section ends, which is after
-                // this callback returns; the slice does not escape it.
-                unsafe { vm_memory::VolatileSlice::new(fr.ptr, fr.len) }
-            };
-            let Some(f) = f.take() else { return Ok(()) };
-            if frags.len() <= INLINE_FRAGMENTS {
-                let empty = || {
-                    // SAFETY: a zero-length slice at a dangling, well-aligned
-                    // pointer is never dereferenced.
-                    unsafe {
-                        vm_memory::VolatileSlice::new(std::ptr::NonNull::dangling().as_ptr(), 0)
-                    }
+        self.ops
+            .translate_with(self.at, iova, len, access, &mut |frags| {
+                let slice = |fr: &Fragment| {
+                    // SAFETY: iommu-core returned `fr.len` bytes at `fr.ptr` that
+                    // stay mapped until the access section ends, which is after
+                    // this callback returns; the slice does not escape it.
+                    unsafe { vm_memory::VolatileSlice::new(fr.ptr, fr.len) }
                 };
-                let arr: [vm_memory::VolatileSlice<'_>; INLINE_FRAGMENTS] =
-                    std::array::from_fn(|i| frags.get(i).map_or_else(empty, slice));
-                out = Some(f(&arr[..frags.len()]));
-            } else {
-                let v: Vec<vm_memory::VolatileSlice<'_>> = frags.iter().map(slice).collect();
-                out = Some(f(&v));
-            }
-            Ok(())
-        })?;
+                let Some(f) = f.take() else { return Ok(()) };
+                if frags.len() <= INLINE_FRAGMENTS {
+                    let empty = || {
+                        // SAFETY: a zero-length slice at a dangling, well-aligned
+                        // pointer is never dereferenced.
+                        unsafe {
+                            vm_memory::VolatileSlice::new(std::ptr::NonNull::dangling().as_ptr(), 0)
+                        }
+                    };
+                    let arr: [vm_memory::VolatileSlice<'_>; INLINE_FRAGMENTS] =
+                        std::array::from_fn(|i| frags.get(i).map_or_else(empty, slice));
+                    out = Some(f(&arr[..frags.len()]));
+                } else {
+                    let v: Vec<vm_memory::VolatileSlice<'_>> = frags.iter().map(slice).collect();
+                    out = Some(f(&v));
+                }
+                Ok(())
+            })?;
         out.ok_or(DmaError::Unknown)
     }
 
@@ -402,7 +695,7 @@ impl<'a> Dma<'a> {
     pub fn read(&self, iova: u64, buf: &mut [u8]) -> Result<()> {
         let len = buf.len() as u64;
         self.ops
-            .translate_with(iova, len, Access::Read, &mut |frags| {
+            .translate_with(self.at, iova, len, Access::Read, &mut |frags| {
                 let mut done = 0usize;
                 for fr in frags {
                     let n = fr.len.min(buf.len() - done);
@@ -421,7 +714,7 @@ impl<'a> Dma<'a> {
     pub fn write(&self, iova: u64, data: &[u8]) -> Result<()> {
         let len = data.len() as u64;
         self.ops
-            .translate_with(iova, len, Access::Write, &mut |frags| {
+            .translate_with(self.at, iova, len, Access::Write, &mut |frags| {
                 let mut done = 0usize;
                 for fr in frags {
                     let n = fr.len.min(data.len() - done);
@@ -459,7 +752,7 @@ impl<'a> Dma<'a> {
     fn first_fragment(&self, iova: u64, len: usize, access: Access) -> Result<(*mut u8, usize)> {
         let mut first = None;
         self.ops
-            .translate_with(iova, len as u64, access, &mut |frags| {
+            .translate_with(self.at, iova, len as u64, access, &mut |frags| {
                 first = frags.first().map(|f| (f.ptr, f.len));
                 Ok(())
             })?;
@@ -647,6 +940,293 @@ mod tests {
             let v: u16 = Bytes::read_obj(&dma, GuestAddress(0x10000)).expect("read");
             assert_eq!(v, 0);
         });
+    }
+
+    const P: u64 = 0x1000;
+    const PASID: u32 = 7;
+
+    /// A device with a fault-capable HWPT attached on `PASID`: read-write
+    /// page at `P` (memory `m`), read-only page at `2P` (memory `n`), hole
+    /// from `3P`.
+    struct FaultRig {
+        _iommu: Iommu,
+        dev: iommu_core::Device,
+        faults: iommu_core::FaultQueue,
+        m: std::sync::Arc<Memory>,
+        n: std::sync::Arc<Memory>,
+    }
+
+    fn fault_rig() -> FaultRig {
+        let iommu = Iommu::new();
+        let dev = iommu_core::Device::new("sva", HwInfo::full());
+        let dev_id = iommu.bind(&dev).expect("bind");
+        let ioas = iommu.ioas_alloc().expect("ioas");
+        let m = Memory::anonymous("m", P as usize).expect("m");
+        let n = Memory::anonymous("n", P as usize).expect("n");
+        iommu
+            .ioas_map(ioas, &m, 0, P, Some(P), Perm::RW)
+            .expect("map m");
+        iommu
+            .ioas_map(ioas, &n, 0, P, Some(2 * P), Perm::READ)
+            .expect("map n");
+        let (fault_id, faults) = iommu.fault_queue_alloc().expect("fault queue");
+        let hwpt = iommu
+            .hwpt_alloc(&iommu_core::HwptAlloc {
+                dev_id,
+                pt_id: ioas,
+                flags: iommu_core::IOMMU_HWPT_ALLOC_PASID,
+                fault_id: Some(fault_id),
+                ..Default::default()
+            })
+            .expect("hwpt");
+        iommu.attach(dev_id, Some(PASID), hwpt).expect("attach");
+        FaultRig {
+            _iommu: iommu,
+            dev,
+            faults,
+            m,
+            n,
+        }
+    }
+
+    #[test]
+    fn test_raising_miss_returns_pending_fault_and_resumes_after_answer() {
+        let r = fault_rig();
+        let mut tr = r.dev.translator();
+        let e = Dma::enter(&mut tr, Some(PASID), |dma| {
+            assert_eq!(dma.pasid(), Some(PASID));
+            assert!(!dma.is_probe());
+            dma.write(3 * P + 8, b"late").expect_err("hole")
+        });
+        let DmaError::Fault {
+            iova,
+            access,
+            ref pending,
+        } = e
+        else {
+            panic!("not a raised fault: {e:?}")
+        };
+        assert_eq!((iova, access), (3 * P + 8, Access::Write));
+        assert_eq!(e.pending_fault(), Some(pending));
+        assert_eq!(e.fault_address(), Some(3 * P + 8));
+        assert!(!e.is_miss(), "not a vhost-user IOTLB miss");
+        assert_eq!(pending.status(), FaultStatus::Pending);
+        let mut recs = Vec::new();
+        assert_eq!(r.faults.read_batch(&mut recs, 8), Ok(1));
+        assert_eq!(recs[0].addr, 3 * P);
+        assert_eq!(recs[0].pasid, PASID);
+        r.faults
+            .respond(recs[0].cookie, PageResponseCode::Invalid)
+            .expect("respond");
+        assert_eq!(pending.status(), FaultStatus::Invalid);
+        // The fragment path raises as well.
+        let e = Dma::enter(&mut tr, Some(PASID), |dma| {
+            dma.fragment(5 * P, 8, Access::Read).expect_err("hole")
+        });
+        assert!(e.pending_fault().is_some(), "{e:?}");
+        assert_eq!(r.faults.stats().raised, 2);
+    }
+
+    #[test]
+    fn test_probe_reports_without_fault_group() {
+        let r = fault_rig();
+        let mut tr = r.dev.translator();
+        Dma::enter(&mut tr, Some(PASID), |dma| {
+            let probe = dma.probe();
+            assert!(probe.is_probe() && !probe.raising().is_probe());
+            assert_eq!(
+                probe.fragment(3 * P, 8, Access::Read).map(|f| f.len()),
+                Err(DmaError::NotMapped {
+                    iova: 3 * P,
+                    access: Access::Read
+                })
+            );
+            assert_eq!(
+                probe.write(2 * P, b"ro").map_err(|e| e.denied_address()),
+                Err(Some((2 * P, Access::Write)))
+            );
+            assert_eq!(
+                probe.read(2 * P - 4, &mut [0u8; 8 + P as usize]),
+                Err(DmaError::NotMapped {
+                    iova: 3 * P,
+                    access: Access::Read
+                })
+            );
+            assert!(probe.copy(P, 3 * P, 16).is_err());
+            // Mapped accesses work as in raising mode.
+            probe.write(P + 4, b"ok").expect("write");
+        });
+        assert_eq!(r.faults.stats().raised, 0);
+        assert_eq!(r.faults.undelivered(), 0);
+        let mut b = [0u8; 2];
+        r.m.read_at(4, &mut b).expect("read back");
+        assert_eq!(&b, b"ok");
+    }
+
+    #[test]
+    fn test_fragment_is_the_first_contiguous_run() {
+        let r = fault_rig();
+        r.n.write_at(0, b"NN").expect("write");
+        let mut tr = r.dev.translator();
+        Dma::enter(&mut tr, Some(PASID), |dma| {
+            // The range spans two host buffers: the first run only.
+            let f = dma.fragment(2 * P - 8, 16, Access::Read).expect("run");
+            assert_eq!(f.len(), 8);
+            let g = dma.fragment(2 * P, 2, Access::Read).expect("second");
+            assert_eq!(g.len(), 2);
+            let mut b = [0u8; 2];
+            // SAFETY: `g` is readable for 2 bytes for the rest of the section.
+            unsafe { std::ptr::copy_nonoverlapping(g.as_ptr(), b.as_mut_ptr(), 2) };
+            assert_eq!(&b, b"NN");
+            let h = dma.fragment(P + 0x10, 4, Access::Write).expect("writable");
+            assert_eq!(h.as_volatile_slice().len(), 4);
+            // SAFETY: `h` is writable for 4 bytes for the rest of the section.
+            unsafe { std::ptr::copy_nonoverlapping(b"frag".as_ptr(), h.as_ptr(), 4) };
+            let z = dma.fragment(9 * P, 0, Access::Read).expect("empty");
+            assert!(z.is_empty());
+            assert_eq!(
+                dma.probe()
+                    .fragment(2 * P, 4, Access::Write)
+                    .map_err(|e| e.denied_address()),
+                Err(Some((2 * P, Access::Write)))
+            );
+            // Raising: a permission failure is an I/O page fault too.
+            let e = dma
+                .fragment(2 * P, 4, Access::Write)
+                .expect_err("read-only");
+            assert!(
+                matches!(
+                    e,
+                    DmaError::Fault {
+                        access: Access::Write,
+                        ..
+                    }
+                ),
+                "{e:?}"
+            );
+            // The RID has nothing attached.
+            assert_eq!(
+                dma.with_pasid(None)
+                    .fragment(P, 4, Access::Read)
+                    .map(|f| f.len()),
+                Err(DmaError::Blocked)
+            );
+        });
+        let mut b = [0u8; 4];
+        r.m.read_at(0x10, &mut b).expect("read back");
+        assert_eq!(&b, b"frag");
+    }
+
+    #[test]
+    fn test_copy_across_fragments_and_typed_failures() {
+        let r = fault_rig();
+        r.n.write_at(0, b"abcd").expect("write");
+        let mut tr = r.dev.translator();
+        Dma::enter(&mut tr, Some(PASID), |dma| {
+            dma.write(2 * P - 4, &[]).expect("empty write");
+            dma.copy(2 * P, P + 0x100, 4).expect("copy");
+            let mut b = [0u8; 4];
+            dma.read(P + 0x100, &mut b).expect("read");
+            assert_eq!(&b, b"abcd");
+            // Source runs into the hole: nothing copied.
+            let probe = dma.probe();
+            assert_eq!(
+                probe.copy(3 * P - 2, P + 0x200, 4),
+                Err(DmaError::NotMapped {
+                    iova: 3 * P,
+                    access: Access::Read
+                })
+            );
+            assert_eq!(
+                probe.copy(P, 2 * P, 4).map_err(|e| e.denied_address()),
+                Err(Some((2 * P, Access::Write)))
+            );
+            assert_eq!(
+                probe.copy(P, 4 * P, 4),
+                Err(DmaError::NotMapped {
+                    iova: 4 * P,
+                    access: Access::Write
+                })
+            );
+            let e = dma.copy(P, 6 * P, 4).expect_err("raises");
+            assert!(
+                matches!(
+                    e,
+                    DmaError::Fault {
+                        iova,
+                        access: Access::Write,
+                        ..
+                    } if iova == 6 * P
+                ),
+                "{e:?}"
+            );
+            dma.copy(P, P + 0x200, 0).expect("zero length");
+        });
+        let mut b = [0u8; 4];
+        r.m.read_at(0x200, &mut b).expect("read back");
+        assert_eq!(b, [0; 4], "failed copies wrote nothing");
+    }
+
+    #[test]
+    fn test_pasids_of_one_section_do_not_share_translations() {
+        let iommu = Iommu::new();
+        let dev = iommu_core::Device::new("two", HwInfo::full());
+        let dev_id = iommu.bind(&dev).expect("bind");
+        let mut mems = Vec::new();
+        for (i, pasid) in [(0u8, None), (1, Some(3)), (2, Some(4))] {
+            let ioas = iommu.ioas_alloc().expect("ioas");
+            let m = Memory::anonymous("m", P as usize).expect("m");
+            m.write_at(0, &[i; 32]).expect("fill");
+            iommu
+                .ioas_map(ioas, &m, 0, P, Some(P), Perm::RW)
+                .expect("map");
+            let hwpt = iommu
+                .hwpt_alloc(&iommu_core::HwptAlloc {
+                    dev_id,
+                    pt_id: ioas,
+                    flags: iommu_core::IOMMU_HWPT_ALLOC_PASID,
+                    ..Default::default()
+                })
+                .expect("hwpt");
+            iommu.attach(dev_id, pasid, hwpt).expect("attach");
+            mems.push(m);
+        }
+        let mut tr = dev.translator();
+        // Speculating section (as the vhost-user workers open): the
+        // remembered windows must be per PASID too.
+        let section = Section::new(&mut tr, None, true);
+        let dma = Dma::from_section(&section);
+        for round in 0..2 {
+            for (i, pasid) in [(0u8, None), (1, Some(3)), (2, Some(4))] {
+                let h = dma.with_pasid(pasid);
+                let v: [u8; 32] = h.read_obj(P).expect("read");
+                assert_eq!(v, [i; 32], "pasid {pasid:?} round {round}");
+                let f = h.fragment(P, 1, Access::Read).expect("fragment");
+                // SAFETY: `f` is readable for one byte during the section.
+                assert_eq!(unsafe { f.as_ptr().read_volatile() }, i);
+            }
+        }
+        assert_eq!(
+            dma.with_pasid(Some(9)).check(P, 1, Access::Read),
+            Err(DmaError::Blocked)
+        );
+    }
+
+    #[test]
+    fn test_invalidation_requested_inside_a_section() {
+        let (iommu, core, ioas, _a, _b) = setup();
+        let mut tr = core.translator();
+        let mut ticket = Dma::enter(&mut tr, None, |dma| {
+            assert!(!dma.invalidation_requested());
+            dma.check(0x10000, 4, Access::Read).expect("mapped");
+            let (_, mut ticket) = iommu
+                .ioas_unmap_begin(ioas, 0x11000, 0x1000)
+                .expect("unmap begin");
+            assert!(dma.invalidation_requested());
+            assert!(!ticket.is_done(), "the section is still open");
+            ticket
+        });
+        assert!(ticket.is_done());
     }
 
     #[test]
