@@ -45,6 +45,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::Device;
 use crate::vhost_user::conn::{Connection, Served};
+use crate::vhost_user::RidOwnership;
 
 /// Errors of the server.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +111,8 @@ pub struct DirectoryEntry {
 #[derive(Debug, Clone, Default)]
 pub struct DeviceDirectory {
     inner: Arc<RwLock<BTreeMap<String, DirectoryEntry>>>,
+    /// RID arbitration of the hosted vhost-user devices.
+    rids: Arc<RwLock<BTreeMap<String, Arc<RidOwnership>>>>,
 }
 
 impl DeviceDirectory {
@@ -126,6 +129,16 @@ impl DeviceDirectory {
         match self.inner.read() {
             Ok(m) => m.keys().cloned().collect(),
             Err(p) => p.into_inner().keys().cloned().collect(),
+        }
+    }
+
+    /// Who holds the RID of the vhost-user device `label` (its connection or
+    /// a `/dev/iommu` session); `None` for devices added with
+    /// [`Server::add_external_device`] and unknown labels.
+    pub fn rid_ownership(&self, label: &str) -> Option<Arc<RidOwnership>> {
+        match self.rids.read() {
+            Ok(m) => m.get(label).cloned(),
+            Err(p) => p.into_inner().get(label).cloned(),
         }
     }
 
@@ -347,6 +360,11 @@ impl Server {
                 socket: path.clone(),
             },
         );
+        let rid = Arc::new(RidOwnership::new());
+        match self.directory.rids.write() {
+            Ok(mut m) => m.insert(label.to_string(), rid.clone()),
+            Err(p) => p.into_inner().insert(label.to_string(), rid.clone()),
+        };
         self.hosted.push(Hosted {
             label: label.to_string(),
             path,
@@ -356,11 +374,51 @@ impl Server {
                 core,
                 dev_id,
                 iommu: self.iommu.clone(),
+                rid,
             },
             active: None,
             pending: None,
         });
         Ok(())
+    }
+
+    /// Adds a device the server does not serve itself (one with its own
+    /// socket and protocol, such as an SVA accelerator) to the directory,
+    /// so that one `/dev/iommu` service offers every device of the process.
+    /// The device is bound to the shared iommu context; the returned
+    /// iommu-core device is what the device's own code translates through.
+    /// `socket` is recorded in the directory entry (the server does not
+    /// listen on it).
+    pub fn add_external_device(
+        &mut self,
+        label: &str,
+        socket: impl AsRef<Path>,
+        info: HwInfo,
+    ) -> Result<iommu_core::Device> {
+        if label.is_empty() {
+            return Err(ServerError::InvalidDevice {
+                label: label.to_string(),
+                reason: "the label is empty",
+            });
+        }
+        if self.directory.get(label).is_some() {
+            return Err(ServerError::DuplicateLabel(label.to_string()));
+        }
+        let core = iommu_core::Device::new(label, info);
+        let dev_id = self.iommu.bind(&core).map_err(|source| ServerError::Iommu {
+            label: label.to_string(),
+            source,
+        })?;
+        let entry = DirectoryEntry {
+            device: core.clone(),
+            dev_id,
+            socket: socket.as_ref().to_path_buf(),
+        };
+        if !self.directory.insert(label.to_string(), entry) {
+            let _ = self.iommu.unbind(dev_id);
+            return Err(ServerError::DuplicateLabel(label.to_string()));
+        }
+        Ok(core)
     }
 
     /// Runs `on_accept` (on the event loop thread) for every connection

@@ -22,6 +22,7 @@ use thiserror::Error;
 
 use super::proto::*;
 use super::transport::{recv_packet, send_packet};
+use crate::vhost_user::RidOwnership;
 use crate::uring::{
     fault_channel_pair, FaultPump, FaultRecord, FaultSource, HubError, InvalidationHub, Linker,
     PageResponse, PumpError,
@@ -52,6 +53,13 @@ pub trait DeviceDirectory: Send + Sync {
     fn device(&self, label: &str) -> Option<Device>;
     /// Labels of every offered device.
     fn labels(&self) -> Vec<String>;
+    /// For a device whose RID a vhost-user connection holds on its own
+    /// IOAS: the arbitration through which a session's ATTACH takes the RID
+    /// over (replace) and its DETACH gives it back. `None` (the default):
+    /// the RID is attached and detached plainly.
+    fn rid_ownership(&self, _label: &str) -> Option<Arc<RidOwnership>> {
+        None
+    }
 }
 
 /// A [`DeviceDirectory`] holding a fixed set of devices.
@@ -100,6 +108,10 @@ impl DeviceDirectory for crate::server::DeviceDirectory {
 
     fn labels(&self) -> Vec<String> {
         crate::server::DeviceDirectory::labels(self)
+    }
+
+    fn rid_ownership(&self, label: &str) -> Option<Arc<RidOwnership>> {
+        crate::server::DeviceDirectory::rid_ownership(self, label)
     }
 }
 
@@ -873,12 +885,18 @@ impl Service {
         if let Some(o) = &observer {
             o.session_closing(&sess.info, &pasids);
         }
-        let iommu = &self.shared.iommu;
+        let iommu = &self.shared.iommu.clone();
         // Detach PASIDs before RIDs (a RID may need to stay PASID-capable
         // while PASIDs are attached).
         sess.attachments.sort_by_key(|(_, p)| p.is_none());
         for (label, pasid) in sess.attachments.drain(..) {
             if let Some(dev) = self.shared.dir.device(&label).and_then(|d| d.dev_id()) {
+                if pasid.is_none() {
+                    if let Some(rid) = self.shared.dir.rid_ownership(&label) {
+                        self.give_back_rid(sid, &rid, dev, &label);
+                        continue;
+                    }
+                }
                 if let Err(e) = self.hub.detach(iommu, dev, pasid) {
                     warn!("service: session {sid}: detach {label:?}/{pasid:?}: {e}");
                 }
@@ -918,6 +936,95 @@ impl Service {
             "service: session {sid} (pid {}) closed and cleaned up",
             sess.info.pid
         );
+    }
+
+    /// ATTACH of the RID of a device a vhost-user connection may hold:
+    /// replaces the connection's attachment (or attaches, if none) and
+    /// records the session as the owner.
+    fn take_rid(
+        &mut self,
+        sid: u64,
+        rid: &RidOwnership,
+        dev_id: u32,
+        label: &str,
+        pt_id: u32,
+        owned: bool,
+    ) -> Result<u32, Fail> {
+        let iommu = self.shared.iommu.clone();
+        let mut st = rid.lock();
+        match st.owner {
+            Some(o) if o != sid => {
+                return Err(Fail::new(
+                    libc::EBUSY,
+                    format!("the RID of {label:?} is owned by session {o}"),
+                ))
+            }
+            Some(_) if !owned => {
+                return Err(Fail::new(
+                    libc::EBUSY,
+                    format!("the RID of {label:?} is already owned by this session"),
+                ))
+            }
+            _ => {}
+        }
+        if st.owner.is_none() && st.access_platform == Some(false) {
+            return Err(Fail::new(
+                libc::EINVAL,
+                format!(
+                    "the vhost-user frontend of {label:?} did not negotiate VIRTIO_F_ACCESS_PLATFORM: \
+                     its addresses are guest physical, not IOVAs of an IOAS"
+                ),
+            ));
+        }
+        let hwpt = if iommu.attached_hwpt(dev_id, None)?.is_some() {
+            let (hwpt, ticket) = iommu.replace_begin(dev_id, None, pt_id)?;
+            self.hub
+                .complete(ticket)
+                .map_err(|e| Fail::from(HubError::Io(e)))?;
+            hwpt
+        } else {
+            iommu.attach(dev_id, None, pt_id)?
+        };
+        if st.owner.is_none() {
+            info!("service: session {sid} took the RID of {label:?} (HWPT {hwpt})");
+        }
+        st.owner = Some(sid);
+        Ok(hwpt)
+    }
+
+    /// The owning session lets go of a RID a vhost-user connection may
+    /// hold: back to the connection's own IOAS (replace), or detached when
+    /// no frontend is connected. A failed replace detaches and flags the
+    /// device `NEEDS_RESET`: the RID never keeps the session's objects.
+    fn give_back_rid(&mut self, sid: u64, rid: &RidOwnership, dev_id: u32, label: &str) {
+        let iommu = self.shared.iommu.clone();
+        let mut st = rid.lock();
+        if st.owner != Some(sid) {
+            warn!("service: session {sid} releases the RID of {label:?} it does not own");
+            return;
+        }
+        st.owner = None;
+        if let Some(private) = st.private {
+            match iommu.replace_begin(dev_id, None, private) {
+                Ok((_, ticket)) => {
+                    if let Err(e) = self.hub.complete(ticket) {
+                        warn!("service: session {sid}: giving back {label:?}: {e}");
+                    }
+                    info!(
+                        "service: session {sid} gave the RID of {label:?} back to its connection (IOAS {private})"
+                    );
+                    return;
+                }
+                Err(e) => warn!(
+                    "service: session {sid}: RID of {label:?} cannot return to IOAS {private}: {e}; \
+                     detaching it and flagging the device NEEDS_RESET"
+                ),
+            }
+            st.flag_needs_reset();
+        }
+        if let Err(e) = self.hub.detach(&iommu, dev_id, None) {
+            warn!("service: session {sid}: detach {label:?}: {e}");
+        }
     }
 
     fn device(&self, label: &str) -> Result<(Device, u32), Fail> {
@@ -1060,6 +1167,15 @@ impl Service {
                 }
                 let key = (label, pasid);
                 let replace = s.attachments.contains(&key);
+                if pasid.is_none() {
+                    if let Some(rid) = self.shared.dir.rid_ownership(&key.0) {
+                        let hwpt = self.take_rid(sid, &rid, dev_id, &key.0, pt_id, replace)?;
+                        if !replace {
+                            self.session(sid)?.attachments.push(key);
+                        }
+                        return ok(ReplyBody::Id(hwpt));
+                    }
+                }
                 let hwpt = if replace {
                     let (hwpt, ticket) = iommu.replace_begin(dev_id, pasid, pt_id)?;
                     self.hub
@@ -1079,7 +1195,10 @@ impl Service {
                 let key = (label, pasid);
                 let s = self.session(sid)?;
                 if let Some(pos) = s.attachments.iter().position(|k| *k == key) {
-                    self.hub.detach(&iommu, dev_id, pasid)?;
+                    match pasid.is_none().then(|| self.shared.dir.rid_ownership(&key.0)) {
+                        Some(Some(rid)) => self.give_back_rid(sid, &rid, dev_id, &key.0),
+                        _ => self.hub.detach(&iommu, dev_id, pasid)?,
+                    }
                     self.session(sid)?.attachments.remove(pos);
                     ok(ReplyBody::Empty)
                 } else if iommu.attached_hwpt(dev_id, pasid)?.is_some() {

@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::iotlb::{AddressSpace, Mode};
 use super::mem::{MemTable, MAX_MEM_SLOTS};
+use super::owner::RidOwnership;
 use super::msg::{
     decode, recv_message, send_reply, IotlbRequest, Limits, MsgError, Request, VringFdKind,
 };
@@ -73,6 +74,8 @@ pub(crate) struct Served {
     pub core: iommu_core::Device,
     pub dev_id: iommu_core::DevId,
     pub iommu: iommu_core::Iommu,
+    /// Who holds the RID (this connection or a service session).
+    pub rid: Arc<RidOwnership>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -127,7 +130,13 @@ impl Connection {
         }
         let max = served.device.max_queue_size();
         let vrings = new_vrings(n, max)?;
-        let space = AddressSpace::new(&served.iommu, served.dev_id)?;
+        let space = AddressSpace::new(&served.iommu, served.dev_id, served.rid.clone())?;
+        let shared = Arc::new(ConnShared::default());
+        {
+            let mut st = served.rid.lock();
+            st.conn = Some(Arc::downgrade(&shared));
+            st.access_platform = None;
+        }
         Ok(Connection {
             limits: Limits {
                 num_queues: n,
@@ -144,7 +153,7 @@ impl Connection {
             vrings,
             table: MemTable::default(),
             space,
-            shared: Arc::new(ConnShared::default()),
+            shared,
             workers: None,
         })
     }
@@ -196,7 +205,13 @@ impl Connection {
         }
         self.served.device.reset();
         self.shared.backend.set(None);
-        // The address space detaches and is destroyed when dropped.
+        {
+            let mut st = self.served.rid.lock();
+            st.conn = None;
+            st.access_platform = None;
+        }
+        // The address space detaches (unless a session owns the RID) and is
+        // destroyed when dropped.
     }
 
     fn ensure_workers(&mut self) -> Result<()> {
@@ -239,6 +254,7 @@ impl Connection {
         self.status = 0;
         self.shared.iotlb_mode.store(false, Ordering::SeqCst);
         self.shared.needs_reset.store(false, Ordering::SeqCst);
+        self.served.rid.lock().access_platform = None;
         self.space.set_mode(Mode::Table, &self.table)
     }
 
@@ -256,6 +272,30 @@ impl Connection {
         }
         if any {
             self.wake_workers();
+        }
+    }
+
+    /// An IOTLB message while session `owner` owns the RID: the owner's IOAS
+    /// is left alone and the message is refused. An invalidation still
+    /// drops its range from the connection's own (detached) space, so that
+    /// nothing the frontend invalidated is reachable once the RID returns.
+    fn refuse_iotlb(&mut self, owner: u64, m: IotlbRequest) -> Result<Option<Vec<u8>>> {
+        match m {
+            IotlbRequest::BatchBegin | IotlbRequest::BatchEnd => Ok(None),
+            IotlbRequest::Update { iova, size, .. } => {
+                warn!(
+                    "IOTLB update {iova:#x}+{size:#x} refused: session {owner} owns the device's RID"
+                );
+                Err(Error::IotlbWhileOwned { owner })
+            }
+            IotlbRequest::Invalidate { iova, last } => {
+                warn!(
+                    "IOTLB invalidation {iova:#x}..={last:#x} refused: session {owner} owns the device's RID \
+                     (dropped from the connection's own space only)"
+                );
+                self.space.invalidate(iova, last)?;
+                Err(Error::IotlbWhileOwned { owner })
+            }
         }
     }
 
@@ -299,9 +339,19 @@ impl Connection {
                 if f & !offered != 0 {
                     return Err(Error::FeaturesNotOffered(f & !offered));
                 }
-                dev.set_features(f).map_err(Error::Device)?;
-                self.features = f;
                 let iotlb = f & VIRTIO_F_ACCESS_PLATFORM != 0;
+                {
+                    // Held across the device's update so that a session's
+                    // ATTACH sees either the old or the new negotiation.
+                    let mut st = self.served.rid.lock();
+                    if let (Some(owner), false) = (st.owner, iotlb) {
+                        self.shared.needs_reset.store(true, Ordering::SeqCst);
+                        return Err(Error::AccessPlatformRequired { owner });
+                    }
+                    dev.set_features(f).map_err(Error::Device)?;
+                    st.access_platform = Some(iotlb);
+                }
+                self.features = f;
                 self.shared.iotlb_mode.store(iotlb, Ordering::SeqCst);
                 let mode = if iotlb { Mode::Iotlb } else { Mode::Table };
                 self.space.set_mode(mode, &self.table)?;
@@ -457,6 +507,9 @@ impl Connection {
             Request::Iotlb(m) => {
                 if self.space.mode() != Mode::Iotlb {
                     return Err(Error::NotIotlbMode);
+                }
+                if let Some(owner) = self.served.rid.owner() {
+                    return self.refuse_iotlb(owner, m);
                 }
                 match m {
                     IotlbRequest::Update {

@@ -14,12 +14,14 @@
 //!   outside the range. A shadow of the updates makes all of that exact.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use iommu_core::{DevId, InvalidationTicket, IoasId, Iommu, Perm};
 use log::{debug, warn};
 
 use super::mem::{MemTable, Region};
 use super::msg::{VHOST_ACCESS_RO, VHOST_ACCESS_RW, VHOST_ACCESS_WO};
+use super::owner::RidOwnership;
 use super::{Error, Result};
 
 /// Largest number of IOTLB translations a frontend may install at once.
@@ -50,6 +52,8 @@ pub(crate) struct AddressSpace {
     dev_id: DevId,
     ioas: IoasId,
     mode: Mode,
+    /// Who holds the RID: while a session owns it, the IOAS stays detached.
+    rid: Arc<RidOwnership>,
     /// Mapped areas: iova -> entry (one IOAS area each).
     areas: BTreeMap<u64, Entry>,
 }
@@ -64,24 +68,33 @@ fn perm_of(p: u8) -> Perm {
 }
 
 impl AddressSpace {
-    /// Allocates an IOAS and attaches the device to it.
-    pub fn new(iommu: &Iommu, dev_id: DevId) -> Result<Self> {
+    /// Allocates an IOAS and attaches the device to it, unless a service
+    /// session owns the RID (then the IOAS is attached when it lets go).
+    pub fn new(iommu: &Iommu, dev_id: DevId, rid: Arc<RidOwnership>) -> Result<Self> {
         let ioas = iommu.ioas_alloc().map_err(|source| Error::Ioas {
             op: "allocate",
             source,
         })?;
-        if let Err(source) = iommu.attach(dev_id, None, ioas) {
-            let _ = iommu.destroy(ioas);
-            return Err(Error::Ioas {
-                op: "attach",
-                source,
-            });
+        {
+            let mut st = rid.lock();
+            if st.owner.is_none() {
+                if let Err(source) = iommu.attach(dev_id, None, ioas) {
+                    drop(st);
+                    let _ = iommu.destroy(ioas);
+                    return Err(Error::Ioas {
+                        op: "attach",
+                        source,
+                    });
+                }
+            }
+            st.private = Some(ioas);
         }
         Ok(AddressSpace {
             iommu: iommu.clone(),
             dev_id,
             ioas,
             mode: Mode::Table,
+            rid,
             areas: BTreeMap::new(),
         })
     }
@@ -338,8 +351,15 @@ impl AddressSpace {
 impl Drop for AddressSpace {
     fn drop(&mut self) {
         let _ = self.clear();
-        if let Err(e) = self.iommu.detach(self.dev_id, None) {
-            debug!("detach on teardown: {e}");
+        {
+            let mut st = self.rid.lock();
+            st.private = None;
+            // A session that owns the RID keeps its attachment.
+            if st.owner.is_none() {
+                if let Err(e) = self.iommu.detach(self.dev_id, None) {
+                    debug!("detach on teardown: {e}");
+                }
+            }
         }
         if let Err(e) = self.iommu.destroy(self.ioas) {
             debug!("destroying IOAS {}: {e}", self.ioas);
@@ -399,7 +419,7 @@ mod tests {
         let iommu = Iommu::new();
         let core = iommu_core::Device::new("t", iommu_core::HwInfo::default());
         let dev_id = iommu.bind(&core).expect("bind");
-        let mut space = AddressSpace::new(&iommu, dev_id).expect("space");
+        let mut space = AddressSpace::new(&iommu, dev_id, Arc::default()).expect("space");
         let mem = iommu_core::Memory::anonymous("g", (2 * PAGES * PAGE) as usize).expect("mem");
         // Page i of guest memory holds byte i.
         for i in 0..2 * PAGES {

@@ -13,6 +13,10 @@
 //!   (`VIRTIO_F_ACCESS_PLATFORM`).
 //! - `conn`: the request handlers, vring state and worker lifecycle.
 //! - `backend_req`: IOTLB misses and access failures sent to the frontend.
+//! - `owner`: [`RidOwnership`], who holds the device's RID: the connection's
+//!   own address space or a `/dev/iommu` service session that took it over
+//!   (then addresses are IOVAs of the session's IOAS and IOTLB messages are
+//!   refused).
 //!
 //! Messages implemented: GET/SET_FEATURES, GET/SET_PROTOCOL_FEATURES,
 //! SET_OWNER, RESET_OWNER, SET_MEM_TABLE, ADD/REM_MEM_REG, GET_MAX_MEM_SLOTS,
@@ -26,6 +30,7 @@ pub(crate) mod conn;
 pub(crate) mod iotlb;
 pub(crate) mod mem;
 pub mod msg;
+pub(crate) mod owner;
 
 pub use conn::{
     offered_features, offered_protocol_features, TRANSPORT_FEATURES,
@@ -34,6 +39,7 @@ pub use conn::{
 };
 pub use iotlb::MAX_IOTLB_ENTRIES;
 pub use mem::MAX_MEM_SLOTS;
+pub use owner::RidOwnership;
 
 use crate::device::DeviceError;
 use crate::worker::WorkerError;
@@ -163,6 +169,20 @@ pub enum Error {
     /// A request the backend does not implement.
     #[error("Unsupported: {0}")]
     Unsupported(&'static str),
+    /// An IOTLB update or invalidation while a `/dev/iommu` session owns the
+    /// device's RID: the owner's IOAS is not the frontend's to change.
+    #[error("IOTLB message refused: session {owner} of the /dev/iommu service owns the device's RID")]
+    IotlbWhileOwned {
+        /// The owning session.
+        owner: u64,
+    },
+    /// Features without `VIRTIO_F_ACCESS_PLATFORM` while a `/dev/iommu`
+    /// session owns the device's RID: addresses must be IOVAs of its IOAS.
+    #[error("VIRTIO_F_ACCESS_PLATFORM is required: session {owner} of the /dev/iommu service owns the device's RID, addresses are IOVAs of its IOAS")]
+    AccessPlatformRequired {
+        /// The owning session.
+        owner: u64,
+    },
 }
 
 impl Error {
@@ -189,7 +209,9 @@ impl Error {
             | Error::ProtocolFeaturesNotOffered(_)
             | Error::Device(_)
             | Error::Worker(_)
-            | Error::Unsupported(_) => false,
+            | Error::Unsupported(_)
+            | Error::IotlbWhileOwned { .. }
+            | Error::AccessPlatformRequired { .. } => false,
         }
     }
 }

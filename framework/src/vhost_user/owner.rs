@@ -1,0 +1,97 @@
+//! Who holds a hosted device's RID: its vhost-user connection or a
+//! `/dev/iommu` service session.
+//!
+//! A connection attaches its device's RID to an IOAS of its own (its
+//! *private* address space, built from the memory table or from IOTLB
+//! messages). A session of the service may take the RID over: its ATTACH
+//! replaces the connection's attachment (iommufd replace: once it returns no
+//! worker uses a translation of the private space) and records the session
+//! as the RID's owner. While a session owns the RID:
+//!
+//! - ring and buffer addresses are IOVAs of the owner's IOAS, so the
+//!   frontend must negotiate `VIRTIO_F_ACCESS_PLATFORM`: a SET_FEATURES
+//!   without it is refused ([`Error::AccessPlatformRequired`]), the device
+//!   is flagged `NEEDS_RESET` (GET_STATUS) and a session cannot take the RID
+//!   of a frontend that already negotiated without it (`EINVAL`);
+//! - IOTLB updates and invalidations from the frontend are refused
+//!   ([`Error::IotlbWhileOwned`], a REPLY_ACK failure) and never touch the
+//!   owner's IOAS; an invalidation still drops the translations it names
+//!   from the private space, so nothing the frontend invalidated comes back
+//!   when the session lets go;
+//! - a translation miss is still reported to the frontend on the backend
+//!   request channel, and the queue waits;
+//! - the connection never detaches the owner's attachment: a connection
+//!   that ends (or starts) while owned leaves the RID alone.
+//!
+//! When the owner detaches, or its session closes, the RID goes back to the
+//! connection's private space (replace), or is detached if no frontend is
+//! connected. If that replace fails the RID is detached (no translation to
+//! freed objects survives) and the device is flagged `NEEDS_RESET`.
+//!
+//! [`Error::AccessPlatformRequired`]: super::Error::AccessPlatformRequired
+//! [`Error::IotlbWhileOwned`]: super::Error::IotlbWhileOwned
+
+use std::sync::atomic::Ordering;
+use std::sync::{Mutex, MutexGuard, Weak};
+
+use iommu_core::IoasId;
+
+use crate::worker::ConnShared;
+
+/// The RID arbitration of one hosted vhost-user device, shared by its
+/// connections and the `/dev/iommu` service
+/// ([`crate::service::DeviceDirectory::rid_ownership`]).
+#[derive(Debug, Default)]
+pub struct RidOwnership {
+    state: Mutex<RidState>,
+}
+
+/// The arbitration state; the lock is held across the iommu operation that
+/// changes who the RID is attached to.
+#[derive(Debug, Default)]
+pub(crate) struct RidState {
+    /// The session that owns the RID.
+    pub owner: Option<u64>,
+    /// The connection's own IOAS, while a connection exists.
+    pub private: Option<IoasId>,
+    /// Whether the connected frontend negotiated `VIRTIO_F_ACCESS_PLATFORM`
+    /// (`None`: no features negotiated yet).
+    pub access_platform: Option<bool>,
+    /// The connection's shared state (to flag `NEEDS_RESET`).
+    pub conn: Option<Weak<ConnShared>>,
+}
+
+impl RidState {
+    /// Flags the connected device as needing a reset (GET_STATUS).
+    pub fn flag_needs_reset(&self) {
+        if let Some(c) = self.conn.as_ref().and_then(Weak::upgrade) {
+            c.needs_reset.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+impl RidOwnership {
+    /// A RID held by nobody.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, RidState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The session id of the owner, if a session owns the RID.
+    pub fn owner(&self) -> Option<u64> {
+        self.lock().owner
+    }
+
+    /// True while a session owns the RID.
+    pub fn is_owned(&self) -> bool {
+        self.owner().is_some()
+    }
+
+    /// True while a frontend is connected (its private IOAS exists).
+    pub fn has_connection(&self) -> bool {
+        self.lock().private.is_some()
+    }
+}
