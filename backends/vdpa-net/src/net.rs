@@ -1036,6 +1036,32 @@ mod tests {
         assert_eq!(short, [1; 5]);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn prop_ctrl_commands_never_panic_and_keep_state_sane(
+            cmds in proptest::collection::vec(proptest::collection::vec(0u8..8, 0..40), 1..20),
+            pairs in 1u16..=8,
+        ) {
+            let mut d = NetDevice::new([2, 0, 0, 0, 0, 1], pairs, PortOffloads::default(), None);
+            d.set_features(d.offered);
+            for c in &cmds {
+                let _ = d.handle_ctrl(c);
+                proptest::prop_assert!(d.active_pairs >= 1 && d.active_pairs <= d.max_pairs);
+                proptest::prop_assert!(d.filter.unicast().len() <= MAC_TABLE_ENTRIES);
+                proptest::prop_assert!(d.filter.multicast().len() <= MAC_TABLE_ENTRIES);
+            }
+        }
+
+        #[test]
+        fn prop_header_check_matches_offered_offloads(b in proptest::array::uniform12(proptest::num::u8::ANY)) {
+            let h = VnetHdr::read(&b).unwrap();
+            // Without offloads negotiated only a plain header passes.
+            let plain = Features(bit(VIRTIO_F_VERSION_1)).check_tx_hdr(&h).is_ok();
+            proptest::prop_assert_eq!(plain, h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM == 0 && h.gso_type == 0);
+            let _ = all().check_tx_hdr(&h);
+        }
+    }
+
     #[test]
     fn test_parse_ctrl_never_panics_on_garbage() {
         let f = all();
