@@ -405,10 +405,13 @@ impl Server {
             return Err(ServerError::DuplicateLabel(label.to_string()));
         }
         let core = iommu_core::Device::new(label, info);
-        let dev_id = self.iommu.bind(&core).map_err(|source| ServerError::Iommu {
-            label: label.to_string(),
-            source,
-        })?;
+        let dev_id = self
+            .iommu
+            .bind(&core)
+            .map_err(|source| ServerError::Iommu {
+                label: label.to_string(),
+                source,
+            })?;
         let entry = DirectoryEntry {
             device: core.clone(),
             dev_id,

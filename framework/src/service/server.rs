@@ -22,11 +22,11 @@ use thiserror::Error;
 
 use super::proto::*;
 use super::transport::{recv_packet, send_packet};
-use crate::vhost_user::RidOwnership;
 use crate::uring::{
     fault_channel_pair, FaultPump, FaultRecord, FaultSource, HubError, InvalidationHub, Linker,
     PageResponse, PumpError,
 };
+use crate::vhost_user::RidOwnership;
 use std::result::Result;
 
 /// Most sessions served at once; further connections are refused.
@@ -1195,7 +1195,10 @@ impl Service {
                 let key = (label, pasid);
                 let s = self.session(sid)?;
                 if let Some(pos) = s.attachments.iter().position(|k| *k == key) {
-                    match pasid.is_none().then(|| self.shared.dir.rid_ownership(&key.0)) {
+                    match pasid
+                        .is_none()
+                        .then(|| self.shared.dir.rid_ownership(&key.0))
+                    {
                         Some(Some(rid)) => self.give_back_rid(sid, &rid, dev_id, &key.0),
                         _ => self.hub.detach(&iommu, dev_id, pasid)?,
                     }

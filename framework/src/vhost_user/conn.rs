@@ -13,10 +13,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::iotlb::{AddressSpace, Mode};
 use super::mem::{MemTable, MAX_MEM_SLOTS};
-use super::owner::RidOwnership;
 use super::msg::{
     decode, recv_message, send_reply, IotlbRequest, Limits, MsgError, Request, VringFdKind,
 };
+use super::owner::RidOwnership;
 use super::{Error, Result};
 use crate::device::Device;
 use crate::queue::Vring;

@@ -171,7 +171,9 @@ pub enum Error {
     Unsupported(&'static str),
     /// An IOTLB update or invalidation while a `/dev/iommu` session owns the
     /// device's RID: the owner's IOAS is not the frontend's to change.
-    #[error("IOTLB message refused: session {owner} of the /dev/iommu service owns the device's RID")]
+    #[error(
+        "IOTLB message refused: session {owner} of the /dev/iommu service owns the device's RID"
+    )]
     IotlbWhileOwned {
         /// The owning session.
         owner: u64,
