@@ -266,6 +266,9 @@ pub(crate) enum RxStop {
     Port,
     /// The driver has no receive buffers.
     NoBuffers,
+    /// The port failed (counted and logged): stop watching it until the
+    /// driver kicks the receive queue again.
+    PortFailed,
 }
 
 /// The outcome of a receive pass.
@@ -790,7 +793,7 @@ impl<C: ChainInfo> PairEngine<C> {
             Err(e) => {
                 st.add_errors(1);
                 self.warn_limited(format_args!("port receive failed: {e}"));
-                Ok((0, RxStop::Port))
+                Ok((0, RxStop::PortFailed))
             }
         }
     }
@@ -835,6 +838,13 @@ impl<C: ChainInfo> PairEngine<C> {
                     })
                 }
                 RxStop::Port => {}
+                RxStop::PortFailed => {
+                    return Ok(RxPass {
+                        moved,
+                        blocked: true,
+                        more: false,
+                    })
+                }
             }
         }
         Ok(RxPass {

@@ -545,6 +545,45 @@ fn test_rx_queue_failure_mid_frame_never_completes_twice() {
     assert_eq!(ring.used.len() + e.rx_held + ring.avail.len(), 6);
 }
 
+/// A port whose receive side has failed.
+#[derive(Debug)]
+struct Broken;
+
+impl Port for Broken {
+    fn describe(&self) -> String {
+        "broken".into()
+    }
+    fn send(&mut self, pkts: &mut [PacketBuf]) -> SendOutcome {
+        SendOutcome {
+            errors: pkts.len(),
+            ..Default::default()
+        }
+    }
+    fn recv(
+        &mut self,
+        _max: usize,
+        _d: &mut dyn FnMut(&mut [u8]) -> bool,
+    ) -> crate::port::Result<usize> {
+        Err(crate::port::Error::EventFd(
+            std::io::Error::from_raw_os_error(libc::EBADFD),
+        ))
+    }
+    fn rx_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+}
+
+#[test]
+fn test_rx_port_failure_stops_watching_and_counts() {
+    let mut e = engine(modern());
+    let mut ring = MockRing::new(64);
+    ring.add_chain(0, &[(0x10000, 1536, true)]);
+    let p = e.rx(&mut ring, &mut Broken).unwrap();
+    assert!(p.blocked && !p.more);
+    assert!(ring.used.is_empty());
+    assert_eq!(e.stats.total().errors, 1);
+}
+
 #[test]
 fn test_rx_non_mergeable_too_small_drops() {
     let mut e = engine(bit(VIRTIO_F_VERSION_1));

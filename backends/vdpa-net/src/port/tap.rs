@@ -171,7 +171,8 @@ impl UringIo {
     }
 
     /// Submits `n` non-blocking reads into slots 0..n and collects them.
-    fn read_batch(&mut self, n: usize) -> std::io::Result<(usize, usize)> {
+    /// Returns the frames read, the reads that failed and the first error.
+    fn read_batch(&mut self, n: usize) -> std::io::Result<(usize, usize, i32)> {
         let base = self.rx_mem.as_mut_ptr();
         {
             let mut sq = self.ring.submission();
@@ -194,7 +195,7 @@ impl UringIo {
         }
         let want = self.ring.submission().len();
         self.ring.submit_and_wait(want)?;
-        let (mut got, mut errors) = (0, 0);
+        let (mut got, mut errors, mut first) = (0, 0, 0);
         let mut done = 0;
         // Bounded: each pass consumes at least one completion or waits for one.
         while done < want {
@@ -208,6 +209,9 @@ impl UringIo {
                     got += 1;
                 } else if r != -libc::EAGAIN && r != -libc::EINTR {
                     errors += 1;
+                    if first == 0 {
+                        first = -r;
+                    }
                 }
             }
             if !progressed && done < want {
@@ -217,7 +221,7 @@ impl UringIo {
         // The ready list is sorted by slot only if completions came in order;
         // frames from one tap queue do, and order within a batch is kept.
         self.ready.make_contiguous().sort_by_key(|(s, _)| *s);
-        Ok((got, errors))
+        Ok((got, errors, first))
     }
 
     fn write_batch(&mut self, pkts: &[PacketBuf]) -> std::io::Result<SendOutcome> {
@@ -482,11 +486,21 @@ impl Port for TapPort {
                         n += 1;
                     }
                     let want = u.rx_batch.min(max - n).clamp(1, RX_SLOTS);
-                    let (got, errors) = u.read_batch(want).map_err(|e| Error::TapIo {
+                    let (got, errors, first) = u.read_batch(want).map_err(|e| Error::TapIo {
                         ifname: self.ifname.clone(),
                         op: "io_uring read",
                         source: e,
                     })?;
+                    if errors == want {
+                        // Every read failed (the interface is gone, say):
+                        // report it rather than spin on a dead fd.
+                        let source = std::io::Error::from_raw_os_error(first);
+                        return Err(Error::TapIo {
+                            ifname: self.ifname.clone(),
+                            op: "read",
+                            source,
+                        });
+                    }
                     if errors > 0 {
                         debug!("tap {}: {errors} reads failed", self.ifname);
                     }
@@ -789,6 +803,32 @@ pub(crate) mod tests {
     #[test]
     fn test_tap_syscall_send_receive() {
         tap_send_receive(TapIo::Syscall, "sys");
+    }
+
+    fn tap_deleted_under_port(io: TapIo, tag: &str) {
+        let Some(ns) = NetNs::new(tag) else { return };
+        let mut port = ns
+            .run(move || TapPort::open("vt0", false, io))
+            .expect("open");
+        assert!(ns.ip(&["link", "del", "vt0"]));
+        assert!(
+            port.recv(8, &mut |_| true).is_err(),
+            "a dead tap is an error, not an empty one"
+        );
+        let mut b = PacketBuf::new();
+        b.fill_from(&udp_frame([2, 0, 0, 0, 0, 1], 10));
+        let o = port.send(&mut [b]);
+        assert_eq!(o.sent, 0);
+    }
+
+    #[test]
+    fn test_tap_deleted_under_uring_port() {
+        tap_deleted_under_port(TapIo::Uring, "del-uring");
+    }
+
+    #[test]
+    fn test_tap_deleted_under_syscall_port() {
+        tap_deleted_under_port(TapIo::Syscall, "del-sys");
     }
 
     #[test]
