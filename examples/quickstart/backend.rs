@@ -6,28 +6,23 @@
 //! Sockets, in the directory given on the command line:
 //! - `net0.sock`: vhost-user, the net device;
 //! - `sva0.sock`: the accelerator's portal socket;
-//! - `iommu.sock`: the `/dev/iommu` service (ioasis service protocol);
-//! - `glue.sock`: one request the service cannot serve yet (see below).
+//! - `iommu.sock`: the `/dev/iommu` service (ioasis service protocol),
+//!   offering every device of the server's directory: net0 (hosted by the
+//!   server) and sva0 (added with `Server::add_external_device`).
 //!
-//! # The glue socket
+//! A session's ATTACH of net0's RID takes it over from the vhost-user
+//! connection (replace), so the driver attaches both devices through the
+//! service alone.
 //!
-//! A vhost-user connection attaches its device's RID to an IOAS of its own
-//! when the frontend connects, and the service refuses to attach a RID that
-//! another owner holds (EBUSY). Until the framework lets a service session
-//! take over the RID of a connected vhost-user device, this process does it
-//! for the quickstart's driver, with iommufd's replace on the shared
-//! context: `attach IOAS` switches net0's RID to that IOAS, `detach`
-//! detaches it, `stats` reports net0's counters. One line per request, one
-//! line per answer (`ok ...` or `err ...`).
+//! Standard input takes one request, `stats`, answered on standard output
+//! with one line of net0's counters (`stats rx_packets=... tx_packets=...`).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::io::{BufRead, Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 
 use ioasis::server::Server;
-use ioasis::service::{Service, StaticDirectory};
-use iommu_core::{DevId, Iommu, ObjectKind};
+use ioasis::service::Service;
 use log::warn;
 use sva_accel::device::{Device as Accel, DeviceConfig, IommuBinding};
 use vdpa_net::net::MacAddr;
@@ -43,7 +38,7 @@ pub const ACCEL: &str = "sva0";
 pub const NET_MAC: MacAddr = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 /// Line the backend prints on stdout once every socket listens.
 pub const READY: &str = "ready";
-/// Longest request line on the glue socket.
+/// Longest request line on standard input.
 const MAX_LINE: u64 = 256;
 
 type Res<T> = Result<T, String>;
@@ -87,17 +82,13 @@ pub fn run(dir: &Path) -> Res<()> {
         .add_device(NET, dir.join("net0.sock"), net)
         .map_err(ctx("hosting net0"))?;
     let iommu = server.iommu().clone();
-    let net_entry = server
-        .directory()
-        .get(NET)
-        .ok_or("net0 is not in the server's directory")?;
 
-    // The accelerator: an iommu-core device bound to the same context.
-    let accel_core = iommu_core::Device::new(ACCEL, sva_accel::device::hw_info());
-    iommu.bind(&accel_core).map_err(ctx("binding sva0"))?;
-    let directory = Arc::new(StaticDirectory::new());
-    directory.insert(net_entry.device.clone());
-    directory.insert(accel_core.clone());
+    // The accelerator has its own socket and protocol; the server's
+    // directory offers it next to net0, bound to the same context.
+    let accel_core = server
+        .add_external_device(ACCEL, dir.join("sva0.sock"), sva_accel::device::hw_info())
+        .map_err(ctx("adding sva0 to the directory"))?;
+    let directory = Arc::new(server.directory());
     let service = Service::bind(dir.join("iommu.sock"), iommu.clone(), directory)
         .map_err(ctx("/dev/iommu service"))?;
     let handle = service.handle();
@@ -118,24 +109,12 @@ pub fn run(dir: &Path) -> Res<()> {
         .listen(&dir.join("sva0.sock"))
         .map_err(ctx("sva0 socket"))?;
 
-    let glue_path = dir.join("glue.sock");
-    let glue = UnixListener::bind(&glue_path).map_err(ctx("glue socket"))?;
-    let net_id = net_entry.dev_id;
-    server
-        .add_listener(
-            glue,
-            Some(glue_path),
-            Box::new(move |s| {
-                let (iommu, stats) = (iommu.clone(), stats.clone());
-                let spawned = std::thread::Builder::new()
-                    .name("quickstart-glue".into())
-                    .spawn(move || serve_glue(s, &iommu, net_id, &stats));
-                if let Err(e) = spawned {
-                    warn!("glue thread: {e}");
-                }
-            }),
-        )
-        .map_err(ctx("glue listener"))?;
+    let spawned = std::thread::Builder::new()
+        .name("quickstart-stats".into())
+        .spawn(move || serve_stats(&stats));
+    if let Err(e) = spawned {
+        warn!("stats thread: {e}");
+    }
     server.handle_signals().map_err(ctx("signals"))?;
     {
         let mut out = std::io::stdout().lock();
@@ -165,48 +144,30 @@ fn unblock_signals() -> Res<()> {
     Ok(())
 }
 
-fn serve_glue(s: UnixStream, iommu: &Iommu, net: DevId, stats: &DeviceStats) {
-    let Ok(mut out) = s.try_clone() else { return };
-    let mut r = BufReader::new(s);
-    // One connection, a handful of requests; each line bounded.
+/// Answers `stats` requests on stdin until it closes (the driver's end).
+fn serve_stats(stats: &DeviceStats) {
+    let mut r = std::io::stdin().lock();
+    // A handful of requests in a run; each line bounded.
     for _ in 0..1024 {
         let mut line = String::new();
         match r.by_ref().take(MAX_LINE).read_line(&mut line) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        let answer = match glue_request(line.trim(), iommu, net, stats) {
-            Ok(a) => format!("ok {a}\n"),
+        let answer = match stats_request(line.trim(), stats) {
+            Ok(a) => format!("stats {a}\n"),
             Err(e) => format!("err {e}\n"),
         };
-        if out.write_all(answer.as_bytes()).is_err() {
+        let mut out = std::io::stdout().lock();
+        if out.write_all(answer.as_bytes()).is_err() || out.flush().is_err() {
             return;
         }
     }
 }
 
-fn glue_request(line: &str, iommu: &Iommu, net: DevId, stats: &DeviceStats) -> Res<String> {
-    let words: Vec<&str> = line.split_whitespace().take(3).collect();
-    match words.as_slice() {
-        ["attach", id] => {
-            let ioas: u32 = id.parse().map_err(|_| format!("bad IOAS id {id:?}"))?;
-            match iommu.object_kind(ioas) {
-                Ok(ObjectKind::Ioas) => {}
-                Ok(k) => return Err(format!("object {ioas} is a {k:?}, not an IOAS")),
-                Err(e) => return Err(e.to_string()),
-            }
-            let hwpt = match iommu.attached_hwpt(net, None).map_err(|e| e.to_string())? {
-                Some(_) => iommu.replace(net, None, ioas),
-                None => iommu.attach(net, None, ioas),
-            }
-            .map_err(|e| e.to_string())?;
-            Ok(hwpt.to_string())
-        }
-        ["detach"] => {
-            iommu.detach(net, None).map_err(|e| e.to_string())?;
-            Ok(String::new())
-        }
-        ["stats"] => {
+fn stats_request(line: &str, stats: &DeviceStats) -> Res<String> {
+    match line {
+        "stats" => {
             let t = stats.total();
             Ok(format!(
                 "rx_packets={} rx_bytes={} tx_packets={} tx_bytes={} drops={} errors={}",
@@ -221,54 +182,19 @@ fn glue_request(line: &str, iommu: &Iommu, net: DevId, stats: &DeviceStats) -> R
 mod tests {
     use super::*;
 
-    fn setup() -> (Iommu, DevId, DeviceStats) {
-        let iommu = Iommu::new();
-        let dev = iommu_core::Device::new(NET, iommu_core::HwInfo::default());
-        let id = iommu.bind(&dev).expect("bind");
-        (iommu, id, DeviceStats::new("net0.sock", "reflect", 1))
-    }
-
     #[test]
-    fn test_glue_attach_replace_detach() {
-        let (iommu, net, stats) = setup();
-        let a = iommu.ioas_alloc().expect("ioas");
-        let b = iommu.ioas_alloc().expect("ioas");
-        assert!(glue_request(&format!("attach {a}"), &iommu, net, &stats).is_ok());
-        // Attached already: the second attach replaces.
-        assert!(glue_request(&format!("attach {b}"), &iommu, net, &stats).is_ok());
-        assert!(iommu.attached_hwpt(net, None).expect("query").is_some());
-        assert!(glue_request("detach", &iommu, net, &stats).is_ok());
-        assert_eq!(iommu.attached_hwpt(net, None).expect("query"), None);
-    }
-
-    #[test]
-    fn test_glue_rejects_bad_requests() {
-        let (iommu, net, stats) = setup();
-        for bad in [
-            "",
-            "attach",
-            "attach x",
-            "attach 99",
-            "attach -1",
-            "attach 1 2",
-            "detach now",
-            "frobnicate",
-        ] {
-            assert!(
-                glue_request(bad, &iommu, net, &stats).is_err(),
-                "{bad:?} accepted"
-            );
-        }
-        // The device's own id is not an IOAS.
-        let req = format!("attach {net}");
-        assert!(glue_request(&req, &iommu, net, &stats).is_err());
-    }
-
-    #[test]
-    fn test_glue_stats_line() {
-        let (iommu, net, stats) = setup();
+    fn test_stats_line() {
+        let stats = DeviceStats::new("net0.sock", "reflect", 1);
         stats.queue(0).add_rx(3, 300);
-        let s = glue_request("stats", &iommu, net, &stats).expect("stats");
+        let s = stats_request("stats", &stats).expect("stats");
         assert!(s.starts_with("rx_packets=3 rx_bytes=300 "), "{s}");
+    }
+
+    #[test]
+    fn test_stats_rejects_other_requests() {
+        let stats = DeviceStats::new("net0.sock", "reflect", 1);
+        for bad in ["", "stats now", "attach 3", "detach"] {
+            assert!(stats_request(bad, &stats).is_err(), "{bad:?} accepted");
+        }
     }
 }

@@ -36,10 +36,10 @@ mod frontend;
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -290,6 +290,10 @@ struct BackendProc {
     child: Child,
     dir: tempfile::TempDir,
     log: PathBuf,
+    /// Requests to the backend (`stats`).
+    stdin: Option<ChildStdin>,
+    /// Lines of the backend's stdout.
+    lines: Receiver<std::io::Result<String>>,
 }
 
 impl BackendProc {
@@ -307,24 +311,38 @@ impl BackendProc {
         let mut child = Command::new(exe)
             .arg("--backend")
             .arg(dir.path())
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(log_file)
             .spawn()
             .map_err(ctx("starting the backend"))?;
         BACKEND_PID.store(i32::try_from(child.id()).unwrap_or(0), Ordering::SeqCst);
         let out = child.stdout.take().ok_or("backend stdout")?;
+        let stdin = child.stdin.take();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let mut line = String::new();
-            let r = BufReader::new(out).read_line(&mut line);
-            let _ = tx.send(r.map(|_| line));
+            let mut out = BufReader::new(out);
+            // A ready line and a stats answer or two; bounded anyway.
+            for _ in 0..1024 {
+                let mut line = String::new();
+                let r = out.read_line(&mut line);
+                let end = matches!(r, Ok(0) | Err(_));
+                if tx.send(r.map(|_| line)).is_err() || end {
+                    return;
+                }
+            }
         });
-        let mut b = BackendProc { child, dir, log };
+        let mut b = BackendProc {
+            child,
+            dir,
+            log,
+            stdin,
+            lines: rx,
+        };
         let mut progress = Progress::waiting("waiting for the backend to start");
         let deadline = Instant::now() + WAIT;
         while Instant::now() < deadline {
-            match rx.recv_timeout(Duration::from_millis(200)) {
+            match b.lines.recv_timeout(Duration::from_millis(200)) {
                 Ok(Ok(l)) if l.trim() == READY => {
                     progress.finish();
                     return Ok(b);
@@ -345,6 +363,22 @@ impl BackendProc {
 
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// net0's packet counters (received, transmitted), asked on the
+    /// backend's stdin.
+    fn net_stats(&mut self) -> Res<(u64, u64)> {
+        let stdin = self.stdin.as_mut().ok_or("backend stdin")?;
+        stdin
+            .write_all(b"stats\n")
+            .and_then(|_| stdin.flush())
+            .map_err(ctx("asking the backend for stats"))?;
+        let line = match self.lines.recv_timeout(WAIT) {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => return Err(format!("reading the backend: {e}")),
+            Err(e) => return Err(format!("no stats from the backend: {e}")),
+        };
+        parse_stats(&line)
     }
 
     /// A message with the tail of the backend's log.
@@ -399,44 +433,19 @@ impl Drop for BackendProc {
     }
 }
 
-/// The glue socket of the backend (see `backend.rs`).
-struct Glue {
-    s: BufReader<UnixStream>,
-}
-
-impl Glue {
-    fn connect(path: &Path) -> Res<Glue> {
-        let s = UnixStream::connect(path).map_err(ctx("glue socket"))?;
-        s.set_read_timeout(Some(WAIT)).map_err(ctx("glue socket"))?;
-        Ok(Glue {
-            s: BufReader::new(s),
-        })
-    }
-
-    fn call(&mut self, req: &str) -> Res<String> {
-        self.s
-            .get_mut()
-            .write_all(format!("{req}\n").as_bytes())
-            .map_err(ctx("glue request"))?;
-        let mut line = String::new();
-        self.s.read_line(&mut line).map_err(ctx("glue answer"))?;
-        match line.trim().split_once(' ').unwrap_or((line.trim(), "")) {
-            ("ok", rest) => Ok(rest.to_string()),
-            ("err", e) => Err(format!("backend refused {req:?}: {e}")),
-            _ => Err(format!("backend answered {line:?} to {req:?}")),
-        }
-    }
-
-    fn stats(&mut self) -> Res<(u64, u64)> {
-        let s = self.call("stats")?;
-        let get = |k: &str| -> Res<u64> {
-            s.split_whitespace()
-                .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='))
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| format!("no {k} in {s:?}"))
-        };
-        Ok((get("rx_packets")?, get("tx_packets")?))
-    }
+/// `stats rx_packets=.. tx_packets=.. ...` -> (rx_packets, tx_packets).
+fn parse_stats(line: &str) -> Res<(u64, u64)> {
+    let s = line
+        .trim()
+        .strip_prefix("stats ")
+        .ok_or_else(|| format!("backend answered {line:?} to stats"))?;
+    let get = |k: &str| -> Res<u64> {
+        s.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("no {k} in {s:?}"))
+    };
+    Ok((get("rx_packets")?, get("tx_packets")?))
 }
 
 /// CRC-32C (Castagnoli), computed here bit by bit, independently of the
@@ -595,22 +604,11 @@ fn drive(t: &mut Tally, be: &mut BackendProc) -> Res<()> {
         "    {NET}: vhost-user frontend connected; device offers features {offered:#x};\n      \
          driver acks VERSION_1 | ACCESS_PLATFORM: ring and buffer addresses are IOVAs"
     );
-    let mut glue = Glue::connect(&be.path("glue.sock"))?;
-    let glued = match svc.attach(NET, None, ioas) {
-        Ok(h) => {
-            println!("    {NET}: RID attached to IOAS {ioas} through the service (HWPT {h})");
-            false
-        }
-        Err(e) if e.errno() == Some(libc::EBUSY) => {
-            let h = glue.call(&format!("attach {ioas}"))?;
-            println!(
-                "    {NET}: RID attached to IOAS {ioas} (HWPT {h}); the service answered EBUSY\n      \
-                 (the vhost-user connection holds the RID), so the backend switched it with replace"
-            );
-            true
-        }
-        Err(e) => return Err(format!("attaching net0: {e}")),
-    };
+    let h = svc.attach(NET, None, ioas).map_err(ctx("attaching net0"))?;
+    println!(
+        "    {NET}: RID attached to IOAS {ioas} through the service (HWPT {h}); the session took it\n      \
+         over from the vhost-user connection's own IOAS (replace) and owns it until it detaches"
+    );
     let place = RingPlace {
         rx_off: RX_RING_OFF,
         tx_off: TX_RING_OFF,
@@ -644,7 +642,7 @@ fn drive(t: &mut Tally, be: &mut BackendProc) -> Res<()> {
         "frames through net0, copied and checksummed by sva0 in the same IOAS",
     );
     traffic(t, &mem, &mut net, &accel)?;
-    let (dev_rx, dev_tx) = glue.stats()?;
+    let (dev_rx, dev_tx) = be.net_stats()?;
     t.device_rx_packets = dev_rx;
     t.device_tx_packets = dev_tx;
     println!(
@@ -680,17 +678,12 @@ fn drive(t: &mut Tally, be: &mut BackendProc) -> Res<()> {
     unmap_step(t, &mem, &mut net, &accel, ioas)?;
 
     step(7, "tear down");
-    if glued {
-        glue.call("detach")?;
-    } else {
-        accel
-            .with_service(|s| s.detach(NET, None))
-            .ok_or("no service session")?
-            .map_err(ctx("detaching net0"))?;
-    }
+    accel
+        .with_service(|s| s.detach(NET, None))
+        .ok_or("no service session")?
+        .map_err(ctx("detaching net0"))?;
     drop(net);
     drop(accel);
-    drop(glue);
     println!(
         "    {NET} detached and its vhost-user connection closed; the accelerator client and \
          its session closed\n      (the service detaches and destroys what a closed session owned)"
