@@ -251,6 +251,8 @@ pub(crate) struct Section<'t> {
     pasid: Option<u32>,
     frags: RefCell<Vec<Fragment>>,
     last_err: RefCell<Option<DmaError>>,
+    /// Cause of the last failed [`SectionOps::contiguous`].
+    contiguous_err: RefCell<Option<DmaError>>,
     hot: RefCell<[Option<Hot>; HOT_ENTRIES]>,
     hot_next: std::cell::Cell<usize>,
     windows: std::cell::Cell<bool>,
@@ -269,6 +271,7 @@ impl<'t> Section<'t> {
             // section that only asks for contiguous runs never allocates.
             frags: RefCell::new(Vec::new()),
             last_err: RefCell::new(None),
+            contiguous_err: RefCell::new(None),
             hot: RefCell::new([None; HOT_ENTRIES]),
             hot_next: std::cell::Cell::new(0),
             windows: std::cell::Cell::new(speculate),
@@ -289,7 +292,11 @@ pub(crate) trait SectionOps {
         access: Access,
         f: &mut dyn FnMut(&[Fragment]) -> Result<()>,
     ) -> Result<()>;
-    fn contiguous(&self, at: Target, iova: u64, len: u64, access: Access) -> Result<Fragment>;
+    /// The first run of `iova..iova+len` (`len >= 1`), or an empty
+    /// fragment after a failure, whose cause [`SectionOps::contiguous_error`]
+    /// then takes. (Two words: returned in registers on the hot path.)
+    fn contiguous(&self, at: Target, iova: u64, len: u64, access: Access) -> Fragment;
+    fn contiguous_error(&self) -> DmaError;
     fn copy(&self, at: Target, src: u64, dst: u64, len: u64) -> Result<()>;
     fn invalidation_requested(&self) -> bool;
     fn record(&self, e: DmaError);
@@ -305,6 +312,13 @@ pub(crate) struct Target {
 }
 
 impl Section<'_> {
+    #[cold]
+    fn contiguous_failed(&self, e: DmaError) {
+        if let Ok(mut slot) = self.contiguous_err.try_borrow_mut() {
+            *slot = Some(e);
+        }
+    }
+
     fn remember(&self, h: Hot) {
         let i = self.hot_next.get() % HOT_ENTRIES;
         if let Ok(mut hot) = self.hot.try_borrow_mut() {
@@ -413,15 +427,14 @@ impl SectionOps for Section<'_> {
     }
 
     #[inline]
-    fn contiguous(&self, at: Target, iova: u64, len: u64, access: Access) -> Result<Fragment> {
-        if len == 0 {
-            return Ok(Fragment {
-                ptr: std::ptr::NonNull::dangling().as_ptr(),
-                len: 0,
-            });
-        }
+    fn contiguous(&self, at: Target, iova: u64, len: u64, access: Access) -> Fragment {
+        let failed = Fragment {
+            ptr: std::ptr::NonNull::dangling().as_ptr(),
+            len: 0,
+        };
         let Ok(mut acc) = self.access.try_borrow_mut() else {
-            return Err(DmaError::Unknown);
+            self.contiguous_failed(DmaError::Unknown);
+            return failed;
         };
         let perm = access.perm();
         let r = if at.probe {
@@ -429,7 +442,26 @@ impl SectionOps for Section<'_> {
         } else {
             acc.translate_contiguous(at.pasid, iova, len, perm)
         };
-        r.map_err(|e| DmaError::from_core(e, iova, len, access))
+        match r {
+            // iommu-core returns at least one byte for `len >= 1`.
+            Ok(f) if f.len > 0 => f,
+            Ok(_) => {
+                self.contiguous_failed(DmaError::NotMapped { iova, access });
+                failed
+            }
+            Err(e) => {
+                self.contiguous_failed(DmaError::from_core(e, iova, len, access));
+                failed
+            }
+        }
+    }
+
+    fn contiguous_error(&self) -> DmaError {
+        self.contiguous_err
+            .try_borrow_mut()
+            .ok()
+            .and_then(|mut e| e.take())
+            .unwrap_or(DmaError::Unknown)
     }
 
     fn copy(&self, at: Target, src: u64, dst: u64, len: u64) -> Result<()> {
@@ -632,7 +664,17 @@ impl<'a> Dma<'a> {
     /// cache. A zero `len` gives an empty fragment.
     #[inline]
     pub fn fragment(&self, iova: u64, len: u64, access: Access) -> Result<DmaFragment<'a>> {
-        let f = self.ops.contiguous(self.at, iova, len, access)?;
+        if len == 0 {
+            return Ok(DmaFragment {
+                ptr: std::ptr::NonNull::dangling().as_ptr(),
+                len: 0,
+                section: PhantomData,
+            });
+        }
+        let f = self.ops.contiguous(self.at, iova, len, access);
+        if f.len == 0 {
+            return Err(self.ops.contiguous_error());
+        }
         Ok(DmaFragment {
             ptr: f.ptr,
             len: f.len,

@@ -19,6 +19,11 @@
 //! Extra listeners ([`Server::add_listener`]) run in the same loop, for
 //! example a `/dev/iommu` service socket that needs the shared context
 //! ([`Server::iommu`]) and the hosted devices ([`Server::directory`]).
+//! Devices the server does not serve itself (their own socket and
+//! protocol) join the directory with [`Server::add_external_device`], so
+//! one service offers every device of the process. A session of that
+//! service may take over the RID of a hosted vhost-user device from its
+//! connection ([`crate::vhost_user::RidOwnership`]).
 //!
 //! ```no_run
 //! # use std::sync::Arc;

@@ -377,3 +377,32 @@ fn test_plain_devices_unaffected() {
     c.detach("ext0", None).expect("detach");
     t.stop();
 }
+
+#[test]
+fn test_invalidation_while_owned_is_not_undone_by_give_back() {
+    let w = world();
+    let (mut fe, raw, backend) = w.frontend(FEATURES);
+    // The connection's own space maps everything; the ring is served.
+    assert_eq!(update_all(&raw, &w.guest), 0);
+    let mut q = setup_queue(&mut fe, &w.guest, 0, RING_OFF, RING_IOVA, RING_IOVA);
+    echo_chain(&mut q, BUF_IOVA, BUF_IOVA + 0x1000);
+    wait_used(&q, 1);
+    let (mut s, ioas) = w.session();
+    s.attach("echo", None, ioas).expect("ATTACH");
+    // Refused (the owner's IOAS stays), but the frontend meant it: once the
+    // RID is back, the invalidated translations must not be.
+    assert_ne!(
+        iotlb(&raw, VHOST_IOTLB_INVALIDATE, 0, u64::MAX, 0, 0),
+        0,
+        "refused while owned"
+    );
+    echo_chain(&mut q, BUF_IOVA, BUF_IOVA + 0x1000);
+    wait_used(&q, 2);
+    s.detach("echo", None).expect("DETACH");
+    echo_chain(&mut q, BUF_IOVA, BUF_IOVA + 0x1000);
+    let m = backend_msg(&backend);
+    assert_eq!(m.typ, VHOST_IOTLB_MISS, "the invalidated space misses");
+    assert_eq!(q.ring.used_idx().expect("idx"), 2);
+    assert_eq!(update_all(&raw, &w.guest), 0);
+    wait_used(&q, 3);
+}

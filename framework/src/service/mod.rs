@@ -33,6 +33,13 @@
 //! - Every count a session can grow is bounded ([`MAX_OBJECTS_PER_SESSION`],
 //!   [`MAX_MAPPINGS_PER_SESSION`], [`MAX_PASIDS_PER_SESSION`],
 //!   [`MAX_FAULT_QUEUES_PER_SESSION`], [`MAX_SESSIONS`]).
+//! - The RID of a device a vhost-user connection serves (a
+//!   [`DeviceDirectory::rid_ownership`] device) is held by that connection
+//!   on an IOAS of its own; a session's ATTACH takes it over (replace) and
+//!   makes the session its owner (another session gets `EBUSY`) until it
+//!   detaches or closes, when the RID returns to the connection's IOAS. See
+//!   [`crate::vhost_user::RidOwnership`] for what the frontend must
+//!   negotiate and what it may send meanwhile.
 //! - When the connection closes, its attachments are detached (PASIDs
 //!   first), its fault channels closed, its objects destroyed (reverse
 //!   order) and its PASIDs released.
@@ -51,7 +58,8 @@
 //! # Running it
 //!
 //! A [`crate::server::Server`]'s hosted devices are a [`DeviceDirectory`]
-//! as they are:
+//! as they are (devices with their own socket and protocol join it with
+//! [`crate::server::Server::add_external_device`]):
 //! `Service::bind(path, server.iommu().clone(), Arc::new(server.directory()))`.
 //! [`Service::spawn`] runs it on its own thread; or put
 //! [`Service::poll_fd`] in another event loop and call

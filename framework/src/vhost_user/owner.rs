@@ -19,7 +19,10 @@
 //!   from the private space, so nothing the frontend invalidated comes back
 //!   when the session lets go;
 //! - a translation miss is still reported to the frontend on the backend
-//!   request channel, and the queue waits;
+//!   request channel, and the queue waits. The connection does not see the
+//!   owner's maps, so a waiting queue resumes on a memory table change, or
+//!   after the RID is given back, on the frontend's IOTLB update covering
+//!   the address (an owner should map before it hands addresses out);
 //! - the connection never detaches the owner's attachment: a connection
 //!   that ends (or starts) while owned leaves the RID alone.
 //!
