@@ -221,9 +221,21 @@ fn test_session_takes_rid_serves_ring_unmap_parks_detach_restores() {
         m.iova
     );
     assert_eq!(q.ring.used_idx().expect("idx"), 2, "nothing completed");
+    // The owner maps again: the waiting queue resumes.
+    s.ioas_map(
+        ioas,
+        w.memfd.as_fd(),
+        0,
+        GUEST_SIZE as u64,
+        Some(IOVA),
+        MapPerm::ReadWrite,
+    )
+    .expect("IOAS_MAP");
+    wait_used(&q, 3);
 
-    // DETACH gives the RID back to the connection's own space, where the
-    // frontend's IOTLB updates apply again and resume the queue.
+    // DETACH gives the RID back to the connection's own space (empty: the
+    // frontend's update was refused), where the frontend's IOTLB updates
+    // apply again and resume the queue.
     s.detach("echo", None).expect("DETACH");
     assert_eq!(w.rid().owner(), None);
     assert!(w
@@ -232,8 +244,11 @@ fn test_session_takes_rid_serves_ring_unmap_parks_detach_restores() {
         .attached_hwpt(w.dev_id(), None)
         .expect("q")
         .is_some());
+    echo_chain(&mut q, BUF_IOVA, BUF_IOVA + 0x1000);
+    assert_eq!(backend_msg(&backend).typ, VHOST_IOTLB_MISS);
+    assert_eq!(q.ring.used_idx().expect("idx"), 3);
     assert_eq!(update_all(&raw, &w.guest), 0, "update applies again");
-    wait_used(&q, 3);
+    wait_used(&q, 4);
 }
 
 #[test]

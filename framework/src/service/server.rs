@@ -989,7 +989,27 @@ impl Service {
             info!("service: session {sid} took the RID of {label:?} (HWPT {hwpt})");
         }
         st.owner = Some(sid);
+        drop(st);
+        rid.resume_parked();
         Ok(hwpt)
+    }
+
+    /// The session mapped something: queues of the RIDs it owns that wait
+    /// on a miss try again.
+    fn resume_owned(&self, sid: u64) {
+        let Some(s) = self.sessions.get(&sid) else {
+            return;
+        };
+        for (label, pasid) in &s.attachments {
+            if pasid.is_some() {
+                continue;
+            }
+            if let Some(rid) = self.shared.dir.rid_ownership(label) {
+                if rid.owner() == Some(sid) {
+                    rid.resume_parked();
+                }
+            }
+        }
     }
 
     /// The owning session lets go of a RID a vhost-user connection may
@@ -1013,6 +1033,8 @@ impl Service {
                     info!(
                         "service: session {sid} gave the RID of {label:?} back to its connection (IOAS {private})"
                     );
+                    drop(st);
+                    rid.resume_parked();
                     return;
                 }
                 Err(e) => warn!(
@@ -1084,6 +1106,7 @@ impl Service {
                 let fixed = (flags & MAP_FIXED_IOVA != 0).then_some(iova);
                 let iova = iommu.ioas_map(ioas_id, &mem, 0, length, fixed, perm)?;
                 self.session(sid)?.mappings.push(Arc::downgrade(&mem));
+                self.resume_owned(sid);
                 ok(ReplyBody::U64(iova))
             }
             Request::IoasUnmap {
@@ -1111,6 +1134,7 @@ impl Service {
                 let fixed = (flags & MAP_FIXED_IOVA != 0).then_some(dst_iova);
                 let iova =
                     iommu.ioas_copy(dst_ioas_id, src_ioas_id, src_iova, length, fixed, perm)?;
+                self.resume_owned(sid);
                 ok(ReplyBody::U64(iova))
             }
             Request::IoasIovaRanges { ioas_id } => {
@@ -1580,5 +1604,91 @@ fn device_info(dev_id: u32, hw: &HwInfo) -> WireDeviceInfo {
             .take(MAX_RESERVED)
             .map(|r| (r.start, r.last))
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::service::Client;
+    use crate::worker::ConnShared;
+
+    /// One device whose RID a (simulated) connection holds.
+    struct OneRid {
+        dev: Device,
+        rid: Arc<RidOwnership>,
+    }
+
+    impl DeviceDirectory for OneRid {
+        fn device(&self, label: &str) -> Option<Device> {
+            (label == self.dev.label()).then(|| self.dev.clone())
+        }
+        fn labels(&self) -> Vec<String> {
+            vec![self.dev.label().to_owned()]
+        }
+        fn rid_ownership(&self, label: &str) -> Option<Arc<RidOwnership>> {
+            (label == self.dev.label()).then(|| self.rid.clone())
+        }
+    }
+
+    fn setup() -> (Iommu, Arc<OneRid>, u32) {
+        let iommu = Iommu::new();
+        let dev = Device::new("d0", HwInfo::default());
+        let dev_id = iommu.bind(&dev).expect("bind");
+        let dir = Arc::new(OneRid {
+            dev,
+            rid: Arc::new(RidOwnership::new()),
+        });
+        (iommu, dir, dev_id)
+    }
+
+    #[test]
+    fn test_failed_give_back_detaches_and_flags_needs_reset() {
+        let (iommu, dir, dev_id) = setup();
+        let conn = Arc::new(ConnShared::default());
+        // The connection's private IOAS is attached; then it becomes unusable
+        // (here: an id that names no IOAS).
+        let private = iommu.ioas_alloc().expect("ioas");
+        iommu.attach(dev_id, None, private).expect("attach");
+        {
+            let mut st = dir.rid.lock();
+            st.private = Some(u32::MAX - 7);
+            st.conn = Some(Arc::downgrade(&conn));
+        }
+        let mut svc = Service::new(iommu.clone(), dir.clone()).expect("service");
+        let fd = svc.connect_local().expect("session");
+        let t = svc.spawn().expect("thread");
+        let mut c = Client::from_fd(fd).expect("client");
+        let ioas = c.ioas_alloc().expect("IOAS_ALLOC");
+        c.attach("d0", None, ioas).expect("take the RID");
+        assert_eq!(dir.rid.owner(), Some(c.session_id()));
+        assert!(!conn.needs_reset.load(Ordering::SeqCst));
+        c.detach("d0", None).expect("DETACH");
+        assert_eq!(dir.rid.owner(), None);
+        // Not left pointing at the session's objects: detached, and the
+        // frontend learns it through NEEDS_RESET.
+        assert_eq!(iommu.attached_hwpt(dev_id, None).expect("query"), None);
+        assert!(conn.needs_reset.load(Ordering::SeqCst));
+        t.stop();
+    }
+
+    #[test]
+    fn test_closed_session_without_connection_detaches_rid() {
+        let (iommu, dir, dev_id) = setup();
+        let mut svc = Service::new(iommu.clone(), dir.clone()).expect("service");
+        let fd = svc.connect_local().expect("session");
+        let t = svc.spawn().expect("thread");
+        let mut c = Client::from_fd(fd).expect("client");
+        let ioas = c.ioas_alloc().expect("IOAS_ALLOC");
+        c.attach("d0", None, ioas).expect("attach, no connection");
+        assert!(iommu.attached_hwpt(dev_id, None).expect("q").is_some());
+        drop(c);
+        t.stop();
+        assert_eq!(dir.rid.owner(), None);
+        assert_eq!(iommu.attached_hwpt(dev_id, None).expect("q"), None);
+        // The session's IOAS is gone with it.
+        assert!(iommu.object_kind(ioas).is_err());
     }
 }

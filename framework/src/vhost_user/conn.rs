@@ -16,7 +16,7 @@ use super::mem::{MemTable, MAX_MEM_SLOTS};
 use super::msg::{
     decode, recv_message, send_reply, IotlbRequest, Limits, MsgError, Request, VringFdKind,
 };
-use super::owner::RidOwnership;
+use super::owner::{RidOwnership, SharedRings};
 use super::{Error, Result};
 use crate::device::Device;
 use crate::queue::Vring;
@@ -95,6 +95,8 @@ pub(crate) struct Connection {
     protocol: u64,
     status: u8,
     vrings: Vec<Arc<Mutex<Vring>>>,
+    /// `vrings` as the RID arbitration sees them (to resume waiting queues).
+    shared_rings: Arc<SharedRings>,
     ring_addrs: Vec<Option<RingAddr>>,
     table: MemTable,
     space: AddressSpace,
@@ -132,9 +134,11 @@ impl Connection {
         let vrings = new_vrings(n, max)?;
         let space = AddressSpace::new(&served.iommu, served.dev_id, served.rid.clone())?;
         let shared = Arc::new(ConnShared::default());
+        let shared_rings = Arc::new(Mutex::new(vrings.clone()));
         {
             let mut st = served.rid.lock();
             st.conn = Some(Arc::downgrade(&shared));
+            st.rings = Some(Arc::downgrade(&shared_rings));
             st.access_platform = None;
         }
         Ok(Connection {
@@ -151,6 +155,7 @@ impl Connection {
             status: 0,
             ring_addrs: vec![None; n],
             vrings,
+            shared_rings,
             table: MemTable::default(),
             space,
             shared,
@@ -208,6 +213,7 @@ impl Connection {
         {
             let mut st = self.served.rid.lock();
             st.conn = None;
+            st.rings = None;
             st.access_platform = None;
         }
         // The address space detaches (unless a session owns the RID) and is
@@ -249,6 +255,7 @@ impl Connection {
         self.served.device.reset();
         let n = self.vrings.len();
         self.vrings = new_vrings(n, self.limits.max_queue_size)?;
+        *self.shared_rings.lock().unwrap_or_else(|e| e.into_inner()) = self.vrings.clone();
         self.ring_addrs = vec![None; n];
         self.features = 0;
         self.status = 0;

@@ -24,9 +24,27 @@ pub(crate) struct Region {
 }
 
 /// The current memory table, sorted by guest physical address.
+///
+/// A region added again with the same guest address, size, frontend address
+/// and offset is shared, not refused: in multiqueue QEMU sends ADD_MEM_REG
+/// for every region once per queue pair on the one connection, and
+/// REM_MEM_REG once per pair too. The region stays mapped until its last
+/// reference is removed.
 #[derive(Debug, Default)]
 pub(crate) struct MemTable {
     regions: Vec<Region>,
+    /// References of `regions[i]`, always >= 1.
+    refs: Vec<u32>,
+}
+
+/// What [`MemTable::add_shared`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Added {
+    /// A new region: map it into the device's address space.
+    New,
+    /// The same region was already in the table; one more reference was
+    /// counted and the new mapping is not used.
+    Shared,
 }
 
 impl MemTable {
@@ -46,36 +64,85 @@ impl MemTable {
     /// Replaces the whole table.
     pub fn replace(&mut self, mut regions: Vec<Region>) {
         regions.sort_by_key(|r| r.desc.gpa);
+        self.refs = vec![1; regions.len()];
         self.regions = regions;
     }
 
-    /// Adds one region (no overlap with existing ones, within the slot limit).
+    /// Adds one region (no overlap with existing ones, within the slot
+    /// limit). A region identical to an existing one is refused here; see
+    /// [`MemTable::add_shared`].
     pub fn add(&mut self, region: Region) -> Result<()> {
-        if self.regions.len() >= MAX_MEM_SLOTS {
-            return Err(Error::TooManyRegions);
-        }
-        if let Some(o) = self.regions.iter().find(|o| o.desc.overlaps(&region.desc)) {
-            return Err(Error::RegionOverlap {
-                gpa: region.desc.gpa,
-                existing: o.desc.gpa,
-            });
-        }
-        self.regions.push(region);
-        self.regions.sort_by_key(|r| r.desc.gpa);
+        self.check_new(&region.desc)?;
+        self.insert(region);
         Ok(())
     }
 
-    /// Removes the region with the same guest address, frontend address and
-    /// size (the offset is not compared, as the protocol says).
-    pub fn remove(&mut self, desc: &RegionDesc) -> Result<Region> {
+    /// Adds one region, or one more reference to an identical region (same
+    /// guest address, size, frontend address and offset). A different
+    /// region that overlaps an existing one is refused.
+    pub fn add_shared(&mut self, region: Region) -> Result<Added> {
+        if let Some(i) = self.regions.iter().position(|r| r.desc == region.desc) {
+            // Bounded by the number of messages a frontend can send; a
+            // saturated count only keeps the region mapped.
+            self.refs[i] = self.refs[i].saturating_add(1);
+            return Ok(Added::Shared);
+        }
+        self.check_new(&region.desc)?;
+        self.insert(region);
+        Ok(Added::New)
+    }
+
+    fn check_new(&self, desc: &RegionDesc) -> Result<()> {
+        if self.regions.len() >= MAX_MEM_SLOTS {
+            return Err(Error::TooManyRegions);
+        }
+        if let Some(o) = self.regions.iter().find(|o| o.desc.overlaps(desc)) {
+            return Err(Error::RegionOverlap {
+                gpa: desc.gpa,
+                existing: o.desc.gpa,
+            });
+        }
+        Ok(())
+    }
+
+    fn insert(&mut self, region: Region) {
         let pos = self
             .regions
+            .partition_point(|r| r.desc.gpa <= region.desc.gpa);
+        self.regions.insert(pos, region);
+        self.refs.insert(pos, 1);
+    }
+
+    fn position(&self, desc: &RegionDesc) -> Result<usize> {
+        self.regions
             .iter()
             .position(|r| {
                 r.desc.gpa == desc.gpa && r.desc.uaddr == desc.uaddr && r.desc.size == desc.size
             })
-            .ok_or(Error::NoSuchRegion { gpa: desc.gpa })?;
+            .ok_or(Error::NoSuchRegion { gpa: desc.gpa })
+    }
+
+    /// Removes the region with the same guest address, frontend address and
+    /// size (the offset is not compared, as the protocol says), whatever
+    /// its reference count.
+    pub fn remove(&mut self, desc: &RegionDesc) -> Result<Region> {
+        let pos = self.position(desc)?;
+        self.refs.remove(pos);
         Ok(self.regions.remove(pos))
+    }
+
+    /// Drops one reference to the region with the same guest address,
+    /// frontend address and size. Returns the region when that was its last
+    /// reference (it is out of the table: unmap it), `None` while other
+    /// references keep it.
+    pub fn release(&mut self, desc: &RegionDesc) -> Result<Option<Region>> {
+        let pos = self.position(desc)?;
+        if self.refs[pos] > 1 {
+            self.refs[pos] -= 1;
+            return Ok(None);
+        }
+        self.refs.remove(pos);
+        Ok(Some(self.regions.remove(pos)))
     }
 
     /// All regions.
@@ -183,5 +250,46 @@ mod tests {
         assert!(t.remove(&d).is_ok());
         assert_eq!(t.len(), 0);
         assert!(matches!(t.remove(&d), Err(Error::NoSuchRegion { .. })));
+    }
+
+    #[test]
+    fn test_identical_region_is_shared_until_the_last_release() {
+        let mut t = MemTable::default();
+        let r = region(0, 0x2000, 0x1000_0000);
+        let d = r.desc;
+        assert_eq!(t.add_shared(r).expect("first"), Added::New);
+        // The same region again (a second queue pair of a multiqueue QEMU).
+        assert_eq!(
+            t.add_shared(region(0, 0x2000, 0x1000_0000)).expect("again"),
+            Added::Shared
+        );
+        assert_eq!(t.len(), 1);
+        // A different region overlapping it still fails.
+        assert!(matches!(
+            t.add_shared(region(0x1000, 0x2000, 0x3000_0000)),
+            Err(Error::RegionOverlap { .. })
+        ));
+        assert!(matches!(
+            t.add_shared(region(0x10_0000, 0x1000, 0x1000_1000)),
+            Err(Error::RegionOverlap { .. })
+        ));
+        // One removal keeps it for the other user.
+        assert!(t.release(&d).expect("first release").is_none());
+        assert_eq!(t.va_to_gpa(0x1000_0010), Some(0x10));
+        // The last one takes it out.
+        let gone = t.release(&d).expect("last release").expect("region");
+        assert_eq!(gone.desc, d);
+        assert_eq!(t.len(), 0);
+        assert!(matches!(t.release(&d), Err(Error::NoSuchRegion { .. })));
+    }
+
+    #[test]
+    fn test_replace_resets_references() {
+        let mut t = MemTable::default();
+        let d = region(0, 0x1000, 0x1000_0000).desc;
+        t.add_shared(region(0, 0x1000, 0x1000_0000)).expect("add");
+        t.add_shared(region(0, 0x1000, 0x1000_0000)).expect("add");
+        t.replace(vec![region(0, 0x1000, 0x1000_0000)]);
+        assert!(t.release(&d).expect("release").is_some());
     }
 }

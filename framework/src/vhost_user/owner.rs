@@ -19,27 +19,32 @@
 //!   from the private space, so nothing the frontend invalidated comes back
 //!   when the session lets go;
 //! - a translation miss is still reported to the frontend on the backend
-//!   request channel, and the queue waits. The connection does not see the
-//!   owner's maps, so a waiting queue resumes on a memory table change, or
-//!   after the RID is given back, on the frontend's IOTLB update covering
-//!   the address (an owner should map before it hands addresses out);
+//!   request channel, and the queue waits until the owner maps or copies
+//!   into an IOAS (any successful IOAS_MAP or IOAS_COPY of the owning
+//!   session resumes it: a queue still missing reports again);
 //! - the connection never detaches the owner's attachment: a connection
 //!   that ends (or starts) while owned leaves the RID alone.
 //!
 //! When the owner detaches, or its session closes, the RID goes back to the
 //! connection's private space (replace), or is detached if no frontend is
-//! connected. If that replace fails the RID is detached (no translation to
+//! connected; waiting queues are resumed on every change of hands. If that replace fails the RID is detached (no translation to
 //! freed objects survives) and the device is flagged `NEEDS_RESET`.
 //!
 //! [`Error::AccessPlatformRequired`]: super::Error::AccessPlatformRequired
 //! [`Error::IotlbWhileOwned`]: super::Error::IotlbWhileOwned
 
 use std::sync::atomic::Ordering;
-use std::sync::{Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use iommu_core::IoasId;
+use log::{debug, warn};
 
+use crate::queue::Vring;
 use crate::worker::ConnShared;
+
+/// A connection's queues, as the connection currently has them (replaced on
+/// a device reset).
+pub(crate) type SharedRings = Mutex<Vec<Arc<Mutex<Vring>>>>;
 
 /// The RID arbitration of one hosted vhost-user device, shared by its
 /// connections and the `/dev/iommu` service
@@ -62,6 +67,8 @@ pub(crate) struct RidState {
     pub access_platform: Option<bool>,
     /// The connection's shared state (to flag `NEEDS_RESET`).
     pub conn: Option<Weak<ConnShared>>,
+    /// The connection's queues (to resume those waiting on a miss).
+    pub rings: Option<Weak<SharedRings>>,
 }
 
 impl RidState {
@@ -96,5 +103,27 @@ impl RidOwnership {
     /// True while a frontend is connected (its private IOAS exists).
     pub fn has_connection(&self) -> bool {
         self.lock().private.is_some()
+    }
+
+    /// The address space behind the RID may have changed (the owner mapped
+    /// something, or the RID changed hands): every queue waiting on a miss
+    /// is resumed and kicked, so its worker tries again (and reports the
+    /// miss again if the address is still not mapped).
+    pub(crate) fn resume_parked(&self) {
+        let rings = self.lock().rings.as_ref().and_then(Weak::upgrade);
+        let Some(rings) = rings else { return };
+        let rings: Vec<Arc<Mutex<Vring>>> = rings.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for (index, m) in rings.iter().enumerate() {
+            let mut v = m.lock().unwrap_or_else(|e| e.into_inner());
+            if v.parked.take().is_none() {
+                continue;
+            }
+            debug!("queue {index}: resumed after an address space change");
+            if let Some(k) = &v.kick {
+                if let Err(e) = k.write(1) {
+                    warn!("queue {index}: kicking after resume: {e}");
+                }
+            }
+        }
     }
 }
