@@ -11,8 +11,42 @@
 //!
 //! Popping is allocation-free after warm-up: [`Queue::pop`] fills a
 //! caller-owned [`Chain`] whose descriptor vector is reused.
+//!
+//! # Fast path
+//!
+//! virtio-queue lacks a burst API (one avail-index read for many chains,
+//! one used-index write for many completions) and reads every ring field
+//! through `GuestMemory`, which costs a translation each. This module wraps
+//! it thinly: virtio-queue keeps the queue state (size, ring addresses,
+//! next avail / next used, `EVENT_IDX`) and serves the unusual cases
+//! (indirect descriptor tables, rings that are not host-contiguous, avail
+//! notification control), while the split-ring hot path is done here the
+//! way DPDK's vhost library does it:
+//! - when a [`Queue`] is handed out, the descriptor table, avail ring and
+//!   used ring are translated once and their host addresses kept; they stay
+//!   valid for the queue's life, which is inside one DMA access section (an
+//!   unmap waits for the section to end);
+//! - the avail index is read once, then only again when the chains it
+//!   announced are used up ([`Queue::pop_batch`] is one read per burst);
+//! - descriptors are read directly from the table with the same checks as
+//!   virtio-queue (index range, chain length at most the queue size, so no
+//!   loop), and every buffer is translated at pop time into host fragments
+//!   kept in the [`Chain`], so [`Queue::read`] / [`Queue::write`] are plain
+//!   copies;
+//! - [`Queue::add_used`] writes the used element only; the used index is
+//!   published (release ordering) once, by [`Queue::notify`],
+//!   [`Queue::publish_used`] or when the queue is dropped;
+//! - [`Queue::notify`] suppresses the interrupt as the driver asked:
+//!   `used_event` with `EVENT_IDX`, `VRING_AVAIL_F_NO_INTERRUPT` without.
+//!
+//! Address errors on buffers: with IOTLB translation (`ACCESS_PLATFORM`) a
+//! miss is resolvable, so the chain is put back and the queue parks until
+//! the frontend maps it. With the memory table every valid address is in the
+//! table, so a buffer outside it is the driver's error: the head is
+//! completed with length 0, counted, and the queue goes on.
 
 use std::num::Wrapping;
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
 
 use log::{error, warn};
@@ -133,6 +167,22 @@ pub struct Chain {
     descs: Vec<Desc>,
     readable: u64,
     writable: u64,
+    /// Host fragments of the buffers, in chain order, translated by the
+    /// fast path; usable only by the [`Queue`] whose `epoch` matches.
+    frags: Vec<Frag>,
+    /// The [`Queue`] (and so the access section) the fragments belong to;
+    /// 0: none.
+    epoch: u64,
+}
+
+/// One host-contiguous piece of a chain's buffer, as an address (a chain
+/// must stay `Send`; the pointer is only rebuilt inside the section that
+/// translated it).
+#[derive(Clone, Copy, Debug)]
+struct Frag {
+    addr: usize,
+    len: usize,
+    writable: bool,
 }
 
 impl Chain {
@@ -166,6 +216,111 @@ impl Chain {
         self.descs.clear();
         self.readable = 0;
         self.writable = 0;
+        self.frags.clear();
+        self.epoch = 0;
+    }
+}
+
+/// Source of [`Queue`] epochs: each handed-out queue gets a distinct one.
+static EPOCH: AtomicU64 = AtomicU64::new(1);
+
+const VRING_DESC_F_NEXT: u16 = 1;
+const VRING_DESC_F_WRITE: u16 = 2;
+const VRING_DESC_F_INDIRECT: u16 = 4;
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// A split-ring descriptor as laid out in the table (little endian).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RawDesc {
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+}
+
+/// Host addresses of a queue's three ring areas, translated for the whole
+/// area each and valid for the access section the [`Queue`] lives in.
+#[derive(Clone, Copy, Debug)]
+struct Rings {
+    desc: *const u8,
+    avail: *const u8,
+    used: *mut u8,
+    size: u16,
+    event_idx: bool,
+}
+
+impl Rings {
+    /// `avail->idx`, with acquire ordering for the entries it announces.
+    #[inline]
+    fn avail_idx(&self) -> u16 {
+        // SAFETY: the avail area was translated for at least 4 + 2 * size
+        // bytes and is 2-aligned (checked when the rings were mapped); it
+        // stays mapped until the section ends, after the queue is dropped.
+        let v = unsafe { std::ptr::read_volatile(self.avail.add(2).cast::<u16>()) };
+        fence(Ordering::Acquire);
+        u16::from_le(v)
+    }
+
+    #[inline]
+    fn avail_flags(&self) -> u16 {
+        // SAFETY: as in `avail_idx`: offset 0 of the translated avail area.
+        u16::from_le(unsafe { std::ptr::read_volatile(self.avail.cast::<u16>()) })
+    }
+
+    /// `avail->ring[slot]`; `slot < size`.
+    #[inline]
+    fn avail_entry(&self, slot: u16) -> u16 {
+        let off = 4 + 2 * usize::from(slot);
+        // SAFETY: slot < size, so the entry is inside the translated
+        // 4 + 2 * size bytes; 2-aligned.
+        u16::from_le(unsafe { std::ptr::read_volatile(self.avail.add(off).cast::<u16>()) })
+    }
+
+    /// `used_event` (the avail ring's trailing field); only with `EVENT_IDX`,
+    /// for which the area was translated 2 bytes longer.
+    #[inline]
+    fn used_event(&self) -> u16 {
+        let off = 4 + 2 * usize::from(self.size);
+        // SAFETY: with EVENT_IDX the avail area was translated for
+        // 4 + 2 * size + 2 bytes; 2-aligned.
+        u16::from_le(unsafe { std::ptr::read_volatile(self.avail.add(off).cast::<u16>()) })
+    }
+
+    /// Descriptor `i`; `i < size`.
+    #[inline]
+    fn desc(&self, i: u16) -> RawDesc {
+        // SAFETY: i < size, the table was translated for 16 * size bytes
+        // and is 16-aligned (checked when mapped).
+        let d = unsafe {
+            std::ptr::read_volatile(self.desc.add(16 * usize::from(i)).cast::<RawDesc>())
+        };
+        RawDesc {
+            addr: u64::from_le(d.addr),
+            len: u32::from_le(d.len),
+            flags: u16::from_le(d.flags),
+            next: u16::from_le(d.next),
+        }
+    }
+
+    /// Writes used element `slot` (`slot < size`).
+    #[inline]
+    fn write_used(&self, slot: u16, id: u32, len: u32) {
+        let off = 4 + 8 * usize::from(slot);
+        // SAFETY: slot < size, so the 8-byte element is inside the used area
+        // translated for write for 4 + 8 * size bytes; it is 4-aligned (the
+        // area is, checked when mapped).
+        unsafe { std::ptr::write_volatile(self.used.add(off).cast::<u32>(), id.to_le()) };
+        // SAFETY: as above, the element's second half.
+        unsafe { std::ptr::write_volatile(self.used.add(off + 4).cast::<u32>(), len.to_le()) };
+    }
+
+    /// Publishes `used->idx` after the elements written before (release).
+    #[inline]
+    fn publish_used(&self, idx: u16) {
+        fence(Ordering::Release);
+        // SAFETY: offset 2 of the used area, translated for write, 4-aligned.
+        unsafe { std::ptr::write_volatile(self.used.add(2).cast::<u16>(), idx.to_le()) };
     }
 }
 
@@ -197,6 +352,9 @@ pub(crate) struct Vring {
     pub broken: bool,
     /// Chains completed with an error status (counted, rate-limited warnings).
     pub errors: u64,
+    /// Used elements added since the driver was last notified (or asked
+    /// not to be); saturates, and a large count always notifies.
+    pub num_added: u16,
 }
 
 impl Vring {
@@ -214,6 +372,7 @@ impl Vring {
             parked: None,
             broken: false,
             errors: 0,
+            num_added: 0,
         })
     }
 
@@ -229,6 +388,9 @@ impl Vring {
 pub struct Queues<'a> {
     pub(crate) vrings: &'a [(u16, std::sync::Arc<Mutex<Vring>>)],
     pub(crate) dma: Dma<'a>,
+    /// IOTLB translation: a buffer miss parks the queue (the frontend can
+    /// map it). False with the memory table: the chain is completed with 0.
+    pub(crate) park_on_miss: bool,
 }
 
 impl<'a> Queues<'a> {
@@ -250,10 +412,16 @@ impl<'a> Queues<'a> {
         if !guard.serving() {
             return None;
         }
+        let next_avail = guard.q.next_avail();
         let mut queue = Queue {
             index,
             vring: guard,
             dma: self.dma,
+            rings: None,
+            epoch: EPOCH.fetch_add(1, Ordering::Relaxed),
+            avail_cache: next_avail,
+            dirty: false,
+            park_on_miss: self.park_on_miss,
         };
         match queue.check_rings() {
             Ok(()) => Some(queue),
@@ -283,6 +451,21 @@ pub struct Queue<'a> {
     index: u16,
     vring: MutexGuard<'a, Vring>,
     dma: Dma<'a>,
+    /// The rings' host addresses when each is host-contiguous (fast path).
+    rings: Option<Rings>,
+    /// Tags the chains this queue popped (their fragments are its section's).
+    epoch: u64,
+    /// Last avail index read; chains up to it need no new read.
+    avail_cache: u16,
+    /// Used elements were written and the used index not yet published.
+    dirty: bool,
+    park_on_miss: bool,
+}
+
+impl Drop for Queue<'_> {
+    fn drop(&mut self) {
+        self.publish_used();
+    }
 }
 
 impl<'a> Queue<'a> {
@@ -336,10 +519,30 @@ impl<'a> Queue<'a> {
                 Access::Write,
             ),
         ];
-        for (addr, len, access) in checks {
-            if let Err(e) = self.dma.check(addr, len, access) {
-                return Err(self.dma_err(e));
+        let mut ptrs = [std::ptr::null_mut::<u8>(); 3];
+        let mut contiguous = true;
+        for (i, (addr, len, access)) in checks.into_iter().enumerate() {
+            match self.dma.fragment(addr, len, access) {
+                Ok(f) if f.len() as u64 == len => ptrs[i] = f.as_ptr(),
+                Ok(_) => {
+                    contiguous = false;
+                    if let Err(e) = self.dma.check(addr, len, access) {
+                        return Err(self.dma_err(e));
+                    }
+                }
+                Err(e) => return Err(self.dma_err(e)),
             }
+        }
+        let aligned =
+            ptrs[0] as usize % 16 == 0 && ptrs[1] as usize % 2 == 0 && ptrs[2] as usize % 4 == 0;
+        if contiguous && aligned && size > 0 {
+            self.rings = Some(Rings {
+                desc: ptrs[0],
+                avail: ptrs[1],
+                used: ptrs[2],
+                size: self.vring.q.size(),
+                event_idx: event != 0,
+            });
         }
         Ok(())
     }
@@ -354,6 +557,147 @@ impl<'a> Queue<'a> {
     /// and reported as [`QueueError::BadChain`].
     pub fn pop(&mut self, chain: &mut Chain) -> Result<bool> {
         chain.clear();
+        match self.rings {
+            Some(r) => self.pop_fast(r, chain),
+            None => self.pop_slow(chain),
+        }
+    }
+
+    /// Reads `avail->idx` into the cache and checks it against the ring.
+    fn refresh_avail(&mut self, r: &Rings) -> Result<()> {
+        let avail = r.avail_idx();
+        let next = self.vring.q.next_avail();
+        if avail.wrapping_sub(next) > r.size {
+            self.vring.broken = true;
+            return Err(QueueError::AvailIndex {
+                queue: self.index,
+                avail,
+                next,
+            });
+        }
+        self.avail_cache = avail;
+        Ok(())
+    }
+
+    /// The fast path of [`pop`](Queue::pop): the chain is read straight from
+    /// the translated descriptor table. Indirect chains go to the slow path.
+    fn pop_fast(&mut self, r: Rings, chain: &mut Chain) -> Result<bool> {
+        let next = self.vring.q.next_avail();
+        if next == self.avail_cache {
+            self.refresh_avail(&r)?;
+            if next == self.avail_cache {
+                return Ok(false);
+            }
+        }
+        // The size is a power of two (virtio-queue checks it).
+        let head = r.avail_entry(next & (r.size - 1));
+        let mut idx = head;
+        let mut count = 0u16;
+        chain.head = head;
+        chain.epoch = self.epoch;
+        let bad = loop {
+            // At most `size` descriptors: longer means a loop.
+            if idx >= r.size || count >= r.size {
+                break None;
+            }
+            count += 1;
+            let d = r.desc(idx);
+            if d.flags & VRING_DESC_F_INDIRECT != 0 {
+                chain.clear();
+                return self.pop_slow(chain);
+            }
+            let writable = d.flags & VRING_DESC_F_WRITE != 0;
+            if d.addr.checked_add(u64::from(d.len)).is_none() {
+                break None;
+            }
+            chain.descs.push(Desc {
+                addr: d.addr,
+                len: d.len,
+                writable,
+            });
+            if writable {
+                chain.writable += u64::from(d.len);
+            } else {
+                chain.readable += u64::from(d.len);
+            }
+            if let Err(e) = self.translate_into(chain, d.addr, d.len, writable) {
+                break Some(e);
+            }
+            if d.flags & VRING_DESC_F_NEXT == 0 {
+                self.vring.q.set_next_avail(next.wrapping_add(1));
+                return Ok(true);
+            }
+            idx = d.next;
+        };
+        chain.clear();
+        if let Some(e) = bad {
+            if e.is_miss() && self.park_on_miss {
+                // Not consumed: popped again once the frontend maps it.
+                return Err(self.dma_err(e));
+            }
+            self.vring.q.set_next_avail(next.wrapping_add(1));
+            self.complete_bad(head);
+            if e.is_miss() {
+                // Memory table: the address is outside guest memory.
+                self.warn_bad_address(head, &e);
+                return Err(QueueError::BadChain {
+                    queue: self.index,
+                    head,
+                });
+            }
+            // Permission failure or fault: the chain cannot be served.
+            return Err(self.dma_err(e));
+        }
+        self.vring.q.set_next_avail(next.wrapping_add(1));
+        self.complete_bad(head);
+        Err(QueueError::BadChain {
+            queue: self.index,
+            head,
+        })
+    }
+
+    /// Translates one buffer into host fragments appended to `chain`.
+    #[inline]
+    fn translate_into(
+        &self,
+        chain: &mut Chain,
+        addr: u64,
+        len: u32,
+        writable: bool,
+    ) -> std::result::Result<(), DmaError> {
+        let access = if writable {
+            Access::Write
+        } else {
+            Access::Read
+        };
+        let mut at = addr;
+        let mut left = u64::from(len);
+        // Each fragment holds at least one byte.
+        while left > 0 {
+            let f = self.dma.fragment(at, left, access)?;
+            chain.frags.push(Frag {
+                addr: f.as_ptr() as usize,
+                len: f.len(),
+                writable,
+            });
+            at = at.wrapping_add(f.len() as u64);
+            left -= f.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn warn_bad_address(&self, head: u16, e: &DmaError) {
+        if self.vring.errors.is_power_of_two() {
+            warn!(
+                "queue {}: chain {head} has a buffer outside guest memory ({e}); completed with length 0",
+                self.index
+            );
+        }
+    }
+
+    /// The virtio-queue path of [`pop`](Queue::pop): rings that are not
+    /// host-contiguous, indirect descriptor tables.
+    fn pop_slow(&mut self, chain: &mut Chain) -> Result<bool> {
         let dma = self.dma;
         dma.clear_fault();
         let queue = self.index;
@@ -384,7 +728,7 @@ impl<'a> Queue<'a> {
             };
             match iter.next() {
                 None => match dma.take_fault() {
-                    Some(f) => Some(f),
+                    Some(f) => Some((f, false)),
                     None => return Ok(false),
                 },
                 Some(dc) => {
@@ -404,16 +748,23 @@ impl<'a> Queue<'a> {
                         chain.descs.push(desc);
                     }
                     let f = dma.take_fault();
-                    if f.is_some() {
+                    if f.is_some() && self.park_on_miss {
                         // Put the chain back: it is popped again once mapped.
                         iter.go_to_previous_position();
                     }
-                    f
+                    f.map(|f| (f, true))
                 }
             }
         };
-        if let Some(f) = fault {
+        if let Some((f, has_head)) = fault {
+            let head = chain.head;
             chain.clear();
+            if has_head && !self.park_on_miss {
+                // Memory table: an indirect table outside guest memory.
+                self.complete_bad(head);
+                self.warn_bad_address(head, &f);
+                return Err(QueueError::BadChain { queue, head });
+            }
             return Err(self.dma_err(f));
         }
         let head = chain.head;
@@ -432,6 +783,12 @@ impl<'a> Queue<'a> {
                 Access::Read
             };
             if let Err(e) = dma.check(d.addr, u64::from(d.len), access) {
+                if e.is_miss() && !self.park_on_miss {
+                    self.complete_bad(head);
+                    chain.clear();
+                    self.warn_bad_address(head, &e);
+                    return Err(QueueError::BadChain { queue, head });
+                }
                 if e.is_miss() {
                     let next = self.vring.q.next_avail();
                     self.vring.q.set_next_avail(next.wrapping_sub(1));
@@ -474,7 +831,7 @@ impl<'a> Queue<'a> {
                 self.index, self.vring.errors
             );
         }
-        if let Err(e) = self.vring.q.add_used(&self.dma, head, 0) {
+        if let Err(e) = self.add_used(head, 0) {
             error!(
                 "queue {}: cannot complete bad chain {head}: {e}",
                 self.index
@@ -484,7 +841,9 @@ impl<'a> Queue<'a> {
     }
 
     /// Puts `head` on the used ring with `len` bytes written. Call
-    /// [`notify`](Queue::notify) after a batch.
+    /// [`notify`](Queue::notify) after a batch. The used index the driver
+    /// sees moves at the next [`notify`](Queue::notify),
+    /// [`publish_used`](Queue::publish_used) or when the queue is dropped.
     pub fn add_used(&mut self, head: u16, len: u32) -> Result<()> {
         let size = self.vring.q.size();
         if head >= size {
@@ -493,6 +852,14 @@ impl<'a> Queue<'a> {
                 head,
                 size,
             });
+        }
+        self.vring.num_added = self.vring.num_added.saturating_add(1);
+        if let Some(r) = self.rings {
+            let next = self.vring.q.next_used();
+            r.write_used(next & (size - 1), u32::from(head), len);
+            self.vring.q.set_next_used(next.wrapping_add(1));
+            self.dirty = true;
+            return Ok(());
         }
         self.dma.clear_fault();
         let dma = self.dma;
@@ -510,20 +877,57 @@ impl<'a> Queue<'a> {
         }
     }
 
-    /// Signals the driver if it asked to be (honours `EVENT_IDX` and
-    /// `VRING_AVAIL_F_NO_INTERRUPT`).
+    /// Publishes the used index for the elements added so far (one
+    /// release-ordered write for a whole burst). [`notify`](Queue::notify)
+    /// and dropping the queue do it too.
+    pub fn publish_used(&mut self) {
+        if std::mem::take(&mut self.dirty) {
+            if let Some(r) = self.rings {
+                r.publish_used(self.vring.q.next_used());
+            }
+        }
+    }
+
+    /// Publishes the used index and signals the driver if it asked to be:
+    /// with `EVENT_IDX`, when the used index passed its `used_event`;
+    /// without, unless it set `VRING_AVAIL_F_NO_INTERRUPT`.
     pub fn notify(&mut self) -> Result<()> {
-        let dma = self.dma;
-        // If the event index cannot be read, signalling is the safe choice.
-        let needed = self.vring.q.needs_notification(&dma).unwrap_or(true);
+        self.publish_used();
+        let added = std::mem::take(&mut self.vring.num_added);
+        // The used index must be visible before the driver's suppression
+        // state is read (the driver does the converse).
+        fence(Ordering::SeqCst);
+        let needed = match self.rings {
+            Some(r) if r.event_idx => {
+                let new = self.vring.q.next_used();
+                let old = new.wrapping_sub(added);
+                added > r.size
+                    || new.wrapping_sub(r.used_event()).wrapping_sub(1) < new.wrapping_sub(old)
+            }
+            Some(r) => r.avail_flags() & VRING_AVAIL_F_NO_INTERRUPT == 0,
+            None if self.vring.q.event_idx_enabled() => {
+                let dma = self.dma;
+                // If the event index cannot be read, signalling is the safe choice.
+                self.vring.q.needs_notification(&dma).unwrap_or(true)
+            }
+            None => {
+                let flags: u16 = self
+                    .dma
+                    .read_obj(self.vring.q.avail_ring())
+                    .map(u16::from_le)
+                    .unwrap_or(0);
+                flags & VRING_AVAIL_F_NO_INTERRUPT == 0
+            }
+        };
         if needed {
             self.signal()?;
         }
         Ok(())
     }
 
-    /// Signals the driver unconditionally.
+    /// Publishes the used index and signals the driver unconditionally.
     pub fn signal(&mut self) -> Result<()> {
+        self.publish_used();
         if let Some(call) = &self.vring.call {
             call.write(1).map_err(|source| QueueError::Notify {
                 queue: self.index,
@@ -562,6 +966,27 @@ impl<'a> Queue<'a> {
     /// its readable part, into `buf`. Returns the number of bytes copied
     /// (less than `buf.len()` at the end of the readable part).
     pub fn read(&mut self, chain: &Chain, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        if chain.epoch == self.epoch {
+            return Ok(copy_frags(
+                chain,
+                false,
+                offset,
+                buf.len(),
+                |f, at, n, done| {
+                    // SAFETY: the fragment was translated for read in this
+                    // queue's access section (same epoch), which is still open;
+                    // `at + n <= f.len`, `done + n <= buf.len()`, and guest memory
+                    // is only reached through raw pointers, so no overlap.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            (f.addr as *const u8).add(at),
+                            buf.as_mut_ptr().add(done),
+                            n,
+                        )
+                    }
+                },
+            ));
+        }
         let mut skip = offset;
         let mut done = 0usize;
         for d in chain.descs.iter().filter(|d| !d.writable) {
@@ -589,6 +1014,27 @@ impl<'a> Queue<'a> {
     /// `offset` bytes into it. Returns the number of bytes written (less than
     /// `data.len()` when the writable part is too short).
     pub fn write(&mut self, chain: &Chain, offset: u64, data: &[u8]) -> Result<usize> {
+        if chain.epoch == self.epoch {
+            return Ok(copy_frags(
+                chain,
+                true,
+                offset,
+                data.len(),
+                |f, at, n, done| {
+                    // SAFETY: the fragment was translated for write in this
+                    // queue's access section (same epoch), which is still open;
+                    // `at + n <= f.len`, `done + n <= data.len()`; the source is a
+                    // distinct Rust slice.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            data.as_ptr().add(done),
+                            (f.addr as *mut u8).add(at),
+                            n,
+                        )
+                    }
+                },
+            ));
+        }
         let mut skip = offset;
         let mut done = 0usize;
         for d in chain.descs.iter().filter(|d| d.writable) {
@@ -623,6 +1069,38 @@ impl<'a> Queue<'a> {
     }
 }
 
+/// Walks the readable (or writable) fragments of `chain` from `offset`,
+/// calling `copy(fragment, offset in it, bytes, bytes done)` until `want`
+/// bytes are done or the fragments end. Returns the bytes done.
+#[inline]
+fn copy_frags(
+    chain: &Chain,
+    writable: bool,
+    offset: u64,
+    want: usize,
+    mut copy: impl FnMut(&Frag, usize, usize, usize),
+) -> usize {
+    let mut skip = offset;
+    let mut done = 0usize;
+    for f in chain.frags.iter().filter(|f| f.writable == writable) {
+        if done == want {
+            break;
+        }
+        let len = f.len as u64;
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        // skip < len <= usize::MAX
+        let at = skip as usize;
+        let n = (f.len - at).min(want - done);
+        copy(f, at, n, done);
+        done += n;
+        skip = 0;
+    }
+    done
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
@@ -645,6 +1123,7 @@ mod tests {
         buf_mem: Arc<Memory>,
         vrings: Vec<(u16, Arc<Mutex<Vring>>)>,
         driver: DriverRing,
+        park_on_miss: bool,
     }
 
     fn fixture(map_bufs: bool) -> Fixture {
@@ -683,6 +1162,7 @@ mod tests {
             buf_mem,
             vrings: vec![(0, Arc::new(Mutex::new(v)))],
             driver,
+            park_on_miss: true,
         }
     }
 
@@ -692,6 +1172,7 @@ mod tests {
         let mut qs = Queues {
             vrings: &f.vrings,
             dma: Dma::from_section(&section),
+            park_on_miss: f.park_on_miss,
         };
         body(qs.get(0))
     }
@@ -866,5 +1347,184 @@ mod tests {
             ));
         });
         assert_eq!(f.driver.used_idx().expect("idx"), 1, "bad chain completed");
+    }
+
+    #[test]
+    fn test_memory_table_miss_completes_the_head_and_goes_on() {
+        let mut f = fixture(false);
+        f.park_on_miss = false;
+        f.iommu
+            .ioas_map(f.ioas, &f.buf_mem, 0, 0x1000, Some(BUF_IOVA), Perm::RW)
+            .expect("map first page");
+        // Chain 0 is outside guest memory, chain 1 is fine.
+        for addr in [BUF_IOVA + 0x8000, BUF_IOVA] {
+            f.driver
+                .add_chain(&[Buf {
+                    addr,
+                    len: 16,
+                    writable: true,
+                }])
+                .expect("chain");
+        }
+        f.driver.publish().expect("publish");
+        let mut chain = Chain::new();
+        with_queue(&f, |q| {
+            let mut q = q.expect("queue serving");
+            assert!(matches!(
+                q.pop(&mut chain),
+                Err(QueueError::BadChain { head: 0, .. })
+            ));
+            assert!(q.pop(&mut chain).expect("next chain"));
+            assert_eq!(chain.head(), 1);
+            assert_eq!(q.write(&chain, 0, b"ok").expect("write"), 2);
+            q.add_used(chain.head(), 2).expect("used");
+        });
+        let v = f.vrings[0].1.lock().expect("lock");
+        assert!(v.parked.is_none(), "the queue goes on");
+        assert!(!v.broken);
+        assert_eq!(v.errors, 1);
+        drop(v);
+        assert_eq!(f.driver.used_idx().expect("idx"), 2);
+        assert_eq!(f.driver.used_elem(0).expect("elem"), (0, 0));
+        assert_eq!(f.driver.used_elem(1).expect("elem"), (1, 2));
+    }
+
+    fn set_call(f: &Fixture) -> EventFd {
+        let call = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        f.vrings[0].1.lock().expect("lock").call = Some(call.try_clone().expect("clone"));
+        call
+    }
+
+    fn avail_flags(f: &Fixture, flags: u16) {
+        let off = usize::try_from(f.driver.avail_addr() - RING_IOVA).expect("offset");
+        f.ring_mem
+            .write_at(off, &flags.to_le_bytes())
+            .expect("flags");
+    }
+
+    #[test]
+    fn test_notify_honours_no_interrupt_without_event_idx() {
+        let mut f = fixture(true);
+        let call = set_call(&f);
+        f.driver
+            .add_chain(&[Buf {
+                addr: BUF_IOVA,
+                len: 16,
+                writable: true,
+            }])
+            .expect("chain");
+        f.driver.publish().expect("publish");
+        avail_flags(&f, VRING_AVAIL_F_NO_INTERRUPT);
+        let mut chain = Chain::new();
+        with_queue(&f, |q| {
+            let mut q = q.expect("queue serving");
+            assert!(q.pop(&mut chain).expect("pop"));
+            q.add_used(chain.head(), 0).expect("used");
+            q.notify().expect("notify");
+        });
+        assert_eq!(f.driver.used_idx().expect("idx"), 1, "published");
+        assert!(call.read().is_err(), "no interrupt asked for none");
+        avail_flags(&f, 0);
+        with_queue(&f, |q| {
+            q.expect("queue serving").notify().expect("notify");
+        });
+        assert_eq!(call.read().expect("signalled"), 1);
+    }
+
+    #[test]
+    fn test_used_index_is_published_once_per_burst() {
+        let mut f = fixture(true);
+        for i in 0..4u64 {
+            f.driver
+                .add_chain(&[Buf {
+                    addr: BUF_IOVA + i * 0x100,
+                    len: 16,
+                    writable: true,
+                }])
+                .expect("chain");
+        }
+        f.driver.publish().expect("publish");
+        let mut chains = vec![Chain::new(); 8];
+        let driver = &f.driver;
+        with_queue(&f, |q| {
+            let mut q = q.expect("queue serving");
+            assert_eq!(q.pop_batch(&mut chains).expect("burst"), 4);
+            for c in &chains[..4] {
+                q.add_used(c.head(), 16).expect("used");
+            }
+            assert_eq!(driver.used_idx().expect("idx"), 0, "not yet published");
+            q.publish_used();
+            assert_eq!(driver.used_idx().expect("idx"), 4);
+        });
+        for i in 0..4u16 {
+            assert_eq!(f.driver.used_elem(i).expect("elem"), (u32::from(i), 16));
+        }
+    }
+
+    #[test]
+    fn test_event_idx_suppresses_until_used_event() {
+        let mut f = fixture(true);
+        f.vrings[0].1.lock().expect("lock").q.set_event_idx(true);
+        let call = set_call(&f);
+        for _ in 0..4 {
+            f.driver
+                .add_chain(&[Buf {
+                    addr: BUF_IOVA,
+                    len: 16,
+                    writable: true,
+                }])
+                .expect("chain");
+        }
+        f.driver.publish().expect("publish");
+        // The driver wants an interrupt once used passes 2.
+        f.driver.set_used_event(2).expect("used event");
+        let mut chain = Chain::new();
+        with_queue(&f, |q| {
+            let mut q = q.expect("queue serving");
+            for _ in 0..2 {
+                assert!(q.pop(&mut chain).expect("pop"));
+                q.add_used(chain.head(), 0).expect("used");
+            }
+            q.notify().expect("notify");
+        });
+        assert!(call.read().is_err(), "used 2 has not passed used_event 2");
+        with_queue(&f, |q| {
+            let mut q = q.expect("queue serving");
+            assert!(q.pop(&mut chain).expect("pop"));
+            q.add_used(chain.head(), 0).expect("used");
+            q.notify().expect("notify");
+        });
+        assert_eq!(call.read().expect("signalled"), 1);
+    }
+
+    #[test]
+    fn test_chain_longer_than_the_queue_is_bad() {
+        let mut f = fixture(true);
+        // 17 descriptors cannot exist in a 16-entry table; a chain that
+        // revisits one is a loop whatever its shape.
+        for i in 0..16u16 {
+            f.driver
+                .write_desc(
+                    i,
+                    BUF_IOVA,
+                    8,
+                    crate::testing::VRING_DESC_F_NEXT,
+                    (i + 1) % 16,
+                )
+                .expect("desc");
+        }
+        f.driver.push_avail(3).expect("avail");
+        f.driver.publish().expect("publish");
+        let mut chain = Chain::new();
+        with_queue(&f, |q| {
+            let mut q = q.expect("queue serving");
+            assert!(matches!(
+                q.pop(&mut chain),
+                Err(QueueError::BadChain { head: 3, .. })
+            ));
+            assert!(!q.pop(&mut chain).expect("empty"));
+        });
+        assert_eq!(f.driver.used_idx().expect("idx"), 1);
+        assert!(!f.vrings[0].1.lock().expect("lock").broken);
     }
 }

@@ -379,6 +379,7 @@ impl Harness {
         let mut queues = crate::queue::Queues {
             vrings: &self.vrings,
             dma: crate::dma::Dma::from_section(&section),
+            park_on_miss: false,
         };
         worker.process_queue(index, &mut queues)
     }
@@ -394,6 +395,7 @@ impl Harness {
         let mut queues = crate::queue::Queues {
             vrings: &self.vrings,
             dma: crate::dma::Dma::from_section(&section),
+            park_on_miss: false,
         };
         worker.handle_event(token, &mut queues)
     }

@@ -376,6 +376,7 @@ impl Runner {
             let mut queues = Queues {
                 vrings: &self.vrings,
                 dma: Dma::from_section(&section),
+                park_on_miss: self.shared.iotlb_mode.load(Ordering::Relaxed),
             };
             self.worker.process_queue(index, &mut queues)
         };
@@ -392,6 +393,7 @@ impl Runner {
             let mut queues = Queues {
                 vrings: &self.vrings,
                 dma: Dma::from_section(&section),
+                park_on_miss: self.shared.iotlb_mode.load(Ordering::Relaxed),
             };
             self.worker.handle_event(token, &mut queues)
         };
@@ -408,6 +410,7 @@ impl Runner {
             let mut queues = Queues {
                 vrings: &self.vrings,
                 dma: Dma::from_section(&section),
+                park_on_miss: self.shared.iotlb_mode.load(Ordering::Relaxed),
             };
             self.worker.poll(&mut queues).map(|_| ())
         };

@@ -12,7 +12,7 @@ use vm_memory::{ByteValued, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::iotlb::{AddressSpace, Mode};
-use super::mem::{MemTable, MAX_MEM_SLOTS};
+use super::mem::{Added, MemTable, MAX_MEM_SLOTS};
 use super::msg::{
     decode, recv_message, send_reply, IotlbRequest, Limits, MsgError, Request, VringFdKind,
 };
@@ -410,15 +410,21 @@ impl Connection {
             }
             Request::AddMemReg(d, f) => {
                 let r = MemTable::map_region(d, f)?;
-                self.table.add(r.clone())?;
+                // The same region again (one ADD_MEM_REG per queue pair in
+                // multiqueue) is counted, not mapped twice.
+                if self.table.add_shared(r.clone())? == Added::Shared {
+                    return Ok(None);
+                }
                 self.space.region_added(&r)?;
                 self.reapply_ring_addrs();
                 self.resume_parked(false);
                 Ok(None)
             }
             Request::RemMemReg(d) => {
-                let r = self.table.remove(&d)?;
-                self.space.region_removed(&r)?;
+                // Unmapped with its last reference only.
+                if let Some(r) = self.table.release(&d)? {
+                    self.space.region_removed(&r)?;
+                }
                 Ok(None)
             }
             Request::SetVringNum { index, num } => {

@@ -68,15 +68,6 @@ impl MemTable {
         self.regions = regions;
     }
 
-    /// Adds one region (no overlap with existing ones, within the slot
-    /// limit). A region identical to an existing one is refused here; see
-    /// [`MemTable::add_shared`].
-    pub fn add(&mut self, region: Region) -> Result<()> {
-        self.check_new(&region.desc)?;
-        self.insert(region);
-        Ok(())
-    }
-
     /// Adds one region, or one more reference to an identical region (same
     /// guest address, size, frontend address and offset). A different
     /// region that overlaps an existing one is refused.
@@ -122,17 +113,9 @@ impl MemTable {
             .ok_or(Error::NoSuchRegion { gpa: desc.gpa })
     }
 
-    /// Removes the region with the same guest address, frontend address and
-    /// size (the offset is not compared, as the protocol says), whatever
-    /// its reference count.
-    pub fn remove(&mut self, desc: &RegionDesc) -> Result<Region> {
-        let pos = self.position(desc)?;
-        self.refs.remove(pos);
-        Ok(self.regions.remove(pos))
-    }
-
     /// Drops one reference to the region with the same guest address,
-    /// frontend address and size. Returns the region when that was its last
+    /// frontend address and size (the offset is not compared, as the
+    /// protocol says). Returns the region when that was its last
     /// reference (it is out of the table: unmap it), `None` while other
     /// references keep it.
     pub fn release(&mut self, desc: &RegionDesc) -> Result<Option<Region>> {
@@ -236,9 +219,9 @@ mod tests {
     #[test]
     fn test_add_rejects_overlap_and_remove_matches() {
         let mut t = MemTable::default();
-        t.add(region(0, 0x2000, 0x1000_0000)).expect("add");
+        t.add_shared(region(0, 0x2000, 0x1000_0000)).expect("add");
         assert!(matches!(
-            t.add(region(0x1000, 0x1000, 0x2000_0000)),
+            t.add_shared(region(0x1000, 0x1000, 0x2000_0000)),
             Err(Error::RegionOverlap { .. })
         ));
         let d = RegionDesc {
@@ -247,9 +230,10 @@ mod tests {
             uaddr: 0x1000_0000,
             offset: 0x5000,
         };
-        assert!(t.remove(&d).is_ok());
+        // The offset is not compared, as the protocol says.
+        assert!(t.release(&d).expect("remove").is_some());
         assert_eq!(t.len(), 0);
-        assert!(matches!(t.remove(&d), Err(Error::NoSuchRegion { .. })));
+        assert!(matches!(t.release(&d), Err(Error::NoSuchRegion { .. })));
     }
 
     #[test]
