@@ -277,6 +277,7 @@ pub struct Harness {
     mem: Arc<Memory>,
     vrings: Vec<(u16, Arc<std::sync::Mutex<crate::queue::Vring>>)>,
     rings: Vec<DriverRing>,
+    park_on_miss: bool,
 }
 
 /// Errors setting up a [`Harness`].
@@ -352,7 +353,18 @@ impl Harness {
             mem,
             vrings,
             rings,
+            park_on_miss: true,
         })
+    }
+
+    /// Chooses how a buffer address outside the mapped memory is treated.
+    /// By default (`false`) the harness behaves like IOTLB translation
+    /// (`ACCESS_PLATFORM`): a miss is resolvable, so the queue parks and the
+    /// chain is offered again. With `true` it behaves like the frontend's
+    /// memory table: the address is the driver's error, the framework
+    /// completes the head with length 0 and the queue goes on.
+    pub fn set_memory_table_mode(&mut self, on: bool) {
+        self.park_on_miss = !on;
     }
 
     /// The memory (device address = offset).
@@ -379,7 +391,7 @@ impl Harness {
         let mut queues = crate::queue::Queues {
             vrings: &self.vrings,
             dma: crate::dma::Dma::from_section(&section),
-            park_on_miss: false,
+            park_on_miss: self.park_on_miss,
         };
         worker.process_queue(index, &mut queues)
     }
@@ -395,7 +407,7 @@ impl Harness {
         let mut queues = crate::queue::Queues {
             vrings: &self.vrings,
             dma: crate::dma::Dma::from_section(&section),
-            park_on_miss: false,
+            park_on_miss: self.park_on_miss,
         };
         worker.handle_event(token, &mut queues)
     }
