@@ -221,6 +221,19 @@ impl Chain {
     }
 }
 
+/// What one [`Queue::pop_burst`] did.
+#[derive(Debug, Default)]
+pub struct Burst {
+    /// Chains popped, in the first `popped` entries of the slice.
+    pub popped: usize,
+    /// Malformed chains the queue completed with length 0 (and counted).
+    pub bad: usize,
+    /// The error that ended the burst early, if any: a translation miss
+    /// (the queue is parked until the frontend maps the address) or a
+    /// failed ring.
+    pub error: Option<QueueError>,
+}
+
 /// Source of [`Queue`] epochs: each handed-out queue gets a distinct one.
 static EPOCH: AtomicU64 = AtomicU64::new(1);
 
@@ -806,21 +819,49 @@ impl<'a> Queue<'a> {
 
     /// Pops up to `chains.len()` chains into `chains` and returns how many.
     ///
-    /// A translation miss after some chains were popped ends the batch early
-    /// with the chains popped so far (the queue is parked and the framework
-    /// reports the miss); a miss on the first one is returned as an error,
-    /// like [`pop`](Queue::pop).
+    /// Any error after some chains were popped ends the batch early with the
+    /// chains popped so far, so none is lost (a miss parks the queue and the
+    /// framework reports it; a malformed chain was completed with length 0
+    /// and counted; a broken ring is not served again); an error on the first
+    /// one is returned, like [`pop`](Queue::pop). [`pop_burst`](Queue::pop_burst)
+    /// also skips malformed chains and hands back the error.
     pub fn pop_batch(&mut self, chains: &mut [Chain]) -> Result<usize> {
         let mut n = 0;
         for c in chains.iter_mut() {
             match self.pop(c) {
                 Ok(true) => n += 1,
                 Ok(false) => break,
-                Err(e) if n > 0 && e.dma_error().is_some_and(DmaError::is_miss) => break,
+                Err(_) if n > 0 => break,
                 Err(e) => return Err(e),
             }
         }
         Ok(n)
+    }
+
+    /// Pops a burst: up to `chains.len()` chains into `chains`, reading the
+    /// driver's avail index once (the fast path). Malformed chains are
+    /// completed with length 0 by the queue, skipped and counted in
+    /// [`Burst::bad`]. An error ends the burst early; the chains popped
+    /// before it are returned with it and must be completed as usual.
+    pub fn pop_burst(&mut self, chains: &mut [Chain]) -> Burst {
+        let mut burst = Burst::default();
+        // Every skipped chain consumed an avail entry: at most `size` of them.
+        let limit = chains.len() + usize::from(self.size());
+        for _ in 0..limit {
+            let Some(c) = chains.get_mut(burst.popped) else {
+                break;
+            };
+            match self.pop(c) {
+                Ok(true) => burst.popped += 1,
+                Ok(false) => break,
+                Err(QueueError::BadChain { .. }) => burst.bad += 1,
+                Err(e) => {
+                    burst.error = Some(e);
+                    break;
+                }
+            }
+        }
+        burst
     }
 
     fn complete_bad(&mut self, head: u16) {
@@ -1526,5 +1567,54 @@ mod tests {
         });
         assert_eq!(f.driver.used_idx().expect("idx"), 1);
         assert!(!f.vrings[0].1.lock().expect("lock").broken);
+    }
+
+    #[test]
+    fn test_pop_burst_skips_bad_chains_and_stops_at_a_miss() {
+        let mut f = fixture(false);
+        f.iommu
+            .ioas_map(f.ioas, &f.buf_mem, 0, 0x1000, Some(BUF_IOVA), Perm::RW)
+            .expect("map first page");
+        // good, loop, good, miss (IOTLB: parks), good
+        f.driver
+            .add_chain(&[Buf {
+                addr: BUF_IOVA,
+                len: 8,
+                writable: false,
+            }])
+            .expect("c0");
+        f.driver
+            .write_desc(1, BUF_IOVA, 8, crate::testing::VRING_DESC_F_NEXT, 1)
+            .expect("loop");
+        f.driver.push_avail(1).expect("avail");
+        f.driver.write_desc(2, BUF_IOVA, 8, 0, 0).expect("d2");
+        f.driver.push_avail(2).expect("avail");
+        f.driver
+            .write_desc(3, BUF_IOVA + 0x2000, 8, 0, 0)
+            .expect("d3");
+        f.driver.push_avail(3).expect("avail");
+        f.driver.write_desc(4, BUF_IOVA, 8, 0, 0).expect("d4");
+        f.driver.push_avail(4).expect("avail");
+        f.driver.publish().expect("publish");
+        let mut chains = vec![Chain::new(); 8];
+        with_queue(&f, |q| {
+            let mut q = q.expect("queue serving");
+            let b = q.pop_burst(&mut chains);
+            assert_eq!((b.popped, b.bad), (2, 1));
+            assert_eq!(
+                b.error
+                    .as_ref()
+                    .and_then(QueueError::dma_error)
+                    .and_then(DmaError::miss_address),
+                Some((BUF_IOVA + 0x2000, Access::Read))
+            );
+            assert_eq!((chains[0].head(), chains[1].head()), (0, 2));
+            for c in &chains[..2] {
+                q.add_used(c.head(), 0).expect("used");
+            }
+        });
+        assert_eq!(f.driver.used_idx().expect("idx"), 3, "loop + two good");
+        let v = f.vrings[0].1.lock().expect("lock");
+        assert_eq!(v.q.next_avail(), 3, "the missed chain is offered again");
     }
 }
