@@ -231,6 +231,7 @@ const HOT_WINDOW: u64 = 64 * 1024;
 
 /// A translation obtained earlier in the same section: `len` bytes at `iova`
 /// of `pasid` are contiguous host memory at `ptr`, allowed for `perm`.
+/// `len == 0`: an empty slot. `iova + len - 1` never overflows.
 #[derive(Clone, Copy)]
 struct Hot {
     pasid: Option<u32>,
@@ -238,6 +239,76 @@ struct Hot {
     len: u64,
     ptr: *mut u8,
     perm: Perm,
+}
+
+impl Hot {
+    const EMPTY: Hot = Hot {
+        pasid: None,
+        iova: 0,
+        len: 0,
+        ptr: std::ptr::null_mut(),
+        perm: Perm::from_bits_retain(0),
+    };
+}
+
+/// The translations a section remembers. It has no lifetime of its own, so
+/// a [`Dma`] handle refers to it directly (no dynamic dispatch) and answers
+/// repeated accesses inline. The ranges are kept apart from the rest of the
+/// entries so that a lookup scans two cache lines.
+pub(crate) struct HotCache {
+    /// Start of each run.
+    iova: [std::cell::Cell<u64>; HOT_ENTRIES],
+    /// Length of each run (0: empty slot).
+    len: [std::cell::Cell<u64>; HOT_ENTRIES],
+    entries: [std::cell::Cell<Hot>; HOT_ENTRIES],
+    next: std::cell::Cell<usize>,
+}
+
+impl HotCache {
+    fn new() -> HotCache {
+        HotCache {
+            iova: Default::default(),
+            len: Default::default(),
+            entries: std::array::from_fn(|_| std::cell::Cell::new(Hot::EMPTY)),
+            next: std::cell::Cell::new(0),
+        }
+    }
+
+    /// The remembered run holding `iova` for (`pasid`, `perm`), as the
+    /// fragment from `iova` to the run's end, at most `len` bytes.
+    #[inline(always)]
+    fn prefix(&self, pasid: Option<u32>, iova: u64, len: u64, perm: Perm) -> Option<Fragment> {
+        for i in 0..HOT_ENTRIES {
+            let off = iova.wrapping_sub(self.iova[i].get());
+            let run = self.len[i].get();
+            if off < run {
+                let h = self.entries[i].get();
+                if h.pasid == pasid && h.perm.contains(perm) {
+                    return Some(Fragment {
+                        ptr: h.ptr.wrapping_add(off as usize),
+                        len: len.min(run - off) as usize,
+                    });
+                }
+            }
+        }
+        None
+    }
+
+    /// The remembered run holding all of `iova..=last`, as one fragment.
+    #[inline]
+    fn whole(&self, pasid: Option<u32>, iova: u64, last: u64, perm: Perm) -> Option<Fragment> {
+        let len = last - iova + 1;
+        self.prefix(pasid, iova, len, perm)
+            .filter(|f| f.len as u64 == len)
+    }
+
+    fn remember(&self, h: Hot) {
+        let i = self.next.get() % HOT_ENTRIES;
+        self.iova[i].set(h.iova);
+        self.len[i].set(h.len);
+        self.entries[i].set(h);
+        self.next.set(i + 1);
+    }
 }
 
 /// One open access section of a translator, with its scratch storage.
@@ -253,8 +324,7 @@ pub(crate) struct Section<'t> {
     last_err: RefCell<Option<DmaError>>,
     /// Cause of the last failed [`SectionOps::contiguous`].
     contiguous_err: RefCell<Option<DmaError>>,
-    hot: RefCell<[Option<Hot>; HOT_ENTRIES]>,
-    hot_next: std::cell::Cell<usize>,
+    hot: HotCache,
     windows: std::cell::Cell<bool>,
 }
 
@@ -272,8 +342,7 @@ impl<'t> Section<'t> {
             frags: RefCell::new(Vec::new()),
             last_err: RefCell::new(None),
             contiguous_err: RefCell::new(None),
-            hot: RefCell::new([None; HOT_ENTRIES]),
-            hot_next: std::cell::Cell::new(0),
+            hot: HotCache::new(),
             windows: std::cell::Cell::new(speculate),
         }
     }
@@ -284,6 +353,8 @@ impl<'t> Section<'t> {
 pub(crate) trait SectionOps {
     /// The PASID handles made by [`Dma::from_section`] address.
     fn pasid(&self) -> Option<u32>;
+    /// The section's remembered translations.
+    fn hot(&self) -> &HotCache;
     fn translate_with(
         &self,
         at: Target,
@@ -320,17 +391,17 @@ impl Section<'_> {
     }
 
     fn remember(&self, h: Hot) {
-        let i = self.hot_next.get() % HOT_ENTRIES;
-        if let Ok(mut hot) = self.hot.try_borrow_mut() {
-            hot[i] = Some(h);
-        }
-        self.hot_next.set(i + 1);
+        self.hot.remember(h);
     }
 }
 
 impl SectionOps for Section<'_> {
     fn pasid(&self) -> Option<u32> {
         self.pasid
+    }
+
+    fn hot(&self) -> &HotCache {
+        &self.hot
     }
 
     fn translate_with(
@@ -348,22 +419,7 @@ impl SectionOps for Section<'_> {
             return Err(DmaError::Overflow { iova, len });
         };
         let perm = access.perm();
-        let hit = self.hot.try_borrow().ok().and_then(|hot| {
-            hot.iter().flatten().find_map(|h| {
-                // `h.len >= 1` and `h.iova + h.len - 1` did not overflow when stored.
-                (h.pasid == at.pasid
-                    && h.perm.contains(perm)
-                    && iova >= h.iova
-                    && last <= h.iova + (h.len - 1))
-                    .then(|| {
-                        let off = usize::try_from(iova - h.iova).unwrap_or(usize::MAX);
-                        Fragment {
-                            ptr: h.ptr.wrapping_add(off),
-                            len: usize::try_from(len).unwrap_or(usize::MAX),
-                        }
-                    })
-            })
-        });
+        let hit = self.hot.whole(at.pasid, iova, last, perm);
         if let Some(frag) = hit {
             return f(&[frag]);
         }
@@ -444,7 +500,26 @@ impl SectionOps for Section<'_> {
         };
         match r {
             // iommu-core returns at least one byte for `len >= 1`.
-            Ok(f) if f.len > 0 => f,
+            Ok(f) if f.len > 0 => {
+                // Remember the whole host-contiguous run from `iova` (a
+                // probe: no side effect; a hit of the entry just filled),
+                // so the handle answers later accesses to it inline.
+                let rest = u64::MAX - iova;
+                if rest > 0 {
+                    if let Ok(run) = acc.translate_contiguous_nofault(at.pasid, iova, rest, perm) {
+                        if run.ptr == f.ptr && run.len >= f.len {
+                            self.remember(Hot {
+                                pasid: at.pasid,
+                                iova,
+                                len: run.len as u64,
+                                ptr: run.ptr,
+                                perm,
+                            });
+                        }
+                    }
+                }
+                f
+            }
             Ok(_) => {
                 self.contiguous_failed(DmaError::NotMapped { iova, access });
                 failed
@@ -521,6 +596,7 @@ impl SectionOps for Section<'_> {
 #[derive(Clone, Copy)]
 pub struct Dma<'a> {
     ops: &'a (dyn SectionOps + 'a),
+    hot: &'a HotCache,
     at: Target,
 }
 
@@ -588,6 +664,7 @@ impl<'a> Dma<'a> {
     pub(crate) fn from_section(ops: &'a (dyn SectionOps + 'a)) -> Self {
         Dma {
             ops,
+            hot: ops.hot(),
             at: Target {
                 pasid: ops.pasid(),
                 probe: false,
@@ -671,7 +748,10 @@ impl<'a> Dma<'a> {
                 section: PhantomData,
             });
         }
-        let f = self.ops.contiguous(self.at, iova, len, access);
+        let f = match self.hot.prefix(self.at.pasid, iova, len, access.perm()) {
+            Some(f) => f,
+            None => self.ops.contiguous(self.at, iova, len, access),
+        };
         if f.len == 0 {
             return Err(self.ops.contiguous_error());
         }
@@ -1157,6 +1237,40 @@ mod tests {
         let mut b = [0u8; 4];
         r.m.read_at(0x10, &mut b).expect("read back");
         assert_eq!(&b, b"frag");
+    }
+
+    #[test]
+    fn test_remembered_runs_keep_pasid_permission_and_length() {
+        let r = fault_rig();
+        let mut tr = r.dev.translator();
+        // A speculating section over a fault-capable HWPT: a failed window
+        // must not raise; the access itself raises once.
+        let section = Section::new(&mut tr, Some(PASID), true);
+        let dma = Dma::from_section(&section);
+        let f = dma.fragment(P, 8, Access::Read).expect("first");
+        assert_eq!(f.len(), 8);
+        // Answered from the remembered run: up to the end of the area.
+        let g = dma.fragment(P + 16, 2 * P, Access::Read).expect("run");
+        assert_eq!(g.len() as u64, P - 16);
+        assert_eq!(g.as_ptr(), f.as_ptr().wrapping_add(16));
+        // The run was translated for read: a write is translated anew.
+        dma.fragment(P + 16, 4, Access::Write)
+            .expect("writable too");
+        let ro = dma
+            .fragment(2 * P, 4, Access::Read)
+            .expect("read-only page");
+        assert_eq!(ro.len(), 4);
+        assert!(dma.probe().fragment(2 * P + 8, 4, Access::Write).is_err());
+        assert_eq!(
+            dma.with_pasid(Some(PASID + 1))
+                .fragment(P + 16, 4, Access::Read)
+                .map(|f| f.len()),
+            Err(DmaError::Blocked)
+        );
+        let e = dma.read(3 * P + 8, &mut [0u8; 8]).expect_err("hole");
+        assert!(e.pending_fault().is_some(), "{e:?}");
+        drop(section);
+        assert_eq!(r.faults.stats().raised, 1, "speculation raised nothing");
     }
 
     #[test]
