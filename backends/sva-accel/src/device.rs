@@ -14,18 +14,18 @@
 
 use crate::desc::{opcode, CompletionRecord, Descriptor, OpCap, DESC_SIZE};
 use crate::engine::{self, CrWriteFailed, Job, Limits, Outcome, PageFault, Resume};
-use crate::iommu::IommuView;
+use crate::iommu::DmaView;
 use crate::proto::{self, Reader, Writer};
 use crate::shm;
 use crate::space::AddressSpace;
 use crate::wq::{Event, Portal, WqMode, MAX_WQ_SIZE, MIN_WQ_SIZE};
+use ioasis::dma::{Dma, FaultStatus, PendingFault, Translator};
 use ioasis::service::ServiceHandle;
 use ioasis::uring::record::{
     FAULT_FLAG_LAST_PAGE, FAULT_FLAG_PASID_VALID, FAULT_PERM_READ, FAULT_PERM_WRITE,
     PAGE_RESP_SUCCESS,
 };
 use ioasis::uring::{fault_channel_pair, FaultPump, FaultRecord, FaultSource, PageResponse};
-use iommu_core::{FaultStatus, PendingFault, Translator};
 use log::{debug, info, warn};
 use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
 use std::collections::{HashMap, VecDeque};
@@ -1071,9 +1071,8 @@ fn run_job_iommu(
     // Two rounds at most: a block without a fault queue to raise on is
     // answered Invalid at once (the device has no page request service).
     for _ in 0..2 {
-        let (out, failure) = {
-            let mut acc = tr.access();
-            let view = IommuView::new(&mut acc, c.pasid);
+        let (out, failure) = Dma::enter(tr, Some(c.pasid), |dma| {
+            let view = DmaView::new(dma);
             let out = engine::execute(&mut job, &view, &s.limits, resume, &mut |e| {
                 report(c, e, op)
             });
@@ -1081,7 +1080,7 @@ fn run_job_iommu(
                 write_record(c, &view, &job.desc, cr);
             }
             (out, view.take_failure())
-        };
+        });
         match out {
             Outcome::Complete(_) => {
                 finish(s, c);

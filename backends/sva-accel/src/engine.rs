@@ -65,6 +65,42 @@ pub unsafe trait DmaMemory {
     /// Translates the longest host-contiguous prefix of `[addr, addr + len)`.
     /// `len` is at least 1.
     fn translate(&self, addr: u64, len: u64, write: bool) -> Result<Fragment, PageFault>;
+
+    /// [`DmaMemory::translate`] for an access whose failure the device
+    /// reports itself (work without block on fault, completion records): it
+    /// must not raise an I/O page fault. Memory that never raises one keeps
+    /// the default.
+    fn translate_nofault(&self, addr: u64, len: u64, write: bool) -> Result<Fragment, PageFault> {
+        self.translate(addr, len, write)
+    }
+}
+
+/// A view of `M` whose translations never raise an I/O page fault
+/// ([`DmaMemory::translate_nofault`]).
+#[derive(Debug)]
+pub struct NoFault<'m, M: ?Sized>(pub &'m M);
+
+// SAFETY: forwards to `M`'s `translate_nofault`, which has the contract of
+// `translate` for the borrow of `M` this view holds.
+unsafe impl<M: DmaMemory + ?Sized> DmaMemory for NoFault<'_, M> {
+    #[inline]
+    fn translate(&self, addr: u64, len: u64, write: bool) -> Result<Fragment, PageFault> {
+        self.0.translate_nofault(addr, len, write)
+    }
+}
+
+/// Runs `d`'s operation; a descriptor without block on fault translates
+/// without raising I/O page faults (its failure is a partial completion).
+fn run_op_for<M: DmaMemory + ?Sized>(
+    d: &Descriptor,
+    mem: &M,
+    p: &mut Progress,
+) -> Result<CompletionRecord, PageFault> {
+    if d.flags & flags::BOF != 0 {
+        run_op(d, mem, p)
+    } else {
+        run_op(d, &NoFault(mem), p)
+    }
 }
 
 /// Device limits the engine enforces.
@@ -398,7 +434,7 @@ pub fn write_completion<M: DmaMemory + ?Sized>(
     }
     // A 32-byte aligned record never crosses a page, so one fragment holds it.
     let f = mem
-        .translate(addr, CR_SIZE as u64, true)
+        .translate_nofault(addr, CR_SIZE as u64, true)
         .map_err(|_| fail(status::CRA_XLAT))?;
     if f.len < CR_SIZE {
         return Err(fail(status::CRA_XLAT));
@@ -889,7 +925,7 @@ pub fn execute<M: DmaMemory + ?Sized>(
             status::PAGE_FAULT_IR,
         ));
     }
-    match run_op(&d, mem, &mut job.progress) {
+    match run_op_for(&d, mem, &mut job.progress) {
         Ok(cr) => Outcome::Complete(cr),
         Err(f) if d.flags & flags::BOF != 0 => {
             job.last_fault = f;
@@ -954,7 +990,7 @@ fn run_batch<M: DmaMemory + ?Sized>(
                     status::PAGE_FAULT_IR,
                 ))
             } else {
-                run_op(&md, mem, &mut mp)
+                run_op_for(&md, mem, &mut mp)
             };
             resume = Resume::Start;
             let cr = match r {
@@ -974,7 +1010,12 @@ fn run_batch<M: DmaMemory + ?Sized>(
         }
         let addr = job.desc.src + DESC_SIZE as u64 * u64::from(job.batch.next);
         let mut raw = [0u8; DESC_SIZE];
-        if let Err(f) = read_bytes(mem, addr, &mut raw) {
+        let read = if job.desc.flags & flags::BOF != 0 {
+            read_bytes(mem, addr, &mut raw)
+        } else {
+            read_bytes(&NoFault(mem), addr, &mut raw)
+        };
+        if let Err(f) = read {
             if job.desc.flags & flags::BOF != 0 {
                 job.blocked_on_list = true;
                 job.last_fault = f;

@@ -1,16 +1,20 @@
-//! Translation through iommu-core: the engine's [`DmaMemory`] over one
-//! access section of a worker's [`Translator`](iommu_core::Translator) for one PASID.
+//! Translation through the framework's DMA handle: the engine's
+//! [`DmaMemory`] over one access section of a worker's translator, for the
+//! client's PASID ([`ioasis::dma::Dma`], which translates through iommu-core
+//! for (device, PASID)).
 //!
-//! iommu-core translates a whole range or fails at its first untranslatable
-//! address, raising an I/O page fault when the HWPT has a fault queue. The
-//! engine wants the longest translatable prefix, so the view translates the
-//! prefix again up to the failing address, and remembers the failure so
-//! that the retry the engine makes at that address does not raise a second
-//! fault group.
+//! The engine asks for the longest host-contiguous prefix of a range, which
+//! is [`Dma::fragment`]. Work with block on fault translates in the handle's
+//! raising mode; work without it, and completion records, translate through
+//! the handle's probe ([`DmaMemory::translate_nofault`]), so their failures
+//! leave no fault group for the client to answer. The first failure is
+//! remembered, with the I/O page fault it raised (on a HWPT with a fault
+//! queue), so that the device can park the descriptor on it, and so that a
+//! retry at the same address does not raise a second fault group.
 
 use crate::engine::{DmaMemory, Fragment, PageFault};
-use iommu_core::{Access, Error as IommuError, PendingFault, Perm};
-use std::cell::RefCell;
+use ioasis::dma::{Access, Dma, PendingFault};
+use std::cell::{Cell, RefCell};
 
 /// The first translation failure seen in a view.
 #[derive(Debug, Clone)]
@@ -19,75 +23,98 @@ pub struct Failure {
     pub addr: u64,
     /// Whether the access was a write.
     pub write: bool,
+    /// The access could raise a fault or report an event (not a probe).
+    pub raised: bool,
     /// The raised fault, when the HWPT has a fault queue.
     pub pending: Option<PendingFault>,
 }
 
-/// A [`DmaMemory`] over an iommu-core access section for one PASID.
+/// A [`DmaMemory`] over a framework DMA handle (one access section, one
+/// PASID).
 #[derive(Debug)]
-pub struct IommuView<'a, 't> {
-    acc: RefCell<&'a mut Access<'t>>,
-    pasid: u32,
+pub struct DmaView<'a> {
+    dma: Dma<'a>,
+    /// A failure is recorded (checked before `failure` on every access).
+    failed: Cell<bool>,
     failure: RefCell<Option<Failure>>,
 }
 
-impl<'a, 't> IommuView<'a, 't> {
-    /// A view of `pasid` inside the open section `acc`.
-    pub fn new(acc: &'a mut Access<'t>, pasid: u32) -> Self {
-        IommuView {
-            acc: RefCell::new(acc),
-            pasid,
+impl<'a> DmaView<'a> {
+    /// A view through `dma` (its PASID, in its mode).
+    pub fn new(dma: Dma<'a>) -> Self {
+        DmaView {
+            dma,
+            failed: Cell::new(false),
             failure: RefCell::new(None),
         }
     }
 
     /// Takes the first failure seen.
     pub fn take_failure(&self) -> Option<Failure> {
+        self.failed.set(false);
         self.failure.borrow_mut().take()
     }
-}
 
-// SAFETY: fragments come from iommu-core's translation inside the access
-// section this view borrows for its whole life; iommu-core keeps them
-// valid (and unmaps wait) until the section ends, checked `perm`, and
-// returns at most `len` bytes.
-unsafe impl DmaMemory for IommuView<'_, '_> {
-    fn translate(&self, addr: u64, len: u64, write: bool) -> Result<Fragment, PageFault> {
-        if let Some(f) = self.failure.borrow().as_ref() {
-            if f.addr == addr {
-                // Already failed (and possibly raised) here: not again.
-                return Err(PageFault {
-                    addr,
-                    write: f.write,
-                });
+    #[inline]
+    fn translate_in(
+        &self,
+        dma: Dma<'a>,
+        addr: u64,
+        len: u64,
+        write: bool,
+    ) -> Result<Fragment, PageFault> {
+        let probe = dma.is_probe();
+        if self.failed.get() {
+            if let Some(f) = self.failure.borrow().as_ref() {
+                if f.addr == addr && (f.raised || probe) {
+                    // Already failed (and raised or reported) here: not again.
+                    return Err(PageFault {
+                        addr,
+                        write: f.write,
+                    });
+                }
             }
         }
-        let perm = if write { Perm::WRITE } else { Perm::READ };
-        let res =
-            self.acc
-                .borrow_mut()
-                .translate_contiguous(Some(self.pasid), addr, len.max(1), perm);
-        match res {
-            Ok(f) => Ok(Fragment {
-                ptr: f.ptr,
-                len: f.len.clamp(1, len.max(1) as usize),
+        let access = if write { Access::Write } else { Access::Read };
+        let len = len.max(1);
+        match dma.fragment(addr, len, access) {
+            Ok(f) if !f.is_empty() => Ok(Fragment {
+                ptr: f.as_ptr(),
+                len: f.len().min(len as usize),
             }),
-            Err(e) => {
-                let pending = match e {
-                    IommuError::FaultRaised { pending, .. } => Some(pending),
-                    _ => None,
-                };
+            r => {
+                let pending = r.err().and_then(|e| e.pending_fault().cloned());
                 let mut slot = self.failure.borrow_mut();
-                if slot.is_none() {
+                // Keep the first failure, unless a raising access fails after
+                // probes did: the raised one is what the device parks on.
+                if slot.as_ref().is_none_or(|f| !f.raised && !probe) {
                     *slot = Some(Failure {
                         addr,
                         write,
+                        raised: !probe,
                         pending,
                     });
+                    self.failed.set(true);
                 }
                 Err(PageFault { addr, write })
             }
         }
+    }
+}
+
+// SAFETY: fragments come from the framework's DMA handle, whose access
+// section outlives the `'a` this view borrows it for; the section keeps
+// them valid (and unmaps wait) until it ends. The handle checked the
+// permission and returns a non-empty run of at most `len` bytes.
+unsafe impl DmaMemory for DmaView<'_> {
+    #[inline]
+    fn translate(&self, addr: u64, len: u64, write: bool) -> Result<Fragment, PageFault> {
+        self.translate_in(self.dma, addr, len, write)
+    }
+
+    #[inline]
+    fn translate_nofault(&self, addr: u64, len: u64, write: bool) -> Result<Fragment, PageFault> {
+        self.translate_in(self.dma.probe(), addr, len, write)
     }
 }
 
@@ -96,9 +123,8 @@ mod tests {
     use super::*;
     use crate::desc::{flags, status, Descriptor};
     use crate::engine::{execute, read_bytes, Job, Limits, Outcome, Resume};
-    use iommu_core::{
-        FaultStatus, HwptAlloc, Iommu, Memory, PageResponseCode, IOMMU_HWPT_ALLOC_PASID,
-    };
+    use ioasis::dma::{FaultStatus, PageResponseCode, Perm};
+    use iommu_core::{HwptAlloc, Iommu, Memory, IOMMU_HWPT_ALLOC_PASID};
 
     const PASID: u32 = 5;
     const BASE: u64 = 0x10_0000;
@@ -171,27 +197,79 @@ mod tests {
     fn test_prefix_up_to_the_hole_then_partial_completion() {
         let r = rig(false);
         let mut tr = r.dev.translator();
-        let mut acc = tr.access();
-        let view = IommuView::new(&mut acc, PASID);
-        let mut job = Job::new(fill(BASE + 0x1f00, 0x200, false));
-        let out = execute(
-            &mut job,
-            &view,
-            &Limits::default(),
-            Resume::Start,
-            &mut |_| {},
-        );
-        let Outcome::Complete(cr) = out else {
-            panic!("blocked without a fault queue")
-        };
-        assert_eq!(cr.status, status::PAGE_FAULT_NOBOF | status::WRITE);
-        assert_eq!((cr.bytes_completed, cr.fault_addr), (0x100, BASE + 0x2000));
-        let f = view.take_failure().expect("failure recorded");
-        assert!(f.pending.is_none());
-        let mut b = [0u8; 4];
-        read_bytes(&view, BASE + 0x1ffc, &mut b).expect("mapped");
-        assert_eq!(b, [1, 1, 1, 1]);
+        Dma::enter(&mut tr, Some(PASID), |dma| {
+            let view = DmaView::new(dma);
+            let mut job = Job::new(fill(BASE + 0x1f00, 0x200, false));
+            let out = execute(
+                &mut job,
+                &view,
+                &Limits::default(),
+                Resume::Start,
+                &mut |_| {},
+            );
+            let Outcome::Complete(cr) = out else {
+                panic!("blocked without a fault queue")
+            };
+            assert_eq!(cr.status, status::PAGE_FAULT_NOBOF | status::WRITE);
+            assert_eq!((cr.bytes_completed, cr.fault_addr), (0x100, BASE + 0x2000));
+            let f = view.take_failure().expect("failure recorded");
+            assert!(f.pending.is_none());
+            let mut b = [0u8; 4];
+            read_bytes(&view, BASE + 0x1ffc, &mut b).expect("mapped");
+            assert_eq!(b, [1, 1, 1, 1]);
+        });
         let _ = r.ioas;
+    }
+
+    #[test]
+    fn test_no_block_on_fault_and_records_raise_nothing() {
+        let r = rig(true);
+        let q = r.faults.as_ref().expect("queue");
+        let mut tr = r.dev.translator();
+        Dma::enter(&mut tr, Some(PASID), |dma| {
+            let view = DmaView::new(dma);
+            let mut d = fill(BASE + 0x1f00, 0x200, false);
+            d.flags |= flags::CRAV | flags::RCR;
+            d.completion_addr = BASE + 0x2020;
+            let mut job = Job::new(d);
+            let out = execute(
+                &mut job,
+                &view,
+                &Limits::default(),
+                Resume::Start,
+                &mut |_| {},
+            );
+            let Outcome::Complete(cr) = out else {
+                panic!("BOF=0 blocked")
+            };
+            assert_eq!(cr.status, status::PAGE_FAULT_NOBOF | status::WRITE);
+            assert_eq!(cr.fault_addr, BASE + 0x2000);
+            let f = view.take_failure().expect("failure recorded");
+            assert!(!f.raised && f.pending.is_none());
+            // The record's page is the hole too: not written, nothing raised.
+            let e = crate::engine::write_completion(&view, d.completion_addr, &cr)
+                .expect_err("unmapped record");
+            assert_eq!(e.code, status::CRA_XLAT);
+        });
+        assert_eq!(q.stats().raised, 0, "no fault group for the client");
+    }
+
+    #[test]
+    fn test_raising_after_probe_at_same_address_raises_once() {
+        let r = rig(true);
+        let q = r.faults.as_ref().expect("queue");
+        let mut tr = r.dev.translator();
+        let hole = BASE + 0x2000;
+        Dma::enter(&mut tr, Some(PASID), |dma| {
+            let view = DmaView::new(dma);
+            assert!(view.translate_nofault(hole, 8, true).is_err());
+            assert!(view.translate(hole, 8, true).is_err());
+            assert!(view.translate(hole, 8, true).is_err(), "not raised again");
+            assert!(view.translate_nofault(hole, 8, true).is_err());
+            let f = view.take_failure().expect("failure");
+            assert!(f.raised && f.pending.is_some());
+        });
+        assert_eq!(q.stats().raised, 1);
     }
 
     #[test]
@@ -201,9 +279,8 @@ mod tests {
         let mut tr = r.dev.translator();
         let mut job = Job::new(fill(BASE + 0x1f00, 0x200, true));
         job.desc.pasid = PASID;
-        let pending = {
-            let mut acc = tr.access();
-            let view = IommuView::new(&mut acc, PASID);
+        let pending = Dma::enter(&mut tr, Some(PASID), |dma| {
+            let view = DmaView::new(dma);
             let out = execute(
                 &mut job,
                 &view,
@@ -215,7 +292,7 @@ mod tests {
             view.take_failure()
                 .and_then(|f| f.pending)
                 .expect("fault raised")
-        };
+        });
         let mut recs = Vec::new();
         q.read_batch(&mut recs, 16).expect("read");
         assert_eq!(recs.len(), 1, "one fault group for one blocked descriptor");
@@ -235,21 +312,22 @@ mod tests {
         q.respond(recs[0].cookie, PageResponseCode::Success)
             .expect("respond");
         assert_eq!(pending.status(), FaultStatus::Success);
-        let mut acc = tr.access();
-        let view = IommuView::new(&mut acc, PASID);
-        let out = execute(
-            &mut job,
-            &view,
-            &Limits::default(),
-            Resume::Success,
-            &mut |_| {},
-        );
-        let Outcome::Complete(cr) = out else {
-            panic!("still blocked")
-        };
-        assert_eq!(cr.status, status::SUCCESS);
-        let mut b = [0u8; 2];
-        read_bytes(&view, BASE + 0x20fe, &mut b).expect("mapped");
-        assert_eq!(b, [1, 1]);
+        Dma::enter(&mut tr, Some(PASID), |dma| {
+            let view = DmaView::new(dma);
+            let out = execute(
+                &mut job,
+                &view,
+                &Limits::default(),
+                Resume::Success,
+                &mut |_| {},
+            );
+            let Outcome::Complete(cr) = out else {
+                panic!("still blocked")
+            };
+            assert_eq!(cr.status, status::SUCCESS);
+            let mut b = [0u8; 2];
+            read_bytes(&view, BASE + 0x20fe, &mut b).expect("mapped");
+            assert_eq!(b, [1, 1]);
+        });
     }
 }
