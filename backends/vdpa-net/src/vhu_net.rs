@@ -39,6 +39,9 @@ pub const VIRTIO_ID_NET: u32 = 1;
 pub const QUEUE_SIZE: u16 = 1024;
 /// Chains taken from a transmit queue, and frames from a port, per burst.
 pub const BURST: usize = 64;
+
+/// Receive chains popped at once when a frame needs more than are held.
+const RX_POP: usize = 32;
 /// Bursts one receive pass may move before it yields to other queues.
 const RX_BURSTS_PER_PASS: usize = 16;
 /// Bursts one transmit pass may move before it yields: a pass runs inside
@@ -441,6 +444,8 @@ pub(crate) struct PairEngine<C> {
     chain: C,
     /// Receive chains popped and not yet used, in ring order.
     rx_chains: Vec<C>,
+    /// Index in `rx_chains` of the first held chain.
+    rx_first: usize,
     rx_held: usize,
     ctrl_buf: Vec<u8>,
     warned: u64,
@@ -471,6 +476,7 @@ impl<C: ChainInfo> PairEngine<C> {
             tx_unacked: Vec::new(),
             chain: C::default(),
             rx_chains: Vec::new(),
+            rx_first: 0,
             rx_held: 0,
             ctrl_buf: vec![0u8; MAX_CTRL_LEN],
             warned: 0,
@@ -657,6 +663,7 @@ impl<C: ChainInfo> PairEngine<C> {
         let guest_csum = self.features.has(net::VIRTIO_NET_F_GUEST_CSUM);
         let filter = &self.filter;
         let chains = &mut self.rx_chains;
+        let first = &mut self.rx_first;
         let held = &mut self.rx_held;
         let (mut pkts, mut bytes, mut drops, mut errors) = (0u64, 0u64, 0u64, 0u64);
         let mut stop = RxStop::Port;
@@ -686,36 +693,38 @@ impl<C: ChainInfo> PairEngine<C> {
             // Gather enough chains: those held from an earlier frame first.
             let mut cap = 0usize;
             let mut k = 0usize;
-            let mut bad_pops = 0usize;
             while cap < total && k < MAX_MERGED_BUFFERS {
                 if k == *held {
-                    if chains.len() <= k {
-                        // Warm-up only: grows to the most buffers one frame needed.
+                    // Pop a burst of receive chains behind the held ones.
+                    if *held == 0 {
+                        *first = 0;
+                    }
+                    let mut end = *first + *held;
+                    if chains.len() < end + RX_POP && *first > 0 {
+                        // Move the held chains to the front (rare: a frame
+                        // that needed more than the chains left).
+                        chains[..end].rotate_left(*first);
+                        *first = 0;
+                        end = *held;
+                    }
+                    // Warm-up only: grows to the most chains held at once.
+                    while chains.len() < end + RX_POP {
                         chains.push(C::default());
                     }
-                    match q.pop(&mut chains[k]) {
-                        Ok(true) => *held += 1,
-                        Ok(false) => {
-                            stop = RxStop::NoBuffers;
-                            return false;
+                    let b = q.pop_burst(&mut chains[end..end + RX_POP]);
+                    // The queue completed malformed chains with length 0.
+                    errors += b.bad as u64;
+                    *held += b.popped;
+                    if b.popped == 0 {
+                        match b.error {
+                            Some(e) => fatal = Some(e),
+                            None => stop = RxStop::NoBuffers,
                         }
-                        Err(QueueError::BadChain { .. }) => {
-                            errors += 1;
-                            bad_pops += 1;
-                            // Each one consumed an entry of the ring: bounded.
-                            if bad_pops > QUEUE_SIZE as usize {
-                                stop = RxStop::NoBuffers;
-                                return false;
-                            }
-                            continue;
-                        }
-                        Err(e) => {
-                            fatal = Some(e);
-                            return false;
-                        }
+                        return false;
                     }
+                    // An error after some chains recurs at the next pop.
                 }
-                let c = &chains[k];
+                let c = &chains[*first + k];
                 // A chain with readable buffers is not a receive buffer; it
                 // contributes no room and is completed empty with the frame.
                 let w = if c.readable_len() == 0 {
@@ -733,15 +742,15 @@ impl<C: ChainInfo> PairEngine<C> {
                 // Too small without merging, or more buffers than allowed:
                 // the chains go back empty and the frame is dropped.
                 for j in 0..k {
-                    if let Err(e) = q.add_used(chains[j].head(), 0) {
+                    if let Err(e) = q.add_used(chains[*first + j].head(), 0) {
                         // Forget the ones completed: never complete twice.
-                        chains[..*held].rotate_left(j);
+                        *first += j;
                         *held -= j;
                         fatal = Some(e);
                         return false;
                     }
                 }
-                chains[..*held].rotate_left(k);
+                *first += k;
                 *held -= k;
                 completed += k;
                 drops += 1;
@@ -765,7 +774,7 @@ impl<C: ChainInfo> PairEngine<C> {
             };
             let mut start = 0usize;
             for j in 0..k {
-                let c = &chains[j];
+                let c = &chains[*first + j];
                 let room = if c.readable_len() == 0 {
                     usize::try_from(c.writable_len()).unwrap_or(usize::MAX)
                 } else {
@@ -780,14 +789,14 @@ impl<C: ChainInfo> PairEngine<C> {
                 if let Err(e) = r.and_then(|()| q.add_used(c.head(), w as u32)) {
                     // The queue failed under us (it is parked or broken now):
                     // forget the chains already completed, never twice.
-                    chains[..*held].rotate_left(j);
+                    *first += j;
                     *held -= j;
                     fatal = Some(e);
                     return false;
                 }
                 start += w;
             }
-            chains[..*held].rotate_left(k);
+            *first += k;
             *held -= k;
             completed += k;
             pkts += 1;
