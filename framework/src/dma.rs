@@ -741,6 +741,20 @@ impl<'a> Dma<'a> {
     /// cache. A zero `len` gives an empty fragment.
     #[inline]
     pub fn fragment(&self, iova: u64, len: u64, access: Access) -> Result<DmaFragment<'a>> {
+        match self.hot.prefix(self.at.pasid, iova, len, access.perm()) {
+            Some(f) if len != 0 => Ok(DmaFragment {
+                ptr: f.ptr,
+                len: f.len,
+                section: PhantomData,
+            }),
+            _ => self.fragment_slow(iova, len, access),
+        }
+    }
+
+    /// [`Dma::fragment`] past the remembered runs: asks iommu-core.
+    #[cold]
+    #[inline(never)]
+    fn fragment_slow(&self, iova: u64, len: u64, access: Access) -> Result<DmaFragment<'a>> {
         if len == 0 {
             return Ok(DmaFragment {
                 ptr: std::ptr::NonNull::dangling().as_ptr(),
@@ -748,10 +762,7 @@ impl<'a> Dma<'a> {
                 section: PhantomData,
             });
         }
-        let f = match self.hot.prefix(self.at.pasid, iova, len, access.perm()) {
-            Some(f) => f,
-            None => self.ops.contiguous(self.at, iova, len, access),
-        };
+        let f = self.ops.contiguous(self.at, iova, len, access);
         if f.len == 0 {
             return Err(self.ops.contiguous_error());
         }
