@@ -13,7 +13,7 @@
 //! retry at the same address does not raise a second fault group.
 
 use crate::engine::{DmaMemory, Fragment, PageFault};
-use ioasis::dma::{Access, Dma, PendingFault};
+use ioasis::dma::{Access, Dma, DmaError, PendingFault};
 use std::cell::{Cell, RefCell};
 
 /// The first translation failure seen in a view.
@@ -82,23 +82,28 @@ impl<'a> DmaView<'a> {
                 ptr: f.as_ptr(),
                 len: f.len().min(len as usize),
             }),
-            r => {
-                let pending = r.err().and_then(|e| e.pending_fault().cloned());
-                let mut slot = self.failure.borrow_mut();
-                // Keep the first failure, unless a raising access fails after
-                // probes did: the raised one is what the device parks on.
-                if slot.as_ref().is_none_or(|f| !f.raised && !probe) {
-                    *slot = Some(Failure {
-                        addr,
-                        write,
-                        raised: !probe,
-                        pending,
-                    });
-                    self.failed.set(true);
-                }
-                Err(PageFault { addr, write })
-            }
+            r => Err(self.fail(addr, write, probe, r.err())),
         }
+    }
+
+    /// Records a failure (the first one, or a raised one after probes).
+    #[cold]
+    #[inline(never)]
+    fn fail(&self, addr: u64, write: bool, probe: bool, e: Option<DmaError>) -> PageFault {
+        let pending = e.and_then(|e| e.pending_fault().cloned());
+        let mut slot = self.failure.borrow_mut();
+        // Keep the first failure, unless a raising access fails after
+        // probes did: the raised one is what the device parks on.
+        if slot.as_ref().is_none_or(|f| !f.raised && !probe) {
+            *slot = Some(Failure {
+                addr,
+                write,
+                raised: !probe,
+                pending,
+            });
+            self.failed.set(true);
+        }
+        PageFault { addr, write }
     }
 }
 
