@@ -231,7 +231,7 @@ const HOT_WINDOW: u64 = 64 * 1024;
 
 /// A translation obtained earlier in the same section: `len` bytes at `iova`
 /// of `pasid` are contiguous host memory at `ptr`, allowed for `perm`.
-/// `len == 0`: an empty slot. `iova + len - 1` never overflows.
+/// `iova + len - 1` never overflows.
 #[derive(Clone, Copy)]
 struct Hot {
     pasid: Option<u32>,
@@ -241,11 +241,17 @@ struct Hot {
     perm: Perm,
 }
 
-impl Hot {
-    const EMPTY: Hot = Hot {
+/// What a [`HotCache`] slot keeps besides its range.
+#[derive(Clone, Copy)]
+struct HotTarget {
+    pasid: Option<u32>,
+    ptr: *mut u8,
+    perm: Perm,
+}
+
+impl HotTarget {
+    const EMPTY: HotTarget = HotTarget {
         pasid: None,
-        iova: 0,
-        len: 0,
         ptr: std::ptr::null_mut(),
         perm: Perm::from_bits_retain(0),
     };
@@ -260,7 +266,7 @@ pub(crate) struct HotCache {
     iova: [std::cell::Cell<u64>; HOT_ENTRIES],
     /// Length of each run (0: empty slot).
     len: [std::cell::Cell<u64>; HOT_ENTRIES],
-    entries: [std::cell::Cell<Hot>; HOT_ENTRIES],
+    entries: [std::cell::Cell<HotTarget>; HOT_ENTRIES],
     next: std::cell::Cell<usize>,
 }
 
@@ -269,7 +275,7 @@ impl HotCache {
         HotCache {
             iova: Default::default(),
             len: Default::default(),
-            entries: std::array::from_fn(|_| std::cell::Cell::new(Hot::EMPTY)),
+            entries: std::array::from_fn(|_| std::cell::Cell::new(HotTarget::EMPTY)),
             next: std::cell::Cell::new(0),
         }
     }
@@ -306,7 +312,11 @@ impl HotCache {
         let i = self.next.get() % HOT_ENTRIES;
         self.iova[i].set(h.iova);
         self.len[i].set(h.len);
-        self.entries[i].set(h);
+        self.entries[i].set(HotTarget {
+            pasid: h.pasid,
+            ptr: h.ptr,
+            perm: h.perm,
+        });
         self.next.set(i + 1);
     }
 }
@@ -493,33 +503,36 @@ impl SectionOps for Section<'_> {
             return failed;
         };
         let perm = access.perm();
-        let r = if at.probe {
-            acc.translate_contiguous_nofault(at.pasid, iova, len, perm)
-        } else {
-            acc.translate_contiguous(at.pasid, iova, len, perm)
+        // Ask for the whole host-contiguous run from `iova` without side
+        // effects: a success is the same in both modes, and the run is
+        // remembered, so the handle answers later accesses to it inline.
+        let rest = (u64::MAX - iova).saturating_add(1);
+        let r = match acc.translate_contiguous_nofault(at.pasid, iova, rest, perm) {
+            Ok(run) if run.len > 0 => {
+                self.remember(Hot {
+                    pasid: at.pasid,
+                    iova,
+                    len: run.len as u64,
+                    ptr: run.ptr,
+                    perm,
+                });
+                return Fragment {
+                    ptr: run.ptr,
+                    len: run.len.min(usize::try_from(len).unwrap_or(usize::MAX)),
+                };
+            }
+            Ok(_) => Err(iommu_core::Error::Unmapped {
+                pasid: at.pasid,
+                iova,
+            }),
+            Err(e) if at.probe => Err(e),
+            // Raising: translate again with the access's own length, so
+            // that the fault group (or event) covers what it needs.
+            Err(_) => acc.translate_contiguous(at.pasid, iova, len, perm),
         };
         match r {
-            // iommu-core returns at least one byte for `len >= 1`.
-            Ok(f) if f.len > 0 => {
-                // Remember the whole host-contiguous run from `iova` (a
-                // probe: no side effect; a hit of the entry just filled),
-                // so the handle answers later accesses to it inline.
-                let rest = u64::MAX - iova;
-                if rest > 0 {
-                    if let Ok(run) = acc.translate_contiguous_nofault(at.pasid, iova, rest, perm) {
-                        if run.ptr == f.ptr && run.len >= f.len {
-                            self.remember(Hot {
-                                pasid: at.pasid,
-                                iova,
-                                len: run.len as u64,
-                                ptr: run.ptr,
-                                perm,
-                            });
-                        }
-                    }
-                }
-                f
-            }
+            // Mapped meanwhile (maps do not wait for sections).
+            Ok(f) if f.len > 0 => f,
             Ok(_) => {
                 self.contiguous_failed(DmaError::NotMapped { iova, access });
                 failed
