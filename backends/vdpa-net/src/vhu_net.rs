@@ -6,12 +6,15 @@
 //! pair's port endpoint while the device runs and gives it back when the
 //! frontend stops or disconnects; the control queue rides on thread 0.
 //!
-//! Transmit: pop up to a burst of chains, copy each into a reused packet
-//! buffer (12-byte header first), complete the heads, hand the batch to the
-//! port, notify once. Receive: take frames from the port as long as the
-//! receive queue has buffers, merging buffers with VIRTIO_NET_F_MRG_RXBUF;
-//! chains popped for a frame that then does not fit stay with the worker for
-//! the next frame, so no head is ever lost or completed twice. When the driver
+//! Transmit: pop a burst of chains (`Queue::pop_burst`: one avail-index read),
+//! copy each into a reused packet buffer (12-byte header first), complete the
+//! heads, hand the batch to the port, notify once (the used index is
+//! published once). Receive: take frames from the port as long as the
+//! receive queue has buffers, popping receive chains 32 at a time and
+//! merging buffers with VIRTIO_NET_F_MRG_RXBUF; chains popped but not used
+//! yet stay with the worker for the next frames, so no head is ever lost or
+//! completed twice (a chain kept past its access section is read and written
+//! through a fresh translation, its cached host fragments being stale). When the driver
 //! has no receive buffers the port's readiness is switched off until the
 //! driver kicks the receive queue.
 
