@@ -27,8 +27,10 @@
 //! completion record it cannot write).
 //!
 //! [`Dma::fragment`] is the allocation-free hot path of such devices: the
-//! first host-contiguous run of a range, straight from the translator's
-//! cache. [`Dma::copy`] moves bytes between two device addresses.
+//! first host-contiguous run of a range, answered inline from the runs the
+//! section has already translated, else (one dynamic call) from the
+//! translator's cache or the IOAS. [`Dma::copy`] moves bytes between two
+//! device addresses.
 //!
 //! `Dma` also implements vm-memory's [`GuestMemory`](vm_memory::GuestMemory)
 //! (the IOVA-aware trait of vm-memory 0.18), which is how virtio-queue walks
@@ -750,8 +752,11 @@ impl<'a> Dma<'a> {
     /// The first host-contiguous run of `iova..iova+len`: it starts at
     /// `iova` and holds at most `len` bytes (fewer when the range goes on
     /// in another host buffer, or another area). Zero-copy and
-    /// allocation-free; a warm translation is a lookup in the translator's
-    /// cache. A zero `len` gives an empty fragment.
+    /// allocation-free: an address inside a run the section already
+    /// translated (for this PASID and permission) is answered inline; else
+    /// the whole run is asked of iommu-core once, without side effects, and
+    /// remembered, and only if that fails does a raising handle translate
+    /// again to raise the fault. A zero `len` gives an empty fragment.
     #[inline]
     pub fn fragment(&self, iova: u64, len: u64, access: Access) -> Result<DmaFragment<'a>> {
         match self.hot.prefix(self.at.pasid, iova, len, access.perm()) {
