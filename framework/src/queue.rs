@@ -270,7 +270,7 @@ impl Rings {
         // SAFETY: the avail area was translated for at least 4 + 2 * size
         // bytes and is 2-aligned (checked when the rings were mapped); it
         // stays mapped until the section ends, after the queue is dropped.
-        let v = unsafe { std::ptr::read_volatile(self.avail.add(2).cast::<u16>()) };
+        let v = unsafe { std::ptr::read_volatile(self.avail.wrapping_add(2).cast::<u16>()) };
         fence(Ordering::Acquire);
         u16::from_le(v)
     }
@@ -287,7 +287,7 @@ impl Rings {
         let off = 4 + 2 * usize::from(slot);
         // SAFETY: slot < size, so the entry is inside the translated
         // 4 + 2 * size bytes; 2-aligned.
-        u16::from_le(unsafe { std::ptr::read_volatile(self.avail.add(off).cast::<u16>()) })
+        u16::from_le(unsafe { std::ptr::read_volatile(self.avail.wrapping_add(off).cast::<u16>()) })
     }
 
     /// `used_event` (the avail ring's trailing field); only with `EVENT_IDX`,
@@ -297,7 +297,7 @@ impl Rings {
         let off = 4 + 2 * usize::from(self.size);
         // SAFETY: with EVENT_IDX the avail area was translated for
         // 4 + 2 * size + 2 bytes; 2-aligned.
-        u16::from_le(unsafe { std::ptr::read_volatile(self.avail.add(off).cast::<u16>()) })
+        u16::from_le(unsafe { std::ptr::read_volatile(self.avail.wrapping_add(off).cast::<u16>()) })
     }
 
     /// Descriptor `i`; `i < size`.
@@ -306,7 +306,11 @@ impl Rings {
         // SAFETY: i < size, the table was translated for 16 * size bytes
         // and is 16-aligned (checked when mapped).
         let d = unsafe {
-            std::ptr::read_volatile(self.desc.add(16 * usize::from(i)).cast::<RawDesc>())
+            std::ptr::read_volatile(
+                self.desc
+                    .wrapping_add(16 * usize::from(i))
+                    .cast::<RawDesc>(),
+            )
         };
         RawDesc {
             addr: u64::from_le(d.addr),
@@ -323,9 +327,11 @@ impl Rings {
         // SAFETY: slot < size, so the 8-byte element is inside the used area
         // translated for write for 4 + 8 * size bytes; it is 4-aligned (the
         // area is, checked when mapped).
-        unsafe { std::ptr::write_volatile(self.used.add(off).cast::<u32>(), id.to_le()) };
+        unsafe { std::ptr::write_volatile(self.used.wrapping_add(off).cast::<u32>(), id.to_le()) };
         // SAFETY: as above, the element's second half.
-        unsafe { std::ptr::write_volatile(self.used.add(off + 4).cast::<u32>(), len.to_le()) };
+        unsafe {
+            std::ptr::write_volatile(self.used.wrapping_add(off + 4).cast::<u32>(), len.to_le())
+        };
     }
 
     /// Publishes `used->idx` after the elements written before (release).
@@ -333,7 +339,7 @@ impl Rings {
     fn publish_used(&self, idx: u16) {
         fence(Ordering::Release);
         // SAFETY: offset 2 of the used area, translated for write, 4-aligned.
-        unsafe { std::ptr::write_volatile(self.used.add(2).cast::<u16>(), idx.to_le()) };
+        unsafe { std::ptr::write_volatile(self.used.wrapping_add(2).cast::<u16>(), idx.to_le()) };
     }
 }
 
@@ -1020,8 +1026,8 @@ impl<'a> Queue<'a> {
                     // is only reached through raw pointers, so no overlap.
                     unsafe {
                         std::ptr::copy_nonoverlapping(
-                            (f.addr as *const u8).add(at),
-                            buf.as_mut_ptr().add(done),
+                            (f.addr as *const u8).wrapping_add(at),
+                            buf.as_mut_ptr().wrapping_add(done),
                             n,
                         )
                     }
@@ -1068,8 +1074,8 @@ impl<'a> Queue<'a> {
                     // distinct Rust slice.
                     unsafe {
                         std::ptr::copy_nonoverlapping(
-                            data.as_ptr().add(done),
-                            (f.addr as *mut u8).add(at),
+                            data.as_ptr().wrapping_add(done),
+                            (f.addr as *mut u8).wrapping_add(at),
                             n,
                         )
                     }
