@@ -163,6 +163,63 @@ fn test_added_memory_region_serves_buffers_and_removal_unmaps() {
 }
 
 #[test]
+fn test_identical_memory_region_added_twice_is_shared() {
+    let dev = EchoDevice::new(1);
+    let srv = TestServer::start(vec![("echo", dev)]);
+    let (mut fe, _raw) = connect(&srv.socket("echo"), 1);
+    let guest = Guest::new();
+    handshake(&mut fe, &guest, FEATURES);
+    let mut q = setup_queue(&mut fe, &guest, 0, RING_OFF, guest.gpa, guest.va(0));
+    let extra = iommu_core::Memory::anonymous("extra", 0x10000).expect("extra");
+    let extra_gpa = 0x8000_0000u64;
+    let region = VhostUserMemoryRegionInfo {
+        guest_phys_addr: extra_gpa,
+        memory_size: 0x10000,
+        userspace_addr: extra.as_ptr() as u64,
+        mmap_offset: 0,
+        mmap_handle: std::os::fd::AsRawFd::as_raw_fd(&extra.fd().expect("fd")),
+    };
+    // QEMU with several queue pairs sends every region once per pair.
+    fe.add_mem_region(&region).expect("add region");
+    fe.add_mem_region(&region).expect("the same region again");
+    // A different region overlapping it is still refused.
+    let overlap = VhostUserMemoryRegionInfo {
+        guest_phys_addr: extra_gpa + 0x8000,
+        ..region
+    };
+    assert!(fe.add_mem_region(&overlap).is_err());
+    // One removal leaves it mapped for the other user.
+    fe.remove_mem_region(&region).expect("first removal");
+    extra.write_at(0, b"far").expect("write");
+    q.ring
+        .add_chain(&[
+            Buf {
+                addr: extra_gpa,
+                len: 3,
+                writable: false,
+            },
+            Buf {
+                addr: extra_gpa + 0x100,
+                len: 16,
+                writable: true,
+            },
+        ])
+        .expect("chain");
+    q.ring.publish().expect("publish");
+    q.kick.write(1).expect("kick");
+    wait_used(&q, 1);
+    let mut out = [0u8; 3];
+    extra.read_at(0x100, &mut out).expect("read");
+    assert_eq!(&out, b"far", "still mapped after one of two removals");
+    fe.remove_mem_region(&region).expect("last removal");
+    assert!(
+        fe.remove_mem_region(&region).is_err(),
+        "gone after the last"
+    );
+    assert_eq!(fe.get_queue_num().expect("still connected"), 1);
+}
+
+#[test]
 fn test_status_and_reset_device() {
     let dev = EchoDevice::new(1);
     let counters = dev.counters.clone();
