@@ -12,11 +12,15 @@
 //! # Ok(()) }
 //! ```
 //!
+//! - Connection: [`Client::connect`] sets up, through the daemon's
+//!   `/dev/iommu` service, an IOAS and a PASID of the device on a HWPT with
+//!   a fault queue, and binds that PASID at the device: every device access
+//!   is translated by iommu-core for (device, PASID).
 //! - Memory: [`Client::alloc`] creates a sealed memfd, maps it in this
-//!   process at some address A and registers it with the device at device
-//!   address A, so descriptors carry our own pointers (shared virtual
-//!   addressing). [`Client::alloc_lazy`] leaves registration for later, for
-//!   example for a page fault handler.
+//!   process at some address A and maps it into the IOAS at IOVA A, so
+//!   descriptors carry our own pointers (shared virtual addressing).
+//!   [`Client::alloc_lazy`] leaves registration for later, for example for
+//!   a page fault handler.
 //! - Synchronous operations ([`Client::mem_move`], [`Client::fill`], ...),
 //!   asynchronous submission ([`Client::submit`] → [`Handle::wait`]), a batch
 //!   builder ([`Client::batch`]).
@@ -275,6 +279,14 @@ impl std::fmt::Debug for Registrar {
     }
 }
 
+/// The `/dev/iommu` service socket a daemon at `device` hosts by default:
+/// `<device>.iommu`.
+pub fn iommu_socket_of(device: &Path) -> std::path::PathBuf {
+    let mut p = device.as_os_str().to_owned();
+    p.push(".iommu");
+    std::path::PathBuf::from(p)
+}
+
 fn dial(path: &Path) -> Result<OwnedFd> {
     let cerr = |source| ClientError::Connect {
         path: path.display().to_string(),
@@ -373,7 +385,8 @@ impl Buffer {
         self.registered.load(Ordering::Acquire)
     }
 
-    /// Registers the buffer with the device at its own address.
+    /// Makes the buffer reachable by the device at its own address (maps it
+    /// into the IOAS; own-space mode: registers it with the device).
     pub fn register(&self) -> Result<()> {
         self.register_prefix(self.len())
     }
@@ -495,15 +508,49 @@ impl Drop for Handle<'_> {
 }
 
 impl Client {
-    /// Connects with default options.
+    /// Connects with default options (see [`Client::connect_with`]).
     pub fn connect(path: impl AsRef<Path>) -> Result<Client> {
         Client::connect_with(path, Options::default())
     }
 
-    /// Connects: HELLO, map the portal, register the completion record
-    /// pool, start the fault thread. Memory is registered with the device
-    /// itself, which keeps this client's address space.
+    /// Connects to the daemon at `path` through its `/dev/iommu` service at
+    /// [`iommu_socket_of`]`(path)`: sets up an IOAS, a PASID of the
+    /// daemon's device on a HWPT with a fault queue, and maps every buffer
+    /// into the IOAS at the client's own address. Every device access is
+    /// then translated by iommu-core for (device, PASID), and I/O page
+    /// faults arrive over the service's fault queue.
+    ///
+    /// The device is the one the service offers (the daemon offers
+    /// exactly one; [`crate::device::DEFAULT_LABEL`] when several).
     pub fn connect_with(path: impl AsRef<Path>, opts: Options) -> Result<Client> {
+        let path = path.as_ref();
+        let service = iommu_socket_of(path);
+        let what = "device lookup";
+        let mut svc = ioasis::service::Client::connect(&service)
+            .map_err(|source| ClientError::Service { what, source })?;
+        let labels = svc
+            .devices()
+            .map_err(|source| ClientError::Service { what, source })?;
+        let label = match labels.as_slice() {
+            [one] => one.clone(),
+            _ if labels.iter().any(|l| l == crate::device::DEFAULT_LABEL) => {
+                crate::device::DEFAULT_LABEL.to_owned()
+            }
+            _ => return Err(ClientError::Protocol(what)),
+        };
+        Client::connect_session(path, svc, &label, opts)
+    }
+
+    /// Connects in the daemon's "own address space" mode: memory is
+    /// registered with the device itself (sealed memfds sent over the
+    /// control socket), which keeps this client's address space and
+    /// translates there. **Not isolated by iommu-core**: no IOAS, no PASID
+    /// attachment, no HWPT or fault queue of the `/dev/iommu` service; the
+    /// daemon's own table is the only check. Kept for comparison (the
+    /// benchmark's `--own-space`) and for daemons without a service;
+    /// [`Client::connect_with`] is the path that meets the device's
+    /// isolation model.
+    pub fn connect_own_space(path: impl AsRef<Path>, opts: Options) -> Result<Client> {
         let sock = dial(path.as_ref())?;
         let hello = Writer::default()
             .u32(proto::OP_HELLO)
@@ -527,8 +574,21 @@ impl Client {
         opts: Options,
     ) -> Result<Client> {
         let what = "iommu service setup";
+        let svc = ioasis::service::Client::connect(service.as_ref())
+            .map_err(|source| ClientError::Service { what, source })?;
+        Client::connect_session(device.as_ref(), svc, label, opts)
+    }
+
+    /// Over service session `svc`: IOAS, PASID of `label`, fault queue,
+    /// HWPT with it, attach on the PASID; then binds the PASID at `device`.
+    fn connect_session(
+        device: &Path,
+        mut svc: ioasis::service::Client,
+        label: &str,
+        opts: Options,
+    ) -> Result<Client> {
+        let what = "iommu service setup";
         let serr = |source| ClientError::Service { what, source };
-        let mut svc = ioasis::service::Client::connect(service.as_ref()).map_err(serr)?;
         let ioas = svc.ioas_alloc().map_err(serr)?;
         let pasid = svc.pasid_alloc(label).map_err(serr)?;
         let (fault_id, channel) = svc.fault_queue_alloc().map_err(serr)?;

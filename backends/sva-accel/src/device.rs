@@ -10,7 +10,9 @@
 //!
 //! Isolation: a descriptor's PASID is the one bound to the portal it came
 //! through (its own pasid field is overwritten) and it only ever translates
-//! in that client's [`AddressSpace`]. Batch members inherit the batch's.
+//! for that PASID through iommu-core (or, for own-address-space clients a
+//! device accepts only with [`DeviceConfig::own_space`], in that client's
+//! [`AddressSpace`]). Batch members inherit the batch's.
 
 use crate::desc::{opcode, CompletionRecord, Descriptor, OpCap, DESC_SIZE};
 use crate::engine::{self, CrWriteFailed, Job, Limits, Outcome, PageFault, Resume};
@@ -169,6 +171,12 @@ pub struct DeviceConfig {
     /// Highest portal priority a client may ask for (1..=15); requests
     /// above it are lowered to it.
     pub max_priority: u8,
+    /// Also accept clients in "own address space" mode (memory registered
+    /// with the device over its control socket, translated in a table the
+    /// device keeps itself). Off by default: such clients are **not**
+    /// isolated by iommu-core, only by that table. Without it every client
+    /// binds a PASID it attached through the `/dev/iommu` service.
+    pub own_space: bool,
 }
 
 impl Default for DeviceConfig {
@@ -181,6 +189,7 @@ impl Default for DeviceConfig {
             max_xfer: 1 << 31,
             max_batch: 1024,
             max_priority: 15,
+            own_space: false,
         }
     }
 }
@@ -307,8 +316,9 @@ pub struct Device {
 }
 
 impl Device {
-    /// Starts the workers of a device that serves clients on their own
-    /// address spaces (memory registered with the device directly).
+    /// Starts the workers of a device without a `/dev/iommu` binding: it
+    /// can only serve own-address-space clients, so `cfg.own_space` must
+    /// be set (otherwise every client is refused with `EPERM`).
     pub fn start(cfg: DeviceConfig) -> Result<Device> {
         Device::start_with(cfg, None)
     }
@@ -568,6 +578,11 @@ fn hello(
     };
     let mut session = 0u64;
     let iommu_pasid = match version {
+        proto::VERSION if !s.cfg.own_space => {
+            warn!("own-address-space client refused (the device is not started with own_space)");
+            reply(conn, -libc::EPERM, &[], &[]);
+            return None;
+        }
         proto::VERSION => None,
         proto::VERSION_IOMMU => {
             let (Some(sid), Some(pasid)) = (r.u64(), r.u32()) else {

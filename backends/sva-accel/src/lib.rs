@@ -11,10 +11,12 @@
 //! (block-on-fault off) or parks it and raises an I/O page fault that the
 //! client answers (block-on-fault on).
 //!
-//! Two ways to share memory: the client registers memfds with the device,
-//! which keeps the client's address space ([`space`]); or the client sets up
-//! an IOAS and a PASID through the `/dev/iommu` service of the framework and
-//! every access is translated by iommu-core ([`iommu`]).
+//! Memory is shared through the framework's `/dev/iommu` service: the
+//! client sets up an IOAS mirroring its own addresses and a PASID of the
+//! device on a fault-capable HWPT, and every device access is translated by
+//! iommu-core for (device, PASID) ([`iommu`]). A daemon started with
+//! `--own-space` also accepts clients whose memfds it maps into a table of
+//! its own ([`space`]); that mode is not isolated by iommu-core.
 
 #![deny(missing_docs)]
 

@@ -1,4 +1,6 @@
-//! A client's address space as the device sees it: the client's memfd
+//! Own-address-space mode only ([`crate::device::DeviceConfig::own_space`],
+//! not isolated by iommu-core): a client's address space as the device sees
+//! it, kept by the device itself: the client's memfd
 //! regions, each mapped into the daemon and placed at the device address
 //! (IOVA) the client chose, which is the client's own pointer to it.
 //!

@@ -7,7 +7,7 @@ mod common;
 
 use common::{pattern, Daemon};
 use std::os::fd::AsFd;
-use sva_accel::client::{ops, Client};
+use sva_accel::client::{ops, Client, ClientError, Options};
 use sva_accel::desc::{flags, opcode, status, Descriptor};
 use sva_accel::proto::{self, Reader, Writer};
 
@@ -174,7 +174,24 @@ fn status_of(
 
 #[test]
 fn test_control_protocol_rejects_bad_input() {
-    let d = Daemon::shared();
+    // By default the daemon only binds PASIDs attached through its
+    // /dev/iommu service: an own-address-space HELLO is refused.
+    let strict = Daemon::shared();
+    let s = raw_connect(&strict.socket);
+    let own_hello = Writer::default()
+        .u32(proto::OP_HELLO)
+        .u32(0)
+        .u32(proto::VERSION)
+        .u32(1)
+        .0;
+    assert_eq!(status_of(&s, &own_hello, &[]), (-libc::EPERM, 0));
+    match Client::connect_own_space(&strict.socket, Options::default()) {
+        Err(ClientError::Refused { errno, .. }) => assert_eq!(errno, libc::EPERM),
+        other => panic!("own-space client accepted: {other:?}"),
+    }
+    // The rest speaks the own-space protocol (MAP/UNMAP of memfds), which
+    // only a daemon started with --own-space accepts.
+    let d = Daemon::start(&["--workers", "1", "--own-space"]);
     // MAP before HELLO closes the connection with EPROTO.
     let s = raw_connect(&d.socket);
     let map = Writer::default()
@@ -255,4 +272,39 @@ fn test_control_protocol_rejects_bad_input() {
             .status,
         status::SUCCESS
     );
+}
+
+#[test]
+fn test_own_space_mode_is_opt_in_and_isolated() {
+    let d = Daemon::start(&["--workers", "1", "--own-space"]);
+    let victim = Client::connect_own_space(&d.socket, Options::default()).expect("connect");
+    let attacker = Client::connect_own_space(&d.socket, Options::default()).expect("connect");
+    assert!(!victim.is_iommu_mode() && victim.ioas().is_none());
+    assert_ne!(victim.pasid(), attacker.pasid());
+    let secret = victim.alloc(8192).expect("alloc");
+    secret.write(0, &pattern(8192, 3));
+    let loot = attacker.alloc(8192).expect("alloc");
+    let cr = attacker
+        .mem_move(loot.addr(), secret.addr(), 8192)
+        .expect("run");
+    assert_eq!(
+        (cr.status, cr.fault_addr),
+        (status::PAGE_FAULT_NOBOF, secret.addr())
+    );
+    assert_eq!(loot.to_vec(0, 8192), vec![0u8; 8192]);
+    // Its own memory works, and lazy registration too.
+    let lazy = victim.alloc_lazy(8192).expect("lazy");
+    let cr = victim
+        .mem_move(lazy.addr(), secret.addr(), 8192)
+        .expect("run");
+    assert_eq!(cr.status, status::PAGE_FAULT_NOBOF | status::WRITE);
+    lazy.register().expect("register");
+    let cr = victim
+        .mem_move(lazy.addr(), secret.addr(), 8192)
+        .expect("run");
+    assert_eq!(cr.status, status::SUCCESS);
+    assert!(lazy.to_vec(0, 8192) == pattern(8192, 3), "copied");
+    // Clients of the default path connect to the same daemon alongside.
+    let c = Client::connect(&d.socket).expect("connect");
+    assert!(c.is_iommu_mode());
 }
