@@ -14,12 +14,13 @@
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use iommu_core::Translator;
 use log::{debug, error, warn};
+use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{Device, DeviceError, EventRegistrar, Worker};
@@ -36,6 +37,9 @@ const DEVICE_BIT: u64 = 1 << 63;
 const RETRY_MS: i32 = 10;
 /// Events handled per epoll_wait.
 const MAX_EVENTS: usize = 64;
+/// Most worker calls in one final pass of a queue (each consumes at least one
+/// buffer, or the pass ends).
+const FINAL_PASS_CALLS: usize = 1024;
 
 /// Tags a device-owned event token.
 pub(crate) fn device_token(token: u64) -> u64 {
@@ -57,12 +61,53 @@ pub(crate) struct ConnShared {
 struct Ctl {
     event: EventFd,
     stop: AtomicBool,
+    /// Final passes the connection thread asked for.
+    drain: Mutex<Drain>,
+    /// Signalled when the worker finished a round of final passes.
+    drained: Condvar,
+}
+
+/// Final-pass bookkeeping of one worker thread.
+///
+/// The connection thread adds queues to `requested`; the worker takes the
+/// whole set at once (bumping `taken`), runs a final pass on each, then sets
+/// `finished` to the round it took. A request added when `taken` was `t` is
+/// served by round `t + 1` at the latest, so it is complete once
+/// `finished >= t + 1`.
+#[derive(Debug, Default)]
+struct Drain {
+    /// Queue bits whose final pass was asked for and not yet taken.
+    requested: u64,
+    /// Rounds taken by the worker.
+    taken: u64,
+    /// Last round whose passes are complete.
+    finished: u64,
+}
+
+fn lock_drain(m: &Mutex<Drain>) -> MutexGuard<'_, Drain> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
 }
 
 #[derive(Debug)]
 struct Thread {
     ctl: Arc<Ctl>,
+    /// Queues this thread serves (bit i: queue i).
+    mask: u64,
     handle: Option<JoinHandle<()>>,
+}
+
+/// How a final pass on a queue ended (see [`WorkerSet::final_pass`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FinalPass {
+    /// The owning worker processed what the queue had available.
+    Done,
+    /// No running worker thread serves the queue.
+    NoWorker,
+    /// The worker did not answer in time.
+    TimedOut,
 }
 
 /// The running worker threads of one connection.
@@ -127,6 +172,8 @@ impl WorkerSet {
             let ctl = Arc::new(Ctl {
                 event,
                 stop: AtomicBool::new(false),
+                drain: Mutex::new(Drain::default()),
+                drained: Condvar::new(),
             });
             let mut runner = Runner {
                 thread,
@@ -150,6 +197,7 @@ impl WorkerSet {
                 })?;
             set.threads.push(Thread {
                 ctl,
+                mask: *mask,
                 handle: Some(handle),
             });
         }
@@ -164,6 +212,50 @@ impl WorkerSet {
                 warn!("waking worker: {e}");
             }
         }
+    }
+
+    /// Asks the worker that serves queue `index` to process what the queue
+    /// has available one last time, and waits up to `timeout` for it.
+    ///
+    /// The caller must hold no vring lock: the worker takes it. The worker
+    /// never waits on the caller. The pass leaves the queue running; the
+    /// caller stops it afterwards (under the vring lock, so nothing the
+    /// worker consumes after the pass escapes the caller's reading of the
+    /// ring state).
+    pub fn final_pass(&self, index: u16, timeout: Duration) -> FinalPass {
+        let Some(bit) = 1u64.checked_shl(u32::from(index)) else {
+            return FinalPass::NoWorker;
+        };
+        let Some(t) = self.threads.iter().find(|t| t.mask & bit != 0) else {
+            return FinalPass::NoWorker;
+        };
+        if t.handle.as_ref().is_none_or(|h| h.is_finished()) {
+            return FinalPass::NoWorker;
+        }
+        let target = {
+            let mut d = lock_drain(&t.ctl.drain);
+            d.requested |= bit;
+            d.taken + 1
+        };
+        if let Err(e) = t.ctl.event.write(1) {
+            warn!("queue {index}: waking its worker for a final pass: {e}");
+        }
+        let deadline = Instant::now() + timeout;
+        let mut d = lock_drain(&t.ctl.drain);
+        while d.finished < target {
+            let now = Instant::now();
+            if now >= deadline {
+                // A pass the worker did not take yet is withdrawn; one it
+                // took is harmless (the queue is still running).
+                d.requested &= !bit;
+                return FinalPass::TimedOut;
+            }
+            d = match t.ctl.drained.wait_timeout(d, deadline - now) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        FinalPass::Done
     }
 
     /// Stops and joins every worker thread.
@@ -308,6 +400,7 @@ impl Runner {
                     if self.ctl.stop.load(Ordering::SeqCst) {
                         return;
                     }
+                    self.final_passes();
                     self.sync_kicks(&epoll);
                     self.process_all();
                 } else if token & DEVICE_BIT != 0 {
@@ -354,6 +447,52 @@ impl Runner {
                 Err(e) => error!("worker {}: cloning kick of queue {index}: {e}", self.thread),
             }
         }
+    }
+
+    /// Runs the final passes the connection thread asked for and tells it.
+    fn final_passes(&mut self) {
+        let (requested, round) = {
+            let mut d = lock_drain(&self.ctl.drain);
+            if d.requested == 0 {
+                return;
+            }
+            d.taken += 1;
+            (std::mem::take(&mut d.requested), d.taken)
+        };
+        for i in 0..self.vrings.len() {
+            let index = self.vrings[i].0;
+            if 1u64
+                .checked_shl(u32::from(index))
+                .is_some_and(|bit| requested & bit != 0)
+            {
+                self.final_pass(i);
+            }
+        }
+        lock_drain(&self.ctl.drain).finished = round;
+        self.ctl.drained.notify_all();
+    }
+
+    /// Processes queue `self.vrings[i]` until a call consumes nothing more
+    /// (a device may handle only part of a ring per call), the queue stops
+    /// serving (parked, failed) or the call bound is reached.
+    fn final_pass(&mut self, i: usize) {
+        let index = self.vrings[i].0;
+        let mut last = None;
+        for _ in 0..FINAL_PASS_CALLS {
+            let (serving, next) = {
+                let v = lock(&self.vrings[i].1);
+                (v.serving(), v.q.next_avail())
+            };
+            if !serving || last == Some(next) {
+                return;
+            }
+            last = Some(next);
+            self.process(index);
+        }
+        debug!(
+            "worker {}: queue {index} still consuming after {FINAL_PASS_CALLS} final calls",
+            self.thread
+        );
     }
 
     fn process_all(&mut self) {

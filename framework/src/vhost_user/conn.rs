@@ -20,7 +20,7 @@ use super::owner::{RidOwnership, SharedRings};
 use super::{Error, Result};
 use crate::device::Device;
 use crate::queue::Vring;
-use crate::worker::{ConnShared, WorkerSet};
+use crate::worker::{ConnShared, FinalPass, WorkerSet};
 
 /// `VIRTIO_F_VERSION_1`.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -103,6 +103,9 @@ pub(crate) struct Connection {
     shared: Arc<ConnShared>,
     workers: Option<WorkerSet>,
 }
+
+/// How long a ring's stop waits for the worker's final pass over it.
+const FINAL_PASS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn lock(m: &Mutex<Vring>) -> MutexGuard<'_, Vring> {
     match m.lock() {
@@ -239,6 +242,24 @@ impl Connection {
     fn wake_workers(&self) {
         if let Some(w) = &self.workers {
             w.wake();
+        }
+    }
+
+    /// Has the worker serving queue `index` process what the ring has
+    /// available before the ring stops or is disabled. A ring that is not
+    /// being served (not started, disabled, parked on a translation miss,
+    /// failed) or has no worker is left as it is. Waits at most
+    /// [`FINAL_PASS_TIMEOUT`] and holds no vring lock meanwhile.
+    fn final_pass(&self, index: u16, why: &str) {
+        let Some(w) = &self.workers else { return };
+        if !self.vring(index).serving() {
+            return;
+        }
+        match w.final_pass(index, FINAL_PASS_TIMEOUT) {
+            FinalPass::Done | FinalPass::NoWorker => {}
+            FinalPass::TimedOut => warn!(
+                "queue {index}: {why}: the worker did not finish processing the ring within {FINAL_PASS_TIMEOUT:?}; stopping it with buffers possibly unprocessed"
+            ),
         }
     }
 
@@ -456,6 +477,10 @@ impl Connection {
                 Ok(None)
             }
             Request::GetVringBase { index } => {
+                // Buffers the driver made available before stopping the ring
+                // count as sent on its side: process them before the ring
+                // stops, so the returned base covers them.
+                self.final_pass(index, "GET_VRING_BASE");
                 let base = {
                     let mut v = self.vring(index);
                     v.started = false;
@@ -509,6 +534,11 @@ impl Connection {
                 Ok(None)
             }
             Request::SetVringEnable { index, enable } => {
+                if !enable {
+                    // A disabled ring is not processed: finish what the
+                    // driver already made available first.
+                    self.final_pass(index, "SET_VRING_ENABLE 0");
+                }
                 self.vring(index).enabled = enable;
                 self.wake_workers();
                 Ok(None)
