@@ -236,8 +236,10 @@ pub struct ClientStats {
 
 #[derive(Debug)]
 struct Inner {
-    ctrl: Mutex<OwnedFd>,
-    reg: Option<Registrar>,
+    /// The device connection: held open for the client's lifetime (closing
+    /// it unbinds the PASID at the device).
+    _ctrl: OwnedFd,
+    reg: Registrar,
     portal: Mutex<ClientPortal>,
     info: DeviceInfo,
     doorbell: OwnedFd,
@@ -256,7 +258,6 @@ pub struct Client {
     inner: Arc<Inner>,
     crs: Arc<Buffer>,
     fault_thread: Option<JoinHandle<()>>,
-    iommu_mode: bool,
 }
 
 /// Where memory registration goes.
@@ -315,28 +316,6 @@ pub struct Buffer {
     registered_len: AtomicU64,
 }
 
-fn request(
-    inner: &Inner,
-    what: &'static str,
-    msg: &[u8],
-    fds: &[std::os::fd::BorrowedFd<'_>],
-) -> Result<Vec<u8>> {
-    let ctrl = inner.ctrl.lock().map_err(|_| ClientError::Protocol(what))?;
-    proto::send(ctrl.as_fd(), msg, fds).map_err(|source| ClientError::Socket { what, source })?;
-    let pkt = proto::recv(ctrl.as_fd())
-        .map_err(|source| ClientError::Socket { what, source })?
-        .ok_or(ClientError::Socket {
-            what,
-            source: nix::errno::Errno::ECONNRESET,
-        })?;
-    let mut r = Reader::new(&pkt.data);
-    let st = r.i32().ok_or(ClientError::Protocol(what))?;
-    if st != 0 {
-        return Err(ClientError::Refused { what, errno: -st });
-    }
-    Ok(pkt.data[8.min(pkt.data.len())..].to_vec())
-}
-
 impl Buffer {
     /// Device address (and our own address) of the first byte.
     pub fn addr(&self) -> u64 {
@@ -386,7 +365,7 @@ impl Buffer {
     }
 
     /// Makes the buffer reachable by the device at its own address (maps it
-    /// into the IOAS; own-space mode: registers it with the device).
+    /// into the IOAS).
     pub fn register(&self) -> Result<()> {
         self.register_prefix(self.len())
     }
@@ -398,31 +377,18 @@ impl Buffer {
         if self.is_registered() {
             return Ok(());
         }
-        if let Some(Registrar::Service { svc, ioas }) = &self.inner.reg {
-            let what = "ioas map";
-            let mut svc = svc.lock().map_err(|_| ClientError::Protocol(what))?;
-            svc.ioas_map(
-                *ioas,
-                self.fd.as_fd(),
-                0,
-                len,
-                Some(self.addr()),
-                MapPerm::ReadWrite,
-            )
-            .map_err(|source| ClientError::Service { what, source })?;
-            self.registered_len.store(len, Ordering::Release);
-            self.registered.store(true, Ordering::Release);
-            return Ok(());
-        }
-        let msg = Writer::default()
-            .u32(proto::OP_MAP)
-            .u32(0)
-            .u64(self.addr())
-            .u64(len)
-            .u64(0)
-            .u32(proto::MAP_WRITABLE)
-            .0;
-        request(&self.inner, "map", &msg, &[self.fd.as_fd()])?;
+        let Registrar::Service { svc, ioas } = &self.inner.reg;
+        let what = "ioas map";
+        let mut svc = svc.lock().map_err(|_| ClientError::Protocol(what))?;
+        svc.ioas_map(
+            *ioas,
+            self.fd.as_fd(),
+            0,
+            len,
+            Some(self.addr()),
+            MapPerm::ReadWrite,
+        )
+        .map_err(|source| ClientError::Service { what, source })?;
         self.registered_len.store(len, Ordering::Release);
         self.registered.store(true, Ordering::Release);
         Ok(())
@@ -434,24 +400,15 @@ impl Buffer {
         if !self.registered.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
-        if let Some(Registrar::Service { svc, ioas }) = &self.inner.reg {
-            let what = "ioas unmap";
-            let mut svc = svc.lock().map_err(|_| ClientError::Protocol(what))?;
-            svc.ioas_unmap(
-                *ioas,
-                self.addr(),
-                self.registered_len.load(Ordering::Acquire),
-            )
-            .map_err(|source| ClientError::Service { what, source })?;
-            return Ok(());
-        }
-        let msg = Writer::default()
-            .u32(proto::OP_UNMAP)
-            .u32(0)
-            .u64(self.addr())
-            .u64(self.registered_len.load(Ordering::Acquire))
-            .0;
-        request(&self.inner, "unmap", &msg, &[])?;
+        let Registrar::Service { svc, ioas } = &self.inner.reg;
+        let what = "ioas unmap";
+        let mut svc = svc.lock().map_err(|_| ClientError::Protocol(what))?;
+        svc.ioas_unmap(
+            *ioas,
+            self.addr(),
+            self.registered_len.load(Ordering::Acquire),
+        )
+        .map_err(|source| ClientError::Service { what, source })?;
         Ok(())
     }
 }
@@ -541,26 +498,6 @@ impl Client {
         Client::connect_session(path, svc, &label, opts)
     }
 
-    /// Connects in the daemon's "own address space" mode: memory is
-    /// registered with the device itself (sealed memfds sent over the
-    /// control socket), which keeps this client's address space and
-    /// translates there. **Not isolated by iommu-core**: no IOAS, no PASID
-    /// attachment, no HWPT or fault queue of the `/dev/iommu` service; the
-    /// daemon's own table is the only check. Kept for comparison (the
-    /// benchmark's `--own-space`) and for daemons without a service;
-    /// [`Client::connect_with`] is the path that meets the device's
-    /// isolation model.
-    pub fn connect_own_space(path: impl AsRef<Path>, opts: Options) -> Result<Client> {
-        let sock = dial(path.as_ref())?;
-        let hello = Writer::default()
-            .u32(proto::OP_HELLO)
-            .u32(0)
-            .u32(proto::VERSION)
-            .u32(u32::from(opts.priority))
-            .0;
-        Client::finish_connect(sock, &hello, opts, None)
-    }
-
     /// Connects through the `/dev/iommu` service at `service`: allocates an
     /// IOAS, reserves a PASID of device `label`, allocates a fault queue, a
     /// HWPT over the IOAS with that fault queue, attaches the device on the
@@ -630,25 +567,14 @@ impl Client {
             svc: Mutex::new(svc),
             ioas,
         };
-        let mut c = Client::finish_connect_mode(sock, &hello, opts, Some(reg), faults)?;
-        c.iommu_mode = true;
-        Ok(c)
+        Client::finish_connect(sock, &hello, opts, reg, faults)
     }
 
     fn finish_connect(
         sock: OwnedFd,
         hello: &[u8],
-        opts: Options,
-        reg: Option<Registrar>,
-    ) -> Result<Client> {
-        Client::finish_connect_mode(sock, hello, opts, reg, None)
-    }
-
-    fn finish_connect_mode(
-        sock: OwnedFd,
-        hello: &[u8],
         mut opts: Options,
-        reg: Option<Registrar>,
+        reg: Registrar,
         faults: Option<FaultChannel>,
     ) -> Result<Client> {
         let what = "hello";
@@ -672,8 +598,7 @@ impl Client {
         }
         let priority = r.u32().map_or(opts.priority, |p| p.min(15) as u8);
         let wq_mode = WqMode::from_u32(mode).ok_or(ClientError::Protocol(what))?;
-        let want_fds = if reg.is_some() { 3 } else { 4 };
-        if !(2..=crate::wq::MAX_WQ_SIZE).contains(&wq_size) || pkt.fds.len() != want_fds {
+        if !(2..=crate::wq::MAX_WQ_SIZE).contains(&wq_size) || pkt.fds.len() != 3 {
             return Err(ClientError::Protocol(what));
         }
         let mut fds = pkt.fds.into_iter();
@@ -682,10 +607,7 @@ impl Client {
         else {
             return Err(ClientError::Protocol(what));
         };
-        let channel = match (fds.next(), faults) {
-            (Some(fd), _) => Some(FaultChannel::new(fd).map_err(ClientError::FaultChannel)?),
-            (None, ch) => ch,
-        };
+        let channel = faults;
         let portal =
             ClientPortal::new(&portal_fd, wq_size).map_err(|source| ClientError::Setup {
                 what: "portal mapping",
@@ -702,7 +624,7 @@ impl Client {
             priority,
         };
         let inner = Arc::new(Inner {
-            ctrl: Mutex::new(sock),
+            _ctrl: sock,
             reg,
             portal: Mutex::new(portal),
             info,
@@ -737,32 +659,27 @@ impl Client {
             inner,
             crs,
             fault_thread,
-            iommu_mode: false,
         })
     }
 
-    /// Whether device accesses are translated by iommu-core (memory mapped
-    /// through the service) rather than by the device's own table.
+    /// Whether device accesses are translated by iommu-core: always, since
+    /// every client maps its memory through the `/dev/iommu` service.
     pub fn is_iommu_mode(&self) -> bool {
-        self.iommu_mode
+        true
     }
 
-    /// The IOAS buffers are mapped into (iommu mode).
+    /// The IOAS buffers are mapped into (always `Some`).
     pub fn ioas(&self) -> Option<u32> {
-        self.inner
-            .reg
-            .as_ref()
-            .map(|Registrar::Service { ioas, .. }| *ioas)
+        let Registrar::Service { ioas, .. } = &self.inner.reg;
+        Some(*ioas)
     }
 
-    /// Runs `f` with the `/dev/iommu` service session this client uses
-    /// (iommu mode), for example to map or unmap memory of other devices
-    /// sharing the IOAS. `None` in own-address-space mode.
+    /// Runs `f` with the `/dev/iommu` service session this client uses, for
+    /// example to map or unmap memory of other devices sharing the IOAS.
+    /// `None` only if the session's lock was poisoned.
     pub fn with_service<T>(&self, f: impl FnOnce(&mut ioasis::service::Client) -> T) -> Option<T> {
-        match &self.inner.reg {
-            Some(Registrar::Service { svc, .. }) => svc.lock().ok().map(|mut g| f(&mut g)),
-            None => None,
-        }
+        let Registrar::Service { svc, .. } = &self.inner.reg;
+        svc.lock().ok().map(|mut g| f(&mut g))
     }
 
     /// What the device reported at connect time.

@@ -5,35 +5,29 @@
 //! - workers (configurable, default cores - 1, at least 1): take parked work
 //!   that was answered, then descriptors from portals in priority order; spin
 //!   a short adaptive while when idle, then sleep on the doorbell eventfd;
-//! - one acceptor; one control thread per client (map/unmap requests and
-//!   the fault channel pump).
+//! - one acceptor; one control thread per client (HELLO, then it only
+//!   watches the connection: memory is mapped and faults are delivered
+//!   through the `/dev/iommu` service).
 //!
 //! Isolation: a descriptor's PASID is the one bound to the portal it came
 //! through (its own pasid field is overwritten) and it only ever translates
-//! for that PASID through iommu-core (or, for own-address-space clients a
-//! device accepts only with [`DeviceConfig::own_space`], in that client's
-//! [`AddressSpace`]). Batch members inherit the batch's.
+//! for that PASID, through iommu-core (the framework's DMA handle). Batch
+//! members inherit the batch's.
 
 use crate::desc::{opcode, CompletionRecord, Descriptor, OpCap, DESC_SIZE};
-use crate::engine::{self, CrWriteFailed, Job, Limits, Outcome, PageFault, Resume};
+use crate::engine::{self, CrWriteFailed, Job, Limits, Outcome, Resume};
 use crate::iommu::DmaView;
 use crate::proto::{self, Reader, Writer};
 use crate::shm;
-use crate::space::AddressSpace;
 use crate::wq::{Event, Portal, WqMode, MAX_WQ_SIZE, MIN_WQ_SIZE};
 use ioasis::dma::{Dma, FaultStatus, PendingFault, Translator};
 use ioasis::service::ServiceHandle;
-use ioasis::uring::record::{
-    FAULT_FLAG_LAST_PAGE, FAULT_FLAG_PASID_VALID, FAULT_PERM_READ, FAULT_PERM_WRITE,
-    PAGE_RESP_SUCCESS,
-};
-use ioasis::uring::{fault_channel_pair, FaultPump, FaultRecord, FaultSource, PageResponse};
 use log::{debug, info, warn};
 use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -41,9 +35,6 @@ use thiserror::Error;
 
 /// Device id carried in fault records.
 pub const DEV_ID: u32 = 1;
-/// Bound on parked (block-on-fault) descriptors per client; further blocks
-/// are answered Invalid at once.
-pub const MAX_PARKED: usize = 64;
 /// Bound on connected clients.
 pub const MAX_CLIENTS: usize = 256;
 /// Bound on dedicated queues (one per client in dedicated mode).
@@ -54,8 +45,6 @@ pub const SPIN_MIN: Duration = Duration::from_micros(20);
 pub const SPIN_MAX: Duration = Duration::from_millis(1);
 /// Descriptors a worker takes from a portal at once.
 const POP_MAX: usize = 32;
-/// Largest PASID (20 bits).
-const MAX_PASID: u32 = (1 << 20) - 1;
 
 /// Errors of the device.
 #[derive(Debug, Error)]
@@ -171,12 +160,6 @@ pub struct DeviceConfig {
     /// Highest portal priority a client may ask for (1..=15); requests
     /// above it are lowered to it.
     pub max_priority: u8,
-    /// Also accept clients in "own address space" mode (memory registered
-    /// with the device over its control socket, translated in a table the
-    /// device keeps itself). Off by default: such clients are **not**
-    /// isolated by iommu-core, only by that table. Without it every client
-    /// binds a PASID it attached through the `/dev/iommu` service.
-    pub own_space: bool,
 }
 
 impl Default for DeviceConfig {
@@ -189,7 +172,6 @@ impl Default for DeviceConfig {
             max_xfer: 1 << 31,
             max_batch: 1024,
             max_priority: 15,
-            own_space: false,
         }
     }
 }
@@ -234,8 +216,6 @@ pub struct ClientStats {
     pub faults_answered: AtomicU64,
     /// Events (completion records not written).
     pub events: AtomicU64,
-    /// Blocks answered Invalid at once because too many were parked.
-    pub park_overflows: AtomicU64,
 }
 
 /// One connected client.
@@ -245,28 +225,19 @@ pub struct ClientCtx {
     pub pasid: u32,
     priority: u8,
     portal: Portal,
-    /// The client's address space.
-    pub space: AddressSpace,
     completion_efd: OwnedFd,
     /// This client's doorbell (each client its own, so that one client
     /// draining its eventfd cannot swallow another's wake-ups).
     doorbell_efd: OwnedFd,
     dead: AtomicBool,
     inflight: AtomicU64,
-    parked: Mutex<HashMap<u32, Job>>,
-    resume: Mutex<VecDeque<(Job, Resume)>>,
     held: Mutex<VecDeque<Job>>,
     has_held: AtomicBool,
-    no_faults: AtomicBool,
-    iommu_mode: bool,
-    /// Service session that reserved the PASID (iommu mode), else 0.
+    /// Service session that reserved the PASID.
     session: u64,
     /// The PASID was released by its session: nothing translates for it.
     unbound: AtomicBool,
     parked_iommu: Mutex<Vec<(Job, PendingFault)>>,
-    faults: Mutex<VecDeque<FaultRecord>>,
-    faults_efd: OwnedFd,
-    next_cookie: AtomicU32,
     /// Counters.
     pub stats: ClientStats,
 }
@@ -281,8 +252,6 @@ struct Shared {
     sleepers: AtomicUsize,
     shutdown: AtomicBool,
     occupancy: AtomicU64,
-    pasids: Mutex<Vec<bool>>,
-    next_pasid: AtomicU32,
     dedicated_in_use: AtomicUsize,
     iommu: Option<IommuBinding>,
     fault_answered: AtomicBool,
@@ -316,17 +285,17 @@ pub struct Device {
 }
 
 impl Device {
-    /// Starts the workers of a device without a `/dev/iommu` binding: it
-    /// can only serve own-address-space clients, so `cfg.own_space` must
-    /// be set (otherwise every client is refused with `EPERM`).
-    pub fn start(cfg: DeviceConfig) -> Result<Device> {
-        Device::start_with(cfg, None)
-    }
-
-    /// Starts the workers; with `iommu`, clients may also bind a PASID
-    /// they attached through the service, translated by iommu-core.
+    /// Starts the workers of the device `iommu` binds to a `/dev/iommu`
+    /// service: clients bind a PASID they attached through that service,
+    /// and every access is translated by iommu-core for (device, PASID).
+    /// `None` is refused: the device has no other way to translate.
     pub fn start_with(cfg: DeviceConfig, iommu: Option<IommuBinding>) -> Result<Device> {
         cfg.check()?;
+        if iommu.is_none() {
+            return Err(DeviceError::Config(
+                "no /dev/iommu binding: every access goes through iommu-core".into(),
+            ));
+        }
         let doorbell = shm::eventfd().map_err(|source| DeviceError::Fd {
             what: "doorbell eventfd",
             source,
@@ -344,8 +313,6 @@ impl Device {
             sleepers: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
             occupancy: AtomicU64::new(0),
-            pasids: Mutex::new(Vec::new()),
-            next_pasid: AtomicU32::new(1),
             dedicated_in_use: AtomicUsize::new(0),
             iommu,
             fault_answered: AtomicBool::new(false),
@@ -447,32 +414,6 @@ impl Drop for Device {
     }
 }
 
-fn alloc_pasid(s: &Shared) -> Option<u32> {
-    let mut used = s.pasids.lock().ok()?;
-    for _ in 0..MAX_PASID {
-        let p = s.next_pasid.fetch_add(1, Ordering::Relaxed) % MAX_PASID;
-        if p == 0 {
-            continue;
-        }
-        if used.len() <= p as usize {
-            used.resize(p as usize + 1, false);
-        }
-        if !used[p as usize] {
-            used[p as usize] = true;
-            return Some(p);
-        }
-    }
-    None
-}
-
-fn free_pasid(s: &Shared, p: u32) {
-    if let Ok(mut used) = s.pasids.lock() {
-        if let Some(u) = used.get_mut(p as usize) {
-            *u = false;
-        }
-    }
-}
-
 fn acceptor(s: &Arc<Shared>, listener: OwnedFd) {
     loop {
         let r = match shm::poll_in(&[listener.as_fd()], 100) {
@@ -511,99 +452,27 @@ fn reply(conn: BorrowedFd<'_>, status: i32, payload: &[u8], fds: &[BorrowedFd<'_
     }
 }
 
-/// Where a client's fault groups come from, for the framework's fault pump.
-struct ClientFaults {
-    shared: Arc<Shared>,
-    client: Arc<ClientCtx>,
-}
-
-impl FaultSource for ClientFaults {
-    fn ready_fd(&self) -> BorrowedFd<'_> {
-        self.client.faults_efd.as_fd()
-    }
-
-    fn read_groups(
-        &mut self,
-        out: &mut Vec<FaultRecord>,
-        max: usize,
-    ) -> std::result::Result<usize, i32> {
-        let mut q = self.client.faults.lock().map_err(|_| libc::EIO)?;
-        let n = q.len().min(max);
-        out.extend(q.drain(..n));
-        if q.is_empty() {
-            shm::drain(self.client.faults_efd.as_fd());
-        }
-        Ok(n)
-    }
-
-    fn respond(&mut self, responses: &[PageResponse]) -> std::result::Result<(), (usize, i32)> {
-        for (i, r) in responses.iter().enumerate() {
-            let job = self
-                .client
-                .parked
-                .lock()
-                .map_err(|_| (i, libc::EIO))?
-                .remove(&r.cookie);
-            let Some(job) = job else {
-                return Err((i, libc::EINVAL));
-            };
-            let how = if r.code == PAGE_RESP_SUCCESS {
-                Resume::Success
-            } else {
-                Resume::Invalid
-            };
-            self.client
-                .stats
-                .faults_answered
-                .fetch_add(1, Ordering::Relaxed);
-            if let Ok(mut q) = self.client.resume.lock() {
-                q.push_back((job, how));
-            }
-            shm::signal(self.shared.doorbell.as_fd());
-        }
-        Ok(())
-    }
-}
-
-fn hello(
-    s: &Arc<Shared>,
-    conn: BorrowedFd<'_>,
-    pkt: &proto::Packet,
-) -> Option<(Arc<ClientCtx>, Option<FaultPump<ClientFaults>>)> {
+fn hello(s: &Arc<Shared>, conn: BorrowedFd<'_>, pkt: &proto::Packet) -> Option<Arc<ClientCtx>> {
     let mut r = Reader::new(&pkt.data);
     let (Some(_op), Some(_), Some(version), Some(prio)) = (r.u32(), r.u32(), r.u32(), r.u32())
     else {
         reply(conn, -libc::EINVAL, &[], &[]);
         return None;
     };
-    let mut session = 0u64;
-    let iommu_pasid = match version {
-        proto::VERSION if !s.cfg.own_space => {
-            warn!("own-address-space client refused (the device is not started with own_space)");
-            reply(conn, -libc::EPERM, &[], &[]);
-            return None;
-        }
-        proto::VERSION => None,
-        proto::VERSION_IOMMU => {
-            let (Some(sid), Some(pasid)) = (r.u64(), r.u32()) else {
-                reply(conn, -libc::EINVAL, &[], &[]);
-                return None;
-            };
-            session = sid;
-            match check_pasid_owner(s, conn, sid, pasid) {
-                Ok(()) => Some(pasid),
-                Err(errno) => {
-                    reply(conn, -errno, &[], &[]);
-                    return None;
-                }
-            }
-        }
-        _ => {
-            reply(conn, -libc::EPROTO, &[], &[]);
-            return None;
-        }
+    // Version 1 (memory registered with the device itself) is gone: every
+    // client binds a PASID its service session attached.
+    if version != proto::VERSION_IOMMU {
+        reply(conn, -libc::EPROTO, &[], &[]);
+        return None;
+    }
+    let (Some(session), Some(pasid)) = (r.u64(), r.u32()) else {
+        reply(conn, -libc::EINVAL, &[], &[]);
+        return None;
     };
-    let iommu_mode = iommu_pasid.is_some();
+    if let Err(errno) = check_pasid_owner(s, conn, session, pasid) {
+        reply(conn, -errno, &[], &[]);
+        return None;
+    }
     let priority = prio.clamp(1, u32::from(s.cfg.max_priority)) as u8;
     if s.clients.read().map_or(0, |c| c.len()) >= MAX_CLIENTS {
         reply(conn, -libc::EBUSY, &[], &[]);
@@ -623,84 +492,34 @@ fn hello(
         }
         reply(conn, -libc::ENOMEM, &[], &[]);
     };
-    let Some(pasid) = iommu_pasid.or_else(|| alloc_pasid(s)) else {
-        fail("pasid", &"no PASID left");
-        return None;
-    };
-    let release = |s: &Shared| {
-        if !iommu_mode {
-            free_pasid(s, pasid);
-        }
-    };
     let made = (|| -> std::io::Result<_> {
         let (portal, portal_fd) = Portal::create(s.cfg.wq_size)?;
         let completion_efd = shm::eventfd()?;
         let doorbell_efd = shm::eventfd()?;
-        let faults_efd = shm::eventfd()?;
-        let (server_end, client_end) = fault_channel_pair()?;
-        Ok((
-            portal,
-            portal_fd,
-            completion_efd,
-            doorbell_efd,
-            faults_efd,
-            server_end,
-            client_end,
-        ))
+        Ok((portal, portal_fd, completion_efd, doorbell_efd))
     })();
-    let (portal, portal_fd, completion_efd, doorbell_efd, faults_efd, server_end, client_end) =
-        match made {
-            Ok(v) => v,
-            Err(e) => {
-                release(s);
-                fail("resources", &e);
-                return None;
-            }
-        };
+    let (portal, portal_fd, completion_efd, doorbell_efd) = match made {
+        Ok(v) => v,
+        Err(e) => {
+            fail("resources", &e);
+            return None;
+        }
+    };
     let client = Arc::new(ClientCtx {
         pasid,
         priority,
         portal,
-        space: AddressSpace::default(),
         completion_efd,
         doorbell_efd,
         dead: AtomicBool::new(false),
         inflight: AtomicU64::new(0),
-        parked: Mutex::new(HashMap::new()),
-        resume: Mutex::new(VecDeque::new()),
         held: Mutex::new(VecDeque::new()),
         has_held: AtomicBool::new(false),
-        no_faults: AtomicBool::new(false),
-        iommu_mode,
         session,
         unbound: AtomicBool::new(false),
         parked_iommu: Mutex::new(Vec::new()),
-        faults: Mutex::new(VecDeque::new()),
-        faults_efd,
-        next_cookie: AtomicU32::new(1),
         stats: ClientStats::default(),
     });
-    // Own-mode clients get a fault channel from the device; iommu-mode
-    // clients receive faults on the fault queue they allocated from the
-    // service.
-    let pump = if iommu_mode {
-        None
-    } else {
-        match FaultPump::new(
-            ClientFaults {
-                shared: s.clone(),
-                client: client.clone(),
-            },
-            server_end,
-        ) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                release(s);
-                fail("fault pump", &e);
-                return None;
-            }
-        }
-    };
     let mut w = Writer::default()
         .u32(pasid)
         .u32(s.cfg.wq_mode.to_u32())
@@ -712,14 +531,13 @@ fn hello(
         w = w.u64(word);
     }
     w = w.u32(u32::from(priority));
-    let mut fds = vec![
+    // Faults travel over the fault queue the client allocated from the
+    // service, not over this socket.
+    let fds = [
         portal_fd.as_fd(),
         client.doorbell_efd.as_fd(),
         client.completion_efd.as_fd(),
     ];
-    if !iommu_mode {
-        fds.push(client_end.as_fd());
-    }
     reply(conn, 0, &w.0, &fds);
     // Publish the client to the workers, highest priority first.
     if let Ok(mut list) = s.clients.write() {
@@ -732,15 +550,8 @@ fn hello(
     // Sleeping workers re-read the list (and so wait on this client's
     // doorbell too).
     shm::signal(s.doorbell.as_fd());
-    info!(
-        "client bound to PASID {pasid} (priority {priority}, {})",
-        if iommu_mode {
-            "iommu-core translation"
-        } else {
-            "own address space"
-        }
-    );
-    Some((client, pump))
+    info!("client bound to PASID {pasid} (priority {priority}, session {session})");
+    Some(client)
 }
 
 /// Unbinds device clients whose PASID their service session gives up,
@@ -764,7 +575,7 @@ impl Unbinder {
             Err(_) => return,
         };
         for c in list.iter() {
-            if c.iommu_mode && c.session == session && c.pasid == pasid {
+            if c.session == session && c.pasid == pasid {
                 c.unbound.store(true, Ordering::SeqCst);
                 info!("PASID {pasid}: released by session {session}; client unbound");
             }
@@ -811,8 +622,7 @@ fn check_pasid_owner(
         .read()
         .map(|l| {
             l.iter().any(|c| {
-                c.iommu_mode
-                    && c.pasid == pasid
+                c.pasid == pasid
                     && !c.dead.load(Ordering::SeqCst)
                     && !c.unbound.load(Ordering::SeqCst)
             })
@@ -824,46 +634,15 @@ fn check_pasid_owner(
     Ok(())
 }
 
-fn handle_request(c: &ClientCtx, conn: BorrowedFd<'_>, pkt: proto::Packet) {
-    let mut r = Reader::new(&pkt.data);
-    let op = r.u32();
-    let _ = r.u32();
-    if c.iommu_mode && matches!(op, Some(proto::OP_MAP) | Some(proto::OP_UNMAP)) {
-        // Memory of an iommu-mode client is mapped through the service.
-        return reply(conn, -libc::EOPNOTSUPP, &[], &[]);
-    }
-    match op {
-        Some(proto::OP_MAP) => {
-            let (Some(iova), Some(len), Some(offset), Some(flags)) =
-                (r.u64(), r.u64(), r.u64(), r.u32())
-            else {
-                return reply(conn, -libc::EINVAL, &[], &[]);
-            };
-            let Some(fd) = pkt.fds.into_iter().next() else {
-                return reply(conn, -libc::EBADF, &[], &[]);
-            };
-            match c
-                .space
-                .map(&fd, iova, len, offset, flags & proto::MAP_WRITABLE != 0)
-            {
-                Ok(()) => reply(conn, 0, &[], &[]),
-                Err(e) => {
-                    debug!("PASID {}: map refused: {e}", c.pasid);
-                    reply(conn, -e.errno(), &[], &[])
-                }
-            }
-        }
-        Some(proto::OP_UNMAP) => {
-            let (Some(iova), Some(len)) = (r.u64(), r.u64()) else {
-                return reply(conn, -libc::EINVAL, &[], &[]);
-            };
-            match c.space.unmap(iova, len) {
-                Ok(n) => reply(conn, 0, &Writer::default().u64(n).0, &[]),
-                Err(e) => reply(conn, -e.errno(), &[], &[]),
-            }
-        }
-        _ => reply(conn, -libc::EINVAL, &[], &[]),
-    }
+/// After HELLO the control socket carries no requests: memory is mapped
+/// through the `/dev/iommu` service.
+fn handle_request(c: &ClientCtx, conn: BorrowedFd<'_>, pkt: &proto::Packet) {
+    debug!(
+        "PASID {}: request {:?} refused",
+        c.pasid,
+        Reader::new(&pkt.data).u32()
+    );
+    reply(conn, -libc::EINVAL, &[], &[]);
 }
 
 fn client_thread(s: &Arc<Shared>, conn: OwnedFd) {
@@ -876,28 +655,23 @@ fn client_thread(s: &Arc<Shared>, conn: OwnedFd) {
         reply(conn.as_fd(), -libc::EPROTO, &[], &[]);
         return;
     }
-    let Some((client, mut pump)) = hello(s, conn.as_fd(), &pkt) else {
+    let Some(client) = hello(s, conn.as_fd(), &pkt) else {
         return;
     };
     loop {
-        let mut fds = vec![conn.as_fd(), client.faults_efd.as_fd()];
-        if let Some(p) = pump.as_ref() {
-            fds.push(p.socket());
-        }
-        let r = match shm::poll_in(&fds, 100) {
+        let r = match shm::poll_in(&[conn.as_fd()], 100) {
             Ok(r) => r,
             Err(e) => {
                 warn!("PASID {}: poll failed: {e}", client.pasid);
                 break;
             }
         };
-        drop(fds);
         if s.shutdown.load(Ordering::SeqCst) {
             break;
         }
         if r[0] != 0 {
             match proto::recv(conn.as_fd()) {
-                Ok(Some(p)) => handle_request(&client, conn.as_fd(), p),
+                Ok(Some(p)) => handle_request(&client, conn.as_fd(), &p),
                 Ok(None) => break,
                 Err(nix::errno::Errno::EMSGSIZE) => reply(conn.as_fd(), -libc::EMSGSIZE, &[], &[]),
                 Err(e) => {
@@ -906,49 +680,8 @@ fn client_thread(s: &Arc<Shared>, conn: OwnedFd) {
                 }
             }
         }
-        let Some(p) = pump.as_mut() else {
-            shm::drain(client.faults_efd.as_fd());
-            continue;
-        };
-        if r[1] != 0 || p.wants_writable() {
-            if let Err(e) = p.pump_out() {
-                debug!("PASID {}: fault pump out: {e}", client.pasid);
-            }
-        }
-        if r.get(2).copied().unwrap_or(0) != 0 {
-            match p.pump_in() {
-                Ok(_) => {}
-                Err(ioasis::uring::PumpError::Closed) => {
-                    info!(
-                        "PASID {}: fault channel closed; faults now answered Invalid",
-                        client.pasid
-                    );
-                    pump = None;
-                    close_faults(s, &client);
-                }
-                Err(e) => debug!("PASID {}: fault pump in: {e}", client.pasid),
-            }
-        }
     }
     teardown(s, &client);
-}
-
-/// The client closed its fault channel: answer every parked descriptor
-/// Invalid, and every later block at once.
-fn close_faults(s: &Shared, c: &ClientCtx) {
-    c.no_faults.store(true, Ordering::SeqCst);
-    let parked: Vec<Job> = c
-        .parked
-        .lock()
-        .map(|mut p| p.drain().map(|(_, j)| j).collect())
-        .unwrap_or_default();
-    if let Ok(mut q) = c.resume.lock() {
-        q.extend(parked.into_iter().map(|j| (j, Resume::Invalid)));
-    }
-    if let Ok(mut q) = c.faults.lock() {
-        q.clear();
-    }
-    shm::signal(s.doorbell.as_fd());
 }
 
 /// Drops a client: stop taking its work, drop parked work, wait for what is
@@ -967,14 +700,6 @@ fn teardown(s: &Arc<Shared>, c: &Arc<ClientCtx>) {
     // Parked and answered-but-not-resumed work holds no work queue slot;
     // held work (behind a drain) does.
     let mut released = 0u64;
-    if let Ok(mut p) = c.parked.lock() {
-        released += p.len() as u64;
-        p.clear();
-    }
-    if let Ok(mut q) = c.resume.lock() {
-        released += q.len() as u64;
-        q.clear();
-    }
     if let Ok(mut p) = c.parked_iommu.lock() {
         released += p.len() as u64;
         p.clear();
@@ -989,10 +714,6 @@ fn teardown(s: &Arc<Shared>, c: &Arc<ClientCtx>) {
     let start = Instant::now();
     while c.inflight.load(Ordering::Acquire) > 0 && start.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(1));
-    }
-    c.space.clear();
-    if !c.iommu_mode {
-        free_pasid(s, c.pasid);
     }
     if s.cfg.wq_mode == WqMode::Dedicated {
         s.dedicated_in_use.fetch_sub(1, Ordering::SeqCst);
@@ -1063,10 +784,7 @@ fn run_job(s: &Shared, c: &ClientCtx, job: Job, resume: Resume, tr: &mut Option<
         retire(s, c, 1);
         return;
     }
-    if c.iommu_mode {
-        return run_job_iommu(s, c, job, resume, tr);
-    }
-    run_job_own(s, c, job, resume);
+    run_job_iommu(s, c, job, resume, tr)
 }
 
 /// Runs a job of an iommu-mode client through iommu-core for its PASID.
@@ -1145,7 +863,7 @@ fn resume_answered(s: &Shared, clients: &[Arc<ClientCtx>], tr: &mut Option<Trans
         return false;
     }
     let mut did = false;
-    for c in clients.iter().filter(|c| c.iommu_mode) {
+    for c in clients.iter() {
         let ready: Vec<(Job, Resume)> = match c.parked_iommu.lock() {
             Ok(mut parked) => {
                 let mut out = Vec::new();
@@ -1178,25 +896,6 @@ fn resume_answered(s: &Shared, clients: &[Arc<ClientCtx>], tr: &mut Option<Trans
     did
 }
 
-fn run_job_own(s: &Shared, c: &ClientCtx, mut job: Job, resume: Resume) {
-    let op = job.desc.opcode;
-    let view = c.space.view();
-    let out = engine::execute(&mut job, &view, &s.limits, resume, &mut |e| {
-        report(c, e, op)
-    });
-    match out {
-        Outcome::Complete(cr) => {
-            write_record(c, &view, &job.desc, &cr);
-            drop(view);
-            finish(s, c);
-        }
-        Outcome::Blocked(f) => {
-            drop(view);
-            park(s, c, job, f);
-        }
-    }
-}
-
 fn write_record<M: engine::DmaMemory + ?Sized>(
     c: &ClientCtx,
     view: &M,
@@ -1214,55 +913,6 @@ fn finish(s: &Shared, c: &ClientCtx) {
     retire(s, c, 1);
     if c.portal.client_needs_wakeup() {
         shm::signal(c.completion_efd.as_fd());
-    }
-}
-
-fn park(s: &Shared, c: &ClientCtx, job: Job, f: PageFault) {
-    let Ok(mut parked) = c.parked.lock() else {
-        return;
-    };
-    if c.dead.load(Ordering::SeqCst) {
-        drop(parked);
-        retire(s, c, 1);
-        return;
-    }
-    let full = parked.len() >= MAX_PARKED;
-    if full || c.no_faults.load(Ordering::SeqCst) {
-        drop(parked);
-        if full {
-            // Rate limited: the 1st, 2nd, 4th, 8th, ... overflow.
-            let n = c.stats.park_overflows.fetch_add(1, Ordering::Relaxed) + 1;
-            if n.is_power_of_two() {
-                warn!(
-                    "PASID {}: {MAX_PARKED} descriptors parked already, answering Invalid ({n} times)",
-                    c.pasid
-                );
-            }
-        }
-        return run_job(s, c, job, Resume::Invalid, &mut None);
-    }
-    let cookie = c.next_cookie.fetch_add(1, Ordering::Relaxed);
-    parked.insert(cookie, job);
-    drop(parked);
-    s.occupancy.fetch_sub(1, Ordering::AcqRel);
-    c.stats.faults_raised.fetch_add(1, Ordering::Relaxed);
-    let rec = FaultRecord {
-        flags: FAULT_FLAG_PASID_VALID | FAULT_FLAG_LAST_PAGE,
-        dev_id: DEV_ID,
-        pasid: c.pasid,
-        grpid: cookie & 0x1ff,
-        perm: if f.write {
-            FAULT_PERM_WRITE
-        } else {
-            FAULT_PERM_READ
-        },
-        addr: f.addr & !0xfff,
-        length: 0,
-        cookie,
-    };
-    if let Ok(mut q) = c.faults.lock() {
-        q.push_back(rec);
-        shm::signal(c.faults_efd.as_fd());
     }
 }
 
@@ -1381,12 +1031,6 @@ fn work_once(
 ) -> bool {
     let mut did = resume_answered(s, clients, tr);
     for c in clients {
-        let next = c.resume.try_lock().ok().and_then(|mut q| q.pop_front());
-        if let Some((job, how)) = next {
-            s.occupancy.fetch_add(1, Ordering::AcqRel);
-            run_job(s, c, job, how, tr);
-            did = true;
-        }
         did |= check_held(s, c, tr);
     }
     // Highest priority first; round robin among equal priorities.
@@ -1452,9 +1096,8 @@ fn worker(s: &Arc<Shared>) {
         for c in clients.iter() {
             c.portal.set_need_doorbell(true);
         }
-        let pending = clients
-            .iter()
-            .any(|c| c.portal.has_work() || c.resume.lock().is_ok_and(|q| !q.is_empty()));
+        let pending =
+            s.fault_answered.load(Ordering::SeqCst) || clients.iter().any(|c| c.portal.has_work());
         if !pending && s.clients_gen.load(Ordering::Acquire) == gen {
             // The internal doorbell (answers, shutdown, new clients) and
             // every client's own.

@@ -1,8 +1,8 @@
 //! The operations, over a memory-access trait.
 //!
 //! The engine never sees host pointers other than those a [`DmaMemory`]
-//! hands out for one translated fragment, so it runs the same on a client's
-//! address space in the daemon and on plain buffers in unit tests. Every
+//! hands out for one translated fragment, so it runs the same over
+//! iommu-core in the daemon and on plain buffers in unit tests. Every
 //! operation walks its ranges fragment by fragment; a translation failure
 //! stops it with a [`PageFault`] and its [`Progress`] says where to resume
 //! (block on fault) or what to report (partial completion).

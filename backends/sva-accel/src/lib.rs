@@ -14,9 +14,9 @@
 //! Memory is shared through the framework's `/dev/iommu` service: the
 //! client sets up an IOAS mirroring its own addresses and a PASID of the
 //! device on a fault-capable HWPT, and every device access is translated by
-//! iommu-core for (device, PASID) ([`iommu`]). A daemon started with
-//! `--own-space` also accepts clients whose memfds it maps into a table of
-//! its own ([`space`]); that mode is not isolated by iommu-core.
+//! iommu-core for (device, PASID) ([`iommu`]). [`space`] is a memfd-backed
+//! [`engine::DmaMemory`] without iommu-core that only the benchmark uses (to
+//! measure the engine alone).
 
 #![deny(missing_docs)]
 

@@ -3,13 +3,12 @@
 //! ```text
 //! sva-accel --socket-path PATH [--workers N] [--wq-size N] [--wq-mode shared|dedicated]
 //!           [--max-batch N] [--max-xfer BYTES] [--max-priority N]
-//!           [--iommu-socket PATH] [--label NAME] [--own-space]
+//!           [--iommu-socket PATH] [--label NAME]
 //! ```
 //!
 //! Clients bind a PASID they attached through the daemon's `/dev/iommu`
-//! service (at `--iommu-socket`, default `PATH.iommu`); `--own-space` also
-//! accepts clients whose memory the daemon translates in its own table
-//! (not isolated by iommu-core).
+//! service (at `--iommu-socket`, default `PATH.iommu`); every device access
+//! is translated by iommu-core for (device, PASID).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,7 +17,7 @@ use sva_accel::wq::WqMode;
 
 const USAGE: &str = "usage: sva-accel --socket-path PATH [--workers N] [--wq-size N] \
 [--wq-mode shared|dedicated] [--max-batch N] [--max-xfer BYTES] [--max-priority N] \
-[--iommu-socket PATH] [--label NAME] [--own-space]";
+[--iommu-socket PATH] [--label NAME]";
 
 struct Opts {
     path: PathBuf,
@@ -47,7 +46,6 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             "--socket-path" => path = Some(PathBuf::from(val(a)?)),
             "--iommu-socket" => iommu = Some(PathBuf::from(val(a)?)),
             "--label" => label = val(a)?,
-            "--own-space" => cfg.own_space = true,
             "--workers" => {
                 cfg.workers = usize::try_from(num(a, val(a)?)?).map_err(|e| e.to_string())?
             }

@@ -5,41 +5,34 @@
 //!
 //! ```text
 //! request: u32 op | u32 0 | payload          reply: i32 status (0 or -errno) | u32 0 | payload
-//! HELLO  payload: u32 version, u32 priority (1..=15)
+//! HELLO  payload: u32 version (2), u32 priority (1..=15), u64 service session id,
+//!                 u32 PASID (reserved and attached by that session)
 //!        reply:   u32 pasid, u32 wq_mode, u32 wq_size, u32 max_batch, u32 max_xfer,
 //!                 u32 dev_id, [u64; 4] opcap, u32 granted priority
-//!                 fds: portal memfd, doorbell eventfd, completion eventfd,
-//!                      fault channel (consumer end)
-//! MAP    payload: u64 iova, u64 len, u64 offset, u32 flags (1 = writable); fd: memfd
-//! UNMAP  payload: u64 iova, u64 len;  reply: u64 bytes unmapped
+//!                 fds: portal memfd, doorbell eventfd, completion eventfd
 //! ```
 //!
-//! HELLO must come first and only once. A malformed packet is answered
-//! `-EINVAL` and the connection stays up.
+//! HELLO must come first and only once; it is the only request. Memory is
+//! mapped through the `/dev/iommu` service, and faults travel over the
+//! session's fault queue. Any later packet is answered `-EINVAL` and the
+//! connection stays up; closing it unbinds the client.
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
-/// Protocol version: the client's memory is registered with the device.
-pub const VERSION: u32 = 1;
-/// HELLO version for a client whose PASID and IOAS come from the
-/// `/dev/iommu` service: the payload continues with u64 session id, u32
-/// PASID; the reply carries no fault channel (faults go to the client's
-/// fault queue).
+/// HELLO version, the only one: the client's PASID and IOAS come from the
+/// `/dev/iommu` service; the payload continues with u64 session id, u32
+/// PASID; the reply carries the portal, doorbell and completion fds (faults
+/// go to the client's fault queue). Version 1 (memory registered with the
+/// device itself) is refused with `EPROTO`.
 pub const VERSION_IOMMU: u32 = 2;
 /// Opcode: hello.
 pub const OP_HELLO: u32 = 1;
-/// Opcode: map memory.
-pub const OP_MAP: u32 = 2;
-/// Opcode: unmap memory.
-pub const OP_UNMAP: u32 = 3;
 /// Largest packet either side sends.
 pub const MAX_PACKET: usize = 256;
 /// Most fds in one packet.
 pub const MAX_FDS: usize = 4;
-/// MAP flag: writable.
-pub const MAP_WRITABLE: u32 = 1;
 
 /// A received packet.
 #[derive(Debug, Default)]

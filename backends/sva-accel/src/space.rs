@@ -1,12 +1,7 @@
-//! Own-address-space mode only ([`crate::device::DeviceConfig::own_space`],
-//! not isolated by iommu-core): a client's address space as the device sees
-//! it, kept by the device itself: the client's memfd
-//! regions, each mapped into the daemon and placed at the device address
-//! (IOVA) the client chose, which is the client's own pointer to it.
-//!
-//! Workers translate inside a read section ([`AddressSpace::view`]); map and
-//! unmap take the write side, so when an unmap returns no descriptor is
-//! still using the old pages.
+//! A memfd-backed [`DmaMemory`] without iommu-core, for measuring the engine
+//! alone (`sva-bench`) and in tests; the device never uses it (every client
+//! access goes through iommu-core). Sealed memfd regions, each mapped into
+//! this process and placed at a device address (IOVA) the caller chose.
 
 use crate::engine::{DmaMemory, Fragment, PageFault};
 use crate::shm::{self, SharedMap};

@@ -7,7 +7,7 @@ mod common;
 
 use common::{pattern, Daemon};
 use std::os::fd::AsFd;
-use sva_accel::client::{ops, Client, ClientError, Options};
+use sva_accel::client::{ops, Client};
 use sva_accel::desc::{flags, opcode, status, Descriptor};
 use sva_accel::proto::{self, Reader, Writer};
 
@@ -172,30 +172,34 @@ fn status_of(
     (Reader::new(&p.data).i32().expect("status"), p.fds.len())
 }
 
+/// Sets up, through the daemon's service, what a HELLO presents: a session
+/// with an IOAS and a PASID of the device attached to a HWPT over it.
+fn service_session(d: &Daemon) -> (ioasis::service::Client, u32) {
+    use ioasis::service::HwptRequest;
+    use sva_accel::device::DEFAULT_LABEL;
+    let mut svc = ioasis::service::Client::connect(d.iommu_socket()).expect("session");
+    let ioas = svc.ioas_alloc().expect("ioas");
+    let pasid = svc.pasid_alloc(DEFAULT_LABEL).expect("pasid");
+    let hwpt = svc
+        .hwpt_alloc(&HwptRequest {
+            label: DEFAULT_LABEL.into(),
+            pt_id: ioas,
+            flags: iommu_core::IOMMU_HWPT_ALLOC_PASID,
+            ..HwptRequest::default()
+        })
+        .expect("hwpt");
+    svc.attach(DEFAULT_LABEL, Some(pasid), hwpt)
+        .expect("attach");
+    (svc, pasid)
+}
+
 #[test]
 fn test_control_protocol_rejects_bad_input() {
-    // By default the daemon only binds PASIDs attached through its
-    // /dev/iommu service: an own-address-space HELLO is refused.
-    let strict = Daemon::shared();
-    let s = raw_connect(&strict.socket);
-    let own_hello = Writer::default()
-        .u32(proto::OP_HELLO)
-        .u32(0)
-        .u32(proto::VERSION)
-        .u32(1)
-        .0;
-    assert_eq!(status_of(&s, &own_hello, &[]), (-libc::EPERM, 0));
-    match Client::connect_own_space(&strict.socket, Options::default()) {
-        Err(ClientError::Refused { errno, .. }) => assert_eq!(errno, libc::EPERM),
-        other => panic!("own-space client accepted: {other:?}"),
-    }
-    // The rest speaks the own-space protocol (MAP/UNMAP of memfds), which
-    // only a daemon started with --own-space accepts.
-    let d = Daemon::start(&["--workers", "1", "--own-space"]);
-    // MAP before HELLO closes the connection with EPROTO.
+    let d = Daemon::shared();
+    // A request before HELLO closes the connection with EPROTO.
     let s = raw_connect(&d.socket);
     let map = Writer::default()
-        .u32(proto::OP_MAP)
+        .u32(2)
         .u32(0)
         .u64(0x10000)
         .u64(4096)
@@ -203,67 +207,67 @@ fn test_control_protocol_rejects_bad_input() {
         .u32(1)
         .0;
     assert_eq!(status_of(&s, &map, &[]).0, -libc::EPROTO);
-    // Bad version.
+    // Version 1 (memory registered with the device itself, not through
+    // iommu-core) is gone; so is any unknown version.
+    for version in [1u32, 99] {
+        let s = raw_connect(&d.socket);
+        let hello = Writer::default()
+            .u32(proto::OP_HELLO)
+            .u32(0)
+            .u32(version)
+            .u32(1)
+            .0;
+        assert_eq!(status_of(&s, &hello, &[]), (-libc::EPROTO, 0), "v{version}");
+    }
+    // A truncated HELLO, and one naming a session that did not reserve the
+    // PASID.
+    let (svc, pasid) = service_session(&d);
     let s = raw_connect(&d.socket);
-    let hello = Writer::default()
+    let short = Writer::default()
         .u32(proto::OP_HELLO)
         .u32(0)
-        .u32(99)
+        .u32(proto::VERSION_IOMMU)
         .u32(1)
+        .u64(svc.session_id())
         .0;
-    assert_eq!(status_of(&s, &hello, &[]).0, -libc::EPROTO);
-    // A proper session, then garbage.
+    assert_eq!(status_of(&s, &short, &[]).0, -libc::EINVAL);
+    let s = raw_connect(&d.socket);
+    let forged = Writer::default()
+        .u32(proto::OP_HELLO)
+        .u32(0)
+        .u32(proto::VERSION_IOMMU)
+        .u32(1)
+        .u64(svc.session_id().wrapping_add(1))
+        .u32(pasid)
+        .0;
+    assert_eq!(status_of(&s, &forged, &[]).0, -libc::EPERM);
+    // A proper session (three fds: portal, doorbell, completion), then
+    // garbage and the old MAP/UNMAP requests: refused, the connection stays.
     let s = raw_connect(&d.socket);
     let hello = Writer::default()
         .u32(proto::OP_HELLO)
         .u32(0)
-        .u32(proto::VERSION)
+        .u32(proto::VERSION_IOMMU)
         .u32(99)
+        .u64(svc.session_id())
+        .u32(pasid)
         .0;
-    assert_eq!(status_of(&s, &hello, &[]), (0, 4));
+    assert_eq!(status_of(&s, &hello, &[]), (0, 3));
     assert_eq!(status_of(&s, &[1, 2, 3], &[]).0, -libc::EINVAL);
     assert_eq!(
         status_of(&s, &Writer::default().u32(77).u32(0).0, &[]).0,
         -libc::EINVAL
     );
-    // MAP without an fd, with a truncated payload, with an unsealed memfd,
-    // with a pipe, misaligned, too large for the file, overlapping.
-    assert_eq!(status_of(&s, &map, &[]).0, -libc::EBADF);
-    assert_eq!(status_of(&s, &map[..20], &[]).0, -libc::EINVAL);
-    let unsealed = sva_accel::shm::memfd("x", 8192).expect("memfd");
-    assert_eq!(status_of(&s, &map, &[unsealed.as_fd()]).0, -libc::EINVAL);
-    let (r, _w) = nix::unistd::pipe().expect("pipe");
-    assert_eq!(status_of(&s, &map, &[r.as_fd()]).0, -libc::EINVAL);
-    sva_accel::shm::add_seals(unsealed.as_fd(), libc::F_SEAL_SHRINK).expect("seal");
-    let odd = Writer::default()
-        .u32(proto::OP_MAP)
-        .u32(0)
-        .u64(0x10001)
-        .u64(4096)
-        .u64(0)
-        .u32(1)
-        .0;
-    assert_eq!(status_of(&s, &odd, &[unsealed.as_fd()]).0, -libc::EINVAL);
-    let big = Writer::default()
-        .u32(proto::OP_MAP)
-        .u32(0)
-        .u64(0x10000)
-        .u64(3 * 4096)
-        .u64(0)
-        .u32(1)
-        .0;
-    assert_eq!(status_of(&s, &big, &[unsealed.as_fd()]).0, -libc::EINVAL);
-    assert_eq!(status_of(&s, &map, &[unsealed.as_fd()]).0, 0);
-    assert_eq!(status_of(&s, &map, &[unsealed.as_fd()]).0, -libc::EEXIST);
-    let unmap = Writer::default()
-        .u32(proto::OP_UNMAP)
-        .u32(0)
-        .u64(0x20000)
-        .u64(4096)
-        .0;
-    assert_eq!(status_of(&s, &unmap, &[]).0, -libc::ENOENT);
-    // A second HELLO is not an opcode of a bound session.
+    let memfd = sva_accel::shm::memfd("x", 8192).expect("memfd");
+    sva_accel::shm::add_seals(memfd.as_fd(), libc::F_SEAL_SHRINK).expect("seal");
+    assert_eq!(status_of(&s, &map, &[memfd.as_fd()]).0, -libc::EINVAL);
+    let unmap = Writer::default().u32(3).u32(0).u64(0x10000).u64(4096).0;
+    assert_eq!(status_of(&s, &unmap, &[]).0, -libc::EINVAL);
+    // A second HELLO is not a request of a bound session.
     assert_eq!(status_of(&s, &hello, &[]).0, -libc::EINVAL);
+    // The same PASID cannot be bound twice while bound.
+    let s2 = raw_connect(&d.socket);
+    assert_eq!(status_of(&s2, &hello, &[]).0, -libc::EBUSY);
     // The daemon still serves others.
     let c = Client::connect(&d.socket).expect("connect");
     assert_eq!(
@@ -272,39 +276,5 @@ fn test_control_protocol_rejects_bad_input() {
             .status,
         status::SUCCESS
     );
-}
-
-#[test]
-fn test_own_space_mode_is_opt_in_and_isolated() {
-    let d = Daemon::start(&["--workers", "1", "--own-space"]);
-    let victim = Client::connect_own_space(&d.socket, Options::default()).expect("connect");
-    let attacker = Client::connect_own_space(&d.socket, Options::default()).expect("connect");
-    assert!(!victim.is_iommu_mode() && victim.ioas().is_none());
-    assert_ne!(victim.pasid(), attacker.pasid());
-    let secret = victim.alloc(8192).expect("alloc");
-    secret.write(0, &pattern(8192, 3));
-    let loot = attacker.alloc(8192).expect("alloc");
-    let cr = attacker
-        .mem_move(loot.addr(), secret.addr(), 8192)
-        .expect("run");
-    assert_eq!(
-        (cr.status, cr.fault_addr),
-        (status::PAGE_FAULT_NOBOF, secret.addr())
-    );
-    assert_eq!(loot.to_vec(0, 8192), vec![0u8; 8192]);
-    // Its own memory works, and lazy registration too.
-    let lazy = victim.alloc_lazy(8192).expect("lazy");
-    let cr = victim
-        .mem_move(lazy.addr(), secret.addr(), 8192)
-        .expect("run");
-    assert_eq!(cr.status, status::PAGE_FAULT_NOBOF | status::WRITE);
-    lazy.register().expect("register");
-    let cr = victim
-        .mem_move(lazy.addr(), secret.addr(), 8192)
-        .expect("run");
-    assert_eq!(cr.status, status::SUCCESS);
-    assert!(lazy.to_vec(0, 8192) == pattern(8192, 3), "copied");
-    // Clients of the default path connect to the same daemon alongside.
-    let c = Client::connect(&d.socket).expect("connect");
-    assert!(c.is_iommu_mode());
+    drop(svc);
 }

@@ -2,16 +2,12 @@
 //! descriptor rates with and without batching, in one run.
 //!
 //! ```text
-//! sva-bench [--socket-path PATH] [--own-space] [--workers N] [--ms MILLISECONDS] [--batch N]
+//! sva-bench [--socket-path PATH] [--workers N] [--ms MILLISECONDS] [--batch N]
 //! ```
 //!
-//! By default the client connects as every client does
-//! (`Client::connect`): its PASID is bound through the `/dev/iommu`
-//! service and every access is translated by iommu-core (with an external
-//! daemon, its service socket is `PATH.iommu`). `--own-space` measures the
-//! daemon's own-address-space mode instead (`Client::connect_own_space`,
-//! not isolated by iommu-core; an external daemon needs `--own-space`) for
-//! comparison.
+//! The client connects as every client does: its PASID is bound through
+//! the `/dev/iommu` service and every access is translated by iommu-core
+//! (with an external daemon, its service socket is `PATH.iommu`).
 //!
 //! Without `--socket-path` the device runs inside this process (its worker
 //! threads poll as in the daemon) and the client talks to it over a unix
@@ -36,7 +32,6 @@ const SIZES: [(usize, &str); 5] = [
 
 struct Args {
     socket: Option<PathBuf>,
-    own_space: bool,
     workers: usize,
     ms: u64,
     batch: usize,
@@ -45,7 +40,6 @@ struct Args {
 fn parse() -> Result<Args, String> {
     let mut a = Args {
         socket: None,
-        own_space: false,
         workers: 1,
         ms: 300,
         batch: 256,
@@ -55,16 +49,15 @@ fn parse() -> Result<Args, String> {
         let mut v = || it.next().ok_or_else(|| format!("{k} needs a value"));
         match k.as_str() {
             "--socket-path" => a.socket = Some(PathBuf::from(v()?)),
-            "--own-space" => a.own_space = true,
-            // The default since iommu-core translation became the only
-            // isolated path; accepted for old command lines.
-            "--iommu" => a.own_space = false,
+            // iommu-core translation is the only path; accepted for old
+            // command lines.
+            "--iommu" => {}
             "--workers" => a.workers = v()?.parse().map_err(|e| format!("--workers: {e}"))?,
             "--ms" => a.ms = v()?.parse().map_err(|e| format!("--ms: {e}"))?,
             "--batch" => a.batch = v()?.parse().map_err(|e| format!("--batch: {e}"))?,
             _ => {
                 return Err(
-                    "usage: sva-bench [--socket-path PATH] [--own-space] [--workers N] [--ms MS] [--batch N]"
+                    "usage: sva-bench [--socket-path PATH] [--workers N] [--ms MS] [--batch N]"
                         .into(),
                 )
             }
@@ -272,7 +265,6 @@ fn run(a: &Args) -> Result<(), String> {
             let mut d = Device::start_with(
                 DeviceConfig {
                     workers: a.workers,
-                    own_space: a.own_space,
                     ..DeviceConfig::default()
                 },
                 Some(binding),
@@ -283,21 +275,16 @@ fn run(a: &Args) -> Result<(), String> {
             (p, ip)
         }
     };
-    let c = if a.own_space {
-        Client::connect_own_space(&path, Default::default())
-    } else {
-        Client::connect_iommu(
-            &path,
-            &iommu_path,
-            sva_accel::device::DEFAULT_LABEL,
-            Default::default(),
-        )
-    }
+    let c = Client::connect_iommu(
+        &path,
+        &iommu_path,
+        sva_accel::device::DEFAULT_LABEL,
+        Default::default(),
+    )
     .map_err(|e| e.to_string())?;
     let info = c.info();
     println!(
-        "sva-bench: {} translation, {} device, {} worker(s), wq size {}, {:?} queue, {} ms x 3 per figure (median)",
-        if a.own_space { "own address space (not iommu-core)" } else { "iommu-core" },
+        "sva-bench: iommu-core translation, {} device, {} worker(s), wq size {}, {:?} queue, {} ms x 3 per figure (median)",
         if a.socket.is_some() {
             "external"
         } else {
