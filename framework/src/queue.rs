@@ -441,6 +441,7 @@ impl<'a> Queues<'a> {
             avail_cache: next_avail,
             dirty: false,
             park_on_miss: self.park_on_miss,
+            tail_pops: 0,
         };
         match queue.check_rings() {
             Ok(()) => Some(queue),
@@ -479,6 +480,9 @@ pub struct Queue<'a> {
     /// Used elements were written and the used index not yet published.
     dirty: bool,
     park_on_miss: bool,
+    /// Chains popped in a row by this queue since it was handed out or since
+    /// the last malformed chain: how many [`Queue::unpop`] may give back.
+    tail_pops: u16,
 }
 
 impl Drop for Queue<'_> {
@@ -576,10 +580,31 @@ impl<'a> Queue<'a> {
     /// and reported as [`QueueError::BadChain`].
     pub fn pop(&mut self, chain: &mut Chain) -> Result<bool> {
         chain.clear();
-        match self.rings {
+        let r = match self.rings {
             Some(r) => self.pop_fast(r, chain),
             None => self.pop_slow(chain),
+        };
+        if matches!(r, Ok(true)) {
+            self.tail_pops = self.tail_pops.saturating_add(1);
         }
+        r
+    }
+
+    /// Gives back the last `n` chains popped from this queue, which the
+    /// caller has not completed and drops: the driver still owns them and
+    /// they are popped again later (a device that popped ahead returns what
+    /// it did not use, so a ring stopped in between loses no buffers).
+    /// Returns false, changing nothing, if fewer than `n` chains were popped
+    /// in a row since this queue was handed out or since the last malformed
+    /// chain it completed.
+    pub fn unpop(&mut self, n: u16) -> bool {
+        if n > self.tail_pops {
+            return false;
+        }
+        let next = self.vring.q.next_avail();
+        self.vring.q.set_next_avail(next.wrapping_sub(n));
+        self.tail_pops -= n;
+        true
     }
 
     /// Reads `avail->idx` into the cache and checks it against the ring.
@@ -871,6 +896,8 @@ impl<'a> Queue<'a> {
     }
 
     fn complete_bad(&mut self, head: u16) {
+        // Chains popped before this one can no longer be given back.
+        self.tail_pops = 0;
         self.vring.errors += 1;
         if self.vring.errors.is_power_of_two() {
             warn!(
@@ -1622,5 +1649,39 @@ mod tests {
         assert_eq!(f.driver.used_idx().expect("idx"), 3, "loop + two good");
         let v = f.vrings[0].1.lock().expect("lock");
         assert_eq!(v.q.next_avail(), 3, "the missed chain is offered again");
+    }
+
+    #[test]
+    fn test_unpop_gives_back_the_last_chains_only() {
+        let mut f = fixture(true);
+        for _ in 0..3 {
+            f.driver
+                .add_chain(&[Buf {
+                    addr: BUF_IOVA,
+                    len: 16,
+                    writable: true,
+                }])
+                .expect("chain");
+        }
+        f.driver.publish().expect("publish");
+        let mut chains = vec![Chain::new(); 3];
+        with_queue(&f, |q| {
+            let mut q = q.expect("queue serving");
+            assert_eq!(q.pop_batch(&mut chains).expect("burst"), 3);
+            q.add_used(chains[0].head(), 0).expect("used");
+            assert!(!q.unpop(4), "only 3 were popped");
+            assert!(q.unpop(2));
+            assert!(!q.unpop(2), "nothing more to give back");
+        });
+        // The two given back are popped again, in order.
+        with_queue(&f, |q| {
+            let mut q = q.expect("queue serving");
+            assert_eq!(q.pop_batch(&mut chains).expect("burst"), 2);
+            assert_eq!((chains[0].head(), chains[1].head()), (1, 2));
+            for c in &chains[..2] {
+                q.add_used(c.head(), 0).expect("used");
+            }
+        });
+        assert_eq!(f.driver.used_idx().expect("idx"), 3);
     }
 }

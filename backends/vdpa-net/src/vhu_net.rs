@@ -355,6 +355,11 @@ pub(crate) trait Ring {
         data: &[u8],
     ) -> std::result::Result<usize, QueueError>;
     fn add_used(&mut self, head: u16, len: u32) -> std::result::Result<(), QueueError>;
+    /// Gives back the last `n` chains popped and not completed (they are
+    /// popped again later); false if the queue cannot.
+    fn unpop(&mut self, _n: u16) -> bool {
+        false
+    }
     fn notify(&mut self) -> std::result::Result<(), QueueError>;
     fn enable_notification(&mut self) -> std::result::Result<bool, QueueError>;
     fn disable_notification(&mut self) -> std::result::Result<(), QueueError>;
@@ -386,6 +391,9 @@ impl Ring for Queue<'_> {
     }
     fn add_used(&mut self, head: u16, len: u32) -> std::result::Result<(), QueueError> {
         Queue::add_used(self, head, len)
+    }
+    fn unpop(&mut self, n: u16) -> bool {
+        Queue::unpop(self, n)
     }
     fn notify(&mut self) -> std::result::Result<(), QueueError> {
         Queue::notify(self)
@@ -834,6 +842,16 @@ impl<C: ChainInfo> PairEngine<C> {
         port: &mut dyn Port,
     ) -> std::result::Result<RxPass, QueueError> {
         let r = self.rx_pass(q, port);
+        // Receive chains popped ahead and not used go back to the driver, so
+        // a ring stopped before the next pass loses none of its buffers.
+        if self.rx_held > 0 {
+            if let Ok(n) = u16::try_from(self.rx_held) {
+                if q.unpop(n) {
+                    self.rx_held = 0;
+                    self.rx_first = 0;
+                }
+            }
+        }
         self.flush_notify(q, r)
     }
 
