@@ -11,6 +11,15 @@
 //! until the connection thread resumes it through the control eventfd, once
 //! an IOTLB update covers the address. Nothing spins and no popped chain is
 //! lost.
+//!
+//! When the frontend stops a ring (GET_VRING_BASE) or disables it
+//! (SET_VRING_ENABLE 0), buffers it already made available count as
+//! submitted on its side. The connection thread asks the worker serving that
+//! ring for a final pass ([`WorkerSet::final_pass`]): the worker calls the
+//! device on the ring until a call consumes nothing more, then signals back;
+//! the connection waits for that (bounded, holding no vring lock), then stops
+//! the ring and reads its base. A ring that is parked, failed, disabled or
+//! served by no worker is stopped at once.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
