@@ -4,13 +4,17 @@
 # alternating the backends round by round and comparing medians (this kind of
 # machine is shared and noisy: compare only within one run).
 #
-#   scripts/bench-net.sh [--rounds N] [--secs S] [--tap] [--only-reference] [--no-pin] [--vdpa-arg ARG]...
+#   scripts/bench-net.sh [--rounds N] [--secs S] [--tap] [--tcp] [--only-reference] [--no-pin] [--vdpa-arg ARG]...
 #
 # vdpa-net is pinned to CPU 1, where net_vhost forwards (testpmd's frontend
 # forwards on CPU 0); --no-pin lets it run anywhere.
 #
 # --tap adds the tap benchmark (frames from testpmd through the backend into a
-# tap inside a network namespace, counted on the tap). Without a vdpa-net
+# tap inside a network namespace, counted on the tap). --tcp adds, in the same
+# run, a bulk TCP transfer from a TCG QEMU guest on vdpa-net (tap port inside
+# a network namespace) to the namespace's side: median bytes per second of a
+# few 20 MiB downloads, with the frames and bytes seen on the tap (needs
+# qemu-system-x86 and busybox; vdpa-net only). Without a vdpa-net
 # binary only net_vhost is measured. Extra daemon options go through
 # --vdpa-arg (e.g. --vdpa-arg --poll-us --vdpa-arg 50).
 set -euo pipefail

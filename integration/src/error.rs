@@ -56,6 +56,16 @@ pub enum Error {
         /// Log tails.
         context: String,
     },
+    /// A measured quantity differs from what the workload must produce.
+    #[error("{what}: expected {expected}, got {got}")]
+    Mismatch {
+        /// What was measured.
+        what: String,
+        /// The value the workload must produce.
+        expected: u64,
+        /// The value measured.
+        got: u64,
+    },
     /// A prerequisite (tool, kernel, module, binary) is missing on this machine.
     #[error("unavailable: {0}")]
     Unavailable(String),

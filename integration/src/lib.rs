@@ -11,7 +11,9 @@
 //! - [`guest`]: the guest kit they boot (Debian's kernel and a busybox
 //!   initramfs built once and cached under `target/`);
 //! - [`netns`]: network namespaces and taps;
-//! - [`vdpa_net`]: the workspace's `vdpa-net` daemon and its JSON statistics.
+//! - [`vdpa_net`]: the workspace's `vdpa-net` daemon and its JSON statistics;
+//! - [`tcp_bulk`]: a bulk TCP transfer from a guest on vdpa-net to a tap in
+//!   a namespace.
 //!
 //! Every process runs in its own process group and is killed with SIGKILL
 //! and reaped when its handle drops; namespaces are deleted and scratch
@@ -32,6 +34,7 @@ pub mod guest;
 pub mod netns;
 pub mod process;
 pub mod qemu;
+pub mod tcp_bulk;
 pub mod testpmd;
 pub mod vdpa_net;
 

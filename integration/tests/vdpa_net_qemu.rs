@@ -12,11 +12,9 @@ use ioasis_integration::env::require_tool;
 use ioasis_integration::guest::ping_script;
 use ioasis_integration::netns::Netns;
 use ioasis_integration::qemu::{IommuMode, Qemu, QemuConfig, GUEST_TIMEOUT};
+use ioasis_integration::tcp_bulk::{TcpBulk, BULK_BYTES, HOST_IP, TAP};
 use ioasis_integration::vdpa_net::{VdpaNet, VdpaNetConfig};
 use ioasis_integration::{heavy_lock, ready, OrPanic, WorkDir};
-
-const TAP: &str = "vtap0";
-const HOST_IP: &str = "10.0.0.2";
 
 /// A namespace with vdpa-net inside serving one device on a tap addressed `HOST_IP`.
 fn tap_backend(dir: &WorkDir) -> (Netns, VdpaNet) {
@@ -253,89 +251,36 @@ fn vdpa_rx(v: &serde_json::Value, sock: &std::path::Path) -> u64 {
 #[test]
 fn test_guest_tcp_bulk_to_netns_uses_large_frames() {
     let test = "test_guest_tcp_bulk_to_netns_uses_large_frames";
-    let Some(busybox) = ready(
+    let Some((bin, busybox)) = ready(
         test,
         need_qemu_and_vdpa_net()
-            .and_then(|_| Netns::new())
-            .and_then(|_| require_tool("busybox", "busybox-static")),
+            .and_then(|bin| Netns::new().map(|_| bin))
+            .and_then(|bin| require_tool("busybox", "busybox-static").map(|b| (bin, b))),
     ) else {
         return;
     };
     let _lock = heavy_lock().or_panic("heavy lock");
     let dir = WorkDir::new("vdpa-tcp").or_panic("workdir");
-    let (ns, mut vdpa) = tap_backend(&dir);
-    const MB: u64 = 20;
-    const BYTES: u64 = MB << 20;
-    // The guest serves a file with busybox httpd, which sends it with
-    // sendfile(): large writes, so the guest's TCP hands TSO-sized segments
-    // to the driver whenever the device offers TSO.
-    let script = format!(
-        "{}mark \"FEATURES $(cat /sys/class/net/$IF/device/features)\"\n\
-         mkdir -p /tmp/www && dd if=/dev/zero of=/tmp/www/big bs=1048576 count={MB} 2>/dev/null\n\
-         httpd -p 8080 -h /tmp/www && mark SERVING\n\
-         sleep 600\n",
-        ping_script("10.0.0.1/24", HOST_IP, 1)
-    );
-    let mut guest = Qemu::launch(
-        &QemuConfig::new("guest", &script).netdev(&dir.join("net.sock"), "52:54:00:00:00:01"),
-        dir.path(),
-    )
-    .or_panic("start QEMU");
-    guest
-        .expect_marker("PING_OK 10.0.0.2", "PING_FAIL 10.0.0.2", GUEST_TIMEOUT)
-        .or_panic("guest reaches the namespace");
-    guest
-        .wait_marker("SERVING", GUEST_TIMEOUT)
-        .or_panic("guest web server");
-    let before = ns.link_stats(TAP).or_panic("tap counters");
-    let start = std::time::Instant::now();
-    let out = ns
-        .sh(
-            &format!(
-                "{} wget -q -O - http://10.0.0.1:8080/big | wc -c",
-                busybox.display()
-            ),
-            Duration::from_secs(180),
-        )
-        .or_panic("download from the guest");
-    let secs = start.elapsed().as_secs_f64();
-    let after = ns.link_stats(TAP).or_panic("tap counters");
-    drop(guest);
-    vdpa.stop(STOP_TIMEOUT).or_panic("stop vdpa-net");
-    let received: u64 = out.trim().parse().unwrap_or(0);
-    let frames = after.rx_packets - before.rx_packets;
-    let bytes = after.rx_bytes - before.rx_bytes;
+    let bulk =
+        TcpBulk::start(&bin, &[], &busybox, dir.path()).or_panic("guest serving over the tap");
+    let t = bulk.transfer().or_panic("download from the guest");
+    let features = bulk.features();
+    bulk.stop(STOP_TIMEOUT).or_panic("stop vdpa-net");
     eprintln!(
-        "guest TCP bulk: {received} bytes in {secs:.1} s ({:.1} MB/s), {frames} frames on the tap, {bytes} bytes",
-        received as f64 / secs / 1e6
+        "guest TCP bulk: {} bytes in {:.1} s ({:.1} MB/s), {} frames on the tap, {} bytes",
+        t.received,
+        t.secs,
+        t.bytes_per_sec() / 1e6,
+        t.frames,
+        t.bytes
     );
-    assert_eq!(received, BYTES);
+    assert_eq!(t.received, BULK_BYTES);
     // Without TSO every data frame carries at most one MSS (<= 1460 bytes of
     // payload): fewer frames than that prove large frames on the tap.
-    let features = guest_features(&dir);
     assert!(
-        frames < BYTES / 1460,
-        "{frames} frames for {BYTES} bytes: no large (TSO/GSO) frames reached the tap; \
-         guest features {features}"
+        t.frames < BULK_BYTES / 1460,
+        "{} frames for {BULK_BYTES} bytes: no large (TSO/GSO) frames reached the tap; \
+         guest features {features}",
+        t.frames
     );
-}
-
-/// The virtio feature bits the guest printed (`FEATURES` marker), bit 0 first.
-fn guest_features(dir: &WorkDir) -> String {
-    let console = std::fs::read_to_string(dir.join("guest-console.log")).unwrap_or_default();
-    let bits = console
-        .split("@@IOASIS:FEATURES ")
-        .nth(1)
-        .and_then(|r| r.split("@@").next())
-        .unwrap_or("")
-        .trim()
-        .to_string();
-    let has = |bit: usize| bits.as_bytes().get(bit) == Some(&b'1');
-    format!(
-        "CSUM={} HOST_TSO4={} HOST_TSO6={} MRG_RXBUF={} ({bits})",
-        has(0),
-        has(11),
-        has(12),
-        has(15)
-    )
 }

@@ -17,21 +17,28 @@
 //!   figure is the frontend's Rx-pps;
 //! - `tap` (with `--tap`): frontend txonly through the backend into a tap
 //!   inside a network namespace, counted on the tap (DPDK's reference is
-//!   net_vhost + net_tap in io mode).
+//!   net_vhost + net_tap in io mode);
+//! - `tcp` (with `--tcp`, vdpa-net only): a TCG guest on vdpa-net with a
+//!   `tap` port inside a network namespace serves a file; busybox wget in
+//!   the namespace downloads it a few times
+//!   ([`ioasis_integration::tcp_bulk`], the same path as the guest test);
+//!   the figure is the median bytes per second, with the frames and bytes
+//!   the tap received (their mean size shows TSO at work).
 //!
 //! vdpa-net is pinned to CPU 1 (where net_vhost's forwarding lcore runs;
 //! testpmd's frontend forwards on CPU 0) unless `--no-pin` is given.
 //!
-//! Usage: `ioasis-bench-net [--rounds N] [--secs S] [--tap] [--only-reference]
-//! [--no-pin] [--vdpa-arg ARG]...`.
+//! Usage: `ioasis-bench-net [--rounds N] [--secs S] [--tap] [--tcp]
+//! [--only-reference] [--no-pin] [--vdpa-arg ARG]...`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
-use ioasis_integration::env::{heavy_lock, which, WorkDir};
+use ioasis_integration::env::{heavy_lock, require_tool, which, WorkDir};
 use ioasis_integration::netns::Netns;
 use ioasis_integration::process::wait_for_path;
+use ioasis_integration::tcp_bulk::{TcpBulk, Transfer, BULK_BYTES};
 use ioasis_integration::testpmd::{median, net_vhost_vdev, Testpmd, TestpmdConfig};
 use ioasis_integration::vdpa_net::{vdpa_net_bin, VdpaNet, VdpaNetConfig};
 use ioasis_integration::{Error, Result};
@@ -77,6 +84,7 @@ struct Opts {
     rounds: usize,
     secs: u64,
     tap: bool,
+    tcp: bool,
     vdpa: Option<PathBuf>,
     vdpa_args: Vec<String>,
     pin: bool,
@@ -215,11 +223,52 @@ fn measure(b: Backend, t: Test, opts: &Opts) -> Result<u64> {
     Ok(figure)
 }
 
+/// Downloads per `--tcp` run; the figure is their median.
+const TCP_TRANSFERS: usize = 5;
+
+/// The guest TCP bulk transfers (`--tcp`): vdpa-net unpinned, since the TCG
+/// guest needs both CPUs.
+fn measure_tcp(opts: &Opts) -> Result<Vec<Transfer>> {
+    let bin = opts
+        .vdpa
+        .as_ref()
+        .ok_or_else(|| Error::Unavailable("vdpa-net".into()))?;
+    require_tool("qemu-system-x86_64", "qemu-system-x86")?;
+    let busybox = require_tool("busybox", "busybox-static")?;
+    let dir = WorkDir::new("bench-vdpa-net-tcp")?;
+    let bulk = TcpBulk::start(bin, &opts.vdpa_args, &busybox, dir.path())?;
+    eprintln!("guest virtio features: {}", bulk.features());
+    let mut out = Vec::new();
+    for i in 0..TCP_TRANSFERS {
+        let t = bulk.transfer()?;
+        println!(
+            "tcp transfer {} vdpa-net {:>7.1} MB/s ({} bytes in {:.2} s, {} frames on the tap, mean {} bytes)",
+            i + 1,
+            t.bytes_per_sec() / 1e6,
+            t.received,
+            t.secs,
+            t.frames,
+            t.mean_frame()
+        );
+        if t.received != BULK_BYTES {
+            return Err(Error::Mismatch {
+                what: format!("bytes received in transfer {}", i + 1),
+                expected: BULK_BYTES,
+                got: t.received,
+            });
+        }
+        out.push(t);
+    }
+    bulk.stop(STOP)?;
+    Ok(out)
+}
+
 fn parse_opts() -> std::result::Result<Opts, String> {
     let mut o = Opts {
         rounds: 3,
         secs: 5,
         tap: false,
+        tcp: false,
         vdpa: None,
         vdpa_args: Vec::new(),
         pin: true,
@@ -232,11 +281,12 @@ fn parse_opts() -> std::result::Result<Opts, String> {
             "--rounds" => o.rounds = val("--rounds")?.parse().map_err(|e| format!("{e}"))?,
             "--secs" => o.secs = val("--secs")?.parse().map_err(|e| format!("{e}"))?,
             "--tap" => o.tap = true,
+            "--tcp" => o.tcp = true,
             "--no-pin" => o.pin = false,
             "--only-reference" => only_ref = true,
             "--vdpa-arg" => o.vdpa_args.push(val("--vdpa-arg")?),
             "-h" | "--help" => {
-                return Err("usage: ioasis-bench-net [--rounds N] [--secs S] [--tap] [--only-reference] [--no-pin] [--vdpa-arg ARG]...".into())
+                return Err("usage: ioasis-bench-net [--rounds N] [--secs S] [--tap] [--tcp] [--only-reference] [--no-pin] [--vdpa-arg ARG]...".into())
             }
             other => return Err(format!("unknown argument {other}")),
         }
@@ -346,6 +396,28 @@ fn main() -> ExitCode {
                 .join(" | "),
             ratio
         );
+    }
+    if opts.tcp {
+        match measure_tcp(&opts) {
+            Ok(ts) => {
+                let rate = median(ts.iter().map(|t| t.bytes_per_sec() as u64).collect());
+                let frames = median(ts.iter().map(|t| t.frames).collect());
+                let mean = median(ts.iter().map(|t| t.mean_frame()).collect());
+                println!(
+                    "\nguest TCP bulk to the namespace through vdpa-net's tap, median of {} transfers of {} MiB:",
+                    ts.len(),
+                    BULK_BYTES >> 20
+                );
+                println!(
+                    "| tcp | {:.1} MB/s ({rate} bytes/s) | {frames} frames on the tap, mean {mean} bytes |",
+                    rate as f64 / 1e6
+                );
+            }
+            Err(e) => {
+                failed = true;
+                println!("tcp vdpa-net FAILED: {e}");
+            }
+        }
     }
     if failed {
         ExitCode::FAILURE

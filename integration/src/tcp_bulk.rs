@@ -1,0 +1,179 @@
+//! A bulk TCP transfer from a QEMU guest on vdpa-net to a tap inside a
+//! network namespace.
+//!
+//! vdpa-net runs inside a fresh namespace serving one device on a `tap`
+//! port addressed [`HOST_IP`]; a TCG guest on that device serves a
+//! [`BULK_BYTES`] file with busybox httpd (which sends it with sendfile(),
+//! so the guest's TCP hands TSO-sized segments to the driver whenever the
+//! device offers TSO), and busybox wget inside the namespace downloads it.
+//! Each [`Transfer`] carries the bytes received, the time taken and the
+//! frames and bytes the tap received meanwhile. Used by the vdpa-net guest
+//! test and by `ioasis-bench-net --tcp`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::guest::ping_script;
+use crate::netns::Netns;
+use crate::qemu::{Qemu, QemuConfig, GUEST_TIMEOUT};
+use crate::vdpa_net::{VdpaNet, VdpaNetConfig};
+
+/// The tap vdpa-net opens inside the namespace.
+pub const TAP: &str = "vtap0";
+/// The namespace side's address on the tap.
+pub const HOST_IP: &str = "10.0.0.2";
+/// The guest's address.
+pub const GUEST_IP: &str = "10.0.0.1";
+/// Size of the transferred file in MiB.
+pub const BULK_MB: u64 = 20;
+/// Size of the transferred file in bytes.
+pub const BULK_BYTES: u64 = BULK_MB << 20;
+/// Bound for one download.
+pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(180);
+
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One download from the guest.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Transfer {
+    /// Bytes the namespace side received.
+    pub received: u64,
+    /// Wall-clock seconds the download took.
+    pub secs: f64,
+    /// Frames the tap received (guest to namespace) meanwhile.
+    pub frames: u64,
+    /// Bytes the tap received meanwhile.
+    pub bytes: u64,
+}
+
+impl Transfer {
+    /// Received bytes per second.
+    pub fn bytes_per_sec(&self) -> f64 {
+        if self.secs > 0.0 {
+            self.received as f64 / self.secs
+        } else {
+            0.0
+        }
+    }
+
+    /// Mean size of the frames on the tap, in bytes.
+    pub fn mean_frame(&self) -> u64 {
+        self.bytes.checked_div(self.frames).unwrap_or(0)
+    }
+}
+
+/// The guest's script: reach the namespace, print the device's virtio
+/// features (`FEATURES` marker), then serve the file (`SERVING` marker).
+pub fn serve_script() -> String {
+    format!(
+        "{}mark \"FEATURES $(cat /sys/class/net/$IF/device/features)\"\n\
+         mkdir -p /tmp/www && dd if=/dev/zero of=/tmp/www/big bs=1048576 count={BULK_MB} 2>/dev/null\n\
+         httpd -p 8080 -h /tmp/www && mark SERVING\n\
+         sleep 600\n",
+        ping_script(&format!("{GUEST_IP}/24"), HOST_IP, 1)
+    )
+}
+
+/// The virtio feature bits a guest printed (`FEATURES` marker) in
+/// `console`, summarised (bit 0 first).
+pub fn guest_features(console: &str) -> String {
+    let bits = console
+        .split("@@IOASIS:FEATURES ")
+        .nth(1)
+        .and_then(|r| r.split("@@").next())
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    let has = |bit: usize| bits.as_bytes().get(bit) == Some(&b'1');
+    format!(
+        "CSUM={} HOST_TSO4={} HOST_TSO6={} MRG_RXBUF={} ({bits})",
+        has(0),
+        has(11),
+        has(12),
+        has(15)
+    )
+}
+
+/// vdpa-net in a namespace on a tap, and a guest serving the file.
+/// Everything is killed and the namespace deleted on drop.
+#[derive(Debug)]
+pub struct TcpBulk {
+    guest: Qemu,
+    vdpa: VdpaNet,
+    ns: Netns,
+    busybox: PathBuf,
+}
+
+impl TcpBulk {
+    /// Starts vdpa-net (`bin`, with `extra_args`) in a new namespace, boots
+    /// the guest in `dir` and waits until it serves the file. `busybox` runs
+    /// the download inside the namespace.
+    pub fn start(bin: &Path, extra_args: &[String], busybox: &Path, dir: &Path) -> Result<TcpBulk> {
+        let ns = Netns::new()?;
+        let sock = dir.join("net.sock");
+        let mut cfg = VdpaNetConfig::new()
+            .device(&sock, &format!("tap={TAP}"))
+            .stats_interval(1);
+        for a in extra_args {
+            cfg = cfg.arg(a);
+        }
+        let vdpa = VdpaNet::spawn_bin(bin, &cfg, dir, Some(&ns))?;
+        ns.wait_link(TAP, SETUP_TIMEOUT)?;
+        ns.addr_up(TAP, &format!("{HOST_IP}/24"))?;
+        let mut guest = Qemu::launch(
+            &QemuConfig::new("guest", &serve_script()).netdev(&sock, "52:54:00:00:00:01"),
+            dir,
+        )?;
+        guest.expect_marker(
+            &format!("PING_OK {HOST_IP}"),
+            &format!("PING_FAIL {HOST_IP}"),
+            GUEST_TIMEOUT,
+        )?;
+        guest.wait_marker("SERVING", GUEST_TIMEOUT)?;
+        Ok(TcpBulk {
+            guest,
+            vdpa,
+            ns,
+            busybox: busybox.to_path_buf(),
+        })
+    }
+
+    /// Downloads the file once from the namespace side.
+    pub fn transfer(&self) -> Result<Transfer> {
+        let before = self.ns.link_stats(TAP)?;
+        let start = Instant::now();
+        let out = self.ns.sh(
+            &format!(
+                "{} wget -q -O - http://{GUEST_IP}:8080/big | wc -c",
+                self.busybox.display()
+            ),
+            TRANSFER_TIMEOUT,
+        )?;
+        let secs = start.elapsed().as_secs_f64();
+        let after = self.ns.link_stats(TAP)?;
+        let received = out.trim().parse().map_err(|e| Error::Parse {
+            what: format!("byte count {:?}", out.trim()),
+            path: PathBuf::from("wget output"),
+            detail: format!("{e}"),
+        })?;
+        Ok(Transfer {
+            received,
+            secs,
+            frames: after.rx_packets.saturating_sub(before.rx_packets),
+            bytes: after.rx_bytes.saturating_sub(before.rx_bytes),
+        })
+    }
+
+    /// The guest's virtio features, summarised ([`guest_features`]).
+    pub fn features(&self) -> String {
+        guest_features(&self.guest.console_text())
+    }
+
+    /// Kills the guest and stops vdpa-net cleanly.
+    pub fn stop(mut self, timeout: Duration) -> Result<()> {
+        self.guest.kill();
+        self.vdpa.stop(timeout)?;
+        Ok(())
+    }
+}
