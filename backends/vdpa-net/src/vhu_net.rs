@@ -12,9 +12,10 @@
 //! published once). Receive: take frames from the port as long as the
 //! receive queue has buffers, popping receive chains 32 at a time and
 //! merging buffers with VIRTIO_NET_F_MRG_RXBUF; chains popped but not used
-//! yet stay with the worker for the next frames, so no head is ever lost or
-//! completed twice (a chain kept past its access section is read and written
-//! through a fresh translation, its cached host fragments being stale). When the driver
+//! by the end of a pass go back to the driver (`Queue::unpop`), so a ring
+//! stopped between passes loses none of its buffers and no head is ever
+//! completed twice (where a ring cannot take them back, they stay with the
+//! worker and are read and written through a fresh translation next pass). When the driver
 //! has no receive buffers the port's readiness is switched off until the
 //! driver kicks the receive queue.
 
