@@ -49,6 +49,9 @@ fn test_fault_storm() {
     // this lock orders their view of which pages are mapped.
     let mapped = Arc::new(Mutex::new(vec![false; PAGES as usize]));
     let stop = Arc::new(AtomicBool::new(false));
+    // The handler keeps answering until every device thread has ended, so
+    // a fault raised just before `stop` is still answered.
+    let handler_stop = Arc::new(AtomicBool::new(false));
     let raised = Arc::new(AtomicU64::new(0));
     let answered_ok = Arc::new(AtomicU64::new(0));
     let answered_invalid = Arc::new(AtomicU64::new(0));
@@ -102,7 +105,7 @@ fn test_fault_storm() {
             q.clone(),
             mem.clone(),
             mapped.clone(),
-            stop.clone(),
+            handler_stop.clone(),
         );
         threads.push(std::thread::spawn(move || {
             let mut recs = Vec::new();
@@ -174,9 +177,14 @@ fn test_fault_storm() {
         std::thread::yield_now();
     }
     stop.store(true, Ordering::SeqCst);
+    // The handler was pushed last: join the device threads first, while it
+    // still answers, then stop it.
+    let handler = threads.pop().unwrap();
     for t in threads {
         t.join().unwrap();
     }
+    handler_stop.store(true, Ordering::SeqCst);
+    handler.join().unwrap();
     // Whatever is still queued is answered when the devices detach.
     for (_, id) in &devs {
         iommu.detach(*id, None).unwrap();
