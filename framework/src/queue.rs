@@ -1061,27 +1061,11 @@ impl<'a> Queue<'a> {
                 },
             ));
         }
-        let mut skip = offset;
-        let mut done = 0usize;
-        for d in chain.descs.iter().filter(|d| !d.writable) {
-            if done == buf.len() {
-                break;
-            }
-            let len = u64::from(d.len);
-            if skip >= len {
-                skip -= len;
-                continue;
-            }
-            let avail = usize::try_from(len - skip).unwrap_or(usize::MAX);
-            let n = avail.min(buf.len() - done);
-            let addr = d.addr.wrapping_add(skip);
-            if let Err(e) = self.dma.read(addr, &mut buf[done..done + n]) {
-                return Err(self.dma_err(e));
-            }
-            done += n;
-            skip = 0;
-        }
-        Ok(done)
+        let dma = &self.dma;
+        walk_descs(chain, false, offset, buf.len(), |addr, done, n| {
+            dma.read(addr, &mut buf[done..done + n])
+        })
+        .map_err(|e| self.dma_err(e))
     }
 
     /// Copies `data` into the device-writable part of `chain`, starting
@@ -1109,27 +1093,11 @@ impl<'a> Queue<'a> {
                 },
             ));
         }
-        let mut skip = offset;
-        let mut done = 0usize;
-        for d in chain.descs.iter().filter(|d| d.writable) {
-            if done == data.len() {
-                break;
-            }
-            let len = u64::from(d.len);
-            if skip >= len {
-                skip -= len;
-                continue;
-            }
-            let avail = usize::try_from(len - skip).unwrap_or(usize::MAX);
-            let n = avail.min(data.len() - done);
-            let addr = d.addr.wrapping_add(skip);
-            if let Err(e) = self.dma.write(addr, &data[done..done + n]) {
-                return Err(self.dma_err(e));
-            }
-            done += n;
-            skip = 0;
-        }
-        Ok(done)
+        let dma = &self.dma;
+        walk_descs(chain, true, offset, data.len(), |addr, done, n| {
+            dma.write(addr, &data[done..done + n])
+        })
+        .map_err(|e| self.dma_err(e))
     }
 
     /// Next available index the device will pop.
@@ -1147,6 +1115,37 @@ impl<'a> Queue<'a> {
 /// calling `copy(fragment, offset in it, bytes, bytes done)` until `want`
 /// bytes are done or the fragments end. Returns the bytes done.
 #[inline]
+/// The slow-path twin of [`copy_frags`]: walks the chain's descriptors of
+/// one direction (device-readable or device-writable), skipping `offset`
+/// bytes, and hands `step(addr, done, n)` each piece until `want` bytes are
+/// covered or the chain ends. Returns the bytes covered, or the first error.
+fn walk_descs<E>(
+    chain: &Chain,
+    writable: bool,
+    offset: u64,
+    want: usize,
+    mut step: impl FnMut(u64, usize, usize) -> std::result::Result<(), E>,
+) -> std::result::Result<usize, E> {
+    let mut skip = offset;
+    let mut done = 0usize;
+    for d in chain.descs.iter().filter(|d| d.writable == writable) {
+        if done == want {
+            break;
+        }
+        let len = u64::from(d.len);
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let avail = usize::try_from(len - skip).unwrap_or(usize::MAX);
+        let n = avail.min(want - done);
+        step(d.addr.wrapping_add(skip), done, n)?;
+        done += n;
+        skip = 0;
+    }
+    Ok(done)
+}
+
 fn copy_frags(
     chain: &Chain,
     writable: bool,
