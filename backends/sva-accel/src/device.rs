@@ -792,7 +792,7 @@ fn run_job_iommu(
     s: &Shared,
     c: &ClientCtx,
     mut job: Job,
-    mut resume: Resume,
+    resume: Resume,
     tr: &mut Option<Translator>,
 ) {
     let Some(tr) = tr.as_mut() else {
@@ -800,39 +800,12 @@ fn run_job_iommu(
         retire(s, c, 1);
         return;
     };
-    let op = job.desc.opcode;
-    // Two rounds at most: a block without a fault queue to raise on is
-    // answered Invalid at once (the device has no page request service).
-    for _ in 0..2 {
-        let (out, failure) = Dma::enter(tr, Some(c.pasid), |dma| {
-            let view = DmaView::new(dma);
-            let out = engine::execute(&mut job, &view, &s.limits, resume, &mut |e| {
-                report(c, e, op)
-            });
-            if let Outcome::Complete(cr) = &out {
-                write_record(c, &view, &job.desc, cr);
-            }
-            (out, view.take_failure())
-        });
-        match out {
-            Outcome::Complete(_) => {
-                finish(s, c);
-                return;
-            }
-            Outcome::Blocked(_) => match failure.and_then(|f| f.pending) {
-                Some(p) => {
-                    park_iommu(s, c, job, p);
-                    return;
-                }
-                None => resume = Resume::Invalid,
-            },
-        }
+    match Dma::enter(tr, Some(c.pasid), |dma| {
+        execute_in(s, c, dma, &mut job, resume)
+    }) {
+        Ran::Retired => finish(s, c),
+        Ran::Blocked(p) => park_iommu(s, c, job, p),
     }
-    warn!(
-        "PASID {}: descriptor blocked after an Invalid answer",
-        c.pasid
-    );
-    retire(s, c, 1);
 }
 
 fn park_iommu(s: &Shared, c: &ClientCtx, job: Job, p: PendingFault) {
@@ -992,34 +965,170 @@ fn take_from(
         retire(s, c, n as u64);
         return true;
     }
-    let mut iter = buf.drain(..);
-    for raw in iter.by_ref() {
-        let mut d = Descriptor::from_bytes(&raw);
+    // Everything before the first drain runs now, in one pass; the drain
+    // and what follows it are held.
+    let mut run = [Descriptor::new(opcode::NOOP, 0); POP_MAX];
+    let mut n_run = 0;
+    let mut held_from = buf.len();
+    for (i, raw) in buf.iter().enumerate() {
+        let mut d = Descriptor::from_bytes(raw);
         // ENQCMD semantics: the PASID is the portal owner's.
         d.pasid = c.pasid;
         if d.opcode == opcode::DRAIN {
-            // A drain holds itself and everything after it until all that
-            // came before has completed.
-            if let Ok(mut held) = c.held.lock() {
-                held.push_back(Job::new(d));
-                c.has_held.store(true, Ordering::Release);
-            }
+            held_from = i;
             break;
         }
-        run_job(s, c, Job::new(d), Resume::Start, tr);
+        if let Some(slot) = run.get_mut(n_run) {
+            *slot = d;
+            n_run += 1;
+        }
     }
-    let rest: Vec<_> = iter.collect();
-    if !rest.is_empty() {
+    if held_from < buf.len() {
+        // A drain holds itself and everything after it until all that came
+        // before has completed.
         if let Ok(mut held) = c.held.lock() {
-            for raw in rest {
-                let mut d = Descriptor::from_bytes(&raw);
+            for raw in &buf[held_from..] {
+                let mut d = Descriptor::from_bytes(raw);
                 d.pasid = c.pasid;
                 held.push_back(Job::new(d));
             }
+            c.has_held.store(true, Ordering::Release);
         }
     }
+    run_pass(s, c, &run[..n_run], tr);
     check_held(s, c, tr);
     true
+}
+
+/// Runs fresh descriptors of client `c` in order, sharing one access
+/// section among as many of them as it can, so that the section's set-up
+/// and the translations it remembers (source, destination, completion
+/// records) serve the whole pass rather than one descriptor.
+///
+/// The section stays bounded: a pass holds at most [`POP_MAX`]
+/// descriptors, and it ends after any descriptor once an unmap or
+/// invalidation is waiting for it (so an unmap waits for at most the
+/// descriptor in progress, as with one section per descriptor), when a
+/// descriptor parks on a fault, and when the client goes away or its PASID
+/// is released (checked before every descriptor, as [`run_job`] does).
+fn run_pass(s: &Shared, c: &ClientCtx, descs: &[Descriptor], tr: &mut Option<Translator>) {
+    let mut next = 0;
+    while next < descs.len() {
+        let gone = c.dead.load(Ordering::Acquire) || c.unbound.load(Ordering::Acquire);
+        let Some(t) = tr.as_mut().filter(|_| !gone) else {
+            // Nothing to translate for: run_job retires or reports it.
+            run_job(s, c, Job::new(descs[next]), Resume::Start, tr);
+            next += 1;
+            continue;
+        };
+        let mut done = Retirements::default();
+        let (ran, parked) = Dma::enter(t, Some(c.pasid), |dma| {
+            let mut i = next;
+            let mut parked = None;
+            while i < descs.len() {
+                if i > next
+                    && (dma.invalidation_requested()
+                        || c.dead.load(Ordering::Acquire)
+                        || c.unbound.load(Ordering::Acquire))
+                {
+                    break;
+                }
+                let mut job = Job::new(descs[i]);
+                i += 1;
+                match execute_in(s, c, dma, &mut job, Resume::Start) {
+                    Ran::Retired => done.add(s, c, &job.desc),
+                    Ran::Blocked(p) => {
+                        // Park outside the section.
+                        parked = Some((job, p));
+                        break;
+                    }
+                }
+            }
+            (i, parked)
+        });
+        done.flush(s, c);
+        next = ran;
+        if let Some((job, p)) = parked {
+            park_iommu(s, c, job, p);
+        }
+    }
+}
+
+/// Work a pass completes between two retirements: completions are counted
+/// (work queue slots, credits, the client's wake-up) once per this much
+/// work rather than once per descriptor, since each count is an atomic
+/// read-modify-write that must first wait for the copy's stores to drain.
+/// The completion records themselves are written per descriptor.
+const RETIRE_BYTES: u64 = 256 * 1024;
+
+/// Descriptors of a pass completed and not yet retired.
+#[derive(Default)]
+struct Retirements {
+    n: u64,
+    bytes: u64,
+}
+
+impl Retirements {
+    fn add(&mut self, s: &Shared, c: &ClientCtx, d: &Descriptor) {
+        self.n += 1;
+        // A batch counts as a whole unit of work.
+        let work = if d.opcode == opcode::BATCH {
+            RETIRE_BYTES
+        } else {
+            u64::from(d.xfer_size)
+        };
+        self.bytes = self.bytes.saturating_add(work);
+        if self.bytes >= RETIRE_BYTES {
+            self.flush(s, c);
+        }
+    }
+
+    fn flush(&mut self, s: &Shared, c: &ClientCtx) {
+        if self.n == 0 {
+            return;
+        }
+        retire(s, c, self.n);
+        if c.portal.client_needs_wakeup() {
+            shm::signal(c.completion_efd.as_fd());
+        }
+        *self = Retirements::default();
+    }
+}
+
+/// How [`execute_in`] left a job.
+enum Ran {
+    /// Completed (record written or reported) or dropped: to be retired.
+    Retired,
+    /// Blocked on this raised fault: to be parked.
+    Blocked(PendingFault),
+}
+
+/// Executes `job` of client `c` inside an open section: on completion
+/// writes its record. A block with nothing raised (no fault queue) is
+/// answered Invalid at once. The caller retires or parks the job.
+fn execute_in(s: &Shared, c: &ClientCtx, dma: Dma<'_>, job: &mut Job, mut resume: Resume) -> Ran {
+    let op = job.desc.opcode;
+    // Two rounds at most: a block without a fault queue to raise on is
+    // answered Invalid at once (the device has no page request service).
+    for _ in 0..2 {
+        let view = DmaView::new(dma);
+        let out = engine::execute(job, &view, &s.limits, resume, &mut |e| report(c, e, op));
+        match out {
+            Outcome::Complete(cr) => {
+                write_record(c, &view, &job.desc, &cr);
+                return Ran::Retired;
+            }
+            Outcome::Blocked(_) => match view.take_failure().and_then(|f| f.pending) {
+                Some(p) => return Ran::Blocked(p),
+                None => resume = Resume::Invalid,
+            },
+        }
+    }
+    warn!(
+        "PASID {}: descriptor blocked after an Invalid answer",
+        c.pasid
+    );
+    Ran::Retired
 }
 
 fn work_once(

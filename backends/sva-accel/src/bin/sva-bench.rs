@@ -3,7 +3,10 @@
 //!
 //! ```text
 //! sva-bench [--socket-path PATH] [--workers N] [--ms MILLISECONDS] [--batch N]
+//!           [--size BYTES]
 //! ```
+//!
+//! `--size` measures memmove at that one size only (for profiling).
 //!
 //! The client connects as every client does: its PASID is bound through
 //! the `/dev/iommu` service and every access is translated by iommu-core
@@ -35,6 +38,7 @@ struct Args {
     workers: usize,
     ms: u64,
     batch: usize,
+    size: Option<usize>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -43,6 +47,7 @@ fn parse() -> Result<Args, String> {
         workers: 1,
         ms: 300,
         batch: 256,
+        size: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -55,9 +60,16 @@ fn parse() -> Result<Args, String> {
             "--workers" => a.workers = v()?.parse().map_err(|e| format!("--workers: {e}"))?,
             "--ms" => a.ms = v()?.parse().map_err(|e| format!("--ms: {e}"))?,
             "--batch" => a.batch = v()?.parse().map_err(|e| format!("--batch: {e}"))?,
+            "--size" => {
+                let n: usize = v()?.parse().map_err(|e| format!("--size: {e}"))?;
+                if n == 0 || n > SIZES[SIZES.len() - 1].0 {
+                    return Err(format!("--size {n} not in 1..={}", SIZES[SIZES.len() - 1].0));
+                }
+                a.size = Some(n);
+            }
             _ => {
                 return Err(
-                    "usage: sva-bench [--socket-path PATH] [--workers N] [--ms MS] [--batch N]"
+                    "usage: sva-bench [--socket-path PATH] [--workers N] [--ms MS] [--batch N] [--size BYTES]"
                         .into(),
                 )
             }
@@ -309,7 +321,12 @@ fn run(a: &Args) -> Result<(), String> {
         "{:>8}  {:>12}  {:>16}  {:>6}",
         "size", "memcpy GB/s", "sva memmove GB/s", "ratio"
     );
-    for (size, name) in SIZES {
+    let one = a.size.map(|n| [(n, format!("{n} B"))]);
+    let sizes: Vec<(usize, String)> = match one {
+        Some(o) => o.to_vec(),
+        None => SIZES.iter().map(|(n, s)| (*n, s.to_string())).collect(),
+    };
+    for (size, name) in sizes {
         let depth = if size >= (1 << 20) { 2 } else { 32 };
         let mc = median(
             (0..3)
@@ -322,6 +339,11 @@ fn run(a: &Args) -> Result<(), String> {
         }
         let sv = median(sv);
         println!("{name:>8}  {mc:>12.2}  {sv:>16.2}  {:>6.2}", sv / mc);
+    }
+    if a.size.is_some() {
+        drop((src, dst, c));
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(());
     }
     let un = median(
         (0..3)
