@@ -216,6 +216,9 @@ pub struct ClientStats {
     pub faults_answered: AtomicU64,
     /// Events (completion records not written).
     pub events: AtomicU64,
+    /// Descriptors aborted unexecuted (queued, held or parked) because the
+    /// client went away or its PASID was released.
+    pub aborted: AtomicU64,
 }
 
 /// One connected client.
@@ -557,7 +560,9 @@ fn hello(s: &Arc<Shared>, conn: BorrowedFd<'_>, pkt: &proto::Packet) -> Option<A
 /// Unbinds device clients whose PASID their service session gives up,
 /// before (session closing) or right after (PASID freed) the detach, so that
 /// no descriptor of theirs starts translating for a PASID that may be handed
-/// to another session next.
+/// to another session next, and aborts their outstanding work
+/// ([`abort_work`]): when a closing session's PASID is detached and its
+/// IOAS destroyed, nothing of that client is executing, parked or held.
 struct Unbinder {
     shared: std::sync::Weak<Shared>,
 }
@@ -577,7 +582,12 @@ impl Unbinder {
         for c in list.iter() {
             if c.session == session && c.pasid == pasid {
                 c.unbound.store(true, Ordering::SeqCst);
-                info!("PASID {pasid}: released by session {session}; client unbound");
+                let n = abort_work(&s, c);
+                info!(
+                    "PASID {pasid}: released by session {session}; client unbound, \
+                     {} descriptors aborted, {} finished executing",
+                    n.aborted, n.finished
+                );
             }
         }
     }
@@ -684,8 +694,10 @@ fn client_thread(s: &Arc<Shared>, conn: OwnedFd) {
     teardown(s, &client);
 }
 
-/// Drops a client: stop taking its work, drop parked work, wait for what is
-/// executing, unmap its memory, free its PASID.
+/// Drops a client whose control connection closed: stop taking its work,
+/// abort what it has outstanding, wait for what is executing. Its service
+/// session closing (usually at the same time) detaches the PASID and
+/// destroys its IOAS.
 fn teardown(s: &Arc<Shared>, c: &Arc<ClientCtx>) {
     c.dead.store(true, Ordering::SeqCst);
     if let Ok(mut list) = s.clients.write() {
@@ -697,33 +709,114 @@ fn teardown(s: &Arc<Shared>, c: &Arc<ClientCtx>) {
         *list = Arc::new(v);
         s.clients_gen.fetch_add(1, Ordering::Release);
     }
-    // Parked and answered-but-not-resumed work holds no work queue slot;
-    // held work (behind a drain) does.
-    let mut released = 0u64;
-    if let Ok(mut p) = c.parked_iommu.lock() {
-        released += p.len() as u64;
-        p.clear();
-    }
-    retire_released(c, released);
-    if let Ok(mut q) = c.held.lock() {
-        let n = q.len() as u64;
-        q.clear();
-        retire(s, c, n);
-    }
-    // Descriptors already executing finish; bounded wait.
-    let start = Instant::now();
-    while c.inflight.load(Ordering::Acquire) > 0 && start.elapsed() < Duration::from_secs(30) {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let n = abort_work(s, c);
     if s.cfg.wq_mode == WqMode::Dedicated {
         s.dedicated_in_use.fetch_sub(1, Ordering::SeqCst);
     }
     info!(
-        "PASID {}: client gone ({} descriptors, {} faults)",
+        "PASID {}: client gone ({} descriptors, {} faults, {} aborted)",
         c.pasid,
         c.stats.completed.load(Ordering::Relaxed),
-        c.stats.faults_raised.load(Ordering::Relaxed)
+        c.stats.faults_raised.load(Ordering::Relaxed),
+        n.aborted
     );
+}
+
+/// Longest [`abort_work`] waits for a client's executing descriptors.
+const ABORT_WAIT: Duration = Duration::from_secs(10);
+
+/// What [`abort_work`] did.
+#[derive(Debug, Default, Clone, Copy)]
+struct Aborted {
+    /// Descriptors dropped unexecuted.
+    aborted: u64,
+    /// The client's executing descriptors all finished within the bound.
+    finished: bool,
+}
+
+/// Aborts the outstanding work of client `c`, whose `dead` or `unbound`
+/// flag the caller has set (so no worker starts another descriptor of it):
+/// descriptors still queued in its portal, held behind a drain, or parked
+/// on a fault are dropped without executing (each that asked for a
+/// completion record is reported as an event instead, since its record can
+/// no longer be translated), then this waits (bounded by [`ABORT_WAIT`])
+/// until the descriptors workers are executing for it have finished. After
+/// it returns, no descriptor of `c` touches memory through its PASID, and
+/// none will.
+fn abort_work(s: &Shared, c: &ClientCtx) -> Aborted {
+    let mut out = Aborted::default();
+    // Parked work holds no work queue slot; held work does.
+    let parked: Vec<Job> = c
+        .parked_iommu
+        .lock()
+        .map(|mut p| p.drain(..).map(|(j, _)| j).collect())
+        .unwrap_or_default();
+    for j in &parked {
+        report_dropped(c, &j.desc);
+    }
+    retire_released(c, parked.len() as u64);
+    let held: Vec<Job> = c
+        .held
+        .lock()
+        .map(|mut q| q.drain(..).collect())
+        .unwrap_or_default();
+    for j in &held {
+        report_dropped(c, &j.desc);
+    }
+    retire(s, c, held.len() as u64);
+    out.aborted += (parked.len() + held.len()) as u64;
+    // Queued in the portal and never taken. A worker popping meanwhile
+    // holds the cursor: what it took counts as in flight and is dropped
+    // by it (it checks the flags before every descriptor).
+    let mut buf = Vec::new();
+    for _ in 0..1000 {
+        buf.clear();
+        match c.portal.pop(&mut buf, MAX_WQ_SIZE as usize) {
+            Some(0) => break,
+            Some(n) => {
+                for raw in &buf {
+                    report_dropped(c, &Descriptor::from_bytes(raw));
+                }
+                c.portal.complete(n as u64);
+                out.aborted += n as u64;
+            }
+            None => std::thread::yield_now(),
+        }
+    }
+    c.stats.aborted.fetch_add(out.aborted, Ordering::Relaxed);
+    // Descriptors already executing finish (a worker checks the flags
+    // before each descriptor, so at most one per worker runs on).
+    let start = Instant::now();
+    out.finished = loop {
+        if c.inflight.load(Ordering::SeqCst) == 0 {
+            break true;
+        }
+        if start.elapsed() >= ABORT_WAIT {
+            warn!(
+                "PASID {}: {} descriptors still executing after {ABORT_WAIT:?}",
+                c.pasid,
+                c.inflight.load(Ordering::SeqCst)
+            );
+            break false;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    out
+}
+
+/// Reports a descriptor dropped unexecuted, when it asked for a record.
+fn report_dropped(c: &ClientCtx, d: &Descriptor) {
+    if d.flags & crate::desc::flags::CRAV != 0 {
+        report(
+            c,
+            CrWriteFailed {
+                cr_addr: d.completion_addr,
+                status: crate::desc::status::PAGE_FAULT_NOBOF,
+                code: crate::desc::status::CRA_XLAT,
+            },
+            d.opcode,
+        );
+    }
 }
 
 /// Retires `n` descriptors that hold a work queue slot.
@@ -763,24 +856,14 @@ fn report(c: &ClientCtx, e: CrWriteFailed, opcode: u8) {
 
 /// Runs (or resumes) one job of client `c` to completion or a park.
 fn run_job(s: &Shared, c: &ClientCtx, job: Job, resume: Resume, tr: &mut Option<Translator>) {
-    if c.dead.load(Ordering::Acquire) {
+    if c.dead.load(Ordering::SeqCst) {
         // The client is gone: nothing to do for it.
         retire(s, c, 1);
         return;
     }
-    if c.unbound.load(Ordering::Acquire) {
+    if c.unbound.load(Ordering::SeqCst) {
         // Its PASID was released: nothing translates, not even the record.
-        if job.desc.flags & crate::desc::flags::CRAV != 0 {
-            report(
-                c,
-                CrWriteFailed {
-                    cr_addr: job.desc.completion_addr,
-                    status: crate::desc::status::PAGE_FAULT_NOBOF,
-                    code: crate::desc::status::CRA_XLAT,
-                },
-                job.desc.opcode,
-            );
-        }
+        report_dropped(c, &job.desc);
         retire(s, c, 1);
         return;
     }
@@ -812,9 +895,12 @@ fn park_iommu(s: &Shared, c: &ClientCtx, job: Job, p: PendingFault) {
     let Ok(mut parked) = c.parked_iommu.lock() else {
         return;
     };
-    if c.dead.load(Ordering::SeqCst) {
+    // Checked under the lock abort_work drains the parked work with.
+    if c.dead.load(Ordering::SeqCst) || c.unbound.load(Ordering::SeqCst) {
         drop(parked);
+        report_dropped(c, &job.desc);
         retire(s, c, 1);
+        c.stats.aborted.fetch_add(1, Ordering::Relaxed);
         return;
     }
     let answered = p.status() != FaultStatus::Pending;
@@ -987,12 +1073,22 @@ fn take_from(
         // A drain holds itself and everything after it until all that came
         // before has completed.
         if let Ok(mut held) = c.held.lock() {
-            for raw in &buf[held_from..] {
-                let mut d = Descriptor::from_bytes(raw);
-                d.pasid = c.pasid;
-                held.push_back(Job::new(d));
+            // Checked under the lock abort_work drains the held work with.
+            if c.dead.load(Ordering::SeqCst) || c.unbound.load(Ordering::SeqCst) {
+                let n = (buf.len() - held_from) as u64;
+                for raw in &buf[held_from..] {
+                    report_dropped(c, &Descriptor::from_bytes(raw));
+                }
+                retire(s, c, n);
+                c.stats.aborted.fetch_add(n, Ordering::Relaxed);
+            } else {
+                for raw in &buf[held_from..] {
+                    let mut d = Descriptor::from_bytes(raw);
+                    d.pasid = c.pasid;
+                    held.push_back(Job::new(d));
+                }
+                c.has_held.store(true, Ordering::Release);
             }
-            c.has_held.store(true, Ordering::Release);
         }
     }
     run_pass(s, c, &run[..n_run], tr);
@@ -1014,7 +1110,7 @@ fn take_from(
 fn run_pass(s: &Shared, c: &ClientCtx, descs: &[Descriptor], tr: &mut Option<Translator>) {
     let mut next = 0;
     while next < descs.len() {
-        let gone = c.dead.load(Ordering::Acquire) || c.unbound.load(Ordering::Acquire);
+        let gone = c.dead.load(Ordering::SeqCst) || c.unbound.load(Ordering::SeqCst);
         let Some(t) = tr.as_mut().filter(|_| !gone) else {
             // Nothing to translate for: run_job retires or reports it.
             run_job(s, c, Job::new(descs[next]), Resume::Start, tr);
@@ -1028,8 +1124,8 @@ fn run_pass(s: &Shared, c: &ClientCtx, descs: &[Descriptor], tr: &mut Option<Tra
             while i < descs.len() {
                 if i > next
                     && (dma.invalidation_requested()
-                        || c.dead.load(Ordering::Acquire)
-                        || c.unbound.load(Ordering::Acquire))
+                        || c.dead.load(Ordering::SeqCst)
+                        || c.unbound.load(Ordering::SeqCst))
                 {
                     break;
                 }

@@ -587,8 +587,8 @@ fn memmove<M: DmaMemory + ?Sized>(
             &mut p.done,
             |s, t, n, _| {
                 // SAFETY: s is readable and t writable for n bytes (DmaMemory);
-                // they may overlap, which ptr::copy allows.
-                unsafe { std::ptr::copy(s, t, n) };
+                // they may overlap, which move_bytes allows.
+                unsafe { crate::copy::move_bytes(s, t, n) };
                 true
             },
         )?;

@@ -22,6 +22,8 @@
 
 pub mod client;
 
+mod copy;
+
 pub mod crc;
 pub mod desc;
 pub mod device;
