@@ -54,6 +54,11 @@ pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
 pub const VIRTIO_F_VERSION_1: u32 = 32;
 /// VIRTIO_F_ACCESS_PLATFORM: every address goes through the platform IOMMU.
 pub const VIRTIO_F_ACCESS_PLATFORM: u32 = 33;
+/// VIRTIO_F_IN_ORDER: buffers are used in the order they were made
+/// available. The device always does (transmit chains complete in pop
+/// order, receive chains fill in pop order, unused ones go back untouched),
+/// so it is offered; the used ring of a transmit burst is then written once.
+pub const VIRTIO_F_IN_ORDER: u32 = 35;
 
 /// Bit mask of one feature bit number.
 pub const fn bit(feature: u32) -> u64 {
@@ -240,7 +245,8 @@ pub fn device_features(pairs: u16, offloads: PortOffloads, mtu: Option<u16>) -> 
         | bit(VIRTIO_NET_F_STATUS)
         | bit(VIRTIO_NET_F_CTRL_VQ)
         | bit(VIRTIO_NET_F_CTRL_RX)
-        | bit(VIRTIO_NET_F_CTRL_MAC_ADDR);
+        | bit(VIRTIO_NET_F_CTRL_MAC_ADDR)
+        | bit(VIRTIO_F_IN_ORDER);
     if pairs > 1 {
         f |= bit(VIRTIO_NET_F_MQ);
     }

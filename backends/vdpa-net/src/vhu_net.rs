@@ -356,6 +356,14 @@ pub(crate) trait Ring {
         data: &[u8],
     ) -> std::result::Result<usize, QueueError>;
     fn add_used(&mut self, head: u16, len: u32) -> std::result::Result<(), QueueError>;
+    /// Completes `heads` in order with nothing written; on error, how many
+    /// (a prefix) were completed.
+    fn add_used_batch(&mut self, heads: &[u16]) -> std::result::Result<(), (usize, QueueError)> {
+        for (i, &h) in heads.iter().enumerate() {
+            self.add_used(h, 0).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
     /// Gives back the last `n` chains popped and not completed (they are
     /// popped again later); false if the queue cannot.
     fn unpop(&mut self, _n: u16) -> bool {
@@ -392,6 +400,9 @@ impl Ring for Queue<'_> {
     }
     fn add_used(&mut self, head: u16, len: u32) -> std::result::Result<(), QueueError> {
         Queue::add_used(self, head, len)
+    }
+    fn add_used_batch(&mut self, heads: &[u16]) -> std::result::Result<(), (usize, QueueError)> {
+        Queue::add_used_batch(self, heads)
     }
     fn unpop(&mut self, n: u16) -> bool {
         Queue::unpop(self, n)
@@ -573,12 +584,9 @@ impl<C: ChainInfo> PairEngine<C> {
                 self.tx_heads.push(head);
             }
             let mut used_err = None;
-            for (j, &h) in self.tx_heads.iter().enumerate() {
-                if let Err(e) = q.add_used(h, 0) {
-                    self.tx_unacked.extend_from_slice(&self.tx_heads[j..]);
-                    used_err = Some(e);
-                    break;
-                }
+            if let Err((j, e)) = q.add_used_batch(&self.tx_heads) {
+                self.tx_unacked.extend_from_slice(&self.tx_heads[j..]);
+                used_err = Some(e);
             }
             let popped = self.tx_heads.len();
             if popped > 0 && used_err.is_none() {

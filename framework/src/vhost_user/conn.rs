@@ -30,6 +30,11 @@ pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
 pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 /// `VIRTIO_RING_F_EVENT_IDX`.
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+/// `VIRTIO_F_IN_ORDER`: buffers are used in the order they were made
+/// available. Offered only by a device that guarantees it (the framework
+/// passes it through); the queue layer then batches used elements in
+/// [`Queue::add_used_batch`](crate::queue::Queue::add_used_batch).
+pub const VIRTIO_F_IN_ORDER: u64 = 1 << 35;
 /// `VHOST_USER_F_PROTOCOL_FEATURES`.
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 /// `VIRTIO_CONFIG_S_NEEDS_RESET`.
@@ -384,8 +389,11 @@ impl Connection {
                 let mode = if iotlb { Mode::Iotlb } else { Mode::Table };
                 self.space.set_mode(mode, &self.table)?;
                 let event_idx = f & VIRTIO_RING_F_EVENT_IDX != 0;
+                let in_order = f & VIRTIO_F_IN_ORDER != 0;
                 for m in &self.vrings {
-                    lock(m).q.set_event_idx(event_idx);
+                    let mut v = lock(m);
+                    v.q.set_event_idx(event_idx);
+                    v.in_order = in_order;
                 }
                 self.reapply_ring_addrs();
                 Ok(None)
