@@ -4,10 +4,11 @@
 # alternating the backends round by round and comparing medians (this kind of
 # machine is shared and noisy: compare only within one run).
 #
-#   scripts/bench-net.sh [--rounds N] [--secs S] [--tap] [--tcp] [--only-reference] [--no-pin] [--vdpa-arg ARG]...
+#   scripts/bench-net.sh [--rounds N] [--secs S] [--tap] [--tcp] [--only-reference] [--no-pin] [--poll-us N] [--vdpa-arg ARG]...
 #
 # vdpa-net is pinned to CPU 1, where net_vhost forwards (testpmd's frontend
-# forwards on CPU 0); --no-pin lets it run anywhere.
+# forwards on CPU 0); --no-pin lets it run anywhere. In the packet tests
+# vdpa-net polls (--poll-us 1000), as net_vhost does; --poll-us 0 turns it off.
 #
 # --tap adds the tap benchmark (frames from testpmd through the backend into a
 # tap inside a network namespace, counted on the tap). --tcp adds, in the same

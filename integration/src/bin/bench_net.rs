@@ -8,10 +8,9 @@
 //! - `to-backend`: frontend txonly into net_vhost (rxonly) / vdpa-net `sink`;
 //!   the figure is the frontend's Tx-pps (frames the backend took off the ring);
 //! - `from-backend`: frames the backend delivers into the frontend's receive
-//!   ring, the frontend's Rx-pps: net_vhost generates (txonly) into a frontend
-//!   in rxonly; vdpa-net has no generator port, so the frontend generates
-//!   (flowgen, which also receives) into `reflect` and the returned frames are
-//!   counted: vdpa-net then carries both directions at once;
+//!   ring, the frontend's Rx-pps: the frontend in rxonly, net_vhost
+//!   generating (txonly), vdpa-net its `source` port (the same 64-byte UDP
+//!   frame again and again, as txonly sends);
 //! - `loop`: the same workload for both: frontend flowgen, the backend
 //!   returning every frame (net_vhost macswap / vdpa-net `reflect`); the
 //!   figure is the frontend's Rx-pps;
@@ -24,6 +23,10 @@
 //!   ([`ioasis_integration::tcp_bulk`], the same path as the guest test);
 //!   the figure is the median bytes per second, with the frames and bytes
 //!   the tap received (their mean size shows TSO at work).
+//!
+//! vdpa-net runs with `--poll-us 1000` in the packet tests (net_vhost's
+//! forwarding lcore always polls; `--poll-us 0` measures vdpa-net sleeping
+//! between kicks instead).
 //!
 //! vdpa-net is pinned to CPU 1 (where net_vhost's forwarding lcore runs;
 //! testpmd's frontend forwards on CPU 0) unless `--no-pin` is given.
@@ -88,6 +91,21 @@ struct Opts {
     vdpa: Option<PathBuf>,
     vdpa_args: Vec<String>,
     pin: bool,
+    /// Busy-poll window given to vdpa-net in the packet tests (`--poll-us`),
+    /// unless `--vdpa-arg` sets one; 0: none.
+    poll_us: u64,
+}
+
+impl Opts {
+    /// vdpa-net's extra arguments in the packet-rate tests.
+    fn packet_args(&self) -> Vec<String> {
+        let mut a = self.vdpa_args.clone();
+        if self.poll_us > 0 && !a.iter().any(|x| x == "--poll-us") {
+            a.push("--poll-us".into());
+            a.push(self.poll_us.to_string());
+        }
+        a
+    }
 }
 
 /// A backend under test, killed on drop.
@@ -135,12 +153,13 @@ fn start_backend(
                 .ok_or_else(|| Error::Unavailable("vdpa-net".into()))?;
             let port = match t {
                 Test::ToBackend => "sink",
-                Test::Loop | Test::FromBackend => "reflect",
+                Test::Loop => "reflect",
+                Test::FromBackend => "source",
                 Test::Tap => "tap=btap0",
             };
             let mut cfg = VdpaNetConfig::new().device(sock, port).stats_interval(1);
-            for a in &opts.vdpa_args {
-                cfg = cfg.arg(a);
+            for a in opts.packet_args() {
+                cfg = cfg.arg(&a);
             }
             // Pin the daemon to CPU 1, where net_vhost's forwarding lcore
             // runs, so both backends get the same share of the machine.
@@ -186,8 +205,8 @@ fn measure(b: Backend, t: Test, opts: &Opts) -> Result<u64> {
     }
     let fwd = match (t, b) {
         (Test::ToBackend | Test::Tap, _) => "txonly",
-        (Test::Loop, _) | (Test::FromBackend, Backend::VdpaNet) => "flowgen",
-        (Test::FromBackend, Backend::Reference) => "rxonly",
+        (Test::Loop, _) => "flowgen",
+        (Test::FromBackend, _) => "rxonly",
     };
     let cfg = TestpmdConfig::frontend("frontend", &sock, fwd)
         .duration(Duration::from_secs(opts.secs + 2));
@@ -225,6 +244,11 @@ fn measure(b: Backend, t: Test, opts: &Opts) -> Result<u64> {
 
 /// Downloads per `--tcp` run; the figure is their median.
 const TCP_TRANSFERS: usize = 5;
+
+/// net_vhost's forwarding lcore polls without ever sleeping; vdpa-net is
+/// measured in its polling mode too (a 1 ms idle window: under load its
+/// worker never sleeps either). `--poll-us 0` measures the sleeping mode.
+const DEFAULT_POLL_US: u64 = 1000;
 
 /// The guest TCP bulk transfers (`--tcp`): vdpa-net unpinned, since the TCG
 /// guest needs both CPUs.
@@ -272,6 +296,7 @@ fn parse_opts() -> std::result::Result<Opts, String> {
         vdpa: None,
         vdpa_args: Vec::new(),
         pin: true,
+        poll_us: DEFAULT_POLL_US,
     };
     let mut only_ref = false;
     let mut args = std::env::args().skip(1);
@@ -283,10 +308,11 @@ fn parse_opts() -> std::result::Result<Opts, String> {
             "--tap" => o.tap = true,
             "--tcp" => o.tcp = true,
             "--no-pin" => o.pin = false,
+            "--poll-us" => o.poll_us = val("--poll-us")?.parse().map_err(|e| format!("{e}"))?,
             "--only-reference" => only_ref = true,
             "--vdpa-arg" => o.vdpa_args.push(val("--vdpa-arg")?),
             "-h" | "--help" => {
-                return Err("usage: ioasis-bench-net [--rounds N] [--secs S] [--tap] [--tcp] [--only-reference] [--no-pin] [--vdpa-arg ARG]...".into())
+                return Err("usage: ioasis-bench-net [--rounds N] [--secs S] [--tap] [--tcp] [--only-reference] [--no-pin] [--poll-us N] [--vdpa-arg ARG]...".into())
             }
             other => return Err(format!("unknown argument {other}")),
         }
@@ -327,7 +353,11 @@ fn main() -> ExitCode {
     }
     let mut backends = vec![Backend::Reference];
     if let Some(p) = &opts.vdpa {
-        eprintln!("vdpa-net: {}", p.display());
+        eprintln!(
+            "vdpa-net: {} (packet tests: {})",
+            p.display(),
+            opts.packet_args().join(" ")
+        );
         backends.push(Backend::VdpaNet);
     }
     // results[test][backend] = per-round figures
