@@ -10,6 +10,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 use sva_accel::client::{ops, Client, ClientError, FaultAction, Options};
 use sva_accel::desc::{flags, opcode, status, Descriptor};
+use sva_accel::device::DEFAULT_LABEL;
 
 #[test]
 fn test_several_clients_at_once() {
@@ -43,7 +44,15 @@ fn test_several_clients_at_once() {
     assert_eq!(pasids.len(), 4, "distinct PASIDs");
 }
 
-/// Run as a separate process by `test_killed_client_is_cleaned_up`.
+/// Length of the victim's witness buffer (no other buffer of the victim has
+/// this size, so the test finds it among the victim's memfds).
+const WITNESS_LEN: usize = 5 << 20;
+/// Pattern the victim's queued fills write into its witness buffer.
+const WITNESS_FILL: u64 = 0x5a5a_5a5a_5a5a_5a5a;
+
+/// Run as a separate process by `test_killed_client_is_cleaned_up`: a
+/// client with a descriptor parked on a fault nobody answers and its work
+/// queue kept full of fills into its witness buffer, until it is killed.
 #[test]
 fn victim_process() {
     let Ok(path) = std::env::var("SVA_VICTIM_SOCKET") else {
@@ -58,18 +67,17 @@ fn victim_process() {
         })),
         ..Options::default()
     };
-    let c = match std::env::var("SVA_VICTIM_IOMMU") {
-        Ok(svc) => Client::connect_iommu(&path, svc, sva_accel::device::DEFAULT_LABEL, opts),
-        Err(_) => Client::connect_with(&path, opts),
-    }
-    .expect("connect");
-    let big = c.alloc(16 << 20).expect("alloc");
+    let c = Client::connect_with(&path, opts).expect("connect");
+    let witness = c.alloc(WITNESS_LEN).expect("alloc");
     let lazy = c.alloc_lazy(4096).expect("lazy");
     let parked = c.submit(ops::fill(lazy.addr(), 0, 4096)).expect("submit");
-    println!("READY");
+    let fill = ops::fill(witness.addr(), WITNESS_FILL, WITNESS_LEN as u32);
+    println!("READY {}", c.pasid());
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(60) {
-        let _ = c.mem_move(big.at(8 << 20), big.addr(), 8 << 20);
+        if c.try_submit_raw(&[fill]).is_err() {
+            std::thread::yield_now();
+        }
     }
     drop(parked);
 }
@@ -80,8 +88,31 @@ fn memfd_maps(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
+/// Opens the client buffer memfd of `pid` that is `len` bytes long.
+fn open_buffer_of(pid: u32, len: usize) -> Option<std::fs::File> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    dir.flatten().find_map(|e| {
+        let link = std::fs::read_link(e.path()).ok()?;
+        if !link.to_string_lossy().contains("memfd:sva-buffer") {
+            return None;
+        }
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(e.path())
+            .ok()?;
+        (f.metadata().ok()?.len() == len as u64).then_some(f)
+    })
+}
+
+/// A client killed with a descriptor parked on a fault and its work queue
+/// full: its queued and parked work is aborted, its PASID is freed (handed
+/// out again), its memory is unmapped from the daemon and never written by
+/// the device again, and the other clients are unaffected (they keep
+/// working meanwhile, and a newcomer connects and works).
 #[test]
 fn test_killed_client_is_cleaned_up() {
+    use std::os::unix::fs::FileExt;
     let d = Daemon::shared();
     let survivor = Client::connect(&d.socket).expect("connect");
     let a = survivor.alloc(1 << 20).expect("alloc");
@@ -99,19 +130,37 @@ fn test_killed_client_is_cleaned_up() {
         .spawn()
         .expect("spawn victim");
     let out = victim.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(out).lines();
-    let ready = lines.any(|l| l.map(|l| l.contains("READY")).unwrap_or(false));
-    assert!(ready, "victim did not start");
+    let victim_pasid = BufReader::new(out)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| {
+            // The harness prints the test's name on the same line.
+            l.split("READY ")
+                .nth(1)
+                .and_then(|p| p.trim().parse::<u32>().ok())
+        })
+        .expect("victim did not start");
+    assert_ne!(victim_pasid, survivor.pasid());
     assert!(
         memfd_maps(d.child.id()) > baseline,
         "victim memory mapped in the daemon"
     );
+    // The victim's memory, kept alive here after it dies.
+    let witness = open_buffer_of(victim.id(), WITNESS_LEN).expect("victim's witness buffer");
+    let read8 = |f: &std::fs::File| {
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, 0).expect("read witness");
+        u64::from_le_bytes(b)
+    };
+    eventually("the victim's queued work runs", || {
+        read8(&witness) == WITNESS_FILL
+    });
     victim.kill().expect("kill");
     victim.wait().expect("wait");
-    // Its memory goes away; the survivor keeps working meanwhile.
+    // The survivor keeps working while the victim is cleaned up.
     let data = pattern(1 << 19, 1);
     a.write(0, &data);
-    eventually("victim memory unmapped", || {
+    eventually("victim memory unmapped from the daemon", || {
         let cr = survivor
             .mem_move(a.at(1 << 19), a.addr(), 1 << 19)
             .expect("run");
@@ -119,7 +168,38 @@ fn test_killed_client_is_cleaned_up() {
         memfd_maps(d.child.id()) == baseline
     });
     assert_eq!(a.to_vec(1 << 19, 1 << 19), data);
+    // Its PASID is free again: the allocator hands out the lowest free one.
+    let mut svc = ioasis::service::Client::connect(d.iommu_socket()).expect("session");
+    eventually("victim PASID freed", || {
+        let p = svc.pasid_alloc(DEFAULT_LABEL).expect("pasid");
+        svc.pasid_free(DEFAULT_LABEL, p).expect("pasid free");
+        p == victim_pasid
+    });
+    drop(svc);
+    // Nothing writes the victim's memory any more: clear it, keep the
+    // device busy, and it stays clear.
+    witness
+        .write_all_at(&vec![0u8; WITNESS_LEN], 0)
+        .expect("clear witness");
+    for _ in 0..20 {
+        let cr = survivor
+            .mem_move(a.at(1 << 19), a.addr(), 1 << 19)
+            .expect("run");
+        assert_eq!(cr.status, status::SUCCESS);
+    }
+    let mut after = vec![0xffu8; WITNESS_LEN];
+    witness.read_exact_at(&mut after, 0).expect("read witness");
+    assert!(
+        after.iter().all(|&b| b == 0),
+        "the dead client's memory was written after its teardown"
+    );
+    // A newcomer gets a PASID and works.
     let newcomer = Client::connect(&d.socket).expect("connect after kill");
+    let b = newcomer.alloc(4096).expect("alloc");
+    assert_eq!(
+        newcomer.fill(b.addr(), 0, 4096).expect("fill").status,
+        status::SUCCESS
+    );
     assert_eq!(
         newcomer
             .run(Descriptor::new(opcode::NOOP, 0))
@@ -129,60 +209,117 @@ fn test_killed_client_is_cleaned_up() {
     );
 }
 
+/// A client that gives its PASID back while descriptors are queued in its
+/// work queue and one is parked on a fault: when the release returns, that
+/// work has been aborted (the parked descriptor's record, which can no
+/// longer be translated, is reported as an event without its fault being
+/// answered), nothing writes the client's memory any more, and another
+/// client is unaffected.
 #[test]
-fn test_killed_iommu_client_leaves_others_working() {
+fn test_released_pasid_aborts_queued_and_parked_work() {
     let d = Daemon::shared();
-    let svc = d.iommu_socket();
-    let survivor = Client::connect_iommu(
+    let (entered_tx, entered_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let release_rx = Mutex::new(release_rx);
+    let c = Client::connect_with(
         &d.socket,
-        &svc,
-        sva_accel::device::DEFAULT_LABEL,
-        Options::default(),
+        Options {
+            block_on_fault: true,
+            fault_handler: Some(Box::new(move |_| {
+                let _ = entered_tx.send(());
+                if let Ok(rx) = release_rx.lock() {
+                    let _ = rx.recv_timeout(Duration::from_secs(20));
+                }
+                FaultAction::Fail
+            })),
+            ..Options::default()
+        },
     )
     .expect("connect");
-    let a = survivor.alloc(1 << 20).expect("alloc");
-    let mut victim = Command::new(std::env::current_exe().expect("exe"))
-        .args([
-            "victim_process",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("SVA_VICTIM_SOCKET", &d.socket)
-        .env("SVA_VICTIM_IOMMU", &svc)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn victim");
-    let out = victim.stdout.take().expect("stdout");
-    let ready = BufReader::new(out)
-        .lines()
-        .any(|l| l.map(|l| l.contains("READY")).unwrap_or(false));
-    assert!(ready, "victim did not start");
-    victim.kill().expect("kill");
-    victim.wait().expect("wait");
-    let data = pattern(1 << 19, 9);
-    a.write(0, &data);
-    for _ in 0..20 {
-        let cr = survivor
-            .mem_move(a.at(1 << 19), a.addr(), 1 << 19)
-            .expect("run");
-        assert_eq!(cr.status, status::SUCCESS);
+    let other = Client::connect(&d.socket).expect("connect");
+    let witness = c.alloc(4 << 20).expect("alloc");
+    let crs = c.alloc(4096).expect("alloc");
+    let lazy = c.alloc_lazy(4096).expect("lazy");
+    // Parked: block on fault, its record in `crs`.
+    let mut blocked = ops::fill(lazy.addr(), 0, 4096);
+    blocked.flags |= flags::BOF | flags::CRAV | flags::RCR;
+    blocked.completion_addr = crs.addr();
+    c.submit_raw(&[blocked]).expect("submit");
+    entered_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("fault raised");
+    // Queued behind long fills, each with its record in `crs` (bounded:
+    // the queue answers retry when full).
+    let mut queued = 0u64;
+    let start = Instant::now();
+    while queued < 64 && start.elapsed() < Duration::from_secs(5) {
+        let mut fill = ops::fill(witness.addr(), WITNESS_FILL, 4 << 20);
+        fill.flags |= flags::CRAV | flags::RCR;
+        fill.completion_addr = crs.at(32 * (1 + queued as usize));
+        if c.try_submit_raw(&[fill]).is_ok() {
+            queued += 1;
+        }
     }
-    assert_eq!(a.to_vec(1 << 19, 1 << 19), data);
-    // A newcomer gets a PASID and works.
-    let newcomer = Client::connect_iommu(
-        &d.socket,
-        &svc,
-        sva_accel::device::DEFAULT_LABEL,
-        Options::default(),
-    )
-    .expect("connect after kill");
-    let b = newcomer.alloc(4096).expect("alloc");
+    assert!(queued > 0, "nothing queued");
+    // The one worker is busy with the other client's long fill (or one of
+    // the queued ones) while the PASID goes.
+    let big = other.alloc(32 << 20).expect("alloc");
+    let busy = other
+        .submit(ops::fill(big.addr(), 7, 32 << 20))
+        .expect("submit");
+    let pasid = c.pasid();
+    c.with_service(|s| s.pasid_free(DEFAULT_LABEL, pasid))
+        .expect("service session")
+        .expect("pasid free");
+    // The release has returned: the client's work is over. Clear the
+    // witness; no queued fill may write it again.
+    witness.write(0, &vec![0u8; 4 << 20]);
+    // Aborted before the release returned (not when some worker gets
+    // round to it): the parked descriptor's event is already there.
+    let events = c.events();
+    let ev = events
+        .iter()
+        .find(|e| e.cr_addr == crs.addr())
+        .expect("event for the parked descriptor when the release returns");
+    assert_eq!((ev.code, ev.pasid), (status::CRA_XLAT, pasid));
+    // Every queued fill either completed before the release (its record
+    // written) or was aborted by it (an event instead): none is left.
+    for i in 0..queued {
+        let at = crs.at(32 * (1 + i as usize));
+        let written = crs.to_vec(32 * (1 + i as usize), 1)[0] != 0;
+        let reported = events.iter().any(|e| e.cr_addr == at);
+        assert!(
+            written != reported,
+            "queued fill {i}: record written {written}, event {reported}"
+        );
+    }
+    assert_eq!(busy.wait().expect("wait").status, status::SUCCESS);
+    for _ in 0..20 {
+        assert_eq!(
+            other
+                .run(Descriptor::new(opcode::NOOP, 0))
+                .expect("noop")
+                .status,
+            status::SUCCESS
+        );
+    }
+    assert!(
+        witness.to_vec(0, 4 << 20).iter().all(|&b| b == 0),
+        "queued work wrote the client's memory after its PASID was released"
+    );
+    assert_eq!(crs.to_vec(0, 1), vec![0], "no record for the parked work");
+    // The other client's memory work is unaffected.
+    let ob = other.alloc(8192).expect("alloc");
+    ob.write(0, &pattern(4096, 3));
     assert_eq!(
-        newcomer.fill(b.addr(), 0, 4096).expect("fill").status,
+        other
+            .mem_move(ob.at(4096), ob.addr(), 4096)
+            .expect("run")
+            .status,
         status::SUCCESS
     );
+    assert_eq!(ob.to_vec(4096, 4096), pattern(4096, 3));
+    let _ = release_tx.send(());
 }
 
 #[test]
