@@ -776,6 +776,12 @@ impl Client {
         if !known {
             return Err(ClientError::NotOwned(addr));
         }
+        // Most waits find the record written already and need no clock.
+        // SAFETY: the record is in the client's pool or in a buffer the
+        // caller borrows for the wait (see `wait_record_in`).
+        if let Some(cr) = unsafe { read_owned_record(addr) } {
+            return Ok(cr);
+        }
         let start = Instant::now();
         let mut i = 0u32;
         loop {
@@ -821,11 +827,25 @@ impl Client {
     /// addresses untouched); retries a full shared queue and waits for
     /// credits on a dedicated one, up to [`SUBMIT_TIMEOUT`].
     pub fn submit_raw(&self, descs: &[Descriptor]) -> Result<()> {
-        let raw: Vec<[u8; DESC_SIZE]> = descs.iter().map(|d| d.to_bytes()).collect();
-        let start = Instant::now();
+        // One descriptor (the usual case) without an allocation.
+        let one;
+        let many: Vec<[u8; DESC_SIZE]>;
+        let raw: &[[u8; DESC_SIZE]] = match descs {
+            [d] => {
+                one = [d.to_bytes()];
+                &one
+            }
+            _ => {
+                many = descs.iter().map(|d| d.to_bytes()).collect();
+                &many
+            }
+        };
+        let mut start = None;
         loop {
-            match self.try_submit_bytes(&raw) {
-                Err(ClientError::Retry) if start.elapsed() < SUBMIT_TIMEOUT => {
+            match self.try_submit_bytes(raw) {
+                Err(ClientError::Retry)
+                    if start.get_or_insert_with(Instant::now).elapsed() < SUBMIT_TIMEOUT =>
+                {
                     std::thread::yield_now();
                 }
                 other => return other,
@@ -836,6 +856,9 @@ impl Client {
     /// One submission attempt: `Err(Retry)` when the shared queue is full
     /// (ENQCMD's retry) or the dedicated queue has no credit.
     pub fn try_submit_raw(&self, descs: &[Descriptor]) -> Result<()> {
+        if let [d] = descs {
+            return self.try_submit_bytes(&[d.to_bytes()]);
+        }
         let raw: Vec<[u8; DESC_SIZE]> = descs.iter().map(|d| d.to_bytes()).collect();
         self.try_submit_bytes(&raw)
     }
