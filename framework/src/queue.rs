@@ -241,6 +241,8 @@ const VRING_DESC_F_NEXT: u16 = 1;
 const VRING_DESC_F_WRITE: u16 = 2;
 const VRING_DESC_F_INDIRECT: u16 = 4;
 const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+/// `used->flags`: the device asks the driver not to kick.
+const VRING_USED_F_NO_NOTIFY: u16 = 1;
 
 /// A split-ring descriptor as laid out in the table (little endian).
 #[repr(C)]
@@ -332,6 +334,21 @@ impl Rings {
         unsafe {
             std::ptr::write_volatile(self.used.wrapping_add(off + 4).cast::<u32>(), len.to_le())
         };
+    }
+
+    /// `used->flags`.
+    #[inline]
+    fn used_flags(&self) -> u16 {
+        // SAFETY: offset 0 of the used area, translated for write (so also
+        // readable), 4-aligned.
+        u16::from_le(unsafe { std::ptr::read_volatile(self.used.cast::<u16>()) })
+    }
+
+    /// Sets `used->flags`.
+    #[inline]
+    fn set_used_flags(&self, flags: u16) {
+        // SAFETY: offset 0 of the used area, translated for write, 4-aligned.
+        unsafe { std::ptr::write_volatile(self.used.cast::<u16>(), flags.to_le()) };
     }
 
     /// Publishes `used->idx` after the elements written before (release).
@@ -457,14 +474,67 @@ impl Vring {
 /// methods.
 #[derive(Debug)]
 pub struct Queues<'a> {
-    pub(crate) vrings: &'a [(u16, std::sync::Arc<Mutex<Vring>>)],
-    pub(crate) dma: Dma<'a>,
+    vrings: &'a [(u16, std::sync::Arc<Mutex<Vring>>)],
+    dma: Dma<'a>,
     /// IOTLB translation: a buffer miss parks the queue (the frontend can
     /// map it). False with the memory table: the chain is completed with 0.
-    pub(crate) park_on_miss: bool,
+    park_on_miss: bool,
+    /// Ring translations made in this access section, reused by later
+    /// [`get`](Queues::get)s of the same queue while its ring layout is
+    /// unchanged (a polling worker gets its queues many times per section).
+    rings: [Option<CachedRings>; RINGS_CACHED],
+}
+
+/// Queues per worker whose ring translations [`Queues`] keeps.
+const RINGS_CACHED: usize = 4;
+
+/// A ring translation of one queue, valid for the section it was made in.
+#[derive(Clone, Copy, Debug)]
+struct CachedRings {
+    index: u16,
+    layout: RingLayout,
+    rings: Rings,
+}
+
+/// What a ring translation depends on: the driver's ring addresses, the
+/// queue size and whether the event-index fields exist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RingLayout {
+    desc: u64,
+    avail: u64,
+    used: u64,
+    size: u16,
+    event_idx: bool,
+}
+
+impl RingLayout {
+    fn of(q: &virtio_queue::Queue) -> RingLayout {
+        RingLayout {
+            desc: q.desc_table(),
+            avail: q.avail_ring(),
+            used: q.used_ring(),
+            size: q.size(),
+            event_idx: q.event_idx_enabled(),
+        }
+    }
 }
 
 impl<'a> Queues<'a> {
+    /// The queues `vrings` of one worker, reached through `dma` (one access
+    /// section): buffers that miss park the queue if `park_on_miss`.
+    pub(crate) fn new(
+        vrings: &'a [(u16, std::sync::Arc<Mutex<Vring>>)],
+        dma: Dma<'a>,
+        park_on_miss: bool,
+    ) -> Queues<'a> {
+        Queues {
+            vrings,
+            dma,
+            park_on_miss,
+            rings: [None; RINGS_CACHED],
+        }
+    }
+
     /// The thread's queue `index`, if it is running: started by the
     /// frontend, enabled, not parked on a translation miss and not failed, and
     /// its rings are mapped. Returns `None` otherwise (and when this thread
@@ -495,8 +565,30 @@ impl<'a> Queues<'a> {
             park_on_miss: self.park_on_miss,
             tail_pops: 0,
         };
+        let layout = RingLayout::of(&queue.vring.q);
+        let slot = self
+            .rings
+            .iter()
+            .position(|c| c.is_none_or(|c| c.index == index));
+        if let Some(c) = slot.and_then(|i| self.rings[i]) {
+            if c.layout == layout {
+                // Translated in this section: still valid (an unmap waits
+                // for the section to end).
+                queue.rings = Some(c.rings);
+                return Some(queue);
+            }
+        }
         match queue.check_rings() {
-            Ok(()) => Some(queue),
+            Ok(()) => {
+                if let (Some(i), Some(rings)) = (slot, queue.rings) {
+                    self.rings[i] = Some(CachedRings {
+                        index,
+                        layout,
+                        rings,
+                    });
+                }
+                Some(queue)
+            }
             Err(e) => {
                 if !matches!(e.dma_error(), Some(d) if d.is_miss()) {
                     error!("queue {index}: {e}");
@@ -1148,7 +1240,19 @@ impl<'a> Queue<'a> {
     }
 
     /// Asks the driver not to kick (the device polls).
+    ///
+    /// Writes nothing when the driver was already asked: the used ring's
+    /// first line is the one the driver polls, and a store to it, even of
+    /// the same value, takes it away from the driver's core.
     pub fn disable_notification(&mut self) -> Result<()> {
+        if let Some(r) = self.rings {
+            if !r.event_idx && r.used_flags() & VRING_USED_F_NO_NOTIFY == 0 {
+                r.set_used_flags(VRING_USED_F_NO_NOTIFY);
+            }
+            // With EVENT_IDX the driver kicks only when the avail index
+            // passes `avail_event`, which is left behind while polling.
+            return Ok(());
+        }
         let dma = self.dma;
         self.vring
             .q
@@ -1365,11 +1469,7 @@ mod tests {
     fn with_queue<R>(f: &Fixture, body: impl FnOnce(Option<Queue<'_>>) -> R) -> R {
         let mut tr = f.core.translator();
         let section = Section::new(&mut tr, None, false);
-        let mut qs = Queues {
-            vrings: &f.vrings,
-            dma: Dma::from_section(&section),
-            park_on_miss: f.park_on_miss,
-        };
+        let mut qs = Queues::new(&f.vrings, Dma::from_section(&section), f.park_on_miss);
         body(qs.get(0))
     }
 
@@ -1718,6 +1818,72 @@ mod tests {
             q.notify().expect("notify");
         });
         assert_eq!(f.driver.used_idx().expect("idx"), 0);
+    }
+
+    #[test]
+    fn test_ring_translation_follows_a_moved_used_ring() {
+        let mut f = fixture(true);
+        f.driver
+            .add_chain(&[Buf {
+                addr: BUF_IOVA,
+                len: 16,
+                writable: true,
+            }])
+            .expect("chain");
+        f.driver.publish().expect("publish");
+        let mut tr = f.core.translator();
+        let section = Section::new(&mut tr, None, false);
+        let mut qs = Queues::new(&f.vrings, Dma::from_section(&section), true);
+        drop(qs.get(0).expect("queue serving"));
+        // The frontend moves the used ring (SET_VRING_ADDR) between two gets
+        // of one section: the second must not use the first's translation.
+        f.vrings[0]
+            .1
+            .lock()
+            .expect("lock")
+            .q
+            .try_set_used_ring_address(vm_memory::GuestAddress(RING_IOVA + 0x2000))
+            .expect("used");
+        {
+            let mut q = qs.get(0).expect("queue serving");
+            let mut chain = Chain::new();
+            assert!(q.pop(&mut chain).expect("pop"));
+            q.add_used(chain.head(), 7).expect("used");
+            q.publish_used();
+        }
+        let mut moved = [0u8; 12];
+        f.ring_mem.read_at(0x2000, &mut moved).expect("read");
+        assert_eq!(u16::from_le_bytes([moved[2], moved[3]]), 1, "new used idx");
+        assert_eq!(
+            u32::from_le_bytes([moved[8], moved[9], moved[10], moved[11]]),
+            7
+        );
+        assert_eq!(f.driver.used_idx().expect("idx"), 0, "old ring untouched");
+    }
+
+    #[test]
+    fn test_disable_then_enable_notification_sets_and_clears_no_notify() {
+        let f = fixture(true);
+        let used = f.driver.used_addr() - RING_IOVA;
+        let flags = |f: &Fixture| {
+            let mut b = [0u8; 2];
+            f.ring_mem.read_at(used as usize, &mut b).expect("read");
+            u16::from_le_bytes(b)
+        };
+        with_queue(&f, |q| {
+            let mut q = q.expect("queue serving");
+            q.disable_notification().expect("disable");
+            q.disable_notification().expect("disable again");
+        });
+        assert_eq!(flags(&f), VRING_USED_F_NO_NOTIFY);
+        with_queue(&f, |q| {
+            let mut q = q.expect("queue serving");
+            assert!(
+                !q.enable_notification().expect("enable"),
+                "nothing available"
+            );
+        });
+        assert_eq!(flags(&f), 0);
     }
 
     #[test]

@@ -388,11 +388,11 @@ impl Harness {
     ) -> Result<(), crate::device::DeviceError> {
         let mut tr = self.core.translator();
         let section = crate::dma::Section::new(&mut tr, None, true);
-        let mut queues = crate::queue::Queues {
-            vrings: &self.vrings,
-            dma: crate::dma::Dma::from_section(&section),
-            park_on_miss: self.park_on_miss,
-        };
+        let mut queues = crate::queue::Queues::new(
+            &self.vrings,
+            crate::dma::Dma::from_section(&section),
+            self.park_on_miss,
+        );
         worker.process_queue(index, &mut queues)
     }
 
@@ -404,11 +404,11 @@ impl Harness {
     ) -> Result<(), crate::device::DeviceError> {
         let mut tr = self.core.translator();
         let section = crate::dma::Section::new(&mut tr, None, true);
-        let mut queues = crate::queue::Queues {
-            vrings: &self.vrings,
-            dma: crate::dma::Dma::from_section(&section),
-            park_on_miss: self.park_on_miss,
-        };
+        let mut queues = crate::queue::Queues::new(
+            &self.vrings,
+            crate::dma::Dma::from_section(&section),
+            self.park_on_miss,
+        );
         worker.handle_event(token, &mut queues)
     }
 }

@@ -521,11 +521,11 @@ impl Runner {
                 None,
                 !self.shared.iotlb_mode.load(Ordering::Relaxed),
             );
-            let mut queues = Queues {
-                vrings: &self.vrings,
-                dma: Dma::from_section(&section),
-                park_on_miss: self.shared.iotlb_mode.load(Ordering::Relaxed),
-            };
+            let mut queues = Queues::new(
+                &self.vrings,
+                Dma::from_section(&section),
+                self.shared.iotlb_mode.load(Ordering::Relaxed),
+            );
             self.worker.process_queue(index, &mut queues)
         };
         self.after(r);
@@ -538,11 +538,11 @@ impl Runner {
                 None,
                 !self.shared.iotlb_mode.load(Ordering::Relaxed),
             );
-            let mut queues = Queues {
-                vrings: &self.vrings,
-                dma: Dma::from_section(&section),
-                park_on_miss: self.shared.iotlb_mode.load(Ordering::Relaxed),
-            };
+            let mut queues = Queues::new(
+                &self.vrings,
+                Dma::from_section(&section),
+                self.shared.iotlb_mode.load(Ordering::Relaxed),
+            );
             self.worker.handle_event(token, &mut queues)
         };
         self.after(r);
@@ -555,11 +555,11 @@ impl Runner {
                 None,
                 !self.shared.iotlb_mode.load(Ordering::Relaxed),
             );
-            let mut queues = Queues {
-                vrings: &self.vrings,
-                dma: Dma::from_section(&section),
-                park_on_miss: self.shared.iotlb_mode.load(Ordering::Relaxed),
-            };
+            let mut queues = Queues::new(
+                &self.vrings,
+                Dma::from_section(&section),
+                self.shared.iotlb_mode.load(Ordering::Relaxed),
+            );
             self.worker.poll(&mut queues).map(|_| ())
         };
         self.after(r);
