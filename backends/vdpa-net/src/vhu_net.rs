@@ -872,6 +872,11 @@ impl<C: ChainInfo> PairEngine<C> {
         port: &mut dyn Port,
     ) -> std::result::Result<RxPass, QueueError> {
         let mut moved = 0;
+        // The driver's receive kicks matter only once the device ran out of
+        // buffers (enabled again below then): DPDK's virtio-user otherwise
+        // writes the kick eventfd at every refill. (Frames from a port with
+        // a readiness fd wake the worker through it.)
+        q.disable_notification()?;
         for _ in 0..RX_BURSTS_PER_PASS {
             let (n, stop) = self.rx_burst(q, port)?;
             moved += n;
@@ -1126,6 +1131,11 @@ impl NetWorker {
             if r? {
                 self.wake_later();
                 return Ok(());
+            }
+            // Going back to sleep: the receive queue kicks again (buffers the
+            // driver adds may be what a port's frames wait for).
+            if let Some(mut q) = queues.get(self.rx_q) {
+                q.enable_notification()?;
             }
         }
         self.process_tx(queues)?;
