@@ -53,6 +53,8 @@ struct MockRing {
     /// add_used fails once the used list has this many entries.
     fail_used_at: Option<usize>,
     enables: usize,
+    /// Whether the driver is asked to kick (last enable/disable call).
+    kicks_on: bool,
 }
 
 impl MockRing {
@@ -74,6 +76,7 @@ impl MockRing {
             notifies: 0,
             fail_used_at: None,
             enables: 0,
+            kicks_on: false,
         }
     }
 
@@ -210,10 +213,12 @@ impl Ring for MockRing {
 
     fn enable_notification(&mut self) -> std::result::Result<bool, QueueError> {
         self.enables += 1;
+        self.kicks_on = true;
         Ok(!self.avail.is_empty())
     }
 
     fn disable_notification(&mut self) -> std::result::Result<(), QueueError> {
+        self.kicks_on = false;
         Ok(())
     }
 }
@@ -395,6 +400,30 @@ fn test_tx_queue_failure_keeps_heads_for_later() {
     e.tx(&mut ring, &mut port).unwrap();
     assert_eq!(ring.used.len(), 5);
     assert_each_head_once(&ring.used);
+}
+
+#[test]
+fn test_rx_asks_for_kicks_only_when_out_of_buffers() {
+    let mut e = engine(modern());
+    let mut rx = MockRing::new(64);
+    rx.kicks_on = true;
+    for i in 0..4u16 {
+        rx.add_chain(i, &[(0x1000 + u64::from(i) * 0x100, 0x100, true)]);
+    }
+    let mut feeder = Feeder::default();
+    feeder.frames.push_back(feed_frame(60, 1));
+    let pass = e.rx(&mut rx, &mut feeder).unwrap();
+    assert_eq!((pass.moved, pass.blocked), (1, false));
+    assert!(
+        !rx.kicks_on,
+        "buffers left: the driver's refills need no kick"
+    );
+    for t in 0..4 {
+        feeder.frames.push_back(feed_frame(60, t));
+    }
+    let pass = e.rx(&mut rx, &mut feeder).unwrap();
+    assert_eq!((pass.moved, pass.blocked), (3, true));
+    assert!(rx.kicks_on, "out of buffers: the next refill must kick");
 }
 
 #[test]
