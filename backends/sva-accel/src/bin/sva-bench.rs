@@ -3,10 +3,11 @@
 //!
 //! ```text
 //! sva-bench [--socket-path PATH] [--workers N] [--ms MILLISECONDS] [--batch N]
-//!           [--size BYTES]
+//!           [--size BYTES] [--descs-only]
 //! ```
 //!
-//! `--size` measures memmove at that one size only (for profiling).
+//! `--size` measures memmove at that one size only, `--descs-only` only the
+//! descriptor rates (for profiling).
 //!
 //! The client connects as every client does: its PASID is bound through
 //! the `/dev/iommu` service and every access is translated by iommu-core
@@ -39,6 +40,7 @@ struct Args {
     ms: u64,
     batch: usize,
     size: Option<usize>,
+    descs_only: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -48,6 +50,7 @@ fn parse() -> Result<Args, String> {
         ms: 300,
         batch: 256,
         size: None,
+        descs_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -60,6 +63,7 @@ fn parse() -> Result<Args, String> {
             "--workers" => a.workers = v()?.parse().map_err(|e| format!("--workers: {e}"))?,
             "--ms" => a.ms = v()?.parse().map_err(|e| format!("--ms: {e}"))?,
             "--batch" => a.batch = v()?.parse().map_err(|e| format!("--batch: {e}"))?,
+            "--descs-only" => a.descs_only = true,
             "--size" => {
                 let n: usize = v()?.parse().map_err(|e| format!("--size: {e}"))?;
                 if n == 0 || n > SIZES[SIZES.len() - 1].0 {
@@ -69,7 +73,7 @@ fn parse() -> Result<Args, String> {
             }
             _ => {
                 return Err(
-                    "usage: sva-bench [--socket-path PATH] [--workers N] [--ms MS] [--batch N] [--size BYTES]"
+                    "usage: sva-bench [--socket-path PATH] [--workers N] [--ms MS] [--batch N] [--size BYTES] [--descs-only]"
                         .into(),
                 )
             }
@@ -324,6 +328,7 @@ fn run(a: &Args) -> Result<(), String> {
     let one = a.size.map(|n| [(n, format!("{n} B"))]);
     let sizes: Vec<(usize, String)> = match one {
         Some(o) => o.to_vec(),
+        None if a.descs_only => Vec::new(),
         None => SIZES.iter().map(|(n, s)| (*n, s.to_string())).collect(),
     };
     for (size, name) in sizes {
