@@ -1476,6 +1476,20 @@ mod tests {
         body(qs.get(0))
     }
 
+    /// Makes `n` one-buffer chains of 16 bytes at `BUF_IOVA` available.
+    fn offer(f: &mut Fixture, n: usize, writable: bool) {
+        for _ in 0..n {
+            f.driver
+                .add_chain(&[Buf {
+                    addr: BUF_IOVA,
+                    len: 16,
+                    writable,
+                }])
+                .expect("chain");
+        }
+        f.driver.publish().expect("publish");
+    }
+
     #[test]
     fn test_pop_read_write_complete() {
         let mut f = fixture(true);
@@ -1705,14 +1719,7 @@ mod tests {
     fn test_notify_honours_no_interrupt_without_event_idx() {
         let mut f = fixture(true);
         let call = set_call(&f);
-        f.driver
-            .add_chain(&[Buf {
-                addr: BUF_IOVA,
-                len: 16,
-                writable: true,
-            }])
-            .expect("chain");
-        f.driver.publish().expect("publish");
+        offer(&mut f, 1, true);
         avail_flags(&f, VRING_AVAIL_F_NO_INTERRUPT);
         let mut chain = Chain::new();
         with_queue(&f, |q| {
@@ -1763,16 +1770,7 @@ mod tests {
     fn add_used_batch_on(in_order: bool) -> Fixture {
         let mut f = fixture(true);
         f.vrings[0].1.lock().expect("lock").in_order = in_order;
-        for _ in 0..5 {
-            f.driver
-                .add_chain(&[Buf {
-                    addr: BUF_IOVA,
-                    len: 16,
-                    writable: false,
-                }])
-                .expect("chain");
-        }
-        f.driver.publish().expect("publish");
+        offer(&mut f, 5, false);
         let mut chains: Vec<Chain> = (0..8).map(|_| Chain::new()).collect();
         with_queue(&f, |q| {
             let mut q = q.expect("queue serving");
@@ -1826,14 +1824,7 @@ mod tests {
     #[test]
     fn test_ring_translation_follows_a_moved_used_ring() {
         let mut f = fixture(true);
-        f.driver
-            .add_chain(&[Buf {
-                addr: BUF_IOVA,
-                len: 16,
-                writable: true,
-            }])
-            .expect("chain");
-        f.driver.publish().expect("publish");
+        offer(&mut f, 1, true);
         let mut tr = f.core.translator();
         let section = Section::new(&mut tr, None, false);
         let mut qs = Queues::new(&f.vrings, Dma::from_section(&section), true);
