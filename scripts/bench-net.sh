@@ -4,13 +4,14 @@
 # alternating the backends round by round and comparing medians (this kind of
 # machine is shared and noisy: compare only within one run).
 #
-#   scripts/bench-net.sh [--rounds N] [--secs S] [--tap] [--tcp] [--only-reference] [--no-pin] [--poll-us N] [--vdpa-arg ARG]...
+#   scripts/bench-net.sh [--rounds N] [--secs S] [--tap] [--tcp] [--only-reference] [--no-pin] [--poll-us N] [--test NAME]... [--vdpa-arg ARG]...
 #
 # vdpa-net is pinned to CPU 1, where net_vhost forwards (testpmd's frontend
 # forwards on CPU 0); --no-pin lets it run anywhere. In the packet tests
 # vdpa-net polls (--poll-us 1000), as net_vhost does; --poll-us 0 turns it off.
 #
-# --tap adds the tap benchmark (frames from testpmd through the backend into a
+# --test NAME (to-backend, loop, from-backend, tap; repeatable) runs only
+# those. --tap adds the tap benchmark (frames from testpmd through the backend into a
 # tap inside a network namespace, counted on the tap). --tcp adds, in the same
 # run, a bulk TCP transfer from a TCG QEMU guest on vdpa-net (tap port inside
 # a network namespace) to the namespace's side: median bytes per second of a

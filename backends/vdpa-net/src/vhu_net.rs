@@ -1104,12 +1104,19 @@ impl NetWorker {
             // Bounded by time: the idle window or the section limit ends it
             // (the clock is read every few passes: a pass over idle queues
             // costs about what reading it does).
+            // A port with a readiness fd (tap, switch) costs a system call
+            // or a lock to ask for frames: it is asked once per clock
+            // reading; one without (reflect, source) at every pass.
+            let rx_fd = self.port.as_ref().is_some_and(|p| p.rx_fd().is_some());
             let r = 'poll: loop {
                 let mut moved = 0;
-                for _ in 0..POLL_PASSES_PER_CLOCK {
+                for pass in 0..POLL_PASSES_PER_CLOCK {
                     match self.process_tx(queues) {
                         Ok(n) => moved += n,
                         Err(e) => break 'poll Err(e),
+                    }
+                    if rx_fd && pass + 1 < POLL_PASSES_PER_CLOCK {
+                        continue;
                     }
                     match self.process_rx(queues) {
                         Ok(n) => moved += n,

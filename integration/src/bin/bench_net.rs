@@ -94,6 +94,8 @@ struct Opts {
     /// Busy-poll window given to vdpa-net in the packet tests (`--poll-us`),
     /// unless `--vdpa-arg` sets one; 0: none.
     poll_us: u64,
+    /// Only these tests (`--test NAME`, repeatable); empty: all.
+    only: Vec<String>,
 }
 
 impl Opts {
@@ -297,6 +299,7 @@ fn parse_opts() -> std::result::Result<Opts, String> {
         vdpa_args: Vec::new(),
         pin: true,
         poll_us: DEFAULT_POLL_US,
+        only: Vec::new(),
     };
     let mut only_ref = false;
     let mut args = std::env::args().skip(1);
@@ -308,11 +311,12 @@ fn parse_opts() -> std::result::Result<Opts, String> {
             "--tap" => o.tap = true,
             "--tcp" => o.tcp = true,
             "--no-pin" => o.pin = false,
+            "--test" => o.only.push(val("--test")?),
             "--poll-us" => o.poll_us = val("--poll-us")?.parse().map_err(|e| format!("{e}"))?,
             "--only-reference" => only_ref = true,
             "--vdpa-arg" => o.vdpa_args.push(val("--vdpa-arg")?),
             "-h" | "--help" => {
-                return Err("usage: ioasis-bench-net [--rounds N] [--secs S] [--tap] [--tcp] [--only-reference] [--no-pin] [--poll-us N] [--vdpa-arg ARG]...".into())
+                return Err("usage: ioasis-bench-net [--rounds N] [--secs S] [--tap] [--tcp] [--only-reference] [--no-pin] [--poll-us N] [--test to-backend|loop|from-backend|tap]... [--vdpa-arg ARG]...".into())
             }
             other => return Err(format!("unknown argument {other}")),
         }
@@ -350,6 +354,21 @@ fn main() -> ExitCode {
     let mut tests = vec![Test::ToBackend, Test::Loop, Test::FromBackend];
     if opts.tap {
         tests.push(Test::Tap);
+    }
+    if !opts.only.is_empty() {
+        let known = [Test::ToBackend, Test::Loop, Test::FromBackend, Test::Tap];
+        if let Some(bad) = opts
+            .only
+            .iter()
+            .find(|n| !known.iter().any(|t| t.name() == n.as_str()))
+        {
+            eprintln!("unknown test {bad} (to-backend, loop, from-backend, tap)");
+            return ExitCode::from(2);
+        }
+        tests = known
+            .into_iter()
+            .filter(|t| opts.only.iter().any(|n| n == t.name()))
+            .collect();
     }
     let mut backends = vec![Backend::Reference];
     if let Some(p) = &opts.vdpa {
