@@ -859,12 +859,14 @@ fn run_job(s: &Shared, c: &ClientCtx, job: Job, resume: Resume, tr: &mut Option<
     if c.dead.load(Ordering::SeqCst) {
         // The client is gone: nothing to do for it.
         retire(s, c, 1);
+        c.stats.aborted.fetch_add(1, Ordering::Relaxed);
         return;
     }
     if c.unbound.load(Ordering::SeqCst) {
         // Its PASID was released: nothing translates, not even the record.
         report_dropped(c, &job.desc);
         retire(s, c, 1);
+        c.stats.aborted.fetch_add(1, Ordering::Relaxed);
         return;
     }
     run_job_iommu(s, c, job, resume, tr)
@@ -1049,6 +1051,7 @@ fn take_from(
     c.stats.submitted.fetch_add(n as u64, Ordering::Relaxed);
     if c.dead.load(Ordering::SeqCst) {
         retire(s, c, n as u64);
+        c.stats.aborted.fetch_add(n as u64, Ordering::Relaxed);
         return true;
     }
     // Everything before the first drain runs now, in one pass; the drain
