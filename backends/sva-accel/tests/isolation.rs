@@ -147,6 +147,56 @@ fn test_unregistered_memory_faults_after_unmap() {
     }
 }
 
+/// An unmap issued while a worker runs a pass of queued descriptors into
+/// the buffer returns (the pass ends its access section after the
+/// descriptor in progress), and after it returns no descriptor writes the
+/// buffer: the queued fills completed before it, then fault.
+#[test]
+fn test_unmap_during_queued_work_stops_it() {
+    const N: usize = 32;
+    const LEN: usize = 1 << 20;
+    let d = Daemon::shared();
+    let c = Client::connect(&d.socket).expect("connect");
+    let b = c.alloc(LEN).expect("alloc");
+    let crs = c.alloc(4096).expect("alloc");
+    let fills: Vec<Descriptor> = (0..N)
+        .map(|i| {
+            let mut f = ops::fill(b.addr(), 0x7777_7777_7777_7777, LEN as u32);
+            f.flags |= flags::CRAV | flags::RCR;
+            f.completion_addr = crs.at(32 * i);
+            f
+        })
+        .collect();
+    c.submit_raw(&fills).expect("submit");
+    // The work is running: the first fill completed.
+    let first = c.wait_record_in(&crs, 0).expect("first");
+    assert_eq!(first.status, status::SUCCESS);
+    b.unregister().expect("unmap");
+    // From here on the device must not write `b`.
+    b.write(0, &vec![0u8; LEN]);
+    let statuses: Vec<u8> = (0..N)
+        .map(|i| c.wait_record_in(&crs, 32 * i).expect("record").status)
+        .collect();
+    assert!(
+        b.to_vec(0, LEN).iter().all(|&x| x == 0),
+        "a descriptor wrote the buffer after its unmap returned"
+    );
+    // In order (one worker): successes, then page faults at the buffer.
+    let ok = statuses
+        .iter()
+        .take_while(|&&s| s == status::SUCCESS)
+        .count();
+    assert!(
+        statuses[ok..]
+            .iter()
+            .all(|&s| s == status::PAGE_FAULT_NOBOF | status::WRITE),
+        "statuses {statuses:x?}"
+    );
+    if ok == N {
+        eprintln!("every fill finished before the unmap; the stop was not exercised");
+    }
+}
+
 fn raw_connect(path: &std::path::Path) -> std::os::fd::OwnedFd {
     use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
     use std::os::fd::AsRawFd;
