@@ -371,6 +371,11 @@ pub(crate) struct Parked {
     pub reported: bool,
 }
 
+/// How many chains ahead a device should [`Queue::prefetch`]: enough to
+/// cover a cross-core miss with the work on the chains in between, few
+/// enough not to fill the core's miss buffers.
+pub const PREFETCH_AHEAD: usize = 8;
+
 /// Hints the CPU to load the cache line at `p` (no effect on correctness:
 /// a prefetch never faults, whatever the address).
 #[inline(always)]
@@ -1034,11 +1039,12 @@ impl<'a> Queue<'a> {
             };
             match self.pop(c) {
                 Ok(true) => {
-                    // The caller reads or writes the buffers after the whole
-                    // burst is popped: start bringing the first line of each
-                    // in now, so the misses overlap instead of queueing.
-                    if let Some(f) = c.frags.first() {
-                        prefetch_frag(f);
+                    // The caller reads or writes the buffers after the burst
+                    // is popped: start bringing the first chains' lines in
+                    // now (the caller prefetches the next ones as it goes,
+                    // see `prefetch`; more at once only stall the core).
+                    if burst.popped < PREFETCH_AHEAD {
+                        self.prefetch(c);
                     }
                     burst.popped += 1;
                 }
@@ -1051,6 +1057,21 @@ impl<'a> Queue<'a> {
             }
         }
         burst
+    }
+
+    /// Hints the CPU to start loading the first bytes of `chain`'s buffers
+    /// (for writing, if the device writes them). A device working through a
+    /// burst calls it for the chain a few places ahead of the one it copies,
+    /// so the cache misses on memory the driver's core wrote overlap with
+    /// its work; [`pop_burst`](Queue::pop_burst) does it for the first
+    /// [`PREFETCH_AHEAD`] chains. Without effect on correctness.
+    #[inline]
+    pub fn prefetch(&self, chain: &Chain) {
+        if chain.epoch == self.epoch {
+            if let Some(f) = chain.frags.first() {
+                prefetch_frag(f);
+            }
+        }
     }
 
     /// Starts loading the descriptors of up to `n` chains the driver has

@@ -27,7 +27,7 @@ use ioasis::device::{
     Chain, Device, DeviceError, EventHandle, EventRegistrar, Interest, Queue, QueueError, Queues,
     Result, Worker,
 };
-use ioasis::queue::Burst;
+use ioasis::queue::{Burst, PREFETCH_AHEAD};
 use log::{debug, info, warn};
 
 use crate::net::{
@@ -371,6 +371,8 @@ pub(crate) trait Ring {
     fn unpop(&mut self, _n: u16) -> bool {
         false
     }
+    /// Cache hint for a chain the engine will copy soon.
+    fn prefetch(&self, _c: &Self::C) {}
     fn notify(&mut self) -> std::result::Result<(), QueueError>;
     fn enable_notification(&mut self) -> std::result::Result<bool, QueueError>;
     fn disable_notification(&mut self) -> std::result::Result<(), QueueError>;
@@ -408,6 +410,9 @@ impl Ring for Queue<'_> {
     }
     fn unpop(&mut self, n: u16) -> bool {
         Queue::unpop(self, n)
+    }
+    fn prefetch(&self, c: &Chain) {
+        Queue::prefetch(self, c)
     }
     fn notify(&mut self) -> std::result::Result<(), QueueError> {
         Queue::notify(self)
@@ -572,6 +577,9 @@ impl<C: ChainInfo> PairEngine<C> {
             errors += burst.bad as u64;
             let pending_err = burst.error;
             for k in 0..burst.popped {
+                if let Some(c) = self.tx_chains[..burst.popped].get(k + PREFETCH_AHEAD) {
+                    q.prefetch(c);
+                }
                 let head = self.tx_chains[k].head();
                 match self.read_tx_frame(q, k, n) {
                     Ok(len) => {
@@ -794,6 +802,11 @@ impl<C: ChainInfo> PairEngine<C> {
                     frame: &data[VNET_HDR_LEN..],
                 }
             };
+            // The chain a few frames ahead (one frame per chain is the
+            // common case) starts loading.
+            if let Some(c) = chains[..*first + *held].get(*first + k + PREFETCH_AHEAD - 1) {
+                q.prefetch(c);
+            }
             let mut start = 0usize;
             for j in 0..k {
                 let c = &chains[*first + j];
