@@ -59,6 +59,8 @@ pub const MAX_MERGED_BUFFERS: usize = 256;
 const MAX_CTRL_LEN: usize = net::MAX_CTRL_PAYLOAD + 2;
 /// Longest a polling session keeps one DMA access section open.
 const MAX_POLL_SECTION: Duration = Duration::from_millis(1);
+/// PAUSE instructions after a polling pass that found the transmit ring empty.
+const IDLE_PAUSES: usize = 4;
 /// Passes a polling session makes between two readings of the clock.
 const POLL_PASSES_PER_CLOCK: usize = 8;
 /// Token of a worker's port readiness in the framework's event loop.
@@ -1125,6 +1127,14 @@ impl NetWorker {
                 let mut moved = 0;
                 for pass in 0..POLL_PASSES_PER_CLOCK {
                     match self.process_tx(queues) {
+                        Ok(0) => {
+                            // Spin-wait etiquette: PAUSE between polls of
+                            // an empty ring (no measurable effect on the
+                            // rate; less pressure on the driver's line).
+                            for _ in 0..IDLE_PAUSES {
+                                std::hint::spin_loop();
+                            }
+                        }
                         Ok(n) => moved += n,
                         Err(e) => break 'poll Err(e),
                     }
