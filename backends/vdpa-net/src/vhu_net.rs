@@ -711,15 +711,13 @@ impl<C: ChainInfo> PairEngine<C> {
                 drops += 1;
                 return true;
             }
-            let mut hdr = [0u8; VNET_HDR_LEN];
-            hdr.copy_from_slice(&data[..VNET_HDR_LEN]);
             if !guest_csum {
                 // Partial checksums and GSO need the driver's consent.
-                if hdr[0] & !VIRTIO_NET_HDR_F_DATA_VALID != 0 || hdr[1] != 0 {
+                if data[0] & !VIRTIO_NET_HDR_F_DATA_VALID != 0 || data[1] != 0 {
                     drops += 1;
                     return true;
                 }
-                hdr = [0u8; VNET_HDR_LEN];
+                data[..VNET_HDR_LEN].fill(0);
             }
             let total = hdr_len + frame_len;
             // Gather enough chains: those held from an earlier frame first.
@@ -789,19 +787,22 @@ impl<C: ChainInfo> PairEngine<C> {
                 return true;
             }
             let num = if mrg { k as u16 } else { 1 };
-            hdr[10..12].copy_from_slice(&num.to_le_bytes());
-            // With the 12-byte header the port's buffer already is the
-            // virtual buffer: patch the header in place, one copy per chain.
+            // The header is patched in place (no round trip through a copy
+            // on the stack: a wide load of bytes just stored narrowly
+            // stalls the core). With the 12-byte header the port's buffer
+            // then is the virtual buffer, one copy per chain; a legacy
+            // driver gets the first 10 bytes of it.
+            data[10..12].copy_from_slice(&num.to_le_bytes());
             let parts = if hdr_len == VNET_HDR_LEN {
-                data[..VNET_HDR_LEN].copy_from_slice(&hdr);
                 RxParts {
                     hdr: &[],
                     frame: data,
                 }
             } else {
+                let (hdr, frame) = data.split_at(VNET_HDR_LEN);
                 RxParts {
                     hdr: &hdr[..hdr_len],
-                    frame: &data[VNET_HDR_LEN..],
+                    frame,
                 }
             };
             // The chain a few frames ahead (one frame per chain is the
