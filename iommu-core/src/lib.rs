@@ -170,6 +170,7 @@ mod event;
 mod fault;
 mod ioas;
 pub mod memory;
+pub mod sigbus;
 mod sync;
 mod translate;
 mod types;

@@ -3,7 +3,9 @@
 //! A [`Memory`] is mapped once per process and shared through `Arc`: every
 //! area, cached translation and in-flight invalidation that refers to it
 //! holds a reference, so the mapping outlives every possible device access.
-//! This is the only module of the crate with `unsafe` code.
+//! This module and [`sigbus`](crate::sigbus) (which keeps a peer that
+//! shrinks its memfd from killing the process) are the crate's only
+//! `unsafe` code.
 #![allow(unsafe_code)]
 
 use std::num::NonZeroUsize;
@@ -25,6 +27,8 @@ enum Backing {
         file_offset: u64,
         map_base: NonNull<u8>,
         map_len: usize,
+        /// Registration with the SIGBUS guard (dropped before the unmap).
+        guard: Option<crate::sigbus::Guard>,
     },
     /// Mapped by the caller, who keeps it alive.
     Foreign,
@@ -109,6 +113,10 @@ impl Memory {
         let ptr = NonNull::new(map_base.as_ptr().wrapping_add(delta_us)).ok_or(Error::Invalid {
             what: "mmap returned a null mapping",
         })?;
+        // The file's page size: a hugetlbfs file's pages are replaced whole
+        // if it shrinks under the mapping.
+        let granule = usize::try_from(st.st_blksize).unwrap_or(0);
+        let guard = crate::sigbus::Guard::register(map_base.as_ptr() as usize, map_len, granule);
         Ok(Arc::new(Memory {
             ptr,
             len,
@@ -117,6 +125,7 @@ impl Memory {
                 file_offset: offset,
                 map_base,
                 map_len,
+                guard: Some(guard),
             },
         }))
     }
@@ -180,6 +189,16 @@ impl Memory {
     /// Always false (a `Memory` is never empty); for clippy's sake.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Whether the peer's file shrank under this mapping and an access past
+    /// its new end was answered with a private zero page (see
+    /// [`sigbus`](crate::sigbus)): the owner should fail whatever uses it.
+    pub fn truncated(&self) -> bool {
+        match &self.backing {
+            Backing::Memfd { guard: Some(g), .. } => g.hits() > 0,
+            _ => false,
+        }
     }
 
     /// The backing fd, for memfd-backed memory.
@@ -279,9 +298,14 @@ impl Memory {
 impl Drop for Memory {
     fn drop(&mut self) {
         if let Backing::Memfd {
-            map_base, map_len, ..
-        } = &self.backing
+            map_base,
+            map_len,
+            guard,
+            ..
+        } = &mut self.backing
         {
+            // Unregistered first: once unmapped, the range is not ours.
+            drop(guard.take());
             // SAFETY: this mapping was created by `from_memfd` with exactly
             // this base and length and is unmapped once, here, when the last
             // reference (and so every possible user) is gone.
@@ -296,6 +320,29 @@ impl Drop for Memory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_peer_truncating_its_memfd_does_not_kill_the_process() {
+        // The peer keeps its own fd to the file and shrinks it after sharing.
+        let peer = Memory::anonymous("peer", 3 * 4096).expect("memfd");
+        peer.write_at(0, b"kept").expect("write");
+        let fd = peer.fd().expect("fd").try_clone_to_owned().expect("dup");
+        let ours = Memory::from_memfd(fd, 0, 3 * 4096).expect("map");
+        let peer_fd = peer.fd().expect("fd");
+        nix::unistd::ftruncate(peer_fd, 4096).expect("shrink");
+        assert!(!ours.truncated());
+        // Past the new end: without the guard this is SIGBUS.
+        let mut b = [0xaau8; 8];
+        ours.read_at(2 * 4096, &mut b).expect("read");
+        assert_eq!(b, [0u8; 8], "a truncated page reads as zeros");
+        ours.write_at(4096 + 8, b"lost").expect("write");
+        assert!(ours.truncated());
+        assert!(crate::sigbus::truncations() >= 1);
+        // The part still in the file is the peer's memory as before.
+        let mut k = [0u8; 4];
+        ours.read_at(0, &mut k).expect("read");
+        assert_eq!(&k, b"kept");
+    }
 
     #[test]
     fn test_anonymous_read_write() {

@@ -364,6 +364,13 @@ impl Connection {
     }
 
     fn handle(&mut self, req: Request) -> Result<Option<Vec<u8>>> {
+        for d in self.table.newly_truncated() {
+            error!(
+                "the frontend shrank the file behind memory region gpa {:#x} size {:#x} while it was shared; the device read zeros or lost writes past its end; the device needs a reset",
+                d.gpa, d.size
+            );
+            self.shared.needs_reset.store(true, Ordering::SeqCst);
+        }
         let dev = self.served.device.clone();
         match req {
             Request::GetFeatures => Ok(Some(offered_features(&*dev).to_ne_bytes().to_vec())),

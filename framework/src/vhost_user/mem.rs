@@ -35,6 +35,8 @@ pub(crate) struct MemTable {
     regions: Vec<Region>,
     /// References of `regions[i]`, always >= 1.
     refs: Vec<u32>,
+    /// Regions (by mapping address) already reported as truncated.
+    truncated_seen: Vec<usize>,
 }
 
 /// What [`MemTable::add_shared`] did.
@@ -62,6 +64,22 @@ impl MemTable {
     }
 
     /// Replaces the whole table.
+    /// Regions the frontend shrank under the mapping since the last call
+    /// (each reported once): accesses past the file's new end were answered
+    /// with zero pages instead of killing the process (iommu-core's SIGBUS
+    /// guard), so the device has read zeros or lost writes there.
+    pub fn newly_truncated(&mut self) -> Vec<RegionDesc> {
+        let mut out = Vec::new();
+        for r in &self.regions {
+            let key = Arc::as_ptr(&r.mem) as usize;
+            if r.mem.truncated() && !self.truncated_seen.contains(&key) {
+                self.truncated_seen.push(key);
+                out.push(r.desc);
+            }
+        }
+        out
+    }
+
     pub fn replace(&mut self, mut regions: Vec<Region>) {
         regions.sort_by_key(|r| r.desc.gpa);
         self.refs = vec![1; regions.len()];
@@ -186,6 +204,30 @@ impl MemTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_region_shrunk_by_the_frontend_is_reported_once() {
+        // The frontend keeps its fd, shares the file, then shrinks it.
+        let peer = Memory::anonymous("frontend", 2 * 4096).expect("memfd");
+        let shared = peer.fd().expect("fd").try_clone_to_owned().expect("dup");
+        let desc = RegionDesc {
+            gpa: 0,
+            size: 2 * 4096,
+            uaddr: 0x7000_0000,
+            offset: 0,
+        };
+        let r = MemTable::map_region(desc, File::from(shared)).expect("map");
+        let mut t = MemTable::default();
+        t.replace(vec![r.clone()]);
+        assert!(t.newly_truncated().is_empty());
+        nix::unistd::ftruncate(peer.fd().expect("fd"), 0).expect("shrink");
+        // The device touches the region: zeros, not SIGBUS.
+        let mut b = [1u8; 4];
+        r.mem.read_at(4096, &mut b).expect("read");
+        assert_eq!(b, [0; 4]);
+        assert_eq!(t.newly_truncated(), vec![desc]);
+        assert!(t.newly_truncated().is_empty(), "reported once");
+    }
 
     fn region(gpa: u64, size: u64, uaddr: u64) -> Region {
         Region {
