@@ -12,7 +12,7 @@
 //! private zero-filled page over the faulting page (of the file's page size,
 //! so hugetlbfs files get a huge page) and returns, so the access completes
 //! (reads see zeros, writes go nowhere the peer can see) and the mapping is
-//! marked truncated, for the owner to notice ([`Memory::truncated`]) and
+//! marked truncated, for the owner to notice ([`Memory::truncated`](crate::Memory::truncated)) and
 //! report. Any other SIGBUS goes to the handler that was installed before
 //! (Rust's own, for stack overflows), or to the default action.
 //!
