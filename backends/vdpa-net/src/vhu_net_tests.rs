@@ -495,21 +495,44 @@ fn test_tx_bad_chains_completed_once_and_counted() {
         next: 999,
     };
     ring.avail.push_back(30);
-    // A header with an offload nobody negotiated.
-    put_frame(&mut ring, 0x3000, 60, 3);
-    ring.mem[0x3000] = 1;
-    ring.add_chain(40, &[(0x3000, 72, false)]);
     assert_eq!(e.tx(&mut ring, &mut port).unwrap().0, 2);
     assert_eq!(port.frames(), 2);
-    assert_eq!(ring.used.len(), 10);
+    assert_eq!(ring.used.len(), 9);
     assert_each_head_once(&ring.used);
     let s = e.stats.total();
     assert_eq!(s.rx_packets, 2);
-    assert_eq!(s.errors, 8);
+    assert_eq!(s.errors, 7);
     // The queue goes on.
     put_frame(&mut ring, 0x2000, 60, 2);
     ring.add_chain(50, &[(0x2000, 72, false)]);
     assert_eq!(e.tx(&mut ring, &mut port).unwrap().0, 1);
+}
+
+#[test]
+fn test_tx_header_offloads_only_with_csum() {
+    // NEEDS_CSUM and TSO4 in the header of a frame.
+    let offload_frame = |ring: &mut MockRing| {
+        put_frame(ring, 0x3000, 60, 3);
+        ring.mem[0x3000] = 1;
+        ring.mem[0x3001] = 1;
+        ring.add_chain(0, &[(0x3000, 72, false)]);
+    };
+    // Without CSUM the header means nothing: not read, the port gets zeros.
+    let mut e = engine(modern());
+    let mut ring = MockRing::new(16);
+    let mut port = Recorder::default();
+    offload_frame(&mut ring);
+    assert_eq!(e.tx(&mut ring, &mut port).unwrap().0, 1);
+    assert_eq!(&port.frames[0][..12], &[0; 12]);
+    assert_eq!(e.stats.total().errors, 0);
+    // With CSUM but not HOST_TSO4, the TSO request is refused and counted.
+    let mut e = engine(modern() | bit(net::VIRTIO_NET_F_CSUM));
+    let mut ring = MockRing::new(16);
+    let mut port = Recorder::default();
+    offload_frame(&mut ring);
+    assert_eq!(e.tx(&mut ring, &mut port).unwrap().0, 0);
+    assert_eq!(ring.used.len(), 1, "the head is still completed");
+    assert_eq!(e.stats.total().errors, 1);
 }
 
 #[test]
