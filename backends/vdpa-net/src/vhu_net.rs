@@ -59,8 +59,8 @@ pub const MAX_MERGED_BUFFERS: usize = 256;
 const MAX_CTRL_LEN: usize = net::MAX_CTRL_PAYLOAD + 2;
 /// Longest a polling session keeps one DMA access section open.
 const MAX_POLL_SECTION: Duration = Duration::from_millis(1);
-/// PAUSE instructions after a polling pass that found the transmit ring empty.
-const IDLE_PAUSES: usize = 4;
+/// PAUSE instructions after a polling pass that moved nothing.
+const IDLE_PAUSES: usize = 128;
 /// Passes a polling session makes between two readings of the clock.
 const POLL_PASSES_PER_CLOCK: usize = 8;
 /// Token of a worker's port readiness in the framework's event loop.
@@ -1158,25 +1158,28 @@ impl NetWorker {
             let r = 'poll: loop {
                 let mut moved = 0;
                 for pass in 0..POLL_PASSES_PER_CLOCK {
-                    match self.process_tx(queues) {
-                        Ok(0) => {
-                            // Spin-wait etiquette: PAUSE between polls of
-                            // an empty ring (no measurable effect on the
-                            // rate; less pressure on the driver's line).
-                            for _ in 0..IDLE_PAUSES {
-                                std::hint::spin_loop();
-                            }
+                    let mut now_moved = match self.process_tx(queues) {
+                        Ok(n) => n,
+                        Err(e) => break 'poll Err(e),
+                    };
+                    if !rx_fd || pass + 1 == POLL_PASSES_PER_CLOCK {
+                        match self.process_rx(queues) {
+                            Ok(n) => now_moved += n,
+                            Err(e) => break 'poll Err(e),
                         }
-                        Ok(n) => moved += n,
-                        Err(e) => break 'poll Err(e),
                     }
-                    if rx_fd && pass + 1 < POLL_PASSES_PER_CLOCK {
-                        continue;
+                    if now_moved == 0 {
+                        // Nothing anywhere: back off before reading the
+                        // driver's avail index again. Every poll takes that
+                        // line from the driver's core, which then writes it
+                        // late: into `sink` 128 PAUSEs gave 29.6-30.6 Mpps
+                        // against 28.0-28.6 with 4 (and 512 fell behind the
+                        // driver: 25).
+                        for _ in 0..IDLE_PAUSES {
+                            std::hint::spin_loop();
+                        }
                     }
-                    match self.process_rx(queues) {
-                        Ok(n) => moved += n,
-                        Err(e) => break 'poll Err(e),
-                    }
+                    moved += now_moved;
                 }
                 let now = Instant::now();
                 if moved > 0 {
