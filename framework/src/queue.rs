@@ -797,14 +797,10 @@ impl<'a> Queue<'a> {
         }
         // The size is a power of two (virtio-queue checks it).
         let head = r.avail_entry(next & (r.size - 1));
-        chain.head = head;
-        chain.epoch = self.epoch;
-        if head < r.size && self.pop_single(r.desc(head), chain) {
-            self.vring.q.set_next_avail(next.wrapping_add(1));
-            return Ok(true);
-        }
         let mut idx = head;
         let mut count = 0u16;
+        chain.head = head;
+        chain.epoch = self.epoch;
         let bad = loop {
             // At most `size` descriptors: longer means a loop.
             if idx >= r.size || count >= r.size {
@@ -864,48 +860,6 @@ impl<'a> Queue<'a> {
             queue: self.index,
             head,
         })
-    }
-
-    /// The common chain of one descriptor whose buffer is host-contiguous,
-    /// without the walk: fills `chain` and returns true, or changes nothing
-    /// and returns false (the walk then does everything again, errors
-    /// included).
-    #[inline]
-    fn pop_single(&self, d: RawDesc, chain: &mut Chain) -> bool {
-        if d.flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT) != 0
-            || d.len == 0
-            || d.addr.checked_add(u64::from(d.len)).is_none()
-        {
-            return false;
-        }
-        let writable = d.flags & VRING_DESC_F_WRITE != 0;
-        let access = if writable {
-            Access::Write
-        } else {
-            Access::Read
-        };
-        let len = u64::from(d.len);
-        match self.dma.fragment(d.addr, len, access) {
-            Ok(f) if f.len() as u64 == len => {
-                chain.descs.push(Desc {
-                    addr: d.addr,
-                    len: d.len,
-                    writable,
-                });
-                chain.frags.push(Frag {
-                    addr: f.as_ptr() as usize,
-                    len: f.len(),
-                    writable,
-                });
-                if writable {
-                    chain.writable = len;
-                } else {
-                    chain.readable = len;
-                }
-                true
-            }
-            _ => false,
-        }
     }
 
     /// Translates one buffer into host fragments appended to `chain`.
