@@ -515,52 +515,28 @@ impl Runner {
     }
 
     fn process(&mut self, index: u16) {
-        let r = {
-            let section = Section::new(
-                &mut self.translator,
-                None,
-                !self.shared.iotlb_mode.load(Ordering::Relaxed),
-            );
-            let mut queues = Queues::new(
-                &self.vrings,
-                Dma::from_section(&section),
-                self.shared.iotlb_mode.load(Ordering::Relaxed),
-            );
-            self.worker.process_queue(index, &mut queues)
-        };
-        self.after(r);
+        self.call(|w, queues| w.process_queue(index, queues));
     }
 
     fn handle_device_event(&mut self, token: u64) {
-        let r = {
-            let section = Section::new(
-                &mut self.translator,
-                None,
-                !self.shared.iotlb_mode.load(Ordering::Relaxed),
-            );
-            let mut queues = Queues::new(
-                &self.vrings,
-                Dma::from_section(&section),
-                self.shared.iotlb_mode.load(Ordering::Relaxed),
-            );
-            self.worker.handle_event(token, &mut queues)
-        };
-        self.after(r);
+        self.call(|w, queues| w.handle_event(token, queues));
     }
 
     fn poll_device(&mut self) {
+        self.call(|w, queues| w.poll(queues).map(|_| ()));
+    }
+
+    /// Calls the worker inside one access section of the thread's
+    /// translator, with its queues, then handles the outcome.
+    fn call(
+        &mut self,
+        f: impl FnOnce(&mut dyn Worker, &mut Queues<'_>) -> Result<(), DeviceError>,
+    ) {
+        let iotlb = self.shared.iotlb_mode.load(Ordering::Relaxed);
         let r = {
-            let section = Section::new(
-                &mut self.translator,
-                None,
-                !self.shared.iotlb_mode.load(Ordering::Relaxed),
-            );
-            let mut queues = Queues::new(
-                &self.vrings,
-                Dma::from_section(&section),
-                self.shared.iotlb_mode.load(Ordering::Relaxed),
-            );
-            self.worker.poll(&mut queues).map(|_| ())
+            let section = Section::new(&mut self.translator, None, !iotlb);
+            let mut queues = Queues::new(&self.vrings, Dma::from_section(&section), iotlb);
+            f(&mut *self.worker, &mut queues)
         };
         self.after(r);
     }
