@@ -69,6 +69,10 @@ impl MemTable {
     /// with zero pages instead of killing the process (iommu-core's SIGBUS
     /// guard), so the device has read zeros or lost writes there.
     pub fn newly_truncated(&mut self) -> Vec<RegionDesc> {
+        // Forget regions that are gone: a new mapping may reuse the address.
+        let regions = &self.regions;
+        self.truncated_seen
+            .retain(|k| regions.iter().any(|r| Arc::as_ptr(&r.mem) as usize == *k));
         let mut out = Vec::new();
         for r in &self.regions {
             let key = Arc::as_ptr(&r.mem) as usize;
