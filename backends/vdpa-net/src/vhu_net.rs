@@ -470,8 +470,6 @@ pub(crate) struct PairEngine<C> {
     stats: Arc<DeviceStats>,
     features: Features,
     hdr_len: usize,
-    /// CSUM was negotiated: transmit headers may carry offloads.
-    host_offloads: bool,
     pub(crate) filter: RxFilter,
     tx_bufs: Vec<PacketBuf>,
     tx_heads: Vec<u16>,
@@ -508,7 +506,6 @@ impl<C: ChainInfo> PairEngine<C> {
             stats,
             features,
             hdr_len: features.hdr_len(),
-            host_offloads: features.has(net::VIRTIO_NET_F_CSUM),
             filter,
             tx_bufs: (0..BURST).map(|_| PacketBuf::new()).collect(),
             tx_heads: Vec::with_capacity(BURST),
@@ -523,6 +520,11 @@ impl<C: ChainInfo> PairEngine<C> {
             suppress: false,
             notify_pending: false,
         }
+    }
+
+    /// CSUM was negotiated: transmit headers may carry offloads.
+    fn host_offloads(&self) -> bool {
+        self.features.has(net::VIRTIO_NET_F_CSUM)
     }
 
     fn warn_limited(&mut self, what: std::fmt::Arguments<'_>) {
@@ -574,7 +576,7 @@ impl<C: ChainInfo> PairEngine<C> {
             q.add_used(h, 0)?;
             self.tx_unacked.remove(0);
         }
-        if !self.host_offloads {
+        if !self.host_offloads() {
             q.set_prefetch_skip(self.hdr_len);
         }
         for _ in 0..TX_BURSTS_PER_PASS {
@@ -663,15 +665,16 @@ impl<C: ChainInfo> PairEngine<C> {
                 total - hl
             ));
         }
+        let host_offloads = self.host_offloads();
         let buf = &mut self.tx_bufs[n];
         let frame_len = (total - hl) as usize;
         let spare = buf.spare();
-        if !self.host_offloads {
+        if !host_offloads {
             // Without CSUM (and so without any transmit offload) the header
             // carries nothing the device may act on (the virtio spec has the
             // device ignore what it does not recognise): it is not read at
-            // all, which spares a cache line per frame; the port gets a
-            // zero header.
+            // all, which spares a cache line per frame, nor checked; the port
+            // gets a zero header.
             spare[..VNET_HDR_LEN].fill(0);
             let got = q
                 .read(
