@@ -199,6 +199,8 @@ fn run() -> Res<()> {
     }
     iommu.detach(accel_id, None)?;
     iommu.destroy(accel_hwpt)?;
+    // The fault queue handle is its fd: close it first (EBUSY while open).
+    drop(faults);
     iommu.destroy(fault_id)?;
     iommu.unbind(net_id)?;
     iommu.unbind(accel_id)?;

@@ -635,6 +635,29 @@ fn test_session_limits_are_enforced() {
     c.fault_queue_alloc_fd().expect("room again");
 }
 
+/// As iommufd's fault fd holds a reference on its FAULT object
+/// (eventq.c `iommufd_eventq_init` / `iommufd_eventq_fops_release`; main.c
+/// `iommufd_object_remove` → EBUSY), a session's DESTROY of a fault queue
+/// whose channel fd it still holds is EBUSY; after it closes the fd the
+/// destroy succeeds and the id is gone. (Before the service checked the
+/// channel, the destroy succeeded with the fd open: seen failing.)
+#[test]
+fn test_destroy_fault_queue_with_open_channel_ebusy() {
+    let fx = Fixture::new();
+    let mut c = fx.client();
+    let (id, fd) = c.fault_queue_alloc_fd().expect("fault queue");
+    let dup = fd.try_clone().expect("dup");
+    assert_eq!(remote_errno(c.destroy(id)), libc::EBUSY);
+    drop(fd);
+    assert_eq!(remote_errno(c.destroy(id)), libc::EBUSY);
+    drop(dup);
+    c.destroy(id).expect("destroy once closed");
+    assert_eq!(remote_errno(c.destroy(id)), libc::ENOENT);
+    assert!(fx.iommu.object_kind(id).is_err());
+    // The session goes on.
+    c.ioas_alloc().expect("ioas after");
+}
+
 #[test]
 fn test_pasid_free_detaches_and_releases() {
     let fx = Fixture::new();

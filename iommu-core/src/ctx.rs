@@ -302,6 +302,21 @@ impl State {
                 what: "the device cannot use a nested HWPT",
             });
         }
+        // A RID on a nested HWPT of a vIOMMU needs the device's vdevice on
+        // that vIOMMU (iommufd: the driver's attach_dev asks
+        // `iommufd_viommu_get_vdev_id`, ENOENT without one). PASIDs take
+        // the driver's set_dev_pasid path, which does not ask.
+        if let (Target::Hwpt(h), None) = (&target, pasid) {
+            if let Some((_, Some(v))) = self.hwpt(*h)?.nested {
+                let has = dev
+                    .vdevice
+                    .and_then(|vd| self.vdev(vd).ok())
+                    .is_some_and(|vd| vd.viommu == v);
+                if !has {
+                    return Err(no_such("vdevice of this device on the vIOMMU", v));
+                }
+            }
+        }
         Ok(target)
     }
 }
@@ -485,7 +500,10 @@ impl Drop for CtxInner {
 /// Cheap to clone (an `Arc`); `Send + Sync`. When the last clone is dropped
 /// every object is destroyed, every device unbound, outstanding faults are
 /// answered INVALID, and the drop waits for open access sections of the
-/// devices (so never drop the last clone inside one).
+/// devices (so never drop the last clone inside one). Queues whose handles
+/// are still open are destroyed too (iommufd keeps the context alive while
+/// a queue fd is open); reads through those handles then fail with
+/// `ENODEV`.
 #[derive(Clone)]
 pub struct Iommu {
     pub(crate) inner: Arc<CtxInner>,
@@ -521,8 +539,10 @@ impl Iommu {
     }
 
     /// `IOMMU_DESTROY`: destroys an object. `ENOENT` for unknown ids and
-    /// tombstones; `EBUSY` while anything depends on it. Devices are removed
-    /// with [`Iommu::unbind`] (`EBUSY` here).
+    /// tombstones; `EBUSY` while anything depends on it, including a fault
+    /// or event queue while a handle of it ([`FaultQueue`], [`EventQueue`],
+    /// the queue's fd) is open. Devices are removed with [`Iommu::unbind`]
+    /// (`EBUSY` here).
     pub fn destroy(&self, id: ObjectId) -> Result<()> {
         let answered = {
             let mut st = self.lock();
@@ -539,8 +559,22 @@ impl Iommu {
             if let Some(reason) = st.referenced(id) {
                 return Err(Error::Busy { id, reason });
             }
+            let open = match st.objects.get(&id) {
+                Some(Object::Fault(f)) => f.file.is_open(),
+                Some(Object::EventQueue(e)) => e.inner.file.is_open(),
+                _ => false,
+            };
+            if open {
+                return Err(Error::Busy {
+                    id,
+                    reason: "the queue's fd is open",
+                });
+            }
             let mut answered = AutoAnswered::default();
             match st.objects.remove(&id) {
+                Some(Object::Hwpt(h)) if h.nested.is_none() => {
+                    h.domain.s2.write().domains.remove(&id);
+                }
                 Some(Object::Fault(f)) => answered.append(f.destroy()),
                 Some(Object::EventQueue(e)) => {
                     e.inner.destroy();
@@ -1133,6 +1167,22 @@ impl Iommu {
             None => None,
         };
         let id = st.alloc_id()?;
+        if nested.is_none() {
+            // A paging HWPT's domain joins the IOAS now, attached or not
+            // (iommufd: `iommufd_hwpt_paging_alloc` → `iopt_table_add_domain`):
+            // its page size counts in the IOAS alignment until destroy.
+            let page = info.min_page_size();
+            let mut io = s2.write();
+            if page > io.alignment() {
+                if let Some(r) = io.misaligned_area(page) {
+                    return Err(Error::AddressInUse {
+                        start: r.start,
+                        last: r.last,
+                    });
+                }
+            }
+            io.domains.insert(id, page);
+        }
         let mut flags = args.flags;
         if wants_fault {
             flags |= IOMMU_HWPT_FAULT_ID_VALID;
@@ -1232,11 +1282,16 @@ impl Iommu {
         let first = r.start / PAGE_SIZE;
         let last = r.last / PAGE_SIZE;
         let mut bitmap = vec![0u64; bits.div_ceil(64) as usize];
+        // A dirty page sets every bit it covers inside the range (iommufd's
+        // `iova_bitmap_set` over the whole dirty IOPTE): several when
+        // `page_size` is below the page size.
         let mut set = |page: u64| {
-            let n = (page * PAGE_SIZE).max(iova) - iova;
-            let bit = n / page_size;
-            if let Some(w) = bitmap.get_mut((bit / 64) as usize) {
-                *w |= 1 << (bit % 64);
+            let lo = (page * PAGE_SIZE).max(r.start) - iova;
+            let hi = (page * PAGE_SIZE + (PAGE_SIZE - 1)).min(r.last) - iova;
+            for bit in lo / page_size..=hi / page_size {
+                if let Some(w) = bitmap.get_mut((bit / 64) as usize) {
+                    *w |= 1 << (bit % 64);
+                }
             }
         };
         if no_clear {
@@ -1404,9 +1459,9 @@ impl Iommu {
     pub fn fault_queue_alloc(&self) -> Result<(FaultId, FaultQueue)> {
         let mut st = self.lock();
         let id = st.alloc_id()?;
-        let inner = FaultInner::new(id)?;
-        st.objects.insert(id, Object::Fault(inner.clone()));
-        Ok((id, FaultQueue { inner }))
+        let q = FaultInner::open(id)?;
+        st.objects.insert(id, Object::Fault(q.inner.clone()));
+        Ok((id, q))
     }
 
     /// `IOMMU_VIOMMU_ALLOC` over a nest-parent HWPT. Unknown HWPT → `ENOENT`;
@@ -1548,16 +1603,16 @@ impl Iommu {
             });
         }
         let id = st.alloc_id()?;
-        let inner = EventInner::new(id, depth)?;
+        let q = EventInner::open(id, depth)?;
         st.objects.insert(
             id,
             Object::EventQueue(EqEntry {
-                inner: inner.clone(),
+                inner: q.inner.clone(),
                 viommu,
             }),
         );
         self.inner.event_queues.fetch_add(1, Ordering::Relaxed);
-        Ok((id, EventQueue { inner }))
+        Ok((id, q))
     }
 }
 

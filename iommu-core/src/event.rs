@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::error::{Error, Result};
+use crate::queue_file::{FileRef, QueueFile};
 use crate::sync::lock;
 use crate::types::{EventQueueId, Perm};
 
@@ -63,6 +64,8 @@ pub(crate) struct EventInner {
     depth: usize,
     state: Mutex<EventState>,
     efd: EventFd,
+    /// Open while an [`EventQueue`] handle exists (destroy → `EBUSY`).
+    pub(crate) file: FileRef,
 }
 
 #[derive(Default)]
@@ -77,15 +80,19 @@ struct EventState {
 }
 
 impl EventInner {
-    pub(crate) fn new(id: EventQueueId, depth: u32) -> Result<Arc<EventInner>> {
+    /// A new event queue and its first handle.
+    pub(crate) fn open(id: EventQueueId, depth: u32) -> Result<EventQueue> {
         let efd = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
             .map_err(|e| Error::os("eventfd", e))?;
-        Ok(Arc::new(EventInner {
+        let (file, file_ref) = FileRef::open();
+        let inner = Arc::new(EventInner {
             id,
             depth: depth as usize,
             state: Mutex::new(EventState::default()),
             efd,
-        }))
+            file: file_ref,
+        });
+        Ok(EventQueue { inner, _file: file })
     }
 
     /// Queues an event (its `sequence` and `flags` are set here). On a full
@@ -123,9 +130,14 @@ impl EventInner {
 }
 
 /// Consumer side of an event queue; poll [`EventQueue::fd`].
+///
+/// A handle is the queue's fd (a clone is a `dup` of it): while any handle
+/// exists, [`Iommu::destroy`](crate::Iommu::destroy) of the queue fails with
+/// `EBUSY`, as `IOMMU_DESTROY` does while a vEVENTQ fd is open.
 #[derive(Clone)]
 pub struct EventQueue {
     pub(crate) inner: Arc<EventInner>,
+    _file: Arc<QueueFile>,
 }
 
 impl std::fmt::Debug for EventQueue {
@@ -144,8 +156,16 @@ impl EventQueue {
         self.inner.efd.as_fd()
     }
     /// Appends up to `max` records to `out` (a lost-events record counts as
-    /// one); returns how many.
+    /// one); returns how many (0 when none is pending). `max == 0`, room
+    /// for no record, is `EINVAL` whether or not events are pending
+    /// (iommufd's `iommufd_veventq_fops_read` refuses a count below one
+    /// record header before it looks at the queue).
     pub fn read_batch(&self, out: &mut Vec<EventRecord>, max: usize) -> Result<usize> {
+        if max == 0 {
+            return Err(Error::Invalid {
+                what: "an event queue read needs room for at least one record",
+            });
+        }
         let inner = &self.inner;
         let mut st = lock(&inner.state);
         if st.destroyed {
@@ -201,11 +221,10 @@ mod tests {
 
     #[test]
     fn test_sequence_wraps_at_int_max() {
-        let q = EventInner::new(1, 4).expect("eventq");
-        lock(&q.state).next_seq = i32::MAX as u32;
-        q.push(ev());
-        q.push(ev());
-        let eq = EventQueue { inner: q };
+        let eq = EventInner::open(1, 4).expect("eventq");
+        lock(&eq.inner.state).next_seq = i32::MAX as u32;
+        eq.inner.push(ev());
+        eq.inner.push(ev());
         let mut out = Vec::new();
         assert_eq!(eq.read_batch(&mut out, 8), Ok(2));
         assert_eq!(out[0].sequence, i32::MAX as u32);
@@ -214,9 +233,7 @@ mod tests {
 
     #[test]
     fn test_lost_record_after_drain_only() {
-        let eq = EventQueue {
-            inner: EventInner::new(1, 1).expect("eventq"),
-        };
+        let eq = EventInner::open(1, 1).expect("eventq");
         eq.inner.push(ev());
         eq.inner.push(ev());
         let mut out = Vec::new();

@@ -11,6 +11,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::device::DeviceShared;
 use crate::error::{Error, Result};
+use crate::queue_file::{FileRef, QueueFile};
 use crate::sync::lock;
 use crate::types::{FaultId, Perm};
 
@@ -118,6 +119,8 @@ pub(crate) struct FaultInner {
     pub(crate) id: FaultId,
     state: Mutex<FaultState>,
     efd: EventFd,
+    /// Open while a [`FaultQueue`] handle exists (destroy → `EBUSY`).
+    pub(crate) file: FileRef,
 }
 
 #[derive(Default)]
@@ -132,17 +135,21 @@ struct FaultState {
 }
 
 impl FaultInner {
-    pub(crate) fn new(id: FaultId) -> Result<Arc<FaultInner>> {
+    /// A new fault queue and its first handle.
+    pub(crate) fn open(id: FaultId) -> Result<FaultQueue> {
         let efd = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
             .map_err(|e| Error::os("eventfd", e))?;
-        Ok(Arc::new(FaultInner {
+        let (file, file_ref) = FileRef::open();
+        let inner = Arc::new(FaultInner {
             id,
             state: Mutex::new(FaultState {
                 next_cookie: 1,
                 ..FaultState::default()
             }),
             efd,
-        }))
+            file: file_ref,
+        });
+        Ok(FaultQueue { inner, _file: file })
     }
 
     fn signal(&self) {
@@ -273,9 +280,14 @@ impl AutoAnswered {
 /// Consumer side of a fault queue. Poll [`FaultQueue::fd`] (readable while
 /// undelivered groups exist), read whole groups with
 /// [`FaultQueue::read_batch`], answer with [`FaultQueue::respond`].
+///
+/// A handle is the queue's fd (a clone is a `dup` of it): while any handle
+/// exists, [`Iommu::destroy`](crate::Iommu::destroy) of the queue fails with
+/// `EBUSY`, as `IOMMU_DESTROY` does while a fault fd is open.
 #[derive(Clone)]
 pub struct FaultQueue {
     pub(crate) inner: Arc<FaultInner>,
+    _file: Arc<QueueFile>,
 }
 
 impl std::fmt::Debug for FaultQueue {

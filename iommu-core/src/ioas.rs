@@ -8,7 +8,7 @@ use crate::device::DeviceShared;
 use crate::error::{Error, Result};
 use crate::memory::Memory;
 use crate::sync::Slot;
-use crate::types::{AreaInfo, DevId, IoasId, IovaRange, IovaRanges, Perm, PAGE_SIZE};
+use crate::types::{AreaInfo, DevId, HwptId, IoasId, IovaRange, IovaRanges, Perm, PAGE_SIZE};
 
 /// Largest alignment automatic IOVA allocation asks for (a THP).
 const MAX_AUTO_ALIGN: u64 = 2 << 20;
@@ -48,6 +48,10 @@ pub(crate) struct IoasState {
     /// `PAGE_SIZE`.
     pub(crate) huge_pages: bool,
     hint: u64,
+    /// Page sizes of the paging HWPTs allocated over this IOAS, attached or
+    /// not (iommufd's domains of the `io_pagetable`): they count in the
+    /// alignment from allocation to destroy.
+    pub(crate) domains: BTreeMap<HwptId, u64>,
 }
 
 pub(crate) struct IoasInner {
@@ -66,6 +70,7 @@ impl IoasInner {
                 users: HashMap::new(),
                 huge_pages: true,
                 hint: PAGE_SIZE,
+                domains: BTreeMap::new(),
             }),
         })
     }
@@ -126,12 +131,14 @@ impl IoasState {
             .max_by_key(|x| x.last)
     }
 
-    /// `out_iova_alignment`.
+    /// `out_iova_alignment`: the largest page size of the attached devices
+    /// and of the paging HWPTs over this IOAS.
     pub(crate) fn alignment(&self) -> u64 {
         let devs = self
             .users
             .values()
             .map(|(_, d)| d.info.min_page_size())
+            .chain(self.domains.values().copied())
             .max()
             .unwrap_or(1);
         if self.huge_pages {

@@ -18,8 +18,13 @@
 //! Semantics follow iommufd: fixed or allocated IOVA; unmap covers whole
 //! areas only (iova 0 + `u64::MAX` unmaps all); the usable IOVA space is the
 //! allowed ranges minus the reserved ranges of every device whose RID is
-//! attached; destroying an object that something depends on fails with
-//! [`Error::Busy`]; copy between IOAS shares the same pages. Every
+//! attached; the IOVA alignment is the largest page size of the paging
+//! HWPTs over the IOAS (from allocation, attached or not) and of the
+//! attached devices; destroying an object that something depends on fails
+//! with [`Error::Busy`], and so does destroying a fault or event queue
+//! while a handle of it (its fd) is open; a RID attaches to a nested HWPT
+//! of a vIOMMU only once the device has a vdevice there (`ENOENT` before);
+//! copy between IOAS shares the same pages. Every
 //! [`Error`] names the errno iommufd returns ([`Error::errno`]).
 //!
 //! ```
@@ -170,6 +175,7 @@ mod event;
 mod fault;
 mod ioas;
 pub mod memory;
+mod queue_file;
 pub mod sigbus;
 mod sync;
 mod translate;

@@ -40,6 +40,9 @@
 //!   detaches or closes, when the RID returns to the connection's IOAS. See
 //!   [`crate::vhost_user::RidOwnership`] for what the frontend must
 //!   negotiate and what it may send meanwhile.
+//! - A fault queue's channel is its fd: DESTROY of a queue whose channel
+//!   the client still holds (any copy of it) is `EBUSY`, as `IOMMU_DESTROY`
+//!   of a FAULT object is while its fd is open; close the fd first.
 //! - When the connection closes, its attachments are detached (PASIDs
 //!   first), its fault channels closed, its objects destroyed (reverse
 //!   order) and its PASIDs released.

@@ -1435,25 +1435,25 @@ impl Service {
                 format!("no object with id {id} in this session"),
             ));
         };
-        // A fault queue's pump holds a handle on it: take the pump away
-        // while destroying, and give it back if the object is busy.
-        let pump = s.pumps.remove(&id);
-        match self.shared.iommu.destroy(id) {
-            Ok(()) => {
-                if let Some(p) = pump {
-                    let _ = self.epoll.delete(p.source().queue().fd());
-                    let _ = self.epoll.delete(p.socket());
-                }
-                self.session(sid)?.objects.remove(pos);
-                Ok((ReplyBody::Empty, 0, None))
-            }
-            Err(e) => {
-                if let Some(p) = pump {
-                    self.session(sid)?.pumps.insert(id, p);
-                }
-                Err(e.into())
+        // A fault queue's channel is its fd: as in iommufd, the queue cannot
+        // go while the client still holds its end (EBUSY). Once the client
+        // closed it, the pump (which holds the service's handle on the
+        // queue) is of no use: drop it, then destroy.
+        if let Some(p) = s.pumps.get(&id) {
+            if !p.consumer_closed() {
+                return Err(Fail::new(
+                    libc::EBUSY,
+                    format!("fault queue {id}: its channel fd is still open; close it first"),
+                ));
             }
         }
+        if let Some(p) = s.pumps.remove(&id) {
+            let _ = self.epoll.delete(p.source().queue().fd());
+            let _ = self.epoll.delete(p.socket());
+        }
+        self.shared.iommu.destroy(id)?;
+        self.session(sid)?.objects.remove(pos);
+        Ok((ReplyBody::Empty, 0, None))
     }
 
     fn pasid_alloc(&mut self, sid: u64, label: String) -> Handled {

@@ -6,6 +6,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use log::{debug, warn};
 use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{self, MsgFlags};
 use thiserror::Error;
 
@@ -134,6 +135,23 @@ impl<S: FaultSource> FaultPump<S> {
     /// Whether a packet is waiting for the socket to become writable.
     pub fn wants_writable(&self) -> bool {
         self.pending > 0
+    }
+
+    /// Whether the consumer's end of the channel is closed (every copy of
+    /// its fd; the socket polls hung up). A service uses it as iommufd uses
+    /// a fault fd's reference: the queue cannot be destroyed while the
+    /// consumer still holds its end. Unknown (poll failed): `false`.
+    pub fn consumer_closed(&self) -> bool {
+        let mut p = [PollFd::new(self.fd.as_fd(), PollFlags::empty())];
+        match poll(&mut p, PollTimeout::ZERO) {
+            Ok(_) => p[0]
+                .revents()
+                .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
+            Err(e) => {
+                warn!("fault pump: poll of the channel failed: {e}");
+                false
+            }
+        }
     }
 
     /// Moves waiting groups into the channel, a packet of whole groups at a
