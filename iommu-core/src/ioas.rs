@@ -8,7 +8,7 @@ use crate::device::DeviceShared;
 use crate::error::{Error, Result};
 use crate::memory::Memory;
 use crate::sync::Slot;
-use crate::types::{AreaInfo, DevId, HwptId, IoasId, IovaRange, IovaRanges, Perm, PAGE_SIZE};
+use crate::types::{AreaInfo, DevId, IoasId, IovaRange, IovaRanges, Perm, PAGE_SIZE};
 
 /// Largest alignment automatic IOVA allocation asks for (a THP).
 const MAX_AUTO_ALIGN: u64 = 2 << 20;
@@ -51,7 +51,7 @@ pub(crate) struct IoasState {
     /// Page sizes of the paging HWPTs allocated over this IOAS, attached or
     /// not (iommufd's domains of the `io_pagetable`): they count in the
     /// alignment from allocation to destroy.
-    pub(crate) domains: BTreeMap<HwptId, u64>,
+    pub(crate) domains: BTreeMap<crate::types::HwptId, u64>,
 }
 
 pub(crate) struct IoasInner {
