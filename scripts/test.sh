@@ -5,18 +5,48 @@
 # the doc tests, and the end-to-end tests against real frontends (QEMU, DPDK
 # testpmd; crate ioasis-integration). `.ci/run` calls this and nothing else.
 #
-# With CI=true (or IOASIS_REQUIRE_FRONTENDS=1) a real-frontend test that
-# cannot run (missing tool, kernel, daemon binary) fails; elsewhere it is
-# skipped with a loud notice on stderr.
+# A test that cannot run here (a missing tool, guest kernel or root, a
+# premise the machine did not give) records a skip through the crate
+# ioasis-test-skip into $IOASIS_SKIP_LOG. The script ends, whatever the
+# outcome, with "== skipped: N" and one "test: reason" line per skip. With
+# CI set (anything but empty, 0 or false) or IOASIS_REQUIRE_FRONTENDS=1 such
+# a test fails, and the script fails when N is not zero. A workspace daemon
+# or example that does not build stops the script at the build step (and
+# fails an integration test run on its own; see integration/src/bins.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 t0=$SECONDS
 step() { echo "== $* (t=$((SECONDS - t0))s)"; }
 
+# The rule of ioasis_test_skip::strict().
+on() { [ -n "$1" ] && [ "$1" != 0 ] && [ "${1,,}" != false ]; }
+strict() { on "${CI:-}" || on "${IOASIS_REQUIRE_FRONTENDS:-}"; }
+
+target="${CARGO_TARGET_DIR:-$PWD/target}"
+mkdir -p "$target"
+export IOASIS_SKIP_LOG="$target/ioasis-skips.tsv"
+: >"$IOASIS_SKIP_LOG"
+
+# Runs on every exit, so a failed step still shows what was skipped.
+summary() {
+    local rc=$? n
+    n=$(sort -u "$IOASIS_SKIP_LOG" | grep -c . || true)
+    echo "== skipped: $n (log: $IOASIS_SKIP_LOG)"
+    sort -u "$IOASIS_SKIP_LOG" | while IFS=$'\t' read -r test why; do
+        echo "   $test: $why"
+    done
+    if [ "$n" -ne 0 ] && strict; then
+        echo "!! $n skipped tests: a skip is a failure under CI=true or IOASIS_REQUIRE_FRONTENDS=1" >&2
+        [ "$rc" -ne 0 ] || rc=1
+    fi
+    exit "$rc"
+}
+trap summary EXIT
+
 step "setup"
 if ! scripts/setup.sh; then
-    if [ "${CI:-}" = "true" ]; then exit 1; fi
+    if strict; then exit 1; fi
     echo "!! scripts/setup.sh failed: real-frontend tests will skip" >&2
 fi
 

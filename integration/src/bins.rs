@@ -1,17 +1,24 @@
-//! Locating the workspace's daemons (e.g. `vdpa-net`).
+//! Locating the workspace's daemons and examples (e.g. `vdpa-net`).
 //!
 //! Cargo offers `CARGO_BIN_EXE_<name>` only for binaries of the test's own
 //! package, so the harness finds the daemons itself:
 //!
 //! 1. `IOASIS_<NAME>_BIN` (upper case, `-` as `_`, e.g. `IOASIS_VDPA_NET_BIN`)
-//!    names a binary to use as is (benchmarks point it at a release build);
+//!    names a binary to use as is (benchmarks point it at a release build,
+//!    or at the build of another commit to compare); it must be a file;
 //! 2. otherwise the harness runs `cargo build -p <package> --bin <name>` once
 //!    per test process, in the profile of the running test (a nested cargo
 //!    build in the same target directory is safe: `cargo test` holds no build
 //!    lock while tests run), and uses `target/<profile>/<name>`.
 //!
-//! `scripts/test.sh` builds every binary before the tests, so there the
-//! nested build is a fast no-op.
+//! Whatever goes wrong in 2 (the build fails, the package has no such
+//! target, cargo built it but the file is missing) is [`Error::Build`],
+//! which fails the test everywhere: these binaries are part of the
+//! workspace, not prerequisites a machine may lack, and an older binary
+//! left in `target/` by an earlier build is never used in their place.
+//!
+//! `scripts/test.sh` builds every binary before the tests (and stops if that
+//! fails), so there the nested build is a fast no-op.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -19,7 +26,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::env::{profile_dir, strict, workspace_root};
+use crate::env::{profile_dir, workspace_root};
 use crate::error::{Error, Result};
 use crate::process::run;
 
@@ -31,8 +38,7 @@ static BUILT: Mutex<Option<HashMap<String, std::result::Result<PathBuf, String>>
 
 /// Returns the path of workspace binary `bin` from package `package`, building it once.
 ///
-/// A package without that binary yet, or a build failure, is
-/// [`Error::Unavailable`] with the reason (in CI, tests turn that into a failure).
+/// Any failure to build or find it is [`Error::Build`] with the reason.
 pub fn workspace_bin(package: &str, bin: &str) -> Result<PathBuf> {
     workspace_target(package, bin, Kind::Bin)
 }
@@ -55,21 +61,18 @@ fn workspace_target(package: &str, bin: &str, kind: Kind) -> Result<PathBuf> {
         return if p.is_file() {
             Ok(p)
         } else {
-            Err(Error::Unavailable(format!(
-                "{var}={} is not a file",
-                p.display()
-            )))
+            Err(Error::Build(format!("{var}={} is not a file", p.display())))
         };
     }
     let mut guard = BUILT.lock().unwrap_or_else(|e| e.into_inner());
     let cache = guard.get_or_insert_with(HashMap::new);
     let key = format!("{package}/{bin}/{kind:?}");
     if let Some(r) = cache.get(&key) {
-        return r.clone().map_err(Error::Unavailable);
+        return r.clone().map_err(Error::Build);
     }
     let r = build(package, bin, kind);
     cache.insert(key, r.clone());
-    r.map_err(Error::Unavailable)
+    r.map_err(Error::Build)
 }
 
 fn build(package: &str, bin: &str, kind: Kind) -> std::result::Result<PathBuf, String> {
@@ -93,30 +96,31 @@ fn build(package: &str, bin: &str, kind: Kind) -> std::result::Result<PathBuf, S
             "cargo built {package} but {} does not exist",
             exe.display()
         )),
-        Err(e) => {
-            let why = match &e {
-                Error::Command { stderr, .. }
-                    if stderr.contains("no bin target named")
-                        || stderr.contains("no example target named") =>
-                {
-                    format!("package {package} has no {flag} `{bin}` yet")
-                }
-                Error::Command { stderr, .. } => {
-                    let tail: Vec<&str> = stderr.lines().rev().take(30).collect();
-                    let tail: Vec<&str> = tail.into_iter().rev().collect();
-                    format!("building {bin} failed:\n{}", tail.join("\n"))
-                }
-                other => format!("building {bin} failed: {other}"),
-            };
-            if exe.is_file() && !strict() {
-                eprintln!(
-                    "!!!!!!!! [ioasis-integration] {why}\n!!!!!!!! using the existing, possibly stale {}",
-                    exe.display()
-                );
-                Ok(exe)
-            } else {
-                Err(why)
-            }
+        Err(Error::Command { stderr, .. }) => {
+            let tail: Vec<&str> = stderr.lines().rev().take(30).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            Err(format!(
+                "building {bin} (cargo build -p {package} {flag} {bin}) failed:\n{}",
+                tail.join("\n")
+            ))
         }
+        Err(other) => Err(format!("building {bin} failed: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A target the workspace does not have is a failure, not a skip.
+    /// (Checked to fail with the earlier rule, which made it
+    /// `Error::Unavailable`.)
+    #[test]
+    fn test_missing_target_is_a_build_error() {
+        let r = workspace_bin("vdpa-net", "no-such-daemon");
+        assert!(
+            matches!(&r, Err(Error::Build(why)) if why.contains("no-such-daemon")),
+            "{r:?}"
+        );
     }
 }

@@ -1,11 +1,15 @@
 //! What this machine offers, and what a test does when something is missing.
 //!
 //! Tests against real frontends need external programs (QEMU, DPDK's
-//! testpmd), a guest kernel, hugepages and the workspace's own daemons. On a
-//! developer machine a missing piece makes the test skip, loudly, on
-//! standard error. In CI (`CI` set to anything but `false`/`0`, or
-//! `IOASIS_REQUIRE_FRONTENDS=1`) it fails the test instead, so that "skipped"
-//! can never be the only outcome there.
+//! testpmd), a guest kernel, hugepages and root. A missing piece is
+//! [`Error::Unavailable`], and [`ready`] turns it into a skip through the
+//! workspace's one skip helper, [`ioasis_test_skip`]: a loud notice on
+//! standard error, a line in the skip log that `scripts/test.sh` counts and
+//! prints at its end, and, in CI (`CI` set to anything but `false`/`0`, or
+//! `IOASIS_REQUIRE_FRONTENDS=1`), a test failure, so that "skipped" can never
+//! be the only outcome there. The workspace's own daemons are not
+//! prerequisites of the machine: one that does not build fails the test
+//! ([`crate::bins`]).
 
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -17,25 +21,21 @@ use nix::fcntl::{Flock, FlockArg};
 
 use crate::error::{io, Error, Result};
 
-/// Whether missing prerequisites must fail tests rather than skip them.
-pub fn strict() -> bool {
-    let on = |v: &str| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false");
-    std::env::var("IOASIS_REQUIRE_FRONTENDS")
-        .map(|v| on(&v))
-        .unwrap_or(false)
-        || std::env::var("CI").map(|v| on(&v)).unwrap_or(false)
-}
+/// Whether missing prerequisites must fail tests rather than skip them
+/// (the workspace-wide rule of [`ioasis_test_skip::strict`]).
+pub use ioasis_test_skip::strict;
 
-/// Reports an unavailable prerequisite: panics in CI, prints a loud skip notice otherwise.
+/// Turns an unavailable prerequisite into a recorded skip (a failure in CI);
+/// any other error fails the test.
 ///
-/// Use as `let Some(x) = ready(test, thing()) else { return };`.
+/// Use as `let Some(x) = ready(test, thing()) else { return };`, with
+/// `test` the test function's name.
+#[track_caller]
 pub fn ready<T>(test: &str, r: Result<T>) -> Option<T> {
     match r {
         Ok(v) => Some(v),
-        Err(Error::Unavailable(why)) if !strict() => {
-            eprintln!(
-                "\n!!!!!!!! SKIPPED {test}: {why}\n!!!!!!!! (set CI=true or IOASIS_REQUIRE_FRONTENDS=1 to make this a failure)\n"
-            );
+        Err(Error::Unavailable(why)) => {
+            ioasis_test_skip::skip_as(test, why);
             None
         }
         Err(e) => panic!("{test}: {e}"),

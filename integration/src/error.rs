@@ -66,9 +66,14 @@ pub enum Error {
         /// The value measured.
         got: u64,
     },
-    /// A prerequisite (tool, kernel, module, binary) is missing on this machine.
+    /// A prerequisite of the machine (tool, kernel, module, root) is missing:
+    /// the test skips ([`crate::env::ready`]).
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// A binary of this workspace could not be built or found: the test fails,
+    /// it never skips or falls back to an older build ([`crate::bins`]).
+    #[error("workspace binary: {0}")]
+    Build(String),
     /// Output of a tool could not be understood.
     #[error("cannot parse {what} in {path}: {detail}")]
     Parse {

@@ -536,7 +536,9 @@ fn test_priority_orders_waiting_portals() {
         }
         eprintln!("attempt {attempt}: busy operation ended before the portals filled; retrying");
     }
-    eprintln!("priority premise never held on this machine; ordering not checked");
+    ioasis_test_skip::skip(
+        "priority premise (both portals full while the worker is busy) never held in 3 attempts; ordering not checked",
+    );
 }
 
 #[test]

@@ -229,7 +229,9 @@ fn test_released_pasid_is_unbound_before_reuse() {
         }
     }
     let Some(p) = got else {
-        eprintln!("PASID {pasid} not handed out again; reuse not exercised");
+        ioasis_test_skip::skip(format!(
+            "PASID {pasid} not handed out again in 64 allocations; reuse not exercised"
+        ));
         return;
     };
     let (fault_id, channel) = svc.fault_queue_alloc().expect("fault queue");

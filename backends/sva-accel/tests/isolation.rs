@@ -193,7 +193,7 @@ fn test_unmap_during_queued_work_stops_it() {
         "statuses {statuses:x?}"
     );
     if ok == N {
-        eprintln!("every fill finished before the unmap; the stop was not exercised");
+        ioasis_test_skip::skip("every fill finished before the unmap; the stop was not exercised");
     }
 }
 

@@ -16,17 +16,22 @@ pub const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound for stopping a process cleanly.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// testpmd and the vdpa-net binary.
+/// The vdpa-net binary and testpmd.
+///
+/// The daemon comes first: one that does not build fails the test
+/// ([`ioasis_integration::Error::Build`]) even where testpmd is missing.
 pub fn need_testpmd_and_vdpa_net() -> Result<PathBuf> {
+    let bin = vdpa_net_bin()?;
     require_testpmd()?;
-    vdpa_net_bin()
+    Ok(bin)
 }
 
-/// QEMU, the guest kit and the vdpa-net binary.
+/// The vdpa-net binary, QEMU and the guest kit (the daemon first, as above).
 pub fn need_qemu_and_vdpa_net() -> Result<PathBuf> {
+    let bin = vdpa_net_bin()?;
     require_tool("qemu-system-x86_64", "qemu-system-x86")?;
     GuestKit::get()?;
-    vdpa_net_bin()
+    Ok(bin)
 }
 
 /// `Option::expect` with a plain message (clippy-clean in tests).

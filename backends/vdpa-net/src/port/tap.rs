@@ -584,22 +584,24 @@ pub(crate) mod tests {
     }
 
     impl NetNs {
-        /// Creates the namespace, or None (with a loud message) where `ip`
-        /// or the privilege is missing.
+        /// Creates the namespace, or None where `ip` or the privilege is
+        /// missing: then the calling test is recorded as skipped (and fails
+        /// under CI, see `ioasis_test_skip`) and must return.
         pub(crate) fn new(tag: &str) -> Option<NetNs> {
             let name = format!("vdpanet-{tag}-{}", std::process::id());
-            let ok = Command::new("ip")
-                .args(["netns", "add", &name])
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if !ok {
-                eprintln!(
-                    "SKIPPED: cannot create network namespace {name} (needs root and iproute2)"
-                );
-                return None;
-            }
-            Some(NetNs { name })
+            let why = match Command::new("ip").args(["netns", "add", &name]).output() {
+                Ok(o) if o.status.success() => return Some(NetNs { name }),
+                Ok(o) => format!(
+                    "`ip netns add {name}` failed ({}): {}",
+                    o.status,
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
+                Err(e) => format!("cannot run `ip` (Debian package iproute2): {e}"),
+            };
+            ioasis_test_skip::skip(format!(
+                "needs root and iproute2 for a network namespace: {why}"
+            ));
+            None
         }
 
         pub(crate) fn ip(&self, args: &[&str]) -> bool {
