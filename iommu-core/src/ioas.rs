@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use crate::device::DeviceShared;
 use crate::error::{Error, Result};
 use crate::memory::Memory;
-use crate::sync::Slot;
+use crate::sync::{Departed, InvalidationTicket, Slot};
 use crate::types::{AreaInfo, DevId, IoasId, IovaRange, IovaRanges, Perm, PAGE_SIZE};
 
 /// Largest alignment automatic IOVA allocation asks for (a THP).
@@ -44,6 +44,9 @@ pub(crate) struct IoasState {
     /// Devices attached through a domain over this IOAS, with the number of
     /// their attachments (RID and PASIDs).
     pub(crate) users: HashMap<DevId, (usize, Arc<DeviceShared>)>,
+    /// Translators of devices that left (detach, replace, unbind) while
+    /// inside an access section: an unmap waits for them like for users.
+    pub(crate) departed: Departed,
     /// `IOMMU_OPTION_HUGE_PAGES`: when false the alignment is at least
     /// `PAGE_SIZE`.
     pub(crate) huge_pages: bool,
@@ -68,6 +71,7 @@ impl IoasInner {
                 reserved: Vec::new(),
                 allowed: Vec::new(),
                 users: HashMap::new(),
+                departed: Departed::default(),
                 huge_pages: true,
                 hint: PAGE_SIZE,
                 domains: BTreeMap::new(),
@@ -154,6 +158,16 @@ impl IoasState {
             d.collect_slots(&mut v);
         }
         v
+    }
+
+    /// Invalidates every translator that may hold a translation of this
+    /// IOAS: the users' (their caches are dropped) and the sections of
+    /// departed translators that are still open. The caller holds the IOAS
+    /// lock, so no device can join or leave in between.
+    pub(crate) fn invalidate_all(&self) -> InvalidationTicket {
+        let mut t = crate::sync::invalidate_slots(&self.user_slots());
+        t.merge(self.departed.pending());
+        t
     }
 
     pub(crate) fn iova_ranges(&self) -> IovaRanges {

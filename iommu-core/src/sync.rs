@@ -136,6 +136,59 @@ pub(crate) fn invalidate_slots<'a>(
     InvalidationTicket { waits }
 }
 
+/// The access sections that may still use translations of one address
+/// space although their translator no longer reaches it: a device whose
+/// attachment was detached, replaced or unbound while one of its
+/// translators was inside a section. Kept by the IOAS (under its lock), so
+/// that an unmap of the IOAS that runs before those sections end waits for
+/// them too, however the detaching caller waits on its own ticket. An entry
+/// is dropped once its section has ended.
+#[derive(Default)]
+pub(crate) struct Departed {
+    waits: Vec<(Arc<Slot>, u64)>,
+}
+
+impl Departed {
+    /// Invalidates `slots` (they are leaving the address space: their next
+    /// section sees the new attachment) and records those inside a section.
+    /// Returns the ticket for those sections.
+    pub(crate) fn depart(&mut self, slots: &[Arc<Slot>]) -> InvalidationTicket {
+        self.prune();
+        let mut waits = Vec::new();
+        for s in slots {
+            if let Some(a) = s.invalidate() {
+                if !self.waits.iter().any(|(d, b)| Arc::ptr_eq(d, s) && *b == a) {
+                    self.waits.push((s.clone(), a));
+                }
+                waits.push((s.clone(), a));
+            }
+        }
+        InvalidationTicket { waits }
+    }
+
+    /// A ticket for the recorded sections that have not ended yet.
+    pub(crate) fn pending(&self) -> InvalidationTicket {
+        let waits = self
+            .waits
+            .iter()
+            .filter(|(s, a)| !s.passed(*a))
+            .cloned()
+            .collect();
+        InvalidationTicket { waits }
+    }
+
+    /// Forgets the sections that have ended.
+    pub(crate) fn prune(&mut self) {
+        self.waits.retain(|(s, a)| !s.passed(*a));
+    }
+
+    /// Recorded sections (ended or not).
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.waits.len()
+    }
+}
+
 /// The second phase of an invalidation (unmap, replace, detach, unbind,
 /// HWPT invalidation). Caches were invalidated when the ticket was made;
 /// it is complete once every access section that was open at that moment
