@@ -181,12 +181,6 @@ impl Departed {
     pub(crate) fn prune(&mut self) {
         self.waits.retain(|(s, a)| !s.passed(*a));
     }
-
-    /// Recorded sections (ended or not).
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        self.waits.len()
-    }
 }
 
 /// The second phase of an invalidation (unmap, replace, detach, unbind,
