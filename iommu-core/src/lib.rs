@@ -111,6 +111,17 @@
 //!    hook ([`Translator::set_nudge`]), [`InvalidationTicket::wait`] blocks
 //!    (a translator that ends a section wakes waiters; no spinning).
 //!
+//! Which translators an invalidation must name: an unmap names every
+//! translator of the IOAS's users *and* every translator that left the IOAS
+//! (its device was detached, replaced away or unbound) while inside a
+//! section that has not ended yet. The leaving operation records those
+//! sections in the IOAS under the IOAS's lock, at the moment it takes the
+//! device out of the user list; otherwise an unmap that runs after the
+//! device left but before the section ended would find no user and return
+//! while the section still held a cached translation of the pages. The
+//! record of a section is dropped once the section has ended.
+//! (`iommu-core/tests/unmap_race.rs` is the regression test, one per path.)
+//!
 //! The blocking forms are `*_begin` plus `wait`. Idle translators cost the
 //! invalidator two atomic operations each and never delay it. A thread must
 //! never block inside an access section (not on a fault, not on a lock of its
