@@ -29,6 +29,7 @@
 pub mod device;
 pub mod dma;
 pub mod queue;
+pub mod scm;
 pub mod server;
 pub mod service;
 pub mod testing;

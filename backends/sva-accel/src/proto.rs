@@ -17,9 +17,9 @@
 //! session's fault queue. Any later packet is answered `-EINVAL` and the
 //! connection stays up; closing it unbinds the client.
 
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 
 /// HELLO version, the only one: the client's PASID and IOAS come from the
 /// `/dev/iommu` service; the payload continues with u64 session id, u32
@@ -53,42 +53,26 @@ pub fn send(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> nix::R
     Ok(())
 }
 
-/// Receives one packet; `Ok(None)` on end of file.
+/// Receives one packet; `Ok(None)` on end of file. A packet longer than
+/// [`MAX_PACKET`] or with more than [`MAX_FDS`] fds is `EMSGSIZE`; whatever
+/// fds came with it are closed first ([`ioasis::scm`]).
 pub fn recv(sock: BorrowedFd<'_>) -> nix::Result<Option<Packet>> {
     let mut buf = [0u8; MAX_PACKET];
-    let mut space = nix::cmsg_space!([i32; MAX_FDS]);
-    let (n, fds, truncated) = {
+    let got = {
         let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )?;
-        let mut fds = Vec::new();
-        for c in msg.cmsgs()? {
-            if let ControlMessageOwned::ScmRights(v) = c {
-                for fd in v {
-                    // SAFETY: SCM_RIGHTS installed this fd in our table just
-                    // now; nothing else owns it.
-                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-                }
-            }
-        }
-        let truncated = msg
-            .flags
-            .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
-        (msg.bytes, fds, truncated)
+        ioasis::scm::recv_with_fds(sock, &mut iov, MsgFlags::empty())
+            .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?
     };
-    if n == 0 && fds.is_empty() {
+    if got.bytes == 0 && got.fds.is_empty() {
         return Ok(None);
     }
-    if truncated {
+    if got.data_truncated || got.fds_truncated || got.fds.len() > MAX_FDS {
+        // `got.fds` closes here.
         return Err(nix::errno::Errno::EMSGSIZE);
     }
     Ok(Some(Packet {
-        data: buf[..n].to_vec(),
-        fds,
+        data: buf[..got.bytes.min(MAX_PACKET)].to_vec(),
+        fds: got.fds,
     }))
 }
 

@@ -2,12 +2,13 @@
 //! `SCM_RIGHTS` fds.
 
 use std::io::{self, IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
-use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{self, ControlMessage, MsgFlags};
 
 use super::proto::{MAX_FDS, MAX_MESSAGE};
+use crate::scm::recv_with_fds;
 
 /// A received packet.
 #[derive(Debug)]
@@ -18,7 +19,8 @@ pub struct Packet {
     pub fds: Vec<OwnedFd>,
     /// The packet was longer than the buffer ([`MAX_MESSAGE`]).
     pub truncated: bool,
-    /// More fds were sent than [`MAX_FDS`]; the extra ones were closed.
+    /// More fds were sent than [`MAX_FDS`] (they are all in `fds`, and close
+    /// when the packet is dropped).
     pub fds_truncated: bool,
 }
 
@@ -40,51 +42,22 @@ pub fn recv_packet(fd: BorrowedFd<'_>) -> io::Result<Option<Packet>> {
 }
 
 fn recv_into(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<Packet>> {
-    // Room for a few more fds than allowed, so that an excess is seen and
-    // closed rather than silently dropped by the kernel.
-    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS + 3]);
-    let (len, flags, raw_fds) = {
+    // Every fd that arrived is owned from here on (crate::scm): an excess, a
+    // truncation or any error path below closes them.
+    let got = {
         let mut iov = [IoSliceMut::new(buf)];
-        let msg = loop {
-            match socket::recvmsg::<()>(
-                fd.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            ) {
-                Ok(m) => break m,
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        };
-        let mut raw = Vec::new();
-        if let Ok(cmsgs) = msg.cmsgs() {
-            for c in cmsgs {
-                if let ControlMessageOwned::ScmRights(fds) = c {
-                    raw.extend(fds);
-                }
-            }
-        }
-        (msg.bytes, msg.flags, raw)
+        recv_with_fds(fd, &mut iov, MsgFlags::empty())?
     };
-    let fds: Vec<OwnedFd> = raw_fds
-        .into_iter()
-        .filter(|&f| f >= 0)
-        // SAFETY: the kernel just installed these fds in our table for this
-        // message (SCM_RIGHTS); nothing else owns them, so taking ownership
-        // here is the only way they get closed.
-        .map(|f| unsafe { OwnedFd::from_raw_fd(f) })
-        .collect();
-    if len == 0 && fds.is_empty() {
+    if got.bytes == 0 && got.fds.is_empty() {
         return Ok(None);
     }
-    let len = len.min(buf.len());
-    let fds_truncated = flags.contains(MsgFlags::MSG_CTRUNC) || fds.len() > MAX_FDS;
+    let len = got.bytes.min(buf.len());
+    let fds_truncated = got.fds_truncated || got.fds.len() > MAX_FDS;
     Ok(Some(Packet {
-        truncated: flags.contains(MsgFlags::MSG_TRUNC) || len > MAX_MESSAGE,
+        truncated: got.data_truncated || len > MAX_MESSAGE,
         fds_truncated,
         data: buf[..len].to_vec(),
-        fds,
+        fds: got.fds,
     }))
 }
 

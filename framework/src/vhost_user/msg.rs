@@ -9,10 +9,10 @@
 
 use std::fs::File;
 use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserConfig, VhostUserMemory, VhostUserMemoryRegion,
     VhostUserSingleMemoryRegion, VhostUserVringAddr, VhostUserVringState, MAX_ATTACHED_FD_ENTRIES,
@@ -847,49 +847,24 @@ fn decode_iotlb(m: &IotlbMsg) -> Result<IotlbRequest> {
     }
 }
 
-/// Largest cmsg buffer needed for one message's fds.
-fn cmsg_buffer() -> Vec<u8> {
-    nix::cmsg_space!([RawFd; MAX_ATTACHED_FD_ENTRIES])
-}
-
 /// Reads one message: header, fds and payload. Blocks.
+///
+/// Every fd that came with the message is owned by the returned `File`s or
+/// closed before an error returns, however many the frontend attached
+/// ([`crate::scm`]); [`decode`] checks the count each request allows.
 pub fn recv_message(sock: &UnixStream) -> Result<(Header, Vec<u8>, Vec<File>)> {
     let mut hbuf = [0u8; HDR_SIZE];
-    let mut cbuf = cmsg_buffer();
-    let mut fds = Vec::new();
-    let got = loop {
+    let got = {
         let mut iov = [IoSliceMut::new(&mut hbuf)];
-        match recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut cbuf),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Ok(m) => {
-                let cmsgs = m.cmsgs().map_err(|errno| MsgError::Socket {
-                    op: "receive file descriptors",
-                    errno,
-                })?;
-                for c in cmsgs {
-                    if let ControlMessageOwned::ScmRights(raw) = c {
-                        for fd in raw {
-                            // SAFETY: the kernel just installed `fd` in this
-                            // process for us (SCM_RIGHTS); nothing else owns it.
-                            fds.push(unsafe { File::from_raw_fd(fd) });
-                        }
-                    }
-                }
-                break m.bytes;
+        crate::scm::recv_with_fds(sock.as_fd(), &mut iov, MsgFlags::empty()).map_err(|e| {
+            MsgError::Socket {
+                op: "recvmsg",
+                errno: nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
             }
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(errno) => {
-                return Err(MsgError::Socket {
-                    op: "recvmsg",
-                    errno,
-                })
-            }
-        }
+        })?
     };
+    let fds: Vec<File> = got.fds.into_iter().map(File::from).collect();
+    let got = got.bytes;
     if got == 0 {
         return Err(MsgError::Disconnected);
     }
