@@ -28,6 +28,7 @@
 
 pub mod device;
 pub mod dma;
+pub mod peer_fd;
 pub mod queue;
 pub mod scm;
 pub mod server;

@@ -416,8 +416,10 @@ impl Runner {
                     self.handle_device_event(token & !DEVICE_BIT);
                 } else if let Ok(index) = u16::try_from(token) {
                     if let Some((_, k)) = self.kicks.iter().find(|(i, _)| *i == index) {
-                        // Readable, so the counter is non-zero: this does not block.
-                        let _ = k.read();
+                        // The frontend's eventfd: it may also be another
+                        // queue's kick (the other read may have emptied it
+                        // first), so never a blocking read.
+                        let _ = crate::peer_fd::read_counter(k);
                     }
                     self.process(index);
                 }

@@ -1,6 +1,6 @@
 //! One frontend connection: the backend side of the vhost-user protocol.
 
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{AsFd, FromRawFd, IntoRawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -514,6 +514,17 @@ impl Connection {
                 Ok(Some(s.as_slice().to_vec()))
             }
             Request::SetVringFd { kind, index, fd } => {
+                // A peer's fd is never read or written blocking.
+                if let Some(f) = &fd {
+                    crate::peer_fd::set_nonblocking(f.as_fd()).map_err(|source| Error::PeerFd {
+                        what: match kind {
+                            VringFdKind::Kick => "vring kick",
+                            VringFdKind::Call => "vring call",
+                            VringFdKind::Err => "vring error",
+                        },
+                        source,
+                    })?;
+                }
                 let efd = fd.map(|f| {
                     let raw = f.into_raw_fd();
                     // SAFETY: `raw` comes from a File that owned it exclusively;
@@ -559,6 +570,10 @@ impl Connection {
                 Ok(None)
             }
             Request::SetBackendReqFd(fd) => {
+                crate::peer_fd::set_nonblocking(fd.as_fd()).map_err(|source| Error::PeerFd {
+                    what: "backend request channel",
+                    source,
+                })?;
                 self.shared.backend.set(Some(UnixStream::from(fd)));
                 Ok(None)
             }

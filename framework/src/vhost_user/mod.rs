@@ -178,6 +178,16 @@ pub enum Error {
         /// The owning session.
         owner: u64,
     },
+    /// An fd the frontend sent could not be made non-blocking
+    /// ([`crate::peer_fd`]); it is not used.
+    #[error("Cannot make the frontend's {what} fd non-blocking")]
+    PeerFd {
+        /// Which fd.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Features without `VIRTIO_F_ACCESS_PLATFORM` while a `/dev/iommu`
     /// session owns the device's RID: addresses must be IOVAs of its IOAS.
     #[error("VIRTIO_F_ACCESS_PLATFORM is required: session {owner} of the /dev/iommu service owns the device's RID, addresses are IOVAs of its IOAS")]
@@ -213,6 +223,7 @@ impl Error {
             | Error::Worker(_)
             | Error::Unsupported(_)
             | Error::IotlbWhileOwned { .. }
+            | Error::PeerFd { .. }
             | Error::AccessPlatformRequired { .. } => false,
         }
     }
