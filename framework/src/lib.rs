@@ -26,10 +26,12 @@
 //! [`Worker`]: device::Worker
 #![deny(missing_docs)]
 
+pub mod accept;
 pub mod device;
 pub mod dma;
 pub mod peer_fd;
 pub mod queue;
+pub mod ratelimit;
 pub mod scm;
 pub mod server;
 pub mod service;

@@ -607,7 +607,7 @@ impl<'a> Queues<'a> {
             }
             Err(e) => {
                 if !matches!(e.dma_error(), Some(d) if d.is_miss()) {
-                    error!("queue {index}: {e}");
+                    crate::log_limited!(log::Level::Error, "queue {index}: {e}");
                 }
                 None
             }

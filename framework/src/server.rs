@@ -43,12 +43,15 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use iommu_core::{DevId, HwInfo, Iommu};
 use log::{error, info, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::accept::{self, AcceptBackoff};
 use crate::device::Device;
+use crate::ratelimit::RateLimit;
 use crate::vhost_user::conn::{Connection, Served};
 use crate::vhost_user::RidOwnership;
 
@@ -182,6 +185,9 @@ struct Extra {
     listener: UnixListener,
     path: Option<PathBuf>,
     on_accept: AcceptHandler,
+    backoff: AcceptBackoff,
+    /// Not watched until then (accept failed: [`crate::accept`]).
+    paused: Option<Instant>,
 }
 
 struct Active {
@@ -201,6 +207,9 @@ struct Hosted {
     /// A frontend that connected while the previous connection was still
     /// being torn down; served as soon as that finishes.
     pending: Option<UnixStream>,
+    backoff: AcceptBackoff,
+    /// Not watched until then (accept failed: [`crate::accept`]).
+    paused: Option<Instant>,
 }
 
 /// One backend process's device server.
@@ -383,6 +392,8 @@ impl Server {
             },
             active: None,
             pending: None,
+            backoff: AcceptBackoff::new(),
+            paused: None,
         });
         Ok(())
     }
@@ -448,6 +459,8 @@ impl Server {
             listener,
             path,
             on_accept,
+            backoff: AcceptBackoff::new(),
+            paused: None,
         });
         Ok(())
     }
@@ -488,20 +501,10 @@ impl Server {
         // SAFETY: `raw` is a fresh fd from the kernel owned by nobody else.
         let epoll = unsafe { OwnedFd::from_raw_fd(raw) };
         let add = |fd: RawFd, token: u64| -> Result<()> {
-            let mut ev = libc::epoll_event {
-                events: libc::EPOLLIN as u32,
-                u64: token,
-            };
-            // SAFETY: both fds are live for the call; `ev` is a valid event.
-            let rc =
-                unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
-            if rc < 0 {
-                return Err(ServerError::Io {
-                    op: "epoll_ctl",
-                    source: std::io::Error::last_os_error(),
-                });
-            }
-            Ok(())
+            epoll_op(&epoll, libc::EPOLL_CTL_ADD, fd, token).map_err(|source| ServerError::Io {
+                op: "epoll_ctl",
+                source,
+            })
         };
         add(self.stop.as_raw_fd(), TOKEN_STOP)?;
         add(self.reaped.as_raw_fd(), TOKEN_REAP)?;
@@ -520,8 +523,10 @@ impl Server {
         }
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 16];
         'outer: loop {
+            let timeout = self.resume_listeners(&epoll);
             // SAFETY: `events` is a valid buffer of 16 entries; epoll is live.
-            let n = unsafe { libc::epoll_wait(epoll.as_raw_fd(), events.as_mut_ptr(), 16, -1) };
+            let n =
+                unsafe { libc::epoll_wait(epoll.as_raw_fd(), events.as_mut_ptr(), 16, timeout) };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() == std::io::ErrorKind::Interrupted {
@@ -542,9 +547,11 @@ impl Server {
                     let _ = self.reaped.read();
                     self.reap();
                 } else if token >= TOKEN_EXTRA {
-                    self.accept_extra(usize::try_from(token - TOKEN_EXTRA).unwrap_or(usize::MAX));
+                    let i = usize::try_from(token - TOKEN_EXTRA).unwrap_or(usize::MAX);
+                    self.accept_extra(i, &epoll);
                 } else if token >= TOKEN_DEVICE {
-                    self.accept_device(usize::try_from(token - TOKEN_DEVICE).unwrap_or(usize::MAX));
+                    let i = usize::try_from(token - TOKEN_DEVICE).unwrap_or(usize::MAX);
+                    self.accept_device(i, &epoll);
                 }
             }
         }
@@ -574,24 +581,78 @@ impl Server {
         }
     }
 
-    fn accept_extra(&mut self, i: usize) {
+    /// Watches again every listener whose pause ended; returns the
+    /// epoll_wait timeout until the next pause ends (-1: none).
+    fn resume_listeners(&mut self, epoll: &OwnedFd) -> i32 {
+        let now = Instant::now();
+        let mut next: Option<Instant> = None;
+        let listeners = self
+            .hosted
+            .iter_mut()
+            .enumerate()
+            .map(|(i, h)| {
+                (
+                    &mut h.paused,
+                    h.listener.as_raw_fd(),
+                    TOKEN_DEVICE + i as u64,
+                )
+            })
+            .chain(self.extra.iter_mut().enumerate().map(|(i, x)| {
+                (
+                    &mut x.paused,
+                    x.listener.as_raw_fd(),
+                    TOKEN_EXTRA + i as u64,
+                )
+            }));
+        for (paused, fd, token) in listeners {
+            let Some(t) = *paused else { continue };
+            if t <= now {
+                match epoll_op(epoll, libc::EPOLL_CTL_ADD, fd, token) {
+                    Ok(()) => *paused = None,
+                    Err(e) => {
+                        error!("watching a listener again: {e}");
+                        *paused = Some(now + AcceptBackoff::MAX_PAUSE);
+                        next = Some(next.map_or(now + AcceptBackoff::MAX_PAUSE, |n| {
+                            n.min(now + AcceptBackoff::MAX_PAUSE)
+                        }));
+                    }
+                }
+            } else {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        }
+        match next {
+            None => -1,
+            // Rounded up, so the wait does not end just before the pause.
+            Some(t) => {
+                i32::try_from(t.saturating_duration_since(now).as_millis() + 1).unwrap_or(i32::MAX)
+            }
+        }
+    }
+
+    fn accept_extra(&mut self, i: usize, epoll: &OwnedFd) {
         let Some(x) = self.extra.get_mut(i) else {
             return;
         };
         // Bounded: a listener backlog is finite; stop at the first WouldBlock.
         for _ in 0..64 {
             match x.listener.accept() {
-                Ok((s, _)) => (x.on_accept)(s),
+                Ok((s, _)) => {
+                    x.backoff.succeeded();
+                    (x.on_accept)(s)
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if accept::is_transient(&e) => continue,
                 Err(e) => {
-                    warn!("accept on extra listener: {e}");
+                    let pause = x.backoff.failed("extra listener", &e);
+                    pause_listener(epoll, x.listener.as_raw_fd(), &mut x.paused, pause);
                     break;
                 }
             }
         }
     }
 
-    fn accept_device(&mut self, i: usize) {
+    fn accept_device(&mut self, i: usize, epoll: &OwnedFd) {
         self.reap();
         let reaped = self.reaped.clone();
         let Some(h) = self.hosted.get_mut(i) else {
@@ -599,10 +660,15 @@ impl Server {
         };
         for _ in 0..64 {
             let stream = match h.listener.accept() {
-                Ok((s, _)) => s,
+                Ok((s, _)) => {
+                    h.backoff.succeeded();
+                    s
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if accept::is_transient(&e) => continue,
                 Err(e) => {
-                    warn!("device {:?}: accept: {e}", h.label);
+                    let pause = h.backoff.failed(&format!("device {:?}", h.label), &e);
+                    pause_listener(epoll, h.listener.as_raw_fd(), &mut h.paused, pause);
                     break;
                 }
             };
@@ -617,7 +683,8 @@ impl Server {
                 // this one once it is gone.
                 h.pending = Some(stream);
             } else {
-                warn!(
+                crate::log_limited!(limit: REFUSED_FRONTEND,
+                    log::Level::Warn,
                     "device {:?}: a frontend is already connected; refusing another",
                     h.label
                 );
@@ -648,6 +715,30 @@ impl Server {
     }
 }
 
+static REFUSED_FRONTEND: RateLimit = RateLimit::peer();
+static CONNECTION_LOG: RateLimit = RateLimit::peer();
+
+fn epoll_op(epoll: &OwnedFd, op: i32, fd: RawFd, token: u64) -> std::io::Result<()> {
+    let mut ev = libc::epoll_event {
+        events: libc::EPOLLIN as u32,
+        u64: token,
+    };
+    // SAFETY: both fds are live for the call; `ev` is a valid event.
+    let rc = unsafe { libc::epoll_ctl(epoll.as_raw_fd(), op, fd, &mut ev) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Stops watching a listener for `pause` (its accept failed).
+fn pause_listener(epoll: &OwnedFd, fd: RawFd, paused: &mut Option<Instant>, pause: Duration) {
+    if let Err(e) = epoll_op(epoll, libc::EPOLL_CTL_DEL, fd, 0) {
+        error!("pausing a listener: {e}");
+    }
+    *paused = Some(Instant::now() + pause);
+}
+
 fn start_connection(h: &mut Hosted, stream: UnixStream, reaped: &Arc<EventFd>) {
     let shut = match stream.try_clone() {
         Ok(s) => s,
@@ -664,16 +755,24 @@ fn start_connection(h: &mut Hosted, stream: UnixStream, reaped: &Arc<EventFd>) {
     let spawned = std::thread::Builder::new()
         .name(format!("ioasis-conn-{label}"))
         .spawn(move || {
-            info!("device {label:?}: frontend connected");
+            crate::log_limited!(limit: CONNECTION_LOG,
+                log::Level::Info,
+                "device {label:?}: frontend connected"
+            );
             match Connection::new(served, stream) {
                 Ok(c) => match c.serve() {
-                    Ok(()) => info!("device {label:?}: frontend disconnected; device reset"),
-                    Err(e) => error!(
+                    Ok(()) => crate::log_limited!(limit: CONNECTION_LOG,
+                        log::Level::Info,
+                        "device {label:?}: frontend disconnected; device reset"
+                    ),
+                    Err(e) => crate::log_limited!(limit: CONNECTION_LOG,
+                        log::Level::Error,
                         "device {label:?}: dropping connection: {}",
                         crate::error_chain(&e)
                     ),
                 },
-                Err(e) => error!(
+                Err(e) => crate::log_limited!(limit: CONNECTION_LOG,
+                    log::Level::Error,
                     "device {label:?}: setting up connection: {}",
                     crate::error_chain(&e)
                 ),

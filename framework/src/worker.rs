@@ -556,7 +556,11 @@ impl Runner {
                         .backend
                         .send_iotlb(VHOST_IOTLB_ACCESS_FAIL, iova, access)
                 {
-                    warn!("worker {}: sending access failure: {err}", self.thread);
+                    crate::log_limited!(
+                        log::Level::Warn,
+                        "worker {}: sending access failure: {err}",
+                        self.thread
+                    );
                 }
             }
         }
@@ -581,7 +585,10 @@ impl Runner {
             if v.broken || failed == Some(*index) {
                 if let Some(err) = &v.err {
                     if let Err(we) = err.write(1) {
-                        warn!("queue {index}: signalling error fd: {we}");
+                        crate::log_limited!(
+                            log::Level::Warn,
+                            "queue {index}: signalling error fd: {we}"
+                        );
                     }
                 }
             }
@@ -602,7 +609,7 @@ impl Runner {
                 // Without an IOMMU every valid address is in the memory table:
                 // the driver gave an address outside guest memory, or the
                 // table is being changed. Wait for the next table change.
-                warn!(
+                crate::log_limited!(log::Level::Warn,
                     "queue {index}: address {:#x} is not in the memory table; the queue waits for a memory table change",
                     p.iova
                 );
@@ -621,14 +628,17 @@ impl Runner {
                 }
                 Ok(SendOutcome::WouldBlock) => self.pending_report = true,
                 Ok(SendOutcome::NoChannel) => {
-                    warn!(
+                    crate::log_limited!(log::Level::Warn,
                         "queue {index}: IOTLB miss at {:#x} but the frontend set no backend channel; waiting for an update",
                         p.iova
                     );
                     p.reported = true;
                 }
                 Err(e) => {
-                    error!("queue {index}: sending IOTLB miss: {e}");
+                    crate::log_limited!(
+                        log::Level::Error,
+                        "queue {index}: sending IOTLB miss: {e}"
+                    );
                     p.reported = true;
                 }
             }

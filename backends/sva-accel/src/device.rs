@@ -388,7 +388,7 @@ impl Device {
             .name("sva-client".into())
             .spawn(move || client_thread(&s, conn))
         {
-            warn!("cannot start a client thread: {e}");
+            ioasis::log_limited!(log::Level::Warn, "cannot start a client thread: {e}");
         }
     }
 
@@ -418,6 +418,8 @@ impl Drop for Device {
 }
 
 fn acceptor(s: &Arc<Shared>, listener: OwnedFd) {
+    // Accept failures back off instead of spinning (ioasis::accept).
+    let mut backoff = ioasis::accept::AcceptBackoff::new();
     loop {
         let r = match shm::poll_in(&[listener.as_fd()], 100) {
             Ok(r) => r,
@@ -434,18 +436,39 @@ fn acceptor(s: &Arc<Shared>, listener: OwnedFd) {
         }
         match socket::accept(&listener) {
             Ok(conn) => {
+                backoff.succeeded();
                 let s2 = s.clone();
                 if let Err(e) = std::thread::Builder::new()
                     .name("sva-client".into())
                     .spawn(move || client_thread(&s2, conn))
                 {
-                    warn!("cannot start a client thread: {e}");
+                    ioasis::log_limited!(limit: THREAD_FAILED,
+                        log::Level::Warn,
+                        "cannot start a client thread: {e}"
+                    );
                 }
             }
-            Err(e) => warn!("accept failed: {e}"),
+            Err(e) => {
+                let e = std::io::Error::from(e);
+                if ioasis::accept::is_transient(&e) {
+                    continue;
+                }
+                let pause = backoff.failed("sva-accel portal", &e);
+                // In slices, so that shutdown is not held up.
+                let until = std::time::Instant::now() + pause;
+                while std::time::Instant::now() < until && !s.shutdown.load(Ordering::SeqCst) {
+                    std::thread::sleep(
+                        until
+                            .saturating_duration_since(std::time::Instant::now())
+                            .min(std::time::Duration::from_millis(100)),
+                    );
+                }
+            }
         }
     }
 }
+
+static THREAD_FAILED: ioasis::ratelimit::RateLimit = ioasis::ratelimit::RateLimit::peer();
 
 fn reply(conn: BorrowedFd<'_>, status: i32, payload: &[u8], fds: &[BorrowedFd<'_>]) {
     let mut msg = Writer::default().i32(status).u32(0).0;
@@ -489,7 +512,7 @@ fn hello(s: &Arc<Shared>, conn: BorrowedFd<'_>, pkt: &proto::Packet) -> Option<A
         return None;
     }
     let fail = |what: &str, e: &dyn std::fmt::Display| {
-        warn!("client setup: {what}: {e}");
+        ioasis::log_limited!(log::Level::Warn, "client setup: {what}: {e}");
         if s.cfg.wq_mode == WqMode::Dedicated {
             s.dedicated_in_use.fetch_sub(1, Ordering::SeqCst);
         }
@@ -553,7 +576,10 @@ fn hello(s: &Arc<Shared>, conn: BorrowedFd<'_>, pkt: &proto::Packet) -> Option<A
     // Sleeping workers re-read the list (and so wait on this client's
     // doorbell too).
     shm::signal(s.doorbell.as_fd());
-    info!("client bound to PASID {pasid} (priority {priority}, session {session})");
+    ioasis::log_limited!(
+        log::Level::Info,
+        "client bound to PASID {pasid} (priority {priority}, session {session})"
+    );
     Some(client)
 }
 
@@ -583,10 +609,12 @@ impl Unbinder {
             if c.session == session && c.pasid == pasid {
                 c.unbound.store(true, Ordering::SeqCst);
                 let n = abort_work(&s, c);
-                info!(
+                ioasis::log_limited!(
+                    log::Level::Info,
                     "PASID {pasid}: released by session {session}; client unbound, \
                      {} descriptors aborted, {} finished executing",
-                    n.aborted, n.finished
+                    n.aborted,
+                    n.finished
                 );
             }
         }
@@ -713,7 +741,8 @@ fn teardown(s: &Arc<Shared>, c: &Arc<ClientCtx>) {
     if s.cfg.wq_mode == WqMode::Dedicated {
         s.dedicated_in_use.fetch_sub(1, Ordering::SeqCst);
     }
-    info!(
+    ioasis::log_limited!(
+        log::Level::Info,
         "PASID {}: client gone ({} descriptors, {} faults, {} aborted)",
         c.pasid,
         c.stats.completed.load(Ordering::Relaxed),
@@ -792,7 +821,8 @@ fn abort_work(s: &Shared, c: &ClientCtx) -> Aborted {
             break true;
         }
         if start.elapsed() >= ABORT_WAIT {
-            warn!(
+            ioasis::log_limited!(
+                log::Level::Warn,
                 "PASID {}: {} descriptors still executing after {ABORT_WAIT:?}",
                 c.pasid,
                 c.inflight.load(Ordering::SeqCst)
@@ -881,7 +911,11 @@ fn run_job_iommu(
     tr: &mut Option<Translator>,
 ) {
     let Some(tr) = tr.as_mut() else {
-        warn!("PASID {}: no translator for an iommu client", c.pasid);
+        ioasis::log_limited!(
+            log::Level::Warn,
+            "PASID {}: no translator for an iommu client",
+            c.pasid
+        );
         retire(s, c, 1);
         return;
     };
@@ -1223,7 +1257,8 @@ fn execute_in(s: &Shared, c: &ClientCtx, dma: Dma<'_>, job: &mut Job, mut resume
             },
         }
     }
-    warn!(
+    ioasis::log_limited!(
+        log::Level::Warn,
         "PASID {}: descriptor blocked after an Invalid answer",
         c.pasid
     );

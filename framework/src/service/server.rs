@@ -13,21 +13,27 @@ use iommu_core::{
     Device, FaultQueue, HwInfo, HwptAlloc, HwptData, InvalidateEntry, Iommu, IovaRange, Memory,
     PageResponseCode, Perm,
 };
-use log::{debug, info, warn};
+use log::{debug, warn};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use thiserror::Error;
 
 use super::proto::*;
 use super::transport::{recv_packet, send_packet};
+use crate::accept::AcceptBackoff;
+use crate::log_limited;
+use crate::ratelimit::RateLimit;
 use crate::uring::{
     fault_channel_pair, FaultPump, FaultRecord, FaultSource, HubError, InvalidationHub, Linker,
     PageResponse, PumpError,
 };
 use crate::vhost_user::RidOwnership;
 use std::result::Result;
+
+static SESSION_REFUSED: RateLimit = RateLimit::peer();
 
 /// Most sessions served at once; further connections are refused.
 pub const MAX_SESSIONS: usize = 128;
@@ -381,6 +387,7 @@ const KIND_SOURCE: u64 = 1;
 const KIND_CHANNEL: u64 = 2;
 const TOKEN_LISTENER: u64 = u64::MAX;
 const TOKEN_STOP: u64 = u64::MAX - 1;
+const TOKEN_ACCEPT_TIMER: u64 = u64::MAX - 2;
 
 fn token(sid: u64, fault_id: u32, kind: u64) -> u64 {
     (sid << 34) | (u64::from(fault_id) << 2) | kind
@@ -440,6 +447,10 @@ pub struct Service {
     hub: InvalidationHub,
     sessions: HashMap<u64, Session>,
     next_session: u64,
+    /// Accept failures ([`crate::accept`]): the listener is left out of the
+    /// epoll set until `accept_timer` fires.
+    accept_backoff: AcceptBackoff,
+    accept_timer: TimerFd,
 }
 
 impl std::fmt::Debug for Service {
@@ -502,6 +513,17 @@ impl Service {
             )
             .map_err(|e| ServiceError::EventLoop(e.into()))?;
         let hub = InvalidationHub::new().map_err(ServiceError::EventLoop)?;
+        let accept_timer = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )
+        .map_err(|e| ServiceError::EventLoop(e.into()))?;
+        epoll
+            .add(
+                accept_timer.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_ACCEPT_TIMER),
+            )
+            .map_err(|e| ServiceError::EventLoop(e.into()))?;
         Ok(Service {
             shared: Arc::new(Shared {
                 iommu,
@@ -517,6 +539,8 @@ impl Service {
             hub,
             sessions: HashMap::new(),
             next_session: 1,
+            accept_backoff: AcceptBackoff::new(),
+            accept_timer,
         })
     }
 
@@ -647,6 +671,7 @@ impl Service {
             match tok {
                 TOKEN_STOP => return Ok(false),
                 TOKEN_LISTENER => self.accept_all(),
+                TOKEN_ACCEPT_TIMER => self.resume_accepting(),
                 _ => {
                     let sid = tok >> 34;
                     let fault_id = ((tok >> 2) & 0xffff_ffff) as u32;
@@ -669,19 +694,57 @@ impl Service {
         for _ in 0..64 {
             match socket::accept4(l.as_fd(), SockFlag::SOCK_CLOEXEC) {
                 Ok(fd) => {
+                    self.accept_backoff.succeeded();
                     if let Err(e) = self.add_session(fd) {
-                        warn!("service: cannot add session: {e}");
+                        log_limited!(limit: SESSION_REFUSED,
+                            log::Level::Warn,
+                            "service: cannot add session: {e}"
+                        );
                     }
                 }
                 Err(Errno::EAGAIN) => break,
-                Err(Errno::EINTR) | Err(Errno::ECONNABORTED) => continue,
+                Err(e) if crate::accept::is_transient(&e.into()) => continue,
                 Err(e) => {
-                    warn!("service: accept failed: {e}");
+                    let pause = self.accept_backoff.failed("service", &e.into());
+                    self.pause_accepting(&l, pause);
                     break;
                 }
             }
         }
         self.listener = Some(l);
+    }
+
+    /// Leaves the listener out of the epoll set for `pause`.
+    fn pause_accepting(&self, l: &OwnedFd, pause: Duration) {
+        let _ = self.epoll.delete(l.as_fd());
+        let t = nix::sys::time::TimeSpec::from_duration(pause);
+        if let Err(e) = self
+            .accept_timer
+            .set(Expiration::OneShot(t), TimerSetTimeFlags::empty())
+        {
+            // Without the timer the listener would stay unwatched: watch it
+            // again now (the loop then spins at worst, as before).
+            warn!("service: arming the accept back-off timer: {e}");
+            let _ = self.epoll.add(
+                l.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_LISTENER),
+            );
+        }
+    }
+
+    /// The back-off pause ended: watch the listener again and accept.
+    fn resume_accepting(&mut self) {
+        // Clears the expiration (non-blocking).
+        let _ = self.accept_timer.wait();
+        if let Some(l) = &self.listener {
+            if let Err(e) = self.epoll.add(
+                l.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_LISTENER),
+            ) {
+                warn!("service: watching the listener again: {e}");
+            }
+        }
+        self.accept_all();
     }
 
     fn add_session(&mut self, fd: OwnedFd) -> io::Result<()> {
@@ -751,7 +814,10 @@ impl Service {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    warn!("service: session {sid}: receive failed: {e}");
+                    crate::log_limited!(
+                        log::Level::Warn,
+                        "service: session {sid}: receive failed: {e}"
+                    );
                     self.close_session(sid);
                     return;
                 }
@@ -822,7 +888,10 @@ impl Service {
             Ok(()) => true,
             Err(e) => {
                 // A client that does not read its replies loses its session.
-                warn!("service: session {sid}: reply failed: {e}");
+                crate::log_limited!(
+                    log::Level::Warn,
+                    "service: session {sid}: reply failed: {e}"
+                );
                 false
             }
         }
@@ -858,7 +927,10 @@ impl Service {
                 self.drop_pump(sid, fault_id);
             }
             Err(e) => {
-                warn!("service: session {sid}: fault channel {fault_id}: {e}");
+                crate::log_limited!(
+                    log::Level::Warn,
+                    "service: session {sid}: fault channel {fault_id}: {e}"
+                );
                 self.drop_pump(sid, fault_id);
             }
         }
@@ -898,7 +970,10 @@ impl Service {
                     }
                 }
                 if let Err(e) = self.hub.detach(iommu, dev, pasid) {
-                    warn!("service: session {sid}: detach {label:?}/{pasid:?}: {e}");
+                    crate::log_limited!(
+                        log::Level::Warn,
+                        "service: session {sid}: detach {label:?}/{pasid:?}: {e}"
+                    );
                 }
             }
         }
@@ -920,7 +995,10 @@ impl Service {
             });
         }
         for (id, kind) in &left {
-            warn!("service: session {sid}: could not destroy {kind:?} {id}");
+            crate::log_limited!(
+                log::Level::Warn,
+                "service: session {sid}: could not destroy {kind:?} {id}"
+            );
         }
         {
             let mut r = self.shared.registry();
@@ -932,7 +1010,8 @@ impl Service {
                 o.pasid_released(&sess.info, label, *pasid);
             }
         }
-        info!(
+        crate::log_limited!(
+            log::Level::Info,
             "service: session {sid} (pid {}) closed and cleaned up",
             sess.info.pid
         );
@@ -986,7 +1065,10 @@ impl Service {
             iommu.attach(dev_id, None, pt_id)?
         };
         if st.owner.is_none() {
-            info!("service: session {sid} took the RID of {label:?} (HWPT {hwpt})");
+            crate::log_limited!(
+                log::Level::Info,
+                "service: session {sid} took the RID of {label:?} (HWPT {hwpt})"
+            );
         }
         st.owner = Some(sid);
         drop(st);
@@ -1020,7 +1102,10 @@ impl Service {
         let iommu = self.shared.iommu.clone();
         let mut st = rid.lock();
         if st.owner != Some(sid) {
-            warn!("service: session {sid} releases the RID of {label:?} it does not own");
+            crate::log_limited!(
+                log::Level::Warn,
+                "service: session {sid} releases the RID of {label:?} it does not own"
+            );
             return;
         }
         st.owner = None;
@@ -1028,16 +1113,16 @@ impl Service {
             match iommu.replace_begin(dev_id, None, private) {
                 Ok((_, ticket)) => {
                     if let Err(e) = self.hub.complete(ticket) {
-                        warn!("service: session {sid}: giving back {label:?}: {e}");
+                        crate::log_limited!(log::Level::Warn, "service: session {sid}: giving back {label:?}: {e}");
                     }
-                    info!(
+                    crate::log_limited!(log::Level::Info,
                         "service: session {sid} gave the RID of {label:?} back to its connection (IOAS {private})"
                     );
                     drop(st);
                     rid.resume_parked();
                     return;
                 }
-                Err(e) => warn!(
+                Err(e) => crate::log_limited!(log::Level::Warn,
                     "service: session {sid}: RID of {label:?} cannot return to IOAS {private}: {e}; \
                      detaching it and flagging the device NEEDS_RESET"
                 ),
@@ -1045,7 +1130,10 @@ impl Service {
             st.flag_needs_reset();
         }
         if let Err(e) = self.hub.detach(&iommu, dev_id, None) {
-            warn!("service: session {sid}: detach {label:?}: {e}");
+            crate::log_limited!(
+                log::Level::Warn,
+                "service: session {sid}: detach {label:?}: {e}"
+            );
         }
     }
 

@@ -4,7 +4,7 @@
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
-use log::{debug, warn};
+use log::debug;
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{self, MsgFlags};
@@ -148,7 +148,7 @@ impl<S: FaultSource> FaultPump<S> {
                 .revents()
                 .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
             Err(e) => {
-                warn!("fault pump: poll of the channel failed: {e}");
+                log::warn!("fault pump: poll of the channel failed: {e}");
                 false
             }
         }
@@ -218,12 +218,18 @@ impl<S: FaultSource> FaultPump<S> {
             self.responses.clear();
             if n > MAX_RESPONSE_PACKET {
                 self.stats.malformed += 1;
-                warn!("fault pump: oversize response packet ({n} bytes) dropped");
+                crate::log_limited!(
+                    log::Level::Warn,
+                    "fault pump: oversize response packet ({n} bytes) dropped"
+                );
                 continue;
             }
             if let Err(e) = PageResponse::decode_packet(&self.inbuf[..n], &mut self.responses) {
                 self.stats.malformed += 1;
-                warn!("fault pump: malformed response packet dropped: {e}");
+                crate::log_limited!(
+                    log::Level::Warn,
+                    "fault pump: malformed response packet dropped: {e}"
+                );
                 if let super::record::RecordError::BadCode { index, code } = e {
                     let off = index * PAGE_RESPONSE_SIZE;
                     let mut w = [0u8; 4];

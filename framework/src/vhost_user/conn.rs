@@ -5,7 +5,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use log::{debug, error, info, warn};
+use log::{debug, error};
 use vhost::vhost_user::message::{VhostUserConfig, VhostUserProtocolFeatures, VhostUserVringState};
 use virtio_queue::QueueT;
 use vm_memory::{ByteValued, GuestAddress};
@@ -202,7 +202,7 @@ impl Connection {
                 }
                 Err(e) if e.is_fatal() => return Err(e),
                 Err(e) => {
-                    error!("request {} failed: {e}", hdr.request);
+                    crate::log_limited!(log::Level::Error, "request {} failed: {e}", hdr.request);
                     if need_ack {
                         send_reply(&self.sock, hdr.request, &1u64.to_ne_bytes())
                             .map_err(Error::Msg)?;
@@ -262,7 +262,7 @@ impl Connection {
         }
         match w.final_pass(index, FINAL_PASS_TIMEOUT) {
             FinalPass::Done | FinalPass::NoWorker => {}
-            FinalPass::TimedOut => warn!(
+            FinalPass::TimedOut => crate::log_limited!(log::Level::Warn,
                 "queue {index}: {why}: the worker did not finish processing the ring within {FINAL_PASS_TIMEOUT:?}; stopping it with buffers possibly unprocessed"
             ),
         }
@@ -316,13 +316,13 @@ impl Connection {
         match m {
             IotlbRequest::BatchBegin | IotlbRequest::BatchEnd => Ok(None),
             IotlbRequest::Update { iova, size, .. } => {
-                warn!(
+                crate::log_limited!(log::Level::Warn,
                     "IOTLB update {iova:#x}+{size:#x} refused: session {owner} owns the device's RID"
                 );
                 Err(Error::IotlbWhileOwned { owner })
             }
             IotlbRequest::Invalidate { iova, last } => {
-                warn!(
+                crate::log_limited!(log::Level::Warn,
                     "IOTLB invalidation {iova:#x}..={last:#x} refused: session {owner} owns the device's RID \
                      (dropped from the connection's own space only)"
                 );
@@ -407,7 +407,10 @@ impl Connection {
             }
             Request::SetOwner => {
                 if self.owner {
-                    warn!("SET_OWNER on a connection that already has an owner");
+                    crate::log_limited!(
+                        log::Level::Warn,
+                        "SET_OWNER on a connection that already has an owner"
+                    );
                 }
                 self.owner = true;
                 Ok(None)
@@ -538,7 +541,7 @@ impl Connection {
                         {
                             let mut v = self.vring(index);
                             if efd.is_none() {
-                                warn!("queue {index}: started without a kick fd; it runs only when polled");
+                                crate::log_limited!(log::Level::Warn, "queue {index}: started without a kick fd; it runs only when polled");
                             }
                             v.kick = efd;
                             v.started = true;
@@ -609,7 +612,10 @@ impl Connection {
                 if offset < cs {
                     let n = (cs - offset).min(size) as usize;
                     if let Err(e) = dev.read_config(offset, &mut buf[..n]) {
-                        warn!("config read at {offset:#x}+{n}: {e}");
+                        crate::log_limited!(
+                            log::Level::Warn,
+                            "config read at {offset:#x}+{n}: {e}"
+                        );
                     }
                 }
                 let hdr = VhostUserConfig {
@@ -657,7 +663,7 @@ impl Connection {
             }
             Request::SetLogBase | Request::SetLogFd => Err(Error::Unsupported("dirty logging")),
             Request::Unsupported(r) => {
-                info!("unsupported request {r:?}");
+                crate::log_limited!(log::Level::Info, "unsupported request {r:?}");
                 Err(Error::Unsupported("request"))
             }
         }

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use iommu_core::{DevId, InvalidationTicket, IoasId, Iommu, Perm};
-use log::{debug, warn};
+use log::debug;
 
 use super::mem::{MemTable, Region};
 use super::msg::{VHOST_ACCESS_RO, VHOST_ACCESS_RW, VHOST_ACCESS_WO};
@@ -233,7 +233,10 @@ impl AddressSpace {
             match self.iommu.ioas_unmap_begin(self.ioas, iova, len) {
                 Ok((_, t)) => tickets.push(t),
                 Err(source) => {
-                    warn!("unmap of {iova:#x}+{len:#x} failed: {source}");
+                    crate::log_limited!(
+                        log::Level::Warn,
+                        "unmap of {iova:#x}+{len:#x} failed: {source}"
+                    );
                     first_err.get_or_insert(Error::Unmap { iova, len, source });
                 }
             }

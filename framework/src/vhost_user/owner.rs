@@ -37,7 +37,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use iommu_core::IoasId;
-use log::{debug, warn};
+use log::debug;
 
 use crate::queue::Vring;
 use crate::worker::ConnShared;
@@ -121,7 +121,10 @@ impl RidOwnership {
             debug!("queue {index}: resumed after an address space change");
             if let Some(k) = &v.kick {
                 if let Err(e) = k.write(1) {
-                    warn!("queue {index}: kicking after resume: {e}");
+                    crate::log_limited!(
+                        log::Level::Warn,
+                        "queue {index}: kicking after resume: {e}"
+                    );
                 }
             }
         }
