@@ -970,6 +970,51 @@ impl Iommu {
         Ok((bytes, ticket))
     }
 
+    /// Removes exactly `[iova, iova + len)` from the IOAS: an area that
+    /// straddles an end of the range is split there first, atomically (under
+    /// the IOAS lock), so the parts outside the range stay mapped throughout
+    /// and a device using them never sees them missing. Returns the bytes
+    /// removed (0, with a done ticket, when nothing was mapped in the range)
+    /// once no device can use them any more.
+    ///
+    /// Not an iommufd operation: `IOMMU_IOAS_UNMAP` removes whole areas only
+    /// ([`Iommu::ioas_unmap`]), and a userspace `/dev/iommu` service must
+    /// keep that rule. This is for an owner of the IOAS whose own protocol
+    /// unmaps arbitrary ranges (a vhost-user IOTLB invalidation).
+    /// Errors: zero length → `EINVAL`; overflow → `EOVERFLOW`; unknown IOAS
+    /// → `ENOENT`; an end not aligned to the IOAS alignment → `EINVAL`; a
+    /// split past [`MAX_AREAS_PER_IOAS`] → `ENOSPC`.
+    pub fn ioas_cut(&self, ioas: IoasId, iova: u64, len: u64) -> Result<u64> {
+        let (n, t) = self.ioas_cut_begin(ioas, iova, len)?;
+        t.wait();
+        Ok(n)
+    }
+
+    /// Two-phase [`Iommu::ioas_cut`].
+    pub fn ioas_cut_begin(
+        &self,
+        ioas: IoasId,
+        iova: u64,
+        len: u64,
+    ) -> Result<(u64, InvalidationTicket)> {
+        if len == 0 {
+            return Err(Error::ZeroLength);
+        }
+        let r = range_of(iova, len)?;
+        let ioas = self.ioas_arc(ioas)?;
+        let (bytes, removed, ticket) = {
+            let mut st = ioas.write();
+            let (bytes, removed) = st.cut(r, MAX_AREAS_PER_IOAS)?;
+            if removed.is_empty() {
+                return Ok((0, InvalidationTicket::done()));
+            }
+            st.departed.prune();
+            (bytes, removed, st.invalidate_all())
+        };
+        drop(removed);
+        Ok((bytes, ticket))
+    }
+
     /// `IOMMU_IOAS_COPY`: maps the pages behind `src`'s range (any range
     /// covered by areas without gaps) into `dst` at a fixed or allocated
     /// IOVA, sharing the same memory; returns the destination IOVA.

@@ -402,6 +402,74 @@ impl IoasState {
         Ok((bytes, removed))
     }
 
+    /// Splits the area that holds `at` strictly inside it into two areas
+    /// at `at` (same memory and permission); a no-op when `at` starts an
+    /// area or lies outside every area. The caller checked the alignment.
+    fn split_at(&mut self, at: u64) {
+        let Some((s, a)) = self.areas.range(..at).next_back() else {
+            return;
+        };
+        if a.last < at {
+            return;
+        }
+        let (s, mut left) = (*s, a.clone());
+        let right = Area {
+            last: left.last,
+            mem: left.mem.clone(),
+            mem_off: left.mem_off + (at - s),
+            perm: left.perm,
+            pages_writable: left.pages_writable,
+        };
+        left.last = at - 1;
+        self.areas.insert(s, left);
+        self.areas.insert(at, right);
+    }
+
+    /// Removes exactly `r`: areas that straddle its ends are split first,
+    /// under the same lock, so the parts outside `r` stay mapped throughout.
+    /// Returns the bytes removed (0 when nothing was mapped there) and the
+    /// removed areas. `r`'s ends must be aligned to the IOAS alignment.
+    pub(crate) fn cut(&mut self, r: IovaRange, max_areas: usize) -> Result<(u64, Vec<Area>)> {
+        let align = self.alignment();
+        let end = r.last.checked_add(1);
+        for v in [Some(r.start), end].into_iter().flatten() {
+            if v % align != 0 {
+                return Err(Error::Misaligned { value: v, align });
+            }
+        }
+        let straddles = |at: u64| {
+            self.areas
+                .range(..at)
+                .next_back()
+                .is_some_and(|(_, a)| a.last >= at)
+        };
+        let new_areas =
+            usize::from(straddles(r.start)) + end.map_or(0, |e| usize::from(straddles(e)));
+        if self.areas.len() + new_areas > max_areas {
+            return Err(Error::NoSpace {
+                length: r.last - r.start + 1,
+            });
+        }
+        self.split_at(r.start);
+        if let Some(e) = end {
+            self.split_at(e);
+        }
+        let keys: Vec<u64> = self
+            .areas
+            .range(r.start..=r.last)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut bytes = 0u64;
+        let mut removed = Vec::with_capacity(keys.len());
+        for k in keys {
+            if let Some(a) = self.areas.remove(&k) {
+                bytes = bytes.wrapping_add(a.last - k + 1);
+                removed.push(a);
+            }
+        }
+        Ok((bytes, removed))
+    }
+
     /// The areas covering `r` without gaps, cut to `r`: `(iova, area)` with
     /// the area narrowed to the piece.
     pub(crate) fn pieces(&self, r: IovaRange) -> Result<Vec<(u64, Area)>> {

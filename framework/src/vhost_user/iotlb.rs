@@ -9,9 +9,11 @@
 //! - With it ([`Mode::Iotlb`]) the address space holds exactly the frontend's
 //!   IOTLB updates: an update maps the slice of memory-table memory behind its
 //!   frontend virtual address at its IOVA with its permission; an invalidation
-//!   unmaps every translation in its range. iommu-core unmaps whole areas only,
-//!   so an invalidation that cuts an area unmaps it and maps back the parts
-//!   outside the range. A shadow of the updates makes all of that exact.
+//!   unmaps every translation in its range. An invalidation that cuts an
+//!   area uses iommu-core's [`Iommu::ioas_cut`], which splits the area and
+//!   removes the range under one lock: the parts outside stay mapped
+//!   throughout (the service's `IOAS_UNMAP` keeps iommufd's whole-area
+//!   rule). A shadow of the updates makes all of that exact.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -303,7 +305,9 @@ impl AddressSpace {
     }
 
     /// IOTLB invalidation of `iova..=last`: afterwards no translation in the
-    /// range exists and no worker can still use one.
+    /// range exists and no worker can still use one. Areas that straddle an
+    /// end of the range are cut by iommu-core in one step, so a worker using
+    /// the parts outside the range never finds them missing.
     pub fn invalidate(&mut self, iova: u64, last: u64) -> Result<()> {
         let hit: Vec<(u64, Entry)> = self
             .areas
@@ -315,18 +319,47 @@ impl AddressSpace {
         if hit.is_empty() {
             return Ok(());
         }
-        let ranges: Vec<(u64, u64)> = hit.iter().map(|(a, e)| (*a, e.len)).collect();
-        self.unmap_areas(&ranges)?;
-        // Map back the parts of cut areas outside the range.
+        let grows = hit
+            .iter()
+            .map(|(a, e)| usize::from(*a < iova) + usize::from(a + (e.len - 1) > last))
+            .sum::<usize>();
+        if self.areas.len() + grows > MAX_IOTLB_ENTRIES + hit.len() {
+            return Err(Error::TooManyMappings);
+        }
+        // Only the mapped part of the range is cut (the IOAS alignment is
+        // checked on those ends).
+        let lo = hit.iter().map(|(a, _)| *a).min().unwrap_or(iova).max(iova);
+        let hi = hit
+            .iter()
+            .map(|(a, e)| a + (e.len - 1))
+            .max()
+            .unwrap_or(last)
+            .min(last);
+        let len = hi - lo + 1;
+        let ticket = match self.iommu.ioas_cut_begin(self.ioas, lo, len) {
+            Ok((_, t)) => t,
+            Err(source) => {
+                crate::log_limited!(
+                    log::Level::Warn,
+                    "IOTLB invalidation of {lo:#x}+{len:#x} failed: {source}"
+                );
+                return Err(Error::Unmap {
+                    iova: lo,
+                    len,
+                    source,
+                });
+            }
+        };
+        // The shadow follows: the cut areas leave, their outside parts stay.
         for (a, e) in hit {
+            self.areas.remove(&a);
             let e_last = a + (e.len - 1);
             if a < iova {
-                let keep = iova - a;
                 let left = Entry {
-                    len: keep,
+                    len: iova - a,
                     ..e.clone()
                 };
-                self.map_area(a, left)?;
+                self.areas.insert(a, left);
             }
             if e_last > last {
                 let skip = last + 1 - a;
@@ -336,9 +369,11 @@ impl AddressSpace {
                     region_off: e.region_off + skip,
                     ..e.clone()
                 };
-                self.map_area(last + 1, right)?;
+                self.areas.insert(last + 1, right);
             }
         }
+        // Wait until no worker can still use a translation of the range.
+        ticket.wait();
         Ok(())
     }
 
