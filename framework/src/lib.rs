@@ -35,6 +35,7 @@ pub mod ratelimit;
 pub mod scm;
 pub mod server;
 pub mod service;
+pub mod socket_policy;
 pub mod testing;
 pub mod uring;
 pub mod vhost_user;

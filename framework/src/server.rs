@@ -52,6 +52,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::accept::{self, AcceptBackoff};
 use crate::device::Device;
 use crate::ratelimit::RateLimit;
+use crate::socket_policy::SocketPolicy;
 use crate::vhost_user::conn::{Connection, Served};
 use crate::vhost_user::RidOwnership;
 
@@ -220,6 +221,8 @@ pub struct Server {
     directory: DeviceDirectory,
     stop: Arc<EventFd>,
     reaped: Arc<EventFd>,
+    /// Mode and group of the device sockets bound from now on.
+    policy: SocketPolicy,
 }
 
 impl std::fmt::Debug for Server {
@@ -281,6 +284,7 @@ impl Server {
             directory: DeviceDirectory::default(),
             stop: Arc::new(stop),
             reaped: Arc::new(reaped),
+            policy: SocketPolicy::default(),
         }
     }
 
@@ -301,8 +305,16 @@ impl Server {
         }
     }
 
+    /// Sets the mode and group of the device sockets that
+    /// [`add_device`](Server::add_device) binds from now on (default: mode
+    /// `0600`, the process's group; see [`crate::socket_policy`]).
+    pub fn set_socket_policy(&mut self, policy: SocketPolicy) {
+        self.policy = policy;
+    }
+
     /// Hosts `device` as `label`, listening on the unix socket `path` (a stale
-    /// socket file there is replaced). The device is bound to the shared
+    /// socket file there is replaced; the file's mode and group follow
+    /// [`set_socket_policy`](Server::set_socket_policy)). The device is bound to the shared
     /// iommu context right away; its address space is created per connection.
     pub fn add_device(
         &mut self,
@@ -354,7 +366,7 @@ impl Server {
         if self.directory.get(label).is_some() {
             return Err(ServerError::DuplicateLabel(label.to_string()));
         }
-        let listener = bind_socket(&path)?;
+        let listener = bind_socket(&path, &self.policy)?;
         let core = iommu_core::Device::new(label, info);
         let dev_id = match self.iommu.bind(&core) {
             Ok(id) => id,
@@ -792,16 +804,17 @@ fn start_connection(h: &mut Hosted, stream: UnixStream, reaped: &Arc<EventFd>) {
     }
 }
 
-fn bind_socket(path: &Path) -> Result<UnixListener> {
+fn bind_socket(path: &Path, policy: &SocketPolicy) -> Result<UnixListener> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(ServerError::NotASocket(path.to_path_buf()));
         }
-        // A stale socket from an earlier run; replace it.
-        let _ = std::fs::remove_file(path);
     }
-    UnixListener::bind(path).map_err(|source| ServerError::Bind {
-        path: path.to_path_buf(),
-        source,
-    })
+    policy
+        .bind(path, nix::sys::socket::SockType::Stream, false)
+        .map(UnixListener::from)
+        .map_err(|source| ServerError::Bind {
+            path: path.to_path_buf(),
+            source,
+        })
 }

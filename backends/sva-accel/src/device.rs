@@ -22,10 +22,11 @@ use crate::shm;
 use crate::wq::{Event, Portal, WqMode, MAX_WQ_SIZE, MIN_WQ_SIZE};
 use ioasis::dma::{Dma, FaultStatus, PendingFault, Translator};
 use ioasis::service::ServiceHandle;
+use ioasis::socket_policy::SocketPolicy;
 use log::{debug, info, warn};
-use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+use nix::sys::socket::{self, SockType};
 use std::collections::VecDeque;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -59,7 +60,7 @@ pub enum DeviceError {
         path: PathBuf,
         /// Cause.
         #[source]
-        source: nix::Error,
+        source: std::io::Error,
     },
     /// A thread could not be started.
     #[error("cannot start thread {name}")]
@@ -122,6 +123,16 @@ pub fn serve_iommu(
     path: &Path,
     label: &str,
 ) -> Result<(IommuBinding, ioasis::service::ServiceThread)> {
+    serve_iommu_with_policy(path, label, SocketPolicy::default())
+}
+
+/// [`serve_iommu`] with the service socket's mode and group from `policy`
+/// (clients' credentials are checked against it).
+pub fn serve_iommu_with_policy(
+    path: &Path,
+    label: &str,
+    policy: SocketPolicy,
+) -> Result<(IommuBinding, ioasis::service::ServiceThread)> {
     let iommu = iommu_core::Iommu::new();
     let device = iommu_core::Device::new(label, hw_info());
     iommu.bind(&device).map_err(|source| DeviceError::Bind {
@@ -130,12 +141,13 @@ pub fn serve_iommu(
     })?;
     let dir = Arc::new(ioasis::service::StaticDirectory::new());
     dir.insert(device.clone());
-    let svc = ioasis::service::Service::bind(path, iommu, dir).map_err(|source| {
-        DeviceError::Service {
-            path: path.to_path_buf(),
-            source,
-        }
-    })?;
+    let svc =
+        ioasis::service::Service::bind_with_policy(path, iommu, dir, policy).map_err(|source| {
+            DeviceError::Service {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
     let service = svc.handle();
     let thread = svc.spawn().map_err(|source| DeviceError::Thread {
         name: "ioasis-service".into(),
@@ -352,23 +364,21 @@ impl Device {
         Ok(Device { shared, threads })
     }
 
-    /// Listens on `path` and serves clients on a background thread.
+    /// Listens on `path` (mode `0600`: [`ioasis::socket_policy`]) and
+    /// serves clients on a background thread.
     pub fn listen(&mut self, path: &Path) -> Result<()> {
-        let err = |source| DeviceError::Listen {
-            path: path.to_path_buf(),
-            source,
-        };
-        let _ = std::fs::remove_file(path);
-        let fd = socket::socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .map_err(err)?;
-        let addr = UnixAddr::new(path).map_err(err)?;
-        socket::bind(fd.as_raw_fd(), &addr).map_err(err)?;
-        socket::listen(&fd, Backlog::new(64).map_err(err)?).map_err(err)?;
+        self.listen_with_policy(path, &SocketPolicy::default())
+    }
+
+    /// [`Device::listen`] with the socket file's mode and group from
+    /// `policy`.
+    pub fn listen_with_policy(&mut self, path: &Path, policy: &SocketPolicy) -> Result<()> {
+        let fd = policy
+            .bind(path, SockType::SeqPacket, false)
+            .map_err(|source| DeviceError::Listen {
+                path: path.to_path_buf(),
+                source,
+            })?;
         let s = self.shared.clone();
         let h = std::thread::Builder::new()
             .name("sva-accept".into())

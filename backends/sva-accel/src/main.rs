@@ -4,12 +4,19 @@
 //! sva-accel --socket-path PATH [--workers N] [--wq-size N] [--wq-mode shared|dedicated]
 //!           [--max-batch N] [--max-xfer BYTES] [--max-priority N]
 //!           [--iommu-socket PATH] [--label NAME]
+//!           [--socket-mode MODE] [--socket-group GROUP]
 //! ```
+//!
+//! Both sockets are created with mode `--socket-mode` (octal, default
+//! `0600`: the daemon's user and root only) and group `--socket-group`;
+//! the `/dev/iommu` service refuses clients the mode does not admit
+//! (`ioasis::socket_policy`).
 //!
 //! Clients bind a PASID they attached through the daemon's `/dev/iommu`
 //! service (at `--iommu-socket`, default `PATH.iommu`); every device access
 //! is translated by iommu-core for (device, PASID).
 
+use ioasis::socket_policy::SocketPolicy;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use sva_accel::device::{Device, DeviceConfig};
@@ -17,13 +24,14 @@ use sva_accel::wq::WqMode;
 
 const USAGE: &str = "usage: sva-accel --socket-path PATH [--workers N] [--wq-size N] \
 [--wq-mode shared|dedicated] [--max-batch N] [--max-xfer BYTES] [--max-priority N] \
-[--iommu-socket PATH] [--label NAME]";
+[--iommu-socket PATH] [--label NAME] [--socket-mode MODE] [--socket-group GROUP]";
 
 struct Opts {
     path: PathBuf,
     iommu: PathBuf,
     label: String,
     cfg: DeviceConfig,
+    policy: SocketPolicy,
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
@@ -31,6 +39,8 @@ fn parse(args: &[String]) -> Result<Opts, String> {
     let mut path = None;
     let mut iommu = None;
     let mut label = sva_accel::device::DEFAULT_LABEL.to_string();
+    let mut mode = SocketPolicy::DEFAULT_MODE;
+    let mut group = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut val = |name: &str| {
@@ -46,6 +56,12 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             "--socket-path" => path = Some(PathBuf::from(val(a)?)),
             "--iommu-socket" => iommu = Some(PathBuf::from(val(a)?)),
             "--label" => label = val(a)?,
+            "--socket-mode" => {
+                mode = SocketPolicy::parse_mode(&val(a)?).map_err(|e| format!("{a}: {e}"))?
+            }
+            "--socket-group" => {
+                group = Some(SocketPolicy::parse_group(&val(a)?).map_err(|e| format!("{a}: {e}"))?)
+            }
             "--workers" => {
                 cfg.workers = usize::try_from(num(a, val(a)?)?).map_err(|e| e.to_string())?
             }
@@ -78,11 +94,13 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         p.push(".iommu");
         PathBuf::from(p)
     });
+    let policy = SocketPolicy::new(mode, group)?;
     Ok(Opts {
         path,
         iommu,
         label,
         cfg,
+        policy,
     })
 }
 
@@ -107,13 +125,14 @@ fn main() -> ExitCode {
     };
     // The daemon's own /dev/iommu service: clients that set up their IOAS
     // and PASID there get iommu-core translation.
-    let (binding, _service) = match sva_accel::device::serve_iommu(&o.iommu, &o.label) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("sva-accel: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let (binding, _service) =
+        match sva_accel::device::serve_iommu_with_policy(&o.iommu, &o.label, o.policy) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("sva-accel: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
     let path = o.path;
     let mut dev = match Device::start_with(o.cfg, Some(binding)) {
         Ok(d) => d,
@@ -122,7 +141,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Err(e) = dev.listen(&path) {
+    if let Err(e) = dev.listen_with_policy(&path, &o.policy) {
         eprintln!("sva-accel: {e}");
         return ExitCode::FAILURE;
     }

@@ -3,9 +3,11 @@
 //! ```text
 //! vdpa-net --socket-path PATH --port PORT [--queues N] [--mac MAC]
 //!          [--stats-interval SECS] [--poll-us N] [--tap-io auto|uring|syscall]
+//!          [--socket-mode MODE] [--socket-group GROUP]
 //! vdpa-net --device socket=PATH,port=PORT[,queues=N][,mac=MAC] [--device ...] [...]
 //! ```
 
+use ioasis::socket_policy::SocketPolicy;
 use thiserror::Error;
 
 use crate::net::{default_mac, parse_mac, MacAddr, MAX_QUEUE_PAIRS};
@@ -16,8 +18,10 @@ use crate::vhu_net::NetConfig;
 pub const USAGE: &str = "\
 usage: vdpa-net --socket-path PATH --port PORT [--queues N] [--mac MAC]
                 [--stats-interval SECS] [--poll-us N] [--tap-io MODE]
+                [--socket-mode MODE] [--socket-group GROUP]
        vdpa-net --device socket=PATH,port=PORT[,queues=N][,mac=MAC] [--device ...]
                 [--stats-interval SECS] [--poll-us N] [--tap-io MODE]
+                [--socket-mode MODE] [--socket-group GROUP]
 
 Serves virtio-net devices over vhost-user.
   --socket-path PATH     unix socket the device listens on
@@ -28,6 +32,8 @@ Serves virtio-net devices over vhost-user.
   --stats-interval SECS  print a JSON statistics line every SECS seconds (0: only at exit)
   --poll-us N            after work, poll queues and port for N microseconds, notifications off (default 0)
   --tap-io MODE          tap packet I/O: auto (io_uring if available), uring, syscall
+  --socket-mode MODE     octal mode of the sockets (default 0600: this user and root only)
+  --socket-group GROUP   group (name or number) of the sockets, for a mode such as 0660
 Statistics go to stdout, one JSON object per line; logs go to stderr (RUST_LOG).";
 
 /// Errors of the command line.
@@ -70,6 +76,8 @@ pub struct Options {
     pub devices: Vec<NetConfig>,
     /// Seconds between statistics lines (0: only at exit).
     pub stats_interval: f64,
+    /// Mode and group of the device sockets.
+    pub socket_policy: SocketPolicy,
     /// `--help` was given.
     pub help: bool,
 }
@@ -172,6 +180,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Options> {
     let mut poll_us = 0u64;
     let mut tap_io = TapIo::Auto;
     let mut help = false;
+    let mut socket_mode = SocketPolicy::DEFAULT_MODE;
+    let mut socket_group = None;
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
         let (name, inline) = match a.split_once('=') {
@@ -191,6 +201,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Options> {
             "--stats-interval",
             "--poll-us",
             "--tap-io",
+            "--socket-mode",
+            "--socket-group",
         ];
         if !known.contains(&name.as_str()) {
             return Err(Error::UnknownOption(a));
@@ -220,6 +232,12 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Options> {
                 single_used = true;
             }
             "--device" => specs.push(parse_device(&v)?),
+            "--socket-mode" => {
+                socket_mode = SocketPolicy::parse_mode(&v).map_err(|e| bad(&name, &v, e))?
+            }
+            "--socket-group" => {
+                socket_group = Some(SocketPolicy::parse_group(&v).map_err(|e| bad(&name, &v, e))?)
+            }
             "--stats-interval" => {
                 stats_interval = match v.parse::<f64>() {
                     Ok(s) if s.is_finite() && (0.0..=86400.0).contains(&s) => s,
@@ -242,10 +260,13 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Options> {
             }
         }
     }
+    let socket_policy = SocketPolicy::new(socket_mode, socket_group)
+        .map_err(|e| bad("--socket-mode", &format!("{socket_mode:o}"), e))?;
     if help {
         return Ok(Options {
             devices: Vec::new(),
             stats_interval,
+            socket_policy,
             help,
         });
     }
@@ -267,6 +288,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Options> {
     Ok(Options {
         devices,
         stats_interval,
+        socket_policy,
         help,
     })
 }
@@ -328,6 +350,25 @@ mod tests {
             "--device socket=/tmp/a,port=sink,color=red",
             "--device socket=/tmp/a,port=sink --device socket=/tmp/a,port=reflect",
             "--socket-path /tmp/a --port sink --tap-io fast",
+        ] {
+            assert!(p(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn test_socket_policy_options() {
+        let o = p("--socket-path /tmp/a --port sink").unwrap();
+        assert_eq!(o.socket_policy, SocketPolicy::default());
+        assert_eq!(o.socket_policy.mode(), 0o600);
+        let o = p("--socket-path /tmp/a --port sink --socket-mode 0660 --socket-group 0").unwrap();
+        assert_eq!(o.socket_policy.mode(), 0o660);
+        assert_eq!(o.socket_policy.group(), Some(0));
+        let o = p("--socket-path /tmp/a --port sink --socket-group root").unwrap();
+        assert_eq!(o.socket_policy.group(), Some(0));
+        for bad in [
+            "--socket-path /tmp/a --port sink --socket-mode 999",
+            "--socket-path /tmp/a --port sink --socket-mode 4770",
+            "--socket-path /tmp/a --port sink --socket-group no-such-group-ioasis",
         ] {
             assert!(p(bad).is_err(), "{bad:?} accepted");
         }

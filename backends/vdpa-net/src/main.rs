@@ -104,7 +104,7 @@ fn main() -> ExitCode {
     }
     let stats: Vec<Arc<DeviceStats>> = backends.iter().map(|b| b.stats()).collect();
     let sockets: Vec<String> = opts.devices.iter().map(|d| d.socket.clone()).collect();
-    let server = match serve::start(&sockets, &backends) {
+    let server = match serve::start(&sockets, &backends, opts.socket_policy) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("vdpa-net: {e}");

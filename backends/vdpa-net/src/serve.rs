@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use ioasis::server::{Server, ServerError, ShutdownHandle};
+use ioasis::socket_policy::SocketPolicy;
 use log::error;
 use vdpa_net::VhostUserNetBackend;
 
@@ -26,13 +27,15 @@ impl Running {
     }
 }
 
-/// Starts serving `backends` on `sockets` (same order); every device shares
-/// the server's iommu context.
+/// Starts serving `backends` on `sockets` (same order, socket files made
+/// under `policy`); every device shares the server's iommu context.
 pub fn start(
     sockets: &[String],
     backends: &[Arc<VhostUserNetBackend>],
+    policy: SocketPolicy,
 ) -> Result<Running, ServerError> {
     let mut server = Server::new();
+    server.set_socket_policy(policy);
     for (i, (s, b)) in sockets.iter().zip(backends).enumerate() {
         server.add_device(&format!("net{i}"), s, b.clone())?;
     }

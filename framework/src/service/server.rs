@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::thread::JoinHandle;
@@ -17,7 +17,7 @@ use log::{debug, warn};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+use nix::sys::socket::{self, AddressFamily, SockFlag, SockType};
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use thiserror::Error;
 
@@ -26,6 +26,7 @@ use super::transport::{recv_packet, send_packet};
 use crate::accept::AcceptBackoff;
 use crate::log_limited;
 use crate::ratelimit::RateLimit;
+use crate::socket_policy::{peer_cred, SocketPolicy};
 use crate::uring::{
     fault_channel_pair, FaultPump, FaultRecord, FaultSource, HubError, InvalidationHub, Linker,
     PageResponse, PumpError,
@@ -451,6 +452,8 @@ pub struct Service {
     /// epoll set until `accept_timer` fires.
     accept_backoff: AcceptBackoff,
     accept_timer: TimerFd,
+    /// Who may open a session through the listener.
+    policy: SocketPolicy,
 }
 
 impl std::fmt::Debug for Service {
@@ -541,40 +544,39 @@ impl Service {
             next_session: 1,
             accept_backoff: AcceptBackoff::new(),
             accept_timer,
+            policy: SocketPolicy::default(),
         })
     }
 
     /// A service listening on a `SOCK_SEQPACKET` unix socket at `path` (an
-    /// existing socket file there is replaced).
+    /// existing socket file there is replaced), with the default
+    /// [`SocketPolicy`]: mode `0600`, and clients other than root and the
+    /// daemon's own user refused.
     pub fn bind(
         path: impl AsRef<Path>,
         iommu: Iommu,
         dir: Arc<dyn DeviceDirectory>,
+    ) -> Result<Self, ServiceError> {
+        Self::bind_with_policy(path, iommu, dir, SocketPolicy::default())
+    }
+
+    /// [`Service::bind`] with the socket file's mode and group from
+    /// `policy`; each client's `SO_PEERCRED` is checked against it when its
+    /// connection is accepted ([`SocketPolicy::admits`]).
+    pub fn bind_with_policy(
+        path: impl AsRef<Path>,
+        iommu: Iommu,
+        dir: Arc<dyn DeviceDirectory>,
+        policy: SocketPolicy,
     ) -> Result<Self, ServiceError> {
         let path = path.as_ref().to_path_buf();
         let lerr = |source: io::Error| ServiceError::Listen {
             path: path.clone(),
             source,
         };
-        let fd = socket::socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-            None,
-        )
-        .map_err(|e| lerr(e.into()))?;
-        // Replace a stale socket, never any other kind of file.
-        {
-            use std::os::unix::fs::FileTypeExt;
-            if let Ok(m) = std::fs::symlink_metadata(&path) {
-                if m.file_type().is_socket() {
-                    let _ = std::fs::remove_file(&path);
-                }
-            }
-        }
-        let addr = UnixAddr::new(&path).map_err(|e| lerr(e.into()))?;
-        socket::bind(fd.as_raw_fd(), &addr).map_err(|e| lerr(e.into()))?;
-        socket::listen(&fd, Backlog::MAXCONN).map_err(|e| lerr(e.into()))?;
+        let fd = policy
+            .bind(&path, SockType::SeqPacket, true)
+            .map_err(lerr)?;
         let mut s = Service::new(iommu, dir)?;
         s.epoll
             .add(
@@ -584,6 +586,7 @@ impl Service {
             .map_err(|e| ServiceError::EventLoop(e.into()))?;
         s.listener = Some(fd);
         s.path = Some(path);
+        s.policy = policy;
         Ok(s)
     }
 
@@ -695,6 +698,14 @@ impl Service {
             match socket::accept4(l.as_fd(), SockFlag::SOCK_CLOEXEC) {
                 Ok(fd) => {
                     self.accept_backoff.succeeded();
+                    if let Err(why) = self.admit(fd.as_fd()) {
+                        log_limited!(
+                            limit: SESSION_REFUSED,
+                            log::Level::Warn,
+                            "service: refusing a client: {why}"
+                        );
+                        continue;
+                    }
                     if let Err(e) = self.add_session(fd) {
                         log_limited!(limit: SESSION_REFUSED,
                             log::Level::Warn,
@@ -747,6 +758,15 @@ impl Service {
         self.accept_all();
     }
 
+    /// Checks an accepted client's credentials against the policy.
+    fn admit(&self, fd: BorrowedFd<'_>) -> Result<(), String> {
+        match peer_cred(fd) {
+            Ok(c) if self.policy.admits(&c) => Ok(()),
+            Ok(c) => Err(self.policy.refusal(&c)),
+            Err(e) => Err(format!("its credentials cannot be read: {e}")),
+        }
+    }
+
     fn add_session(&mut self, fd: OwnedFd) -> io::Result<()> {
         if self.sessions.len() >= MAX_SESSIONS {
             return Err(io::Error::other(format!(
@@ -761,8 +781,8 @@ impl Service {
                 FcntlArg::F_SETFL(OFlag::from_bits_truncate(fl) | OFlag::O_NONBLOCK),
             )?;
         }
-        let (pid, uid, gid) = match socket::getsockopt(&fd, sockopt::PeerCredentials) {
-            Ok(c) => (c.pid(), c.uid(), c.gid()),
+        let (pid, uid, gid) = match peer_cred(fd.as_fd()) {
+            Ok(c) => (c.pid, c.uid, c.gid),
             Err(_) => (0, u32::MAX, u32::MAX),
         };
         let sid = self.next_session;
