@@ -10,9 +10,11 @@
 //!   offering every device of the server's directory: net0 (hosted by the
 //!   server) and sva0 (added with `Server::add_external_device`).
 //!
-//! A session's ATTACH of net0's RID takes it over from the vhost-user
-//! connection (replace), so the driver attaches both devices through the
-//! service alone.
+//! Both devices are granted to the driver's process (`Service::grant`), and
+//! only to it. A session's ATTACH of net0's RID takes it over from the
+//! vhost-user connection (replace) when the session is the frontend's own
+//! process, as the driver's is, so the driver attaches both devices through
+//! the service alone.
 //!
 //! Standard input takes one request, `stats`, answered on standard output
 //! with one line of net0's counters (`stats rx_packets=... tx_packets=...`).
@@ -21,6 +23,7 @@ use std::io::{BufRead, Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 
+use ioasis::ownership::Grantee;
 use ioasis::server::Server;
 use ioasis::service::Service;
 use log::warn;
@@ -91,6 +94,16 @@ pub fn run(dir: &Path) -> Res<()> {
     let directory = Arc::new(server.directory());
     let service = Service::bind(dir.join("iommu.sock"), iommu.clone(), directory)
         .map_err(ctx("/dev/iommu service"))?;
+    // The driver owns both devices: they are granted to its process alone
+    // (this backend dies with it, so its process id is not reused while
+    // the grant stands). It is also net0's vhost-user frontend, so its
+    // session speaks for that frontend when it takes net0's RID over.
+    let driver = Grantee::Process(
+        i32::try_from(std::os::unix::process::parent_id()).map_err(ctx("parent pid"))?,
+    );
+    for label in [NET, ACCEL] {
+        service.grant(label, driver);
+    }
     let handle = service.handle();
     let service = service.spawn().map_err(ctx("service thread"))?;
     let cfg = DeviceConfig {

@@ -607,7 +607,8 @@ fn drive(t: &mut Tally, be: &mut BackendProc) -> Res<()> {
     let h = svc.attach(NET, None, ioas).map_err(ctx("attaching net0"))?;
     println!(
         "    {NET}: RID attached to IOAS {ioas} through the service (HWPT {h}); the session took it\n      \
-         over from the vhost-user connection's own IOAS (replace) and owns it until it detaches"
+         over from the vhost-user connection's own IOAS (replace) and owns it until it detaches\n      \
+         (both devices are granted to this process, and its session speaks for net0's frontend)"
     );
     let place = RingPlace {
         rx_off: RX_RING_OFF,

@@ -29,6 +29,7 @@
 pub mod accept;
 pub mod device;
 pub mod dma;
+pub mod ownership;
 pub mod peer_fd;
 pub mod queue;
 pub mod ratelimit;

@@ -23,7 +23,7 @@
 //! protocol) join the directory with [`Server::add_external_device`], so
 //! one service offers every device of the process. A session of that
 //! service may take over the RID of a hosted vhost-user device from its
-//! connection ([`crate::vhost_user::RidOwnership`]).
+//! connection, with its frontend's consent ([`crate::ownership`]).
 //!
 //! ```no_run
 //! # use std::sync::Arc;
@@ -51,10 +51,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::accept::{self, AcceptBackoff};
 use crate::device::Device;
+use crate::ownership::RidOwnership;
 use crate::ratelimit::RateLimit;
 use crate::socket_policy::SocketPolicy;
 use crate::vhost_user::conn::{Connection, Served};
-use crate::vhost_user::RidOwnership;
 
 /// Errors of the server.
 #[derive(Debug, thiserror::Error)]

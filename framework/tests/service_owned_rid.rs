@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ioasis::ownership::RidOwnership;
 use ioasis::service::{sealed_memfd, Client, MapPerm, Service, ServiceThread};
 use ioasis::testing::Buf;
 use ioasis::vhost_user::msg::{
@@ -20,7 +21,7 @@ use ioasis::vhost_user::msg::{
     VHOST_IOTLB_MISS, VHOST_IOTLB_UPDATE,
 };
 use ioasis::vhost_user::{
-    RidOwnership, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
+    VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
 };
 use iommu_core::Memory;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
@@ -304,12 +305,12 @@ fn test_attach_before_connect_and_connection_leaves_owner_alone() {
     // The frontend left: its connection ends without touching the owner's
     // attachment.
     for _ in 0..1000 {
-        if !w.rid().has_connection() {
+        if !w.rid().has_holder() {
             break;
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert!(!w.rid().has_connection(), "connection ended");
+    assert!(!w.rid().has_holder(), "connection ended");
     assert_eq!(
         w.srv.iommu.attached_hwpt(w.dev_id(), None).expect("q"),
         Some(hwpt)

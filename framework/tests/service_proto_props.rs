@@ -41,7 +41,7 @@ fn range(u: &mut Unstructured<'_>) -> ArbResult<(u64, u64)> {
 
 /// A valid request.
 fn request(u: &mut Unstructured<'_>) -> ArbResult<Request> {
-    Ok(match u.int_in_range(0..=16u8)? {
+    Ok(match u.int_in_range(0..=18u8)? {
         0 => Request::Hello,
         1 => Request::IoasAlloc,
         2 => Request::Destroy { id: u.arbitrary()? },
@@ -155,6 +155,11 @@ fn request(u: &mut Unstructured<'_>) -> ArbResult<Request> {
                 entries,
             }
         }
+        16 => Request::RidToken { label: label(u)? },
+        17 => Request::RidClaim {
+            label: label(u)?,
+            token: u.arbitrary()?,
+        },
         _ => Request::FaultQueueAlloc,
     })
 }
@@ -190,7 +195,7 @@ fn test_arbitrary_bytes_never_panic() {
         if seed % 2 == 0 && pkt.len() >= HEADER_SIZE {
             pkt[0..4].copy_from_slice(&SERVICE_MAGIC.to_le_bytes());
             pkt[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-            let op = (seed % 19) as u16;
+            let op = (seed % 21) as u16;
             pkt[6..8].copy_from_slice(&op.to_le_bytes());
             let len = pkt.len() as u32;
             pkt[8..12].copy_from_slice(&len.to_le_bytes());

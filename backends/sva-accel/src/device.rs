@@ -133,6 +133,22 @@ pub fn serve_iommu_with_policy(
     label: &str,
     policy: SocketPolicy,
 ) -> Result<(IommuBinding, ioasis::service::ServiceThread)> {
+    serve_iommu_with(
+        path,
+        label,
+        policy,
+        &ioasis::service::ServiceOptions::default(),
+    )
+}
+
+/// [`serve_iommu_with_policy`] with the administrator's service options
+/// (grants).
+pub fn serve_iommu_with(
+    path: &Path,
+    label: &str,
+    policy: SocketPolicy,
+    options: &ioasis::service::ServiceOptions,
+) -> Result<(IommuBinding, ioasis::service::ServiceThread)> {
     let iommu = iommu_core::Iommu::new();
     let device = iommu_core::Device::new(label, hw_info());
     iommu.bind(&device).map_err(|source| DeviceError::Bind {
@@ -148,6 +164,7 @@ pub fn serve_iommu_with_policy(
                 source,
             }
         })?;
+    svc.configure(options);
     let service = svc.handle();
     let thread = svc.spawn().map_err(|source| DeviceError::Thread {
         name: "ioasis-service".into(),

@@ -4,7 +4,7 @@
 //! sva-accel --socket-path PATH [--workers N] [--wq-size N] [--wq-mode shared|dedicated]
 //!           [--max-batch N] [--max-xfer BYTES] [--max-priority N]
 //!           [--iommu-socket PATH] [--label NAME]
-//!           [--socket-mode MODE] [--socket-group GROUP]
+//!           [--socket-mode MODE] [--socket-group GROUP] [--grant DEVICE=WHO]...
 //! ```
 //!
 //! Both sockets are created with mode `--socket-mode` (octal, default
@@ -14,17 +14,21 @@
 //!
 //! Clients bind a PASID they attached through the daemon's `/dev/iommu`
 //! service (at `--iommu-socket`, default `PATH.iommu`); every device access
-//! is translated by iommu-core for (device, PASID).
+//! is translated by iommu-core for (device, PASID). The device is granted
+//! to the user the daemon runs as, or to whom `--grant` names (`UID`,
+//! `uid:N`, `gid:N`, `pid:N` or `any`; see `ioasis::ownership`).
 
 use ioasis::socket_policy::SocketPolicy;
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+use ioasis::service::ServiceOptions;
 use sva_accel::device::{Device, DeviceConfig};
 use sva_accel::wq::WqMode;
 
 const USAGE: &str = "usage: sva-accel --socket-path PATH [--workers N] [--wq-size N] \
 [--wq-mode shared|dedicated] [--max-batch N] [--max-xfer BYTES] [--max-priority N] \
-[--iommu-socket PATH] [--label NAME] [--socket-mode MODE] [--socket-group GROUP]";
+[--iommu-socket PATH] [--label NAME] [--socket-mode MODE] [--socket-group GROUP] [--grant DEVICE=WHO]...";
 
 struct Opts {
     path: PathBuf,
@@ -32,6 +36,7 @@ struct Opts {
     label: String,
     cfg: DeviceConfig,
     policy: SocketPolicy,
+    service: ServiceOptions,
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
@@ -41,6 +46,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
     let mut label = sva_accel::device::DEFAULT_LABEL.to_string();
     let mut mode = SocketPolicy::DEFAULT_MODE;
     let mut group = None;
+    let mut service = ServiceOptions::default();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut val = |name: &str| {
@@ -84,7 +90,8 @@ fn parse(args: &[String]) -> Result<Opts, String> {
                     m => return Err(format!("--wq-mode: unknown mode {m}")),
                 }
             }
-            "-h" | "--help" => return Err(USAGE.to_string()),
+            flag if ServiceOptions::accepts(flag) => service.set(flag, &val(a)?)?,
+            "-h" | "--help" => return Err(format!("{USAGE}\n{}", ServiceOptions::HELP)),
             other => return Err(format!("unknown argument {other}\n{USAGE}")),
         }
     }
@@ -101,6 +108,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         label,
         cfg,
         policy,
+        service,
     })
 }
 
@@ -126,7 +134,7 @@ fn main() -> ExitCode {
     // The daemon's own /dev/iommu service: clients that set up their IOAS
     // and PASID there get iommu-core translation.
     let (binding, _service) =
-        match sva_accel::device::serve_iommu_with_policy(&o.iommu, &o.label, o.policy) {
+        match sva_accel::device::serve_iommu_with(&o.iommu, &o.label, o.policy, &o.service) {
             Ok(v) => v,
             Err(e) => {
                 eprintln!("sva-accel: {e}");

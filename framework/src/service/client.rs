@@ -9,6 +9,7 @@ use thiserror::Error;
 
 use super::proto::*;
 use super::transport::{recv_packet, send_packet};
+use crate::ownership::HandoverToken;
 use crate::uring::{ChannelError, FaultChannel};
 
 /// Errors of the client library.
@@ -502,6 +503,33 @@ impl Client {
             (ReplyBody::Id(id), _, Some(fd)) => Ok((id, fd)),
             _ => Err(Self::bad_body(op)),
         }
+    }
+
+    /// A one-time handover token for device `label`'s RID. Only the
+    /// process of the device's connected vhost-user frontend gets one
+    /// (`EPERM` otherwise, `ENOENT` with no frontend connected): passing it
+    /// to another process, whose session redeems it with
+    /// [`Client::rid_claim`], is the frontend's consent to that session
+    /// taking the RID over.
+    pub fn rid_token(&mut self, label: &str) -> Result<HandoverToken> {
+        let req = Request::RidToken {
+            label: label.to_owned(),
+        };
+        match self.call(&req, &[])?.0 {
+            ReplyBody::Token(t) => Ok(HandoverToken::from_bytes(t)),
+            _ => Err(Self::bad_body(Opcode::RidToken)),
+        }
+    }
+
+    /// Redeems a handover token of device `label`'s frontend: while that
+    /// frontend stays connected, this session is granted the device and
+    /// may take its RID over with [`Client::attach`].
+    pub fn rid_claim(&mut self, label: &str, token: &HandoverToken) -> Result<()> {
+        let req = Request::RidClaim {
+            label: label.to_owned(),
+            token: token.bytes(),
+        };
+        self.call(&req, &[]).map(|_| ())
     }
 
     /// [`Client::fault_queue_alloc_fd`] wrapped in a [`FaultChannel`].

@@ -77,11 +77,13 @@
 //! device threads must keep their sections short.
 
 pub mod client;
+mod options;
 pub mod proto;
 pub mod server;
 pub mod transport;
 
 pub use client::{sealed_memfd, Client, ClientError, DeviceInfo, HwptRequest, MapPerm};
+pub use options::ServiceOptions;
 pub use proto::WireInvalidation;
 pub use server::{
     DeviceDirectory, QueueSource, Service, ServiceError, ServiceHandle, ServiceObserver,

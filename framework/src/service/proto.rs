@@ -42,12 +42,19 @@
 //! | 15 `HWPT_ALLOC` | `label, pt_id u32, flags u32 (IOMMU_HWPT_ALLOC_*, FAULT_ID_VALID), fault_id u32, data_type u32, data_len u32, data` | `hwpt_id u32` |
 //! | 16 `HWPT_INVALIDATE` | `hwpt_id u32, data_type u32, entry_len u32, entry_num u32, entries` | empty (`aux` = entries done, also on error) |
 //! | 17 `FAULT_QUEUE_ALLOC` | `flags u32` (0) | `fault_id u32` + 1 fd: the fault channel |
+//! | 18 `RID_TOKEN` | `label` | `token [16 x u8]` |
+//! | 19 `RID_CLAIM` | `label, token [16 x u8]` | empty |
 //!
 //! `MAP_FIXED_IOVA` off means the `iova` fields must be 0 and the server
 //! picks the IOVA. `ATTACH_PASID` off means `pasid` must be 0 (the RID).
 //! HWPT data: type 0 has no data; type 1 (stage 1) is the `u64` root IOVA.
 //! Invalidation entries are described at [`INVALIDATE_DATA_STAGE1`] and
 //! [`INVALIDATE_DATA_VIOMMU`].
+//!
+//! `RID_TOKEN` is asked by the process of a device's vhost-user frontend;
+//! the token it returns, passed to another process and redeemed there with
+//! `RID_CLAIM`, is the frontend's consent to that session taking the RID
+//! over (see [`crate::ownership`]).
 //!
 //! Strings (device labels) are a `u16` length and that many UTF-8 bytes,
 //! 1..=[`MAX_LABEL`]. Ranges are inclusive `[start, last]` pairs of `u64`.
@@ -56,6 +63,8 @@
 //! bits and non-zero reserved words are `EOPNOTSUPP`.
 
 use thiserror::Error;
+
+pub use crate::ownership::TOKEN_LEN;
 
 /// First word of every message: "IOMS" little-endian.
 pub const SERVICE_MAGIC: u32 = 0x534d_4f49;
@@ -161,6 +170,11 @@ pub enum Opcode {
     HwptInvalidate = 16,
     /// `IOMMU_FAULT_QUEUE_ALLOC`; the reply carries the fault channel fd.
     FaultQueueAlloc = 17,
+    /// A one-time token with which the device's frontend consents to
+    /// another session taking its RID over.
+    RidToken = 18,
+    /// Redeem a frontend's token.
+    RidClaim = 19,
 }
 
 impl Opcode {
@@ -185,6 +199,8 @@ impl Opcode {
             15 => HwptAlloc,
             16 => HwptInvalidate,
             17 => FaultQueueAlloc,
+            18 => RidToken,
+            19 => RidClaim,
             _ => return None,
         })
     }
@@ -725,6 +741,18 @@ pub enum Request {
     },
     /// Allocate a fault queue; the reply carries its channel fd.
     FaultQueueAlloc,
+    /// A handover token of the device's frontend (asked by its process).
+    RidToken {
+        /// Device label.
+        label: String,
+    },
+    /// Redeem a handover token.
+    RidClaim {
+        /// Device label.
+        label: String,
+        /// The token.
+        token: [u8; TOKEN_LEN],
+    },
 }
 
 const HWPT_FAULT_ID_VALID: u32 = 1 << 2;
@@ -778,6 +806,8 @@ impl Request {
             Request::HwptAlloc { .. } => Opcode::HwptAlloc,
             Request::HwptInvalidate { .. } => Opcode::HwptInvalidate,
             Request::FaultQueueAlloc => Opcode::FaultQueueAlloc,
+            Request::RidToken { .. } => Opcode::RidToken,
+            Request::RidClaim { .. } => Opcode::RidClaim,
         }
     }
 
@@ -837,8 +867,14 @@ impl Request {
                     w.u64(*s).u64(*l);
                 }
             }
-            Request::DeviceInfo { label } | Request::PasidAlloc { label } => {
+            Request::DeviceInfo { label }
+            | Request::PasidAlloc { label }
+            | Request::RidToken { label } => {
                 w.string(label, usize::from(u16::MAX));
+            }
+            Request::RidClaim { label, token } => {
+                w.string(label, usize::from(u16::MAX));
+                w.bytes(token);
             }
             Request::Attach {
                 label,
@@ -1044,6 +1080,13 @@ impl Request {
             }
             Opcode::DeviceInfo => Request::DeviceInfo { label: r.label()? },
             Opcode::PasidAlloc => Request::PasidAlloc { label: r.label()? },
+            Opcode::RidToken => Request::RidToken { label: r.label()? },
+            Opcode::RidClaim => {
+                let label = r.label()?;
+                let mut token = [0u8; TOKEN_LEN];
+                token.copy_from_slice(r.bytes(TOKEN_LEN)?);
+                Request::RidClaim { label, token }
+            }
             Opcode::Attach => {
                 let label = r.label()?;
                 let flags = r.u32()?;
@@ -1225,6 +1268,8 @@ pub enum ReplyBody {
     Devices(Vec<String>),
     /// `DEVICE_INFO`.
     DeviceInfo(WireDeviceInfo),
+    /// `RID_TOKEN`.
+    Token([u8; TOKEN_LEN]),
 }
 
 /// A reply: success with a body, or an errno with its message.
@@ -1276,6 +1321,9 @@ impl Reply {
                     }
                     ReplyBody::U64(v) => {
                         w.u64(*v);
+                    }
+                    ReplyBody::Token(t) => {
+                        w.bytes(t);
                     }
                     ReplyBody::Ranges { alignment, ranges } => {
                         let n = ranges.len().min(MAX_RANGES);
@@ -1374,7 +1422,13 @@ impl Reply {
             | Opcode::IoasAllowIovas
             | Opcode::Detach
             | Opcode::PasidFree
-            | Opcode::HwptInvalidate => ReplyBody::Empty,
+            | Opcode::HwptInvalidate
+            | Opcode::RidClaim => ReplyBody::Empty,
+            Opcode::RidToken => {
+                let mut t = [0u8; TOKEN_LEN];
+                t.copy_from_slice(r.bytes(TOKEN_LEN)?);
+                ReplyBody::Token(t)
+            }
             Opcode::IoasAlloc
             | Opcode::Attach
             | Opcode::PasidAlloc

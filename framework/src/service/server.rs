@@ -25,13 +25,13 @@ use super::proto::*;
 use super::transport::{recv_packet, send_packet};
 use crate::accept::AcceptBackoff;
 use crate::log_limited;
+use crate::ownership::{Grantee, Grants, Peer, Refusal, RidOwnership};
 use crate::ratelimit::RateLimit;
 use crate::socket_policy::{peer_cred, SocketPolicy};
 use crate::uring::{
     fault_channel_pair, FaultPump, FaultRecord, FaultSource, HubError, InvalidationHub, Linker,
     PageResponse, PumpError,
 };
-use crate::vhost_user::RidOwnership;
 use std::result::Result;
 
 static SESSION_REFUSED: RateLimit = RateLimit::peer();
@@ -135,6 +135,17 @@ pub struct SessionInfo {
     pub gid: u32,
 }
 
+impl SessionInfo {
+    /// The peer's credentials.
+    pub fn peer(&self) -> Peer {
+        Peer {
+            pid: self.pid,
+            uid: self.uid,
+            gid: self.gid,
+        }
+    }
+}
+
 /// Callbacks for a device server that must know which client owns which
 /// PASID (an SVA accelerator taking the PASID of work from the portal's
 /// owner). All are called on the service thread and must not block for
@@ -186,11 +197,24 @@ struct Shared {
     dir: Arc<dyn DeviceDirectory>,
     registry: Mutex<Registry>,
     observer: RwLock<Option<Arc<dyn ServiceObserver>>>,
+    grants: RwLock<Grants>,
 }
 
 impl Shared {
     fn registry(&self) -> MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn grants(&self) -> std::sync::RwLockReadGuard<'_, Grants> {
+        self.grants.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn grant(&self, label: &str, who: Grantee) {
+        log::info!("service: device {label:?} granted to {who}");
+        self.grants
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .grant(label, who);
     }
 
     fn observer(&self) -> Option<Arc<dyn ServiceObserver>> {
@@ -255,6 +279,13 @@ impl ServiceHandle {
             .collect();
         v.sort();
         v
+    }
+
+    /// Grants device `label` (`*`: every device without grants of its own)
+    /// to `who` (see [`crate::ownership::Grants`]). Grants only add; a
+    /// session already attached keeps its attachment.
+    pub fn grant(&self, label: &str, who: Grantee) {
+        self.shared.grant(label, who);
     }
 
     /// Installs (or clears) the observer.
@@ -534,6 +565,7 @@ impl Service {
                 dir,
                 registry: Mutex::new(Registry::default()),
                 observer: RwLock::new(None),
+                grants: RwLock::new(Grants::default()),
             }),
             listener: None,
             path: None,
@@ -588,6 +620,40 @@ impl Service {
         s.path = Some(path);
         s.policy = policy;
         Ok(s)
+    }
+
+    /// Grants device `label` (`*`: every device without grants of its own)
+    /// to `who`. Until a device (or `*`) is granted, it is granted to the
+    /// user the service runs as, who owns its socket.
+    pub fn grant(&self, label: &str, who: Grantee) {
+        self.shared.grant(label, who);
+    }
+
+    /// Replaces every grant (a daemon's `--grant DEVICE=WHO` options, parsed
+    /// with [`Grants::grant_arg`]).
+    pub fn set_grants(&self, grants: Grants) {
+        *self
+            .shared
+            .grants
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = grants;
+    }
+
+    /// Applies an administrator's settings (a daemon's command line).
+    pub fn configure(&self, options: &super::ServiceOptions) {
+        for label in options.grants.granted_labels() {
+            log::info!(
+                "service: device {label:?} granted to {}",
+                options
+                    .grants
+                    .grantees(&label)
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        self.set_grants(options.grants.clone());
     }
 
     /// The handle (context and ownership queries).
@@ -1020,6 +1086,11 @@ impl Service {
                 "service: session {sid}: could not destroy {kind:?} {id}"
             );
         }
+        for label in self.shared.dir.labels() {
+            if let Some(rid) = self.shared.dir.rid_ownership(&label) {
+                rid.forget_session(sid);
+            }
+        }
         {
             let mut r = self.shared.registry();
             r.sessions.remove(&sid);
@@ -1050,30 +1121,24 @@ impl Service {
         owned: bool,
     ) -> Result<u32, Fail> {
         let iommu = self.shared.iommu.clone();
+        let peer = self.session(sid)?.info.peer();
         let mut st = rid.lock();
-        match st.owner {
-            Some(o) if o != sid => {
-                return Err(Fail::new(
-                    libc::EBUSY,
-                    format!("the RID of {label:?} is owned by session {o}"),
-                ))
-            }
-            Some(_) if !owned => {
-                return Err(Fail::new(
-                    libc::EBUSY,
-                    format!("the RID of {label:?} is already owned by this session"),
-                ))
-            }
-            _ => {}
-        }
-        if st.owner.is_none() && st.access_platform == Some(false) {
+        if st.owner == Some(sid) && !owned {
             return Err(Fail::new(
-                libc::EINVAL,
-                format!(
+                libc::EBUSY,
+                format!("the RID of {label:?} is already owned by this session"),
+            ));
+        }
+        if let Err(r) = st.check_takeover(sid, &peer) {
+            let message = match &r {
+                Refusal::NotIovas => format!(
                     "the vhost-user frontend of {label:?} did not negotiate VIRTIO_F_ACCESS_PLATFORM: \
                      its addresses are guest physical, not IOVAs of an IOAS"
                 ),
-            ));
+                r => format!("the RID of {label:?}: {r}"),
+            };
+            debug!("service: session {sid} ({peer}): {message}");
+            return Err(Fail::new(r.errno(), message));
         }
         let hwpt = if iommu.attached_hwpt(dev_id, None)?.is_some() {
             let (hwpt, ticket) = iommu.replace_begin(dev_id, None, pt_id)?;
@@ -1154,6 +1219,71 @@ impl Service {
                 log::Level::Warn,
                 "service: session {sid}: detach {label:?}: {e}"
             );
+        }
+    }
+
+    /// Device `label` must be granted to session `sid`: by the grants, or
+    /// by a handover token it redeemed from the device's frontend.
+    fn require_grant(&self, sid: u64, label: &str, what: &str) -> Result<(), Fail> {
+        let peer = self
+            .sessions
+            .get(&sid)
+            .map(|s| s.info.peer())
+            .ok_or_else(|| Fail::new(libc::ENOENT, "session is gone"))?;
+        if self.shared.grants().allows(label, &peer) {
+            return Ok(());
+        }
+        if let Some(rid) = self.shared.dir.rid_ownership(label) {
+            if rid.lock().redeemed_by(sid) {
+                return Ok(());
+            }
+        }
+        debug!("service: session {sid} ({peer}) refused {what} of {label:?}: not granted");
+        Err(Fail::new(
+            libc::EPERM,
+            format!(
+                "{what}: device {label:?} is not granted to this session ({peer}); \
+                 the daemon grants devices with --grant {label}=UID"
+            ),
+        ))
+    }
+
+    /// `RID_TOKEN`: only the process of the device's connected frontend
+    /// may hand its consent over.
+    fn rid_token(&mut self, sid: u64, label: &str) -> Handled {
+        self.device(label)?;
+        let peer = self.session(sid)?.info.peer();
+        let rid = self.shared.dir.rid_ownership(label).ok_or_else(|| {
+            Fail::new(
+                libc::ENOENT,
+                format!("device {label:?} has no frontend that holds its RID"),
+            )
+        })?;
+        match rid.holder_peer() {
+            None if !rid.has_holder() => Err(Fail::new(
+                libc::ENOENT,
+                format!("no frontend is connected to {label:?}"),
+            )),
+            Some(h) if h.pid == peer.pid => {
+                let t = rid
+                    .issue_token()
+                    .map_err(|e| Fail::new(errno_of(&e), format!("random token: {e}")))?
+                    .ok_or_else(|| {
+                        Fail::new(
+                            libc::ENOENT,
+                            format!("no frontend is connected to {label:?}"),
+                        )
+                    })?;
+                log_limited!(
+                    log::Level::Info,
+                    "service: session {sid} ({peer}), the frontend of {label:?}, took a handover token"
+                );
+                Ok((ReplyBody::Token(t.bytes()), 0, None))
+            }
+            _ => Err(Fail::new(
+                libc::EPERM,
+                format!("only the process of {label:?}'s frontend may hand over its RID"),
+            )),
         }
     }
 
@@ -1299,6 +1429,9 @@ impl Service {
                 }
                 let key = (label, pasid);
                 let replace = s.attachments.contains(&key);
+                if !replace {
+                    self.require_grant(sid, &key.0, "ATTACH")?;
+                }
                 if pasid.is_none() {
                     if let Some(rid) = self.shared.dir.rid_ownership(&key.0) {
                         let hwpt = self.take_rid(sid, &rid, dev_id, &key.0, pt_id, replace)?;
@@ -1346,7 +1479,29 @@ impl Service {
                     ok(ReplyBody::Empty)
                 }
             }
-            Request::PasidAlloc { label } => self.pasid_alloc(sid, label),
+            Request::PasidAlloc { label } => {
+                self.require_grant(sid, &label, "PASID_ALLOC")?;
+                self.pasid_alloc(sid, label)
+            }
+            Request::RidToken { label } => self.rid_token(sid, &label),
+            Request::RidClaim { label, token } => {
+                self.device(&label)?;
+                let rid = self.shared.dir.rid_ownership(&label).ok_or_else(|| {
+                    Fail::new(
+                        libc::EPERM,
+                        format!("device {label:?} has no handover tokens"),
+                    )
+                })?;
+                rid.redeem(sid, &token).map_err(|r| {
+                    debug!("service: session {sid}: RID_CLAIM of {label:?} refused: {r}");
+                    Fail::new(r.errno(), format!("{label:?}: {r}"))
+                })?;
+                log_limited!(
+                    log::Level::Info,
+                    "service: session {sid} redeemed a handover token of {label:?}"
+                );
+                ok(ReplyBody::Empty)
+            }
             Request::PasidFree { label, pasid } => {
                 let (_, dev_id) = self.device(&label)?;
                 let key = (label, pasid);
@@ -1385,6 +1540,7 @@ impl Service {
                 data,
             } => {
                 let (_, dev_id) = self.device(&label)?;
+                self.require_grant(sid, &label, "HWPT_ALLOC")?;
                 self.room_for_object(sid)?;
                 let s = self.session(sid)?;
                 s.require(pt_id, &[Owned::Ioas, Owned::Hwpt], "IOAS or HWPT")?;
@@ -1717,11 +1873,22 @@ fn device_info(dev_id: u32, hw: &HwInfo) -> WireDeviceInfo {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::Ordering;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     use super::*;
+    use crate::ownership::RidHolder;
     use crate::service::Client;
-    use crate::worker::ConnShared;
+
+    /// A holder that records being flagged for a reset.
+    #[derive(Default)]
+    struct Flag(AtomicBool);
+
+    impl RidHolder for Flag {
+        fn needs_reset(&self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+        fn resume_parked(&self) {}
+    }
 
     /// One device whose RID a (simulated) connection holds.
     struct OneRid {
@@ -1755,16 +1922,13 @@ mod tests {
     #[test]
     fn test_failed_give_back_detaches_and_flags_needs_reset() {
         let (iommu, dir, dev_id) = setup();
-        let conn = Arc::new(ConnShared::default());
+        let conn = Arc::new(Flag::default());
         // The connection's private IOAS is attached; then it becomes unusable
         // (here: an id that names no IOAS).
         let private = iommu.ioas_alloc().expect("ioas");
         iommu.attach(dev_id, None, private).expect("attach");
-        {
-            let mut st = dir.rid.lock();
-            st.private = Some(u32::MAX - 7);
-            st.conn = Some(Arc::downgrade(&conn));
-        }
+        dir.rid.connect_holder(Some(Peer::current()), conn.clone());
+        dir.rid.lock().private = Some(u32::MAX - 7);
         let mut svc = Service::new(iommu.clone(), dir.clone()).expect("service");
         let fd = svc.connect_local().expect("session");
         let t = svc.spawn().expect("thread");
@@ -1772,13 +1936,13 @@ mod tests {
         let ioas = c.ioas_alloc().expect("IOAS_ALLOC");
         c.attach("d0", None, ioas).expect("take the RID");
         assert_eq!(dir.rid.owner(), Some(c.session_id()));
-        assert!(!conn.needs_reset.load(Ordering::SeqCst));
+        assert!(!conn.0.load(Ordering::SeqCst));
         c.detach("d0", None).expect("DETACH");
         assert_eq!(dir.rid.owner(), None);
         // Not left pointing at the session's objects: detached, and the
         // frontend learns it through NEEDS_RESET.
         assert_eq!(iommu.attached_hwpt(dev_id, None).expect("query"), None);
-        assert!(conn.needs_reset.load(Ordering::SeqCst));
+        assert!(conn.0.load(Ordering::SeqCst));
         t.stop();
     }
 

@@ -16,9 +16,10 @@ use super::mem::{Added, MemTable, MAX_MEM_SLOTS};
 use super::msg::{
     decode, recv_message, send_reply, IotlbRequest, Limits, MsgError, Request, VringFdKind,
 };
-use super::owner::{RidOwnership, SharedRings};
+use super::owner::{ConnHolder, SharedRings};
 use super::{Error, Result};
 use crate::device::Device;
+use crate::ownership::{Peer, RidOwnership};
 use crate::queue::Vring;
 use crate::worker::{ConnShared, FinalPass, WorkerSet};
 
@@ -143,12 +144,22 @@ impl Connection {
         let space = AddressSpace::new(&served.iommu, served.dev_id, served.rid.clone())?;
         let shared = Arc::new(ConnShared::default());
         let shared_rings = Arc::new(Mutex::new(vrings.clone()));
-        {
-            let mut st = served.rid.lock();
-            st.conn = Some(Arc::downgrade(&shared));
-            st.rings = Some(Arc::downgrade(&shared_rings));
-            st.access_platform = None;
-        }
+        // The frontend's process speaks for this connection (its sessions
+        // may take the RID over).
+        let peer = match Peer::of(&sock) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                crate::log_limited!(log::Level::Warn, "frontend credentials unavailable: {e}");
+                None
+            }
+        };
+        served.rid.connect_holder(
+            peer,
+            Arc::new(ConnHolder {
+                conn: Arc::downgrade(&shared),
+                rings: Arc::downgrade(&shared_rings),
+            }),
+        );
         Ok(Connection {
             limits: Limits {
                 num_queues: n,
@@ -218,12 +229,7 @@ impl Connection {
         }
         self.served.device.reset();
         self.shared.backend.set(None);
-        {
-            let mut st = self.served.rid.lock();
-            st.conn = None;
-            st.rings = None;
-            st.access_platform = None;
-        }
+        self.served.rid.disconnect_holder();
         // The address space detaches (unless a session owns the RID) and is
         // destroyed when dropped.
     }
@@ -287,7 +293,7 @@ impl Connection {
         self.status = 0;
         self.shared.iotlb_mode.store(false, Ordering::SeqCst);
         self.shared.needs_reset.store(false, Ordering::SeqCst);
-        self.served.rid.lock().access_platform = None;
+        self.served.rid.lock().set_holder_iovas(None);
         self.space.set_mode(Mode::Table, &self.table)
     }
 
@@ -389,7 +395,7 @@ impl Connection {
                         return Err(Error::AccessPlatformRequired { owner });
                     }
                     dev.set_features(f).map_err(Error::Device)?;
-                    st.access_platform = Some(iotlb);
+                    st.set_holder_iovas(Some(iotlb));
                 }
                 self.features = f;
                 self.shared.iotlb_mode.store(iotlb, Ordering::SeqCst);

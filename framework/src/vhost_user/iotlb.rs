@@ -23,8 +23,8 @@ use log::debug;
 
 use super::mem::{MemTable, Region};
 use super::msg::{VHOST_ACCESS_RO, VHOST_ACCESS_RW, VHOST_ACCESS_WO};
-use super::owner::RidOwnership;
 use super::{Error, Result};
+use crate::ownership::RidOwnership;
 
 /// Largest number of IOTLB translations a frontend may install at once.
 pub const MAX_IOTLB_ENTRIES: usize = 1 << 16;

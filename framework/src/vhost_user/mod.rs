@@ -13,10 +13,11 @@
 //!   (`VIRTIO_F_ACCESS_PLATFORM`).
 //! - `conn`: the request handlers, vring state and worker lifecycle.
 //! - `backend_req`: IOTLB misses and access failures sent to the frontend.
-//! - `owner`: [`RidOwnership`], who holds the device's RID: the connection's
-//!   own address space or a `/dev/iommu` service session that took it over
-//!   (then addresses are IOVAs of the session's IOAS and IOTLB messages are
-//!   refused).
+//! - `owner`: the connection as the holder of its device's RID
+//!   ([`crate::ownership::RidOwnership`]): the connection's own address
+//!   space holds it unless a `/dev/iommu` service session took it over with
+//!   the frontend's consent (then addresses are IOVAs of the session's IOAS
+//!   and IOTLB messages are refused).
 //!
 //! Messages implemented: GET/SET_FEATURES, GET/SET_PROTOCOL_FEATURES,
 //! SET_OWNER, RESET_OWNER, SET_MEM_TABLE, ADD/REM_MEM_REG, GET_MAX_MEM_SLOTS,
@@ -39,7 +40,6 @@ pub use conn::{
 };
 pub use iotlb::MAX_IOTLB_ENTRIES;
 pub use mem::MAX_MEM_SLOTS;
-pub use owner::RidOwnership;
 
 use crate::device::DeviceError;
 use crate::worker::WorkerError;

@@ -1,12 +1,16 @@
-//! Who holds a hosted device's RID: its vhost-user connection or a
-//! `/dev/iommu` service session.
+//! A vhost-user connection as the holder of its device's RID
+//! ([`crate::ownership::RidOwnership`]).
 //!
 //! A connection attaches its device's RID to an IOAS of its own (its
 //! *private* address space, built from the memory table or from IOTLB
-//! messages). A session of the service may take the RID over: its ATTACH
-//! replaces the connection's attachment (iommufd replace: once it returns no
-//! worker uses a translation of the private space) and records the session
-//! as the RID's owner. While a session owns the RID:
+//! messages) and registers as the RID's holder, with its frontend's
+//! `SO_PEERCRED` as the holder's peer. A session of the service may take the
+//! RID over with the frontend's consent (the session is the frontend's own
+//! process, or redeemed a token the frontend's process handed over; see
+//! [`crate::ownership`]): its ATTACH replaces the connection's attachment
+//! (iommufd replace: once it returns no worker uses a translation of the
+//! private space) and records the session as the RID's owner. While a
+//! session owns the RID:
 //!
 //! - ring and buffer addresses are IOVAs of the owner's IOAS, so the
 //!   frontend must negotiate `VIRTIO_F_ACCESS_PLATFORM`: a SET_FEATURES
@@ -34,11 +38,11 @@
 //! [`Error::IotlbWhileOwned`]: super::Error::IotlbWhileOwned
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
-use iommu_core::IoasId;
 use log::debug;
 
+use crate::ownership::RidHolder;
 use crate::queue::Vring;
 use crate::worker::ConnShared;
 
@@ -46,72 +50,28 @@ use crate::worker::ConnShared;
 /// a device reset).
 pub(crate) type SharedRings = Mutex<Vec<Arc<Mutex<Vring>>>>;
 
-/// The RID arbitration of one hosted vhost-user device, shared by its
-/// connections and the `/dev/iommu` service
-/// ([`crate::service::DeviceDirectory::rid_ownership`]).
-#[derive(Debug, Default)]
-pub struct RidOwnership {
-    state: Mutex<RidState>,
-}
-
-/// The arbitration state; the lock is held across the iommu operation that
-/// changes who the RID is attached to.
-#[derive(Debug, Default)]
-pub(crate) struct RidState {
-    /// The session that owns the RID.
-    pub owner: Option<u64>,
-    /// The connection's own IOAS, while a connection exists.
-    pub private: Option<IoasId>,
-    /// Whether the connected frontend negotiated `VIRTIO_F_ACCESS_PLATFORM`
-    /// (`None`: no features negotiated yet).
-    pub access_platform: Option<bool>,
+/// A connection as the holder of its device's RID.
+pub(crate) struct ConnHolder {
     /// The connection's shared state (to flag `NEEDS_RESET`).
-    pub conn: Option<Weak<ConnShared>>,
+    pub conn: Weak<ConnShared>,
     /// The connection's queues (to resume those waiting on a miss).
-    pub rings: Option<Weak<SharedRings>>,
+    pub rings: Weak<SharedRings>,
 }
 
-impl RidState {
-    /// Flags the connected device as needing a reset (GET_STATUS).
-    pub fn flag_needs_reset(&self) {
-        if let Some(c) = self.conn.as_ref().and_then(Weak::upgrade) {
+impl RidHolder for ConnHolder {
+    fn needs_reset(&self) {
+        if let Some(c) = self.conn.upgrade() {
             c.needs_reset.store(true, Ordering::SeqCst);
         }
     }
-}
 
-impl RidOwnership {
-    /// A RID held by nobody.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    pub(crate) fn lock(&self) -> MutexGuard<'_, RidState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The session id of the owner, if a session owns the RID.
-    pub fn owner(&self) -> Option<u64> {
-        self.lock().owner
-    }
-
-    /// True while a session owns the RID.
-    pub fn is_owned(&self) -> bool {
-        self.owner().is_some()
-    }
-
-    /// True while a frontend is connected (its private IOAS exists).
-    pub fn has_connection(&self) -> bool {
-        self.lock().private.is_some()
-    }
-
-    /// The address space behind the RID may have changed (the owner mapped
-    /// something, or the RID changed hands): every queue waiting on a miss
-    /// is resumed and kicked, so its worker tries again (and reports the
-    /// miss again if the address is still not mapped).
-    pub(crate) fn resume_parked(&self) {
-        let rings = self.lock().rings.as_ref().and_then(Weak::upgrade);
-        let Some(rings) = rings else { return };
+    /// Every queue waiting on a miss is resumed and kicked, so its worker
+    /// tries again (and reports the miss again if the address is still not
+    /// mapped).
+    fn resume_parked(&self) {
+        let Some(rings) = self.rings.upgrade() else {
+            return;
+        };
         let rings: Vec<Arc<Mutex<Vring>>> = rings.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for (index, m) in rings.iter().enumerate() {
             let mut v = m.lock().unwrap_or_else(|e| e.into_inner());
