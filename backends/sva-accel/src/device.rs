@@ -15,7 +15,7 @@
 //! members inherit the batch's.
 
 use crate::desc::{opcode, CompletionRecord, Descriptor, OpCap, DESC_SIZE};
-use crate::engine::{self, CrWriteFailed, Job, Limits, Outcome, Resume};
+use crate::engine::{self, Budget, CrWriteFailed, Job, Limits, Outcome, Resume};
 use crate::iommu::DmaView;
 use crate::proto::{self, Reader, Writer};
 use crate::shm;
@@ -265,6 +265,12 @@ pub struct ClientCtx {
     inflight: AtomicU64,
     held: Mutex<VecDeque<Job>>,
     has_held: AtomicBool,
+    /// Jobs taken from the portal that hold a work queue slot and wait for
+    /// the client's next turn: one that yielded after a unit of work (at
+    /// the front), those its pass did not get to, those answered after a
+    /// fault, those a drain released.
+    ready: Mutex<VecDeque<(Job, Resume)>>,
+    has_ready: AtomicBool,
     /// Service session that reserved the PASID.
     session: u64,
     /// The PASID was released by its session: nothing translates for it.
@@ -568,6 +574,8 @@ fn hello(s: &Arc<Shared>, conn: BorrowedFd<'_>, pkt: &proto::Packet) -> Option<A
         inflight: AtomicU64::new(0),
         held: Mutex::new(VecDeque::new()),
         has_held: AtomicBool::new(false),
+        ready: Mutex::new(VecDeque::new()),
+        has_ready: AtomicBool::new(false),
         session,
         unbound: AtomicBool::new(false),
         parked_iommu: Mutex::new(Vec::new()),
@@ -821,6 +829,19 @@ fn abort_work(s: &Shared, c: &ClientCtx) -> Aborted {
     }
     retire(s, c, held.len() as u64);
     out.aborted += (parked.len() + held.len()) as u64;
+    let ready: Vec<(Job, Resume)> = c
+        .ready
+        .lock()
+        .map(|mut q| {
+            c.has_ready.store(false, Ordering::Release);
+            q.drain(..).collect()
+        })
+        .unwrap_or_default();
+    for (j, _) in &ready {
+        report_dropped(c, &j.desc);
+    }
+    retire(s, c, ready.len() as u64);
+    out.aborted += ready.len() as u64;
     // Queued in the portal and never taken. A worker popping meanwhile
     // holds the cursor: what it took counts as in flight and is dropped
     // by it (it checks the flags before every descriptor).
@@ -911,47 +932,10 @@ fn report(c: &ClientCtx, e: CrWriteFailed, opcode: u8) {
     });
 }
 
-/// Runs (or resumes) one job of client `c` to completion or a park.
+/// Runs (or resumes) one job of client `c`: to completion, a park, or (a
+/// unit of work done) a yield that queues it on the client's ready queue.
 fn run_job(s: &Shared, c: &ClientCtx, job: Job, resume: Resume, tr: &mut Option<Translator>) {
-    if c.dead.load(Ordering::SeqCst) {
-        // The client is gone: nothing to do for it.
-        retire(s, c, 1);
-        c.stats.aborted.fetch_add(1, Ordering::Relaxed);
-        return;
-    }
-    if c.unbound.load(Ordering::SeqCst) {
-        // Its PASID was released: nothing translates, not even the record.
-        report_dropped(c, &job.desc);
-        retire(s, c, 1);
-        c.stats.aborted.fetch_add(1, Ordering::Relaxed);
-        return;
-    }
-    run_job_iommu(s, c, job, resume, tr)
-}
-
-/// Runs a job of an iommu-mode client through iommu-core for its PASID.
-fn run_job_iommu(
-    s: &Shared,
-    c: &ClientCtx,
-    mut job: Job,
-    resume: Resume,
-    tr: &mut Option<Translator>,
-) {
-    let Some(tr) = tr.as_mut() else {
-        ioasis::log_limited!(
-            log::Level::Warn,
-            "PASID {}: no translator for an iommu client",
-            c.pasid
-        );
-        retire(s, c, 1);
-        return;
-    };
-    match Dma::enter(tr, Some(c.pasid), |dma| {
-        execute_in(s, c, dma, &mut job, resume)
-    }) {
-        Ran::Retired => finish(s, c),
-        Ran::Blocked(p) => park_iommu(s, c, job, p),
-    }
+    run_pass(s, c, Source::One(Some(Box::new((job, resume)))), tr);
 }
 
 fn park_iommu(s: &Shared, c: &ClientCtx, job: Job, p: PendingFault) {
@@ -979,14 +963,15 @@ fn park_iommu(s: &Shared, c: &ClientCtx, job: Job, p: PendingFault) {
     }
 }
 
-/// Resumes iommu-mode jobs whose fault groups were answered.
-fn resume_answered(s: &Shared, clients: &[Arc<ClientCtx>], tr: &mut Option<Translator>) -> bool {
+/// Moves parked jobs whose fault groups were answered to their client's
+/// ready queue (they run in the client's turn, a unit at a time).
+fn resume_answered(s: &Shared, clients: &[Arc<ClientCtx>]) -> bool {
     if !s.fault_answered.swap(false, Ordering::AcqRel) {
         return false;
     }
     let mut did = false;
     for c in clients.iter() {
-        let ready: Vec<(Job, Resume)> = match c.parked_iommu.lock() {
+        let answered: Vec<(Job, Resume)> = match c.parked_iommu.lock() {
             Ok(mut parked) => {
                 let mut out = Vec::new();
                 let mut i = 0;
@@ -1008,14 +993,53 @@ fn resume_answered(s: &Shared, clients: &[Arc<ClientCtx>], tr: &mut Option<Trans
             }
             Err(_) => Vec::new(),
         };
-        for (job, how) in ready {
-            c.stats.faults_answered.fetch_add(1, Ordering::Relaxed);
-            s.occupancy.fetch_add(1, Ordering::AcqRel);
-            run_job(s, c, job, how, tr);
-            did = true;
+        if answered.is_empty() {
+            continue;
         }
+        c.stats
+            .faults_answered
+            .fetch_add(answered.len() as u64, Ordering::Relaxed);
+        s.occupancy
+            .fetch_add(answered.len() as u64, Ordering::AcqRel);
+        make_ready(s, c, answered, false);
+        did = true;
     }
     did
+}
+
+/// Queues `jobs` (each holding a work queue slot) on `c`'s ready queue, in
+/// order, at its front (`front`: they were taken from it) or back; drops
+/// them instead when the client is gone, under the lock abort_work drains
+/// the queue with.
+fn make_ready(
+    s: &Shared,
+    c: &ClientCtx,
+    jobs: impl IntoIterator<Item = (Job, Resume)>,
+    front: bool,
+) {
+    let Ok(mut ready) = c.ready.lock() else {
+        return;
+    };
+    if c.dead.load(Ordering::SeqCst) || c.unbound.load(Ordering::SeqCst) {
+        drop(ready);
+        let mut n = 0;
+        for (job, _) in jobs {
+            report_dropped(c, &job.desc);
+            n += 1;
+        }
+        retire(s, c, n);
+        c.stats.aborted.fetch_add(n, Ordering::Relaxed);
+        return;
+    }
+    if front {
+        let mut v: Vec<_> = jobs.into_iter().collect();
+        while let Some(j) = v.pop() {
+            ready.push_front(j);
+        }
+    } else {
+        ready.extend(jobs);
+    }
+    c.has_ready.store(!ready.is_empty(), Ordering::Release);
 }
 
 fn write_record<M: engine::DmaMemory + ?Sized>(
@@ -1028,13 +1052,6 @@ fn write_record<M: engine::DmaMemory + ?Sized>(
         if let Err(e) = engine::write_completion(view, d.completion_addr, cr) {
             report(c, e, d.opcode);
         }
-    }
-}
-
-fn finish(s: &Shared, c: &ClientCtx) {
-    retire(s, c, 1);
-    if c.portal.client_needs_wakeup() {
-        shm::signal(c.completion_efd.as_fd());
     }
 }
 
@@ -1058,35 +1075,41 @@ fn check_held(s: &Shared, c: &ClientCtx, tr: &mut Option<Translator>) -> bool {
             c.has_held.store(false, Ordering::Release);
             return did;
         };
-        // The drain itself: validated and completed by the engine.
-        run_job(s, c, drain, Resume::Start, tr);
-        did = true;
-        // Run what follows, up to the next drain.
+        // What follows the drain, up to the next drain, becomes ready: it
+        // runs in the client's turns, a unit at a time.
         let mut run = Vec::new();
         while let Some(j) = held.front() {
             if j.desc.opcode == opcode::DRAIN {
                 break;
             }
             if let Some(j) = held.pop_front() {
-                run.push(j);
+                run.push((j, Resume::Start));
             }
         }
+        make_ready(s, c, run, false);
         if held.is_empty() {
             c.has_held.store(false, Ordering::Release);
         }
         drop(held);
-        for j in run {
-            run_job(s, c, j, Resume::Start, tr);
-        }
+        // The drain itself: validated and completed by the engine.
+        run_job(s, c, drain, Resume::Start, tr);
+        did = true;
     }
 }
 
+/// Takes one unit of work of client `c`: its ready queue (work that yielded,
+/// was answered after a fault, or waited behind a drain) first, else up to
+/// [`POP_MAX`] fresh descriptors from its portal. False when it had
+/// nothing to run.
 fn take_from(
     s: &Shared,
     c: &ClientCtx,
     buf: &mut Vec<[u8; DESC_SIZE]>,
     tr: &mut Option<Translator>,
 ) -> bool {
+    if c.has_ready.load(Ordering::Acquire) {
+        return run_pass(s, c, Source::Ready, tr);
+    }
     if c.has_held.load(Ordering::Acquire) || !c.portal.has_work() {
         return false;
     }
@@ -1155,63 +1178,157 @@ fn take_from(
             }
         }
     }
-    run_pass(s, c, &run[..n_run], tr);
+    run_pass(s, c, Source::Fresh(run[..n_run].iter()), tr);
     check_held(s, c, tr);
     true
 }
 
-/// Runs fresh descriptors of client `c` in order, sharing one access
-/// section among as many of them as it can, so that the section's set-up
-/// and the translations it remembers (source, destination, completion
-/// records) serve the whole pass rather than one descriptor.
+/// Where a pass takes its jobs from.
+enum Source<'a> {
+    /// Descriptors just taken from the portal.
+    Fresh(std::slice::Iter<'a, Descriptor>),
+    /// The client's ready queue, one job at a time.
+    Ready,
+    /// One job (boxed: rare, and large next to the others).
+    One(Option<Box<(Job, Resume)>>),
+}
+
+impl Source<'_> {
+    fn next(&mut self, c: &ClientCtx) -> Option<(Job, Resume)> {
+        match self {
+            Source::Fresh(it) => it.next().map(|d| (Job::new(*d), Resume::Start)),
+            Source::Ready => {
+                let mut q = c.ready.lock().ok()?;
+                let j = q.pop_front();
+                c.has_ready.store(!q.is_empty(), Ordering::Release);
+                j
+            }
+            Source::One(j) => j.take().map(|b| *b),
+        }
+    }
+
+    /// Puts back `yielded` (the job that stopped) and what the pass did not
+    /// get to, in order, for the client's next turn.
+    fn stash(self, s: &Shared, c: &ClientCtx, yielded: Option<Job>) {
+        let first = yielded.map(|j| (j, Resume::Continue));
+        match self {
+            // The rest is still queued, behind where the yielded job was.
+            Source::Ready => make_ready(s, c, first, true),
+            Source::Fresh(it) => make_ready(
+                s,
+                c,
+                first
+                    .into_iter()
+                    .chain(it.map(|d| (Job::new(*d), Resume::Start))),
+                false,
+            ),
+            Source::One(j) => make_ready(s, c, first.into_iter().chain(j.map(|b| *b)), false),
+        }
+    }
+}
+
+/// Work a pass does for one client before the worker looks at other
+/// clients' work and at waiting unmaps: bytes moved, compared, checksummed
+/// or filled, plus [`engine::DESC_COST`] per descriptor and batch member.
+/// A job that has more to do yields ([`Outcome::Yielded`]) and waits on the
+/// client's ready queue for its next turn.
+pub const WORK_UNIT: u64 = 1 << 20;
+
+/// How a pass's access section ended.
+enum SectionEnd {
+    /// Nothing more to run.
+    Done,
+    /// An invalidation is waiting (or the client went): a new section.
+    Again,
+    /// The unit of work is spent.
+    Spent,
+    /// A job yielded with this progress.
+    Yielded(Job),
+    /// A job blocked on this fault.
+    Parked(Job, PendingFault),
+}
+
+/// Runs one unit of work ([`WORK_UNIT`]) of client `c` from `src` in order,
+/// sharing one access section among as many jobs as it can, so that the
+/// section's set-up and the translations it remembers (source,
+/// destination, records) serve the whole pass rather than one descriptor.
+/// What the unit did not get to (the job that yielded first) is queued on
+/// the client's ready queue. True when it ran anything.
 ///
-/// The section stays bounded: a pass holds at most [`POP_MAX`]
-/// descriptors, and it ends after any descriptor once an unmap or
-/// invalidation is waiting for it (so an unmap waits for at most the
-/// descriptor in progress, as with one section per descriptor), when a
-/// descriptor parks on a fault, and when the client goes away or its PASID
-/// is released (checked before every descriptor, as [`run_job`] does).
-fn run_pass(s: &Shared, c: &ClientCtx, descs: &[Descriptor], tr: &mut Option<Translator>) {
-    let mut next = 0;
-    while next < descs.len() {
+/// The section stays bounded: it holds at most one unit of work, and it
+/// ends after any step once an unmap or invalidation is waiting for it, when
+/// a descriptor parks on a fault, and when the client goes away or its
+/// PASID is released (checked before every descriptor, as [`run_job`]
+/// does).
+fn run_pass(s: &Shared, c: &ClientCtx, mut src: Source<'_>, tr: &mut Option<Translator>) -> bool {
+    let mut budget = Budget::new(WORK_UNIT);
+    let mut pending = src.next(c);
+    let mut did = false;
+    while let Some(first) = pending.take() {
+        did = true;
         let gone = c.dead.load(Ordering::SeqCst) || c.unbound.load(Ordering::SeqCst);
         let Some(t) = tr.as_mut().filter(|_| !gone) else {
-            // Nothing to translate for: run_job retires or reports it.
-            run_job(s, c, Job::new(descs[next]), Resume::Start, tr);
-            next += 1;
+            // Nothing translates for it: dropped and retired (reported as
+            // an event when it asked for a record and the PASID went).
+            let (job, _) = first;
+            if !c.dead.load(Ordering::SeqCst) {
+                report_dropped(c, &job.desc);
+            }
+            retire(s, c, 1);
+            c.stats.aborted.fetch_add(1, Ordering::Relaxed);
+            pending = src.next(c);
             continue;
         };
         let mut done = Retirements::default();
-        let (ran, parked) = Dma::enter(t, Some(c.pasid), |dma| {
-            let mut i = next;
-            let mut parked = None;
-            while i < descs.len() {
-                if i > next
+        let end = Dma::enter(t, Some(c.pasid), |dma| {
+            let mut next = Some(first);
+            let mut ran = false;
+            loop {
+                if ran
                     && (dma.invalidation_requested()
                         || c.dead.load(Ordering::SeqCst)
                         || c.unbound.load(Ordering::SeqCst))
                 {
-                    break;
+                    return (SectionEnd::Again, next);
                 }
-                let mut job = Job::new(descs[i]);
-                i += 1;
-                match execute_in(s, c, dma, &mut job, Resume::Start) {
+                let Some((mut job, resume)) = next.take().or_else(|| src.next(c)) else {
+                    return (SectionEnd::Done, None);
+                };
+                ran = true;
+                match execute_in(s, c, dma, &mut job, resume, &mut budget) {
                     Ran::Retired => done.add(s, c, &job.desc),
-                    Ran::Blocked(p) => {
-                        // Park outside the section.
-                        parked = Some((job, p));
-                        break;
-                    }
+                    Ran::Blocked(p) => return (SectionEnd::Parked(job, p), None),
+                    Ran::Yielded => return (SectionEnd::Yielded(job), None),
+                }
+                if budget.is_spent() {
+                    return (SectionEnd::Spent, None);
                 }
             }
-            (i, parked)
         });
         done.flush(s, c);
-        next = ran;
-        if let Some((job, p)) = parked {
-            park_iommu(s, c, job, p);
+        match end {
+            (SectionEnd::Done, _) => return did,
+            (SectionEnd::Again, next) => pending = next.or_else(|| src.next(c)),
+            (SectionEnd::Spent, _) => {
+                src.stash(s, c, None);
+                return did;
+            }
+            (SectionEnd::Yielded(job), _) => {
+                src.stash(s, c, Some(job));
+                return did;
+            }
+            (SectionEnd::Parked(job, p), _) => {
+                // Park outside the section.
+                park_iommu(s, c, job, p);
+                if budget.is_spent() {
+                    src.stash(s, c, None);
+                    return did;
+                }
+                pending = src.next(c);
+            }
         }
     }
+    did
 }
 
 /// Work a pass completes between two retirements: completions are counted
@@ -1261,23 +1378,36 @@ enum Ran {
     Retired,
     /// Blocked on this raised fault: to be parked.
     Blocked(PendingFault),
+    /// The unit of work is spent: the job's progress is saved.
+    Yielded,
 }
 
-/// Executes `job` of client `c` inside an open section: on completion
-/// writes its record. A block with nothing raised (no fault queue) is
-/// answered Invalid at once. The caller retires or parks the job.
-fn execute_in(s: &Shared, c: &ClientCtx, dma: Dma<'_>, job: &mut Job, mut resume: Resume) -> Ran {
+/// Executes `job` of client `c` inside an open section, within `budget`:
+/// on completion writes its record. A block with nothing raised (no fault
+/// queue) is answered Invalid at once. The caller retires, parks or
+/// queues the job.
+fn execute_in(
+    s: &Shared,
+    c: &ClientCtx,
+    dma: Dma<'_>,
+    job: &mut Job,
+    mut resume: Resume,
+    budget: &mut Budget,
+) -> Ran {
     let op = job.desc.opcode;
     // Two rounds at most: a block without a fault queue to raise on is
     // answered Invalid at once (the device has no page request service).
     for _ in 0..2 {
         let view = DmaView::new(dma);
-        let out = engine::execute(job, &view, &s.limits, resume, &mut |e| report(c, e, op));
+        let out = engine::execute_bounded(job, &view, &s.limits, resume, budget, &mut |e| {
+            report(c, e, op)
+        });
         match out {
             Outcome::Complete(cr) => {
                 write_record(c, &view, &job.desc, &cr);
                 return Ran::Retired;
             }
+            Outcome::Yielded => return Ran::Yielded,
             Outcome::Blocked(_) => match view.take_failure().and_then(|f| f.pending) {
                 Some(p) => return Ran::Blocked(p),
                 None => resume = Resume::Invalid,
@@ -1299,7 +1429,7 @@ fn work_once(
     buf: &mut Vec<[u8; DESC_SIZE]>,
     tr: &mut Option<Translator>,
 ) -> bool {
-    let mut did = resume_answered(s, clients, tr);
+    let mut did = resume_answered(s, clients);
     for c in clients {
         did |= check_held(s, c, tr);
     }
@@ -1366,8 +1496,10 @@ fn worker(s: &Arc<Shared>) {
         for c in clients.iter() {
             c.portal.set_need_doorbell(true);
         }
-        let pending =
-            s.fault_answered.load(Ordering::SeqCst) || clients.iter().any(|c| c.portal.has_work());
+        let pending = s.fault_answered.load(Ordering::SeqCst)
+            || clients
+                .iter()
+                .any(|c| c.portal.has_work() || c.has_ready.load(Ordering::SeqCst));
         if !pending && s.clients_gen.load(Ordering::Acquire) == gen {
             // The internal doorbell (answers, shutdown, new clients) and
             // every client's own.

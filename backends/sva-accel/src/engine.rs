@@ -20,6 +20,16 @@
 //!
 //! A misaligned completion record address cannot be written and is reported
 //! as an event instead (see the device module).
+//!
+//! Bounded execution: [`execute_bounded`] does at most a [`Budget`] of work
+//! (bytes moved, compared, checksummed or filled, plus [`DESC_COST`] per
+//! descriptor and batch member) and then stops with [`Outcome::Yielded`],
+//! the job's progress saved exactly as for a block on fault; resuming it
+//! with [`Resume::Continue`] carries on from there. A yield happens only
+//! between fragments, after the previous fragment's bytes were done, so
+//! the records, partial completions and `bytes_completed` are the same as
+//! for a run in one go. Delta operations are not split (their size is
+//! bounded by [`MAX_DELTA_XFER`]); they are charged as a whole.
 
 use crate::crc;
 use crate::desc::{
@@ -34,6 +44,69 @@ const PAGE: u64 = 4096;
 pub const MAX_DELTA_XFER: u32 = 0x8_0000;
 /// Size of one delta record entry.
 pub const DELTA_ENTRY: u32 = 10;
+
+/// Work charged for each descriptor and each batch member on top of its
+/// bytes, so that a batch of many small members is bounded too (a batch of
+/// 1024 members of 64 bytes is about half a megabyte of work).
+pub const DESC_COST: u64 = 512;
+
+/// Least work an operation does between two yields.
+const MIN_STEP: u64 = 4096;
+
+/// How much work an execution may still do before it yields (bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    left: u64,
+}
+
+impl Budget {
+    /// A budget of `bytes` of work.
+    pub fn new(bytes: u64) -> Budget {
+        Budget { left: bytes }
+    }
+
+    /// No bound: the execution runs to completion or a fault.
+    pub fn unlimited() -> Budget {
+        Budget { left: u64::MAX }
+    }
+
+    /// Work left, in bytes.
+    pub fn left(&self) -> u64 {
+        self.left
+    }
+
+    /// The budget is used up: the next step yields.
+    pub fn is_spent(&self) -> bool {
+        self.left == 0
+    }
+
+    /// Charges `n` bytes of work.
+    pub fn charge(&mut self, n: u64) {
+        self.left = self.left.saturating_sub(n);
+    }
+
+    /// The longest step of at most `n` bytes the budget allows: what is
+    /// left, but at least [`MIN_STEP`] (an operation resumed on a spent
+    /// budget still makes progress before it yields again).
+    fn clamp(&self, n: u64) -> u64 {
+        n.min(self.left.max(MIN_STEP))
+    }
+}
+
+/// Why an operation stopped before completing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// A translation failed.
+    Fault(PageFault),
+    /// The budget is spent; the progress says where to carry on.
+    Yield,
+}
+
+impl From<PageFault> for Stop {
+    fn from(f: PageFault) -> Stop {
+        Stop::Fault(f)
+    }
+}
 
 /// One host fragment of a translated range.
 #[derive(Clone, Copy, Debug)]
@@ -95,11 +168,12 @@ fn run_op_for<M: DmaMemory + ?Sized>(
     d: &Descriptor,
     mem: &M,
     p: &mut Progress,
-) -> Result<CompletionRecord, PageFault> {
+    budget: &mut Budget,
+) -> Result<CompletionRecord, Stop> {
     if d.flags & flags::BOF != 0 {
-        run_op(d, mem, p)
+        run_op(d, mem, p, budget)
     } else {
-        run_op(d, &NoFault(mem), p)
+        run_op(d, &NoFault(mem), p, budget)
     }
 }
 
@@ -149,6 +223,9 @@ pub enum Outcome {
     Complete(CompletionRecord),
     /// The descriptor blocked on a fault (BOF=1): park it and raise the fault.
     Blocked(PageFault),
+    /// The budget is spent: the job's progress is saved; resume it with
+    /// [`Resume::Continue`].
+    Yielded,
 }
 
 /// A completion record the engine could not write.
@@ -172,6 +249,8 @@ pub enum Resume {
     /// The page request was answered Invalid: complete with 0x04 (0x06 for a
     /// batch descriptor list).
     Invalid,
+    /// The job yielded ([`Outcome::Yielded`]): carry on from its progress.
+    Continue,
 }
 
 /// State of a batch in execution.
@@ -451,44 +530,57 @@ pub fn write_completion<M: DmaMemory + ?Sized>(
 }
 
 /// Walks two ranges of equal length fragment by fragment from `done`,
-/// calling `f(src_ptr, dst_ptr, n, offset)`; stops at the first fault.
+/// calling `f(src_ptr, dst_ptr, n, offset)`; stops at the first fault, and
+/// yields once `budget` is spent (after a fragment: `done` counts every
+/// byte `f` was given; the first fragment always runs).
 fn zip2<M: DmaMemory + ?Sized>(
     mem: &M,
     (a, a_write): (u64, bool),
     (b, b_write): (u64, bool),
     len: u64,
     done: &mut u64,
+    budget: &mut Budget,
     mut f: impl FnMut(*mut u8, *mut u8, usize, u64) -> bool,
-) -> Result<(), PageFault> {
+) -> Result<(), Stop> {
     while *done < len {
-        let rem = len - *done;
+        let rem = budget.clamp(len - *done);
         let fa = mem.translate(a + *done, rem, a_write)?;
         let fb = mem.translate(b + *done, rem, b_write)?;
         let n = fa.len.min(fb.len).min(rem as usize);
+        budget.charge(n as u64);
         if !f(fa.ptr, fb.ptr, n, *done) {
             return Ok(());
         }
         *done += n as u64;
+        if budget.is_spent() && *done < len {
+            return Err(Stop::Yield);
+        }
     }
     Ok(())
 }
 
+/// [`zip2`] over one range.
 fn walk1<M: DmaMemory + ?Sized>(
     mem: &M,
     a: u64,
     write: bool,
     len: u64,
     done: &mut u64,
+    budget: &mut Budget,
     mut f: impl FnMut(*mut u8, usize, u64) -> bool,
-) -> Result<(), PageFault> {
+) -> Result<(), Stop> {
     while *done < len {
-        let rem = len - *done;
+        let rem = budget.clamp(len - *done);
         let fa = mem.translate(a + *done, rem, write)?;
         let n = fa.len.min(rem as usize);
+        budget.charge(n as u64);
         if !f(fa.ptr, n, *done) {
             return Ok(());
         }
         *done += n as u64;
+        if budget.is_spent() && *done < len {
+            return Err(Stop::Yield);
+        }
     }
     Ok(())
 }
@@ -572,7 +664,8 @@ fn memmove<M: DmaMemory + ?Sized>(
     d: &Descriptor,
     mem: &M,
     p: &mut Progress,
-) -> Result<CompletionRecord, PageFault> {
+    budget: &mut Budget,
+) -> Result<CompletionRecord, Stop> {
     let len = u64::from(d.xfer_size);
     if !p.started {
         p.descending = d.dst > d.src && overlaps(d.src, d.dst, len);
@@ -585,6 +678,7 @@ fn memmove<M: DmaMemory + ?Sized>(
             (d.dst, true),
             len,
             &mut p.done,
+            budget,
             |s, t, n, _| {
                 // SAFETY: s is readable and t writable for n bytes (DmaMemory);
                 // they may overlap, which move_bytes allows.
@@ -598,7 +692,7 @@ fn memmove<M: DmaMemory + ?Sized>(
         while p.done < len {
             let end = len - p.done;
             let page_rem = |x: u64| ((x - 1) & (PAGE - 1)) + 1;
-            let mut chunk = end.min(page_rem(d.src + end)).min(page_rem(d.dst + end));
+            let mut chunk = budget.clamp(end.min(page_rem(d.src + end)).min(page_rem(d.dst + end)));
             loop {
                 let start = end - chunk;
                 let fs = mem.translate(d.src + start, chunk, false)?;
@@ -612,7 +706,11 @@ fn memmove<M: DmaMemory + ?Sized>(
                 }
                 chunk = n;
             }
+            budget.charge(chunk);
             p.done += chunk;
+            if budget.is_spent() && p.done < len {
+                return Err(Stop::Yield);
+            }
         }
     }
     let mut cr = err(status::SUCCESS);
@@ -621,21 +719,22 @@ fn memmove<M: DmaMemory + ?Sized>(
     Ok(cr)
 }
 
-/// Executes one non-batch descriptor from `p`. On a fault, `p` says how far
-/// it got.
+/// Executes one non-batch descriptor from `p`, within `budget`. On a fault
+/// or a yield, `p` says how far it got.
 pub fn run_op<M: DmaMemory + ?Sized>(
     d: &Descriptor,
     mem: &M,
     p: &mut Progress,
-) -> Result<CompletionRecord, PageFault> {
+    budget: &mut Budget,
+) -> Result<CompletionRecord, Stop> {
     let len = u64::from(d.xfer_size);
     let mut cr = err(status::SUCCESS);
     match d.opcode {
         opcode::NOOP | opcode::DRAIN => {}
-        opcode::MEMMOVE => return memmove(d, mem, p),
+        opcode::MEMMOVE => return memmove(d, mem, p, budget),
         opcode::MEMFILL => {
             let pattern = d.src;
-            walk1(mem, d.dst, true, len, &mut p.done, |t, n, off| {
+            walk1(mem, d.dst, true, len, &mut p.done, budget, |t, n, off| {
                 // SAFETY: t is writable for n bytes.
                 unsafe { fill_pattern(t, n, pattern, off) };
                 true
@@ -649,6 +748,7 @@ pub fn run_op<M: DmaMemory + ?Sized>(
                 (d.dst, false),
                 len,
                 &mut p.done,
+                budget,
                 |a, b, n, off| {
                     // SAFETY: both fragments are readable for n bytes.
                     match unsafe { first_diff(a, b, n) } {
@@ -666,7 +766,7 @@ pub fn run_op<M: DmaMemory + ?Sized>(
         opcode::COMPVAL => {
             let pattern = d.dst;
             let mut diff = None;
-            walk1(mem, d.src, false, len, &mut p.done, |a, n, off| {
+            walk1(mem, d.src, false, len, &mut p.done, budget, |a, n, off| {
                 // SAFETY: the fragment is readable for n bytes.
                 match unsafe { first_diff_pattern(a, n, pattern, off) } {
                     Some(i) => {
@@ -693,7 +793,7 @@ pub fn run_op<M: DmaMemory + ?Sized>(
             }
             let mut crc = p.crc;
             let res = if d.opcode == opcode::CRCGEN {
-                walk1(mem, d.src, false, len, &mut p.done, |a, n, _| {
+                walk1(mem, d.src, false, len, &mut p.done, budget, |a, n, _| {
                     // SAFETY: the fragment is readable for n bytes.
                     crc = unsafe { crc::update_raw(crc, a, n) };
                     true
@@ -705,6 +805,7 @@ pub fn run_op<M: DmaMemory + ?Sized>(
                     (d.dst, true),
                     len,
                     &mut p.done,
+                    budget,
                     |a, t, n, _| {
                         // SAFETY: a readable, t writable for n bytes; validation
                         // rejected overlapping buffers.
@@ -722,26 +823,37 @@ pub fn run_op<M: DmaMemory + ?Sized>(
         opcode::DUALCAST => {
             let dest2 = d.dest2();
             while p.done < len {
-                let rem = len - p.done;
+                let rem = budget.clamp(len - p.done);
                 let fs = mem.translate(d.src + p.done, rem, false)?;
                 let f1 = mem.translate(d.dst + p.done, rem, true)?;
                 let f2 = mem.translate(dest2 + p.done, rem, true)?;
                 let n = fs.len.min(f1.len).min(f2.len).min(rem as usize);
+                budget.charge(n as u64);
                 // SAFETY: all three fragments cover n bytes; validation
                 // rejected overlapping buffers.
                 unsafe { std::ptr::copy_nonoverlapping(fs.ptr, f1.ptr, n) };
                 // SAFETY: as above.
                 unsafe { std::ptr::copy_nonoverlapping(fs.ptr, f2.ptr, n) };
                 p.done += n as u64;
+                if budget.is_spent() && p.done < len {
+                    return Err(Stop::Yield);
+                }
             }
         }
         opcode::CFLUSH => {
             // Coherent software device: nothing to flush, but every page
             // must translate.
-            walk1(mem, d.dst, false, len, &mut p.done, |_, _, _| true)?;
+            walk1(mem, d.dst, false, len, &mut p.done, budget, |_, _, _| true)?;
         }
-        opcode::CR_DELTA => return create_delta(d, mem, p),
-        opcode::AP_DELTA => return apply_delta(d, mem, p),
+        // Bounded by MAX_DELTA_XFER: not split, charged as a whole.
+        opcode::CR_DELTA => {
+            budget.charge(len);
+            return create_delta(d, mem, p).map_err(Stop::Fault);
+        }
+        opcode::AP_DELTA => {
+            budget.charge(u64::from(d.delta_rec_size()));
+            return apply_delta(d, mem, p).map_err(Stop::Fault);
+        }
         _ => return Ok(err(status::BAD_OPCODE)),
     }
     cr.bytes_completed = d.xfer_size;
@@ -898,14 +1010,55 @@ pub fn wants_record(d: &Descriptor, st: u8) -> bool {
     d.flags & flags::CRAV != 0 && (d.flags & flags::RCR != 0 || st != status::SUCCESS)
 }
 
-/// Executes (or resumes) a job. Batch members' records are written here;
-/// the job's own record is returned in [`Outcome::Complete`] for the caller
-/// to write. Records that cannot be written go to `cr_failed`.
+/// Executes (or resumes) a job to completion or a block on fault. Batch
+/// members' records are written here; the job's own record is returned in
+/// [`Outcome::Complete`] for the caller to write. Records that cannot be
+/// written go to `cr_failed`. Never [`Outcome::Yielded`].
 pub fn execute<M: DmaMemory + ?Sized>(
     job: &mut Job,
     mem: &M,
     limits: &Limits,
     resume: Resume,
+    cr_failed: &mut dyn FnMut(CrWriteFailed),
+) -> Outcome {
+    execute_bounded(
+        job,
+        mem,
+        limits,
+        resume,
+        &mut Budget::unlimited(),
+        cr_failed,
+    )
+}
+
+/// [`execute`] within `budget`: once it is spent the job stops with
+/// [`Outcome::Yielded`], its progress saved; resume it with
+/// [`Resume::Continue`] (and a new budget). Every call makes progress
+/// before it yields (an operation does at least one fragment of up to
+/// 4 KiB, a batch at least one member step), even on a spent budget.
+pub fn execute_bounded<M: DmaMemory + ?Sized>(
+    job: &mut Job,
+    mem: &M,
+    limits: &Limits,
+    resume: Resume,
+    budget: &mut Budget,
+    cr_failed: &mut dyn FnMut(CrWriteFailed),
+) -> Outcome {
+    let out = execute_step(job, mem, limits, resume, budget, cr_failed);
+    if let Outcome::Complete(_) = out {
+        // Charged once it is done, so that a descriptor of exactly the
+        // budget completes without a yield before its last bytes.
+        budget.charge(DESC_COST);
+    }
+    out
+}
+
+fn execute_step<M: DmaMemory + ?Sized>(
+    job: &mut Job,
+    mem: &M,
+    limits: &Limits,
+    resume: Resume,
+    budget: &mut Budget,
     cr_failed: &mut dyn FnMut(CrWriteFailed),
 ) -> Outcome {
     let d = job.desc;
@@ -915,7 +1068,7 @@ pub fn execute<M: DmaMemory + ?Sized>(
         }
     }
     if d.opcode == opcode::BATCH {
-        return run_batch(job, mem, limits, resume, cr_failed);
+        return run_batch(job, mem, limits, resume, budget, cr_failed);
     }
     if resume == Resume::Invalid {
         return Outcome::Complete(partial_record(
@@ -925,13 +1078,14 @@ pub fn execute<M: DmaMemory + ?Sized>(
             status::PAGE_FAULT_IR,
         ));
     }
-    match run_op_for(&d, mem, &mut job.progress) {
+    match run_op_for(&d, mem, &mut job.progress, budget) {
         Ok(cr) => Outcome::Complete(cr),
-        Err(f) if d.flags & flags::BOF != 0 => {
+        Err(Stop::Yield) => Outcome::Yielded,
+        Err(Stop::Fault(f)) if d.flags & flags::BOF != 0 => {
             job.last_fault = f;
             Outcome::Blocked(f)
         }
-        Err(f) => Outcome::Complete(partial_record(
+        Err(Stop::Fault(f)) => Outcome::Complete(partial_record(
             &d,
             &job.progress,
             f,
@@ -952,9 +1106,11 @@ fn finish_member<M: DmaMemory + ?Sized>(
     md: &Descriptor,
     cr: CompletionRecord,
     mem: &M,
+    budget: &mut Budget,
     cr_failed: &mut dyn FnMut(CrWriteFailed),
 ) {
     job.batch.completed += 1;
+    budget.charge(DESC_COST);
     if cr.status != status::SUCCESS {
         job.batch.failed = true;
     }
@@ -970,6 +1126,7 @@ fn run_batch<M: DmaMemory + ?Sized>(
     mem: &M,
     limits: &Limits,
     mut resume: Resume,
+    budget: &mut Budget,
     cr_failed: &mut dyn FnMut(CrWriteFailed),
 ) -> Outcome {
     let count = job.desc.xfer_size;
@@ -980,7 +1137,13 @@ fn run_batch<M: DmaMemory + ?Sized>(
         }
         resume = Resume::Start;
     }
+    // The first step of this execution always runs (progress), later ones
+    // only while the budget lasts.
+    let mut first = true;
     loop {
+        if !std::mem::take(&mut first) && budget.is_spent() {
+            return Outcome::Yielded;
+        }
         if let Some((md, mut mp)) = job.batch.member.take() {
             let r = if resume == Resume::Invalid {
                 Ok(partial_record(
@@ -990,19 +1153,23 @@ fn run_batch<M: DmaMemory + ?Sized>(
                     status::PAGE_FAULT_IR,
                 ))
             } else {
-                run_op_for(&md, mem, &mut mp)
+                run_op_for(&md, mem, &mut mp, budget)
             };
             resume = Resume::Start;
             let cr = match r {
                 Ok(cr) => cr,
-                Err(f) if md.flags & flags::BOF != 0 => {
+                Err(Stop::Yield) => {
+                    job.batch.member = Some((md, mp));
+                    return Outcome::Yielded;
+                }
+                Err(Stop::Fault(f)) if md.flags & flags::BOF != 0 => {
                     job.batch.member = Some((md, mp));
                     job.last_fault = f;
                     return Outcome::Blocked(f);
                 }
-                Err(f) => partial_record(&md, &mp, f, status::PAGE_FAULT_NOBOF),
+                Err(Stop::Fault(f)) => partial_record(&md, &mp, f, status::PAGE_FAULT_NOBOF),
             };
-            finish_member(job, &md, cr, mem, cr_failed);
+            finish_member(job, &md, cr, mem, budget, cr_failed);
             continue;
         }
         if job.batch.next >= count {
@@ -1034,7 +1201,7 @@ fn run_batch<M: DmaMemory + ?Sized>(
             break;
         }
         match validate(&md, limits, true) {
-            Err(cr) => finish_member(job, &md, cr, mem, cr_failed),
+            Err(cr) => finish_member(job, &md, cr, mem, budget, cr_failed),
             Ok(()) => job.batch.member = Some((md, Progress::default())),
         }
     }
@@ -1170,8 +1337,173 @@ mod tests {
             failed.push(e)
         }) {
             Outcome::Complete(cr) => cr,
-            Outcome::Blocked(f) => panic!("unexpected block at {f:?}"),
+            other => panic!("unexpected {other:?}"),
         }
+    }
+
+    /// Runs `d` with `budget` bytes per step, resuming after every yield
+    /// (and answering every block Invalid); returns the record and the
+    /// number of yields.
+    fn run_bounded(m: &TestMemory, d: Descriptor, budget: u64) -> (CompletionRecord, u32) {
+        let mut job = Job::new(d);
+        let lim = Limits::default();
+        let mut resume = Resume::Start;
+        let mut yields = 0;
+        for _ in 0..1_000_000 {
+            let mut b = Budget::new(budget);
+            match execute_bounded(&mut job, m, &lim, resume, &mut b, &mut |_| {}) {
+                Outcome::Complete(cr) => return (cr, yields),
+                Outcome::Yielded => {
+                    yields += 1;
+                    resume = Resume::Continue;
+                }
+                Outcome::Blocked(_) => resume = Resume::Invalid,
+            }
+        }
+        panic!("never completed")
+    }
+
+    /// The contents of every region of `m`.
+    fn snapshot(m: &TestMemory) -> Vec<(u64, Vec<u8>)> {
+        m.regions
+            .iter()
+            .map(|r| (r.iova, m.read(r.iova, r.buf.len())))
+            .collect()
+    }
+
+    /// Every operation split into small steps (yield, resume) ends with the
+    /// record and memory of a run in one go, including a partial
+    /// completion after several yields and a batch that yields inside and
+    /// between members.
+    #[test]
+    fn test_bounded_execution_matches_one_go() {
+        let init = |m: &TestMemory| {
+            m.write(SRC, &pattern(0x10000, 9));
+            m.write(DST, &pattern(0x10000, 9));
+            m.write(DST + 0x8000, &[0xee]);
+        };
+        let mut descs = Vec::new();
+        let mut mv = desc(opcode::MEMMOVE, 0);
+        (mv.src, mv.dst, mv.xfer_size) = (SRC + 3, DST + 5, 0xf000);
+        descs.push(mv);
+        let mut down = desc(opcode::MEMMOVE, 0);
+        (down.src, down.dst, down.xfer_size) = (SRC, SRC + 100, 0xf000);
+        descs.push(down);
+        let mut fill = desc(opcode::MEMFILL, 0);
+        (fill.src, fill.dst, fill.xfer_size) = (0x0807_0605_0403_0201, DST + 1, 0xf000);
+        descs.push(fill);
+        let mut cmp = desc(opcode::COMPARE, 0);
+        (cmp.src, cmp.dst, cmp.xfer_size) = (SRC, DST, 0x10000);
+        descs.push(cmp);
+        let mut crc = desc(opcode::CRCGEN, 0);
+        (crc.src, crc.xfer_size) = (SRC + 1, 0xfff0);
+        crc.set_op_u32(0, 0x1234_5678);
+        descs.push(crc);
+        let mut ccrc = desc(opcode::COPY_CRC, 0);
+        (ccrc.src, ccrc.dst, ccrc.xfer_size) = (SRC, DST, 0x10000);
+        descs.push(ccrc);
+        let mut dc = desc(opcode::DUALCAST, 0);
+        (dc.src, dc.dst, dc.xfer_size) = (SRC, DST, 0x8000);
+        dc.set_op_u64(0, AUX);
+        descs.push(dc);
+        let mut cf = desc(opcode::CFLUSH, 0);
+        (cf.dst, cf.xfer_size) = (DST, 0x10000);
+        descs.push(cf);
+        // Runs past the end of SRC: a partial completion after yields.
+        let mut part = desc(opcode::MEMMOVE, 0);
+        (part.src, part.dst, part.xfer_size) = (SRC + 0x8000, AUX, 0x9000);
+        descs.push(part);
+        let mut part_crc = desc(opcode::CRCGEN, 0);
+        (part_crc.src, part_crc.xfer_size) = (SRC + 0x100, 0x11000);
+        descs.push(part_crc);
+        // A batch: moves, a failing member, a fence.
+        let mut list: Vec<_> = (0..4).map(|i| member_move(i, 0)).collect();
+        for m in &mut list {
+            m.xfer_size = 0x3000;
+        }
+        list[2].src = 0x70_0000;
+        list[3].flags |= flags::FENCE;
+        let mut b = desc(opcode::BATCH, 0);
+        b.src = AUX + 0x8000;
+        b.xfer_size = 4;
+        for d in descs.iter().chain([&b]) {
+            let one = mem();
+            init(&one);
+            put_list(&one, AUX + 0x8000, &list);
+            let want = run(&one, *d);
+            for budget in [1, 1000, 4096, 5000, 0x8000] {
+                let m = mem();
+                init(&m);
+                put_list(&m, AUX + 0x8000, &list);
+                let (got, yields) = run_bounded(&m, *d, budget);
+                assert_eq!(got, want, "opcode {:#x} budget {budget}", d.opcode);
+                assert_eq!(
+                    snapshot(&m),
+                    snapshot(&one),
+                    "opcode {:#x} budget {budget}",
+                    d.opcode
+                );
+                if budget <= 4096 && d.xfer_size >= 0x8000 && d.opcode != opcode::BATCH {
+                    assert!(yields >= 1, "opcode {:#x} never yielded", d.opcode);
+                }
+            }
+        }
+        // The failing batch member's record, and the partial record's
+        // progress, are those of the run in one go (checked above); the
+        // batch itself yields between and inside members.
+        let m = mem();
+        put_list(&m, AUX + 0x8000, &list);
+        let (cr, yields) = run_bounded(&m, b, 4096);
+        assert_eq!((cr.status, cr.bytes_completed), (status::BATCH_FAIL, 3));
+        assert!(yields >= 3, "{yields} yields");
+        // A descriptor of exactly the budget completes without a yield (the
+        // per-descriptor charge comes after it).
+        let mut f = desc(opcode::MEMFILL, 0);
+        (f.dst, f.xfer_size) = (AUX, 0x8000);
+        let (cr, yields) = run_bounded(&mem(), f, 0x8000);
+        assert_eq!((cr.status, yields), (status::SUCCESS, 0));
+    }
+
+    /// A block on fault after a yield resumes from the yield's progress.
+    #[test]
+    fn test_block_on_fault_after_yield() {
+        let mut m = mem();
+        m.write(SRC, &pattern(0x10000, 5));
+        let mut d = desc(opcode::MEMMOVE, flags::BOF);
+        (d.src, d.dst, d.xfer_size) = (SRC, 0x80_0000, 0x8000);
+        m.map(0x80_0000, 0x4000);
+        let mut job = Job::new(d);
+        let lim = Limits::default();
+        let mut b = Budget::new(0x1000);
+        assert_eq!(
+            execute_bounded(&mut job, &m, &lim, Resume::Start, &mut b, &mut |_| {}),
+            Outcome::Yielded
+        );
+        let mut yields = 1;
+        let blocked = loop {
+            let mut b = Budget::new(0x1000);
+            match execute_bounded(&mut job, &m, &lim, Resume::Continue, &mut b, &mut |_| {}) {
+                Outcome::Yielded => yields += 1,
+                Outcome::Blocked(f) => break f,
+                Outcome::Complete(cr) => panic!("completed {cr:?}"),
+            }
+            assert!(yields < 100);
+        };
+        assert_eq!(blocked.addr, 0x80_4000);
+        assert_eq!(job.progress.done, 0x4000);
+        m.map(0x80_4000, 0x4000);
+        let Outcome::Complete(cr) = execute_bounded(
+            &mut job,
+            &m,
+            &lim,
+            Resume::Success,
+            &mut Budget::unlimited(),
+            &mut |_| {},
+        ) else {
+            panic!("not complete")
+        };
+        assert_eq!((cr.status, cr.bytes_completed), (status::SUCCESS, 0x8000));
+        assert_eq!(m.read(0x80_0000, 0x8000), pattern(0x10000, 5)[..0x8000]);
     }
 
     #[test]
@@ -1898,7 +2230,7 @@ mod tests {
                 let mut out = execute(&mut job, &m, &lim, Resume::Start, &mut |_| {});
                 for _ in 0..64 {
                     match out {
-                        Outcome::Complete(_) => break,
+                        Outcome::Complete(_) | Outcome::Yielded => break,
                         Outcome::Blocked(_) => out = execute(&mut job, &m, &lim, Resume::Invalid, &mut |_| {}),
                     }
                 }
@@ -1907,6 +2239,52 @@ mod tests {
                 };
                 let known = [0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, 0x19, 0x1c, 0x1d];
                 prop_assert!(known.contains(&cr.code()), "status {:#x}", cr.status);
+            }
+
+            /// Any descriptor run in small steps (a yield after every
+            /// `budget` bytes, each resumed) ends with the record and the
+            /// memory of a run in one go.
+            #[test]
+            fn test_any_descriptor_bounded_matches_one_go(raw in arb_desc(), list in proptest::collection::vec(arb_desc(), 8), budget in 1u64..0x3000) {
+                let setup = || {
+                    let m = mem();
+                    for (i, l) in list.iter().enumerate() {
+                        m.write(AUX + 64 * i as u64, l);
+                    }
+                    m.write(SRC, &pattern(0x10000, 1));
+                    m
+                };
+                let d = Descriptor::from_bytes(&raw);
+                let lim = Limits::default();
+                let one = setup();
+                let mut job = Job::new(d);
+                let mut out = execute(&mut job, &one, &lim, Resume::Start, &mut |_| {});
+                for _ in 0..64 {
+                    match out {
+                        Outcome::Blocked(_) => out = execute(&mut job, &one, &lim, Resume::Invalid, &mut |_| {}),
+                        _ => break,
+                    }
+                }
+                let Outcome::Complete(want) = out else {
+                    return Err(TestCaseError::fail("never completed"));
+                };
+                let m = setup();
+                let mut job = Job::new(d);
+                let mut resume = Resume::Start;
+                let mut got = None;
+                for _ in 0..100_000 {
+                    let mut b = Budget::new(budget);
+                    match execute_bounded(&mut job, &m, &lim, resume, &mut b, &mut |_| {}) {
+                        Outcome::Complete(cr) => {
+                            got = Some(cr);
+                            break;
+                        }
+                        Outcome::Yielded => resume = Resume::Continue,
+                        Outcome::Blocked(_) => resume = Resume::Invalid,
+                    }
+                }
+                prop_assert_eq!(got, Some(want));
+                prop_assert_eq!(snapshot(&m), snapshot(&one));
             }
         }
     }

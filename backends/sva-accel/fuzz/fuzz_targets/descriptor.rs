@@ -1,11 +1,14 @@
 //! Any descriptor over any memory contents: the engine validates and
 //! executes (resuming blocked descriptors with Invalid) without panicking,
-//! and every completion carries a defined status.
+//! and every completion carries a defined status. Half the inputs run in
+//! bounded steps (a budget taken from the input, every yield resumed).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use sva_accel::desc::{Descriptor, DESC_SIZE};
-use sva_accel::engine::{execute, DmaMemory, Fragment, Job, Limits, Outcome, PageFault, Resume};
+use sva_accel::engine::{
+    execute_bounded, Budget, DmaMemory, Fragment, Job, Limits, Outcome, PageFault, Resume,
+};
 use std::cell::UnsafeCell;
 
 const BASE: u64 = 0x10_0000;
@@ -47,14 +50,26 @@ fuzz_target!(|data: &[u8]| {
     d.xfer_size %= 0x4_0000;
     let mut job = Job::new(d);
     let lim = Limits::default();
-    let mut out = execute(&mut job, &mem, &lim, Resume::Start, &mut |_| {});
-    for _ in 0..4096 {
+    // The budget: unbounded, or 1..=64 KiB per step from two input bytes.
+    let step = match (data.get(DESC_SIZE), data.get(DESC_SIZE + 1)) {
+        (Some(&a), Some(&b)) if a & 1 == 1 => Some(u64::from(u16::from_le_bytes([a, b])) + 1),
+        _ => None,
+    };
+    let budget = || step.map_or_else(Budget::unlimited, Budget::new);
+    let mut out = execute_bounded(&mut job, &mem, &lim, Resume::Start, &mut budget(), &mut |_| {});
+    for _ in 0..1_000_000 {
         match out {
             Outcome::Complete(cr) => {
                 assert!(cr.code() != 0, "completion without a status");
                 return;
             }
-            Outcome::Blocked(_) => out = execute(&mut job, &mem, &lim, Resume::Invalid, &mut |_| {}),
+            Outcome::Blocked(_) => {
+                out = execute_bounded(&mut job, &mem, &lim, Resume::Invalid, &mut budget(), &mut |_| {})
+            }
+            Outcome::Yielded => {
+                assert!(step.is_some(), "an unbounded execution yielded");
+                out = execute_bounded(&mut job, &mem, &lim, Resume::Continue, &mut budget(), &mut |_| {})
+            }
         }
     }
     panic!("descriptor never completed");
