@@ -2,9 +2,11 @@
 //! on fault, and the server loop that accepts clients.
 //!
 //! Threads:
-//! - workers (configurable, default cores - 1, at least 1): take parked work
-//!   that was answered, then descriptors from portals in priority order; spin
-//!   a short adaptive while when idle, then sleep on the doorbell eventfd;
+//! - workers (configurable, default cores - 1, at least 1): run one unit of
+//!   work ([`WORK_UNIT`]) of one client at a time, in priority order (work
+//!   that yielded, was answered after a fault or released by a drain first,
+//!   then descriptors from its portal); spin a short adaptive while when
+//!   idle, then sleep on the doorbell eventfd;
 //! - one acceptor; one control thread per client (HELLO, then it only
 //!   watches the connection: memory is mapped and faults are delivered
 //!   through the `/dev/iommu` service).
