@@ -4,7 +4,8 @@
 //! sva-accel --socket-path PATH [--workers N] [--wq-size N] [--wq-mode shared|dedicated]
 //!           [--max-batch N] [--max-xfer BYTES] [--max-priority N]
 //!           [--iommu-socket PATH] [--label NAME]
-//!           [--socket-mode MODE] [--socket-group GROUP] [--grant DEVICE=WHO]...
+//!           [--socket-mode MODE] [--socket-group GROUP]
+//!           [--grant DEVICE=WHO]... [--limit NAME=VALUE]...
 //! ```
 //!
 //! Both sockets are created with mode `--socket-mode` (octal, default
@@ -28,7 +29,7 @@ use sva_accel::wq::WqMode;
 
 const USAGE: &str = "usage: sva-accel --socket-path PATH [--workers N] [--wq-size N] \
 [--wq-mode shared|dedicated] [--max-batch N] [--max-xfer BYTES] [--max-priority N] \
-[--iommu-socket PATH] [--label NAME] [--socket-mode MODE] [--socket-group GROUP] [--grant DEVICE=WHO]...";
+[--iommu-socket PATH] [--label NAME] [--socket-mode MODE] [--socket-group GROUP] [--grant DEVICE=WHO]... [--limit NAME=VALUE]...";
 
 struct Opts {
     path: PathBuf,

@@ -30,9 +30,19 @@
 //!   (else `EPERM`); a session detaches only what it attached.
 //! - A memfd must be sealed with `F_SEAL_SHRINK` (so the client cannot
 //!   truncate it under a device); [`sealed_memfd`] makes one.
-//! - Every count a session can grow is bounded ([`MAX_OBJECTS_PER_SESSION`],
-//!   [`MAX_MAPPINGS_PER_SESSION`], [`MAX_PASIDS_PER_SESSION`],
-//!   [`MAX_FAULT_QUEUES_PER_SESSION`], [`MAX_SESSIONS`]).
+//! - Every count a session can grow is bounded ([`MAX_MAPPINGS_PER_SESSION`],
+//!   [`MAX_PASIDS_PER_SESSION`], [`MAX_FAULT_QUEUES_PER_SESSION`]), and
+//!   what it costs the daemon is charged ([`Limits`]): the bytes it maps
+//!   (per user, in the spirit of `RLIMIT_MEMLOCK`: `ENOMEM` past it, with
+//!   a ceiling over all users that bounds the daemon's address space), the
+//!   fds the service holds for it (`EMFILE`), its objects (`ENOSPC`), and
+//!   its sessions (per user and in total: a connection past them is
+//!   closed). A refusal names the limit in its message and in a
+//!   (rate-limited) log line; `--limit NAME=VALUE` ([`ServiceOptions`])
+//!   and [`Service::set_limits`] change them.
+//! - Devices are attached only by the sessions they are granted to, and a
+//!   vhost-user frontend's RID only with its consent
+//!   ([`crate::ownership`]).
 //! - The RID of a device a vhost-user connection serves (a
 //!   [`DeviceDirectory::rid_ownership`] device) is held by that connection
 //!   on an IOAS of its own; a session's ATTACH takes it over (replace) and
@@ -77,12 +87,16 @@
 //! device threads must keep their sections short.
 
 pub mod client;
+mod ledger;
+mod limits;
 mod options;
 pub mod proto;
 pub mod server;
 pub mod transport;
 
 pub use client::{sealed_memfd, Client, ClientError, DeviceInfo, HwptRequest, MapPerm};
+pub use ledger::{Exceeded, Usage};
+pub use limits::{Limits, Resource, Scope};
 pub use options::ServiceOptions;
 pub use proto::WireInvalidation;
 pub use server::{

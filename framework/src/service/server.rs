@@ -21,6 +21,8 @@ use nix::sys::socket::{self, AddressFamily, SockFlag, SockType};
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use thiserror::Error;
 
+use super::ledger::{Exceeded, Ledger, Usage};
+use super::limits::{Limits, Resource};
 use super::proto::*;
 use super::transport::{recv_packet, send_packet};
 use crate::accept::AcceptBackoff;
@@ -35,10 +37,15 @@ use crate::uring::{
 use std::result::Result;
 
 static SESSION_REFUSED: RateLimit = RateLimit::peer();
+/// Requests refused at a limit (one site per resource would let a client
+/// that alternates flood; they share one).
+static LIMIT_REFUSED: RateLimit = RateLimit::peer();
 
-/// Most sessions served at once; further connections are refused.
+/// Most sessions served at once unless configured otherwise (the default
+/// of [`Limits::sessions_total`]); further connections are refused.
 pub const MAX_SESSIONS: usize = 128;
-/// Most objects (IOAS, HWPT, fault queues) one session may own.
+/// Most objects (IOAS, HWPT, fault queues) one session may own unless
+/// configured otherwise (the default of [`Limits::objects_per_session`]).
 pub const MAX_OBJECTS_PER_SESSION: usize = 1024;
 /// Most memfd mappings one session may keep alive (each is an `mmap` in
 /// the server, so this bounds the server's map count).
@@ -198,11 +205,17 @@ struct Shared {
     registry: Mutex<Registry>,
     observer: RwLock<Option<Arc<dyn ServiceObserver>>>,
     grants: RwLock<Grants>,
+    /// What sessions hold, against the limits.
+    ledger: Mutex<Ledger>,
 }
 
 impl Shared {
     fn registry(&self) -> MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn grants(&self) -> std::sync::RwLockReadGuard<'_, Grants> {
@@ -286,6 +299,28 @@ impl ServiceHandle {
     /// session already attached keeps its attachment.
     pub fn grant(&self, label: &str, who: Grantee) {
         self.shared.grant(label, who);
+    }
+
+    /// What user `uid`'s sessions hold now (mappings that are gone are
+    /// released at the next request that needs their room).
+    pub fn usage(&self, uid: u32) -> Usage {
+        self.shared.ledger().uid_usage(uid)
+    }
+
+    /// What all sessions hold now.
+    pub fn total_usage(&self) -> Usage {
+        self.shared.ledger().total()
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> Limits {
+        *self.shared.ledger().limits()
+    }
+
+    /// Replaces the limits; what sessions hold already stays (a lower
+    /// limit refuses new charges until they are under it).
+    pub fn set_limits(&self, limits: Limits) {
+        self.shared.ledger().set_limits(limits);
     }
 
     /// Installs (or clears) the observer.
@@ -436,8 +471,11 @@ struct Session {
     pasids: HashSet<(String, u32)>,
     /// Fault pumps by fault queue id.
     pumps: HashMap<u32, FaultPump<QueueSource>>,
-    /// Live memfd mappings (weak: areas keep them alive).
-    mappings: Vec<Weak<Memory>>,
+    /// Memfd mappings with the bytes charged for them (weak: areas keep
+    /// them alive; a dead one is released at the next sweep).
+    mappings: Vec<(Weak<Memory>, u64)>,
+    /// What the session is charged for.
+    usage: Usage,
 }
 
 impl Session {
@@ -458,8 +496,27 @@ impl Session {
         }
     }
 
-    fn add_object(&mut self, id: u32, kind: Owned) {
-        self.objects.push((id, kind));
+    /// Releases the charges of mappings that are gone.
+    fn sweep(&mut self, ledger: &mut Ledger) {
+        let uid = self.info.uid;
+        let usage = &mut self.usage;
+        self.mappings.retain(|(w, len)| {
+            if w.strong_count() > 0 {
+                return true;
+            }
+            ledger.release(uid, usage, Resource::MappedBytes, *len);
+            ledger.release(uid, usage, Resource::Fds, 1);
+            false
+        });
+    }
+}
+
+/// What an object costs its session: the object, and for a fault queue its
+/// two fds (the queue's and the service's end of the channel).
+fn object_cost(kind: Owned) -> [(Resource, u64); 2] {
+    match kind {
+        Owned::Fault => [(Resource::Objects, 1), (Resource::Fds, 2)],
+        Owned::Ioas | Owned::Hwpt => [(Resource::Objects, 1), (Resource::Fds, 0)],
     }
 }
 
@@ -566,6 +623,7 @@ impl Service {
                 registry: Mutex::new(Registry::default()),
                 observer: RwLock::new(None),
                 grants: RwLock::new(Grants::default()),
+                ledger: Mutex::new(Ledger::new(Limits::default())),
             }),
             listener: None,
             path: None,
@@ -639,8 +697,14 @@ impl Service {
             .unwrap_or_else(|e| e.into_inner()) = grants;
     }
 
+    /// Replaces the limits (see [`Limits`]).
+    pub fn set_limits(&self, limits: Limits) {
+        self.shared.ledger().set_limits(limits);
+    }
+
     /// Applies an administrator's settings (a daemon's command line).
     pub fn configure(&self, options: &super::ServiceOptions) {
+        self.set_limits(options.limits);
         for label in options.grants.granted_labels() {
             log::info!(
                 "service: device {label:?} granted to {}",
@@ -834,11 +898,6 @@ impl Service {
     }
 
     fn add_session(&mut self, fd: OwnedFd) -> io::Result<()> {
-        if self.sessions.len() >= MAX_SESSIONS {
-            return Err(io::Error::other(format!(
-                "session limit of {MAX_SESSIONS} reached"
-            )));
-        }
         {
             use nix::fcntl::{fcntl, FcntlArg, OFlag};
             let fl = fcntl(fd.as_fd(), FcntlArg::F_GETFL)?;
@@ -851,14 +910,32 @@ impl Service {
             Ok(c) => (c.pid, c.uid, c.gid),
             Err(_) => (0, u32::MAX, u32::MAX),
         };
+        // A session costs a session and its socket.
+        let mut usage = Usage::default();
+        let charged = {
+            let mut l = self.shared.ledger();
+            let r = l
+                .charge(uid, &mut usage, Resource::Sessions, 1)
+                .and_then(|()| l.charge(uid, &mut usage, Resource::Fds, 1));
+            if r.is_err() {
+                l.release_all(uid, &mut usage);
+            }
+            r
+        };
+        if let Err(e) = charged {
+            return Err(io::Error::other(format!(
+                "a session of pid {pid} uid {uid} refused: {e}"
+            )));
+        }
         let sid = self.next_session;
         self.next_session += 1;
-        self.epoll
-            .add(
-                fd.as_fd(),
-                EpollEvent::new(EpollFlags::EPOLLIN, token(sid, 0, KIND_CONTROL)),
-            )
-            .map_err(io::Error::from)?;
+        if let Err(e) = self.epoll.add(
+            fd.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, token(sid, 0, KIND_CONTROL)),
+        ) {
+            self.shared.ledger().release_all(uid, &mut usage);
+            return Err(e.into());
+        }
         let info = SessionInfo {
             id: sid,
             pid,
@@ -880,6 +957,7 @@ impl Service {
                 pasids: HashSet::new(),
                 pumps: HashMap::new(),
                 mappings: Vec::new(),
+                usage,
             },
         );
         Ok(())
@@ -1091,6 +1169,11 @@ impl Service {
                 rid.forget_session(sid);
             }
         }
+        // Its mappings die with its objects; everything it held is given
+        // back at once.
+        self.shared
+            .ledger()
+            .release_all(sess.info.uid, &mut sess.usage);
         {
             let mut r = self.shared.registry();
             r.sessions.remove(&sid);
@@ -1310,7 +1393,7 @@ impl Service {
             Request::IoasAlloc => {
                 self.room_for_object(sid)?;
                 let id = iommu.ioas_alloc()?;
-                self.session(sid)?.add_object(id, Owned::Ioas);
+                self.add_object(sid, id, Owned::Ioas)?;
                 ok(ReplyBody::Id(id))
             }
             Request::Destroy { id } => self.destroy(sid, id),
@@ -1331,8 +1414,11 @@ impl Service {
                 let len = usize::try_from(length)
                     .map_err(|_| Fail::new(libc::EOVERFLOW, "length exceeds the address space"))?;
                 {
-                    let sess = self.session(sid)?;
-                    sess.mappings.retain(|w| w.strong_count() > 0);
+                    let sess = self
+                        .sessions
+                        .get_mut(&sid)
+                        .ok_or_else(|| Fail::new(libc::ENOENT, "session is gone"))?;
+                    sess.sweep(&mut self.shared.ledger());
                     if sess.mappings.len() >= MAX_MAPPINGS_PER_SESSION {
                         return Err(Fail::new(
                             libc::ENOSPC,
@@ -1340,10 +1426,17 @@ impl Service {
                         ));
                     }
                 }
+                // The mapping costs the daemon `len` bytes of address space
+                // and the memfd it keeps open.
+                let cost = [(Resource::MappedBytes, length), (Resource::Fds, 1)];
+                self.room(sid, &cost, "IOAS_MAP")?;
                 let mem = Memory::from_memfd(fd, offset, len)?;
                 let fixed = (flags & MAP_FIXED_IOVA != 0).then_some(iova);
                 let iova = iommu.ioas_map(ioas_id, &mem, 0, length, fixed, perm)?;
-                self.session(sid)?.mappings.push(Arc::downgrade(&mem));
+                self.charge(sid, &cost);
+                self.session(sid)?
+                    .mappings
+                    .push((Arc::downgrade(&mem), length));
                 self.resume_owned(sid);
                 ok(ReplyBody::U64(iova))
             }
@@ -1576,7 +1669,7 @@ impl Service {
                     data,
                     fault_id,
                 })?;
-                self.session(sid)?.add_object(id, Owned::Hwpt);
+                self.add_object(sid, id, Owned::Hwpt)?;
                 ok(ReplyBody::Id(id))
             }
             Request::HwptInvalidate {
@@ -1631,7 +1724,7 @@ impl Service {
                 }
             }
             Request::FaultQueueAlloc => {
-                self.room_for_object(sid)?;
+                self.room(sid, &object_cost(Owned::Fault), "FAULT_QUEUE_ALLOC")?;
                 if self.session(sid)?.pumps.len() >= MAX_FAULT_QUEUES_PER_SESSION {
                     return Err(Fail::new(
                         libc::ENOSPC,
@@ -1667,9 +1760,8 @@ impl Service {
                     let _ = iommu.destroy(id);
                     return Err(Fail::new(e as i32, "cannot watch the fault queue"));
                 }
-                let s = self.session(sid)?;
-                s.add_object(id, Owned::Fault);
-                s.pumps.insert(id, pump);
+                self.add_object(sid, id, Owned::Fault)?;
+                self.session(sid)?.pumps.insert(id, pump);
                 Ok((ReplyBody::Id(id), 0, Some(client_end)))
             }
         }
@@ -1682,12 +1774,82 @@ impl Service {
     }
 
     fn room_for_object(&mut self, sid: u64) -> Result<(), Fail> {
-        if self.session(sid)?.objects.len() >= MAX_OBJECTS_PER_SESSION {
-            return Err(Fail::new(
-                libc::ENOSPC,
-                format!("session owns {MAX_OBJECTS_PER_SESSION} objects"),
-            ));
+        self.room(sid, &object_cost(Owned::Ioas), "a new object")
+    }
+
+    /// Whether session `sid` may be charged `cost` without passing a
+    /// limit; if not, mappings that are gone are released and it is asked
+    /// again. A refusal is logged (rate-limited) and answered with the
+    /// resource's errno.
+    fn room(&mut self, sid: u64, cost: &[(Resource, u64)], what: &str) -> Result<(), Fail> {
+        if self.fits(sid, cost)?.is_ok() {
+            return Ok(());
         }
+        {
+            let mut l = self.shared.ledger();
+            for sess in self.sessions.values_mut() {
+                sess.sweep(&mut l);
+            }
+        }
+        match self.fits(sid, cost)? {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let peer = self.session(sid)?.info.peer();
+                log_limited!(
+                    limit: LIMIT_REFUSED,
+                    log::Level::Warn,
+                    "service: session {sid} ({peer}): {what} refused: {e}"
+                );
+                Err(Fail::new(e.resource.errno(), format!("{what}: {e}")))
+            }
+        }
+    }
+
+    /// The first limit `cost` would pass, if any.
+    fn fits(&self, sid: u64, cost: &[(Resource, u64)]) -> Result<Result<(), Exceeded>, Fail> {
+        let s = self
+            .sessions
+            .get(&sid)
+            .ok_or_else(|| Fail::new(libc::ENOENT, "session is gone"))?;
+        // Resources are counted apart: each may be checked on its own.
+        let l = self.shared.ledger();
+        for (r, n) in cost {
+            if let Err(e) = l.check(s.info.uid, &s.usage, *r, *n) {
+                return Ok(Err(e));
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// Charges `cost` to session `sid` (after [`Service::room`] said it fits).
+    fn charge(&mut self, sid: u64, cost: &[(Resource, u64)]) {
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        let mut l = self.shared.ledger();
+        for (r, n) in cost {
+            if let Err(e) = l.charge(s.info.uid, &mut s.usage, *r, *n) {
+                // Cannot happen: nothing was charged since `room`.
+                warn!("service: session {sid}: charge after room: {e}");
+            }
+        }
+    }
+
+    /// Gives back `cost` charged to session `sid`.
+    fn release(&mut self, sid: u64, cost: &[(Resource, u64)]) {
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        let mut l = self.shared.ledger();
+        for (r, n) in cost {
+            l.release(s.info.uid, &mut s.usage, *r, *n);
+        }
+    }
+
+    /// Records a new object of session `sid` and charges it.
+    fn add_object(&mut self, sid: u64, id: u32, kind: Owned) -> Result<(), Fail> {
+        self.session(sid)?.objects.push((id, kind));
+        self.charge(sid, &object_cost(kind));
         Ok(())
     }
 
@@ -1716,7 +1878,8 @@ impl Service {
             let _ = self.epoll.delete(p.socket());
         }
         self.shared.iommu.destroy(id)?;
-        self.session(sid)?.objects.remove(pos);
+        let (_, kind) = self.session(sid)?.objects.remove(pos);
+        self.release(sid, &object_cost(kind));
         Ok((ReplyBody::Empty, 0, None))
     }
 
