@@ -79,12 +79,21 @@
 //! [`Service::run_once`] with a zero timeout when it polls readable.
 //!
 //! Unmaps, detaches, replaces and HWPT invalidations requested by clients
-//! complete on the service's own io_uring [`crate::uring::InvalidationHub`]:
-//! device threads that take a link from [`ServiceHandle::linker`] are
-//! nudged through their doorbell and acknowledged on the hub's ring. Such an
-//! operation holds up the service loop until the device threads that were
-//! inside an access section have left it (that is the unmap promise), so
-//! device threads must keep their sections short.
+//! are two-phase and never hold up the service: the state changes at once
+//! (`*_begin`), and the request's reply is held until every device thread
+//! that was inside an access section has left it (that is the unmap
+//! promise: once the client reads the reply, no device uses the old
+//! translations). The service completes those waits on its own io_uring
+//! [`crate::uring::InvalidationHub`], whose completion fd is in its epoll
+//! set: device threads that take a link from [`ServiceHandle::linker`] are
+//! nudged through their doorbell and acknowledged on the hub's ring;
+//! threads without a link are re-checked on a 1 ms timer, and every thread
+//! still waited for is nudged again every 10 ms. Meanwhile every other
+//! session is served. The waiting session's socket is not read until its
+//! reply has gone out, so requests it sends behind the unmap are answered
+//! in order, after it; if it hangs up meanwhile it is closed at once and
+//! the invalidation completes in the background. A closing session's
+//! detaches complete in the background too.
 
 pub mod client;
 mod ledger;

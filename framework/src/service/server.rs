@@ -7,11 +7,11 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use iommu_core::{
-    Device, FaultQueue, HwInfo, HwptAlloc, HwptData, InvalidateEntry, Iommu, IovaRange, Memory,
-    PageResponseCode, Perm,
+    Device, FaultQueue, HwInfo, HwptAlloc, HwptData, InvalidateEntry, InvalidationTicket, Iommu,
+    IovaRange, Memory, PageResponseCode, Perm,
 };
 use log::{debug, warn};
 use nix::errno::Errno;
@@ -30,9 +30,10 @@ use crate::log_limited;
 use crate::ownership::{Grantee, Grants, Peer, Refusal, RidOwnership};
 use crate::ratelimit::RateLimit;
 use crate::socket_policy::{peer_cred, SocketPolicy};
+use crate::uring::invalidate::OpId;
 use crate::uring::{
-    fault_channel_pair, FaultPump, FaultRecord, FaultSource, HubError, InvalidationHub, Linker,
-    PageResponse, PumpError,
+    fault_channel_pair, FaultPump, FaultRecord, FaultSource, InvalidationHub, Linker, PageResponse,
+    PumpError,
 };
 use std::result::Result;
 
@@ -428,12 +429,6 @@ impl From<iommu_core::Error> for Fail {
     }
 }
 
-impl From<HubError> for Fail {
-    fn from(e: HubError) -> Self {
-        Fail::new(e.errno(), e.to_string())
-    }
-}
-
 impl From<ProtoError> for Fail {
     fn from(e: ProtoError) -> Self {
         Fail::new(e.errno(), e.to_string())
@@ -455,6 +450,24 @@ const KIND_CHANNEL: u64 = 2;
 const TOKEN_LISTENER: u64 = u64::MAX;
 const TOKEN_STOP: u64 = u64::MAX - 1;
 const TOKEN_ACCEPT_TIMER: u64 = u64::MAX - 2;
+const TOKEN_HUB: u64 = u64::MAX - 3;
+const TOKEN_RECHECK: u64 = u64::MAX - 4;
+
+/// How often invalidations in flight are re-checked (for translators
+/// without a link, whose end is seen only by looking).
+const RECHECK_PERIOD: Duration = Duration::from_millis(1);
+/// Re-checks between two nudges of the translators still waited for.
+const RECHECKS_PER_NUDGE: u32 = 10;
+
+/// A reply held back until the invalidations its request started have
+/// completed (the unmap promise: once the client reads it, no device uses
+/// the old translations).
+struct Held {
+    bytes: Vec<u8>,
+    fd: Option<OwnedFd>,
+    ops: HashSet<OpId>,
+    since: Instant,
+}
 
 fn token(sid: u64, fault_id: u32, kind: u64) -> u64 {
     (sid << 34) | (u64::from(fault_id) << 2) | kind
@@ -476,6 +489,9 @@ struct Session {
     mappings: Vec<(Weak<Memory>, u64)>,
     /// What the session is charged for.
     usage: Usage,
+    /// The reply its last request waits to send; meanwhile its further
+    /// requests wait in its socket (they are answered in order).
+    held: Option<Held>,
 }
 
 impl Session {
@@ -540,6 +556,14 @@ pub struct Service {
     /// epoll set until `accept_timer` fires.
     accept_backoff: AcceptBackoff,
     accept_timer: TimerFd,
+    /// Invalidations in flight whose session waits for them, by hub op.
+    waiting: HashMap<OpId, u64>,
+    /// Invalidations started by the request being executed.
+    deferred: Vec<OpId>,
+    /// Fires every [`RECHECK_PERIOD`] while invalidations are in flight.
+    recheck_timer: TimerFd,
+    recheck_armed: bool,
+    rechecks: u32,
     /// Who may open a session through the listener.
     policy: SocketPolicy,
 }
@@ -615,6 +639,23 @@ impl Service {
                 EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_ACCEPT_TIMER),
             )
             .map_err(|e| ServiceError::EventLoop(e.into()))?;
+        epoll
+            .add(
+                hub.completion_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_HUB),
+            )
+            .map_err(|e| ServiceError::EventLoop(e.into()))?;
+        let recheck_timer = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )
+        .map_err(|e| ServiceError::EventLoop(e.into()))?;
+        epoll
+            .add(
+                recheck_timer.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_RECHECK),
+            )
+            .map_err(|e| ServiceError::EventLoop(e.into()))?;
         Ok(Service {
             shared: Arc::new(Shared {
                 iommu,
@@ -635,6 +676,11 @@ impl Service {
             accept_backoff: AcceptBackoff::new(),
             accept_timer,
             policy: SocketPolicy::default(),
+            waiting: HashMap::new(),
+            deferred: Vec::new(),
+            recheck_timer,
+            recheck_armed: false,
+            rechecks: 0,
         })
     }
 
@@ -805,11 +851,13 @@ impl Service {
                 TOKEN_STOP => return Ok(false),
                 TOKEN_LISTENER => self.accept_all(),
                 TOKEN_ACCEPT_TIMER => self.resume_accepting(),
+                TOKEN_HUB => self.reap_invalidations(false),
+                TOKEN_RECHECK => self.reap_invalidations(true),
                 _ => {
                     let sid = tok >> 34;
                     let fault_id = ((tok >> 2) & 0xffff_ffff) as u32;
                     match tok & 3 {
-                        KIND_CONTROL => self.service_session(sid),
+                        KIND_CONTROL => self.service_session(sid, ev.events()),
                         KIND_SOURCE | KIND_CHANNEL => self.service_pump(sid, fault_id),
                         _ => {}
                     }
@@ -958,18 +1006,27 @@ impl Service {
                 pumps: HashMap::new(),
                 mappings: Vec::new(),
                 usage,
+                held: None,
             },
         );
         Ok(())
     }
 
-    fn service_session(&mut self, sid: u64) {
+    fn service_session(&mut self, sid: u64, events: EpollFlags) {
         // Bounded: at most this many messages per wakeup, then others get
         // their turn (epoll is level-triggered).
         for _ in 0..64 {
             let Some(sess) = self.sessions.get(&sid) else {
                 return;
             };
+            if sess.held.is_some() {
+                // Its input is not watched while a reply is held; only a
+                // hang-up is reported, and then nobody waits for the reply.
+                if events.intersects(EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) {
+                    self.close_session(sid);
+                }
+                return;
+            }
             let pkt = match recv_packet(sess.sock.as_fd()) {
                 Ok(Some(p)) => p,
                 Ok(None) => {
@@ -1014,6 +1071,7 @@ impl Service {
         } else {
             Request::decode(&pkt.data, nfds)
         };
+        self.deferred.clear();
         let (opcode, request_id, result) = match decoded {
             Ok((h, req)) => {
                 let r = self.execute(sid, req, pkt.fds);
@@ -1044,11 +1102,19 @@ impl Service {
                 None,
             ),
         };
+        let ops = std::mem::take(&mut self.deferred);
+        if !ops.is_empty() {
+            return self.hold(sid, bytes, fd, ops);
+        }
+        self.send_reply(sid, &bytes, fd.as_ref())
+    }
+
+    fn send_reply(&mut self, sid: u64, bytes: &[u8], fd: Option<&OwnedFd>) -> bool {
         let Some(sess) = self.sessions.get(&sid) else {
             return false;
         };
         let fds: Vec<BorrowedFd<'_>> = fd.iter().map(|f| f.as_fd()).collect();
-        match send_packet(sess.sock.as_fd(), &bytes, &fds) {
+        match send_packet(sess.sock.as_fd(), bytes, &fds) {
             Ok(()) => true,
             Err(e) => {
                 // A client that does not read its replies loses its session.
@@ -1058,6 +1124,121 @@ impl Service {
                 );
                 false
             }
+        }
+    }
+
+    /// Holds session `sid`'s reply until the invalidations `ops` complete,
+    /// and stops reading its socket meanwhile (its next requests wait
+    /// there, to be answered in order). False: drop the session.
+    fn hold(&mut self, sid: u64, bytes: Vec<u8>, fd: Option<OwnedFd>, ops: Vec<OpId>) -> bool {
+        let Some(sess) = self.sessions.get_mut(&sid) else {
+            return false;
+        };
+        if let Err(e) = self.epoll.modify(
+            sess.sock.as_fd(),
+            &mut EpollEvent::new(EpollFlags::empty(), token(sid, 0, KIND_CONTROL)),
+        ) {
+            warn!("service: session {sid}: pausing its input: {e}");
+            return false;
+        }
+        for op in &ops {
+            self.waiting.insert(*op, sid);
+        }
+        sess.held = Some(Held {
+            bytes,
+            fd,
+            ops: ops.into_iter().collect(),
+            since: Instant::now(),
+        });
+        true
+    }
+
+    /// The reply to the request being executed waits for `ticket` (it is
+    /// delivered on the hub; the service goes on serving meanwhile).
+    fn defer(&mut self, ticket: InvalidationTicket) {
+        if let Some(op) = self.hub.submit(ticket) {
+            self.deferred.push(op);
+            self.arm_recheck();
+        }
+    }
+
+    /// `ticket` completes in the background: nobody waits for a reply.
+    fn start(&mut self, ticket: InvalidationTicket) {
+        if self.hub.submit(ticket).is_some() {
+            self.arm_recheck();
+        }
+    }
+
+    fn arm_recheck(&mut self) {
+        if self.recheck_armed {
+            return;
+        }
+        let t = nix::sys::time::TimeSpec::from_duration(RECHECK_PERIOD);
+        match self
+            .recheck_timer
+            .set(Expiration::Interval(t), TimerSetTimeFlags::empty())
+        {
+            Ok(()) => self.recheck_armed = true,
+            // Acknowledgements still arrive on the hub's completion fd;
+            // only translators without a link wait for the next one.
+            Err(e) => warn!("service: arming the invalidation re-check timer: {e}"),
+        }
+    }
+
+    /// Reaps acknowledgements (and, on the timer, re-checks and now and
+    /// then re-nudges); answers the sessions whose invalidations are done.
+    fn reap_invalidations(&mut self, timer: bool) {
+        if timer {
+            let _ = self.recheck_timer.wait();
+            self.rechecks = self.rechecks.wrapping_add(1);
+            if self.rechecks % RECHECKS_PER_NUDGE == 0 {
+                self.hub.nudge_all();
+            }
+        }
+        for op in self.hub.poll_now() {
+            if let Some(sid) = self.waiting.remove(&op) {
+                self.invalidation_done(sid, op);
+            }
+        }
+        if self.hub.in_flight() == 0 && self.recheck_armed {
+            if let Err(e) = self.recheck_timer.unset() {
+                warn!("service: disarming the re-check timer: {e}");
+            }
+            self.recheck_armed = false;
+        }
+    }
+
+    /// One invalidation session `sid` waits for is done: once all are, its
+    /// reply goes out and its socket is read again.
+    fn invalidation_done(&mut self, sid: u64, op: OpId) {
+        let Some(sess) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        let Some(h) = &mut sess.held else {
+            return;
+        };
+        h.ops.remove(&op);
+        if !h.ops.is_empty() {
+            return;
+        }
+        let Some(h) = sess.held.take() else {
+            return;
+        };
+        debug!(
+            "service: session {sid}: reply released after {:?}",
+            h.since.elapsed()
+        );
+        let resumed = self.epoll.modify(
+            sess.sock.as_fd(),
+            &mut EpollEvent::new(EpollFlags::EPOLLIN, token(sid, 0, KIND_CONTROL)),
+        );
+        if let Err(e) = resumed {
+            warn!("service: session {sid}: watching its input again: {e}");
+            self.close_session(sid);
+            return;
+        }
+        if !self.send_reply(sid, &h.bytes, h.fd.as_ref()) {
+            self.close_session(sid);
         }
     }
 
@@ -1115,6 +1296,9 @@ impl Service {
             return;
         };
         let _ = self.epoll.delete(sess.sock.as_fd());
+        // A held reply has nobody to go to; its invalidations complete in
+        // the background.
+        self.waiting.retain(|_, s| *s != sid);
         let mut pasids: Vec<(String, u32)> = sess.pasids.iter().cloned().collect();
         pasids.sort();
         let observer = self.shared.observer();
@@ -1129,15 +1313,18 @@ impl Service {
             if let Some(dev) = self.shared.dir.device(&label).and_then(|d| d.dev_id()) {
                 if pasid.is_none() {
                     if let Some(rid) = self.shared.dir.rid_ownership(&label) {
-                        self.give_back_rid(sid, &rid, dev, &label);
+                        if let Some(t) = self.give_back_rid(sid, &rid, dev, &label) {
+                            self.start(t);
+                        }
                         continue;
                     }
                 }
-                if let Err(e) = self.hub.detach(iommu, dev, pasid) {
-                    crate::log_limited!(
+                match iommu.detach_begin(dev, pasid) {
+                    Ok(t) => self.start(t),
+                    Err(e) => crate::log_limited!(
                         log::Level::Warn,
                         "service: session {sid}: detach {label:?}/{pasid:?}: {e}"
-                    );
+                    ),
                 }
             }
         }
@@ -1223,14 +1410,13 @@ impl Service {
             debug!("service: session {sid} ({peer}): {message}");
             return Err(Fail::new(r.errno(), message));
         }
-        let hwpt = if iommu.attached_hwpt(dev_id, None)?.is_some() {
-            let (hwpt, ticket) = iommu.replace_begin(dev_id, None, pt_id)?;
-            self.hub
-                .complete(ticket)
-                .map_err(|e| Fail::from(HubError::Io(e)))?;
-            hwpt
+        let (hwpt, ticket) = if iommu.attached_hwpt(dev_id, None)?.is_some() {
+            iommu.replace_begin(dev_id, None, pt_id)?
         } else {
-            iommu.attach(dev_id, None, pt_id)?
+            (
+                iommu.attach(dev_id, None, pt_id)?,
+                InvalidationTicket::done(),
+            )
         };
         if st.owner.is_none() {
             crate::log_limited!(
@@ -1240,6 +1426,8 @@ impl Service {
         }
         st.owner = Some(sid);
         drop(st);
+        // The reply waits until no worker uses the holder's translations.
+        self.defer(ticket);
         rid.resume_parked();
         Ok(hwpt)
     }
@@ -1266,29 +1454,32 @@ impl Service {
     /// hold: back to the connection's own IOAS (replace), or detached when
     /// no frontend is connected. A failed replace detaches and flags the
     /// device `NEEDS_RESET`: the RID never keeps the session's objects.
-    fn give_back_rid(&mut self, sid: u64, rid: &RidOwnership, dev_id: u32, label: &str) {
-        let iommu = self.shared.iommu.clone();
+    fn give_back_rid(
+        &self,
+        sid: u64,
+        rid: &RidOwnership,
+        dev_id: u32,
+        label: &str,
+    ) -> Option<InvalidationTicket> {
+        let iommu = &self.shared.iommu;
         let mut st = rid.lock();
         if st.owner != Some(sid) {
             crate::log_limited!(
                 log::Level::Warn,
                 "service: session {sid} releases the RID of {label:?} it does not own"
             );
-            return;
+            return None;
         }
         st.owner = None;
         if let Some(private) = st.private {
             match iommu.replace_begin(dev_id, None, private) {
                 Ok((_, ticket)) => {
-                    if let Err(e) = self.hub.complete(ticket) {
-                        crate::log_limited!(log::Level::Warn, "service: session {sid}: giving back {label:?}: {e}");
-                    }
                     crate::log_limited!(log::Level::Info,
                         "service: session {sid} gave the RID of {label:?} back to its connection (IOAS {private})"
                     );
                     drop(st);
                     rid.resume_parked();
-                    return;
+                    return Some(ticket);
                 }
                 Err(e) => crate::log_limited!(log::Level::Warn,
                     "service: session {sid}: RID of {label:?} cannot return to IOAS {private}: {e}; \
@@ -1297,11 +1488,15 @@ impl Service {
             }
             st.flag_needs_reset();
         }
-        if let Err(e) = self.hub.detach(&iommu, dev_id, None) {
-            crate::log_limited!(
-                log::Level::Warn,
-                "service: session {sid}: detach {label:?}: {e}"
-            );
+        match iommu.detach_begin(dev_id, None) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                crate::log_limited!(
+                    log::Level::Warn,
+                    "service: session {sid}: detach {label:?}: {e}"
+                );
+                None
+            }
         }
     }
 
@@ -1447,7 +1642,11 @@ impl Service {
             } => {
                 self.session(sid)?
                     .require(ioas_id, &[Owned::Ioas], "IOAS")?;
-                let n = self.hub.unmap(&iommu, ioas_id, iova, length)?;
+                // Two-phase: the areas are gone now; the reply waits until
+                // no device thread uses their translations, without holding
+                // up the service.
+                let (n, ticket) = iommu.ioas_unmap_begin(ioas_id, iova, length)?;
+                self.defer(ticket);
                 ok(ReplyBody::U64(n))
             }
             Request::IoasCopy {
@@ -1536,9 +1735,7 @@ impl Service {
                 }
                 let hwpt = if replace {
                     let (hwpt, ticket) = iommu.replace_begin(dev_id, pasid, pt_id)?;
-                    self.hub
-                        .complete(ticket)
-                        .map_err(|e| Fail::from(HubError::Io(e)))?;
+                    self.defer(ticket);
                     hwpt
                 } else {
                     iommu.attach(dev_id, pasid, pt_id)?
@@ -1553,12 +1750,15 @@ impl Service {
                 let key = (label, pasid);
                 let s = self.session(sid)?;
                 if let Some(pos) = s.attachments.iter().position(|k| *k == key) {
-                    match pasid
+                    let ticket = match pasid
                         .is_none()
                         .then(|| self.shared.dir.rid_ownership(&key.0))
                     {
                         Some(Some(rid)) => self.give_back_rid(sid, &rid, dev_id, &key.0),
-                        _ => self.hub.detach(&iommu, dev_id, pasid)?,
+                        _ => Some(iommu.detach_begin(dev_id, pasid)?),
+                    };
+                    if let Some(t) = ticket {
+                        self.defer(t);
                     }
                     self.session(sid)?.attachments.remove(pos);
                     ok(ReplyBody::Empty)
@@ -1610,7 +1810,8 @@ impl Service {
                 }
                 let akey = (key.0.clone(), Some(pasid));
                 if let Some(pos) = s.attachments.iter().position(|k| *k == akey) {
-                    self.hub.detach(&iommu, dev_id, Some(pasid))?;
+                    let t = iommu.detach_begin(dev_id, Some(pasid))?;
+                    self.defer(t);
                     self.session(sid)?.attachments.remove(pos);
                 }
                 let info = {
@@ -1713,7 +1914,8 @@ impl Service {
                         },
                     })
                     .collect();
-                let (done, res) = self.hub.hwpt_invalidate(&iommu, hwpt_id, &conv);
+                let (done, res, ticket) = iommu.hwpt_invalidate_begin(hwpt_id, &conv);
+                self.defer(ticket);
                 match res {
                     Ok(()) => Ok((ReplyBody::Empty, done, None)),
                     Err(e) => Err(Fail {

@@ -345,6 +345,31 @@ impl InvalidationHub {
         Ok(done)
     }
 
+    /// Reaps every acknowledgement that landed on the ring (whether or not
+    /// an invalidation waits for it, so the completion fd is drained) and
+    /// returns the invalidations that completed; never waits. For a control loop that polls
+    /// [`InvalidationHub::completion_fd`] (and re-checks on a timer while
+    /// [`InvalidationHub::in_flight`] is not zero, for translators without
+    /// a link).
+    pub fn poll_now(&mut self) -> Vec<OpId> {
+        // A failed ring loses acknowledgements, not completions: tickets
+        // are still seen done by their section counters.
+        if let Err(e) = self.reap() {
+            crate::log_limited!(log::Level::Warn, "invalidation hub: reaping: {e}");
+        }
+        self.check()
+    }
+
+    /// Nudges again every translator an invalidation still waits for (one
+    /// that acknowledged an earlier request and entered a new section
+    /// before this one was seen is asked again).
+    pub fn nudge_all(&mut self) {
+        for t in self.ops.values() {
+            t.nudge();
+            self.stats.nudges += 1;
+        }
+    }
+
     fn check(&mut self) -> Vec<OpId> {
         let mut done: Vec<OpId> = Vec::new();
         for (id, t) in self.ops.iter_mut() {
