@@ -33,7 +33,7 @@ mod peer;
 mod rid;
 mod token;
 
-pub use grant::{GrantError, Grantee, Grants};
+pub use grant::{GrantError, Grantee, Grants, ANY_DEVICE};
 pub use peer::Peer;
 pub use rid::{Refusal, RidHolder, RidOwnership, RidState};
 pub use token::{HandoverToken, TOKEN_LEN};

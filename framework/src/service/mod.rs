@@ -48,8 +48,9 @@
 //!   on an IOAS of its own; a session's ATTACH takes it over (replace) and
 //!   makes the session its owner (another session gets `EBUSY`) until it
 //!   detaches or closes, when the RID returns to the connection's IOAS. See
-//!   [`crate::vhost_user::RidOwnership`] for what the frontend must
-//!   negotiate and what it may send meanwhile.
+//!   [`crate::ownership::RidOwnership`] for the arbitration and
+//!   [`crate::vhost_user`] for what the frontend must negotiate and what it
+//!   may send meanwhile.
 //! - A fault queue's channel is its fd: DESTROY of a queue whose channel
 //!   the client still holds (any copy of it) is `EBUSY`, as `IOMMU_DESTROY`
 //!   of a FAULT object is while its fd is open; close the fd first.

@@ -19,6 +19,38 @@
 //!   the frontend's consent (then addresses are IOVAs of the session's IOAS
 //!   and IOTLB messages are refused).
 //!
+//! # A RID taken over by a `/dev/iommu` session
+//!
+//! A connection holds its device's RID on its own address space; a service
+//! session may take it over with the frontend's consent
+//! ([`crate::ownership`]). While a session owns the RID:
+//!
+//! - ring and buffer addresses are IOVAs of the owner's IOAS, so the
+//!   frontend must negotiate `VIRTIO_F_ACCESS_PLATFORM`: a SET_FEATURES
+//!   without it is refused ([`Error::AccessPlatformRequired`]), the device
+//!   is flagged `NEEDS_RESET` (GET_STATUS) and a session cannot take the RID
+//!   of a frontend that already negotiated without it (`EINVAL`);
+//! - IOTLB updates and invalidations from the frontend are refused
+//!   ([`Error::IotlbWhileOwned`], a REPLY_ACK failure) and never touch the
+//!   owner's IOAS; an invalidation still drops the translations it names
+//!   from the private space, so nothing the frontend invalidated comes back
+//!   when the session lets go;
+//! - a translation miss is still reported to the frontend on the backend
+//!   request channel, and the queue waits until the owner maps or copies
+//!   into an IOAS (any successful IOAS_MAP or IOAS_COPY of the owning
+//!   session resumes it: a queue still missing reports again);
+//! - the connection never detaches the owner's attachment: a connection
+//!   that ends (or starts) while owned leaves the RID alone.
+//!
+//! When the owner detaches, or its session closes, the RID goes back to the
+//! connection's private space (replace), or is detached if no frontend is
+//! connected; waiting queues are resumed on every change of hands. If that
+//! replace fails the RID is detached (no translation to freed objects
+//! survives) and the device is flagged `NEEDS_RESET`.
+//!
+//! [`Error::AccessPlatformRequired`]: Error::AccessPlatformRequired
+//! [`Error::IotlbWhileOwned`]: Error::IotlbWhileOwned
+//!
 //! Messages implemented: GET/SET_FEATURES, GET/SET_PROTOCOL_FEATURES,
 //! SET_OWNER, RESET_OWNER, SET_MEM_TABLE, ADD/REM_MEM_REG, GET_MAX_MEM_SLOTS,
 //! SET_VRING_NUM/ADDR/BASE/KICK/CALL/ERR, GET_VRING_BASE, SET_VRING_ENABLE,

@@ -9,33 +9,8 @@
 //! process, or redeemed a token the frontend's process handed over; see
 //! [`crate::ownership`]): its ATTACH replaces the connection's attachment
 //! (iommufd replace: once it returns no worker uses a translation of the
-//! private space) and records the session as the RID's owner. While a
-//! session owns the RID:
-//!
-//! - ring and buffer addresses are IOVAs of the owner's IOAS, so the
-//!   frontend must negotiate `VIRTIO_F_ACCESS_PLATFORM`: a SET_FEATURES
-//!   without it is refused ([`Error::AccessPlatformRequired`]), the device
-//!   is flagged `NEEDS_RESET` (GET_STATUS) and a session cannot take the RID
-//!   of a frontend that already negotiated without it (`EINVAL`);
-//! - IOTLB updates and invalidations from the frontend are refused
-//!   ([`Error::IotlbWhileOwned`], a REPLY_ACK failure) and never touch the
-//!   owner's IOAS; an invalidation still drops the translations it names
-//!   from the private space, so nothing the frontend invalidated comes back
-//!   when the session lets go;
-//! - a translation miss is still reported to the frontend on the backend
-//!   request channel, and the queue waits until the owner maps or copies
-//!   into an IOAS (any successful IOAS_MAP or IOAS_COPY of the owning
-//!   session resumes it: a queue still missing reports again);
-//! - the connection never detaches the owner's attachment: a connection
-//!   that ends (or starts) while owned leaves the RID alone.
-//!
-//! When the owner detaches, or its session closes, the RID goes back to the
-//! connection's private space (replace), or is detached if no frontend is
-//! connected; waiting queues are resumed on every change of hands. If that replace fails the RID is detached (no translation to
-//! freed objects survives) and the device is flagged `NEEDS_RESET`.
-//!
-//! [`Error::AccessPlatformRequired`]: super::Error::AccessPlatformRequired
-//! [`Error::IotlbWhileOwned`]: super::Error::IotlbWhileOwned
+//! private space) and records the session as the RID's owner. What the
+//! frontend may do meanwhile is in the module docs of [`super`].
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
