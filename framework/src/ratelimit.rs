@@ -3,7 +3,7 @@
 //! A peer decides how often a malformed message, a refused request or a
 //! failed accept happens; a log line per event lets it fill the disk and
 //! burn the daemon's CPU (a malformed fault response once logged 5000 WARN
-//! lines a second). Every such site logs through [`log_limited!`]
+//! lines a second). Every such site logs through [`log_limited!`](crate::log_limited!)
 //! (crate::log_limited), which gives the site a [`RateLimit`] of its own (or
 //! one that several sites share): at most [`RateLimit::PEER_BURST`] lines
 //! per [`RateLimit::PEER_WINDOW`]; the first line of the next window says
