@@ -32,7 +32,7 @@
 
 use crate::crc;
 use crate::desc::{flags, opcode, status, CompletionRecord, Descriptor, OpCap, CR_SIZE, DESC_SIZE};
-use crate::proto::{self, Reader, Writer};
+use crate::proto::{self, Reader};
 use crate::shm::{self, SharedMap};
 use crate::wq::{ClientPortal, Event, Rejected, WqMode};
 use ioasis::service::{HwptRequest, MapPerm};
@@ -555,14 +555,12 @@ impl Client {
         opts: Options,
     ) -> Result<Client> {
         let sock = dial(device.as_ref())?;
-        let hello = Writer::default()
-            .u32(proto::OP_HELLO)
-            .u32(0)
-            .u32(proto::VERSION_IOMMU)
-            .u32(u32::from(opts.priority))
-            .u64(svc.session_id())
-            .u32(pasid)
-            .0;
+        let hello = proto::Hello {
+            priority: u32::from(opts.priority),
+            session: svc.session_id(),
+            pasid,
+        }
+        .encode();
         let reg = Registrar::Service {
             svc: Mutex::new(svc),
             ioas,

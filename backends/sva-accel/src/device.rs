@@ -513,23 +513,12 @@ fn reply(conn: BorrowedFd<'_>, status: i32, payload: &[u8], fds: &[BorrowedFd<'_
     }
 }
 
-fn hello(s: &Arc<Shared>, conn: BorrowedFd<'_>, pkt: &proto::Packet) -> Option<Arc<ClientCtx>> {
-    let mut r = Reader::new(&pkt.data);
-    let (Some(_op), Some(_), Some(version), Some(prio)) = (r.u32(), r.u32(), r.u32(), r.u32())
-    else {
-        reply(conn, -libc::EINVAL, &[], &[]);
-        return None;
-    };
-    // Version 1 (memory registered with the device itself) is gone: every
-    // client binds a PASID its service session attached.
-    if version != proto::VERSION_IOMMU {
-        reply(conn, -libc::EPROTO, &[], &[]);
-        return None;
-    }
-    let (Some(session), Some(pasid)) = (r.u64(), r.u32()) else {
-        reply(conn, -libc::EINVAL, &[], &[]);
-        return None;
-    };
+fn hello(s: &Arc<Shared>, conn: BorrowedFd<'_>, h: &proto::Hello) -> Option<Arc<ClientCtx>> {
+    let proto::Hello {
+        priority: prio,
+        session,
+        pasid,
+    } = *h;
     if let Err(errno) = check_pasid_owner(s, conn, session, pasid) {
         reply(conn, -errno, &[], &[]);
         return None;
@@ -726,11 +715,14 @@ fn client_thread(s: &Arc<Shared>, conn: OwnedFd) {
         Ok(Some(p)) => p,
         _ => return,
     };
-    if Reader::new(&pkt.data).u32() != Some(proto::OP_HELLO) {
-        reply(conn.as_fd(), -libc::EPROTO, &[], &[]);
-        return;
-    }
-    let Some(client) = hello(s, conn.as_fd(), &pkt) else {
+    let h = match proto::Hello::decode(&pkt.data, pkt.fds.len()) {
+        Ok(h) => h,
+        Err(errno) => {
+            reply(conn.as_fd(), -errno, &[], &[]);
+            return;
+        }
+    };
+    let Some(client) = hello(s, conn.as_fd(), &h) else {
         return;
     };
     loop {

@@ -76,6 +76,62 @@ pub fn recv(sock: BorrowedFd<'_>) -> nix::Result<Option<Packet>> {
     }))
 }
 
+/// A decoded HELLO request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hello {
+    /// Portal priority asked for (the daemon clamps it).
+    pub priority: u32,
+    /// The client's `/dev/iommu` service session.
+    pub session: u64,
+    /// The PASID that session reserved and attached.
+    pub pasid: u32,
+}
+
+impl Hello {
+    /// Decodes the first packet of a connection, carrying `nfds` fds.
+    /// Errors are the errno the daemon answers with: `EPROTO` for another
+    /// opcode or version, `EINVAL` for a short packet, a non-zero reserved
+    /// word or attached fds. Pure, so that it can be fuzzed
+    /// (`backends/sva-accel/fuzz`, `tests/portal_props.rs`).
+    pub fn decode(data: &[u8], nfds: usize) -> Result<Hello, i32> {
+        let mut r = Reader::new(data);
+        if r.u32() != Some(OP_HELLO) {
+            return Err(libc::EPROTO);
+        }
+        let (Some(reserved), Some(version), Some(priority)) = (r.u32(), r.u32(), r.u32()) else {
+            return Err(libc::EINVAL);
+        };
+        // Version 1 (memory registered with the device itself) is gone:
+        // every client binds a PASID its service session attached.
+        if version != VERSION_IOMMU {
+            return Err(libc::EPROTO);
+        }
+        let (Some(session), Some(pasid)) = (r.u64(), r.u32()) else {
+            return Err(libc::EINVAL);
+        };
+        if reserved != 0 || nfds != 0 {
+            return Err(libc::EINVAL);
+        }
+        Ok(Hello {
+            priority,
+            session,
+            pasid,
+        })
+    }
+
+    /// Encodes it (what the client driver sends).
+    pub fn encode(&self) -> Vec<u8> {
+        Writer::default()
+            .u32(OP_HELLO)
+            .u32(0)
+            .u32(VERSION_IOMMU)
+            .u32(self.priority)
+            .u64(self.session)
+            .u32(self.pasid)
+            .0
+    }
+}
+
 /// Little-endian writer.
 #[derive(Debug, Default)]
 pub struct Writer(pub Vec<u8>);
