@@ -18,6 +18,11 @@
 //!
 //! Standard input takes one request, `stats`, answered on standard output
 //! with one line of net0's counters (`stats rx_packets=... tx_packets=...`).
+//! A build with the `fault-injection` feature also takes
+//! `arm-late-write <device> <ms>`, answered `armed`: that device makes one
+//! write into the driver's memory `<ms>` milliseconds after an access
+//! section ended (`ioasis::fault_injection`); and `late-write-claimed`,
+//! answered `yes` once the device has prepared that write, else `no`.
 
 use std::io::{BufRead, Read, Write};
 use std::path::Path;
@@ -167,15 +172,49 @@ fn serve_stats(stats: &DeviceStats) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        let answer = match stats_request(line.trim(), stats) {
-            Ok(a) => format!("stats {a}\n"),
-            Err(e) => format!("err {e}\n"),
+        let line = line.trim();
+        let answer = match line.split_whitespace().next() {
+            #[cfg(feature = "fault-injection")]
+            Some("arm-late-write") => match arm_late_write(line) {
+                Ok(()) => "armed\n".to_string(),
+                Err(e) => format!("err {e}\n"),
+            },
+            #[cfg(feature = "fault-injection")]
+            Some("late-write-claimed") => {
+                if ioasis::fault_injection::pending() {
+                    "no\n".to_string()
+                } else {
+                    "yes\n".to_string()
+                }
+            }
+            _ => match stats_request(line, stats) {
+                Ok(a) => format!("stats {a}\n"),
+                Err(e) => format!("err {e}\n"),
+            },
         };
         let mut out = std::io::stdout().lock();
         if out.write_all(answer.as_bytes()).is_err() || out.flush().is_err() {
             return;
         }
     }
+}
+
+/// `arm-late-write <device> <ms>`: arms one late write of that device.
+#[cfg(feature = "fault-injection")]
+fn arm_late_write(line: &str) -> Res<()> {
+    let mut w = line.split_whitespace().skip(1);
+    let kind = match w.next() {
+        Some(NET) => vdpa_net::vhu_net::FAULT_KIND,
+        Some(ACCEL) => sva_accel::inject::FAULT_KIND,
+        d => return Err(format!("no device {d:?}")),
+    };
+    let ms: u64 = w
+        .next()
+        .and_then(|m| m.parse().ok())
+        .ok_or("arm-late-write needs a delay in ms")?;
+    warn!("fault injection armed: {kind}, {ms} ms");
+    ioasis::fault_injection::arm(kind, std::time::Duration::from_millis(ms));
+    Ok(())
 }
 
 fn stats_request(line: &str, stats: &DeviceStats) -> Res<String> {

@@ -62,6 +62,15 @@ impl Queue {
         self.kick.write(1).map_err(ctx("kick"))
     }
 
+    /// Waits up to `timeout` for a call from the device, then returns the
+    /// used index.
+    pub fn wait_call(&self, timeout: Duration) -> Res<u16> {
+        if wait_readable(self.call.as_raw_fd(), timeout) {
+            let _ = self.call.read();
+        }
+        self.ring.used_idx().map_err(ctx("used index"))
+    }
+
     /// Waits until the used index reaches `want` (bounded by `timeout`).
     pub fn wait_used(&mut self, want: u16, timeout: Duration) -> Res<()> {
         let deadline = Instant::now() + timeout;

@@ -21,10 +21,14 @@
 //! 4. it has sva0 copy frames into a window it has not mapped yet: the I/O
 //!    page faults reach the driver over the fault channel, the driver maps
 //!    the memory and answers SUCCESS, and the copies complete;
-//! 5. it unmaps the frame area while both devices are writing into it,
-//!    poisons the pages as soon as the unmap returns and checks that no
-//!    device wrote after that; then each device's next access to the area
-//!    fails: an IOTLB miss from net0, a page-fault completion from sva0.
+//! 5. it unmaps the frame area while both devices have writes into it in
+//!    flight, every write stamped by the driver (a frame's sequence number,
+//!    a fill pattern of its own); right after the unmap returns it reads
+//!    which writes the devices have completed, and once all work has ended
+//!    it checks that the area holds exactly those writes: no device wrote
+//!    after the unmap returned (see `stamps.rs`). Then each device's next
+//!    access to the area fails: an IOTLB miss from net0, a page-fault
+//!    completion from sva0.
 //!
 //! It prints a transcript with a summary and exits 0; any failure exits 1
 //! with a message. Every wait is bounded, a watchdog ends a stuck run, and
@@ -32,13 +36,14 @@
 
 mod backend;
 mod frontend;
+mod stamps;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicU32, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -47,12 +52,13 @@ use ioasis::service::{sealed_memfd, Client as Session, HwptRequest, MapPerm};
 use ioasis::uring::record::FAULT_PERM_WRITE;
 use ioasis::uring::{FaultBatch, FaultChannel, PageResponse, Wait};
 use iommu_core::Memory;
-use sva_accel::client::{ops, Client as Accel, Handle, Options};
+use sva_accel::client::{ops, BatchHandle, Client as Accel, Handle, Options};
 use sva_accel::desc::{flags, status, CompletionRecord};
 
 use backend::{ACCEL, NET, NET_MAC, READY};
 use frontend::{NetFrontend, RingPlace, QUEUE_SIZE, VHOST_IOTLB_MISS};
 use ioasis::vhost_user::msg::VHOST_ACCESS_RO;
+use stamps::{fill_of, fill_stamp, Ledger};
 
 type Res<T> = Result<T, String>;
 
@@ -100,7 +106,7 @@ static BACKEND_PID: AtomicI32 = AtomicI32::new(0);
 /// The backend's scratch directory, for the watchdog to remove.
 static SCRATCH: Mutex<Option<PathBuf>> = Mutex::new(None);
 
-fn main() {
+pub(crate) fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--backend") {
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
@@ -210,8 +216,17 @@ struct Tally {
     faults_answered: u64,
     lazy_copies: u64,
     invalidations_observed: u64,
+    /// net0 and sva0 writes into the frame area submitted and not
+    /// completed when IOAS_UNMAP was issued.
+    net_in_flight: u64,
+    sva_in_flight: u64,
     writes_stopped: u64,
-    poison_intact_bytes: u64,
+    /// Device writes found in the frame area that no completion visible
+    /// when IOAS_UNMAP returned accounts for (the run fails if not 0).
+    late_writes: u64,
+    /// Bytes of the frame area compared with the replay of the writes
+    /// completed when IOAS_UNMAP returned.
+    bytes_checked: u64,
     net_time: Duration,
     accel_time: Duration,
     accel_bytes: u64,
@@ -368,17 +383,22 @@ impl BackendProc {
     /// net0's packet counters (received, transmitted), asked on the
     /// backend's stdin.
     fn net_stats(&mut self) -> Res<(u64, u64)> {
+        let line = self.request("stats")?;
+        parse_stats(&line)
+    }
+
+    /// One request line on the backend's stdin, and its answer line.
+    fn request(&mut self, req: &str) -> Res<String> {
         let stdin = self.stdin.as_mut().ok_or("backend stdin")?;
         stdin
-            .write_all(b"stats\n")
+            .write_all(format!("{req}\n").as_bytes())
             .and_then(|_| stdin.flush())
-            .map_err(ctx("asking the backend for stats"))?;
-        let line = match self.lines.recv_timeout(WAIT) {
-            Ok(Ok(l)) => l,
-            Ok(Err(e)) => return Err(format!("reading the backend: {e}")),
-            Err(e) => return Err(format!("no stats from the backend: {e}")),
-        };
-        parse_stats(&line)
+            .map_err(ctx("writing to the backend"))?;
+        match self.lines.recv_timeout(WAIT) {
+            Ok(Ok(l)) => Ok(l),
+            Ok(Err(e)) => Err(format!("reading the backend: {e}")),
+            Err(e) => Err(format!("no answer from the backend to {req:?}: {e}")),
+        }
     }
 
     /// A message with the tail of the backend's log.
@@ -465,9 +485,16 @@ fn crc32c(data: &[u8]) -> u32 {
     !crc
 }
 
+/// Length of frame `seq`: lengths repeat every `MAX_FRAME - MIN_FRAME + 1`
+/// sequence numbers, and any fewer consecutive frames have different ones
+/// (397 is prime to that period).
+fn frame_len(seq: u32) -> usize {
+    MIN_FRAME + (seq as usize * 397) % (MAX_FRAME - MIN_FRAME + 1)
+}
+
 /// Frame `seq` as the driver sends it.
 fn frame(seq: u32) -> Vec<u8> {
-    let len = MIN_FRAME + (seq as usize * 397) % (MAX_FRAME - MIN_FRAME + 1);
+    let len = frame_len(seq);
     let mut f = Vec::with_capacity(len);
     f.extend_from_slice(&PEER_MAC);
     f.extend_from_slice(&NET_MAC);
@@ -676,7 +703,11 @@ fn drive(t: &mut Tally, be: &mut BackendProc) -> Res<()> {
         6,
         "unmap while both devices write: no access after it returns",
     );
-    unmap_step(t, &mem, &mut net, &accel, ioas)?;
+    #[cfg(feature = "fault-injection")]
+    let mut before_unmap = late_write_hook(be)?;
+    #[cfg(not(feature = "fault-injection"))]
+    let mut before_unmap = || Ok(());
+    unmap_step(t, &mem, &mut net, &accel, ioas, &mut before_unmap)?;
 
     step(7, "tear down");
     accel
@@ -1031,11 +1062,309 @@ impl Lazy {
 }
 
 /// Fills sva0 writes per batch during the unmap step, and their size.
-const FILLS_PER_BATCH: usize = 32;
+const FILLS_PER_BATCH: usize = 128;
 const FILL_LEN: usize = 64 * 1024;
 const FILL_BATCHES: usize = 64;
-const FILL_PATTERN: u64 = 0xa5a5_a5a5_a5a5_a5a5;
-const POISON: u8 = 0x5a;
+/// Most rounds of frames net0 gets while the unmap is under way (a round: a
+/// frame for every receive buffer; the next one once net0 has delivered the
+/// last). Bounded, so that a 16-bit used index tells the step's receive
+/// completions apart.
+const NET_MAX_ROUNDS: usize = 200;
+/// First sequence number of the unmap step's frames.
+const UNMAP_SEQ: u32 = (ROUNDS * PER_ROUND) as u32;
+/// Start of the copy half (sva0's fills) in the frame area.
+const FILL_AREA: usize = COPY_OFF - AREA_FRAMES.0;
+/// Length of the copy half.
+const FILL_AREA_LEN: usize = AREA_FRAMES.1 - FILL_AREA;
+
+const _: () = assert!(NET_MAX_ROUNDS * PER_ROUND < 1 << 16);
+// The frames of a round have different lengths: a used element's length
+// names the frame written.
+const _: () = assert!(PER_ROUND <= MAX_FRAME - MIN_FRAME + 1);
+// net0's receive buffers and sva0's fills do not overlap.
+const _: () = assert!(RX_BUF_OFF + PER_ROUND * SLOT <= COPY_OFF);
+const _: () = assert!(FILL_LEN <= FILL_AREA_LEN && FILL_AREA_LEN % FILL_LEN == 0);
+
+/// Where member `member` of a batch fills, as an offset in the frame area.
+fn fill_at(member: usize) -> usize {
+    FILL_AREA + (member * FILL_LEN) % FILL_AREA_LEN
+}
+
+/// What net0 writes into a receive buffer for frame `seq`: the virtio-net
+/// header (no offload negotiated, so all zero but `num_buffers` = 1) and the
+/// reflected frame.
+fn rx_bytes(seq: u32) -> Vec<u8> {
+    let mut b = vec![0u8; VNET_HDR_LEN];
+    b[10] = 1;
+    b.extend_from_slice(&reflected(seq));
+    b
+}
+
+/// net0's side of the unmap step: rounds of frames into the receive
+/// buffers of the frame area, and the receive writes it completed.
+struct NetRun {
+    /// Receive buffer slot of each descriptor head posted.
+    slot_of: Vec<Option<usize>>,
+    /// Receive used index when the step began.
+    rx_base: u16,
+    /// First frame of each round posted.
+    rounds: Vec<u32>,
+    /// Receive completions read so far, in used order: (slot, frame).
+    writes: Vec<(usize, u32)>,
+}
+
+impl NetRun {
+    fn new(net: &NetFrontend) -> Res<NetRun> {
+        Ok(NetRun {
+            slot_of: vec![None; usize::from(QUEUE_SIZE)],
+            rx_base: net.rx.ring.used_idx().map_err(ctx("used index"))?,
+            rounds: Vec::new(),
+            writes: Vec::new(),
+        })
+    }
+
+    /// Receive buffers (and frames) posted in the step.
+    fn posted(&self) -> u32 {
+        (self.rounds.len() * PER_ROUND) as u32
+    }
+
+    /// Receive buffers completed in the step.
+    fn used(&self, net: &NetFrontend) -> Res<u32> {
+        let idx = net.rx.ring.used_idx().map_err(ctx("used index"))?;
+        Ok(u32::from(idx.wrapping_sub(self.rx_base)))
+    }
+
+    /// Posts a round, once the last one was delivered: a receive buffer in
+    /// every slot, as many frames; kicks both queues.
+    fn post_round(&mut self, mem: &Memory, net: &mut NetFrontend, posted: &AtomicU32) -> Res<()> {
+        let first = UNMAP_SEQ + self.posted();
+        for j in 0..PER_ROUND {
+            let head =
+                NetFrontend::add(&mut net.rx, iova(RX_BUF_OFF + j * SLOT), SLOT as u32, true)?;
+            *self
+                .slot_of
+                .get_mut(usize::from(head))
+                .ok_or("receive head out of range")? = Some(j);
+        }
+        for j in 0..PER_ROUND {
+            let mut buf = vec![0u8; VNET_HDR_LEN];
+            buf.extend_from_slice(&frame(first + j as u32));
+            mem.write_at(TX_BUF_OFF + j * SLOT, &buf)
+                .map_err(ctx("writing a frame"))?;
+            NetFrontend::add(
+                &mut net.tx,
+                iova(TX_BUF_OFF + j * SLOT),
+                buf.len() as u32,
+                false,
+            )?;
+        }
+        net.rx.kick()?;
+        net.tx.kick()?;
+        self.rounds.push(first);
+        posted.store(self.posted(), Ordering::Release);
+        Ok(())
+    }
+
+    /// The step's `i`-th receive write: (slot, frame).
+    fn write_of(&self, net: &NetFrontend, i: u32) -> Res<(usize, u32)> {
+        let (head, len) = net
+            .rx
+            .ring
+            .used_elem(self.rx_base.wrapping_add(i as u16))
+            .map_err(ctx("used element"))?;
+        let slot = usize::try_from(head)
+            .ok()
+            .and_then(|h| self.slot_of.get(h).copied().flatten())
+            .ok_or_else(|| format!("net0 completed receive head {head}, which was not posted"))?;
+        let first = self
+            .rounds
+            .get(i as usize / PER_ROUND)
+            .copied()
+            .ok_or("a receive completion past the rounds posted")?;
+        let flen = (len as usize).saturating_sub(VNET_HDR_LEN);
+        let seq = (first..first + PER_ROUND as u32)
+            .find(|&s| frame_len(s) == flen)
+            .ok_or_else(|| {
+                format!(
+                    "net0 completed receive buffer {slot} with length {len}, the length of no \
+                     frame of its round"
+                )
+            })?;
+        Ok((slot, seq))
+    }
+
+    /// Reads the step's receive writes up to `until`.
+    fn read_writes(&mut self, net: &NetFrontend, until: u32) -> Res<()> {
+        for i in self.writes.len() as u32..until {
+            let w = self.write_of(net, i)?;
+            self.writes.push(w);
+        }
+        Ok(())
+    }
+
+    /// The last round was delivered whole: reads its writes (before the
+    /// next round reuses the used ring), waits for its transmits.
+    fn finish_round(&mut self, net: &mut NetFrontend) -> Res<()> {
+        self.read_writes(net, self.posted())?;
+        net.rx.seen = net.rx.seen.wrapping_add(PER_ROUND as u16);
+        let want = net.tx.seen.wrapping_add(PER_ROUND as u16);
+        net.tx.wait_used(want, WAIT)?;
+        net.tx.seen = want;
+        Ok(())
+    }
+}
+
+/// The feeding thread, while the unmap is under way: a new round of
+/// frames each time net0 has delivered the last one, until the main thread
+/// says the unmap returned (bounded).
+fn keep_net_busy(
+    mem: &Memory,
+    net: &mut NetFrontend,
+    nr: &mut NetRun,
+    posted: &AtomicU32,
+    done: &AtomicBool,
+) -> Res<()> {
+    let deadline = Instant::now() + WAIT;
+    while !done.load(Ordering::Acquire) {
+        if Instant::now() > deadline {
+            return Err(format!("IOAS_UNMAP did not return within {WAIT:?}"));
+        }
+        if nr.used(net)? == nr.posted() && nr.rounds.len() < NET_MAX_ROUNDS {
+            nr.finish_round(net)?;
+            nr.post_round(mem, net, posted)?;
+        } else {
+            net.rx.wait_call(Duration::from_millis(1))?;
+        }
+    }
+    Ok(())
+}
+
+/// What the main thread saw of the unmap.
+struct Unmapped {
+    /// Bytes unmapped, and how long IOAS_UNMAP took.
+    bytes: u64,
+    took: Duration,
+    /// net0's receive buffers posted and completed, and sva0's fills
+    /// completed, just before IOAS_UNMAP was issued.
+    net_posted: u32,
+    net_done: u32,
+    fills_done: usize,
+    /// The snapshot taken as soon as IOAS_UNMAP returned (C): net0's
+    /// receive completions, and which sva0 batches had their record.
+    rx_at_unmap: u32,
+    batches_at_unmap: Vec<bool>,
+}
+
+/// Issues IOAS_UNMAP of the frame area once net0 has receive writes in
+/// flight (the feeding thread has just been given the first round; sva0's
+/// fills last far longer), and as soon as it returns reads what the devices
+/// have completed. `used` reads net0's receive completions in the step;
+/// `before` runs first.
+fn unmap_now(
+    accel: &Accel,
+    ioas: u32,
+    used: &dyn Fn() -> Res<u32>,
+    posted: &AtomicU32,
+    batches: &[BatchHandle<'_, '_>],
+    before: &mut dyn FnMut() -> Res<()>,
+) -> Res<Unmapped> {
+    let (off, len) = AREA_FRAMES;
+    before()?;
+    // Bounded: the feeding thread posts a new round as soon as one is done.
+    let deadline = Instant::now() + WAIT;
+    let (net_posted, net_done) = loop {
+        let p = posted.load(Ordering::Acquire);
+        let d = used()?;
+        if d < p {
+            break (p, d);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("net0 had no receive write in flight for {WAIT:?}"));
+        }
+        std::thread::sleep(Duration::from_micros(20));
+    };
+    let fills_done = batches.iter().filter(|h| h.poll().is_some()).count() * FILLS_PER_BATCH;
+    let t0 = Instant::now();
+    let bytes = accel
+        .with_service(|s| s.ioas_unmap(ioas, iova(off), len as u64))
+        .ok_or("the accelerator client has no service session")?
+        .map_err(ctx("IOAS_UNMAP"))?;
+    // At once: the one snapshot of what the devices have completed. sva0
+    // runs its batches in order, so the last ones are read first: those
+    // that complete after the unmap returned are read the sooner.
+    let rx_at_unmap = used()?;
+    let mut batches_at_unmap: Vec<bool> =
+        batches.iter().rev().map(|h| h.poll().is_some()).collect();
+    batches_at_unmap.reverse();
+    let took = t0.elapsed();
+    Ok(Unmapped {
+        bytes,
+        took,
+        net_posted,
+        net_done,
+        fills_done,
+        rx_at_unmap,
+        batches_at_unmap,
+    })
+}
+
+/// Arms a late device write for this run if asked (a build with the
+/// `fault-injection` feature, `IOASIS_FAULT_LATE_WRITE=<device>[:<ms>]`):
+/// the backend's device makes one write into the frame area that many
+/// milliseconds (20 by default) after its access section ended, which the
+/// unmap step must catch. Returns what the step runs before it issues the
+/// unmap: with a late write armed, a bounded wait until the device has
+/// prepared it (a device that has not written into the area yet when the
+/// unmap takes effect never gets the chance to).
+#[cfg(feature = "fault-injection")]
+fn late_write_hook(be: &mut BackendProc) -> Res<impl FnMut() -> Res<()> + '_> {
+    let armed = arm_late_write(be)?;
+    Ok(move || {
+        if !armed {
+            return Ok(());
+        }
+        let deadline = Instant::now() + WAIT;
+        while be.request("late-write-claimed")?.trim() != "yes" {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the armed device prepared no late write within {WAIT:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    })
+}
+
+/// Arms the late write `IOASIS_FAULT_LATE_WRITE` asks for, if any.
+#[cfg(feature = "fault-injection")]
+fn arm_late_write(be: &mut BackendProc) -> Res<bool> {
+    let Ok(spec) = std::env::var("IOASIS_FAULT_LATE_WRITE") else {
+        return Ok(false);
+    };
+    let (dev, ms) = match spec.split_once(':') {
+        Some((d, ms)) => (
+            d,
+            ms.parse::<u64>()
+                .map_err(|e| format!("IOASIS_FAULT_LATE_WRITE={spec:?}: delay: {e}"))?,
+        ),
+        None => (spec.as_str(), 20),
+    };
+    if dev != NET && dev != ACCEL {
+        return Err(format!(
+            "IOASIS_FAULT_LATE_WRITE={spec:?}: the device is {NET} or {ACCEL}"
+        ));
+    }
+    let answer = be.request(&format!("arm-late-write {dev} {ms}"))?;
+    if answer.trim() != "armed" {
+        return Err(format!("backend answered {answer:?} to arm-late-write"));
+    }
+    println!(
+        "    FAULT INJECTION: {dev} will write into the frame area {ms} ms after an access \
+         section ends"
+    );
+    Ok(true)
+}
 
 fn unmap_step(
     t: &mut Tally,
@@ -1043,106 +1372,109 @@ fn unmap_step(
     net: &mut NetFrontend,
     accel: &Accel,
     ioas: u32,
+    before_unmap: &mut dyn FnMut() -> Res<()>,
 ) -> Res<()> {
     let (off, len) = AREA_FRAMES;
     let area = iova(off)..iova(off + len);
-    // Both devices get work that writes into the frame area: net0 reflects
-    // a round of frames into receive buffers there, sva0 runs batches of
-    // fills over the copy half.
-    for j in 0..PER_ROUND {
-        NetFrontend::add(&mut net.rx, iova(RX_BUF_OFF + j * SLOT), SLOT as u32, true)?;
-    }
-    for j in 0..PER_ROUND {
-        let hdr = mem_read(mem, TX_BUF_OFF + j * SLOT + VNET_HDR_LEN, MIN_FRAME)?;
-        let s = seq_of(&hdr).ok_or("short frame")?;
-        let flen = frame(s).len();
-        NetFrontend::add(
-            &mut net.tx,
-            iova(TX_BUF_OFF + j * SLOT),
-            (VNET_HDR_LEN + flen) as u32,
-            false,
-        )?;
-    }
+    // The area is cleared, then every device write into it carries a stamp
+    // the driver chose (see `stamps`): net0 reflects rounds of frames into
+    // the receive buffers (a frame's sequence number lands with it), sva0
+    // runs batches of fills over the copy half, each with a pattern of its
+    // own.
+    mem.fill(off, len, 0)
+        .map_err(ctx("clearing the frame area"))?;
     let mut batches = Vec::with_capacity(FILL_BATCHES);
-    for _ in 0..FILL_BATCHES {
+    for bi in 0..FILL_BATCHES {
         let mut b = accel.batch(FILLS_PER_BATCH).map_err(ctx("sva0 batch"))?;
-        for k in 0..FILLS_PER_BATCH {
-            let at = COPY_OFF + (k * FILL_LEN) % (len - (COPY_OFF - off));
-            b.fill(iova(at), FILL_PATTERN, FILL_LEN as u32);
+        for m in 0..FILLS_PER_BATCH {
+            b.fill(iova(off + fill_at(m)), fill_stamp(bi, m), FILL_LEN as u32);
         }
         batches.push(b);
     }
-    let rx_before = net.rx.ring.used_idx().map_err(ctx("used index"))?;
-    net.rx.kick()?;
-    net.tx.kick()?;
+    let mut nr = NetRun::new(net)?;
+    let used_off =
+        usize::try_from(net.rx.ring.used_addr() - IOVA_BASE + 2).map_err(ctx("used ring"))?;
+    let rx_base = nr.rx_base;
+    // net0's receive completions in the step, read through the driver's
+    // memory (the feeding thread holds the rings).
+    let used = || -> Res<u32> {
+        fence(Ordering::SeqCst);
+        let mut b = [0u8; 2];
+        mem.read_at(used_off, &mut b)
+            .map_err(ctx("reading the used index"))?;
+        Ok(u32::from(u16::from_le_bytes(b).wrapping_sub(rx_base)))
+    };
+    // Both devices write while the unmap is under way: sva0 gets 512 MiB of
+    // fills, which last far longer than the unmap, and a feeding thread
+    // gives net0 a new round of frames each time it has delivered one,
+    // until IOAS_UNMAP has returned.
     let mut inflight = Vec::with_capacity(FILL_BATCHES);
     for b in batches.iter_mut() {
         inflight.push(b.submit().map_err(ctx("sva0 batch submit"))?);
     }
-    let t0 = Instant::now();
-    let n = accel
-        .with_service(|s| s.ioas_unmap(ioas, iova(off), len as u64))
-        .ok_or("the accelerator client has no service session")?
-        .map_err(ctx("IOAS_UNMAP"))?;
-    let dt = t0.elapsed();
-    // From here on no device may write these pages: poison them (through
-    // the driver's own mapping of the memfd) and check at the end.
-    mem.fill(off, len, POISON).map_err(ctx("poisoning"))?;
+    let posted = AtomicU32::new(0);
+    let done = AtomicBool::new(false);
+    nr.post_round(mem, net, &posted)?;
+    let (fed, un) = std::thread::scope(|sc| {
+        let (posted, done) = (&posted, &done);
+        let (net, nr) = (&mut *net, &mut nr);
+        let feeder = sc.spawn(move || keep_net_busy(mem, net, nr, posted, done));
+        let un = unmap_now(accel, ioas, &used, posted, &inflight, before_unmap);
+        done.store(true, Ordering::Release);
+        let fed = feeder
+            .join()
+            .unwrap_or_else(|_| Err("the feeding thread panicked".into()));
+        (fed, un)
+    });
+    fed?;
+    let un = un?;
+    t.net_in_flight = u64::from(un.net_posted - un.net_done);
+    t.sva_in_flight = (FILL_BATCHES * FILLS_PER_BATCH - un.fills_done) as u64;
     println!(
-        "    {NET} reflecting {PER_ROUND} frames into {:#x} +512 KiB and\n    {ACCEL} running \
-         {FILL_BATCHES} batches of {FILLS_PER_BATCH} fills into {:#x} +512 KiB, when",
+        "    {NET} reflecting rounds of {PER_ROUND} frames into {:#x} +512 KiB (a new round each \
+         time it\n      delivered one, until the unmap returned: {} frames) and {ACCEL} running \
+         {FILL_BATCHES} batches\n      of {FILLS_PER_BATCH} fills into {:#x} +512 KiB; every write \
+         is stamped (a frame carries its\n      sequence number; each fill has a pattern of its \
+         own)",
         iova(RX_BUF_OFF),
+        nr.posted(),
         iova(COPY_OFF)
     );
     println!(
-        "    IOAS_UNMAP {:#x} +{} KiB returned after {} us ({n} bytes; it waits for device \
-         threads\n      inside an access section); the driver then poisoned those pages",
+        "    IOAS_UNMAP {:#x} +{} KiB issued with {} {NET} and {} {ACCEL} writes in flight;\n      \
+         it returned after {} us ({} bytes; it waits for device threads inside an access \
+         section)\n      and the driver read at once which writes the devices had completed",
         iova(off),
         len / KIB,
-        dt.as_micros()
+        t.net_in_flight,
+        t.sva_in_flight,
+        un.took.as_micros(),
+        un.bytes
     );
 
-    // sva0: every fill either finished before the unmap or faulted.
-    let (mut done, mut stopped) = (0u64, 0u64);
+    // Until all work has ended: sva0's batches...
+    let mut results = Vec::with_capacity(FILL_BATCHES);
     for h in inflight {
-        let r = h.wait().map_err(ctx("sva0 batch"))?;
-        for m in &r.members {
-            match m.code() {
-                0 | status::SUCCESS => done += 1,
-                status::PAGE_FAULT_NOBOF if area.contains(&m.fault_addr) => stopped += 1,
-                c => {
-                    return Err(format!(
-                        "a fill completed with status {c:#x} at {:#x}",
-                        m.fault_addr
-                    ))
-                }
-            }
-        }
+        results.push(h.wait().map_err(ctx("sva0 batch"))?);
     }
-    // net0: the transmit side reads mapped memory and completes; the
-    // receive side stops at the first buffer it can no longer translate.
+    // ... net0's transmits (they read mapped memory and complete) and
+    // receives (they stop at the first buffer net0 can no longer
+    // translate).
     let want = net.tx.seen.wrapping_add(PER_ROUND as u16);
     net.tx.wait_used(want, WAIT)?;
     net.tx.seen = want;
-    let rx_used = |net: &NetFrontend| -> Res<u16> {
-        Ok(net
-            .rx
-            .ring
-            .used_idx()
-            .map_err(ctx("used index"))?
-            .wrapping_sub(rx_before))
-    };
+    let round_start = nr.posted() - PER_ROUND as u32;
     let mut miss = None;
-    let mut delivered = rx_used(net)?;
+    let mut used = nr.used(net)?;
     // Bounded: 20 waits of at most 500 ms.
     for _ in 0..20 {
-        if usize::from(delivered) == PER_ROUND {
+        if used == nr.posted() {
             break;
         }
         match net.wait_miss(Duration::from_millis(500)) {
             Ok(m) if m.typ == VHOST_IOTLB_MISS && area.contains(&m.iova) => {
                 miss = Some(m);
-                delivered = rx_used(net)?;
+                used = nr.used(net)?;
                 break;
             }
             Ok(m) => {
@@ -1151,36 +1483,82 @@ fn unmap_step(
                     m.typ, m.iova
                 ))
             }
-            Err(_) => delivered = rx_used(net)?,
+            Err(_) => used = nr.used(net)?,
         }
     }
-    if usize::from(delivered) != PER_ROUND && miss.is_none() {
+    if used != nr.posted() && miss.is_none() {
         return Err(format!(
-            "net0 delivered {delivered} of {PER_ROUND} frames and reported no miss"
+            "net0 delivered {} of the last {PER_ROUND} frames and reported no miss",
+            used - round_start
         ));
     }
-    net.rx.seen = net.rx.seen.wrapping_add(delivered);
-    let intact = mem_read(mem, off, len)?.iter().all(|&b| b == POISON);
-    if !intact {
-        return Err("a device wrote into the frame area after IOAS_UNMAP returned".into());
+    net.rx.seen = net.rx.seen.wrapping_add((used - round_start) as u16);
+
+    // The writes of C, replayed over the cleared area. A write completed
+    // after the snapshot is a late one already.
+    if used != un.rx_at_unmap {
+        return Err(format!(
+            "a device wrote into the frame area after IOAS_UNMAP returned: {NET} completed {} \
+             receive buffers there after it returned",
+            used.wrapping_sub(un.rx_at_unmap)
+        ));
     }
-    t.writes_stopped = stopped + (PER_ROUND as u64 - u64::from(delivered));
-    t.poison_intact_bytes = len as u64;
+    nr.read_writes(net, used)?;
+    let mut ledger = Ledger::new(len);
+    for &(slot, seq) in &nr.writes {
+        ledger.write(RX_BUF_OFF - off + slot * SLOT, &rx_bytes(seq))?;
+    }
+    let (mut fills_before, mut stopped) = (0u64, 0u64);
+    for (bi, (r, in_c)) in results.iter().zip(&un.batches_at_unmap).enumerate() {
+        for (m, cr) in r.members.iter().enumerate() {
+            let written = match cr.code() {
+                0 | status::SUCCESS => FILL_LEN,
+                status::PAGE_FAULT_NOBOF if area.contains(&cr.fault_addr) => {
+                    stopped += 1;
+                    cr.bytes_completed as usize
+                }
+                c => {
+                    return Err(format!(
+                        "sva0 fill {bi}.{m} completed with status {c:#x} at {:#x}",
+                        cr.fault_addr
+                    ))
+                }
+            };
+            if !*in_c {
+                if written > 0 {
+                    return Err(format!(
+                        "a device wrote into the frame area after IOAS_UNMAP returned: {ACCEL} \
+                         completed fill {bi}.{m} ({written} bytes) after it returned"
+                    ));
+                }
+                continue;
+            }
+            if written == FILL_LEN {
+                fills_before += 1;
+            }
+            ledger.fill(fill_at(m), fill_stamp(bi, m), written)?;
+        }
+    }
+    t.writes_stopped = stopped + u64::from(nr.posted() - used);
     println!(
-        "    {ACCEL}: {done} fills finished before, {stopped} stopped by the unmap (status 0x03)"
+        "    {ACCEL}: {} fills completed before it was issued, {} while it was under way, \
+         {stopped} stopped\n      by the unmap (status 0x03)",
+        un.fills_done,
+        fills_before.saturating_sub(un.fills_done as u64)
     );
+    let during = un.rx_at_unmap - un.net_done;
     match miss {
         Some(m) => println!(
-            "    {NET}: {delivered} frames delivered before, the next receive buffer missed \
-             (IOTLB miss for {:#x})",
-            m.iova
+            "    {NET}: {} frames delivered before it was issued, {during} while it was under \
+             way; the next\n      receive buffer missed (IOTLB miss for {:#x})",
+            un.net_done, m.iova
         ),
-        None => println!("    {NET}: all {delivered} frames delivered before the unmap"),
+        None => println!(
+            "    {NET}: {} frames delivered before it was issued, {during} while it was under \
+             way, all of them",
+            un.net_done
+        ),
     }
-    println!(
-        "    poison intact in all {} KiB: no device wrote after the unmap returned",
-        len / KIB
-    );
 
     // Now both devices are idle: each one's next access misses.
     let target = iova(RX_BUF_OFF);
@@ -1229,12 +1607,66 @@ fn unmap_step(
         cr.fault_addr,
         cr.bytes_completed
     );
+
+    // Last, the area against the replay of C.
+    let actual = mem_read(mem, off, len)?;
+    if let Some(x) = ledger.compare(&actual) {
+        t.late_writes += 1;
+        return Err(format!(
+            "a device wrote into the frame area after IOAS_UNMAP returned: stamp {} at {:#x} \
+             ({} bytes differ from the replay of the {} writes completed when it returned, which \
+             left {} there)",
+            describe_stamp(&actual, x.at),
+            iova(off + x.at),
+            x.bytes,
+            ledger.writes(),
+            describe_stamp(ledger.image(), x.at)
+        ));
+    }
+    t.bytes_checked = len as u64;
+    println!(
+        "    the frame area holds exactly the {} writes completed when the unmap returned\n      \
+         ({} KiB compared with their replay): no device wrote after it returned",
+        ledger.writes(),
+        len / KIB
+    );
     Ok(())
+}
+
+/// The stamp found at offset `at` of the frame area image `img`: the frame
+/// in that receive buffer, or the fill pattern of that 8-byte word.
+fn describe_stamp(img: &[u8], at: usize) -> String {
+    let rx = RX_BUF_OFF - AREA_FRAMES.0;
+    if (rx..FILL_AREA).contains(&at) {
+        let slot = (at - rx) / SLOT;
+        let buf = rx + slot * SLOT;
+        let b = img.get(buf..buf + SLOT).unwrap_or(&[]);
+        if b.iter().all(|&x| x == 0) {
+            return format!("nothing (receive buffer {slot} empty)");
+        }
+        return match b.get(VNET_HDR_LEN..).and_then(seq_of) {
+            Some(s) => format!("frame {s} ({NET}, receive buffer {slot})"),
+            None => format!("unreadable (receive buffer {slot})"),
+        };
+    }
+    let w = at & !7;
+    let Some(word) = img
+        .get(w..w + 8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_le_bytes)
+    else {
+        return "past the area".into();
+    };
+    match fill_of(word) {
+        Some((b, m)) => format!("{word:#018x} ({ACCEL} fill {b}.{m})"),
+        None if word == 0 => "nothing".into(),
+        None => format!("{word:#018x} (no fill's)"),
+    }
 }
 
 fn summary(t: &Tally) {
     println!("\nsummary");
-    let rows: [(&str, u64); 14] = [
+    let rows: [(&str, u64); 17] = [
         ("packets sent", t.packets_sent),
         ("packets received", t.packets_received),
         ("bytes sent", t.bytes_sent),
@@ -1247,11 +1679,14 @@ fn summary(t: &Tally) {
         ("faults answered", t.faults_answered),
         ("lazy copies", t.lazy_copies),
         ("invalidations observed", t.invalidations_observed),
+        ("net0 writes in flight at unmap", t.net_in_flight),
+        ("sva0 writes in flight at unmap", t.sva_in_flight),
         ("writes stopped by unmap", t.writes_stopped),
-        ("poison intact bytes", t.poison_intact_bytes),
+        ("late device writes", t.late_writes),
+        ("frame area bytes checked", t.bytes_checked),
     ];
     for (k, v) in rows {
-        println!("    {k:<26}{v}");
+        println!("    {k:<32}{v}");
     }
 }
 

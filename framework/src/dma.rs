@@ -346,6 +346,10 @@ impl<'t> Section<'t> {
     /// side effect: no fault or event queue behind the device's HWPT, as for
     /// vhost-user devices whose memory table is their address space).
     pub(crate) fn new(translator: &'t mut Translator, pasid: Option<u32>, speculate: bool) -> Self {
+        // Late writes of the thread's last section are made before this one
+        // begins (and so before its translator lets go of their memory).
+        #[cfg(feature = "fault-injection")]
+        crate::fault_injection::after_section();
         Section {
             access: RefCell::new(translator.access()),
             pasid,
@@ -672,8 +676,13 @@ impl<'a> Dma<'a> {
         pasid: Option<u32>,
         f: impl FnOnce(Dma<'_>) -> R,
     ) -> R {
-        let section = Section::new(translator, pasid, false);
-        f(Dma::from_section(&section))
+        let r = {
+            let section = Section::new(translator, pasid, false);
+            f(Dma::from_section(&section))
+        };
+        #[cfg(feature = "fault-injection")]
+        crate::fault_injection::after_section();
+        r
     }
 
     pub(crate) fn from_section(ops: &'a (dyn SectionOps + 'a)) -> Self {

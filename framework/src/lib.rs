@@ -29,6 +29,8 @@
 pub mod accept;
 pub mod device;
 pub mod dma;
+#[cfg(feature = "fault-injection")]
+pub mod fault_injection;
 pub mod ownership;
 pub mod peer_fd;
 pub mod queue;

@@ -540,6 +540,8 @@ impl Runner {
             let mut queues = Queues::new(&self.vrings, Dma::from_section(&section), iotlb);
             f(&mut *self.worker, &mut queues)
         };
+        #[cfg(feature = "fault-injection")]
+        crate::fault_injection::after_section();
         self.after(r);
     }
 

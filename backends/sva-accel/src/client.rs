@@ -1428,6 +1428,13 @@ pub struct BatchHandle<'b, 'c> {
 }
 
 impl BatchHandle<'_, '_> {
+    /// The batch's record, if the device wrote it (no wait). The device
+    /// writes it after every member has completed and written its record,
+    /// if any.
+    pub fn poll(&self) -> Option<CompletionRecord> {
+        self.h.poll()
+    }
+
     /// Waits for the batch and collects the member records.
     pub fn wait(self) -> Result<BatchResult> {
         let record = self.h.wait()?;

@@ -1289,6 +1289,10 @@ fn run_pass(s: &Shared, c: &ClientCtx, mut src: Source<'_>, tr: &mut Option<Tran
                     return (SectionEnd::Done, None);
                 };
                 ran = true;
+                #[cfg(feature = "fault-injection")]
+                if resume == Resume::Start {
+                    crate::inject::before_job(dma, &job.desc);
+                }
                 match execute_in(s, c, dma, &mut job, resume, &mut budget) {
                     Ran::Retired => done.add(s, c, &job.desc),
                     Ran::Blocked(p) => return (SectionEnd::Parked(job, p), None),

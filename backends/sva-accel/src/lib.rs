@@ -28,6 +28,8 @@ pub mod crc;
 pub mod desc;
 pub mod device;
 pub mod engine;
+#[cfg(feature = "fault-injection")]
+pub mod inject;
 pub mod iommu;
 pub mod proto;
 pub mod shm;

@@ -299,6 +299,11 @@ pub(crate) trait ChainInfo: Default {
     fn head(&self) -> u16;
     fn readable_len(&self) -> u64;
     fn writable_len(&self) -> u64;
+    /// I/O address of the first device-writable buffer (fault injection).
+    #[cfg(feature = "fault-injection")]
+    fn first_writable(&self) -> Option<u64> {
+        None
+    }
 }
 
 impl ChainInfo for Chain {
@@ -310,6 +315,13 @@ impl ChainInfo for Chain {
     }
     fn writable_len(&self) -> u64 {
         Chain::writable_len(self)
+    }
+    #[cfg(feature = "fault-injection")]
+    fn first_writable(&self) -> Option<u64> {
+        self.descriptors()
+            .iter()
+            .find(|d| d.writable)
+            .map(|d| d.addr)
     }
 }
 
@@ -380,6 +392,11 @@ pub(crate) trait Ring {
     fn notify(&mut self) -> std::result::Result<(), QueueError>;
     fn enable_notification(&mut self) -> std::result::Result<bool, QueueError>;
     fn disable_notification(&mut self) -> std::result::Result<(), QueueError>;
+    /// Fault injection: translates `iova` for write in the current section
+    /// and registers a write of `data` there, made `delay` after the section
+    /// ends (see `ioasis::fault_injection`).
+    #[cfg(feature = "fault-injection")]
+    fn late_write(&mut self, _iova: u64, _data: &[u8], _delay: Duration) {}
 }
 
 impl Ring for Queue<'_> {
@@ -429,6 +446,16 @@ impl Ring for Queue<'_> {
     }
     fn disable_notification(&mut self) -> std::result::Result<(), QueueError> {
         Queue::disable_notification(self)
+    }
+    #[cfg(feature = "fault-injection")]
+    fn late_write(&mut self, iova: u64, data: &[u8], delay: Duration) {
+        match self
+            .dma()
+            .fragment(iova, data.len() as u64, ioasis::dma::Access::Write)
+        {
+            Ok(f) => ioasis::fault_injection::write_after_section(f, data, delay),
+            Err(e) => warn!("fault injection: cannot translate {iova:#x}: {e}"),
+        }
     }
 }
 
@@ -490,7 +517,19 @@ pub(crate) struct PairEngine<C> {
     pub(crate) suppress: bool,
     /// Heads were completed since the driver was last notified.
     notify_pending: bool,
+    /// Fault injection: the receive buffer the first frame after the late
+    /// write was claimed went to, and the write's delay.
+    #[cfg(feature = "fault-injection")]
+    late: Option<(u64, Duration)>,
 }
+
+/// The kind under which a test arms a late write for this device
+/// (`ioasis::fault_injection::arm`): the device delivers a frame into a
+/// receive buffer, and delivers the next frame into that same buffer again,
+/// after the access section has ended (through the host pointer the section
+/// gave), without completing it.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_KIND: &str = "vdpa-net";
 
 impl<C: ChainInfo> PairEngine<C> {
     pub(crate) fn new(
@@ -519,6 +558,8 @@ impl<C: ChainInfo> PairEngine<C> {
             warned: 0,
             suppress: false,
             notify_pending: false,
+            #[cfg(feature = "fault-injection")]
+            late: None,
         }
     }
 
@@ -735,6 +776,8 @@ impl<C: ChainInfo> PairEngine<C> {
         let mut stop = RxStop::Port;
         let mut fatal: Option<QueueError> = None;
         let mut completed = 0usize;
+        #[cfg(feature = "fault-injection")]
+        let late = &mut self.late;
         let taken = port.recv(BURST, &mut |data: &mut [u8]| {
             if data.len() < VNET_HDR_LEN + 14 {
                 errors += 1;
@@ -867,6 +910,20 @@ impl<C: ChainInfo> PairEngine<C> {
                     return false;
                 }
                 start += w;
+            }
+            #[cfg(feature = "fault-injection")]
+            match late.take() {
+                // The next frame, again into the first one's buffer.
+                Some((iova, delay)) => {
+                    let mut bytes = parts.hdr.to_vec();
+                    bytes.extend_from_slice(parts.frame);
+                    q.late_write(iova, &bytes, delay);
+                }
+                None => {
+                    if let Some(delay) = ioasis::fault_injection::claim(FAULT_KIND) {
+                        *late = chains[*first].first_writable().map(|a| (a, delay));
+                    }
+                }
             }
             *first += k;
             *held -= k;

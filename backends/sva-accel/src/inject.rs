@@ -1,0 +1,48 @@
+//! Test-only fault injection (cargo feature `fault-injection`): a fill that
+//! lands after the access section it was translated in has ended.
+//!
+//! Armed with `ioasis::fault_injection::arm(FAULT_KIND, delay)`, the device,
+//! at the next batch whose first two members are fills, translates the
+//! second member's destination inside its section and, `delay` after the
+//! section has ended, writes the first member's pattern there through the
+//! host pointer the section gave. The batch itself runs as usual. The write
+//! is the kind the unmap promise excludes: end-to-end checks show with it
+//! that they catch such a write.
+
+use crate::desc::{opcode, Descriptor, DESC_SIZE};
+use ioasis::dma::{Access, Dma};
+use ioasis::fault_injection;
+
+/// The kind under which a test arms a late write for this device.
+pub const FAULT_KIND: &str = "sva-accel";
+
+/// Called inside a section before `d` runs: registers the late write when
+/// one is armed and `d` qualifies.
+pub(crate) fn before_job(dma: Dma<'_>, d: &Descriptor) {
+    if d.opcode != opcode::BATCH || d.xfer_size < 2 || !fault_injection::armed(FAULT_KIND) {
+        return;
+    }
+    let probe = dma.probe();
+    let mut raw = [0u8; 2 * DESC_SIZE];
+    if probe.read(d.src, &mut raw).is_err() {
+        return;
+    }
+    let member = |i: usize| {
+        let mut b = [0u8; DESC_SIZE];
+        b.copy_from_slice(&raw[i * DESC_SIZE..(i + 1) * DESC_SIZE]);
+        Descriptor::from_bytes(&b)
+    };
+    let (first, second) = (member(0), member(1));
+    if first.opcode != opcode::MEMFILL || second.opcode != opcode::MEMFILL {
+        return;
+    }
+    let Ok(frag) = probe.fragment(second.dst, u64::from(second.xfer_size), Access::Write) else {
+        return;
+    };
+    let Some(delay) = fault_injection::claim(FAULT_KIND) else {
+        return;
+    };
+    let pattern = first.src.to_le_bytes();
+    let data: Vec<u8> = pattern.iter().copied().cycle().take(frag.len()).collect();
+    fault_injection::write_after_section(frag, &data, delay);
+}
