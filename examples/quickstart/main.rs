@@ -52,7 +52,7 @@ use ioasis::service::{sealed_memfd, Client as Session, HwptRequest, MapPerm};
 use ioasis::uring::record::FAULT_PERM_WRITE;
 use ioasis::uring::{FaultBatch, FaultChannel, PageResponse, Wait};
 use iommu_core::Memory;
-use sva_accel::client::{ops, BatchHandle, Client as Accel, Handle, Options};
+use sva_accel::client::{ops, Batch, BatchHandle, Client as Accel, Handle, Options};
 use sva_accel::desc::{flags, status, CompletionRecord};
 
 use backend::{ACCEL, NET, NET_MAC, READY};
@@ -485,11 +485,33 @@ fn crc32c(data: &[u8]) -> u32 {
     !crc
 }
 
-/// Length of frame `seq`: lengths repeat every `MAX_FRAME - MIN_FRAME + 1`
-/// sequence numbers, and any fewer consecutive frames have different ones
-/// (397 is prime to that period).
+/// Frame lengths repeat with this period in the sequence number.
+const LEN_PERIOD: usize = MAX_FRAME - MIN_FRAME + 1;
+/// Step of the frame length from one sequence number to the next, prime to
+/// the period: fewer than `LEN_PERIOD` consecutive frames all have
+/// different lengths.
+const LEN_STEP: usize = 397;
+/// The inverse of `LEN_STEP` modulo `LEN_PERIOD`.
+const LEN_STEP_INV: usize = {
+    let mut i = 1;
+    while i * LEN_STEP % LEN_PERIOD != 1 {
+        i += 1;
+    }
+    i
+};
+
+/// Length of frame `seq`.
 fn frame_len(seq: u32) -> usize {
-    MIN_FRAME + (seq as usize * 397) % (MAX_FRAME - MIN_FRAME + 1)
+    MIN_FRAME + (seq as usize * LEN_STEP) % LEN_PERIOD
+}
+
+/// The frame of `len` bytes among the `n` (at most `LEN_PERIOD`) frames
+/// from `first` on.
+fn seq_of_len(first: u32, n: usize, len: usize) -> Option<u32> {
+    let r = len.checked_sub(MIN_FRAME).filter(|&r| r < LEN_PERIOD)?;
+    let base = first as usize * LEN_STEP % LEN_PERIOD;
+    let j = (r + LEN_PERIOD - base) % LEN_PERIOD * LEN_STEP_INV % LEN_PERIOD;
+    (j < n.min(LEN_PERIOD)).then(|| first + j as u32)
 }
 
 /// Frame `seq` as the driver sends it.
@@ -500,12 +522,14 @@ fn frame(seq: u32) -> Vec<u8> {
     f.extend_from_slice(&NET_MAC);
     f.extend_from_slice(&ETHERTYPE);
     f.extend_from_slice(&seq.to_le_bytes());
-    let mut x = seq.wrapping_mul(0x9e37_79b9) | 1;
+    // xorshift64, eight bytes a step.
+    let mut x = u64::from(seq).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     while f.len() < len {
         x ^= x << 13;
-        x ^= x >> 17;
-        x ^= x << 5;
-        f.push(x as u8);
+        x ^= x >> 7;
+        x ^= x << 17;
+        let n = (len - f.len()).min(8);
+        f.extend_from_slice(&x.to_le_bytes()[..n]);
     }
     f
 }
@@ -1182,14 +1206,12 @@ impl NetRun {
             .copied()
             .ok_or("a receive completion past the rounds posted")?;
         let flen = (len as usize).saturating_sub(VNET_HDR_LEN);
-        let seq = (first..first + PER_ROUND as u32)
-            .find(|&s| frame_len(s) == flen)
-            .ok_or_else(|| {
-                format!(
-                    "net0 completed receive buffer {slot} with length {len}, the length of no \
+        let seq = seq_of_len(first, PER_ROUND, flen).ok_or_else(|| {
+            format!(
+                "net0 completed receive buffer {slot} with length {len}, the length of no \
                      frame of its round"
-                )
-            })?;
+            )
+        })?;
         Ok((slot, seq))
     }
 
@@ -1255,35 +1277,44 @@ struct Unmapped {
     batches_at_unmap: Vec<bool>,
 }
 
-/// Issues IOAS_UNMAP of the frame area once net0 has receive writes in
-/// flight (the feeding thread has just been given the first round; sva0's
-/// fills last far longer), and as soon as it returns reads what the devices
+/// Submits sva0's batches and issues IOAS_UNMAP of the frame area, both
+/// once net0 has receive writes in flight (the feeding thread gives it a
+/// new round as soon as one is delivered; sva0's 512 MiB of fills last far
+/// longer than the unmap), and as soon as it returns reads what the devices
 /// have completed. `used` reads net0's receive completions in the step;
-/// `before` runs first.
-fn unmap_now(
+/// `before` runs once the batches are submitted.
+fn unmap_now<'b, 'c>(
     accel: &Accel,
     ioas: u32,
     used: &dyn Fn() -> Res<u32>,
     posted: &AtomicU32,
-    batches: &[BatchHandle<'_, '_>],
+    batches: &'b mut [Batch<'c>],
+    inflight: &mut Vec<BatchHandle<'b, 'c>>,
     before: &mut dyn FnMut() -> Res<()>,
 ) -> Res<Unmapped> {
     let (off, len) = AREA_FRAMES;
-    before()?;
+    let mut batches = Some(batches);
     // Bounded: the feeding thread posts a new round as soon as one is done.
     let deadline = Instant::now() + WAIT;
     let (net_posted, net_done) = loop {
         let p = posted.load(Ordering::Acquire);
         let d = used()?;
         if d < p {
-            break (p, d);
+            let Some(b) = batches.take() else {
+                break (p, d);
+            };
+            for b in b.iter_mut() {
+                inflight.push(b.submit().map_err(ctx("sva0 batch submit"))?);
+            }
+            before()?;
+            continue;
         }
         if Instant::now() > deadline {
             return Err(format!("net0 had no receive write in flight for {WAIT:?}"));
         }
         std::thread::sleep(Duration::from_micros(20));
     };
-    let fills_done = batches.iter().filter(|h| h.poll().is_some()).count() * FILLS_PER_BATCH;
+    let fills_done = inflight.iter().filter(|h| h.poll().is_some()).count() * FILLS_PER_BATCH;
     let t0 = Instant::now();
     let bytes = accel
         .with_service(|s| s.ioas_unmap(ioas, iova(off), len as u64))
@@ -1294,7 +1325,7 @@ fn unmap_now(
     // that complete after the unmap returned are read the sooner.
     let rx_at_unmap = used()?;
     let mut batches_at_unmap: Vec<bool> =
-        batches.iter().rev().map(|h| h.poll().is_some()).collect();
+        inflight.iter().rev().map(|h| h.poll().is_some()).collect();
     batches_at_unmap.reverse();
     let took = t0.elapsed();
     Ok(Unmapped {
@@ -1404,22 +1435,27 @@ fn unmap_step(
             .map_err(ctx("reading the used index"))?;
         Ok(u32::from(u16::from_le_bytes(b).wrapping_sub(rx_base)))
     };
-    // Both devices write while the unmap is under way: sva0 gets 512 MiB of
-    // fills, which last far longer than the unmap, and a feeding thread
+    // Both devices write while the unmap is under way: a feeding thread
     // gives net0 a new round of frames each time it has delivered one,
-    // until IOAS_UNMAP has returned.
-    let mut inflight = Vec::with_capacity(FILL_BATCHES);
-    for b in batches.iter_mut() {
-        inflight.push(b.submit().map_err(ctx("sva0 batch submit"))?);
-    }
+    // until IOAS_UNMAP has returned, and sva0 gets 512 MiB of fills, which
+    // last far longer than the unmap, submitted just before it is issued.
     let posted = AtomicU32::new(0);
     let done = AtomicBool::new(false);
     nr.post_round(mem, net, &posted)?;
+    let mut inflight = Vec::with_capacity(FILL_BATCHES);
     let (fed, un) = std::thread::scope(|sc| {
         let (posted, done) = (&posted, &done);
         let (net, nr) = (&mut *net, &mut nr);
         let feeder = sc.spawn(move || keep_net_busy(mem, net, nr, posted, done));
-        let un = unmap_now(accel, ioas, &used, posted, &inflight, before_unmap);
+        let un = unmap_now(
+            accel,
+            ioas,
+            &used,
+            posted,
+            &mut batches,
+            &mut inflight,
+            before_unmap,
+        );
         done.store(true, Ordering::Release);
         let fed = feeder
             .join()
@@ -1697,6 +1733,22 @@ mod tests {
     #[test]
     fn test_crc32c_check_value() {
         assert_eq!(crc32c(b"123456789"), 0xe306_9283);
+    }
+
+    #[test]
+    fn test_a_length_names_a_frame_of_a_round() {
+        for first in [0u32, 1, 10240, 10496, 60000] {
+            for j in 0..PER_ROUND as u32 {
+                let s = first + j;
+                assert_eq!(seq_of_len(first, PER_ROUND, frame_len(s)), Some(s));
+            }
+            let lens: BTreeSet<usize> = (first..first + PER_ROUND as u32).map(frame_len).collect();
+            assert_eq!(lens.len(), PER_ROUND);
+            let other = (MIN_FRAME..=MAX_FRAME).find(|l| !lens.contains(l));
+            assert_eq!(other.and_then(|l| seq_of_len(first, PER_ROUND, l)), None);
+        }
+        assert_eq!(seq_of_len(0, PER_ROUND, MIN_FRAME - 1), None);
+        assert_eq!(seq_of_len(0, PER_ROUND, MAX_FRAME + 1), None);
     }
 
     #[test]

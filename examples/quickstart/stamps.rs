@@ -23,22 +23,32 @@
 //! and writes the batch's completion record last, after every member's
 //! fill and record. So each write made before the unmap returned has its
 //! completion visible by then, with the bytes it wrote: net0's used element
-//! gives the buffer and the length, and the length names the frame (the
-//! step's frames all have different lengths); sva0's records give each
-//! fill's outcome and, for a partial one, how many bytes it wrote.
+//! gives the buffer and the length, and the length names the frame (net0
+//! gets rounds of frames, one per receive buffer, the next round once it
+//! has delivered the last, and the frames of a round all have different
+//! lengths); sva0's records give each fill's outcome and, for a partial
+//! one, how many bytes it wrote. One device thread each makes the writes
+//! into the area, in the order their completions come (net0's used ring;
+//! sva0's batches and their members), which is the order of the replay.
 //!
 //! Why a write that lands after the unmap returned is caught, whenever it
-//! lands: its completion, posted after it, was not visible to the snapshot,
-//! so it is not in C, and nothing in C can cover its bytes afterwards
-//! (every write in C had landed before its completion was read). Its stamp
-//! differs from what the replay has there, because every write of the step
-//! carries a different stamp. The snapshot is a few loads made right after
-//! the reply; the one late write the check cannot tell from a timely one
-//! is a write whose completion is also posted in that instant, before the
-//! snapshot reads it (and a write of bytes identical to those already
-//! there, which changes nothing). Poisoning the pages after the unmap, as
-//! this step did before, missed every late write landing before the
-//! poison, completion or not.
+//! lands before the final comparison (made after both devices were shown
+//! to miss on the area): its completion, if the device posts one at all,
+//! comes after it, so the snapshot did not see it and the write is not in
+//! C (a completion the snapshot missed is reported as such: net0 completing
+//! a receive buffer, or sva0 a fill with bytes written, after the unmap
+//! returned). No write of C overwrites it: each landed before the snapshot
+//! read its completion, so it would have to land between the reply and the
+//! snapshot as well. And its bytes differ from the replay's there, since
+//! every write of the step has a stamp of its own.
+//!
+//! What the check cannot see: a late write whose completion is also
+//! posted, and read by the snapshot, in the instant between the reply and
+//! those few loads (made before anything else, sva0's batch records latest
+//! first); a write of the very bytes already there, which changes nothing;
+//! and a write landing after the final comparison. Poisoning the pages
+//! after the unmap, as this step did before, missed every late write that
+//! landed before the poison, completion or not.
 
 /// Tag in the high half of every fill stamp.
 pub const FILL_TAG: u64 = 0x5354_4d50_0000_0000;

@@ -40,12 +40,20 @@ static BUILT: Mutex<Option<HashMap<String, std::result::Result<PathBuf, String>>
 ///
 /// Any failure to build or find it is [`Error::Build`] with the reason.
 pub fn workspace_bin(package: &str, bin: &str) -> Result<PathBuf> {
-    workspace_target(package, bin, Kind::Bin)
+    workspace_target(package, bin, Kind::Bin, None)
 }
 
 /// Like [`workspace_bin`] for an example (`target/<profile>/examples/<name>`).
 pub fn workspace_example(package: &str, example: &str) -> Result<PathBuf> {
-    workspace_target(package, example, Kind::Example)
+    workspace_target(package, example, Kind::Example, None)
+}
+
+/// Like [`workspace_example`] for an example that needs cargo features of
+/// its package (`features`: a comma-separated list, as `cargo build
+/// --features` takes it). Give such an example a name of its own, so that
+/// its build never replaces the one without the features.
+pub fn workspace_example_with(package: &str, example: &str, features: &str) -> Result<PathBuf> {
+    workspace_target(package, example, Kind::Example, Some(features))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,7 +62,12 @@ enum Kind {
     Example,
 }
 
-fn workspace_target(package: &str, bin: &str, kind: Kind) -> Result<PathBuf> {
+fn workspace_target(
+    package: &str,
+    bin: &str,
+    kind: Kind,
+    features: Option<&str>,
+) -> Result<PathBuf> {
     let var = format!("IOASIS_{}_BIN", bin.to_uppercase().replace('-', "_"));
     if let Some(p) = std::env::var_os(&var) {
         let p = PathBuf::from(p);
@@ -66,16 +79,21 @@ fn workspace_target(package: &str, bin: &str, kind: Kind) -> Result<PathBuf> {
     }
     let mut guard = BUILT.lock().unwrap_or_else(|e| e.into_inner());
     let cache = guard.get_or_insert_with(HashMap::new);
-    let key = format!("{package}/{bin}/{kind:?}");
+    let key = format!("{package}/{bin}/{kind:?}/{features:?}");
     if let Some(r) = cache.get(&key) {
         return r.clone().map_err(Error::Build);
     }
-    let r = build(package, bin, kind);
+    let r = build(package, bin, kind, features);
     cache.insert(key, r.clone());
     r.map_err(Error::Build)
 }
 
-fn build(package: &str, bin: &str, kind: Kind) -> std::result::Result<PathBuf, String> {
+fn build(
+    package: &str,
+    bin: &str,
+    kind: Kind,
+    features: Option<&str>,
+) -> std::result::Result<PathBuf, String> {
     let profile = profile_dir().ok_or("cannot tell the target directory of this test")?;
     let (exe, flag) = match kind {
         Kind::Bin => (profile.join(bin), "--bin"),
@@ -88,6 +106,9 @@ fn build(package: &str, bin: &str, kind: Kind) -> std::result::Result<PathBuf, S
         .args(["build", "-q", "-j2", "-p", package, flag, bin]);
     if release {
         cmd.arg("--release");
+    }
+    if let Some(f) = features {
+        cmd.args(["--features", f]);
     }
     eprintln!("[ioasis-integration] building {bin} (cargo build -p {package} {flag} {bin})");
     match run(&mut cmd, BUILD_TIMEOUT) {

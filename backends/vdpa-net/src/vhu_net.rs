@@ -517,10 +517,10 @@ pub(crate) struct PairEngine<C> {
     pub(crate) suppress: bool,
     /// Heads were completed since the driver was last notified.
     notify_pending: bool,
-    /// Fault injection: the receive buffer the first frame after the late
-    /// write was claimed went to, and the write's delay.
+    /// Fault injection: the receive buffer the first frame went to after a
+    /// late write was armed.
     #[cfg(feature = "fault-injection")]
-    late: Option<(u64, Duration)>,
+    late: Option<u64>,
 }
 
 /// The kind under which a test arms a late write for this device
@@ -913,15 +913,18 @@ impl<C: ChainInfo> PairEngine<C> {
             }
             #[cfg(feature = "fault-injection")]
             match late.take() {
-                // The next frame, again into the first one's buffer.
-                Some((iova, delay)) => {
-                    let mut bytes = parts.hdr.to_vec();
-                    bytes.extend_from_slice(parts.frame);
-                    q.late_write(iova, &bytes, delay);
+                // The next frame, again into the first one's buffer, once
+                // the section has ended.
+                Some(iova) => {
+                    if let Some(delay) = ioasis::fault_injection::claim(FAULT_KIND) {
+                        let mut bytes = parts.hdr.to_vec();
+                        bytes.extend_from_slice(parts.frame);
+                        q.late_write(iova, &bytes, delay);
+                    }
                 }
                 None => {
-                    if let Some(delay) = ioasis::fault_injection::claim(FAULT_KIND) {
-                        *late = chains[*first].first_writable().map(|a| (a, delay));
+                    if ioasis::fault_injection::armed(FAULT_KIND) {
+                        *late = chains[*first].first_writable();
                     }
                 }
             }
