@@ -22,13 +22,14 @@
 //!    page faults reach the driver over the fault channel, the driver maps
 //!    the memory and answers SUCCESS, and the copies complete;
 //! 5. it unmaps the frame area while both devices have writes into it in
-//!    flight, every write stamped by the driver (a frame's sequence number,
-//!    a fill pattern of its own); right after the unmap returns it reads
-//!    which writes the devices have completed, and once all work has ended
-//!    it checks that the area holds exactly those writes: no device wrote
-//!    after the unmap returned (see `stamps.rs`). Then each device's next
-//!    access to the area fails: an IOTLB miss from net0, a page-fault
-//!    completion from sva0.
+//!    flight (net0 fed by a thread until the unmap returns, sva0 running
+//!    4 KiB fills there among longer ones elsewhere), every write stamped
+//!    by the driver (a frame's sequence number, a fill pattern of its
+//!    own); right after the unmap returns it reads which writes the devices
+//!    have completed, and once all work has ended it checks that the area
+//!    holds exactly those writes: no device wrote after the unmap returned
+//!    (see `stamps.rs`). Then each device's next access to the area
+//!    fails: an IOTLB miss from net0, a page-fault completion from sva0.
 //!
 //! It prints a transcript with a summary and exits 0; any failure exits 1
 //! with a message. Every wait is bounded, a watchdog ends a stuck run, and
@@ -1085,10 +1086,19 @@ impl Lazy {
     }
 }
 
-/// Fills sva0 writes per batch during the unmap step, and their size.
-const FILLS_PER_BATCH: usize = 128;
-const FILL_LEN: usize = 64 * 1024;
+/// sva0's work in the unmap step: batches, each of fills into the frame
+/// area (stamped, each with its own record) alternating with longer fills
+/// of a scratch buffer of the client's own, which keep sva0 busy (256 MiB
+/// in all) but are not checked.
 const FILL_BATCHES: usize = 64;
+const AREA_FILLS_PER_BATCH: usize = 16;
+/// Size of a fill into the frame area: at most what sva0 does in one step,
+/// so a fill and its record are made in one access section (a longer one
+/// may stop when its unit of work is spent and go on, with its record, in
+/// a later section).
+const FILL_LEN: usize = 4096;
+const SCRATCH_FILL_LEN: usize = 256 * 1024;
+const _: () = assert!(FILL_LEN as u64 <= sva_accel::engine::MIN_STEP);
 /// Most rounds of frames net0 gets while the unmap is under way (a round: a
 /// frame for every receive buffer; the next one once net0 has delivered the
 /// last). Bounded, so that a 16-bit used index tells the step's receive
@@ -1109,9 +1119,16 @@ const _: () = assert!(PER_ROUND <= MAX_FRAME - MIN_FRAME + 1);
 const _: () = assert!(RX_BUF_OFF + PER_ROUND * SLOT <= COPY_OFF);
 const _: () = assert!(FILL_LEN <= FILL_AREA_LEN && FILL_AREA_LEN % FILL_LEN == 0);
 
-/// Where member `member` of a batch fills, as an offset in the frame area.
-fn fill_at(member: usize) -> usize {
-    FILL_AREA + (member * FILL_LEN) % FILL_AREA_LEN
+/// Where area fill `k` of batch `batch` goes, as an offset in the frame
+/// area: the copy half is covered every few batches, so later fills
+/// overwrite earlier ones.
+fn fill_at(batch: usize, k: usize) -> usize {
+    FILL_AREA + ((batch * AREA_FILLS_PER_BATCH + k) * FILL_LEN) % FILL_AREA_LEN
+}
+
+/// The batch member of area fill `k` (members alternate: area, scratch).
+fn area_member(k: usize) -> usize {
+    2 * k
 }
 
 /// What net0 writes into a receive buffer for frame `seq`: the virtio-net
@@ -1266,20 +1283,21 @@ struct Unmapped {
     /// Bytes unmapped, and how long IOAS_UNMAP took.
     bytes: u64,
     took: Duration,
-    /// net0's receive buffers posted and completed, and sva0's fills
+    /// net0's receive buffers posted and completed, and sva0's area fills
     /// completed, just before IOAS_UNMAP was issued.
     net_posted: u32,
     net_done: u32,
     fills_done: usize,
     /// The snapshot taken as soon as IOAS_UNMAP returned (C): net0's
-    /// receive completions, and which sva0 batches had their record.
+    /// receive completions, and which of sva0's area fills (batch by batch)
+    /// had their record.
     rx_at_unmap: u32,
-    batches_at_unmap: Vec<bool>,
+    fills_at_unmap: Vec<[bool; AREA_FILLS_PER_BATCH]>,
 }
 
 /// Submits sva0's batches and issues IOAS_UNMAP of the frame area, both
 /// once net0 has receive writes in flight (the feeding thread gives it a
-/// new round as soon as one is delivered; sva0's 512 MiB of fills last far
+/// new round as soon as one is delivered; sva0's 256 MiB of fills last far
 /// longer than the unmap), and as soon as it returns reads what the devices
 /// have completed. `used` reads net0's receive completions in the step;
 /// `before` runs once the batches are submitted.
@@ -1314,19 +1332,26 @@ fn unmap_now<'b, 'c>(
         }
         std::thread::sleep(Duration::from_micros(20));
     };
-    let fills_done = inflight.iter().filter(|h| h.poll().is_some()).count() * FILLS_PER_BATCH;
+    let fills_done = inflight
+        .iter()
+        .flat_map(|h| (0..AREA_FILLS_PER_BATCH).map(move |k| h.poll_member(area_member(k))))
+        .filter(Option::is_some)
+        .count();
     let t0 = Instant::now();
     let bytes = accel
         .with_service(|s| s.ioas_unmap(ioas, iova(off), len as u64))
         .ok_or("the accelerator client has no service session")?
         .map_err(ctx("IOAS_UNMAP"))?;
     // At once: the one snapshot of what the devices have completed. sva0
-    // runs its batches in order, so the last ones are read first: those
-    // that complete after the unmap returned are read the sooner.
+    // runs its fills in order, so the last ones are read first: those that
+    // complete after the unmap returned are read the sooner.
     let rx_at_unmap = used()?;
-    let mut batches_at_unmap: Vec<bool> =
-        inflight.iter().rev().map(|h| h.poll().is_some()).collect();
-    batches_at_unmap.reverse();
+    let mut fills_at_unmap = vec![[false; AREA_FILLS_PER_BATCH]; inflight.len()];
+    for (h, seen) in inflight.iter().zip(fills_at_unmap.iter_mut()).rev() {
+        for k in (0..AREA_FILLS_PER_BATCH).rev() {
+            seen[k] = h.poll_member(area_member(k)).is_some();
+        }
+    }
     let took = t0.elapsed();
     Ok(Unmapped {
         bytes,
@@ -1335,7 +1360,7 @@ fn unmap_now<'b, 'c>(
         net_done,
         fills_done,
         rx_at_unmap,
-        batches_at_unmap,
+        fills_at_unmap,
     })
 }
 
@@ -1414,11 +1439,23 @@ fn unmap_step(
     // own.
     mem.fill(off, len, 0)
         .map_err(ctx("clearing the frame area"))?;
+    let scratch = accel
+        .alloc(SCRATCH_FILL_LEN)
+        .map_err(ctx("sva0 scratch buffer"))?;
     let mut batches = Vec::with_capacity(FILL_BATCHES);
     for bi in 0..FILL_BATCHES {
-        let mut b = accel.batch(FILLS_PER_BATCH).map_err(ctx("sva0 batch"))?;
-        for m in 0..FILLS_PER_BATCH {
-            b.fill(iova(off + fill_at(m)), fill_stamp(bi, m), FILL_LEN as u32);
+        let mut b = accel
+            .batch(2 * AREA_FILLS_PER_BATCH)
+            .map_err(ctx("sva0 batch"))?;
+        for k in 0..AREA_FILLS_PER_BATCH {
+            let mut d = ops::fill(
+                iova(off + fill_at(bi, k)),
+                fill_stamp(bi, k),
+                FILL_LEN as u32,
+            );
+            d.flags |= flags::RCR;
+            b.push(d);
+            b.fill(scratch.addr(), !fill_stamp(bi, k), SCRATCH_FILL_LEN as u32);
         }
         batches.push(b);
     }
@@ -1437,7 +1474,7 @@ fn unmap_step(
     };
     // Both devices write while the unmap is under way: a feeding thread
     // gives net0 a new round of frames each time it has delivered one,
-    // until IOAS_UNMAP has returned, and sva0 gets 512 MiB of fills, which
+    // until IOAS_UNMAP has returned, and sva0 gets 256 MiB of fills, which
     // last far longer than the unmap, submitted just before it is issued.
     let posted = AtomicU32::new(0);
     let done = AtomicBool::new(false);
@@ -1465,13 +1502,13 @@ fn unmap_step(
     fed?;
     let un = un?;
     t.net_in_flight = u64::from(un.net_posted - un.net_done);
-    t.sva_in_flight = (FILL_BATCHES * FILLS_PER_BATCH - un.fills_done) as u64;
+    t.sva_in_flight = (FILL_BATCHES * AREA_FILLS_PER_BATCH - un.fills_done) as u64;
     println!(
         "    {NET} reflecting rounds of {PER_ROUND} frames into {:#x} +512 KiB (a new round each \
          time it\n      delivered one, until the unmap returned: {} frames) and {ACCEL} running \
-         {FILL_BATCHES} batches\n      of {FILLS_PER_BATCH} fills into {:#x} +512 KiB; every write \
-         is stamped (a frame carries its\n      sequence number; each fill has a pattern of its \
-         own)",
+         {FILL_BATCHES} batches\n      of {AREA_FILLS_PER_BATCH} fills of 4 KiB into {:#x} +512 KiB \
+         (among 256 MiB of fills of its own);\n      every write is stamped (a frame carries its \
+         sequence number; each fill has a pattern of its own)",
         iova(RX_BUF_OFF),
         nr.posted(),
         iova(COPY_OFF)
@@ -1545,26 +1582,38 @@ fn unmap_step(
         ledger.write(RX_BUF_OFF - off + slot * SLOT, &rx_bytes(seq))?;
     }
     let (mut fills_before, mut stopped) = (0u64, 0u64);
-    for (bi, (r, in_c)) in results.iter().zip(&un.batches_at_unmap).enumerate() {
+    for (bi, (r, seen)) in results.iter().zip(&un.fills_at_unmap).enumerate() {
         for (m, cr) in r.members.iter().enumerate() {
+            if m % 2 == 1 {
+                // A scratch fill: it succeeded (no record) or the batch
+                // result is wrong.
+                if cr.status != 0 {
+                    return Err(format!(
+                        "sva0 scratch fill {bi}.{m} completed with status {:#x}",
+                        cr.status
+                    ));
+                }
+                continue;
+            }
+            let k = m / 2;
             let written = match cr.code() {
-                0 | status::SUCCESS => FILL_LEN,
+                status::SUCCESS => FILL_LEN,
                 status::PAGE_FAULT_NOBOF if area.contains(&cr.fault_addr) => {
                     stopped += 1;
                     cr.bytes_completed as usize
                 }
                 c => {
                     return Err(format!(
-                        "sva0 fill {bi}.{m} completed with status {c:#x} at {:#x}",
+                        "sva0 fill {bi}.{k} completed with status {c:#x} at {:#x}",
                         cr.fault_addr
                     ))
                 }
             };
-            if !*in_c {
+            if !seen[k] {
                 if written > 0 {
                     return Err(format!(
                         "a device wrote into the frame area after IOAS_UNMAP returned: {ACCEL} \
-                         completed fill {bi}.{m} ({written} bytes) after it returned"
+                         completed fill {bi}.{k} ({written} bytes) after it returned"
                     ));
                 }
                 continue;
@@ -1572,7 +1621,7 @@ fn unmap_step(
             if written == FILL_LEN {
                 fills_before += 1;
             }
-            ledger.fill(fill_at(m), fill_stamp(bi, m), written)?;
+            ledger.fill(fill_at(bi, k), fill_stamp(bi, k), written)?;
         }
     }
     t.writes_stopped = stopped + u64::from(nr.posted() - used);

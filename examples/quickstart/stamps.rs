@@ -7,8 +7,8 @@
 //! that fill ([`fill_stamp`]). The driver clears the area before it gives
 //! the devices any work, and right after IOAS_UNMAP returns it takes one
 //! snapshot of what the devices have reported complete (net0's receive used
-//! index, sva0's batch completion records): the writes in that snapshot are
-//! the set C. Once all work has ended, the area must hold exactly the
+//! index, the completion records of sva0's fills): the writes in that
+//! snapshot are the set C. Once all work has ended, the area must hold exactly the
 //! replay of C, in the order each device made its writes (a [`Ledger`]);
 //! any other byte is a write that no completion visible when the unmap
 //! returned accounts for, and the driver names its stamp.
@@ -16,20 +16,31 @@
 //! Why a write that landed before the unmap returned is in C (no false
 //! alarm): a device reaches the area only inside an access section, and an
 //! unmap returns only once every section that may hold a translation of
-//! the area has ended. Both devices post a write's completion in the same
-//! section as the write, after it: net0 writes the frame into the buffer,
-//! puts the buffer on the used ring and publishes the used index before the
-//! worker call (the section) returns; sva0 runs a whole batch in one section
-//! and writes the batch's completion record last, after every member's
-//! fill and record. So each write made before the unmap returned has its
-//! completion visible by then, with the bytes it wrote: net0's used element
-//! gives the buffer and the length, and the length names the frame (net0
-//! gets rounds of frames, one per receive buffer, the next round once it
-//! has delivered the last, and the frames of a round all have different
-//! lengths); sva0's records give each fill's outcome and, for a partial
-//! one, how many bytes it wrote. One device thread each makes the writes
-//! into the area, in the order their completions come (net0's used ring;
-//! sva0's batches and their members), which is the order of the replay.
+//! the area has ended. Both devices post each write's completion in the
+//! same section as the write, after it:
+//! - net0 writes a frame into a receive buffer, puts the buffer on the used
+//!   ring and publishes the used index before the worker call (the
+//!   section) returns;
+//! - sva0 runs its work in units of about 1 MiB, one section each, and a
+//!   job that is not done goes on in a later section, so neither a batch's
+//!   record nor a long fill's record is posted in the section that made
+//!   the writes it reports. The step's fills into the area therefore ask
+//!   for a record of their own (`RCR`) and are 4 KiB, at most what sva0
+//!   does in one step (`sva_accel::engine::MIN_STEP`): such a fill runs in
+//!   one step and its record is written right after it, in that step's
+//!   section. The longer fills that keep sva0 busy go to a buffer of its
+//!   own, outside the area.
+//!
+//! So each write made before the unmap returned has its completion visible
+//! by then, with the bytes it wrote: net0's used element gives the buffer
+//! and the length, and the length names the frame (net0 gets rounds of
+//! frames, one per receive buffer, the next round once it has delivered the
+//! last, and the frames of a round all have different lengths); a fill's
+//! record gives its outcome and, for a partial one, how many bytes it
+//! wrote. One device thread each makes the writes into the area, in the
+//! order the driver gave them (net0's used ring; sva0's batches and their
+//! members, in order: one worker, one client), which is the order of the
+//! replay.
 //!
 //! Why a write that lands after the unmap returned is caught, whenever it
 //! lands before the final comparison (made after both devices were shown
@@ -43,17 +54,18 @@
 //! every write of the step has a stamp of its own.
 //!
 //! What the check cannot see: a late write whose completion is also
-//! posted, and read by the snapshot, in the instant between the reply and
-//! those few loads (made before anything else, sva0's batch records latest
-//! first); a write of the very bytes already there, which changes nothing;
-//! and a write landing after the final comparison. Poisoning the pages
+//! posted, and read by the snapshot, in the instant between the unmap's
+//! return in the backend and the snapshot (the reply's way back, then a
+//! load of net0's used index and of sva0's 1024 records, latest first,
+//! before anything else); a write of the very bytes already there, which
+//! changes nothing; and a write landing after the final comparison. Poisoning the pages
 //! after the unmap, as this step did before, missed every late write that
 //! landed before the poison, completion or not.
 
 /// Tag in the high half of every fill stamp.
 pub const FILL_TAG: u64 = 0x5354_4d50_0000_0000;
 
-/// The 8-byte pattern of member `member` of batch `batch`.
+/// The 8-byte pattern of area fill `member` of batch `batch`.
 pub fn fill_stamp(batch: usize, member: usize) -> u64 {
     FILL_TAG | (batch as u64 & 0xffff) << 16 | (member as u64 & 0xffff)
 }

@@ -98,7 +98,7 @@ fn test_quickstart_transcript() {
     assert_eq!(get("invalidations observed"), 2, "{out}");
     // The unmap raced both devices: each had writes into the frame area
     // submitted and not completed when it was issued, and the unmap stopped
-    // some (sva0's 512 MiB of fills outlast it).
+    // some (sva0's 256 MiB of work outlasts it).
     assert!(get("net0 writes in flight at unmap") > 0, "{out}");
     assert!(get("sva0 writes in flight at unmap") > 0, "{out}");
     assert!(get("writes stopped by unmap") > 0, "{out}");
@@ -116,27 +116,27 @@ fn test_quickstart_transcript() {
 /// `quickstart-fault-injection`), with `IOASIS_FAULT_LATE_WRITE=<device>:500`,
 /// has that device write once through a host pointer 500 ms after the
 /// access section that translated it ended (net0: a later frame into an
-/// earlier receive buffer; sva0: a fill's pattern over the next fill's
+/// earlier receive buffer; sva0: a fill's pattern over the next area fill's
 /// destination), and must exit 1 naming the stamp it found. 500 ms is far
-/// longer than the unmap takes (at most 100 ms in the debug runs here), so the
-/// write lands after it returned.
+/// longer than the unmap takes (at most 100 ms in the debug runs here), so
+/// the write lands after it returned.
 ///
-/// By hand, with delays of 0, 2, 20 and 200 ms: every run whose write
-/// landed after the unmap returned failed. With 0 or 2 ms net0's write
-/// sometimes landed before the driver even issued the unmap (timestamps
-/// showed it 4 ms before), a later frame overwrote it, and the run passed:
-/// rightly, that write was not a late one.
+/// By hand, with delays of 0, 2, 20, 200 and 500 ms: every run whose
+/// write landed after the unmap returned failed. With 0 or 2 ms net0's
+/// write sometimes landed before the driver even issued the unmap
+/// (timestamps showed it 4 ms before), a later frame overwrote it, and the
+/// run passed: rightly, that write was not a late one.
 ///
 /// ```text
 /// $ cargo build -p ioasis-examples --features fault-injection --example quickstart-fault-injection
 /// $ IOASIS_FAULT_LATE_WRITE=net0:200 target/debug/examples/quickstart-fault-injection
 /// quickstart FAILED: a device wrote into the frame area after IOAS_UNMAP returned: stamp
 ///   frame 10241 (net0, receive buffer 0) at 0x1010001a (450 bytes differ from the replay of the
-///   384 writes completed when it returned, which left frame 10240 (net0, receive buffer 0) there)
+///   264 writes completed when it returned, which left frame 10240 (net0, receive buffer 0) there)
 /// $ IOASIS_FAULT_LATE_WRITE=sva0:200 target/debug/examples/quickstart-fault-injection
 /// quickstart FAILED: a device wrote into the frame area after IOAS_UNMAP returned: stamp
-///   0x53544d5000000000 (sva0 fill 0.0) at 0x10190000 (8192 bytes differ from the replay of the
-///   1152 writes completed when it returned, which left 0x53544d5000000079 (sva0 fill 0.121) there)
+///   0x53544d5000000000 (sva0 fill 0.0) at 0x10181000 (512 bytes differ from the replay of the
+///   772 writes completed when it returned, which left 0x53544d5000000001 (sva0 fill 0.1) there)
 /// ```
 #[test]
 fn test_quickstart_catches_a_late_device_write() {

@@ -1428,11 +1428,16 @@ pub struct BatchHandle<'b, 'c> {
 }
 
 impl BatchHandle<'_, '_> {
-    /// The batch's record, if the device wrote it (no wait). The device
-    /// writes it after every member has completed and written its record,
-    /// if any.
-    pub fn poll(&self) -> Option<CompletionRecord> {
-        self.h.poll()
+    /// Member `i`'s record, if the device wrote it (no wait): a member
+    /// writes one on failure, and on success too when it asked for one
+    /// (`flags::RCR`).
+    pub fn poll_member(&self, i: usize) -> Option<CompletionRecord> {
+        if i >= self.batch.descs.len() {
+            return None;
+        }
+        self.batch
+            .client
+            .read_record(self.batch.crs.at(i * CR_SIZE))
     }
 
     /// Waits for the batch and collects the member records.

@@ -50,8 +50,11 @@ pub const DELTA_ENTRY: u32 = 10;
 /// 1024 members of 64 bytes is about half a megabyte of work).
 pub const DESC_COST: u64 = 512;
 
-/// Least work an operation does between two yields.
-const MIN_STEP: u64 = 4096;
+/// Least work an operation does between two yields: an operation of at
+/// most this many bytes over host-contiguous memory runs in one step, so
+/// it completes (and writes its record) in the access section it started
+/// in.
+pub const MIN_STEP: u64 = 4096;
 
 /// How much work an execution may still do before it yields (bytes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
