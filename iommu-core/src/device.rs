@@ -66,6 +66,8 @@ pub(crate) struct DeviceShared {
     slots: Mutex<Vec<Weak<Slot>>>,
     fault_waker: Mutex<Option<FaultWaker>>,
     outstanding: AtomicUsize,
+    /// Bound on `outstanding` (see [`Device::set_max_outstanding_faults`]).
+    max_outstanding: AtomicUsize,
     pub(crate) virt: RwLock<VirtIds>,
     next_grpid: AtomicU32,
 }
@@ -91,9 +93,13 @@ impl DeviceShared {
     pub(crate) fn try_take_fault_slot(&self) -> bool {
         self.outstanding
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < MAX_OUTSTANDING_FAULTS_PER_DEVICE).then_some(n + 1)
+                (n < self.max_outstanding_faults()).then_some(n + 1)
             })
             .is_ok()
+    }
+
+    pub(crate) fn max_outstanding_faults(&self) -> usize {
+        self.max_outstanding.load(Ordering::Relaxed)
     }
 
     pub(crate) fn release_fault_slot(&self) {
@@ -166,6 +172,7 @@ impl Device {
                 slots: Mutex::new(Vec::new()),
                 fault_waker: Mutex::new(None),
                 outstanding: AtomicUsize::new(0),
+                max_outstanding: AtomicUsize::new(MAX_OUTSTANDING_FAULTS_PER_DEVICE),
                 virt: RwLock::new(VirtIds::default()),
                 next_grpid: AtomicU32::new(0),
             }),
@@ -194,5 +201,20 @@ impl Device {
     /// Fault groups of this device that are queued or awaiting a response.
     pub fn outstanding_faults(&self) -> usize {
         self.shared.outstanding.load(Ordering::SeqCst)
+    }
+    /// Sets the bound on this device's outstanding fault groups (default
+    /// [`MAX_OUTSTANDING_FAULTS_PER_DEVICE`], at least 1): the page requests
+    /// system software allows the device to have outstanding, as with the
+    /// PCIe PRI capability's Outstanding Page Request Allocation. A device
+    /// that serves several clients raises it and shares it out among them
+    /// itself. Groups already outstanding stay.
+    pub fn set_max_outstanding_faults(&self, n: usize) {
+        self.shared
+            .max_outstanding
+            .store(n.max(1), Ordering::Relaxed);
+    }
+    /// The bound on this device's outstanding fault groups.
+    pub fn max_outstanding_faults(&self) -> usize {
+        self.shared.max_outstanding_faults()
     }
 }

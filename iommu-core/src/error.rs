@@ -205,9 +205,11 @@ pub enum Error {
         /// Handle to learn the response.
         pending: PendingFault,
     },
-    /// Device side: the device already has
-    /// [`MAX_OUTSTANDING_FAULTS_PER_DEVICE`](crate::MAX_OUTSTANDING_FAULTS_PER_DEVICE)
-    /// fault groups outstanding; the access fails and the overflow is
+    /// Device side: the device already has its bound of fault groups
+    /// outstanding
+    /// ([`MAX_OUTSTANDING_FAULTS_PER_DEVICE`](crate::MAX_OUTSTANDING_FAULTS_PER_DEVICE)
+    /// unless [`Device::set_max_outstanding_faults`](crate::Device::set_max_outstanding_faults)
+    /// changed it); the access fails and the overflow is
     /// counted. errno: `EBUSY`.
     #[error("too many outstanding page faults on device {label:?}")]
     FaultOverflow {

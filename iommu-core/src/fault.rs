@@ -23,8 +23,10 @@ pub const IOMMU_PGFAULT_FLAGS_LAST_PAGE: u32 = 1 << 1;
 /// virtual PASID where one is mapped.
 pub const IOMMU_PGFAULT_FLAGS_VIRTUAL_IDS: u32 = 1 << 31;
 
-/// Bound on fault groups outstanding (queued or awaiting a response) per
-/// device. Past it, a translation that would fault fails with
+/// Default bound on fault groups outstanding (queued or awaiting a
+/// response) per device
+/// ([`Device::set_max_outstanding_faults`](crate::Device::set_max_outstanding_faults)
+/// changes it). Past it, a translation that would fault fails with
 /// [`Error::FaultOverflow`](crate::Error::FaultOverflow), no record is
 /// queued, and the overflow is counted in [`FaultQueueStats::overflows`].
 pub const MAX_OUTSTANDING_FAULTS_PER_DEVICE: usize = 32;
@@ -180,14 +182,15 @@ impl FaultInner {
             log::warn!(
                 "device {:?}: {} page faults outstanding, refusing another",
                 dev.label,
-                MAX_OUTSTANDING_FAULTS_PER_DEVICE
+                dev.max_outstanding_faults()
             );
             return Err(Error::FaultOverflow {
                 label: dev.label.to_string(),
             });
         }
         let mut cookie = st.next_cookie;
-        // At most MAX per device outstanding: a free cookie is found quickly.
+        // At most the device's bound outstanding: a free cookie is found
+        // quickly.
         while cookie == 0 || st.groups.contains_key(&cookie) {
             cookie = cookie.wrapping_add(1);
         }

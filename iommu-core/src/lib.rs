@@ -136,7 +136,9 @@
 //!   access that fails too (at most [`MAX_FAULT_GROUP_RECORDS`]), all with
 //!   the group's cookie and `grpid`, `LAST_PAGE` on the last. The consumer
 //!   reads whole groups only ([`FaultQueue::read_batch`]); each group holds
-//!   one of the device's [`MAX_OUTSTANDING_FAULTS_PER_DEVICE`] slots until
+//!   one of the device's outstanding-fault slots
+//!   ([`MAX_OUTSTANDING_FAULTS_PER_DEVICE`] unless
+//!   [`Device::set_max_outstanding_faults`] changed the bound) until
 //!   it is answered (by [`FaultQueue::respond`], or INVALID automatically on
 //!   detach, replace, unbind or queue destroy). Past the bound the access
 //!   fails with [`Error::FaultOverflow`] and [`FaultQueueStats::overflows`]

@@ -1326,6 +1326,31 @@ fn test_fault_overflow_bounded_and_counted() {
     assert_eq!(q.undelivered(), MAX_OUTSTANDING_FAULTS_PER_DEVICE);
 }
 
+/// (ioasis) the device's bound on outstanding fault groups is set by its
+/// owner (as system software sets PRI's outstanding page request
+/// allocation): raised, one more group is accepted; lowered below what is
+/// outstanding, the next access overflows while the groups already out
+/// stay.
+#[test]
+fn test_fault_bound_is_settable() {
+    let (_iommu, dev, _id, _ioas, _m, q, _h) = fault_setup();
+    assert_eq!(
+        dev.max_outstanding_faults(),
+        MAX_OUTSTANDING_FAULTS_PER_DEVICE
+    );
+    dev.set_max_outstanding_faults(3);
+    let mut t = dev.translator();
+    for i in 0..3 {
+        raise(&mut t, None, (i + 1) * P);
+    }
+    assert_eq!(errno(t.read(None, 0, &mut [0u8; 1])), libc::EBUSY);
+    dev.set_max_outstanding_faults(4);
+    raise(&mut t, None, 4 * P);
+    dev.set_max_outstanding_faults(1);
+    assert_eq!(errno(t.read(None, 0, &mut [0u8; 1])), libc::EBUSY);
+    assert_eq!((q.undelivered(), q.stats().overflows), (4, 2));
+}
+
 /// [test_ioctl_fault_alloc] a fault queue used by a HWPT is busy; once no
 /// HWPT uses it (the detach answered its group INVALID) and its fd is
 /// closed, it can be destroyed.

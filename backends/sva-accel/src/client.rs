@@ -153,7 +153,8 @@ pub struct DeviceInfo {
     pub dev_id: u32,
     /// Operation capability.
     pub opcap: OpCap,
-    /// Portal priority granted (the daemon may lower the one asked for).
+    /// Work queue priority granted: the daemon administrator's for this
+    /// user, or the lower one asked for.
     pub priority: u8,
 }
 
@@ -181,8 +182,11 @@ pub enum FaultAction {
 pub type FaultHandler = Box<dyn FnMut(&Fault) -> FaultAction + Send>;
 
 /// Connection options.
+#[derive(Default)]
 pub struct Options {
-    /// Work queue priority of this client's portal, 1..=15.
+    /// Work queue priority asked for: 0 (the default) takes the one the
+    /// daemon's administrator set for this user; 1..=15 asks for that one,
+    /// which the daemon lowers to the administrator's if it is higher.
     pub priority: u8,
     /// Library-built descriptors carry BOF.
     pub block_on_fault: bool,
@@ -191,17 +195,6 @@ pub struct Options {
     /// Called for each I/O page fault; without one every fault is answered
     /// INVALID.
     pub fault_handler: Option<FaultHandler>,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            priority: 1,
-            block_on_fault: false,
-            cpu_fallback: false,
-            fault_handler: None,
-        }
-    }
 }
 
 impl std::fmt::Debug for Options {

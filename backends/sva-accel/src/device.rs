@@ -3,7 +3,8 @@
 //!
 //! Threads:
 //! - workers (configurable, default cores - 1, at least 1): run one unit of
-//!   work ([`WORK_UNIT`]) of one client at a time, in priority order (work
+//!   work ([`WORK_UNIT`]) of one client at a time, in turns weighted by
+//!   priority (see [`DeviceConfig::priority`]; work
 //!   that yielded, was answered after a fault or released by a drain first,
 //!   then descriptors from its portal); spin a short adaptive while when
 //!   idle, then sleep on the doorbell eventfd;
@@ -18,7 +19,7 @@
 
 use crate::desc::{opcode, CompletionRecord, Descriptor, OpCap, DESC_SIZE};
 use crate::engine::{self, Budget, CrWriteFailed, Job, Limits, Outcome, Resume};
-use crate::iommu::DmaView;
+use crate::iommu::{DmaView, FaultBudget, FaultSlot};
 use crate::proto::{self, Reader, Writer};
 use crate::shm;
 use crate::wq::{Event, Portal, WqMode, MAX_WQ_SIZE, MIN_WQ_SIZE};
@@ -30,7 +31,7 @@ use nix::sys::socket::{self, SockType};
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -175,8 +176,16 @@ pub fn serve_iommu_with(
     Ok((IommuBinding { device, service }, thread))
 }
 
+/// Work queue priority of a client by default.
+pub const DEFAULT_PRIORITY: u8 = 8;
+/// Outstanding I/O page faults per client by default (what the whole device
+/// had before faults were budgeted per client).
+pub const DEFAULT_FAULTS_PER_CLIENT: u32 = 32;
+/// Most outstanding I/O page faults a client may be given.
+pub const MAX_FAULTS_PER_CLIENT: u32 = 1024;
+
 /// Device configuration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceConfig {
     /// Worker threads.
     pub workers: usize,
@@ -188,9 +197,17 @@ pub struct DeviceConfig {
     pub max_xfer: u32,
     /// Maximum batch size.
     pub max_batch: u32,
-    /// Highest portal priority a client may ask for (1..=15); requests
-    /// above it are lowered to it.
-    pub max_priority: u8,
+    /// Work queue priority (1..=15) of every client whose uid
+    /// `uid_priority` does not name: set by the daemon's administrator, as
+    /// a DSA work queue's priority is (accel-config). A client may ask for
+    /// a lower one, never a higher one.
+    pub priority: u8,
+    /// Work queue priority per client uid (overrides `priority`).
+    pub uid_priority: Vec<(u32, u8)>,
+    /// I/O page faults each client may have outstanding (raised and not
+    /// yet answered and resumed); past it a descriptor that blocks on a
+    /// fault completes with 0x04 at once.
+    pub faults_per_client: u32,
 }
 
 impl Default for DeviceConfig {
@@ -202,12 +219,34 @@ impl Default for DeviceConfig {
             wq_mode: WqMode::Shared,
             max_xfer: 1 << 31,
             max_batch: 1024,
-            max_priority: 15,
+            priority: DEFAULT_PRIORITY,
+            uid_priority: Vec::new(),
+            faults_per_client: DEFAULT_FAULTS_PER_CLIENT,
         }
     }
 }
 
 impl DeviceConfig {
+    /// The administrator's work queue priority for clients of `uid`.
+    pub fn priority_of(&self, uid: u32) -> u8 {
+        self.uid_priority
+            .iter()
+            .rev()
+            .find(|(u, _)| *u == uid)
+            .map_or(self.priority, |(_, p)| *p)
+    }
+
+    /// The priority a client of `uid` that asked for `requested` gets: the
+    /// administrator's for its uid, or lower if it asked for lower (0:
+    /// whatever the administrator set).
+    pub fn grant_priority(&self, uid: u32, requested: u32) -> u8 {
+        let admin = self.priority_of(uid);
+        match u8::try_from(requested) {
+            Ok(r) if r != 0 => r.min(admin),
+            _ => admin,
+        }
+    }
+
     fn check(&self) -> Result<()> {
         if self.workers == 0 || self.workers > 256 {
             return Err(DeviceError::Config(format!(
@@ -221,10 +260,15 @@ impl DeviceConfig {
                 self.wq_size
             )));
         }
-        if !(1..=15).contains(&self.max_priority) {
+        for p in std::iter::once(self.priority).chain(self.uid_priority.iter().map(|(_, p)| *p)) {
+            if !(1..=15).contains(&p) {
+                return Err(DeviceError::Config(format!("priority {p} not in 1..=15")));
+            }
+        }
+        if !(1..=MAX_FAULTS_PER_CLIENT).contains(&self.faults_per_client) {
             return Err(DeviceError::Config(format!(
-                "max priority {} not in 1..=15",
-                self.max_priority
+                "faults per client {} not in 1..={MAX_FAULTS_PER_CLIENT}",
+                self.faults_per_client
             )));
         }
         if self.max_batch < 2 || self.max_batch > 1024 || self.max_xfer == 0 {
@@ -252,12 +296,23 @@ pub struct ClientStats {
     pub aborted: AtomicU64,
 }
 
+/// A descriptor parked on a fault: the job, the fault, and the client's
+/// fault budget slot it holds until it resumes.
+type Parked = (Job, PendingFault, Option<FaultSlot>);
+
 /// One connected client.
 #[derive(Debug)]
 pub struct ClientCtx {
     /// PASID bound to this client's address space.
     pub pasid: u32,
+    /// Work queue priority (the administrator's for its uid, or lower): its
+    /// units of work per turn.
     priority: u8,
+    /// Work queue slots its descriptors hold (taken from the portal, not
+    /// parked, not completed).
+    slots: AtomicU64,
+    /// Its budget of outstanding I/O page faults.
+    faults: Arc<FaultBudget>,
     portal: Portal,
     completion_efd: OwnedFd,
     /// This client's doorbell (each client its own, so that one client
@@ -277,7 +332,7 @@ pub struct ClientCtx {
     session: u64,
     /// The PASID was released by its session: nothing translates for it.
     unbound: AtomicBool,
-    parked_iommu: Mutex<Vec<(Job, PendingFault)>>,
+    parked_iommu: Mutex<Vec<Parked>>,
     /// Counters.
     pub stats: ClientStats,
 }
@@ -295,6 +350,12 @@ struct Shared {
     dedicated_in_use: AtomicUsize,
     iommu: Option<IommuBinding>,
     fault_answered: AtomicBool,
+    /// Index (in the client list) of the client whose turn it is.
+    turn: AtomicUsize,
+    /// Units of work that client ran in its turn so far.
+    turn_used: AtomicU32,
+    /// Connected clients (for the per-client share of the work queue).
+    n_clients: AtomicUsize,
 }
 
 /// The device as an iommu-core device offered by a `/dev/iommu` service:
@@ -340,13 +401,15 @@ impl Device {
             what: "doorbell eventfd",
             source,
         })?;
+        let limits = Limits {
+            max_xfer: cfg.max_xfer,
+            max_batch: cfg.max_batch,
+            opcap: OpCap::supported(),
+        };
+        let workers = cfg.workers;
         let shared = Arc::new(Shared {
             cfg,
-            limits: Limits {
-                max_xfer: cfg.max_xfer,
-                max_batch: cfg.max_batch,
-                opcap: OpCap::supported(),
-            },
+            limits,
             clients: RwLock::new(Arc::new(Vec::new())),
             clients_gen: AtomicU64::new(0),
             doorbell,
@@ -356,8 +419,16 @@ impl Device {
             dedicated_in_use: AtomicUsize::new(0),
             iommu,
             fault_answered: AtomicBool::new(false),
+            turn: AtomicUsize::new(0),
+            turn_used: AtomicU32::new(0),
+            n_clients: AtomicUsize::new(0),
         });
         if let Some(b) = shared.iommu.as_ref() {
+            // Faults are budgeted per client (here); the device as a whole
+            // may have every client's budget outstanding.
+            b.device.set_max_outstanding_faults(
+                MAX_CLIENTS.saturating_mul(shared.cfg.faults_per_client as usize),
+            );
             // Learn of PASIDs their sessions give up (this replaces any
             // observer the service had).
             b.service.set_observer(Some(Arc::new(Unbinder {
@@ -373,7 +444,7 @@ impl Device {
             })));
         }
         let mut threads = Vec::new();
-        for i in 0..cfg.workers {
+        for i in 0..workers {
             let s = shared.clone();
             let name = format!("sva-worker-{i}");
             let h = std::thread::Builder::new()
@@ -383,8 +454,14 @@ impl Device {
             threads.push(h);
         }
         info!(
-            "sva-accel: {} workers, wq size {}, {:?} queue",
-            cfg.workers, cfg.wq_size, cfg.wq_mode
+            "sva-accel: {} workers, wq size {}, {:?} queue, priority {} ({} per-uid), \
+             {} faults per client",
+            workers,
+            shared.cfg.wq_size,
+            shared.cfg.wq_mode,
+            shared.cfg.priority,
+            shared.cfg.uid_priority.len(),
+            shared.cfg.faults_per_client
         );
         Ok(Device { shared, threads })
     }
@@ -519,11 +596,15 @@ fn hello(s: &Arc<Shared>, conn: BorrowedFd<'_>, h: &proto::Hello) -> Option<Arc<
         session,
         pasid,
     } = *h;
-    if let Err(errno) = check_pasid_owner(s, conn, session, pasid) {
-        reply(conn, -errno, &[], &[]);
-        return None;
-    }
-    let priority = prio.clamp(1, u32::from(s.cfg.max_priority)) as u8;
+    let uid = match check_pasid_owner(s, conn, session, pasid) {
+        Ok(uid) => uid,
+        Err(errno) => {
+            reply(conn, -errno, &[], &[]);
+            return None;
+        }
+    };
+    // The administrator's priority for the uid; a client may only lower it.
+    let priority = s.cfg.grant_priority(uid, prio);
     if s.clients.read().map_or(0, |c| c.len()) >= MAX_CLIENTS {
         reply(conn, -libc::EBUSY, &[], &[]);
         return None;
@@ -558,6 +639,8 @@ fn hello(s: &Arc<Shared>, conn: BorrowedFd<'_>, h: &proto::Hello) -> Option<Arc<
     let client = Arc::new(ClientCtx {
         pasid,
         priority,
+        slots: AtomicU64::new(0),
+        faults: FaultBudget::new(s.cfg.faults_per_client),
         portal,
         completion_efd,
         doorbell_efd,
@@ -591,11 +674,11 @@ fn hello(s: &Arc<Shared>, conn: BorrowedFd<'_>, h: &proto::Hello) -> Option<Arc<
         client.completion_efd.as_fd(),
     ];
     reply(conn, 0, &w.0, &fds);
-    // Publish the client to the workers, highest priority first.
+    // Publish the client to the workers (turns go round in list order).
     if let Ok(mut list) = s.clients.write() {
         let mut v: Vec<_> = list.iter().cloned().collect();
         v.push(client.clone());
-        v.sort_by_key(|c| std::cmp::Reverse(c.priority));
+        s.n_clients.store(v.len(), Ordering::Release);
         *list = Arc::new(v);
         s.clients_gen.fetch_add(1, Ordering::Release);
     }
@@ -604,7 +687,7 @@ fn hello(s: &Arc<Shared>, conn: BorrowedFd<'_>, h: &proto::Hello) -> Option<Arc<
     shm::signal(s.doorbell.as_fd());
     ioasis::log_limited!(
         log::Level::Info,
-        "client bound to PASID {pasid} (priority {priority}, session {session})"
+        "client bound to PASID {pasid} (uid {uid}, priority {priority}, session {session})"
     );
     Some(client)
 }
@@ -661,13 +744,13 @@ impl ioasis::service::ServiceObserver for Unbinder {
 
 /// Checks that the session presenting `pasid` reserved it from the service
 /// and is the process on the other end of `conn`, and that no live client
-/// has bound it already.
+/// has bound it already. Returns the peer's uid.
 fn check_pasid_owner(
     s: &Shared,
     conn: BorrowedFd<'_>,
     session: u64,
     pasid: u32,
-) -> std::result::Result<(), i32> {
+) -> std::result::Result<u32, i32> {
     let Some(b) = s.iommu.as_ref() else {
         return Err(libc::EOPNOTSUPP);
     };
@@ -695,7 +778,7 @@ fn check_pasid_owner(
     if taken {
         return Err(libc::EBUSY);
     }
-    Ok(())
+    Ok(peer.uid())
 }
 
 /// After HELLO the control socket carries no requests: memory is mapped
@@ -763,6 +846,7 @@ fn teardown(s: &Arc<Shared>, c: &Arc<ClientCtx>) {
             .filter(|x| !Arc::ptr_eq(x, c))
             .cloned()
             .collect();
+        s.n_clients.store(v.len(), Ordering::Release);
         *list = Arc::new(v);
         s.clients_gen.fetch_add(1, Ordering::Release);
     }
@@ -807,7 +891,7 @@ fn abort_work(s: &Shared, c: &ClientCtx) -> Aborted {
     let parked: Vec<Job> = c
         .parked_iommu
         .lock()
-        .map(|mut p| p.drain(..).map(|(j, _)| j).collect())
+        .map(|mut p| p.drain(..).map(|(j, _, _)| j).collect())
         .unwrap_or_default();
     for j in &parked {
         report_dropped(c, &j.desc);
@@ -891,12 +975,24 @@ fn report_dropped(c: &ClientCtx, d: &Descriptor) {
     }
 }
 
+/// `n` descriptors of `c` take work queue slots.
+fn take_slots(s: &Shared, c: &ClientCtx, n: u64) {
+    s.occupancy.fetch_add(n, Ordering::AcqRel);
+    c.slots.fetch_add(n, Ordering::AcqRel);
+}
+
+/// `n` descriptors of `c` give their work queue slots back.
+fn give_slots(s: &Shared, c: &ClientCtx, n: u64) {
+    s.occupancy.fetch_sub(n, Ordering::AcqRel);
+    c.slots.fetch_sub(n, Ordering::AcqRel);
+}
+
 /// Retires `n` descriptors that hold a work queue slot.
 fn retire(s: &Shared, c: &ClientCtx, n: u64) {
     if n == 0 {
         return;
     }
-    s.occupancy.fetch_sub(n, Ordering::AcqRel);
+    give_slots(s, c, n);
     retire_released(c, n);
 }
 
@@ -932,7 +1028,7 @@ fn run_job(s: &Shared, c: &ClientCtx, job: Job, resume: Resume, tr: &mut Option<
     run_pass(s, c, Source::One(Some(Box::new((job, resume)))), tr);
 }
 
-fn park_iommu(s: &Shared, c: &ClientCtx, job: Job, p: PendingFault) {
+fn park_iommu(s: &Shared, c: &ClientCtx, job: Job, p: PendingFault, slot: Option<FaultSlot>) {
     let Ok(mut parked) = c.parked_iommu.lock() else {
         return;
     };
@@ -945,11 +1041,11 @@ fn park_iommu(s: &Shared, c: &ClientCtx, job: Job, p: PendingFault) {
         return;
     }
     let answered = p.status() != FaultStatus::Pending;
-    parked.push((job, p));
+    parked.push((job, p, slot));
     drop(parked);
     // A parked descriptor gives its work queue slot back, so that blocked
     // work of one client cannot fill the shared queue for the others.
-    s.occupancy.fetch_sub(1, Ordering::AcqRel);
+    give_slots(s, c, 1);
     c.stats.faults_raised.fetch_add(1, Ordering::Relaxed);
     if answered {
         // Answered before it was parked: make sure a worker looks.
@@ -975,7 +1071,8 @@ fn resume_answered(s: &Shared, clients: &[Arc<ClientCtx>]) -> bool {
                         i += 1;
                         continue;
                     }
-                    let (job, _) = parked.swap_remove(i);
+                    // The fault's budget slot goes back here.
+                    let (job, _, _) = parked.swap_remove(i);
                     let how = if st == FaultStatus::Success {
                         Resume::Success
                     } else {
@@ -993,8 +1090,7 @@ fn resume_answered(s: &Shared, clients: &[Arc<ClientCtx>]) -> bool {
         c.stats
             .faults_answered
             .fetch_add(answered.len() as u64, Ordering::Relaxed);
-        s.occupancy
-            .fetch_add(answered.len() as u64, Ordering::AcqRel);
+        take_slots(s, c, answered.len() as u64);
         make_ready(s, c, answered, false);
         did = true;
     }
@@ -1108,12 +1204,17 @@ fn take_from(
         return false;
     }
     let room = if s.cfg.wq_mode == WqMode::Shared {
+        // Free slots of the work queue, and of the client's share of it
+        // (an equal share per connected client, at least one), so that no
+        // client holds every slot while its work runs.
         let occ = s.occupancy.load(Ordering::Acquire);
         let cap = u64::from(s.cfg.wq_size);
-        if occ >= cap {
+        let share = (cap / s.n_clients.load(Ordering::Acquire).max(1) as u64).max(1);
+        let mine = c.slots.load(Ordering::Acquire);
+        if occ >= cap || mine >= share {
             return false;
         }
-        (cap - occ) as usize
+        (cap - occ).min(share - mine) as usize
     } else {
         POP_MAX
     };
@@ -1125,7 +1226,7 @@ fn take_from(
         return false;
     }
     c.inflight.fetch_add(n as u64, Ordering::AcqRel);
-    s.occupancy.fetch_add(n as u64, Ordering::AcqRel);
+    take_slots(s, c, n as u64);
     c.stats.submitted.fetch_add(n as u64, Ordering::Relaxed);
     if c.dead.load(Ordering::SeqCst) {
         retire(s, c, n as u64);
@@ -1238,8 +1339,8 @@ enum SectionEnd {
     Spent,
     /// A job yielded with this progress.
     Yielded(Job),
-    /// A job blocked on this fault.
-    Parked(Job, PendingFault),
+    /// A job blocked on this fault (holding this fault budget slot).
+    Parked(Job, PendingFault, Option<FaultSlot>),
 }
 
 /// Runs one unit of work ([`WORK_UNIT`]) of client `c` from `src` in order,
@@ -1295,7 +1396,7 @@ fn run_pass(s: &Shared, c: &ClientCtx, mut src: Source<'_>, tr: &mut Option<Tran
                 }
                 match execute_in(s, c, dma, &mut job, resume, &mut budget) {
                     Ran::Retired => done.add(s, c, &job.desc),
-                    Ran::Blocked(p) => return (SectionEnd::Parked(job, p), None),
+                    Ran::Blocked(p, slot) => return (SectionEnd::Parked(job, p, slot), None),
                     Ran::Yielded => return (SectionEnd::Yielded(job), None),
                 }
                 if budget.is_spent() {
@@ -1315,9 +1416,9 @@ fn run_pass(s: &Shared, c: &ClientCtx, mut src: Source<'_>, tr: &mut Option<Tran
                 src.stash(s, c, Some(job));
                 return did;
             }
-            (SectionEnd::Parked(job, p), _) => {
+            (SectionEnd::Parked(job, p, slot), _) => {
                 // Park outside the section.
-                park_iommu(s, c, job, p);
+                park_iommu(s, c, job, p, slot);
                 if budget.is_spent() {
                     src.stash(s, c, None);
                     return did;
@@ -1374,8 +1475,9 @@ impl Retirements {
 enum Ran {
     /// Completed (record written or reported) or dropped: to be retired.
     Retired,
-    /// Blocked on this raised fault: to be parked.
-    Blocked(PendingFault),
+    /// Blocked on this raised fault (holding this fault budget slot): to
+    /// be parked.
+    Blocked(PendingFault, Option<FaultSlot>),
     /// The unit of work is spent: the job's progress is saved.
     Yielded,
 }
@@ -1396,7 +1498,7 @@ fn execute_in(
     // Two rounds at most: a block without a fault queue to raise on is
     // answered Invalid at once (the device has no page request service).
     for _ in 0..2 {
-        let view = DmaView::new(dma);
+        let view = DmaView::with_budget(dma, &c.faults);
         let out = engine::execute_bounded(job, &view, &s.limits, resume, budget, &mut |e| {
             report(c, e, op)
         });
@@ -1406,9 +1508,15 @@ fn execute_in(
                 return Ran::Retired;
             }
             Outcome::Yielded => return Ran::Yielded,
-            Outcome::Blocked(_) => match view.take_failure().and_then(|f| f.pending) {
-                Some(p) => return Ran::Blocked(p),
-                None => resume = Resume::Invalid,
+            Outcome::Blocked(_) => match view.take_failure() {
+                Some(f) if f.pending.is_some() => {
+                    if let Some(p) = f.pending {
+                        return Ran::Blocked(p, f.slot);
+                    }
+                }
+                // Nothing raised (no fault queue, or the client's fault
+                // budget is spent): answered Invalid at once.
+                _ => resume = Resume::Invalid,
             },
         }
     }
@@ -1420,10 +1528,19 @@ fn execute_in(
     Ran::Retired
 }
 
+/// One round of a worker: answered faults and released drains, then one
+/// unit of work ([`WORK_UNIT`]) of the client whose turn it is.
+///
+/// Turns go round the clients in the order they connected (weighted round
+/// robin, as DSA's arbiter weighs work queues by priority: a queue of
+/// priority 6 gets three times the descriptors of one of priority 2): the
+/// client whose turn it is runs up to `priority` units, one per call, then
+/// the turn passes; a client with nothing to run (or no free work queue
+/// slot) passes it at once. So between two units of a client with work,
+/// every other client runs at most `priority` units.
 fn work_once(
     s: &Shared,
     clients: &[Arc<ClientCtx>],
-    rr: &mut usize,
     buf: &mut Vec<[u8; DESC_SIZE]>,
     tr: &mut Option<Translator>,
 ) -> bool {
@@ -1431,32 +1548,39 @@ fn work_once(
     for c in clients {
         did |= check_held(s, c, tr);
     }
-    // Highest priority first; round robin among equal priorities.
     let n = clients.len();
-    let mut i = 0;
-    while i < n {
-        let prio = clients[i].priority;
-        let mut j = i;
-        while j < n && clients[j].priority == prio {
-            j += 1;
+    if n == 0 {
+        return did;
+    }
+    let start = s.turn.load(Ordering::Relaxed) % n;
+    for k in 0..n {
+        let i = (start + k) % n;
+        let c = &clients[i];
+        if !take_from(s, c, buf, tr) {
+            continue;
         }
-        let group = j - i;
-        for k in 0..group {
-            let c = &clients[i + (*rr + k) % group];
-            if take_from(s, c, buf, tr) {
-                // Re-check higher priorities before taking more.
-                *rr = rr.wrapping_add(1);
-                return true;
-            }
+        // Charge the unit to c's turn (c takes the turn when the clients
+        // before it had nothing to run); other workers may charge the same
+        // turn meanwhile, which only shortens it.
+        let used = if k == 0 {
+            s.turn_used.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            s.turn_used.store(1, Ordering::Relaxed);
+            1
+        };
+        if used >= u32::from(c.priority) {
+            s.turn.store(i + 1, Ordering::Relaxed);
+            s.turn_used.store(0, Ordering::Relaxed);
+        } else {
+            s.turn.store(i, Ordering::Relaxed);
         }
-        i = j;
+        return true;
     }
     did
 }
 
 fn worker(s: &Arc<Shared>) {
     let mut buf = Vec::with_capacity(POP_MAX);
-    let mut rr = 0usize;
     let mut gen = u64::MAX;
     let mut clients: Arc<Vec<Arc<ClientCtx>>> = Arc::new(Vec::new());
     // Adaptive busy-poll budget: grows when work shows up while spinning,
@@ -1473,7 +1597,7 @@ fn worker(s: &Arc<Shared>) {
             }
             gen = g;
         }
-        if work_once(s, &clients, &mut rr, &mut buf, &mut tr) {
+        if work_once(s, &clients, &mut buf, &mut tr) {
             if idle_since.take().is_some() {
                 spin = (spin * 2).min(spin_max);
             }

@@ -11,13 +11,70 @@
 //! remembered, with the I/O page fault it raised (on a HWPT with a fault
 //! queue), so that the device can park the descriptor on it, and so that a
 //! retry at the same address does not raise a second fault group.
+//!
+//! A view may carry its client's [`FaultBudget`]: a raising access then
+//! raises a fault only while the client has fewer than its budget
+//! outstanding; past it the access fails without raising (the device
+//! answers the descriptor Invalid at once), so that no client can hold the
+//! device's outstanding page requests for the others.
 
 use crate::engine::{DmaMemory, Fragment, PageFault};
 use ioasis::dma::{Access, Dma, DmaError, PendingFault};
 use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+/// One client's budget of outstanding I/O page faults: groups raised for it
+/// and not yet answered and resumed.
+#[derive(Debug)]
+pub struct FaultBudget {
+    outstanding: AtomicU32,
+    limit: u32,
+}
+
+impl FaultBudget {
+    /// A budget of `limit` faults (at least 1).
+    pub fn new(limit: u32) -> Arc<FaultBudget> {
+        Arc::new(FaultBudget {
+            outstanding: AtomicU32::new(0),
+            limit: limit.max(1),
+        })
+    }
+
+    /// Faults outstanding.
+    pub fn outstanding(&self) -> u32 {
+        self.outstanding.load(Ordering::SeqCst)
+    }
+
+    /// The budget.
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    /// Takes one fault of the budget, if there is room.
+    pub fn try_take(self: &Arc<Self>) -> Option<FaultSlot> {
+        self.outstanding
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < self.limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| FaultSlot(self.clone()))
+    }
+}
+
+/// One fault of a client's [`FaultBudget`], given back when dropped (when
+/// the descriptor that raised it resumes, or is aborted).
+#[derive(Debug)]
+pub struct FaultSlot(Arc<FaultBudget>);
+
+impl Drop for FaultSlot {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// The first translation failure seen in a view.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Failure {
     /// Faulting device address.
     pub addr: u64,
@@ -27,6 +84,9 @@ pub struct Failure {
     pub raised: bool,
     /// The raised fault, when the HWPT has a fault queue.
     pub pending: Option<PendingFault>,
+    /// The client's budget slot the raised fault holds (a view with a
+    /// budget).
+    pub slot: Option<FaultSlot>,
 }
 
 /// A [`DmaMemory`] over a framework DMA handle (one access section, one
@@ -37,6 +97,7 @@ pub struct DmaView<'a> {
     /// A failure is recorded (checked before `failure` on every access).
     failed: Cell<bool>,
     failure: RefCell<Option<Failure>>,
+    budget: Option<&'a Arc<FaultBudget>>,
 }
 
 impl<'a> DmaView<'a> {
@@ -46,6 +107,16 @@ impl<'a> DmaView<'a> {
             dma,
             failed: Cell::new(false),
             failure: RefCell::new(None),
+            budget: None,
+        }
+    }
+
+    /// A view through `dma` whose raising accesses raise a fault only
+    /// while `budget` has room.
+    pub fn with_budget(dma: Dma<'a>, budget: &'a Arc<FaultBudget>) -> Self {
+        DmaView {
+            budget: Some(budget),
+            ..DmaView::new(dma)
         }
     }
 
@@ -77,20 +148,55 @@ impl<'a> DmaView<'a> {
         }
         let access = if write { Access::Write } else { Access::Read };
         let len = len.max(1);
-        match dma.fragment(addr, len, access) {
+        // With a budget, a raising access probes first: it raises only
+        // once it knows it fails, and only if the budget has room.
+        let budgeted = !probe && self.budget.is_some();
+        let first = if budgeted { dma.probe() } else { dma };
+        match first.fragment(addr, len, access) {
             Ok(f) if !f.is_empty() => Ok(Fragment {
                 ptr: f.as_ptr(),
                 len: f.len().min(len as usize),
             }),
-            r => Err(self.fail(addr, write, probe, r.err())),
+            _ if budgeted => self.raise(dma, addr, len, write),
+            r => Err(self.fail(addr, write, probe, r.err(), None)),
+        }
+    }
+
+    /// A raising access whose probe failed: raises the fault if the
+    /// client's budget has room (the fault keeps its slot), else fails as a
+    /// raising access that raised nothing (the device answers the
+    /// descriptor Invalid at once).
+    #[cold]
+    #[inline(never)]
+    fn raise(&self, dma: Dma<'a>, addr: u64, len: u64, write: bool) -> Result<Fragment, PageFault> {
+        let access = if write { Access::Write } else { Access::Read };
+        let Some(slot) = self.budget.and_then(|b| b.try_take()) else {
+            return Err(self.fail(addr, write, false, None, None));
+        };
+        match dma.raising().fragment(addr, len, access) {
+            // Mapped meanwhile (the slot goes back).
+            Ok(f) if !f.is_empty() => Ok(Fragment {
+                ptr: f.as_ptr(),
+                len: f.len().min(len as usize),
+            }),
+            r => Err(self.fail(addr, write, false, r.err(), Some(slot))),
         }
     }
 
     /// Records a failure (the first one, or a raised one after probes).
     #[cold]
     #[inline(never)]
-    fn fail(&self, addr: u64, write: bool, probe: bool, e: Option<DmaError>) -> PageFault {
+    fn fail(
+        &self,
+        addr: u64,
+        write: bool,
+        probe: bool,
+        e: Option<DmaError>,
+        budget_slot: Option<FaultSlot>,
+    ) -> PageFault {
         let pending = e.and_then(|e| e.pending_fault().cloned());
+        // A slot is kept only by a fault that was raised.
+        let budget_slot = budget_slot.filter(|_| pending.is_some());
         let mut slot = self.failure.borrow_mut();
         // Keep the first failure, unless a raising access fails after
         // probes did: the raised one is what the device parks on.
@@ -100,6 +206,7 @@ impl<'a> DmaView<'a> {
                 write,
                 raised: !probe,
                 pending,
+                slot: budget_slot,
             });
             self.failed.set(true);
         }
@@ -275,6 +382,44 @@ mod tests {
             assert!(f.raised && f.pending.is_some());
         });
         assert_eq!(q.stats().raised, 1);
+    }
+
+    /// A view with a fault budget raises while the budget has room, and
+    /// past it fails without raising (no group queued); the budget's slot
+    /// goes back when the raised failure is dropped.
+    #[test]
+    fn test_fault_budget_bounds_raised_faults() {
+        let r = rig(true);
+        let q = r.faults.as_ref().expect("queue");
+        let mut tr = r.dev.translator();
+        let budget = FaultBudget::new(1);
+        let hole = BASE + 0x2000;
+        let first = Dma::enter(&mut tr, Some(PASID), |dma| {
+            let view = DmaView::with_budget(dma, &budget);
+            assert!(view.translate(BASE, 8, true).is_ok(), "mapped: no slot");
+            assert_eq!(budget.outstanding(), 0);
+            assert!(view.translate(hole, 8, true).is_err());
+            view.take_failure().expect("failure")
+        });
+        assert!(first.pending.is_some() && first.slot.is_some());
+        assert_eq!((budget.outstanding(), q.stats().raised), (1, 1));
+        // Budget spent: a second hole fails without a group.
+        let second = Dma::enter(&mut tr, Some(PASID), |dma| {
+            let view = DmaView::with_budget(dma, &budget);
+            assert!(view.translate(hole + 0x10_0000, 8, true).is_err());
+            view.take_failure().expect("failure")
+        });
+        assert!(second.raised && second.pending.is_none() && second.slot.is_none());
+        assert_eq!((budget.outstanding(), q.stats().raised), (1, 1));
+        drop(first);
+        assert_eq!(budget.outstanding(), 0);
+        let third = Dma::enter(&mut tr, Some(PASID), |dma| {
+            let view = DmaView::with_budget(dma, &budget);
+            assert!(view.translate(hole + 0x10_0000, 8, true).is_err());
+            view.take_failure().expect("failure")
+        });
+        assert!(third.pending.is_some());
+        assert_eq!(q.stats().raised, 2);
     }
 
     #[test]

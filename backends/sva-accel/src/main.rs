@@ -2,8 +2,8 @@
 //!
 //! ```text
 //! sva-accel --socket-path PATH [--workers N] [--wq-size N] [--wq-mode shared|dedicated]
-//!           [--max-batch N] [--max-xfer BYTES] [--max-priority N]
-//!           [--iommu-socket PATH] [--label NAME]
+//!           [--max-batch N] [--max-xfer BYTES] [--priority N] [--uid-priority UID:N]...
+//!           [--faults-per-client N] [--iommu-socket PATH] [--label NAME]
 //!           [--socket-mode MODE] [--socket-group GROUP]
 //!           [--grant DEVICE=WHO]... [--limit NAME=VALUE]...
 //! ```
@@ -18,6 +18,13 @@
 //! is translated by iommu-core for (device, PASID). The device is granted
 //! to the user the daemon runs as, or to whom `--grant` names (`UID`,
 //! `uid:N`, `gid:N`, `pid:N` or `any`; see `ioasis::ownership`).
+//!
+//! Work queue priorities are the administrator's: `--priority` for every
+//! user, `--uid-priority UID:N` for one (repeatable, the last one for a uid
+//! wins). A client may ask for a lower priority than its user's, never a
+//! higher one. Priorities weigh the device's round robin among clients
+//! (a client of priority 6 gets three times the units of work of one of
+//! priority 2 while both have work).
 
 use ioasis::socket_policy::SocketPolicy;
 use std::path::PathBuf;
@@ -28,8 +35,9 @@ use sva_accel::device::{Device, DeviceConfig};
 use sva_accel::wq::WqMode;
 
 const USAGE: &str = "usage: sva-accel --socket-path PATH [--workers N] [--wq-size N] \
-[--wq-mode shared|dedicated] [--max-batch N] [--max-xfer BYTES] [--max-priority N] \
-[--iommu-socket PATH] [--label NAME] [--socket-mode MODE] [--socket-group GROUP] [--grant DEVICE=WHO]... [--limit NAME=VALUE]...";
+[--wq-mode shared|dedicated] [--max-batch N] [--max-xfer BYTES] [--priority N] \
+[--uid-priority UID:N]... [--faults-per-client N] [--iommu-socket PATH] [--label NAME] \
+[--socket-mode MODE] [--socket-group GROUP] [--grant DEVICE=WHO]... [--limit NAME=VALUE]...";
 
 struct Opts {
     path: PathBuf,
@@ -78,8 +86,21 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             "--max-batch" => {
                 cfg.max_batch = u32::try_from(num(a, val(a)?)?).map_err(|e| e.to_string())?
             }
-            "--max-priority" => {
-                cfg.max_priority = u8::try_from(num(a, val(a)?)?).map_err(|e| e.to_string())?
+            "--priority" => {
+                cfg.priority = u8::try_from(num(a, val(a)?)?).map_err(|e| e.to_string())?
+            }
+            "--uid-priority" => {
+                let v = val(a)?;
+                let (uid, prio) = v
+                    .split_once(':')
+                    .ok_or_else(|| format!("{a}: expected UID:PRIORITY, got {v}"))?;
+                let uid = u32::try_from(num(a, uid.to_string())?).map_err(|e| e.to_string())?;
+                let prio = u8::try_from(num(a, prio.to_string())?).map_err(|e| e.to_string())?;
+                cfg.uid_priority.push((uid, prio));
+            }
+            "--faults-per-client" => {
+                cfg.faults_per_client =
+                    u32::try_from(num(a, val(a)?)?).map_err(|e| e.to_string())?
             }
             "--max-xfer" => {
                 cfg.max_xfer = u32::try_from(num(a, val(a)?)?).map_err(|e| e.to_string())?

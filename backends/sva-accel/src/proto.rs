@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! request: u32 op | u32 0 | payload          reply: i32 status (0 or -errno) | u32 0 | payload
-//! HELLO  payload: u32 version (2), u32 priority (1..=15), u64 service session id,
+//! HELLO  payload: u32 version (2), u32 priority (0: the administrator's for
+//!                 the peer's uid; 1..=15: at most that), u64 service session id,
 //!                 u32 PASID (reserved and attached by that session)
 //!        reply:   u32 pasid, u32 wq_mode, u32 wq_size, u32 max_batch, u32 max_xfer,
 //!                 u32 dev_id, [u64; 4] opcap, u32 granted priority

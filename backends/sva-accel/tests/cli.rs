@@ -36,36 +36,84 @@ fn test_cli_rejects_bad_arguments() {
     assert_eq!(code, Some(1));
 }
 
-#[test]
-fn test_max_priority_caps_client_requests() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let sock = dir.path().join("s.sock");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sva-accel"))
-        .args(["--workers", "1", "--max-priority", "3", "--socket-path"])
-        .arg(&sock)
-        .env("RUST_LOG", "off")
-        .spawn()
-        .expect("spawn");
-    let start = std::time::Instant::now();
-    while !sock.exists() {
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(10),
-            "no socket"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
+/// A daemon started with some arguments (killed on drop), its socket, and
+/// the directory the socket is in (removed on drop).
+struct Child {
+    child: std::process::Child,
+    sock: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Child {
+    fn start(args: &[&str]) -> Child {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("s.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_sva-accel"))
+            .args(["--workers", "1"])
+            .args(args)
+            .arg("--socket-path")
+            .arg(&sock)
+            .env("RUST_LOG", "off")
+            .spawn()
+            .expect("spawn");
+        let start = std::time::Instant::now();
+        while !sock.exists() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "no socket"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        Child {
+            child,
+            sock,
+            _dir: dir,
+        }
     }
-    let c = sva_accel::client::Client::connect_with(
-        &sock,
-        sva_accel::client::Options {
-            priority: 15,
-            ..Default::default()
-        },
-    )
-    .expect("connect");
-    assert_eq!(c.info().priority, 3);
-    drop(c);
-    let _ = child.kill();
-    let _ = child.wait();
+
+    /// The priority a client asking for `asked` is granted.
+    fn granted(&self, asked: u8) -> u8 {
+        let c = sva_accel::client::Client::connect_with(
+            &self.sock,
+            sva_accel::client::Options {
+                priority: asked,
+                ..Default::default()
+            },
+        )
+        .expect("connect");
+        c.info().priority
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Priorities are the administrator's: `--priority` for every user,
+/// `--uid-priority` for one; a client asking for more gets its user's, one
+/// asking for less gets less, one asking for nothing (0) gets its user's.
+#[test]
+fn test_priorities_are_the_administrators() {
+    let d = Child::start(&["--priority", "3"]);
+    assert_eq!((d.granted(15), d.granted(0), d.granted(2)), (3, 3, 2));
+    drop(d);
+    let uid = nix::unistd::getuid().as_raw().to_string();
+    let d = Child::start(&[
+        "--priority",
+        "9",
+        "--uid-priority",
+        &format!("{uid}:5"),
+        "--uid-priority",
+        "4294967000:15",
+    ]);
+    assert_eq!((d.granted(15), d.granted(0), d.granted(4)), (5, 5, 4));
+    drop(d);
+    let (code, err) = run(&["--socket-path", "/tmp/x", "--uid-priority", "7"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("UID:PRIORITY"), "{err}");
 }
 
 #[test]
