@@ -80,7 +80,8 @@ pub fn recv(sock: BorrowedFd<'_>) -> nix::Result<Option<Packet>> {
 /// A decoded HELLO request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hello {
-    /// Portal priority asked for (the daemon clamps it).
+    /// Work queue priority asked for: 0 for the administrator's, else at
+    /// most that (the daemon lowers a higher one).
     pub priority: u32,
     /// The client's `/dev/iommu` service session.
     pub session: u64,
