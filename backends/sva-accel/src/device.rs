@@ -1,5 +1,5 @@
 //! The device: clients (PASID, portal, address space), worker threads, block
-//! on fault, and the server loop that accepts clients.
+//! on fault, and what its control sockets mean (HELLO binds a client).
 //!
 //! Threads:
 //! - workers (configurable, default cores - 1, at least 1): run one unit of
@@ -8,15 +8,18 @@
 //!   that yielded, was answered after a fault or released by a drain first,
 //!   then descriptors from its portal); spin a short adaptive while when
 //!   idle, then sleep on the doorbell eventfd;
-//! - one acceptor; one control thread per client (HELLO, then it only
-//!   watches the connection: memory is mapped and faults are delivered
-//!   through the `/dev/iommu` service).
+//! - one control thread for every connection ([`crate::control`]: an
+//!   epoll loop over the listener, connections waiting for their HELLO,
+//!   with a timeout and caps, and bound clients' connections, which carry
+//!   nothing more: memory is mapped and faults are delivered through the
+//!   `/dev/iommu` service).
 //!
 //! Isolation: a descriptor's PASID is the one bound to the portal it came
 //! through (its own pasid field is overwritten) and it only ever translates
 //! for that PASID, through iommu-core (the framework's DMA handle). Batch
 //! members inherit the batch's.
 
+use crate::control::{self, Control};
 use crate::desc::{opcode, CompletionRecord, Descriptor, OpCap, DESC_SIZE};
 use crate::engine::{self, Budget, CrWriteFailed, Job, Limits, Outcome, Resume};
 use crate::iommu::{DmaView, FaultBudget, FaultSlot};
@@ -26,7 +29,7 @@ use crate::wq::{Event, Portal, WqMode, MAX_WQ_SIZE, MIN_WQ_SIZE};
 use ioasis::dma::{Dma, FaultStatus, PendingFault, Translator};
 use ioasis::service::ServiceHandle;
 use ioasis::socket_policy::SocketPolicy;
-use log::{debug, info, warn};
+use log::{debug, info};
 use nix::sys::socket::{self, SockType};
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -382,6 +385,7 @@ impl std::fmt::Debug for IommuBinding {
 #[derive(Debug)]
 pub struct Device {
     shared: Arc<Shared>,
+    control: Arc<Control>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -463,7 +467,20 @@ impl Device {
             shared.cfg.uid_priority.len(),
             shared.cfg.faults_per_client
         );
-        Ok(Device { shared, threads })
+        // The control sockets: one thread for every connection.
+        let (control, thread) =
+            Control::spawn(Arc::new(Portals(shared.clone()))).map_err(|source| {
+                DeviceError::Thread {
+                    name: "sva-control".into(),
+                    source,
+                }
+            })?;
+        threads.push(thread);
+        Ok(Device {
+            shared,
+            control,
+            threads,
+        })
     }
 
     /// Listens on `path` (mode `0600`: [`ioasis::socket_policy`]) and
@@ -481,27 +498,14 @@ impl Device {
                 path: path.to_path_buf(),
                 source,
             })?;
-        let s = self.shared.clone();
-        let h = std::thread::Builder::new()
-            .name("sva-accept".into())
-            .spawn(move || acceptor(&s, fd))
-            .map_err(|source| DeviceError::Thread {
-                name: "sva-accept".into(),
-                source,
-            })?;
-        self.threads.push(h);
+        self.control.add_listener(fd);
         Ok(())
     }
 
-    /// Serves one already-connected client socket on a new control thread.
+    /// Serves one already-connected client socket (its first packet must
+    /// be HELLO) on the device's control thread.
     pub fn serve_connection(&self, conn: OwnedFd) {
-        let s = self.shared.clone();
-        if let Err(e) = std::thread::Builder::new()
-            .name("sva-client".into())
-            .spawn(move || client_thread(&s, conn))
-        {
-            ioasis::log_limited!(log::Level::Warn, "cannot start a client thread: {e}");
-        }
+        self.control.add_connection(conn);
     }
 
     /// Number of connected clients.
@@ -517,6 +521,7 @@ impl Device {
     fn stop(&mut self) {
         self.shared.shutdown.store(true, Ordering::SeqCst);
         shm::signal(self.shared.doorbell.as_fd());
+        self.control.wake();
         for h in self.threads.drain(..) {
             let _ = h.join();
         }
@@ -528,59 +533,6 @@ impl Drop for Device {
         self.stop();
     }
 }
-
-fn acceptor(s: &Arc<Shared>, listener: OwnedFd) {
-    // Accept failures back off instead of spinning (ioasis::accept).
-    let mut backoff = ioasis::accept::AcceptBackoff::new();
-    loop {
-        let r = match shm::poll_in(&[listener.as_fd()], 100) {
-            Ok(r) => r,
-            Err(e) => {
-                warn!("accept poll failed: {e}");
-                return;
-            }
-        };
-        if s.shutdown.load(Ordering::SeqCst) {
-            return;
-        }
-        if r[0] == 0 {
-            continue;
-        }
-        match socket::accept(&listener) {
-            Ok(conn) => {
-                backoff.succeeded();
-                let s2 = s.clone();
-                if let Err(e) = std::thread::Builder::new()
-                    .name("sva-client".into())
-                    .spawn(move || client_thread(&s2, conn))
-                {
-                    ioasis::log_limited!(limit: THREAD_FAILED,
-                        log::Level::Warn,
-                        "cannot start a client thread: {e}"
-                    );
-                }
-            }
-            Err(e) => {
-                let e = std::io::Error::from(e);
-                if ioasis::accept::is_transient(&e) {
-                    continue;
-                }
-                let pause = backoff.failed("sva-accel portal", &e);
-                // In slices, so that shutdown is not held up.
-                let until = std::time::Instant::now() + pause;
-                while std::time::Instant::now() < until && !s.shutdown.load(Ordering::SeqCst) {
-                    std::thread::sleep(
-                        until
-                            .saturating_duration_since(std::time::Instant::now())
-                            .min(std::time::Duration::from_millis(100)),
-                    );
-                }
-            }
-        }
-    }
-}
-
-static THREAD_FAILED: ioasis::ratelimit::RateLimit = ioasis::ratelimit::RateLimit::peer();
 
 fn reply(conn: BorrowedFd<'_>, status: i32, payload: &[u8], fds: &[BorrowedFd<'_>]) {
     let mut msg = Writer::default().i32(status).u32(0).0;
@@ -792,46 +744,38 @@ fn handle_request(c: &ClientCtx, conn: BorrowedFd<'_>, pkt: &proto::Packet) {
     reply(conn, -libc::EINVAL, &[], &[]);
 }
 
-fn client_thread(s: &Arc<Shared>, conn: OwnedFd) {
-    // The first packet must be HELLO.
-    let pkt = match proto::recv(conn.as_fd()) {
-        Ok(Some(p)) => p,
-        _ => return,
-    };
-    let h = match proto::Hello::decode(&pkt.data, pkt.fds.len()) {
-        Ok(h) => h,
-        Err(errno) => {
-            reply(conn.as_fd(), -errno, &[], &[]);
-            return;
-        }
-    };
-    let Some(client) = hello(s, conn.as_fd(), &h) else {
-        return;
-    };
-    loop {
-        let r = match shm::poll_in(&[conn.as_fd()], 100) {
-            Ok(r) => r,
-            Err(e) => {
-                warn!("PASID {}: poll failed: {e}", client.pasid);
-                break;
-            }
-        };
-        if s.shutdown.load(Ordering::SeqCst) {
-            break;
-        }
-        if r[0] != 0 {
-            match proto::recv(conn.as_fd()) {
-                Ok(Some(p)) => handle_request(&client, conn.as_fd(), &p),
-                Ok(None) => break,
-                Err(nix::errno::Errno::EMSGSIZE) => reply(conn.as_fd(), -libc::EMSGSIZE, &[], &[]),
-                Err(e) => {
-                    debug!("PASID {}: control socket: {e}", client.pasid);
-                    break;
-                }
+/// The device's side of the control sockets ([`crate::control`]): HELLO
+/// binds a client, nothing else is a request, a closed connection tears
+/// its client down.
+struct Portals(Arc<Shared>);
+
+impl control::Handler for Portals {
+    type Client = Arc<ClientCtx>;
+
+    fn hello(&self, conn: BorrowedFd<'_>, pkt: &proto::Packet) -> Option<Arc<ClientCtx>> {
+        match proto::Hello::decode(&pkt.data, pkt.fds.len()) {
+            Ok(h) => hello(&self.0, conn, &h),
+            Err(errno) => {
+                reply(conn, -errno, &[], &[]);
+                None
             }
         }
     }
-    teardown(s, &client);
+
+    fn request(&self, c: &Arc<ClientCtx>, conn: BorrowedFd<'_>, pkt: nix::Result<&proto::Packet>) {
+        match pkt {
+            Ok(p) => handle_request(c, conn, p),
+            Err(e) => reply(conn, -(e as i32), &[], &[]),
+        }
+    }
+
+    fn closed(&self, c: Arc<ClientCtx>) {
+        teardown(&self.0, &c);
+    }
+
+    fn stopping(&self) -> bool {
+        self.0.shutdown.load(Ordering::SeqCst)
+    }
 }
 
 /// Drops a client whose control connection closed: stop taking its work,

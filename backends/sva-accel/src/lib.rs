@@ -21,6 +21,7 @@
 #![deny(missing_docs)]
 
 pub mod client;
+pub mod control;
 
 mod copy;
 
