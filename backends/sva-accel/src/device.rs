@@ -795,6 +795,8 @@ fn teardown(s: &Arc<Shared>, c: &Arc<ClientCtx>) {
         s.clients_gen.fetch_add(1, Ordering::Release);
     }
     let n = abort_work(s, c);
+    // Sleeping workers let go of the client (their copy of the list).
+    shm::signal(s.doorbell.as_fd());
     if s.cfg.wq_mode == WqMode::Dedicated {
         s.dedicated_in_use.fetch_sub(1, Ordering::SeqCst);
     }
@@ -1523,6 +1525,23 @@ fn work_once(
     did
 }
 
+/// Longest a worker sleeps before it looks again (at the stop flag, and at
+/// invalidations of what it has cached).
+const SLEEP_MS: i32 = 100;
+
+/// Drops the translator's cache if an unmap or detach invalidated it since
+/// its last access section (an empty section does that). A worker's cache
+/// holds references to the memory it translated; were they kept while the
+/// worker idles, a departed client's memory (or a buffer a client
+/// unmapped) would stay mapped in the daemon until the worker next ran.
+/// Called before and after every sleep, so such memory goes within
+/// [`SLEEP_MS`] of its unmap (`tests/hostile_departed.rs`).
+fn drop_invalidated(tr: &mut Option<Translator>) {
+    if let Some(t) = tr.as_mut() {
+        drop(t.access());
+    }
+}
+
 fn worker(s: &Arc<Shared>) {
     let mut buf = Vec::with_capacity(POP_MAX);
     let mut gen = u64::MAX;
@@ -1557,6 +1576,7 @@ fn worker(s: &Arc<Shared>) {
             continue;
         }
         spin = (spin / 2).max(spin_min);
+        drop_invalidated(&mut tr);
         // Sleep: ask every portal for a doorbell, re-check, then wait.
         s.sleepers.fetch_add(1, Ordering::SeqCst);
         for c in clients.iter() {
@@ -1572,13 +1592,14 @@ fn worker(s: &Arc<Shared>) {
             let mut fds = Vec::with_capacity(clients.len() + 1);
             fds.push(s.doorbell.as_fd());
             fds.extend(clients.iter().map(|c| c.doorbell_efd.as_fd()));
-            if let Ok(ready) = shm::poll_in(&fds, 100) {
+            if let Ok(ready) = shm::poll_in(&fds, SLEEP_MS) {
                 for (fd, r) in fds.iter().zip(ready) {
                     if r != 0 {
                         shm::drain(*fd);
                     }
                 }
             }
+            drop_invalidated(&mut tr);
         }
         if s.sleepers.fetch_sub(1, Ordering::SeqCst) == 1 {
             for c in clients.iter() {
