@@ -2,7 +2,9 @@
 # The whole test suite: installs and prepares what the tests need
 # (scripts/setup.sh, idempotent), checks formatting and clippy, builds
 # everything once, then runs the unit and in-process tests of every crate,
-# the doc tests, and the end-to-end tests against real frontends (QEMU, DPDK
+# the doc tests, the loom models of iommu-core's unmap protocol
+# (scripts/model-check.sh, with its proof that they fail on broken builds),
+# and the end-to-end tests against real frontends (QEMU, DPDK
 # testpmd; crate ioasis-integration). `.ci/run` calls this and nothing else.
 #
 # A test that cannot run here (a missing tool, guest kernel or root, a
@@ -64,6 +66,8 @@ cargo test -j2 --workspace --all-targets --no-run
 step "unit and in-process tests"
 cargo test -j2 --workspace --all-targets --exclude ioasis-integration --no-fail-fast
 cargo test -j2 --workspace --doc
+step "model check of the unmap protocol (loom)"
+scripts/model-check.sh --prove-fail
 step "end-to-end tests (real frontends)"
 t1=$SECONDS
 cargo test -j2 -p ioasis-integration --all-targets --no-fail-fast

@@ -1,8 +1,8 @@
 //! The context: one `Iommu` is one open `/dev/iommu`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use crate::device::{pasid_key, Binding, Device, DeviceShared, DirtyState, Domain, NO_PASID};
 use crate::error::{Error, Result};
@@ -10,6 +10,7 @@ use crate::event::{EventInner, EventQueue, EventReason, EventRecord, MAX_EVENT_Q
 use crate::fault::{AutoAnswered, FaultInner, FaultQueue};
 use crate::ioas::{range_of, Area, IoasInner, IoasState, ResvOwner};
 use crate::memory::Memory;
+use crate::prim::{AtomicUsize, Mutex, MutexGuard};
 use crate::sync::{invalidate_slots, lock, InvalidationTicket, Slot};
 use crate::types::*;
 

@@ -1,12 +1,15 @@
 //! Devices, as their owner (a backend) creates them.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 
 use crate::ctx::CtxInner;
 use crate::fault::{FaultInner, PendingFault, MAX_OUTSTANDING_FAULTS_PER_DEVICE};
 use crate::ioas::IoasInner;
+use crate::prim::{
+    AtomicBool, AtomicU32, AtomicUsize, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard,
+};
 use crate::sync::{lock, Slot};
 use crate::translate::Translator;
 use crate::types::{DevId, HwInfo};
@@ -117,21 +120,19 @@ impl DeviceShared {
         self.next_grpid.fetch_add(1, Ordering::Relaxed) & 0x1ff
     }
 
-    pub(crate) fn attach_read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<u32, Arc<Domain>>> {
+    pub(crate) fn attach_read(&self) -> RwLockReadGuard<'_, HashMap<u32, Arc<Domain>>> {
         self.attach.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn attach_write(
-        &self,
-    ) -> std::sync::RwLockWriteGuard<'_, HashMap<u32, Arc<Domain>>> {
+    pub(crate) fn attach_write(&self) -> RwLockWriteGuard<'_, HashMap<u32, Arc<Domain>>> {
         self.attach.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn virt_read(&self) -> std::sync::RwLockReadGuard<'_, VirtIds> {
+    pub(crate) fn virt_read(&self) -> RwLockReadGuard<'_, VirtIds> {
         self.virt.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn virt_write(&self) -> std::sync::RwLockWriteGuard<'_, VirtIds> {
+    pub(crate) fn virt_write(&self) -> RwLockWriteGuard<'_, VirtIds> {
         self.virt.write().unwrap_or_else(|e| e.into_inner())
     }
 

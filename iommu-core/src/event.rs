@@ -2,11 +2,12 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::error::{Error, Result};
+use crate::prim::Mutex;
 use crate::queue_file::{FileRef, QueueFile};
 use crate::sync::lock;
 use crate::types::{EventQueueId, Perm};

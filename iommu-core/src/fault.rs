@@ -3,14 +3,15 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::device::DeviceShared;
 use crate::error::{Error, Result};
+use crate::prim::{AtomicU32, Condvar, Mutex};
 use crate::queue_file::{FileRef, QueueFile};
 use crate::sync::lock;
 use crate::types::{FaultId, Perm};

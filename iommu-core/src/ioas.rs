@@ -2,11 +2,12 @@
 //! allocation. The public operations live on [`Iommu`](crate::Iommu).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::Arc;
 
 use crate::device::DeviceShared;
 use crate::error::{Error, Result};
 use crate::memory::Memory;
+use crate::prim::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use crate::sync::{Departed, InvalidationTicket, Slot};
 use crate::types::{AreaInfo, DevId, IoasId, IovaRange, IovaRanges, Perm, PAGE_SIZE};
 

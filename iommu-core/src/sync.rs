@@ -1,9 +1,11 @@
 //! The unmap-safety protocol: per-translator slots and invalidation tickets
 //! (see the crate docs for the protocol).
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use crate::prim::{AtomicU64, AtomicUsize, Condvar, Mutex, MutexGuard};
 
 /// A hook the invalidator may call to nudge a device thread that sits in an
 /// access section (e.g. write its eventfd or wake its ring). It must not
@@ -26,7 +28,29 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-static NEXT_TRANSLATOR_ID: AtomicU64 = AtomicU64::new(1);
+/// The orderings of the protocol's two store-then-load pairs: a section
+/// start stores `active` then loads `gen`; an invalidation bumps `gen` then
+/// loads `active`. Both sequentially consistent, so that at least one side
+/// sees the other (see the crate docs).
+#[cfg(not(ioasis_broken = "acqrel"))]
+const PAIR_STORE: Ordering = Ordering::SeqCst;
+#[cfg(not(ioasis_broken = "acqrel"))]
+const PAIR_RMW: Ordering = Ordering::SeqCst;
+#[cfg(not(ioasis_broken = "acqrel"))]
+const PAIR_LOAD: Ordering = Ordering::SeqCst;
+// Test-only build (`--cfg ioasis_broken="acqrel"`): the pairs weakened to
+// Release/Acquire, which lets both loads miss the other side's store (store
+// buffering); kept so that the loom models can show they find it.
+#[cfg(ioasis_broken = "acqrel")]
+const PAIR_STORE: Ordering = Ordering::Release;
+#[cfg(ioasis_broken = "acqrel")]
+const PAIR_RMW: Ordering = Ordering::AcqRel;
+#[cfg(ioasis_broken = "acqrel")]
+const PAIR_LOAD: Ordering = Ordering::Acquire;
+
+/// A process-wide id counter, not part of the protocol: std's atomic, also
+/// under loom (whose atomics cannot live in a static).
+static NEXT_TRANSLATOR_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// The shared half of one translator.
 pub(crate) struct Slot {
@@ -60,8 +84,8 @@ impl Slot {
     #[inline]
     pub(crate) fn enter(&self) -> u64 {
         let a = self.active.load(Ordering::Relaxed);
-        self.active.store(a | 1, Ordering::SeqCst);
-        self.gen.load(Ordering::SeqCst)
+        self.active.store(a | 1, PAIR_STORE);
+        self.gen.load(PAIR_LOAD)
     }
 
     /// Section end.
@@ -78,8 +102,8 @@ impl Slot {
     /// Invalidator side: bump `gen`; returns `Some(active)` when a section
     /// is open and must be waited for.
     pub(crate) fn invalidate(&self) -> Option<u64> {
-        self.gen.fetch_add(1, Ordering::SeqCst);
-        let a = self.active.load(Ordering::SeqCst);
+        self.gen.fetch_add(1, PAIR_RMW);
+        let a = self.active.load(PAIR_LOAD);
         (a & 1 == 1).then_some(a)
     }
 
