@@ -1,73 +1,76 @@
-//! Command-line parsing of the `vdpa-net` daemon.
+//! Command line of the `vdpa-net` daemon (clap).
 //!
 //! ```text
-//! vdpa-net --socket-path PATH --port PORT [--queues N] [--mac MAC]
-//!          [--stats-interval SECS] [--poll-us N] [--tap-io auto|uring|syscall]
-//!          [--socket-mode MODE] [--socket-group GROUP]
-//! vdpa-net --device socket=PATH,port=PORT[,queues=N][,mac=MAC] [--device ...] [...]
+//! vdpa-net --socket-path PATH --port PORT [--queues N] [--mac MAC] [OPTIONS]
+//! vdpa-net --device socket=PATH,port=PORT[,queues=N][,mac=MAC]... [OPTIONS]
 //! ```
+//!
+//! Every value is checked by the parser of its flag, so an error names the
+//! flag; what spans flags (at least one device, no socket twice) is checked
+//! by [`Cli::into_options`]. Errors exit with status 2 and `--help` and
+//! `--version` with 0 ([`Options::parse`]). A flag given twice takes its
+//! last value, except `--device`, which adds a device each time.
 
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::error::ErrorKind;
+use clap::{CommandFactory, Parser};
 use ioasis::socket_policy::SocketPolicy;
-use thiserror::Error;
 
 use crate::net::{default_mac, parse_mac, MacAddr, MAX_QUEUE_PAIRS};
 use crate::port::{PortSpec, TapIo};
 use crate::vhu_net::NetConfig;
 
-/// Usage text printed by `--help` and after an argument error.
-pub const USAGE: &str = "\
-usage: vdpa-net --socket-path PATH --port PORT [--queues N] [--mac MAC]
-                [--stats-interval SECS] [--poll-us N] [--tap-io MODE]
-                [--socket-mode MODE] [--socket-group GROUP]
-       vdpa-net --device socket=PATH,port=PORT[,queues=N][,mac=MAC] [--device ...]
-                [--stats-interval SECS] [--poll-us N] [--tap-io MODE]
-                [--socket-mode MODE] [--socket-group GROUP]
-
-Serves virtio-net devices over vhost-user.
-  --socket-path PATH     unix socket the device listens on
-  --port PORT            tap=IFNAME | switch=NAME | sink | reflect | source[=LEN]
-  --queues N             queue pairs, 1 to 8 (default 1)
-  --mac MAC              MAC address in the config space (default: derived from the socket path)
-  --device SPEC          one more device (repeatable); the form above is shorthand for one
-  --stats-interval SECS  print a JSON statistics line every SECS seconds (0: only at exit)
-  --poll-us N            after work, poll queues and port for N microseconds, notifications off (default 0)
-  --tap-io MODE          tap packet I/O: auto (io_uring if available), uring, syscall
-  --socket-mode MODE     octal mode of the sockets (default 0600: this user and root only)
-  --socket-group GROUP   group (name or number) of the sockets, for a mode such as 0660
+/// Text printed after the options by `--help`.
+const AFTER_HELP: &str = "\
+PORT is tap=IFNAME, switch=NAME, sink, reflect or source[=LEN]. --socket-path and --port
+are shorthand for one --device; both forms may be given together.
 Statistics go to stdout, one JSON object per line; logs go to stderr (RUST_LOG).";
 
-/// Errors of the command line.
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum Error {
-    /// An option that is not known.
-    #[error("unknown option {0:?}")]
-    UnknownOption(String),
-    /// An option given without its value.
-    #[error("option {0} needs a value")]
-    MissingValue(String),
-    /// A value that does not parse.
-    #[error("bad value {value:?} for {what}: {why}")]
-    BadValue {
-        /// The option or key.
-        what: String,
-        /// The value given.
-        value: String,
-        /// Why it was refused.
-        why: String,
-    },
-    /// A required key or option is missing.
-    #[error("{0}")]
-    Missing(String),
-    /// Two devices name the same socket.
-    #[error("socket {0:?} is given twice")]
-    DuplicateSocket(String),
-    /// No device at all.
-    #[error("no device: give --socket-path and --port, or --device")]
-    NoDevice,
+/// The daemon's arguments, as given.
+#[derive(Debug, Parser)]
+#[command(
+    name = "vdpa-net",
+    bin_name = "vdpa-net",
+    version,
+    about = "Serves virtio-net devices over vhost-user.",
+    override_usage = "vdpa-net --socket-path PATH --port PORT [--queues N] [--mac MAC] [OPTIONS]\n       \
+                      vdpa-net --device SPEC [--device SPEC]... [OPTIONS]",
+    after_help = AFTER_HELP,
+    args_override_self = true
+)]
+pub struct Cli {
+    /// Unix socket the device listens on
+    #[arg(long, value_name = "PATH", value_parser = parse_socket_path, requires = "port")]
+    socket_path: Option<String>,
+    /// Where the device's frames go (see PORT below)
+    #[arg(long, value_name = "PORT", value_parser = parse_port, requires = "socket_path")]
+    port: Option<PortSpec>,
+    /// Queue pairs, 1 to 8 [default: 1]
+    #[arg(long, value_name = "N", value_parser = parse_queues, requires = "socket_path")]
+    queues: Option<u16>,
+    /// MAC in the config space [default: one derived from the socket path]
+    #[arg(long, value_name = "MAC", value_parser = parse_unicast_mac, requires = "socket_path")]
+    mac: Option<MacAddr>,
+    /// A device: socket=PATH,port=PORT[,queues=N][,mac=MAC]; repeatable
+    #[arg(long = "device", value_name = "SPEC", value_parser = parse_device)]
+    devices: Vec<DeviceSpec>,
+    /// Print statistics every SECS seconds (0: only at exit)
+    #[arg(long, value_name = "SECS", default_value = "0", value_parser = parse_stats_interval)]
+    stats_interval: f64,
+    /// After work, poll N microseconds with notifications off
+    #[arg(long, value_name = "N", default_value = "0", value_parser = parse_poll_us)]
+    poll_us: u64,
+    /// Tap I/O: auto (uring if available), uring or syscall
+    #[arg(long, value_name = "MODE", default_value = "auto", value_parser = tap_io_parser(),
+          hide_possible_values = true)]
+    tap_io: TapIo,
+    /// Octal mode of the sockets (0600: this user and root)
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_socket_mode)]
+    socket_mode: u32,
+    /// Group (name or number) of the sockets, for modes such as 0660
+    #[arg(long, value_name = "GROUP", value_parser = parse_socket_group)]
+    socket_group: Option<u32>,
 }
-
-/// Result alias of the command line.
-pub type Result<T> = std::result::Result<T, Error>;
 
 /// What the daemon was asked to do.
 #[derive(Debug, Clone)]
@@ -78,34 +81,169 @@ pub struct Options {
     pub stats_interval: f64,
     /// Mode and group of the device sockets.
     pub socket_policy: SocketPolicy,
-    /// `--help` was given.
-    pub help: bool,
 }
 
-fn bad(what: &str, value: &str, why: impl ToString) -> Error {
-    Error::BadValue {
-        what: what.to_string(),
-        value: value.to_string(),
-        why: why.to_string(),
+impl Options {
+    /// Parses `args` (the program name first).
+    pub fn try_parse_from<I, T>(args: I) -> Result<Options, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        Cli::try_parse_from(args)?.into_options()
+    }
+
+    /// Parses the process's arguments; prints help, the version or an error
+    /// and exits (0 for help and version, 2 for an error) when there is
+    /// nothing to run.
+    pub fn parse() -> Options {
+        Options::try_parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit())
     }
 }
 
-fn parse_queues(what: &str, v: &str) -> Result<u16> {
+/// A device given with `--device`.
+#[derive(Debug, Clone)]
+struct DeviceSpec {
+    socket: String,
+    port: PortSpec,
+    queues: u16,
+    mac: Option<MacAddr>,
+}
+
+impl Cli {
+    /// Checks what spans flags and builds the options: at least one device,
+    /// no socket twice.
+    pub fn into_options(self) -> Result<Options, clap::Error> {
+        let mut specs = Vec::with_capacity(self.devices.len() + 1);
+        if let (Some(socket), Some(port)) = (self.socket_path, self.port) {
+            specs.push(DeviceSpec {
+                socket,
+                port,
+                queues: self.queues.unwrap_or(1),
+                mac: self.mac,
+            });
+        }
+        specs.extend(self.devices);
+        if specs.is_empty() {
+            return Err(usage_error(
+                ErrorKind::MissingRequiredArgument,
+                "no device: give --socket-path and --port, or --device",
+            ));
+        }
+        let mut devices: Vec<NetConfig> = Vec::with_capacity(specs.len());
+        for s in specs {
+            if devices.iter().any(|d| d.socket == s.socket) {
+                return Err(usage_error(
+                    ErrorKind::ArgumentConflict,
+                    &format!("socket {:?} is given twice", s.socket),
+                ));
+            }
+            let mac = s.mac.unwrap_or_else(|| mac_for(&s.socket));
+            devices.push(NetConfig {
+                socket: s.socket,
+                port: s.port,
+                queues: s.queues,
+                mac,
+                poll_us: self.poll_us,
+                tap_io: self.tap_io,
+            });
+        }
+        let socket_policy = SocketPolicy::new(self.socket_mode, self.socket_group)
+            .map_err(|e| usage_error(ErrorKind::ValueValidation, &format!("--socket-mode: {e}")))?;
+        Ok(Options {
+            devices,
+            stats_interval: self.stats_interval,
+            socket_policy,
+        })
+    }
+}
+
+/// An error of the command line, printed with the usage.
+fn usage_error(kind: ErrorKind, msg: &str) -> clap::Error {
+    Cli::command().error(kind, msg)
+}
+
+fn parse_socket_path(v: &str) -> Result<String, String> {
+    if v.is_empty() {
+        return Err("empty path".into());
+    }
+    Ok(v.to_string())
+}
+
+fn parse_port(v: &str) -> Result<PortSpec, String> {
+    v.parse().map_err(|e: crate::port::Error| e.to_string())
+}
+
+fn parse_queues(v: &str) -> Result<u16, String> {
     match v.parse::<u16>() {
         Ok(n) if (1..=MAX_QUEUE_PAIRS).contains(&n) => Ok(n),
-        _ => Err(bad(what, v, format!("expected 1 to {MAX_QUEUE_PAIRS}"))),
+        _ => Err(format!("expected 1 to {MAX_QUEUE_PAIRS}")),
     }
 }
 
-fn parse_mac_opt(what: &str, v: &str) -> Result<MacAddr> {
-    let m = parse_mac(v).map_err(|e| bad(what, v, e))?;
+fn parse_unicast_mac(v: &str) -> Result<MacAddr, String> {
+    let m = parse_mac(v).map_err(|e| e.to_string())?;
     if m[0] & 1 != 0 {
-        return Err(bad(what, v, "multicast address"));
+        return Err("multicast address".into());
     }
     if m == [0; 6] {
-        return Err(bad(what, v, "all-zero address"));
+        return Err("all-zero address".into());
     }
     Ok(m)
+}
+
+fn parse_stats_interval(v: &str) -> Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(s) if s.is_finite() && (0.0..=86400.0).contains(&s) => Ok(s),
+        _ => Err("expected seconds, 0 to 86400".into()),
+    }
+}
+
+fn parse_poll_us(v: &str) -> Result<u64, String> {
+    match v.parse::<u64>() {
+        Ok(n) if n <= 1_000_000 => Ok(n),
+        _ => Err("expected microseconds, 0 to 1000000".into()),
+    }
+}
+
+fn tap_io_parser() -> impl TypedValueParser<Value = TapIo> {
+    PossibleValuesParser::new(["auto", "uring", "syscall"]).map(|s| match s.as_str() {
+        "uring" => TapIo::Uring,
+        "syscall" => TapIo::Syscall,
+        _ => TapIo::Auto,
+    })
+}
+
+fn parse_socket_mode(v: &str) -> Result<u32, String> {
+    SocketPolicy::parse_mode(v)
+}
+
+fn parse_socket_group(v: &str) -> Result<u32, String> {
+    SocketPolicy::parse_group(v)
+}
+
+/// Parses `socket=PATH,port=PORT[,queues=N][,mac=MAC]`.
+fn parse_device(spec: &str) -> Result<DeviceSpec, String> {
+    let (mut socket, mut port, mut queues, mut mac) = (None, None, 1, None);
+    for kv in spec.split(',') {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("{kv:?} is not key=value"))?;
+        match k {
+            "socket" => socket = Some(parse_socket_path(v).map_err(|e| format!("socket: {e}"))?),
+            // A port value may itself contain '=' (tap=IFNAME).
+            "port" => port = Some(parse_port(v).map_err(|e| format!("port: {e}"))?),
+            "queues" => queues = parse_queues(v).map_err(|e| format!("queues: {e}"))?,
+            "mac" => mac = Some(parse_unicast_mac(v).map_err(|e| format!("mac: {e}"))?),
+            _ => return Err(format!("unknown key {k:?}")),
+        }
+    }
+    Ok(DeviceSpec {
+        socket: socket.ok_or("the socket path is missing")?,
+        port: port.ok_or("the port is missing")?,
+        queues,
+        mac,
+    })
 }
 
 /// A MAC derived from the socket path: stable across restarts.
@@ -117,188 +255,12 @@ fn mac_for(socket: &str) -> MacAddr {
     default_mac(h)
 }
 
-struct Partial {
-    socket: Option<String>,
-    port: Option<PortSpec>,
-    queues: u16,
-    mac: Option<MacAddr>,
-}
-
-impl Partial {
-    fn new() -> Partial {
-        Partial {
-            socket: None,
-            port: None,
-            queues: 1,
-            mac: None,
-        }
-    }
-
-    fn finish(self, poll_us: u64, tap_io: TapIo, ctx: &str) -> Result<NetConfig> {
-        let socket = self
-            .socket
-            .ok_or_else(|| Error::Missing(format!("{ctx}: the socket path is missing")))?;
-        let port = self
-            .port
-            .ok_or_else(|| Error::Missing(format!("{ctx}: the port is missing")))?;
-        let mac = self.mac.unwrap_or_else(|| mac_for(&socket));
-        Ok(NetConfig {
-            socket,
-            port,
-            queues: self.queues,
-            mac,
-            poll_us,
-            tap_io,
-        })
-    }
-}
-
-fn parse_device(spec: &str) -> Result<Partial> {
-    let mut p = Partial::new();
-    for kv in spec.split(',') {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| bad("--device", spec, format!("{kv:?} is not key=value")))?;
-        match k {
-            "socket" if !v.is_empty() => p.socket = Some(v.to_string()),
-            // A port value may itself contain '=' (tap=IFNAME).
-            "port" => p.port = Some(v.parse().map_err(|e| bad("--device port", v, e))?),
-            "queues" => p.queues = parse_queues("--device queues", v)?,
-            "mac" => p.mac = Some(parse_mac_opt("--device mac", v)?),
-            _ => return Err(bad("--device", spec, format!("unknown or empty key {k:?}"))),
-        }
-    }
-    Ok(p)
-}
-
-/// Parses the arguments after the program name.
-pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Options> {
-    let mut single = Partial::new();
-    let mut single_used = false;
-    let mut specs = Vec::new();
-    let mut stats_interval = 0.0;
-    let mut poll_us = 0u64;
-    let mut tap_io = TapIo::Auto;
-    let mut help = false;
-    let mut socket_mode = SocketPolicy::DEFAULT_MODE;
-    let mut socket_group = None;
-    let mut it = args.into_iter();
-    while let Some(a) = it.next() {
-        let (name, inline) = match a.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
-            _ => (a.clone(), None),
-        };
-        if name == "--help" || name == "-h" {
-            help = true;
-            continue;
-        }
-        let known = [
-            "--socket-path",
-            "--port",
-            "--queues",
-            "--mac",
-            "--device",
-            "--stats-interval",
-            "--poll-us",
-            "--tap-io",
-            "--socket-mode",
-            "--socket-group",
-        ];
-        if !known.contains(&name.as_str()) {
-            return Err(Error::UnknownOption(a));
-        }
-        let v = match inline {
-            Some(v) => v,
-            None => it.next().ok_or_else(|| Error::MissingValue(name.clone()))?,
-        };
-        match name.as_str() {
-            "--socket-path" => {
-                if v.is_empty() {
-                    return Err(bad(&name, &v, "empty path"));
-                }
-                single.socket = Some(v);
-                single_used = true;
-            }
-            "--port" => {
-                single.port = Some(v.parse().map_err(|e| bad(&name, &v, e))?);
-                single_used = true;
-            }
-            "--queues" => {
-                single.queues = parse_queues(&name, &v)?;
-                single_used = true;
-            }
-            "--mac" => {
-                single.mac = Some(parse_mac_opt(&name, &v)?);
-                single_used = true;
-            }
-            "--device" => specs.push(parse_device(&v)?),
-            "--socket-mode" => {
-                socket_mode = SocketPolicy::parse_mode(&v).map_err(|e| bad(&name, &v, e))?
-            }
-            "--socket-group" => {
-                socket_group = Some(SocketPolicy::parse_group(&v).map_err(|e| bad(&name, &v, e))?)
-            }
-            "--stats-interval" => {
-                stats_interval = match v.parse::<f64>() {
-                    Ok(s) if s.is_finite() && (0.0..=86400.0).contains(&s) => s,
-                    _ => return Err(bad(&name, &v, "expected seconds, 0 to 86400")),
-                }
-            }
-            "--poll-us" => {
-                poll_us = match v.parse::<u64>() {
-                    Ok(n) if n <= 1_000_000 => n,
-                    _ => return Err(bad(&name, &v, "expected microseconds, 0 to 1000000")),
-                }
-            }
-            _ => {
-                tap_io = match v.as_str() {
-                    "auto" => TapIo::Auto,
-                    "uring" => TapIo::Uring,
-                    "syscall" => TapIo::Syscall,
-                    _ => return Err(bad(&name, &v, "expected auto, uring or syscall")),
-                }
-            }
-        }
-    }
-    let socket_policy = SocketPolicy::new(socket_mode, socket_group)
-        .map_err(|e| bad("--socket-mode", &format!("{socket_mode:o}"), e))?;
-    if help {
-        return Ok(Options {
-            devices: Vec::new(),
-            stats_interval,
-            socket_policy,
-            help,
-        });
-    }
-    let mut devices = Vec::new();
-    if single_used {
-        devices.push(single.finish(poll_us, tap_io, "--socket-path/--port")?);
-    }
-    for (i, p) in specs.into_iter().enumerate() {
-        devices.push(p.finish(poll_us, tap_io, &format!("--device #{}", i + 1))?);
-    }
-    if devices.is_empty() {
-        return Err(Error::NoDevice);
-    }
-    for (i, d) in devices.iter().enumerate() {
-        if devices[..i].iter().any(|o| o.socket == d.socket) {
-            return Err(Error::DuplicateSocket(d.socket.clone()));
-        }
-    }
-    Ok(Options {
-        devices,
-        stats_interval,
-        socket_policy,
-        help,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn p(s: &str) -> Result<Options> {
-        parse(s.split_whitespace().map(String::from))
+    fn p(s: &str) -> Result<Options, clap::Error> {
+        Options::try_parse_from(std::iter::once("vdpa-net").chain(s.split_whitespace()))
     }
 
     #[test]
@@ -312,12 +274,13 @@ mod tests {
         assert_eq!(d.queues, 4);
         assert_eq!(d.mac, [2, 0, 0, 0, 0, 1]);
         assert_eq!(d.poll_us, 50);
+        assert_eq!(d.tap_io, TapIo::Auto);
         assert_eq!(o.stats_interval, 1.0);
     }
 
     #[test]
     fn test_device_form_repeatable() {
-        let o = p("--device socket=/tmp/a,port=switch=br0,queues=2 --device socket=/tmp/b,port=tap=t0,mac=02:00:00:00:00:02 --poll-us=5")
+        let o = p("--device socket=/tmp/a,port=switch=br0,queues=2 --device socket=/tmp/b,port=tap=t0,mac=02:00:00:00:00:02 --poll-us=5 --tap-io=syscall")
             .unwrap();
         assert_eq!(o.devices.len(), 2);
         assert_eq!(o.devices[0].port, PortSpec::Switch("br0".into()));
@@ -325,33 +288,80 @@ mod tests {
         assert_eq!(o.devices[1].port, PortSpec::Tap("t0".into()));
         assert_eq!(o.devices[1].mac, [2, 0, 0, 0, 0, 2]);
         assert_eq!(o.devices[1].poll_us, 5);
+        assert_eq!(o.devices[1].tap_io, TapIo::Syscall);
         assert_ne!(o.devices[0].mac, mac_for("/tmp/b"));
         assert_eq!(o.devices[0].mac, mac_for("/tmp/a"));
         assert_eq!(o.devices[0].mac[0] & 3, 2, "locally administered unicast");
     }
 
+    /// Both forms together: the shorthand's device comes first; `=` and
+    /// space forms mix; a flag given twice takes its last value. (Checked
+    /// to fail with `args_override_self` off: clap then refuses the second
+    /// `--poll-us`.)
+    #[test]
+    fn test_forms_mix_and_last_value_wins() {
+        let o = p("--device=socket=/tmp/b,port=reflect --socket-path=/tmp/a --port sink --poll-us 1 --poll-us 7 --queues=2 --queues 3")
+            .unwrap();
+        let d: Vec<_> = o.devices.iter().map(|d| d.socket.as_str()).collect();
+        assert_eq!(d, ["/tmp/a", "/tmp/b"]);
+        assert_eq!(o.devices[0].queues, 3);
+        assert_eq!(o.devices[0].poll_us, 7);
+        assert_eq!(o.devices[1].queues, 1);
+    }
+
+    /// Every bad command line is a usage error (status 2). (Checked to fail
+    /// with the duplicate-socket check of `into_options` off.)
     #[test]
     fn test_bad_arguments_are_refused() {
         for bad in [
             "",
             "--port sink",
             "--socket-path /tmp/a",
+            "--socket-path= --port sink",
             "--socket-path /tmp/a --port bogus",
             "--socket-path /tmp/a --port sink --queues 0",
             "--socket-path /tmp/a --port sink --queues 9",
             "--socket-path /tmp/a --port sink --mac 01:00:00:00:00:01",
+            "--socket-path /tmp/a --port sink --mac 00:00:00:00:00:00",
             "--socket-path /tmp/a --port sink --mac zz",
             "--socket-path /tmp/a --port sink --stats-interval -1",
+            "--socket-path /tmp/a --port sink --stats-interval inf",
             "--socket-path /tmp/a --port sink --poll-us x",
+            "--socket-path /tmp/a --port sink --poll-us 1000001",
             "--socket-path /tmp/a --port sink --frobnicate",
             "--socket-path /tmp/a --port sink --queues",
+            "--queues 2 --device socket=/tmp/a,port=sink",
             "--device socket=/tmp/a",
             "--device port=sink",
+            "--device socket=,port=sink",
             "--device socket=/tmp/a,port=sink,color=red",
+            "--device socket=/tmp/a,port=sink,queues",
             "--device socket=/tmp/a,port=sink --device socket=/tmp/a,port=reflect",
+            "--socket-path /tmp/a --port sink --device socket=/tmp/a,port=reflect",
             "--socket-path /tmp/a --port sink --tap-io fast",
         ] {
-            assert!(p(bad).is_err(), "{bad:?} accepted");
+            let e = p(bad).err();
+            assert!(e.is_some(), "{bad:?} accepted");
+            assert_eq!(e.map(|e| e.exit_code()), Some(2), "{bad:?}");
+        }
+    }
+
+    /// A bad value's error names its flag (and, in a `--device` spec, the key).
+    #[test]
+    fn test_errors_name_the_flag() {
+        for (args, want) in [
+            ("--socket-path /tmp/a --port sink --queues 9", "--queues"),
+            ("--socket-path /tmp/a --port sink --poll-us x", "--poll-us"),
+            ("--socket-path /tmp/a --port bogus", "--port"),
+            ("--device socket=/tmp/a,port=sink,mac=zz", "mac: "),
+            ("--device socket=/tmp/a", "the port is missing"),
+            (
+                "--device socket=/tmp/a,port=sink --device socket=/tmp/a,port=sink",
+                "given twice",
+            ),
+        ] {
+            let e = p(args).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(e.contains(want), "{args:?}: {e}");
         }
     }
 
@@ -375,7 +385,21 @@ mod tests {
     }
 
     #[test]
-    fn test_help() {
-        assert!(p("--help").unwrap().help);
+    fn test_help_and_version() {
+        let e = p("--help").err().unwrap();
+        assert_eq!((e.kind(), e.exit_code()), (ErrorKind::DisplayHelp, 0));
+        assert!(e.to_string().contains("--socket-path <PATH>"));
+        let e = p("--version").err().unwrap();
+        assert_eq!((e.kind(), e.exit_code()), (ErrorKind::DisplayVersion, 0));
+        assert_eq!(
+            e.to_string(),
+            format!("vdpa-net {}\n", env!("CARGO_PKG_VERSION"))
+        );
+    }
+
+    /// clap's own consistency checks of the derived command.
+    #[test]
+    fn test_command_is_consistent() {
+        Cli::command().debug_assert();
     }
 }

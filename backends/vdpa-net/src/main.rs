@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{error, info};
-use vdpa_net::cli::{self, USAGE};
+use vdpa_net::cli::Options;
 use vdpa_net::stats::{json_line, DeviceStats};
 use vdpa_net::VhostUserNetBackend;
 
@@ -67,17 +67,8 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .target(env_logger::Target::Stderr)
         .init();
-    let opts = match cli::parse(std::env::args().skip(1)) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("vdpa-net: {e}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    if opts.help {
-        println!("{USAGE}");
-        return ExitCode::SUCCESS;
-    }
+    // Help, the version and usage errors exit here (0, 0 and 2).
+    let opts = Options::parse();
     let set = signal_set();
     // Before any thread exists, so every thread inherits the mask.
     block_signals(&set);

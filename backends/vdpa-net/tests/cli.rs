@@ -44,21 +44,66 @@ fn test_bad_arguments_exit_nonzero_with_message() {
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
-            err.contains("vdpa-net: ") && err.contains("usage:"),
+            err.starts_with("error: ") && err.contains("try '--help'"),
             "{args:?}: {err}"
         );
         assert!(out.stdout.is_empty(), "stdout carries only statistics");
     }
 }
 
+/// `--help` and `--version` print to stdout and exit 0; the version line
+/// is `vdpa-net VERSION`.
 #[test]
-fn test_help_exits_zero() {
+fn test_help_and_version_exit_zero() {
     let out = Command::new(BIN)
         .arg("--help")
         .output()
         .expect("run vdpa-net");
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("--socket-path"));
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--socket-path <PATH>",
+        "--port <PORT>",
+        "--queues <N>",
+        "--mac <MAC>",
+        "--device <SPEC>",
+        "--stats-interval <SECS>",
+        "--poll-us <N>",
+        "--tap-io <MODE>",
+        "--socket-mode <MODE>",
+        "--socket-group <GROUP>",
+        "--version",
+    ] {
+        assert!(help.contains(flag), "{flag} in {help}");
+    }
+    let out = Command::new(BIN)
+        .arg("--version")
+        .output()
+        .expect("run vdpa-net");
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("vdpa-net {}\n", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// The README's synopsis is the binary's `--help` output, verbatim.
+/// (Checked to fail with one help line of the README changed.)
+#[test]
+fn test_readme_shows_the_help() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("read README.md");
+    let marker = "```text\n$ vdpa-net --help\n";
+    let start = readme.find(marker).expect("the --help block") + marker.len();
+    let len = readme[start..].find("```").expect("end of the block");
+    let out = Command::new(BIN)
+        .arg("--help")
+        .output()
+        .expect("run vdpa-net");
+    assert_eq!(
+        readme[start..start + len],
+        *String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]
