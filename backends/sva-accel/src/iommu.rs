@@ -115,6 +115,8 @@ impl<'a> DmaView<'a> {
     /// while `budget` has room.
     pub fn with_budget(dma: Dma<'a>, budget: &'a Arc<FaultBudget>) -> Self {
         DmaView {
+            // Every access probes first; `raise` raises.
+            dma: dma.probe(),
             budget: Some(budget),
             ..DmaView::new(dma)
         }
@@ -126,7 +128,7 @@ impl<'a> DmaView<'a> {
         self.failure.borrow_mut().take()
     }
 
-    #[inline]
+    #[inline(always)]
     fn translate_in(
         &self,
         dma: Dma<'a>,
@@ -148,16 +150,11 @@ impl<'a> DmaView<'a> {
         }
         let access = if write { Access::Write } else { Access::Read };
         let len = len.max(1);
-        // With a budget, a raising access probes first: it raises only
-        // once it knows it fails, and only if the budget has room.
-        let budgeted = !probe && self.budget.is_some();
-        let first = if budgeted { dma.probe() } else { dma };
-        match first.fragment(addr, len, access) {
+        match dma.fragment(addr, len, access) {
             Ok(f) if !f.is_empty() => Ok(Fragment {
                 ptr: f.as_ptr(),
                 len: f.len().min(len as usize),
             }),
-            _ if budgeted => self.raise(dma, addr, len, write),
             r => Err(self.fail(addr, write, probe, r.err(), None)),
         }
     }
@@ -168,12 +165,21 @@ impl<'a> DmaView<'a> {
     /// descriptor Invalid at once).
     #[cold]
     #[inline(never)]
-    fn raise(&self, dma: Dma<'a>, addr: u64, len: u64, write: bool) -> Result<Fragment, PageFault> {
+    fn raise(&self, addr: u64, len: u64, write: bool) -> Result<Fragment, PageFault> {
+        if let Some(f) = self.failure.borrow().as_ref() {
+            if f.addr == addr && f.raised {
+                // Already raised (or refused) here: not again.
+                return Err(PageFault {
+                    addr,
+                    write: f.write,
+                });
+            }
+        }
         let access = if write { Access::Write } else { Access::Read };
         let Some(slot) = self.budget.and_then(|b| b.try_take()) else {
             return Err(self.fail(addr, write, false, None, None));
         };
-        match dma.raising().fragment(addr, len, access) {
+        match self.dma.raising().fragment(addr, len.max(1), access) {
             // Mapped meanwhile (the slot goes back).
             Ok(f) if !f.is_empty() => Ok(Fragment {
                 ptr: f.as_ptr(),
@@ -221,7 +227,12 @@ impl<'a> DmaView<'a> {
 unsafe impl DmaMemory for DmaView<'_> {
     #[inline]
     fn translate(&self, addr: u64, len: u64, write: bool) -> Result<Fragment, PageFault> {
-        self.translate_in(self.dma, addr, len, write)
+        // With a budget, `self.dma` is a probe: a raising access raises only
+        // once it knows it fails, and only if the budget has room.
+        match self.translate_in(self.dma, addr, len, write) {
+            Err(_) if self.budget.is_some() => self.raise(addr, len, write),
+            r => r,
+        }
     }
 
     #[inline]
