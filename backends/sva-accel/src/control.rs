@@ -417,8 +417,21 @@ impl<H: Handler> Loop<H> {
             );
             self.close(t);
         }
-        if self.n_pending == 0 {
-            self.pending.clear();
+        // Entries of connections that said HELLO or went away before their
+        // deadline stay behind; drop them once they outnumber the live ones,
+        // so that a churn of connections cannot grow the queue (or the scans
+        // of `make_room`) without bound.
+        if self.pending.len() > 2 * self.n_pending + ACCEPT_BATCH {
+            let conns = &self.conns;
+            self.pending.retain(|(_, t)| {
+                matches!(
+                    conns.get(t),
+                    Some(Conn {
+                        state: State::Pending(_),
+                        ..
+                    })
+                )
+            });
         }
     }
 
@@ -489,4 +502,99 @@ fn set_nonblocking(fd: BorrowedFd<'_>) -> nix::Result<()> {
     let fl = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
     fcntl(fd, FcntlArg::F_SETFL(fl | OFlag::O_NONBLOCK))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{socketpair, AddressFamily, SockType};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    #[derive(Default)]
+    struct Counting {
+        hellos: AtomicUsize,
+        closed: AtomicUsize,
+        stop: AtomicBool,
+    }
+
+    impl Handler for Counting {
+        type Client = ();
+        fn hello(&self, _: BorrowedFd<'_>, pkt: &Packet) -> Option<()> {
+            self.hellos.fetch_add(1, Ordering::SeqCst);
+            (pkt.data == b"hello").then_some(())
+        }
+        fn request(&self, _: &(), _: BorrowedFd<'_>, _: nix::Result<&Packet>) {}
+        fn closed(&self, _: ()) {
+            self.closed.fetch_add(1, Ordering::SeqCst);
+        }
+        fn stopping(&self) -> bool {
+            self.stop.load(Ordering::SeqCst)
+        }
+    }
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .expect("socketpair")
+    }
+
+    fn eof(fd: &OwnedFd) -> bool {
+        let mut b = [0u8; 8];
+        matches!(
+            socket::recv(
+                std::os::fd::AsRawFd::as_raw_fd(fd),
+                &mut b,
+                socket::MsgFlags::MSG_DONTWAIT
+            ),
+            Ok(0)
+        )
+    }
+
+    /// Waits for `f`, at most 1 s (well within the handshake timeout, which
+    /// would close the connections too).
+    fn eventually(what: &str, f: impl Fn() -> bool) {
+        let start = Instant::now();
+        while !f() {
+            assert!(start.elapsed() < Duration::from_secs(1), "{what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Past the per-user cap the oldest silent connections are closed and
+    /// the newer ones kept; a kept one is served when its HELLO comes; a
+    /// bound one's end is reported once; the loop stops on request.
+    /// Checked to fail with the per-user eviction removed ("the oldest are
+    /// closed").
+    #[test]
+    fn test_oldest_silent_connections_make_room() {
+        let h = Arc::new(Counting::default());
+        let (control, thread) = Control::spawn(h.clone()).expect("spawn");
+        let extra = 6;
+        let peers: Vec<OwnedFd> = (0..MAX_PENDING_PER_UID + extra)
+            .map(|_| {
+                let (ours, theirs) = pair();
+                control.add_connection(ours);
+                // One at a time, so that the loop admits them in order.
+                std::thread::sleep(Duration::from_millis(1));
+                theirs
+            })
+            .collect();
+        eventually("the oldest are closed", || peers[..extra].iter().all(eof));
+        assert!(!peers[extra..].iter().any(eof), "a newer one was closed");
+        // A kept one says HELLO and is bound; closing it reports its end.
+        let last = &peers[peers.len() - 1];
+        proto::send(last.as_fd(), b"hello", &[]).expect("send");
+        eventually("hello served", || h.hellos.load(Ordering::SeqCst) == 1);
+        drop(peers);
+        eventually("bound end reported", || {
+            h.closed.load(Ordering::SeqCst) == 1
+        });
+        h.stop.store(true, Ordering::SeqCst);
+        control.wake();
+        thread.join().expect("loop thread");
+    }
 }
