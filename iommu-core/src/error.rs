@@ -209,8 +209,10 @@ pub enum Error {
     /// outstanding
     /// ([`MAX_OUTSTANDING_FAULTS_PER_DEVICE`](crate::MAX_OUTSTANDING_FAULTS_PER_DEVICE)
     /// unless [`Device::set_max_outstanding_faults`](crate::Device::set_max_outstanding_faults)
-    /// changed it); the access fails and the overflow is
-    /// counted. errno: `EBUSY`.
+    /// changed it), or the fault queue's budget
+    /// ([`FaultQueue::set_budget`](crate::FaultQueue::set_budget)) has no
+    /// slot left; the access fails and the overflow is counted. errno:
+    /// `EBUSY`.
     #[error("too many outstanding page faults on device {label:?}")]
     FaultOverflow {
         /// The device label.

@@ -11,6 +11,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::device::DeviceShared;
 use crate::error::{Error, Result};
+use crate::fault_budget::{FaultBudget, FaultSlot};
 use crate::prim::{AtomicU32, Condvar, Mutex};
 use crate::queue_file::{FileRef, QueueFile};
 use crate::sync::lock;
@@ -113,8 +114,9 @@ pub struct FaultQueueStats {
     pub answered: u64,
     /// Groups answered INVALID automatically (detach/replace/destroy).
     pub auto_answered: u64,
-    /// Faults refused because a device hit
-    /// [`MAX_OUTSTANDING_FAULTS_PER_DEVICE`].
+    /// Faults refused because a device hit its bound
+    /// ([`MAX_OUTSTANDING_FAULTS_PER_DEVICE`] by default) or the queue's
+    /// budget ([`FaultQueue::set_budget`]) had no slot left.
     pub overflows: u64,
 }
 
@@ -135,6 +137,8 @@ struct FaultState {
     /// Cookies not yet delivered, oldest first.
     undelivered: VecDeque<u32>,
     stats: FaultQueueStats,
+    /// The budget every group raised here takes a slot of, if any.
+    budget: Option<Arc<FaultBudget>>,
 }
 
 impl FaultInner {
@@ -178,16 +182,24 @@ impl FaultInner {
         if st.destroyed {
             return Err(Error::QueueDestroyed { id: self.id });
         }
+        // The queue's budget first, then the device's bound; a slot taken
+        // from the budget goes back (dropped) if the device has none.
+        let budget_slot = match &st.budget {
+            None => None,
+            Some(b) => match b.try_take() {
+                Some(s) => Some(s),
+                None => {
+                    let why = format!("its budget of {} page faults is used up", b.limit());
+                    return Err(self.overflow(&mut st, dev, &why));
+                }
+            },
+        };
         if !dev.try_take_fault_slot() {
-            st.stats.overflows += 1;
-            log::warn!(
-                "device {:?}: {} page faults outstanding, refusing another",
-                dev.label,
+            let why = format!(
+                "the device has {} page faults outstanding",
                 dev.max_outstanding_faults()
             );
-            return Err(Error::FaultOverflow {
-                label: dev.label.to_string(),
-            });
+            return Err(self.overflow(&mut st, dev, &why));
         }
         let mut cookie = st.next_cookie;
         // At most the device's bound outstanding: a free cookie is found
@@ -208,6 +220,7 @@ impl FaultInner {
             records,
             dev: dev.clone(),
             pasid_key,
+            budget_slot: Mutex::new(budget_slot),
             status: Mutex::new(FaultStatus::Pending),
             cv: Condvar::new(),
             waiters: AtomicU32::new(0),
@@ -219,6 +232,31 @@ impl FaultInner {
             self.signal();
         }
         Ok(PendingFault { group })
+    }
+
+    /// Counts a refused fault and says why: at warn level for a queue's
+    /// first, at debug level after it (how often faults are raised, and so
+    /// refused, is up to whoever accesses memory, a peer's device or
+    /// driver; [`FaultQueueStats::overflows`] counts them all).
+    fn overflow(&self, st: &mut FaultState, dev: &DeviceShared, why: &str) -> Error {
+        st.stats.overflows += 1;
+        if st.stats.overflows == 1 {
+            log::warn!(
+                "fault queue {}: a page fault of device {:?} refused: {why} \
+                 (further refusals on this queue are logged at debug level)",
+                self.id,
+                dev.label
+            );
+        } else {
+            log::debug!(
+                "fault queue {}: a page fault of device {:?} refused: {why}",
+                self.id,
+                dev.label
+            );
+        }
+        Error::FaultOverflow {
+            label: dev.label.to_string(),
+        }
     }
 
     /// Answers INVALID every outstanding group of `dev` (on `pasid_key`, or
@@ -376,6 +414,22 @@ impl FaultQueue {
         }
         (responses.len(), Ok(()))
     }
+    /// Sets (or clears) the budget that every fault group raised on this
+    /// queue from now on takes a slot of, before the device's own slot: with
+    /// no slot left the access fails with
+    /// [`Error::FaultOverflow`](crate::Error::FaultOverflow) and
+    /// [`FaultQueueStats::overflows`] counts it. A group gives its slot back
+    /// when it is answered ([`FaultQueue::respond`], or INVALID on detach,
+    /// replace, unbind or destroy). Groups already outstanding keep the slot
+    /// they took (or none). Share one budget among several queues to bound
+    /// them together.
+    pub fn set_budget(&self, budget: Option<Arc<FaultBudget>>) {
+        lock(&self.inner.state).budget = budget;
+    }
+    /// The budget set with [`FaultQueue::set_budget`], if any.
+    pub fn budget(&self) -> Option<Arc<FaultBudget>> {
+        lock(&self.inner.state).budget.clone()
+    }
     /// Counters.
     pub fn stats(&self) -> FaultQueueStats {
         lock(&self.inner.state).stats
@@ -392,6 +446,8 @@ pub(crate) struct Group {
     records: Vec<FaultRecord>,
     dev: Arc<DeviceShared>,
     pasid_key: u32,
+    /// The slot of the queue's budget the group holds until answered.
+    budget_slot: Mutex<Option<FaultSlot>>,
     status: Mutex<FaultStatus>,
     cv: Condvar,
     /// Threads blocked in `wait*`; changed only with `status` locked, so
@@ -407,12 +463,16 @@ impl Group {
             if *s != FaultStatus::Pending {
                 return;
             }
+            // Only the first completion gets here, so each slot is given
+            // back once; and before the answer is seen, so that a device
+            // that retries on the answer and faults again finds its slots.
+            drop(lock(&self.budget_slot).take());
+            self.dev.release_fault_slot();
             *s = status;
             if self.waiters.load(Ordering::Relaxed) != 0 {
                 self.cv.notify_all();
             }
         }
-        self.dev.release_fault_slot();
         let waker = self.dev.fault_waker();
         if let Some(w) = waker {
             w(&PendingFault {

@@ -192,7 +192,10 @@
 //!   it is answered (by [`FaultQueue::respond`], or INVALID automatically on
 //!   detach, replace, unbind or queue destroy). Past the bound the access
 //!   fails with [`Error::FaultOverflow`] and [`FaultQueueStats::overflows`]
-//!   counts it.
+//!   counts it. A fault queue may also have a [`FaultBudget`]
+//!   ([`FaultQueue::set_budget`]), shared with other queues of the same
+//!   consumer: a group takes a slot of it first, so that one consumer that
+//!   never answers cannot hold the whole of a device's bound.
 //! - A failed access on a HWPT without fault queue is reported to the event
 //!   queue of the device's vIOMMU (if it has a vdevice there) or else to the
 //!   context-wide event queue, with a sequence number; a full queue drops
@@ -236,6 +239,7 @@ mod device;
 mod error;
 mod event;
 mod fault;
+mod fault_budget;
 mod ioas;
 pub mod memory;
 mod prim;
@@ -250,6 +254,7 @@ pub use device::{Device, FaultWaker};
 pub use error::{Error, Result};
 pub use event::*;
 pub use fault::*;
+pub use fault_budget::{FaultBudget, FaultSlot};
 pub use memory::Memory;
 pub use sync::{InvalidationTicket, Nudge, TranslatorInfo};
 pub use translate::{

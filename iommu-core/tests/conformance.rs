@@ -1351,6 +1351,64 @@ fn test_fault_bound_is_settable() {
     assert_eq!((q.undelivered(), q.stats().overflows), (4, 2));
 }
 
+/// (ioasis) a fault budget shared by two queues bounds their outstanding
+/// groups together, before the device's own bound: past it the access
+/// fails with EBUSY (no record queued, the overflow counted on the queue
+/// that refused, the device's slots untouched); answering a group gives its
+/// slot back, and so does the INVALID answer of a detach; a group the
+/// device's bound refuses gives back the budget slot it took.
+#[test]
+fn test_fault_budget_shared_by_two_queues() {
+    let (iommu, dev, dev_id, ioas, _m, q1, _h) = fault_setup();
+    let (fid2, q2) = iommu.fault_queue_alloc().unwrap();
+    let h2 = iommu
+        .hwpt_alloc(&HwptAlloc {
+            dev_id,
+            pt_id: ioas,
+            fault_id: Some(fid2),
+            flags: IOMMU_HWPT_ALLOC_PASID,
+            ..Default::default()
+        })
+        .unwrap();
+    iommu.attach(dev_id, Some(7), h2).unwrap();
+    let budget = FaultBudget::new(2);
+    q1.set_budget(Some(budget.clone()));
+    q2.set_budget(Some(budget.clone()));
+    assert!(Arc::ptr_eq(&q2.budget().unwrap(), &budget));
+    let mut t = dev.translator();
+    let a = raise(&mut t, None, P);
+    raise(&mut t, Some(7), P);
+    assert_eq!(budget.outstanding(), 2);
+    // Both queues' budget is used up: each refuses.
+    assert_eq!(errno(t.read(None, 2 * P, &mut [0u8; 1])), libc::EBUSY);
+    assert_eq!(errno(t.read(Some(7), 2 * P, &mut [0u8; 1])), libc::EBUSY);
+    assert_eq!((q1.stats().overflows, q2.stats().overflows), (1, 1));
+    assert_eq!((q1.undelivered(), q2.undelivered()), (1, 1));
+    assert_eq!(dev.outstanding_faults(), 2);
+    // Answering gives the slot back.
+    q1.read_batch(&mut Vec::new(), 8).unwrap();
+    q1.respond(a.cookie(), PageResponseCode::Invalid).unwrap();
+    assert_eq!(budget.outstanding(), 1);
+    raise(&mut t, Some(7), 3 * P);
+    assert_eq!(budget.outstanding(), 2);
+    // The detach answers PASID 7's two groups INVALID: both slots back.
+    iommu.detach(dev_id, Some(7)).unwrap();
+    assert_eq!((budget.outstanding(), dev.outstanding_faults()), (0, 0));
+    assert_eq!(q2.stats().auto_answered, 2);
+    // The device's bound refuses: the budget slot taken goes back.
+    dev.set_max_outstanding_faults(1);
+    raise(&mut t, None, 4 * P);
+    assert_eq!(errno(t.read(None, 5 * P, &mut [0u8; 1])), libc::EBUSY);
+    assert_eq!((budget.outstanding(), q1.stats().overflows), (1, 2));
+    // Without a budget only the device's bound counts.
+    q1.set_budget(None);
+    dev.set_max_outstanding_faults(8);
+    for i in 0..4 {
+        raise(&mut t, None, (6 + i) * P);
+    }
+    assert_eq!((budget.outstanding(), dev.outstanding_faults()), (1, 5));
+}
+
 /// [test_ioctl_fault_alloc] a fault queue used by a HWPT is busy; once no
 /// HWPT uses it (the detach answered its group INVALID) and its fd is
 /// closed, it can be destroyed.

@@ -30,6 +30,15 @@
 //! | `unbind_during_unmap` | a translator (two sections), `unbind` |
 //! | `fault_answer_during_unmap` | a translator whose second access faults on a fault-capable HWPT and waits for the answer outside its section, then retries; a responder that maps the page and answers SUCCESS |
 //!
+//! One more model is not about unmaps: `fault_slots_back_before_the_answer`
+//! (a device with a [`FaultBudget`] of 1 and a bound of 1 faults, waits for
+//! the INVALID answer of a responder thread and faults again at once: the
+//! second fault must be raised, not refused, because a group gives its
+//! slots back before its answer can be seen). It failed on its 4th
+//! execution with the slots given back after the answer was published
+//! (the order before that rule), "SLOT NOT BACK: the fault after the
+//! answer got Err(FaultOverflow { .. })".
+//!
 //! In every model the main thread unmaps the old area (`ioas_unmap`, which
 //! waits on its ticket). The fault model also checks that the retry after
 //! SUCCESS succeeds and lands in the page the responder mapped. loom
@@ -82,6 +91,7 @@
 //! | `detach_during_unmap` | 4 | 12156 | 2.1-4.5 s |
 //! | `unbind_during_unmap` | 4 | 14830 | 2.6-5.3 s |
 //! | `fault_answer_during_unmap` | 4 | 33563 | 6.5-13.8 s |
+//! | `fault_slots_back_before_the_answer` | any (exhaustive) | 45 | 0.01 s |
 //!
 //! At 3 preemptions the four 3-thread models explore 1365 to 3632
 //! executions (under 1 s each), at 5 96152 to 220282 (26-46 s each);
@@ -420,5 +430,72 @@ fn fault_answer_during_unmap() {
         responder.join().unwrap();
         promises.check(&pages.old);
         assert_eq!(stamp_of(&pages.fault), u64::from_le_bytes(stamp(1, 3)));
+    });
+}
+
+/// Not an unmap model: a device whose budget and bound both allow one
+/// outstanding fault group raises one, waits for the answer, and at once
+/// raises another. The group gives back its budget slot and the device's
+/// slot before its answer can be seen, so the second raise never fails
+/// with `FaultOverflow`, whatever thread answered and however the two
+/// interleave.
+#[test]
+fn fault_slots_back_before_the_answer() {
+    check("fault_slots_back_before_the_answer", None, |_pages| {
+        let iommu = Iommu::new();
+        let dev = Device::new("d0", HwInfo::full());
+        dev.set_max_outstanding_faults(1);
+        let dev_id = iommu.bind(&dev).unwrap();
+        let ioas = iommu.ioas_alloc().unwrap();
+        let (fault_id, fq) = iommu.fault_queue_alloc().unwrap();
+        let budget = FaultBudget::new(1);
+        fq.set_budget(Some(budget.clone()));
+        let hwpt = iommu
+            .hwpt_alloc(&HwptAlloc {
+                dev_id,
+                pt_id: ioas,
+                fault_id: Some(fault_id),
+                ..Default::default()
+            })
+            .unwrap();
+        iommu.attach(dev_id, None, hwpt).unwrap();
+        let mut t = dev.translator();
+        let raised = Arc::new((Mutex::new(false), Condvar::new()));
+        let device = {
+            let raised = raised.clone();
+            thread::spawn(move || {
+                let mut buf = [0u8; 8];
+                let pending = match t.read(None, FAULT_IOVA, &mut buf) {
+                    Err(Error::FaultRaised { pending, .. }) => pending,
+                    other => panic!("expected a fault, got {other:?}"),
+                };
+                *raised.0.lock().unwrap() = true;
+                raised.1.notify_one();
+                assert_eq!(pending.wait(), FaultStatus::Invalid);
+                match t.read(None, FAULT_IOVA, &mut buf) {
+                    Err(Error::FaultRaised { .. }) => {}
+                    other => panic!("SLOT NOT BACK: the fault after the answer got {other:?}"),
+                }
+            })
+        };
+        let responder = {
+            let fq = fq.clone();
+            thread::spawn(move || {
+                let mut g = raised.0.lock().unwrap();
+                while !*g {
+                    g = raised.1.wait(g).unwrap();
+                }
+                drop(g);
+                let mut recs = Vec::new();
+                assert_eq!(fq.read_batch(&mut recs, 16), Ok(1));
+                fq.respond(recs[0].cookie, PageResponseCode::Invalid)
+                    .unwrap();
+            })
+        };
+        device.join().unwrap();
+        responder.join().unwrap();
+        assert_eq!((budget.outstanding(), dev.outstanding_faults()), (1, 1));
+        assert_eq!(fq.stats().overflows, 0);
+        drop(fq);
     });
 }
