@@ -10,6 +10,20 @@
 //! request past a limit fails (`ENOMEM` for bytes, `EMFILE` for fds,
 //! `ENOSPC` for objects), a connection past a session limit is closed, and
 //! the daemon logs which limit was reached.
+//!
+//! Outstanding I/O page faults are the one special case: they are not a
+//! [`Resource`] of the service's ledger, because the service thread never
+//! sees a fault raised. A device's own thread raises it, on a fault queue
+//! of the session, and takes a slot of the session's
+//! [`iommu_core::FaultBudget`] (lock-free, set on every fault queue the
+//! session allocates); the session's answer (or the INVALID answer of a
+//! detach, or of the session closing) gives it back. Past the budget the
+//! access fails as past the device's own bound (the device sees
+//! `EBUSY`, [`iommu_core::Error::FaultOverflow`]), so that a session that
+//! never answers holds at most [`Limits::faults_per_session`] of a
+//! device's outstanding faults, not all of them. The budget is per session
+//! only (the devices' own bounds are the ceiling over all sessions) and is
+//! fixed when the session opens.
 
 use std::fmt;
 
@@ -121,7 +135,17 @@ pub struct Limits {
     pub sessions_per_uid: u64,
     /// Sessions of all users (`sessions-total`). Default 128.
     pub sessions_total: u64,
+    /// I/O page fault groups raised on one session's fault queues and not
+    /// yet answered (`faults-per-session`; not a [`Resource`], see the
+    /// module's docs). Default 32. It protects the other sessions on a
+    /// device only while it is below the device's own bound
+    /// ([`iommu_core::Device::set_max_outstanding_faults`], 32 unless
+    /// the device's server raised it).
+    pub faults_per_session: u64,
 }
+
+/// The `--limit` name of [`Limits::faults_per_session`].
+const FAULTS_PER_SESSION: &str = "faults-per-session";
 
 impl Default for Limits {
     fn default() -> Self {
@@ -136,6 +160,7 @@ impl Default for Limits {
             objects_total: 16384,
             sessions_per_uid: 32,
             sessions_total: super::MAX_SESSIONS as u64,
+            faults_per_session: 32,
         }
     }
 }
@@ -204,22 +229,43 @@ impl Limits {
             .map_or("(none)", |(n, _, _)| n)
     }
 
+    /// [`Limits::faults_per_session`] as a [`iommu_core::FaultBudget`]'s
+    /// limit.
+    pub fn fault_budget(&self) -> u32 {
+        u32::try_from(self.faults_per_session).unwrap_or(u32::MAX)
+    }
+
     /// Sets one limit from `NAME=VALUE` (`mapped-per-uid=128G`,
-    /// `sessions-per-uid=8`, ...; sizes take a `K`, `M`, `G` or `T` suffix).
+    /// `sessions-per-uid=8`, `faults-per-session=16`, ...; sizes take a
+    /// `K`, `M`, `G` or `T` suffix).
     pub fn set(&mut self, arg: &str) -> Result<(), String> {
         let (name, value) = arg
             .split_once('=')
             .ok_or_else(|| format!("limit {arg:?} is not NAME=VALUE"))?;
-        let (_, r, s) = NAMES.iter().find(|(n, _, _)| *n == name).ok_or_else(|| {
-            let names: Vec<&str> = NAMES.iter().map(|(n, _, _)| *n).collect();
-            format!("unknown limit {name:?} (one of {})", names.join(", "))
-        })?;
+        let field = if name == FAULTS_PER_SESSION {
+            None
+        } else {
+            let (_, r, s) = NAMES.iter().find(|(n, _, _)| *n == name).ok_or_else(|| {
+                let mut names: Vec<&str> = NAMES.iter().map(|(n, _, _)| *n).collect();
+                names.push(FAULTS_PER_SESSION);
+                format!("unknown limit {name:?} (one of {})", names.join(", "))
+            })?;
+            Some((*r, *s))
+        };
         let v = parse_size(value).ok_or_else(|| format!("limit {name}: bad value {value:?}"))?;
         if v == 0 {
             return Err(format!("limit {name}: must not be 0"));
         }
-        if let Some(f) = self.field(*r, *s) {
-            *f = v;
+        match field {
+            None if v > u64::from(u32::MAX) => {
+                return Err(format!("limit {name}: at most {}", u32::MAX));
+            }
+            None => self.faults_per_session = v,
+            Some((r, s)) => {
+                if let Some(f) = self.field(r, s) {
+                    *f = v;
+                }
+            }
         }
         Ok(())
     }
@@ -250,12 +296,16 @@ mod tests {
         assert_eq!(l.limit(Resource::Sessions, Scope::Uid), 8);
         l.set("fds-total=2k").expect("set");
         assert_eq!(l.fds_total, 2048);
+        l.set("faults-per-session=16").expect("set");
+        assert_eq!((l.faults_per_session, l.fault_budget()), (16, 16));
         for bad in [
             "mapped-per-uid",
             "nope=1",
             "fds-total=x",
             "fds-total=0",
             "mapped-total=99999999999T",
+            "faults-per-session=0",
+            "faults-per-session=4G",
         ] {
             assert!(l.set(bad).is_err(), "{bad:?} accepted");
         }
@@ -271,5 +321,6 @@ mod tests {
         assert!(l.mapped_per_uid <= l.mapped_total);
         assert!(l.fds_total >= 64);
         assert_eq!(l.sessions_total, 128);
+        assert_eq!(l.faults_per_session, 32);
     }
 }

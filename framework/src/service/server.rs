@@ -10,8 +10,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use iommu_core::{
-    Device, FaultQueue, HwInfo, HwptAlloc, HwptData, InvalidateEntry, InvalidationTicket, Iommu,
-    IovaRange, Memory, PageResponseCode, Perm,
+    Device, FaultBudget, FaultQueue, HwInfo, HwptAlloc, HwptData, InvalidateEntry,
+    InvalidationTicket, Iommu, IovaRange, Memory, PageResponseCode, Perm,
 };
 use log::{debug, warn};
 use nix::errno::Errno;
@@ -489,6 +489,9 @@ struct Session {
     mappings: Vec<(Weak<Memory>, u64)>,
     /// What the session is charged for.
     usage: Usage,
+    /// The budget of I/O page faults outstanding on the session's fault
+    /// queues (set on each; [`Limits::faults_per_session`]).
+    faults: Arc<FaultBudget>,
     /// The reply its last request waits to send; meanwhile its further
     /// requests wait in its socket (they are answered in order).
     held: Option<Held>,
@@ -990,6 +993,7 @@ impl Service {
             uid,
             gid,
         };
+        let faults = FaultBudget::new(self.shared.ledger().limits().fault_budget());
         debug!("service: session {sid} opened by pid {pid}");
         self.shared.registry().sessions.insert(sid, info.clone());
         if let Some(o) = self.shared.observer() {
@@ -1006,6 +1010,7 @@ impl Service {
                 pumps: HashMap::new(),
                 mappings: Vec::new(),
                 usage,
+                faults,
                 held: None,
             },
         );
@@ -1935,7 +1940,12 @@ impl Service {
                 }
                 let (server_end, client_end) =
                     fault_channel_pair().map_err(|e| Fail::new(errno_of(&e), e.to_string()))?;
+                // Every group raised on the session's queues takes a slot of
+                // its budget: one session that never answers holds at most
+                // that many of a device's outstanding faults.
+                let budget = self.session(sid)?.faults.clone();
                 let (id, fq) = iommu.fault_queue_alloc()?;
+                fq.set_budget(Some(budget));
                 let pump = match FaultPump::new(QueueSource::new(fq), server_end) {
                     Ok(p) => p,
                     Err(e) => {
