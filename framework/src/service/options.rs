@@ -21,7 +21,7 @@ impl ServiceOptions {
     pub const USAGE: &'static str = "[--grant DEVICE=WHO]... [--limit NAME=VALUE]...";
 
     /// Help text, one option per line.
-    pub const HELP: &'static str = "  --grant DEVICE=WHO  grant a device (or * for every device without a grant) to WHO:\n                      a uid, uid:N, gid:N, pid:N or any; repeatable. Without grants a\n                      device is granted to the user the daemon runs as\n  --limit NAME=VALUE  a service limit, repeatable: mapped-per-uid (default 64G),\n                      mapped-total (1T), fds-per-session (512), fds-per-uid (1024),\n                      fds-total (half of RLIMIT_NOFILE), objects-per-session (1024),\n                      objects-per-uid (4096), objects-total (16384),\n                      sessions-per-uid (32), sessions-total (128),\n                      faults-per-session (32); sizes take K, M, G, T";
+    pub const HELP: &'static str = "  --grant DEVICE=WHO  grant a device (or * for every device without a grant) to WHO:\n                      a uid, uid:N, gid:N, pid:N or any; repeatable. Without grants a\n                      device is granted to the user the daemon runs as\n  --limit NAME=VALUE  a service limit, repeatable: mapped-per-uid (default 64G),\n                      mapped-total (1T), fds-per-session (512), fds-per-uid (1024),\n                      fds-total (half of RLIMIT_NOFILE), objects-per-session (1024),\n                      objects-per-uid (4096), objects-total (16384),\n                      sessions-per-uid (32), sessions-total (128),\n                      faults-per-session (8); sizes take K, M, G, T";
 
     /// Whether `flag` is one of these options.
     pub fn accepts(flag: &str) -> bool {
