@@ -20,6 +20,7 @@
 
 #![deny(missing_docs)]
 
+pub mod cli;
 pub mod client;
 pub mod control;
 

@@ -14,26 +14,92 @@ fn run(args: &[&str]) -> (Option<i32>, String) {
     )
 }
 
+/// Usage errors exit with status 2 and name the flag; the device's own
+/// refusals (a socket that cannot be bound) exit with 1.
 #[test]
 fn test_cli_rejects_bad_arguments() {
     let (code, err) = run(&[]);
     assert_eq!(code, Some(2));
-    assert!(err.contains("--socket-path is required"), "{err}");
+    assert!(err.contains("--socket-path <PATH>"), "{err}");
     let (code, err) = run(&["--socket-path", "/tmp/x", "--wq-mode", "weird"]);
     assert_eq!(code, Some(2));
-    assert!(err.contains("unknown mode"), "{err}");
+    assert!(err.contains("'--wq-mode <MODE>'"), "{err}");
     let (code, _) = run(&["--socket-path", "/tmp/x", "--workers", "many"]);
     assert_eq!(code, Some(2));
     let (code, _) = run(&["--bogus"]);
     assert_eq!(code, Some(2));
-    let dir = tempfile::tempdir().expect("tempdir");
-    let sock = dir.path().join("s.sock");
-    let sock = sock.to_str().expect("utf-8 path");
-    let (code, err) = run(&["--socket-path", sock, "--wq-size", "3"]);
+    let (code, err) = run(&["--socket-path", "/tmp/x", "--wq-size", "3"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("--wq-size") && err.contains("power of two"),
+        "{err}"
+    );
+    let (code, err) = run(&["--socket-path", "/tmp/x", "--workers", "0"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--workers"), "{err}");
+    let (code, err) = run(&["--socket-path", "/nonexistent-dir-ioasis/s.sock"]);
     assert_eq!(code, Some(1));
-    assert!(err.contains("power of two"), "{err}");
-    let (code, _) = run(&["--socket-path", sock, "--workers", "0"]);
-    assert_eq!(code, Some(1));
+    assert!(err.starts_with("sva-accel: "), "{err}");
+}
+
+/// `--help` and `--version` print to stdout and exit 0; the version line
+/// is `sva-accel VERSION`.
+#[test]
+fn test_help_and_version_exit_zero() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sva-accel"))
+        .arg("--help")
+        .output()
+        .expect("run sva-accel");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--socket-path <PATH>",
+        "--workers <N>",
+        "--wq-size <N>",
+        "--wq-mode <MODE>",
+        "--max-batch <N>",
+        "--max-xfer <BYTES>",
+        "--priority <N>",
+        "--uid-priority <UID:N>",
+        "--faults-per-client <N>",
+        "--iommu-socket <PATH>",
+        "--label <NAME>",
+        "--socket-mode <MODE>",
+        "--socket-group <GROUP>",
+        "--grant <DEVICE=WHO>",
+        "--limit <NAME=VALUE>",
+        "--version",
+    ] {
+        assert!(help.contains(flag), "{flag} in {help}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_sva-accel"))
+        .arg("--version")
+        .output()
+        .expect("run sva-accel");
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("sva-accel {}\n", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// The README's synopsis is the binary's `--help` output, verbatim.
+/// (Checked to fail with one help line of the README changed.)
+#[test]
+fn test_readme_shows_the_help() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("read README.md");
+    let marker = "```text\n$ sva-accel --help\n";
+    let start = readme.find(marker).expect("the --help block") + marker.len();
+    let len = readme[start..].find("```").expect("end of the block");
+    let out = Command::new(env!("CARGO_BIN_EXE_sva-accel"))
+        .arg("--help")
+        .output()
+        .expect("run sva-accel");
+    assert_eq!(
+        readme[start..start + len],
+        *String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 /// A daemon started with some arguments (killed on drop), its socket, and

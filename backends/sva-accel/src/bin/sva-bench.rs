@@ -18,6 +18,8 @@
 //! socket exactly as a separate process would. Each figure is the median of
 //! three runs of `--ms` milliseconds (default 300).
 
+use clap::builder::RangedU64ValueParser;
+use clap::Parser;
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,52 +36,40 @@ const SIZES: [(usize, &str); 5] = [
     (64 << 20, "64 MiB"),
 ];
 
+/// The benchmark's arguments.
+#[derive(Debug, Parser)]
+#[command(
+    name = "sva-bench",
+    bin_name = "sva-bench",
+    version,
+    about = "memmove bandwidth next to memcpy, and descriptor rates with and without batching.",
+    after_help = "Without --socket-path the device runs in this process. Each figure is the median of\n\
+                  three runs.",
+    args_override_self = true
+)]
 struct Args {
+    /// Socket of a running sva-accel daemon [default: a device in this process]
+    #[arg(long = "socket-path", value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// Worker threads of the device in this process
+    #[arg(long, value_name = "N", default_value_t = 1)]
     workers: usize,
+    /// Length of each run in milliseconds
+    #[arg(long, value_name = "MS", default_value_t = 300)]
     ms: u64,
+    /// Descriptors per batch
+    #[arg(long, value_name = "N", default_value_t = 256)]
     batch: usize,
+    /// memmove at this one size only (bytes, at most 64 MiB)
+    #[arg(long, value_name = "BYTES",
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..=SIZES[SIZES.len() - 1].0 as u64))]
     size: Option<usize>,
+    /// Only the descriptor rates (for profiling)
+    #[arg(long)]
     descs_only: bool,
-}
-
-fn parse() -> Result<Args, String> {
-    let mut a = Args {
-        socket: None,
-        workers: 1,
-        ms: 300,
-        batch: 256,
-        size: None,
-        descs_only: false,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        let mut v = || it.next().ok_or_else(|| format!("{k} needs a value"));
-        match k.as_str() {
-            "--socket-path" => a.socket = Some(PathBuf::from(v()?)),
-            // iommu-core translation is the only path; accepted for old
-            // command lines.
-            "--iommu" => {}
-            "--workers" => a.workers = v()?.parse().map_err(|e| format!("--workers: {e}"))?,
-            "--ms" => a.ms = v()?.parse().map_err(|e| format!("--ms: {e}"))?,
-            "--batch" => a.batch = v()?.parse().map_err(|e| format!("--batch: {e}"))?,
-            "--descs-only" => a.descs_only = true,
-            "--size" => {
-                let n: usize = v()?.parse().map_err(|e| format!("--size: {e}"))?;
-                if n == 0 || n > SIZES[SIZES.len() - 1].0 {
-                    return Err(format!("--size {n} not in 1..={}", SIZES[SIZES.len() - 1].0));
-                }
-                a.size = Some(n);
-            }
-            _ => {
-                return Err(
-                    "usage: sva-bench [--socket-path PATH] [--workers N] [--ms MS] [--batch N] [--size BYTES] [--descs-only]"
-                        .into(),
-                )
-            }
-        }
-    }
-    Ok(a)
+    /// Accepted for old command lines: iommu-core translation is the only path
+    #[arg(long, hide = true)]
+    iommu: bool,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -398,13 +388,8 @@ fn run(a: &Args) -> Result<(), String> {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let a = match parse() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
-    };
+    // Help, the version and usage errors exit here (0, 0 and 2).
+    let a = Args::parse();
     match run(&a) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
