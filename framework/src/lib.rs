@@ -33,6 +33,7 @@ pub mod dma;
 pub mod fault_injection;
 pub mod ownership;
 pub mod peer_fd;
+pub mod peer_write;
 pub mod queue;
 pub mod ratelimit;
 pub mod scm;

@@ -54,6 +54,7 @@ use virtio_queue::{QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::dma::{Access, Dma, DmaError};
+use crate::peer_write::{Writer, Written};
 
 /// Largest queue size (`VIRTIO` split rings: 32768).
 pub const MAX_QUEUE_SIZE: u16 = 32768;
@@ -491,6 +492,8 @@ impl Vring {
 pub struct Queues<'a> {
     vrings: &'a [(u16, std::sync::Arc<Mutex<Vring>>)],
     dma: Dma<'a>,
+    /// The thread's writes to the driver's call eventfds.
+    writer: &'a Writer,
     /// IOTLB translation: a buffer miss parks the queue (the frontend can
     /// map it). False with the memory table: the chain is completed with 0.
     park_on_miss: bool,
@@ -536,15 +539,18 @@ impl RingLayout {
 
 impl<'a> Queues<'a> {
     /// The queues `vrings` of one worker, reached through `dma` (one access
-    /// section): buffers that miss park the queue if `park_on_miss`.
+    /// section): buffers that miss park the queue if `park_on_miss`; the
+    /// driver is signalled through `writer`, the thread's.
     pub(crate) fn new(
         vrings: &'a [(u16, std::sync::Arc<Mutex<Vring>>)],
         dma: Dma<'a>,
         park_on_miss: bool,
+        writer: &'a Writer,
     ) -> Queues<'a> {
         Queues {
             vrings,
             dma,
+            writer,
             park_on_miss,
             rings: [None; RINGS_CACHED],
         }
@@ -573,6 +579,7 @@ impl<'a> Queues<'a> {
             index,
             vring: guard,
             dma: self.dma,
+            writer: self.writer,
             rings: None,
             epoch: EPOCH.fetch_add(1, Ordering::Relaxed),
             avail_cache: next_avail,
@@ -631,6 +638,7 @@ pub struct Queue<'a> {
     index: u16,
     vring: MutexGuard<'a, Vring>,
     dma: Dma<'a>,
+    writer: &'a Writer,
     /// The rings' host addresses when each is host-contiguous (fast path).
     rings: Option<Rings>,
     /// Tags the chains this queue popped (their fragments are its section's).
@@ -1256,15 +1264,31 @@ impl<'a> Queue<'a> {
     }
 
     /// Publishes the used index and signals the driver unconditionally.
+    ///
+    /// A call eventfd whose counter is full needs no signal (the driver has
+    /// one it has not read). One the frontend also made blocking is
+    /// forgotten once the write was interrupted ([`crate::peer_write`]):
+    /// the queue then signals nothing until the frontend sets a new one.
     pub fn signal(&mut self) -> Result<()> {
         self.publish_used();
-        if let Some(call) = &self.vring.call {
-            call.write(1).map_err(|source| QueueError::Notify {
+        let Some(call) = &self.vring.call else {
+            return Ok(());
+        };
+        match self.writer.write_counter(call, 1) {
+            Ok(Written::Done | Written::Full) => Ok(()),
+            Ok(Written::Wedged) => {
+                crate::log_limited!(log::Level::Warn,
+                    "queue {}: the frontend's call eventfd is full and blocking; the driver is no longer signalled (until SET_VRING_CALL)",
+                    self.index
+                );
+                self.vring.call = None;
+                Ok(())
+            }
+            Err(source) => Err(QueueError::Notify {
                 queue: self.index,
                 source,
-            })?;
+            }),
         }
-        Ok(())
     }
 
     /// Asks the driver to kick again (clears suppression). Returns true if
@@ -1510,7 +1534,12 @@ mod tests {
     fn with_queue<R>(f: &Fixture, body: impl FnOnce(Option<Queue<'_>>) -> R) -> R {
         let mut tr = f.core.translator();
         let section = Section::new(&mut tr, None, false);
-        let mut qs = Queues::new(&f.vrings, Dma::from_section(&section), f.park_on_miss);
+        let mut qs = Queues::new(
+            &f.vrings,
+            Dma::from_section(&section),
+            f.park_on_miss,
+            Writer::unattached(),
+        );
         body(qs.get(0))
     }
 
@@ -1865,7 +1894,12 @@ mod tests {
         offer(&mut f, 1, true);
         let mut tr = f.core.translator();
         let section = Section::new(&mut tr, None, false);
-        let mut qs = Queues::new(&f.vrings, Dma::from_section(&section), true);
+        let mut qs = Queues::new(
+            &f.vrings,
+            Dma::from_section(&section),
+            true,
+            Writer::unattached(),
+        );
         drop(qs.get(0).expect("queue serving"));
         // The frontend moves the used ring (SET_VRING_ADDR) between two gets
         // of one section: the second must not use the first's translation.

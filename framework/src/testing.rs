@@ -392,6 +392,7 @@ impl Harness {
             &self.vrings,
             crate::dma::Dma::from_section(&section),
             self.park_on_miss,
+            crate::peer_write::Writer::unattached(),
         );
         worker.process_queue(index, &mut queues)
     }
@@ -408,6 +409,7 @@ impl Harness {
             &self.vrings,
             crate::dma::Dma::from_section(&section),
             self.park_on_miss,
+            crate::peer_write::Writer::unattached(),
         );
         worker.handle_event(token, &mut queues)
     }

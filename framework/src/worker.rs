@@ -20,6 +20,12 @@
 //! the connection waits for that (bounded, holding no vring lock), then stops
 //! the ring and reads its base. A ring that is parked, failed, disabled or
 //! served by no worker is stopped at once.
+//!
+//! The call and error eventfds a worker writes are the frontend's, and a
+//! frontend can make such a write wait forever ([`crate::peer_write`]).
+//! Every thread that waits on a worker (for a ring lock, an access section
+//! or its exit) interrupts such a write after a short grace: a worker
+//! never holds up the connection, the service or the server's shutdown.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,6 +40,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{Device, DeviceError, EventRegistrar, Worker};
 use crate::dma::{Dma, Section};
+use crate::peer_write::{self, Writer, Written};
 use crate::queue::{Queues, Vring};
 use crate::vhost_user::backend_req::{BackendChannel, SendOutcome};
 use crate::vhost_user::msg::{VHOST_IOTLB_ACCESS_FAIL, VHOST_IOTLB_MISS};
@@ -64,6 +71,36 @@ pub(crate) struct ConnShared {
     pub backend: BackendChannel,
     /// A worker hit an error the driver must reset the device for.
     pub needs_reset: AtomicBool,
+    /// The running worker threads' controls.
+    workers: Mutex<Vec<Arc<Ctl>>>,
+}
+
+impl ConnShared {
+    fn workers(&self) -> MutexGuard<'_, Vec<Arc<Ctl>>> {
+        self.workers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Locks a ring of this connection from a thread other than its
+    /// workers; a worker that holds it while wedged in a write to the
+    /// frontend's eventfd is interrupted ([`peer_write::lock`]).
+    pub fn lock_vring<'a>(&self, m: &'a Mutex<Vring>) -> MutexGuard<'a, Vring> {
+        peer_write::lock(m, || {
+            for c in self.workers().iter() {
+                c.writer.interrupt();
+            }
+        })
+    }
+
+    /// Wakes every running worker through its control eventfd (ours, not
+    /// the frontend's): each re-reads its rings and processes what is
+    /// serving.
+    pub fn wake_workers(&self) {
+        for c in self.workers().iter() {
+            if let Err(e) = c.event.write(1) {
+                warn!("waking worker: {e}");
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -74,6 +111,8 @@ struct Ctl {
     drain: Mutex<Drain>,
     /// Signalled when the worker finished a round of final passes.
     drained: Condvar,
+    /// The worker thread's writes to the frontend's eventfds.
+    writer: Writer,
 }
 
 /// Final-pass bookkeeping of one worker thread.
@@ -123,6 +162,7 @@ pub(crate) enum FinalPass {
 #[derive(Debug)]
 pub(crate) struct WorkerSet {
     threads: Vec<Thread>,
+    shared: Arc<ConnShared>,
 }
 
 /// Errors starting workers.
@@ -162,6 +202,7 @@ impl WorkerSet {
         let busy = device.busy_poll();
         let mut set = WorkerSet {
             threads: Vec::with_capacity(masks.len()),
+            shared: shared.clone(),
         };
         for (thread, mask) in masks.iter().enumerate() {
             let mine: Vec<(u16, Arc<Mutex<Vring>>)> = vrings
@@ -183,6 +224,7 @@ impl WorkerSet {
                 stop: AtomicBool::new(false),
                 drain: Mutex::new(Drain::default()),
                 drained: Condvar::new(),
+                writer: Writer::new(),
             });
             let mut runner = Runner {
                 thread,
@@ -198,12 +240,13 @@ impl WorkerSet {
             };
             let handle = std::thread::Builder::new()
                 .name(format!("ioasis-worker-{thread}"))
-                .spawn(move || runner.run())
+                .spawn(move || runner.run_attached())
                 .map_err(|source| WorkerError::Io {
                     thread,
                     op: "spawn",
                     source,
                 })?;
+            shared.workers().push(ctl.clone());
             set.threads.push(Thread {
                 ctl,
                 mask: *mask,
@@ -279,11 +322,16 @@ impl WorkerSet {
         }
         for t in &mut self.threads {
             if let Some(h) = t.handle.take() {
-                if h.join().is_err() {
+                // A worker wedged in a write to the frontend's eventfd is
+                // interrupted.
+                if !peer_write::join(h, &t.ctl.writer) {
                     error!("a worker thread panicked");
                 }
             }
         }
+        self.shared
+            .workers()
+            .retain(|c| !self.threads.iter().any(|t| Arc::ptr_eq(c, &t.ctl)));
     }
 }
 
@@ -330,6 +378,36 @@ fn epoll_ctl(epoll: &OwnedFd, op: i32, fd: i32, token: u64) -> std::io::Result<(
 }
 
 impl Runner {
+    /// Runs the worker on this thread, interruptible while it writes to the
+    /// frontend's eventfds.
+    fn run_attached(&mut self) {
+        struct Detach<'a>(&'a Writer);
+        impl Drop for Detach<'_> {
+            fn drop(&mut self) {
+                self.0.detach();
+            }
+        }
+        let ctl = self.ctl.clone();
+        if let Err(e) = ctl.writer.attach() {
+            error!(
+                "worker {}: a write to the frontend's eventfds cannot be interrupted: {e}",
+                self.thread
+            );
+        }
+        // Runs on every exit, unwinding included.
+        let _detach = Detach(&ctl.writer);
+        // An unmap waiting for this thread's access section interrupts its
+        // write to the frontend.
+        let weak = Arc::downgrade(&ctl);
+        self.translator.set_nudge(Some(Arc::new(move || {
+            if let Some(c) = weak.upgrade() {
+                c.writer.interrupt();
+            }
+        })));
+        self.run();
+        self.translator.set_nudge(None);
+    }
+
     fn run(&mut self) {
         // SAFETY: epoll_create1 has no memory-safety preconditions.
         let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
@@ -537,7 +615,12 @@ impl Runner {
         let iotlb = self.shared.iotlb_mode.load(Ordering::Relaxed);
         let r = {
             let section = Section::new(&mut self.translator, None, !iotlb);
-            let mut queues = Queues::new(&self.vrings, Dma::from_section(&section), iotlb);
+            let mut queues = Queues::new(
+                &self.vrings,
+                Dma::from_section(&section),
+                iotlb,
+                &self.ctl.writer,
+            );
             f(&mut *self.worker, &mut queues)
         };
         #[cfg(feature = "fault-injection")]
@@ -583,15 +666,21 @@ impl Runner {
             _ => None,
         };
         for (index, m) in &self.vrings {
-            let v = lock(m);
+            let mut v = lock(m);
             if v.broken || failed == Some(*index) {
-                if let Some(err) = &v.err {
-                    if let Err(we) = err.write(1) {
-                        crate::log_limited!(
-                            log::Level::Warn,
-                            "queue {index}: signalling error fd: {we}"
+                let Some(err) = &v.err else { continue };
+                match self.ctl.writer.write_counter(err, 1) {
+                    Ok(Written::Done | Written::Full) => {}
+                    Ok(Written::Wedged) => {
+                        crate::log_limited!(log::Level::Warn,
+                            "queue {index}: the frontend's error eventfd is full and blocking; it is no longer signalled (until SET_VRING_ERR)"
                         );
+                        v.err = None;
                     }
+                    Err(we) => crate::log_limited!(
+                        log::Level::Warn,
+                        "queue {index}: signalling error fd: {we}"
+                    ),
                 }
             }
         }

@@ -113,13 +113,6 @@ pub(crate) struct Connection {
 /// How long a ring's stop waits for the worker's final pass over it.
 const FINAL_PASS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
-fn lock(m: &Mutex<Vring>) -> MutexGuard<'_, Vring> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
-
 fn new_vrings(n: usize, max: u16) -> Result<Vec<Arc<Mutex<Vring>>>> {
     (0..n)
         .map(|_| {
@@ -276,7 +269,13 @@ impl Connection {
 
     fn vring(&self, index: u16) -> MutexGuard<'_, Vring> {
         // Indices are validated against num_queues when decoding.
-        lock(&self.vrings[usize::from(index)])
+        self.lock(&self.vrings[usize::from(index)])
+    }
+
+    /// Locks one of this connection's rings; a worker wedged in a write to
+    /// the frontend's eventfd while holding it is interrupted.
+    fn lock<'a>(&self, m: &'a Mutex<Vring>) -> MutexGuard<'a, Vring> {
+        self.shared.lock_vring(m)
     }
 
     /// Resets the device state: stops workers, forgets rings and features.
@@ -301,7 +300,7 @@ impl Connection {
     fn resume_parked(&self, only_covered: bool) {
         let mut any = false;
         for m in &self.vrings {
-            let mut v = lock(m);
+            let mut v = self.lock(m);
             if let Some(p) = v.parked {
                 if !only_covered || self.space.covers(p.iova) {
                     v.parked = None;
@@ -404,7 +403,7 @@ impl Connection {
                 let event_idx = f & VIRTIO_RING_F_EVENT_IDX != 0;
                 let in_order = f & VIRTIO_F_IN_ORDER != 0;
                 for m in &self.vrings {
-                    let mut v = lock(m);
+                    let mut v = self.lock(m);
                     v.q.set_event_idx(event_idx);
                     v.in_order = in_order;
                 }
@@ -513,7 +512,7 @@ impl Connection {
                     v.q.set_ready(false);
                     v.q.next_avail()
                 };
-                let any_started = self.vrings.iter().any(|m| lock(m).started);
+                let any_started = self.vrings.iter().any(|m| self.lock(m).started);
                 if any_started {
                     self.wake_workers();
                 } else if let Some(w) = self.workers.take() {

@@ -165,12 +165,21 @@ impl AddressSpace {
         self.map_area(r.desc.gpa, entry)
     }
 
+    /// Unmaps the whole IOAS and waits until no worker can use a
+    /// translation of it (a worker wedged in a write to the frontend's
+    /// eventfd inside its access section is interrupted).
+    fn unmap_all(&self) -> iommu_core::Result<u64> {
+        let (n, t) = self.iommu.ioas_unmap_begin(self.ioas, 0, u64::MAX)?;
+        crate::peer_write::wait_ticket(t);
+        Ok(n)
+    }
+
     /// Unmaps everything.
     pub fn clear(&mut self) -> Result<()> {
         if self.areas.is_empty() {
             return Ok(());
         }
-        let r = self.iommu.ioas_unmap(self.ioas, 0, u64::MAX);
+        let r = self.unmap_all();
         self.areas.clear();
         match r {
             Ok(_) => Ok(()),
@@ -195,7 +204,7 @@ impl AddressSpace {
                 // Re-resolve every translation against the new table; drop
                 // those whose frontend address is gone.
                 let old: Vec<(u64, Entry)> = std::mem::take(&mut self.areas).into_iter().collect();
-                let _ = self.iommu.ioas_unmap(self.ioas, 0, u64::MAX);
+                let _ = self.unmap_all();
                 for (iova, e) in old {
                     if let Err(err) = self.map_update(iova, e.len, e.uaddr, e.perm, table) {
                         debug!(
@@ -246,7 +255,7 @@ impl AddressSpace {
         // Every area is gone from the IOAS; now wait until no worker can
         // still be using a translation of one.
         for t in tickets {
-            t.wait();
+            crate::peer_write::wait_ticket(t);
         }
         match first_err {
             Some(e) => Err(e),
@@ -373,7 +382,7 @@ impl AddressSpace {
             }
         }
         // Wait until no worker can still use a translation of the range.
-        ticket.wait();
+        crate::peer_write::wait_ticket(ticket);
         Ok(())
     }
 

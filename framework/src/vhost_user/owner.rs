@@ -40,28 +40,27 @@ impl RidHolder for ConnHolder {
         }
     }
 
-    /// Every queue waiting on a miss is resumed and kicked, so its worker
-    /// tries again (and reports the miss again if the address is still not
-    /// mapped).
+    /// Every queue waiting on a miss is resumed and its worker woken, so
+    /// it tries again (and reports the miss again if the address is still
+    /// not mapped). The worker is woken through its own control eventfd,
+    /// never by writing the frontend's kick (which the frontend may have
+    /// made blocking and full), and a ring lock held by a worker wedged in
+    /// such a write is got past ([`crate::peer_write`]): the service thread
+    /// never waits on a frontend.
     fn resume_parked(&self) {
-        let Some(rings) = self.rings.upgrade() else {
+        let (Some(rings), Some(conn)) = (self.rings.upgrade(), self.conn.upgrade()) else {
             return;
         };
         let rings: Vec<Arc<Mutex<Vring>>> = rings.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut any = false;
         for (index, m) in rings.iter().enumerate() {
-            let mut v = m.lock().unwrap_or_else(|e| e.into_inner());
-            if v.parked.take().is_none() {
-                continue;
+            if conn.lock_vring(m).parked.take().is_some() {
+                debug!("queue {index}: resumed after an address space change");
+                any = true;
             }
-            debug!("queue {index}: resumed after an address space change");
-            if let Some(k) = &v.kick {
-                if let Err(e) = k.write(1) {
-                    crate::log_limited!(
-                        log::Level::Warn,
-                        "queue {index}: kicking after resume: {e}"
-                    );
-                }
-            }
+        }
+        if any {
+            conn.wake_workers();
         }
     }
 }
