@@ -22,6 +22,16 @@
 //! frontend's IOTLB updates and invalidations become maps and unmaps of that
 //! IOAS, and a miss is sent back to the frontend while the queue waits.
 //!
+//! # Signals
+//!
+//! The framework reserves one real-time signal, `SIGRTMIN() + 5`
+//! ([`peer_write::reserved_signal`]): it interrupts a worker thread wedged
+//! in a write to a frontend's eventfd. Its handler is installed when the
+//! first worker thread starts; an application must not install another
+//! handler for that signal nor block it in the framework's threads.
+//! [`Server::handle_signals`](server::Server::handle_signals) takes SIGINT
+//! and SIGTERM.
+//!
 //! [`Device`]: device::Device
 //! [`Worker`]: device::Worker
 #![deny(missing_docs)]

