@@ -18,34 +18,40 @@
 //!   `SA_RESTART` (vmm-sys-util's `register_signal_handler`), so a
 //!   `write(2)` that blocked returns `EINTR`. An application embedding the
 //!   framework must leave that signal alone.
-//! - Each worker thread has a [`Writer`]: it records the thread
-//!   ([`Writer::attach`], which also unblocks the signal in that thread)
+//! - Each worker thread has a `Writer`: it records the thread
+//!   (`Writer::attach`, which also unblocks the signal in that thread)
 //!   and a sequence number that is odd while the thread is inside
-//!   [`Writer::write_counter`]. The notification path gains two plain
+//!   `Writer::write_counter`. The notification path gains two plain
 //!   stores and no system call: 374-431 ns per write against 407-521 ns
 //!   for the `EventFd::write` it replaced, within the noise of a shared
 //!   2-core machine
 //!   (`cargo test --release -p ioasis --lib write_counter_cost -- --ignored --nocapture`).
-//! - [`Writer::interrupt`] signals the thread if it is inside a write
+//! - `Writer::interrupt` signals the thread if it is inside a write
 //!   (a write that does not block ignores the signal; only one that waits
 //!   returns `EINTR`). Whoever must get past a worker calls it while it
-//!   waits: [`lock`] (the connection thread, or the service thread, waiting
-//!   for a ring lock), [`join`] (stopping a worker set, at teardown and at
-//!   server shutdown) and [`wait_ticket`] (an unmap waiting for a worker's
+//!   waits: `lock` (the connection thread, or the service thread, waiting
+//!   for a ring lock), `join` (stopping a worker set, at teardown and at
+//!   server shutdown) and `wait_ticket` (an unmap waiting for a worker's
 //!   access section; the worker's translator's nudge hook interrupts it
 //!   too). Each starts interrupting after [`GRACE`] and repeats at most
 //!   every few milliseconds, because a signal that arrives just before the
 //!   thread enters the write is absorbed without effect.
-//! - A write that returns `EINTR` reports [`Written::Wedged`]: the caller
-//!   forgets that eventfd (the counter is full, so the driver has been
-//!   signalled already; it gets a new one with `SET_VRING_CALL` /
-//!   `SET_VRING_ERR`) and logs, rate-limited. A full counter on a
-//!   non-blocking file ([`Written::Full`]) is the same situation without
-//!   the wait: nothing more to do.
+//! - A write that returns `EINTR` reports `Written::Wedged` (the write is
+//!   a plain `write(2)`: vmm-sys-util's `EventFd::write` retries on
+//!   `EINTR`): the caller forgets that eventfd, until the frontend sets a
+//!   new one with `SET_VRING_CALL` / `SET_VRING_ERR`, and logs,
+//!   rate-limited. Nothing is lost: the counter is full, so the driver has
+//!   a signal it has not read. A full counter on a non-blocking file
+//!   (`Written::Full`) is the same situation without the wait: nothing
+//!   more to do.
+//! - The service thread never writes a frontend's eventfd: a queue resumed
+//!   after an address-space change is handed to its worker through the
+//!   worker's own control eventfd.
 //!
-//! A worker interrupted outside a write sees `EINTR` from a blocking call
-//! it makes right after (its `epoll_wait` retries); device code runs
-//! inside access sections, which must not block anyway.
+//! A signal sent because a thread was seen inside a write may land just
+//! after the write returned: the thread then sees `EINTR` from a blocking
+//! call it makes next (its `epoll_wait` retries); device code runs inside
+//! access sections, which must not block anyway.
 //!
 //! `framework/tests/hostile_full_call.rs` wedges a worker on a full,
 //! blocking call eventfd and on a full, blocking error eventfd, and checks
