@@ -137,11 +137,10 @@ pub struct Limits {
     pub sessions_total: u64,
     /// I/O page fault groups raised on one session's fault queues and not
     /// yet answered (`faults-per-session`; not a [`Resource`], see the
-    /// module's docs). Default 8: a quarter of a device's default bound
-    /// ([`iommu_core::Device::set_max_outstanding_faults`], 32 unless the
-    /// device's server raised it), so that a session that never answers
-    /// leaves most of a device's faults to the others. It protects them
-    /// only while it is below the device's own bound.
+    /// module's docs). Default 32. It protects the other sessions on a
+    /// device only while it is below the device's own bound
+    /// ([`iommu_core::Device::set_max_outstanding_faults`], 32 unless
+    /// the device's server raised it).
     pub faults_per_session: u64,
 }
 
@@ -161,7 +160,7 @@ impl Default for Limits {
             objects_total: 16384,
             sessions_per_uid: 32,
             sessions_total: super::MAX_SESSIONS as u64,
-            faults_per_session: 8,
+            faults_per_session: 32,
         }
     }
 }
@@ -322,6 +321,6 @@ mod tests {
         assert!(l.mapped_per_uid <= l.mapped_total);
         assert!(l.fds_total >= 64);
         assert_eq!(l.sessions_total, 128);
-        assert_eq!(l.faults_per_session, 8);
+        assert_eq!(l.faults_per_session, 32);
     }
 }

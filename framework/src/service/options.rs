@@ -24,7 +24,7 @@ impl ServiceOptions {
 Limits (--limit NAME=VALUE; sizes take K, M, G or T):
   mapped-per-uid 64G, mapped-total 1T, fds-per-session 512, fds-per-uid 1024,
   fds-total half of RLIMIT_NOFILE, objects-per-session 1024, objects-per-uid 4096,
-  objects-total 16384, sessions-per-uid 32, sessions-total 128, faults-per-session 8.";
+  objects-total 16384, sessions-per-uid 32, sessions-total 128, faults-per-session 32.";
 }
 
 #[cfg(test)]
