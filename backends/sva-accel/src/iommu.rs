@@ -21,57 +21,13 @@
 use crate::engine::{DmaMemory, Fragment, PageFault};
 use ioasis::dma::{Access, Dma, DmaError, PendingFault};
 use std::cell::{Cell, RefCell};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-/// One client's budget of outstanding I/O page faults: groups raised for it
-/// and not yet answered and resumed.
-#[derive(Debug)]
-pub struct FaultBudget {
-    outstanding: AtomicU32,
-    limit: u32,
-}
-
-impl FaultBudget {
-    /// A budget of `limit` faults (at least 1).
-    pub fn new(limit: u32) -> Arc<FaultBudget> {
-        Arc::new(FaultBudget {
-            outstanding: AtomicU32::new(0),
-            limit: limit.max(1),
-        })
-    }
-
-    /// Faults outstanding.
-    pub fn outstanding(&self) -> u32 {
-        self.outstanding.load(Ordering::SeqCst)
-    }
-
-    /// The budget.
-    pub fn limit(&self) -> u32 {
-        self.limit
-    }
-
-    /// Takes one fault of the budget, if there is room.
-    pub fn try_take(self: &Arc<Self>) -> Option<FaultSlot> {
-        self.outstanding
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < self.limit).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| FaultSlot(self.clone()))
-    }
-}
-
-/// One fault of a client's [`FaultBudget`], given back when dropped (when
-/// the descriptor that raised it resumes, or is aborted).
-#[derive(Debug)]
-pub struct FaultSlot(Arc<FaultBudget>);
-
-impl Drop for FaultSlot {
-    fn drop(&mut self) {
-        self.0.outstanding.fetch_sub(1, Ordering::SeqCst);
-    }
-}
+/// One client's budget of outstanding I/O page faults (groups raised for
+/// it and not yet answered and resumed), and one fault of it: iommu-core's,
+/// which the `/dev/iommu` service also charges each session's fault queues
+/// to.
+pub use iommu_core::{FaultBudget, FaultSlot};
 
 /// The first translation failure seen in a view.
 #[derive(Debug)]
