@@ -27,9 +27,11 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 
-use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
 use nix::sys::stat::Mode;
 use nix::unistd::{Gid, Group, Uid};
+
+use crate::ownership::Peer;
 
 /// `SO_PEERGROUPS` (asm-generic value; Linux 4.13+).
 const SO_PEERGROUPS: libc::c_int = 59;
@@ -63,12 +65,8 @@ impl fmt::Display for SocketPolicy {
 /// A client's credentials as the kernel recorded them at `connect`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerCred {
-    /// Process id.
-    pub pid: i32,
-    /// Effective user id.
-    pub uid: u32,
-    /// Effective group id.
-    pub gid: u32,
+    /// Process id and effective user and group ids (`SO_PEERCRED`).
+    pub peer: Peer,
     /// Supplementary groups (empty if the kernel does not report them).
     pub groups: Vec<u32>,
 }
@@ -170,7 +168,8 @@ impl SocketPolicy {
     /// Whether this policy admits a client with credentials `peer`: root,
     /// the daemon's own user, a member of the socket's group if the mode has
     /// group bits, anyone if it has other bits.
-    pub fn admits(&self, peer: &PeerCred) -> bool {
+    pub fn admits(&self, cred: &PeerCred) -> bool {
+        let peer = &cred.peer;
         if peer.uid == 0 || peer.uid == Uid::effective().as_raw() {
             return true;
         }
@@ -179,13 +178,14 @@ impl SocketPolicy {
         }
         if self.mode & 0o060 != 0 {
             let g = self.effective_group();
-            return peer.gid == g || peer.groups.contains(&g);
+            return peer.gid == g || cred.groups.contains(&g);
         }
         false
     }
 
     /// Why `peer` is refused, for the log.
-    pub fn refusal(&self, peer: &PeerCred) -> String {
+    pub fn refusal(&self, cred: &PeerCred) -> String {
+        let peer = &cred.peer;
         let groups = if self.mode & 0o060 != 0 {
             format!(", nor in group {}", self.effective_group())
         } else {
@@ -205,11 +205,8 @@ impl SocketPolicy {
 /// The credentials of the process on the other end of a connected unix
 /// socket (`SO_PEERCRED`; supplementary groups from `SO_PEERGROUPS`).
 pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<PeerCred> {
-    let c = socket::getsockopt(&fd, sockopt::PeerCredentials)?;
     Ok(PeerCred {
-        pid: c.pid(),
-        uid: c.uid(),
-        gid: c.gid(),
+        peer: Peer::of(fd)?,
         groups: peer_groups(fd).unwrap_or_default(),
     })
 }
@@ -251,9 +248,7 @@ mod tests {
 
     fn peer(uid: u32, gid: u32, groups: &[u32]) -> PeerCred {
         PeerCred {
-            pid: 1,
-            uid,
-            gid,
+            peer: Peer { pid: 1, uid, gid },
             groups: groups.to_vec(),
         }
     }

@@ -24,7 +24,7 @@ use ioasis::accept::{self, AcceptBackoff};
 use log::{debug, warn};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
-use nix::sys::socket::{self, sockopt, SockFlag};
+use nix::sys::socket::{self, SockFlag};
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
@@ -310,8 +310,8 @@ impl<H: Handler> Loop<H> {
 
     /// Takes a new connection in as pending, making room under the caps.
     fn admit(&mut self, fd: OwnedFd) {
-        let uid = match socket::getsockopt(&fd, sockopt::PeerCredentials) {
-            Ok(c) => c.uid(),
+        let uid = match ioasis::ownership::Peer::of(&fd) {
+            Ok(p) => p.uid,
             Err(e) => {
                 debug!("control loop: peer credentials: {e}");
                 return;

@@ -790,7 +790,8 @@ impl Service {
             None,
             SockFlag::SOCK_CLOEXEC,
         )?;
-        self.add_session(a)?;
+        // The peer of a socket pair is the process that made it.
+        self.add_session(a, Peer::current())?;
         Ok(b)
     }
 
@@ -879,15 +880,18 @@ impl Service {
             match socket::accept4(l.as_fd(), SockFlag::SOCK_CLOEXEC) {
                 Ok(fd) => {
                     self.accept_backoff.succeeded();
-                    if let Err(why) = self.admit(fd.as_fd()) {
-                        log_limited!(
-                            limit: SESSION_REFUSED,
-                            log::Level::Warn,
-                            "service: refusing a client: {why}"
-                        );
-                        continue;
-                    }
-                    if let Err(e) = self.add_session(fd) {
+                    let peer = match self.admit(fd.as_fd()) {
+                        Ok(p) => p,
+                        Err(why) => {
+                            log_limited!(
+                                limit: SESSION_REFUSED,
+                                log::Level::Warn,
+                                "service: refusing a client: {why}"
+                            );
+                            continue;
+                        }
+                    };
+                    if let Err(e) = self.add_session(fd, peer) {
                         log_limited!(limit: SESSION_REFUSED,
                             log::Level::Warn,
                             "service: cannot add session: {e}"
@@ -939,28 +943,20 @@ impl Service {
         self.accept_all();
     }
 
-    /// Checks an accepted client's credentials against the policy.
-    fn admit(&self, fd: BorrowedFd<'_>) -> Result<(), String> {
+    /// Checks an accepted client's credentials against the policy; returns
+    /// them for its session.
+    fn admit(&self, fd: BorrowedFd<'_>) -> Result<Peer, String> {
         match peer_cred(fd) {
-            Ok(c) if self.policy.admits(&c) => Ok(()),
+            Ok(c) if self.policy.admits(&c) => Ok(c.peer),
             Ok(c) => Err(self.policy.refusal(&c)),
             Err(e) => Err(format!("its credentials cannot be read: {e}")),
         }
     }
 
-    fn add_session(&mut self, fd: OwnedFd) -> io::Result<()> {
-        {
-            use nix::fcntl::{fcntl, FcntlArg, OFlag};
-            let fl = fcntl(fd.as_fd(), FcntlArg::F_GETFL)?;
-            fcntl(
-                fd.as_fd(),
-                FcntlArg::F_SETFL(OFlag::from_bits_truncate(fl) | OFlag::O_NONBLOCK),
-            )?;
-        }
-        let (pid, uid, gid) = match peer_cred(fd.as_fd()) {
-            Ok(c) => (c.pid, c.uid, c.gid),
-            Err(_) => (0, u32::MAX, u32::MAX),
-        };
+    /// Opens a session for the client on `fd`, whose credentials are `peer`.
+    fn add_session(&mut self, fd: OwnedFd, peer: Peer) -> io::Result<()> {
+        crate::peer_fd::set_nonblocking(fd.as_fd())?;
+        let Peer { pid, uid, gid } = peer;
         // A session costs a session and its socket.
         let mut usage = Usage::default();
         let charged = {
