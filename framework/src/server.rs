@@ -55,6 +55,7 @@ use crate::ownership::RidOwnership;
 use crate::ratelimit::RateLimit;
 use crate::socket_policy::SocketPolicy;
 use crate::vhost_user::conn::{Connection, Served};
+use crate::worker::epoll_ctl;
 
 /// Errors of the server.
 #[derive(Debug, thiserror::Error)]
@@ -513,7 +514,7 @@ impl Server {
         // SAFETY: `raw` is a fresh fd from the kernel owned by nobody else.
         let epoll = unsafe { OwnedFd::from_raw_fd(raw) };
         let add = |fd: RawFd, token: u64| -> Result<()> {
-            epoll_op(&epoll, libc::EPOLL_CTL_ADD, fd, token).map_err(|source| ServerError::Io {
+            epoll_ctl(&epoll, libc::EPOLL_CTL_ADD, fd, token).map_err(|source| ServerError::Io {
                 op: "epoll_ctl",
                 source,
             })
@@ -619,7 +620,7 @@ impl Server {
         for (paused, fd, token) in listeners {
             let Some(t) = *paused else { continue };
             if t <= now {
-                match epoll_op(epoll, libc::EPOLL_CTL_ADD, fd, token) {
+                match epoll_ctl(epoll, libc::EPOLL_CTL_ADD, fd, token) {
                     Ok(()) => *paused = None,
                     Err(e) => {
                         error!("watching a listener again: {e}");
@@ -730,22 +731,9 @@ impl Server {
 static REFUSED_FRONTEND: RateLimit = RateLimit::peer();
 static CONNECTION_LOG: RateLimit = RateLimit::peer();
 
-fn epoll_op(epoll: &OwnedFd, op: i32, fd: RawFd, token: u64) -> std::io::Result<()> {
-    let mut ev = libc::epoll_event {
-        events: libc::EPOLLIN as u32,
-        u64: token,
-    };
-    // SAFETY: both fds are live for the call; `ev` is a valid event.
-    let rc = unsafe { libc::epoll_ctl(epoll.as_raw_fd(), op, fd, &mut ev) };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Stops watching a listener for `pause` (its accept failed).
 fn pause_listener(epoll: &OwnedFd, fd: RawFd, paused: &mut Option<Instant>, pause: Duration) {
-    if let Err(e) = epoll_op(epoll, libc::EPOLL_CTL_DEL, fd, 0) {
+    if let Err(e) = epoll_ctl(epoll, libc::EPOLL_CTL_DEL, fd, 0) {
         error!("pausing a listener: {e}");
     }
     *paused = Some(Instant::now() + pause);

@@ -363,7 +363,9 @@ fn lock(m: &Mutex<Vring>) -> std::sync::MutexGuard<'_, Vring> {
     }
 }
 
-fn epoll_ctl(epoll: &OwnedFd, op: i32, fd: i32, token: u64) -> std::io::Result<()> {
+/// `epoll_ctl(op)` of `fd` for input, with `token` (the server's listener
+/// loop uses it too).
+pub(crate) fn epoll_ctl(epoll: &OwnedFd, op: i32, fd: i32, token: u64) -> std::io::Result<()> {
     let mut ev = libc::epoll_event {
         events: libc::EPOLLIN as u32,
         u64: token,
