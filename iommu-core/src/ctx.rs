@@ -960,13 +960,30 @@ impl Iommu {
         } else {
             range_of(iova, len)?
         };
+        self.remove_begin(ioas, |st| st.unmap(r, all))
+    }
+
+    /// The first phase of a removal from an IOAS: `remove` takes areas out
+    /// under the IOAS lock, and every translator that may hold a
+    /// translation of the IOAS is invalidated before the lock is released
+    /// (nothing to invalidate when nothing was removed).
+    fn remove_begin(
+        &self,
+        ioas: IoasId,
+        remove: impl FnOnce(&mut IoasState) -> Result<(u64, Vec<Area>)>,
+    ) -> Result<(u64, InvalidationTicket)> {
         let ioas = self.ioas_arc(ioas)?;
         let (bytes, removed, ticket) = {
             let mut st = ioas.write();
-            let (bytes, removed) = st.unmap(r, all)?;
+            let (bytes, removed) = remove(&mut st)?;
+            if removed.is_empty() {
+                return Ok((bytes, InvalidationTicket::done()));
+            }
             st.departed.prune();
             (bytes, removed, st.invalidate_all())
         };
+        // Dropped after the lock: a translator's cache may still hold the
+        // memory until its section ends.
         drop(removed);
         Ok((bytes, ticket))
     }
@@ -1002,18 +1019,7 @@ impl Iommu {
             return Err(Error::ZeroLength);
         }
         let r = range_of(iova, len)?;
-        let ioas = self.ioas_arc(ioas)?;
-        let (bytes, removed, ticket) = {
-            let mut st = ioas.write();
-            let (bytes, removed) = st.cut(r, MAX_AREAS_PER_IOAS)?;
-            if removed.is_empty() {
-                return Ok((0, InvalidationTicket::done()));
-            }
-            st.departed.prune();
-            (bytes, removed, st.invalidate_all())
-        };
-        drop(removed);
-        Ok((bytes, ticket))
+        self.remove_begin(ioas, |st| st.cut(r, MAX_AREAS_PER_IOAS))
     }
 
     /// `IOMMU_IOAS_COPY`: maps the pages behind `src`'s range (any range

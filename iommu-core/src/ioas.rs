@@ -392,6 +392,11 @@ impl IoasState {
             }
             keys
         };
+        Ok(self.remove_areas(keys))
+    }
+
+    /// Removes the areas starting at `keys`; returns their bytes and them.
+    fn remove_areas(&mut self, keys: Vec<u64>) -> (u64, Vec<Area>) {
         let mut bytes = 0u64;
         let mut removed = Vec::with_capacity(keys.len());
         for k in keys {
@@ -400,7 +405,7 @@ impl IoasState {
                 removed.push(a);
             }
         }
-        Ok((bytes, removed))
+        (bytes, removed)
     }
 
     /// Splits the area that holds `at` strictly inside it into two areas
@@ -460,15 +465,7 @@ impl IoasState {
             .range(r.start..=r.last)
             .map(|(k, _)| *k)
             .collect();
-        let mut bytes = 0u64;
-        let mut removed = Vec::with_capacity(keys.len());
-        for k in keys {
-            if let Some(a) = self.areas.remove(&k) {
-                bytes = bytes.wrapping_add(a.last - k + 1);
-                removed.push(a);
-            }
-        }
-        Ok((bytes, removed))
+        Ok(self.remove_areas(keys))
     }
 
     /// The areas covering `r` without gaps, cut to `r`: `(iova, area)` with
