@@ -548,6 +548,24 @@ fn seq_of(f: &[u8]) -> Option<u32> {
     Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
+/// Writes frame `seq`, behind a zeroed virtio-net header, into transmit
+/// slot `j` and offers it on net0's transmit queue; returns the frame's
+/// length.
+fn offer_frame(mem: &Memory, net: &mut NetFrontend, j: usize, seq: u32) -> Res<usize> {
+    let f = frame(seq);
+    let mut buf = vec![0u8; VNET_HDR_LEN];
+    buf.extend_from_slice(&f);
+    mem.write_at(TX_BUF_OFF + j * SLOT, &buf)
+        .map_err(ctx("writing a frame"))?;
+    NetFrontend::add(
+        &mut net.tx,
+        iova(TX_BUF_OFF + j * SLOT),
+        buf.len() as u32,
+        false,
+    )?;
+    Ok(f.len())
+}
+
 fn mem_read(mem: &Memory, off: usize, len: usize) -> Res<Vec<u8>> {
     let mut v = vec![0u8; len];
     mem.read_at(off, &mut v)
@@ -761,18 +779,7 @@ fn traffic(t: &mut Tally, mem: &Arc<Memory>, net: &mut NetFrontend, accel: &Acce
         net.rx.kick()?;
         let mut sent = Vec::with_capacity(PER_ROUND);
         for j in 0..PER_ROUND {
-            let f = frame(seq);
-            let mut buf = vec![0u8; VNET_HDR_LEN];
-            buf.extend_from_slice(&f);
-            mem.write_at(TX_BUF_OFF + j * SLOT, &buf)
-                .map_err(ctx("writing a frame"))?;
-            NetFrontend::add(
-                &mut net.tx,
-                iova(TX_BUF_OFF + j * SLOT),
-                buf.len() as u32,
-                false,
-            )?;
-            t.bytes_sent += f.len() as u64;
+            t.bytes_sent += offer_frame(mem, net, j, seq)? as u64;
             sent.push(seq);
             seq += 1;
         }
@@ -1188,16 +1195,7 @@ impl NetRun {
                 .ok_or("receive head out of range")? = Some(j);
         }
         for j in 0..PER_ROUND {
-            let mut buf = vec![0u8; VNET_HDR_LEN];
-            buf.extend_from_slice(&frame(first + j as u32));
-            mem.write_at(TX_BUF_OFF + j * SLOT, &buf)
-                .map_err(ctx("writing a frame"))?;
-            NetFrontend::add(
-                &mut net.tx,
-                iova(TX_BUF_OFF + j * SLOT),
-                buf.len() as u32,
-                false,
-            )?;
+            offer_frame(mem, net, j, first + j as u32)?;
         }
         net.rx.kick()?;
         net.tx.kick()?;
