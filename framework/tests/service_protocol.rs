@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ioasis::service::proto::*;
 use ioasis::service::{
@@ -124,6 +124,27 @@ fn remote_errno(r: std::result::Result<impl std::fmt::Debug, ioasis::service::Cl
     match r {
         Err(e) => e.errno().expect("errno"),
         Ok(v) => panic!("expected an error, got {v:?}"),
+    }
+}
+
+/// Destroys fault queue `id` once this process has closed every copy of
+/// its channel fd. Other tests of this binary spawn child processes, and a
+/// child holds a copy of every fd of this process between its fork and its
+/// exec (CLOEXEC closes them only at exec): during that window the channel
+/// is still open and the destroy is rightly EBUSY. So EBUSY is retried, for
+/// at most 2 s; every other answer is returned at once.
+fn destroy_closed_queue(
+    c: &mut Client,
+    id: u32,
+) -> std::result::Result<(), ioasis::service::ClientError> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match c.destroy(id) {
+            Err(e) if e.errno() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            r => return r,
+        }
     }
 }
 
@@ -630,8 +651,9 @@ fn test_session_limits_are_enforced() {
     }
     assert_eq!(remote_errno(c.fault_queue_alloc_fd()), libc::ENOSPC);
     // Destroying one makes room again.
-    let (id, _) = chans.pop().expect("one");
-    c.destroy(id).expect("destroy");
+    let (id, fd) = chans.pop().expect("one");
+    drop(fd);
+    destroy_closed_queue(&mut c, id).expect("destroy");
     c.fault_queue_alloc_fd().expect("room again");
 }
 
@@ -651,7 +673,7 @@ fn test_destroy_fault_queue_with_open_channel_ebusy() {
     drop(fd);
     assert_eq!(remote_errno(c.destroy(id)), libc::EBUSY);
     drop(dup);
-    c.destroy(id).expect("destroy once closed");
+    destroy_closed_queue(&mut c, id).expect("destroy once closed");
     assert_eq!(remote_errno(c.destroy(id)), libc::ENOENT);
     assert!(fx.iommu.object_kind(id).is_err());
     // The session goes on.
