@@ -204,7 +204,7 @@ fn serve_stats(stats: &DeviceStats) {
 fn arm_late_write(line: &str) -> Res<()> {
     let mut w = line.split_whitespace().skip(1);
     let kind = match w.next() {
-        Some(NET) => vdpa_net::vhu_net::FAULT_KIND,
+        Some(NET) => vdpa_net::engine::FAULT_KIND,
         Some(ACCEL) => sva_accel::inject::FAULT_KIND,
         d => return Err(format!("no device {d:?}")),
     };

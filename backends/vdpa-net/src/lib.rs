@@ -6,8 +6,11 @@
 //! - [`port`]: where frames go: a tap, an in-process L2 switch, a sink or a
 //!   reflector, each batched and allocation-free on the packet path.
 //! - [`stats`]: per-device and per-queue counters and their JSON lines.
+//! - [`engine`]: the packet engine: the per-frame receive, transmit and
+//!   control work of one queue pair on its rings (bursts, mergeable receive
+//!   buffers, notification suppression).
 //! - [`vhu_net`]: the glue onto the framework's device trait: queue pairs,
-//!   bursts, mergeable receive buffers, notification suppression.
+//!   the workers' events, polling.
 //!
 //! A frontend (QEMU, DPDK virtio-user) drives the device's virtqueues; the
 //! device moves frames between them and the port in bursts.
@@ -16,6 +19,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod cli;
+pub mod engine;
 pub mod net;
 pub mod port;
 pub mod stats;
