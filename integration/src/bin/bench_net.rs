@@ -32,12 +32,14 @@
 //! testpmd's frontend forwards on CPU 0) unless `--no-pin` is given.
 //!
 //! Usage: `ioasis-bench-net [--rounds N] [--secs S] [--tap] [--tcp]
-//! [--only-reference] [--no-pin] [--vdpa-arg ARG]...`.
+//! [--only-reference] [--no-pin] [--poll-us N] [--test NAME]...
+//! [--vdpa-arg ARG]...` (`--help` prints every flag).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use ioasis_integration::env::{heavy_lock, require_tool, which, WorkDir};
 use ioasis_integration::netns::Netns;
 use ioasis_integration::process::wait_for_path;
@@ -64,7 +66,7 @@ impl Backend {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Test {
     ToBackend,
     Loop,
@@ -83,6 +85,48 @@ impl Test {
     }
 }
 
+/// The command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ioasis-bench-net",
+    version,
+    about = "64-byte packet rates of vdpa-net against DPDK's net_vhost, alternated round by round"
+)]
+struct Cli {
+    /// Rounds per test; the figures are medians over them.
+    #[arg(long, value_name = "N", default_value_t = 3,
+          value_parser = clap::value_parser!(u64).range(1..=50))]
+    rounds: u64,
+    /// Seconds each measurement runs.
+    #[arg(long, value_name = "S", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(3..=120))]
+    secs: u64,
+    /// Adds the tap test (frames through the backend into a tap in a network
+    /// namespace).
+    #[arg(long)]
+    tap: bool,
+    /// Adds the guest bulk TCP transfer (vdpa-net only).
+    #[arg(long)]
+    tcp: bool,
+    /// Measures net_vhost only.
+    #[arg(long)]
+    only_reference: bool,
+    /// Lets vdpa-net run on any CPU (by default it is pinned to CPU 1).
+    #[arg(long)]
+    no_pin: bool,
+    /// Busy-poll window given to vdpa-net in the packet tests, unless a
+    /// `--vdpa-arg` sets one; 0: none.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_POLL_US)]
+    poll_us: u64,
+    /// Runs only this test (repeatable); by default all.
+    #[arg(long = "test", value_name = "NAME", value_enum)]
+    only: Vec<Test>,
+    /// An extra argument for vdpa-net (repeatable).
+    #[arg(long = "vdpa-arg", value_name = "ARG", allow_hyphen_values = true)]
+    vdpa_args: Vec<String>,
+}
+
+/// What a run measures, from the command line.
 struct Opts {
     rounds: usize,
     secs: u64,
@@ -95,7 +139,7 @@ struct Opts {
     /// unless `--vdpa-arg` sets one; 0: none.
     poll_us: u64,
     /// Only these tests (`--test NAME`, repeatable); empty: all.
-    only: Vec<String>,
+    only: Vec<Test>,
 }
 
 impl Opts {
@@ -289,47 +333,33 @@ fn measure_tcp(opts: &Opts) -> Result<Vec<Transfer>> {
     Ok(out)
 }
 
-fn parse_opts() -> std::result::Result<Opts, String> {
-    let mut o = Opts {
-        rounds: 3,
-        secs: 5,
-        tap: false,
-        tcp: false,
-        vdpa: None,
-        vdpa_args: Vec::new(),
-        pin: true,
-        poll_us: DEFAULT_POLL_US,
-        only: Vec::new(),
-    };
-    let mut only_ref = false;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut val = |name: &str| args.next().ok_or(format!("{name} needs a value"));
-        match a.as_str() {
-            "--rounds" => o.rounds = val("--rounds")?.parse().map_err(|e| format!("{e}"))?,
-            "--secs" => o.secs = val("--secs")?.parse().map_err(|e| format!("{e}"))?,
-            "--tap" => o.tap = true,
-            "--tcp" => o.tcp = true,
-            "--no-pin" => o.pin = false,
-            "--test" => o.only.push(val("--test")?),
-            "--poll-us" => o.poll_us = val("--poll-us")?.parse().map_err(|e| format!("{e}"))?,
-            "--only-reference" => only_ref = true,
-            "--vdpa-arg" => o.vdpa_args.push(val("--vdpa-arg")?),
-            "-h" | "--help" => {
-                return Err("usage: ioasis-bench-net [--rounds N] [--secs S] [--tap] [--tcp] [--only-reference] [--no-pin] [--poll-us N] [--test to-backend|loop|from-backend|tap]... [--vdpa-arg ARG]...".into())
-            }
-            other => return Err(format!("unknown argument {other}")),
-        }
-    }
-    o.rounds = o.rounds.clamp(1, 50);
-    o.secs = o.secs.clamp(3, 120);
-    if !only_ref {
+/// Parses the command line (help, version and usage errors exit here: 0,
+/// 0 and 2) and finds the vdpa-net binary unless `--only-reference`.
+fn parse_opts() -> Opts {
+    let cli = Cli::parse();
+    let vdpa = if cli.only_reference {
+        None
+    } else {
         match vdpa_net_bin() {
-            Ok(p) => o.vdpa = Some(p),
-            Err(e) => eprintln!("!! vdpa-net unavailable, measuring net_vhost only: {e}"),
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("!! vdpa-net unavailable, measuring net_vhost only: {e}");
+                None
+            }
         }
+    };
+    Opts {
+        // Bounded to 1..=50 by the parser.
+        rounds: usize::try_from(cli.rounds).unwrap_or(50),
+        secs: cli.secs,
+        tap: cli.tap,
+        tcp: cli.tcp,
+        vdpa,
+        vdpa_args: cli.vdpa_args,
+        pin: !cli.no_pin,
+        poll_us: cli.poll_us,
+        only: cli.only,
     }
-    Ok(o)
 }
 
 fn fmt_mpps(v: u64) -> String {
@@ -337,13 +367,7 @@ fn fmt_mpps(v: u64) -> String {
 }
 
 fn main() -> ExitCode {
-    let opts = match parse_opts() {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
-    };
+    let opts = parse_opts();
     let _lock = match heavy_lock() {
         Ok(l) => l,
         Err(e) => {
@@ -357,17 +381,9 @@ fn main() -> ExitCode {
     }
     if !opts.only.is_empty() {
         let known = [Test::ToBackend, Test::Loop, Test::FromBackend, Test::Tap];
-        if let Some(bad) = opts
-            .only
-            .iter()
-            .find(|n| !known.iter().any(|t| t.name() == n.as_str()))
-        {
-            eprintln!("unknown test {bad} (to-backend, loop, from-backend, tap)");
-            return ExitCode::from(2);
-        }
         tests = known
             .into_iter()
-            .filter(|t| opts.only.iter().any(|n| n == t.name()))
+            .filter(|t| opts.only.contains(t))
             .collect();
     }
     let mut backends = vec![Backend::Reference];
