@@ -28,6 +28,10 @@
 
 use std::process::ExitCode;
 
+use nix::sys::signal::{SigSet, Signal};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
 use sva_accel::cli::Options;
 use sva_accel::device::Device;
 
@@ -35,12 +39,21 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     // Help, the version and usage errors exit here (0, 0 and 2).
     let o = Options::parse();
-    // SIGINT/SIGTERM are taken synchronously by the main thread below; block
-    // them before any thread starts so that every thread inherits the mask.
-    let mut sigs = nix::sys::signal::SigSet::empty();
-    sigs.add(nix::sys::signal::Signal::SIGINT);
-    sigs.add(nix::sys::signal::Signal::SIGTERM);
-    if let Err(e) = sigs.thread_block() {
+    // SIGINT/SIGTERM are taken by the main thread alone (signal-hook's
+    // handlers feed `signals`, read below): blocked before any thread starts,
+    // so that every thread inherits the mask, and unblocked in this thread
+    // only once the others run.
+    let mut signals = match Signals::new([SIGINT, SIGTERM]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("sva-accel: cannot take SIGINT/SIGTERM: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGINT);
+    mask.add(Signal::SIGTERM);
+    if let Err(e) = mask.thread_block() {
         eprintln!("sva-accel: cannot block signals: {e}");
         return ExitCode::FAILURE;
     }
@@ -77,9 +90,11 @@ fn main() -> ExitCode {
         o.iommu_socket.display()
     );
     // Serve until SIGINT or SIGTERM.
-    match sigs.wait() {
-        Ok(sig) => log::info!("{sig:?}: shutting down"),
-        Err(e) => log::warn!("sigwait failed ({e}); shutting down"),
+    if let Err(e) = mask.thread_unblock() {
+        log::warn!("cannot unblock SIGINT/SIGTERM ({e}); shutting down");
+    } else if let Some(sig) = signals.forever().next() {
+        let name = signal_hook::low_level::signal_name(sig).unwrap_or("signal");
+        log::info!("{name}: shutting down");
     }
     dev.shutdown();
     let _ = std::fs::remove_file(&path);

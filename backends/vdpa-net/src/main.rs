@@ -1,58 +1,77 @@
 //! `vdpa-net`: serves virtio-net devices over vhost-user (see `--help`).
 
-use std::io::Write;
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{error, info};
+use nix::sys::signal::{SigSet, Signal};
+use signal_hook::consts::{SIGINT, SIGTERM};
 use vdpa_net::cli::Options;
 use vdpa_net::stats::{json_line, DeviceStats};
 use vdpa_net::VhostUserNetBackend;
 
 mod serve;
 
-/// SIGINT and SIGTERM, blocked in every thread and taken synchronously by main.
-fn signal_set() -> libc::sigset_t {
-    // SAFETY: sigset_t is a plain C struct; sigemptyset initialises it below.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a live sigset_t.
-    unsafe { libc::sigemptyset(&mut set) };
-    for s in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: `set` is a live, initialised sigset_t and `s` a valid signal.
-        unsafe { libc::sigaddset(&mut set, s) };
-    }
-    set
+/// SIGINT and SIGTERM, taken by the main thread alone: signal-hook's
+/// handlers write a byte into a socket pair that the main thread reads, with
+/// the statistics interval as its timeout. The signals are blocked before
+/// any thread starts (every thread inherits that mask) and unblocked in the
+/// main thread only, so no worker's system call is ever interrupted by them.
+struct Termination {
+    rx: UnixStream,
+    mask: SigSet,
 }
 
-fn block_signals(set: &libc::sigset_t) {
-    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
-    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, set, std::ptr::null_mut()) };
-}
-
-/// Waits up to `timeout` (forever if None) for SIGINT/SIGTERM; true if one came.
-fn wait_signal(set: &libc::sigset_t, timeout: Option<Duration>) -> bool {
-    let r = match timeout {
-        Some(t) => {
-            let ts = libc::timespec {
-                tv_sec: t.as_secs() as libc::time_t,
-                tv_nsec: t.subsec_nanos() as libc::c_long,
-            };
-            // SAFETY: `set` and `ts` are live; a null siginfo pointer is allowed.
-            unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) }
+impl Termination {
+    /// Registers the handlers and blocks both signals in the calling thread
+    /// (call it before any thread exists).
+    fn new() -> std::io::Result<Termination> {
+        let (rx, tx) = UnixStream::pair()?;
+        tx.set_nonblocking(true)?;
+        for sig in [SIGINT, SIGTERM] {
+            signal_hook::low_level::pipe::register(sig, tx.try_clone()?)?;
         }
-        None => {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: `set` and `sig` are live for the call.
-            let r = unsafe { libc::sigwait(set, &mut sig) };
-            if r == 0 {
-                sig
-            } else {
-                -1
+        let mut mask = SigSet::empty();
+        mask.add(Signal::SIGINT);
+        mask.add(Signal::SIGTERM);
+        mask.thread_block().map_err(std::io::Error::from)?;
+        Ok(Termination { rx, mask })
+    }
+
+    /// Waits up to `timeout` (forever if None) for SIGINT or SIGTERM; true
+    /// if one came. Unblocks them in the calling thread (the main thread,
+    /// once the other threads were started with them blocked).
+    fn wait(&mut self, timeout: Option<Duration>) -> bool {
+        if let Err(e) = self.mask.thread_unblock() {
+            error!("cannot unblock SIGINT/SIGTERM: {e}");
+        }
+        // A zero timeout would mean "forever" to the socket.
+        let timeout = timeout.map(|t| t.max(Duration::from_millis(1)));
+        if let Err(e) = self.rx.set_read_timeout(timeout) {
+            error!("signal wait: {e}");
+        }
+        let mut byte = [0u8; 1];
+        match self.rx.read(&mut byte) {
+            Ok(n) => n > 0,
+            // Timed out, or interrupted by the very signal whose byte the
+            // next wait reads at once.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) =>
+            {
+                false
+            }
+            Err(e) => {
+                error!("signal wait failed ({e}): shutting down");
+                true
             }
         }
-    };
-    r > 0
+    }
 }
 
 fn print_stats(stats: &[Arc<DeviceStats>], start: Instant, final_line: bool) {
@@ -69,9 +88,14 @@ fn main() -> ExitCode {
         .init();
     // Help, the version and usage errors exit here (0, 0 and 2).
     let opts = Options::parse();
-    let set = signal_set();
     // Before any thread exists, so every thread inherits the mask.
-    block_signals(&set);
+    let mut termination = match Termination::new() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("vdpa-net: cannot take SIGINT/SIGTERM: {e}");
+            return ExitCode::from(1);
+        }
+    };
 
     let mut backends = Vec::with_capacity(opts.devices.len());
     for d in &opts.devices {
@@ -112,7 +136,7 @@ fn main() -> ExitCode {
     let mut next = interval.map(|i| start + i);
     loop {
         let timeout = next.map(|n| n.saturating_duration_since(Instant::now()));
-        if wait_signal(&set, timeout) {
+        if termination.wait(timeout) {
             break;
         }
         if let (Some(n), Some(i)) = (next.as_mut(), interval) {

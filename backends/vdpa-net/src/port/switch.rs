@@ -10,7 +10,9 @@ use std::collections::{HashMap, VecDeque};
 use std::os::fd::BorrowedFd;
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
 
-use super::{EventFd, PacketBuf, Port, Result, SendOutcome, PORT_QUEUE_LEN};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{borrow_eventfd, eventfd, PacketBuf, Port, Result, SendOutcome, PORT_QUEUE_LEN};
 use crate::net::{MacAddr, VNET_HDR_LEN};
 
 /// Most MAC addresses one switch learns.
@@ -50,7 +52,8 @@ impl Endpoint {
         q.frames.push_back(b);
         drop(q);
         if was_empty {
-            self.event.signal();
+            // Only an overflowing counter fails, and it is readable then.
+            let _ = self.event.write(1);
         }
         true
     }
@@ -98,7 +101,7 @@ impl Switch {
             let ep = Arc::new(Endpoint {
                 dev,
                 queue: Mutex::new(EpQueue::default()),
-                event: EventFd::new()?,
+                event: eventfd()?,
             });
             inner.endpoints.push((ep.clone(), i == 0));
             if i == 0 && inner.table.len() < MAX_LEARNED_MACS {
@@ -192,7 +195,8 @@ impl Port for SwitchPort {
     }
 
     fn recv(&mut self, max: usize, deliver: &mut dyn FnMut(&mut [u8]) -> bool) -> Result<usize> {
-        self.ep.event.clear();
+        // Consumes the readiness (an empty counter fails: nothing to clear).
+        let _ = self.ep.event.read();
         let mut q = lock(&self.ep.queue);
         let mut n = 0;
         while n < max {
@@ -213,13 +217,13 @@ impl Port for SwitchPort {
         if n == max && !q.frames.is_empty() {
             // Stopped by the caller's limit, not for lack of buffers: the
             // readiness was consumed above, so raise it again.
-            self.ep.event.signal();
+            let _ = self.ep.event.write(1);
         }
         Ok(n)
     }
 
     fn rx_fd(&self) -> Option<BorrowedFd<'_>> {
-        Some(self.ep.event.fd())
+        Some(borrow_eventfd(&self.ep.event))
     }
 
     fn reset(&mut self) {
@@ -228,7 +232,7 @@ impl Port for SwitchPort {
             q.spare.push(b);
         }
         drop(q);
-        self.ep.event.clear();
+        let _ = self.ep.event.read();
     }
 }
 
