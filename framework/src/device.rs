@@ -297,6 +297,21 @@ impl Interest {
 /// Largest token a device may use for its own event sources.
 pub const MAX_DEVICE_TOKEN: u64 = (1 << 48) - 1;
 
+/// Bit marking a device-owned token in a worker thread's epoll set (the
+/// framework's own tokens never have it).
+const DEVICE_BIT: u64 = 1 << 63;
+
+/// Tags a device-owned event token for the worker thread's epoll set.
+fn device_token(token: u64) -> u64 {
+    token | DEVICE_BIT
+}
+
+/// The device's token behind an epoll token, if the event source is the
+/// device's (registered through an [`EventRegistrar`]).
+pub(crate) fn device_token_of(epoll_token: u64) -> Option<u64> {
+    (epoll_token & DEVICE_BIT != 0).then_some(epoll_token & !DEVICE_BIT)
+}
+
 /// An owned handle to a worker thread's event loop, obtained from
 /// [`EventRegistrar::handle`]; same operations as the registrar.
 #[derive(Debug)]
@@ -389,7 +404,7 @@ impl EventRegistrar<'_> {
         }
         let mut ev = libc::epoll_event {
             events: interest.epoll_events(),
-            u64: crate::worker::device_token(token),
+            u64: device_token(token),
         };
         // SAFETY: both fds are valid for the duration of the call and `ev` is
         // a valid epoll_event the kernel only reads.

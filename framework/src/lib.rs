@@ -16,8 +16,10 @@
 //! through the device's IOAS, fragment by fragment. A translation miss is a
 //! typed error, never a touch of unmapped memory.
 //!
-//! The vhost-user transport ([`vhost_user`]) owns the backend side of the
-//! protocol. Without `VIRTIO_F_ACCESS_PLATFORM` the frontend's memory table
+//! The data plane (the worker threads) knows no transport: what it tells the
+//! driver (misses, access failures, calls, failed rings) goes through a small
+//! internal transport trait. The vhost-user transport ([`vhost_user`])
+//! implements it and owns the backend side of the protocol. Without `VIRTIO_F_ACCESS_PLATFORM` the frontend's memory table
 //! becomes the device's IOAS (IOVA = guest physical address); with it, the
 //! frontend's IOTLB updates and invalidations become maps and unmaps of that
 //! IOAS, and a miss is sent back to the frontend while the queue waits.
@@ -51,6 +53,7 @@ pub mod server;
 pub mod service;
 pub mod socket_policy;
 pub mod testing;
+mod transport;
 pub mod uring;
 pub mod vhost_user;
 mod worker;

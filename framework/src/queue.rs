@@ -54,7 +54,8 @@ use virtio_queue::{QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::dma::{Access, Dma, DmaError};
-use crate::peer_write::{Writer, Written};
+use crate::peer_write::Writer;
+use crate::transport::{Signals, Transport};
 
 /// Largest queue size (`VIRTIO` split rings: 32768).
 pub const MAX_QUEUE_SIZE: u16 = 32768;
@@ -438,9 +439,11 @@ fn prefetch_write(p: *const u8) {
 #[derive(Debug)]
 pub(crate) struct Vring {
     pub q: virtio_queue::Queue,
+    /// The eventfd the driver's kicks arrive on (installed by the transport).
     pub kick: Option<EventFd>,
-    pub call: Option<EventFd>,
-    pub err: Option<EventFd>,
+    /// The driver's call and error eventfds, for transports that signal
+    /// through them.
+    pub signals: Signals,
     /// SET_VRING_ENABLE state.
     pub enabled: bool,
     /// Started by the frontend (kick received) and not stopped by GET_VRING_BASE.
@@ -468,8 +471,7 @@ impl Vring {
         Some(Vring {
             q,
             kick: None,
-            call: None,
-            err: None,
+            signals: Signals::default(),
             enabled: false,
             started: false,
             parked: None,
@@ -494,6 +496,8 @@ pub struct Queues<'a> {
     dma: Dma<'a>,
     /// The thread's writes to the driver's call eventfds.
     writer: &'a Writer,
+    /// How the driver is signalled.
+    transport: &'a dyn Transport,
     /// IOTLB translation: a buffer miss parks the queue (the frontend can
     /// map it). False with the memory table: the chain is completed with 0.
     park_on_miss: bool,
@@ -540,17 +544,20 @@ impl RingLayout {
 impl<'a> Queues<'a> {
     /// The queues `vrings` of one worker, reached through `dma` (one access
     /// section): buffers that miss park the queue if `park_on_miss`; the
-    /// driver is signalled through `writer`, the thread's.
+    /// driver is signalled through `transport`, with `writer` (the
+    /// thread's) for writes to the driver's eventfds.
     pub(crate) fn new(
         vrings: &'a [(u16, std::sync::Arc<Mutex<Vring>>)],
         dma: Dma<'a>,
         park_on_miss: bool,
         writer: &'a Writer,
+        transport: &'a dyn Transport,
     ) -> Queues<'a> {
         Queues {
             vrings,
             dma,
             writer,
+            transport,
             park_on_miss,
             rings: [None; RINGS_CACHED],
         }
@@ -580,6 +587,7 @@ impl<'a> Queues<'a> {
             vring: guard,
             dma: self.dma,
             writer: self.writer,
+            transport: self.transport,
             rings: None,
             epoch: EPOCH.fetch_add(1, Ordering::Relaxed),
             avail_cache: next_avail,
@@ -639,6 +647,7 @@ pub struct Queue<'a> {
     vring: MutexGuard<'a, Vring>,
     dma: Dma<'a>,
     writer: &'a Writer,
+    transport: &'a dyn Transport,
     /// The rings' host addresses when each is host-contiguous (fast path).
     rings: Option<Rings>,
     /// Tags the chains this queue popped (their fragments are its section's).
@@ -1263,7 +1272,9 @@ impl<'a> Queue<'a> {
         Ok(())
     }
 
-    /// Publishes the used index and signals the driver unconditionally.
+    /// Publishes the used index and signals the driver unconditionally,
+    /// through the device's transport (vhost-user writes the ring's call
+    /// eventfd).
     ///
     /// A call eventfd whose counter is full needs no signal (the driver has
     /// one it has not read). One the frontend also made blocking is
@@ -1271,24 +1282,12 @@ impl<'a> Queue<'a> {
     /// the queue then signals nothing until the frontend sets a new one.
     pub fn signal(&mut self) -> Result<()> {
         self.publish_used();
-        let Some(call) = &self.vring.call else {
-            return Ok(());
-        };
-        match self.writer.write_counter(call, 1) {
-            Ok(Written::Done | Written::Full) => Ok(()),
-            Ok(Written::Wedged) => {
-                crate::log_limited!(log::Level::Warn,
-                    "queue {}: the frontend's call eventfd is full and blocking; the driver is no longer signalled (until SET_VRING_CALL)",
-                    self.index
-                );
-                self.vring.call = None;
-                Ok(())
-            }
-            Err(source) => Err(QueueError::Notify {
+        self.transport
+            .call(self.index, &mut self.vring.signals, self.writer)
+            .map_err(|source| QueueError::Notify {
                 queue: self.index,
                 source,
-            }),
-        }
+            })
     }
 
     /// Asks the driver to kick again (clears suppression). Returns true if
@@ -1539,6 +1538,7 @@ mod tests {
             Dma::from_section(&section),
             f.park_on_miss,
             Writer::unattached(),
+            &crate::transport::Local,
         );
         body(qs.get(0))
     }
@@ -1771,7 +1771,7 @@ mod tests {
 
     fn set_call(f: &Fixture) -> EventFd {
         let call = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-        f.vrings[0].1.lock().expect("lock").call = Some(call.try_clone().expect("clone"));
+        f.vrings[0].1.lock().expect("lock").signals.call = Some(call.try_clone().expect("clone"));
         call
     }
 
@@ -1899,6 +1899,7 @@ mod tests {
             Dma::from_section(&section),
             true,
             Writer::unattached(),
+            &crate::transport::Local,
         );
         drop(qs.get(0).expect("queue serving"));
         // The frontend moves the used ring (SET_VRING_ADDR) between two gets

@@ -393,6 +393,7 @@ impl Harness {
             crate::dma::Dma::from_section(&section),
             self.park_on_miss,
             crate::peer_write::Writer::unattached(),
+            &crate::transport::Local,
         );
         worker.process_queue(index, &mut queues)
     }
@@ -410,6 +411,7 @@ impl Harness {
             crate::dma::Dma::from_section(&section),
             self.park_on_miss,
             crate::peer_write::Writer::unattached(),
+            &crate::transport::Local,
         );
         worker.handle_event(token, &mut queues)
     }

@@ -6,14 +6,19 @@
 //! translation cache needs no lock), and its [`Worker`]. Every call into the
 //! worker runs inside one access section of the translator.
 //!
-//! A queue that misses a translation is parked by the queue layer; after the
-//! call the thread reports the miss to the frontend (IOTLB mode) and sleeps
-//! until the connection thread resumes it through the control eventfd, once
-//! an IOTLB update covers the address. Nothing spins and no popped chain is
-//! lost.
+//! The data plane knows no transport: what it must tell the driver (a
+//! translation miss, an access failure, a call, a failed ring) goes through
+//! the connection's [`Transport`]; kicks arrive on the rings' kick eventfds,
+//! which the transport installs.
 //!
-//! When the frontend stops a ring (GET_VRING_BASE) or disables it
-//! (SET_VRING_ENABLE 0), buffers it already made available count as
+//! A queue that misses a translation is parked by the queue layer; after the
+//! call the thread reports the miss through the transport (when addresses
+//! are IOVAs) and sleeps until the connection thread resumes it through the
+//! control eventfd, once the address space covers the address. Nothing spins
+//! and no popped chain is lost.
+//!
+//! When the driver stops a ring (vhost-user's GET_VRING_BASE) or disables
+//! it (SET_VRING_ENABLE 0), buffers it already made available count as
 //! submitted on its side. The connection thread asks the worker serving that
 //! ring for a final pass ([`WorkerSet::final_pass`]): the worker calls the
 //! device on the ring until a call consumes nothing more, then signals back;
@@ -21,8 +26,8 @@
 //! the ring and reads its base. A ring that is parked, failed, disabled or
 //! served by no worker is stopped at once.
 //!
-//! The call and error eventfds a worker writes are the frontend's, and a
-//! frontend can make such a write wait forever ([`crate::peer_write`]).
+//! The call and error eventfds a worker writes may be a peer's, and a
+//! peer can make such a write wait forever ([`crate::peer_write`]).
 //! Every thread that waits on a worker (for a ring lock, an access section
 //! or its exit) interrupts such a write after a short grace: a worker
 //! never holds up the connection, the service or the server's shutdown.
@@ -38,17 +43,15 @@ use log::{debug, error, warn};
 use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device::{Device, DeviceError, EventRegistrar, Worker};
+use crate::device::{device_token_of, Device, DeviceError, EventRegistrar, Worker};
 use crate::dma::{Dma, Section};
-use crate::peer_write::{self, Writer, Written};
+use crate::peer_write::{self, Writer};
 use crate::queue::{Queues, Vring};
-use crate::vhost_user::backend_req::{BackendChannel, SendOutcome};
-use crate::vhost_user::msg::{VHOST_IOTLB_ACCESS_FAIL, VHOST_IOTLB_MISS};
+use crate::transport::{MissReport, Transport};
 
-/// Token of the control eventfd in a worker's epoll set.
+/// Token of the control eventfd in a worker's epoll set (queue tokens are
+/// queue indices, device tokens carry [`device_token_of`]'s bit).
 const CTL_TOKEN: u64 = 1 << 62;
-/// Bit marking a device-owned token.
-const DEVICE_BIT: u64 = 1 << 63;
 /// Poll interval while a miss could not be sent yet.
 const RETRY_MS: i32 = 10;
 /// Events handled per epoll_wait.
@@ -57,18 +60,14 @@ const MAX_EVENTS: usize = 64;
 /// buffer, or the pass ends).
 const FINAL_PASS_CALLS: usize = 1024;
 
-/// Tags a device-owned event token.
-pub(crate) fn device_token(token: u64) -> u64 {
-    token | DEVICE_BIT
-}
-
-/// State a connection shares with its workers.
-#[derive(Debug, Default)]
+/// State a connection of a transport shares with its workers.
+#[derive(Debug)]
 pub(crate) struct ConnShared {
-    /// Addresses are IOVAs resolved through IOTLB messages (ACCESS_PLATFORM).
+    /// Addresses are IOVAs of an I/O address space the driver side maps
+    /// (`VIRTIO_F_ACCESS_PLATFORM`): a miss is reported to it and waits.
     pub iotlb_mode: AtomicBool,
-    /// The backend request channel.
-    pub backend: BackendChannel,
+    /// How the workers reach the driver.
+    pub transport: Arc<dyn Transport>,
     /// A worker hit an error the driver must reset the device for.
     pub needs_reset: AtomicBool,
     /// The running worker threads' controls.
@@ -76,6 +75,17 @@ pub(crate) struct ConnShared {
 }
 
 impl ConnShared {
+    /// The shared state of a connection whose workers reach the driver
+    /// through `transport`.
+    pub fn new(transport: Arc<dyn Transport>) -> ConnShared {
+        ConnShared {
+            iotlb_mode: AtomicBool::new(false),
+            transport,
+            needs_reset: AtomicBool::new(false),
+            workers: Mutex::new(Vec::new()),
+        }
+    }
+
     fn workers(&self) -> MutexGuard<'_, Vec<Arc<Ctl>>> {
         self.workers.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -492,8 +502,8 @@ impl Runner {
                     self.final_passes();
                     self.sync_kicks(&epoll);
                     self.process_all();
-                } else if token & DEVICE_BIT != 0 {
-                    self.handle_device_event(token & !DEVICE_BIT);
+                } else if let Some(token) = device_token_of(token) {
+                    self.handle_device_event(token);
                 } else if let Ok(index) = u16::try_from(token) {
                     if let Some((_, k)) = self.kicks.iter().find(|(i, _)| *i == index) {
                         // The frontend's eventfd: it may also be another
@@ -622,6 +632,7 @@ impl Runner {
                 Dma::from_section(&section),
                 iotlb,
                 &self.ctl.writer,
+                &*self.shared.transport,
             );
             f(&mut *self.worker, &mut queues)
         };
@@ -638,17 +649,7 @@ impl Runner {
         }
         if let Some((iova, access)) = e.dma_error().and_then(|d| d.denied_address()) {
             if self.shared.iotlb_mode.load(Ordering::SeqCst) {
-                if let Err(err) =
-                    self.shared
-                        .backend
-                        .send_iotlb(VHOST_IOTLB_ACCESS_FAIL, iova, access)
-                {
-                    crate::log_limited!(
-                        log::Level::Warn,
-                        "worker {}: sending access failure: {err}",
-                        self.thread
-                    );
-                }
+                self.shared.transport.access_failed(iova, access);
             }
         }
         self.errors += 1;
@@ -670,20 +671,9 @@ impl Runner {
         for (index, m) in &self.vrings {
             let mut v = lock(m);
             if v.broken || failed == Some(*index) {
-                let Some(err) = &v.err else { continue };
-                match self.ctl.writer.write_counter(err, 1) {
-                    Ok(Written::Done | Written::Full) => {}
-                    Ok(Written::Wedged) => {
-                        crate::log_limited!(log::Level::Warn,
-                            "queue {index}: the frontend's error eventfd is full and blocking; it is no longer signalled (until SET_VRING_ERR)"
-                        );
-                        v.err = None;
-                    }
-                    Err(we) => crate::log_limited!(
-                        log::Level::Warn,
-                        "queue {index}: signalling error fd: {we}"
-                    ),
-                }
+                self.shared
+                    .transport
+                    .queue_failed(*index, &mut v.signals, &self.ctl.writer);
             }
         }
     }
@@ -710,30 +700,9 @@ impl Runner {
                 v.parked = Some(p);
                 continue;
             }
-            match self
-                .shared
-                .backend
-                .send_iotlb(VHOST_IOTLB_MISS, p.iova, p.access)
-            {
-                Ok(SendOutcome::Sent) => {
-                    debug!("queue {index}: IOTLB miss sent for {:#x}", p.iova);
-                    p.reported = true;
-                }
-                Ok(SendOutcome::WouldBlock) => self.pending_report = true,
-                Ok(SendOutcome::NoChannel) => {
-                    crate::log_limited!(log::Level::Warn,
-                        "queue {index}: IOTLB miss at {:#x} but the frontend set no backend channel; waiting for an update",
-                        p.iova
-                    );
-                    p.reported = true;
-                }
-                Err(e) => {
-                    crate::log_limited!(
-                        log::Level::Error,
-                        "queue {index}: sending IOTLB miss: {e}"
-                    );
-                    p.reported = true;
-                }
+            match self.shared.transport.report_miss(*index, p.iova, p.access) {
+                MissReport::Done => p.reported = true,
+                MissReport::Retry => self.pending_report = true,
             }
             v.parked = Some(p);
         }

@@ -1,5 +1,8 @@
 //! The backend request channel: messages the backend sends to the frontend
-//! (SET_BACKEND_REQ_FD). Used for IOTLB misses and access failures.
+//! (SET_BACKEND_REQ_FD). Used for IOTLB misses and access failures: the
+//! channel is vhost-user's [`Transport`] for the data plane (calls and
+//! failed rings use the trait's defaults, the rings' call and error
+//! eventfds).
 //!
 //! Sends never block: a worker reports a miss from its own thread, outside any
 //! access section, with `MSG_DONTWAIT`; if the socket is full the miss stays
@@ -14,8 +17,11 @@ use nix::sys::socket::MsgFlags;
 use vhost::vhost_user::message::BackendReq;
 use vm_memory::ByteValued;
 
-use super::msg::{send_message, Header, IotlbMsg, MsgError, VERSION_1};
+use super::msg::{
+    send_message, Header, IotlbMsg, MsgError, VERSION_1, VHOST_IOTLB_ACCESS_FAIL, VHOST_IOTLB_MISS,
+};
 use crate::dma::Access;
+use crate::transport::{MissReport, Transport};
 
 /// Outcome of a non-blocking send.
 #[derive(Debug, PartialEq, Eq)]
@@ -81,6 +87,34 @@ impl BackendChannel {
                 ..
             }) => Ok(SendOutcome::WouldBlock),
             Err(e) => Err(e),
+        }
+    }
+}
+
+impl Transport for BackendChannel {
+    fn report_miss(&self, index: u16, iova: u64, access: Access) -> MissReport {
+        match self.send_iotlb(VHOST_IOTLB_MISS, iova, access) {
+            Ok(SendOutcome::Sent) => {
+                log::debug!("queue {index}: IOTLB miss sent for {iova:#x}");
+                MissReport::Done
+            }
+            Ok(SendOutcome::WouldBlock) => MissReport::Retry,
+            Ok(SendOutcome::NoChannel) => {
+                crate::log_limited!(log::Level::Warn,
+                    "queue {index}: IOTLB miss at {iova:#x} but the frontend set no backend channel; waiting for an update"
+                );
+                MissReport::Done
+            }
+            Err(e) => {
+                crate::log_limited!(log::Level::Error, "queue {index}: sending IOTLB miss: {e}");
+                MissReport::Done
+            }
+        }
+    }
+
+    fn access_failed(&self, iova: u64, access: Access) {
+        if let Err(e) = self.send_iotlb(VHOST_IOTLB_ACCESS_FAIL, iova, access) {
+            crate::log_limited!(log::Level::Warn, "sending access failure at {iova:#x}: {e}");
         }
     }
 }

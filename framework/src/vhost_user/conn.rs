@@ -11,6 +11,7 @@ use virtio_queue::QueueT;
 use vm_memory::{ByteValued, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::backend_req::BackendChannel;
 use super::iotlb::{AddressSpace, Mode};
 use super::mem::{Added, MemTable, MAX_MEM_SLOTS};
 use super::msg::{
@@ -106,6 +107,8 @@ pub(crate) struct Connection {
     ring_addrs: Vec<Option<RingAddr>>,
     table: MemTable,
     space: AddressSpace,
+    /// The backend request channel, the workers' transport.
+    backend: Arc<BackendChannel>,
     shared: Arc<ConnShared>,
     workers: Option<WorkerSet>,
 }
@@ -135,7 +138,8 @@ impl Connection {
         let max = served.device.max_queue_size();
         let vrings = new_vrings(n, max)?;
         let space = AddressSpace::new(&served.iommu, served.dev_id, served.rid.clone())?;
-        let shared = Arc::new(ConnShared::default());
+        let backend = Arc::new(BackendChannel::default());
+        let shared = Arc::new(ConnShared::new(backend.clone()));
         let shared_rings = Arc::new(Mutex::new(vrings.clone()));
         // The frontend's process speaks for this connection (its sessions
         // may take the RID over).
@@ -170,6 +174,7 @@ impl Connection {
             shared_rings,
             table: MemTable::default(),
             space,
+            backend,
             shared,
             workers: None,
         })
@@ -221,7 +226,7 @@ impl Connection {
             w.stop();
         }
         self.served.device.reset();
-        self.shared.backend.set(None);
+        self.backend.set(None);
         self.served.rid.disconnect_holder();
         // The address space detaches (unless a session owns the RID) and is
         // destroyed when dropped.
@@ -559,10 +564,10 @@ impl Connection {
                         self.ensure_workers()?;
                     }
                     VringFdKind::Call => {
-                        self.vring(index).call = efd;
+                        self.vring(index).signals.call = efd;
                     }
                     VringFdKind::Err => {
-                        self.vring(index).err = efd;
+                        self.vring(index).signals.err = efd;
                     }
                 }
                 Ok(None)
@@ -582,7 +587,7 @@ impl Connection {
                     what: "backend request channel",
                     source,
                 })?;
-                self.shared.backend.set(Some(UnixStream::from(fd)));
+                self.backend.set(Some(UnixStream::from(fd)));
                 Ok(None)
             }
             Request::Iotlb(m) => {

@@ -1,0 +1,137 @@
+//! What the data plane needs of the transport that connects a device to
+//! its driver.
+//!
+//! A worker thread ([`crate::worker`]) walks rings and moves buffers; the
+//! few things it must tell the driver go through one small trait,
+//! [`Transport`], so that the data plane knows no transport:
+//!
+//! | event | vhost-user ([`crate::vhost_user`]) | VDUSE |
+//! |---|---|---|
+//! | kick (driver → device) | the frontend's kick eventfd, per ring | an eventfd per ring handed to the kernel (`VDUSE_VQ_SETUP_KICKFD`) |
+//! | call (device → driver) | write the frontend's call eventfd | `VDUSE_VQ_INJECT_IRQ` on the device fd |
+//! | translation miss | `VHOST_IOTLB_MISS` on the backend request channel, answered later by an IOTLB update | ask the kernel (`VDUSE_IOTLB_GET_FD`), map, resume |
+//! | access failure | `VHOST_IOTLB_ACCESS_FAIL` on the backend channel | logged |
+//! | failed ring | write the frontend's error eventfd | the device status (`NEEDS_RESET`) and a config interrupt |
+//!
+//! Kicks need no method: both transports deliver them as an eventfd per
+//! ring, which the transport installs in the ring's state
+//! and the worker watches. A transport that signals the
+//! driver through eventfds (vhost-user) keeps the defaults of
+//! [`call`](Transport::call) and [`queue_failed`](Transport::queue_failed),
+//! which write the ring's call and error eventfds; one that injects
+//! interrupts (VDUSE) overrides them. The trait is shaped after DPDK's split
+//! of `lib/vhost` into vhost-user and VDUSE backends behind a small table
+//! of operations (IOTLB miss, interrupt injection).
+//!
+//! A config change (the device's config space changed under the driver)
+//! is the next operation this trait takes when a device needs it:
+//! vhost-user's `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`, VDUSE's
+//! `VDUSE_DEV_INJECT_CONFIG_IRQ`.
+//!
+//! Every method is called from a worker thread, outside any lock but the
+//! ring's it is given; none may block for long (writes to a peer's eventfd
+//! go through the thread's [`Writer`], which the framework interrupts if
+//! the peer wedges it).
+
+use std::io;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::dma::Access;
+use crate::peer_write::{Writer, Written};
+
+/// The eventfds a driver reads its signals of one ring from, when the
+/// transport signals through eventfds (vhost-user's SET_VRING_CALL and
+/// SET_VRING_ERR); empty otherwise.
+#[derive(Debug, Default)]
+pub(crate) struct Signals {
+    /// Used buffers ([`Transport::call`]).
+    pub call: Option<EventFd>,
+    /// The ring failed ([`Transport::queue_failed`]).
+    pub err: Option<EventFd>,
+}
+
+/// What became of a translation miss the worker asked the transport to
+/// report ([`Transport::report_miss`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MissReport {
+    /// Reported, or it cannot be and the transport said why (logged): the
+    /// queue waits until the address space changes.
+    Done,
+    /// The transport cannot take the report now (a full socket): the
+    /// worker tries again shortly.
+    Retry,
+}
+
+/// The transport a device's rings are driven through, as its worker threads
+/// see it. One object per connection, shared by its worker threads.
+pub(crate) trait Transport: Send + Sync + std::fmt::Debug {
+    /// Queue `index` waits for a translation of `iova` for `access`: tell
+    /// the driver side, which answers by changing the address space (the
+    /// queue is resumed then). Never blocks.
+    fn report_miss(&self, index: u16, iova: u64, access: Access) -> MissReport;
+
+    /// The address space denied an access to `iova` (a permission the
+    /// mapping lacks): tell the driver side if it can be told. Never blocks.
+    fn access_failed(&self, iova: u64, access: Access);
+
+    /// Signals the driver that queue `index` (whose eventfds are `ring`) has
+    /// used buffers. The default writes the ring's call eventfd, if any,
+    /// through the thread's `writer`; one the peer wedged is forgotten
+    /// (logged) until the driver sets a new one.
+    fn call(&self, index: u16, ring: &mut Signals, writer: &Writer) -> io::Result<()> {
+        signal(&mut ring.call, writer).map(|wedged| {
+            if wedged {
+                crate::log_limited!(log::Level::Warn,
+                    "queue {index}: the frontend's call eventfd is full and blocking; the driver is no longer signalled (until SET_VRING_CALL)"
+                );
+            }
+        })
+    }
+
+    /// Queue `index` failed (or the device broke): tell the driver. The
+    /// default writes the ring's error eventfd, if any, as
+    /// [`call`](Transport::call) writes the call eventfd.
+    fn queue_failed(&self, index: u16, ring: &mut Signals, writer: &Writer) {
+        match signal(&mut ring.err, writer) {
+            Ok(false) => {}
+            Ok(true) => crate::log_limited!(log::Level::Warn,
+                "queue {index}: the frontend's error eventfd is full and blocking; it is no longer signalled (until SET_VRING_ERR)"
+            ),
+            Err(e) => crate::log_limited!(
+                log::Level::Warn,
+                "queue {index}: signalling error fd: {e}"
+            ),
+        }
+    }
+}
+
+/// Writes 1 to the eventfd in `slot`, if any. A full counter needs no write
+/// (the reader has a signal it has not read); an eventfd the peer made
+/// blocking and full is dropped from `slot` once the write was interrupted:
+/// returns true then.
+fn signal(slot: &mut Option<EventFd>, writer: &Writer) -> io::Result<bool> {
+    let Some(fd) = slot else { return Ok(false) };
+    match writer.write_counter(fd, 1)? {
+        Written::Done | Written::Full => Ok(false),
+        Written::Wedged => {
+            *slot = None;
+            Ok(true)
+        }
+    }
+}
+
+/// A transport with no driver side to report to: misses and access
+/// failures go nowhere (the queue waits for an address-space change), calls
+/// and errors are the rings' eventfds. Used where rings are driven
+/// in-process ([`crate::testing`], the queue layer's tests).
+#[derive(Debug, Default)]
+pub(crate) struct Local;
+
+impl Transport for Local {
+    fn report_miss(&self, _index: u16, _iova: u64, _access: Access) -> MissReport {
+        MissReport::Done
+    }
+
+    fn access_failed(&self, _iova: u64, _access: Access) {}
+}
