@@ -24,6 +24,13 @@
 //! frontend's IOTLB updates and invalidations become maps and unmaps of that
 //! IOAS, and a miss is sent back to the frontend while the queue waits.
 //!
+//! The `/dev/iommu` service through which other processes share the
+//! server's IOAS objects is crate `ioasis-service`, below this one;
+//! [`service`], [`uring`], [`ownership`] and the shared OS pieces
+//! ([`scm`], [`peer_fd`], [`peer_write`], [`accept`], [`socket_policy`],
+//! [`ratelimit`]) are re-exported from it. [`iommu`] has what a backend
+//! needs of iommu-core, so that no backend depends on it directly.
+//!
 //! # Signals
 //!
 //! The framework reserves one real-time signal, `SIGRTMIN() + 5`
@@ -38,36 +45,24 @@
 //! [`Worker`]: device::Worker
 #![deny(missing_docs)]
 
-pub mod accept;
 pub mod device;
 pub mod dma;
 #[cfg(feature = "fault-injection")]
 pub mod fault_injection;
-pub mod ownership;
-pub mod peer_fd;
-pub mod peer_write;
+pub mod iommu;
 pub mod queue;
-pub mod ratelimit;
-pub mod scm;
 pub mod server;
-pub mod service;
-pub mod socket_policy;
 pub mod testing;
 mod transport;
-pub mod uring;
 pub mod vhost_user;
 mod worker;
 
-/// Formats an error with its chain of sources, for logs.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    // Source chains are short; bound the walk anyway.
-    for _ in 0..16 {
-        let Some(c) = cur else { break };
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+/// The `/dev/iommu` service (crate `ioasis-service`): server, client and
+/// wire protocol.
+pub use ioasis_service as service;
+/// The OS-facing pieces the framework shares with the service (crate
+/// `ioasis-service`'s `sys` module), under the names backends use.
+pub use ioasis_service::sys::{accept, peer_fd, peer_write, ratelimit, scm, socket_policy};
+pub use ioasis_service::{log_limited, ownership, uring};
+
+pub(crate) use ioasis_service::sys::error_chain;

@@ -51,6 +51,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::accept::{self, AcceptBackoff};
 use crate::device::Device;
+use crate::iommu::IommuDevice;
 use crate::ownership::RidOwnership;
 use crate::ratelimit::RateLimit;
 use crate::socket_policy::SocketPolicy;
@@ -109,8 +110,9 @@ pub type Result<T> = std::result::Result<T, ServerError>;
 /// A hosted device as the iommu context knows it.
 #[derive(Debug, Clone)]
 pub struct DirectoryEntry {
-    /// The iommu-core device (bound to the server's context).
-    pub device: iommu_core::Device,
+    /// The device as the iommu context knows it (bound to the server's
+    /// context).
+    pub device: IommuDevice,
     /// Its binding id in the context.
     pub dev_id: DevId,
     /// The socket the device listens on.
@@ -165,6 +167,21 @@ impl DeviceDirectory {
     }
 }
 
+/// The hosted devices are offered by a `/dev/iommu` service as they are:
+/// `Service::new(server.iommu().clone(), Arc::new(server.directory()))`.
+impl crate::service::DeviceDirectory for DeviceDirectory {
+    fn device(&self, label: &str) -> Option<IommuDevice> {
+        self.get(label).map(|e| e.device)
+    }
+
+    fn labels(&self) -> Vec<String> {
+        DeviceDirectory::labels(self)
+    }
+
+    fn rid_ownership(&self, label: &str) -> Option<Arc<RidOwnership>> {
+        DeviceDirectory::rid_ownership(self, label)
+    }
+}
 /// Stops a running [`Server`] from any thread.
 #[derive(Debug, Clone)]
 pub struct ShutdownHandle {
@@ -382,7 +399,7 @@ impl Server {
         self.directory.insert(
             label.to_string(),
             DirectoryEntry {
-                device: core.clone(),
+                device: IommuDevice::from(core.clone()),
                 dev_id,
                 socket: path.clone(),
             },
@@ -415,7 +432,8 @@ impl Server {
     /// socket and protocol, such as an SVA accelerator) to the directory,
     /// so that one `/dev/iommu` service offers every device of the process.
     /// The device is bound to the shared iommu context; the returned
-    /// iommu-core device is what the device's own code translates through.
+    /// handle is what the device's own code translates through
+    /// ([`IommuDevice::translator`]).
     /// `socket` is recorded in the directory entry (the server does not
     /// listen on it).
     pub fn add_external_device(
@@ -423,7 +441,7 @@ impl Server {
         label: &str,
         socket: impl AsRef<Path>,
         info: HwInfo,
-    ) -> Result<iommu_core::Device> {
+    ) -> Result<IommuDevice> {
         if label.is_empty() {
             return Err(ServerError::InvalidDevice {
                 label: label.to_string(),
@@ -433,16 +451,15 @@ impl Server {
         if self.directory.get(label).is_some() {
             return Err(ServerError::DuplicateLabel(label.to_string()));
         }
-        let core = iommu_core::Device::new(label, info);
-        let dev_id = self
-            .iommu
-            .bind(&core)
+        let device = IommuDevice::new(label, info);
+        let dev_id = device
+            .bind(&self.iommu)
             .map_err(|source| ServerError::Iommu {
                 label: label.to_string(),
                 source,
             })?;
         let entry = DirectoryEntry {
-            device: core.clone(),
+            device: device.clone(),
             dev_id,
             socket: socket.as_ref().to_path_buf(),
         };
@@ -450,7 +467,7 @@ impl Server {
             let _ = self.iommu.unbind(dev_id);
             return Err(ServerError::DuplicateLabel(label.to_string()));
         }
-        Ok(core)
+        Ok(device)
     }
 
     /// Runs `on_accept` (on the event loop thread) for every connection

@@ -526,7 +526,7 @@ impl Client {
             .hwpt_alloc(&HwptRequest {
                 label: label.to_owned(),
                 pt_id: ioas,
-                flags: iommu_core::IOMMU_HWPT_ALLOC_PASID,
+                flags: ioasis::service::IOMMU_HWPT_ALLOC_PASID,
                 fault_id: Some(fault_id),
                 ..HwptRequest::default()
             })

@@ -84,7 +84,7 @@ pub enum DeviceError {
         label: String,
         /// Cause.
         #[source]
-        source: iommu_core::Error,
+        source: ioasis::iommu::Error,
     },
     /// The `/dev/iommu` service could not be started.
     #[error("cannot serve /dev/iommu on {path}")]
@@ -114,11 +114,11 @@ pub const DEFAULT_LABEL: &str = "sva0";
 
 /// Hardware information the device reports to iommu-core: 20-bit PASIDs
 /// and I/O page faults.
-pub fn hw_info() -> iommu_core::HwInfo {
-    iommu_core::HwInfo {
+pub fn hw_info() -> ioasis::iommu::HwInfo {
+    ioasis::iommu::HwInfo {
         max_pasid_log2: 20,
         iopf: true,
-        ..iommu_core::HwInfo::default()
+        ..ioasis::iommu::HwInfo::default()
     }
 }
 
@@ -155,9 +155,9 @@ pub fn serve_iommu_with(
     policy: SocketPolicy,
     options: &ioasis::service::ServiceOptions,
 ) -> Result<(IommuBinding, ioasis::service::ServiceThread)> {
-    let iommu = iommu_core::Iommu::new();
-    let device = iommu_core::Device::new(label, hw_info());
-    iommu.bind(&device).map_err(|source| DeviceError::Bind {
+    let iommu = ioasis::iommu::Iommu::new();
+    let device = ioasis::iommu::IommuDevice::new(label, hw_info());
+    device.bind(&iommu).map_err(|source| DeviceError::Bind {
         label: label.to_owned(),
         source,
     })?;
@@ -368,7 +368,7 @@ struct Shared {
 pub struct IommuBinding {
     /// The iommu-core device (bound to the service's context, PASID and
     /// IOPF capable).
-    pub device: iommu_core::Device,
+    pub device: ioasis::iommu::IommuDevice,
     /// The service whose sessions own the PASIDs clients present.
     pub service: ServiceHandle,
 }

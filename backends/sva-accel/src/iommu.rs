@@ -27,7 +27,7 @@ use std::sync::Arc;
 /// it and not yet answered and resumed), and one fault of it: iommu-core's,
 /// which the `/dev/iommu` service also charges each session's fault queues
 /// to.
-pub use iommu_core::{FaultBudget, FaultSlot};
+pub use ioasis::iommu::{FaultBudget, FaultSlot};
 
 /// The first translation failure seen in a view.
 #[derive(Debug)]
@@ -203,23 +203,23 @@ mod tests {
     use crate::desc::{flags, status, Descriptor};
     use crate::engine::{execute, read_bytes, Job, Limits, Outcome, Resume};
     use ioasis::dma::{FaultStatus, PageResponseCode, Perm};
-    use iommu_core::{HwptAlloc, Iommu, Memory, IOMMU_HWPT_ALLOC_PASID};
+    use ioasis::iommu::{HwptAlloc, Iommu, IommuDevice, Memory, IOMMU_HWPT_ALLOC_PASID};
 
     const PASID: u32 = 5;
     const BASE: u64 = 0x10_0000;
 
     struct Rig {
         iommu: Iommu,
-        dev: iommu_core::Device,
+        dev: IommuDevice,
         ioas: u32,
-        faults: Option<iommu_core::FaultQueue>,
+        faults: Option<ioasis::iommu::FaultQueue>,
         _mem: std::sync::Arc<Memory>,
     }
 
     fn rig(with_faults: bool) -> Rig {
         let iommu = Iommu::new();
-        let dev = iommu_core::Device::new("sva-test", crate::device::hw_info());
-        let dev_id = iommu.bind(&dev).expect("bind");
+        let dev = IommuDevice::new("sva-test", crate::device::hw_info());
+        let dev_id = dev.bind(&iommu).expect("bind");
         let ioas = iommu.ioas_alloc().expect("ioas");
         let mem = Memory::anonymous("t", 0x4000).expect("memory");
         // Two pages mapped, then a hole, then one more page.

@@ -165,7 +165,7 @@ fn test_session_shared_ioas_with_plain_iovas() {
         .hwpt_alloc(&HwptRequest {
             label: DEFAULT_LABEL.into(),
             pt_id: ioas,
-            flags: iommu_core::IOMMU_HWPT_ALLOC_PASID,
+            flags: ioasis::service::IOMMU_HWPT_ALLOC_PASID,
             fault_id: Some(fault_id),
             ..HwptRequest::default()
         })
@@ -240,7 +240,7 @@ fn test_released_pasid_is_unbound_before_reuse() {
         .hwpt_alloc(&ioasis::service::HwptRequest {
             label: DEFAULT_LABEL.into(),
             pt_id: ioas,
-            flags: iommu_core::IOMMU_HWPT_ALLOC_PASID,
+            flags: ioasis::service::IOMMU_HWPT_ALLOC_PASID,
             fault_id: Some(fault_id),
             ..Default::default()
         })

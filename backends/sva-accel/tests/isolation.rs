@@ -234,7 +234,7 @@ fn service_session(d: &Daemon) -> (ioasis::service::Client, u32) {
         .hwpt_alloc(&HwptRequest {
             label: DEFAULT_LABEL.into(),
             pt_id: ioas,
-            flags: iommu_core::IOMMU_HWPT_ALLOC_PASID,
+            flags: ioasis::service::IOMMU_HWPT_ALLOC_PASID,
             ..HwptRequest::default()
         })
         .expect("hwpt");

@@ -12,7 +12,7 @@
 //!   syscall per record on both sides;
 //! - the ratio.
 //!
-//! `cargo bench -p ioasis --bench fault_path` (add `-- --quick` for a
+//! `cargo bench -p ioasis-service --bench fault_path` (add `-- --quick` for a
 //! shorter run).
 
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -20,12 +20,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ioasis::service::QueueSource;
-use ioasis::uring::record::{FAULT_RECORD_SIZE, PAGE_RESPONSE_SIZE};
-use ioasis::uring::{
+use ioasis_service::uring::record::{FAULT_RECORD_SIZE, PAGE_RESPONSE_SIZE};
+use ioasis_service::uring::{
     fault_channel_pair, ChannelError, FaultBatch, FaultChannel, FaultPump, PageResponse, Wait,
     MAX_FAULT_PACKET,
 };
+use ioasis_service::QueueSource;
 use iommu_core::{Device, Error, FaultStatus, HwInfo, HwptAlloc, Iommu, Translator};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{recv, send, MsgFlags};

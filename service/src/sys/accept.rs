@@ -4,7 +4,7 @@
 //! accept that fails for lack of resources (`EMFILE`, `ENFILE`, `ENOBUFS`,
 //! `ENOMEM`) would fail again at once in a level-triggered loop: the daemon
 //! spun at 63-98 % CPU and logged 14-24 MB/s at the fd limit. Every accept
-//! loop (the [`crate::server::Server`]'s device and extra listeners, the
+//! loop (the device framework's `ioasis::server::Server`'s device and extra listeners, the
 //! `/dev/iommu` service, the sva-accel portal) keeps an [`AcceptBackoff`]:
 //! after a failure it stops watching the listener for a pause that doubles
 //! from [`AcceptBackoff::MIN_PAUSE`] up to [`AcceptBackoff::MAX_PAUSE`]
@@ -18,7 +18,7 @@
 use std::io;
 use std::time::Duration;
 
-use crate::ratelimit::RateLimit;
+use crate::sys::ratelimit::RateLimit;
 
 static ACCEPT_FAILED: RateLimit = RateLimit::peer();
 static ACCEPTING_AGAIN: RateLimit = RateLimit::peer();

@@ -1,8 +1,8 @@
 //! A service's settings as an administrator gives them on a daemon's
 //! command line.
 
-use super::Limits;
 use crate::ownership::Grants;
+use crate::Limits;
 
 /// What a daemon's administrator sets for its `/dev/iommu` service: who may
 /// attach which device ([`Grants::grant`], from `--grant DEVICE=WHO`), and
@@ -30,7 +30,7 @@ Limits (--limit NAME=VALUE; sizes take K, M, G or T):
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::service::{Resource, Scope};
+    use crate::{Resource, Scope};
 
     /// Every limit is named in [`ServiceOptions::LIMITS_HELP`] with its
     /// default (but `fds-total`, which follows `RLIMIT_NOFILE`), and no

@@ -4,11 +4,11 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use ioasis::service::QueueSource;
-use ioasis::uring::record::{FAULT_PERM_READ, FAULT_PERM_WRITE, PAGE_RESP_SUCCESS};
-use ioasis::uring::{
+use ioasis_service::uring::record::{FAULT_PERM_READ, FAULT_PERM_WRITE, PAGE_RESP_SUCCESS};
+use ioasis_service::uring::{
     fault_channel_pair, FaultBatch, FaultChannel, FaultPump, PageResponse, Rejection, Wait,
 };
+use ioasis_service::QueueSource;
 use iommu_core::{Device, Error, FaultStatus, HwInfo, HwptAlloc, Iommu, PendingFault};
 
 const WAIT: Wait = Wait::Timeout(Duration::from_secs(10));
@@ -234,7 +234,7 @@ fn test_consumer_gone_closes_the_pump_and_pump_gone_closes_the_consumer() {
     // The record may or may not be sent before the close is seen; the
     // next step must report the closed channel.
     let res = r.pump.pump_out().and_then(|_| r.pump.pump_in());
-    assert!(matches!(res, Err(ioasis::uring::PumpError::Closed)));
+    assert!(matches!(res, Err(ioasis_service::uring::PumpError::Closed)));
 
     let r2 = rig(1);
     let mut chan = r2.chan;
@@ -242,6 +242,6 @@ fn test_consumer_gone_closes_the_pump_and_pump_gone_closes_the_consumer() {
     let mut b = FaultBatch::default();
     assert!(matches!(
         chan.recv(&mut b, WAIT),
-        Err(ioasis::uring::ChannelError::Closed)
+        Err(ioasis_service::uring::ChannelError::Closed)
     ));
 }

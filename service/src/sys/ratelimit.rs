@@ -12,7 +12,7 @@
 //! ```
 //! for n in 0..1000 {
 //!     // 10 lines, then silence for the rest of the 10 s window.
-//!     ioasis::log_limited!(log::Level::Warn, "malformed packet {n} dropped");
+//!     ioasis_service::log_limited!(log::Level::Warn, "malformed packet {n} dropped");
 //! }
 //! ```
 //!
@@ -99,11 +99,11 @@ impl RateLimit {
 #[macro_export]
 macro_rules! log_limited {
     (limit: $limit:expr, $level:expr, $($arg:tt)+) => {{
-        if let ::core::option::Option::Some(n) = $crate::ratelimit::RateLimit::admit(&$limit) {
+        if let ::core::option::Option::Some(n) = $crate::sys::ratelimit::RateLimit::admit(&$limit) {
             if n == 0 {
-                $crate::ratelimit::__log::log!($level, $($arg)+);
+                $crate::sys::ratelimit::__log::log!($level, $($arg)+);
             } else {
-                $crate::ratelimit::__log::log!(
+                $crate::sys::ratelimit::__log::log!(
                     $level,
                     "{} ({} similar lines suppressed)",
                     ::core::format_args!($($arg)+),
@@ -113,7 +113,7 @@ macro_rules! log_limited {
         }
     }};
     ($level:expr, $($arg:tt)+) => {{
-        static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::peer();
+        static LIMIT: $crate::sys::ratelimit::RateLimit = $crate::sys::ratelimit::RateLimit::peer();
         $crate::log_limited!(limit: LIMIT, $level, $($arg)+)
     }};
 }

@@ -13,12 +13,12 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ioasis::service::proto::*;
-use ioasis::service::{
+use ioasis_service::proto::*;
+use ioasis_service::uring::{FaultBatch, PageResponse, Wait};
+use ioasis_service::{
     sealed_memfd, Client, HwptRequest, MapPerm, Service, ServiceObserver, ServiceThread,
     SessionInfo, StaticDirectory,
 };
-use ioasis::uring::{FaultBatch, PageResponse, Wait};
 use iommu_core::{Device, FaultStatus, HwInfo, Iommu, Memory, Perm, IOMMU_HWPT_ALLOC_PASID};
 
 const CHILD_ENV: &str = "IOASIS_SERVICE_CHILD";
@@ -90,7 +90,7 @@ impl Fixture {
         Client::connect(&self.path).expect("connect")
     }
 
-    fn handle(&self) -> &ioasis::service::ServiceHandle {
+    fn handle(&self) -> &ioasis_service::ServiceHandle {
         self.thread.as_ref().expect("running").handle()
     }
 
@@ -120,7 +120,7 @@ impl Fixture {
     }
 }
 
-fn remote_errno(r: std::result::Result<impl std::fmt::Debug, ioasis::service::ClientError>) -> i32 {
+fn remote_errno(r: std::result::Result<impl std::fmt::Debug, ioasis_service::ClientError>) -> i32 {
     match r {
         Err(e) => e.errno().expect("errno"),
         Ok(v) => panic!("expected an error, got {v:?}"),
@@ -136,7 +136,7 @@ fn remote_errno(r: std::result::Result<impl std::fmt::Debug, ioasis::service::Cl
 fn destroy_closed_queue(
     c: &mut Client,
     id: u32,
-) -> std::result::Result<(), ioasis::service::ClientError> {
+) -> std::result::Result<(), ioasis_service::ClientError> {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         match c.destroy(id) {
@@ -646,7 +646,7 @@ fn test_session_limits_are_enforced() {
     let fx = Fixture::new();
     let mut c = fx.client();
     let mut chans = Vec::new();
-    for _ in 0..ioasis::service::MAX_FAULT_QUEUES_PER_SESSION {
+    for _ in 0..ioasis_service::MAX_FAULT_QUEUES_PER_SESSION {
         chans.push(c.fault_queue_alloc_fd().expect("fault queue"));
     }
     assert_eq!(remote_errno(c.fault_queue_alloc_fd()), libc::ENOSPC);

@@ -1,5 +1,29 @@
-//! The userspace `/dev/iommu` service: how other processes share IOAS
-//! objects with the devices of this server.
+//! ioasis-service: the userspace `/dev/iommu` service, between iommu-core
+//! (the IOMMU model) and the device framework (crate `ioasis`).
+//!
+//! The crate holds the service ([`Service`], server side), its wire
+//! protocol ([`proto`], [`transport`]) and client ([`Client`]), io_uring
+//! fault delivery and invalidation completion ([`uring`]), device and RID
+//! ownership ([`ownership`]), and the small OS-facing pieces the service
+//! and the device framework share ([`sys`]: fd passing, peer fds, accept
+//! backoff, socket policy, rate-limited logs). The framework re-exports
+//! what backends use, so a backend names these as `ioasis::service`,
+//! `ioasis::uring`, `ioasis::ownership`, `ioasis::scm`, ...
+//!
+//! # Features
+//!
+//! - `client`: [`Client`] and what it needs (the protocol, the fault
+//!   channel consumer). A process that only connects builds with
+//!   `default-features = false, features = ["client"]`.
+//! - `server`: [`Service`] and its machinery (fault pump, invalidation
+//!   hub, limits, grants, accept backoff, socket policy, the peer-write
+//!   guard). The device framework depends on it.
+//!
+//! Both are on by default.
+//!
+//! # The service
+//!
+//! How other processes share IOAS objects with the devices of a server.
 //!
 //! A [`Service`] listens on a `SOCK_SEQPACKET` unix socket. Each connection
 //! is a *session*: the userspace analogue of a process that opened
@@ -49,7 +73,7 @@
 //!   makes the session its owner (another session gets `EBUSY`) until it
 //!   detaches or closes, when the RID returns to the connection's IOAS. See
 //!   [`crate::ownership::RidOwnership`] for the arbitration and
-//!   [`crate::vhost_user`] for what the frontend must negotiate and what it
+//!   the device framework's `ioasis::vhost_user` for what the frontend must negotiate and what it
 //!   may send meanwhile.
 //! - A fault queue's channel is its fd: DESTROY of a queue whose channel
 //!   the client still holds (any copy of it) is `EBUSY`, as `IOMMU_DESTROY`
@@ -71,9 +95,9 @@
 //!
 //! # Running it
 //!
-//! A [`crate::server::Server`]'s hosted devices are a [`DeviceDirectory`]
-//! as they are (devices with their own socket and protocol join it with
-//! [`crate::server::Server::add_external_device`]):
+//! The device framework's `ioasis::server::Server`'s hosted devices are a
+//! [`DeviceDirectory`] as they are (devices with their own socket and
+//! protocol join it with `Server::add_external_device`):
 //! `Service::bind(path, server.iommu().clone(), Arc::new(server.directory()))`.
 //! [`Service::spawn`] runs it on its own thread; or put
 //! [`Service::poll_fd`] in another event loop and call
@@ -96,19 +120,41 @@
 //! the invalidation completes in the background. A closing session's
 //! detaches complete in the background too.
 
-pub mod client;
-mod ledger;
-mod limits;
-mod options;
-pub mod proto;
-pub mod server;
-pub mod transport;
+#![deny(missing_docs)]
 
+#[cfg(feature = "client")]
+pub mod client;
+#[cfg(feature = "server")]
+mod device;
+#[cfg(feature = "server")]
+mod ledger;
+#[cfg(feature = "server")]
+mod limits;
+#[cfg(feature = "server")]
+mod options;
+pub mod ownership;
+pub mod proto;
+#[cfg(feature = "server")]
+pub mod server;
+pub mod sys;
+pub mod transport;
+pub mod uring;
+
+#[cfg(feature = "client")]
 pub use client::{sealed_memfd, Client, ClientError, DeviceInfo, HwptRequest, MapPerm};
+#[cfg(feature = "server")]
+pub use device::IommuDevice;
+/// The HWPT allocation flag a client sets to make a HWPT PASID-capable
+/// ([`HwptRequest::flags`](client::HwptRequest)).
+pub use iommu_core::IOMMU_HWPT_ALLOC_PASID;
+#[cfg(feature = "server")]
 pub use ledger::{Exceeded, Usage};
+#[cfg(feature = "server")]
 pub use limits::{Limits, Resource, Scope};
+#[cfg(feature = "server")]
 pub use options::ServiceOptions;
 pub use proto::WireInvalidation;
+#[cfg(feature = "server")]
 pub use server::{
     DeviceDirectory, QueueSource, Service, ServiceError, ServiceHandle, ServiceObserver,
     ServiceThread, SessionInfo, StaticDirectory, MAX_FAULT_QUEUES_PER_SESSION,

@@ -3,8 +3,8 @@
 //!
 //! Every receive site of the framework and its backends that accepts fds
 //! goes through [`recv_with_fds`]: vhost-user messages
-//! ([`crate::vhost_user::msg::recv_message`]), the `/dev/iommu` service
-//! transport ([`crate::service::transport::recv_packet`], both ends) and the
+//! (`ioasis::vhost_user::msg::recv_message`), the `/dev/iommu` service
+//! transport ([`crate::transport::recv_packet`], both ends) and the
 //! sva-accel portal. It
 //!
 //! - offers the kernel room for the most fds one message can carry

@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use ioasis::service::proto::{Opcode, Reply, ReplyBody, Request};
-use ioasis::service::transport::{recv_packet, send_packet};
-use ioasis::service::{
+use ioasis_service::proto::{Opcode, Reply, ReplyBody, Request};
+use ioasis_service::transport::{recv_packet, send_packet};
+use ioasis_service::{
     sealed_memfd, Client, MapPerm, Service, ServiceHandle, ServiceThread, StaticDirectory,
 };
 use iommu_core::{Device, HwInfo, Iommu};

@@ -3,7 +3,7 @@
 //! to an errno; generated requests survive an encode/decode round trip.
 
 use arbitrary::{Result as ArbResult, Unstructured};
-use ioasis::service::proto::*;
+use ioasis_service::proto::*;
 
 /// Deterministic bytes for `Unstructured` (xorshift64*), so failures replay.
 fn bytes(seed: u64, n: usize) -> Vec<u8> {

@@ -480,9 +480,9 @@ impl Drop for InvalidationHub {
     fn drop(&mut self) {
         // Complete every pending ticket (their own drop would block anyway),
         // nudging laggards (a worker wedged in a write to a frontend's
-        // eventfd is interrupted: `crate::peer_write`).
+        // eventfd is interrupted: `crate::sys::peer_write`).
         for (_, t) in self.ops.drain() {
-            crate::peer_write::wait_ticket(t);
+            crate::sys::peer_write::wait_ticket(t);
         }
         // Make every armed read complete, then reap them, so the kernel
         // never writes into a freed buffer.

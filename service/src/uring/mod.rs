@@ -28,7 +28,9 @@
 //! waits on the acknowledgements and completes the two-phase unmap.
 
 pub mod channel;
+#[cfg(feature = "server")]
 pub mod invalidate;
+#[cfg(feature = "server")]
 pub mod pump;
 pub mod record;
 
@@ -41,7 +43,9 @@ pub use channel::{
     ChannelError, FaultBatch, FaultChannel, Wait, MAX_FAULT_PACKET, MAX_RECORDS_PER_PACKET,
     MAX_RESPONSES_PER_PACKET, MAX_RESPONSE_PACKET,
 };
+#[cfg(feature = "server")]
 pub use invalidate::{HubError, HubStats, InvalidationHub, Linker, ThreadLink};
+#[cfg(feature = "server")]
 pub use pump::{FaultPump, FaultSource, PumpError, PumpStats};
 pub use record::{FaultRecord, PageResponse, Rejection};
 
@@ -58,5 +62,5 @@ pub fn fault_channel_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((a, b))
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "server"))]
 mod tests;

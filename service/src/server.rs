@@ -10,8 +10,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use iommu_core::{
-    Device, FaultBudget, FaultQueue, HwInfo, HwptAlloc, HwptData, InvalidateEntry,
-    InvalidationTicket, Iommu, IovaRange, Memory, PageResponseCode, Perm,
+    FaultBudget, FaultQueue, HwInfo, HwptAlloc, HwptData, InvalidateEntry, InvalidationTicket,
+    Iommu, IovaRange, Memory, PageResponseCode, Perm,
 };
 use log::{debug, warn};
 use nix::errno::Errno;
@@ -21,15 +21,16 @@ use nix::sys::socket::{self, AddressFamily, SockFlag, SockType};
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use thiserror::Error;
 
-use super::ledger::{Exceeded, Ledger, Usage};
-use super::limits::{Limits, Resource};
-use super::proto::*;
-use super::transport::{recv_packet, send_packet};
-use crate::accept::AcceptBackoff;
+use crate::device::IommuDevice;
+use crate::ledger::{Exceeded, Ledger, Usage};
+use crate::limits::{Limits, Resource};
 use crate::log_limited;
 use crate::ownership::{Grantee, Grants, Peer, Refusal, RidOwnership};
-use crate::ratelimit::RateLimit;
-use crate::socket_policy::{peer_cred, SocketPolicy};
+use crate::proto::*;
+use crate::sys::accept::AcceptBackoff;
+use crate::sys::ratelimit::RateLimit;
+use crate::sys::socket_policy::{peer_cred, SocketPolicy};
+use crate::transport::{recv_packet, send_packet};
 use crate::uring::invalidate::OpId;
 use crate::uring::{
     fault_channel_pair, FaultPump, FaultRecord, FaultSource, InvalidationHub, Linker, PageResponse,
@@ -60,12 +61,12 @@ pub const MAX_PASID_SCAN: u32 = 1 << 16;
 
 /// The devices a service offers to its clients, by label.
 ///
-/// The devices must be bound to the service's [`Iommu`]. The server
-/// (`crate::server`) implements this for its hosted devices; a
+/// The devices must be bound to the service's [`Iommu`]. The device
+/// framework's server (`ioasis::server`) implements this for its hosted devices; a
 /// [`StaticDirectory`] serves tests and small programs.
 pub trait DeviceDirectory: Send + Sync {
     /// The device with this label, if offered.
-    fn device(&self, label: &str) -> Option<Device>;
+    fn device(&self, label: &str) -> Option<IommuDevice>;
     /// Labels of every offered device.
     fn labels(&self) -> Vec<String>;
     /// For a device whose RID a vhost-user connection holds on its own
@@ -80,7 +81,7 @@ pub trait DeviceDirectory: Send + Sync {
 /// A [`DeviceDirectory`] holding a fixed set of devices.
 #[derive(Debug, Default)]
 pub struct StaticDirectory {
-    devices: RwLock<BTreeMap<String, Device>>,
+    devices: RwLock<BTreeMap<String, IommuDevice>>,
 }
 
 impl StaticDirectory {
@@ -90,20 +91,21 @@ impl StaticDirectory {
     }
 
     /// Offers `device` under its label (replacing one of the same label).
-    pub fn insert(&self, device: Device) {
+    pub fn insert(&self, device: impl Into<IommuDevice>) {
+        let device = device.into();
         let mut g = self.devices.write().unwrap_or_else(|e| e.into_inner());
         g.insert(device.label().to_owned(), device);
     }
 
     /// Withdraws a device.
-    pub fn remove(&self, label: &str) -> Option<Device> {
+    pub fn remove(&self, label: &str) -> Option<IommuDevice> {
         let mut g = self.devices.write().unwrap_or_else(|e| e.into_inner());
         g.remove(label)
     }
 }
 
 impl DeviceDirectory for StaticDirectory {
-    fn device(&self, label: &str) -> Option<Device> {
+    fn device(&self, label: &str) -> Option<IommuDevice> {
         let g = self.devices.read().unwrap_or_else(|e| e.into_inner());
         g.get(label).cloned()
     }
@@ -111,22 +113,6 @@ impl DeviceDirectory for StaticDirectory {
     fn labels(&self) -> Vec<String> {
         let g = self.devices.read().unwrap_or_else(|e| e.into_inner());
         g.keys().cloned().collect()
-    }
-}
-
-/// The hosted devices of a [`crate::server::Server`] are offered as they
-/// are: `Service::new(server.iommu().clone(), Arc::new(server.directory()))`.
-impl DeviceDirectory for crate::server::DeviceDirectory {
-    fn device(&self, label: &str) -> Option<Device> {
-        self.get(label).map(|e| e.device)
-    }
-
-    fn labels(&self) -> Vec<String> {
-        crate::server::DeviceDirectory::labels(self)
-    }
-
-    fn rid_ownership(&self, label: &str) -> Option<Arc<RidOwnership>> {
-        crate::server::DeviceDirectory::rid_ownership(self, label)
     }
 }
 
@@ -555,7 +541,7 @@ pub struct Service {
     hub: InvalidationHub,
     sessions: HashMap<u64, Session>,
     next_session: u64,
-    /// Accept failures ([`crate::accept`]): the listener is left out of the
+    /// Accept failures ([`crate::sys::accept`]): the listener is left out of the
     /// epoll set until `accept_timer` fires.
     accept_backoff: AcceptBackoff,
     accept_timer: TimerFd,
@@ -899,7 +885,7 @@ impl Service {
                     }
                 }
                 Err(Errno::EAGAIN) => break,
-                Err(e) if crate::accept::is_transient(&e.into()) => continue,
+                Err(e) if crate::sys::accept::is_transient(&e.into()) => continue,
                 Err(e) => {
                     let pause = self.accept_backoff.failed("service", &e.into());
                     self.pause_accepting(&l, pause);
@@ -955,7 +941,7 @@ impl Service {
 
     /// Opens a session for the client on `fd`, whose credentials are `peer`.
     fn add_session(&mut self, fd: OwnedFd, peer: Peer) -> io::Result<()> {
-        crate::peer_fd::set_nonblocking(fd.as_fd())?;
+        crate::sys::peer_fd::set_nonblocking(fd.as_fd())?;
         let Peer { pid, uid, gid } = peer;
         // A session costs a session and its socket.
         let mut usage = Usage::default();
@@ -1566,7 +1552,7 @@ impl Service {
         }
     }
 
-    fn device(&self, label: &str) -> Result<(Device, u32), Fail> {
+    fn device(&self, label: &str) -> Result<(IommuDevice, u32), Fail> {
         let dev = self
             .shared
             .dir
@@ -2248,7 +2234,7 @@ mod tests {
 
     use super::*;
     use crate::ownership::RidHolder;
-    use crate::service::Client;
+    use crate::Client;
 
     /// A holder that records being flagged for a reset.
     #[derive(Default)]
@@ -2263,12 +2249,12 @@ mod tests {
 
     /// One device whose RID a (simulated) connection holds.
     struct OneRid {
-        dev: Device,
+        dev: IommuDevice,
         rid: Arc<RidOwnership>,
     }
 
     impl DeviceDirectory for OneRid {
-        fn device(&self, label: &str) -> Option<Device> {
+        fn device(&self, label: &str) -> Option<IommuDevice> {
             (label == self.dev.label()).then(|| self.dev.clone())
         }
         fn labels(&self) -> Vec<String> {
@@ -2281,8 +2267,8 @@ mod tests {
 
     fn setup() -> (Iommu, Arc<OneRid>, u32) {
         let iommu = Iommu::new();
-        let dev = Device::new("d0", HwInfo::default());
-        let dev_id = iommu.bind(&dev).expect("bind");
+        let dev = IommuDevice::new("d0", HwInfo::default());
+        let dev_id = dev.bind(&iommu).expect("bind");
         let dir = Arc::new(OneRid {
             dev,
             rid: Arc::new(RidOwnership::new()),

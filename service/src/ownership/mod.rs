@@ -3,13 +3,13 @@
 //! iommufd's model is that a device is attached only by whoever holds its
 //! bound fd. A device server has no device fds to hand out, so ioasis
 //! states the same rule in three parts, all enforced by the `/dev/iommu`
-//! service ([`crate::service`]):
+//! service ([the crate](crate)):
 //!
 //! 1. **Grants** ([`Grants`]): a device's RID and PASIDs are attached (and
 //!    its PASIDs reserved, its HWPTs allocated) only by a session whose
 //!    peer ([`Peer`], from `SO_PEERCRED`) the device was granted to. The
 //!    daemon's configuration grants devices (`--grant DEVICE=WHO`,
-//!    [`crate::service::Service::grant`]); a device nobody was granted is
+//!    [`crate::Service::grant`]); a device nobody was granted is
 //!    granted to the daemon's own user, the owner of its sockets.
 //! 2. **The holder's consent** ([`RidOwnership`]): a device whose RID a
 //!    vhost-user frontend holds (its connection attached the RID to an

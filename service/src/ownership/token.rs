@@ -7,7 +7,7 @@ use std::io::{self, Read};
 pub const TOKEN_LEN: usize = 16;
 
 /// A random 128-bit secret. The process of a device's vhost-user frontend
-/// obtains one from the service (`RID_TOKEN`, [`crate::service::Client::rid_token`])
+/// obtains one from the service (`RID_TOKEN`, [`crate::Client::rid_token`])
 /// and passes it to the process it delegates to, whose session redeems it
 /// (`RID_CLAIM`). It is good for one redemption, only while the connection
 /// that issued it lives, and issuing a new one voids the previous.

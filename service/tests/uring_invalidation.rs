@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use ioasis::uring::InvalidationHub;
+use ioasis_service::uring::InvalidationHub;
 use iommu_core::{Device, HwInfo, Iommu, Memory, Perm};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 

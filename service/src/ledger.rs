@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use thiserror::Error;
 
-use super::limits::{Limits, Resource, Scope};
+use crate::limits::{Limits, Resource, Scope};
 
 /// Counts of every [`Resource`].
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

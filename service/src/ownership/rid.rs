@@ -82,9 +82,9 @@ pub(crate) struct Holder {
 #[derive(Default)]
 pub struct RidState {
     /// The session that owns the RID.
-    pub(crate) owner: Option<u64>,
+    pub owner: Option<u64>,
     /// The holder's own IOAS, while it exists.
-    pub(crate) private: Option<IoasId>,
+    pub private: Option<IoasId>,
     holder: Option<Holder>,
 }
 
@@ -109,14 +109,14 @@ impl RidState {
 
     /// The holder says whether its addresses are IOVAs (`None`: undecided
     /// again, after a reset).
-    pub(crate) fn set_holder_iovas(&mut self, iovas: Option<bool>) {
+    pub fn set_holder_iovas(&mut self, iovas: Option<bool>) {
         if let Some(h) = &mut self.holder {
             h.iovas = iovas;
         }
     }
 
     /// Flags the holder as needing a reset.
-    pub(crate) fn flag_needs_reset(&self) {
+    pub fn flag_needs_reset(&self) {
         if let Some(h) = &self.holder {
             h.hooks.needs_reset();
         }
@@ -158,7 +158,7 @@ impl RidState {
 }
 
 /// The RID arbitration of one device, shared by its holder and the
-/// `/dev/iommu` service ([`crate::service::DeviceDirectory::rid_ownership`]).
+/// `/dev/iommu` service ([`crate::DeviceDirectory::rid_ownership`]).
 #[derive(Debug, Default)]
 pub struct RidOwnership {
     state: Mutex<RidState>,
@@ -170,7 +170,9 @@ impl RidOwnership {
         Self::default()
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, RidState> {
+    /// The arbitration state, locked (poisoning ignored). Hold it across
+    /// an iommu operation that changes who the RID is attached to.
+    pub fn lock(&self) -> MutexGuard<'_, RidState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 

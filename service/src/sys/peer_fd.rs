@@ -21,7 +21,7 @@
 //!
 //! Writes have no per-call equivalent (eventfds refuse `RWF_NOWAIT` on
 //! write): a frontend that clears `O_NONBLOCK` again and fills a call or
-//! error counter makes the worker's write wait. [`crate::peer_write`]
+//! error counter makes the worker's write wait. [`crate::sys::peer_write`]
 //! interrupts such a write whenever another thread needs to get past the
 //! worker.
 //!

@@ -7,9 +7,9 @@ use std::path::Path;
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
 use thiserror::Error;
 
-use super::proto::*;
-use super::transport::{recv_packet, send_packet};
 use crate::ownership::HandoverToken;
+use crate::proto::*;
+use crate::transport::{recv_packet, send_packet};
 use crate::uring::{ChannelError, FaultChannel};
 
 /// Errors of the client library.

@@ -7,8 +7,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use nix::errno::Errno;
 use nix::sys::socket::{self, ControlMessage, MsgFlags};
 
-use super::proto::{MAX_FDS, MAX_MESSAGE};
-use crate::scm::recv_with_fds;
+use crate::proto::{MAX_FDS, MAX_MESSAGE};
+use crate::sys::scm::recv_with_fds;
 
 /// A received packet.
 #[derive(Debug)]
@@ -42,7 +42,7 @@ pub fn recv_packet(fd: BorrowedFd<'_>) -> io::Result<Option<Packet>> {
 }
 
 fn recv_into(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<Packet>> {
-    // Every fd that arrived is owned from here on (crate::scm): an excess, a
+    // Every fd that arrived is owned from here on (crate::sys::scm): an excess, a
     // truncation or any error path below closes them.
     let got = {
         let mut iov = [IoSliceMut::new(buf)];

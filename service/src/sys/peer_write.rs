@@ -2,7 +2,7 @@
 //!
 //! A worker signals the driver by writing its vring call eventfd (and
 //! reports a failed queue on the vring error eventfd). Those files are the
-//! frontend's: [`crate::peer_fd`] makes them `O_NONBLOCK` on arrival, but
+//! frontend's: [`crate::sys::peer_fd`] makes them `O_NONBLOCK` on arrival, but
 //! the flag belongs to the open file, which the frontend shares. A hostile
 //! frontend clears it again on its own copy and writes
 //! `0xfffffffffffffffe` into the counter; the worker's next `write(2)` of 1
@@ -108,7 +108,7 @@ fn handler_installed() -> bool {
 
 /// How a write to a peer's eventfd ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Written {
+pub enum Written {
     /// The counter was incremented.
     Done,
     /// The counter is full and the file non-blocking (`EAGAIN`): the peer
@@ -135,7 +135,7 @@ unsafe impl Killable for Running<'_> {
 
 /// One thread that writes to peers' eventfds, as others see it.
 #[derive(Debug, Default)]
-pub(crate) struct Writer {
+pub struct Writer {
     /// Odd while the thread is inside [`Writer::write_counter`].
     seq: AtomicU64,
     /// The thread, from [`Writer::attach`] until [`Writer::detach`]. Held
@@ -270,7 +270,7 @@ impl Backoff {
 /// after [`GRACE`] each look calls `interrupt` (which should call
 /// [`Writer::interrupt`] on the threads that may hold it). Ignores
 /// poisoning, like every lock of the framework's shared state.
-pub(crate) fn lock<'a, T>(m: &'a Mutex<T>, interrupt: impl Fn()) -> MutexGuard<'a, T> {
+pub fn lock<'a, T>(m: &'a Mutex<T>, interrupt: impl Fn()) -> MutexGuard<'a, T> {
     let mut b = Backoff::new();
     loop {
         match m.try_lock() {
@@ -288,7 +288,7 @@ pub(crate) fn lock<'a, T>(m: &'a Mutex<T>, interrupt: impl Fn()) -> MutexGuard<'
 /// Joins `handle`, the thread `writer` is attached to, interrupting it
 /// while it sits in a peer write (after [`GRACE`]). Returns `false` if the
 /// thread panicked.
-pub(crate) fn join(handle: JoinHandle<()>, writer: &Writer) -> bool {
+pub fn join(handle: JoinHandle<()>, writer: &Writer) -> bool {
     let mut b = Backoff::new();
     while !handle.is_finished() {
         if b.past_grace() {
@@ -302,7 +302,7 @@ pub(crate) fn join(handle: JoinHandle<()>, writer: &Writer) -> bool {
 /// Waits until `ticket` completes, nudging its translators (a worker's
 /// nudge hook interrupts its peer write) after [`GRACE`] and then every
 /// [`GRACE`].
-pub(crate) fn wait_ticket(mut ticket: iommu_core::InvalidationTicket) {
+pub fn wait_ticket(mut ticket: iommu_core::InvalidationTicket) {
     let start = Instant::now();
     let mut warned = false;
     while !ticket.wait_timeout(GRACE) {
