@@ -169,7 +169,7 @@ impl DeviceDirectory {
 
 /// The hosted devices are offered by a `/dev/iommu` service as they are:
 /// `Service::new(server.iommu().clone(), Arc::new(server.directory()))`.
-impl crate::service::DeviceDirectory for DeviceDirectory {
+impl crate::service::Directory for DeviceDirectory {
     fn device(&self, label: &str) -> Option<IommuDevice> {
         self.get(label).map(|e| e.device)
     }

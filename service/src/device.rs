@@ -7,7 +7,7 @@ use iommu_core::{DevId, Error, FaultWaker, HwInfo, Iommu, Translator};
 /// information, its binding to a context), and the source of the
 /// translators a device's threads access memory through.
 ///
-/// This is the handle a [`DeviceDirectory`](crate::DeviceDirectory) offers
+/// This is the handle a [`Directory`](crate::Directory) offers
 /// and the device framework hands to devices it does not serve itself, so
 /// that neither a backend nor the framework's users name iommu-core's
 /// device type. Cheap to clone: clones are the same device.

@@ -29,7 +29,7 @@
 //! is a *session*: the userspace analogue of a process that opened
 //! `/dev/iommu`, except that the context is the server's one shared
 //! [`iommu_core::Iommu`] and the devices are the server's, found by label in
-//! a [`DeviceDirectory`]. Through its session a client (a VMM, an SVA client
+//! a [`Directory`]. Through its session a client (a VMM, an SVA client
 //! driver, the quickstart driver) allocates IOAS, maps its own memory into
 //! them (a memfd passed with `SCM_RIGHTS`, so the device and the client
 //! touch the same pages), copies, queries and restricts IOVA ranges,
@@ -67,8 +67,9 @@
 //! - Devices are attached only by the sessions they are granted to, and a
 //!   vhost-user frontend's RID only with its consent
 //!   ([`crate::ownership`]).
-//! - The RID of a device a vhost-user connection serves (a
-//!   [`DeviceDirectory::rid_ownership`] device) is held by that connection
+//! - The RID of a device a transport connection serves (a
+//!   [`Directory::rid_ownership`] device, such as the framework's
+//!   vhost-user devices) is held by that connection
 //!   on an IOAS of its own; a session's ATTACH takes it over (replace) and
 //!   makes the session its owner (another session gets `EBUSY`) until it
 //!   detaches or closes, when the RID returns to the connection's IOAS. See
@@ -96,7 +97,7 @@
 //! # Running it
 //!
 //! The device framework's `ioasis::server::Server`'s hosted devices are a
-//! [`DeviceDirectory`] as they are (devices with their own socket and
+//! [`Directory`] as they are (devices with their own socket and
 //! protocol join it with `Server::add_external_device`):
 //! `Service::bind(path, server.iommu().clone(), Arc::new(server.directory()))`.
 //! [`Service::spawn`] runs it on its own thread; or put
@@ -156,7 +157,7 @@ pub use options::ServiceOptions;
 pub use proto::WireInvalidation;
 #[cfg(feature = "server")]
 pub use server::{
-    DeviceDirectory, QueueSource, Service, ServiceError, ServiceHandle, ServiceObserver,
-    ServiceThread, SessionInfo, StaticDirectory, MAX_FAULT_QUEUES_PER_SESSION,
-    MAX_MAPPINGS_PER_SESSION, MAX_OBJECTS_PER_SESSION, MAX_PASIDS_PER_SESSION, MAX_SESSIONS,
+    Directory, QueueSource, Service, ServiceError, ServiceHandle, ServiceObserver, ServiceThread,
+    SessionInfo, StaticDirectory, MAX_FAULT_QUEUES_PER_SESSION, MAX_MAPPINGS_PER_SESSION,
+    MAX_OBJECTS_PER_SESSION, MAX_PASIDS_PER_SESSION, MAX_SESSIONS,
 };

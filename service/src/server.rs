@@ -64,13 +64,13 @@ pub const MAX_PASID_SCAN: u32 = 1 << 16;
 /// The devices must be bound to the service's [`Iommu`]. The device
 /// framework's server (`ioasis::server`) implements this for its hosted devices; a
 /// [`StaticDirectory`] serves tests and small programs.
-pub trait DeviceDirectory: Send + Sync {
+pub trait Directory: Send + Sync {
     /// The device with this label, if offered.
     fn device(&self, label: &str) -> Option<IommuDevice>;
     /// Labels of every offered device.
     fn labels(&self) -> Vec<String>;
-    /// For a device whose RID a vhost-user connection holds on its own
-    /// IOAS: the arbitration through which a session's ATTACH takes the RID
+    /// For a device whose RID a transport connection (the framework's
+    /// vhost-user connections) holds on its own IOAS: the arbitration through which a session's ATTACH takes the RID
     /// over (replace) and its DETACH gives it back. `None` (the default):
     /// the RID is attached and detached plainly.
     fn rid_ownership(&self, _label: &str) -> Option<Arc<RidOwnership>> {
@@ -78,7 +78,7 @@ pub trait DeviceDirectory: Send + Sync {
     }
 }
 
-/// A [`DeviceDirectory`] holding a fixed set of devices.
+/// A [`Directory`] holding a fixed set of devices.
 #[derive(Debug, Default)]
 pub struct StaticDirectory {
     devices: RwLock<BTreeMap<String, IommuDevice>>,
@@ -104,7 +104,7 @@ impl StaticDirectory {
     }
 }
 
-impl DeviceDirectory for StaticDirectory {
+impl Directory for StaticDirectory {
     fn device(&self, label: &str) -> Option<IommuDevice> {
         let g = self.devices.read().unwrap_or_else(|e| e.into_inner());
         g.get(label).cloned()
@@ -188,7 +188,7 @@ struct Registry {
 struct Shared {
     iommu: Iommu,
     linker: Linker,
-    dir: Arc<dyn DeviceDirectory>,
+    dir: Arc<dyn Directory>,
     registry: Mutex<Registry>,
     observer: RwLock<Option<Arc<dyn ServiceObserver>>>,
     grants: RwLock<Grants>,
@@ -605,7 +605,7 @@ impl Drop for ServiceThread {
 impl Service {
     /// A service over `iommu` offering `dir`'s devices, without a listener
     /// (add sessions with [`Service::connect_local`]).
-    pub fn new(iommu: Iommu, dir: Arc<dyn DeviceDirectory>) -> Result<Self, ServiceError> {
+    pub fn new(iommu: Iommu, dir: Arc<dyn Directory>) -> Result<Self, ServiceError> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
             .map_err(|e| ServiceError::EventLoop(e.into()))?;
         let stop = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
@@ -680,7 +680,7 @@ impl Service {
     pub fn bind(
         path: impl AsRef<Path>,
         iommu: Iommu,
-        dir: Arc<dyn DeviceDirectory>,
+        dir: Arc<dyn Directory>,
     ) -> Result<Self, ServiceError> {
         Self::bind_with_policy(path, iommu, dir, SocketPolicy::default())
     }
@@ -691,7 +691,7 @@ impl Service {
     pub fn bind_with_policy(
         path: impl AsRef<Path>,
         iommu: Iommu,
-        dir: Arc<dyn DeviceDirectory>,
+        dir: Arc<dyn Directory>,
         policy: SocketPolicy,
     ) -> Result<Self, ServiceError> {
         let path = path.as_ref().to_path_buf();
@@ -2253,7 +2253,7 @@ mod tests {
         rid: Arc<RidOwnership>,
     }
 
-    impl DeviceDirectory for OneRid {
+    impl Directory for OneRid {
         fn device(&self, label: &str) -> Option<IommuDevice> {
             (label == self.dev.label()).then(|| self.dev.clone())
         }

@@ -1,5 +1,10 @@
-//! The arbitration of one device's RID between its holder (a vhost-user
-//! connection with an address space of its own) and `/dev/iommu` sessions.
+//! The arbitration of one device's RID between its holder (the transport
+//! connection that serves the device with an address space of its own,
+//! such as a vhost-user connection of the device framework) and
+//! `/dev/iommu` sessions. Ownership of a RID is this module's concept: the
+//! service arbitrates through [`RidOwnership`], and a transport takes part
+//! through [`RidHolder`] without the service knowing which transport it
+//! is.
 //!
 //! The holder attaches the RID to its *private* IOAS. A session may take the
 //! RID over: its ATTACH replaces the holder's attachment (iommufd replace)
@@ -7,7 +12,8 @@
 //! [`RidState::check_takeover`]). When the owner detaches or closes, the
 //! RID goes back to the private IOAS, or is detached if there is no holder.
 //! What the holder may do while a session owns its RID is the holder's
-//! business (vhost-user's rules are in `crate::vhost_user`); the
+//! business (vhost-user's rules are in the device framework's
+//! `ioasis::vhost_user`); the
 //! arbitration only asks it to resume waiting accesses when the address
 //! space changes and to flag itself for a reset when the RID could not be
 //! given back.
@@ -158,7 +164,7 @@ impl RidState {
 }
 
 /// The RID arbitration of one device, shared by its holder and the
-/// `/dev/iommu` service ([`crate::DeviceDirectory::rid_ownership`]).
+/// `/dev/iommu` service ([`crate::Directory::rid_ownership`]).
 #[derive(Debug, Default)]
 pub struct RidOwnership {
     state: Mutex<RidState>,
