@@ -1,0 +1,73 @@
+//! The per-queue state shared between the connection thread (which sets
+//! it up from the frontend's messages) and the worker (which serves it
+//! through a [`Queue`](super::Queue)), and why a queue is parked.
+
+use virtio_queue::QueueT;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::dma::Access;
+use crate::transport::Signals;
+
+/// Why a queue is parked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Parked {
+    /// The I/O address that missed.
+    pub iova: u64,
+    /// The access that missed.
+    pub access: Access,
+    /// Whether the miss was reported to the frontend yet.
+    pub reported: bool,
+}
+
+/// Per-queue state shared between the connection thread and the worker.
+#[derive(Debug)]
+pub(crate) struct Vring {
+    pub q: virtio_queue::Queue,
+    /// The eventfd the driver's kicks arrive on (installed by the transport).
+    pub kick: Option<EventFd>,
+    /// The driver's call and error eventfds, for transports that signal
+    /// through them.
+    pub signals: Signals,
+    /// SET_VRING_ENABLE state.
+    pub enabled: bool,
+    /// Started by the frontend (kick received) and not stopped by GET_VRING_BASE.
+    pub started: bool,
+    /// Waiting for the frontend to map an address.
+    pub parked: Option<Parked>,
+    /// A non-recoverable error hit this queue; it stays stopped until reset.
+    pub broken: bool,
+    /// Chains completed with an error status (counted, rate-limited warnings).
+    pub errors: u64,
+    /// Used elements added since the driver was last notified (or asked
+    /// not to be); saturates, and a large count always notifies.
+    pub num_added: u16,
+    /// `VIRTIO_F_IN_ORDER` was negotiated: buffers are used in the order
+    /// they were made available, and a batch of them may be completed with
+    /// one used element (see [`Queue::add_used_batch`]).
+    pub in_order: bool,
+}
+
+impl Vring {
+    /// A stopped queue; `None` if `max_size` is not a power of two in
+    /// `1..=MAX_QUEUE_SIZE`.
+    pub fn new(max_size: u16) -> Option<Self> {
+        let q = virtio_queue::Queue::new(max_size).ok()?;
+        Some(Vring {
+            q,
+            kick: None,
+            signals: Signals::default(),
+            enabled: false,
+            started: false,
+            parked: None,
+            broken: false,
+            errors: 0,
+            num_added: 0,
+            in_order: false,
+        })
+    }
+
+    /// True when a worker may process this queue.
+    pub fn serving(&self) -> bool {
+        self.started && self.enabled && self.parked.is_none() && !self.broken && self.q.ready()
+    }
+}

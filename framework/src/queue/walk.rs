@@ -1,0 +1,534 @@
+//! The ring walk: popping the next available chain. The fast path reads
+//! the chain straight from the translated descriptor table and translates
+//! every buffer into the chain's host fragments; rings that are not
+//! host-contiguous and indirect tables take virtio-queue's path. A miss
+//! parks the queue and puts the chain back (IOTLB), or completes it with
+//! length 0 (memory table); a malformed chain is completed with length 0.
+
+use log::{error, warn};
+use virtio_queue::{QueueOwnedT, QueueT};
+
+use super::chain::Frag;
+use super::ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use super::{Chain, Desc, Queue, QueueError, Result, Rings};
+use crate::dma::{Access, DmaError};
+
+impl<'a> Queue<'a> {
+    /// Pops the next available chain into `chain`. Returns `Ok(false)` when
+    /// the driver has made nothing more available.
+    ///
+    /// Every buffer of the chain is translated before it is returned, so the
+    /// device's accesses to it cannot miss while this call's access section
+    /// lasts. On a translation miss the chain is put back, the queue is parked
+    /// and the miss is returned; a malformed chain is completed with length 0
+    /// and reported as [`QueueError::BadChain`].
+    pub fn pop(&mut self, chain: &mut Chain) -> Result<bool> {
+        chain.clear();
+        let r = match self.rings {
+            Some(r) => self.pop_fast(r, chain),
+            None => self.pop_slow(chain),
+        };
+        if matches!(r, Ok(true)) {
+            self.tail_pops = self.tail_pops.saturating_add(1);
+        }
+        r
+    }
+
+    /// Gives back the last `n` chains popped from this queue, which the
+    /// caller has not completed and drops: the driver still owns them and
+    /// they are popped again later (a device that popped ahead returns what
+    /// it did not use, so a ring stopped in between loses no buffers).
+    /// Returns false, changing nothing, if fewer than `n` chains were popped
+    /// in a row since this queue was handed out or since the last malformed
+    /// chain it completed.
+    pub fn unpop(&mut self, n: u16) -> bool {
+        if n > self.tail_pops {
+            return false;
+        }
+        let next = self.vring.q.next_avail();
+        self.vring.q.set_next_avail(next.wrapping_sub(n));
+        self.tail_pops -= n;
+        true
+    }
+
+    /// Reads `avail->idx` into the cache and checks it against the ring.
+    pub(super) fn refresh_avail(&mut self, r: &Rings) -> Result<()> {
+        let avail = r.avail_idx();
+        let next = self.vring.q.next_avail();
+        if avail.wrapping_sub(next) > r.size {
+            self.vring.broken = true;
+            return Err(QueueError::AvailIndex {
+                queue: self.index,
+                avail,
+                next,
+            });
+        }
+        self.avail_cache = avail;
+        Ok(())
+    }
+
+    /// The fast path of [`pop`](Queue::pop): the chain is read straight from
+    /// the translated descriptor table. Indirect chains go to the slow path.
+    fn pop_fast(&mut self, r: Rings, chain: &mut Chain) -> Result<bool> {
+        let next = self.vring.q.next_avail();
+        if next == self.avail_cache {
+            self.refresh_avail(&r)?;
+            if next == self.avail_cache {
+                return Ok(false);
+            }
+        }
+        // The size is a power of two (virtio-queue checks it).
+        let head = r.avail_entry(next & (r.size - 1));
+        let mut idx = head;
+        let mut count = 0u16;
+        chain.head = head;
+        chain.epoch = self.epoch;
+        let bad = loop {
+            // At most `size` descriptors: longer means a loop.
+            if idx >= r.size || count >= r.size {
+                break None;
+            }
+            count += 1;
+            let d = r.desc(idx);
+            if d.flags & VRING_DESC_F_INDIRECT != 0 {
+                chain.clear();
+                return self.pop_slow(chain);
+            }
+            let writable = d.flags & VRING_DESC_F_WRITE != 0;
+            if d.addr.checked_add(u64::from(d.len)).is_none() {
+                break None;
+            }
+            chain.descs.push(Desc {
+                addr: d.addr,
+                len: d.len,
+                writable,
+            });
+            if writable {
+                chain.writable += u64::from(d.len);
+            } else {
+                chain.readable += u64::from(d.len);
+            }
+            if let Err(e) = self.translate_into(chain, d.addr, d.len, writable) {
+                break Some(e);
+            }
+            if d.flags & VRING_DESC_F_NEXT == 0 {
+                self.vring.q.set_next_avail(next.wrapping_add(1));
+                return Ok(true);
+            }
+            idx = d.next;
+        };
+        chain.clear();
+        if let Some(e) = bad {
+            if e.is_miss() && self.park_on_miss {
+                // Not consumed: popped again once the frontend maps it.
+                return Err(self.dma_err(e));
+            }
+            self.vring.q.set_next_avail(next.wrapping_add(1));
+            self.complete_bad(head);
+            if e.is_miss() {
+                // Memory table: the address is outside guest memory.
+                self.warn_bad_address(head, &e);
+                return Err(QueueError::BadChain {
+                    queue: self.index,
+                    head,
+                });
+            }
+            // Permission failure or fault: the chain cannot be served.
+            return Err(self.dma_err(e));
+        }
+        self.vring.q.set_next_avail(next.wrapping_add(1));
+        self.complete_bad(head);
+        Err(QueueError::BadChain {
+            queue: self.index,
+            head,
+        })
+    }
+
+    /// Translates one buffer into host fragments appended to `chain`.
+    #[inline]
+    fn translate_into(
+        &self,
+        chain: &mut Chain,
+        addr: u64,
+        len: u32,
+        writable: bool,
+    ) -> std::result::Result<(), DmaError> {
+        let access = if writable {
+            Access::Write
+        } else {
+            Access::Read
+        };
+        let mut at = addr;
+        let mut left = u64::from(len);
+        // Each fragment holds at least one byte.
+        while left > 0 {
+            let f = self.dma.fragment(at, left, access)?;
+            chain.frags.push(Frag {
+                addr: f.as_ptr() as usize,
+                len: f.len(),
+                writable,
+            });
+            at = at.wrapping_add(f.len() as u64);
+            left -= f.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn warn_bad_address(&self, head: u16, e: &DmaError) {
+        if self.vring.errors.is_power_of_two() {
+            warn!(
+                "queue {}: chain {head} has a buffer outside guest memory ({e}); completed with length 0",
+                self.index
+            );
+        }
+    }
+
+    /// The virtio-queue path of [`pop`](Queue::pop): rings that are not
+    /// host-contiguous, indirect descriptor tables.
+    fn pop_slow(&mut self, chain: &mut Chain) -> Result<bool> {
+        let dma = self.dma;
+        dma.clear_fault();
+        let queue = self.index;
+        let mut truncated = true;
+        let fault = {
+            let mut iter = match self.vring.q.iter(&dma) {
+                Ok(it) => it,
+                Err(virtio_queue::Error::InvalidAvailRingIndex) => {
+                    let next = self.vring.q.next_avail();
+                    let avail = self
+                        .vring
+                        .q
+                        .avail_idx(&dma, std::sync::atomic::Ordering::Acquire)
+                        .map(|w| w.0)
+                        .unwrap_or(0);
+                    self.vring.broken = true;
+                    return Err(QueueError::AvailIndex { queue, avail, next });
+                }
+                Err(e) => {
+                    if let Some(f) = dma.take_fault() {
+                        return Err(self.dma_err(f));
+                    }
+                    return Err(QueueError::Ring {
+                        queue,
+                        msg: e.to_string(),
+                    });
+                }
+            };
+            match iter.next() {
+                None => match dma.take_fault() {
+                    Some(f) => Some((f, false)),
+                    None => return Ok(false),
+                },
+                Some(dc) => {
+                    chain.head = dc.head_index();
+                    for d in dc {
+                        truncated = d.has_next();
+                        let desc = Desc {
+                            addr: d.addr().0,
+                            len: d.len(),
+                            writable: d.is_write_only(),
+                        };
+                        if desc.writable {
+                            chain.writable += u64::from(desc.len);
+                        } else {
+                            chain.readable += u64::from(desc.len);
+                        }
+                        chain.descs.push(desc);
+                    }
+                    let f = dma.take_fault();
+                    if f.is_some() && self.park_on_miss {
+                        // Put the chain back: it is popped again once mapped.
+                        iter.go_to_previous_position();
+                    }
+                    f.map(|f| (f, true))
+                }
+            }
+        };
+        if let Some((f, has_head)) = fault {
+            let head = chain.head;
+            chain.clear();
+            if has_head && !self.park_on_miss {
+                // Memory table: an indirect table outside guest memory.
+                self.complete_bad(head);
+                self.warn_bad_address(head, &f);
+                return Err(QueueError::BadChain { queue, head });
+            }
+            return Err(self.dma_err(f));
+        }
+        let head = chain.head;
+        if truncated || chain.descs.is_empty() {
+            self.complete_bad(head);
+            chain.clear();
+            return Err(QueueError::BadChain { queue, head });
+        }
+        // Translate every buffer now, so a miss is seen before any work is
+        // done and the chain can be offered again.
+        for i in 0..chain.descs.len() {
+            let d = chain.descs[i];
+            let access = if d.writable {
+                Access::Write
+            } else {
+                Access::Read
+            };
+            if let Err(e) = dma.check(d.addr, u64::from(d.len), access) {
+                if e.is_miss() && !self.park_on_miss {
+                    self.complete_bad(head);
+                    chain.clear();
+                    self.warn_bad_address(head, &e);
+                    return Err(QueueError::BadChain { queue, head });
+                }
+                if e.is_miss() {
+                    let next = self.vring.q.next_avail();
+                    self.vring.q.set_next_avail(next.wrapping_sub(1));
+                    chain.clear();
+                    return Err(self.dma_err(e));
+                }
+                // Permission failure or fault: the chain cannot be served.
+                self.complete_bad(head);
+                chain.clear();
+                return Err(self.dma_err(e));
+            }
+        }
+        Ok(true)
+    }
+
+    fn complete_bad(&mut self, head: u16) {
+        // Chains popped before this one can no longer be given back.
+        self.tail_pops = 0;
+        self.vring.errors += 1;
+        if self.vring.errors.is_power_of_two() {
+            warn!(
+                "queue {}: completing bad chain {head} with length 0 ({} so far)",
+                self.index, self.vring.errors
+            );
+        }
+        if let Err(e) = self.add_used(head, 0) {
+            error!(
+                "queue {}: cannot complete bad chain {head}: {e}",
+                self.index
+            );
+            self.vring.broken = true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use iommu_core::Perm;
+    use virtio_queue::QueueT;
+
+    use super::*;
+    use crate::queue::fixture::*;
+    use crate::testing::Buf;
+
+    #[test]
+    fn test_miss_parks_queue_and_keeps_chain() {
+        let mut f = fixture(false);
+        f.driver
+            .add_chain(&[Buf {
+                addr: BUF_IOVA,
+                len: 64,
+                writable: true,
+            }])
+            .expect("chain");
+        f.driver.publish().expect("publish");
+        let mut chain = Chain::new();
+        with_queue(&f, |q| {
+            let mut q = q.expect("queue serving");
+            let e = q.pop(&mut chain).expect_err("miss");
+            assert_eq!(
+                e.dma_error().and_then(DmaError::miss_address),
+                Some((BUF_IOVA, Access::Write))
+            );
+        });
+        {
+            let v = f.vrings[0].1.lock().expect("lock");
+            assert!(v.parked.is_some());
+            assert_eq!(v.q.next_avail(), 0, "the chain must be offered again");
+        }
+        // A parked queue is not handed out.
+        with_queue(&f, |q| assert!(q.is_none()));
+        // The frontend maps the buffer; the queue resumes.
+        f.iommu
+            .ioas_map(f.ioas, &f.buf_mem, 0, 0x4000, Some(BUF_IOVA), Perm::RW)
+            .expect("map");
+        f.vrings[0].1.lock().expect("lock").parked = None;
+        with_queue(&f, |q| {
+            let mut q = q.expect("queue serving");
+            assert!(q.pop(&mut chain).expect("pop"));
+            q.add_used(chain.head(), 0).expect("used");
+        });
+        assert_eq!(f.driver.used_idx().expect("idx"), 1);
+        let _ = &f.ring_mem;
+    }
+
+    #[test]
+    fn test_permission_failure_completes_chain_and_breaks_queue() {
+        let mut f = fixture(false);
+        f.iommu
+            .ioas_map(f.ioas, &f.buf_mem, 0, 0x4000, Some(BUF_IOVA), Perm::READ)
+            .expect("map read-only");
+        f.driver
+            .add_chain(&[Buf {
+                addr: BUF_IOVA,
+                len: 64,
+                writable: true,
+            }])
+            .expect("chain");
+        f.driver.publish().expect("publish");
+        let mut chain = Chain::new();
+        with_queue(&f, |q| {
+            let mut q = q.expect("queue serving");
+            let e = q.pop(&mut chain).expect_err("denied");
+            assert!(e.dma_error().and_then(DmaError::denied_address).is_some());
+        });
+        assert_eq!(
+            f.driver.used_idx().expect("idx"),
+            1,
+            "head completed with 0"
+        );
+        assert!(f.vrings[0].1.lock().expect("lock").broken);
+    }
+
+    #[test]
+    fn test_bad_avail_index_is_an_error_not_empty() {
+        let mut f = fixture(true);
+        f.driver.set_avail_idx(100).expect("idx");
+        let mut chain = Chain::new();
+        with_queue(&f, |q| {
+            let mut q = q.expect("queue serving");
+            assert!(matches!(
+                q.pop(&mut chain),
+                Err(QueueError::AvailIndex { avail: 100, .. })
+            ));
+        });
+    }
+
+    #[test]
+    fn test_descriptor_loop_is_bad_chain() {
+        let mut f = fixture(true);
+        // Two descriptors pointing at each other.
+        f.driver
+            .write_desc(0, BUF_IOVA, 8, crate::testing::VRING_DESC_F_NEXT, 1)
+            .expect("d0");
+        f.driver
+            .write_desc(1, BUF_IOVA, 8, crate::testing::VRING_DESC_F_NEXT, 0)
+            .expect("d1");
+        f.driver.push_avail(0).expect("avail");
+        f.driver.publish().expect("publish");
+        let mut chain = Chain::new();
+        with_queue(&f, |q| {
+            let mut q = q.expect("queue serving");
+            assert!(matches!(
+                q.pop(&mut chain),
+                Err(QueueError::BadChain { head: 0, .. })
+            ));
+        });
+        assert_eq!(f.driver.used_idx().expect("idx"), 1, "bad chain completed");
+    }
+
+    #[test]
+    fn test_memory_table_miss_completes_the_head_and_goes_on() {
+        let mut f = fixture(false);
+        f.park_on_miss = false;
+        f.iommu
+            .ioas_map(f.ioas, &f.buf_mem, 0, 0x1000, Some(BUF_IOVA), Perm::RW)
+            .expect("map first page");
+        // Chain 0 is outside guest memory, chain 1 is fine.
+        for addr in [BUF_IOVA + 0x8000, BUF_IOVA] {
+            f.driver
+                .add_chain(&[Buf {
+                    addr,
+                    len: 16,
+                    writable: true,
+                }])
+                .expect("chain");
+        }
+        f.driver.publish().expect("publish");
+        let mut chain = Chain::new();
+        with_queue(&f, |q| {
+            let mut q = q.expect("queue serving");
+            assert!(matches!(
+                q.pop(&mut chain),
+                Err(QueueError::BadChain { head: 0, .. })
+            ));
+            assert!(q.pop(&mut chain).expect("next chain"));
+            assert_eq!(chain.head(), 1);
+            assert_eq!(q.write(&chain, 0, b"ok").expect("write"), 2);
+            q.add_used(chain.head(), 2).expect("used");
+        });
+        let v = f.vrings[0].1.lock().expect("lock");
+        assert!(v.parked.is_none(), "the queue goes on");
+        assert!(!v.broken);
+        assert_eq!(v.errors, 1);
+        drop(v);
+        assert_eq!(f.driver.used_idx().expect("idx"), 2);
+        assert_eq!(f.driver.used_elem(0).expect("elem"), (0, 0));
+        assert_eq!(f.driver.used_elem(1).expect("elem"), (1, 2));
+    }
+
+    #[test]
+    fn test_chain_longer_than_the_queue_is_bad() {
+        let mut f = fixture(true);
+        // 17 descriptors cannot exist in a 16-entry table; a chain that
+        // revisits one is a loop whatever its shape.
+        for i in 0..16u16 {
+            f.driver
+                .write_desc(
+                    i,
+                    BUF_IOVA,
+                    8,
+                    crate::testing::VRING_DESC_F_NEXT,
+                    (i + 1) % 16,
+                )
+                .expect("desc");
+        }
+        f.driver.push_avail(3).expect("avail");
+        f.driver.publish().expect("publish");
+        let mut chain = Chain::new();
+        with_queue(&f, |q| {
+            let mut q = q.expect("queue serving");
+            assert!(matches!(
+                q.pop(&mut chain),
+                Err(QueueError::BadChain { head: 3, .. })
+            ));
+            assert!(!q.pop(&mut chain).expect("empty"));
+        });
+        assert_eq!(f.driver.used_idx().expect("idx"), 1);
+        assert!(!f.vrings[0].1.lock().expect("lock").broken);
+    }
+
+    #[test]
+    fn test_unpop_gives_back_the_last_chains_only() {
+        let mut f = fixture(true);
+        for _ in 0..3 {
+            f.driver
+                .add_chain(&[Buf {
+                    addr: BUF_IOVA,
+                    len: 16,
+                    writable: true,
+                }])
+                .expect("chain");
+        }
+        f.driver.publish().expect("publish");
+        let mut chains = vec![Chain::new(); 3];
+        with_queue(&f, |q| {
+            let mut q = q.expect("queue serving");
+            assert_eq!(q.pop_batch(&mut chains).expect("burst"), 3);
+            q.add_used(chains[0].head(), 0).expect("used");
+            assert!(!q.unpop(4), "only 3 were popped");
+            assert!(q.unpop(2));
+            assert!(!q.unpop(2), "nothing more to give back");
+        });
+        // The two given back are popped again, in order.
+        with_queue(&f, |q| {
+            let mut q = q.expect("queue serving");
+            assert_eq!(q.pop_batch(&mut chains).expect("burst"), 2);
+            assert_eq!((chains[0].head(), chains[1].head()), (1, 2));
+            for c in &chains[..2] {
+                q.add_used(c.head(), 0).expect("used");
+            }
+        });
+        assert_eq!(f.driver.used_idx().expect("idx"), 3);
+    }
+}
