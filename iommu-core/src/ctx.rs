@@ -292,7 +292,8 @@ impl Iommu {
 
     /// `IOMMU_DESTROY`: destroys an object. `ENOENT` for unknown ids and
     /// tombstones; `EBUSY` while anything depends on it, including a fault
-    /// or event queue while a handle of it ([`FaultQueue`], [`EventQueue`],
+    /// or event queue while a handle of it
+    /// ([`FaultQueue`](crate::FaultQueue), [`EventQueue`](crate::EventQueue),
     /// the queue's fd) is open. Devices are removed with [`Iommu::unbind`]
     /// (`EBUSY` here).
     pub fn destroy(&self, id: ObjectId) -> Result<()> {
