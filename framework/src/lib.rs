@@ -52,6 +52,7 @@ pub mod fault_injection;
 pub mod iommu;
 pub mod queue;
 pub mod server;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 mod transport;
 pub mod vhost_user;

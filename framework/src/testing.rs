@@ -1,4 +1,6 @@
-//! Test support: the driver side of a split virtqueue.
+//! Test support: the driver side of a split virtqueue (behind the
+//! `test-utils` feature: tests, benchmarks and examples enable it in their
+//! dev-dependencies; no production build has it).
 //!
 //! [`DriverRing`] lays out a split ring (descriptor table, available ring,
 //! used ring) in an iommu-core [`Memory`] and plays the driver: it adds
@@ -18,6 +20,8 @@ pub const VRING_DESC_F_NEXT: u16 = 1;
 pub const VRING_DESC_F_WRITE: u16 = 2;
 /// `VRING_DESC_F_INDIRECT`.
 pub const VRING_DESC_F_INDIRECT: u16 = 4;
+/// `VRING_USED_F_NO_NOTIFY`: the device asks the driver not to kick.
+pub const VRING_USED_F_NO_NOTIFY: u16 = 1;
 
 /// One buffer of a chain the driver adds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,7 +49,7 @@ pub struct DriverRing {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DriverError {
     /// The layout does not fit the memory.
-    #[error("Ring layout of {need} bytes at offset {off} does not fit {have} bytes")]
+    #[error("ring layout of {need} bytes at offset {off} does not fit {have} bytes")]
     TooSmall {
         /// Bytes needed.
         need: usize,
@@ -55,13 +59,13 @@ pub enum DriverError {
         have: usize,
     },
     /// Size not a power of two.
-    #[error("Queue size {0} is not a power of two")]
+    #[error("queue size {0} is not a power of two")]
     BadSize(u16),
     /// More descriptors than the ring has.
-    #[error("Chain of {0} descriptors does not fit")]
+    #[error("chain of {0} descriptors does not fit")]
     Full(usize),
     /// Memory access failed.
-    #[error("Memory access failed: {0}")]
+    #[error("memory access failed: {0}")]
     Memory(String),
 }
 
@@ -213,6 +217,20 @@ impl DriverRing {
     pub fn set_avail_idx(&mut self, idx: u16) -> Result<(), DriverError> {
         self.avail_idx = idx;
         self.publish()
+    }
+
+    /// The device's used-ring flags (`VRING_USED_F_NO_NOTIFY` set: the
+    /// device asks the driver not to kick).
+    pub fn used_flags(&self) -> Result<u16, DriverError> {
+        fence(Ordering::SeqCst);
+        let mut b = [0u8; 2];
+        self.read(Self::used_offset(self.size), &mut b)?;
+        Ok(u16::from_le_bytes(b))
+    }
+
+    /// The available index published so far (chains made available).
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
     }
 
     /// The device's used index.
@@ -380,12 +398,10 @@ impl Harness {
         &mut self.rings[usize::from(index)]
     }
 
-    /// Calls `worker.process_queue(index)` inside one access section.
-    pub fn process(
-        &mut self,
-        worker: &mut dyn crate::device::Worker,
-        index: u16,
-    ) -> Result<(), crate::device::DeviceError> {
+    /// Runs `f` on the queues inside one access section, as a worker's
+    /// method is run: the way to drive a device's queue code without a
+    /// worker.
+    pub fn with_queues<R>(&mut self, f: impl FnOnce(&mut crate::queue::Queues<'_>) -> R) -> R {
         let mut tr = self.core.translator();
         let section = crate::dma::Section::new(&mut tr, None, true);
         let mut queues = crate::queue::Queues::new(
@@ -395,7 +411,16 @@ impl Harness {
             crate::peer_write::Writer::unattached(),
             &crate::transport::Local,
         );
-        worker.process_queue(index, &mut queues)
+        f(&mut queues)
+    }
+
+    /// Calls `worker.process_queue(index)` inside one access section.
+    pub fn process(
+        &mut self,
+        worker: &mut dyn crate::device::Worker,
+        index: u16,
+    ) -> Result<(), crate::device::DeviceError> {
+        self.with_queues(|queues| worker.process_queue(index, queues))
     }
 
     /// Calls `worker.handle_event(token)` inside one access section.
@@ -404,15 +429,45 @@ impl Harness {
         worker: &mut dyn crate::device::Worker,
         token: u64,
     ) -> Result<(), crate::device::DeviceError> {
-        let mut tr = self.core.translator();
-        let section = crate::dma::Section::new(&mut tr, None, true);
-        let mut queues = crate::queue::Queues::new(
-            &self.vrings,
-            crate::dma::Dma::from_section(&section),
-            self.park_on_miss,
-            crate::peer_write::Writer::unattached(),
-            &crate::transport::Local,
-        );
-        worker.handle_event(token, &mut queues)
+        self.with_queues(|queues| worker.handle_event(token, queues))
+    }
+
+    fn vring(&self, index: u16) -> Option<std::sync::MutexGuard<'_, crate::queue::Vring>> {
+        let (_, v) = self.vrings.iter().find(|(i, _)| *i == index)?;
+        Some(v.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Gives queue `index` a call eventfd, so that the device's signals to
+    /// the driver can be counted with [`take_calls`](Self::take_calls)
+    /// (without one, a signal writes nothing).
+    pub fn watch_calls(&mut self, index: u16) -> std::io::Result<()> {
+        let call = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?;
+        if let Some(mut v) = self.vring(index) {
+            v.signals.call = Some(call);
+        }
+        Ok(())
+    }
+
+    /// Signals queue `index` sent the driver since the last call (0 if it
+    /// has no call eventfd: see [`watch_calls`](Self::watch_calls)).
+    pub fn take_calls(&mut self, index: u16) -> u64 {
+        self.vring(index)
+            .and_then(|v| v.signals.call.as_ref().and_then(|c| c.read().ok()))
+            .unwrap_or(0)
+    }
+
+    /// Whether queue `index` is parked on a translation miss (the device
+    /// cannot serve it until the miss is resolved).
+    pub fn parked(&self, index: u16) -> bool {
+        self.vring(index).is_some_and(|v| v.parked.is_some())
+    }
+
+    /// Resolves queue `index`'s translation miss, as the frontend's IOTLB
+    /// update that maps the address does: the queue serves again. (A test
+    /// makes the address valid first, e.g. by rewriting the descriptor.)
+    pub fn resolve_miss(&mut self, index: u16) {
+        if let Some(mut v) = self.vring(index) {
+            v.parked = None;
+        }
     }
 }

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ioasis::device::{Chain, Queue, QueueError};
-use ioasis::queue::{Burst, PREFETCH_AHEAD};
+use ioasis::queue::PREFETCH_AHEAD;
 use log::{debug, info, warn};
 
 use crate::net::{
@@ -71,169 +71,59 @@ pub(crate) struct RxPass {
     pub(crate) more: bool,
 }
 
-/// What the engine needs to know of a popped chain.
-pub(crate) trait ChainInfo: Default {
-    fn head(&self) -> u16;
-    fn readable_len(&self) -> u64;
-    fn writable_len(&self) -> u64;
-    /// I/O address of the first device-writable buffer (fault injection).
-    #[cfg(feature = "fault-injection")]
-    fn first_writable(&self) -> Option<u64> {
-        None
+/// I/O address of the first device-writable buffer of `c` (fault injection).
+#[cfg(feature = "fault-injection")]
+fn first_writable(c: &Chain) -> Option<u64> {
+    c.descriptors().iter().find(|d| d.writable).map(|d| d.addr)
+}
+
+/// Fault injection: translates `iova` for write in `q`'s access section and
+/// registers a write of `data` there, made `delay` after the section ends
+/// (see `ioasis::fault_injection`).
+#[cfg(feature = "fault-injection")]
+fn late_write(q: &Queue<'_>, iova: u64, data: &[u8], delay: Duration) {
+    match q
+        .dma()
+        .fragment(iova, data.len() as u64, ioasis::dma::Access::Write)
+    {
+        Ok(f) => ioasis::fault_injection::write_after_section(f, data, delay),
+        Err(e) => warn!("fault injection: cannot translate {iova:#x}: {e}"),
     }
 }
 
-impl ChainInfo for Chain {
-    fn head(&self) -> u16 {
-        Chain::head(self)
-    }
-    fn readable_len(&self) -> u64 {
-        Chain::readable_len(self)
-    }
-    fn writable_len(&self) -> u64 {
-        Chain::writable_len(self)
-    }
-    #[cfg(feature = "fault-injection")]
-    fn first_writable(&self) -> Option<u64> {
-        self.descriptors()
-            .iter()
-            .find(|d| d.writable)
-            .map(|d| d.addr)
-    }
-}
-
-/// The queue operations the engine uses: the framework's [`Queue`] in the
-/// daemon, an in-memory ring in the unit tests. The contract is the
-/// framework's: `pop` completes a malformed chain itself (length 0) and
-/// reports [`QueueError::BadChain`]; any other error stops the queue.
-///
-/// Speed: the framework's queue keeps the rings' host addresses for the
-/// access section, reads the avail index once per burst, reads descriptors
-/// straight from the table, keeps each chain's host fragments so `read` and
-/// `write` are plain copies, and publishes the used index once (at `notify`).
-pub(crate) trait Ring {
-    type C: ChainInfo;
-    fn pop(&mut self, c: &mut Self::C) -> std::result::Result<bool, QueueError>;
-    /// Pops up to `cs.len()` chains: malformed ones are completed by the
-    /// queue and counted in `bad`; an error ends the burst early, with the
-    /// chains popped before it.
-    fn pop_burst(&mut self, cs: &mut [Self::C]) -> Burst {
-        let mut b = Burst::default();
-        // Every skipped chain consumed an avail entry: bounded by the ring.
-        for _ in 0..cs.len() + usize::from(u16::MAX) {
-            let Some(c) = cs.get_mut(b.popped) else {
-                break;
-            };
-            match self.pop(c) {
-                Ok(true) => b.popped += 1,
-                Ok(false) => break,
-                Err(QueueError::BadChain { .. }) => b.bad += 1,
-                Err(e) => {
-                    b.error = Some(e);
-                    break;
-                }
-            }
-        }
-        b
-    }
-    fn read(
-        &mut self,
-        c: &Self::C,
-        off: u64,
-        buf: &mut [u8],
-    ) -> std::result::Result<usize, QueueError>;
-    fn write(
-        &mut self,
-        c: &Self::C,
-        off: u64,
-        data: &[u8],
-    ) -> std::result::Result<usize, QueueError>;
-    fn add_used(&mut self, head: u16, len: u32) -> std::result::Result<(), QueueError>;
-    /// Completes `heads` in order with nothing written; on error, how many
-    /// (a prefix) were completed.
-    fn add_used_batch(&mut self, heads: &[u16]) -> std::result::Result<(), (usize, QueueError)> {
-        for (i, &h) in heads.iter().enumerate() {
-            self.add_used(h, 0).map_err(|e| (i, e))?;
-        }
-        Ok(())
-    }
-    /// Gives back the last `n` chains popped and not completed (they are
-    /// popped again later); false if the queue cannot.
-    fn unpop(&mut self, _n: u16) -> bool {
-        false
-    }
-    /// Cache hint for a chain the engine will copy soon.
-    fn prefetch(&self, _c: &Self::C) {}
-    /// Cache hints skip the first `bytes` of each buffer.
-    fn set_prefetch_skip(&mut self, _bytes: usize) {}
-    fn notify(&mut self) -> std::result::Result<(), QueueError>;
-    fn enable_notification(&mut self) -> std::result::Result<bool, QueueError>;
-    fn disable_notification(&mut self) -> std::result::Result<(), QueueError>;
-    /// Fault injection: translates `iova` for write in the current section
-    /// and registers a write of `data` there, made `delay` after the section
-    /// ends (see `ioasis::fault_injection`).
-    #[cfg(feature = "fault-injection")]
-    fn late_write(&mut self, _iova: u64, _data: &[u8], _delay: Duration) {}
-}
-
-impl Ring for Queue<'_> {
-    type C = Chain;
-    fn pop(&mut self, c: &mut Chain) -> std::result::Result<bool, QueueError> {
-        Queue::pop(self, c)
-    }
-    fn pop_burst(&mut self, cs: &mut [Chain]) -> Burst {
-        Queue::pop_burst(self, cs)
-    }
-    fn read(
-        &mut self,
-        c: &Chain,
-        off: u64,
-        buf: &mut [u8],
-    ) -> std::result::Result<usize, QueueError> {
-        Queue::read(self, c, off, buf)
-    }
-    fn write(
-        &mut self,
-        c: &Chain,
-        off: u64,
-        data: &[u8],
-    ) -> std::result::Result<usize, QueueError> {
-        Queue::write(self, c, off, data)
-    }
-    fn add_used(&mut self, head: u16, len: u32) -> std::result::Result<(), QueueError> {
-        Queue::add_used(self, head, len)
-    }
-    fn add_used_batch(&mut self, heads: &[u16]) -> std::result::Result<(), (usize, QueueError)> {
-        Queue::add_used_batch(self, heads)
-    }
-    fn unpop(&mut self, n: u16) -> bool {
-        Queue::unpop(self, n)
-    }
-    fn prefetch(&self, c: &Chain) {
-        Queue::prefetch(self, c)
-    }
-    fn set_prefetch_skip(&mut self, bytes: usize) {
-        Queue::set_prefetch_skip(self, bytes)
-    }
-    fn notify(&mut self) -> std::result::Result<(), QueueError> {
-        Queue::notify(self)
-    }
-    fn enable_notification(&mut self) -> std::result::Result<bool, QueueError> {
-        Queue::enable_notification(self)
-    }
-    fn disable_notification(&mut self) -> std::result::Result<(), QueueError> {
-        Queue::disable_notification(self)
-    }
-    #[cfg(feature = "fault-injection")]
-    fn late_write(&mut self, iova: u64, data: &[u8], delay: Duration) {
-        match self
-            .dma()
-            .fragment(iova, data.len() as u64, ioasis::dma::Access::Write)
-        {
-            Ok(f) => ioasis::fault_injection::write_after_section(f, data, delay),
-            Err(e) => warn!("fault injection: cannot translate {iova:#x}: {e}"),
-        }
-    }
+/// Why a transmit chain's frame was dropped (the chain is still completed,
+/// with length 0, and counted as an error).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TxDrop {
+    /// The driver gave the device buffers to write on a transmit queue.
+    #[error("transmit chain has device-writable buffers")]
+    Writable,
+    /// Not even the virtio-net header is there.
+    #[error("{readable} readable bytes, shorter than the {hdr}-byte header")]
+    Short {
+        /// Readable bytes of the chain.
+        readable: u64,
+        /// Header length negotiated.
+        hdr: u64,
+    },
+    /// The frame is larger than a port carries.
+    #[error("frame of {len} bytes exceeds {MAX_FRAME_LEN}")]
+    TooLong {
+        /// Frame length (header excluded).
+        len: u64,
+    },
+    /// The chain yielded fewer bytes than it claims.
+    #[error("short read of {got} bytes")]
+    ShortRead {
+        /// Bytes read.
+        got: usize,
+    },
+    /// Reading the chain failed.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    /// The header asks for what was not negotiated.
+    #[error(transparent)]
+    Header(#[from] net::Error),
 }
 
 /// Where a receive frame's bytes come from: the header (possibly rewritten)
@@ -245,10 +135,10 @@ struct RxParts<'a> {
 
 impl RxParts<'_> {
     /// Writes virtual bytes `start..start+len` into `chain` from offset 0.
-    fn write_into<R: Ring>(
+    fn write_into(
         &self,
-        q: &mut R,
-        chain: &R::C,
+        q: &mut Queue<'_>,
+        chain: &Chain,
         start: usize,
         len: usize,
     ) -> std::result::Result<(), QueueError> {
@@ -268,7 +158,7 @@ impl RxParts<'_> {
 }
 
 /// The packet engine of one queue pair: everything but event plumbing.
-pub(crate) struct PairEngine<C> {
+pub(crate) struct PairEngine {
     pair: usize,
     label: String,
     stats: Arc<DeviceStats>,
@@ -278,13 +168,13 @@ pub(crate) struct PairEngine<C> {
     tx_bufs: Vec<PacketBuf>,
     tx_heads: Vec<u16>,
     /// Transmit chains of the current burst.
-    tx_chains: Vec<C>,
+    tx_chains: Vec<Chain>,
     /// Heads popped whose completion failed (the queue was failing): they
     /// are completed first when the queue serves again, never dropped.
     tx_unacked: Vec<u16>,
-    chain: C,
+    chain: Chain,
     /// Receive chains popped and not yet used, in ring order.
-    rx_chains: Vec<C>,
+    rx_chains: Vec<Chain>,
     /// Index in `rx_chains` of the first held chain.
     rx_first: usize,
     rx_held: usize,
@@ -308,7 +198,7 @@ pub(crate) struct PairEngine<C> {
 #[cfg(feature = "fault-injection")]
 pub const FAULT_KIND: &str = "vdpa-net";
 
-impl<C: ChainInfo> PairEngine<C> {
+impl PairEngine {
     pub(crate) fn new(
         pair: usize,
         label: &str,
@@ -325,9 +215,9 @@ impl<C: ChainInfo> PairEngine<C> {
             filter,
             tx_bufs: (0..BURST).map(|_| PacketBuf::new()).collect(),
             tx_heads: Vec::with_capacity(BURST),
-            tx_chains: (0..BURST).map(|_| C::default()).collect(),
+            tx_chains: (0..BURST).map(|_| Chain::new()).collect(),
             tx_unacked: Vec::new(),
-            chain: C::default(),
+            chain: Chain::new(),
             rx_chains: Vec::new(),
             rx_first: 0,
             rx_held: 0,
@@ -358,9 +248,9 @@ impl<C: ChainInfo> PairEngine<C> {
     /// Driver-to-device: bursts from the transmit queue into the port, until
     /// the driver has nothing more or the pass limit is reached. Returns the
     /// frames moved and whether work is left (the caller must come back).
-    pub(crate) fn tx<R: Ring<C = C>>(
+    pub(crate) fn tx(
         &mut self,
-        q: &mut R,
+        q: &mut Queue<'_>,
         port: &mut dyn Port,
     ) -> std::result::Result<(usize, bool), QueueError> {
         let r = self.tx_pass(q, port);
@@ -369,9 +259,9 @@ impl<C: ChainInfo> PairEngine<C> {
 
     /// One notification per pass, not per burst: without EVENT_IDX (DPDK
     /// virtio-user never negotiates it) every `notify` is an eventfd write.
-    fn flush_notify<R: Ring<C = C>, T>(
+    fn flush_notify<T>(
         &mut self,
-        q: &mut R,
+        q: &mut Queue<'_>,
         r: std::result::Result<T, QueueError>,
     ) -> std::result::Result<T, QueueError> {
         if std::mem::take(&mut self.notify_pending) {
@@ -383,9 +273,9 @@ impl<C: ChainInfo> PairEngine<C> {
         r
     }
 
-    fn tx_pass<R: Ring<C = C>>(
+    fn tx_pass(
         &mut self,
-        q: &mut R,
+        q: &mut Queue<'_>,
         port: &mut dyn Port,
     ) -> std::result::Result<(usize, bool), QueueError> {
         let mut moved = 0;
@@ -460,28 +350,26 @@ impl<C: ChainInfo> PairEngine<C> {
 
     /// Copies popped transmit chain `k` into transmit buffer `n`,
     /// normalising the header to 12 bytes. Returns the frame length.
-    fn read_tx_frame<R: Ring<C = C>>(
+    fn read_tx_frame(
         &mut self,
-        q: &mut R,
+        q: &mut Queue<'_>,
         k: usize,
         n: usize,
-    ) -> std::result::Result<usize, String> {
+    ) -> std::result::Result<usize, TxDrop> {
         let chain = &self.tx_chains[k];
         let total = chain.readable_len();
         let hl = self.hdr_len as u64;
         if chain.writable_len() != 0 {
-            return Err("transmit chain has device-writable buffers".to_string());
+            return Err(TxDrop::Writable);
         }
         if total < hl {
-            return Err(format!(
-                "{total} readable bytes, shorter than the {hl}-byte header"
-            ));
+            return Err(TxDrop::Short {
+                readable: total,
+                hdr: hl,
+            });
         }
         if total - hl > MAX_FRAME_LEN as u64 {
-            return Err(format!(
-                "frame of {} bytes exceeds {MAX_FRAME_LEN}",
-                total - hl
-            ));
+            return Err(TxDrop::TooLong { len: total - hl });
         }
         let host_offloads = self.host_offloads();
         let buf = &mut self.tx_bufs[n];
@@ -494,42 +382,33 @@ impl<C: ChainInfo> PairEngine<C> {
             // all, which spares a cache line per frame, nor checked; the port
             // gets a zero header.
             spare[..VNET_HDR_LEN].fill(0);
-            let got = q
-                .read(
-                    chain,
-                    hl,
-                    &mut spare[VNET_HDR_LEN..VNET_HDR_LEN + frame_len],
-                )
-                .map_err(|e| e.to_string())?;
+            let got = q.read(
+                chain,
+                hl,
+                &mut spare[VNET_HDR_LEN..VNET_HDR_LEN + frame_len],
+            )?;
             if got != frame_len {
-                return Err(format!("short read of {got} bytes"));
+                return Err(TxDrop::ShortRead { got });
             }
             buf.set_len(VNET_HDR_LEN + frame_len);
             return Ok(frame_len);
         }
         let got = if self.hdr_len == VNET_HDR_LEN {
-            q.read(chain, 0, &mut spare[..VNET_HDR_LEN + frame_len])
-                .map_err(|e| e.to_string())?
+            q.read(chain, 0, &mut spare[..VNET_HDR_LEN + frame_len])?
         } else {
-            let a = q
-                .read(chain, 0, &mut spare[..self.hdr_len])
-                .map_err(|e| e.to_string())?;
+            let a = q.read(chain, 0, &mut spare[..self.hdr_len])?;
             spare[self.hdr_len..VNET_HDR_LEN].fill(0);
-            a + q
-                .read(
-                    chain,
-                    hl,
-                    &mut spare[VNET_HDR_LEN..VNET_HDR_LEN + frame_len],
-                )
-                .map_err(|e| e.to_string())?
+            a + q.read(
+                chain,
+                hl,
+                &mut spare[VNET_HDR_LEN..VNET_HDR_LEN + frame_len],
+            )?
         };
         if got != self.hdr_len + frame_len {
-            return Err(format!("short read of {got} bytes"));
+            return Err(TxDrop::ShortRead { got });
         }
-        let hdr = VnetHdr::read(&spare[..VNET_HDR_LEN]).map_err(|e| e.to_string())?;
-        self.features
-            .check_tx_hdr(&hdr)
-            .map_err(|e| e.to_string())?;
+        let hdr = VnetHdr::read(&spare[..VNET_HDR_LEN])?;
+        self.features.check_tx_hdr(&hdr)?;
         spare[10] = 0;
         spare[11] = 0;
         buf.set_len(VNET_HDR_LEN + frame_len);
@@ -537,9 +416,9 @@ impl<C: ChainInfo> PairEngine<C> {
     }
 
     /// Device-to-driver: one burst of frames from the port into the receive queue.
-    pub(crate) fn rx_burst<R: Ring<C = C>>(
+    pub(crate) fn rx_burst(
         &mut self,
-        q: &mut R,
+        q: &mut Queue<'_>,
         port: &mut dyn Port,
     ) -> std::result::Result<(usize, RxStop), QueueError> {
         let mrg = self.features.mrg_rxbuf();
@@ -593,7 +472,7 @@ impl<C: ChainInfo> PairEngine<C> {
                     }
                     // Warm-up only: grows to the most chains held at once.
                     while chains.len() < end + RX_POP {
-                        chains.push(C::default());
+                        chains.push(Chain::new());
                     }
                     let b = q.pop_burst(&mut chains[end..end + RX_POP]);
                     // The queue completed malformed chains with length 0.
@@ -696,12 +575,12 @@ impl<C: ChainInfo> PairEngine<C> {
                     if let Some(delay) = ioasis::fault_injection::claim(FAULT_KIND) {
                         let mut bytes = parts.hdr.to_vec();
                         bytes.extend_from_slice(parts.frame);
-                        q.late_write(iova, &bytes, delay);
+                        late_write(q, iova, &bytes, delay);
                     }
                 }
                 None => {
                     if ioasis::fault_injection::armed(FAULT_KIND) {
-                        *late = chains[*first].first_writable();
+                        *late = first_writable(&chains[*first]);
                     }
                 }
             }
@@ -734,9 +613,9 @@ impl<C: ChainInfo> PairEngine<C> {
 
     /// Device-to-driver: bursts until the port is empty, the driver has no
     /// buffers or the pass limit is reached.
-    pub(crate) fn rx<R: Ring<C = C>>(
+    pub(crate) fn rx(
         &mut self,
-        q: &mut R,
+        q: &mut Queue<'_>,
         port: &mut dyn Port,
     ) -> std::result::Result<RxPass, QueueError> {
         let r = self.rx_pass(q, port);
@@ -753,9 +632,9 @@ impl<C: ChainInfo> PairEngine<C> {
         self.flush_notify(q, r)
     }
 
-    fn rx_pass<R: Ring<C = C>>(
+    fn rx_pass(
         &mut self,
-        q: &mut R,
+        q: &mut Queue<'_>,
         port: &mut dyn Port,
     ) -> std::result::Result<RxPass, QueueError> {
         let mut moved = 0;
@@ -805,9 +684,9 @@ impl<C: ChainInfo> PairEngine<C> {
 
     /// Runs the control queue's commands against `net`. Returns whether the
     /// receive filter may have changed.
-    pub(crate) fn ctrl<R: Ring<C = C>>(
+    pub(crate) fn ctrl(
         &mut self,
-        q: &mut R,
+        q: &mut Queue<'_>,
         net: &Mutex<NetDevice>,
     ) -> std::result::Result<usize, QueueError> {
         let mut done = 0;

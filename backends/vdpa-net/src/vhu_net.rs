@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ioasis::device::{
-    Chain, Device, DeviceError, EventHandle, EventRegistrar, Interest, Queues, Result, Worker,
+    Device, DeviceError, EventHandle, EventRegistrar, Interest, Queues, Result, Worker,
 };
 use log::{debug, info, warn};
 use vmm_sys_util::eventfd::EventFd;
@@ -256,7 +256,7 @@ struct NetWorker {
     port: Option<Box<dyn Port>>,
     gate: Option<RxGate>,
     wake: Option<EventFd>,
-    engine: PairEngine<Chain>,
+    engine: PairEngine,
     filter_gen: u64,
     rx_blocked: bool,
     poll: Option<Duration>,
