@@ -57,7 +57,6 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
-use std::time::Duration;
 
 pub use crate::dma::{Dma, DmaError};
 pub use crate::queue::{Chain, Queue, QueueError, Queues};
@@ -207,13 +206,6 @@ pub trait Device: Send + Sync + 'static {
         vec![mask]
     }
 
-    /// If set, a worker thread with nothing to do keeps polling its queues
-    /// (and calls [`Worker::poll`]) for this long before it sleeps in the
-    /// kernel again. Trades CPU for latency; `None` (the default) never polls.
-    fn busy_poll(&self) -> Option<Duration> {
-        None
-    }
-
     /// Resets device state (the frontend reset the device, or disconnected).
     /// Workers have already been dropped when this is called.
     fn reset(&self) {}
@@ -263,12 +255,42 @@ pub trait Worker: Send {
         Err(DeviceError::Unsupported("device event sources"))
     }
 
-    /// Busy-poll hook (see [`Device::busy_poll`]): do any pending work and
-    /// return whether there was some.
-    fn poll(&mut self, queues: &mut Queues<'_>) -> Result<bool> {
+    /// The thread has handled every event that was ready and is about to
+    /// block until the next one (a kick, one of the device's event sources,
+    /// the framework's own control). Called after every round of events
+    /// (and once after the thread starts), in its own access section.
+    ///
+    /// This is where a device that polls decides whether to keep polling:
+    ///
+    /// - [`Idle::Sleep`] (the default): the thread blocks. The device must
+    ///   have re-enabled the notifications it suppressed
+    ///   ([`Queue::enable_notification`], processing what it reports), or
+    ///   a driver that was told not to kick is not heard.
+    /// - [`Idle::Poll`]: the thread looks for ready events without blocking,
+    ///   handles them, and calls `before_sleep` again. The access section
+    ///   ends between two calls, and control (a ring's stop or final pass,
+    ///   the worker's exit, an unmap waiting for the section) is served as
+    ///   in any round, so a device may poll for as long as it likes; each
+    ///   call should still end within a millisecond or so, like every
+    ///   method that holds a section.
+    ///
+    /// A polling window that follows the load (poll after work for a while,
+    /// then re-arm notifications and sleep) is built on this hook: the
+    /// device keeps the window's state and answers `Poll` while it is open.
+    fn before_sleep(&mut self, queues: &mut Queues<'_>) -> Result<Idle> {
         let _ = queues;
-        Ok(false)
+        Ok(Idle::Sleep)
     }
+}
+
+/// What a worker thread does after [`Worker::before_sleep`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Idle {
+    /// Block until the next event.
+    Sleep,
+    /// Keep polling: handle what is ready without blocking, then call
+    /// [`Worker::before_sleep`] again.
+    Poll,
 }
 
 /// Which readiness a device event source waits for.

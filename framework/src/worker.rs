@@ -11,6 +11,11 @@
 //! the connection's [`Transport`]; kicks arrive on the rings' kick eventfds,
 //! which the transport installs.
 //!
+//! After each round of events the thread asks the worker whether it keeps
+//! polling ([`Worker::before_sleep`]): while it does, the thread looks for
+//! events without blocking and asks again; otherwise it blocks in
+//! `epoll_wait`.
+//!
 //! A queue that misses a translation is parked by the queue layer; after the
 //! call the thread reports the miss through the transport (when addresses
 //! are IOVAs) and sleeps until the connection thread resumes it through the
@@ -43,7 +48,7 @@ use log::{debug, error, warn};
 use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::device::{device_token_of, Device, DeviceError, EventRegistrar, Worker};
+use crate::device::{device_token_of, Device, DeviceError, EventRegistrar, Idle, Worker};
 use crate::dma::{Dma, Section};
 use crate::peer_write::{self, Writer};
 use crate::queue::{Queues, Vring};
@@ -209,7 +214,6 @@ impl WorkerSet {
         shared: &Arc<ConnShared>,
     ) -> Result<WorkerSet, WorkerError> {
         let masks = device.queues_per_thread();
-        let busy = device.busy_poll();
         let mut set = WorkerSet {
             threads: Vec::with_capacity(masks.len()),
             shared: shared.clone(),
@@ -243,7 +247,6 @@ impl WorkerSet {
                 translator: core.translator(),
                 ctl: ctl.clone(),
                 shared: shared.clone(),
-                busy,
                 kicks: Vec::new(),
                 pending_report: false,
                 errors: 0,
@@ -358,7 +361,6 @@ struct Runner {
     translator: Translator,
     ctl: Arc<Ctl>,
     shared: Arc<ConnShared>,
-    busy: Option<Duration>,
     /// Our clones of the kick fds, registered in epoll.
     kicks: Vec<(u16, EventFd)>,
     pending_report: bool,
@@ -454,14 +456,16 @@ impl Runner {
         }
         self.sync_kicks(&epoll);
         self.process_all();
+        // The device keeps polling (Idle::Poll): look at events without
+        // blocking and ask it again.
+        let mut polling = self.before_sleep();
+        self.report();
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS];
-        let mut poll_until: Option<Instant> = None;
         loop {
             if self.ctl.stop.load(Ordering::SeqCst) {
                 break;
             }
-            let now = Instant::now();
-            let timeout = if poll_until.is_some_and(|t| now < t) {
+            let timeout = if polling {
                 0
             } else if self.pending_report {
                 RETRY_MS
@@ -487,11 +491,6 @@ impl Runner {
                 break;
             }
             let n = usize::try_from(n).unwrap_or(0).min(MAX_EVENTS);
-            if n == 0 && poll_until.is_some() {
-                // Busy-poll window: look at every queue and the device hook.
-                self.process_all();
-                self.poll_device();
-            }
             for ev in events.iter().take(n) {
                 let token = ev.u64;
                 if token == CTL_TOKEN {
@@ -514,8 +513,9 @@ impl Runner {
                     self.process(index);
                 }
             }
-            if n > 0 {
-                poll_until = self.busy.map(|d| Instant::now() + d);
+            // About to block again (or still polling): the device's say.
+            if n > 0 || polling {
+                polling = self.before_sleep();
             }
             self.report();
         }
@@ -614,8 +614,15 @@ impl Runner {
         self.call(|w, queues| w.handle_event(token, queues));
     }
 
-    fn poll_device(&mut self) {
-        self.call(|w, queues| w.poll(queues).map(|_| ()));
+    /// Calls [`Worker::before_sleep`]; true if the device keeps polling
+    /// (an error counts as sleep).
+    fn before_sleep(&mut self) -> bool {
+        let mut idle = Idle::Sleep;
+        self.call(|w, queues| {
+            idle = w.before_sleep(queues)?;
+            Ok(())
+        });
+        idle == Idle::Poll
     }
 
     /// Calls the worker inside one access section of the thread's

@@ -9,7 +9,8 @@
 //! The per-frame work on the rings is the packet engine's
 //! ([`crate::engine`]); this module is the device around it: configuration,
 //! the ports parked between workers, the worker's events (port readiness,
-//! its own wake-up, kicks), polling (`--poll-us`) and the receive gate: when
+//! kicks), polling (`--poll-us`, continued from the framework's before-sleep
+//! hook) and the receive gate: when
 //! the driver has no receive buffers the port's readiness is switched off
 //! until the driver kicks the receive queue.
 
@@ -18,10 +19,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ioasis::device::{
-    Device, DeviceError, EventHandle, EventRegistrar, Interest, Queues, Result, Worker,
+    Device, DeviceError, EventHandle, EventRegistrar, Idle, Interest, Queues, Result, Worker,
 };
 use log::{debug, info, warn};
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::engine::PairEngine;
 use crate::net::{self, Features, MacAddr, NetDevice, NET_CONFIG_LEN};
@@ -40,9 +40,6 @@ const IDLE_PAUSES: usize = 128;
 const POLL_PASSES_PER_CLOCK: usize = 8;
 /// Token of a worker's port readiness in the framework's event loop.
 const PORT_TOKEN: u64 = 1;
-/// Token of a worker's own wake-up: a pass that stopped with work left
-/// asks to be called again (a fresh access section) through it.
-const WAKE_TOKEN: u64 = 2;
 
 /// Configuration of one virtio-net device.
 #[derive(Debug, Clone)]
@@ -200,12 +197,6 @@ impl Device for VhostUserNetBackend {
             .collect()
     }
 
-    fn busy_poll(&self) -> Option<Duration> {
-        // The workers poll themselves (see `NetWorker::serve`), with driver
-        // notifications suppressed while they do.
-        None
-    }
-
     fn reset(&self) {
         // Workers are gone: every port is back in its slot.
         for p in &self.shared.ports {
@@ -255,7 +246,10 @@ struct NetWorker {
     ctrl_q: Option<u16>,
     port: Option<Box<dyn Port>>,
     gate: Option<RxGate>,
-    wake: Option<EventFd>,
+    /// A pass stopped with work left, or a polling session yielded its
+    /// access section: serve again before the thread sleeps (a fresh
+    /// section, through [`Worker::before_sleep`]).
+    again: bool,
     engine: PairEngine,
     filter_gen: u64,
     rx_blocked: bool,
@@ -278,7 +272,6 @@ impl Drop for NetWorker {
             g.set(p.as_ref(), false);
         }
         self.gate = None;
-        self.wake = None;
         if let Some(p) = self.port.take() {
             *lock(&self.shared.ports[self.pair]) = Some(p);
         }
@@ -303,7 +296,7 @@ impl NetWorker {
             ctrl_q,
             port: Some(port),
             gate: None,
-            wake: None,
+            again: false,
             engine,
             filter_gen,
             rx_blocked: false,
@@ -329,16 +322,14 @@ impl NetWorker {
         };
         let (n, more) = self.engine.tx(&mut q, port.as_mut())?;
         if more {
-            self.wake_later();
+            self.serve_again();
         }
         Ok(n)
     }
 
-    fn wake_later(&self) {
-        if let Some(w) = &self.wake {
-            // Only an overflowing counter fails, and it is readable then.
-            let _ = w.write(1);
-        }
+    /// Has [`Worker::before_sleep`] serve again (a fresh access section).
+    fn serve_again(&mut self) {
+        self.again = true;
     }
 
     fn process_rx(&mut self, queues: &mut Queues<'_>) -> Result<usize> {
@@ -360,7 +351,7 @@ impl NetWorker {
             }
         }
         if pass.more {
-            self.wake_later();
+            self.serve_again();
         }
         Ok(pass.moved)
     }
@@ -370,7 +361,8 @@ impl NetWorker {
     /// polling both queues and the port with notifications suppressed until
     /// nothing moved for the window, then one ordinary pass; a session that
     /// stays busy yields its access section every [`MAX_POLL_SECTION`] and
-    /// resumes through the wake-up eventfd, notifications still off.
+    /// resumes before the thread sleeps ([`Worker::before_sleep`] answers
+    /// [`Idle::Poll`]), notifications still off.
     fn serve(&mut self, queues: &mut Queues<'_>) -> Result<()> {
         if let Some(window) = self.poll {
             let start = Instant::now();
@@ -422,7 +414,7 @@ impl NetWorker {
             };
             self.engine.suppress = false;
             if r? {
-                self.wake_later();
+                self.serve_again();
                 return Ok(());
             }
             // Going back to sleep: the receive queue kicks again (buffers the
@@ -447,19 +439,6 @@ impl NetWorker {
 
 impl Worker for NetWorker {
     fn init(&mut self, events: &mut EventRegistrar<'_>) -> Result<()> {
-        let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| {
-            DeviceError::Io {
-                op: "create wake-up eventfd",
-                source,
-            }
-        })?;
-        events
-            .add(&wake, Interest::Readable, WAKE_TOKEN)
-            .map_err(|source| DeviceError::Io {
-                op: "register wake-up eventfd",
-                source,
-            })?;
-        self.wake = Some(wake);
         let Some(port) = self.port.as_ref() else {
             return Ok(());
         };
@@ -513,24 +492,17 @@ impl Worker for NetWorker {
             PORT_TOKEN => {
                 self.process_rx(queues)?;
             }
-            WAKE_TOKEN => {
-                if let Some(w) = &self.wake {
-                    // Empty (another pass consumed it) fails: nothing to clear.
-                    let _ = w.read();
-                }
-                self.serve(queues)?;
-            }
             _ => {}
         }
         Ok(())
     }
 
-    fn poll(&mut self, queues: &mut Queues<'_>) -> Result<bool> {
-        let mut n = self.process_tx(queues)?;
-        if !self.rx_blocked {
-            n += self.process_rx(queues)?;
+    fn before_sleep(&mut self, queues: &mut Queues<'_>) -> Result<Idle> {
+        if !std::mem::take(&mut self.again) {
+            return Ok(Idle::Sleep);
         }
-        Ok(n > 0)
+        self.serve(queues)?;
+        Ok(if self.again { Idle::Poll } else { Idle::Sleep })
     }
 }
 
