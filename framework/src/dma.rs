@@ -330,7 +330,7 @@ impl HotCache {
 /// recent contiguous translations (the rings, the buffers of popped chains)
 /// and answers repeated small accesses to them without asking iommu-core.
 pub(crate) struct Section<'t> {
-    access: RefCell<iommu_core::Access<'t>>,
+    access: RefCell<iommu_core::AccessSection<'t>>,
     pasid: Option<u32>,
     frags: RefCell<Vec<Fragment>>,
     last_err: RefCell<Option<DmaError>>,

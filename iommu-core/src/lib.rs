@@ -59,10 +59,12 @@
 //! [`Translator`] ([`Device::translator`]). A translator has its own
 //! translation cache (IOTLB, 2-way set associative by hashed 4 KiB page
 //! number, each entry covering a whole contiguous area). DMA happens inside an *access section*
-//! ([`Translator::access`] → [`Access`]): [`Access::translate`] yields the
-//! host [`Fragment`]s covering a range (one IOVA range need not be one host
-//! buffer), [`Access::read`] / [`Access::write`] / [`Access::copy`] move
-//! bytes. Host pointers are valid only until the section ends.
+//! ([`Translator::access`] → [`AccessSection`]):
+//! [`AccessSection::translate`] yields the host [`Fragment`]s covering a
+//! range (one IOVA range need not be one host buffer),
+//! [`AccessSection::read`] / [`AccessSection::write`] /
+//! [`AccessSection::copy`] move bytes. Host pointers are valid only until
+//! the section ends.
 //!
 //! A translation that fails on a HWPT with a fault queue raises an I/O page
 //! fault: the access returns [`Error::FaultRaised`] with a [`PendingFault`].
@@ -73,10 +75,11 @@
 //! queue the access fails with [`Error::Unmapped`] / [`Error::AccessDenied`]
 //! and an event goes to the event queue that covers the device.
 //!
-//! The `_nofault` forms ([`Access::translate_nofault`],
-//! [`Access::translate_contiguous_nofault`], [`Access::read_nofault`],
-//! [`Access::write_nofault`], [`Access::copy_nofault`]) ask "is this
-//! mapped?" without side effects: on any HWPT a failure is
+//! The `_nofault` forms ([`AccessSection::translate_nofault`],
+//! [`AccessSection::translate_contiguous_nofault`],
+//! [`AccessSection::read_nofault`], [`AccessSection::write_nofault`],
+//! [`AccessSection::copy_nofault`]) ask "is this mapped?" without side
+//! effects: on any HWPT a failure is
 //! [`Error::Unmapped`] / [`Error::AccessDenied`], no fault group is queued
 //! and no event is reported; the caller reports the failure its own way
 //! (a device that does not block on faults, a completion-record write).
@@ -258,7 +261,7 @@ pub use fault_budget::{FaultBudget, FaultSlot};
 pub use memory::Memory;
 pub use sync::{InvalidationTicket, Nudge, TranslatorInfo};
 pub use translate::{
-    Access, Fragment, Translator, TranslatorStats, TRANSLATION_CACHE_ENTRIES,
+    AccessSection, Fragment, Translator, TranslatorStats, TRANSLATION_CACHE_ENTRIES,
     TRANSLATION_CACHE_WAYS,
 };
 pub use types::*;

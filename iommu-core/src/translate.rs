@@ -56,7 +56,7 @@ fn set_index(iova: u64) -> usize {
 const MAX_CACHED_MEMORIES: usize = 1024;
 
 /// A host fragment of a translated range. `ptr` is valid for `len` bytes
-/// only until the [`Access`] section it came from ends.
+/// only until the [`AccessSection`] it came from ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fragment {
     /// Host address.
@@ -69,7 +69,7 @@ pub struct Fragment {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TranslatorStats {
     /// Translations of multi-fragment or helper (read/write/copy) accesses
-    /// answered from the cache; single-entry [`Access::translate`] hits
+    /// answered from the cache; single-entry [`AccessSection::translate`] hits
     /// are not counted, to keep that path minimal.
     pub hits: u64,
     /// Translations that walked the IOAS / page table.
@@ -171,13 +171,13 @@ impl Translator {
     /// Opens an access section. Never block inside one (an unmap waits for
     /// it to end).
     #[inline]
-    pub fn access(&mut self) -> Access<'_> {
+    pub fn access(&mut self) -> AccessSection<'_> {
         let g = self.slot.enter();
         if g != self.seen_gen {
             self.flush();
             self.seen_gen = g;
         }
-        Access { t: self }
+        AccessSection { t: self }
     }
     /// Reads `buf.len()` bytes at `iova` (own access section).
     pub fn read(&mut self, pasid: Option<u32>, iova: u64, buf: &mut [u8]) -> Result<()> {
@@ -187,11 +187,11 @@ impl Translator {
     pub fn write(&mut self, pasid: Option<u32>, iova: u64, buf: &[u8]) -> Result<()> {
         self.access().write(pasid, iova, buf)
     }
-    /// [`Access::read_nofault`] in its own access section.
+    /// [`AccessSection::read_nofault`] in its own access section.
     pub fn read_nofault(&mut self, pasid: Option<u32>, iova: u64, buf: &mut [u8]) -> Result<()> {
         self.access().read_nofault(pasid, iova, buf)
     }
-    /// [`Access::write_nofault`] in its own access section.
+    /// [`AccessSection::write_nofault`] in its own access section.
     pub fn write_nofault(&mut self, pasid: Option<u32>, iova: u64, buf: &[u8]) -> Result<()> {
         self.access().write_nofault(pasid, iova, buf)
     }
@@ -517,21 +517,21 @@ fn walk_nested(
     ))
 }
 
-/// An access section: host pointers from [`Access::translate`] stay valid
+/// An access section: host pointers from [`AccessSection::translate`] stay valid
 /// until it is dropped.
-pub struct Access<'t> {
+pub struct AccessSection<'t> {
     t: &'t mut Translator,
 }
 
-impl std::fmt::Debug for Access<'_> {
+impl std::fmt::Debug for AccessSection<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Access")
+        f.debug_struct("AccessSection")
             .field("translator", &self.t.slot.id)
             .finish()
     }
 }
 
-impl Drop for Access<'_> {
+impl Drop for AccessSection<'_> {
     #[inline]
     fn drop(&mut self) {
         self.t.slot.leave();
@@ -549,14 +549,14 @@ fn check_range(iova: u64, len: u64) -> Result<()> {
     Ok(())
 }
 
-impl Access<'_> {
+impl AccessSection<'_> {
     /// Translates `[iova, iova+len)` for `perm`: clears `out` and fills it
     /// with host fragments covering the range in order (adjacent host runs
     /// are merged).
     ///
     /// A failure raises an I/O page fault on a fault-capable HWPT
     /// ([`Error::FaultRaised`]) or reports an event otherwise; see
-    /// [`Access::translate_nofault`] for a translation that does neither.
+    /// [`AccessSection::translate_nofault`] for a translation that does neither.
     #[inline(always)]
     pub fn translate(
         &mut self,
@@ -569,13 +569,13 @@ impl Access<'_> {
         self.translate_in(pasid, iova, len, perm, out, Mode::Fault)
     }
 
-    /// [`Access::translate`] without fault or event: a range that is not
+    /// [`AccessSection::translate`] without fault or event: a range that is not
     /// mapped, or not with `perm`, fails with [`Error::Unmapped`] /
     /// [`Error::AccessDenied`] even on a fault-capable HWPT. No fault group
     /// is queued (nothing for the fault queue's reader to answer) and no
     /// event goes to any event queue: the caller reports the failure its
     /// own way (a completion status, a `block-on-fault=0` error). Hits and
-    /// fills of the cache are the same as for [`Access::translate`].
+    /// fills of the cache are the same as for [`AccessSection::translate`].
     #[inline(always)]
     pub fn translate_nofault(
         &mut self,
@@ -656,7 +656,7 @@ impl Access<'_> {
     /// (shorter when the range continues in another host buffer).
     ///
     /// A failure raises a fault or reports an event as for
-    /// [`Access::translate`].
+    /// [`AccessSection::translate`].
     #[inline(always)]
     pub fn translate_contiguous(
         &mut self,
@@ -668,9 +668,9 @@ impl Access<'_> {
         self.translate_contiguous_in(pasid, iova, len, perm, Mode::Fault)
     }
 
-    /// [`Access::translate_contiguous`] without fault or event: fails with
-    /// [`Error::Unmapped`] / [`Error::AccessDenied`] as
-    /// [`Access::translate_nofault`] does.
+    /// [`AccessSection::translate_contiguous`] without fault or event: fails
+    /// with [`Error::Unmapped`] / [`Error::AccessDenied`] as
+    /// [`AccessSection::translate_nofault`] does.
     #[inline(always)]
     pub fn translate_contiguous_nofault(
         &mut self,
@@ -747,8 +747,8 @@ impl Access<'_> {
         self.read_in(pasid, iova, buf, Mode::Fault)
     }
 
-    /// [`Access::read`] without fault or event (see
-    /// [`Access::translate_nofault`]).
+    /// [`AccessSection::read`] without fault or event (see
+    /// [`AccessSection::translate_nofault`]).
     pub fn read_nofault(&mut self, pasid: Option<u32>, iova: u64, buf: &mut [u8]) -> Result<()> {
         self.read_in(pasid, iova, buf, Mode::NoFault)
     }
@@ -766,8 +766,8 @@ impl Access<'_> {
         self.write_in(pasid, iova, buf, Mode::Fault)
     }
 
-    /// [`Access::write`] without fault or event (see
-    /// [`Access::translate_nofault`]), e.g. for a completion record whose
+    /// [`AccessSection::write`] without fault or event (see
+    /// [`AccessSection::translate_nofault`]), e.g. for a completion record whose
     /// failure the device reports itself.
     pub fn write_nofault(&mut self, pasid: Option<u32>, iova: u64, buf: &[u8]) -> Result<()> {
         self.write_in(pasid, iova, buf, Mode::NoFault)
@@ -798,8 +798,8 @@ impl Access<'_> {
         self.copy_in(src_pasid, src, dst_pasid, dst, len, Mode::Fault)
     }
 
-    /// [`Access::copy`] without fault or event (see
-    /// [`Access::translate_nofault`]).
+    /// [`AccessSection::copy`] without fault or event (see
+    /// [`AccessSection::translate_nofault`]).
     pub fn copy_nofault(
         &mut self,
         src_pasid: Option<u32>,

@@ -8,7 +8,7 @@
 //!
 //! Every translator thread writes a stamp that no other write uses into
 //! the old pages, through `Translator::write` (an access section of its
-//! own, or an explicit `Access`); its cache was filled through the old
+//! own, or an explicit `AccessSection`); its cache was filled through the old
 //! mapping before the threads started, so a stale translation is there to
 //! be used. Each thread that makes a promise (an unmap, replace, detach or
 //! unbind that returned: its ticket completed) reads the stamp in the old
