@@ -1052,7 +1052,7 @@ impl Lazy {
                                 "    fault: {ACCEL} PASID {} {} at {:#x} (group {}) -> driver maps \
                                  {} KiB at {chunk:#x}, answers SUCCESS",
                                 accel.pasid(),
-                                if r.perm & FAULT_PERM_WRITE != 0 {
+                                if r.perm.bits() & FAULT_PERM_WRITE != 0 {
                                     "write"
                                 } else {
                                     "read"

@@ -60,6 +60,20 @@ pub struct FaultRecord {
     pub cookie: u32,
 }
 
+impl FaultRecord {
+    /// Whether this is the last record of its group
+    /// ([`IOMMU_PGFAULT_FLAGS_LAST_PAGE`]).
+    pub fn is_last(&self) -> bool {
+        self.flags & IOMMU_PGFAULT_FLAGS_LAST_PAGE != 0
+    }
+
+    /// The PASID, if the record carries one
+    /// ([`IOMMU_PGFAULT_FLAGS_PASID_VALID`]).
+    pub fn pasid(&self) -> Option<u32> {
+        (self.flags & IOMMU_PGFAULT_FLAGS_PASID_VALID != 0).then_some(self.pasid)
+    }
+}
+
 /// Response code (`IOMMUFD_PAGE_RESP_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PageResponseCode {
@@ -90,6 +104,24 @@ pub struct PageResponse {
     pub cookie: u32,
     /// The answer.
     pub code: PageResponseCode,
+}
+
+impl PageResponse {
+    /// A SUCCESS answer for the group `cookie`.
+    pub fn success(cookie: u32) -> Self {
+        PageResponse {
+            cookie,
+            code: PageResponseCode::Success,
+        }
+    }
+
+    /// An INVALID answer for the group `cookie`.
+    pub fn invalid(cookie: u32) -> Self {
+        PageResponse {
+            cookie,
+            code: PageResponseCode::Invalid,
+        }
+    }
 }
 
 /// State of a fault group as the raising device sees it.

@@ -113,7 +113,7 @@ fn syscall_consumer(fd: OwnedFd, stop: Arc<AtomicBool>) -> (u64, Duration) {
         }
         let cookie = u32::from_le_bytes([buf[36], buf[37], buf[38], buf[39]]);
         let mut out = [0u8; PAGE_RESPONSE_SIZE];
-        PageResponse::success(cookie).encode(&mut out);
+        ioasis_service::uring::record::encode_response(&PageResponse::success(cookie), &mut out);
         if send(fd.as_raw_fd(), &out, MsgFlags::MSG_NOSIGNAL).is_err() {
             break;
         }

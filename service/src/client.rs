@@ -473,12 +473,10 @@ impl Client {
     pub fn hwpt_invalidate(
         &mut self,
         hwpt_id: u32,
-        entries: &[WireInvalidation],
+        entries: &[InvalidateEntry],
     ) -> (u32, Result<()>) {
         let (data_type, entry_len) = match entries.first() {
-            Some(WireInvalidation::Viommu { .. }) => {
-                (INVALIDATE_DATA_VIOMMU, INVALIDATE_VIOMMU_LEN)
-            }
+            Some(InvalidateEntry::Viommu { .. }) => (INVALIDATE_DATA_VIOMMU, INVALIDATE_VIOMMU_LEN),
             _ => (INVALIDATE_DATA_STAGE1, INVALIDATE_STAGE1_LEN),
         };
         let req = Request::HwptInvalidate {

@@ -154,7 +154,7 @@ pub use ledger::{Exceeded, Usage};
 pub use limits::{Limits, Resource, Scope};
 #[cfg(feature = "server")]
 pub use options::ServiceOptions;
-pub use proto::WireInvalidation;
+pub use proto::InvalidateEntry;
 #[cfg(feature = "server")]
 pub use server::{
     Directory, QueueSource, Service, ServiceError, ServiceHandle, ServiceObserver, ServiceThread,

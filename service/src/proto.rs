@@ -62,6 +62,7 @@
 //! (trailing bytes are `E2BIG`, as iommufd's non-zero tails), unknown flag
 //! bits and non-zero reserved words are `EOPNOTSUPP`.
 
+pub use iommu_core::InvalidateEntry;
 use thiserror::Error;
 
 pub use crate::ownership::TOKEN_LEN;
@@ -590,33 +591,6 @@ impl Writer {
     }
 }
 
-/// One invalidation request, as carried on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WireInvalidation {
-    /// Stage-1 IOTLB invalidation of a nested HWPT.
-    Stage1 {
-        /// Entry flags.
-        flags: u32,
-        /// First address.
-        addr: u64,
-        /// Number of 4 KiB pages.
-        npages: u64,
-    },
-    /// vIOMMU invalidation in virtual ids.
-    Viommu {
-        /// Virtual device id.
-        vdev_id: u64,
-        /// Virtual PASID, if any.
-        vpasid: Option<u32>,
-        /// Entry flags (without [`INVALIDATE_VPASID_VALID`]).
-        flags: u32,
-        /// First address.
-        addr: u64,
-        /// Number of 4 KiB pages.
-        npages: u64,
-    },
-}
-
 /// A request, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
@@ -737,7 +711,7 @@ pub enum Request {
         /// Entry length as sent.
         entry_len: u32,
         /// Decoded entries (empty: a probe).
-        entries: Vec<WireInvalidation>,
+        entries: Vec<InvalidateEntry>,
     },
     /// Allocate a fault queue; the reply carries its channel fd.
     FaultQueueAlloc,
@@ -928,14 +902,14 @@ impl Request {
                     .u32(entries.len() as u32);
                 for e in entries {
                     match e {
-                        WireInvalidation::Stage1 {
+                        InvalidateEntry::Stage1 {
                             flags,
                             addr,
                             npages,
                         } => {
                             w.u32(*flags).u32(0).u64(*addr).u64(*npages);
                         }
-                        WireInvalidation::Viommu {
+                        InvalidateEntry::Viommu {
                             vdev_id,
                             vpasid,
                             flags,
@@ -1187,7 +1161,7 @@ impl Request {
                         entries.push(if data_type == INVALIDATE_DATA_STAGE1 {
                             let flags = r.u32()?;
                             r.reserved32("stage-1 entry reserved")?;
-                            WireInvalidation::Stage1 {
+                            InvalidateEntry::Stage1 {
                                 flags,
                                 addr: r.u64()?,
                                 npages: r.u64()?,
@@ -1203,7 +1177,7 @@ impl Request {
                             } else {
                                 None
                             };
-                            WireInvalidation::Viommu {
+                            InvalidateEntry::Viommu {
                                 vdev_id,
                                 vpasid,
                                 flags: f & !INVALIDATE_VPASID_VALID,
@@ -1532,7 +1506,7 @@ mod tests {
             hwpt_id: 4,
             data_type: INVALIDATE_DATA_VIOMMU,
             entry_len: INVALIDATE_VIOMMU_LEN,
-            entries: vec![WireInvalidation::Viommu {
+            entries: vec![InvalidateEntry::Viommu {
                 vdev_id: 1,
                 vpasid: Some(3),
                 flags: 1,

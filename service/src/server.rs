@@ -15,8 +15,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use iommu_core::{
-    FaultBudget, FaultQueue, HwInfo, HwptAlloc, HwptData, InvalidateEntry, InvalidationTicket,
-    Iommu, IovaRange, Memory, PageResponseCode, Perm,
+    FaultBudget, FaultQueue, HwInfo, HwptAlloc, HwptData, InvalidationTicket, Iommu, IovaRange,
+    Memory, Perm,
 };
 use log::{debug, warn};
 use nix::errno::Errno;
@@ -332,18 +332,12 @@ impl ServiceHandle {
 #[derive(Debug)]
 pub struct QueueSource {
     queue: FaultQueue,
-    records: Vec<iommu_core::FaultRecord>,
-    responses: Vec<iommu_core::PageResponse>,
 }
 
 impl QueueSource {
     /// Wraps the consumer side of a fault queue.
     pub fn new(queue: FaultQueue) -> Self {
-        QueueSource {
-            queue,
-            records: Vec::new(),
-            responses: Vec::new(),
-        }
+        QueueSource { queue }
     }
 
     /// The fault queue.
@@ -358,43 +352,11 @@ impl FaultSource for QueueSource {
     }
 
     fn read_groups(&mut self, out: &mut Vec<FaultRecord>, max: usize) -> Result<usize, i32> {
-        self.records.clear();
-        let n = self
-            .queue
-            .read_batch(&mut self.records, max)
-            .map_err(|e| e.errno())?;
-        out.extend(self.records.iter().map(|r| FaultRecord {
-            flags: r.flags,
-            dev_id: u32::try_from(r.dev_id).unwrap_or(u32::MAX),
-            pasid: r.pasid,
-            grpid: r.grpid,
-            perm: r.perm.bits(),
-            addr: r.addr,
-            length: r.length,
-            cookie: r.cookie,
-        }));
-        Ok(n)
+        self.queue.read_batch(out, max).map_err(|e| e.errno())
     }
 
     fn respond(&mut self, responses: &[PageResponse]) -> Result<(), (usize, i32)> {
-        self.responses.clear();
-        for (i, r) in responses.iter().enumerate() {
-            match PageResponseCode::try_from(r.code) {
-                Ok(code) => self.responses.push(iommu_core::PageResponse {
-                    cookie: r.cookie,
-                    code,
-                }),
-                Err(e) => {
-                    // Apply the valid prefix first, then report this one.
-                    let (n, res) = self.queue.respond_batch(&self.responses);
-                    return match res {
-                        Ok(()) => Err((i, e.errno())),
-                        Err(e) => Err((n, e.errno())),
-                    };
-                }
-            }
-        }
-        let (n, res) = self.queue.respond_batch(&self.responses);
+        let (n, res) = self.queue.respond_batch(responses);
         res.map_err(|e| (n, e.errno()))
     }
 }

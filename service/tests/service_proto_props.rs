@@ -128,7 +128,7 @@ fn request(u: &mut Unstructured<'_>) -> ArbResult<Request> {
             let mut entries = Vec::new();
             for _ in 0..n {
                 entries.push(if viommu {
-                    WireInvalidation::Viommu {
+                    InvalidateEntry::Viommu {
                         vdev_id: u.arbitrary()?,
                         vpasid: pasid(u)?,
                         flags: u.int_in_range(0..=0x7fff_ffffu32)?,
@@ -136,7 +136,7 @@ fn request(u: &mut Unstructured<'_>) -> ArbResult<Request> {
                         npages: u.arbitrary()?,
                     }
                 } else {
-                    WireInvalidation::Stage1 {
+                    InvalidateEntry::Stage1 {
                         flags: u.arbitrary()?,
                         addr: u.arbitrary()?,
                         npages: u.arbitrary()?,

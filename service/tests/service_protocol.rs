@@ -412,7 +412,7 @@ fn test_errors_carry_the_iommu_errno() {
     let hwpt = c.attach("dev0", None, ioas).expect("re-attach (replace)");
     let (done, r) = c.hwpt_invalidate(
         hwpt,
-        &[WireInvalidation::Stage1 {
+        &[InvalidateEntry::Stage1 {
             flags: 0,
             addr: 0,
             npages: 1,
@@ -573,7 +573,7 @@ fn test_fault_queue_over_the_service() {
     let r = batch.records[0];
     assert_eq!(r.cookie, pending.cookie());
     assert_eq!(r.addr, 0x5000);
-    assert_eq!(u64::from(r.dev_id), u64::from(fx.dev.dev_id().expect("id")));
+    assert_eq!(r.dev_id, u64::from(fx.dev.dev_id().expect("id")));
     assert!(r.is_last());
     // Map the page lazily, then answer: the device resumes.
     let fd = sealed_memfd("lazy", 0x1000).expect("memfd");
@@ -743,12 +743,12 @@ fn test_nested_invalidation_reports_entries_done() {
             ..HwptRequest::default()
         })
         .expect("nested");
-    let ok = WireInvalidation::Stage1 {
+    let ok = InvalidateEntry::Stage1 {
         flags: 0,
         addr: 0x2000,
         npages: 1,
     };
-    let bad = WireInvalidation::Stage1 {
+    let bad = InvalidateEntry::Stage1 {
         flags: 0xffff_ffff,
         addr: 0x2000,
         npages: 1,

@@ -121,7 +121,7 @@ fn test_whole_groups_from_many_devices_in_one_batch() {
         } else {
             FAULT_PERM_READ
         };
-        assert_eq!(rec.perm & (FAULT_PERM_READ | FAULT_PERM_WRITE), want);
+        assert_eq!(rec.perm.bits() & (FAULT_PERM_READ | FAULT_PERM_WRITE), want);
         let p = pending
             .iter()
             .find(|p| p.cookie() == rec.cookie)

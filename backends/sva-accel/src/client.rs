@@ -1172,7 +1172,7 @@ fn fault_loop(inner: &Inner, mut ch: FaultChannel, mut handler: Option<FaultHand
             inner.stats.faults.fetch_add(1, Ordering::Relaxed);
             let f = Fault {
                 addr: r.addr,
-                write: r.perm & FAULT_PERM_WRITE != 0,
+                write: r.perm.bits() & FAULT_PERM_WRITE != 0,
                 pasid: r.pasid,
             };
             let act = handler.as_mut().map_or(FaultAction::Fail, |h| h(&f));

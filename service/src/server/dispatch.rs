@@ -480,34 +480,7 @@ impl Service {
                         format!("invalidation data_type {data_type}"),
                     ));
                 }
-                let conv: Vec<InvalidateEntry> = entries
-                    .iter()
-                    .map(|e| match *e {
-                        WireInvalidation::Stage1 {
-                            flags,
-                            addr,
-                            npages,
-                        } => InvalidateEntry::Stage1 {
-                            flags,
-                            addr,
-                            npages,
-                        },
-                        WireInvalidation::Viommu {
-                            vdev_id,
-                            vpasid,
-                            flags,
-                            addr,
-                            npages,
-                        } => InvalidateEntry::Viommu {
-                            vdev_id,
-                            vpasid,
-                            flags,
-                            addr,
-                            npages,
-                        },
-                    })
-                    .collect();
-                let (done, res, ticket) = iommu.hwpt_invalidate_begin(hwpt_id, &conv);
+                let (done, res, ticket) = iommu.hwpt_invalidate_begin(hwpt_id, &entries);
                 self.defer(ticket);
                 match res {
                     Ok(()) => Ok((ReplyBody::Empty, done, None)),

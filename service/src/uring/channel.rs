@@ -22,8 +22,8 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use thiserror::Error;
 
 use super::record::{
-    FaultRecord, PageResponse, RecordError, Rejection, FAULT_RECORD_SIZE, PAGE_RESPONSE_SIZE,
-    STATUS_PACKET_SIZE,
+    decode_records, encode_response, FaultRecord, PageResponse, RecordError, Rejection,
+    FAULT_RECORD_SIZE, PAGE_RESPONSE_SIZE, STATUS_PACKET_SIZE,
 };
 
 /// Largest number of fault records the pump puts in one packet.
@@ -334,7 +334,7 @@ impl FaultChannel {
             let buf = &mut self.send_bufs[slot];
             for (i, r) in chunk.iter().enumerate() {
                 let mut b = [0u8; PAGE_RESPONSE_SIZE];
-                r.encode(&mut b);
+                encode_response(r, &mut b);
                 buf[i * PAGE_RESPONSE_SIZE..(i + 1) * PAGE_RESPONSE_SIZE].copy_from_slice(&b);
             }
             let len = chunk.len() * PAGE_RESPONSE_SIZE;
@@ -596,7 +596,7 @@ fn decode_packet(packet: &[u8], batch: &mut FaultBatch) -> Result<()> {
     let res = if packet.len() == STATUS_PACKET_SIZE {
         Rejection::decode(packet).map(|r| batch.rejected.push(r))
     } else {
-        FaultRecord::decode_packet(packet, &mut batch.records).map(|_| ())
+        decode_records(packet, &mut batch.records).map(|_| ())
     };
     res.map_err(|source| ChannelError::Malformed {
         len: packet.len(),

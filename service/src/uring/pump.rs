@@ -11,7 +11,10 @@ use nix::sys::socket::{self, MsgFlags};
 use thiserror::Error;
 
 use super::channel::{MAX_RECORDS_PER_PACKET, MAX_RESPONSE_PACKET};
-use super::record::{FaultRecord, PageResponse, Rejection, FAULT_RECORD_SIZE, PAGE_RESPONSE_SIZE};
+use super::record::{
+    decode_responses, encode_record, FaultRecord, PageResponse, Rejection, FAULT_RECORD_SIZE,
+    PAGE_RESPONSE_SIZE,
+};
 
 /// Where fault groups come from and where their answers go: the consumer
 /// side of a fault queue.
@@ -173,7 +176,7 @@ impl<S: FaultSource> FaultPump<S> {
                 self.out.clear();
                 for r in &self.records {
                     let mut b = [0u8; FAULT_RECORD_SIZE];
-                    r.encode(&mut b);
+                    encode_record(r, &mut b);
                     self.out.extend_from_slice(&b);
                 }
                 self.pending = n;
@@ -224,7 +227,7 @@ impl<S: FaultSource> FaultPump<S> {
                 );
                 continue;
             }
-            if let Err(e) = PageResponse::decode_packet(&self.inbuf[..n], &mut self.responses) {
+            if let Err(e) = decode_responses(&self.inbuf[..n], &mut self.responses) {
                 self.stats.malformed += 1;
                 crate::log_limited!(
                     log::Level::Warn,
@@ -260,7 +263,7 @@ impl<S: FaultSource> FaultPump<S> {
                         );
                         self.reject(Rejection {
                             cookie: r.cookie,
-                            code: r.code,
+                            code: r.code as u32,
                             errno,
                         })?;
                         start += idx + 1;

@@ -1,6 +1,11 @@
 //! Wire layouts of the fault channel: fault records, page responses and
 //! status packets.
 //!
+//! A record and a response are iommu-core's own [`FaultRecord`] and
+//! [`PageResponse`], encoded and decoded here (one type per concept, from
+//! the fault queue to the consumer); only the status packet
+//! ([`Rejection`]) is the channel's.
+//!
 //! The layouts are those of iommufd's fault queue fd, little-endian:
 //!
 //! `struct iommu_hwpt_pgfault`, 40 bytes, server to consumer:
@@ -37,6 +42,7 @@
 //! | 8 | 4 | `errno` | why it was refused (`EINVAL` as iommufd) |
 //! | 12 | 4 | `code` | the response code that was sent |
 
+pub use iommu_core::{FaultRecord, PageResponse, PageResponseCode, Perm};
 use thiserror::Error;
 
 /// Size of one fault record on the wire.
@@ -49,29 +55,29 @@ pub const STATUS_PACKET_SIZE: usize = 16;
 pub const STATUS_MAGIC: u32 = 0x4154_5346;
 
 /// Record flag: the `pasid` field is valid.
-pub const FAULT_FLAG_PASID_VALID: u32 = 1 << 0;
+pub const FAULT_FLAG_PASID_VALID: u32 = iommu_core::IOMMU_PGFAULT_FLAGS_PASID_VALID;
 /// Record flag: last record of its group.
-pub const FAULT_FLAG_LAST_PAGE: u32 = 1 << 1;
+pub const FAULT_FLAG_LAST_PAGE: u32 = iommu_core::IOMMU_PGFAULT_FLAGS_LAST_PAGE;
 /// Record flag (ioasis extension): `dev_id` is the device's virtual id and
 /// `pasid` the virtual PASID where one is mapped.
-pub const FAULT_FLAG_VIRTUAL_IDS: u32 = 1 << 31;
+pub const FAULT_FLAG_VIRTUAL_IDS: u32 = iommu_core::IOMMU_PGFAULT_FLAGS_VIRTUAL_IDS;
 /// Every record flag this version knows.
 pub const FAULT_FLAGS_KNOWN: u32 =
     FAULT_FLAG_PASID_VALID | FAULT_FLAG_LAST_PAGE | FAULT_FLAG_VIRTUAL_IDS;
 
 /// Permission bit: read access faulted.
-pub const FAULT_PERM_READ: u32 = 1 << 0;
+pub const FAULT_PERM_READ: u32 = Perm::READ.bits();
 /// Permission bit: write access faulted.
-pub const FAULT_PERM_WRITE: u32 = 1 << 1;
+pub const FAULT_PERM_WRITE: u32 = Perm::WRITE.bits();
 /// Permission bit: execute access faulted.
-pub const FAULT_PERM_EXEC: u32 = 1 << 2;
+pub const FAULT_PERM_EXEC: u32 = Perm::EXEC.bits();
 /// Permission bit: privileged access faulted.
-pub const FAULT_PERM_PRIV: u32 = 1 << 3;
+pub const FAULT_PERM_PRIV: u32 = Perm::PRIV.bits();
 
 /// Response code: the fault was handled, retry the access.
-pub const PAGE_RESP_SUCCESS: u32 = 0;
+pub const PAGE_RESP_SUCCESS: u32 = PageResponseCode::Success as u32;
 /// Response code: the fault cannot be handled; do not retry.
-pub const PAGE_RESP_INVALID: u32 = 1;
+pub const PAGE_RESP_INVALID: u32 = PageResponseCode::Invalid as u32;
 
 /// A fault record failed to decode.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -139,154 +145,99 @@ fn le64(b: &[u8], off: usize) -> u64 {
     u64::from_le_bytes(w)
 }
 
-/// One I/O page fault record (`struct iommu_hwpt_pgfault`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct FaultRecord {
-    /// [`FAULT_FLAG_PASID_VALID`] | [`FAULT_FLAG_LAST_PAGE`].
-    pub flags: u32,
-    /// Id of the faulting device.
-    pub dev_id: u32,
-    /// PASID of the access, valid with [`FAULT_FLAG_PASID_VALID`].
-    pub pasid: u32,
-    /// Page request group index.
-    pub grpid: u32,
-    /// Permissions of the faulting access (`FAULT_PERM_*`).
-    pub perm: u32,
-    /// Faulting address.
-    pub addr: u64,
-    /// Prefetch length hint.
-    pub length: u32,
-    /// Cookie of the group; echo it in the [`PageResponse`].
-    pub cookie: u32,
+/// Encodes `r` into its 40-byte wire form. A device id wider than the
+/// wire's 32 bits is sent as `u32::MAX`.
+pub fn encode_record(r: &FaultRecord, out: &mut [u8; FAULT_RECORD_SIZE]) {
+    let dev_id = u32::try_from(r.dev_id).unwrap_or(u32::MAX);
+    out[0..4].copy_from_slice(&r.flags.to_le_bytes());
+    out[4..8].copy_from_slice(&dev_id.to_le_bytes());
+    out[8..12].copy_from_slice(&r.pasid.to_le_bytes());
+    out[12..16].copy_from_slice(&r.grpid.to_le_bytes());
+    out[16..20].copy_from_slice(&r.perm.bits().to_le_bytes());
+    out[20..24].copy_from_slice(&0u32.to_le_bytes());
+    out[24..32].copy_from_slice(&r.addr.to_le_bytes());
+    out[32..36].copy_from_slice(&r.length.to_le_bytes());
+    out[36..40].copy_from_slice(&r.cookie.to_le_bytes());
 }
 
-impl FaultRecord {
-    /// Whether this is the last record of its group.
-    pub fn is_last(&self) -> bool {
-        self.flags & FAULT_FLAG_LAST_PAGE != 0
+/// Decodes one record; `index` only labels errors.
+pub fn decode_record(
+    b: &[u8; FAULT_RECORD_SIZE],
+    index: usize,
+) -> Result<FaultRecord, RecordError> {
+    let flags = le32(b, 0);
+    if flags & !FAULT_FLAGS_KNOWN != 0 {
+        return Err(RecordError::UnknownFlags { index, flags });
     }
-
-    /// The PASID, if the record carries one.
-    pub fn pasid(&self) -> Option<u32> {
-        (self.flags & FAULT_FLAG_PASID_VALID != 0).then_some(self.pasid)
+    let reserved = le32(b, 20);
+    if reserved != 0 {
+        return Err(RecordError::Reserved {
+            index,
+            value: reserved,
+        });
     }
-
-    /// Encodes the record into its 40-byte wire form.
-    pub fn encode(&self, out: &mut [u8; FAULT_RECORD_SIZE]) {
-        out[0..4].copy_from_slice(&self.flags.to_le_bytes());
-        out[4..8].copy_from_slice(&self.dev_id.to_le_bytes());
-        out[8..12].copy_from_slice(&self.pasid.to_le_bytes());
-        out[12..16].copy_from_slice(&self.grpid.to_le_bytes());
-        out[16..20].copy_from_slice(&self.perm.to_le_bytes());
-        out[20..24].copy_from_slice(&0u32.to_le_bytes());
-        out[24..32].copy_from_slice(&self.addr.to_le_bytes());
-        out[32..36].copy_from_slice(&self.length.to_le_bytes());
-        out[36..40].copy_from_slice(&self.cookie.to_le_bytes());
-    }
-
-    /// Decodes one record; `index` only labels errors.
-    pub fn decode(b: &[u8; FAULT_RECORD_SIZE], index: usize) -> Result<Self, RecordError> {
-        let flags = le32(b, 0);
-        if flags & !FAULT_FLAGS_KNOWN != 0 {
-            return Err(RecordError::UnknownFlags { index, flags });
-        }
-        let reserved = le32(b, 20);
-        if reserved != 0 {
-            return Err(RecordError::Reserved {
-                index,
-                value: reserved,
-            });
-        }
-        Ok(FaultRecord {
-            flags,
-            dev_id: le32(b, 4),
-            pasid: le32(b, 8),
-            grpid: le32(b, 12),
-            perm: le32(b, 16),
-            addr: le64(b, 24),
-            length: le32(b, 32),
-            cookie: le32(b, 36),
-        })
-    }
-
-    /// Decodes a packet of records, appending them to `out`. On error nothing
-    /// is appended.
-    pub fn decode_packet(packet: &[u8], out: &mut Vec<FaultRecord>) -> Result<usize, RecordError> {
-        if packet.is_empty() || packet.len() % FAULT_RECORD_SIZE != 0 {
-            return Err(RecordError::BadLength {
-                len: packet.len(),
-                unit: FAULT_RECORD_SIZE,
-            });
-        }
-        let start = out.len();
-        for (index, chunk) in packet.chunks_exact(FAULT_RECORD_SIZE).enumerate() {
-            let mut rec = [0u8; FAULT_RECORD_SIZE];
-            rec.copy_from_slice(chunk);
-            match FaultRecord::decode(&rec, index) {
-                Ok(r) => out.push(r),
-                Err(e) => {
-                    out.truncate(start);
-                    return Err(e);
-                }
-            }
-        }
-        Ok(out.len() - start)
-    }
+    Ok(FaultRecord {
+        flags,
+        dev_id: u64::from(le32(b, 4)),
+        pasid: le32(b, 8),
+        grpid: le32(b, 12),
+        perm: Perm::from_bits_retain(le32(b, 16)),
+        addr: le64(b, 24),
+        length: le32(b, 32),
+        cookie: le32(b, 36),
+    })
 }
 
-/// Answer to one fault group (`struct iommu_hwpt_page_response`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PageResponse {
-    /// Cookie of the group answered.
-    pub cookie: u32,
-    /// [`PAGE_RESP_SUCCESS`] or [`PAGE_RESP_INVALID`].
-    pub code: u32,
-}
-
-impl PageResponse {
-    /// A SUCCESS answer for `cookie`.
-    pub fn success(cookie: u32) -> Self {
-        PageResponse {
-            cookie,
-            code: PAGE_RESP_SUCCESS,
-        }
+/// Decodes a packet of records, appending them to `out`. On error nothing
+/// is appended.
+pub fn decode_records(packet: &[u8], out: &mut Vec<FaultRecord>) -> Result<usize, RecordError> {
+    if packet.is_empty() || packet.len() % FAULT_RECORD_SIZE != 0 {
+        return Err(RecordError::BadLength {
+            len: packet.len(),
+            unit: FAULT_RECORD_SIZE,
+        });
     }
-
-    /// An INVALID answer for `cookie`.
-    pub fn invalid(cookie: u32) -> Self {
-        PageResponse {
-            cookie,
-            code: PAGE_RESP_INVALID,
-        }
-    }
-
-    /// Encodes into the 8-byte wire form.
-    pub fn encode(&self, out: &mut [u8; PAGE_RESPONSE_SIZE]) {
-        out[0..4].copy_from_slice(&self.cookie.to_le_bytes());
-        out[4..8].copy_from_slice(&self.code.to_le_bytes());
-    }
-
-    /// Decodes a packet of responses, appending them to `out`. A response
-    /// with an unknown code is an error and nothing is appended.
-    pub fn decode_packet(packet: &[u8], out: &mut Vec<PageResponse>) -> Result<usize, RecordError> {
-        if packet.is_empty() || packet.len() % PAGE_RESPONSE_SIZE != 0 {
-            return Err(RecordError::BadLength {
-                len: packet.len(),
-                unit: PAGE_RESPONSE_SIZE,
-            });
-        }
-        let start = out.len();
-        for (index, chunk) in packet.chunks_exact(PAGE_RESPONSE_SIZE).enumerate() {
-            let cookie = le32(chunk, 0);
-            let code = le32(chunk, 4);
-            if code != PAGE_RESP_SUCCESS && code != PAGE_RESP_INVALID {
+    let start = out.len();
+    for (index, chunk) in packet.chunks_exact(FAULT_RECORD_SIZE).enumerate() {
+        let mut rec = [0u8; FAULT_RECORD_SIZE];
+        rec.copy_from_slice(chunk);
+        match decode_record(&rec, index) {
+            Ok(r) => out.push(r),
+            Err(e) => {
                 out.truncate(start);
-                return Err(RecordError::BadCode { index, code });
+                return Err(e);
             }
-            out.push(PageResponse { cookie, code });
         }
-        Ok(out.len() - start)
     }
+    Ok(out.len() - start)
+}
+
+/// Encodes `r` into the 8-byte wire form.
+pub fn encode_response(r: &PageResponse, out: &mut [u8; PAGE_RESPONSE_SIZE]) {
+    out[0..4].copy_from_slice(&r.cookie.to_le_bytes());
+    out[4..8].copy_from_slice(&(r.code as u32).to_le_bytes());
+}
+
+/// Decodes a packet of responses, appending them to `out`. A response
+/// with an unknown code is an error and nothing is appended.
+pub fn decode_responses(packet: &[u8], out: &mut Vec<PageResponse>) -> Result<usize, RecordError> {
+    if packet.is_empty() || packet.len() % PAGE_RESPONSE_SIZE != 0 {
+        return Err(RecordError::BadLength {
+            len: packet.len(),
+            unit: PAGE_RESPONSE_SIZE,
+        });
+    }
+    let start = out.len();
+    for (index, chunk) in packet.chunks_exact(PAGE_RESPONSE_SIZE).enumerate() {
+        let cookie = le32(chunk, 0);
+        let code = le32(chunk, 4);
+        let Ok(code) = PageResponseCode::try_from(code) else {
+            out.truncate(start);
+            return Err(RecordError::BadCode { index, code });
+        };
+        out.push(PageResponse { cookie, code });
+    }
+    Ok(out.len() - start)
 }
 
 /// A response the server refused, reported back on the channel.
@@ -342,13 +293,13 @@ mod tests {
             dev_id: 0x11,
             pasid: 0x22,
             grpid: 0x33,
-            perm: FAULT_PERM_WRITE,
+            perm: Perm::WRITE,
             addr: 0x1122_3344_5566_7788,
             length: 0x44,
             cookie: 0x55,
         };
         let mut b = [0u8; FAULT_RECORD_SIZE];
-        r.encode(&mut b);
+        encode_record(&r, &mut b);
         assert_eq!(b[4], 0x11);
         assert_eq!(b[8], 0x22);
         assert_eq!(b[12], 0x33);
@@ -358,7 +309,7 @@ mod tests {
         assert_eq!(b[31], 0x11);
         assert_eq!(b[32], 0x44);
         assert_eq!(b[36], 0x55);
-        assert_eq!(FaultRecord::decode(&b, 0), Ok(r));
+        assert_eq!(decode_record(&b, 0), Ok(r));
         assert!(r.is_last());
         assert_eq!(r.pasid(), Some(0x22));
     }
@@ -368,13 +319,13 @@ mod tests {
         let mut b = [0u8; FAULT_RECORD_SIZE];
         b[20] = 1;
         assert!(matches!(
-            FaultRecord::decode(&b, 3),
+            decode_record(&b, 3),
             Err(RecordError::Reserved { index: 3, .. })
         ));
         let mut b = [0u8; FAULT_RECORD_SIZE];
         b[0] = 0x80;
         assert_eq!(
-            FaultRecord::decode(&b, 0).map_err(|e| e.errno()),
+            decode_record(&b, 0).map_err(|e| e.errno()),
             Err(libc::EOPNOTSUPP)
         );
     }
@@ -382,22 +333,22 @@ mod tests {
     #[test]
     fn test_packet_length_must_be_whole_records() {
         let mut out = Vec::new();
-        let e = FaultRecord::decode_packet(&[0u8; 41], &mut out).expect_err("must fail");
+        let e = decode_records(&[0u8; 41], &mut out).expect_err("must fail");
         assert_eq!(e.errno(), libc::ESPIPE);
-        assert!(FaultRecord::decode_packet(&[], &mut out).is_err());
-        assert_eq!(FaultRecord::decode_packet(&[0u8; 80], &mut out), Ok(2));
+        assert!(decode_records(&[], &mut out).is_err());
+        assert_eq!(decode_records(&[0u8; 80], &mut out), Ok(2));
     }
 
     #[test]
     fn test_response_codes() {
         let mut b = [0u8; PAGE_RESPONSE_SIZE];
-        PageResponse::invalid(9).encode(&mut b);
+        encode_response(&PageResponse::invalid(9), &mut b);
         let mut out = Vec::new();
-        assert_eq!(PageResponse::decode_packet(&b, &mut out), Ok(1));
+        assert_eq!(decode_responses(&b, &mut out), Ok(1));
         assert_eq!(out[0], PageResponse::invalid(9));
         b[4] = 2;
         assert!(matches!(
-            PageResponse::decode_packet(&b, &mut out),
+            decode_responses(&b, &mut out),
             Err(RecordError::BadCode { code: 2, .. })
         ));
         assert_eq!(out.len(), 1);

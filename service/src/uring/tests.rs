@@ -37,10 +37,10 @@ impl MemSource {
         for i in 0..n {
             g.push(FaultRecord {
                 flags: if i + 1 == n { FAULT_FLAG_LAST_PAGE } else { 0 },
-                dev_id: dev,
+                dev_id: u64::from(dev),
                 pasid: 0,
                 grpid: cookie & 0x1ff,
-                perm: FAULT_PERM_READ,
+                perm: Perm::READ,
                 addr: 0x1000 * (i as u64 + 1),
                 length: 0,
                 cookie,
