@@ -22,8 +22,9 @@ use crate::vhu_net::NetConfig;
 
 /// Text printed after the options by `--help`.
 const AFTER_HELP: &str = "\
-PORT is tap=IFNAME, switch=NAME, sink, reflect or source[=LEN]. --socket-path and --port
-are shorthand for one --device; both forms may be given together.
+PORT is tap=IFNAME, switch=NAME, sink, reflect, source[=LEN] (a fresh frame per packet) or
+source-fixed[=LEN] (one frame offered again). --socket-path and --port are shorthand
+for one --device; both forms may be given together.
 Statistics go to stdout, one JSON object per line; logs go to stderr (RUST_LOG).";
 
 /// The daemon's arguments, as given.

@@ -41,7 +41,9 @@ pub const PORT_QUEUE_LEN: usize = 1024;
 #[derive(Debug, Error)]
 pub enum Error {
     /// The port string does not parse.
-    #[error("bad port {0:?} (expected tap=IFNAME, switch=NAME, sink, reflect or source[=LEN])")]
+    #[error(
+        "bad port {0:?} (expected tap=IFNAME, switch=NAME, sink, reflect, source[=LEN] or source-fixed[=LEN])"
+    )]
     BadSpec(String),
     /// A tap interface name is empty or too long.
     #[error("bad tap interface name {0:?} (1 to 15 bytes)")]
@@ -228,8 +230,19 @@ pub enum PortSpec {
     Sink,
     /// `reflect`.
     Reflect,
-    /// `source[=LEN]`: generates frames of LEN bytes (default 64).
+    /// `source[=LEN]`: generates frames of LEN bytes (default 64), each
+    /// written afresh with its sequence number.
     Source(usize),
+    /// `source-fixed[=LEN]`: offers one pre-built frame of LEN bytes
+    /// (default 64) for every packet.
+    SourceFixed(usize),
+}
+
+/// The generator's frame length in `source=LEN`, if within bounds.
+fn source_len(len: &str) -> Option<usize> {
+    len.parse::<usize>()
+        .ok()
+        .filter(|n| (source::SOURCE_MIN_LEN..=source::SOURCE_MAX_LEN).contains(n))
 }
 
 impl std::str::FromStr for PortSpec {
@@ -240,12 +253,13 @@ impl std::str::FromStr for PortSpec {
             None if s == "sink" => Ok(PortSpec::Sink),
             None if s == "reflect" => Ok(PortSpec::Reflect),
             None if s == "source" => Ok(PortSpec::Source(source::SOURCE_DEFAULT_LEN)),
-            Some(("source", len)) => match len.parse::<usize>() {
-                Ok(n) if (source::SOURCE_MIN_LEN..=source::SOURCE_MAX_LEN).contains(&n) => {
-                    Ok(PortSpec::Source(n))
-                }
-                _ => Err(Error::BadSpec(s.to_string())),
-            },
+            None if s == "source-fixed" => Ok(PortSpec::SourceFixed(source::SOURCE_DEFAULT_LEN)),
+            Some(("source", len)) => source_len(len)
+                .map(PortSpec::Source)
+                .ok_or_else(|| Error::BadSpec(s.to_string())),
+            Some(("source-fixed", len)) => source_len(len)
+                .map(PortSpec::SourceFixed)
+                .ok_or_else(|| Error::BadSpec(s.to_string())),
             Some(("tap", name)) => {
                 if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
                     return Err(Error::BadIfName(name.to_string()));
@@ -266,6 +280,7 @@ impl fmt::Display for PortSpec {
             PortSpec::Sink => write!(f, "sink"),
             PortSpec::Reflect => write!(f, "reflect"),
             PortSpec::Source(n) => write!(f, "source={n}"),
+            PortSpec::SourceFixed(n) => write!(f, "source-fixed={n}"),
         }
     }
 }
@@ -289,6 +304,11 @@ impl PortSpec {
             PortSpec::Source(len) => {
                 for _ in 0..pairs {
                     v.push(Box::new(SourcePort::new(*len)));
+                }
+            }
+            PortSpec::SourceFixed(len) => {
+                for _ in 0..pairs {
+                    v.push(Box::new(SourcePort::fixed(*len)));
                 }
             }
             PortSpec::Tap(name) => {
@@ -346,6 +366,8 @@ mod tests {
             "sink=1",
             "source=10",
             "source=x",
+            "source-fixed=1515",
+            "source-fixed=",
         ] {
             assert!(bad.parse::<PortSpec>().is_err(), "{bad}");
         }
@@ -355,6 +377,15 @@ mod tests {
             "source=128".parse::<PortSpec>().unwrap(),
             PortSpec::Source(128)
         );
+        assert_eq!(
+            "source-fixed".parse::<PortSpec>().unwrap(),
+            PortSpec::SourceFixed(64)
+        );
+        assert_eq!(
+            "source-fixed=100".parse::<PortSpec>().unwrap(),
+            PortSpec::SourceFixed(100)
+        );
+        assert_eq!(PortSpec::SourceFixed(64).to_string(), "source-fixed=64");
     }
 
     #[test]
