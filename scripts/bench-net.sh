@@ -4,11 +4,23 @@
 # alternating the backends round by round and comparing medians (this kind of
 # machine is shared and noisy: compare only within one run).
 #
-#   scripts/bench-net.sh [--rounds N] [--secs S] [--tap] [--tcp] [--only-reference] [--no-pin] [--poll-us N] [--test NAME]... [--vdpa-arg ARG]...
+#   scripts/bench-net.sh [--rounds N] [--secs S] [--tap] [--tcp] [--only-reference] [--no-pin] [--poll-us N] [--mode default|poll]... [--test NAME]... [--vdpa-arg ARG]...
 #
-# vdpa-net is pinned to CPU 1, where net_vhost forwards (testpmd's frontend
-# forwards on CPU 0); --no-pin lets it run anywhere. In the packet tests
-# vdpa-net polls (--poll-us 1000), as net_vhost does; --poll-us 0 turns it off.
+# vdpa-net is measured in two modes in the same run, each against net_vhost:
+# as users start it (no --poll-us, not pinned; "vdpa-net") and polling
+# (--poll-us 1000, pinned to CPU 1, where net_vhost forwards while testpmd's
+# frontend forwards on CPU 0; "vdpa-net poll"). --mode picks one, --poll-us N
+# sets the polling window (0: no polling mode), --no-pin unpins it.
+#
+# Every measurement checks itself: the frames the frontend sent equal the
+# frames the backend counted (vdpa-net's statistics, net_vhost's testpmd
+# forward statistics); in the loop, after the generator stops and the ring
+# drains, every frame the backend returned was received and every frame sent
+# came back or was counted as dropped by the backend; from the backend, every
+# frame it sent was received. A measurement that loses a frame fails the run
+# (exit status 1) and says how many. The output names the commit
+# (IOASIS_BENCH_COMMIT, set here; -dirty when tracked files differ from it),
+# each mode's flags and the load average before and after.
 #
 # --test NAME (to-backend, loop, from-backend, tap; repeatable) runs only
 # those. --tap adds the tap benchmark (frames from testpmd through the backend into a
@@ -29,5 +41,10 @@ else
     echo "!! vdpa-net does not build in release mode: measuring net_vhost only" >&2
     set -- "$@" --only-reference
 fi
+IOASIS_BENCH_COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
+    IOASIS_BENCH_COMMIT="$IOASIS_BENCH_COMMIT-dirty"
+fi
+export IOASIS_BENCH_COMMIT
 echo "== $(nproc) CPUs, kernel $(uname -r), DPDK $(dpkg-query -W -f='${Version}' dpdk-dev 2>/dev/null || echo '?'), load $(cut -d' ' -f1-3 /proc/loadavg)"
 exec target/release/ioasis-bench-net "$@"

@@ -56,6 +56,10 @@ pub enum Error {
         /// Log tails.
         context: String,
     },
+    /// Frames were lost (or counted twice) between two sides of a run:
+    /// each failed [`crate::accounting::CountCheck`], with its loss.
+    #[error("packet counts disagree: {0}")]
+    Lost(String),
     /// A measured quantity differs from what the workload must produce.
     #[error("{what}: expected {expected}, got {got}")]
     Mismatch {

@@ -13,7 +13,9 @@
 //! - [`netns`]: network namespaces and taps;
 //! - [`vdpa_net`]: the workspace's `vdpa-net` daemon and its JSON statistics;
 //! - [`tcp_bulk`]: a bulk TCP transfer from a guest on vdpa-net to a tap in
-//!   a namespace.
+//!   a namespace;
+//! - [`accounting`]: counts two sides of a run must agree on (every frame
+//!   sent is counted), failing with the number lost.
 //!
 //! Every process runs in its own process group and is killed with SIGKILL
 //! and reaped when its handle drops; namespaces are deleted and scratch
@@ -26,6 +28,7 @@
 
 #![deny(missing_docs)]
 
+pub mod accounting;
 pub mod bins;
 pub mod cpio;
 pub mod env;

@@ -6,10 +6,10 @@
 //! backend behind. Every wait is bounded in time and in iterations.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -143,11 +143,36 @@ pub struct Proc {
     out_path: PathBuf,
     err_path: PathBuf,
     status: Option<ExitStatus>,
+    /// Its standard input, for a process started with
+    /// [`Proc::spawn_with_stdin`].
+    stdin: Option<ChildStdin>,
 }
 
 impl Proc {
-    /// Starts `cmd` in its own process group, logging into `dir`.
+    /// Starts `cmd` in its own process group, logging into `dir`; its
+    /// standard input is empty.
     pub fn spawn(name: &str, cmd: &mut Command, dir: &Path, output: Output) -> Result<Proc> {
+        Self::spawn_inner(name, cmd, dir, output, false)
+    }
+
+    /// Like [`Proc::spawn`], with standard input a pipe that
+    /// [`Proc::write_stdin`] writes to (for a program driven by commands).
+    pub fn spawn_with_stdin(
+        name: &str,
+        cmd: &mut Command,
+        dir: &Path,
+        output: Output,
+    ) -> Result<Proc> {
+        Self::spawn_inner(name, cmd, dir, output, true)
+    }
+
+    fn spawn_inner(
+        name: &str,
+        cmd: &mut Command,
+        dir: &Path,
+        output: Output,
+        piped: bool,
+    ) -> Result<Proc> {
         let (out_path, err_path) = match output {
             Output::Combined => {
                 let p = dir.join(format!("{name}.log"));
@@ -166,13 +191,14 @@ impl Proc {
         };
         let cmdline = describe(cmd);
         log::info!("starting {name}: {cmdline}");
-        let child = cmd
-            .stdin(Stdio::null())
+        let mut child = cmd
+            .stdin(if piped { Stdio::piped() } else { Stdio::null() })
             .stdout(out)
             .stderr(err)
             .process_group(0)
             .spawn()
             .map_err(io(format!("start {name} (`{cmdline}`)")))?;
+        let child_stdin = child.stdin.take();
         Ok(Proc {
             name: name.to_string(),
             child,
@@ -180,7 +206,23 @@ impl Proc {
             out_path,
             err_path,
             status: None,
+            stdin: child_stdin,
         })
+    }
+
+    /// Writes `text` to the process's standard input (started with
+    /// [`Proc::spawn_with_stdin`]); fails if it has exited or has none.
+    pub fn write_stdin(&mut self, text: &str) -> Result<()> {
+        self.check_running(&format!("input {:?}", text.trim()))?;
+        let name = self.name.clone();
+        let stdin = self.stdin.as_mut().ok_or_else(|| Error::Io {
+            what: format!("write to {name}"),
+            source: std::io::Error::other("standard input is not a pipe"),
+        })?;
+        stdin
+            .write_all(text.as_bytes())
+            .and_then(|()| stdin.flush())
+            .map_err(io(format!("write {:?} to {name}", text.trim())))
     }
 
     /// The process's name in the harness.

@@ -104,6 +104,7 @@ pub struct TestpmdConfig {
     duration: Duration,
     extra: Vec<String>,
     netns: Option<String>,
+    interactive: bool,
 }
 
 impl TestpmdConfig {
@@ -123,6 +124,7 @@ impl TestpmdConfig {
             duration: Duration::from_secs(30),
             extra: Vec::new(),
             netns: None,
+            interactive: false,
         }
     }
 
@@ -199,6 +201,24 @@ impl TestpmdConfig {
         self
     }
 
+    /// Runs testpmd driven by commands on its standard input (`-i`) instead
+    /// of forwarding from the start (`-a`): [`Testpmd::command`],
+    /// [`Testpmd::show_port_stats`], [`Testpmd::stop_forwarding`] and
+    /// [`Testpmd::quit`] drive it. Its output is line buffered (`stdbuf
+    /// -oL`), so each command's answer is in the log when it is complete;
+    /// there are no periodic statistics (`--stats-period` is for
+    /// non-interactive runs). SIGPIPE is ignored, so the run survives its
+    /// backend going away (and can then drain its receive ring).
+    pub fn interactive(mut self) -> TestpmdConfig {
+        self.interactive = true;
+        self
+    }
+
+    /// Whether the run is driven by commands ([`TestpmdConfig::interactive`]).
+    pub fn is_interactive(&self) -> bool {
+        self.interactive
+    }
+
     /// The name of this run.
     pub fn name(&self) -> &str {
         &self.name
@@ -224,17 +244,30 @@ impl TestpmdConfig {
                     && free_hugepage_mb() >= u64::from(self.mem_mb) + 64
             }
         };
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(timeout);
-                c
-            }
-            None => Command::new(timeout),
-        };
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if self.interactive {
+            // SIGPIPE ignored (inherited across exec): an interactive run
+            // outlives its backend (a generator stopped first so the ring
+            // can drain), and virtio_user's next message on the closed
+            // socket would otherwise kill it.
+            argv.push(require_tool("sh", "dash")?.into());
+            argv.push("-c".into());
+            argv.push("trap '' PIPE; exec \"$0\" \"$@\"".into());
+        }
+        if let Some(ns) = &self.netns {
+            argv.extend(["ip", "netns", "exec", ns.as_str()].map(Into::into));
+        }
+        argv.push(timeout.into());
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
         cmd.args(["-s", "INT", "-k", "10"])
-            .arg(format!("{}", self.duration.as_secs().max(1)))
-            .arg(testpmd)
+            .arg(format!("{}", self.duration.as_secs().max(1)));
+        if self.interactive {
+            // Line-buffered output: the answer to a command is in the log
+            // before the next prompt, not when a stdio buffer fills.
+            cmd.arg(require_tool("stdbuf", "coreutils")?).arg("-oL");
+        }
+        cmd.arg(testpmd)
             .arg("--lcores")
             .arg(format!("0@{},1@{}", self.main_cpu, self.fwd_cpu))
             .args(["--main-lcore", "0", "--no-pci", "--file-prefix"])
@@ -251,9 +284,14 @@ impl TestpmdConfig {
         }
         cmd.arg("--")
             .arg(format!("--forward-mode={}", self.fwd))
-            .arg(format!("--total-num-mbufs={}", self.mbufs))
-            .arg(format!("--stats-period={}", self.stats_period))
-            .args(["--nb-cores=1", "--no-mlockall", "-a"]);
+            .arg(format!("--total-num-mbufs={}", self.mbufs));
+        if self.interactive {
+            cmd.arg("-i");
+        } else {
+            cmd.arg(format!("--stats-period={}", self.stats_period))
+                .arg("-a");
+        }
+        cmd.args(["--nb-cores=1", "--no-mlockall"]);
         if self.queues > 1 {
             cmd.arg(format!("--rxq={}", self.queues))
                 .arg(format!("--txq={}", self.queues));
@@ -265,6 +303,9 @@ impl TestpmdConfig {
         Ok(cmd)
     }
 }
+
+/// How long an interactive testpmd may take to print its first prompt.
+const INTERACTIVE_START: Duration = Duration::from_secs(60);
 
 /// Whether testpmd is installed (without it, [`Error::Unavailable`]).
 pub fn require_testpmd() -> Result<PathBuf> {
@@ -426,6 +467,25 @@ impl TestpmdReport {
     }
 }
 
+/// Lines that close a forward-statistics summary (one per `stop`).
+const FORWARD_SUMMARY: &str = "Accumulated forward statistics for all ports";
+
+/// How many complete forward-statistics summaries `text` holds (the
+/// accumulated block and its closing `++++` line both printed).
+fn forward_summaries(text: &str) -> usize {
+    let mut n = 0;
+    let mut open = false;
+    for line in text.lines() {
+        if line.contains(FORWARD_SUMMARY) {
+            open = true;
+        } else if open && line.trim().starts_with("++++") {
+            open = false;
+            n += 1;
+        }
+    }
+    n
+}
+
 /// A running testpmd; killed on drop.
 #[derive(Debug)]
 pub struct Testpmd {
@@ -433,11 +493,80 @@ pub struct Testpmd {
 }
 
 impl Testpmd {
-    /// Starts testpmd as configured, logging to `dir/<name>.log`.
+    /// Starts testpmd as configured, logging to `dir/<name>.log`; an
+    /// interactive run ([`TestpmdConfig::interactive`]) gets its commands
+    /// through a pipe and is ready for them when this returns.
     pub fn spawn(cfg: &TestpmdConfig, dir: &Path) -> Result<Testpmd> {
         let mut cmd = cfg.command()?;
-        let proc = Proc::spawn(&cfg.name, &mut cmd, dir, Output::Combined)?;
-        Ok(Testpmd { proc })
+        if !cfg.interactive {
+            let proc = Proc::spawn(&cfg.name, &mut cmd, dir, Output::Combined)?;
+            return Ok(Testpmd { proc });
+        }
+        let proc = Proc::spawn_with_stdin(&cfg.name, &mut cmd, dir, Output::Combined)?;
+        let mut t = Testpmd { proc };
+        t.proc
+            .wait_for_output("testpmd's first prompt", INTERACTIVE_START, |text| {
+                text.contains("testpmd>").then_some(())
+            })?;
+        Ok(t)
+    }
+
+    /// Sends one command line to an interactive testpmd.
+    pub fn command(&mut self, line: &str) -> Result<()> {
+        self.proc.write_stdin(&format!("{line}\n"))
+    }
+
+    /// `show port stats PORT`: waits (at most `timeout`) for the answer and
+    /// returns it: cumulative counters, and the rates since the previous
+    /// `show` (zero for the first).
+    pub fn show_port_stats(&mut self, port: u16, timeout: Duration) -> Result<PortSample> {
+        let before = self.samples().iter().filter(|s| s.port == port).count();
+        self.command(&format!("show port stats {port}"))?;
+        self.proc.wait_for_output(
+            &format!("testpmd's statistics of port {port}"),
+            timeout,
+            |t| {
+                parse_output(t)
+                    .0
+                    .into_iter()
+                    .filter(|s| s.port == port)
+                    .nth(before)
+            },
+        )
+    }
+
+    /// `stop`: stops forwarding, waits (at most `timeout`) for the forward
+    /// statistics of that run and returns them, one per port.
+    pub fn stop_forwarding(&mut self, timeout: Duration) -> Result<Vec<ForwardStats>> {
+        let text = self.proc.stdout_text();
+        let before = forward_summaries(&text);
+        let blocks_before = parse_output(&text).1.len();
+        self.command("stop")?;
+        self.proc
+            .wait_for_output("testpmd's forward statistics", timeout, |t| {
+                (forward_summaries(t) > before).then_some(())
+            })?;
+        Ok(parse_output(&self.proc.stdout_text())
+            .1
+            .split_off(blocks_before))
+    }
+
+    /// Receives what is still in flight towards an interactive testpmd
+    /// after its generator stopped: `set fwd rxonly`, `start`, `settle`,
+    /// `stop` (forwarding must be stopped when this is called). Returns the
+    /// forward statistics of the drain.
+    pub fn drain(&mut self, settle: Duration, timeout: Duration) -> Result<Vec<ForwardStats>> {
+        self.command("set fwd rxonly")?;
+        self.command("start")?;
+        std::thread::sleep(settle);
+        self.stop_forwarding(timeout)
+    }
+
+    /// `quit`: waits (at most `timeout`) for an interactive testpmd to exit
+    /// and parses everything it printed.
+    pub fn quit(&mut self, timeout: Duration) -> Result<TestpmdReport> {
+        self.command("quit")?;
+        self.finish(timeout)
     }
 
     /// The supervised process.

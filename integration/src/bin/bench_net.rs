@@ -2,15 +2,17 @@
 //! (net_vhost), with the same testpmd virtio_user frontend, alternating the
 //! backends round by round on one machine and comparing medians.
 //!
-//! Run through `scripts/bench-net.sh` (it prepares hugepages and builds in
-//! release mode). Measurements, all with 64-byte frames:
+//! Run through `scripts/bench-net.sh` (it prepares hugepages, builds in
+//! release mode and passes the commit). Measurements, all with 64-byte
+//! frames:
 //!
 //! - `to-backend`: frontend txonly into net_vhost (rxonly) / vdpa-net `sink`;
 //!   the figure is the frontend's Tx-pps (frames the backend took off the ring);
 //! - `from-backend`: frames the backend delivers into the frontend's receive
 //!   ring, the frontend's Rx-pps: the frontend in rxonly, net_vhost
-//!   generating (txonly), vdpa-net its `source` port (the same 64-byte UDP
-//!   frame again and again, as txonly sends);
+//!   generating (txonly, which builds each packet in a buffer from its
+//!   pool), vdpa-net its `source` port (which writes each packet afresh,
+//!   with its sequence number);
 //! - `loop`: the same workload for both: frontend flowgen, the backend
 //!   returning every frame (net_vhost macswap / vdpa-net `reflect`); the
 //!   figure is the frontend's Rx-pps;
@@ -24,44 +26,106 @@
 //!   the figure is the median bytes per second, with the frames and bytes
 //!   the tap received (their mean size shows TSO at work).
 //!
-//! vdpa-net runs with `--poll-us 1000` in the packet tests (net_vhost's
-//! forwarding lcore always polls; `--poll-us 0` measures vdpa-net sleeping
-//! between kicks instead).
+//! vdpa-net is measured in two modes in the same run, each round against
+//! the same net_vhost figure: as users start it (no `--poll-us`, not
+//! pinned; `vdpa-net`) and polling (`--poll-us 1000`, pinned to CPU 1 where
+//! net_vhost's forwarding lcore runs while testpmd's frontend forwards on
+//! CPU 0; `vdpa-net poll`). `--mode` picks one; `--poll-us N` sets the
+//! window (0: no polling mode); `--no-pin` unpins; a `--vdpa-arg --poll-us`
+//! replaces both by one run with the given arguments.
 //!
-//! vdpa-net is pinned to CPU 1 (where net_vhost's forwarding lcore runs;
-//! testpmd's frontend forwards on CPU 0) unless `--no-pin` is given.
+//! Every measurement checks itself (see [`ioasis_integration::accounting`]):
+//! the frontend is an interactive testpmd whose port counters are read
+//! after it stops, the backend's counters when it exits (vdpa-net's final
+//! statistics line, net_vhost's testpmd forward statistics), and
+//! - to the backend: frames the frontend sent = frames the backend counted;
+//! - loop: the generator stops, the frontend receives for half a second
+//!   more (rxonly) so nothing is left in flight, then frames sent = frames
+//!   the backend counted, frames the backend returned = frames received,
+//!   and frames sent = frames received back + frames the backend counted
+//!   as dropped (no receive buffers; printed with the figure);
+//! - from the backend: the backend stops first, the frontend then drains
+//!   its ring, frames the backend sent = frames received, up to one ring
+//!   (256) the frontend sometimes does not see after the disconnect;
+//! - tap: also frames the backend wrote to the tap = frames the tap
+//!   received.
+//!
+//! A check that fails makes the run fail (exit status 1) with the number of
+//! frames lost; `--check-skew N` (hidden, for showing that) adds N frames
+//! to the sender's count. The output names the commit
+//! (`IOASIS_BENCH_COMMIT`, or `git rev-parse --short HEAD`, `-dirty` when
+//! tracked files differ), each backend's mode and the load average at the
+//! start and the end.
 //!
 //! Usage: `ioasis-bench-net [--rounds N] [--secs S] [--tap] [--tcp]
-//! [--only-reference] [--no-pin] [--poll-us N] [--test NAME]...
-//! [--vdpa-arg ARG]...` (`--help` prints every flag).
+//! [--only-reference] [--no-pin] [--poll-us N] [--mode MODE]...
+//! [--test NAME]... [--vdpa-arg ARG]...` (`--help` prints every flag).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use ioasis_integration::accounting::{verify, CountCheck};
 use ioasis_integration::env::{heavy_lock, require_tool, which, WorkDir};
 use ioasis_integration::netns::Netns;
 use ioasis_integration::process::wait_for_path;
 use ioasis_integration::tcp_bulk::{TcpBulk, Transfer, BULK_BYTES};
-use ioasis_integration::testpmd::{median, net_vhost_vdev, Testpmd, TestpmdConfig};
+use ioasis_integration::testpmd::{median, net_vhost_vdev, ForwardStats, Testpmd, TestpmdConfig};
 use ioasis_integration::vdpa_net::{vdpa_net_bin, VdpaNet, VdpaNetConfig};
 use ioasis_integration::{Error, Result};
 
 const STOP: Duration = Duration::from_secs(30);
 const SOCKET: Duration = Duration::from_secs(30);
+/// Bound for one command of the interactive frontend.
+const COMMAND: Duration = Duration::from_secs(20);
+/// How long the frontend keeps receiving after the generator stopped, so
+/// frames still in flight come back before the counts are compared.
+const DRAIN: Duration = Duration::from_millis(500);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What serves the frontend in a measurement.
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Backend {
+    /// DPDK's net_vhost in testpmd.
     Reference,
-    VdpaNet,
+    /// vdpa-net with these extra arguments, pinned to CPU 1 or not.
+    VdpaNet {
+        /// Its name in the output (`vdpa-net`, `vdpa-net poll`).
+        name: String,
+        /// Extra daemon arguments of the packet tests.
+        args: Vec<String>,
+        /// Pinned to CPU 1 (where net_vhost's forwarding lcore runs).
+        pin: bool,
+    },
 }
 
 impl Backend {
-    fn name(self) -> &'static str {
+    fn name(&self) -> &str {
         match self {
             Backend::Reference => "net_vhost",
-            Backend::VdpaNet => "vdpa-net",
+            Backend::VdpaNet { name, .. } => name,
+        }
+    }
+
+    /// How it runs, for the run's header.
+    fn mode(&self) -> String {
+        match self {
+            Backend::Reference => {
+                "testpmd net_vhost, forwarding lcore on CPU 1 (busy-polls)".into()
+            }
+            Backend::VdpaNet { args, pin, .. } => format!(
+                "vdpa-net {}{}",
+                if args.is_empty() {
+                    "(no flags)".to_string()
+                } else {
+                    args.join(" ")
+                },
+                if *pin {
+                    ", pinned to CPU 1"
+                } else {
+                    ", not pinned"
+                }
+            ),
         }
     }
 }
@@ -85,12 +149,21 @@ impl Test {
     }
 }
 
+/// The vdpa-net modes a run measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Mode {
+    /// As users start it: no `--poll-us`, not pinned.
+    Default,
+    /// `--poll-us N` (`--poll-us`, default 1000), pinned to CPU 1.
+    Poll,
+}
+
 /// The command line.
 #[derive(Debug, Parser)]
 #[command(
     name = "ioasis-bench-net",
     version,
-    about = "64-byte packet rates of vdpa-net against DPDK's net_vhost, alternated round by round"
+    about = "64-byte packet rates of vdpa-net against DPDK's net_vhost, alternated round by round, every frame counted"
 )]
 struct Cli {
     /// Rounds per test; the figures are medians over them.
@@ -99,7 +172,7 @@ struct Cli {
     rounds: u64,
     /// Seconds each measurement runs.
     #[arg(long, value_name = "S", default_value_t = 5,
-          value_parser = clap::value_parser!(u64).range(3..=120))]
+          value_parser = clap::value_parser!(u64).range(2..=120))]
     secs: u64,
     /// Adds the tap test (frames through the backend into a tap in a network
     /// namespace).
@@ -111,19 +184,30 @@ struct Cli {
     /// Measures net_vhost only.
     #[arg(long)]
     only_reference: bool,
-    /// Lets vdpa-net run on any CPU (by default it is pinned to CPU 1).
+    /// Lets vdpa-net run on any CPU in every mode (by default the polling
+    /// mode is pinned to CPU 1).
     #[arg(long)]
     no_pin: bool,
-    /// Busy-poll window given to vdpa-net in the packet tests, unless a
-    /// `--vdpa-arg` sets one; 0: none.
+    /// Busy-poll window of vdpa-net's polling mode; 0: the polling mode is
+    /// not measured.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_POLL_US)]
     poll_us: u64,
+    /// vdpa-net modes to measure (repeatable): default (no --poll-us, as
+    /// users start it) and poll (--poll-us N, pinned); by default both.
+    #[arg(long = "mode", value_name = "MODE", value_enum)]
+    modes: Vec<Mode>,
     /// Runs only this test (repeatable); by default all.
     #[arg(long = "test", value_name = "NAME", value_enum)]
     only: Vec<Test>,
-    /// An extra argument for vdpa-net (repeatable).
+    /// An extra argument for vdpa-net (repeatable); one that sets
+    /// `--poll-us` replaces the modes by a single vdpa-net run with these
+    /// arguments.
     #[arg(long = "vdpa-arg", value_name = "ARG", allow_hyphen_values = true)]
     vdpa_args: Vec<String>,
+    /// Test only: adds N frames to what the frontend sent before the counts
+    /// are compared, to show that the check fails.
+    #[arg(long, value_name = "N", default_value_t = 0, hide = true)]
+    check_skew: u64,
 }
 
 /// What a run measures, from the command line.
@@ -135,22 +219,53 @@ struct Opts {
     vdpa: Option<PathBuf>,
     vdpa_args: Vec<String>,
     pin: bool,
-    /// Busy-poll window given to vdpa-net in the packet tests (`--poll-us`),
-    /// unless `--vdpa-arg` sets one; 0: none.
     poll_us: u64,
+    modes: Vec<Mode>,
     /// Only these tests (`--test NAME`, repeatable); empty: all.
     only: Vec<Test>,
+    check_skew: u64,
 }
 
 impl Opts {
-    /// vdpa-net's extra arguments in the packet-rate tests.
-    fn packet_args(&self) -> Vec<String> {
-        let mut a = self.vdpa_args.clone();
-        if self.poll_us > 0 && !a.iter().any(|x| x == "--poll-us") {
-            a.push("--poll-us".into());
-            a.push(self.poll_us.to_string());
+    /// The vdpa-net variants measured against net_vhost.
+    fn vdpa_backends(&self) -> Vec<Backend> {
+        if self.vdpa.is_none() {
+            return Vec::new();
         }
-        a
+        if self.vdpa_args.iter().any(|a| a == "--poll-us") {
+            return vec![Backend::VdpaNet {
+                name: "vdpa-net".into(),
+                args: self.vdpa_args.clone(),
+                pin: self.pin,
+            }];
+        }
+        let modes = if self.modes.is_empty() {
+            vec![Mode::Default, Mode::Poll]
+        } else {
+            self.modes.clone()
+        };
+        let mut v = Vec::new();
+        for m in modes {
+            match m {
+                Mode::Default => v.push(Backend::VdpaNet {
+                    name: "vdpa-net".into(),
+                    args: self.vdpa_args.clone(),
+                    pin: false,
+                }),
+                Mode::Poll if self.poll_us > 0 => {
+                    let mut args = self.vdpa_args.clone();
+                    args.push("--poll-us".into());
+                    args.push(self.poll_us.to_string());
+                    v.push(Backend::VdpaNet {
+                        name: "vdpa-net poll".into(),
+                        args,
+                        pin: self.pin,
+                    });
+                }
+                Mode::Poll => {}
+            }
+        }
+        v
     }
 }
 
@@ -160,8 +275,63 @@ enum Running {
     Vdpa(VdpaNet),
 }
 
+/// What a backend counted, when it stopped.
+#[derive(Debug, Clone, Copy, Default)]
+struct BackendCounts {
+    /// Frames it took from the frontend.
+    rx: u64,
+    /// Frames it delivered to the frontend.
+    tx: u64,
+    /// Frames it dropped and counted (no receive buffers, full queue).
+    drops: u64,
+    /// Frames it delivered to the tap (tap test, net_vhost: its tap port's
+    /// transmissions; vdpa-net: received minus drops and errors).
+    to_tap: u64,
+}
+
+impl Running {
+    /// Stops the backend and reads its counters.
+    fn stop(&mut self, t: Test, sock: &Path) -> Result<BackendCounts> {
+        match self {
+            Running::Testpmd(p) => {
+                let r = p.stop(STOP)?;
+                let port = |n: u16| -> Result<ForwardStats> {
+                    r.port(n).ok_or_else(|| Error::Parse {
+                        what: format!("net_vhost's forward statistics of port {n}"),
+                        path: PathBuf::from("-"),
+                        detail: r.log.lines().rev().take(30).collect::<Vec<_>>().join("\n"),
+                    })
+                };
+                let p0 = port(0)?;
+                let mut c = BackendCounts {
+                    rx: p0.rx_packets,
+                    tx: p0.tx_packets,
+                    drops: p0.tx_dropped,
+                    to_tap: 0,
+                };
+                if t == Test::Tap {
+                    let p1 = port(1)?;
+                    c.to_tap = p1.tx_packets;
+                    c.drops = p1.tx_dropped;
+                }
+                Ok(c)
+            }
+            Running::Vdpa(v) => {
+                let last = v.stop(STOP)?;
+                let c = v.device_counters(&last, sock);
+                Ok(BackendCounts {
+                    rx: c.rx_packets,
+                    tx: c.tx_packets,
+                    drops: c.drops,
+                    to_tap: c.rx_packets.saturating_sub(c.drops + c.errors),
+                })
+            }
+        }
+    }
+}
+
 fn start_backend(
-    b: Backend,
+    b: &Backend,
     t: Test,
     opts: &Opts,
     dir: &Path,
@@ -184,7 +354,7 @@ fn start_backend(
             };
             let mut cfg = TestpmdConfig::reference_backend("backend", sock, fwd)
                 .vdevs(vdevs)
-                .duration(Duration::from_secs(opts.secs + 60));
+                .duration(Duration::from_secs(opts.secs + 120));
             if let Some(ns) = ns {
                 cfg = cfg.in_netns(ns.name());
             }
@@ -192,11 +362,13 @@ fn start_backend(
             wait_for_path(sock, SOCKET, Some(p.proc_mut()))?;
             Ok(Running::Testpmd(p))
         }
-        Backend::VdpaNet => {
+        Backend::VdpaNet { args, pin, .. } => {
             let bin = opts
                 .vdpa
                 .as_ref()
                 .ok_or_else(|| Error::Unavailable("vdpa-net".into()))?;
+            // The from-backend workload writes a fresh frame per packet,
+            // as net_vhost's testpmd txonly does.
             let port = match t {
                 Test::ToBackend => "sink",
                 Test::Loop => "reflect",
@@ -204,13 +376,13 @@ fn start_backend(
                 Test::Tap => "tap=btap0",
             };
             let mut cfg = VdpaNetConfig::new().device(sock, port).stats_interval(1);
-            for a in opts.packet_args() {
-                cfg = cfg.arg(&a);
+            for a in args {
+                cfg = cfg.arg(a);
             }
-            // Pin the daemon to CPU 1, where net_vhost's forwarding lcore
-            // runs, so both backends get the same share of the machine.
+            // Pinned to CPU 1, where net_vhost's forwarding lcore runs, so
+            // both backends get the same share of the machine.
             let pinned;
-            let bin = match which("taskset").filter(|_| opts.pin) {
+            let bin = match which("taskset").filter(|_| *pin) {
                 Some(ts) => {
                     pinned = dir.join("vdpa-net-pinned.sh");
                     std::fs::write(
@@ -235,9 +407,29 @@ fn start_backend(
     }
 }
 
-/// One measurement; returns the median pps.
-fn measure(b: Backend, t: Test, opts: &Opts) -> Result<u64> {
-    let dir = WorkDir::new(&format!("bench-{}-{}", b.name(), t.name()))?;
+/// virtio_user's default queue size: the receive buffers a frontend has
+/// posted at most.
+const RING_SIZE: u64 = 256;
+
+/// One measurement: its figure (median pps) and the counts it checked.
+struct Outcome {
+    pps: u64,
+    checks: Vec<CountCheck>,
+    /// Frames the backend dropped and counted (loop: no receive buffers).
+    drops: u64,
+}
+
+/// One measurement. The frontend is an interactive testpmd: started, its
+/// port statistics read once a second, then stopped; in the loop it then
+/// receives for [`DRAIN`] with its generator stopped; from the backend, the
+/// backend stops first and the frontend then drains the ring. The counts
+/// of both sides are compared afterwards (see [`Outcome::checks`]).
+fn measure(b: &Backend, t: Test, opts: &Opts) -> Result<Outcome> {
+    let dir = WorkDir::new(&format!(
+        "bench-{}-{}",
+        b.name().replace(' ', "-"),
+        t.name()
+    ))?;
     let sock = dir.join("net.sock");
     let ns = if t == Test::Tap {
         Some(Netns::new()?)
@@ -249,51 +441,145 @@ fn measure(b: Backend, t: Test, opts: &Opts) -> Result<u64> {
         ns.wait_link("btap0", SOCKET)?;
         ns.addr_up("btap0", "10.0.8.1/24")?;
     }
-    let fwd = match (t, b) {
-        (Test::ToBackend | Test::Tap, _) => "txonly",
-        (Test::Loop, _) => "flowgen",
-        (Test::FromBackend, _) => "rxonly",
+    let fwd = match t {
+        Test::ToBackend | Test::Tap => "txonly",
+        Test::Loop => "flowgen",
+        Test::FromBackend => "rxonly",
     };
     let cfg = TestpmdConfig::frontend("frontend", &sock, fwd)
-        .duration(Duration::from_secs(opts.secs + 2));
+        .interactive()
+        .duration(Duration::from_secs(opts.secs + 120));
     let mut front = Testpmd::spawn(&cfg, dir.path())?;
-    let mut tap_rates = Vec::new();
-    if let Some(ns) = &ns {
-        // Sample the tap's receive counter once a second while traffic runs.
-        front.wait_samples(0, 2, SOCKET)?;
-        let mut prev = (ns.link_stats("btap0")?.rx_packets, Instant::now());
-        for _ in 0..opts.secs.saturating_sub(1) {
-            std::thread::sleep(Duration::from_secs(1));
-            let now = (ns.link_stats("btap0")?.rx_packets, Instant::now());
-            let dt = now.1.duration_since(prev.1).as_secs_f64();
-            tap_rates.push(((now.0 - prev.0) as f64 / dt) as u64);
-            prev = now;
-        }
-    }
-    let report = front.finish(STOP)?;
-    match &mut backend {
-        Running::Testpmd(p) => {
-            let _ = p.stop(STOP)?;
-        }
-        Running::Vdpa(v) => {
-            v.stop(STOP)?;
-        }
-    }
-    let rates = report.rates(0, 1);
-    let figure = match t {
-        Test::ToBackend => median(rates.iter().map(|r| r.1).collect()),
-        Test::Loop | Test::FromBackend => median(rates.iter().map(|r| r.0).collect()),
-        Test::Tap => median(tap_rates),
+    let tap_before = match &ns {
+        Some(ns) => ns.link_stats("btap0")?.rx_packets,
+        None => 0,
     };
-    Ok(figure)
+    front.command("start")?;
+    // The first answer only sets testpmd's reference point for the rates.
+    front.show_port_stats(0, COMMAND)?;
+    let mut samples = Vec::new();
+    let mut tap_rates = Vec::new();
+    let mut prev_tap = (tap_before, Instant::now());
+    for _ in 0..opts.secs {
+        std::thread::sleep(Duration::from_secs(1));
+        samples.push(front.show_port_stats(0, COMMAND)?);
+        if let Some(ns) = &ns {
+            let now = (ns.link_stats("btap0")?.rx_packets, Instant::now());
+            let dt = now.1.duration_since(prev_tap.1).as_secs_f64();
+            tap_rates.push(((now.0 - prev_tap.0) as f64 / dt) as u64);
+            prev_tap = now;
+        }
+    }
+    let mut early = None;
+    match t {
+        Test::FromBackend => {
+            // The generator is the backend: it stops first, then the
+            // frontend takes what is left in its receive ring.
+            early = Some(backend.stop(t, &sock)?);
+            std::thread::sleep(DRAIN);
+            front.stop_forwarding(COMMAND)?;
+        }
+        Test::Loop => {
+            front.stop_forwarding(COMMAND)?;
+            front.drain(DRAIN, COMMAND)?;
+        }
+        Test::ToBackend | Test::Tap => {
+            front.stop_forwarding(COMMAND)?;
+        }
+    }
+    let totals = front.show_port_stats(0, COMMAND)?;
+    let tap_total = match &ns {
+        Some(ns) => ns.link_stats("btap0")?.rx_packets - tap_before,
+        None => 0,
+    };
+    front.quit(STOP)?;
+    let counts = match early {
+        Some(c) => c,
+        None => backend.stop(t, &sock)?,
+    };
+    let sent = totals.tx_packets + opts.check_skew;
+    let received = totals.rx_packets;
+    let name = b.name();
+    let mut checks = Vec::new();
+    match t {
+        Test::ToBackend => {
+            checks.push(CountCheck::new(
+                format!("frames the frontend sent / {name} counted"),
+                sent,
+                counts.rx,
+            ));
+        }
+        Test::Tap => {
+            checks.push(CountCheck::new(
+                format!("frames the frontend sent / {name} counted"),
+                sent,
+                counts.rx,
+            ));
+            checks.push(CountCheck::new(
+                format!("frames {name} wrote to the tap / the tap received"),
+                counts.to_tap,
+                tap_total,
+            ));
+        }
+        Test::Loop => {
+            checks.push(CountCheck::new(
+                format!("frames the frontend sent / {name} counted"),
+                sent,
+                counts.rx,
+            ));
+            checks.push(CountCheck::new(
+                format!("frames {name} returned / the frontend received"),
+                counts.tx,
+                received,
+            ));
+            checks.push(CountCheck::new(
+                format!("frames the frontend sent / received back + dropped by {name}"),
+                sent,
+                received + counts.drops,
+            ));
+        }
+        Test::FromBackend => {
+            // The frontend drains its ring after the backend stopped, but
+            // sometimes does not see the frames of its last ring of posted
+            // buffers (measured with both backends: 0 or 256 frames).
+            checks.push(
+                CountCheck::new(
+                    format!("frames {name} sent / the frontend received"),
+                    counts.tx + opts.check_skew,
+                    received,
+                )
+                .in_flight(RING_SIZE),
+            );
+        }
+    }
+    // Skip the first second (warm-up) when there are more.
+    let skip = usize::from(samples.len() > 2);
+    let figure = match t {
+        Test::ToBackend => median(samples.iter().skip(skip).map(|s| s.tx_pps).collect()),
+        Test::Loop | Test::FromBackend => {
+            median(samples.iter().skip(skip).map(|s| s.rx_pps).collect())
+        }
+        Test::Tap => median(tap_rates.into_iter().skip(skip).collect()),
+    };
+    Ok(Outcome {
+        pps: figure,
+        checks,
+        // A generator's refused attempts (txonly's TX-dropped) are not
+        // frames lost.
+        drops: if t == Test::FromBackend {
+            0
+        } else {
+            counts.drops
+        },
+    })
 }
 
 /// Downloads per `--tcp` run; the figure is their median.
 const TCP_TRANSFERS: usize = 5;
 
-/// net_vhost's forwarding lcore polls without ever sleeping; vdpa-net is
-/// measured in its polling mode too (a 1 ms idle window: under load its
-/// worker never sleeps either). `--poll-us 0` measures the sleeping mode.
+/// The polling mode's window: net_vhost's forwarding lcore polls without
+/// ever sleeping; with a 1 ms idle window vdpa-net's worker under load never
+/// sleeps either.
 const DEFAULT_POLL_US: u64 = 1000;
 
 /// The guest TCP bulk transfers (`--tcp`): vdpa-net unpinned, since the TCG
@@ -358,12 +644,80 @@ fn parse_opts() -> Opts {
         vdpa_args: cli.vdpa_args,
         pin: !cli.no_pin,
         poll_us: cli.poll_us,
+        modes: cli.modes,
         only: cli.only,
+        check_skew: cli.check_skew,
     }
 }
 
 fn fmt_mpps(v: u64) -> String {
     format!("{:.2}", v as f64 / 1e6)
+}
+
+/// The load average (1, 5, 15 minutes).
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// The commit measured: `IOASIS_BENCH_COMMIT` (set by
+/// `scripts/bench-net.sh`), else `git rev-parse --short HEAD` with
+/// `-dirty` when tracked files differ from it.
+fn commit() -> String {
+    if let Ok(c) = std::env::var("IOASIS_BENCH_COMMIT") {
+        if !c.is_empty() {
+            return c;
+        }
+    }
+    let git = |args: &[&str]| -> Option<String> {
+        let out = Command::new("git").args(args).output().ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    match git(&["rev-parse", "--short", "HEAD"]) {
+        Some(c) => match git(&["status", "--porcelain", "--untracked-files=no"]) {
+            Some(s) if !s.is_empty() => format!("{c}-dirty"),
+            Some(_) => c,
+            None => format!("{c} (tree state unknown)"),
+        },
+        None => "unknown (not a git checkout)".into(),
+    }
+}
+
+/// "median (min-max)" of per-round figures, in Mpps.
+fn spread(v: &[u64]) -> String {
+    match (v.iter().min(), v.iter().max()) {
+        (Some(lo), Some(hi)) => format!(
+            "{} ({}-{})",
+            fmt_mpps(median(v.to_vec())),
+            fmt_mpps(*lo),
+            fmt_mpps(*hi)
+        ),
+        _ => "-".into(),
+    }
+}
+
+/// The ratio of medians and the range of the per-round ratios of `v`
+/// against `r` (rounds where both were measured).
+fn ratio(v: &[Option<u64>], r: &[Option<u64>]) -> String {
+    let mv = median(v.iter().flatten().copied().collect());
+    let mr = median(r.iter().flatten().copied().collect());
+    if mv == 0 || mr == 0 {
+        return "-".into();
+    }
+    let per: Vec<f64> = v
+        .iter()
+        .zip(r)
+        .filter_map(|(a, b)| match (a, b) {
+            (Some(a), Some(b)) if *b > 0 => Some(*a as f64 / *b as f64),
+            _ => None,
+        })
+        .collect();
+    let lo = per.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = per.iter().copied().fold(0.0, f64::max);
+    format!("{:.2}x ({lo:.2}-{hi:.2})", mv as f64 / mr as f64)
 }
 
 fn main() -> ExitCode {
@@ -387,16 +741,22 @@ fn main() -> ExitCode {
             .collect();
     }
     let mut backends = vec![Backend::Reference];
+    backends.extend(opts.vdpa_backends());
+    let load_before = loadavg();
+    println!("commit {}", commit());
+    println!("load average at the start: {load_before}");
     if let Some(p) = &opts.vdpa {
-        eprintln!(
-            "vdpa-net: {} (packet tests: {})",
-            p.display(),
-            opts.packet_args().join(" ")
-        );
-        backends.push(Backend::VdpaNet);
+        println!("vdpa-net binary: {}", p.display());
     }
-    // results[test][backend] = per-round figures
-    let mut results: Vec<Vec<Vec<u64>>> = vec![vec![Vec::new(); backends.len()]; tests.len()];
+    for b in &backends {
+        println!("mode {}: {}", b.name(), b.mode());
+    }
+    println!(
+        "frontend: testpmd virtio_user, forwarding lcore on CPU 0; every frame sent is counted on the other side"
+    );
+    // results[test][backend][round]: the figure, if the round passed.
+    let mut results: Vec<Vec<Vec<Option<u64>>>> =
+        vec![vec![Vec::new(); backends.len()]; tests.len()];
     let mut failed = false;
     for round in 0..opts.rounds {
         for (ti, &t) in tests.iter().enumerate() {
@@ -407,60 +767,77 @@ fn main() -> ExitCode {
                 (0..backends.len()).rev().collect()
             };
             for bi in order {
-                let b = backends[bi];
+                let b = &backends[bi];
                 match measure(b, t, &opts) {
-                    Ok(pps) => {
+                    Ok(o) => {
+                        let drops = if o.drops > 0 {
+                            format!(", {} dropped by the backend (counted)", o.drops)
+                        } else {
+                            String::new()
+                        };
                         println!(
-                            "round {} {:<12} {:<9} {:>7} Mpps",
+                            "round {} {:<12} {:<13} {:>7} Mpps  [{}{drops}]",
                             round + 1,
                             t.name(),
                             b.name(),
-                            fmt_mpps(pps)
+                            fmt_mpps(o.pps),
+                            o.checks
+                                .iter()
+                                .map(|c| c.to_string())
+                                .collect::<Vec<_>>()
+                                .join("; ")
                         );
-                        results[ti][bi].push(pps);
+                        match verify(&o.checks) {
+                            Ok(()) => results[ti][bi].push(Some(o.pps)),
+                            Err(e) => {
+                                failed = true;
+                                println!(
+                                    "round {} {:<12} {:<13} FAILED: {e}",
+                                    round + 1,
+                                    t.name(),
+                                    b.name()
+                                );
+                                results[ti][bi].push(None);
+                            }
+                        }
                     }
                     Err(e) => {
                         failed = true;
                         println!(
-                            "round {} {:<12} {:<9} FAILED: {e}",
+                            "round {} {:<12} {:<13} FAILED: {e}",
                             round + 1,
                             t.name(),
                             b.name()
                         );
+                        results[ti][bi].push(None);
                     }
                 }
             }
         }
     }
     println!(
-        "\n64-byte frames, medians over {} rounds of {} s (Mpps):",
+        "\n64-byte frames, medians (min-max) over {} rounds of {} s (Mpps); ratios against net_vhost: of the medians (range of the per-round ratios):",
         opts.rounds, opts.secs
     );
-    println!(
-        "| test | {} | ratio |",
-        backends
-            .iter()
-            .map(|b| b.name())
-            .collect::<Vec<_>>()
-            .join(" | ")
-    );
-    println!("|---|{}---|", "---|".repeat(backends.len()));
+    let mut header = String::from("| test | net_vhost |");
+    let mut rule = String::from("|---|---|");
+    for b in &backends[1..] {
+        header.push_str(&format!(" {} | ratio |", b.name()));
+        rule.push_str("---|---|");
+    }
+    println!("{header}\n{rule}");
     for (ti, t) in tests.iter().enumerate() {
-        let meds: Vec<u64> = results[ti].iter().map(|v| median(v.clone())).collect();
-        let ratio = if meds.len() == 2 && meds[0] > 0 && meds[1] > 0 {
-            format!("{:.2}x", meds[1] as f64 / meds[0] as f64)
-        } else {
-            "-".into()
-        };
-        println!(
-            "| {} | {} | {} |",
-            t.name(),
-            meds.iter()
-                .map(|m| if *m > 0 { fmt_mpps(*m) } else { "-".into() })
-                .collect::<Vec<_>>()
-                .join(" | "),
-            ratio
-        );
+        let figures =
+            |bi: usize| -> Vec<u64> { results[ti][bi].iter().flatten().copied().collect() };
+        let mut row = format!("| {} | {} |", t.name(), spread(&figures(0)));
+        for bi in 1..backends.len() {
+            row.push_str(&format!(
+                " {} | {} |",
+                spread(&figures(bi)),
+                ratio(&results[ti][bi], &results[ti][0])
+            ));
+        }
+        println!("{row}");
     }
     if opts.tcp {
         match measure_tcp(&opts) {
@@ -484,7 +861,13 @@ fn main() -> ExitCode {
             }
         }
     }
+    println!(
+        "\ncommit {}; load average at the start {load_before}, at the end {}",
+        commit(),
+        loadavg()
+    );
     if failed {
+        println!("FAILED: some measurements failed or lost frames (see above)");
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
