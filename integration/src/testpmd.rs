@@ -684,6 +684,44 @@ Telling cores to stop...
     }
 
     #[test]
+    fn test_forward_summaries_counts_complete_stops() {
+        assert_eq!(forward_summaries(SAMPLE), 1);
+        let two = format!("{SAMPLE}testpmd> {SAMPLE}");
+        assert_eq!(forward_summaries(&two), 2);
+        assert_eq!(parse_output(&two).1.len(), 2);
+        // The accumulated block without its closing line is not complete.
+        let body = SAMPLE.trim_end();
+        let cut = &body[..body.rfind('\n').unwrap_or(0)];
+        assert_eq!(forward_summaries(cut), 0);
+    }
+
+    #[test]
+    fn test_interactive_command_line() {
+        if require_testpmd().is_err() || which("stdbuf").is_none() {
+            eprintln!("skipped: testpmd or stdbuf missing");
+            return;
+        }
+        let cfg = TestpmdConfig::frontend("f", Path::new("/tmp/x.sock"), "flowgen").interactive();
+        let cmd = cfg.command().unwrap();
+        let args: Vec<String> = std::iter::once(cmd.get_program())
+            .chain(cmd.get_args())
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(args[0].ends_with("sh"), "{args:?}");
+        assert!(args[2].contains("trap '' PIPE"), "{args:?}");
+        assert!(args.iter().any(|a| a == "-oL"), "{args:?}");
+        assert!(args.iter().any(|a| a == "-i"), "{args:?}");
+        assert!(!args
+            .iter()
+            .any(|a| a == "-a" || a.starts_with("--stats-period")));
+        let plain = TestpmdConfig::frontend("f", Path::new("/tmp/x.sock"), "txonly")
+            .command()
+            .unwrap();
+        assert!(plain.get_program().to_string_lossy().ends_with("timeout"));
+        assert!(plain.get_args().any(|a| a == "-a"));
+    }
+
+    #[test]
     fn test_median() {
         assert_eq!(median(vec![]), 0);
         assert_eq!(median(vec![3, 1, 2]), 2);

@@ -80,7 +80,10 @@ fn sink_counts_every_frame(dir: &Path, poll_us: Option<u32>) {
     let p = front.show_port_stats(0, COMMAND).or_panic("port stats");
     front.quit(STOP_TIMEOUT).or_panic("quit testpmd");
     let c = stop(&mut vdpa, &sock);
-    eprintln!("sink: testpmd sent {}, vdpa-net counted {c:?}", p.tx_packets);
+    eprintln!(
+        "sink: testpmd sent {}, vdpa-net counted {c:?}",
+        p.tx_packets
+    );
     assert!(p.tx_packets > 0, "testpmd sent nothing");
     assert_eq!(c.errors, 0, "{c:?}");
     if let Err(e) = verify(&[CountCheck::new(
