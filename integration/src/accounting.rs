@@ -97,7 +97,10 @@ mod tests {
         let extra = CountCheck::new("b", 3, 5);
         assert_eq!(lost.lost(), 1);
         assert_eq!(extra.lost(), -2);
-        let e = verify(&[ok, lost, extra]).unwrap_err().to_string();
+        let e = match verify(&[ok, lost, extra]) {
+            Ok(()) => panic!("losses not reported"),
+            Err(e) => e.to_string(),
+        };
         assert!(
             e.contains("sent / counted by the sink: 10 / 9 (1 lost)"),
             "{e}"

@@ -630,6 +630,7 @@ impl Testpmd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::OrPanic;
 
     const SAMPLE: &str = "\
 Port statistics ====================================
@@ -702,7 +703,7 @@ Telling cores to stop...
             return;
         }
         let cfg = TestpmdConfig::frontend("f", Path::new("/tmp/x.sock"), "flowgen").interactive();
-        let cmd = cfg.command().unwrap();
+        let cmd = cfg.command().or_panic("interactive command line");
         let args: Vec<String> = std::iter::once(cmd.get_program())
             .chain(cmd.get_args())
             .map(|a| a.to_string_lossy().into_owned())
@@ -716,7 +717,7 @@ Telling cores to stop...
             .any(|a| a == "-a" || a.starts_with("--stats-period")));
         let plain = TestpmdConfig::frontend("f", Path::new("/tmp/x.sock"), "txonly")
             .command()
-            .unwrap();
+            .or_panic("command line");
         assert!(plain.get_program().to_string_lossy().ends_with("timeout"));
         assert!(plain.get_args().any(|a| a == "-a"));
     }
