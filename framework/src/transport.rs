@@ -124,10 +124,12 @@ fn signal(slot: &mut Option<EventFd>, writer: &Writer) -> io::Result<bool> {
 /// A transport with no driver side to report to: misses and access
 /// failures go nowhere (the queue waits for an address-space change), calls
 /// and errors are the rings' eventfds. Used where rings are driven
-/// in-process ([`crate::testing`], the queue layer's tests).
+/// in-process (the test harness, the queue layer's tests).
+#[cfg(any(test, feature = "test-utils"))]
 #[derive(Debug, Default)]
 pub(crate) struct Local;
 
+#[cfg(any(test, feature = "test-utils"))]
 impl Transport for Local {
     fn report_miss(&self, _index: u16, _iova: u64, _access: Access) -> MissReport {
         MissReport::Done
