@@ -117,10 +117,10 @@ pub fn run(dir: &Path) -> Res<()> {
     };
     let mut accel = Accel::start_with(
         cfg,
-        Some(IommuBinding {
+        IommuBinding {
             device: accel_core,
             service: handle,
-        }),
+        },
     )
     .map_err(ctx("sva0"))?;
     accel

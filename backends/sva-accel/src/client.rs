@@ -253,23 +253,18 @@ pub struct Client {
     fault_thread: Option<JoinHandle<()>>,
 }
 
-/// Where memory registration goes.
-enum Registrar {
-    /// Through the `/dev/iommu` service, into an IOAS.
-    Service {
-        svc: Mutex<ioasis::service::Client>,
-        ioas: u32,
-    },
+/// Where memory registration goes: through the `/dev/iommu` service, into
+/// an IOAS.
+struct Registrar {
+    svc: Mutex<ioasis::service::Client>,
+    ioas: u32,
 }
 
 impl std::fmt::Debug for Registrar {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Registrar::Service { ioas, .. } => f
-                .debug_struct("Service")
-                .field("ioas", ioas)
-                .finish_non_exhaustive(),
-        }
+        f.debug_struct("Registrar")
+            .field("ioas", &self.ioas)
+            .finish_non_exhaustive()
     }
 }
 
@@ -370,7 +365,7 @@ impl Buffer {
         if self.is_registered() {
             return Ok(());
         }
-        let Registrar::Service { svc, ioas } = &self.inner.reg;
+        let Registrar { svc, ioas } = &self.inner.reg;
         let what = "ioas map";
         let mut svc = svc.lock().map_err(|_| ClientError::Protocol(what))?;
         svc.ioas_map(
@@ -393,7 +388,7 @@ impl Buffer {
         if !self.registered.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
-        let Registrar::Service { svc, ioas } = &self.inner.reg;
+        let Registrar { svc, ioas } = &self.inner.reg;
         let what = "ioas unmap";
         let mut svc = svc.lock().map_err(|_| ClientError::Protocol(what))?;
         svc.ioas_unmap(
@@ -554,7 +549,7 @@ impl Client {
             pasid,
         }
         .encode();
-        let reg = Registrar::Service {
+        let reg = Registrar {
             svc: Mutex::new(svc),
             ioas,
         };
@@ -653,24 +648,16 @@ impl Client {
         })
     }
 
-    /// Whether device accesses are translated by iommu-core: always, since
-    /// every client maps its memory through the `/dev/iommu` service.
-    pub fn is_iommu_mode(&self) -> bool {
-        true
-    }
-
-    /// The IOAS buffers are mapped into (always `Some`).
-    pub fn ioas(&self) -> Option<u32> {
-        let Registrar::Service { ioas, .. } = &self.inner.reg;
-        Some(*ioas)
+    /// The IOAS buffers are mapped into.
+    pub fn ioas(&self) -> u32 {
+        self.inner.reg.ioas
     }
 
     /// Runs `f` with the `/dev/iommu` service session this client uses, for
     /// example to map or unmap memory of other devices sharing the IOAS.
     /// `None` only if the session's lock was poisoned.
     pub fn with_service<T>(&self, f: impl FnOnce(&mut ioasis::service::Client) -> T) -> Option<T> {
-        let Registrar::Service { svc, .. } = &self.inner.reg;
-        svc.lock().ok().map(|mut g| f(&mut g))
+        self.inner.reg.svc.lock().ok().map(|mut g| f(&mut g))
     }
 
     /// What the device reported at connect time.

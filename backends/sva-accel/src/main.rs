@@ -72,7 +72,7 @@ fn main() -> ExitCode {
         }
     };
     let path = o.socket_path;
-    let mut dev = match Device::start_with(o.device, Some(binding)) {
+    let mut dev = match Device::start_with(o.device, binding) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("sva-accel: {e}");

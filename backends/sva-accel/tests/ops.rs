@@ -11,8 +11,9 @@ use sva_accel::desc::{flags, opcode, status, Descriptor, CRC_READ_SEED};
 fn test_memmove_sizes_and_overlap() {
     let d = Daemon::shared();
     let c = Client::connect(&d.socket).expect("connect");
-    // The default connection goes through the daemon's /dev/iommu service.
-    assert!(c.is_iommu_mode() && c.ioas().is_some());
+    // The default connection goes through the daemon's /dev/iommu service
+    // (an IOAS of its session).
+    assert_ne!(c.ioas(), 0);
     let src = c.alloc(1 << 20).expect("alloc");
     let dst = c.alloc(1 << 20).expect("alloc");
     for len in [1usize, 64, 4095, 4096, 65536, 1 << 20] {

@@ -273,7 +273,7 @@ fn run(a: &Args) -> Result<(), String> {
                     workers: a.workers,
                     ..DeviceConfig::default()
                 },
-                Some(binding),
+                binding,
             )
             .map_err(|e| e.to_string())?;
             d.listen(&p).map_err(|e| e.to_string())?;

@@ -39,7 +39,7 @@ use ioasis::dma::{Dma, FaultStatus, PendingFault, Translator};
 use ioasis::service::ServiceHandle;
 use ioasis::socket_policy::SocketPolicy;
 use log::{debug, info};
-use nix::sys::socket::{self, SockType};
+use nix::sys::socket::SockType;
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -211,7 +211,8 @@ struct Shared {
     shutdown: AtomicBool,
     occupancy: AtomicU64,
     dedicated_in_use: AtomicUsize,
-    iommu: Option<IommuBinding>,
+    /// The `/dev/iommu` service binding every access translates through.
+    iommu: IommuBinding,
     fault_answered: AtomicBool,
     /// Index (in the client list) of the client whose turn it is.
     turn: AtomicUsize,
@@ -233,14 +234,8 @@ impl Device {
     /// Starts the workers of the device `iommu` binds to a `/dev/iommu`
     /// service: clients bind a PASID they attached through that service,
     /// and every access is translated by iommu-core for (device, PASID).
-    /// `None` is refused: the device has no other way to translate.
-    pub fn start_with(cfg: DeviceConfig, iommu: Option<IommuBinding>) -> Result<Device> {
+    pub fn start_with(cfg: DeviceConfig, iommu: IommuBinding) -> Result<Device> {
         cfg.check()?;
-        if iommu.is_none() {
-            return Err(DeviceError::Config(
-                "no /dev/iommu binding: every access goes through iommu-core".into(),
-            ));
-        }
         let doorbell = shm::eventfd().map_err(|source| DeviceError::Fd {
             what: "doorbell eventfd",
             source,
@@ -267,7 +262,8 @@ impl Device {
             turn_used: AtomicU32::new(0),
             n_clients: AtomicUsize::new(0),
         });
-        if let Some(b) = shared.iommu.as_ref() {
+        {
+            let b = &shared.iommu;
             // Faults are budgeted per client (here); the device as a whole
             // may have every client's budget outstanding.
             b.device.set_max_outstanding_faults(

@@ -5,13 +5,7 @@ use super::*;
 
 /// Runs (or resumes) one job of client `c`: to completion, a park, or (a
 /// unit of work done) a yield that queues it on the client's ready queue.
-pub(super) fn run_job(
-    s: &Shared,
-    c: &ClientCtx,
-    job: Job,
-    resume: Resume,
-    tr: &mut Option<Translator>,
-) {
+pub(super) fn run_job(s: &Shared, c: &ClientCtx, job: Job, resume: Resume, tr: &mut Translator) {
     run_pass(s, c, Source::One(Some(Box::new((job, resume)))), tr);
 }
 
@@ -109,7 +103,7 @@ pub(super) fn run_pass(
     s: &Shared,
     c: &ClientCtx,
     mut src: Source<'_>,
-    tr: &mut Option<Translator>,
+    tr: &mut Translator,
 ) -> bool {
     let mut budget = Budget::new(WORK_UNIT);
     let mut pending = src.next(c);
@@ -117,7 +111,7 @@ pub(super) fn run_pass(
     while let Some(first) = pending.take() {
         did = true;
         let gone = c.dead.load(Ordering::SeqCst) || c.unbound.load(Ordering::SeqCst);
-        let Some(t) = tr.as_mut().filter(|_| !gone) else {
+        if gone {
             // Nothing translates for it: dropped and retired (reported as
             // an event when it asked for a record and the PASID went).
             let (job, _) = first;
@@ -128,9 +122,9 @@ pub(super) fn run_pass(
             c.stats.aborted.fetch_add(1, Ordering::Relaxed);
             pending = src.next(c);
             continue;
-        };
+        }
         let mut done = Retirements::default();
-        let end = Dma::enter(t, Some(c.pasid), |dma| {
+        let end = Dma::enter(tr, Some(c.pasid), |dma| {
             let mut next = Some(first);
             let mut ran = false;
             loop {

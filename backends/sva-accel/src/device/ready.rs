@@ -116,7 +116,7 @@ pub(super) fn make_ready(
 
 /// Completes held descriptors once everything before the drain at their
 /// head has completed.
-pub(super) fn check_held(s: &Shared, c: &ClientCtx, tr: &mut Option<Translator>) -> bool {
+pub(super) fn check_held(s: &Shared, c: &ClientCtx, tr: &mut Translator) -> bool {
     if !c.has_held.load(Ordering::Acquire) {
         return false;
     }

@@ -110,7 +110,7 @@ impl Unbinder {
         let Some(s) = self.shared.upgrade() else {
             return;
         };
-        if s.iommu.as_ref().is_none_or(|b| b.device.label() != label) {
+        if s.iommu.device.label() != label {
             return;
         }
         let list = match s.clients.read() {
@@ -154,17 +154,16 @@ pub(super) fn check_pasid_owner(
     session: u64,
     pasid: u32,
 ) -> std::result::Result<u32, i32> {
-    let Some(b) = s.iommu.as_ref() else {
-        return Err(libc::EOPNOTSUPP);
-    };
+    let b = &s.iommu;
     let Some(owner) = b.service.pasid_owner(b.device.label(), pasid) else {
         return Err(libc::EPERM);
     };
     if owner.id != session {
         return Err(libc::EPERM);
     }
-    let peer = socket::getsockopt(&conn, socket::sockopt::PeerCredentials).map_err(|e| e as i32)?;
-    if peer.pid() != owner.pid {
+    let peer =
+        ioasis::ownership::Peer::of(conn).map_err(|e| e.raw_os_error().unwrap_or(libc::EPERM))?;
+    if peer.pid != owner.pid {
         return Err(libc::EPERM);
     }
     let taken = s
@@ -181,5 +180,5 @@ pub(super) fn check_pasid_owner(
     if taken {
         return Err(libc::EBUSY);
     }
-    Ok(peer.uid())
+    Ok(peer.uid)
 }

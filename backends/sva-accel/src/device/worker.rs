@@ -14,7 +14,7 @@ pub(super) fn take_from(
     s: &Shared,
     c: &ClientCtx,
     buf: &mut Vec<[u8; DESC_SIZE]>,
-    tr: &mut Option<Translator>,
+    tr: &mut Translator,
 ) -> bool {
     if c.has_ready.load(Ordering::Acquire) {
         return run_pass(s, c, Source::Ready, tr);
@@ -111,7 +111,7 @@ pub(super) fn work_once(
     s: &Shared,
     clients: &[Arc<ClientCtx>],
     buf: &mut Vec<[u8; DESC_SIZE]>,
-    tr: &mut Option<Translator>,
+    tr: &mut Translator,
 ) -> bool {
     let mut did = resume_answered(s, clients);
     for c in clients {
@@ -159,10 +159,8 @@ pub(super) const SLEEP_MS: i32 = 100;
 /// unmapped) would stay mapped in the daemon until the worker next ran.
 /// Called before and after every sleep, so such memory goes within
 /// [`SLEEP_MS`] of its unmap (`tests/hostile_departed.rs`).
-pub(super) fn drop_invalidated(tr: &mut Option<Translator>) {
-    if let Some(t) = tr.as_mut() {
-        drop(t.access());
-    }
+pub(super) fn drop_invalidated(tr: &mut Translator) {
+    drop(tr.access());
 }
 
 pub(super) fn worker(s: &Arc<Shared>) {
@@ -174,7 +172,7 @@ pub(super) fn worker(s: &Arc<Shared>) {
     let mut spin = Duration::from_micros(100);
     let (spin_min, spin_max) = (SPIN_MIN, SPIN_MAX);
     let mut idle_since: Option<Instant> = None;
-    let mut tr = s.iommu.as_ref().map(|b| b.device.translator());
+    let mut tr = s.iommu.device.translator();
     while !s.shutdown.load(Ordering::Relaxed) {
         let g = s.clients_gen.load(Ordering::Acquire);
         if g != gen {
