@@ -19,7 +19,14 @@
 //! - `net_up IFACE ADDR/PREFIX`: bring an interface up with an address and
 //!   wait (up to 10 s) for its carrier;
 //! - `try_ping COUNT DEADLINE_SECS ADDR`: ping, print the output and a
-//!   `PING_OK ADDR` or `PING_FAIL ADDR` marker.
+//!   `PING_OK ADDR` or `PING_FAIL ADDR` marker;
+//! - `load_module NAME`: load one of [`ON_DEMAND_MODULES`] with its
+//!   dependencies (fails if the kernel has no such module).
+//!
+//! Modules in [`ON_DEMAND_MODULES`] (the packet generator, `pktgen`) are in
+//! the initramfs with their dependencies (from the kernel's `modules.dep`,
+//! the list `modinfo -F depends` prints) but only loaded by scripts that
+//! ask for them: `/etc/ioasis-load-<name>` holds the load order.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -46,6 +53,10 @@ pub const VIRTIO_NET_MODULES: &[&str] = &[
     "net_failover",
     "virtio_net",
 ];
+
+/// Modules the initramfs carries, with their dependencies, for scripts to
+/// load with `load_module NAME` (not loaded at boot).
+pub const ON_DEMAND_MODULES: &[&str] = &["pktgen"];
 
 /// The prefix of every marker the guest prints.
 pub const MARKER_PREFIX: &str = "@@IOASIS:";
@@ -108,6 +119,13 @@ net_up() {
     done
     echo "carrier of $1 stayed down"
     return 1
+}
+load_module() {
+    [ -f "/etc/ioasis-load-$1" ] || { echo "no module $1 in the initramfs"; return 1; }
+    for m in $(cat "/etc/ioasis-load-$1"); do
+        grep -q "^$m " /proc/modules && continue
+        insmod "/lib/modules/$m.ko" || return 1
+    done
 }
 try_ping() {
     if ping -c "$1" -w "$2" "$3"; then mark PING_OK "$3"; return 0; fi
@@ -185,12 +203,21 @@ impl GuestKit {
                 Error::Unavailable("no static busybox (Debian package busybox-static)".into())
             })?;
         let modules = find_modules(&version)?;
+        let on_demand = find_on_demand_modules(&version)?;
 
         let mut h = DefaultHasher::new();
         INIT.hash(&mut h);
         LIB.hash(&mut h);
         version.hash(&mut h);
-        for p in std::iter::once(&busybox).chain(modules.iter().map(|(_, p)| p)) {
+        for (name, order) in &on_demand {
+            name.hash(&mut h);
+            order.hash(&mut h);
+        }
+        let on_demand_files = on_demand.iter().flat_map(|(_, order)| order.iter().map(|(_, p)| p));
+        for p in std::iter::once(&busybox)
+            .chain(modules.iter().map(|(_, p)| p))
+            .chain(on_demand_files)
+        {
             p.hash(&mut h);
             let m = fs::metadata(p).map_err(io(format!("stat {}", p.display())))?;
             m.len().hash(&mut h);
@@ -248,6 +275,20 @@ impl GuestKit {
             order.push('\n');
         }
         w.file("etc/ioasis-modules", 0o644, order.as_bytes());
+        let mut written: Vec<&str> = modules.iter().map(|(n, _)| n.as_str()).collect();
+        for (name, load) in &on_demand {
+            let mut order = String::new();
+            for (dep, path) in load {
+                if !written.contains(&dep.as_str()) {
+                    let data = read_module(path)?;
+                    w.file(&format!("lib/modules/{dep}.ko"), 0o644, &data);
+                    written.push(dep);
+                }
+                order.push_str(dep);
+                order.push('\n');
+            }
+            w.file(&format!("etc/ioasis-load-{name}"), 0o644, order.as_bytes());
+        }
         w.file("lib/ioasis.sh", 0o644, LIB.as_bytes());
         w.file("init", 0o755, INIT.as_bytes());
         let tmp = dir.join(format!("tmp-{}.cpio", std::process::id()));
@@ -337,6 +378,60 @@ fn find_modules(version: &str) -> Result<Vec<(String, PathBuf)>> {
     Ok(out)
 }
 
+/// Resolves [`ON_DEMAND_MODULES`]: for each module the kernel has, its
+/// load order (dependencies first, from `modules.dep`; built-in ones left
+/// out, so a built-in module has an empty order). A module the kernel lacks
+/// is left out with a warning; a script that loads it fails.
+#[allow(clippy::type_complexity)]
+fn find_on_demand_modules(version: &str) -> Result<Vec<(String, Vec<(String, PathBuf)>)>> {
+    let root = Path::new("/lib/modules").join(version);
+    let dep = fs::read_to_string(root.join("modules.dep"))
+        .map_err(|e| Error::Unavailable(format!("cannot read modules.dep of {version}: {e}")))?;
+    let builtin: Vec<String> = fs::read_to_string(root.join("modules.builtin"))
+        .unwrap_or_default()
+        .lines()
+        .map(module_name)
+        .collect();
+    let mut out = Vec::new();
+    for m in ON_DEMAND_MODULES {
+        if builtin.iter().any(|b| b == m) {
+            out.push((m.to_string(), Vec::new()));
+            continue;
+        }
+        match load_order(&dep, m) {
+            Some(order) => out.push((
+                m.to_string(),
+                order
+                    .into_iter()
+                    .map(|(n, rel)| (n, root.join(rel)))
+                    .collect(),
+            )),
+            None => log::warn!("kernel {version} has no module {m}; scripts cannot load it"),
+        }
+    }
+    Ok(out)
+}
+
+/// The load order of module `name` from the text of a `modules.dep`:
+/// `(name, relative path)` pairs, dependencies first, `name` last. `None`
+/// if `modules.dep` does not list it.
+fn load_order(modules_dep: &str, name: &str) -> Option<Vec<(String, String)>> {
+    // Each line is `path: dep1 dep2 ...`, every dependency of the module
+    // (transitively), in an order where a module comes before the ones it
+    // depends on; loading goes in reverse.
+    let line = modules_dep
+        .lines()
+        .find(|l| l.split(':').next().map(module_name).as_deref() == Some(name))?;
+    let (path, deps) = line.split_once(':')?;
+    let mut order: Vec<(String, String)> = deps
+        .split_whitespace()
+        .rev()
+        .map(|d| (module_name(d), d.to_string()))
+        .collect();
+    order.push((name.to_string(), path.trim().to_string()));
+    Some(order)
+}
+
 /// Reads a module, decompressing `.xz`, `.zst` and `.gz` with the system tools.
 fn read_module(path: &Path) -> Result<Vec<u8>> {
     let name = path.to_string_lossy();
@@ -395,6 +490,23 @@ mod tests {
             "virtio_ring"
         );
         assert_eq!(module_name("virtio_pci.ko.zst"), "virtio_pci");
+    }
+
+    #[test]
+    fn test_load_order_puts_dependencies_first() {
+        let dep = "kernel/net/core/pktgen.ko:\n\
+                   kernel/drivers/net/virtio_net.ko.xz: kernel/drivers/net/net_failover.ko.xz kernel/net/core/failover.ko.xz\n";
+        assert_eq!(
+            load_order(dep, "pktgen"),
+            Some(vec![("pktgen".into(), "kernel/net/core/pktgen.ko".into())])
+        );
+        let order: Vec<String> = load_order(dep, "virtio_net")
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(order, ["failover", "net_failover", "virtio_net"]);
+        assert_eq!(load_order(dep, "nope"), None);
     }
 
     #[test]

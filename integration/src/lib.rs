@@ -10,6 +10,8 @@
 //!   optionally behind an emulated intel-iommu;
 //! - [`guest`]: the guest kit they boot (Debian's kernel and a busybox
 //!   initramfs built once and cached under `target/`);
+//! - [`guest_pktgen`]: a guest sending frames with the kernel's pktgen
+//!   into a backend that counts them;
 //! - [`netns`]: network namespaces and taps;
 //! - [`vdpa_net`]: the workspace's `vdpa-net` daemon and its JSON statistics;
 //! - [`tcp_bulk`]: a bulk TCP transfer from a guest on vdpa-net to a tap in
@@ -34,6 +36,7 @@ pub mod cpio;
 pub mod env;
 pub mod error;
 pub mod guest;
+pub mod guest_pktgen;
 pub mod netns;
 pub mod process;
 pub mod qemu;
