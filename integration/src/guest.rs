@@ -213,7 +213,9 @@ impl GuestKit {
             name.hash(&mut h);
             order.hash(&mut h);
         }
-        let on_demand_files = on_demand.iter().flat_map(|(_, order)| order.iter().map(|(_, p)| p));
+        let on_demand_files = on_demand
+            .iter()
+            .flat_map(|(_, order)| order.iter().map(|(_, p)| p));
         for p in std::iter::once(&busybox)
             .chain(modules.iter().map(|(_, p)| p))
             .chain(on_demand_files)

@@ -225,17 +225,18 @@ impl Running {
     /// frames; a shortfall is left to the count check.
     fn settle(&mut self, sock: &Path, expected: u64) {
         let r = match self {
-            Running::Testpmd(p) => p
-                .proc_mut()
-                .wait_for_output("net_vhost's count to settle", SETTLE, |t| {
-                    crate::testpmd::parse_output(t)
-                        .0
-                        .iter()
-                        .rev()
-                        .find(|s| s.port == 0)
-                        .filter(|s| s.rx_packets >= expected)
-                        .map(|_| ())
-                }),
+            Running::Testpmd(p) => {
+                p.proc_mut()
+                    .wait_for_output("net_vhost's count to settle", SETTLE, |t| {
+                        crate::testpmd::parse_output(t)
+                            .0
+                            .iter()
+                            .rev()
+                            .find(|s| s.port == 0)
+                            .filter(|s| s.rx_packets >= expected)
+                            .map(|_| ())
+                    })
+            }
             Running::Vdpa(v) => v
                 .wait_stats("vdpa-net's count to settle", SETTLE, |l| {
                     device_rx(l, sock) >= expected
@@ -411,7 +412,15 @@ Result: OK: 431006(c430795+d210) usec, 2000 (60byte,0frags)
     #[test]
     fn test_steady_rate_leaves_out_partial_seconds() {
         // Idle, a partial first second, three full ones, a partial last one.
-        let s = [(0, 0), (10, 10), (90, 90), (100, 100), (95, 95), (20, 20), (0, 0)];
+        let s = [
+            (0, 0),
+            (10, 10),
+            (90, 90),
+            (100, 100),
+            (95, 95),
+            (20, 20),
+            (0, 0),
+        ];
         assert_eq!(steady_rate(&s), Some(95));
         assert_eq!(steady_rate(&[(0, 0), (5, 5), (7, 7), (0, 0)]), None);
         assert_eq!(steady_rate(&[]), None);
