@@ -46,6 +46,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use thiserror::Error;
+use vmm_sys_util::eventfd::EventFd;
 
 /// Completion record slots per client.
 pub const CR_SLOTS: usize = 4096;
@@ -235,8 +236,8 @@ struct Inner {
     reg: Registrar,
     portal: Mutex<ClientPortal>,
     info: DeviceInfo,
-    doorbell: OwnedFd,
-    completion: OwnedFd,
+    doorbell: EventFd,
+    completion: EventFd,
     regions: RwLock<Vec<(u64, u64)>>,
     free_slots: Mutex<Vec<u32>>,
     stop: AtomicBool,
@@ -614,8 +615,8 @@ impl Client {
             reg,
             portal: Mutex::new(portal),
             info,
-            doorbell,
-            completion,
+            doorbell: shm::adopt_eventfd(doorbell),
+            completion: shm::adopt_eventfd(completion),
             regions: RwLock::new(Vec::new()),
             free_slots: Mutex::new((0..CR_SLOTS as u32).rev().collect()),
             stop: AtomicBool::new(false),
@@ -790,8 +791,8 @@ impl Client {
             self.with_portal(|p| p.set_waiting(true));
             if self.read_record(addr).is_none() {
                 self.inner.stats.sleeps.fetch_add(1, Ordering::Relaxed);
-                let _ = shm::poll_in(&[self.inner.completion.as_fd()], 5);
-                shm::drain(self.inner.completion.as_fd());
+                let _ = shm::poll_in(&[shm::borrow_eventfd(&self.inner.completion)], 5);
+                shm::drain(&self.inner.completion);
             }
             self.with_portal(|p| p.set_waiting(false));
         }
@@ -852,14 +853,14 @@ impl Client {
                     .fetch_add(raw.len() as u64, Ordering::Relaxed);
                 if p.needs_doorbell() {
                     self.inner.stats.doorbells.fetch_add(1, Ordering::Relaxed);
-                    shm::signal(self.inner.doorbell.as_fd());
+                    shm::signal(&self.inner.doorbell);
                 }
                 Ok(())
             }
             Err(Rejected::Retry | Rejected::NoCredit) => {
                 self.inner.stats.retries.fetch_add(1, Ordering::Relaxed);
                 if p.needs_doorbell() {
-                    shm::signal(self.inner.doorbell.as_fd());
+                    shm::signal(&self.inner.doorbell);
                 }
                 Err(ClientError::Retry)
             }

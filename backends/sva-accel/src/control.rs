@@ -30,6 +30,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Longest a connection may stay without sending its HELLO.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -78,7 +79,7 @@ enum Incoming {
 /// The running loop, as other threads see it.
 #[derive(Debug)]
 pub struct Control {
-    wake: OwnedFd,
+    wake: EventFd,
     incoming: Mutex<Vec<Incoming>>,
 }
 
@@ -95,13 +96,13 @@ impl Control {
     /// Starts the loop for `handler` on a thread of its own.
     pub fn spawn<H: Handler>(handler: Arc<H>) -> std::io::Result<(Arc<Control>, JoinHandle<()>)> {
         let control = Arc::new(Control {
-            wake: shm::eventfd()?,
+            wake: shm::new_eventfd()?,
             incoming: Mutex::new(Vec::new()),
         });
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(std::io::Error::from)?;
         epoll
             .add(
-                control.wake.as_fd(),
+                shm::borrow_eventfd(&control.wake),
                 EpollEvent::new(EpollFlags::EPOLLIN, WAKE),
             )
             .map_err(std::io::Error::from)?;
@@ -137,7 +138,7 @@ impl Control {
 
     /// Wakes the loop (to stop, for instance).
     pub fn wake(&self) {
-        shm::signal(self.wake.as_fd());
+        shm::signal(&self.wake);
     }
 
     fn push(&self, i: Incoming) {
@@ -229,7 +230,7 @@ impl<H: Handler> Loop<H> {
     }
 
     fn take_incoming(&mut self) {
-        shm::drain(self.control.wake.as_fd());
+        shm::drain(&self.control.wake);
         let incoming = match self.control.incoming.lock() {
             Ok(mut v) => std::mem::take(&mut *v),
             Err(_) => return,

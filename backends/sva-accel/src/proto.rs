@@ -18,9 +18,9 @@
 //! session's fault queue. Any later packet is answered `-EINVAL` and the
 //! connection stays up; closing it unbinds the client.
 
-use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use nix::sys::socket::MsgFlags;
+use std::io::IoSliceMut;
+use std::os::fd::{BorrowedFd, OwnedFd};
 
 /// HELLO version, the only one: the client's PASID and IOAS come from the
 /// `/dev/iommu` service; the payload continues with u64 session id, u32
@@ -44,14 +44,11 @@ pub struct Packet {
     pub fds: Vec<OwnedFd>,
 }
 
-/// Sends one packet with optional fds.
+/// Sends one packet with optional fds (`SCM_RIGHTS`), through the one
+/// packet sender of the workspace (`ioasis::service::transport`).
 pub fn send(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> nix::Result<()> {
-    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let iov = [IoSlice::new(data)];
-    let cmsg = [ControlMessage::ScmRights(&raw)];
-    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
-    sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
-    Ok(())
+    ioasis::service::transport::send_packet(sock, data, fds)
+        .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
 }
 
 /// Receives one packet; `Ok(None)` on end of file. A packet longer than
@@ -207,9 +204,9 @@ mod tests {
             SockFlag::empty(),
         )
         .expect("pair");
-        let efd = crate::shm::eventfd().expect("eventfd");
+        let efd = crate::shm::new_eventfd().expect("eventfd");
         let msg = Writer::default().u32(OP_HELLO).u32(0).u64(42).0;
-        send(a.as_fd(), &msg, &[efd.as_fd()]).expect("send");
+        send(a.as_fd(), &msg, &[crate::shm::borrow_eventfd(&efd)]).expect("send");
         let p = recv(b.as_fd()).expect("recv").expect("packet");
         assert_eq!(p.fds.len(), 1);
         let mut r = Reader::new(&p.data);

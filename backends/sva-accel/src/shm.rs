@@ -4,8 +4,10 @@
 //! engine pointer arithmetic lives here.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
+
 use std::sync::atomic::{AtomicU32, AtomicU64};
+use vmm_sys_util::eventfd::EventFd;
 
 /// A shared mapping of (part of) a file; unmapped on drop.
 #[derive(Debug)]
@@ -160,29 +162,36 @@ pub fn file_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(f.metadata()?.len())
 }
 
-/// A non-blocking eventfd.
-pub fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall with flags.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd was just created and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+/// A new eventfd (vmm-sys-util's), non-blocking and close-on-exec: the
+/// device's doorbells and a client's completion eventfd.
+pub fn new_eventfd() -> io::Result<EventFd> {
+    EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+}
+
+/// An eventfd received from a peer (owned), as an [`EventFd`].
+pub fn adopt_eventfd(fd: OwnedFd) -> EventFd {
+    // SAFETY: `fd` is owned and handed over whole: the EventFd becomes its
+    // only owner. (A peer that sent another kind of fd gets failed reads
+    // and writes, nothing worse.)
+    unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) }
+}
+
+/// An eventfd's descriptor, borrowed for as long as the eventfd is (to pass
+/// it in a message, or to poll it).
+pub fn borrow_eventfd(e: &EventFd) -> BorrowedFd<'_> {
+    // SAFETY: the descriptor is owned by `e`, which the returned borrow
+    // cannot outlive.
+    unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }
 }
 
 /// Adds 1 to an eventfd (a full counter is fine: it is already signalled).
-pub fn signal(fd: BorrowedFd<'_>) {
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: writes 8 bytes from a live buffer to a valid fd.
-    unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) };
+pub fn signal(e: &EventFd) {
+    let _ = e.write(1);
 }
 
-/// Resets an eventfd (non-blocking read).
-pub fn drain(fd: BorrowedFd<'_>) {
-    let mut b = [0u8; 8];
-    // SAFETY: reads up to 8 bytes into a live buffer from a valid fd.
-    unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
+/// Resets an eventfd (an empty one has nothing to reset).
+pub fn drain(e: &EventFd) {
+    let _ = e.read();
 }
 
 /// Waits until one of `fds` is readable (or hung up) or `timeout_ms` passes;

@@ -52,8 +52,8 @@ pub(super) fn hello(
     };
     let made = (|| -> std::io::Result<_> {
         let (portal, portal_fd) = Portal::create(s.cfg.wq_size)?;
-        let completion_efd = shm::eventfd()?;
-        let doorbell_efd = shm::eventfd()?;
+        let completion_efd = shm::new_eventfd()?;
+        let doorbell_efd = shm::new_eventfd()?;
         Ok((portal, portal_fd, completion_efd, doorbell_efd))
     })();
     let (portal, portal_fd, completion_efd, doorbell_efd) = match made {
@@ -97,8 +97,8 @@ pub(super) fn hello(
     // service, not over this socket.
     let fds = [
         portal_fd.as_fd(),
-        client.doorbell_efd.as_fd(),
-        client.completion_efd.as_fd(),
+        shm::borrow_eventfd(&client.doorbell_efd),
+        shm::borrow_eventfd(&client.completion_efd),
     ];
     reply(conn, 0, &w.0, &fds);
     // Publish the client to the workers (turns go round in list order).
@@ -111,7 +111,7 @@ pub(super) fn hello(
     }
     // Sleeping workers re-read the list (and so wait on this client's
     // doorbell too).
-    shm::signal(s.doorbell.as_fd());
+    shm::signal(&s.doorbell);
     ioasis::log_limited!(
         log::Level::Info,
         "client bound to PASID {pasid} (uid {uid}, priority {priority}, session {session})"
@@ -182,7 +182,7 @@ pub(super) fn teardown(s: &Arc<Shared>, c: &Arc<ClientCtx>) {
     }
     let n = abort_work(s, c);
     // Sleeping workers let go of the client (their copy of the list).
-    shm::signal(s.doorbell.as_fd());
+    shm::signal(&s.doorbell);
     if s.cfg.wq_mode == WqMode::Dedicated {
         s.dedicated_in_use.fetch_sub(1, Ordering::SeqCst);
     }

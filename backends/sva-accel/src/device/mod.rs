@@ -48,6 +48,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use thiserror::Error;
+use vmm_sys_util::eventfd::EventFd;
 
 mod abort;
 mod config;
@@ -177,10 +178,10 @@ pub struct ClientCtx {
     /// Its budget of outstanding I/O page faults.
     faults: Arc<FaultBudget>,
     portal: Portal,
-    completion_efd: OwnedFd,
+    completion_efd: EventFd,
     /// This client's doorbell (each client its own, so that one client
     /// draining its eventfd cannot swallow another's wake-ups).
-    doorbell_efd: OwnedFd,
+    doorbell_efd: EventFd,
     dead: AtomicBool,
     inflight: AtomicU64,
     held: Mutex<VecDeque<Job>>,
@@ -206,7 +207,7 @@ struct Shared {
     limits: Limits,
     clients: RwLock<Arc<Vec<Arc<ClientCtx>>>>,
     clients_gen: AtomicU64,
-    doorbell: OwnedFd,
+    doorbell: EventFd,
     sleepers: AtomicUsize,
     shutdown: AtomicBool,
     occupancy: AtomicU64,
@@ -236,7 +237,7 @@ impl Device {
     /// and every access is translated by iommu-core for (device, PASID).
     pub fn start_with(cfg: DeviceConfig, iommu: IommuBinding) -> Result<Device> {
         cfg.check()?;
-        let doorbell = shm::eventfd().map_err(|source| DeviceError::Fd {
+        let doorbell = shm::new_eventfd().map_err(|source| DeviceError::Fd {
             what: "doorbell eventfd",
             source,
         })?;
@@ -279,7 +280,7 @@ impl Device {
             b.device.set_fault_waker(Some(Arc::new(move |_| {
                 if let Some(s) = weak.upgrade() {
                     s.fault_answered.store(true, Ordering::SeqCst);
-                    shm::signal(s.doorbell.as_fd());
+                    shm::signal(&s.doorbell);
                 }
             })));
         }
@@ -356,7 +357,7 @@ impl Device {
 
     fn stop(&mut self) {
         self.shared.shutdown.store(true, Ordering::SeqCst);
-        shm::signal(self.shared.doorbell.as_fd());
+        shm::signal(&self.shared.doorbell);
         self.control.wake();
         for h in self.threads.drain(..) {
             let _ = h.join();

@@ -214,7 +214,7 @@ impl Retirements {
         }
         retire(s, c, self.n);
         if c.portal.client_needs_wakeup() {
-            shm::signal(c.completion_efd.as_fd());
+            shm::signal(&c.completion_efd);
         }
         *self = Retirements::default();
     }

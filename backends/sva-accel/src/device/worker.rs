@@ -210,13 +210,14 @@ pub(super) fn worker(s: &Arc<Shared>) {
         if !pending && s.clients_gen.load(Ordering::Acquire) == gen {
             // The internal doorbell (answers, shutdown, new clients) and
             // every client's own.
-            let mut fds = Vec::with_capacity(clients.len() + 1);
-            fds.push(s.doorbell.as_fd());
-            fds.extend(clients.iter().map(|c| c.doorbell_efd.as_fd()));
+            let mut efds = Vec::with_capacity(clients.len() + 1);
+            efds.push(&s.doorbell);
+            efds.extend(clients.iter().map(|c| &c.doorbell_efd));
+            let fds: Vec<_> = efds.iter().map(|e| shm::borrow_eventfd(e)).collect();
             if let Ok(ready) = shm::poll_in(&fds, SLEEP_MS) {
-                for (fd, r) in fds.iter().zip(ready) {
+                for (e, r) in efds.iter().zip(ready) {
                     if r != 0 {
-                        shm::drain(*fd);
+                        shm::drain(e);
                     }
                 }
             }
