@@ -109,12 +109,11 @@
 //! (`*_begin`), and the request's reply is held until every device thread
 //! that was inside an access section has left it (that is the unmap
 //! promise: once the client reads the reply, no device uses the old
-//! translations). The service completes those waits on its own io_uring
-//! [`crate::uring::InvalidationHub`], whose completion fd is in its epoll
-//! set: device threads that take a link from [`ServiceHandle::linker`] are
-//! nudged through their doorbell and acknowledged on the hub's ring;
-//! threads without a link are re-checked on a 1 ms timer, and every thread
-//! still waited for is nudged again every 10 ms. Meanwhile every other
+//! translations). The service keeps those waits in its
+//! [`crate::uring::InvalidationHub`] and re-checks them on a 1 ms timer in
+//! its epoll set (device threads leave their sections at the end of each
+//! call into a device), nudging every thread still waited for again every
+//! 10 ms. Meanwhile every other
 //! session is served. The waiting session's socket is not read until its
 //! reply has gone out, so requests it sends behind the unmap are answered
 //! in order, after it; if it hangs up meanwhile it is closed at once and

@@ -38,7 +38,7 @@ use crate::sys::socket_policy::{peer_cred, SocketPolicy};
 use crate::transport::{recv_packet, send_packet};
 use crate::uring::invalidate::OpId;
 use crate::uring::{
-    fault_channel_pair, FaultPump, FaultRecord, FaultSource, InvalidationHub, Linker, PageResponse,
+    fault_channel_pair, FaultPump, FaultRecord, FaultSource, InvalidationHub, PageResponse,
     PumpError,
 };
 use dispatch::Fail;
@@ -195,7 +195,6 @@ struct Registry {
 
 struct Shared {
     iommu: Iommu,
-    linker: Linker,
     dir: Arc<dyn Directory>,
     registry: Mutex<Registry>,
     observer: RwLock<Option<Arc<dyn ServiceObserver>>>,
@@ -249,14 +248,6 @@ impl ServiceHandle {
     /// The shared context.
     pub fn iommu(&self) -> &Iommu {
         &self.shared.iommu
-    }
-
-    /// Makes invalidation links for device threads: the service completes
-    /// its clients' unmaps, detaches and invalidations on its own io_uring
-    /// hub, which nudges linked threads and reaps their acknowledgements
-    /// (see [`crate::uring::invalidate`]).
-    pub fn linker(&self) -> Linker {
-        self.shared.linker.clone()
     }
 
     /// The session that reserved `pasid` of device `label`, if any.
@@ -374,7 +365,6 @@ const KIND_CHANNEL: u64 = 2;
 const TOKEN_LISTENER: u64 = u64::MAX;
 const TOKEN_STOP: u64 = u64::MAX - 1;
 const TOKEN_ACCEPT_TIMER: u64 = u64::MAX - 2;
-const TOKEN_HUB: u64 = u64::MAX - 3;
 const TOKEN_RECHECK: u64 = u64::MAX - 4;
 
 /// How often invalidations in flight are re-checked (for translators
@@ -554,7 +544,7 @@ impl Service {
                 EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_STOP),
             )
             .map_err(|e| ServiceError::EventLoop(e.into()))?;
-        let hub = InvalidationHub::new().map_err(ServiceError::EventLoop)?;
+        let hub = InvalidationHub::new();
         let accept_timer = TimerFd::new(
             ClockId::CLOCK_MONOTONIC,
             TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
@@ -564,12 +554,6 @@ impl Service {
             .add(
                 accept_timer.as_fd(),
                 EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_ACCEPT_TIMER),
-            )
-            .map_err(|e| ServiceError::EventLoop(e.into()))?;
-        epoll
-            .add(
-                hub.completion_fd(),
-                EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_HUB),
             )
             .map_err(|e| ServiceError::EventLoop(e.into()))?;
         let recheck_timer = TimerFd::new(
@@ -586,7 +570,6 @@ impl Service {
         Ok(Service {
             shared: Arc::new(Shared {
                 iommu,
-                linker: hub.linker(),
                 dir,
                 registry: Mutex::new(Registry::default()),
                 observer: RwLock::new(None),
@@ -779,8 +762,7 @@ impl Service {
                 TOKEN_STOP => return Ok(false),
                 TOKEN_LISTENER => self.accept_all(),
                 TOKEN_ACCEPT_TIMER => self.resume_accepting(),
-                TOKEN_HUB => self.reap_invalidations(false),
-                TOKEN_RECHECK => self.reap_invalidations(true),
+                TOKEN_RECHECK => self.recheck_invalidations(),
                 _ => {
                     let sid = tok >> 34;
                     let fault_id = ((tok >> 2) & 0xffff_ffff) as u32;
@@ -1104,21 +1086,20 @@ impl Service {
             .set(Expiration::Interval(t), TimerSetTimeFlags::empty())
         {
             Ok(()) => self.recheck_armed = true,
-            // Acknowledgements still arrive on the hub's completion fd;
-            // only translators without a link wait for the next one.
+            // Tried again at the next invalidation; the replies held
+            // meanwhile wait for it.
             Err(e) => warn!("service: arming the invalidation re-check timer: {e}"),
         }
     }
 
-    /// Reaps acknowledgements (and, on the timer, re-checks and now and
-    /// then re-nudges); answers the sessions whose invalidations are done.
-    fn reap_invalidations(&mut self, timer: bool) {
-        if timer {
-            let _ = self.recheck_timer.wait();
-            self.rechecks = self.rechecks.wrapping_add(1);
-            if self.rechecks % RECHECKS_PER_NUDGE == 0 {
-                self.hub.nudge_all();
-            }
+    /// On the re-check timer: re-checks the invalidations in flight (and
+    /// now and then re-nudges); answers the sessions whose invalidations
+    /// are done.
+    fn recheck_invalidations(&mut self) {
+        let _ = self.recheck_timer.wait();
+        self.rechecks = self.rechecks.wrapping_add(1);
+        if self.rechecks % RECHECKS_PER_NUDGE == 0 {
+            self.hub.nudge_all();
         }
         for op in self.hub.poll_now() {
             if let Some(sid) = self.waiting.remove(&op) {

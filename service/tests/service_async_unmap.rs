@@ -68,18 +68,16 @@ impl World {
         (c, ioas)
     }
 
-    /// A device thread (linked to the service's hub, as real ones are) that
-    /// translates `IOVA` in an access section and stays in it for
-    /// [`SECTION`]. Returns once it is inside, and a flag set as it leaves.
+    /// A device thread that translates `IOVA` in an access section and
+    /// stays in it for [`SECTION`]. Returns once it is inside, and a flag
+    /// set as it leaves.
     fn device_in_section(&self) -> (std::thread::JoinHandle<()>, Arc<AtomicBool>) {
-        let link = self.handle().linker().link().expect("link");
         let dev = self.dev.clone();
         let left = Arc::new(AtomicBool::new(false));
         let left2 = left.clone();
         let (tx, rx) = mpsc::channel();
         let t = std::thread::spawn(move || {
             let mut tr = dev.translator();
-            link.install(&mut tr);
             {
                 let mut a = tr.access();
                 let mut b = [0u8; 8];
@@ -88,7 +86,6 @@ impl World {
                 std::thread::sleep(SECTION);
                 left2.store(true, Ordering::SeqCst);
             }
-            link.acknowledge();
         });
         rx.recv_timeout(Duration::from_secs(10))
             .expect("device thread in its section");

@@ -594,7 +594,7 @@ fn test_fault_queue_over_the_service() {
 }
 
 #[test]
-fn test_unmap_over_the_service_waits_for_linked_device_threads() {
+fn test_unmap_over_the_service_waits_for_device_threads_in_a_section() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let fx = Fixture::new();
     let mut c = fx.client();
@@ -610,27 +610,19 @@ fn test_unmap_over_the_service_waits_for_linked_device_threads() {
     )
     .expect("map");
     c.attach("dev0", None, ioas).expect("attach");
-    let link = fx.handle().linker().link().expect("link");
     let dev = fx.dev.clone();
     let ended = Arc::new(AtomicBool::new(false));
     let e2 = ended.clone();
     let (tx, rx) = mpsc::channel();
     let worker = std::thread::spawn(move || {
         let mut t = dev.translator();
-        link.install(&mut t);
         {
             let mut a = t.access();
             a.write(None, 0x20000, b"in flight").expect("write");
             tx.send(()).expect("signal");
-            let mut p = [nix::poll::PollFd::new(
-                link.doorbell(),
-                nix::poll::PollFlags::POLLIN,
-            )];
-            let n = nix::poll::poll(&mut p, nix::poll::PollTimeout::from(10_000u16));
-            assert_eq!(n, Ok(1), "never nudged");
+            std::thread::sleep(Duration::from_millis(50));
             e2.store(true, Ordering::SeqCst);
         }
-        assert!(link.acknowledge());
     });
     rx.recv_timeout(WAIT).expect("worker in its section");
     assert_eq!(c.ioas_unmap(ioas, 0x20000, 0x1000).expect("unmap"), 0x1000);

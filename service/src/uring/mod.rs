@@ -1,4 +1,4 @@
-//! io_uring delivery: fault channels and invalidation delivery.
+//! io_uring fault channels, and the invalidation hub.
 //!
 //! # Fault channels
 //!
@@ -23,9 +23,9 @@
 //!
 //! # Invalidation delivery
 //!
-//! See [`invalidate`]: device threads that cache translations each get an
-//! eventfd doorbell and acknowledge with another; the control loop's ring
-//! waits on the acknowledgements and completes the two-phase unmap.
+//! See [`invalidate`]: the control loop keeps the second phase of two-phase
+//! unmaps (the translators still inside an access section) and re-checks
+//! it on a timer, never blocking on it.
 
 pub mod channel;
 #[cfg(feature = "server")]
@@ -44,7 +44,7 @@ pub use channel::{
     MAX_RESPONSES_PER_PACKET, MAX_RESPONSE_PACKET,
 };
 #[cfg(feature = "server")]
-pub use invalidate::{HubError, HubStats, InvalidationHub, Linker, ThreadLink};
+pub use invalidate::{HubStats, InvalidationHub};
 #[cfg(feature = "server")]
 pub use pump::{FaultPump, FaultSource, PumpError, PumpStats};
 pub use record::{FaultRecord, PageResponse, Rejection};
