@@ -24,7 +24,15 @@
 //!   the namespace downloads it a few times
 //!   ([`ioasis_integration::tcp_bulk`], the same path as the guest test);
 //!   the figure is the median bytes per second, with the frames and bytes
-//!   the tap received (their mean size shows TSO at work).
+//!   the tap received (their mean size shows TSO at work);
+//! - `guest-pktgen` (with `--test guest-pktgen` or `--guest-iommu MODE`): a
+//!   TCG guest sends 60-byte frames with the kernel's pktgen into vdpa-net's
+//!   `sink` / net_vhost in testpmd rxonly, alternating, without a guest
+//!   IOMMU and behind intel-iommu in strict and lazy mode
+//!   (`--guest-iommu none|strict|lazy|all`, repeatable; default none and
+//!   strict); `--guest-packets N` sets pktgen's count (default per mode);
+//!   every round checks that pktgen's sent count equals the backend's
+//!   count (see `bench_net/guest_pktgen.rs`).
 //!
 //! vdpa-net is measured in two modes in the same run, each round against
 //! the same net_vhost figure: as users start it (no `--poll-us`, not
@@ -59,13 +67,15 @@
 //!
 //! Usage: `ioasis-bench-net [--rounds N] [--secs S] [--tap] [--tcp]
 //! [--only-reference] [--no-pin] [--poll-us N] [--mode MODE]...
-//! [--test NAME]... [--vdpa-arg ARG]...` (`--help` prints every flag).
+//! [--test NAME]... [--guest-iommu MODE]... [--guest-packets N]
+//! [--vdpa-arg ARG]...` (`--help` prints every flag).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use guest_pktgen::GuestIommu;
 use ioasis_integration::accounting::{verify, CountCheck};
 use ioasis_integration::env::{heavy_lock, require_tool, which, WorkDir};
 use ioasis_integration::netns::Netns;
@@ -74,6 +84,9 @@ use ioasis_integration::tcp_bulk::{TcpBulk, Transfer, BULK_BYTES};
 use ioasis_integration::testpmd::{median, net_vhost_vdev, ForwardStats, Testpmd, TestpmdConfig};
 use ioasis_integration::vdpa_net::{vdpa_net_bin, VdpaNet, VdpaNetConfig};
 use ioasis_integration::{Error, Result};
+
+#[path = "bench_net/guest_pktgen.rs"]
+mod guest_pktgen;
 
 const STOP: Duration = Duration::from_secs(30);
 const SOCKET: Duration = Duration::from_secs(30);
@@ -149,6 +162,29 @@ impl Test {
     }
 }
 
+/// The names `--test` takes: the frontend tests and the guest's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TestName {
+    ToBackend,
+    Loop,
+    FromBackend,
+    Tap,
+    GuestPktgen,
+}
+
+impl TestName {
+    /// The frontend test of this name (`None` for the guest's).
+    fn frontend(self) -> Option<Test> {
+        match self {
+            TestName::ToBackend => Some(Test::ToBackend),
+            TestName::Loop => Some(Test::Loop),
+            TestName::FromBackend => Some(Test::FromBackend),
+            TestName::Tap => Some(Test::Tap),
+            TestName::GuestPktgen => None,
+        }
+    }
+}
+
 /// The vdpa-net modes a run measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Mode {
@@ -196,9 +232,18 @@ struct Cli {
     /// users start it) and poll (--poll-us N, pinned); by default both.
     #[arg(long = "mode", value_name = "MODE", value_enum)]
     modes: Vec<Mode>,
-    /// Runs only this test (repeatable); by default all.
+    /// Runs only this test (repeatable); by default all but guest-pktgen.
     #[arg(long = "test", value_name = "NAME", value_enum)]
-    only: Vec<Test>,
+    only: Vec<TestName>,
+    /// Guest-IOMMU modes of the guest-pktgen test (repeatable; implies the
+    /// test): none, strict, lazy or all; default none and strict.
+    #[arg(long = "guest-iommu", value_name = "MODE", value_enum)]
+    guest_iommu: Vec<GuestIommu>,
+    /// Frames pktgen sends per guest-pktgen round (default per mode: none
+    /// 300000, lazy 100000, strict 20000).
+    #[arg(long, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    guest_packets: Option<u64>,
     /// An extra argument for vdpa-net (repeatable); one that sets
     /// `--poll-us` replaces the modes by a single vdpa-net run with these
     /// arguments.
@@ -223,6 +268,11 @@ struct Opts {
     modes: Vec<Mode>,
     /// Only these tests (`--test NAME`, repeatable); empty: all.
     only: Vec<Test>,
+    /// No frontend test (`--test` named only guest-pktgen).
+    no_frontend_tests: bool,
+    /// The guest-pktgen test's IOMMU modes, if it runs.
+    guest_iommu: Option<Vec<GuestIommu>>,
+    guest_packets: Option<u64>,
     check_skew: u64,
 }
 
@@ -645,7 +695,11 @@ fn parse_opts() -> Opts {
         pin: !cli.no_pin,
         poll_us: cli.poll_us,
         modes: cli.modes,
-        only: cli.only,
+        only: cli.only.iter().filter_map(|t| t.frontend()).collect(),
+        no_frontend_tests: !cli.only.is_empty() && cli.only.iter().all(|t| t.frontend().is_none()),
+        guest_iommu: (cli.only.contains(&TestName::GuestPktgen) || !cli.guest_iommu.is_empty())
+            .then_some(cli.guest_iommu),
+        guest_packets: cli.guest_packets,
         check_skew: cli.check_skew,
     }
 }
@@ -754,6 +808,9 @@ fn main() -> ExitCode {
     println!(
         "frontend: testpmd virtio_user, forwarding lcore on CPU 0; every frame sent is counted on the other side"
     );
+    if opts.no_frontend_tests {
+        return finish(guest_pktgen_run(&opts), &load_before);
+    }
     // results[test][backend][round]: the figure, if the round passed.
     let mut results: Vec<Vec<Vec<Option<u64>>>> =
         vec![vec![Vec::new(); backends.len()]; tests.len()];
@@ -861,12 +918,28 @@ fn main() -> ExitCode {
             }
         }
     }
+    if opts.guest_iommu.is_some() && !guest_pktgen_run(&opts) {
+        failed = true;
+    }
+    finish(!failed, &load_before)
+}
+
+/// The guest-pktgen rounds, if asked for; false if any failed.
+fn guest_pktgen_run(opts: &Opts) -> bool {
+    match &opts.guest_iommu {
+        Some(modes) => guest_pktgen::run(opts, modes, opts.guest_packets),
+        None => true,
+    }
+}
+
+/// The run's last lines (commit, load) and its exit status.
+fn finish(ok: bool, load_before: &str) -> ExitCode {
     println!(
         "\ncommit {}; load average at the start {load_before}, at the end {}",
         commit(),
         loadavg()
     );
-    if failed {
+    if !ok {
         println!("FAILED: some measurements failed or lost frames (see above)");
         ExitCode::FAILURE
     } else {
