@@ -4,7 +4,7 @@
 # alternating the backends round by round and comparing medians (this kind of
 # machine is shared and noisy: compare only within one run).
 #
-#   scripts/bench-net.sh [--rounds N] [--secs S] [--tap] [--tcp] [--only-reference] [--no-pin] [--poll-us N] [--mode default|poll]... [--test NAME]... [--vdpa-arg ARG]...
+#   scripts/bench-net.sh [--rounds N] [--secs S] [--tap] [--tcp] [--only-reference] [--no-pin] [--poll-us N] [--mode default|poll]... [--test NAME]... [--guest-iommu MODE]... [--guest-packets N] [--vdpa-arg ARG]...
 #
 # vdpa-net is measured in two modes in the same run, each against net_vhost:
 # as users start it (no --poll-us, not pinned; "vdpa-net") and polling
@@ -22,13 +22,18 @@
 # (IOASIS_BENCH_COMMIT, set here; -dirty when tracked files differ from it),
 # each mode's flags and the load average before and after.
 #
-# --test NAME (to-backend, loop, from-backend, tap; repeatable) runs only
+# --test NAME (to-backend, loop, from-backend, tap, guest-pktgen; repeatable) runs only
 # those. --tap adds the tap benchmark (frames from testpmd through the backend into a
 # tap inside a network namespace, counted on the tap). --tcp adds, in the same
 # run, a bulk TCP transfer from a TCG QEMU guest on vdpa-net (tap port inside
 # a network namespace) to the namespace's side: median bytes per second of a
 # few 20 MiB downloads, with the frames and bytes seen on the tap (needs
-# qemu-system-x86 and busybox; vdpa-net only). Without a vdpa-net
+# qemu-system-x86 and busybox; vdpa-net only). --test guest-pktgen (or
+# --guest-iommu none|strict|lazy|all, repeatable; default none and strict)
+# adds a TCG guest sending 60-byte frames with the kernel's pktgen into
+# net_vhost (rxonly) and vdpa-net's sink in each mode, alternating, without
+# and with a guest intel-iommu; every frame pktgen sent must be counted by
+# the backend (--guest-packets N sets pktgen's count). Without a vdpa-net
 # binary only net_vhost is measured. Extra daemon options go through
 # --vdpa-arg (e.g. --vdpa-arg --poll-us --vdpa-arg 50).
 set -euo pipefail

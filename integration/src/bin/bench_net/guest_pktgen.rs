@@ -73,6 +73,9 @@ pub fn modes(asked: &[GuestIommu]) -> Vec<GuestIommu> {
     all.into_iter().filter(|m| asked.contains(m)).collect()
 }
 
+/// One round's figures, if it passed: the backend's rate and pktgen's.
+type Figures = (Option<u64>, Option<u64>);
+
 fn fmt_kpps(v: u64) -> String {
     format!("{:.2}", v as f64 / 1e3)
 }
@@ -137,13 +140,11 @@ pub fn run(opts: &Opts, asked: &[GuestIommu], packets: Option<u64>) -> bool {
     let modes = modes(asked);
     let backends = backends(opts);
     println!(
-        "\nguest-pktgen: a TCG guest (1 vCPU) sends {}-byte frames with pktgen; QEMU unpinned; net_vhost: testpmd rxonly{}; vdpa-net: sink",
-        ioasis_integration::guest_pktgen::FRAME_BYTES,
-        " (iommu-support=1 with a guest IOMMU), forwarding lcore on CPU 1"
+        "\nguest-pktgen: a TCG guest (1 vCPU) sends {}-byte frames with pktgen; QEMU unpinned; net_vhost: testpmd rxonly (iommu-support=1 with a guest IOMMU), forwarding lcore on CPU 1; vdpa-net: sink",
+        ioasis_integration::guest_pktgen::FRAME_BYTES
     );
     // [mode][backend][round]: (backend figure, pktgen figure) of passed rounds.
-    let mut fig: Vec<Vec<Vec<(Option<u64>, Option<u64>)>>> =
-        vec![vec![Vec::new(); backends.len()]; modes.len()];
+    let mut fig: Vec<Vec<Vec<Figures>>> = vec![vec![Vec::new(); backends.len()]; modes.len()];
     let mut ok = true;
     for round in 0..opts.rounds {
         for (mi, &mode) in modes.iter().enumerate() {
