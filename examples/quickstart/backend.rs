@@ -36,7 +36,7 @@ use sva_accel::device::{Device as Accel, DeviceConfig, IommuBinding};
 use vdpa_net::net::MacAddr;
 use vdpa_net::port::{PortSpec, TapIo};
 use vdpa_net::stats::DeviceStats;
-use vdpa_net::{NetConfig, VhostUserNetBackend};
+use vdpa_net::{NetConfig, PollMode, VhostUserNetBackend};
 
 /// Label of the net device.
 pub const NET: &str = "net0";
@@ -80,7 +80,7 @@ pub fn run(dir: &Path) -> Res<()> {
         port: PortSpec::Reflect,
         queues: 1,
         mac: NET_MAC,
-        poll_us: 0,
+        poll: PollMode::default(),
         tap_io: TapIo::Auto,
     };
     let net = Arc::new(VhostUserNetBackend::new(&net_cfg).map_err(ctx("net0"))?);

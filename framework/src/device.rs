@@ -276,7 +276,10 @@ pub trait Worker: Send {
     ///
     /// A polling window that follows the load (poll after work for a while,
     /// then re-arm notifications and sleep) is built on this hook: the
-    /// device keeps the window's state and answers `Poll` while it is open.
+    /// device keeps a [`crate::poll::AdaptiveWindow`], shows it at each
+    /// call whether the polls found work, and answers what it says
+    /// (`tests/vhost_adaptive_poll.rs` has such a worker; vdpa-net's
+    /// default mode is one).
     fn before_sleep(&mut self, queues: &mut Queues<'_>) -> Result<Idle> {
         let _ = queues;
         Ok(Idle::Sleep)

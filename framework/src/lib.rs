@@ -50,6 +50,7 @@ pub mod dma;
 #[cfg(feature = "fault-injection")]
 pub mod fault_injection;
 pub mod iommu;
+pub mod poll;
 pub mod queue;
 pub mod server;
 #[cfg(any(test, feature = "test-utils"))]

@@ -7,7 +7,7 @@ use ioasis::device::Device;
 use ioasis::testing::{Buf, Harness};
 use vdpa_net::net::{bit, VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF};
 use vdpa_net::port::{PortSpec, TapIo};
-use vdpa_net::{NetConfig, VhostUserNetBackend};
+use vdpa_net::{NetConfig, PollMode, VhostUserNetBackend};
 
 const RING: u16 = 256;
 
@@ -17,7 +17,7 @@ fn device(port: PortSpec) -> VhostUserNetBackend {
         port,
         queues: 1,
         mac: [2, 0, 0, 0, 0, 1],
-        poll_us: 0,
+        poll: PollMode::Off,
         tap_io: TapIo::Syscall,
     };
     let d = VhostUserNetBackend::new(&cfg).expect("device");

@@ -18,13 +18,15 @@ use ioasis::socket_policy::SocketPolicy;
 
 use crate::net::{default_mac, parse_mac, MacAddr, MAX_QUEUE_PAIRS};
 use crate::port::{PortSpec, TapIo};
-use crate::vhu_net::NetConfig;
+use crate::vhu_net::{NetConfig, PollMode};
 
 /// Text printed after the options by `--help`.
 const AFTER_HELP: &str = "\
 PORT is tap=IFNAME, switch=NAME, sink, reflect, source[=LEN] (a fresh frame per packet) or
 source-fixed[=LEN] (one frame offered again). --socket-path and --port are shorthand
 for one --device; both forms may be given together.
+Without --poll-us a worker polls after work for a window that follows the load (0 to 200 µs,
+notifications off), then sleeps; --poll-us N polls a fixed N µs, --poll-us 0 never polls.
 Statistics go to stdout, one JSON object per line; logs go to stderr (RUST_LOG).";
 
 /// The daemon's arguments, as given.
@@ -58,9 +60,9 @@ pub struct Cli {
     /// Print statistics every SECS seconds (0: only at exit)
     #[arg(long, value_name = "SECS", default_value = "0", value_parser = parse_stats_interval)]
     stats_interval: f64,
-    /// After work, poll N microseconds with notifications off
-    #[arg(long, value_name = "N", default_value = "0", value_parser = parse_poll_us)]
-    poll_us: u64,
+    /// After work, poll N µs with notifications off (0: never) [default: adaptive]
+    #[arg(long, value_name = "N", value_parser = parse_poll_us)]
+    poll_us: Option<u64>,
     /// Tap I/O: auto (uring if available), uring or syscall
     #[arg(long, value_name = "MODE", default_value = "auto", value_parser = tap_io_parser(),
           hide_possible_values = true)]
@@ -145,7 +147,7 @@ impl Cli {
                 port: s.port,
                 queues: s.queues,
                 mac,
-                poll_us: self.poll_us,
+                poll: PollMode::from_poll_us(self.poll_us),
                 tap_io: self.tap_io,
             });
         }
@@ -259,9 +261,21 @@ fn mac_for(socket: &str) -> MacAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn p(s: &str) -> Result<Options, clap::Error> {
         Options::try_parse_from(std::iter::once("vdpa-net").chain(s.split_whitespace()))
+    }
+
+    /// No `--poll-us`: adaptive; 0: off; N: a fixed window.
+    #[test]
+    fn test_poll_modes() {
+        let o = p("--socket-path /tmp/a --port sink").unwrap();
+        assert_eq!(o.devices[0].poll, PollMode::Adaptive);
+        let o = p("--socket-path /tmp/a --port sink --poll-us 0").unwrap();
+        assert_eq!(o.devices[0].poll, PollMode::Off);
+        let o = p("--socket-path /tmp/a --port sink --poll-us 1000").unwrap();
+        assert_eq!(o.devices[0].poll, PollMode::Fixed(Duration::from_millis(1)));
     }
 
     #[test]
@@ -274,7 +288,7 @@ mod tests {
         assert_eq!(d.port, PortSpec::Sink);
         assert_eq!(d.queues, 4);
         assert_eq!(d.mac, [2, 0, 0, 0, 0, 1]);
-        assert_eq!(d.poll_us, 50);
+        assert_eq!(d.poll, PollMode::Fixed(Duration::from_micros(50)));
         assert_eq!(d.tap_io, TapIo::Auto);
         assert_eq!(o.stats_interval, 1.0);
     }
@@ -288,7 +302,7 @@ mod tests {
         assert_eq!(o.devices[0].queues, 2);
         assert_eq!(o.devices[1].port, PortSpec::Tap("t0".into()));
         assert_eq!(o.devices[1].mac, [2, 0, 0, 0, 0, 2]);
-        assert_eq!(o.devices[1].poll_us, 5);
+        assert_eq!(o.devices[1].poll, PollMode::Fixed(Duration::from_micros(5)));
         assert_eq!(o.devices[1].tap_io, TapIo::Syscall);
         assert_ne!(o.devices[0].mac, mac_for("/tmp/b"));
         assert_eq!(o.devices[0].mac, mac_for("/tmp/a"));
@@ -306,7 +320,7 @@ mod tests {
         let d: Vec<_> = o.devices.iter().map(|d| d.socket.as_str()).collect();
         assert_eq!(d, ["/tmp/a", "/tmp/b"]);
         assert_eq!(o.devices[0].queues, 3);
-        assert_eq!(o.devices[0].poll_us, 7);
+        assert_eq!(o.devices[0].poll, PollMode::Fixed(Duration::from_micros(7)));
         assert_eq!(o.devices[1].queues, 1);
     }
 

@@ -25,4 +25,4 @@ pub mod port;
 pub mod stats;
 pub mod vhu_net;
 
-pub use vhu_net::{NetConfig, VhostUserNetBackend};
+pub use vhu_net::{NetConfig, PollMode, VhostUserNetBackend};

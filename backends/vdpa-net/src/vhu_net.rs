@@ -9,8 +9,9 @@
 //! The per-frame work on the rings is the packet engine's
 //! ([`crate::engine`]); this module is the device around it: configuration,
 //! the ports parked between workers, the worker's events (port readiness,
-//! kicks), polling (`--poll-us`, continued from the framework's before-sleep
-//! hook) and the receive gate: when
+//! kicks), polling (an adaptive window by default, a fixed one with
+//! `--poll-us`, continued from the framework's before-sleep hook) and the
+//! receive gate: when
 //! the driver has no receive buffers the port's readiness is switched off
 //! until the driver kicks the receive queue.
 
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 use ioasis::device::{
     Device, DeviceError, EventHandle, EventRegistrar, Idle, Interest, Queues, Result, Worker,
 };
+use ioasis::poll::AdaptiveWindow;
 use log::{debug, info, warn};
 
 use crate::engine::PairEngine;
@@ -52,10 +54,46 @@ pub struct NetConfig {
     pub queues: u16,
     /// MAC address in the config space.
     pub mac: MacAddr,
-    /// Busy-poll window of idle workers, in microseconds (0: none).
-    pub poll_us: u64,
+    /// How workers poll after work.
+    pub poll: PollMode,
     /// How tap ports do their I/O.
     pub tap_io: TapIo,
+}
+
+/// How a worker polls after work, with the driver's notifications
+/// suppressed, before it re-arms them and sleeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PollMode {
+    /// A window that follows the load ([`AdaptiveWindow`]: 0 to 200 µs,
+    /// growing while work arrives that a longer window would have caught,
+    /// shrinking while sleeps outlast the longest window). The default.
+    #[default]
+    Adaptive,
+    /// A fixed window (`--poll-us N`).
+    Fixed(Duration),
+    /// No polling: every pass ends with notifications enabled
+    /// (`--poll-us 0`).
+    Off,
+}
+
+impl PollMode {
+    /// The mode `--poll-us` asks for: none given is adaptive, 0 is off.
+    pub fn from_poll_us(poll_us: Option<u64>) -> PollMode {
+        match poll_us {
+            None => PollMode::Adaptive,
+            Some(0) => PollMode::Off,
+            Some(n) => PollMode::Fixed(Duration::from_micros(n)),
+        }
+    }
+
+    /// A worker's window in this mode (None: no polling).
+    fn window(self) -> Option<AdaptiveWindow> {
+        match self {
+            PollMode::Adaptive => Some(AdaptiveWindow::new()),
+            PollMode::Fixed(d) => Some(AdaptiveWindow::fixed(d)),
+            PollMode::Off => None,
+        }
+    }
 }
 
 /// State shared by the control plane and the workers of one device.
@@ -67,7 +105,7 @@ struct Shared {
     /// Port endpoints, one per pair, parked here while no worker runs.
     ports: Vec<Mutex<Option<Box<dyn Port>>>>,
     stats: Arc<DeviceStats>,
-    poll: Option<Duration>,
+    poll: PollMode,
     label: String,
 }
 
@@ -98,7 +136,7 @@ impl VhostUserNetBackend {
             filter_gen: AtomicU64::new(0),
             ports: ports.into_iter().map(|p| Mutex::new(Some(p))).collect(),
             stats,
-            poll: (cfg.poll_us > 0).then(|| Duration::from_micros(cfg.poll_us)),
+            poll: cfg.poll,
             label: cfg.socket.clone(),
         };
         Ok(VhostUserNetBackend {
@@ -253,7 +291,8 @@ struct NetWorker {
     engine: PairEngine,
     filter_gen: u64,
     rx_blocked: bool,
-    poll: Option<Duration>,
+    /// The polling window (None: event-driven, `--poll-us 0`).
+    poll: Option<AdaptiveWindow>,
 }
 
 impl std::fmt::Debug for NetWorker {
@@ -300,7 +339,7 @@ impl NetWorker {
             engine,
             filter_gen,
             rx_blocked: false,
-            poll: shared.poll,
+            poll: shared.poll.window(),
             shared,
         }
     }
@@ -356,27 +395,34 @@ impl NetWorker {
         Ok(pass.moved)
     }
 
-    /// Moves frames both ways. Without a poll window: one pass each, ending
-    /// with driver notifications enabled. With one (`--poll-us`): keeps
-    /// polling both queues and the port with notifications suppressed until
-    /// nothing moved for the window, then one ordinary pass; a session that
-    /// stays busy yields its access section every [`MAX_POLL_SECTION`] and
-    /// resumes before the thread sleeps ([`Worker::before_sleep`] answers
-    /// [`Idle::Poll`]), notifications still off.
-    fn serve(&mut self, queues: &mut Queues<'_>) -> Result<()> {
-        if let Some(window) = self.poll {
+    /// Moves frames both ways; `moved` is what the caller already moved
+    /// for this wake-up.
+    ///
+    /// Without a polling window (`--poll-us 0`): one pass each, ending with
+    /// driver notifications enabled. With an open window: keeps polling both
+    /// queues and the port with notifications suppressed for as long as the
+    /// window says so ([`AdaptiveWindow::observe`] at every reading of the
+    /// clock), then one ordinary pass; a session that stays busy yields its
+    /// access section every [`MAX_POLL_SECTION`] and resumes before the
+    /// thread sleeps ([`Worker::before_sleep`] answers [`Idle::Poll`]),
+    /// notifications still off. A window of 0 (where the adaptive one
+    /// starts) is the ordinary pass alone. Work the ordinary pass finds is
+    /// shown to the window: it may open (or grow), and the worker then
+    /// polls from the before-sleep hook.
+    fn serve(&mut self, queues: &mut Queues<'_>, moved: usize) -> Result<()> {
+        let polling = self.poll.as_ref().is_some_and(|w| !w.window().is_zero());
+        if polling {
             let start = Instant::now();
-            let mut last_work = start;
             self.engine.suppress = true;
-            // Bounded by time: the idle window or the section limit ends it
+            // Bounded by time: the window or the section limit ends it
             // (the clock is read every few passes: a pass over idle queues
             // costs about what reading it does).
             // A port with a readiness fd (tap, switch) costs a system call
             // or a lock to ask for frames: it is asked once per clock
             // reading; one without (reflect, source) at every pass.
             let rx_fd = self.port.as_ref().is_some_and(|p| p.rx_fd().is_some());
+            let mut moved = moved;
             let r = 'poll: loop {
-                let mut moved = 0;
                 for pass in 0..POLL_PASSES_PER_CLOCK {
                     let mut now_moved = match self.process_tx(queues) {
                         Ok(n) => n,
@@ -402,10 +448,12 @@ impl NetWorker {
                     moved += now_moved;
                 }
                 let now = Instant::now();
-                if moved > 0 {
-                    last_work = now;
-                }
-                if now.duration_since(last_work) >= window {
+                let idle = self
+                    .poll
+                    .as_mut()
+                    .map_or(Idle::Sleep, |w| w.observe(now, moved > 0));
+                moved = 0;
+                if idle == Idle::Sleep {
                     break Ok(false);
                 }
                 if now.duration_since(start) >= MAX_POLL_SECTION {
@@ -423,7 +471,7 @@ impl NetWorker {
                 q.enable_notification()?;
             }
         }
-        self.process_tx(queues)?;
+        let mut found = self.process_tx(queues)?;
         // A port with a readiness fd is served when it fires; one without
         // (reflect, source) may have frames as a result of this pass.
         let rx_now = self
@@ -431,7 +479,20 @@ impl NetWorker {
             .as_ref()
             .is_some_and(|p| p.produces_frames() && p.rx_fd().is_none());
         if rx_now && !self.rx_blocked {
-            self.process_rx(queues)?;
+            found += self.process_rx(queues)?;
+        }
+        if !polling {
+            found += moved;
+        }
+        // Work right after the window closed (or with none open): the
+        // window decides whether polling pays now. One reading of the clock
+        // per wake-up that found work.
+        if found > 0 {
+            if let Some(w) = self.poll.as_mut() {
+                if w.observe(Instant::now(), true) == Idle::Poll {
+                    self.serve_again();
+                }
+            }
         }
         Ok(())
     }
@@ -464,16 +525,16 @@ impl Worker for NetWorker {
     fn process_queue(&mut self, index: u16, queues: &mut Queues<'_>) -> Result<()> {
         if index == self.tx_q {
             // Reflected frames may be waiting after the transmit pass.
-            self.serve(queues)?;
+            self.serve(queues, 0)?;
         } else if index == self.rx_q {
             self.rx_blocked = false;
             if let (Some(g), Some(p)) = (self.gate.as_mut(), self.port.as_ref()) {
                 g.set(p.as_ref(), true);
             }
             // Frames the port held back for lack of buffers go first.
-            self.process_rx(queues)?;
+            let moved = self.process_rx(queues)?;
             if self.poll.is_some() {
-                self.serve(queues)?;
+                self.serve(queues, moved)?;
             }
         } else if Some(index) == self.ctrl_q {
             if let Some(mut q) = queues.get(index) {
@@ -487,12 +548,11 @@ impl Worker for NetWorker {
     }
 
     fn handle_event(&mut self, token: u64, queues: &mut Queues<'_>) -> Result<()> {
-        match token {
-            PORT_TOKEN if self.poll.is_some() => self.serve(queues)?,
-            PORT_TOKEN => {
-                self.process_rx(queues)?;
+        if token == PORT_TOKEN {
+            let moved = self.process_rx(queues)?;
+            if self.poll.is_some() {
+                self.serve(queues, moved)?;
             }
-            _ => {}
         }
         Ok(())
     }
@@ -501,7 +561,7 @@ impl Worker for NetWorker {
         if !std::mem::take(&mut self.again) {
             return Ok(Idle::Sleep);
         }
-        self.serve(queues)?;
+        self.serve(queues, 0)?;
         Ok(if self.again { Idle::Poll } else { Idle::Sleep })
     }
 }

@@ -15,7 +15,7 @@ fn device(port: PortSpec) -> VhostUserNetBackend {
         port,
         queues: 1,
         mac: [2, 0, 0, 0, 0, 1],
-        poll_us: 0,
+        poll: PollMode::Off,
         tap_io: TapIo::Syscall,
     };
     let d = VhostUserNetBackend::new(&cfg).unwrap();
