@@ -21,7 +21,6 @@ use iommu_core::{
 use log::{debug, warn};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType};
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use thiserror::Error;
@@ -33,6 +32,7 @@ use crate::log_limited;
 use crate::ownership::{Grantee, Grants, Peer, Refusal, RidOwnership};
 use crate::proto::*;
 use crate::sys::accept::AcceptBackoff;
+use crate::sys::eventfd::{self, EventFd};
 use crate::sys::ratelimit::RateLimit;
 use crate::sys::socket_policy::{peer_cred, SocketPolicy};
 use crate::transport::{recv_packet, send_packet};
@@ -536,11 +536,10 @@ impl Service {
     pub fn new(iommu: Iommu, dir: Arc<dyn Directory>) -> Result<Self, ServiceError> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
             .map_err(|e| ServiceError::EventLoop(e.into()))?;
-        let stop = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-            .map_err(|e| ServiceError::EventLoop(e.into()))?;
+        let stop = eventfd::nonblocking().map_err(ServiceError::EventLoop)?;
         epoll
             .add(
-                stop.as_fd(),
+                eventfd::borrow(&stop),
                 EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_STOP),
             )
             .map_err(|e| ServiceError::EventLoop(e.into()))?;

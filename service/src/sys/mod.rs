@@ -3,6 +3,7 @@
 //!
 //! - [`scm`]: receiving a message with the fds a peer attached
 //!   (`SCM_RIGHTS`), never leaking one.
+//! - [`eventfd`]: eventfds (vmm-sys-util's `EventFd`).
 //! - [`peer_fd`]: fds a peer handed over (made `O_NONBLOCK`, counters read).
 //! - [`peer_write`]: writes to a peer's eventfd that cannot wedge a thread
 //!   (server side).
@@ -14,6 +15,7 @@
 
 #[cfg(feature = "server")]
 pub mod accept;
+pub mod eventfd;
 pub mod peer_fd;
 #[cfg(feature = "server")]
 pub mod peer_write;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use log::warn;
-use nix::sys::eventfd::{EfdFlags, EventFd};
+use crate::sys::eventfd::{self, EventFd};
 use thiserror::Error;
 
 use super::record::{
@@ -223,12 +223,10 @@ impl FaultChannel {
     /// on the first call.
     pub fn completion_fd(&mut self) -> Result<BorrowedFd<'_>> {
         if self.completion.is_none() {
-            let efd =
-                EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-                    .map_err(|e| ChannelError::Setup(e.into()))?;
+            let efd = eventfd::nonblocking().map_err(ChannelError::Setup)?;
             self.ring
                 .submitter()
-                .register_eventfd(efd.as_fd().as_raw_fd())
+                .register_eventfd(efd.as_raw_fd())
                 .map_err(ChannelError::Setup)?;
             // Completions that came before the registration did not signal.
             if !self.ring.completion().is_empty() || !self.stash.records.is_empty() {
@@ -237,7 +235,7 @@ impl FaultChannel {
             self.completion = Some(efd);
         }
         match &self.completion {
-            Some(e) => Ok(e.as_fd()),
+            Some(e) => Ok(eventfd::borrow(e)),
             None => Err(ChannelError::Setup(io::Error::from_raw_os_error(
                 libc::EBADF,
             ))),

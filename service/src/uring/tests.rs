@@ -1,10 +1,10 @@
 //! Unit tests of the fault channel with an in-memory fault source.
 
 use std::collections::{HashMap, VecDeque};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::time::Duration;
 
-use nix::sys::eventfd::{EfdFlags, EventFd};
+use crate::sys::eventfd::{self, EventFd};
 
 use super::record::*;
 use super::*;
@@ -21,7 +21,7 @@ pub(crate) struct MemSource {
 impl MemSource {
     pub(crate) fn new() -> Self {
         MemSource {
-            ready: EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK).expect("eventfd"),
+            ready: eventfd::nonblocking().expect("eventfd"),
             groups: VecDeque::new(),
             waiting: HashMap::new(),
             answered: Vec::new(),
@@ -54,7 +54,7 @@ impl MemSource {
 
 impl FaultSource for MemSource {
     fn ready_fd(&self) -> BorrowedFd<'_> {
-        self.ready.as_fd()
+        eventfd::borrow(&self.ready)
     }
 
     fn read_groups(&mut self, out: &mut Vec<FaultRecord>, max: usize) -> Result<usize, i32> {
