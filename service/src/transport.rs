@@ -4,11 +4,10 @@
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
-use nix::errno::Errno;
-use nix::sys::socket::{self, ControlMessage, MsgFlags};
+use nix::sys::socket::MsgFlags;
 
 use crate::proto::{MAX_FDS, MAX_MESSAGE};
-use crate::sys::scm::recv_with_fds;
+use crate::sys::scm::{recv_with_fds, send_with_fds};
 
 /// A received packet.
 #[derive(Debug)]
@@ -65,19 +64,11 @@ fn recv_into(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<Packet>> {
 pub fn send_packet(fd: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let iov = [IoSlice::new(data)];
-    let cmsg = [ControlMessage::ScmRights(&raw)];
-    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
-    loop {
-        match socket::sendmsg::<()>(fd.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
-            Ok(n) if n == data.len() => return Ok(()),
-            Ok(n) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    format!("short send: {n} of {} bytes", data.len()),
-                ))
-            }
-            Err(Errno::EINTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
+    match send_with_fds(fd, &iov, &raw, MsgFlags::empty())? {
+        n if n == data.len() => Ok(()),
+        n => Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            format!("short send: {n} of {} bytes", data.len()),
+        )),
     }
 }

@@ -9,10 +9,10 @@
 
 use std::fs::File;
 use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
-use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use nix::sys::socket::MsgFlags;
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserConfig, VhostUserMemory, VhostUserMemoryRegion,
     VhostUserSingleMemoryRegion, VhostUserVringAddr, VhostUserVringState, MAX_ATTACHED_FD_ENTRIES,
@@ -920,26 +920,12 @@ pub fn send_message(
     let h = hdr.to_bytes();
     let iov = [IoSlice::new(&h), IoSlice::new(payload)];
     let total = HDR_SIZE + payload.len();
-    let cmsg = [ControlMessage::ScmRights(fds)];
-    let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &cmsg };
-    let sent = loop {
-        match sendmsg::<()>(
-            sock.as_raw_fd(),
-            &iov,
-            cmsgs,
-            flags | MsgFlags::MSG_NOSIGNAL,
-            None,
-        ) {
-            Ok(n) => break n,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(errno) => {
-                return Err(MsgError::Socket {
-                    op: "sendmsg",
-                    errno,
-                })
-            }
+    let sent = crate::scm::send_with_fds(sock.as_fd(), &iov, fds, flags).map_err(|errno| {
+        MsgError::Socket {
+            op: "sendmsg",
+            errno,
         }
-    };
+    })?;
     if sent != total {
         // A partial write of a tiny message on a unix stream: finish it.
         let mut all = Vec::with_capacity(total);

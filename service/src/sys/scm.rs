@@ -1,5 +1,8 @@
-//! Receiving one message with the fds a peer attached (`SCM_RIGHTS`),
-//! without ever leaking one of them.
+//! Sending and receiving one message with fds attached (`SCM_RIGHTS`),
+//! the one codec of the workspace for both directions: nix's `sendmsg` and
+//! `recvmsg` with `ControlMessage::ScmRights`. Sending is
+//! [`send_with_fds`]; receiving, without ever leaking a fd, is
+//! [`recv_with_fds`].
 //!
 //! Every receive site of the framework and its backends that accepts fds
 //! goes through [`recv_with_fds`]: vhost-user messages
@@ -28,11 +31,11 @@
 //! over-stuffed messages leave the server's fd table as it was.
 
 use std::cell::RefCell;
-use std::io::{self, IoSliceMut};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
-use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
 /// Most fds Linux passes in one message (`SCM_MAX_FD`); a sender that
 /// attaches more gets `EINVAL` from `sendmsg`.
@@ -50,6 +53,32 @@ pub struct Received {
     /// `MSG_CTRUNC`: the control data did not fit; more fds were sent than
     /// arrived (the kernel closed the rest).
     pub fds_truncated: bool,
+}
+
+/// Sends one message of `iov` on `sock` with `fds` attached (none: no
+/// control message), retrying on `EINTR`; `MSG_NOSIGNAL` is always added
+/// to `flags` (a peer that hung up is `EPIPE`, not a signal). Returns the
+/// bytes sent, which on a stream socket may be fewer than `iov` holds.
+pub fn send_with_fds(
+    sock: BorrowedFd<'_>,
+    iov: &[IoSlice<'_>],
+    fds: &[RawFd],
+    flags: MsgFlags,
+) -> nix::Result<usize> {
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &cmsg };
+    loop {
+        match sendmsg::<()>(
+            sock.as_raw_fd(),
+            iov,
+            cmsgs,
+            flags | MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Err(Errno::EINTR) => continue,
+            r => return r,
+        }
+    }
 }
 
 thread_local! {

@@ -16,9 +16,9 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use crate::sys::eventfd::{self, EventFd};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use log::warn;
-use crate::sys::eventfd::{self, EventFd};
 use thiserror::Error;
 
 use super::record::{

@@ -10,6 +10,8 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{self, MsgFlags};
 use thiserror::Error;
 
+use crate::sys::scm::send_with_fds;
+
 use super::channel::{MAX_RECORDS_PER_PACKET, MAX_RESPONSE_PACKET};
 use super::record::{
     decode_responses, encode_record, FaultRecord, PageResponse, Rejection, FAULT_RECORD_SIZE,
@@ -282,13 +284,7 @@ impl<S: FaultSource> FaultPump<S> {
         let iov = [IoSlice::new(&pkt)];
         // A status packet is best effort: if the consumer's socket is full
         // it would not read it soon anyway.
-        match socket::sendmsg::<()>(
-            self.fd.as_raw_fd(),
-            &iov,
-            &[],
-            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
-            None,
-        ) {
+        match send_with_fds(self.fd.as_fd(), &iov, &[], MsgFlags::MSG_DONTWAIT) {
             Ok(_) | Err(Errno::EAGAIN) => Ok(()),
             Err(Errno::EPIPE) | Err(Errno::ECONNRESET) => Err(PumpError::Closed),
             Err(e) => Err(PumpError::Send(e.into())),
