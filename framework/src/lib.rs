@@ -64,7 +64,9 @@ mod worker;
 pub use ioasis_service as service;
 /// The OS-facing pieces the framework shares with the service (crate
 /// `ioasis-service`'s `sys` module), under the names backends use.
-pub use ioasis_service::sys::{accept, peer_fd, peer_write, ratelimit, scm, socket_policy};
+pub use ioasis_service::sys::{
+    accept, eventfd, le, peer_fd, peer_write, ratelimit, scm, socket_policy,
+};
 pub use ioasis_service::{log_limited, ownership, uring};
 
 pub(crate) use ioasis_service::sys::error_chain;

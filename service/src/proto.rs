@@ -62,6 +62,7 @@
 //! (trailing bytes are `E2BIG`, as iommufd's non-zero tails), unknown flag
 //! bits and non-zero reserved words are `EOPNOTSUPP`.
 
+use crate::sys::le::{LeReader, LeWriter, Short};
 pub use iommu_core::InvalidateEntry;
 use thiserror::Error;
 
@@ -412,57 +413,50 @@ impl Header {
     }
 }
 
-/// Bounded little-endian reader over a body.
+/// Bounded little-endian reader over a body: the workspace's one reader
+/// ([`LeReader`]) with the protocol's errors and field kinds.
 #[derive(Debug)]
 pub struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
+    le: LeReader<'a>,
+}
+
+impl From<Short> for ProtoError {
+    fn from(s: Short) -> Self {
+        ProtoError::Truncated {
+            need: s.need,
+            have: s.have,
+        }
+    }
 }
 
 impl<'a> Reader<'a> {
     /// A reader at the start of `buf`.
     pub fn new(buf: &'a [u8]) -> Self {
-        Reader { buf, pos: 0 }
+        Reader {
+            le: LeReader::new(buf),
+        }
     }
 
     /// The next `n` bytes.
     pub fn bytes(&mut self, n: usize) -> Result<&'a [u8]> {
-        let end = self.pos.checked_add(n).ok_or(ProtoError::Truncated {
-            need: usize::MAX,
-            have: self.buf.len(),
-        })?;
-        if end > self.buf.len() {
-            return Err(ProtoError::Truncated {
-                need: end,
-                have: self.buf.len(),
-            });
-        }
-        let s = &self.buf[self.pos..end];
-        self.pos = end;
-        Ok(s)
-    }
-
-    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
-        let mut a = [0u8; N];
-        a.copy_from_slice(self.bytes(N)?);
-        Ok(a)
+        Ok(self.le.bytes(n)?)
     }
 
     /// A `u8`.
     pub fn u8(&mut self) -> Result<u8> {
-        Ok(self.array::<1>()?[0])
+        Ok(self.le.u8()?)
     }
     /// A `u16`.
     pub fn u16(&mut self) -> Result<u16> {
-        Ok(u16::from_le_bytes(self.array()?))
+        Ok(self.le.u16()?)
     }
     /// A `u32`.
     pub fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.array()?))
+        Ok(self.le.u32()?)
     }
     /// A `u64`.
     pub fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.array()?))
+        Ok(self.le.u64()?)
     }
 
     /// A reserved `u32` that must be zero.
@@ -501,8 +495,8 @@ impl<'a> Reader<'a> {
         let need = n.saturating_mul(item);
         if need > self.remaining() {
             return Err(ProtoError::Truncated {
-                need: self.pos.saturating_add(need),
-                have: self.buf.len(),
+                need: self.le.position().saturating_add(need),
+                have: self.le.len(),
             });
         }
         Ok(n)
@@ -519,7 +513,7 @@ impl<'a> Reader<'a> {
 
     /// Bytes left.
     pub fn remaining(&self) -> usize {
-        self.buf.len() - self.pos
+        self.le.remaining()
     }
 
     /// Ends the body: every byte must have been read.
@@ -533,37 +527,38 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Little-endian writer of a message.
+/// Little-endian writer of a message: the workspace's one writer
+/// ([`LeWriter`]) behind room for the header.
 #[derive(Debug, Default)]
 pub struct Writer {
-    buf: Vec<u8>,
+    le: LeWriter,
 }
 
 impl Writer {
     /// A writer with room for the header.
     pub fn new() -> Self {
         Writer {
-            buf: vec![0u8; HEADER_SIZE],
+            le: LeWriter::from_vec(vec![0u8; HEADER_SIZE]),
         }
     }
     /// Appends a `u16`.
     pub fn u16(&mut self, v: u16) -> &mut Self {
-        self.buf.extend_from_slice(&v.to_le_bytes());
+        self.le.u16(v);
         self
     }
     /// Appends a `u32`.
     pub fn u32(&mut self, v: u32) -> &mut Self {
-        self.buf.extend_from_slice(&v.to_le_bytes());
+        self.le.u32(v);
         self
     }
     /// Appends a `u64`.
     pub fn u64(&mut self, v: u64) -> &mut Self {
-        self.buf.extend_from_slice(&v.to_le_bytes());
+        self.le.u64(v);
         self
     }
     /// Appends raw bytes.
     pub fn bytes(&mut self, b: &[u8]) -> &mut Self {
-        self.buf.extend_from_slice(b);
+        self.le.bytes(b);
         self
     }
     /// Appends a string with its `u16` length (truncated to `max` bytes at
@@ -581,13 +576,13 @@ impl Writer {
         let h = Header {
             version: PROTOCOL_VERSION,
             opcode,
-            length: self.buf.len() as u32,
+            length: self.le.len() as u32,
             nfds,
             flags,
             request_id,
         };
-        self.buf[..HEADER_SIZE].copy_from_slice(&h.encode());
-        self.buf
+        self.le.as_mut_slice()[..HEADER_SIZE].copy_from_slice(&h.encode());
+        self.le.into_vec()
     }
 }
 

@@ -18,6 +18,7 @@
 //! session's fault queue. Any later packet is answered `-EINVAL` and the
 //! connection stays up; closing it unbinds the client.
 
+use ioasis::le::{LeReader, LeWriter};
 use nix::sys::socket::MsgFlags;
 use std::io::IoSliceMut;
 use std::os::fd::{BorrowedFd, OwnedFd};
@@ -131,61 +132,51 @@ impl Hello {
     }
 }
 
-/// Little-endian writer.
+/// Little-endian writer (the framework's [`LeWriter`], by value).
 #[derive(Debug, Default)]
 pub struct Writer(pub Vec<u8>);
 
 impl Writer {
+    fn put(self, f: impl FnOnce(&mut LeWriter) -> &mut LeWriter) -> Self {
+        let mut w = LeWriter::from_vec(self.0);
+        f(&mut w);
+        Writer(w.into_vec())
+    }
     /// Appends a u32.
-    pub fn u32(mut self, v: u32) -> Self {
-        self.0.extend_from_slice(&v.to_le_bytes());
-        self
+    pub fn u32(self, v: u32) -> Self {
+        self.put(|w| w.u32(v))
     }
     /// Appends an i32.
-    pub fn i32(mut self, v: i32) -> Self {
-        self.0.extend_from_slice(&v.to_le_bytes());
-        self
+    pub fn i32(self, v: i32) -> Self {
+        self.put(|w| w.i32(v))
     }
     /// Appends a u64.
-    pub fn u64(mut self, v: u64) -> Self {
-        self.0.extend_from_slice(&v.to_le_bytes());
-        self
+    pub fn u64(self, v: u64) -> Self {
+        self.put(|w| w.u64(v))
     }
 }
 
-/// Little-endian reader that fails (None) past the end.
+/// Little-endian reader that fails (None) past the end (the framework's
+/// [`LeReader`]).
 #[derive(Debug)]
-pub struct Reader<'a> {
-    b: &'a [u8],
-    off: usize,
-}
+pub struct Reader<'a>(LeReader<'a>);
 
 impl<'a> Reader<'a> {
     /// Reads from `b`.
     pub fn new(b: &'a [u8]) -> Self {
-        Reader { b, off: 0 }
-    }
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let end = self.off.checked_add(n)?;
-        let s = self.b.get(self.off..end)?;
-        self.off = end;
-        Some(s)
+        Reader(LeReader::new(b))
     }
     /// Reads a u32.
     pub fn u32(&mut self) -> Option<u32> {
-        let s = self.take(4)?;
-        Some(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+        self.0.u32().ok()
     }
     /// Reads an i32.
     pub fn i32(&mut self) -> Option<i32> {
-        self.u32().map(|v| v as i32)
+        self.0.i32().ok()
     }
     /// Reads a u64.
     pub fn u64(&mut self) -> Option<u64> {
-        let s = self.take(8)?;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(s);
-        Some(u64::from_le_bytes(a))
+        self.0.u64().ok()
     }
 }
 

@@ -45,6 +45,8 @@
 pub use iommu_core::{FaultRecord, PageResponse, PageResponseCode, Perm};
 use thiserror::Error;
 
+use crate::sys::le::{LeReader, Short};
+
 /// Size of one fault record on the wire.
 pub const FAULT_RECORD_SIZE: usize = 40;
 /// Size of one page response on the wire.
@@ -133,16 +135,14 @@ impl RecordError {
     }
 }
 
-fn le32(b: &[u8], off: usize) -> u32 {
-    let mut w = [0u8; 4];
-    w.copy_from_slice(&b[off..off + 4]);
-    u32::from_le_bytes(w)
-}
-
-fn le64(b: &[u8], off: usize) -> u64 {
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&b[off..off + 8]);
-    u64::from_le_bytes(w)
+/// A reader over one fixed-size entry; running short is a length error of
+/// entries of `unit` bytes (which a caller that checked lengths never sees).
+fn entry(b: &[u8], unit: usize) -> (LeReader<'_>, impl Fn(Short) -> RecordError) {
+    let len = b.len();
+    (LeReader::new(b), move |_| RecordError::BadLength {
+        len,
+        unit,
+    })
 }
 
 /// Encodes `r` into its 40-byte wire form. A device id wider than the
@@ -165,11 +165,16 @@ pub fn decode_record(
     b: &[u8; FAULT_RECORD_SIZE],
     index: usize,
 ) -> Result<FaultRecord, RecordError> {
-    let flags = le32(b, 0);
+    let (mut r, short) = entry(b, FAULT_RECORD_SIZE);
+    let flags = r.u32().map_err(&short)?;
     if flags & !FAULT_FLAGS_KNOWN != 0 {
         return Err(RecordError::UnknownFlags { index, flags });
     }
-    let reserved = le32(b, 20);
+    let dev_id = u64::from(r.u32().map_err(&short)?);
+    let pasid = r.u32().map_err(&short)?;
+    let grpid = r.u32().map_err(&short)?;
+    let perm = Perm::from_bits_retain(r.u32().map_err(&short)?);
+    let reserved = r.u32().map_err(&short)?;
     if reserved != 0 {
         return Err(RecordError::Reserved {
             index,
@@ -178,13 +183,13 @@ pub fn decode_record(
     }
     Ok(FaultRecord {
         flags,
-        dev_id: u64::from(le32(b, 4)),
-        pasid: le32(b, 8),
-        grpid: le32(b, 12),
-        perm: Perm::from_bits_retain(le32(b, 16)),
-        addr: le64(b, 24),
-        length: le32(b, 32),
-        cookie: le32(b, 36),
+        dev_id,
+        pasid,
+        grpid,
+        perm,
+        addr: r.u64().map_err(&short)?,
+        length: r.u32().map_err(&short)?,
+        cookie: r.u32().map_err(&short)?,
     })
 }
 
@@ -229,8 +234,9 @@ pub fn decode_responses(packet: &[u8], out: &mut Vec<PageResponse>) -> Result<us
     }
     let start = out.len();
     for (index, chunk) in packet.chunks_exact(PAGE_RESPONSE_SIZE).enumerate() {
-        let cookie = le32(chunk, 0);
-        let code = le32(chunk, 4);
+        let (mut r, short) = entry(chunk, PAGE_RESPONSE_SIZE);
+        let cookie = r.u32().map_err(&short)?;
+        let code = r.u32().map_err(&short)?;
         let Ok(code) = PageResponseCode::try_from(code) else {
             out.truncate(start);
             return Err(RecordError::BadCode { index, code });
@@ -270,14 +276,15 @@ impl Rejection {
                 unit: STATUS_PACKET_SIZE,
             });
         }
-        let magic = le32(b, 0);
+        let (mut r, short) = entry(b, STATUS_PACKET_SIZE);
+        let magic = r.u32().map_err(&short)?;
         if magic != STATUS_MAGIC {
             return Err(RecordError::BadStatusMagic { magic });
         }
         Ok(Rejection {
-            cookie: le32(b, 4),
-            errno: le32(b, 8) as i32,
-            code: le32(b, 12),
+            cookie: r.u32().map_err(&short)?,
+            errno: r.i32().map_err(&short)?,
+            code: r.u32().map_err(&short)?,
         })
     }
 }
