@@ -65,7 +65,7 @@ pub use ioasis_service as service;
 /// The OS-facing pieces the framework shares with the service (crate
 /// `ioasis-service`'s `sys` module), under the names backends use.
 pub use ioasis_service::sys::{
-    accept, eventfd, le, peer_fd, peer_write, ratelimit, scm, socket_policy,
+    accept, epoll, eventfd, le, peer_fd, peer_write, ratelimit, scm, socket_policy,
 };
 pub use ioasis_service::{log_limited, ownership, uring};
 

@@ -36,7 +36,7 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -51,12 +51,13 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::accept::{self, AcceptBackoff};
 use crate::device::Device;
+use crate::epoll::{self, Epoll, EpollEvent};
+use crate::eventfd;
 use crate::iommu::IommuDevice;
 use crate::ownership::RidOwnership;
 use crate::ratelimit::RateLimit;
 use crate::socket_policy::SocketPolicy;
 use crate::vhost_user::conn::{Connection, Served};
-use crate::worker::epoll_ctl;
 
 /// Errors of the server.
 #[derive(Debug, thiserror::Error)]
@@ -520,24 +521,18 @@ impl Server {
 
     /// Runs the event loop until shut down.
     pub fn run(&mut self) -> Result<()> {
-        // SAFETY: epoll_create1 has no memory-safety preconditions.
-        let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if raw < 0 {
-            return Err(ServerError::Io {
-                op: "epoll_create1",
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        // SAFETY: `raw` is a fresh fd from the kernel owned by nobody else.
-        let epoll = unsafe { OwnedFd::from_raw_fd(raw) };
-        let add = |fd: RawFd, token: u64| -> Result<()> {
-            epoll_ctl(&epoll, libc::EPOLL_CTL_ADD, fd, token).map_err(|source| ServerError::Io {
+        let epoll = epoll::new().map_err(|source| ServerError::Io {
+            op: "epoll_create1",
+            source,
+        })?;
+        let add = |fd: BorrowedFd<'_>, token: u64| -> Result<()> {
+            epoll::watch(&epoll, fd, token).map_err(|source| ServerError::Io {
                 op: "epoll_ctl",
                 source,
             })
         };
-        add(self.stop.as_raw_fd(), TOKEN_STOP)?;
-        add(self.reaped.as_raw_fd(), TOKEN_REAP)?;
+        add(eventfd::borrow(&self.stop), TOKEN_STOP)?;
+        add(eventfd::borrow(&self.reaped), TOKEN_REAP)?;
         for (i, h) in self.hosted.iter().enumerate() {
             h.listener
                 .set_nonblocking(true)
@@ -545,32 +540,27 @@ impl Server {
                     op: "set_nonblocking",
                     source,
                 })?;
-            add(h.listener.as_raw_fd(), TOKEN_DEVICE + i as u64)?;
+            add(h.listener.as_fd(), TOKEN_DEVICE + i as u64)?;
             info!("device {:?} listening on {:?}", h.label, h.path);
         }
         for (i, x) in self.extra.iter().enumerate() {
-            add(x.listener.as_raw_fd(), TOKEN_EXTRA + i as u64)?;
+            add(x.listener.as_fd(), TOKEN_EXTRA + i as u64)?;
         }
-        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 16];
+        let mut events = [EpollEvent::empty(); 16];
         'outer: loop {
             let timeout = self.resume_listeners(&epoll);
-            // SAFETY: `events` is a valid buffer of 16 entries; epoll is live.
-            let n =
-                unsafe { libc::epoll_wait(epoll.as_raw_fd(), events.as_mut_ptr(), 16, timeout) };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
+            let n = match epoll::wait(&epoll, &mut events, timeout) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.shutdown_all();
+                    return Err(ServerError::Io {
+                        op: "epoll_wait",
+                        source: e,
+                    });
                 }
-                self.shutdown_all();
-                return Err(ServerError::Io {
-                    op: "epoll_wait",
-                    source: e,
-                });
-            }
-            let n = usize::try_from(n).unwrap_or(0).min(16);
+            };
             for ev in events.iter().take(n) {
-                let token = ev.u64;
+                let token = ev.data();
                 if token == TOKEN_STOP {
                     break 'outer;
                 } else if token == TOKEN_REAP {
@@ -612,32 +602,25 @@ impl Server {
     }
 
     /// Watches again every listener whose pause ended; returns the
-    /// epoll_wait timeout until the next pause ends (-1: none).
-    fn resume_listeners(&mut self, epoll: &OwnedFd) -> i32 {
+    /// epoll_wait timeout until the next pause ends (`None`: no pause).
+    fn resume_listeners(&mut self, epoll: &Epoll) -> Option<Duration> {
         let now = Instant::now();
         let mut next: Option<Instant> = None;
         let listeners = self
             .hosted
             .iter_mut()
             .enumerate()
-            .map(|(i, h)| {
-                (
-                    &mut h.paused,
-                    h.listener.as_raw_fd(),
-                    TOKEN_DEVICE + i as u64,
-                )
-            })
-            .chain(self.extra.iter_mut().enumerate().map(|(i, x)| {
-                (
-                    &mut x.paused,
-                    x.listener.as_raw_fd(),
-                    TOKEN_EXTRA + i as u64,
-                )
-            }));
+            .map(|(i, h)| (&mut h.paused, h.listener.as_fd(), TOKEN_DEVICE + i as u64))
+            .chain(
+                self.extra
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, x)| (&mut x.paused, x.listener.as_fd(), TOKEN_EXTRA + i as u64)),
+            );
         for (paused, fd, token) in listeners {
             let Some(t) = *paused else { continue };
             if t <= now {
-                match epoll_ctl(epoll, libc::EPOLL_CTL_ADD, fd, token) {
+                match epoll::watch(epoll, fd, token) {
                     Ok(()) => *paused = None,
                     Err(e) => {
                         error!("watching a listener again: {e}");
@@ -651,16 +634,11 @@ impl Server {
                 next = Some(next.map_or(t, |n| n.min(t)));
             }
         }
-        match next {
-            None => -1,
-            // Rounded up, so the wait does not end just before the pause.
-            Some(t) => {
-                i32::try_from(t.saturating_duration_since(now).as_millis() + 1).unwrap_or(i32::MAX)
-            }
-        }
+        // Rounded up, so the wait does not end just before the pause.
+        next.map(|t| t.saturating_duration_since(now) + Duration::from_millis(1))
     }
 
-    fn accept_extra(&mut self, i: usize, epoll: &OwnedFd) {
+    fn accept_extra(&mut self, i: usize, epoll: &Epoll) {
         let Some(x) = self.extra.get_mut(i) else {
             return;
         };
@@ -675,14 +653,14 @@ impl Server {
                 Err(e) if accept::is_transient(&e) => continue,
                 Err(e) => {
                     let pause = x.backoff.failed("extra listener", &e);
-                    pause_listener(epoll, x.listener.as_raw_fd(), &mut x.paused, pause);
+                    pause_listener(epoll, x.listener.as_fd(), &mut x.paused, pause);
                     break;
                 }
             }
         }
     }
 
-    fn accept_device(&mut self, i: usize, epoll: &OwnedFd) {
+    fn accept_device(&mut self, i: usize, epoll: &Epoll) {
         self.reap();
         let reaped = self.reaped.clone();
         let Some(h) = self.hosted.get_mut(i) else {
@@ -698,7 +676,7 @@ impl Server {
                 Err(e) if accept::is_transient(&e) => continue,
                 Err(e) => {
                     let pause = h.backoff.failed(&format!("device {:?}", h.label), &e);
-                    pause_listener(epoll, h.listener.as_raw_fd(), &mut h.paused, pause);
+                    pause_listener(epoll, h.listener.as_fd(), &mut h.paused, pause);
                     break;
                 }
             };
@@ -749,8 +727,13 @@ static REFUSED_FRONTEND: RateLimit = RateLimit::peer();
 static CONNECTION_LOG: RateLimit = RateLimit::peer();
 
 /// Stops watching a listener for `pause` (its accept failed).
-fn pause_listener(epoll: &OwnedFd, fd: RawFd, paused: &mut Option<Instant>, pause: Duration) {
-    if let Err(e) = epoll_ctl(epoll, libc::EPOLL_CTL_DEL, fd, 0) {
+fn pause_listener(
+    epoll: &Epoll,
+    fd: BorrowedFd<'_>,
+    paused: &mut Option<Instant>,
+    pause: Duration,
+) {
+    if let Err(e) = epoll::unwatch(epoll, fd) {
         error!("pausing a listener: {e}");
     }
     *paused = Some(Instant::now() + pause);

@@ -20,7 +20,6 @@ use iommu_core::{
 };
 use log::{debug, warn};
 use nix::errno::Errno;
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType};
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use thiserror::Error;
@@ -32,6 +31,7 @@ use crate::log_limited;
 use crate::ownership::{Grantee, Grants, Peer, Refusal, RidOwnership};
 use crate::proto::*;
 use crate::sys::accept::AcceptBackoff;
+use crate::sys::epoll::{self, Epoll, EpollEvent, EpollFlags};
 use crate::sys::eventfd::{self, EventFd};
 use crate::sys::ratelimit::RateLimit;
 use crate::sys::socket_policy::{peer_cred, SocketPolicy};
@@ -534,8 +534,7 @@ impl Service {
     /// A service over `iommu` offering `dir`'s devices, without a listener
     /// (add sessions with [`Service::connect_local`]).
     pub fn new(iommu: Iommu, dir: Arc<dyn Directory>) -> Result<Self, ServiceError> {
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
-            .map_err(|e| ServiceError::EventLoop(e.into()))?;
+        let epoll = epoll::new().map_err(ServiceError::EventLoop)?;
         let stop = eventfd::nonblocking().map_err(ServiceError::EventLoop)?;
         epoll
             .add(
@@ -746,15 +745,7 @@ impl Service {
     /// for something. Returns false once stopped.
     pub fn run_once(&mut self, timeout: Option<Duration>) -> Result<bool, ServiceError> {
         let mut events = [EpollEvent::empty(); 32];
-        let t = match timeout {
-            None => EpollTimeout::NONE,
-            Some(d) => EpollTimeout::try_from(d).unwrap_or(EpollTimeout::MAX),
-        };
-        let n = match self.epoll.wait(&mut events, t) {
-            Ok(n) => n,
-            Err(Errno::EINTR) => return Ok(true),
-            Err(e) => return Err(ServiceError::Wait(e.into())),
-        };
+        let n = epoll::wait(&self.epoll, &mut events, timeout).map_err(ServiceError::Wait)?;
         for ev in &events[..n] {
             let tok = ev.data();
             match tok {

@@ -3,6 +3,7 @@
 //!
 //! - [`scm`]: receiving a message with the fds a peer attached
 //!   (`SCM_RIGHTS`), never leaking one.
+//! - [`epoll`]: event loops (nix's `Epoll`).
 //! - [`eventfd`]: eventfds (vmm-sys-util's `EventFd`).
 //! - [`le`]: the little-endian reader and writer of the wire formats.
 //! - [`peer_fd`]: fds a peer handed over (made `O_NONBLOCK`, counters read).
@@ -16,6 +17,7 @@
 
 #[cfg(feature = "server")]
 pub mod accept;
+pub mod epoll;
 pub mod eventfd;
 pub mod le;
 pub mod peer_fd;
