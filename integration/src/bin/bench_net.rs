@@ -109,6 +109,9 @@ enum Backend {
         args: Vec<String>,
         /// Pinned to CPU 1 (where net_vhost's forwarding lcore runs).
         pin: bool,
+        /// Another build of vdpa-net (`--compare-bin`); `None`: the
+        /// workspace's own.
+        bin: Option<PathBuf>,
     },
 }
 
@@ -126,8 +129,11 @@ impl Backend {
             Backend::Reference => {
                 "testpmd net_vhost, forwarding lcore on CPU 1 (busy-polls)".into()
             }
-            Backend::VdpaNet { args, pin, .. } => format!(
-                "vdpa-net {}{}",
+            Backend::VdpaNet { args, pin, bin, .. } => format!(
+                "{}vdpa-net {}{}",
+                bin.as_ref()
+                    .map(|b| format!("{} as ", b.display()))
+                    .unwrap_or_default(),
                 if args.is_empty() {
                     "(no flags)".to_string()
                 } else {
@@ -249,6 +255,15 @@ struct Cli {
     /// arguments.
     #[arg(long = "vdpa-arg", value_name = "ARG", allow_hyphen_values = true)]
     vdpa_args: Vec<String>,
+    /// Another vdpa-net binary (e.g. a build of an earlier commit) measured
+    /// in the same run: every vdpa-net mode runs with it too, named
+    /// `MODE @NAME` (`--compare-name`), alternated with the others round by
+    /// round, so a change is compared before and after on equal terms.
+    #[arg(long, value_name = "PATH")]
+    compare_bin: Option<PathBuf>,
+    /// The name of `--compare-bin` in the output.
+    #[arg(long, value_name = "NAME", default_value = "base")]
+    compare_name: String,
     /// Test only: adds N frames to what the frontend sent before the counts
     /// are compared, to show that the check fails.
     #[arg(long, value_name = "N", default_value_t = 0, hide = true)]
@@ -274,11 +289,39 @@ struct Opts {
     guest_iommu: Option<Vec<GuestIommu>>,
     guest_packets: Option<u64>,
     check_skew: u64,
+    /// `--compare-bin` and its name.
+    compare: Option<(PathBuf, String)>,
 }
 
 impl Opts {
-    /// The vdpa-net variants measured against net_vhost.
+    /// The vdpa-net variants measured against net_vhost: each mode with the
+    /// workspace's binary, followed by the same mode with `--compare-bin`.
     fn vdpa_backends(&self) -> Vec<Backend> {
+        let own = self.own_vdpa_backends();
+        let Some((bin, label)) = &self.compare else {
+            return own;
+        };
+        let mut v = Vec::new();
+        for b in own {
+            if let Backend::VdpaNet {
+                name, args, pin, ..
+            } = &b
+            {
+                let other = Backend::VdpaNet {
+                    name: format!("{name} @{label}"),
+                    args: args.clone(),
+                    pin: *pin,
+                    bin: Some(bin.clone()),
+                };
+                v.push(b);
+                v.push(other);
+            }
+        }
+        v
+    }
+
+    /// The vdpa-net modes of the run, with the workspace's binary.
+    fn own_vdpa_backends(&self) -> Vec<Backend> {
         if self.vdpa.is_none() {
             return Vec::new();
         }
@@ -287,6 +330,7 @@ impl Opts {
                 name: "vdpa-net".into(),
                 args: self.vdpa_args.clone(),
                 pin: self.pin,
+                bin: None,
             }];
         }
         let modes = if self.modes.is_empty() {
@@ -301,6 +345,7 @@ impl Opts {
                     name: "vdpa-net".into(),
                     args: self.vdpa_args.clone(),
                     pin: false,
+                    bin: None,
                 }),
                 Mode::Poll if self.poll_us > 0 => {
                     let mut args = self.vdpa_args.clone();
@@ -310,6 +355,7 @@ impl Opts {
                         name: "vdpa-net poll".into(),
                         args,
                         pin: self.pin,
+                        bin: None,
                     });
                 }
                 Mode::Poll => {}
@@ -412,10 +458,10 @@ fn start_backend(
             wait_for_path(sock, SOCKET, Some(p.proc_mut()))?;
             Ok(Running::Testpmd(p))
         }
-        Backend::VdpaNet { args, pin, .. } => {
-            let bin = opts
-                .vdpa
+        Backend::VdpaNet { args, pin, bin, .. } => {
+            let bin = bin
                 .as_ref()
+                .or(opts.vdpa.as_ref())
                 .ok_or_else(|| Error::Unavailable("vdpa-net".into()))?;
             // The from-backend workload writes a fresh frame per packet,
             // as net_vhost's testpmd txonly does.
@@ -701,6 +747,7 @@ fn parse_opts() -> Opts {
             .then_some(cli.guest_iommu),
         guest_packets: cli.guest_packets,
         check_skew: cli.check_skew,
+        compare: cli.compare_bin.map(|b| (b, cli.compare_name)),
     }
 }
 

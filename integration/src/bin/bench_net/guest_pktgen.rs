@@ -97,13 +97,19 @@ fn spread_k(v: &[Option<u64>]) -> String {
 /// The backends: net_vhost and the run's vdpa-net modes.
 fn backends(opts: &Opts) -> Vec<(String, PktgenBackend)> {
     let mut v = vec![("net_vhost".to_string(), PktgenBackend::NetVhost)];
-    if let Some(bin) = &opts.vdpa {
+    if let Some(own) = &opts.vdpa {
         for b in opts.vdpa_backends() {
-            if let Backend::VdpaNet { name, args, pin } = b {
+            if let Backend::VdpaNet {
+                name,
+                args,
+                pin,
+                bin,
+            } = b
+            {
                 v.push((
                     name,
                     PktgenBackend::VdpaNet {
-                        bin: bin.clone(),
+                        bin: bin.unwrap_or_else(|| own.clone()),
                         args,
                         pin,
                     },
