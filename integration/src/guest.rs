@@ -136,12 +136,20 @@ try_ping() {
 "#;
 
 /// A script that addresses the first virtio-net interface with `cidr` and
-/// pings `peer` `count` times (markers `PING_OK <peer>` / `PING_FAIL <peer>`).
+/// pings `peer` `count` times within 30 s (markers `PING_OK <peer>` /
+/// `PING_FAIL <peer>`).
 pub fn ping_script(cidr: &str, peer: &str, count: u32) -> String {
+    ping_script_within(cidr, peer, count, 30)
+}
+
+/// [`ping_script`] with a deadline of `secs` seconds: for a peer that is
+/// itself a guest booting on its own schedule (two TCG guests on a loaded
+/// machine can come up tens of seconds apart).
+pub fn ping_script_within(cidr: &str, peer: &str, count: u32, secs: u32) -> String {
     format!(
         "IF=$(virtio_if) || {{ mark NO_VIRTIO_IF; exit 1; }}\n\
          net_up \"$IF\" {cidr} || {{ mark LINK_DOWN; exit 1; }}\n\
-         try_ping {count} 30 {peer}\n"
+         try_ping {count} {secs} {peer}\n"
     )
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{need_qemu_and_vdpa_net, SETUP_TIMEOUT, STOP_TIMEOUT};
 use ioasis_integration::env::require_tool;
-use ioasis_integration::guest::ping_script;
+use ioasis_integration::guest::{ping_script, ping_script_within};
 use ioasis_integration::netns::Netns;
 use ioasis_integration::qemu::{IommuMode, Qemu, QemuConfig, GUEST_TIMEOUT};
 use ioasis_integration::tcp_bulk::{TcpBulk, BULK_BYTES, HOST_IP, TAP};
@@ -137,6 +137,11 @@ fn test_multiqueue_guest_pings_through_multiqueue_tap() {
     );
 }
 
+/// How long a guest keeps pinging a peer that is another guest: the two
+/// boot on their own schedules, tens of seconds apart on a loaded 2-core
+/// machine (a 30 s deadline failed there when the second guest came up late).
+const PEER_BOOT_SECS: u32 = 100;
+
 #[test]
 fn test_two_guests_ping_each_other_through_switch() {
     let test = "test_two_guests_ping_each_other_through_switch";
@@ -154,7 +159,12 @@ fn test_two_guests_ping_each_other_through_switch() {
     let mut ga = Qemu::launch(
         &QemuConfig::new(
             "guest-a",
-            &linger(ping_script("10.0.1.1/24", "10.0.1.2", 3)),
+            &linger(ping_script_within(
+                "10.0.1.1/24",
+                "10.0.1.2",
+                3,
+                PEER_BOOT_SECS,
+            )),
         )
         .netdev(&a, "52:54:00:00:01:01"),
         dir.path(),
@@ -163,7 +173,12 @@ fn test_two_guests_ping_each_other_through_switch() {
     let mut gb = Qemu::launch(
         &QemuConfig::new(
             "guest-b",
-            &linger(ping_script("10.0.1.2/24", "10.0.1.1", 3)),
+            &linger(ping_script_within(
+                "10.0.1.2/24",
+                "10.0.1.1",
+                3,
+                PEER_BOOT_SECS,
+            )),
         )
         .netdev(&b, "52:54:00:00:01:02"),
         dir.path(),
