@@ -27,8 +27,9 @@
 //! The `/dev/iommu` service through which other processes share the
 //! server's IOAS objects is crate `ioasis-service`, below this one;
 //! [`service`], [`uring`], [`ownership`] and the shared OS pieces
-//! ([`scm`], [`peer_fd`], [`peer_write`], [`accept`], [`socket_policy`],
-//! [`ratelimit`]) are re-exported from it. [`iommu`] has what a backend
+//! ([`scm`], [`eventfd`], [`epoll`], [`le`], [`peer_fd`], [`peer_write`],
+//! [`accept`], [`socket_policy`], [`ratelimit`]: one piece of code per
+//! mechanism) are re-exported from it. [`iommu`] has what a backend
 //! needs of iommu-core, so that no backend depends on it directly.
 //!
 //! # Signals

@@ -4,7 +4,7 @@
 //! This file has the session loop (epoll over the listener, the sessions'
 //! sockets, the fault pumps and the invalidation hub; accepting, reading,
 //! replying, holding replies behind invalidations, closing and cleaning
-//! up); [`dispatch`] has what each request does.
+//! up); `server/dispatch.rs` has what each request does.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
