@@ -27,6 +27,18 @@
 //! - Otherwise it stays: a sleep longer than the window but shorter than
 //!   `MAX` does not shrink it, so the window does not swing between two
 //!   sizes when the gaps lie near its top.
+//! - It **drops to its minimum** and the thread sleeps when the thread was
+//!   preempted while polling ([`AdaptiveWindow::preempted`], seen through
+//!   [`Preemptions`]): another task wants the CPU, and polling only delays
+//!   it, which may be the very driver the worker waits for (KVM stops halt
+//!   polling as soon as another task is runnable on the CPU, for the same
+//!   reason). Polling pays on a CPU of its own, not on a shared one. The
+//!   window then stays at its minimum for a hold-off (from
+//!   [`AdaptiveWindow::HOLD_MIN`], doubling while preemptions recur, up to
+//!   [`AdaptiveWindow::HOLD_MAX`]; back to the start when no preemption
+//!   comes within a hold-off after the last one ended): the preemption is seen only after a time slice was lost,
+//!   and short sleeps on a shared CPU (the driver runs only while the
+//!   worker sleeps) would otherwise grow the window straight back.
 //!
 //! With a window of 0 the device is purely event-driven; an idle device
 //! polls for at most one window after its last work and then sleeps until
@@ -63,6 +75,10 @@ pub struct AdaptiveWindow {
     last_work: Option<Instant>,
     /// When the window last told the caller to sleep, while it sleeps.
     asleep_since: Option<Instant>,
+    /// No growth before this (the thread was preempted while polling).
+    hold_until: Option<Instant>,
+    /// The last hold-off (0: none yet).
+    hold: Duration,
 }
 
 impl Default for AdaptiveWindow {
@@ -87,6 +103,12 @@ impl AdaptiveWindow {
     /// traffic stops. KVM's halt polling makes the same trade with the same
     /// bound by default (200 µs).
     pub const MAX: Duration = Duration::from_micros(200);
+    /// The first hold-off after a preemption: a few scheduler time slices
+    /// (a few ms each on a loaded CPU).
+    pub const HOLD_MIN: Duration = Duration::from_millis(10);
+    /// The longest hold-off: a CPU that stays shared is looked at again
+    /// once a second.
+    pub const HOLD_MAX: Duration = Duration::from_secs(1);
 
     /// An adaptive window between 0 and [`MAX`](Self::MAX), starting at 0
     /// (event-driven until the load shows that polling pays).
@@ -103,6 +125,8 @@ impl AdaptiveWindow {
             max: max.max(min),
             last_work: None,
             asleep_since: None,
+            hold_until: None,
+            hold: Duration::ZERO,
         }
     }
 
@@ -143,6 +167,25 @@ impl AdaptiveWindow {
         Idle::Poll
     }
 
+    /// The thread was preempted while polling: the window drops to its
+    /// minimum and the answer is [`Idle::Sleep`]. (A fixed window stays
+    /// what it is; a caller that wants it polled regardless does not
+    /// report preemptions.)
+    pub fn preempted(&mut self, now: Instant) -> Idle {
+        self.window = self.min;
+        // Preempted again within a hold-off of the last one's end: the CPU
+        // stays shared, hold off longer; otherwise start over.
+        let recurs = self.hold_until.is_some_and(|u| now < u + self.hold);
+        self.hold = if recurs {
+            (self.hold * 2).min(Self::HOLD_MAX)
+        } else {
+            Self::HOLD_MIN
+        };
+        self.hold_until = Some(now + self.hold);
+        self.asleep_since = Some(now);
+        Idle::Sleep
+    }
+
     fn work(&mut self, now: Instant) {
         if let Some(last) = self.last_work {
             let gap = now.saturating_duration_since(last);
@@ -151,14 +194,14 @@ impl AdaptiveWindow {
                     let slept = now.saturating_duration_since(since);
                     if gap <= self.max {
                         // A window this long would have caught it.
-                        self.grow();
+                        self.grow(now);
                     } else if slept > self.max {
                         // The longest window would have found nothing.
                         self.shrink();
                     }
                 }
                 // Nearly expired while polling.
-                None if gap > self.window / 2 => self.grow(),
+                None if gap > self.window / 2 => self.grow(now),
                 None => {}
             }
         }
@@ -166,7 +209,11 @@ impl AdaptiveWindow {
         self.asleep_since = None;
     }
 
-    fn grow(&mut self) {
+    fn grow(&mut self, now: Instant) {
+        // Held off after a preemption.
+        if self.hold_until.is_some_and(|until| now < until) {
+            return;
+        }
         let next = (self.window * 2).max(Self::START);
         self.window = next.clamp(self.min, self.max);
     }
@@ -177,6 +224,40 @@ impl AdaptiveWindow {
             next = Duration::ZERO;
         }
         self.window = next.clamp(self.min, self.max);
+    }
+}
+
+/// Counts the calling thread's involuntary context switches
+/// (`getrusage(RUSAGE_THREAD)`, one system call a look): one more than at
+/// the last look means the scheduler gave the thread's CPU to another task
+/// meanwhile. Use it from the thread that polls; the first look only
+/// records.
+#[derive(Debug, Default)]
+pub struct Preemptions {
+    last: Option<libc::c_long>,
+}
+
+impl Preemptions {
+    /// A counter that has not looked yet.
+    pub fn new() -> Preemptions {
+        Preemptions::default()
+    }
+
+    /// True if the calling thread was preempted since the last look (false
+    /// at the first look, and if the count cannot be read).
+    pub fn since_last(&mut self) -> bool {
+        use nix::sys::resource::{getrusage, UsageWho};
+        let Ok(u) = getrusage(UsageWho::RUSAGE_THREAD) else {
+            return false;
+        };
+        let now = u.involuntary_context_switches();
+        self.last.replace(now).is_some_and(|last| now > last)
+    }
+
+    /// Forgets the last look (the thread slept: switches while asleep are
+    /// not preemptions of a poll).
+    pub fn reset(&mut self) {
+        self.last = None;
     }
 }
 
@@ -319,6 +400,76 @@ mod tests {
         // Long sleeps do not shrink it.
         assert_eq!(w.observe(t + Duration::from_secs(1), true), Idle::Poll);
         assert_eq!(w.window(), us(100));
+    }
+
+    #[test]
+    fn preemption_drops_the_window_and_sleeps() {
+        let mut w = AdaptiveWindow::new();
+        let mut t = Instant::now();
+        steady(&mut w, &mut t, us(20), 100);
+        assert!(w.window() > Duration::ZERO);
+        assert_eq!(w.observe(t, true), Idle::Poll);
+        assert_eq!(w.preempted(t + us(1)), Idle::Sleep);
+        assert_eq!(w.window(), Duration::ZERO);
+        assert!(w.is_asleep());
+        // Held at 0 for HOLD_MIN: close bursts do not grow it...
+        steady(&mut w, &mut t, us(20), 100);
+        assert_eq!(w.window(), Duration::ZERO);
+        // ...after it they do again.
+        t += AdaptiveWindow::HOLD_MIN;
+        steady(&mut w, &mut t, us(20), 100);
+        assert!(w.window() > Duration::ZERO);
+        // Preempted again soon: a longer hold-off.
+        w.preempted(t);
+        t += AdaptiveWindow::HOLD_MIN;
+        steady(&mut w, &mut t, us(20), 100);
+        assert_eq!(w.window(), Duration::ZERO, "held for 2 x HOLD_MIN");
+        let mut f = AdaptiveWindow::fixed(us(100));
+        f.preempted(t);
+        assert_eq!(f.window(), us(100));
+    }
+
+    /// A thread that busy-loops on a CPU shared with another busy thread is
+    /// preempted within a bounded time; one that does not is not reported
+    /// preempted on its first look.
+    #[test]
+    fn preemptions_are_seen() {
+        let mut p = Preemptions::new();
+        assert!(!p.since_last(), "the first look only records");
+        // Pin this thread and a spinner to one CPU.
+        fn pin(cpu: usize) -> bool {
+            // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and
+            // sched_setaffinity get a pointer to it and its size.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+            }
+        }
+        // SAFETY: sched_getcpu has no preconditions.
+        let cpu = usize::try_from(unsafe { libc::sched_getcpu() }).unwrap_or(0);
+        if !pin(cpu) {
+            return;
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let spin = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                pin(cpu);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut seen = false;
+        while !seen && Instant::now() < deadline {
+            std::hint::spin_loop();
+            seen = p.since_last();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = spin.join();
+        assert!(seen, "no preemption seen in 5 s on a shared CPU");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use ioasis::device::{
     Device, DeviceError, EventHandle, EventRegistrar, Idle, Interest, Queues, Result, Worker,
 };
-use ioasis::poll::AdaptiveWindow;
+use ioasis::poll::{AdaptiveWindow, Preemptions};
 use log::{debug, info, warn};
 
 use crate::engine::PairEngine;
@@ -66,7 +66,9 @@ pub struct NetConfig {
 pub enum PollMode {
     /// A window that follows the load ([`AdaptiveWindow`]: 0 to 200 µs,
     /// growing while work arrives that a longer window would have caught,
-    /// shrinking while sleeps outlast the longest window). The default.
+    /// shrinking while sleeps outlast the longest window, dropping to 0
+    /// when the worker is preempted while it polls: another task wants its
+    /// CPU). The default.
     #[default]
     Adaptive,
     /// A fixed window (`--poll-us N`).
@@ -293,6 +295,9 @@ struct NetWorker {
     rx_blocked: bool,
     /// The polling window (None: event-driven, `--poll-us 0`).
     poll: Option<AdaptiveWindow>,
+    /// Preemptions of the worker while it polls (adaptive mode only: a
+    /// fixed window polls whatever else wants the CPU).
+    preempt: Option<Preemptions>,
 }
 
 impl std::fmt::Debug for NetWorker {
@@ -340,6 +345,7 @@ impl NetWorker {
             filter_gen,
             rx_blocked: false,
             poll: shared.poll.window(),
+            preempt: (shared.poll == PollMode::Adaptive).then(Preemptions::new),
             shared,
         }
     }
@@ -422,6 +428,10 @@ impl NetWorker {
             // reading; one without (reflect, source) at every pass.
             let rx_fd = self.port.as_ref().is_some_and(|p| p.rx_fd().is_some());
             let mut moved = moved;
+            if let Some(p) = self.preempt.as_mut() {
+                // A baseline: switches before the session are not its.
+                p.since_last();
+            }
             let r = 'poll: loop {
                 for pass in 0..POLL_PASSES_PER_CLOCK {
                     let mut now_moved = match self.process_tx(queues) {
@@ -448,10 +458,14 @@ impl NetWorker {
                     moved += now_moved;
                 }
                 let now = Instant::now();
-                let idle = self
-                    .poll
-                    .as_mut()
-                    .map_or(Idle::Sleep, |w| w.observe(now, moved > 0));
+                let preempted = self.preempt.as_mut().is_some_and(|p| p.since_last());
+                let idle = match self.poll.as_mut() {
+                    // Another task wants this CPU (the driver, perhaps):
+                    // polling would only delay it.
+                    Some(w) if preempted => w.preempted(now),
+                    Some(w) => w.observe(now, moved > 0),
+                    None => Idle::Sleep,
+                };
                 moved = 0;
                 if idle == Idle::Sleep {
                     break Ok(false);
