@@ -56,7 +56,9 @@
 //! ```
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
+
+use crate::epoll::{self, CtlOp, Epoll, EpollFlags};
 
 pub use crate::dma::{Dma, DmaError};
 pub use crate::queue::{Chain, Queue, QueueError, Queues};
@@ -308,14 +310,12 @@ pub enum Interest {
 }
 
 impl Interest {
-    pub(crate) fn epoll_events(self) -> u32 {
-        let bits = match self {
-            Interest::Readable => libc::EPOLLIN,
-            Interest::Writable => libc::EPOLLOUT,
-            Interest::Both => libc::EPOLLIN | libc::EPOLLOUT,
-        };
-        // The libc constants are small positive values.
-        bits as u32
+    pub(crate) fn epoll_flags(self) -> EpollFlags {
+        match self {
+            Interest::Readable => EpollFlags::EPOLLIN,
+            Interest::Writable => EpollFlags::EPOLLOUT,
+            Interest::Both => EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT,
+        }
     }
 }
 
@@ -341,14 +341,13 @@ pub(crate) fn device_token_of(epoll_token: u64) -> Option<u64> {
 /// [`EventRegistrar::handle`]; same operations as the registrar.
 #[derive(Debug)]
 pub struct EventHandle {
-    epoll: std::os::fd::OwnedFd,
+    epoll: Epoll,
 }
 
 impl EventHandle {
     fn registrar(&self) -> EventRegistrar<'_> {
-        use std::os::fd::AsFd;
         EventRegistrar {
-            epoll: self.epoll.as_fd(),
+            epoll: &self.epoll,
             thread: usize::MAX,
         }
     }
@@ -372,7 +371,7 @@ impl EventHandle {
 /// Registers a device's own event sources on its worker thread's event loop.
 #[derive(Debug)]
 pub struct EventRegistrar<'a> {
-    pub(crate) epoll: BorrowedFd<'a>,
+    pub(crate) epoll: &'a Epoll,
     pub(crate) thread: usize,
 }
 
@@ -386,7 +385,7 @@ impl EventRegistrar<'_> {
     /// later (from [`Worker::handle_event`] or [`Worker::process_queue`]).
     pub fn handle(&self) -> io::Result<EventHandle> {
         Ok(EventHandle {
-            epoll: self.epoll.try_clone_to_owned()?,
+            epoll: Epoll(self.epoll.0.try_clone()?),
         })
     }
 
@@ -394,49 +393,38 @@ impl EventRegistrar<'_> {
     /// [`Worker::handle_event`] with `token` (at most [`MAX_DEVICE_TOKEN`]).
     /// The fd must stay open until the worker is dropped.
     pub fn add(&mut self, fd: &impl AsRawFd, interest: Interest, token: u64) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_ADD, fd.as_raw_fd(), interest, token)
+        self.ctl(CtlOp::Add, fd.as_raw_fd(), interest, token)
     }
 
     /// Changes the interest of a registered fd.
     pub fn modify(&mut self, fd: &impl AsRawFd, interest: Interest, token: u64) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_MOD, fd.as_raw_fd(), interest, token)
+        self.ctl(CtlOp::Modify, fd.as_raw_fd(), interest, token)
     }
 
     /// Stops watching `fd`.
     pub fn remove(&mut self, fd: &impl AsRawFd) -> io::Result<()> {
-        // SAFETY: both fds are valid for the duration of the call; a null event
-        // pointer is allowed for EPOLL_CTL_DEL.
-        let rc = unsafe {
-            libc::epoll_ctl(
-                self.epoll.as_raw_fd(),
-                libc::EPOLL_CTL_DEL,
-                fd.as_raw_fd(),
-                std::ptr::null_mut(),
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        epoll::ctl_raw(
+            self.epoll,
+            CtlOp::Delete,
+            fd.as_raw_fd(),
+            EpollFlags::empty(),
+            0,
+        )
     }
 
-    fn ctl(&mut self, op: i32, fd: RawFd, interest: Interest, token: u64) -> io::Result<()> {
+    fn ctl(&mut self, op: CtlOp, fd: RawFd, interest: Interest, token: u64) -> io::Result<()> {
         if token > MAX_DEVICE_TOKEN {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("device event token {token:#x} above {MAX_DEVICE_TOKEN:#x}"),
             ));
         }
-        let mut ev = libc::epoll_event {
-            events: interest.epoll_events(),
-            u64: device_token(token),
-        };
-        // SAFETY: both fds are valid for the duration of the call and `ev` is
-        // a valid epoll_event the kernel only reads.
-        let rc = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd, &mut ev) };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        epoll::ctl_raw(
+            self.epoll,
+            op,
+            fd,
+            interest.epoll_flags(),
+            device_token(token),
+        )
     }
 }

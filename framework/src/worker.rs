@@ -37,7 +37,7 @@
 //! or its exit) interrupts such a write after a short grace: a worker
 //! never holds up the connection, the service or the server's shutdown.
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -50,6 +50,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{device_token_of, Device, DeviceError, EventRegistrar, Idle, Worker};
 use crate::dma::{Dma, Section};
+use crate::epoll::{self, CtlOp, Epoll, EpollEvent, EpollFlags};
 use crate::peer_write::{self, Writer};
 use crate::queue::{Queues, Vring};
 use crate::transport::{MissReport, Transport};
@@ -58,7 +59,7 @@ use crate::transport::{MissReport, Transport};
 /// queue indices, device tokens carry [`device_token_of`]'s bit).
 const CTL_TOKEN: u64 = 1 << 62;
 /// Poll interval while a miss could not be sent yet.
-const RETRY_MS: i32 = 10;
+const RETRY: Duration = Duration::from_millis(10);
 /// Events handled per epoll_wait.
 const MAX_EVENTS: usize = 64;
 /// Most worker calls in one final pass of a queue (each consumes at least one
@@ -375,20 +376,9 @@ fn lock(m: &Mutex<Vring>) -> std::sync::MutexGuard<'_, Vring> {
     }
 }
 
-/// `epoll_ctl(op)` of `fd` for input, with `token` (the server's listener
-/// loop uses it too).
-pub(crate) fn epoll_ctl(epoll: &OwnedFd, op: i32, fd: i32, token: u64) -> std::io::Result<()> {
-    let mut ev = libc::epoll_event {
-        events: libc::EPOLLIN as u32,
-        u64: token,
-    };
-    // SAFETY: `epoll` is a live epoll fd, `fd` is a live fd owned by the
-    // caller for the duration of the call, and `ev` is a valid epoll_event.
-    let rc = unsafe { libc::epoll_ctl(epoll.as_raw_fd(), op, fd, &mut ev) };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+/// Watches `fd` (an eventfd offering only `AsRawFd`) for input under `token`.
+fn watch_raw(epoll: &Epoll, fd: std::os::fd::RawFd, token: u64) -> std::io::Result<()> {
+    epoll::ctl_raw(epoll, CtlOp::Add, fd, EpollFlags::EPOLLIN, token)
 }
 
 impl Runner {
@@ -423,30 +413,20 @@ impl Runner {
     }
 
     fn run(&mut self) {
-        // SAFETY: epoll_create1 has no memory-safety preconditions.
-        let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if raw < 0 {
-            error!(
-                "worker {}: epoll_create1: {}",
-                self.thread,
-                std::io::Error::last_os_error()
-            );
-            return;
-        }
-        // SAFETY: `raw` is a new fd returned by the kernel that nothing else owns.
-        let epoll = unsafe { OwnedFd::from_raw_fd(raw) };
-        if let Err(e) = epoll_ctl(
-            &epoll,
-            libc::EPOLL_CTL_ADD,
-            self.ctl.event.as_raw_fd(),
-            CTL_TOKEN,
-        ) {
+        let epoll = match epoll::new() {
+            Ok(e) => e,
+            Err(e) => {
+                error!("worker {}: epoll_create1: {e}", self.thread);
+                return;
+            }
+        };
+        if let Err(e) = watch_raw(&epoll, self.ctl.event.as_raw_fd(), CTL_TOKEN) {
             error!("worker {}: registering control eventfd: {e}", self.thread);
             return;
         }
         {
             let mut reg = EventRegistrar {
-                epoll: epoll.as_fd(),
+                epoll: &epoll,
                 thread: self.thread,
             };
             if let Err(e) = self.worker.init(&mut reg) {
@@ -460,39 +440,28 @@ impl Runner {
         // blocking and ask it again.
         let mut polling = self.before_sleep();
         self.report();
-        let mut events = [libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS];
+        let mut events = [EpollEvent::empty(); MAX_EVENTS];
         loop {
             if self.ctl.stop.load(Ordering::SeqCst) {
                 break;
             }
             let timeout = if polling {
-                0
+                Some(Duration::ZERO)
             } else if self.pending_report {
-                RETRY_MS
+                Some(RETRY)
             } else {
-                -1
+                None
             };
-            // SAFETY: `events` is a valid buffer of MAX_EVENTS entries and the
-            // epoll fd is live.
-            let n = unsafe {
-                libc::epoll_wait(
-                    epoll.as_raw_fd(),
-                    events.as_mut_ptr(),
-                    MAX_EVENTS as i32,
-                    timeout,
-                )
-            };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
+            // An interrupted wait returns no events.
+            let n = match epoll::wait(&epoll, &mut events, timeout) {
+                Ok(n) => n.min(MAX_EVENTS),
+                Err(e) => {
+                    error!("worker {}: epoll_wait: {e}", self.thread);
+                    break;
                 }
-                error!("worker {}: epoll_wait: {e}", self.thread);
-                break;
-            }
-            let n = usize::try_from(n).unwrap_or(0).min(MAX_EVENTS);
+            };
             for ev in events.iter().take(n) {
-                let token = ev.u64;
+                let token = ev.data();
                 if token == CTL_TOKEN {
                     let _ = self.ctl.event.read();
                     if self.ctl.stop.load(Ordering::SeqCst) {
@@ -521,10 +490,10 @@ impl Runner {
         }
     }
 
-    fn sync_kicks(&mut self, epoll: &OwnedFd) {
+    fn sync_kicks(&mut self, epoll: &Epoll) {
         for (_, k) in self.kicks.drain(..) {
             // Best effort: the fd is ours, so it is still registered.
-            let _ = epoll_ctl(epoll, libc::EPOLL_CTL_DEL, k.as_raw_fd(), 0);
+            let _ = epoll::ctl_raw(epoll, CtlOp::Delete, k.as_raw_fd(), EpollFlags::empty(), 0);
         }
         for (index, m) in &self.vrings {
             let v = lock(m);
@@ -534,9 +503,7 @@ impl Runner {
             let Some(kick) = &v.kick else { continue };
             match kick.try_clone() {
                 Ok(k) => {
-                    if let Err(e) =
-                        epoll_ctl(epoll, libc::EPOLL_CTL_ADD, k.as_raw_fd(), u64::from(*index))
-                    {
+                    if let Err(e) = watch_raw(epoll, k.as_raw_fd(), u64::from(*index)) {
                         error!(
                             "worker {}: watching kick of queue {index}: {e}",
                             self.thread

@@ -18,3 +18,17 @@ pub fn borrow(e: &EventFd) -> BorrowedFd<'_> {
     // cannot outlive, so it stays open for the borrow's lifetime.
     unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_nonblocking_eventfd_does_not_block_when_empty() {
+        let e = nonblocking().expect("eventfd");
+        e.write(1).expect("write");
+        assert_eq!(e.read().expect("read"), 1);
+        // Empty: a read returns at once instead of blocking the thread.
+        assert!(e.read().is_err());
+    }
+}

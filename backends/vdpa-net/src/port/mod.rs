@@ -14,10 +14,9 @@ mod switch;
 pub mod tap;
 
 use std::fmt;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 
 use thiserror::Error;
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::net::{MacAddr, PortOffloads, VNET_HDR_LEN};
 
@@ -327,19 +326,6 @@ impl PortSpec {
     }
 }
 
-/// A non-blocking, close-on-exec eventfd: a port's readiness, or a
-/// worker's wake-up.
-pub(crate) fn eventfd() -> Result<EventFd> {
-    EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(Error::EventFd)
-}
-
-/// An eventfd's descriptor, borrowed for as long as the eventfd is.
-pub(crate) fn borrow_eventfd(e: &EventFd) -> BorrowedFd<'_> {
-    // SAFETY: the descriptor is owned by `e`, which the returned borrow
-    // cannot outlive, so it stays open for the borrow's lifetime.
-    unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -399,14 +385,5 @@ mod tests {
         assert_eq!(b.frame().len(), 8);
         b.set_len(5);
         assert_eq!(b.frame_mut().len(), 0);
-    }
-
-    #[test]
-    fn test_eventfd_is_non_blocking() {
-        let e = eventfd().unwrap();
-        e.write(1).unwrap();
-        assert_eq!(e.read().unwrap(), 1);
-        // Empty: a read returns at once instead of blocking the worker.
-        assert!(e.read().is_err());
     }
 }

@@ -12,7 +12,7 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{borrow_eventfd, eventfd, PacketBuf, Port, Result, SendOutcome, PORT_QUEUE_LEN};
+use super::{Error, PacketBuf, Port, Result, SendOutcome, PORT_QUEUE_LEN};
 use crate::net::{MacAddr, VNET_HDR_LEN};
 
 /// Most MAC addresses one switch learns.
@@ -101,7 +101,7 @@ impl Switch {
             let ep = Arc::new(Endpoint {
                 dev,
                 queue: Mutex::new(EpQueue::default()),
-                event: eventfd()?,
+                event: ioasis::eventfd::nonblocking().map_err(Error::EventFd)?,
             });
             inner.endpoints.push((ep.clone(), i == 0));
             if i == 0 && inner.table.len() < MAX_LEARNED_MACS {
@@ -223,7 +223,7 @@ impl Port for SwitchPort {
     }
 
     fn rx_fd(&self) -> Option<BorrowedFd<'_>> {
-        Some(borrow_eventfd(&self.ep.event))
+        Some(ioasis::eventfd::borrow(&self.ep.event))
     }
 
     fn reset(&mut self) {
