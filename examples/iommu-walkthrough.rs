@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use iommu_core::{
-    Device, Error, FaultStatus, HwInfo, HwptAlloc, Iommu, Memory, PageResponseCode, Perm,
+    Error, FaultStatus, HwInfo, HwptAlloc, Iommu, IommuDevice, Memory, PageResponseCode, Perm,
     IOMMU_HWPT_ALLOC_PASID,
 };
 
@@ -37,14 +37,14 @@ fn run() -> Res<()> {
 
     step(1, "open a context and bind two devices");
     let iommu = Iommu::new();
-    let net = Device::new(
+    let net = IommuDevice::new(
         "net0",
         HwInfo {
             reserved: vec![HwInfo::X86_MSI_WINDOW],
             ..HwInfo::default()
         },
     );
-    let accel = Device::new("accel0", HwInfo::full());
+    let accel = IommuDevice::new("accel0", HwInfo::full());
     let net_id = iommu.bind(&net)?;
     let accel_id = iommu.bind(&accel)?;
     for id in [net_id, accel_id] {

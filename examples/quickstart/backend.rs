@@ -32,7 +32,7 @@ use ioasis::ownership::Grantee;
 use ioasis::server::Server;
 use ioasis::service::Service;
 use log::warn;
-use sva_accel::device::{Device as Accel, DeviceConfig, IommuBinding};
+use sva_accel::device::{Accelerator, DeviceConfig, IommuBinding};
 use vdpa_net::net::MacAddr;
 use vdpa_net::port::{PortSpec, TapIo};
 use vdpa_net::stats::DeviceStats;
@@ -115,7 +115,7 @@ pub fn run(dir: &Path) -> Res<()> {
         workers: 1,
         ..DeviceConfig::default()
     };
-    let mut accel = Accel::start_with(
+    let mut accel = Accelerator::start_with(
         cfg,
         IommuBinding {
             device: accel_core,

@@ -1017,13 +1017,13 @@ mod tests {
 
     fn setup() -> (
         Iommu,
-        iommu_core::Device,
+        iommu_core::IommuDevice,
         u32,
         std::sync::Arc<Memory>,
         std::sync::Arc<Memory>,
     ) {
         let iommu = Iommu::new();
-        let core = iommu_core::Device::new("dma", HwInfo::default());
+        let core = iommu_core::IommuDevice::new("dma", HwInfo::default());
         let dev = iommu.bind(&core).expect("bind");
         let ioas = iommu.ioas_alloc().expect("ioas");
         iommu.attach(dev, None, ioas).expect("attach");
@@ -1110,7 +1110,7 @@ mod tests {
     /// from `3P`.
     struct FaultRig {
         _iommu: Iommu,
-        dev: iommu_core::Device,
+        dev: iommu_core::IommuDevice,
         faults: iommu_core::FaultQueue,
         m: std::sync::Arc<Memory>,
         n: std::sync::Arc<Memory>,
@@ -1118,7 +1118,7 @@ mod tests {
 
     fn fault_rig() -> FaultRig {
         let iommu = Iommu::new();
-        let dev = iommu_core::Device::new("sva", HwInfo::full());
+        let dev = iommu_core::IommuDevice::new("sva", HwInfo::full());
         let dev_id = iommu.bind(&dev).expect("bind");
         let ioas = iommu.ioas_alloc().expect("ioas");
         let m = Memory::anonymous("m", P as usize).expect("m");
@@ -1364,7 +1364,7 @@ mod tests {
     #[test]
     fn test_pasids_of_one_section_do_not_share_translations() {
         let iommu = Iommu::new();
-        let dev = iommu_core::Device::new("two", HwInfo::full());
+        let dev = iommu_core::IommuDevice::new("two", HwInfo::full());
         let dev_id = iommu.bind(&dev).expect("bind");
         let mut mems = Vec::new();
         for (i, pasid) in [(0u8, None), (1, Some(3)), (2, Some(4))] {
@@ -1426,7 +1426,7 @@ mod tests {
     #[test]
     fn test_speculative_windows_keep_permissions() {
         let iommu = Iommu::new();
-        let core = iommu_core::Device::new("spec", HwInfo::default());
+        let core = iommu_core::IommuDevice::new("spec", HwInfo::default());
         let dev = iommu.bind(&core).expect("bind");
         let ioas = iommu.ioas_alloc().expect("ioas");
         iommu.attach(dev, None, ioas).expect("attach");

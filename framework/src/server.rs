@@ -386,7 +386,7 @@ impl Server {
             return Err(ServerError::DuplicateLabel(label.to_string()));
         }
         let listener = bind_socket(&path, &self.policy)?;
-        let core = iommu_core::Device::new(label, info);
+        let core = iommu_core::IommuDevice::new(label, info);
         let dev_id = match self.iommu.bind(&core) {
             Ok(id) => id,
             Err(source) => {
@@ -400,7 +400,7 @@ impl Server {
         self.directory.insert(
             label.to_string(),
             DirectoryEntry {
-                device: IommuDevice::from(core.clone()),
+                device: core.clone(),
                 dev_id,
                 socket: path.clone(),
             },
@@ -453,8 +453,9 @@ impl Server {
             return Err(ServerError::DuplicateLabel(label.to_string()));
         }
         let device = IommuDevice::new(label, info);
-        let dev_id = device
-            .bind(&self.iommu)
+        let dev_id = self
+            .iommu
+            .bind(&device)
             .map_err(|source| ServerError::Iommu {
                 label: label.to_string(),
                 source,

@@ -291,7 +291,7 @@ impl DriverRing {
 #[derive(Debug)]
 pub struct Harness {
     _iommu: iommu_core::Iommu,
-    core: iommu_core::Device,
+    core: iommu_core::IommuDevice,
     mem: Arc<Memory>,
     vrings: Vec<(u16, Arc<std::sync::Mutex<crate::queue::Vring>>)>,
     rings: Vec<DriverRing>,
@@ -329,7 +329,7 @@ impl Harness {
             return Err(HarnessError::Device("the harness supports 1..=16 queues"));
         }
         let iommu = iommu_core::Iommu::new();
-        let core = iommu_core::Device::new("harness", iommu_core::HwInfo::default());
+        let core = iommu_core::IommuDevice::new("harness", iommu_core::HwInfo::default());
         let dev_id = iommu.bind(&core)?;
         let ioas = iommu.ioas_alloc()?;
         iommu.attach(dev_id, None, ioas)?;

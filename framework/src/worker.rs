@@ -211,7 +211,7 @@ impl WorkerSet {
     pub fn start(
         device: &Arc<dyn Device>,
         vrings: &[Arc<Mutex<Vring>>],
-        core: &iommu_core::Device,
+        core: &iommu_core::IommuDevice,
         shared: &Arc<ConnShared>,
     ) -> Result<WorkerSet, WorkerError> {
         let masks = device.queues_per_thread();

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use hostile_common::*;
 use ioasis::service::{Client, Service, StaticDirectory};
 use ioasis::vhost_user::msg::VERSION_1;
-use iommu_core::{Device, HwInfo, Iommu};
+use iommu_core::{HwInfo, Iommu, IommuDevice};
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 use vhost_common::*;
 
@@ -90,7 +90,7 @@ fn test_accept_loops_back_off_at_the_fd_limit() {
     let dir = tempfile::tempdir().expect("tempdir");
     let svc_path = dir.path().join("iommu.sock");
     let iommu = Iommu::new();
-    let dev = Device::new("dev0", HwInfo::full());
+    let dev = IommuDevice::new("dev0", HwInfo::full());
     iommu.bind(&dev).expect("bind");
     let directory = Arc::new(StaticDirectory::new());
     directory.insert(dev);

@@ -26,7 +26,7 @@ use ioasis::service::proto::{Reply, Request, MAX_FDS};
 use ioasis::service::transport::{recv_packet, send_packet};
 use ioasis::service::{Client, Service, StaticDirectory};
 use ioasis::vhost_user::msg::VERSION_1;
-use iommu_core::{Device, HwInfo, Iommu};
+use iommu_core::{HwInfo, Iommu, IommuDevice};
 use nix::sys::socket::{
     connect, sendmsg, socket, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
 };
@@ -59,7 +59,7 @@ fn test_service_closes_fds_of_overstuffed_messages() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("iommu.sock");
     let iommu = Iommu::new();
-    let dev = Device::new("dev0", HwInfo::full());
+    let dev = IommuDevice::new("dev0", HwInfo::full());
     iommu.bind(&dev).expect("bind");
     let directory = Arc::new(StaticDirectory::new());
     directory.insert(dev);

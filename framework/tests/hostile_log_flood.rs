@@ -22,7 +22,7 @@ use hostile_common::*;
 use ioasis::ratelimit::RateLimit;
 use ioasis::service::{Client, Service, StaticDirectory};
 use ioasis::vhost_user::msg::{FLAG_NEED_REPLY, VERSION_1};
-use iommu_core::{Device, HwInfo, Iommu};
+use iommu_core::{HwInfo, Iommu, IommuDevice};
 use nix::sys::socket::{send, MsgFlags};
 use vhost_common::*;
 
@@ -71,7 +71,7 @@ fn test_malformed_fault_responses_are_logged_rate_limited() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("iommu.sock");
     let iommu = Iommu::new();
-    let dev = Device::new("dev0", HwInfo::full());
+    let dev = IommuDevice::new("dev0", HwInfo::full());
     iommu.bind(&dev).expect("bind");
     let directory = Arc::new(StaticDirectory::new());
     directory.insert(dev);

@@ -22,7 +22,7 @@ use ioasis::service::{
 };
 use ioasis::uring::{FaultBatch, FaultChannel, PageResponse, Wait};
 use iommu_core::{
-    Device, Error, FaultStatus, HwInfo, Iommu, PendingFault, IOMMU_HWPT_ALLOC_PASID, PAGE_SIZE,
+    Error, FaultStatus, HwInfo, Iommu, IommuDevice, PendingFault, IOMMU_HWPT_ALLOC_PASID, PAGE_SIZE,
 };
 
 /// The device's own bound on outstanding faults in these tests.
@@ -32,7 +32,7 @@ const WAIT: Duration = Duration::from_secs(10);
 struct World {
     _dir: tempfile::TempDir,
     path: PathBuf,
-    dev: Device,
+    dev: IommuDevice,
     svc: Option<ServiceThread>,
 }
 
@@ -41,7 +41,7 @@ impl World {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("iommu.sock");
         let iommu = Iommu::new();
-        let dev = Device::new("dev0", HwInfo::full());
+        let dev = IommuDevice::new("dev0", HwInfo::full());
         dev.set_max_outstanding_faults(DEVICE_BOUND);
         iommu.bind(&dev).expect("bind");
         let directory = Arc::new(StaticDirectory::new());

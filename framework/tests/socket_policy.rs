@@ -24,7 +24,7 @@ use ioasis::server::Server;
 use ioasis::service::proto::Request;
 use ioasis::service::{Client, Service, StaticDirectory};
 use ioasis::socket_policy::SocketPolicy;
-use iommu_core::{Device, HwInfo, Iommu};
+use iommu_core::{HwInfo, Iommu, IommuDevice};
 
 /// The unprivileged user and group the child clients become.
 const NOBODY: u32 = 65534;
@@ -68,7 +68,7 @@ fn mode_of(p: &Path) -> u32 {
 
 fn service(path: &Path, policy: SocketPolicy) -> ioasis::service::ServiceThread {
     let iommu = Iommu::new();
-    let dev = Device::new("dev0", HwInfo::full());
+    let dev = IommuDevice::new("dev0", HwInfo::full());
     iommu.bind(&dev).expect("bind");
     let dir = Arc::new(StaticDirectory::new());
     dir.insert(dev);

@@ -18,7 +18,7 @@ fn translate_warm(c: &mut Criterion) {
     let mut g = c.benchmark_group("translate");
     for areas in [1024u64, 100_000] {
         let iommu = Iommu::new();
-        let dev = Device::new("bench", HwInfo::default());
+        let dev = IommuDevice::new("bench", HwInfo::default());
         let dev_id = iommu.bind(&dev).unwrap();
         let ioas = iommu.ioas_alloc().unwrap();
         let mem = Memory::anonymous("bench", (1024 * P) as usize).unwrap();
@@ -96,7 +96,7 @@ fn translate_warm(c: &mut Criterion) {
         // Source and destination buffers `apart` bytes apart, translated
         // alternately page by page (a memmove engine's pattern).
         let iommu = Iommu::new();
-        let dev = Device::new("bench", HwInfo::default());
+        let dev = IommuDevice::new("bench", HwInfo::default());
         let dev_id = iommu.bind(&dev).unwrap();
         let ioas = iommu.ioas_alloc().unwrap();
         let mem = Memory::anonymous("bench", (128 * P) as usize).unwrap();
@@ -146,7 +146,7 @@ fn map_unmap_100k(c: &mut Criterion) {
                 .ioas_map(ioas, &mem, 0, P, Some(0x1_0000_0000 + i * P), Perm::RW)
                 .unwrap();
         }
-        let dev = Device::new("bench", HwInfo::default());
+        let dev = IommuDevice::new("bench", HwInfo::default());
         let _t = dev.translator();
         if attached {
             let dev_id = iommu.bind(&dev).unwrap();
@@ -179,7 +179,7 @@ fn unmap_8_devices(c: &mut Criterion) {
     let mem = Memory::anonymous("bench", 1 << 20).unwrap();
     let mut ts: Vec<Translator> = (0..8)
         .map(|i| {
-            let d = Device::new(format!("d{i}"), HwInfo::default());
+            let d = IommuDevice::new(format!("d{i}"), HwInfo::default());
             let id = iommu.bind(&d).unwrap();
             iommu.attach(id, None, ioas).unwrap();
             d.translator()

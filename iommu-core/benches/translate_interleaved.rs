@@ -21,7 +21,7 @@ fn main() {
     let rounds = if full { 2000 } else { 3 };
     for areas in [1024u64, 100_000] {
         let iommu = Iommu::new();
-        let dev = Device::new("bench", HwInfo::default());
+        let dev = IommuDevice::new("bench", HwInfo::default());
         let dev_id = iommu.bind(&dev).unwrap();
         let ioas = iommu.ioas_alloc().unwrap();
         let mem = Memory::anonymous("bench", (1024 * P) as usize).unwrap();
@@ -105,7 +105,7 @@ fn main() {
 fn aligned_buffers(apart: u64, rounds: usize) {
     const BUF: u64 = 64 * P;
     let iommu = Iommu::new();
-    let dev = Device::new("bench", HwInfo::default());
+    let dev = IommuDevice::new("bench", HwInfo::default());
     let dev_id = iommu.bind(&dev).unwrap();
     let ioas = iommu.ioas_alloc().unwrap();
     let mem = Memory::anonymous("bench", (2 * BUF) as usize).unwrap();

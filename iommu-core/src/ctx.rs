@@ -367,9 +367,9 @@ impl Iommu {
 /// A context with one bound device (`HwInfo::full`), an IOAS and 1 MiB
 /// of memory, for the tests of the operations.
 #[cfg(test)]
-fn test_setup() -> (Iommu, crate::Device, DevId, IoasId, Arc<crate::Memory>) {
+fn test_setup() -> (Iommu, crate::IommuDevice, DevId, IoasId, Arc<crate::Memory>) {
     let iommu = Iommu::new();
-    let dev = crate::Device::new("d0", HwInfo::full());
+    let dev = crate::IommuDevice::new("d0", HwInfo::full());
     let dev_id = iommu.bind(&dev).expect("bind");
     let ioas = iommu.ioas_alloc().expect("ioas");
     let mem = crate::Memory::anonymous("m", 1 << 20).expect("mem");

@@ -69,7 +69,7 @@ pub(crate) struct DeviceShared {
     slots: Mutex<Vec<Weak<Slot>>>,
     fault_waker: Mutex<Option<FaultWaker>>,
     outstanding: AtomicUsize,
-    /// Bound on `outstanding` (see [`Device::set_max_outstanding_faults`]).
+    /// Bound on `outstanding` (see [`IommuDevice::set_max_outstanding_faults`]).
     max_outstanding: AtomicUsize,
     pub(crate) virt: RwLock<VirtIds>,
     next_grpid: AtomicU32,
@@ -147,24 +147,24 @@ impl DeviceShared {
 /// bound to at most one [`Iommu`](crate::Iommu) at a time, and the source of
 /// [`Translator`]s for its DMA threads. Cheap to clone.
 #[derive(Clone)]
-pub struct Device {
+pub struct IommuDevice {
     pub(crate) shared: Arc<DeviceShared>,
 }
 
-impl std::fmt::Debug for Device {
+impl std::fmt::Debug for IommuDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Device")
+        f.debug_struct("IommuDevice")
             .field("label", &self.shared.label)
             .field("dev_id", &self.dev_id())
             .finish()
     }
 }
 
-impl Device {
+impl IommuDevice {
     /// A new, unbound device.
-    pub fn new(label: impl Into<String>, info: HwInfo) -> Device {
+    pub fn new(label: impl Into<String>, info: HwInfo) -> IommuDevice {
         let label: String = label.into();
-        Device {
+        IommuDevice {
             shared: Arc::new(DeviceShared {
                 label: label.into(),
                 info,

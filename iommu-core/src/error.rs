@@ -208,7 +208,7 @@ pub enum Error {
     /// Device side: the device already has its bound of fault groups
     /// outstanding
     /// ([`MAX_OUTSTANDING_FAULTS_PER_DEVICE`](crate::MAX_OUTSTANDING_FAULTS_PER_DEVICE)
-    /// unless [`Device::set_max_outstanding_faults`](crate::Device::set_max_outstanding_faults)
+    /// unless [`IommuDevice::set_max_outstanding_faults`](crate::IommuDevice::set_max_outstanding_faults)
     /// changed it), or the fault queue's budget
     /// ([`FaultQueue::set_budget`](crate::FaultQueue::set_budget)) has no
     /// slot left; the access fails and the overflow is counted. errno:

@@ -27,7 +27,7 @@ pub const IOMMU_PGFAULT_FLAGS_VIRTUAL_IDS: u32 = 1 << 31;
 
 /// Default bound on fault groups outstanding (queued or awaiting a
 /// response) per device
-/// ([`Device::set_max_outstanding_faults`](crate::Device::set_max_outstanding_faults)
+/// ([`IommuDevice::set_max_outstanding_faults`](crate::IommuDevice::set_max_outstanding_faults)
 /// changes it). Past it, a translation that would fault fails with
 /// [`Error::FaultOverflow`](crate::Error::FaultOverflow), no record is
 /// queued, and the overflow is counted in [`FaultQueueStats::overflows`].
@@ -516,7 +516,7 @@ impl Group {
 
 /// The raising device's handle on one fault group: poll
 /// [`PendingFault::status`] or block in [`PendingFault::wait`]. A
-/// per-device waker ([`Device::set_fault_waker`](crate::Device::set_fault_waker))
+/// per-device waker ([`IommuDevice::set_fault_waker`](crate::IommuDevice::set_fault_waker))
 /// is called when any group of the device is answered.
 #[derive(Clone)]
 pub struct PendingFault {

@@ -3,7 +3,7 @@
 //! outstanding group.
 //!
 //! A device's own bound
-//! ([`Device::set_max_outstanding_faults`](crate::Device::set_max_outstanding_faults))
+//! ([`IommuDevice::set_max_outstanding_faults`](crate::IommuDevice::set_max_outstanding_faults))
 //! is shared by everyone whose faults the device raises: one consumer that
 //! never answers can hold all of it and fail every other consumer's faults
 //! on that device. A budget bounds one consumer instead: give each

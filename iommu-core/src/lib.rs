@@ -8,7 +8,7 @@
 //! | object | created by | iommufd analogue |
 //! | --- | --- | --- |
 //! | IOAS: IOVA areas → [`Memory`] with R/W permissions | [`Iommu::ioas_alloc`] | `IOMMU_IOAS_*` |
-//! | device: a [`Device`] (label + [`HwInfo`]) bound to the context | [`Iommu::bind`] | VFIO cdev bind |
+//! | device: a [`IommuDevice`] (label + [`HwInfo`]) bound to the context | [`Iommu::bind`] | VFIO cdev bind |
 //! | HWPT paging: what devices attach to, built from an IOAS | [`Iommu::hwpt_alloc`], or automatically by attaching an IOAS id | `IOMMU_HWPT_ALLOC` |
 //! | HWPT nested: a user-owned stage-1 table walked through its parent | [`Iommu::hwpt_alloc`] with [`HwptData::Stage1`] | `IOMMU_HWPT_ALLOC` + data |
 //! | fault queue: page-fault records out, responses in | [`Iommu::fault_queue_alloc`] | `IOMMU_FAULT_QUEUE_ALLOC` |
@@ -28,11 +28,11 @@
 //! [`Error`] names the errno iommufd returns ([`Error::errno`]).
 //!
 //! ```
-//! use iommu_core::{Device, HwInfo, Iommu, Memory, Perm};
+//! use iommu_core::{IommuDevice, HwInfo, Iommu, Memory, Perm};
 //!
 //! # fn main() -> iommu_core::Result<()> {
 //! let iommu = Iommu::new();
-//! let dev = Device::new("net0", HwInfo::default());
+//! let dev = IommuDevice::new("net0", HwInfo::default());
 //! let dev_id = iommu.bind(&dev)?;
 //! let ioas = iommu.ioas_alloc()?;
 //! let mem = Memory::anonymous("guest-ram", 1 << 20)?;
@@ -55,8 +55,8 @@
 //!
 //! # The device side
 //!
-//! A device's owner creates a [`Device`] and gives each DMA thread a
-//! [`Translator`] ([`Device::translator`]). A translator has its own
+//! A device's owner creates a [`IommuDevice`] and gives each DMA thread a
+//! [`Translator`] ([`IommuDevice::translator`]). A translator has its own
 //! translation cache (IOTLB, 2-way set associative by hashed 4 KiB page
 //! number, each entry covering a whole contiguous area). DMA happens inside an *access section*
 //! ([`Translator::access`] → [`AccessSection`]):
@@ -70,7 +70,7 @@
 //! fault: the access returns [`Error::FaultRaised`] with a [`PendingFault`].
 //! The device ends its section, and either polls [`PendingFault::status`] or
 //! blocks in [`PendingFault::wait`]; a per-device waker
-//! ([`Device::set_fault_waker`]) is called when a group is answered, so an
+//! ([`IommuDevice::set_fault_waker`]) is called when a group is answered, so an
 //! event loop can learn of it without spinning. On a HWPT without a fault
 //! queue the access fails with [`Error::Unmapped`] / [`Error::AccessDenied`]
 //! and an event goes to the event queue that covers the device.
@@ -191,7 +191,7 @@
 //!   reads whole groups only ([`FaultQueue::read_batch`]); each group holds
 //!   one of the device's outstanding-fault slots
 //!   ([`MAX_OUTSTANDING_FAULTS_PER_DEVICE`] unless
-//!   [`Device::set_max_outstanding_faults`] changed the bound) until
+//!   [`IommuDevice::set_max_outstanding_faults`] changed the bound) until
 //!   it is answered (by [`FaultQueue::respond`], or INVALID automatically on
 //!   detach, replace, unbind or queue destroy). Past the bound the access
 //!   fails with [`Error::FaultOverflow`] and [`FaultQueueStats::overflows`]
@@ -253,7 +253,7 @@ mod translate;
 mod types;
 
 pub use ctx::{Iommu, MAX_AREAS_PER_IOAS, MAX_DIRTY_BITMAP_BITS};
-pub use device::{Device, FaultWaker};
+pub use device::{FaultWaker, IommuDevice};
 pub use error::{Error, Result};
 pub use event::*;
 pub use fault::*;

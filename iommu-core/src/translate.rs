@@ -20,7 +20,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::device::{pasid_key, Device, DirtyState, Domain};
+use crate::device::{pasid_key, DirtyState, Domain, IommuDevice};
 use crate::error::{Error, Result};
 use crate::event::EventReason;
 use crate::fault::{
@@ -125,7 +125,7 @@ struct Miss {
 /// One DMA thread's view of a device: its own translation cache, validated
 /// by a generation counter at the start of each access section.
 pub struct Translator {
-    device: Device,
+    device: IommuDevice,
     slot: Arc<Slot>,
     seen_gen: u64,
     epoch: u64,
@@ -145,7 +145,7 @@ impl std::fmt::Debug for Translator {
 }
 
 impl Translator {
-    pub(crate) fn new(device: Device) -> Translator {
+    pub(crate) fn new(device: IommuDevice) -> Translator {
         let slot = Arc::new(Slot::new(device.shared.label.clone()));
         device.shared.add_slot(&slot);
         let seen_gen = slot.gen.load(Ordering::SeqCst);
@@ -165,7 +165,7 @@ impl Translator {
         self.slot.id
     }
     /// The device.
-    pub fn device(&self) -> &Device {
+    pub fn device(&self) -> &IommuDevice {
         &self.device
     }
     /// Opens an access section. Never block inside one (an unmap waits for
@@ -880,9 +880,9 @@ mod tests {
     /// A device attached to a fault-capable HWPT over an IOAS with one
     /// read-only page at `P` and one read-write page at `2P`, plus the
     /// context-wide event queue.
-    fn fault_capable() -> (Iommu, Device, FaultQueue, EventQueue, Arc<Memory>) {
+    fn fault_capable() -> (Iommu, IommuDevice, FaultQueue, EventQueue, Arc<Memory>) {
         let iommu = Iommu::new();
-        let dev = Device::new("d0", HwInfo::full());
+        let dev = IommuDevice::new("d0", HwInfo::full());
         let dev_id = iommu.bind(&dev).expect("bind");
         let ioas = iommu.ioas_alloc().expect("ioas");
         let mem = Memory::anonymous("m", (2 * P) as usize).expect("mem");
@@ -1038,9 +1038,9 @@ mod tests {
 
     /// A device attached (auto paging HWPT) to an IOAS with a 64 KiB area
     /// at each of `iovas`.
-    fn plain(iovas: &[u64]) -> (Iommu, Device) {
+    fn plain(iovas: &[u64]) -> (Iommu, IommuDevice) {
         let iommu = Iommu::new();
-        let dev = Device::new("d0", HwInfo::full());
+        let dev = IommuDevice::new("d0", HwInfo::full());
         let dev_id = iommu.bind(&dev).expect("bind");
         let ioas = iommu.ioas_alloc().expect("ioas");
         let mem = Memory::anonymous("m", 16 * P as usize).expect("mem");
@@ -1095,7 +1095,7 @@ mod tests {
             .collect();
         assert_eq!(same.len(), 3);
         let iommu = Iommu::new();
-        let dev = Device::new("d0", HwInfo::full());
+        let dev = IommuDevice::new("d0", HwInfo::full());
         let dev_id = iommu.bind(&dev).expect("bind");
         let ioas = iommu.ioas_alloc().expect("ioas");
         let mem = Memory::anonymous("m", P as usize).expect("mem");
@@ -1127,7 +1127,7 @@ mod tests {
     #[test]
     fn test_refill_for_write_replaces_read_only_entry() {
         let iommu = Iommu::new();
-        let dev = Device::new("d0", HwInfo::full());
+        let dev = IommuDevice::new("d0", HwInfo::full());
         let dev_id = iommu.bind(&dev).expect("bind");
         let ioas = iommu.ioas_alloc().expect("ioas");
         let mem = Memory::anonymous("m", 16 * P as usize).expect("mem");
@@ -1164,7 +1164,7 @@ mod tests {
     #[test]
     fn test_nofault_without_fault_queue_reports_no_event() {
         let iommu = Iommu::new();
-        let dev = Device::new("d0", HwInfo::full());
+        let dev = IommuDevice::new("d0", HwInfo::full());
         let dev_id = iommu.bind(&dev).expect("bind");
         let ioas = iommu.ioas_alloc().expect("ioas");
         let (_eid, eq) = iommu.event_queue_alloc(None, 8).expect("event queue");

@@ -18,16 +18,16 @@ fn errno<T: std::fmt::Debug>(r: Result<T>) -> i32 {
 }
 
 /// A context with one full-featured bound device and one IOAS.
-fn fixture() -> (Iommu, Device, DevId, IoasId, Arc<Memory>) {
+fn fixture() -> (Iommu, IommuDevice, DevId, IoasId, Arc<Memory>) {
     let iommu = Iommu::new();
-    let dev = Device::new("mock", HwInfo::full());
+    let dev = IommuDevice::new("mock", HwInfo::full());
     let dev_id = iommu.bind(&dev).unwrap();
     let ioas = iommu.ioas_alloc().unwrap();
     (iommu, dev, dev_id, ioas, mem(4 << 20))
 }
 
-fn plain_device(iommu: &Iommu, label: &str) -> (Device, DevId) {
-    let d = Device::new(label, HwInfo::default());
+fn plain_device(iommu: &Iommu, label: &str) -> (IommuDevice, DevId) {
+    let d = IommuDevice::new(label, HwInfo::default());
     let id = iommu.bind(&d).unwrap();
     (d, id)
 }
@@ -274,7 +274,7 @@ fn test_device_reserved_region_follows_attach() {
         reserved: vec![HwInfo::X86_MSI_WINDOW],
         ..HwInfo::default()
     };
-    let dev = Device::new("msi", info);
+    let dev = IommuDevice::new("msi", info);
     let dev_id = iommu.bind(&dev).unwrap();
     let ioas = iommu.ioas_alloc().unwrap();
     iommu.attach(dev_id, None, ioas).unwrap();
@@ -295,7 +295,7 @@ fn test_device_reserved_region_follows_attach() {
 #[test]
 fn test_fixed_map_into_reserved_einval() {
     let iommu = Iommu::new();
-    let dev = Device::new(
+    let dev = IommuDevice::new(
         "msi",
         HwInfo {
             reserved: vec![HwInfo::X86_MSI_WINDOW],
@@ -317,7 +317,7 @@ fn test_fixed_map_into_reserved_einval() {
 #[test]
 fn test_attach_reserved_over_area_eaddrinuse() {
     let iommu = Iommu::new();
-    let dev = Device::new(
+    let dev = IommuDevice::new(
         "msi",
         HwInfo {
             reserved: vec![HwInfo::X86_MSI_WINDOW],
@@ -677,8 +677,8 @@ fn test_copy_across_areas() {
 #[test]
 fn test_copy_shares_pages() {
     let iommu = Iommu::new();
-    let a = Device::new("a", HwInfo::default());
-    let b = Device::new("b", HwInfo::default());
+    let a = IommuDevice::new("a", HwInfo::default());
+    let b = IommuDevice::new("b", HwInfo::default());
     let a_id = iommu.bind(&a).unwrap();
     let b_id = iommu.bind(&b).unwrap();
     let src = iommu.ioas_alloc().unwrap();
@@ -769,7 +769,7 @@ fn test_access_rw_around_page_boundary() {
 #[test]
 fn test_access_rw_unaligned_iova() {
     let iommu = Iommu::new();
-    let dev = Device::new(
+    let dev = IommuDevice::new(
         "mock2k",
         HwInfo {
             page_sizes: 1 << 11,
@@ -1028,7 +1028,15 @@ fn test_dirty_capability_reported() {
 
 // --------------------------------------------------------- I. invalidation
 
-fn nested_setup() -> (Iommu, Device, DevId, IoasId, Arc<Memory>, HwptId, HwptId) {
+fn nested_setup() -> (
+    Iommu,
+    IommuDevice,
+    DevId,
+    IoasId,
+    Arc<Memory>,
+    HwptId,
+    HwptId,
+) {
     let (iommu, dev, dev_id, ioas, m) = fixture();
     iommu
         .ioas_map(ioas, &m, 0, 1 << 20, Some(0), Perm::RW)
@@ -1155,7 +1163,7 @@ fn test_invalidate_drops_stage1_cache() {
 
 fn fault_setup() -> (
     Iommu,
-    Device,
+    IommuDevice,
     DevId,
     IoasId,
     Arc<Memory>,
@@ -1527,7 +1535,7 @@ fn test_viommu_negatives() {
     iommu.destroy(parent).unwrap();
 }
 
-fn viommu_setup() -> (Iommu, Device, DevId, IoasId, ViommuId) {
+fn viommu_setup() -> (Iommu, IommuDevice, DevId, IoasId, ViommuId) {
     let (iommu, dev, dev_id, ioas, _m) = fixture();
     let parent = paging(&iommu, dev_id, ioas, IOMMU_HWPT_ALLOC_NEST_PARENT);
     let v = iommu.viommu_alloc(dev_id, parent).unwrap();
@@ -1866,7 +1874,7 @@ fn test_ioas_align_change() {
 #[test]
 fn test_replace_same_ioas_keeps_reservation() {
     let iommu = Iommu::new();
-    let dev = Device::new(
+    let dev = IommuDevice::new(
         "msi",
         HwInfo {
             reserved: vec![HwInfo::X86_MSI_WINDOW],
@@ -1927,14 +1935,14 @@ fn test_fault_batch_whole_groups_only() {
     assert_eq!(recs[3].addr, 9 * P);
 }
 
-/// (design) the handles are thread-safe: `Iommu`, `Device`, queues and
+/// (design) the handles are thread-safe: `Iommu`, `IommuDevice`, queues and
 /// tickets are `Send + Sync`, a `Translator` moves to its DMA thread.
 #[test]
 fn test_handles_are_send_sync() {
     fn send_sync<T: Send + Sync>() {}
     fn send<T: Send>() {}
     send_sync::<Iommu>();
-    send_sync::<Device>();
+    send_sync::<IommuDevice>();
     send_sync::<FaultQueue>();
     send_sync::<EventQueue>();
     send_sync::<PendingFault>();
@@ -1946,7 +1954,7 @@ fn test_handles_are_send_sync() {
 
 // ------------------------------------------------------------ dirty bitmap
 
-fn dirty_setup() -> (Iommu, Device, IoasId, HwptId, Arc<Memory>) {
+fn dirty_setup() -> (Iommu, IommuDevice, IoasId, HwptId, Arc<Memory>) {
     let (iommu, dev, dev_id, ioas, m) = fixture();
     iommu
         .ioas_map(ioas, &m, 0, 64 * P, Some(0), Perm::RW)
@@ -2029,7 +2037,9 @@ fn test_dirty_bitmap_bad_args() {
         errno(iommu.hwpt_get_dirty_bitmap(h, u64::MAX - P + 1, 2 * P, P, false)),
         libc::EOVERFLOW
     );
-    let dev_id = iommu.bind(&Device::new("dirty2", HwInfo::full())).unwrap();
+    let dev_id = iommu
+        .bind(&IommuDevice::new("dirty2", HwInfo::full()))
+        .unwrap();
     let plain = paging(&iommu, dev_id, ioas, 0);
     assert_eq!(
         errno(iommu.hwpt_get_dirty_bitmap(plain, 0, P, P, false)),

@@ -11,9 +11,9 @@ use iommu_core::*;
 
 const P: u64 = PAGE_SIZE;
 
-fn setup(len: u64) -> (Iommu, Device, IoasId, Arc<Memory>) {
+fn setup(len: u64) -> (Iommu, IommuDevice, IoasId, Arc<Memory>) {
     let iommu = Iommu::new();
-    let dev = Device::new("d0", HwInfo::full());
+    let dev = IommuDevice::new("d0", HwInfo::full());
     let dev_id = iommu.bind(&dev).unwrap();
     let ioas = iommu.ioas_alloc().unwrap();
     let mem = Memory::anonymous("m", len as usize).unwrap();
@@ -93,7 +93,7 @@ fn test_cut_rejects_misaligned_ends_without_change() {
     let iommu = Iommu::new();
     let mut info = HwInfo::full();
     info.page_sizes = PAGE_SIZE;
-    let dev = Device::new("d0", info);
+    let dev = IommuDevice::new("d0", info);
     let dev_id = iommu.bind(&dev).unwrap();
     let ioas = iommu.ioas_alloc().unwrap();
     iommu.attach(dev_id, None, ioas).unwrap();

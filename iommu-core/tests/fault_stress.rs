@@ -23,9 +23,9 @@ fn test_fault_storm() {
     let iommu = Iommu::new();
     let ioas = iommu.ioas_alloc().unwrap();
     let mem = Memory::anonymous("faults", (PAGES * P) as usize).unwrap();
-    let devs: Vec<(Device, DevId)> = (0..2)
+    let devs: Vec<(IommuDevice, DevId)> = (0..2)
         .map(|i| {
-            let d = Device::new(format!("iopf{i}"), HwInfo::full());
+            let d = IommuDevice::new(format!("iopf{i}"), HwInfo::full());
             let id = iommu.bind(&d).unwrap();
             (d, id)
         })

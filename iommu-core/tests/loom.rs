@@ -210,7 +210,7 @@ fn check(name: &str, bound: Option<usize>, model: impl Fn(&Pages) + Sync + Send 
 /// `IOVA`, and `n` translators whose caches hold that translation.
 struct Setup {
     iommu: Iommu,
-    dev: Device,
+    dev: IommuDevice,
     dev_id: DevId,
     old: IoasId,
     translators: Vec<Translator>,
@@ -218,7 +218,7 @@ struct Setup {
 
 fn setup(pages: &Pages, n: u64) -> Setup {
     let iommu = Iommu::new();
-    let dev = Device::new("d0", HwInfo::full());
+    let dev = IommuDevice::new("d0", HwInfo::full());
     let dev_id = iommu.bind(&dev).unwrap();
     let old = iommu.ioas_alloc().unwrap();
     iommu
@@ -361,7 +361,7 @@ fn unbind_during_unmap() {
 fn fault_answer_during_unmap() {
     check("fault_answer_during_unmap", Some(4), |pages| {
         let iommu = Iommu::new();
-        let dev = Device::new("d0", HwInfo::full());
+        let dev = IommuDevice::new("d0", HwInfo::full());
         let dev_id = iommu.bind(&dev).unwrap();
         let old = iommu.ioas_alloc().unwrap();
         iommu
@@ -443,7 +443,7 @@ fn fault_answer_during_unmap() {
 fn fault_slots_back_before_the_answer() {
     check("fault_slots_back_before_the_answer", None, |_pages| {
         let iommu = Iommu::new();
-        let dev = Device::new("d0", HwInfo::full());
+        let dev = IommuDevice::new("d0", HwInfo::full());
         dev.set_max_outstanding_faults(1);
         let dev_id = iommu.bind(&dev).unwrap();
         let ioas = iommu.ioas_alloc().unwrap();

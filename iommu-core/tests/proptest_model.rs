@@ -130,7 +130,7 @@ proptest! {
         let mut shadow: Vec<u8> = (0..MEM_PAGES * P).map(pattern).collect();
         mem.write_at(0, &shadow).unwrap();
         let ioas = [iommu.ioas_alloc().unwrap(), iommu.ioas_alloc().unwrap()];
-        let devs: Vec<Device> = (0..2).map(|i| Device::new(format!("m{i}"), HwInfo::default())).collect();
+        let devs: Vec<IommuDevice> = (0..2).map(|i| IommuDevice::new(format!("m{i}"), HwInfo::default())).collect();
         for i in 0..2 {
             let id = iommu.bind(&devs[i]).unwrap();
             iommu.attach(id, None, ioas[i]).unwrap();

@@ -367,7 +367,13 @@ fn unmapper(w: &World, translators: &[u64]) -> u64 {
 /// A leave whose ticket is not done at once is published in
 /// `World::leaving` until the leaver finds it done, for the unmapper to
 /// see.
-fn leaver(w: &World, dev: usize, device: &Device, mut dev_id: DevId, pasid_hwpts: [HwptId; 2]) {
+fn leaver(
+    w: &World,
+    dev: usize,
+    device: &IommuDevice,
+    mut dev_id: DevId,
+    pasid_hwpts: [HwptId; 2],
+) {
     let kind = KINDS[dev];
     let mut on = 0usize; // every leaving device starts on space 0
     let mut leaves = 0u64;
@@ -520,9 +526,9 @@ fn test_stress_no_access_after_unmap() {
         Memory::anonymous(&format!("stress{s}"), (SLOTS * SLOT) as usize).unwrap()
     });
     let ioas: [IoasId; SPACES] = std::array::from_fn(|_| iommu.ioas_alloc().unwrap());
-    let devices: Vec<Device> = KINDS
+    let devices: Vec<IommuDevice> = KINDS
         .iter()
-        .map(|k| Device::new(format!("{k:?}"), HwInfo::full()))
+        .map(|k| IommuDevice::new(format!("{k:?}"), HwInfo::full()))
         .collect();
     let dev_ids: Vec<DevId> = devices.iter().map(|d| iommu.bind(d).unwrap()).collect();
     let det = KINDS.iter().position(|k| *k == Kind::Detach).unwrap();

@@ -30,7 +30,7 @@ enum Leave {
 
 fn repro(leave: Leave, pasid: Option<u32>) {
     let iommu = Iommu::new();
-    let dev = Device::new("d0", HwInfo::full());
+    let dev = IommuDevice::new("d0", HwInfo::full());
     let dev_id = iommu.bind(&dev).unwrap();
     let old = iommu.ioas_alloc().unwrap();
     let new = iommu.ioas_alloc().unwrap();

@@ -26,13 +26,13 @@ use ioasis_service::uring::{
     MAX_FAULT_PACKET,
 };
 use ioasis_service::QueueSource;
-use iommu_core::{Device, Error, FaultStatus, HwInfo, HwptAlloc, Iommu, Translator};
+use iommu_core::{Error, FaultStatus, HwInfo, HwptAlloc, Iommu, IommuDevice, Translator};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{recv, send, MsgFlags};
 
 struct Rig {
     _iommu: Iommu,
-    devs: Vec<Device>,
+    devs: Vec<IommuDevice>,
     pump: FaultPump<QueueSource>,
     consumer_fd: Option<OwnedFd>,
 }
@@ -43,7 +43,7 @@ fn rig(ndev: usize) -> Rig {
     let (fault_id, fq) = iommu.fault_queue_alloc().expect("fault queue");
     let mut devs = Vec::new();
     for i in 0..ndev {
-        let d = Device::new(format!("d{i}"), HwInfo::full());
+        let d = IommuDevice::new(format!("d{i}"), HwInfo::full());
         let id = iommu.bind(&d).expect("bind");
         let hwpt = iommu
             .hwpt_alloc(&HwptAlloc {

@@ -125,7 +125,6 @@
 #[cfg(feature = "client")]
 pub mod client;
 #[cfg(feature = "server")]
-mod device;
 #[cfg(feature = "server")]
 mod ledger;
 #[cfg(feature = "server")]
@@ -143,7 +142,9 @@ pub mod uring;
 #[cfg(feature = "client")]
 pub use client::{sealed_memfd, Client, ClientError, DeviceInfo, HwptRequest, MapPerm};
 #[cfg(feature = "server")]
-pub use device::IommuDevice;
+/// A device as the IOMMU context knows it (iommu-core's type, re-exported so
+/// that the service's users need not name iommu-core).
+pub use iommu_core::IommuDevice;
 /// The HWPT allocation flag a client sets to make a HWPT PASID-capable
 /// ([`HwptRequest::flags`](client::HwptRequest)).
 pub use iommu_core::IOMMU_HWPT_ALLOC_PASID;

@@ -139,7 +139,7 @@ pub struct Limits {
     /// yet answered (`faults-per-session`; not a [`Resource`], see the
     /// module's docs). Default 32. It protects the other sessions on a
     /// device only while it is below the device's own bound
-    /// ([`iommu_core::Device::set_max_outstanding_faults`], 32 unless
+    /// ([`iommu_core::IommuDevice::set_max_outstanding_faults`], 32 unless
     /// the device's server raised it).
     pub faults_per_session: u64,
 }

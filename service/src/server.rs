@@ -24,7 +24,6 @@ use nix::sys::socket::{self, AddressFamily, SockFlag, SockType};
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use thiserror::Error;
 
-use crate::device::IommuDevice;
 use crate::ledger::{Exceeded, Ledger, Usage};
 use crate::limits::{Limits, Resource};
 use crate::log_limited;
@@ -42,6 +41,7 @@ use crate::uring::{
     PumpError,
 };
 use dispatch::Fail;
+use iommu_core::IommuDevice;
 use std::result::Result;
 
 mod dispatch;
@@ -99,8 +99,7 @@ impl StaticDirectory {
     }
 
     /// Offers `device` under its label (replacing one of the same label).
-    pub fn insert(&self, device: impl Into<IommuDevice>) {
-        let device = device.into();
+    pub fn insert(&self, device: IommuDevice) {
         let mut g = self.devices.write().unwrap_or_else(|e| e.into_inner());
         g.insert(device.label().to_owned(), device);
     }
@@ -1422,7 +1421,7 @@ mod tests {
     fn setup() -> (Iommu, Arc<OneRid>, u32) {
         let iommu = Iommu::new();
         let dev = IommuDevice::new("d0", HwInfo::default());
-        let dev_id = dev.bind(&iommu).expect("bind");
+        let dev_id = iommu.bind(&dev).expect("bind");
         let dir = Arc::new(OneRid {
             dev,
             rid: Arc::new(RidOwnership::new()),

@@ -15,7 +15,7 @@ use ioasis_service::transport::{recv_packet, send_packet};
 use ioasis_service::{
     sealed_memfd, Client, MapPerm, Service, ServiceHandle, ServiceThread, StaticDirectory,
 };
-use iommu_core::{Device, HwInfo, Iommu};
+use iommu_core::{HwInfo, Iommu, IommuDevice};
 
 /// How long the device thread stays in its access section.
 const SECTION: Duration = Duration::from_secs(1);
@@ -27,7 +27,7 @@ const LEN: u64 = 64 << 10;
 struct World {
     _dir: tempfile::TempDir,
     path: PathBuf,
-    dev: Device,
+    dev: IommuDevice,
     svc: Option<ServiceThread>,
 }
 
@@ -36,7 +36,7 @@ impl World {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("iommu.sock");
         let iommu = Iommu::new();
-        let dev = Device::new("d0", HwInfo::default());
+        let dev = IommuDevice::new("d0", HwInfo::default());
         iommu.bind(&dev).expect("bind");
         let devices = Arc::new(StaticDirectory::new());
         devices.insert(dev.clone());

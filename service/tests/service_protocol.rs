@@ -19,7 +19,7 @@ use ioasis_service::{
     sealed_memfd, Client, HwptRequest, MapPerm, Service, ServiceObserver, ServiceThread,
     SessionInfo, StaticDirectory,
 };
-use iommu_core::{Device, FaultStatus, HwInfo, Iommu, Memory, Perm, IOMMU_HWPT_ALLOC_PASID};
+use iommu_core::{FaultStatus, HwInfo, Iommu, IommuDevice, Memory, Perm, IOMMU_HWPT_ALLOC_PASID};
 
 const CHILD_ENV: &str = "IOASIS_SERVICE_CHILD";
 const WAIT: Duration = Duration::from_secs(10);
@@ -54,7 +54,7 @@ struct Fixture {
     _dir: tempfile::TempDir,
     path: PathBuf,
     iommu: Iommu,
-    dev: Device,
+    dev: IommuDevice,
     events: mpsc::Receiver<Ev>,
     thread: Option<ServiceThread>,
 }
@@ -64,9 +64,9 @@ impl Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("iommu.sock");
         let iommu = Iommu::new();
-        let dev = Device::new("dev0", HwInfo::full());
+        let dev = IommuDevice::new("dev0", HwInfo::full());
         iommu.bind(&dev).expect("bind");
-        let plain = Device::new("plain", HwInfo::default());
+        let plain = IommuDevice::new("plain", HwInfo::default());
         iommu.bind(&plain).expect("bind plain");
         let directory = Arc::new(StaticDirectory::new());
         directory.insert(dev.clone());
@@ -859,7 +859,7 @@ fn test_fault_answered_by_another_process() {
 #[test]
 fn test_service_driven_from_another_event_loop() {
     let iommu = Iommu::new();
-    let dev = Device::new("dev0", HwInfo::full());
+    let dev = IommuDevice::new("dev0", HwInfo::full());
     iommu.bind(&dev).expect("bind");
     let dir = Arc::new(StaticDirectory::new());
     dir.insert(dev);

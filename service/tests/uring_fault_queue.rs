@@ -9,14 +9,14 @@ use ioasis_service::uring::{
     fault_channel_pair, FaultBatch, FaultChannel, FaultPump, PageResponse, Rejection, Wait,
 };
 use ioasis_service::QueueSource;
-use iommu_core::{Device, Error, FaultStatus, HwInfo, HwptAlloc, Iommu, PendingFault};
+use iommu_core::{Error, FaultStatus, HwInfo, HwptAlloc, Iommu, IommuDevice, PendingFault};
 
 const WAIT: Wait = Wait::Timeout(Duration::from_secs(10));
 const LONG: Duration = Duration::from_secs(10);
 
 struct Rig {
     iommu: Iommu,
-    devs: Vec<Device>,
+    devs: Vec<IommuDevice>,
     pump: FaultPump<QueueSource>,
     chan: FaultChannel,
 }
@@ -27,7 +27,7 @@ fn rig(ndev: usize) -> Rig {
     let (fault_id, fq) = iommu.fault_queue_alloc().expect("fault queue");
     let mut devs = Vec::new();
     for i in 0..ndev {
-        let d = Device::new(format!("d{i}"), HwInfo::full());
+        let d = IommuDevice::new(format!("d{i}"), HwInfo::full());
         let id = iommu.bind(&d).expect("bind");
         let hwpt = iommu
             .hwpt_alloc(&HwptAlloc {
@@ -49,7 +49,7 @@ fn rig(ndev: usize) -> Rig {
     }
 }
 
-fn fault(dev: &Device, iova: u64, write: bool) -> PendingFault {
+fn fault(dev: &IommuDevice, iova: u64, write: bool) -> PendingFault {
     let mut t = dev.translator();
     let r = if write {
         t.write(None, iova, &[1])

@@ -6,14 +6,14 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use ioasis_service::uring::InvalidationHub;
-use iommu_core::{Device, HwInfo, Iommu, Memory, Perm};
+use iommu_core::{HwInfo, Iommu, IommuDevice, Memory, Perm};
 
 /// How long a device thread stays in its section while an unmap waits.
 const SECTION: Duration = Duration::from_millis(50);
 
-fn setup() -> (Iommu, Device, u32) {
+fn setup() -> (Iommu, IommuDevice, u32) {
     let iommu = Iommu::new();
-    let dev = Device::new("d", HwInfo::default());
+    let dev = IommuDevice::new("d", HwInfo::default());
     let id = iommu.bind(&dev).expect("bind");
     let ioas = iommu.ioas_alloc().expect("ioas");
     let mem = Memory::anonymous("m", 0x4000).expect("mem");

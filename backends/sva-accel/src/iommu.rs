@@ -219,7 +219,7 @@ mod tests {
     fn rig(with_faults: bool) -> Rig {
         let iommu = Iommu::new();
         let dev = IommuDevice::new("sva-test", crate::device::hw_info());
-        let dev_id = dev.bind(&iommu).expect("bind");
+        let dev_id = iommu.bind(&dev).expect("bind");
         let ioas = iommu.ioas_alloc().expect("ioas");
         let mem = Memory::anonymous("t", 0x4000).expect("memory");
         // Two pages mapped, then a hole, then one more page.

@@ -33,7 +33,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use sva_accel::cli::Options;
-use sva_accel::device::Device;
+use sva_accel::device::Accelerator;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -72,7 +72,7 @@ fn main() -> ExitCode {
         }
     };
     let path = o.socket_path;
-    let mut dev = match Device::start_with(o.device, binding) {
+    let mut dev = match Accelerator::start_with(o.device, binding) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("sva-accel: {e}");

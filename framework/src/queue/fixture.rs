@@ -16,7 +16,7 @@ pub(super) const BUF_IOVA: u64 = 0x20_0000;
 pub(super) struct Fixture {
     pub(super) iommu: Iommu,
     pub(super) ioas: u32,
-    pub(super) core: iommu_core::Device,
+    pub(super) core: iommu_core::IommuDevice,
     pub(super) ring_mem: Arc<Memory>,
     pub(super) buf_mem: Arc<Memory>,
     pub(super) vrings: Vec<(u16, Arc<Mutex<Vring>>)>,
@@ -26,7 +26,7 @@ pub(super) struct Fixture {
 
 pub(super) fn fixture(map_bufs: bool) -> Fixture {
     let iommu = Iommu::new();
-    let core = iommu_core::Device::new("q", HwInfo::default());
+    let core = iommu_core::IommuDevice::new("q", HwInfo::default());
     let dev_id = iommu.bind(&core).expect("bind");
     let ioas = iommu.ioas_alloc().expect("ioas");
     iommu.attach(dev_id, None, ioas).expect("attach");

@@ -78,7 +78,7 @@ pub fn offered_protocol_features(device: &dyn Device) -> VhostUserProtocolFeatur
 #[derive(Clone)]
 pub(crate) struct Served {
     pub device: Arc<dyn Device>,
-    pub core: iommu_core::Device,
+    pub core: iommu_core::IommuDevice,
     pub dev_id: iommu_core::DevId,
     pub iommu: iommu_core::Iommu,
     /// Who holds the RID (this connection or a service session).

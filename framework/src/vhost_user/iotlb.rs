@@ -459,12 +459,12 @@ mod tests {
     struct Fixture {
         space: AddressSpace,
         table: MemTable,
-        core: iommu_core::Device,
+        core: iommu_core::IommuDevice,
     }
 
     fn fixture() -> Fixture {
         let iommu = Iommu::new();
-        let core = iommu_core::Device::new("t", iommu_core::HwInfo::default());
+        let core = iommu_core::IommuDevice::new("t", iommu_core::HwInfo::default());
         let dev_id = iommu.bind(&core).expect("bind");
         let mut space = AddressSpace::new(&iommu, dev_id, Arc::default()).expect("space");
         let mem = iommu_core::Memory::anonymous("g", (2 * PAGES * PAGE) as usize).expect("mem");

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::{device_slots, no_such, CtxInner, DevEntry, HwptEntry, Iommu, Object, State};
-use crate::device::{pasid_key, Binding, Device, DeviceShared, Domain, NO_PASID};
+use crate::device::{pasid_key, Binding, DeviceShared, Domain, IommuDevice, NO_PASID};
 use crate::error::{Error, Result};
 use crate::fault::AutoAnswered;
 use crate::ioas::{IoasInner, IoasState, ResvOwner};
@@ -228,7 +228,7 @@ impl CtxInner {
 impl Iommu {
     /// Binds a device (`VFIO_DEVICE_BIND_IOMMUFD`). A device bound anywhere
     /// already → [`Error::AlreadyBound`] (`EBUSY`).
-    pub fn bind(&self, device: &Device) -> Result<DevId> {
+    pub fn bind(&self, device: &IommuDevice) -> Result<DevId> {
         let mut st = self.lock();
         let shared = &device.shared;
         let mut b = lock(&shared.binding);

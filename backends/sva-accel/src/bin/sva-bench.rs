@@ -26,7 +26,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use sva_accel::client::{ops, Client, Handle};
 use sva_accel::desc::status;
-use sva_accel::device::{Device, DeviceConfig};
+use sva_accel::device::{Accelerator, DeviceConfig};
 
 const SIZES: [(usize, &str); 5] = [
     (64, "64 B"),
@@ -268,7 +268,7 @@ fn run(a: &Args) -> Result<(), String> {
                 sva_accel::device::serve_iommu(&ip, sva_accel::device::DEFAULT_LABEL)
                     .map_err(|e| e.to_string())?;
             _svc = Some(svc);
-            let mut d = Device::start_with(
+            let mut d = Accelerator::start_with(
                 DeviceConfig {
                     workers: a.workers,
                     ..DeviceConfig::default()

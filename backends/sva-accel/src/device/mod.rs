@@ -225,17 +225,17 @@ struct Shared {
 
 /// A running device: workers plus (optionally) a listening socket.
 #[derive(Debug)]
-pub struct Device {
+pub struct Accelerator {
     shared: Arc<Shared>,
     control: Arc<Control>,
     threads: Vec<JoinHandle<()>>,
 }
 
-impl Device {
+impl Accelerator {
     /// Starts the workers of the device `iommu` binds to a `/dev/iommu`
     /// service: clients bind a PASID they attached through that service,
     /// and every access is translated by iommu-core for (device, PASID).
-    pub fn start_with(cfg: DeviceConfig, iommu: IommuBinding) -> Result<Device> {
+    pub fn start_with(cfg: DeviceConfig, iommu: IommuBinding) -> Result<Accelerator> {
         cfg.check()?;
         let doorbell = shm::new_eventfd().map_err(|source| DeviceError::Fd {
             what: "doorbell eventfd",
@@ -313,7 +313,7 @@ impl Device {
                 }
             })?;
         threads.push(thread);
-        Ok(Device {
+        Ok(Accelerator {
             shared,
             control,
             threads,
@@ -326,7 +326,7 @@ impl Device {
         self.listen_with_policy(path, &SocketPolicy::default())
     }
 
-    /// [`Device::listen`] with the socket file's mode and group from
+    /// [`Accelerator::listen`] with the socket file's mode and group from
     /// `policy`.
     pub fn listen_with_policy(&mut self, path: &Path, policy: &SocketPolicy) -> Result<()> {
         let fd = policy
@@ -365,7 +365,7 @@ impl Device {
     }
 }
 
-impl Drop for Device {
+impl Drop for Accelerator {
     fn drop(&mut self) {
         self.stop();
     }

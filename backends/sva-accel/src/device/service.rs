@@ -20,7 +20,7 @@ pub fn hw_info() -> ioasis::iommu::HwInfo {
 
 /// Creates an iommu-core context with a device `label` bound to it and
 /// serves it as a `/dev/iommu` service on `path`. Start the device with the
-/// returned binding ([`Device::start_with`]); keep the thread alive.
+/// returned binding ([`Accelerator::start_with`]); keep the thread alive.
 pub fn serve_iommu(
     path: &Path,
     label: &str,
@@ -53,7 +53,7 @@ pub fn serve_iommu_with(
 ) -> Result<(IommuBinding, ioasis::service::ServiceThread)> {
     let iommu = ioasis::iommu::Iommu::new();
     let device = ioasis::iommu::IommuDevice::new(label, hw_info());
-    device.bind(&iommu).map_err(|source| DeviceError::Bind {
+    iommu.bind(&device).map_err(|source| DeviceError::Bind {
         label: label.to_owned(),
         source,
     })?;
