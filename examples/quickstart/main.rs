@@ -50,6 +50,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ioasis::service::{sealed_memfd, Client as Session, HwptRequest, MapPerm};
+use ioasis::termination::Termination;
 use ioasis::uring::record::FAULT_PERM_WRITE;
 use ioasis::uring::{FaultBatch, FaultChannel, PageResponse, Wait};
 use iommu_core::Memory;
@@ -157,31 +158,24 @@ fn emergency_cleanup() {
 /// other thread; children start with an empty mask), which cleans up and
 /// exits.
 fn start_signal_thread() {
-    // SAFETY: sigset_t is a plain C struct; sigemptyset initialises it.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a live sigset_t.
-    unsafe { libc::sigemptyset(&mut set) };
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: `set` is initialised and `sig` a valid signal number.
-        unsafe { libc::sigaddset(&mut set, sig) };
-    }
-    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if rc != 0 {
-        eprintln!("quickstart: cannot block signals (error {rc}); Ctrl-C may leave files behind");
-        return;
-    }
+    // Called before any other thread starts: they inherit the blocked mask.
+    let mut termination = match Termination::for_main_thread() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!(
+                "quickstart: cannot take SIGINT/SIGTERM ({e}); Ctrl-C may leave files behind"
+            );
+            return;
+        }
+    };
     let spawned = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: `set` and `sig` are live for the call.
-            let rc = unsafe { libc::sigwait(&set, &mut sig) };
-            if rc == 0 {
-                eprintln!("\nquickstart: interrupted (signal {sig})");
-                emergency_cleanup();
-                std::process::exit(130);
-            }
+            // Bounded by the process: the thread ends with it.
+            while !termination.wait(None) {}
+            eprintln!("\nquickstart: interrupted");
+            emergency_cleanup();
+            std::process::exit(130);
         });
     if let Err(e) = spawned {
         eprintln!("quickstart: no signal thread: {e}");

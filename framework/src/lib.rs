@@ -54,6 +54,7 @@ pub mod iommu;
 pub mod poll;
 pub mod queue;
 pub mod server;
+pub mod termination;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 mod transport;

@@ -36,11 +36,11 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -57,6 +57,7 @@ use crate::iommu::IommuDevice;
 use crate::ownership::RidOwnership;
 use crate::ratelimit::RateLimit;
 use crate::socket_policy::SocketPolicy;
+use crate::termination::Termination;
 use crate::vhost_user::conn::{Connection, Served};
 
 /// Errors of the server.
@@ -242,6 +243,8 @@ pub struct Server {
     reaped: Arc<EventFd>,
     /// Mode and group of the device sockets bound from now on.
     policy: SocketPolicy,
+    /// SIGINT/SIGTERM, once [`Server::handle_signals`] was called.
+    signals: Option<Termination>,
 }
 
 impl std::fmt::Debug for Server {
@@ -257,19 +260,6 @@ const TOKEN_STOP: u64 = 0;
 const TOKEN_REAP: u64 = 1;
 const TOKEN_DEVICE: u64 = 1 << 32;
 const TOKEN_EXTRA: u64 = 2 << 32;
-
-/// Global fd written by the signal handler (-1: none).
-static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
-
-extern "C" fn on_signal(_sig: libc::c_int) {
-    let fd = SIGNAL_FD.load(Ordering::SeqCst);
-    if fd >= 0 {
-        let one: u64 = 1;
-        // SAFETY: write(2) is async-signal-safe; `one` is a valid 8-byte buffer
-        // and `fd` is the server's stop eventfd, kept open while installed.
-        let _ = unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
-    }
-}
 
 fn eventfd(op: &'static str) -> Result<EventFd> {
     EventFd::new(EFD_NONBLOCK).map_err(|source| ServerError::Io { op, source })
@@ -304,6 +294,7 @@ impl Server {
             stop: Arc::new(stop),
             reaped: Arc::new(reaped),
             policy: SocketPolicy::default(),
+            signals: None,
         }
     }
 
@@ -500,23 +491,11 @@ impl Server {
     /// Makes SIGINT and SIGTERM shut this server down cleanly. One server
     /// per process should call this.
     pub fn handle_signals(&mut self) -> Result<()> {
-        SIGNAL_FD.store(self.stop.as_raw_fd(), Ordering::SeqCst);
-        for sig in [libc::SIGINT, libc::SIGTERM] {
-            // SAFETY: a zeroed sigaction is a valid starting value; we set a
-            // handler that only performs async-signal-safe operations.
-            let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
-            sa.sa_sigaction = on_signal as *const () as usize;
-            sa.sa_flags = libc::SA_RESTART;
-            // SAFETY: `sa` is fully initialised and outlives the call; a null
-            // old-action pointer is allowed.
-            let rc = unsafe { libc::sigaction(sig, &sa, std::ptr::null_mut()) };
-            if rc < 0 {
-                return Err(ServerError::Io {
-                    op: "sigaction",
-                    source: std::io::Error::last_os_error(),
-                });
-            }
-        }
+        let t = Termination::new().map_err(|source| ServerError::Io {
+            op: "catching SIGINT/SIGTERM",
+            source,
+        })?;
+        self.signals = Some(t);
         Ok(())
     }
 
@@ -533,6 +512,9 @@ impl Server {
             })
         };
         add(eventfd::borrow(&self.stop), TOKEN_STOP)?;
+        if let Some(t) = &self.signals {
+            add(t.as_fd(), TOKEN_STOP)?;
+        }
         add(eventfd::borrow(&self.reaped), TOKEN_REAP)?;
         for (i, h) in self.hosted.iter().enumerate() {
             h.listener
@@ -719,8 +701,6 @@ impl Server {
                 let _ = std::fs::remove_file(p);
             }
         }
-        let fd = self.stop.as_raw_fd();
-        let _ = SIGNAL_FD.compare_exchange(fd, -1, Ordering::SeqCst, Ordering::SeqCst);
     }
 }
 

@@ -28,9 +28,7 @@
 
 use std::process::ExitCode;
 
-use nix::sys::signal::{SigSet, Signal};
-use signal_hook::consts::{SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
+use ioasis::termination::Termination;
 
 use sva_accel::cli::Options;
 use sva_accel::device::Accelerator;
@@ -39,24 +37,16 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     // Help, the version and usage errors exit here (0, 0 and 2).
     let o = Options::parse();
-    // SIGINT/SIGTERM are taken by the main thread alone (signal-hook's
-    // handlers feed `signals`, read below): blocked before any thread starts,
-    // so that every thread inherits the mask, and unblocked in this thread
-    // only once the others run.
-    let mut signals = match Signals::new([SIGINT, SIGTERM]) {
-        Ok(s) => s,
+    // SIGINT/SIGTERM are taken by the main thread alone: blocked before any
+    // thread starts, so that every thread inherits the mask, and unblocked
+    // in this thread only once the others run (Termination::wait below).
+    let mut termination = match Termination::for_main_thread() {
+        Ok(t) => t,
         Err(e) => {
             eprintln!("sva-accel: cannot take SIGINT/SIGTERM: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let mut mask = SigSet::empty();
-    mask.add(Signal::SIGINT);
-    mask.add(Signal::SIGTERM);
-    if let Err(e) = mask.thread_block() {
-        eprintln!("sva-accel: cannot block signals: {e}");
-        return ExitCode::FAILURE;
-    }
     // The daemon's own /dev/iommu service: clients that set up their IOAS
     // and PASID there get iommu-core translation.
     let (binding, _service) = match sva_accel::device::serve_iommu_with(
@@ -90,12 +80,8 @@ fn main() -> ExitCode {
         o.iommu_socket.display()
     );
     // Serve until SIGINT or SIGTERM.
-    if let Err(e) = mask.thread_unblock() {
-        log::warn!("cannot unblock SIGINT/SIGTERM ({e}); shutting down");
-    } else if let Some(sig) = signals.forever().next() {
-        let name = signal_hook::low_level::signal_name(sig).unwrap_or("signal");
-        log::info!("{name}: shutting down");
-    }
+    while !termination.wait(None) {}
+    log::info!("SIGINT or SIGTERM: shutting down");
     dev.shutdown();
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_file(&o.iommu_socket);

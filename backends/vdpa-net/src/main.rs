@@ -1,78 +1,17 @@
 //! `vdpa-net`: serves virtio-net devices over vhost-user (see `--help`).
 
-use std::io::{ErrorKind, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ioasis::termination::Termination;
 use log::{error, info};
-use nix::sys::signal::{SigSet, Signal};
-use signal_hook::consts::{SIGINT, SIGTERM};
 use vdpa_net::cli::Options;
 use vdpa_net::stats::{json_line, DeviceStats};
 use vdpa_net::VhostUserNetBackend;
 
 mod serve;
-
-/// SIGINT and SIGTERM, taken by the main thread alone: signal-hook's
-/// handlers write a byte into a socket pair that the main thread reads, with
-/// the statistics interval as its timeout. The signals are blocked before
-/// any thread starts (every thread inherits that mask) and unblocked in the
-/// main thread only, so no worker's system call is ever interrupted by them.
-struct Termination {
-    rx: UnixStream,
-    mask: SigSet,
-}
-
-impl Termination {
-    /// Registers the handlers and blocks both signals in the calling thread
-    /// (call it before any thread exists).
-    fn new() -> std::io::Result<Termination> {
-        let (rx, tx) = UnixStream::pair()?;
-        tx.set_nonblocking(true)?;
-        for sig in [SIGINT, SIGTERM] {
-            signal_hook::low_level::pipe::register(sig, tx.try_clone()?)?;
-        }
-        let mut mask = SigSet::empty();
-        mask.add(Signal::SIGINT);
-        mask.add(Signal::SIGTERM);
-        mask.thread_block().map_err(std::io::Error::from)?;
-        Ok(Termination { rx, mask })
-    }
-
-    /// Waits up to `timeout` (forever if None) for SIGINT or SIGTERM; true
-    /// if one came. Unblocks them in the calling thread (the main thread,
-    /// once the other threads were started with them blocked).
-    fn wait(&mut self, timeout: Option<Duration>) -> bool {
-        if let Err(e) = self.mask.thread_unblock() {
-            error!("cannot unblock SIGINT/SIGTERM: {e}");
-        }
-        // A zero timeout would mean "forever" to the socket.
-        let timeout = timeout.map(|t| t.max(Duration::from_millis(1)));
-        if let Err(e) = self.rx.set_read_timeout(timeout) {
-            error!("signal wait: {e}");
-        }
-        let mut byte = [0u8; 1];
-        match self.rx.read(&mut byte) {
-            Ok(n) => n > 0,
-            // Timed out, or interrupted by the very signal whose byte the
-            // next wait reads at once.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                ) =>
-            {
-                false
-            }
-            Err(e) => {
-                error!("signal wait failed ({e}): shutting down");
-                true
-            }
-        }
-    }
-}
 
 fn print_stats(stats: &[Arc<DeviceStats>], start: Instant, final_line: bool) {
     let refs: Vec<&DeviceStats> = stats.iter().map(|s| s.as_ref()).collect();
@@ -88,8 +27,11 @@ fn main() -> ExitCode {
         .init();
     // Help, the version and usage errors exit here (0, 0 and 2).
     let opts = Options::parse();
-    // Before any thread exists, so every thread inherits the mask.
-    let mut termination = match Termination::new() {
+    // SIGINT and SIGTERM are taken by this thread alone: blocked before any
+    // other thread exists (every thread inherits the mask), unblocked here
+    // while the main loop waits for them with the statistics interval as
+    // its timeout, so no worker's system call is interrupted by them.
+    let mut termination = match Termination::for_main_thread() {
         Ok(t) => t,
         Err(e) => {
             eprintln!("vdpa-net: cannot take SIGINT/SIGTERM: {e}");
