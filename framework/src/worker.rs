@@ -249,6 +249,7 @@ impl WorkerSet {
                 ctl: ctl.clone(),
                 shared: shared.clone(),
                 kicks: Vec::new(),
+                kicks_seen: None,
                 pending_report: false,
                 errors: 0,
             };
@@ -364,6 +365,8 @@ struct Runner {
     shared: Arc<ConnShared>,
     /// Our clones of the kick fds, registered in epoll.
     kicks: Vec<(u16, EventFd)>,
+    /// Each ring's `(started, kick_gen)` when `kicks` was last built.
+    kicks_seen: Option<Vec<(bool, u64)>>,
     pending_report: bool,
     /// Errors returned by the worker (logged at powers of two).
     errors: u64,
@@ -490,7 +493,22 @@ impl Runner {
         }
     }
 
+    /// Watches the kick fds of this thread's started rings, unless they
+    /// are the ones already watched (a wake-up of the control eventfd, such
+    /// as a queue resumed after a miss, usually changes none).
     fn sync_kicks(&mut self, epoll: &Epoll) {
+        let seen: Vec<(bool, u64)> = self
+            .vrings
+            .iter()
+            .map(|(_, m)| {
+                let v = lock(m);
+                (v.started, v.kick_gen)
+            })
+            .collect();
+        if self.kicks_seen.as_ref() == Some(&seen) {
+            return;
+        }
+        self.kicks_seen = Some(seen);
         for (_, k) in self.kicks.drain(..) {
             // Best effort: the fd is ours, so it is still registered.
             let _ = epoll::ctl_raw(epoll, CtlOp::Delete, k.as_raw_fd(), EpollFlags::empty(), 0);

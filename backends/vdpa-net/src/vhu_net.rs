@@ -409,7 +409,8 @@ impl NetWorker {
     /// queues and the port with notifications suppressed for as long as the
     /// window says so ([`AdaptiveWindow::observe`] at every reading of the
     /// clock), then one ordinary pass; a session that stays busy yields its
-    /// access section every [`MAX_POLL_SECTION`] and resumes before the
+    /// access section every [`MAX_POLL_SECTION`], or at the next reading of
+    /// the clock when an unmap waits for it, and resumes before the
     /// thread sleeps ([`Worker::before_sleep`] answers [`Idle::Poll`]),
     /// notifications still off. A window of 0 (where the adaptive one
     /// starts) is the ordinary pass alone. Work the ordinary pass finds is
@@ -470,7 +471,12 @@ impl NetWorker {
                 if idle == Idle::Sleep {
                     break Ok(false);
                 }
-                if now.duration_since(start) >= MAX_POLL_SECTION {
+                // An unmap (a guest IOMMU invalidation in strict mode
+                // comes with every buffer) waits for this section to end:
+                // end it now and poll on in a new one.
+                if now.duration_since(start) >= MAX_POLL_SECTION
+                    || queues.dma().invalidation_requested()
+                {
                     break Ok(true);
                 }
             };

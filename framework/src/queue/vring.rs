@@ -25,6 +25,9 @@ pub(crate) struct Vring {
     pub q: virtio_queue::Queue,
     /// The eventfd the driver's kicks arrive on (installed by the transport).
     pub kick: Option<EventFd>,
+    /// Bumped whenever `kick` is set or cleared, so that a worker re-reads
+    /// it only when it changed.
+    pub kick_gen: u64,
     /// The driver's call and error eventfds, for transports that signal
     /// through them.
     pub signals: Signals,
@@ -55,6 +58,7 @@ impl Vring {
         Some(Vring {
             q,
             kick: None,
+            kick_gen: 0,
             signals: Signals::default(),
             enabled: false,
             started: false,

@@ -513,6 +513,7 @@ impl Connection {
                     let mut v = self.vring(index);
                     v.started = false;
                     v.kick = None;
+                    v.kick_gen = v.kick_gen.wrapping_add(1);
                     v.parked = None;
                     v.q.set_ready(false);
                     v.q.next_avail()
@@ -554,6 +555,7 @@ impl Connection {
                                 crate::log_limited!(log::Level::Warn, "queue {index}: started without a kick fd; it runs only when polled");
                             }
                             v.kick = efd;
+                            v.kick_gen = v.kick_gen.wrapping_add(1);
                             v.started = true;
                             v.broken = false;
                             v.q.set_ready(true);
@@ -594,6 +596,7 @@ impl Connection {
                 if self.space.mode() != Mode::Iotlb {
                     return Err(Error::NotIotlbMode);
                 }
+                debug!("IOTLB {m:?}");
                 if let Some(owner) = self.served.rid.owner() {
                     return self.refuse_iotlb(owner, m);
                 }
