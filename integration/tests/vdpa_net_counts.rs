@@ -10,7 +10,9 @@
 //!   sent first (`start tx_first 4`), so 128 frames circulate and no ring
 //!   can overflow; forwarding stops, testpmd receives for half a second more
 //!   (rxonly) and then every frame it sent came back, and the counts of
-//!   both sides agree.
+//!   both sides agree;
+//! - from `source` into testpmd rxonly: frames keep arriving (see
+//!   `source_keeps_delivering`).
 //!
 //! The comparison can fail: with `IOASIS_TEST_COUNT_SKEW=1` the frontend's
 //! count is raised by one before it is compared, and both tests fail with
@@ -133,6 +135,44 @@ fn loop_returns_every_frame(dir: &Path, poll_us: Option<u32>) {
     }
 }
 
+/// vdpa-net's `source` port into testpmd rxonly: frames keep arriving in
+/// the second second as in the first, and testpmd never receives more than
+/// vdpa-net sent. A device that goes to sleep with its receive queue
+/// wrongly marked blocked delivers nothing after its first sleep: the
+/// adaptive default mode did that until the polling session cleared the
+/// stale block (checked to fail with that fix reverted: 0 frames in the
+/// second second).
+fn source_keeps_delivering(dir: &Path, poll_us: Option<u32>) {
+    let sock = dir.join("source.sock");
+    let mut vdpa = daemon(dir, &sock, "source", poll_us);
+    let mut front = frontend(dir, &sock, "source-frontend", "rxonly");
+    front.command("start").or_panic("start");
+    std::thread::sleep(SEND / 2);
+    let first = front.show_port_stats(0, COMMAND).or_panic("port stats");
+    std::thread::sleep(SEND / 2);
+    let second = front.show_port_stats(0, COMMAND).or_panic("port stats");
+    front.stop_forwarding(COMMAND).or_panic("stop");
+    front.quit(STOP_TIMEOUT).or_panic("quit testpmd");
+    let c = stop(&mut vdpa, &sock);
+    let late = second.rx_packets.saturating_sub(first.rx_packets);
+    eprintln!(
+        "source: testpmd received {} then {late} more, vdpa-net {c:?}",
+        first.rx_packets
+    );
+    assert!(first.rx_packets > 0, "nothing arrived: {c:?}");
+    assert!(
+        late > 0,
+        "frames stopped after {} (the device went to sleep and never woke): {c:?}",
+        first.rx_packets
+    );
+    assert!(
+        second.rx_packets <= c.tx_packets,
+        "testpmd received {} but vdpa-net sent {}",
+        second.rx_packets,
+        c.tx_packets
+    );
+}
+
 fn every_frame_counted(test: &str, poll_us: Option<u32>) {
     let Some(_) = ready(test, need_testpmd_and_vdpa_net()) else {
         return;
@@ -141,6 +181,7 @@ fn every_frame_counted(test: &str, poll_us: Option<u32>) {
     let dir = WorkDir::new(test).or_panic("workdir");
     sink_counts_every_frame(dir.path(), poll_us);
     loop_returns_every_frame(dir.path(), poll_us);
+    source_keeps_delivering(dir.path(), poll_us);
 }
 
 /// vdpa-net as users start it (no `--poll-us`). The count check fails with

@@ -485,6 +485,20 @@ impl NetWorker {
                 self.serve_again();
                 return Ok(());
             }
+            // The session polled the receive queue itself, so a block from
+            // before it is stale: the driver may have refilled every buffer
+            // meanwhile and will not kick again. Without this the pass below
+            // skipped the receive queue and the device slept for ever on a
+            // `source` port (the benchmark's from-backend test in the
+            // adaptive default mode: 0 frames a second after the first
+            // sleep). The pass below looks again and, if the driver still
+            // has no buffers, blocks properly (asking for a kick).
+            if self.rx_blocked {
+                self.rx_blocked = false;
+                if let (Some(g), Some(p)) = (self.gate.as_mut(), self.port.as_ref()) {
+                    g.set(p.as_ref(), true);
+                }
+            }
             // Going back to sleep: the receive queue kicks again (buffers the
             // driver adds may be what a port's frames wait for).
             if let Some(mut q) = queues.get(self.rx_q) {
