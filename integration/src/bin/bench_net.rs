@@ -92,6 +92,12 @@ const STOP: Duration = Duration::from_secs(30);
 const SOCKET: Duration = Duration::from_secs(30);
 /// Bound for one command of the interactive frontend.
 const COMMAND: Duration = Duration::from_secs(20);
+/// A median rate below this many frames a second is a stalled device, and
+/// the round fails: counts that agree at 0 prove nothing (the adaptive
+/// default mode once delivered nothing from `source` after its first sleep
+/// while every count agreed).
+const STALLED_PPS: u64 = 1000;
+
 /// How long the frontend keeps receiving after the generator stopped, so
 /// frames still in flight come back before the counts are compared.
 const DRAIN: Duration = Duration::from_millis(500);
@@ -891,7 +897,17 @@ fn main() -> ExitCode {
                                 .collect::<Vec<_>>()
                                 .join("; ")
                         );
-                        match verify(&o.checks) {
+                        let checked = verify(&o.checks).map_err(|e| e.to_string()).and_then(|()| {
+                            if o.pps < STALLED_PPS {
+                                Err(format!(
+                                    "frames stopped flowing: a median of {} frames a second (every count agreed, but the device stalled)",
+                                    o.pps
+                                ))
+                            } else {
+                                Ok(())
+                            }
+                        });
+                        match checked {
                             Ok(()) => results[ti][bi].push(Some(o.pps)),
                             Err(e) => {
                                 failed = true;
