@@ -29,7 +29,6 @@ use crate::net::{
 };
 use crate::port::{PacketBuf, Port, MAX_FRAME_LEN};
 use crate::stats::DeviceStats;
-use crate::vhu_net::QUEUE_SIZE;
 
 /// Chains taken from a transmit queue, and frames from a port, per burst.
 pub const BURST: usize = 64;
@@ -691,7 +690,8 @@ impl PairEngine {
     ) -> std::result::Result<usize, QueueError> {
         let mut done = 0;
         // Bounded: at most one queue's worth of commands per kick.
-        while done < QUEUE_SIZE as usize {
+        let bound = usize::from(q.size());
+        while done < bound {
             match q.pop(&mut self.chain) {
                 Ok(true) => {}
                 Ok(false) => break,
