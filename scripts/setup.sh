@@ -3,9 +3,9 @@
 # safe to run repeatedly; needs root (or passwordless sudo) for everything
 # below except the checks.
 #
-# - installs the system packages the tests use (QEMU, DPDK's testpmd, a
-#   Debian kernel for guests, a static busybox for their initramfs, cpio,
-#   iproute2);
+# - installs the system packages the tests use (QEMU, qemu-storage-daemon
+#   as the reference vhost-user-blk server, DPDK's testpmd, a Debian kernel
+#   for guests, a static busybox for their initramfs, cpio, iproute2);
 # - reserves 2 MiB hugepages (IOASIS_HUGEPAGES, default 600) and mounts
 #   hugetlbfs at /dev/hugepages, then deletes hugepage files that no running
 #   process maps (left behind by a killed DPDK process, they starve the next);
@@ -13,7 +13,7 @@
 # - deletes network namespaces of earlier test runs whose process is gone.
 set -euo pipefail
 
-PKGS=(qemu-system-x86 dpdk dpdk-dev linux-image-amd64 busybox-static cpio iproute2)
+PKGS=(qemu-system-x86 qemu-system-common dpdk dpdk-dev linux-image-amd64 busybox-static cpio iproute2)
 HUGEPAGES="${IOASIS_HUGEPAGES:-600}"
 
 SUDO=""

@@ -1,7 +1,7 @@
 //! The guest kit: a Debian kernel plus a busybox initramfs built by the harness.
 //!
-//! The base initramfs holds a static busybox, the virtio-net module chain
-//! taken from `/lib/modules/<version>` of the installed kernel (compressed
+//! The base initramfs holds a static busybox, the virtio-net and virtio-blk
+//! module chain taken from `/lib/modules/<version>` of the installed kernel (compressed
 //! modules are decompressed while building), a `/init` and a small shell
 //! library. It is built once and cached under `target/ioasis-guest/`. Each
 //! guest gets its own initramfs: the cached base with a second archive
@@ -42,8 +42,8 @@ use crate::env::{target_dir, which};
 use crate::error::{io, Error, Result};
 use crate::process::run;
 
-/// The modules /init loads, in dependency order.
-pub const VIRTIO_NET_MODULES: &[&str] = &[
+/// The modules /init loads, in dependency order (virtio-net and virtio-blk).
+pub const VIRTIO_MODULES: &[&str] = &[
     "virtio_ring",
     "virtio",
     "virtio_pci_legacy_dev",
@@ -52,6 +52,7 @@ pub const VIRTIO_NET_MODULES: &[&str] = &[
     "failover",
     "net_failover",
     "virtio_net",
+    "virtio_blk",
 ];
 
 /// Modules the initramfs carries, with their dependencies, for scripts to
@@ -191,10 +192,38 @@ impl GuestKit {
 
     /// Writes `dir/<name>.cpio`: the base initramfs plus `/test.sh` = `script`.
     pub fn initrd_with_script(&self, dir: &Path, name: &str, script: &str) -> Result<PathBuf> {
+        self.initrd_with_files(dir, name, script, &[])
+    }
+
+    /// Like [`initrd_with_script`](Self::initrd_with_script), with extra
+    /// files for the script (`(path in the guest, contents)`, e.g. a data
+    /// pattern the guest writes to a disk).
+    pub fn initrd_with_files(
+        &self,
+        dir: &Path,
+        name: &str,
+        script: &str,
+        files: &[(String, Vec<u8>)],
+    ) -> Result<PathBuf> {
         let mut bytes =
             fs::read(&self.base).map_err(io(format!("read {}", self.base.display())))?;
         let mut w = CpioWriter::new(1_000_000);
         w.file("test.sh", 0o755, script.as_bytes());
+        let mut dirs: Vec<&str> = Vec::new();
+        for (path, data) in files {
+            // Parent directories first: the kernel does not create them.
+            let mut end = 0;
+            while let Some(i) = path[end..].find('/') {
+                end += i;
+                let d = &path[..end];
+                if !dirs.contains(&d) {
+                    w.dir(d);
+                    dirs.push(d);
+                }
+                end += 1;
+            }
+            w.file(path, 0o644, data);
+        }
         bytes.extend_from_slice(&w.finish());
         let path = dir.join(format!("{name}.cpio"));
         fs::write(&path, bytes).map_err(io(format!("write {}", path.display())))?;
@@ -356,7 +385,7 @@ fn module_name(path: &str) -> String {
     stem.replace('-', "_")
 }
 
-/// Resolves [`VIRTIO_NET_MODULES`] to files; built-in modules are left out.
+/// Resolves [`VIRTIO_MODULES`] to files; built-in modules are left out.
 fn find_modules(version: &str) -> Result<Vec<(String, PathBuf)>> {
     let root = Path::new("/lib/modules").join(version);
     let dep = fs::read_to_string(root.join("modules.dep"))
@@ -372,12 +401,12 @@ fn find_modules(version: &str) -> Result<Vec<(String, PathBuf)>> {
         .map(module_name)
         .collect();
     let mut out = Vec::new();
-    for m in VIRTIO_NET_MODULES {
+    for m in VIRTIO_MODULES {
         if let Some(rel) = files.get(*m) {
             out.push((m.to_string(), root.join(rel)));
         } else if builtin.iter().any(|b| b == m) {
             continue;
-        } else if *m == "virtio_net" || *m == "virtio_pci" {
+        } else if *m == "virtio_net" || *m == "virtio_pci" || *m == "virtio_blk" {
             return Err(Error::Unavailable(format!(
                 "kernel {version} has no module {m}"
             )));

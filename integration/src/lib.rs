@@ -6,10 +6,14 @@
 //! - [`testpmd`]: DPDK's `dpdk-testpmd`, as a virtio_user frontend or as
 //!   DPDK's own vhost backend (net_vhost, the reference), with its statistics
 //!   parsed;
-//! - [`qemu`]: QEMU guests (TCG) with vhost-user virtio-net devices,
+//! - [`qemu`]: QEMU guests (TCG) with vhost-user virtio-net and virtio-blk devices,
 //!   optionally behind an emulated intel-iommu;
 //! - [`guest`]: the guest kit they boot (Debian's kernel and a busybox
 //!   initramfs built once and cached under `target/`);
+//! - [`blk_server`]: vhost-user-blk servers (the workspace's `vdpa-blk`,
+//!   qemu-storage-daemon's export as the reference);
+//! - [`guest_disk`]: guest scripts writing a pattern onto such disks and
+//!   the host's checks of the image;
 //! - [`guest_pktgen`]: a guest sending frames with the kernel's pktgen
 //!   into a backend that counts them;
 //! - [`netns`]: network namespaces and taps;
@@ -32,10 +36,12 @@
 
 pub mod accounting;
 pub mod bins;
+pub mod blk_server;
 pub mod cpio;
 pub mod env;
 pub mod error;
 pub mod guest;
+pub mod guest_disk;
 pub mod guest_pktgen;
 pub mod netns;
 pub mod process;
