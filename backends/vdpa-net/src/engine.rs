@@ -592,6 +592,15 @@ impl PairEngine {
         });
         if completed > 0 {
             self.notify_pending = true;
+            // The driver sees this burst's buffers now, not at the end of
+            // the pass: a pass fills every buffer the driver has, and a
+            // driver that saw none of them until then sat idle meanwhile,
+            // then refilled while the device waited (from-backend, `source`
+            // into testpmd rxonly, `ioasis-bench-net --test from-backend`,
+            // 5 rounds alternated with the build before: default mode 10.99
+            // -> 17.70 Mpps, `--poll-us 1000` 11.95 -> 15.84; the
+            // notification stays once per pass).
+            q.publish_used();
         }
         let st = self.stats.queue(self.pair);
         st.add_tx(pkts, bytes);
