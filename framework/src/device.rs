@@ -60,6 +60,7 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use crate::epoll::{self, CtlOp, Epoll, EpollFlags};
 
+pub use crate::context::{Waker, WorkerContext};
 pub use crate::dma::{Dma, DmaError};
 pub use crate::queue::{Chain, Queue, QueueError, Queues};
 
@@ -286,6 +287,27 @@ pub trait Worker: Send {
         let _ = queues;
         Ok(Idle::Sleep)
     }
+
+    /// Chains this worker has deferred ([`Queue::defer`]) and not finished
+    /// yet: I/O in flight. When a ring stops or the worker ends, the
+    /// framework waits (bounded) for this to reach 0, dispatching the
+    /// device's events meanwhile. The default (0) is right for a device
+    /// that completes every chain within the call that popped it.
+    fn in_flight(&self) -> usize {
+        0
+    }
+
+    /// An invalidation of the device's address space waits for the I/O
+    /// this worker has in flight (its deferred chains are pinned, see
+    /// [`crate::queue::InFlight`]): finish or cancel it soon, and start no
+    /// new I/O while [`Dma::drain_requested`] is true. Called on the worker
+    /// thread, in an access section, when the invalidation nudges the
+    /// thread. The default does nothing: the I/O completes on its own and
+    /// the invalidation waits that long.
+    fn drain(&mut self, queues: &mut Queues<'_>) -> Result<()> {
+        let _ = queues;
+        Ok(())
+    }
 }
 
 /// What a worker thread does after [`Worker::before_sleep`].
@@ -349,6 +371,7 @@ impl EventHandle {
         EventRegistrar {
             epoll: &self.epoll,
             thread: usize::MAX,
+            context: None,
         }
     }
 
@@ -373,12 +396,20 @@ impl EventHandle {
 pub struct EventRegistrar<'a> {
     pub(crate) epoll: &'a Epoll,
     pub(crate) thread: usize,
+    pub(crate) context: Option<&'a WorkerContext>,
 }
 
 impl EventRegistrar<'_> {
     /// The worker thread's index.
     pub fn thread(&self) -> usize {
         self.thread
+    }
+
+    /// The worker's context (negotiated features, queues, a waker), in
+    /// [`Worker::init`] on a worker thread (`None` from an
+    /// [`EventHandle`]).
+    pub fn context(&self) -> Option<&WorkerContext> {
+        self.context
     }
 
     /// An owned handle to the same event loop, for changing registrations

@@ -386,6 +386,13 @@ pub(crate) trait SectionOps {
     fn contiguous_error(&self) -> DmaError;
     fn copy(&self, at: Target, src: u64, dst: u64, len: u64) -> Result<()>;
     fn invalidation_requested(&self) -> bool;
+    /// Pins the section's translations beyond its end (None: the section
+    /// is borrowed re-entrantly).
+    fn pin(&self) -> Option<iommu_core::AccessPin>;
+    /// Releases a pin of this section's translator.
+    fn unpin(&self, pin: iommu_core::AccessPin) -> std::result::Result<(), iommu_core::AccessPin>;
+    /// Pins held and an invalidation waits for them.
+    fn drain_requested(&self) -> bool;
     fn record(&self, e: DmaError);
     fn take(&self) -> Option<DmaError>;
 }
@@ -596,6 +603,24 @@ impl SectionOps for Section<'_> {
             .is_ok_and(|a| a.invalidation_requested())
     }
 
+    fn pin(&self) -> Option<iommu_core::AccessPin> {
+        self.access.try_borrow_mut().ok().map(|mut a| a.pin())
+    }
+
+    fn unpin(&self, pin: iommu_core::AccessPin) -> std::result::Result<(), iommu_core::AccessPin> {
+        match self.access.try_borrow_mut() {
+            Ok(mut a) => {
+                a.unpin(pin);
+                Ok(())
+            }
+            Err(_) => Err(pin),
+        }
+    }
+
+    fn drain_requested(&self) -> bool {
+        self.access.try_borrow().is_ok_and(|a| a.drain_requested())
+    }
+
     fn record(&self, e: DmaError) {
         if let Ok(mut l) = self.last_err.try_borrow_mut() {
             *l = Some(e);
@@ -749,6 +774,25 @@ impl<'a> Dma<'a> {
     /// work and end the section, so the invalidation can complete.
     pub fn invalidation_requested(&self) -> bool {
         self.ops.invalidation_requested()
+    }
+
+    /// True while this thread holds access pins (I/O in flight on
+    /// deferred chains, [`crate::queue::InFlight`]) and an invalidation of
+    /// the device waits for them: finish or cancel that I/O, and start no
+    /// new one until it is done.
+    pub fn drain_requested(&self) -> bool {
+        self.ops.drain_requested()
+    }
+
+    pub(crate) fn pin(&self) -> Option<iommu_core::AccessPin> {
+        self.ops.pin()
+    }
+
+    pub(crate) fn unpin(
+        &self,
+        pin: iommu_core::AccessPin,
+    ) -> std::result::Result<(), iommu_core::AccessPin> {
+        self.ops.unpin(pin)
     }
 
     /// Checks that `iova..iova+len` is mapped for `access` (and warms the

@@ -46,6 +46,8 @@
 //! [`Worker`]: device::Worker
 #![deny(missing_docs)]
 
+pub mod config_space;
+pub mod context;
 pub mod device;
 pub mod dma;
 #[cfg(feature = "fault-injection")]

@@ -290,8 +290,11 @@ impl DriverRing {
 /// ```
 #[derive(Debug)]
 pub struct Harness {
-    _iommu: iommu_core::Iommu,
-    core: iommu_core::IommuDevice,
+    iommu: iommu_core::Iommu,
+    ioas: u32,
+    _core: iommu_core::IommuDevice,
+    /// The worker's translator, kept across calls (pins outlive them).
+    translator: iommu_core::Translator,
     mem: Arc<Memory>,
     vrings: Vec<(u16, Arc<std::sync::Mutex<crate::queue::Vring>>)>,
     rings: Vec<DriverRing>,
@@ -365,9 +368,12 @@ impl Harness {
             vrings.push((index, Arc::new(std::sync::Mutex::new(v))));
             rings.push(ring);
         }
+        let translator = core.translator();
         Ok(Harness {
-            _iommu: iommu,
-            core,
+            iommu,
+            ioas,
+            _core: core,
+            translator,
             mem,
             vrings,
             rings,
@@ -390,6 +396,32 @@ impl Harness {
         &self.mem
     }
 
+    /// The iommu context and the IOAS the memory is mapped in (device
+    /// address = IOVA), for tests that unmap under the device.
+    pub fn address_space(&self) -> (&iommu_core::Iommu, u32) {
+        (&self.iommu, self.ioas)
+    }
+
+    /// Access pins the worker's translator holds (deferred chains).
+    pub fn pinned(&self) -> u64 {
+        self.translator.pinned()
+    }
+
+    /// Whether an invalidation waits for the worker's pins (what the
+    /// worker thread's nudge would report); a test then calls
+    /// [`drain`](Self::drain).
+    pub fn drain_requested(&self) -> bool {
+        self.translator.drain_requested()
+    }
+
+    /// Calls `worker.drain()` inside one access section.
+    pub fn drain(
+        &mut self,
+        worker: &mut dyn crate::device::Worker,
+    ) -> Result<(), crate::device::DeviceError> {
+        self.with_queues(|queues| worker.drain(queues))
+    }
+
     /// The driver side of queue `index`.
     ///
     /// # Panics
@@ -402,8 +434,7 @@ impl Harness {
     /// method is run: the way to drive a device's queue code without a
     /// worker.
     pub fn with_queues<R>(&mut self, f: impl FnOnce(&mut crate::queue::Queues<'_>) -> R) -> R {
-        let mut tr = self.core.translator();
-        let section = crate::dma::Section::new(&mut tr, None, true);
+        let section = crate::dma::Section::new(&mut self.translator, None, true);
         let mut queues = crate::queue::Queues::new(
             &self.vrings,
             crate::dma::Dma::from_section(&section),

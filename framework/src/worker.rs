@@ -38,7 +38,7 @@
 //! never holds up the connection, the service or the server's shutdown.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -48,6 +48,7 @@ use log::{debug, error, warn};
 use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::context::{Waker, WorkerContext};
 use crate::device::{device_token_of, Device, DeviceError, EventRegistrar, Idle, Worker};
 use crate::dma::{Dma, Section};
 use crate::epoll::{self, CtlOp, Epoll, EpollEvent, EpollFlags};
@@ -65,6 +66,11 @@ const MAX_EVENTS: usize = 64;
 /// Most worker calls in one final pass of a queue (each consumes at least one
 /// buffer, or the pass ends).
 const FINAL_PASS_CALLS: usize = 1024;
+/// Longest wait of a final pass for the worker's I/O in flight (the
+/// connection waits one second for the whole pass).
+const FINAL_PASS_IN_FLIGHT: Duration = Duration::from_millis(900);
+/// Longest wait of an ending worker for its I/O in flight.
+const EXIT_IN_FLIGHT: Duration = Duration::from_secs(5);
 
 /// State a connection of a transport shares with its workers.
 #[derive(Debug)]
@@ -76,6 +82,8 @@ pub(crate) struct ConnShared {
     pub transport: Arc<dyn Transport>,
     /// A worker hit an error the driver must reset the device for.
     pub needs_reset: AtomicBool,
+    /// The features the driver acknowledged (what [`WorkerContext`] says).
+    pub features: AtomicU64,
     /// The running worker threads' controls.
     workers: Mutex<Vec<Arc<Ctl>>>,
 }
@@ -88,6 +96,7 @@ impl ConnShared {
             iotlb_mode: AtomicBool::new(false),
             transport,
             needs_reset: AtomicBool::new(false),
+            features: AtomicU64::new(0),
             workers: Mutex::new(Vec::new()),
         }
     }
@@ -241,7 +250,20 @@ impl WorkerSet {
                 drained: Condvar::new(),
                 writer: Writer::new(),
             });
+            let weak = Arc::downgrade(&ctl);
+            let context = WorkerContext {
+                thread,
+                features: shared.features.load(Ordering::SeqCst),
+                num_queues: device.num_queues(),
+                queues: mine.iter().map(|(i, _)| *i).collect(),
+                waker: Waker(Arc::new(move || {
+                    if let Some(c) = weak.upgrade() {
+                        let _ = c.event.write(1);
+                    }
+                })),
+            };
             let mut runner = Runner {
+                context,
                 thread,
                 worker,
                 vrings: mine,
@@ -357,6 +379,7 @@ impl Drop for WorkerSet {
 }
 
 struct Runner {
+    context: WorkerContext,
     thread: usize,
     worker: Box<dyn Worker>,
     vrings: Vec<(u16, Arc<Mutex<Vring>>)>,
@@ -405,10 +428,12 @@ impl Runner {
         let _detach = Detach(&ctl.writer);
         // An unmap waiting for this thread's access section interrupts its
         // write to the frontend.
+        // It also wakes the thread: I/O it has pinned must drain.
         let weak = Arc::downgrade(&ctl);
         self.translator.set_nudge(Some(Arc::new(move || {
             if let Some(c) = weak.upgrade() {
                 c.writer.interrupt();
+                let _ = c.event.write(1);
             }
         })));
         self.run();
@@ -423,21 +448,79 @@ impl Runner {
                 return;
             }
         };
-        if let Err(e) = watch_raw(&epoll, self.ctl.event.as_raw_fd(), CTL_TOKEN) {
+        self.serve(&epoll);
+        // Deferred chains complete before the worker goes (their pins
+        // hold every invalidation of the device).
+        self.wait_in_flight(&epoll, EXIT_IN_FLIGHT);
+        let left = self.worker.in_flight();
+        if left > 0 {
+            error!(
+                "worker {}: {left} requests still in flight after {EXIT_IN_FLIGHT:?}; the device's worker is dropped with them",
+                self.thread
+            );
+        }
+    }
+
+    /// Dispatches the device's events (its I/O completions) until it
+    /// reports nothing in flight or `limit` passed. Kicks are read and
+    /// their queues processed afterwards; the control eventfd is left
+    /// to the main loop. Blocks outside any access section.
+    fn wait_in_flight(&mut self, epoll: &Epoll, limit: Duration) {
+        if self.worker.in_flight() == 0 {
+            return;
+        }
+        let deadline = Instant::now() + limit;
+        let mut kicked: Vec<u16> = Vec::new();
+        let mut events = [EpollEvent::empty(); MAX_EVENTS];
+        while self.worker.in_flight() > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let step = (deadline - now).min(Duration::from_millis(10));
+            let n = match epoll::wait(epoll, &mut events, Some(step)) {
+                Ok(n) => n.min(MAX_EVENTS),
+                Err(_) => break,
+            };
+            for ev in events.iter().take(n) {
+                let token = ev.data();
+                if let Some(token) = device_token_of(token) {
+                    self.handle_device_event(token);
+                } else if let Ok(index) = u16::try_from(token) {
+                    if let Some((_, k)) = self.kicks.iter().find(|(i, _)| *i == index) {
+                        let _ = crate::peer_fd::read_counter(k);
+                        if !kicked.contains(&index) {
+                            kicked.push(index);
+                        }
+                    }
+                }
+            }
+            if self.translator.drain_requested() {
+                self.call(|w, queues| w.drain(queues));
+            }
+        }
+        for index in kicked {
+            self.process(index);
+        }
+    }
+
+    fn serve(&mut self, epoll: &Epoll) {
+        if let Err(e) = watch_raw(epoll, self.ctl.event.as_raw_fd(), CTL_TOKEN) {
             error!("worker {}: registering control eventfd: {e}", self.thread);
             return;
         }
         {
             let mut reg = EventRegistrar {
-                epoll: &epoll,
+                epoll,
                 thread: self.thread,
+                context: Some(&self.context),
             };
             if let Err(e) = self.worker.init(&mut reg) {
                 error!("worker {}: init failed: {e}", self.thread);
                 self.shared.needs_reset.store(true, Ordering::SeqCst);
             }
         }
-        self.sync_kicks(&epoll);
+        self.sync_kicks(epoll);
         self.process_all();
         // The device keeps polling (Idle::Poll): look at events without
         // blocking and ask it again.
@@ -456,7 +539,7 @@ impl Runner {
                 None
             };
             // An interrupted wait returns no events.
-            let n = match epoll::wait(&epoll, &mut events, timeout) {
+            let n = match epoll::wait(epoll, &mut events, timeout) {
                 Ok(n) => n.min(MAX_EVENTS),
                 Err(e) => {
                     error!("worker {}: epoll_wait: {e}", self.thread);
@@ -470,8 +553,11 @@ impl Runner {
                     if self.ctl.stop.load(Ordering::SeqCst) {
                         return;
                     }
-                    self.final_passes();
-                    self.sync_kicks(&epoll);
+                    if self.translator.drain_requested() {
+                        self.call(|w, queues| w.drain(queues));
+                    }
+                    self.final_passes_in(epoll);
+                    self.sync_kicks(epoll);
                     self.process_all();
                 } else if let Some(token) = device_token_of(token) {
                     self.handle_device_event(token);
@@ -536,7 +622,7 @@ impl Runner {
     }
 
     /// Runs the final passes the connection thread asked for and tells it.
-    fn final_passes(&mut self) {
+    fn final_passes_in(&mut self, epoll: &Epoll) {
         let (requested, round) = {
             let mut d = lock_drain(&self.ctl.drain);
             if d.requested == 0 {
@@ -554,6 +640,8 @@ impl Runner {
                 self.final_pass(i);
             }
         }
+        // Requests in flight complete before the driver reads the rings.
+        self.wait_in_flight(epoll, FINAL_PASS_IN_FLIGHT);
         lock_drain(&self.ctl.drain).finished = round;
         self.ctl.drained.notify_all();
     }

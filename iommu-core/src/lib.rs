@@ -125,6 +125,23 @@
 //! record of a section is dropped once the section has ended.
 //! (`iommu-core/tests/unmap_race.rs` is the regression test, one per path.)
 //!
+//! **Access pins.** I/O that outlives a section (a read submitted to
+//! io_uring into translated host buffers, completed later) holds an
+//! [`AccessPin`] ([`AccessSection::pin`]), the counterpart of the pages an
+//! iommufd access object pins: while a translator holds pins, its section
+//! does not end when the [`AccessSection`] is dropped (`active` stays odd
+//! across sections), so every invalidation that reaches the translator
+//! waits until the last pin is released ([`Translator::unpin`]). The
+//! owner learns that an invalidation waits through the nudge hook and
+//! [`Translator::drain_requested`]; it finishes or cancels the pinned work
+//! and takes no new pin until then (a pin taken meanwhile is still safe,
+//! it only delays the invalidation). Sections begun while pins are held
+//! see the new `gen` and flush as usual, so new translations are fresh.
+//! A pin covers the whole device, not a range: an unmap of any range waits
+//! for all of the translator's pinned work. (`--cfg
+//! ioasis_broken="unpinned"` makes a section's end ignore pins, for the
+//! tests that show they catch an unmap returning under pinned I/O.)
+//!
 //! The blocking forms are `*_begin` plus `wait`. Idle translators cost the
 //! invalidator two atomic operations each and never delay it. A thread must
 //! never block inside an access section (not on a fault, not on a lock of its
@@ -261,7 +278,7 @@ pub use fault_budget::{FaultBudget, FaultSlot};
 pub use memory::Memory;
 pub use sync::{InvalidationTicket, Nudge, TranslatorInfo};
 pub use translate::{
-    AccessSection, Fragment, Translator, TranslatorStats, TRANSLATION_CACHE_ENTRIES,
+    AccessPin, AccessSection, Fragment, Translator, TranslatorStats, TRANSLATION_CACHE_ENTRIES,
     TRANSLATION_CACHE_WAYS,
 };
 pub use types::*;

@@ -132,6 +132,12 @@ pub struct Translator {
     sets: Box<[Set; CACHE_SETS]>,
     mems: Vec<Arc<Memory>>,
     stats: TranslatorStats,
+    /// Access pins held ([`AccessSection::pin`]): while any is held the
+    /// slot stays in its section (odd `active`) between sections too.
+    pins: u64,
+    /// The generation the translator had seen when `pins` went from 0 to 1:
+    /// an invalidation since then waits for every pin to be released.
+    pin_gen: u64,
 }
 
 impl std::fmt::Debug for Translator {
@@ -157,6 +163,8 @@ impl Translator {
             sets: Box::new([Set::default(); CACHE_SETS]),
             mems: Vec::new(),
             stats: TranslatorStats::default(),
+            pins: 0,
+            pin_gen: 0,
         }
     }
 
@@ -215,6 +223,41 @@ impl Translator {
     /// Counters.
     pub fn stats(&self) -> TranslatorStats {
         self.stats
+    }
+
+    /// Access pins held ([`AccessSection::pin`]).
+    pub fn pinned(&self) -> u64 {
+        self.pins
+    }
+
+    /// True while pins are held and an invalidation began after the
+    /// oldest of them was taken: that invalidation waits until every pin
+    /// is released, so the owner should finish or cancel the work behind
+    /// them and take no new pin until [`Translator::pinned`] is 0 (one
+    /// atomic load).
+    pub fn drain_requested(&self) -> bool {
+        self.pins > 0 && self.slot.gen.load(Ordering::SeqCst) != self.pin_gen
+    }
+
+    /// Releases `pin` outside an access section. When it was the last
+    /// one, the translator's section ends here: invalidations waiting for
+    /// it complete.
+    pub fn unpin(&mut self, pin: AccessPin) {
+        if self.release(pin) && self.pins == 0 {
+            self.slot.leave();
+        }
+    }
+
+    fn release(&mut self, pin: AccessPin) -> bool {
+        if pin.translator != self.slot.id || self.pins == 0 {
+            // Another translator's pin, or more releases than pins: a bug
+            // of the owner. Ignoring it keeps this translator's section
+            // open (safe) rather than ending it early.
+            debug_assert!(false, "access pin released on the wrong translator");
+            return false;
+        }
+        self.pins -= 1;
+        true
     }
 
     fn flush(&mut self) {
@@ -534,8 +577,38 @@ impl std::fmt::Debug for AccessSection<'_> {
 impl Drop for AccessSection<'_> {
     #[inline]
     fn drop(&mut self) {
-        self.t.slot.leave();
+        // Pins extend the section until the last one is released.
+        if self.t.pins == 0 || cfg!(ioasis_broken = "unpinned") {
+            self.t.slot.leave();
+        }
     }
+}
+
+impl Drop for Translator {
+    fn drop(&mut self) {
+        if self.pins > 0 {
+            // The owner dropped the translator with pins held (it must
+            // finish the work behind them first): end the section so that
+            // no invalidation waits forever.
+            self.pins = 0;
+            self.slot.leave();
+        }
+    }
+}
+
+/// A pin on a translator's current translations ([`AccessSection::pin`]),
+/// the userspace form of an iommufd access object's pinned pages: while it
+/// is held, every invalidation of the translator's device (unmap, replace,
+/// detach, unbind, HWPT invalidation) waits, so host memory obtained in the
+/// section that took it stays valid after the section ends, for I/O that
+/// outlives it (io_uring, a DMA engine). Release it with
+/// [`AccessSection::unpin`] or [`Translator::unpin`]; a translator whose
+/// [`Translator::drain_requested`] is true has an invalidation waiting for
+/// its pins. Not `Clone`: one release per pin.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a pin holds every invalidation of the device until released"]
+pub struct AccessPin {
+    translator: u64,
 }
 
 fn check_range(iova: u64, len: u64) -> Result<()> {
@@ -550,6 +623,36 @@ fn check_range(iova: u64, len: u64) -> Result<()> {
 }
 
 impl AccessSection<'_> {
+    /// Pins the translations of this section beyond its end: the
+    /// translator's section stays open (invalidations of its device wait)
+    /// until every pin is released. Host pointers translated in this section
+    /// stay valid while the pin is held. See [`AccessPin`].
+    pub fn pin(&mut self) -> AccessPin {
+        if self.t.pins == 0 {
+            self.t.pin_gen = self.t.seen_gen;
+        }
+        self.t.pins += 1;
+        AccessPin {
+            translator: self.t.slot.id,
+        }
+    }
+
+    /// Releases `pin` inside a section (the section's end then ends the
+    /// translator's section if no pin is left).
+    pub fn unpin(&mut self, pin: AccessPin) {
+        self.t.release(pin);
+    }
+
+    /// Pins held by the translator.
+    pub fn pinned(&self) -> u64 {
+        self.t.pins
+    }
+
+    /// [`Translator::drain_requested`] inside a section.
+    pub fn drain_requested(&self) -> bool {
+        self.t.drain_requested()
+    }
+
     /// Translates `[iova, iova+len)` for `perm`: clears `out` and fills it
     /// with host fragments covering the range in order (adjacent host runs
     /// are merged).
@@ -1182,5 +1285,79 @@ mod tests {
         // The faulting form reports one.
         assert!(t.read(None, P, &mut [0u8; 1]).is_err());
         assert_eq!(eq.read_batch(&mut evs, 8), Ok(1));
+    }
+}
+
+#[cfg(test)]
+mod pin_tests {
+    use crate::{HwInfo, Iommu, IommuDevice, Memory, Perm};
+
+    /// An unmap issued while a pin is held waits for its release, across
+    /// the end of the section that took it; a section begun meanwhile sees
+    /// the unmap (its translation misses).
+    #[test]
+    fn test_pin_holds_unmap_until_released() {
+        let iommu = Iommu::new();
+        let dev = IommuDevice::new("pin", HwInfo::default());
+        let id = iommu.bind(&dev).expect("bind");
+        let ioas = iommu.ioas_alloc().expect("ioas");
+        iommu.attach(id, None, ioas).expect("attach");
+        let m = Memory::anonymous("m", 0x2000).expect("mem");
+        iommu
+            .ioas_map(ioas, &m, 0, 0x2000, Some(0x10000), Perm::RW)
+            .expect("map");
+        let mut t = dev.translator();
+        let pin = {
+            let mut s = t.access();
+            let mut b = [0u8; 4];
+            s.read(None, 0x10000, &mut b).expect("read");
+            s.pin()
+        };
+        assert_eq!(t.pinned(), 1);
+        assert!(!t.drain_requested());
+        let (_, mut ticket) = iommu
+            .ioas_unmap_begin(ioas, 0x10000, 0x2000)
+            .expect("unmap");
+        assert!(!ticket.is_done(), "the pin holds the unmap");
+        assert!(t.drain_requested());
+        {
+            let mut s = t.access();
+            assert!(
+                s.read(None, 0x10000, &mut [0u8; 4]).is_err(),
+                "fresh section misses"
+            );
+        }
+        assert!(
+            !ticket.is_done(),
+            "a later section does not release the pin"
+        );
+        t.unpin(pin);
+        assert!(ticket.is_done());
+        assert!(!t.drain_requested());
+        assert_eq!(t.pinned(), 0);
+    }
+
+    /// A pin released inside a section ends the translator's section with it.
+    #[test]
+    fn test_unpin_inside_section() {
+        let iommu = Iommu::new();
+        let dev = IommuDevice::new("pin2", HwInfo::default());
+        let id = iommu.bind(&dev).expect("bind");
+        let ioas = iommu.ioas_alloc().expect("ioas");
+        iommu.attach(id, None, ioas).expect("attach");
+        let m = Memory::anonymous("m", 0x1000).expect("mem");
+        iommu
+            .ioas_map(ioas, &m, 0, 0x1000, Some(0x10000), Perm::RW)
+            .expect("map");
+        let mut t = dev.translator();
+        let pin = t.access().pin();
+        let (_, mut ticket) = iommu.ioas_unmap_begin(ioas, 0, u64::MAX).expect("unmap");
+        assert!(!ticket.is_done());
+        {
+            let mut s = t.access();
+            s.unpin(pin);
+            assert!(!ticket.is_done(), "still inside a section");
+        }
+        assert!(ticket.is_done());
     }
 }

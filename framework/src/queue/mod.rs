@@ -54,6 +54,10 @@
 //! | `walk.rs` | the ring walk: [`Queue::pop`] (fast path and virtio-queue path), [`Queue::unpop`], bad chains |
 //! | `burst.rs` | bursts: [`Queue::pop_burst`], [`Queue::pop_batch`], prefetching |
 //! | `chain.rs` | [`Chain`]: a popped chain, its host fragments, [`Queue::read`] / [`Queue::write`] |
+//! | `cursor.rs` | [`Cursor`]: read a request's header and data, write its answer and a status last |
+//! | `iovec.rs` | a chain's host fragments as iovecs ([`Queue::iovecs`], [`Queue::translate_chain`]) |
+//! | `deferred.rs` | deferred completion: [`Queue::defer`] pins a chain for I/O in flight, [`Queues::finish`] releases it ([`InFlight`]) |
+//! | `serve.rs` | the notification loop every device repeats ([`Queue::serve`]) |
 //! | `used.rs` | completions: [`Queue::add_used`], [`Queue::add_used_batch`], [`Queue::publish_used`] |
 //! | `notify.rs` | notification suppression: [`Queue::notify`], [`Queue::signal`], kicks on and off |
 //! | `vring.rs` | the per-queue state shared by the connection and the worker |
@@ -61,12 +65,16 @@
 
 mod burst;
 mod chain;
+mod cursor;
+mod deferred;
 mod error;
 #[cfg(test)]
 mod fixture;
+mod iovec;
 mod notify;
 mod queues;
 mod ring;
+mod serve;
 mod used;
 mod vring;
 mod walk;
@@ -82,9 +90,13 @@ use crate::transport::Transport;
 
 pub use burst::{Burst, PREFETCH_AHEAD, PREFETCH_BYTES};
 pub use chain::{Chain, Desc};
+pub use cursor::Cursor;
+pub use deferred::{Finished, InFlight};
 pub use error::{QueueError, Result};
+pub use iovec::Part;
 pub use queues::Queues;
 use ring::Rings;
+pub use serve::Flow;
 pub(crate) use vring::{Parked, Vring};
 
 /// Largest queue size (`VIRTIO` split rings: 32768).

@@ -402,6 +402,7 @@ impl Connection {
                     st.set_holder_iovas(Some(iotlb));
                 }
                 self.features = f;
+                self.shared.features.store(f, Ordering::SeqCst);
                 self.shared.iotlb_mode.store(iotlb, Ordering::SeqCst);
                 let mode = if iotlb { Mode::Iotlb } else { Mode::Table };
                 self.space.set_mode(mode, &self.table)?;

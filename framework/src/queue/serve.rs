@@ -1,0 +1,58 @@
+//! The notification loop every device repeats: suppress kicks, pop until
+//! the ring is empty, signal once for the batch, re-enable kicks and go
+//! round again if the driver added chains meanwhile (the `EVENT_IDX`
+//! re-check: without it a chain made available between the last pop and
+//! the re-enable would wait for the next kick, which never comes).
+
+use super::{Chain, Queue, Result};
+
+/// What a device's per-chain step tells [`Queue::serve`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// Go on popping.
+    Continue,
+    /// The device cannot take more now (its I/O slots are full): stop
+    /// popping. Notifications stay suppressed and the rest of the ring
+    /// waits; the device calls [`Queue::serve`] again when it can take more
+    /// (after completions), so nothing is lost.
+    Stop,
+}
+
+impl<'a> Queue<'a> {
+    /// Pops every available chain into `chain` and hands it to `step`,
+    /// which must complete it ([`Queue::add_used`]) or defer it
+    /// ([`Queue::defer`]) before returning [`Flow`]. Signals the driver
+    /// once per batch of completions, and re-checks the ring after
+    /// re-enabling notifications. Returns the chains popped.
+    ///
+    /// Bounded: at most `size + 1` rounds (a driver that keeps adding
+    /// chains is served again on its next kick).
+    pub fn serve(
+        &mut self,
+        chain: &mut Chain,
+        mut step: impl FnMut(&mut Queue<'a>, &mut Chain) -> Result<Flow>,
+    ) -> Result<usize> {
+        let mut popped = 0usize;
+        for _ in 0..=self.size() {
+            self.disable_notification()?;
+            let mut stop = false;
+            while self.pop(chain)? {
+                popped += 1;
+                if step(self, chain)? == Flow::Stop {
+                    stop = true;
+                    break;
+                }
+            }
+            if self.dirty || self.vring.num_added > 0 {
+                self.notify()?;
+            }
+            if stop {
+                return Ok(popped);
+            }
+            if !self.enable_notification()? {
+                break;
+            }
+        }
+        Ok(popped)
+    }
+}
