@@ -10,6 +10,8 @@
 //!   optionally behind an emulated intel-iommu;
 //! - [`guest`]: the guest kit they boot (Debian's kernel and a busybox
 //!   initramfs built once and cached under `target/`);
+//! - [`blk_frontend`]: a vhost-user-blk driver of the project's own (the
+//!   block benchmark's load generator);
 //! - [`blk_server`]: vhost-user-blk servers (the workspace's `vdpa-blk`,
 //!   qemu-storage-daemon's export as the reference);
 //! - [`guest_disk`]: guest scripts writing a pattern onto such disks and
@@ -36,6 +38,7 @@
 
 pub mod accounting;
 pub mod bins;
+pub mod blk_frontend;
 pub mod blk_server;
 pub mod cpio;
 pub mod env;
