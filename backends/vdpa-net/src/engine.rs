@@ -323,6 +323,12 @@ impl PairEngine {
             let popped = self.tx_heads.len();
             if popped > 0 && used_err.is_none() {
                 self.notify_pending = true;
+                // As on the receive path: the driver gets its buffers back
+                // burst by burst, not when the pass has drained the ring
+                // (into the backend as users start vdpa-net, 5 rounds
+                // alternated: 10.70 -> 14.52 Mpps; the polling mode within
+                // noise).
+                q.publish_used();
             }
             let out = if n > 0 {
                 port.send(&mut self.tx_bufs[..n])
