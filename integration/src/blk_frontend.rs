@@ -133,6 +133,8 @@ pub struct BlkFrontend {
     /// Submission time per slot; `None` when the slot is free.
     started: Vec<Option<Instant>>,
     rng: u64,
+    /// The block of the next request, when [`request`](Self::request) chose it.
+    rng_override: Option<u64>,
 }
 
 impl std::fmt::Debug for BlkFrontend {
@@ -236,10 +238,14 @@ impl BlkFrontend {
             seen: 0,
             started: vec![None; usize::from(depth)],
             rng: 0x853c_49e6_748f_ea9b,
+            rng_override: None,
         })
     }
 
     fn next_block(&mut self) -> u64 {
+        if let Some(b) = self.rng_override {
+            return b;
+        }
         self.rng ^= self.rng << 13;
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;
@@ -305,6 +311,71 @@ impl BlkFrontend {
         if n > 0 {
             let _ = self.call.read();
         }
+    }
+
+    /// Issues one 4 KiB request (`op` on block `block`, through slot 0) and
+    /// waits at most `timeout` for it; returns its status byte
+    /// (`VIRTIO_BLK_S_OK` = 0, `IOERR` = 1, `UNSUPP` = 2). For a write the
+    /// data is `fill` repeated; for a read the data is returned too.
+    pub fn request(
+        &mut self,
+        op: Op,
+        block: u64,
+        fill: u8,
+        timeout: Duration,
+    ) -> Res<(u8, Vec<u8>)> {
+        if self.started.iter().any(Option::is_some) {
+            return Err("requests are still in flight".into());
+        }
+        self.mem
+            .fill(DATA_OFF, IO_SIZE, fill)
+            .map_err(ctx("fill the data buffer"))?;
+        self.rng_override = Some(block);
+        let r = self.submit(0, op);
+        self.rng_override = None;
+        r?;
+        self.publish_and_kick()?;
+        let end = Instant::now() + timeout;
+        // Bounded by the clock; each iteration waits up to 20 ms.
+        let max_polls = timeout.as_millis() / 20 + 2;
+        for _ in 0..max_polls {
+            let used = self.ring.used_idx().map_err(ctx("used index"))?;
+            fence(Ordering::Acquire);
+            if used != self.seen {
+                let (id, _) = self
+                    .ring
+                    .used_elem(self.seen)
+                    .map_err(ctx("used element"))?;
+                self.seen = self.seen.wrapping_add(1);
+                if id != 0 || self.started[0].take().is_none() {
+                    return Err(format!(
+                        "the device completed head {id}, not the request in flight"
+                    ));
+                }
+                if used != self.seen {
+                    return Err(format!(
+                        "the device completed more than the one request (used index {used})"
+                    ));
+                }
+                let mut status = [S_PENDING];
+                self.mem
+                    .read_at(HDR_OFF + 16, &mut status)
+                    .map_err(ctx("read status"))?;
+                let mut data = vec![0u8; IO_SIZE];
+                self.mem
+                    .read_at(DATA_OFF, &mut data)
+                    .map_err(ctx("read data"))?;
+                return Ok((status[0], data));
+            }
+            if Instant::now() >= end {
+                break;
+            }
+            self.wait_call(Duration::from_millis(20));
+        }
+        Err(format!(
+            "no completion of a {} within {timeout:?}",
+            op.name()
+        ))
     }
 
     /// The largest queue depth this driver was set up for.
