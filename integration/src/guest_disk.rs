@@ -192,8 +192,13 @@ impl Passes {
 /// `/dev/<dev>` `p.passes` times with O_DIRECT 4 KiB writes, pass `k`
 /// writing pattern block `b + k` to disk block `b`; every pass is different
 /// from the one before it, so a write applied twice (an older pass landing
-/// after a newer one) leaves a wrong block. Markers: `WRITING` once the
-/// writers run, `PASS <w> <k>` after each pass, `WRITES_DONE`, then
+/// after a newer one) leaves a wrong block. Meanwhile a flusher issues
+/// cache flushes (`fsync` on the device) back to back until the writers
+/// are done: a flush takes the host much longer than a 4 KiB write, so the
+/// device completes requests out of order all the time, and a request
+/// in flight is often older than requests already completed. Markers:
+/// `WRITING` once the writers run, `PASS <w> <k>` after each pass,
+/// `FLUSHES <n>`, `WRITES_DONE`, then
 /// `READBACK_OK` if the disk read back with O_DIRECT matches the last pass
 /// (`READBACK_BAD`, `WRITE_FAIL` otherwise).
 pub fn rewrite_passes_script(dev: &str, p: &Passes) -> String {
@@ -209,8 +214,15 @@ pub fn rewrite_passes_script(dev: &str, p: &Passes) -> String {
          \x20   done ) &\n\
          \x20   pids=\"$pids $!\"\n\
          done\n\
+         ( n=0; while [ ! -e /tmp/writers-done ]; do\n\
+         \x20   dd if=/dev/null of=$D count=0 conv=notrunc,fsync 2>/dev/null || {{ echo \"flush $n failed\"; exit 1; }}\n\
+         \x20   n=$((n + 1))\n\
+         done; mark \"FLUSHES $n\" ) &\n\
+         flusher=$!\n\
          mark WRITING\n\
          rc=0; for pid in $pids; do wait $pid || rc=1; done\n\
+         touch /tmp/writers-done\n\
+         wait $flusher || rc=1\n\
          same $rc 0 || fail WRITE_FAIL\n\
          mark WRITES_DONE\n\
          drop_caches\n\

@@ -211,13 +211,16 @@ fn test_guest_disk_with_intel_iommu_lazy() {
     pattern_with_iommu("test_guest_disk_with_intel_iommu_lazy", IommuMode::Lazy);
 }
 
-/// The shape of the kill-and-restart run: 4 writers x 256 blocks (a 4 MiB
-/// disk), 8 passes each (8192 O_DIRECT writes of 4 KiB, several seconds
-/// under TCG, so the kill lands while they run).
+/// The shape of the kill-and-restart run: 4 writers x 16 blocks (a
+/// 256 KiB disk), 128 passes each (8192 O_DIRECT writes of 4 KiB, several
+/// seconds under TCG, so the kill lands while they run). Small regions
+/// make a write applied twice visible: each block is rewritten with new
+/// data every 16 writes of its writer, so a request replayed after more
+/// than that leaves an older pass's block behind.
 const PASSES: Passes = Passes {
     writers: 4,
-    region_blocks: 256,
-    passes: 8,
+    region_blocks: 16,
+    passes: 128,
 };
 
 /// The backend killed with SIGKILL while four guest writers rewrite the
@@ -227,14 +230,27 @@ const PASSES: Passes = Passes {
 /// flight are resubmitted. Every write lands (the disk read back in the
 /// guest and the image on the host hold the last pass, block for block)
 /// and none lands twice (every pass differs from the one before it, so an
-/// old write applied again after a newer one leaves a wrong block).
+/// old write applied again after a newer one to the same block leaves a
+/// wrong block; see [`PASSES`]).
+///
+/// A flusher issues cache flushes back to back meanwhile, so that
+/// requests complete out of order around the kill (see
+/// [`rewrite_passes_script`]).
+///
+/// What it does not catch reliably: a backend without inflight tracking.
+/// QEMU then rewinds the ring to the used index on reconnect, which
+/// resubmits every request still in flight when completions were in
+/// order; a write is lost (the guest hangs, the test times out) only if a
+/// request older than completed ones was in flight at the kill. A vdpa-blk
+/// build without INFLIGHT_SHMFD passed this test in 6 runs out of 6 (3
+/// with 8 writers and no flusher, 3 as here).
 ///
 /// Shown to fail with a restart that loses the killed backend's writes
 /// (`IOASIS_TEST_BLK_RESTART_BROKEN=1 cargo test -p ioasis-integration
 /// --test vdpa_blk_qemu kill_and_restart`: the new backend serves a copy
 /// of the image as it was at boot; with qemu-storage-daemon the host found
-/// all 1024 blocks wrong, block 0 holding pattern block 2, a pass from
-/// before the kill, instead of 7).
+/// all 64 blocks wrong, block 0 holding pattern block 12, from a pass
+/// before the kill, instead of 127).
 #[test]
 fn test_guest_writes_survive_backend_kill_and_restart() {
     let test = "test_guest_writes_survive_backend_kill_and_restart";
@@ -279,8 +295,14 @@ fn test_guest_writes_survive_backend_kill_and_restart() {
     let mut server = BlkServer::spawn(&kind, &restart_export, dir.path(), "server-2")
         .or_panic("restart the server");
     let console = assert_guest_ok(&mut guest, "guest writes across the restart");
+    let flushes = console
+        .split("@@IOASIS:FLUSHES ")
+        .nth(1)
+        .and_then(|r| r.split("@@").next())
+        .unwrap_or("?");
     eprintln!(
-        "{} killed after {passes_before} of {} passes; the guest finished {:.1} s after the kill",
+        "{} killed after {passes_before} of {} passes; the guest finished {:.1} s after the \
+         kill, with {flushes} flushes",
         kind.name(),
         PASSES.writers * PASSES.passes,
         killed_at.elapsed().as_secs_f64()
