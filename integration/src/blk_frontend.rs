@@ -18,7 +18,7 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{fence, AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -289,6 +289,30 @@ impl BlkFrontend {
         Ok(())
     }
 
+    /// The device's used index, read with one atomic 16-bit load: a byte
+    /// copy (`Memory::read_at`, and with it `DriverRing::used_idx`) can
+    /// tear while the device moves the index across a multiple of 256
+    /// (low byte old, high byte new: the index jumps ahead by up to 256
+    /// and the driver reads stale used elements; seen with
+    /// qemu-storage-daemon at queue depth 32).
+    fn used_idx(&self) -> Res<u16> {
+        let off = usize::try_from(self.ring.used_addr())
+            .map_err(|_| "used ring address out of range".to_string())?
+            + 2;
+        if off + 2 > self.mem.len() || off % 2 != 0 {
+            return Err(format!(
+                "used index at {off} is outside the memory or unaligned"
+            ));
+        }
+        // SAFETY: `off` is in bounds of the live shared mapping `mem` and
+        // 2-byte aligned (the used ring starts on a 4 KiB boundary); the
+        // device writes this u16 concurrently, which is what the atomic
+        // load is for. Device addresses equal offsets (memory at address 0).
+        let idx = unsafe { &*(self.mem.as_ptr().add(off) as *const AtomicU16) };
+        let v = idx.load(Ordering::Acquire);
+        Ok(u16::from_le(v))
+    }
+
     fn publish_and_kick(&self) -> Res<()> {
         self.ring.publish().map_err(ctx("publish"))?;
         let flags = self.ring.used_flags().map_err(ctx("used flags"))?;
@@ -339,7 +363,7 @@ impl BlkFrontend {
         // Bounded by the clock; each iteration waits up to 20 ms.
         let max_polls = timeout.as_millis() / 20 + 2;
         for _ in 0..max_polls {
-            let used = self.ring.used_idx().map_err(ctx("used index"))?;
+            let used = self.used_idx()?;
             fence(Ordering::Acquire);
             if used != self.seen {
                 let (id, _) = self
@@ -434,7 +458,7 @@ impl BlkFrontend {
                 ended = true;
                 measured_secs = (now - window_start).as_secs_f64();
             }
-            let used = self.ring.used_idx().map_err(ctx("used index"))?;
+            let used = self.used_idx()?;
             // The used elements and status bytes are read after the index.
             fence(Ordering::Acquire);
             if used == self.seen {
@@ -464,10 +488,20 @@ impl BlkFrontend {
                     .read_at(HDR_OFF + 32 * k + 16, &mut status)
                     .map_err(ctx("read status"))?;
                 if status[0] != S_OK {
+                    // Look again a moment later: a status that turns OK was
+                    // written after the used index moved.
+                    std::thread::sleep(Duration::from_millis(5));
+                    let mut again = [S_PENDING];
+                    let _ = self.mem.read_at(HDR_OFF + 32 * k + 16, &mut again);
+                    let used_now = self.used_idx().unwrap_or(used);
                     return Err(format!(
-                        "request {k} ({}) completed with status {} (not OK)",
+                        "request {k} ({}) completed with status {} (not OK; {} 5 ms later); \
+                         used index {used} (now {used_now}), this was used element {}; \
+                         issued {issued}, completed {completed}",
                         op.name(),
-                        status[0]
+                        status[0],
+                        again[0],
+                        self.seen.wrapping_sub(1)
                     ));
                 }
                 completed += 1;
