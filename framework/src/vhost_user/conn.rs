@@ -111,6 +111,9 @@ pub(crate) struct Connection {
     backend: Arc<BackendChannel>,
     shared: Arc<ConnShared>,
     workers: Option<WorkerSet>,
+    /// Queues were unparked by the request being handled: the workers are
+    /// woken once its reply is sent (see [`Connection::resume_parked`]).
+    wake_after_reply: bool,
 }
 
 /// How long a ring's stop waits for the worker's final pass over it.
@@ -177,6 +180,7 @@ impl Connection {
             backend,
             shared,
             workers: None,
+            wake_after_reply: false,
         })
     }
 
@@ -217,6 +221,9 @@ impl Connection {
                             .map_err(Error::Msg)?;
                     }
                 }
+            }
+            if std::mem::take(&mut self.wake_after_reply) {
+                self.wake_workers();
             }
         }
     }
@@ -301,8 +308,13 @@ impl Connection {
         self.space.set_mode(Mode::Table, &self.table)
     }
 
-    /// Unparks every parked queue (the address space changed) and wakes workers.
-    fn resume_parked(&self, only_covered: bool) {
+    /// Unparks every parked queue (the address space changed); the workers
+    /// are woken once the request's reply is sent. The frontend waits for
+    /// that reply (an IOTLB update answering a miss: QEMU's main loop does
+    /// nothing else meanwhile), and a worker woken first, on a CPU the
+    /// connection thread shares, ran its pass (and sent its next miss)
+    /// before the reply went out.
+    fn resume_parked(&mut self, only_covered: bool) {
         let mut any = false;
         for m in &self.vrings {
             let mut v = self.lock(m);
@@ -314,7 +326,7 @@ impl Connection {
             }
         }
         if any {
-            self.wake_workers();
+            self.wake_after_reply = true;
         }
     }
 
