@@ -5,7 +5,8 @@
 # the doc tests, the loom models of iommu-core's unmap protocol
 # (scripts/model-check.sh, with its proof that they fail on broken builds),
 # and the end-to-end tests against real frontends (QEMU, DPDK
-# testpmd; crate ioasis-integration). `.ci/run` calls this and nothing else.
+# testpmd; crate ioasis-integration, which also runs the disk tests against
+# qemu-storage-daemon while the workspace has no vdpa-blk). `.ci/run` calls this and nothing else.
 #
 # A test that cannot run here (a missing tool, guest kernel or root, a
 # premise the machine did not give) records a skip through the crate
