@@ -135,6 +135,7 @@ pub struct BlkFrontend {
     rng: u64,
     /// The block of the next request, when [`request`](Self::request) chose it.
     rng_override: Option<u64>,
+    always_kick: bool,
 }
 
 impl std::fmt::Debug for BlkFrontend {
@@ -239,6 +240,7 @@ impl BlkFrontend {
             started: vec![None; usize::from(depth)],
             rng: 0x853c_49e6_748f_ea9b,
             rng_override: None,
+            always_kick: false,
         })
     }
 
@@ -313,10 +315,17 @@ impl BlkFrontend {
         Ok(u16::from_le(v))
     }
 
+    /// Kick after every batch even when the device set
+    /// `VRING_USED_F_NO_NOTIFY` (a diagnostic: a device that stalls only
+    /// without it misses the re-check after clearing the flag).
+    pub fn set_always_kick(&mut self, on: bool) {
+        self.always_kick = on;
+    }
+
     fn publish_and_kick(&self) -> Res<()> {
         self.ring.publish().map_err(ctx("publish"))?;
         let flags = self.ring.used_flags().map_err(ctx("used flags"))?;
-        if flags & VRING_USED_F_NO_NOTIFY == 0 {
+        if self.always_kick || flags & VRING_USED_F_NO_NOTIFY == 0 {
             self.kick.write(1).map_err(ctx("kick"))?;
         }
         Ok(())

@@ -33,7 +33,9 @@
 //! Usage: `ioasis-bench-blk [--rounds N] [--secs S] [--warmup-ms MS]
 //! [--depth D]... [--op randread|randwrite]... [--size-mib M] [--dir DIR]
 //! [--backing file|null]... [--only qsd|vdpa-blk] [--qsd-aio MODE]
-//! [--vdpa-arg ARG]...`.
+//! [--vdpa-arg ARG]... [--always-kick]` (`--always-kick`: kick after every
+//! batch even when the device set `VRING_USED_F_NO_NOTIFY`, to tell a
+//! device's missed re-check from other stalls).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -86,6 +88,10 @@ struct Opts {
     /// Extra arguments for vdpa-blk (repeatable).
     #[arg(long = "vdpa-arg", allow_hyphen_values = true)]
     vdpa_args: Vec<String>,
+    /// Kick after every batch even when the device asks not to
+    /// (`VRING_USED_F_NO_NOTIFY`): a diagnostic for stalls.
+    #[arg(long)]
+    always_kick: bool,
     /// Test-only: add N to the issued count before the check (must fail).
     #[arg(long, default_value_t = 0, hide = true)]
     check_skew: u64,
@@ -196,6 +202,7 @@ fn measure_server(
     let max_depth = depths.iter().copied().max().unwrap_or(1);
     let mut fe = BlkFrontend::connect(&export.socket, max_depth, disk_bytes)
         .map_err(|e| format!("{tag}: {e}\n{}", server.log_tail()))?;
+    fe.set_always_kick(opts.always_kick);
     let mut out = Vec::new();
     for &op in ops {
         for &depth in depths {
