@@ -1,0 +1,137 @@
+//! The command line (clap). Bad arguments exit with status 2.
+
+use clap::Parser;
+
+use crate::backing::{parse_size, ImageSpec};
+use crate::device::BlkOptions;
+
+/// Serves a raw image, a block device or a null disk as a virtio-blk
+/// device over vhost-user.
+#[derive(Debug, Parser)]
+#[command(name = "vdpa-blk", version, about)]
+pub struct Args {
+    /// Unix socket the frontend (QEMU, ...) connects to.
+    #[arg(long, value_name = "PATH")]
+    pub socket_path: String,
+    /// Raw image file or block device, or `null:SIZE` (no I/O, reads return
+    /// zeroes; SIZE like 4096, 64M, 1G).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "null",
+        conflicts_with = "null"
+    )]
+    pub image: Option<ImageSpec>,
+    /// A null disk of SIZE bytes (same as `--image null:SIZE`).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub null: Option<u64>,
+    /// Serve the disk read-only (VIRTIO_BLK_F_RO; writes fail with IOERR).
+    #[arg(long)]
+    pub read_only: bool,
+    /// Request queues (one worker thread and io_uring each).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub queues: u16,
+    /// Answer of GET_ID (at most 20 bytes).
+    #[arg(long, default_value = "vdpa-blk")]
+    pub serial: String,
+    /// Largest queue size the driver may choose (a power of two, 2..=32768).
+    #[arg(long, default_value_t = 256, value_parser = parse_queue_size)]
+    pub queue_size: u16,
+    /// Print statistics as a JSON line every MS milliseconds (0: only at
+    /// exit).
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    pub stats_interval_ms: u64,
+    /// Keep polling N microseconds after the last request before sleeping
+    /// (0: event-driven).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub poll_us: u64,
+}
+
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    let n: u32 = s.parse().map_err(|_| format!("not a number: {s:?}"))?;
+    if !(2..=32768).contains(&n) || !n.is_power_of_two() {
+        return Err(format!("{n} is not a power of two in 2..=32768"));
+    }
+    Ok(n as u16)
+}
+
+impl Args {
+    /// The image to open.
+    pub fn image(&self) -> ImageSpec {
+        match (&self.image, self.null) {
+            (Some(i), _) => i.clone(),
+            (None, Some(n)) => ImageSpec::Null(n),
+            // clap requires one of the two.
+            (None, None) => ImageSpec::Null(512),
+        }
+    }
+
+    /// The device options.
+    pub fn options(&self) -> BlkOptions {
+        BlkOptions {
+            queues: self.queues,
+            queue_size: self.queue_size,
+            serial: self.serial.clone(),
+            poll_us: self.poll_us,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_parse() {
+        let a = Args::try_parse_from([
+            "vdpa-blk",
+            "--socket-path",
+            "/s",
+            "--image",
+            "null:1M",
+            "--queues",
+            "2",
+            "--queue-size",
+            "512",
+        ])
+        .expect("parse");
+        assert_eq!(a.image(), ImageSpec::Null(1 << 20));
+        assert_eq!(a.options().queues, 2);
+        let b = Args::try_parse_from(["vdpa-blk", "--socket-path", "/s", "--null", "4K"])
+            .expect("null");
+        assert_eq!(b.image(), ImageSpec::Null(4096));
+        for bad in [
+            vec!["vdpa-blk", "--socket-path", "/s"],
+            vec![
+                "vdpa-blk",
+                "--socket-path",
+                "/s",
+                "--image",
+                "x",
+                "--queue-size",
+                "100",
+            ],
+            vec![
+                "vdpa-blk",
+                "--socket-path",
+                "/s",
+                "--image",
+                "x",
+                "--queues",
+                "0",
+            ],
+            vec!["vdpa-blk", "--socket-path", "/s", "--image", "null:1"],
+            vec![
+                "vdpa-blk",
+                "--socket-path",
+                "/s",
+                "--image",
+                "x",
+                "--null",
+                "4K",
+            ],
+        ] {
+            assert!(Args::try_parse_from(&bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! The virtio-blk device as the framework sees it: features, config
+//! space, one worker thread per queue.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ioasis::config_space::ConfigSpace;
+use ioasis::device::{Device, DeviceError, Result, Worker};
+
+use crate::backing::Backing;
+use crate::config::{
+    Geometry, VirtioBlkConfig, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
+    VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_ID_BLOCK,
+};
+use crate::request::ID_BYTES;
+use crate::stats::DeviceStats;
+use crate::worker::BlkWorker;
+
+/// How a disk is served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlkOptions {
+    /// Request queues (one worker thread and one io_uring each).
+    pub queues: u16,
+    /// Largest queue size the driver may choose.
+    pub queue_size: u16,
+    /// GET_ID answer (at most 20 bytes; shorter is NUL-padded).
+    pub serial: String,
+    /// Poll this long after the last request before sleeping (0: never
+    /// poll).
+    pub poll_us: u64,
+}
+
+/// A virtio-blk device over a [`Backing`].
+#[derive(Debug)]
+pub struct BlkDevice {
+    backing: Arc<Backing>,
+    opts: BlkOptions,
+    config: ConfigSpace<VirtioBlkConfig>,
+    stats: Arc<DeviceStats>,
+    serial: [u8; ID_BYTES],
+}
+
+impl BlkDevice {
+    /// A device serving `backing` as `opts` says.
+    pub fn new(backing: Backing, opts: BlkOptions) -> BlkDevice {
+        let config = ConfigSpace::new(VirtioBlkConfig::new(Geometry {
+            size: backing.size(),
+            blk_size: backing.blk_size(),
+            queues: opts.queues,
+            queue_size: opts.queue_size,
+        }));
+        let mut serial = [0u8; ID_BYTES];
+        let n = opts.serial.len().min(ID_BYTES);
+        serial[..n].copy_from_slice(&opts.serial.as_bytes()[..n]);
+        BlkDevice {
+            stats: Arc::new(DeviceStats::new(usize::from(opts.queues))),
+            backing: Arc::new(backing),
+            opts,
+            config,
+            serial,
+        }
+    }
+
+    /// The device's counters.
+    pub fn stats(&self) -> Arc<DeviceStats> {
+        self.stats.clone()
+    }
+
+    /// The backing store.
+    pub fn backing(&self) -> &Backing {
+        &self.backing
+    }
+
+    /// The config space as the driver reads it.
+    pub fn config(&self) -> VirtioBlkConfig {
+        self.config.get()
+    }
+}
+
+impl Device for BlkDevice {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = VIRTIO_BLK_F_SIZE_MAX
+            | VIRTIO_BLK_F_SEG_MAX
+            | VIRTIO_BLK_F_BLK_SIZE
+            | VIRTIO_BLK_F_FLUSH
+            | VIRTIO_BLK_F_MQ;
+        if self.backing.read_only() {
+            f |= VIRTIO_BLK_F_RO;
+        } else {
+            f |= VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        f
+    }
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.opts.queues)
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        self.opts.queue_size
+    }
+
+    fn worker(&self, _thread: usize) -> Result<Box<dyn Worker>> {
+        let poll = (self.opts.poll_us > 0).then(|| Duration::from_micros(self.opts.poll_us));
+        let w = BlkWorker::new(
+            self.backing.clone(),
+            self.stats.clone(),
+            self.serial,
+            self.opts.queue_size,
+            poll,
+        )
+        .map_err(|source| DeviceError::Io {
+            op: "creating the worker's io_uring",
+            source,
+        })?;
+        Ok(Box::new(w))
+    }
+
+    fn config_size(&self) -> u32 {
+        self.config.size()
+    }
+
+    fn read_config(&self, offset: u32, data: &mut [u8]) -> Result<()> {
+        self.config.read(offset, data)
+    }
+
+    fn write_config(&self, offset: u32, data: &[u8]) -> Result<()> {
+        // Nothing is writable (CONFIG_WCE is not offered).
+        self.config.write(offset, data, &[])
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One thread (and io_uring) per queue.
+        (0..self.num_queues().min(64)).map(|i| 1u64 << i).collect()
+    }
+}

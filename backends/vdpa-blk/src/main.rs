@@ -1,0 +1,111 @@
+//! `vdpa-blk`: serves one disk over vhost-user (see `--help`).
+//!
+//! Statistics go to standard output as JSON lines, logs to standard error
+//! (`RUST_LOG`, default `info`). SIGINT or SIGTERM stops the daemon; a
+//! frontend that disconnects may connect again and gets the device anew.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use ioasis::server::Server;
+use ioasis::termination::Termination;
+use log::{error, info};
+use vdpa_blk::backing::Backing;
+use vdpa_blk::cli::Args;
+use vdpa_blk::stats::DeviceStats;
+use vdpa_blk::BlkDevice;
+
+fn print_stats(stats: &DeviceStats, start: Instant, final_line: bool) {
+    let line = stats.json_line(start.elapsed().as_secs_f64(), final_line);
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .target(env_logger::Target::Stderr)
+        .init();
+    // Help, the version and usage errors exit here (0, 0 and 2).
+    let args = Args::parse();
+    let mut termination = match Termination::for_main_thread() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("vdpa-blk: cannot take SIGINT/SIGTERM: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let backing = match Backing::open(&args.image(), args.read_only) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("vdpa-blk: opening {:?}: {e}", args.image());
+            return ExitCode::from(1);
+        }
+    };
+    info!(
+        "disk {}, {} queue(s) of at most {} entries, socket {}",
+        backing.describe(),
+        args.queues,
+        args.queue_size,
+        args.socket_path
+    );
+    let device = Arc::new(BlkDevice::new(backing, args.options()));
+    let stats = device.stats();
+    let mut server = Server::new();
+    if let Err(e) = server.add_device("blk0", &args.socket_path, device) {
+        eprintln!("vdpa-blk: {}: {e}", args.socket_path);
+        return ExitCode::from(1);
+    }
+    let shutdown = server.shutdown_handle();
+    let thread = match std::thread::Builder::new()
+        .name("vdpa-blk-server".into())
+        .spawn(move || server.run())
+    {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("vdpa-blk: spawning the server thread: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let start = Instant::now();
+    let interval =
+        (args.stats_interval_ms > 0).then(|| Duration::from_millis(args.stats_interval_ms));
+    let mut next = interval.map(|i| start + i);
+    loop {
+        let timeout = next.map(|n| n.saturating_duration_since(Instant::now()));
+        if termination.wait(timeout) {
+            break;
+        }
+        if thread.is_finished() {
+            break;
+        }
+        if let (Some(n), Some(i)) = (next.as_mut(), interval) {
+            if Instant::now() >= *n {
+                print_stats(&stats, start, false);
+                *n += i;
+                if *n < Instant::now() {
+                    *n = Instant::now() + i;
+                }
+            }
+        }
+    }
+    info!("shutting down");
+    shutdown.shutdown();
+    let code = match thread.join() {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            error!("server: {e}");
+            ExitCode::from(1)
+        }
+        Err(_) => {
+            error!("server thread panicked");
+            ExitCode::from(1)
+        }
+    };
+    let _ = std::fs::remove_file(&args.socket_path);
+    print_stats(&stats, start, true);
+    code
+}

@@ -1,0 +1,830 @@
+//! The data plane of one queue: requests are checked, then read, written,
+//! flushed or zeroed through the worker's own io_uring, on the guest's
+//! pages directly (no copy): each chain is deferred ([`Queue::defer`]: its
+//! buffers stay pinned against unmap while the kernel works on them) and
+//! completed when its completion arrives on the ring's eventfd. The null
+//! disk completes every request at once, without I/O.
+//!
+//! At most one ring's worth of requests is in flight per queue; when the
+//! slots are full (or an unmap waits for this worker's I/O) the worker
+//! stops popping and serves the queue again as completions free slots.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use io_uring::{opcode, squeue, types, IoUring};
+use ioasis::device::{EventRegistrar, Idle, Interest, Result, Worker};
+use ioasis::log_limited;
+use ioasis::queue::{Chain, Cursor, Flow, InFlight, Part, Queue, Queues};
+use log::Level;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::backing::Backing;
+use crate::config::{self, SECTOR_SIZE};
+use crate::request::{
+    check_segment, classify, BlkHeader, Limits, Op, Reject, ZeroRange, ZeroSegment, ID_BYTES,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+};
+use crate::stats::{DeviceStats, QueueStats};
+
+/// Event token of the ring's completion eventfd.
+const URING_TOKEN: u64 = 1;
+/// user_data bit of cancellation requests (their completions are ignored).
+const CANCEL_TAG: u64 = 1 << 63;
+/// Most iovecs per request (`IOV_MAX`).
+const IOV_MAX: usize = 1024;
+/// Bytes of zeroes a null-disk read copies at a time.
+const ZERO_CHUNK: usize = 64 * 1024;
+/// Most completion-reaping rounds when the worker is dropped with I/O in flight.
+const DROP_ROUNDS: usize = 500;
+
+/// One operation of a request on the backing file.
+#[derive(Clone, Copy, Debug)]
+enum IoOp {
+    Readv { offset: u64, len: u64, direct: bool },
+    Writev { offset: u64, len: u64, direct: bool },
+    Fsync,
+    Fallocate { range: ZeroRange, mode: i32 },
+}
+
+/// A request in flight.
+#[derive(Debug)]
+struct Slot {
+    inflight: InFlight,
+    kind: Op,
+    /// Offset of the status byte in the writable part.
+    status_off: u64,
+    /// Used length on success (data written to the driver + status).
+    used_len: u32,
+    ops: Vec<IoOp>,
+    /// Operations not completed yet.
+    left: usize,
+    status: u8,
+}
+
+/// The worker of one queue (see the module docs).
+pub struct BlkWorker {
+    backing: Arc<Backing>,
+    stats: Arc<DeviceStats>,
+    serial: [u8; ID_BYTES],
+    limits: Limits,
+    ring: Option<(IoUring, EventFd)>,
+    slots: Vec<Option<Slot>>,
+    free: Vec<u32>,
+    /// Chains whose storage is reused after their request finished.
+    pool: Vec<Chain>,
+    chain: Chain,
+    /// Queues that stopped popping (slots full, drain): served again later.
+    starved: u64,
+    /// Queues with completions not yet notified.
+    touched: u64,
+    /// Slots whose operations are all over, to finish.
+    ready: Vec<u32>,
+    zeroes: Vec<u8>,
+    poll: Option<Duration>,
+    work: u64,
+    seen_work: u64,
+    last_work: Instant,
+}
+
+impl std::fmt::Debug for BlkWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlkWorker")
+            .field("in_flight", &self.in_flight())
+            .field("starved", &self.starved)
+            .finish()
+    }
+}
+
+impl BlkWorker {
+    /// A worker for queues of at most `queue_size` entries; `poll`: keep
+    /// polling this long after the last work before sleeping.
+    pub fn new(
+        backing: Arc<Backing>,
+        stats: Arc<DeviceStats>,
+        serial: [u8; ID_BYTES],
+        queue_size: u16,
+        poll: Option<Duration>,
+    ) -> std::io::Result<BlkWorker> {
+        let ring = if backing.is_null() {
+            None
+        } else {
+            let ring = IoUring::new(u32::from(queue_size).next_power_of_two().max(8))?;
+            let ev = EventFd::new(EFD_NONBLOCK)?;
+            ring.submitter().register_eventfd(ev.as_raw_fd())?;
+            Some((ring, ev))
+        };
+        let read_only = backing.read_only();
+        let capacity = backing.size() / SECTOR_SIZE;
+        let seg_max = config::seg_max(queue_size);
+        Ok(BlkWorker {
+            limits: Limits {
+                capacity,
+                read_only,
+                max_bytes: u64::from(seg_max) * u64::from(config::SIZE_MAX),
+                max_descriptors: seg_max as usize + 2,
+                max_zero_segments: u64::from(config::MAX_ZERO_SEGS),
+                max_zero_sectors: u64::from(config::MAX_ZERO_SECTORS),
+                discard: false,
+                write_zeroes: false,
+                flush: true,
+            },
+            backing,
+            stats,
+            serial,
+            ring,
+            slots: Vec::new(),
+            free: Vec::new(),
+            pool: Vec::new(),
+            chain: Chain::new(),
+            starved: 0,
+            touched: 0,
+            ready: Vec::new(),
+            zeroes: vec![0; ZERO_CHUNK],
+            poll,
+            work: 0,
+            seen_work: 0,
+            last_work: Instant::now(),
+        })
+    }
+
+    fn serve_queue(&mut self, index: u16, queues: &mut Queues<'_>) -> Result<()> {
+        let Some(mut q) = queues.get(index) else {
+            return Ok(());
+        };
+        self.starved &= !bit(index);
+        let mut chain = std::mem::take(&mut self.chain);
+        let r = q.serve(&mut chain, |q, c| self.start(q, c));
+        self.chain = chain;
+        drop(q);
+        self.submit();
+        r?;
+        Ok(())
+    }
+
+    /// Takes one popped request: refuses it, answers it at once, or starts
+    /// its I/O.
+    fn start(&mut self, q: &mut Queue<'_>, chain: &mut Chain) -> ioasis::queue::Result<Flow> {
+        let index = q.index();
+        let head = chain.head();
+        let stats = self.stats.clone();
+        let st = stats.queue(usize::from(index));
+        let mut cur = Cursor::new(chain);
+        let Some(status_off) = cur.reserve_tail(1) else {
+            st.malformed.fetch_add(1, Relaxed);
+            log_limited!(
+                Level::Warn,
+                "queue {index}: request {head} has no writable status byte; completed with length 0"
+            );
+            count_done(st, VIRTIO_BLK_S_IOERR);
+            q.add_used(head, 0)?;
+            return Ok(Flow::Continue);
+        };
+        let Some(hdr) = cur.read_obj::<BlkHeader>(q, chain)? else {
+            return self.refuse(q, chain, status_off, Reject::Malformed("short header"));
+        };
+        let op = match classify(
+            &hdr,
+            cur.readable(),
+            cur.writable(),
+            chain.descriptors().len(),
+            &self.limits,
+        ) {
+            Ok(op) => op,
+            Err(r) => return self.refuse(q, chain, status_off, r),
+        };
+        let mut ranges = Vec::new();
+        if let Op::Discard { segments } | Op::WriteZeroes { segments } = op {
+            let discard = matches!(op, Op::Discard { .. });
+            for _ in 0..segments {
+                let Some(seg) = cur.read_obj::<ZeroSegment>(q, chain)? else {
+                    return self.refuse(q, chain, status_off, Reject::Malformed("short segment"));
+                };
+                match check_segment(&seg, discard, &self.limits) {
+                    Ok(r) => ranges.push(r),
+                    Err(r) => return self.refuse(q, chain, status_off, r),
+                }
+            }
+        }
+        self.work += 1;
+        if op == Op::GetId {
+            let n = cur.write(q, chain, &self.serial)?;
+            st.get_id.fetch_add(1, Relaxed);
+            return self.answer(q, chain, status_off, VIRTIO_BLK_S_OK, n as u32 + 1);
+        }
+        if self.ring.is_none() {
+            return self.null(q, chain, &mut cur, status_off, op, st);
+        }
+        let n_ops = match op {
+            Op::Discard { .. } | Op::WriteZeroes { .. } => ranges.len(),
+            _ => 1,
+        };
+        if !self.sq_room(n_ops) || q.dma().drain_requested() {
+            // The ring is full, or an unmap waits for our I/O: give the
+            // chain back and serve the queue again after completions.
+            if q.unpop(1) {
+                self.starved |= bit(index);
+                self.work -= 1;
+                return Ok(Flow::Stop);
+            }
+            // Cannot happen (the chain was just popped); fail it rather
+            // than lose it.
+            return self.answer(q, chain, status_off, VIRTIO_BLK_S_IOERR, 1);
+        }
+        let used_len = match op {
+            Op::Read { len, .. } => len as u32 + 1,
+            _ => 1,
+        };
+        let hdr_len = cur.read_offset();
+        let direct = self.backing.direct();
+        let ops: Vec<IoOp> = match op {
+            Op::Read { offset, len } => vec![IoOp::Readv {
+                offset,
+                len,
+                direct,
+            }],
+            Op::Write { offset, len } => vec![IoOp::Writev {
+                offset,
+                len,
+                direct,
+            }],
+            Op::Flush => vec![IoOp::Fsync],
+            Op::Discard { .. } | Op::WriteZeroes { .. } => ranges
+                .iter()
+                .map(|r| IoOp::Fallocate {
+                    range: *r,
+                    mode: if r.unmap {
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+                    } else {
+                        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+                    },
+                })
+                .collect(),
+            Op::GetId => Vec::new(),
+        };
+        let mut inflight = q.defer(chain)?;
+        *chain = self.pool.pop().unwrap_or_default();
+        // Buffers too fragmented for one vectored call fail the request
+        // before any I/O.
+        let (part, at, len) = match op {
+            Op::Read { len, .. } => (Part::Writable, 0, len),
+            Op::Write { len, .. } => (Part::Readable, hdr_len, len),
+            _ => (Part::Readable, 0, 0),
+        };
+        let (iov, _) = inflight.io_vectors(part, at, len);
+        let (iov_count, aligned) = (iov.len(), aligned(iov, self.backing.blk_size()));
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(None);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let n = ops.len();
+        self.slots[slot as usize] = Some(Slot {
+            inflight,
+            kind: op,
+            status_off,
+            used_len,
+            ops,
+            left: n,
+            status: VIRTIO_BLK_S_OK,
+        });
+        if iov_count > IOV_MAX {
+            log_limited!(
+                Level::Warn,
+                "queue {index}: request {head}: {iov_count} buffer fragments, above {IOV_MAX}; failed"
+            );
+            st.malformed.fetch_add(1, Relaxed);
+            if let Some(s) = self.slots[slot as usize].as_mut() {
+                s.status = VIRTIO_BLK_S_IOERR;
+                s.left = 0;
+            }
+            self.ready.push(slot);
+            return Ok(Flow::Continue);
+        }
+        for i in 0..n {
+            self.push_op(slot, i, aligned);
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// True if the submission queue has room for `n` more entries (after
+    /// submitting what it holds, if need be).
+    fn sq_room(&mut self, n: usize) -> bool {
+        let Some((ring, _)) = self.ring.as_mut() else {
+            return true;
+        };
+        let room = |r: &mut IoUring| {
+            let sq = r.submission();
+            sq.capacity() - sq.len()
+        };
+        if room(ring) >= n {
+            return true;
+        }
+        let _ = ring.submit();
+        room(ring) >= n
+    }
+
+    /// Queues operation `i` of `slot` on the ring (room was checked).
+    fn push_op(&mut self, slot: u32, i: usize, aligned: bool) {
+        let Some((ring, _)) = self.ring.as_mut() else {
+            return;
+        };
+        let Some(s) = self.slots[slot as usize].as_mut() else {
+            return;
+        };
+        let user_data = u64::from(slot) | ((i as u64) << 32);
+        let fd_of = |direct: bool| {
+            self.backing
+                .fd(aligned && direct)
+                .or_else(|| self.backing.fd(false))
+                .unwrap_or(-1)
+        };
+        let sqe = match s.ops[i] {
+            IoOp::Readv {
+                offset,
+                len,
+                direct,
+            } => {
+                let (iov, _) = s.inflight.io_vectors(Part::Writable, 0, len);
+                opcode::Readv::new(types::Fd(fd_of(direct)), iov.as_ptr(), iov.len() as u32)
+                    .offset(offset)
+                    .build()
+            }
+            IoOp::Writev {
+                offset,
+                len,
+                direct,
+            } => {
+                let hdr = std::mem::size_of::<BlkHeader>() as u64;
+                let (iov, _) = s.inflight.io_vectors(Part::Readable, hdr, len);
+                opcode::Writev::new(types::Fd(fd_of(direct)), iov.as_ptr(), iov.len() as u32)
+                    .offset(offset)
+                    .build()
+            }
+            IoOp::Fsync => opcode::Fsync::new(types::Fd(fd_of(false)))
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            IoOp::Fallocate { range, mode } => {
+                opcode::Fallocate::new(types::Fd(fd_of(false)), range.len)
+                    .offset(range.offset)
+                    .mode(mode)
+                    .build()
+            }
+        }
+        .user_data(user_data);
+        // SAFETY: the iovec array and the buffers it points at belong to
+        // the slot's InFlight (pinned guest pages), which stays in
+        // `self.slots` until this operation's completion is reaped; the
+        // fds are the backing's, open for the worker's life.
+        let pushed = unsafe { ring.submission().push(&sqe) };
+        if pushed.is_err() {
+            let _ = ring.submit();
+            // SAFETY: as above.
+            if unsafe { ring.submission().push(&sqe) }.is_err() {
+                log_limited!(
+                    Level::Error,
+                    "io_uring submission queue full; request failed"
+                );
+                s.status = VIRTIO_BLK_S_IOERR;
+                s.left -= 1;
+                if s.left == 0 {
+                    self.ready.push(slot);
+                }
+            }
+        }
+    }
+
+    /// Submits what the ring holds.
+    fn submit(&mut self) {
+        if let Some((ring, _)) = self.ring.as_mut() {
+            if let Err(e) = ring.submit() {
+                log_limited!(Level::Error, "io_uring submit: {e}");
+            }
+        }
+    }
+
+    /// Refuses a request: logs (rate-limited), counts, answers its status.
+    fn refuse(
+        &mut self,
+        q: &mut Queue<'_>,
+        chain: &Chain,
+        status_off: u64,
+        r: Reject,
+    ) -> ioasis::queue::Result<Flow> {
+        let index = q.index();
+        let st = self.stats.queue(usize::from(index));
+        match r {
+            Reject::Unsupported(_) | Reject::UnsupportedFlags { .. } => {
+                st.unsupported.fetch_add(1, Relaxed)
+            }
+            _ => st.malformed.fetch_add(1, Relaxed),
+        };
+        log_limited!(
+            Level::Warn,
+            "queue {index}: request {}: {r}; completed with status {}",
+            chain.head(),
+            r.status()
+        );
+        self.answer(q, chain, status_off, r.status(), 1)
+    }
+
+    /// Writes the status and completes the head with `used_len`.
+    fn answer(
+        &mut self,
+        q: &mut Queue<'_>,
+        chain: &Chain,
+        status_off: u64,
+        status: u8,
+        used_len: u32,
+    ) -> ioasis::queue::Result<Flow> {
+        q.write(chain, status_off, &[status])?;
+        q.add_used(chain.head(), used_len)?;
+        count_done(self.stats.queue(usize::from(q.index())), status);
+        Ok(Flow::Continue)
+    }
+
+    /// The null disk: every request succeeds at once; reads return zeroes.
+    fn null(
+        &mut self,
+        q: &mut Queue<'_>,
+        chain: &Chain,
+        cur: &mut Cursor,
+        status_off: u64,
+        op: Op,
+        st: &QueueStats,
+    ) -> ioasis::queue::Result<Flow> {
+        let mut used = 1u32;
+        match op {
+            Op::Read { len, .. } => {
+                let mut left = len;
+                while left > 0 {
+                    let n = left.min(ZERO_CHUNK as u64) as usize;
+                    let w = cur.write(q, chain, &self.zeroes[..n])?;
+                    if w == 0 {
+                        break;
+                    }
+                    left -= w as u64;
+                }
+                used += len as u32;
+                st.reads.fetch_add(1, Relaxed);
+                st.bytes_read.fetch_add(len, Relaxed);
+            }
+            Op::Write { len, .. } => {
+                st.writes.fetch_add(1, Relaxed);
+                st.bytes_written.fetch_add(len, Relaxed);
+            }
+            Op::Flush => {
+                st.flushes.fetch_add(1, Relaxed);
+            }
+            Op::Discard { .. } => {
+                st.discards.fetch_add(1, Relaxed);
+            }
+            Op::WriteZeroes { .. } => {
+                st.write_zeroes.fetch_add(1, Relaxed);
+            }
+            Op::GetId => {}
+        }
+        self.answer(q, chain, status_off, VIRTIO_BLK_S_OK, used)
+    }
+
+    /// Reaps the ring's completions and finishes the requests they end.
+    fn reap(&mut self, queues: &mut Queues<'_>) -> Result<()> {
+        if let Some((_, ev)) = &self.ring {
+            let _ = ev.read();
+        }
+        let mut done: Vec<(u64, i32)> = Vec::new();
+        if let Some((ring, _)) = self.ring.as_mut() {
+            done.extend(ring.completion().map(|c| (c.user_data(), c.result())));
+        }
+        let mut resubmit = false;
+        for (user_data, res) in done {
+            if user_data & CANCEL_TAG != 0 {
+                continue;
+            }
+            let slot = (user_data & 0xffff_ffff) as u32;
+            let i = (user_data >> 32) as usize;
+            resubmit |= self.complete_op(slot, i, res);
+        }
+        if resubmit {
+            self.submit();
+        }
+        let ready = std::mem::take(&mut self.ready);
+        for slot in ready {
+            self.finish(slot, queues)?;
+        }
+        self.flush_notifications(queues)?;
+        Ok(())
+    }
+
+    /// One operation of `slot` completed with `res`; true if it was
+    /// queued again (on another descriptor or in another mode).
+    fn complete_op(&mut self, slot: u32, i: usize, res: i32) -> bool {
+        let Some(s) = self.slots.get_mut(slot as usize).and_then(Option::as_mut) else {
+            log_limited!(
+                Level::Error,
+                "io_uring completion for unknown request slot {slot}"
+            );
+            return false;
+        };
+        let Some(op) = s.ops.get(i).copied() else {
+            return false;
+        };
+        let expected = match op {
+            IoOp::Readv { len, .. } | IoOp::Writev { len, .. } => Some(len),
+            _ => None,
+        };
+        // Retries: O_DIRECT refused for these buffers (alignment the
+        // check did not catch), or a file system without ZERO_RANGE.
+        let retry = match (op, -res) {
+            (
+                IoOp::Readv {
+                    offset,
+                    len,
+                    direct: true,
+                },
+                libc::EINVAL,
+            ) => Some(IoOp::Readv {
+                offset,
+                len,
+                direct: false,
+            }),
+            (
+                IoOp::Writev {
+                    offset,
+                    len,
+                    direct: true,
+                },
+                libc::EINVAL,
+            ) => Some(IoOp::Writev {
+                offset,
+                len,
+                direct: false,
+            }),
+            (IoOp::Fallocate { range, mode }, libc::EOPNOTSUPP)
+                if mode & libc::FALLOC_FL_ZERO_RANGE != 0 =>
+            {
+                Some(IoOp::Fallocate {
+                    range,
+                    mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                })
+            }
+            _ => None,
+        };
+        if let Some(again) = retry {
+            s.ops[i] = again;
+            if self.sq_room(1) {
+                self.push_op(slot, i, false);
+                return true;
+            }
+        }
+        let Some(s) = self.slots.get_mut(slot as usize).and_then(Option::as_mut) else {
+            return false;
+        };
+        let ok = res >= 0 && expected.is_none_or(|e| res as u64 == e);
+        if !ok {
+            s.status = VIRTIO_BLK_S_IOERR;
+            let q = s.inflight.queue();
+            self.stats
+                .queue(usize::from(q))
+                .io_errors
+                .fetch_add(1, Relaxed);
+            if res < 0 {
+                log_limited!(
+                    Level::Error,
+                    "queue {q}: request {}: {:?} failed: {}",
+                    s.inflight.head(),
+                    op,
+                    std::io::Error::from_raw_os_error(-res)
+                );
+            } else {
+                log_limited!(
+                    Level::Error,
+                    "queue {q}: request {}: {:?} transferred {res} bytes only",
+                    s.inflight.head(),
+                    op
+                );
+            }
+        }
+        s.left = s.left.saturating_sub(1);
+        if s.left == 0 {
+            self.ready.push(slot);
+        }
+        false
+    }
+
+    /// Ends a request: releases its pin, writes its status (through a
+    /// fresh translation) and completes it on its queue.
+    fn finish(&mut self, slot: u32, queues: &mut Queues<'_>) -> Result<()> {
+        let Some(s) = self.slots.get_mut(slot as usize).and_then(Option::take) else {
+            return Ok(());
+        };
+        self.free.push(slot);
+        self.work += 1;
+        let Slot {
+            inflight,
+            kind,
+            status_off,
+            used_len,
+            mut status,
+            ..
+        } = s;
+        let head = inflight.head();
+        let done = queues.finish(inflight);
+        let index = done.queue;
+        let st = self.stats.queue(usize::from(index));
+        if !done.intact && status == VIRTIO_BLK_S_OK {
+            log_limited!(
+                Level::Warn,
+                "queue {index}: request {head}: its buffers were unmapped while the I/O was in flight; failed"
+            );
+            status = VIRTIO_BLK_S_IOERR;
+        }
+        if status == VIRTIO_BLK_S_OK {
+            match kind {
+                Op::Read { len, .. } => {
+                    st.reads.fetch_add(1, Relaxed);
+                    st.bytes_read.fetch_add(len, Relaxed);
+                }
+                Op::Write { len, .. } => {
+                    st.writes.fetch_add(1, Relaxed);
+                    st.bytes_written.fetch_add(len, Relaxed);
+                }
+                Op::Flush => {
+                    st.flushes.fetch_add(1, Relaxed);
+                }
+                Op::Discard { .. } => {
+                    st.discards.fetch_add(1, Relaxed);
+                }
+                Op::WriteZeroes { .. } => {
+                    st.write_zeroes.fetch_add(1, Relaxed);
+                }
+                Op::GetId => {}
+            }
+        }
+        let Some(mut q) = queues.get(index) else {
+            st.dropped.fetch_add(1, Relaxed);
+            log_limited!(
+                Level::Warn,
+                "queue {index}: request {head} finished after its ring stopped; not completed"
+            );
+            self.pool.push(done.chain);
+            return Ok(());
+        };
+        let used = match done
+            .chain
+            .address_of(Part::Writable, status_off)
+            .map(|a| q.dma().probe().write(a, &[status]))
+        {
+            Some(Ok(())) if status == VIRTIO_BLK_S_OK => used_len,
+            Some(Ok(())) => 1,
+            _ => 0,
+        };
+        q.add_used(head, used)?;
+        count_done(st, status);
+        self.touched |= bit(index);
+        self.pool.push(done.chain);
+        Ok(())
+    }
+
+    /// Signals the driver once for every queue that got completions.
+    fn flush_notifications(&mut self, queues: &mut Queues<'_>) -> Result<()> {
+        let touched = std::mem::take(&mut self.touched);
+        for index in queues.indices().collect::<Vec<_>>() {
+            if touched & bit(index) != 0 {
+                if let Some(mut q) = queues.get(index) {
+                    q.notify()?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Worker for BlkWorker {
+    fn init(&mut self, events: &mut EventRegistrar<'_>) -> Result<()> {
+        if let Some(ctx) = events.context() {
+            let f = ctx.features();
+            self.limits.discard = f & config::VIRTIO_BLK_F_DISCARD != 0;
+            self.limits.write_zeroes = f & config::VIRTIO_BLK_F_WRITE_ZEROES != 0;
+            self.limits.flush = f & config::VIRTIO_BLK_F_FLUSH != 0;
+        }
+        if let Some((_, ev)) = &self.ring {
+            events
+                .add(ev, Interest::Readable, URING_TOKEN)
+                .map_err(|source| ioasis::device::DeviceError::Io {
+                    op: "watching the io_uring eventfd",
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: u16, queues: &mut Queues<'_>) -> Result<()> {
+        self.serve_queue(index, queues)
+    }
+
+    fn handle_event(&mut self, _token: u64, queues: &mut Queues<'_>) -> Result<()> {
+        self.reap(queues)?;
+        // Slots freed: serve the queues that stopped for lack of them.
+        if self.starved != 0 && !queues.dma().drain_requested() {
+            for index in queues.indices().collect::<Vec<_>>() {
+                if self.starved & bit(index) != 0 {
+                    self.serve_queue(index, queues)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn before_sleep(&mut self, queues: &mut Queues<'_>) -> Result<Idle> {
+        let Some(window) = self.poll else {
+            return Ok(Idle::Sleep);
+        };
+        let now = Instant::now();
+        if self.work != self.seen_work {
+            self.seen_work = self.work;
+            self.last_work = now;
+        }
+        if now.duration_since(self.last_work) < window {
+            // Completions may be ready without their eventfd read yet.
+            self.reap(queues)?;
+            return Ok(Idle::Poll);
+        }
+        Ok(Idle::Sleep)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    fn drain(&mut self, queues: &mut Queues<'_>) -> Result<()> {
+        // An unmap waits for our I/O: ask the kernel to cancel what it has
+        // not started (what it has completes soon), and reap.
+        let Some((ring, _)) = self.ring.as_mut() else {
+            return Ok(());
+        };
+        for (slot, s) in self.slots.iter().enumerate() {
+            let Some(s) = s else { continue };
+            for i in 0..s.ops.len() {
+                let target = slot as u64 | ((i as u64) << 32);
+                let e = opcode::AsyncCancel::new(target)
+                    .build()
+                    .user_data(CANCEL_TAG | target)
+                    .flags(squeue::Flags::SKIP_SUCCESS);
+                // SAFETY: a cancellation refers to no memory.
+                if unsafe { ring.submission().push(&e) }.is_err() {
+                    break;
+                }
+            }
+        }
+        let _ = ring.submit();
+        self.reap(queues)
+    }
+}
+
+impl Drop for BlkWorker {
+    fn drop(&mut self) {
+        // The framework waited for our I/O; whatever is left is cancelled
+        // and waited for (bounded), so the kernel does not write guest
+        // pages after the pins go.
+        let Some((ring, _)) = self.ring.as_mut() else {
+            return;
+        };
+        let mut left = self.slots.iter().filter(|s| s.is_some()).count();
+        for _ in 0..DROP_ROUNDS {
+            if left == 0 {
+                break;
+            }
+            let _ = ring.submit();
+            for c in ring.completion() {
+                if c.user_data() & CANCEL_TAG == 0 {
+                    left = left.saturating_sub(1);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn bit(index: u16) -> u64 {
+    1u64.checked_shl(u32::from(index)).unwrap_or(0)
+}
+
+/// True when every iovec is aligned to `align` in address and length (what
+/// `O_DIRECT` needs).
+fn aligned(iov: &[libc::iovec], align: u32) -> bool {
+    let a = align.max(512) as usize;
+    iov.iter()
+        .all(|v| (v.iov_base as usize) % a == 0 && v.iov_len % a == 0)
+}
+
+fn count_done(st: &QueueStats, status: u8) {
+    st.requests.fetch_add(1, Relaxed);
+    if status != VIRTIO_BLK_S_OK {
+        st.errors.fetch_add(1, Relaxed);
+    }
+}
