@@ -213,6 +213,17 @@ pub trait Device: Send + Sync + 'static {
     /// Workers have already been dropped when this is called.
     fn reset(&self) {}
 
+    /// Whether the device wants inflight I/O tracking: the framework then
+    /// offers `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`, records in the region
+    /// the frontend shares which chains each queue popped and did not
+    /// complete, and after a restart of the backend on the same socket
+    /// resubmits them (their chains come first out of [`Queue::pop`]).
+    /// Right for a device whose requests can be done twice without harm
+    /// (block I/O); the default is no.
+    fn inflight_tracking(&self) -> bool {
+        false
+    }
+
     /// The driver wrote the virtio device status (vhost-user `SET_STATUS`).
     fn set_status(&self, status: u8) {
         let _ = status;

@@ -338,6 +338,10 @@ pub(crate) struct Section<'t> {
     contiguous_err: RefCell<Option<DmaError>>,
     hot: HotCache,
     windows: std::cell::Cell<bool>,
+    /// An invalidation waited for the translator's pins when the section
+    /// began: no pin is taken in it, so that it ends with none and the
+    /// invalidation passes (see [`Dma::drain_requested`]).
+    drain_at_start: bool,
 }
 
 impl<'t> Section<'t> {
@@ -350,7 +354,9 @@ impl<'t> Section<'t> {
         // begins (and so before its translator lets go of their memory).
         #[cfg(feature = "fault-injection")]
         crate::fault_injection::after_section();
+        let drain_at_start = translator.drain_requested();
         Section {
+            drain_at_start,
             access: RefCell::new(translator.access()),
             pasid,
             // Allocated on the first multi-fragment translation only: a
@@ -618,7 +624,7 @@ impl SectionOps for Section<'_> {
     }
 
     fn drain_requested(&self) -> bool {
-        self.access.try_borrow().is_ok_and(|a| a.drain_requested())
+        self.drain_at_start || self.access.try_borrow().is_ok_and(|a| a.drain_requested())
     }
 
     fn record(&self, e: DmaError) {
@@ -778,8 +784,12 @@ impl<'a> Dma<'a> {
 
     /// True while this thread holds access pins (I/O in flight on
     /// deferred chains, [`crate::queue::InFlight`]) and an invalidation of
-    /// the device waits for them: finish or cancel that I/O, and start no
-    /// new one until it is done.
+    /// the device waits for them, or when one did as this access section
+    /// began: finish or cancel that I/O, and start no new one in this
+    /// section. (Sticky for the section: the pins released by completions
+    /// in it must not be replaced by new ones before it ends, or the
+    /// translator's section would never end and the invalidation would
+    /// wait for as long as requests keep coming.)
     pub fn drain_requested(&self) -> bool {
         self.ops.drain_requested()
     }

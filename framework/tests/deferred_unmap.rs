@@ -126,6 +126,9 @@ fn test_unmap_waits_for_io_in_flight() {
     };
     let dev = PipeDevice;
     let mut h = Harness::new(&dev, 16).expect("harness");
+    // The memory table's semantics: an address that no longer translates
+    // was unmapped (with IOTLB translation it may only have been flushed).
+    h.set_memory_table_mode(true);
     let (rd, wr) = pipe();
     let finished = Arc::new(AtomicBool::new(false));
     let mut w = PipeWorker {

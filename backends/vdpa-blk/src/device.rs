@@ -134,6 +134,12 @@ impl Device for BlkDevice {
         self.config.write(offset, data, &[])
     }
 
+    fn inflight_tracking(&self) -> bool {
+        // Block requests can be done twice: a restarted daemon resubmits
+        // what the killed one had in flight.
+        true
+    }
+
     fn queues_per_thread(&self) -> Vec<u64> {
         // One thread (and io_uring) per queue.
         (0..self.num_queues().min(64)).map(|i| 1u64 << i).collect()

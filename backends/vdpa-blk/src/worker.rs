@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use io_uring::{opcode, squeue, types, IoUring};
+use io_uring::{opcode, types, IoUring};
 use ioasis::device::{EventRegistrar, Idle, Interest, Result, Worker};
 use ioasis::log_limited;
 use ioasis::queue::{Chain, Cursor, Flow, InFlight, Part, Queue, Queues};
@@ -64,6 +64,17 @@ struct Slot {
     status: u8,
 }
 
+/// A request whose I/O is over, waiting for its queue to serve again
+/// (parked on a translation miss the frontend resolves).
+#[derive(Debug)]
+struct Held {
+    queue: u16,
+    chain: Chain,
+    status_off: u64,
+    used_len: u32,
+    status: u8,
+}
+
 /// The worker of one queue (see the module docs).
 pub struct BlkWorker {
     backing: Arc<Backing>,
@@ -82,6 +93,8 @@ pub struct BlkWorker {
     touched: u64,
     /// Slots whose operations are all over, to finish.
     ready: Vec<u32>,
+    /// Finished requests whose queue is parked.
+    held: Vec<Held>,
     zeroes: Vec<u8>,
     poll: Option<Duration>,
     work: u64,
@@ -142,6 +155,7 @@ impl BlkWorker {
             starved: 0,
             touched: 0,
             ready: Vec::new(),
+            held: Vec::new(),
             zeroes: vec![0; ZERO_CHUNK],
             poll,
             work: 0,
@@ -151,6 +165,9 @@ impl BlkWorker {
     }
 
     fn serve_queue(&mut self, index: u16, queues: &mut Queues<'_>) -> Result<()> {
+        if !self.held.is_empty() {
+            self.complete_held(queues)?;
+        }
         let Some(mut q) = queues.get(index) else {
             return Ok(());
         };
@@ -665,29 +682,71 @@ impl BlkWorker {
                 Op::GetId => {}
             }
         }
+        self.complete(
+            queues,
+            Held {
+                queue: index,
+                chain: done.chain,
+                status_off,
+                used_len,
+                status,
+            },
+        )
+    }
+
+    /// Writes a finished request's status (through a fresh translation)
+    /// and completes it, or holds it while its queue is parked.
+    fn complete(&mut self, queues: &mut Queues<'_>, h: Held) -> Result<()> {
+        let index = h.queue;
+        let head = h.chain.head();
+        let st = self.stats.queue(usize::from(index));
         let Some(mut q) = queues.get(index) else {
+            if queues.waiting(index) {
+                self.held.push(h);
+                return Ok(());
+            }
             st.dropped.fetch_add(1, Relaxed);
             log_limited!(
                 Level::Warn,
                 "queue {index}: request {head} finished after its ring stopped; not completed"
             );
-            self.pool.push(done.chain);
+            self.pool.push(h.chain);
             return Ok(());
         };
-        let used = match done
-            .chain
-            .address_of(Part::Writable, status_off)
-            .map(|a| q.dma().probe().write(a, &[status]))
-        {
-            Some(Ok(())) if status == VIRTIO_BLK_S_OK => used_len,
-            Some(Ok(())) => 1,
-            _ => 0,
+        // The status goes through a translating write: with IOTLB
+        // translation a miss parks the queue until the frontend answers,
+        // and the completion waits with it.
+        let used = match q.write(&h.chain, h.status_off, &[h.status]) {
+            Ok(1) if h.status == VIRTIO_BLK_S_OK => h.used_len,
+            Ok(1) => 1,
+            Ok(_) => 0,
+            Err(e) if e.dma_error().is_some_and(|d| d.is_miss()) => {
+                drop(q);
+                self.held.push(h);
+                return Ok(());
+            }
+            Err(e) => {
+                // Not writable: complete without a status (counted).
+                log_limited!(
+                    Level::Warn,
+                    "queue {index}: request {head}: status not writable ({e}); completed with length 0"
+                );
+                0
+            }
         };
         q.add_used(head, used)?;
-        count_done(st, status);
+        count_done(st, h.status);
         self.touched |= bit(index);
-        self.pool.push(done.chain);
+        self.pool.push(h.chain);
         Ok(())
+    }
+
+    /// Completes the held requests whose queue serves again.
+    fn complete_held(&mut self, queues: &mut Queues<'_>) -> Result<()> {
+        for h in std::mem::take(&mut self.held) {
+            self.complete(queues, h)?;
+        }
+        self.flush_notifications(queues)
     }
 
     /// Signals the driver once for every queue that got completions.
@@ -728,6 +787,9 @@ impl Worker for BlkWorker {
     }
 
     fn handle_event(&mut self, _token: u64, queues: &mut Queues<'_>) -> Result<()> {
+        if !self.held.is_empty() {
+            self.complete_held(queues)?;
+        }
         self.reap(queues)?;
         // Slots freed: serve the queues that stopped for lack of them.
         if self.starved != 0 && !queues.dma().drain_requested() {
@@ -741,6 +803,17 @@ impl Worker for BlkWorker {
     }
 
     fn before_sleep(&mut self, queues: &mut Queues<'_>) -> Result<Idle> {
+        if self.starved != 0 {
+            if queues.dma().drain_requested() {
+                // An unmap waits for our I/O: look again in a new section.
+                return Ok(Idle::Poll);
+            }
+            for index in queues.indices().collect::<Vec<_>>() {
+                if self.starved & bit(index) != 0 {
+                    self.serve_queue(index, queues)?;
+                }
+            }
+        }
         let Some(window) = self.poll else {
             return Ok(Idle::Sleep);
         };
@@ -762,26 +835,11 @@ impl Worker for BlkWorker {
     }
 
     fn drain(&mut self, queues: &mut Queues<'_>) -> Result<()> {
-        // An unmap waits for our I/O: ask the kernel to cancel what it has
-        // not started (what it has completes soon), and reap.
-        let Some((ring, _)) = self.ring.as_mut() else {
-            return Ok(());
-        };
-        for (slot, s) in self.slots.iter().enumerate() {
-            let Some(s) = s else { continue };
-            for i in 0..s.ops.len() {
-                let target = slot as u64 | ((i as u64) << 32);
-                let e = opcode::AsyncCancel::new(target)
-                    .build()
-                    .user_data(CANCEL_TAG | target)
-                    .flags(squeue::Flags::SKIP_SUCCESS);
-                // SAFETY: a cancellation refers to no memory.
-                if unsafe { ring.submission().push(&e) }.is_err() {
-                    break;
-                }
-            }
-        }
-        let _ = ring.submit();
+        // An unmap waits for our I/O. File and block I/O completes within
+        // its device's latency; cancelling it would fail guest requests on
+        // every invalidation (a guest in strict IOMMU mode invalidates on
+        // each unmap of any buffer), so the worker only stops starting new
+        // I/O (see `start`) and reaps what completed.
         self.reap(queues)
     }
 }

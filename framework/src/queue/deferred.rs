@@ -30,8 +30,9 @@
 //!    ([`Finished::intact`]). When the last pin is released the
 //!    invalidation returns: the unmap promise holds, no I/O touches the
 //!    pages afterwards.
-//! 3. A chain that is not intact had its buffers unmapped or remapped
-//!    under its I/O by the frontend itself: the device fails the request
+//! 3. A chain that is not intact had its buffers remapped to other pages
+//!    (or, with the memory table, their region removed) under its I/O by
+//!    the frontend itself: the device fails the request
 //!    (for virtio-blk, `VIRTIO_BLK_S_IOERR`, written with a fresh
 //!    translation if the status byte is still mapped). The data went to
 //!    the old pages while they were still pinned: a failed request, never
@@ -181,8 +182,12 @@ pub struct Finished {
     /// The queue it was popped from.
     pub queue: u16,
     /// Its buffers still translated to the pages the I/O used when it
-    /// finished. False: the frontend unmapped or remapped them under the
-    /// I/O; fail the request.
+    /// finished. False: the frontend remapped them to other pages under
+    /// the I/O (or, with the memory table, removed their region); fail the
+    /// request. With IOTLB translation a buffer with no translation left
+    /// counts as intact: the frontend may have flushed its whole IOTLB
+    /// (QEMU does on a global invalidation), which says nothing of its
+    /// mappings.
     pub intact: bool,
 }
 
@@ -216,7 +221,15 @@ impl Queues<'_> {
     /// it is still running.
     pub fn finish(&mut self, mut inflight: InFlight) -> Finished {
         let dma = self.dma();
-        let intact = still_mapped(&inflight.chain, dma);
+        let intact = match still_mapped(&inflight.chain, dma) {
+            Mapped::Same => true,
+            Mapped::Moved => false,
+            // With IOTLB translation the device's address space is a cache
+            // the frontend may flush wholesale (QEMU does on a global
+            // invalidation): a missing translation is no evidence of an
+            // unmap. With the memory table it is: the region went.
+            Mapped::Missing => self.parks_on_miss(),
+        };
         if let Some(pin) = inflight.pin.take() {
             if let Err(pin) = dma.unpin(pin) {
                 error!(
@@ -238,9 +251,19 @@ impl Queues<'_> {
     }
 }
 
-/// True when every buffer of `chain` translates now (no fault, no event)
-/// to the host fragments it was pinned with.
-fn still_mapped(chain: &Chain, dma: crate::dma::Dma<'_>) -> bool {
+/// How a pinned chain's buffers translate now.
+enum Mapped {
+    /// To the pinned pages.
+    Same,
+    /// Some buffer has no translation now.
+    Missing,
+    /// Some buffer translates to other pages.
+    Moved,
+}
+
+/// How every buffer of `chain` translates now (no fault, no event),
+/// compared with the host fragments it was pinned with.
+fn still_mapped(chain: &Chain, dma: crate::dma::Dma<'_>) -> Mapped {
     let probe = dma.probe();
     let mut pinned = chain.frags.iter();
     let mut cur: Option<Frag> = None;
@@ -254,7 +277,7 @@ fn still_mapped(chain: &Chain, dma: crate::dma::Dma<'_>) -> bool {
         let mut left = u64::from(d.len);
         while left > 0 {
             let Ok(f) = probe.fragment(at, left, access) else {
-                return false;
+                return Mapped::Missing;
             };
             let mut ptr = f.as_ptr() as usize;
             let mut n = f.len();
@@ -265,11 +288,11 @@ fn still_mapped(chain: &Chain, dma: crate::dma::Dma<'_>) -> bool {
                     Some(p) if p.len > 0 => p,
                     _ => match pinned.next() {
                         Some(p) => *p,
-                        None => return false,
+                        None => return Mapped::Moved,
                     },
                 };
                 if p.addr != ptr || p.writable != d.writable {
-                    return false;
+                    return Mapped::Moved;
                 }
                 let k = p.len.min(n);
                 ptr += k;
@@ -284,5 +307,5 @@ fn still_mapped(chain: &Chain, dma: crate::dma::Dma<'_>) -> bool {
             left -= f.len() as u64;
         }
     }
-    true
+    Mapped::Same
 }

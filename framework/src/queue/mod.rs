@@ -57,6 +57,7 @@
 //! | `cursor.rs` | [`Cursor`]: read a request's header and data, write its answer and a status last |
 //! | `iovec.rs` | a chain's host fragments as iovecs ([`Queue::iovecs`], [`Queue::translate_chain`]) |
 //! | `deferred.rs` | deferred completion: [`Queue::defer`] pins a chain for I/O in flight, [`Queues::finish`] releases it ([`InFlight`]) |
+//! | `inflight.rs` | inflight I/O tracking in a region shared with the frontend, resubmission after a restart |
 //! | `serve.rs` | the notification loop every device repeats ([`Queue::serve`]) |
 //! | `used.rs` | completions: [`Queue::add_used`], [`Queue::add_used_batch`], [`Queue::publish_used`] |
 //! | `notify.rs` | notification suppression: [`Queue::notify`], [`Queue::signal`], kicks on and off |
@@ -70,6 +71,7 @@ mod deferred;
 mod error;
 #[cfg(test)]
 mod fixture;
+pub(crate) mod inflight;
 mod iovec;
 mod notify;
 mod queues;
@@ -93,6 +95,7 @@ pub use chain::{Chain, Desc};
 pub use cursor::Cursor;
 pub use deferred::{Finished, InFlight};
 pub use error::{QueueError, Result};
+pub use inflight::queue_region_size;
 pub use iovec::Part;
 pub use queues::Queues;
 use ring::Rings;

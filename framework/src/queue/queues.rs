@@ -125,6 +125,7 @@ impl<'a> Queues<'a> {
             park_on_miss: self.park_on_miss,
             tail_pops: 0,
         };
+        queue.vring.tail.clear();
         let layout = RingLayout::of(&queue.vring.q);
         let slot = self
             .rings
@@ -156,6 +157,25 @@ impl<'a> Queues<'a> {
                 None
             }
         }
+    }
+
+    /// True when queue `index` is started and enabled but parked on a
+    /// translation miss the frontend is expected to resolve: it will serve
+    /// again, so a device keeps completions for it (deferred chains that
+    /// finished meanwhile) rather than drop them. False for a queue that is
+    /// running, stopped, disabled or failed, or not this thread's.
+    pub fn waiting(&self, index: u16) -> bool {
+        let Some((_, m)) = self.vrings.iter().find(|(i, _)| *i == index) else {
+            return false;
+        };
+        let v = m.lock().unwrap_or_else(|p| p.into_inner());
+        v.started && v.enabled && !v.broken && v.parked.is_some()
+    }
+
+    /// True with IOTLB translation, where a miss parks the queue until the
+    /// frontend maps the address.
+    pub(crate) fn parks_on_miss(&self) -> bool {
+        self.park_on_miss
     }
 
     /// Indices of the queues this thread serves.

@@ -108,6 +108,20 @@ impl Rings {
         };
     }
 
+    /// `used->idx` as last published.
+    pub(super) fn used_idx(&self) -> u16 {
+        // SAFETY: offset 2 of the used area, translated for write (so also
+        // readable), 4-aligned.
+        u16::from_le(unsafe { std::ptr::read_volatile(self.used.wrapping_add(2).cast::<u16>()) })
+    }
+
+    /// The head (`id`) of used element `slot` (`slot < size`).
+    pub(super) fn used_id(&self, slot: u16) -> u32 {
+        let off = 4 + 8 * usize::from(slot % self.size.max(1));
+        // SAFETY: slot < size: inside the used area, 4-aligned.
+        u32::from_le(unsafe { std::ptr::read_volatile(self.used.wrapping_add(off).cast::<u32>()) })
+    }
+
     /// `used->flags`.
     #[inline]
     pub(super) fn used_flags(&self) -> u16 {

@@ -21,6 +21,9 @@ impl<'a> Queue<'a> {
             });
         }
         self.vring.num_added = self.vring.num_added.saturating_add(1);
+        if let Some(i) = self.vring.inflight.as_mut() {
+            i.used(head);
+        }
         if let Some(r) = self.rings {
             let next = self.vring.q.next_used();
             r.write_used(next & (size - 1), u32::from(head), len);
@@ -31,7 +34,14 @@ impl<'a> Queue<'a> {
         self.dma.clear_fault();
         let dma = self.dma;
         match self.vring.q.add_used(&dma, head, len) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                // virtio-queue published the used index.
+                let idx = self.vring.q.next_used();
+                if let Some(i) = self.vring.inflight.as_mut() {
+                    i.published(idx);
+                }
+                Ok(())
+            }
             Err(e) => {
                 if let Some(f) = dma.take_fault() {
                     return Err(self.dma_err(f));
@@ -74,6 +84,11 @@ impl<'a> Queue<'a> {
         };
         // A driver cannot have more than `size` chains outstanding.
         let n = u16::try_from(heads.len()).unwrap_or(u16::MAX).min(size);
+        if let Some(i) = self.vring.inflight.as_mut() {
+            for &h in heads {
+                i.used(h);
+            }
+        }
         let next = self.vring.q.next_used();
         let end = next.wrapping_add(n);
         r.write_used(end.wrapping_sub(1) & (size - 1), u32::from(last), 0);
@@ -89,7 +104,11 @@ impl<'a> Queue<'a> {
     pub fn publish_used(&mut self) {
         if std::mem::take(&mut self.dirty) {
             if let Some(r) = self.rings {
-                r.publish_used(self.vring.q.next_used());
+                let idx = self.vring.q.next_used();
+                r.publish_used(idx);
+                if let Some(i) = self.vring.inflight.as_mut() {
+                    i.published(idx);
+                }
             }
         }
     }

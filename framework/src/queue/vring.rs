@@ -2,8 +2,12 @@
 //! it up from the frontend's messages) and the worker (which serves it
 //! through a [`Queue`](super::Queue)), and why a queue is parked.
 
+use std::collections::VecDeque;
+
 use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
+
+use super::inflight::InflightQueue;
 
 use crate::dma::Access;
 use crate::transport::Signals;
@@ -48,6 +52,16 @@ pub(crate) struct Vring {
     /// they were made available, and a batch of them may be completed with
     /// one used element (see [`Queue::add_used_batch`]).
     pub in_order: bool,
+    /// Inflight tracking (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`), when the
+    /// frontend gave a region.
+    pub inflight: Option<InflightQueue>,
+    /// Heads recorded in flight by an earlier instance, to pop before any
+    /// new chain, oldest first.
+    pub resubmit: VecDeque<u16>,
+    /// Heads popped by the queue handle now held, in order, and whether
+    /// each came from `resubmit` (what [`Queue::unpop`](super::Queue::unpop)
+    /// gives back); kept only with inflight tracking.
+    pub tail: Vec<(u16, bool)>,
 }
 
 impl Vring {
@@ -67,6 +81,9 @@ impl Vring {
             errors: 0,
             num_added: 0,
             in_order: false,
+            inflight: None,
+            resubmit: VecDeque::new(),
+            tail: Vec::new(),
         })
     }
 

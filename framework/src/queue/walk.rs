@@ -24,14 +24,169 @@ impl<'a> Queue<'a> {
     /// and reported as [`QueueError::BadChain`].
     pub fn pop(&mut self, chain: &mut Chain) -> Result<bool> {
         chain.clear();
+        if self.vring.inflight.is_some() {
+            if self.vring.inflight.as_ref().is_some_and(|i| i.recover) {
+                self.recover_inflight();
+            }
+            if let Some(&head) = self.vring.resubmit.front() {
+                let r = self.pop_resubmitted(head, chain);
+                if matches!(r, Ok(true)) {
+                    self.vring.tail.push((head, true));
+                }
+                return r;
+            }
+        }
         let r = match self.rings {
             Some(r) => self.pop_fast(r, chain),
             None => self.pop_slow(chain),
         };
         if matches!(r, Ok(true)) {
             self.tail_pops = self.tail_pops.saturating_add(1);
+            let head = chain.head;
+            if let Some(i) = self.vring.inflight.as_mut() {
+                i.popped(head);
+                self.vring.tail.push((head, false));
+            }
         }
         r
+    }
+
+    /// Inflight recovery when a started ring is first served (see
+    /// `inflight.rs`): the heads an earlier instance left in flight are
+    /// queued for resubmission and the ring's indices follow the used ring.
+    fn recover_inflight(&mut self) {
+        let size = self.vring.q.size();
+        let (used_idx, ids): (u16, Box<dyn Fn(u16) -> Option<u32>>) = match self.rings {
+            Some(r) => (r.used_idx(), Box::new(move |slot| Some(r.used_id(slot)))),
+            None => {
+                let dma = self.dma;
+                let used = self.vring.q.used_ring();
+                let idx = dma
+                    .read_obj::<u16>(used.wrapping_add(2))
+                    .map(u16::from_le)
+                    .unwrap_or(self.vring.q.next_used());
+                (
+                    idx,
+                    Box::new(move |slot| {
+                        dma.read_obj::<u32>(used.wrapping_add(4 + 8 * u64::from(slot)))
+                            .ok()
+                            .map(u32::from_le)
+                    }),
+                )
+            }
+        };
+        let Some(i) = self.vring.inflight.as_mut() else {
+            return;
+        };
+        let Some(heads) = i.recover(used_idx, size, ids) else {
+            return;
+        };
+        let n = u16::try_from(heads.len()).unwrap_or(u16::MAX);
+        if n > 0 || used_idx != self.vring.q.next_used() {
+            log::info!(
+                "queue {}: inflight region: {n} request(s) resubmitted; used index {used_idx}",
+                self.index
+            );
+        }
+        self.vring.q.set_next_used(used_idx);
+        self.vring.q.set_next_avail(used_idx.wrapping_add(n));
+        self.avail_cache = used_idx.wrapping_add(n);
+        self.vring.resubmit = heads.into();
+    }
+
+    /// Pops a chain an earlier instance left in flight, from its head (not
+    /// from the avail ring).
+    fn pop_resubmitted(&mut self, head: u16, chain: &mut Chain) -> Result<bool> {
+        let size = self.vring.q.size();
+        let table = self.vring.q.desc_table();
+        chain.head = head;
+        chain.epoch = self.epoch;
+        let read = |dma: crate::dma::Dma<'_>,
+                    at: u64|
+         -> std::result::Result<super::ring::RawDesc, DmaError> {
+            let b: [u8; 16] = dma.read_obj(at)?;
+            let u = |r: std::ops::Range<usize>| {
+                let mut x = [0u8; 8];
+                x[..r.len()].copy_from_slice(&b[r]);
+                u64::from_le_bytes(x)
+            };
+            Ok(super::ring::RawDesc {
+                addr: u(0..8),
+                len: u(8..12) as u32,
+                flags: u(12..14) as u16,
+                next: u(14..16) as u16,
+            })
+        };
+        let mut bad: Option<DmaError> = None;
+        let mut ok = false;
+        if head < size {
+            let (mut base, mut limit, mut idx) = (table, size, head);
+            let mut count = 0u16;
+            let mut indirect = false;
+            loop {
+                if idx >= limit || count >= limit {
+                    break;
+                }
+                count += 1;
+                let d = match read(self.dma, base.wrapping_add(16 * u64::from(idx))) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        bad = Some(e);
+                        break;
+                    }
+                };
+                if d.flags & VRING_DESC_F_INDIRECT != 0 {
+                    if indirect || count != 1 || d.len == 0 || d.len % 16 != 0 {
+                        break;
+                    }
+                    let Ok(n) = u16::try_from(d.len / 16) else {
+                        break;
+                    };
+                    (base, limit, idx, count, indirect) = (d.addr, n, 0, 0, true);
+                    continue;
+                }
+                let writable = d.flags & VRING_DESC_F_WRITE != 0;
+                if d.addr.checked_add(u64::from(d.len)).is_none() {
+                    break;
+                }
+                chain.descs.push(Desc {
+                    addr: d.addr,
+                    len: d.len,
+                    writable,
+                });
+                if writable {
+                    chain.writable += u64::from(d.len);
+                } else {
+                    chain.readable += u64::from(d.len);
+                }
+                if let Err(e) = self.translate_into(chain, d.addr, d.len, writable) {
+                    bad = Some(e);
+                    break;
+                }
+                if d.flags & VRING_DESC_F_NEXT == 0 {
+                    ok = true;
+                    break;
+                }
+                idx = d.next;
+            }
+        }
+        if ok {
+            self.vring.resubmit.pop_front();
+            return Ok(true);
+        }
+        chain.clear();
+        if let Some(e) = bad {
+            if e.is_miss() && self.park_on_miss {
+                // Still queued for resubmission once mapped.
+                return Err(self.dma_err(e));
+            }
+        }
+        self.vring.resubmit.pop_front();
+        self.complete_bad(head);
+        Err(QueueError::BadChain {
+            queue: self.index,
+            head,
+        })
     }
 
     /// Gives back the last `n` chains popped from this queue, which the
@@ -42,6 +197,28 @@ impl<'a> Queue<'a> {
     /// in a row since this queue was handed out or since the last malformed
     /// chain it completed.
     pub fn unpop(&mut self, n: u16) -> bool {
+        if self.vring.inflight.is_some() {
+            // Chains from the resubmission list go back to its front, the
+            // others to the avail ring (and are no longer in flight).
+            let len = self.vring.tail.len();
+            if usize::from(n) > len {
+                return false;
+            }
+            let back: Vec<(u16, bool)> = self.vring.tail.drain(len - usize::from(n)..).collect();
+            for &(head, resubmitted) in back.iter().rev() {
+                if resubmitted {
+                    self.vring.resubmit.push_front(head);
+                } else {
+                    let next = self.vring.q.next_avail();
+                    self.vring.q.set_next_avail(next.wrapping_sub(1));
+                    self.tail_pops = self.tail_pops.saturating_sub(1);
+                    if let Some(i) = self.vring.inflight.as_mut() {
+                        i.unpopped(head);
+                    }
+                }
+            }
+            return true;
+        }
         if n > self.tail_pops {
             return false;
         }
@@ -295,6 +472,7 @@ impl<'a> Queue<'a> {
     fn complete_bad(&mut self, head: u16) {
         // Chains popped before this one can no longer be given back.
         self.tail_pops = 0;
+        self.vring.tail.clear();
         self.vring.errors += 1;
         if self.vring.errors.is_power_of_two() {
             warn!(

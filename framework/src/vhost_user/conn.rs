@@ -1,12 +1,15 @@
 //! One frontend connection: the backend side of the vhost-user protocol.
 
-use std::os::fd::{AsFd, FromRawFd, IntoRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use iommu_core::Memory;
 use log::{debug, error};
-use vhost::vhost_user::message::{VhostUserConfig, VhostUserProtocolFeatures, VhostUserVringState};
+use vhost::vhost_user::message::{
+    VhostUserConfig, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVringState,
+};
 use virtio_queue::QueueT;
 use vm_memory::{ByteValued, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -15,13 +18,15 @@ use super::backend_req::BackendChannel;
 use super::iotlb::{AddressSpace, Mode};
 use super::mem::{Added, MemTable, MAX_MEM_SLOTS};
 use super::msg::{
-    decode, recv_message, send_reply, IotlbRequest, Limits, MsgError, Request, VringFdKind,
+    decode, recv_message, send_reply, send_reply_fds, IotlbRequest, Limits, MsgError, Request,
+    VringFdKind,
 };
 use super::owner::{ConnHolder, SharedRings};
 use super::{Error, Result};
 use crate::device::Device;
 use crate::ownership::{Peer, RidOwnership};
-use crate::queue::Vring;
+use crate::queue::inflight::InflightRegion;
+use crate::queue::{queue_region_size, Vring};
 use crate::worker::{ConnShared, FinalPass, WorkerSet};
 
 /// `VIRTIO_F_VERSION_1`.
@@ -71,6 +76,9 @@ pub fn offered_protocol_features(device: &dyn Device) -> VhostUserProtocolFeatur
     if device.config_size() > 0 {
         p |= VhostUserProtocolFeatures::CONFIG;
     }
+    if device.inflight_tracking() {
+        p |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+    }
     p
 }
 
@@ -114,6 +122,11 @@ pub(crate) struct Connection {
     /// Queues were unparked by the request being handled: the workers are
     /// woken once its reply is sent (see [`Connection::resume_parked`]).
     wake_after_reply: bool,
+    /// The inflight region the frontend gave (SET_INFLIGHT_FD) or got
+    /// (GET_INFLIGHT_FD).
+    inflight: Option<Arc<InflightRegion>>,
+    /// An fd the next reply carries (GET_INFLIGHT_FD).
+    reply_fd: Option<std::os::fd::OwnedFd>,
 }
 
 /// How long a ring's stop waits for the worker's final pass over it.
@@ -181,6 +194,8 @@ impl Connection {
             shared,
             workers: None,
             wake_after_reply: false,
+            inflight: None,
+            reply_fd: None,
         })
     }
 
@@ -204,9 +219,11 @@ impl Connection {
             let need_ack = hdr.need_reply() && reply_ack;
             debug!("request {:?}", req_name(&req));
             match self.handle(req) {
-                Ok(Some(reply)) => {
-                    send_reply(&self.sock, hdr.request, &reply).map_err(Error::Msg)?
-                }
+                Ok(Some(reply)) => match self.reply_fd.take() {
+                    Some(fd) => send_reply_fds(&self.sock, hdr.request, &reply, &[fd.as_raw_fd()])
+                        .map_err(Error::Msg)?,
+                    None => send_reply(&self.sock, hdr.request, &reply).map_err(Error::Msg)?,
+                },
                 Ok(None) => {
                     if need_ack {
                         send_reply(&self.sock, hdr.request, &0u64.to_ne_bytes())
@@ -277,6 +294,16 @@ impl Connection {
                 "queue {index}: {why}: the worker did not finish processing the ring within {FINAL_PASS_TIMEOUT:?}; stopping it with buffers possibly unprocessed"
             ),
         }
+    }
+
+    /// Inflight messages need the protocol feature.
+    fn require_inflight(&self) -> Result<()> {
+        if self.protocol & VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits() == 0 {
+            return Err(Error::Inflight(
+                "GET/SET_INFLIGHT_FD without VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD".into(),
+            ));
+        }
+        Ok(())
     }
 
     fn vring(&self, index: u16) -> MutexGuard<'_, Vring> {
@@ -562,8 +589,19 @@ impl Connection {
                 match kind {
                     VringFdKind::Kick => {
                         let protocol = self.features & VHOST_USER_F_PROTOCOL_FEATURES != 0;
+                        let inflight = self
+                            .inflight
+                            .as_ref()
+                            .filter(|_| {
+                                self.protocol & VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits()
+                                    != 0
+                            })
+                            .and_then(|r| r.queue(index));
                         {
                             let mut v = self.vring(index);
+                            // Recovered when the worker first serves it.
+                            v.inflight = inflight;
+                            v.resubmit.clear();
                             if efd.is_none() {
                                 crate::log_limited!(log::Level::Warn, "queue {index}: started without a kick fd; it runs only when polled");
                             }
@@ -688,6 +726,47 @@ impl Connection {
                 Ok(Some(u64::from(s).to_ne_bytes().to_vec()))
             }
             Request::SetLogBase | Request::SetLogFd => Err(Error::Unsupported("dirty logging")),
+            Request::GetInflightFd {
+                num_queues,
+                queue_size,
+            } => {
+                self.require_inflight()?;
+                let size = usize::from(num_queues) * queue_region_size(queue_size);
+                let mem = Memory::anonymous("vhost-user inflight", size)
+                    .map_err(|e| Error::Inflight(format!("creating the region: {e}")))?;
+                let fd = mem
+                    .fd()
+                    .ok_or_else(|| Error::Inflight("the region has no fd".into()))?
+                    .try_clone_to_owned()
+                    .map_err(|e| Error::Inflight(format!("dup of the region's fd: {e}")))?;
+                self.inflight = Some(Arc::new(InflightRegion {
+                    mem,
+                    num_queues,
+                    queue_size,
+                }));
+                self.reply_fd = Some(fd);
+                let m = VhostUserInflight::new(size as u64, 0, num_queues, queue_size);
+                Ok(Some(m.as_slice().to_vec()))
+            }
+            Request::SetInflightFd {
+                mmap_size,
+                mmap_offset,
+                num_queues,
+                queue_size,
+                fd,
+            } => {
+                self.require_inflight()?;
+                let len = usize::try_from(mmap_size)
+                    .map_err(|_| Error::Inflight("region too large".into()))?;
+                let mem = Memory::from_memfd(fd.into(), mmap_offset, len)
+                    .map_err(|e| Error::Inflight(format!("mapping the region: {e}")))?;
+                self.inflight = Some(Arc::new(InflightRegion {
+                    mem,
+                    num_queues,
+                    queue_size,
+                }));
+                Ok(None)
+            }
             Request::Unsupported(r) => {
                 crate::log_limited!(log::Level::Info, "unsupported request {r:?}");
                 Err(Error::Unsupported("request"))
@@ -724,6 +803,8 @@ fn req_name(r: &Request) -> &'static str {
         Request::RemMemReg(_) => "REM_MEM_REG",
         Request::SetStatus(_) => "SET_STATUS",
         Request::GetStatus => "GET_STATUS",
+        Request::GetInflightFd { .. } => "GET_INFLIGHT_FD",
+        Request::SetInflightFd { .. } => "SET_INFLIGHT_FD",
         Request::Unsupported(_) => "unsupported",
     }
 }

@@ -79,6 +79,10 @@ use crate::worker::WorkerError;
 /// Errors of the vhost-user transport.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A GET/SET_INFLIGHT_FD request failed (not offered, or the region
+    /// could not be made or mapped).
+    #[error("Inflight region: {0}")]
+    Inflight(String),
     /// A malformed message or a socket failure: the connection is dropped.
     #[error("Protocol error")]
     Msg(#[source] msg::MsgError),
@@ -256,7 +260,8 @@ impl Error {
             | Error::Unsupported(_)
             | Error::IotlbWhileOwned { .. }
             | Error::PeerFd { .. }
-            | Error::AccessPlatformRequired { .. } => false,
+            | Error::AccessPlatformRequired { .. }
+            | Error::Inflight(_) => false,
         }
     }
 }

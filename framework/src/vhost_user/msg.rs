@@ -14,7 +14,7 @@ use std::os::unix::net::UnixStream;
 
 use nix::sys::socket::MsgFlags;
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserConfig, VhostUserMemory, VhostUserMemoryRegion,
+    FrontendReq, VhostUserConfig, VhostUserInflight, VhostUserMemory, VhostUserMemoryRegion,
     VhostUserSingleMemoryRegion, VhostUserVringAddr, VhostUserVringState, MAX_ATTACHED_FD_ENTRIES,
     MAX_MSG_SIZE, VHOST_USER_CONFIG_SIZE,
 };
@@ -460,8 +460,56 @@ pub enum Request {
     SetStatus(u8),
     /// GET_STATUS.
     GetStatus,
+    /// GET_INFLIGHT_FD: a region for `num_queues` queues of `queue_size`.
+    GetInflightFd {
+        /// Queues.
+        num_queues: u16,
+        /// Entries per queue (a power of two).
+        queue_size: u16,
+    },
+    /// SET_INFLIGHT_FD: the region, `mmap_size` bytes at `mmap_offset` of
+    /// `fd`.
+    SetInflightFd {
+        /// Bytes.
+        mmap_size: u64,
+        /// Offset in the file.
+        mmap_offset: u64,
+        /// Queues.
+        num_queues: u16,
+        /// Entries per queue (a power of two).
+        queue_size: u16,
+        /// The region's file.
+        fd: File,
+    },
     /// A well-formed request the backend does not implement.
     Unsupported(FrontendReq),
+}
+
+/// Bytes of the GET/SET_INFLIGHT_FD payload (QEMU's `sizeof`, with its
+/// trailing padding).
+pub const INFLIGHT_MSG_SIZE: usize = std::mem::size_of::<VhostUserInflight>();
+
+fn inflight_geometry(
+    req: FrontendReq,
+    m: &VhostUserInflight,
+    limits: &Limits,
+) -> Result<(u16, u16)> {
+    let (n, qs) = (m.num_queues, m.queue_size);
+    if n == 0 || u64::from(n) > limits.num_queues as u64 {
+        return Err(MsgError::Field {
+            req,
+            field: "inflight num_queues",
+            value: u64::from(n),
+        });
+    }
+    if !qs.is_power_of_two() || qs > crate::queue::MAX_QUEUE_SIZE {
+        return Err(MsgError::Field {
+            req,
+            field: "inflight queue_size",
+            value: u64::from(qs),
+        });
+    }
+    Ok((n, qs))
 }
 
 fn read_pod<T: ByteValued + Default>(b: &[u8]) -> T {
@@ -547,6 +595,39 @@ pub fn decode(hdr: &Header, payload: &[u8], fds: Vec<File>, limits: &Limits) -> 
         F::GET_QUEUE_NUM => no_payload(Request::GetQueueNum),
         F::RESET_DEVICE => no_payload(Request::ResetDevice),
         F::GET_MAX_MEM_SLOTS => no_payload(Request::GetMaxMemSlots),
+        F::GET_INFLIGHT_FD | F::SET_INFLIGHT_FD => {
+            expect_size(req, payload, INFLIGHT_MSG_SIZE)?;
+            let m: VhostUserInflight = read_pod(payload);
+            let (num_queues, queue_size) = inflight_geometry(req, &m, limits)?;
+            if req == F::GET_INFLIGHT_FD {
+                expect_fds(req, &fds, 0)?;
+                return Ok(Request::GetInflightFd {
+                    num_queues,
+                    queue_size,
+                });
+            }
+            expect_fds(req, &fds, 1)?;
+            let fd = fds.into_iter().next().ok_or(MsgError::FdCount {
+                req,
+                got: 0,
+                want: 1,
+            })?;
+            let need = u64::from(num_queues) * crate::queue::queue_region_size(queue_size) as u64;
+            if m.mmap_size < need || m.mmap_size > need.saturating_mul(2) {
+                return Err(MsgError::Field {
+                    req,
+                    field: "inflight mmap_size",
+                    value: m.mmap_size,
+                });
+            }
+            Ok(Request::SetInflightFd {
+                mmap_size: m.mmap_size,
+                mmap_offset: m.mmap_offset,
+                num_queues,
+                queue_size,
+                fd,
+            })
+        }
         F::GET_STATUS => no_payload(Request::GetStatus),
         F::SET_FEATURES => {
             expect_fds(req, &fds, 0)?;
@@ -941,7 +1022,17 @@ pub fn send_message(
     Ok(())
 }
 
-/// Sends a reply to `req` with `payload`.
+/// Sends a reply to `req` with `payload`, carrying `fds` (SCM_RIGHTS).
+pub fn send_reply_fds(sock: &UnixStream, req: u32, payload: &[u8], fds: &[RawFd]) -> Result<()> {
+    let hdr = Header {
+        request: req,
+        flags: VERSION_1 | FLAG_REPLY,
+        size: payload.len() as u32,
+    };
+    send_message(sock, &hdr, payload, fds, MsgFlags::empty())
+}
+
+/// Sends a reply to `req`.
 pub fn send_reply(sock: &UnixStream, req: u32, payload: &[u8]) -> Result<()> {
     let hdr = Header {
         request: req,
