@@ -177,7 +177,11 @@ impl BlkWorker {
         self.chain = chain;
         drop(q);
         self.submit();
-        r?;
+        if r? == Flow::Stop {
+            // Chains may be left (slots full, a drain, or a driver faster
+            // than the loop's bound): served again before sleeping.
+            self.starved |= bit(index);
+        }
         Ok(())
     }
 
@@ -812,6 +816,11 @@ impl Worker for BlkWorker {
                 if self.starved & bit(index) != 0 {
                     self.serve_queue(index, queues)?;
                 }
+            }
+            if self.starved != 0 && self.in_flight() == 0 {
+                // Still chains left and no completion to wake us: keep
+                // looking (a full ring wakes us with its completions).
+                return Ok(Idle::Poll);
             }
         }
         let Some(window) = self.poll else {

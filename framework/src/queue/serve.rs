@@ -23,21 +23,26 @@ impl<'a> Queue<'a> {
     /// which must complete it ([`Queue::add_used`]) or defer it
     /// ([`Queue::defer`]) before returning [`Flow`]. Signals the driver
     /// once per batch of completions, and re-checks the ring after
-    /// re-enabling notifications. Returns the chains popped.
+    /// re-enabling notifications.
     ///
-    /// Bounded: at most `size + 1` rounds (a driver that keeps adding
-    /// chains is served again on its next kick).
+    /// Returns [`Flow::Continue`] when the ring is empty and the driver
+    /// will kick for the next chain, [`Flow::Stop`] when chains may be
+    /// left: `step` stopped, or the bound of `size + 1` rounds ran out
+    /// while a fast driver kept adding chains (it may not kick for those:
+    /// it added them while kicks were suppressed). After `Stop` the device
+    /// must serve the queue again without waiting for a kick (from
+    /// [`Worker::before_sleep`](crate::device::Worker::before_sleep),
+    /// answering [`Idle::Poll`](crate::device::Idle::Poll) until it is
+    /// done).
     pub fn serve(
         &mut self,
         chain: &mut Chain,
         mut step: impl FnMut(&mut Queue<'a>, &mut Chain) -> Result<Flow>,
-    ) -> Result<usize> {
-        let mut popped = 0usize;
+    ) -> Result<Flow> {
         for _ in 0..=self.size() {
             self.disable_notification()?;
             let mut stop = false;
             while self.pop(chain)? {
-                popped += 1;
                 if step(self, chain)? == Flow::Stop {
                     stop = true;
                     break;
@@ -47,12 +52,12 @@ impl<'a> Queue<'a> {
                 self.notify()?;
             }
             if stop {
-                return Ok(popped);
+                return Ok(Flow::Stop);
             }
             if !self.enable_notification()? {
-                break;
+                return Ok(Flow::Continue);
             }
         }
-        Ok(popped)
+        Ok(Flow::Stop)
     }
 }
