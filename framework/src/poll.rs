@@ -270,9 +270,17 @@ impl Preemptions {
         };
         let now = (Instant::now(), Duration::from(cpu));
         self.last.replace(now).is_some_and(|(wall, cpu)| {
-            let ran = now.1.saturating_sub(cpu);
-            now.0.saturating_duration_since(wall).saturating_sub(ran) >= Self::LOST_MIN
+            Self::lost(
+                now.0.saturating_duration_since(wall),
+                now.1.saturating_sub(cpu),
+            )
         })
+    }
+
+    /// Whether `elapsed` of wall time during which the thread ran for `ran`
+    /// of CPU time lost it [`Self::LOST_MIN`] or more.
+    fn lost(elapsed: Duration, ran: Duration) -> bool {
+        elapsed.saturating_sub(ran) >= Self::LOST_MIN
     }
 
     /// Forgets the last look (the thread slept: time asleep is not time
@@ -491,6 +499,18 @@ mod tests {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = spin.join();
         assert!(seen, "no preemption seen in 5 s on a shared CPU");
+    }
+
+    /// Only CPU time lost counts: a kernel worker's few µs do not stop a
+    /// poll, a time slice does.
+    #[test]
+    fn short_preemptions_are_not_counted() {
+        let lost = |wall_us: u64, ran_us: u64| Preemptions::lost(us(wall_us), us(ran_us));
+        assert!(!lost(1000, 1000), "ran all the time");
+        assert!(!lost(1000, 950), "50 µs lost");
+        assert!(!lost(1000, 1001), "CPU clock ahead of the wall clock");
+        assert!(lost(3000, 100), "a time slice lost");
+        assert!(lost(1000, 800), "exactly LOST_MIN");
     }
 
     #[test]
