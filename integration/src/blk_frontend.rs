@@ -160,6 +160,20 @@ fn connect(path: &Path) -> Res<Frontend> {
     Err(format!("connecting to {}: {last}", path.display()))
 }
 
+/// The vhost-user protocol features the server at `path` offers
+/// (`GET_PROTOCOL_FEATURES` right after `GET_FEATURES`); the connection is
+/// closed again.
+pub fn offered_protocol_features(path: &Path) -> Res<VhostUserProtocolFeatures> {
+    let mut fe = connect(path)?;
+    fe.set_owner().map_err(ctx("SET_OWNER"))?;
+    let offered = fe.get_features().map_err(ctx("GET_FEATURES"))?;
+    if offered & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
+        return Ok(VhostUserProtocolFeatures::empty());
+    }
+    fe.get_protocol_features()
+        .map_err(ctx("GET_PROTOCOL_FEATURES"))
+}
+
 impl BlkFrontend {
     /// Connects to the vhost-user-blk socket at `path`, negotiates, shares
     /// its memory and starts queue 0 for up to `depth` requests in flight

@@ -7,7 +7,8 @@
 //! vhost_net_start when the device uses MSI-X under TCG). Disks are
 //! `vhost-user-blk-pci` devices ([`QemuConfig::blkdev`]), optionally with
 //! `reconnect=1` on their chardev, so that QEMU reconnects to a backend
-//! restarted on the same socket and hands it the inflight region.
+//! restarted on the same socket (and hands it the inflight region, if the
+//! backend offers one).
 //!
 //! With [`IommuMode::Lazy`] or [`IommuMode::Strict`] the machine is q35
 //! with `intel-iommu,device-iotlb=on` and every device is
@@ -65,8 +66,10 @@ pub struct BlkDev {
     /// Request queues (`num-queues`).
     pub queues: u16,
     /// `reconnect=1` on the chardev: QEMU reconnects (every second) to a
-    /// backend restarted on the same socket, and resubmission of the
-    /// requests in flight goes through the inflight region.
+    /// backend restarted on the same socket; with a backend that offers
+    /// `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` it hands the new one the
+    /// inflight region, which says which requests to resubmit (without it,
+    /// QEMU rewinds the ring to the used index).
     pub reconnect: bool,
 }
 

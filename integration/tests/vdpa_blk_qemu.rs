@@ -22,6 +22,7 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use ioasis_integration::blk_frontend::offered_protocol_features;
 use ioasis_integration::blk_server::{
     queue_requests, require_iommu_support, test_server, BlkExport, BlkServer, BlkServerKind, Image,
 };
@@ -33,6 +34,7 @@ use ioasis_integration::guest_disk::{
 };
 use ioasis_integration::qemu::{IommuMode, Qemu, QemuConfig, GUEST_TIMEOUT};
 use ioasis_integration::{heavy_lock, ready, OrPanic, Result, WorkDir};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
 /// Bound for stopping a server.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -226,8 +228,8 @@ const PASSES: Passes = Passes {
 /// The backend killed with SIGKILL while four guest writers rewrite the
 /// disk (O_DIRECT, up to four requests in flight), then restarted on the
 /// same socket; QEMU (`reconnect=1` on the chardev) reconnects, gives the
-/// new backend the inflight region, and the requests the killed one had in
-/// flight are resubmitted. Every write lands (the disk read back in the
+/// new backend the inflight region (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`),
+/// and the requests the killed one had in flight are resubmitted. Every write lands (the disk read back in the
 /// guest and the image on the host hold the last pass, block for block)
 /// and none lands twice (every pass differs from the one before it, so an
 /// old write applied again after a newer one to the same block leaves a
@@ -237,13 +239,18 @@ const PASSES: Passes = Passes {
 /// requests complete out of order around the kill (see
 /// [`rewrite_passes_script`]).
 ///
-/// What it does not catch reliably: a backend without inflight tracking.
-/// QEMU then rewinds the ring to the used index on reconnect, which
-/// resubmits every request still in flight when completions were in
-/// order; a write is lost (the guest hangs, the test times out) only if a
-/// request older than completed ones was in flight at the kill. A vdpa-blk
-/// build without INFLIGHT_SHMFD passed this test in 6 runs out of 6 (3
-/// with 8 writers and no flusher, 3 as here).
+/// vdpa-blk must offer `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` (checked
+/// first, on a probe instance; qemu-storage-daemon 7.2, the stand-in, does
+/// not offer it, so with it only the guest's checks apply). They alone
+/// do not catch a
+/// backend without inflight tracking reliably: QEMU then rewinds the ring
+/// to the used index on reconnect, which resubmits every request still in
+/// flight when completions were in order; a write is lost (the guest
+/// hangs, the test times out) only if a request older than completed ones
+/// was in flight at the kill. A vdpa-blk build without INFLIGHT_SHMFD
+/// (633cc08) passed the guest's checks in 6 runs out of 6 (3 with 8
+/// writers and no flusher, 3 as here), and fails the probe check (checked
+/// with `IOASIS_BLK_SERVER=vdpa-blk IOASIS_VDPA_BLK_BIN=<its build>`).
 ///
 /// Shown to fail with a restart that loses the killed backend's writes
 /// (`IOASIS_TEST_BLK_RESTART_BROKEN=1 cargo test -p ioasis-integration
@@ -263,6 +270,30 @@ fn test_guest_writes_survive_backend_kill_and_restart() {
     let img = dir.join("disk.img");
     let zeroes = vec![0; PASSES.disk_blocks() * BLOCK];
     create_image(&img, &zeroes);
+    // The guarantee rests on the inflight region: vdpa-blk must offer it
+    // (a probe on its own socket, before the guest's server starts).
+    {
+        let probe_sock = dir.join("probe.sock");
+        let mut probe = BlkServer::spawn(
+            &kind,
+            &BlkExport::new(&probe_sock, Image::Null(1 << 20)),
+            dir.path(),
+            "probe",
+        )
+        .or_panic("start the probe server");
+        let offered = offered_protocol_features(&probe_sock)
+            .unwrap_or_else(|e| panic!("probe: {e}\n{}", probe.log_tail()));
+        let inflight = offered.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+        // qemu-storage-daemon (7.2), the stand-in while the workspace has
+        // no vdpa-blk, does not offer it; only the guest's checks apply.
+        assert!(
+            inflight || matches!(kind, BlkServerKind::Qsd(_)),
+            "{} does not offer VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD (offers {offered:?}): \
+             requests in flight at a crash can be lost or completed twice",
+            kind.name()
+        );
+        probe.stop(STOP_TIMEOUT);
+    }
     let sock = dir.join("disk.sock");
     let export = BlkExport::new(&sock, Image::File(img.clone()));
     let mut server =
