@@ -7,8 +7,10 @@
 //!
 //! Shown to fail without resubmission: `RUSTFLAGS='--cfg
 //! ioasis_broken="noresubmit"' cargo test -p ioasis --test vhost_inflight`
-//! (recovery then resubmits nothing): the held requests never complete
-//! ("used index stuck at 2").
+//! (recovery then resubmits nothing and the ring restarts at the used
+//! index, as a backend without inflight tracking would): head 0 is lost and
+//! head 3 is completed twice (used heads `[1, 3, 2, 3, 4]` instead of
+//! `[1, 3, 0, 2, 4]`).
 
 mod vhost_common;
 
