@@ -21,6 +21,35 @@
 //! `?`) parks the queue until the frontend supplies the mapping, and the chain
 //! that was being popped is offered again afterwards: nothing is lost.
 //!
+//! # Lifecycle
+//!
+//! - **Config space.** The framework offers `VHOST_USER_PROTOCOL_F_CONFIG`
+//!   exactly when [`Device::config_size`] is not 0; GET_CONFIG and
+//!   SET_CONFIG then reach [`Device::read_config`] / [`Device::write_config`]
+//!   with the range already checked against it
+//!   ([`crate::config_space::ConfigSpace`] serves a `#[repr(C)]` struct).
+//! - **When workers start.** All of a device's worker threads (one per
+//!   mask of [`Device::queues_per_thread`]) are built and started together
+//!   when the frontend starts the first ring (its SET_VRING_KICK), with the
+//!   features of the SET_FEATURES before it
+//!   ([`crate::context::WorkerContext`]); a ring started later wakes them.
+//!   They are stopped and dropped when every ring was stopped
+//!   (GET_VRING_BASE), on RESET_DEVICE / RESET_OWNER and when the frontend
+//!   disconnects. A ring that stops, or the end of a worker, waits
+//!   (bounded) for the chains a worker has in flight ([`Worker::in_flight`]).
+//! - **A malformed chain.** A chain the queue layer cannot walk (a
+//!   descriptor index out of range, a loop or a chain longer than the
+//!   queue, a bad indirect table, a buffer outside the memory table) is
+//!   completed with length 0 by the queue itself: [`Queue::pop`] returns
+//!   [`QueueError::BadChain`], the queue counts it, warns (rate-limited)
+//!   and goes on with the next chain; the device is not involved. An avail
+//!   index that runs ahead of the ring by more than its size, or a buffer
+//!   the frontend maps without the access it needs, marks the queue failed:
+//!   it stops until the device is reset and the driver is told (the ring's
+//!   error eventfd, `NEEDS_RESET` in GET_STATUS). A chain whose layout is
+//!   wrong for the device (a short header, say) is the device's to answer,
+//!   with its own error status (vdpa-blk: `VIRTIO_BLK_S_IOERR`).
+//!
 //! # Writing a device
 //!
 //! ```
