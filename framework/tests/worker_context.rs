@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ioasis::device::{Device, DeviceError, EventRegistrar, Queues, Waker, Worker};
+use ioasis::device::{Device, DeviceError, EventRegistrar, Queues, Worker, WorkerContext};
 use ioasis::vhost_user::{
     VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
@@ -16,7 +16,7 @@ use vhost_common::*;
 
 #[derive(Default)]
 struct Seen {
-    context: Mutex<Option<(u64, usize, Vec<u16>, Waker)>>,
+    context: Mutex<Option<WorkerContext>>,
     calls: AtomicUsize,
 }
 
@@ -51,12 +51,7 @@ impl Worker for WakeWorker {
             .0
             .context
             .lock()
-            .map_err(|_| DeviceError::Other("poisoned".into()))? = Some((
-            ctx.features(),
-            ctx.num_queues(),
-            ctx.queues().to_vec(),
-            ctx.waker(),
-        ));
+            .map_err(|_| DeviceError::Other("poisoned".into()))? = Some(ctx.clone());
         Ok(())
     }
 
@@ -90,9 +85,11 @@ fn test_context_features_queues_and_waker() {
     wait_until("the worker's init", || {
         seen.context.lock().map(|c| c.is_some()).unwrap_or(false)
     });
-    let (f, n, queues, waker) = seen.context.lock().expect("lock").clone().expect("context");
-    assert_eq!(f, features, "the negotiated features");
-    assert_eq!((n, queues), (1, vec![0]));
+    let ctx = seen.context.lock().expect("lock").clone().expect("context");
+    assert_eq!(ctx.features(), features, "the negotiated features");
+    assert!(ctx.has_feature(32), "VIRTIO_F_VERSION_1");
+    assert_eq!((ctx.num_queues(), ctx.queues()), (1, &[0u16][..]));
+    let waker = ctx.waker();
     wait_until("the first pass", || seen.calls.load(Ordering::SeqCst) > 0);
     std::thread::sleep(Duration::from_millis(50));
     let before = seen.calls.load(Ordering::SeqCst);
