@@ -252,6 +252,16 @@ const PASSES: Passes = Passes {
 /// writers and no flusher, 3 as here), and fails the probe check (checked
 /// with `IOASIS_BLK_SERVER=vdpa-blk IOASIS_VDPA_BLK_BIN=<its build>`).
 ///
+/// Nor does it catch a backend that offers the region but resubmits
+/// nothing: vdpa-blk built with `RUSTFLAGS='--cfg
+/// ioasis_broken="noresubmit"'` passed it too (once, at 39c450b). Under
+/// TCG the guest issues a request every few hundred microseconds and the
+/// backend finishes one in tens, so a SIGKILL at a random moment seldom
+/// finds a request in flight at all. The resubmission itself is shown by
+/// the framework's `tests/vhost_inflight.rs`, which fails with that build;
+/// this test shows the path end to end with QEMU (reconnect, inflight
+/// region handed over, writes complete, data intact).
+///
 /// Shown to fail with a restart that loses the killed backend's writes
 /// (`IOASIS_TEST_BLK_RESTART_BROKEN=1 cargo test -p ioasis-integration
 /// --test vdpa_blk_qemu kill_and_restart`: the new backend serves a copy
