@@ -9,7 +9,7 @@
 //! that is shared with the backend exactly as a frontend would share guest
 //! memory.
 
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{fence, AtomicU16, Ordering};
 use std::sync::Arc;
 
 use iommu_core::Memory;
@@ -233,12 +233,24 @@ impl DriverRing {
         self.avail_idx
     }
 
-    /// The device's used index.
+    /// The device's used index, read with one atomic 16-bit load: a byte
+    /// copy tears while the device moves the index across a multiple of 256
+    /// (low byte old, high byte new: the index jumps ahead by up to 256 and
+    /// the driver reads stale used elements; seen with qemu-storage-daemon
+    /// at queue depth 32).
     pub fn used_idx(&self) -> Result<u16, DriverError> {
-        fence(Ordering::SeqCst);
-        let mut b = [0u8; 2];
-        self.read(Self::used_offset(self.size) + 2, &mut b)?;
-        Ok(u16::from_le_bytes(b))
+        let off = self.off + Self::used_offset(self.size) + 2;
+        let end = off.checked_add(2);
+        if end.is_none_or(|e| e > self.mem.len()) || (self.mem.as_ptr() as usize + off) % 2 != 0 {
+            return Err(DriverError::Memory(format!(
+                "used index at offset {off} is out of bounds or unaligned"
+            )));
+        }
+        // SAFETY: `off..off + 2` lies within the live mapping `mem` and is
+        // 2-byte aligned (checked above); the device writes this u16
+        // concurrently, which is what the atomic load is for.
+        let idx = unsafe { &*(self.mem.as_ptr().add(off) as *const AtomicU16) };
+        Ok(u16::from_le(idx.load(Ordering::Acquire)))
     }
 
     /// Used element `i` (modulo the size): `(head, length written)`.

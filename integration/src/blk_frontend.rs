@@ -18,7 +18,7 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::atomic::{fence, AtomicU16, Ordering};
+use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -305,28 +305,10 @@ impl BlkFrontend {
         Ok(())
     }
 
-    /// The device's used index, read with one atomic 16-bit load: a byte
-    /// copy (`Memory::read_at`, and with it `DriverRing::used_idx`) can
-    /// tear while the device moves the index across a multiple of 256
-    /// (low byte old, high byte new: the index jumps ahead by up to 256
-    /// and the driver reads stale used elements; seen with
-    /// qemu-storage-daemon at queue depth 32).
+    /// The device's used index (one atomic 16-bit load: see
+    /// [`DriverRing::used_idx`]).
     fn used_idx(&self) -> Res<u16> {
-        let off = usize::try_from(self.ring.used_addr())
-            .map_err(|_| "used ring address out of range".to_string())?
-            + 2;
-        if off + 2 > self.mem.len() || off % 2 != 0 {
-            return Err(format!(
-                "used index at {off} is outside the memory or unaligned"
-            ));
-        }
-        // SAFETY: `off` is in bounds of the live shared mapping `mem` and
-        // 2-byte aligned (the used ring starts on a 4 KiB boundary); the
-        // device writes this u16 concurrently, which is what the atomic
-        // load is for. Device addresses equal offsets (memory at address 0).
-        let idx = unsafe { &*(self.mem.as_ptr().add(off) as *const AtomicU16) };
-        let v = idx.load(Ordering::Acquire);
-        Ok(u16::from_le(v))
+        self.ring.used_idx().map_err(|e| e.to_string())
     }
 
     /// Kick after every batch even when the device set
