@@ -479,36 +479,19 @@ impl BlkWorker {
         st: &QueueStats,
     ) -> ioasis::queue::Result<Flow> {
         let mut used = 1u32;
-        match op {
-            Op::Read { len, .. } => {
-                let mut left = len;
-                while left > 0 {
-                    let n = left.min(ZERO_CHUNK as u64) as usize;
-                    let w = cur.write(q, chain, &self.zeroes[..n])?;
-                    if w == 0 {
-                        break;
-                    }
-                    left -= w as u64;
+        if let Op::Read { len, .. } = op {
+            let mut left = len;
+            while left > 0 {
+                let n = left.min(ZERO_CHUNK as u64) as usize;
+                let w = cur.write(q, chain, &self.zeroes[..n])?;
+                if w == 0 {
+                    break;
                 }
-                used += len as u32;
-                st.reads.fetch_add(1, Relaxed);
-                st.bytes_read.fetch_add(len, Relaxed);
+                left -= w as u64;
             }
-            Op::Write { len, .. } => {
-                st.writes.fetch_add(1, Relaxed);
-                st.bytes_written.fetch_add(len, Relaxed);
-            }
-            Op::Flush => {
-                st.flushes.fetch_add(1, Relaxed);
-            }
-            Op::Discard { .. } => {
-                st.discards.fetch_add(1, Relaxed);
-            }
-            Op::WriteZeroes { .. } => {
-                st.write_zeroes.fetch_add(1, Relaxed);
-            }
-            Op::GetId => {}
+            used += len as u32;
         }
+        count_succeeded(st, op);
         self.answer(q, chain, status_off, VIRTIO_BLK_S_OK, used)
     }
 
@@ -665,26 +648,7 @@ impl BlkWorker {
             status = VIRTIO_BLK_S_IOERR;
         }
         if status == VIRTIO_BLK_S_OK {
-            match kind {
-                Op::Read { len, .. } => {
-                    st.reads.fetch_add(1, Relaxed);
-                    st.bytes_read.fetch_add(len, Relaxed);
-                }
-                Op::Write { len, .. } => {
-                    st.writes.fetch_add(1, Relaxed);
-                    st.bytes_written.fetch_add(len, Relaxed);
-                }
-                Op::Flush => {
-                    st.flushes.fetch_add(1, Relaxed);
-                }
-                Op::Discard { .. } => {
-                    st.discards.fetch_add(1, Relaxed);
-                }
-                Op::WriteZeroes { .. } => {
-                    st.write_zeroes.fetch_add(1, Relaxed);
-                }
-                Op::GetId => {}
-            }
+            count_succeeded(st, kind);
         }
         self.complete(
             queues,
@@ -897,6 +861,30 @@ fn aligned(iov: &[libc::iovec], align: u32) -> bool {
     let a = align.max(512) as usize;
     iov.iter()
         .all(|v| (v.iov_base as usize) % a == 0 && v.iov_len % a == 0)
+}
+
+/// Counts a request of kind `op` that succeeded, by kind and bytes.
+fn count_succeeded(st: &QueueStats, op: Op) {
+    match op {
+        Op::Read { len, .. } => {
+            st.reads.fetch_add(1, Relaxed);
+            st.bytes_read.fetch_add(len, Relaxed);
+        }
+        Op::Write { len, .. } => {
+            st.writes.fetch_add(1, Relaxed);
+            st.bytes_written.fetch_add(len, Relaxed);
+        }
+        Op::Flush => {
+            st.flushes.fetch_add(1, Relaxed);
+        }
+        Op::Discard { .. } => {
+            st.discards.fetch_add(1, Relaxed);
+        }
+        Op::WriteZeroes { .. } => {
+            st.write_zeroes.fetch_add(1, Relaxed);
+        }
+        Op::GetId => {}
+    }
 }
 
 fn count_done(st: &QueueStats, status: u8) {
