@@ -37,6 +37,7 @@
 #![deny(missing_docs)]
 
 pub mod accounting;
+pub mod bench_record;
 pub mod bins;
 pub mod blk_frontend;
 pub mod blk_server;

@@ -39,10 +39,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use ioasis_integration::bench_record::{commit, loadavg};
 use ioasis_integration::blk_frontend::{queue_size_for, BlkFrontend, Op, RunResult};
 use ioasis_integration::blk_server::{
     qsd_bin, vdpa_blk_bin, workspace_has_vdpa_blk, BlkExport, BlkServer, BlkServerKind, Image,
@@ -124,37 +125,6 @@ fn range(v: &[f64]) -> (f64, f64) {
     let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     (lo, hi)
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
-}
-
-/// The commit measured: `IOASIS_BENCH_COMMIT` (set by
-/// `scripts/bench-blk.sh`), else `git rev-parse --short HEAD` with
-/// `-dirty` when tracked files differ from it.
-fn commit() -> String {
-    if let Ok(c) = std::env::var("IOASIS_BENCH_COMMIT") {
-        if !c.is_empty() {
-            return c;
-        }
-    }
-    let git = |args: &[&str]| -> Option<String> {
-        let out = Command::new("git").args(args).output().ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-    };
-    match git(&["rev-parse", "--short", "HEAD"]) {
-        Some(c) => match git(&["status", "--porcelain", "--untracked-files=no"]) {
-            Some(s) if !s.is_empty() => format!("{c}-dirty"),
-            Some(_) => c,
-            None => c,
-        },
-        None => "unknown".into(),
-    }
 }
 
 fn parse_op(s: &str) -> Option<Op> {

@@ -77,6 +77,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use guest_pktgen::GuestIommu;
 use ioasis_integration::accounting::{verify, CountCheck};
+use ioasis_integration::bench_record::{commit, loadavg};
 use ioasis_integration::env::{heavy_lock, require_tool, which, WorkDir};
 use ioasis_integration::netns::Netns;
 use ioasis_integration::process::wait_for_path;
@@ -759,38 +760,6 @@ fn parse_opts() -> Opts {
 
 fn fmt_mpps(v: u64) -> String {
     format!("{:.2}", v as f64 / 1e6)
-}
-
-/// The load average (1, 5, 15 minutes).
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
-}
-
-/// The commit measured: `IOASIS_BENCH_COMMIT` (set by
-/// `scripts/bench-net.sh`), else `git rev-parse --short HEAD` with
-/// `-dirty` when tracked files differ from it.
-fn commit() -> String {
-    if let Ok(c) = std::env::var("IOASIS_BENCH_COMMIT") {
-        if !c.is_empty() {
-            return c;
-        }
-    }
-    let git = |args: &[&str]| -> Option<String> {
-        let out = Command::new("git").args(args).output().ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-    };
-    match git(&["rev-parse", "--short", "HEAD"]) {
-        Some(c) => match git(&["status", "--porcelain", "--untracked-files=no"]) {
-            Some(s) if !s.is_empty() => format!("{c}-dirty"),
-            Some(_) => c,
-            None => format!("{c} (tree state unknown)"),
-        },
-        None => "unknown (not a git checkout)".into(),
-    }
 }
 
 /// "median (min-max)" of per-round figures, in Mpps.
