@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, types, IoUring};
 use ioasis::device::{EventRegistrar, Idle, Interest, Result, Worker};
 use ioasis::log_limited;
-use ioasis::queue::{Chain, Cursor, Flow, InFlight, Part, Queue, Queues};
+use ioasis::queue::{Chain, Cursor, Flow, InFlight, Lookup, Part, Queue, Queues};
 use log::Level;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -668,18 +668,21 @@ impl BlkWorker {
         let index = h.queue;
         let head = h.chain.head();
         let st = self.stats.queue(usize::from(index));
-        let Some(mut q) = queues.get(index) else {
-            if queues.waiting(index) {
+        let mut q = match queues.lookup(index) {
+            Lookup::Ready(q) => q,
+            Lookup::Parked => {
                 self.held.push(h);
                 return Ok(());
             }
-            st.dropped.fetch_add(1, Relaxed);
-            log_limited!(
-                Level::Warn,
-                "queue {index}: request {head} finished after its ring stopped; not completed"
-            );
-            self.pool.push(h.chain);
-            return Ok(());
+            Lookup::Stopped => {
+                st.dropped.fetch_add(1, Relaxed);
+                log_limited!(
+                    Level::Warn,
+                    "queue {index}: request {head} finished after its ring stopped; not completed"
+                );
+                self.pool.push(h.chain);
+                return Ok(());
+            }
         };
         // The status goes through a translating write: with IOTLB
         // translation a miss parks the queue until the frontend answers,

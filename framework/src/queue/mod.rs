@@ -97,7 +97,7 @@ pub use deferred::{Finished, InFlight};
 pub use error::{QueueError, Result};
 pub use inflight::queue_region_size;
 pub use iovec::Part;
-pub use queues::Queues;
+pub use queues::{Lookup, Queues};
 use ring::Rings;
 pub use serve::Flow;
 pub(crate) use vring::{Parked, Vring};

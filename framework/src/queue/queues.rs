@@ -36,6 +36,29 @@ pub struct Queues<'a> {
     rings: [Option<CachedRings>; RINGS_CACHED],
 }
 
+/// What [`Queues::lookup`] found for a queue.
+#[derive(Debug)]
+pub enum Lookup<'a> {
+    /// The queue is running: its handle.
+    Ready(Queue<'a>),
+    /// Started and enabled, but parked on a translation miss the frontend
+    /// is expected to resolve; the worker is woken when it serves again.
+    Parked,
+    /// Not started, stopped, disabled, failed, or not this thread's.
+    Stopped,
+}
+
+impl Lookup<'_> {
+    /// The state of a queue that is not handed out, read under its lock.
+    fn of(v: &Vring) -> Self {
+        if v.started && v.enabled && !v.broken && v.parked.is_some() {
+            Lookup::Parked
+        } else {
+            Lookup::Stopped
+        }
+    }
+}
+
 /// Queues per worker whose ring translations [`Queues`] keeps.
 const RINGS_CACHED: usize = 4;
 
@@ -95,9 +118,30 @@ impl<'a> Queues<'a> {
     /// The thread's queue `index`, if it is running: started by the
     /// frontend, enabled, not parked on a translation miss and not failed, and
     /// its rings are mapped. Returns `None` otherwise (and when this thread
-    /// already holds that queue).
+    /// already holds that queue). [`lookup`](Queues::lookup) also says
+    /// whether a queue that is not running will run again.
     pub fn get(&mut self, index: u16) -> Option<Queue<'a>> {
-        let (_, m) = self.vrings.iter().find(|(i, _)| *i == index)?;
+        match self.lookup(index) {
+            Lookup::Ready(q) => Some(q),
+            Lookup::Parked | Lookup::Stopped => None,
+        }
+    }
+
+    /// Queue `index` if it is running, as [`get`](Queues::get); otherwise
+    /// whether it is parked on a translation miss the frontend is expected
+    /// to resolve (it will serve again, so a device keeps completions for
+    /// it, such as deferred chains that finished meanwhile) or stopped
+    /// (not started, disabled, failed, or not this thread's).
+    ///
+    /// The answer is read under one hold of the queue's lock: a queue the
+    /// connection thread resumes or stops meanwhile is seen in one state or
+    /// the other, never as neither (a `get` followed by a separate "is it
+    /// parked?" question could see it parked by the first and resumed by
+    /// the second, and drop a completion it should have kept).
+    pub fn lookup(&mut self, index: u16) -> Lookup<'a> {
+        let Some((_, m)) = self.vrings.iter().find(|(i, _)| *i == index) else {
+            return Lookup::Stopped;
+        };
         let guard = match m.try_lock() {
             Ok(g) => g,
             // The connection thread holds it briefly; wait for it.
@@ -108,7 +152,7 @@ impl<'a> Queues<'a> {
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
         };
         if !guard.serving() {
-            return None;
+            return Lookup::of(&guard);
         }
         let next_avail = guard.q.next_avail();
         let mut queue = Queue {
@@ -136,7 +180,7 @@ impl<'a> Queues<'a> {
                 // Translated in this section: still valid (an unmap waits
                 // for the section to end).
                 queue.rings = Some(c.rings);
-                return Some(queue);
+                return Lookup::Ready(queue);
             }
         }
         match queue.check_rings() {
@@ -148,28 +192,16 @@ impl<'a> Queues<'a> {
                         rings,
                     });
                 }
-                Some(queue)
+                Lookup::Ready(queue)
             }
             Err(e) => {
                 if !matches!(e.dma_error(), Some(d) if d.is_miss()) {
                     crate::log_limited!(log::Level::Error, "queue {index}: {e}");
                 }
-                None
+                // Still under the lock: a miss has just parked it.
+                Lookup::of(&queue.vring)
             }
         }
-    }
-
-    /// True when queue `index` is started and enabled but parked on a
-    /// translation miss the frontend is expected to resolve: it will serve
-    /// again, so a device keeps completions for it (deferred chains that
-    /// finished meanwhile) rather than drop them. False for a queue that is
-    /// running, stopped, disabled or failed, or not this thread's.
-    pub fn waiting(&self, index: u16) -> bool {
-        let Some((_, m)) = self.vrings.iter().find(|(i, _)| *i == index) else {
-            return false;
-        };
-        let v = m.lock().unwrap_or_else(|p| p.into_inner());
-        v.started && v.enabled && !v.broken && v.parked.is_some()
     }
 
     /// True with IOTLB translation, where a miss parks the queue until the
@@ -282,5 +314,46 @@ mod tests {
             7
         );
         assert_eq!(f.driver.used_idx().expect("idx"), 0, "old ring untouched");
+    }
+
+    /// A device that finished deferred I/O asks once whether the queue
+    /// is running, parked (keep the completion) or stopped (drop it): a
+    /// ring-address miss parks the queue and says so in the same answer,
+    /// a resumed queue is handed out, a stopped one is not.
+    #[test]
+    fn test_lookup_tells_parked_from_stopped() {
+        let mut f = fixture(true);
+        offer(&mut f, 1, true);
+        // The used ring moves to an address the IOAS does not map.
+        f.vrings[0]
+            .1
+            .lock()
+            .expect("lock")
+            .q
+            .try_set_used_ring_address(vm_memory::GuestAddress(BUF_IOVA + 0x10_0000))
+            .expect("used");
+        let mut tr = f.core.translator();
+        let section = Section::new(&mut tr, None, false);
+        let mut qs = Queues::new(
+            &f.vrings,
+            Dma::from_section(&section),
+            true,
+            Writer::unattached(),
+            &crate::transport::Local,
+        );
+        assert!(matches!(qs.lookup(0), Lookup::Parked), "a miss parks");
+        assert!(matches!(qs.lookup(0), Lookup::Parked), "still parked");
+        let used = f.driver.used_addr();
+        {
+            let mut v = f.vrings[0].1.lock().expect("lock");
+            // What the connection thread does on the frontend's answer.
+            v.parked = None;
+            v.q.try_set_used_ring_address(vm_memory::GuestAddress(used))
+                .expect("used");
+        }
+        assert!(matches!(qs.lookup(0), Lookup::Ready(_)), "resumed");
+        f.vrings[0].1.lock().expect("lock").started = false;
+        assert!(matches!(qs.lookup(0), Lookup::Stopped), "stopped");
+        assert!(matches!(qs.lookup(9), Lookup::Stopped), "not this thread's");
     }
 }
