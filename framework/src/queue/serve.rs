@@ -1,5 +1,5 @@
 //! The notification loop every device repeats: suppress kicks, pop until
-//! the ring is empty, signal once for the batch, re-enable kicks and go
+//! the ring is empty, signal each completion the driver asks to hear of, re-enable kicks and go
 //! round again if the driver added chains meanwhile (the `EVENT_IDX`
 //! re-check: without it a chain made available between the last pop and
 //! the re-enable would wait for the next kick, which never comes).
@@ -21,9 +21,10 @@ pub enum Flow {
 impl<'a> Queue<'a> {
     /// Pops every available chain into `chain` and hands it to `step`,
     /// which must complete it ([`Queue::add_used`]) or defer it
-    /// ([`Queue::defer`]) before returning [`Flow`]. Signals the driver
-    /// once per batch of completions, and re-checks the ring after
-    /// re-enabling notifications.
+    /// ([`Queue::defer`]) before returning [`Flow`]. Publishes every
+    /// completion as `step` makes it and signals the driver for it if the
+    /// driver asked to be (see [`Queue::notify`]), and re-checks the ring
+    /// after re-enabling notifications.
     ///
     /// Returns [`Flow::Continue`] when the ring is empty and the driver
     /// will kick for the next chain, [`Flow::Stop`] when chains may be
@@ -47,6 +48,15 @@ impl<'a> Queue<'a> {
                     stop = true;
                     break;
                 }
+                if self.vring.num_added > 0 {
+                    // Each completion is published, and signalled if the
+                    // driver asked to be, before the next chain is popped:
+                    // a driver that is awake reaps and refills while the
+                    // device goes on, rather than both taking turns over
+                    // whole batches. A busy driver with EVENT_IDX asks for
+                    // no signal until it re-arms, so this costs it none.
+                    self.notify()?;
+                }
             }
             if self.dirty || self.vring.num_added > 0 {
                 self.notify()?;
@@ -61,3 +71,4 @@ impl<'a> Queue<'a> {
         Ok(Flow::Stop)
     }
 }
+
