@@ -50,6 +50,52 @@ use std::time::{Duration, Instant};
 
 use crate::device::Idle;
 
+/// How a worker polls after work, with the driver's notifications
+/// suppressed, before it re-arms them and sleeps: what a daemon's
+/// `--poll-us` option chooses (see [`PollMode::from_poll_us`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PollMode {
+    /// A window that follows the load ([`AdaptiveWindow`]: 0 to 200 µs,
+    /// growing while work arrives that a longer window would have caught,
+    /// shrinking while sleeps outlast the longest window, dropping to 0
+    /// when the worker is preempted while it polls: another task wants its
+    /// CPU). The default.
+    #[default]
+    Adaptive,
+    /// A fixed window (`--poll-us N`).
+    Fixed(Duration),
+    /// No polling: every pass ends with notifications enabled
+    /// (`--poll-us 0`).
+    Off,
+}
+
+impl PollMode {
+    /// The mode `--poll-us` asks for: none given is adaptive, 0 is off.
+    pub fn from_poll_us(poll_us: Option<u64>) -> PollMode {
+        match poll_us {
+            None => PollMode::Adaptive,
+            Some(0) => PollMode::Off,
+            Some(n) => PollMode::Fixed(Duration::from_micros(n)),
+        }
+    }
+
+    /// A worker's window in this mode (None: no polling).
+    pub fn window(self) -> Option<AdaptiveWindow> {
+        match self {
+            PollMode::Adaptive => Some(AdaptiveWindow::new()),
+            PollMode::Fixed(d) => Some(AdaptiveWindow::fixed(d)),
+            PollMode::Off => None,
+        }
+    }
+
+    /// The preemption watch a worker in this mode keeps: only the adaptive
+    /// window gives way to other tasks (a fixed one polls whatever else
+    /// wants the CPU).
+    pub fn preemptions(self) -> Option<Preemptions> {
+        (self == PollMode::Adaptive).then(Preemptions::new)
+    }
+}
+
 /// A self-tuning polling window (see the [module](self) documentation).
 ///
 /// ```

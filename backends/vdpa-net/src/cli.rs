@@ -18,7 +18,8 @@ use ioasis::socket_policy::SocketPolicy;
 
 use crate::net::{default_mac, parse_mac, MacAddr, MAX_QUEUE_PAIRS};
 use crate::port::{PortSpec, TapIo};
-use crate::vhu_net::{NetConfig, PollMode};
+use crate::vhu_net::NetConfig;
+use ioasis::poll::PollMode;
 
 /// Text printed after the options by `--help`.
 const AFTER_HELP: &str = "\

@@ -25,4 +25,5 @@ pub mod port;
 pub mod stats;
 pub mod vhu_net;
 
-pub use vhu_net::{NetConfig, PollMode, VhostUserNetBackend};
+pub use ioasis::poll::PollMode;
+pub use vhu_net::{NetConfig, VhostUserNetBackend};

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use ioasis::device::{
     Device, DeviceError, EventHandle, EventRegistrar, Idle, Interest, Queues, Result, Worker,
 };
-use ioasis::poll::{AdaptiveWindow, Preemptions};
+use ioasis::poll::{AdaptiveWindow, PollMode, Preemptions};
 use log::{debug, info, warn};
 
 use crate::engine::PairEngine;
@@ -58,44 +58,6 @@ pub struct NetConfig {
     pub poll: PollMode,
     /// How tap ports do their I/O.
     pub tap_io: TapIo,
-}
-
-/// How a worker polls after work, with the driver's notifications
-/// suppressed, before it re-arms them and sleeps.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum PollMode {
-    /// A window that follows the load ([`AdaptiveWindow`]: 0 to 200 µs,
-    /// growing while work arrives that a longer window would have caught,
-    /// shrinking while sleeps outlast the longest window, dropping to 0
-    /// when the worker is preempted while it polls: another task wants its
-    /// CPU). The default.
-    #[default]
-    Adaptive,
-    /// A fixed window (`--poll-us N`).
-    Fixed(Duration),
-    /// No polling: every pass ends with notifications enabled
-    /// (`--poll-us 0`).
-    Off,
-}
-
-impl PollMode {
-    /// The mode `--poll-us` asks for: none given is adaptive, 0 is off.
-    pub fn from_poll_us(poll_us: Option<u64>) -> PollMode {
-        match poll_us {
-            None => PollMode::Adaptive,
-            Some(0) => PollMode::Off,
-            Some(n) => PollMode::Fixed(Duration::from_micros(n)),
-        }
-    }
-
-    /// A worker's window in this mode (None: no polling).
-    fn window(self) -> Option<AdaptiveWindow> {
-        match self {
-            PollMode::Adaptive => Some(AdaptiveWindow::new()),
-            PollMode::Fixed(d) => Some(AdaptiveWindow::fixed(d)),
-            PollMode::Off => None,
-        }
-    }
 }
 
 /// State shared by the control plane and the workers of one device.
@@ -345,7 +307,7 @@ impl NetWorker {
             filter_gen,
             rx_blocked: false,
             poll: shared.poll.window(),
-            preempt: (shared.poll == PollMode::Adaptive).then(Preemptions::new),
+            preempt: shared.poll.preemptions(),
             shared,
         }
     }

@@ -71,4 +71,3 @@ impl<'a> Queue<'a> {
         Ok(Flow::Stop)
     }
 }
-
