@@ -4,6 +4,7 @@ use clap::Parser;
 
 use crate::backing::{parse_size, ImageSpec};
 use crate::device::BlkOptions;
+use ioasis::poll::PollMode;
 
 /// Serves a raw image, a block device or a null disk as a virtio-blk
 /// device over vhost-user.
@@ -41,10 +42,11 @@ pub struct Args {
     /// exit).
     #[arg(long, default_value_t = 0, value_name = "MS")]
     pub stats_interval_ms: u64,
-    /// Keep polling N microseconds after the last request before sleeping
-    /// (0: event-driven).
-    #[arg(long, default_value_t = 0, value_name = "N")]
-    pub poll_us: u64,
+    /// After work, poll N µs with the driver's kicks off, then sleep (0:
+    /// never poll) [default: adaptive, a window of 0 to 200 µs that follows
+    /// the load]
+    #[arg(long, value_name = "N")]
+    pub poll_us: Option<u64>,
 }
 
 fn parse_queue_size(s: &str) -> Result<u16, String> {
@@ -72,7 +74,7 @@ impl Args {
             queues: self.queues,
             queue_size: self.queue_size,
             serial: self.serial.clone(),
-            poll_us: self.poll_us,
+            poll: PollMode::from_poll_us(self.poll_us),
         }
     }
 }

@@ -1,8 +1,8 @@
 //! The virtio-blk device as the framework sees it: features, config
 //! space, one worker thread per queue.
 
+use ioasis::poll::PollMode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use ioasis::config_space::ConfigSpace;
 use ioasis::device::{Device, DeviceError, Result, Worker};
@@ -26,9 +26,8 @@ pub struct BlkOptions {
     pub queue_size: u16,
     /// GET_ID answer (at most 20 bytes; shorter is NUL-padded).
     pub serial: String,
-    /// Poll this long after the last request before sleeping (0: never
-    /// poll).
-    pub poll_us: u64,
+    /// How workers poll after work before they sleep (`--poll-us`).
+    pub poll: PollMode,
 }
 
 /// A virtio-blk device over a [`Backing`].
@@ -106,13 +105,12 @@ impl Device for BlkDevice {
     }
 
     fn worker(&self, _thread: usize) -> Result<Box<dyn Worker>> {
-        let poll = (self.opts.poll_us > 0).then(|| Duration::from_micros(self.opts.poll_us));
         let w = BlkWorker::new(
             self.backing.clone(),
             self.stats.clone(),
             self.serial,
             self.opts.queue_size,
-            poll,
+            self.opts.poll,
         )
         .map_err(|source| DeviceError::Io {
             op: "creating the worker's io_uring",

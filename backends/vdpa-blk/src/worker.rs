@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, types, IoUring};
 use ioasis::device::{EventRegistrar, Idle, Interest, Result, Worker};
 use ioasis::log_limited;
+use ioasis::poll::{AdaptiveWindow, PollMode, Preemptions};
 use ioasis::queue::{Chain, Cursor, Flow, InFlight, Lookup, Part, Queue, Queues};
 use log::Level;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -75,6 +76,24 @@ struct Held {
     status: u8,
 }
 
+/// How a pass over a queue ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Serve {
+    /// The driver's kicks re-armed and the ring checked once more after
+    /// ([`Queue::serve`]): the worker may sleep.
+    Rearm,
+    /// Kicks left suppressed ([`Queue::poll`]): the worker polls on.
+    Poll,
+}
+
+/// The longest polling slice between two access sections (an unmap waits
+/// at most this long for the worker, beside its I/O).
+const POLL_SLICE: Duration = Duration::from_micros(50);
+/// A bound on the passes of one slice, beside [`POLL_SLICE`].
+const POLL_PASSES_MAX: u32 = 1 << 16;
+/// PAUSEs between two passes that found nothing.
+const IDLE_PAUSES: u32 = 64;
+
 /// The worker of one queue (see the module docs).
 pub struct BlkWorker {
     backing: Arc<Backing>,
@@ -96,10 +115,16 @@ pub struct BlkWorker {
     /// Finished requests whose queue is parked.
     held: Vec<Held>,
     zeroes: Vec<u8>,
-    poll: Option<Duration>,
+    /// The polling window (None: event-driven, `--poll-us 0`).
+    window: Option<AdaptiveWindow>,
+    /// Preemptions while polling (adaptive window only).
+    preempt: Option<Preemptions>,
+    /// The driver's kicks are suppressed: the worker is polling its queues.
+    polling: bool,
+    /// Requests taken (counted as they start).
     work: u64,
+    /// `work` at the window's last observation.
     seen_work: u64,
-    last_work: Instant,
 }
 
 impl std::fmt::Debug for BlkWorker {
@@ -112,14 +137,14 @@ impl std::fmt::Debug for BlkWorker {
 }
 
 impl BlkWorker {
-    /// A worker for queues of at most `queue_size` entries; `poll`: keep
-    /// polling this long after the last work before sleeping.
+    /// A worker for queues of at most `queue_size` entries, polling after
+    /// work as `poll` says.
     pub fn new(
         backing: Arc<Backing>,
         stats: Arc<DeviceStats>,
         serial: [u8; ID_BYTES],
         queue_size: u16,
-        poll: Option<Duration>,
+        poll: PollMode,
     ) -> std::io::Result<BlkWorker> {
         let ring = if backing.is_null() {
             None
@@ -157,14 +182,26 @@ impl BlkWorker {
             ready: Vec::new(),
             held: Vec::new(),
             zeroes: vec![0; ZERO_CHUNK],
-            poll,
+            window: poll.window(),
+            preempt: poll.preemptions(),
+            polling: false,
             work: 0,
             seen_work: 0,
-            last_work: Instant::now(),
         })
     }
 
+    /// Serves queue `index`: re-arming the driver's kicks at the end
+    /// unless the worker is polling.
     fn serve_queue(&mut self, index: u16, queues: &mut Queues<'_>) -> Result<()> {
+        let how = if self.polling {
+            Serve::Poll
+        } else {
+            Serve::Rearm
+        };
+        self.serve_queue_as(index, queues, how)
+    }
+
+    fn serve_queue_as(&mut self, index: u16, queues: &mut Queues<'_>, how: Serve) -> Result<()> {
         if !self.held.is_empty() {
             self.complete_held(queues)?;
         }
@@ -173,7 +210,10 @@ impl BlkWorker {
         };
         self.starved &= !bit(index);
         let mut chain = std::mem::take(&mut self.chain);
-        let r = q.serve(&mut chain, |q, c| self.start(q, c));
+        let r = match how {
+            Serve::Rearm => q.serve(&mut chain, |q, c| self.start(q, c)),
+            Serve::Poll => q.poll(&mut chain, |q, c| self.start(q, c)),
+        };
         self.chain = chain;
         drop(q);
         self.submit();
@@ -181,6 +221,46 @@ impl BlkWorker {
             // Chains may be left (slots full, a drain, or a driver faster
             // than the loop's bound): served again before sleeping.
             self.starved |= bit(index);
+        }
+        Ok(())
+    }
+
+    /// Serves every queue of the thread.
+    fn serve_all(&mut self, queues: &mut Queues<'_>, how: Serve) -> Result<()> {
+        for index in queues.indices().collect::<Vec<_>>() {
+            self.serve_queue_as(index, queues, how)?;
+        }
+        Ok(())
+    }
+
+    /// One slice of polling, the driver's kicks suppressed: passes over
+    /// the queues and the completion ring until work turns up, an unmap
+    /// waits for this worker, or [`POLL_SLICE`] is over. The framework then
+    /// ends the access section and asks [`Worker::before_sleep`] again,
+    /// which shows the window what was found.
+    fn poll_slice(&mut self, queues: &mut Queues<'_>) -> Result<()> {
+        let start = Instant::now();
+        let before = self.work;
+        for pass in 0..POLL_PASSES_MAX {
+            self.serve_all(queues, Serve::Poll)?;
+            if self
+                .ring
+                .as_mut()
+                .is_some_and(|(r, _)| !r.completion().is_empty())
+            {
+                self.reap(queues)?;
+            }
+            if self.work != before || queues.dma().drain_requested() {
+                return Ok(());
+            }
+            // Nothing: back off before reading the driver's avail index
+            // again (each read takes that line from the driver's core).
+            for _ in 0..IDLE_PAUSES {
+                std::hint::spin_loop();
+            }
+            if pass % 8 == 7 && start.elapsed() >= POLL_SLICE {
+                return Ok(());
+            }
         }
         Ok(())
     }
@@ -800,20 +880,36 @@ impl Worker for BlkWorker {
                 return Ok(Idle::Poll);
             }
         }
-        let Some(window) = self.poll else {
+        let Some(window) = self.window.as_mut() else {
             return Ok(Idle::Sleep);
         };
         let now = Instant::now();
-        if self.work != self.seen_work {
-            self.seen_work = self.work;
-            self.last_work = now;
+        let work = std::mem::replace(&mut self.seen_work, self.work) != self.work;
+        let preempted = self.preempt.as_mut().is_some_and(|p| p.since_last());
+        let idle = if preempted && self.polling {
+            // Another task wants this CPU (the driver, perhaps): polling
+            // would only delay it.
+            window.preempted(now)
+        } else {
+            window.observe(now, work)
+        };
+        if idle == Idle::Sleep {
+            if std::mem::take(&mut self.polling) {
+                // Kicks back on, and the ring checked once more after.
+                self.serve_all(queues, Serve::Rearm)?;
+            }
+            return Ok(Idle::Sleep);
         }
-        if now.duration_since(self.last_work) < window {
-            // Completions may be ready without their eventfd read yet.
-            self.reap(queues)?;
-            return Ok(Idle::Poll);
+        if !self.polling {
+            self.polling = true;
+            if let Some(p) = self.preempt.as_mut() {
+                // A baseline: what the thread lost before polling is not
+                // the polling's.
+                p.since_last();
+            }
         }
-        Ok(Idle::Sleep)
+        self.poll_slice(queues)?;
+        Ok(Idle::Poll)
     }
 
     fn in_flight(&self) -> usize {

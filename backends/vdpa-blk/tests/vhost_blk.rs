@@ -80,7 +80,7 @@ impl Disk {
                 queues,
                 queue_size: 16,
                 serial: "test-serial-0123".into(),
-                poll_us: 0,
+                poll: ioasis::poll::PollMode::Off,
             },
         ));
         let srv = TestServer::start(vec![("blk", device.clone() as Arc<dyn Device>)]);

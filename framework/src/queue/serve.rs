@@ -42,26 +42,7 @@ impl<'a> Queue<'a> {
     ) -> Result<Flow> {
         for _ in 0..=self.size() {
             self.disable_notification()?;
-            let mut stop = false;
-            while self.pop(chain)? {
-                if step(self, chain)? == Flow::Stop {
-                    stop = true;
-                    break;
-                }
-                if self.vring.num_added > 0 {
-                    // Each completion is published, and signalled if the
-                    // driver asked to be, before the next chain is popped:
-                    // a driver that is awake reaps and refills while the
-                    // device goes on, rather than both taking turns over
-                    // whole batches. A busy driver with EVENT_IDX asks for
-                    // no signal until it re-arms, so this costs it none.
-                    self.notify()?;
-                }
-            }
-            if self.dirty || self.vring.num_added > 0 {
-                self.notify()?;
-            }
-            if stop {
+            if self.pop_all(chain, &mut step)? == Flow::Stop {
                 return Ok(Flow::Stop);
             }
             if !self.enable_notification()? {
@@ -69,5 +50,52 @@ impl<'a> Queue<'a> {
             }
         }
         Ok(Flow::Stop)
+    }
+
+    /// One polling pass: pops every available chain and hands it to `step`
+    /// as [`serve`](Queue::serve) does, but leaves the driver's kicks
+    /// suppressed. For a worker that keeps polling the ring after work
+    /// (see [`crate::poll`]): it serves the queue with
+    /// [`serve`](Queue::serve) once more before it sleeps, which re-arms
+    /// the kicks and re-checks the ring.
+    ///
+    /// Returns [`Flow::Stop`] when `step` stopped (chains may be left).
+    pub fn poll(
+        &mut self,
+        chain: &mut Chain,
+        mut step: impl FnMut(&mut Queue<'a>, &mut Chain) -> Result<Flow>,
+    ) -> Result<Flow> {
+        self.disable_notification()?;
+        self.pop_all(chain, &mut step)
+    }
+
+    /// Pops and steps until the ring is empty or `step` stops, completing
+    /// as it goes (see [`serve`](Queue::serve)); signals what is left to
+    /// signal at the end.
+    fn pop_all(
+        &mut self,
+        chain: &mut Chain,
+        step: &mut impl FnMut(&mut Queue<'a>, &mut Chain) -> Result<Flow>,
+    ) -> Result<Flow> {
+        let mut flow = Flow::Continue;
+        while self.pop(chain)? {
+            if step(self, chain)? == Flow::Stop {
+                flow = Flow::Stop;
+                break;
+            }
+            if self.vring.num_added > 0 {
+                // Each completion is published, and signalled if the
+                // driver asked to be, before the next chain is popped:
+                // a driver that is awake reaps and refills while the
+                // device goes on, rather than both taking turns over
+                // whole batches. A busy driver with EVENT_IDX asks for
+                // no signal until it re-arms, so this costs it none.
+                self.notify()?;
+            }
+        }
+        if self.dirty || self.vring.num_added > 0 {
+            self.notify()?;
+        }
+        Ok(flow)
     }
 }
