@@ -33,6 +33,7 @@
 //! Usage: `ioasis-bench-blk [--rounds N] [--secs S] [--warmup-ms MS]
 //! [--depth D]... [--op randread|randwrite]... [--size-mib M] [--dir DIR]
 //! [--backing file|null]... [--only qsd|vdpa-blk] [--qsd-aio MODE]
+//! [--variant NAME=ARGS]... [--compare-bin PATH [--compare-name NAME]]
 //! [--vdpa-arg ARG]... [--always-kick]` (`--always-kick`: kick after every
 //! batch even when the device set `VRING_USED_F_NO_NOTIFY`, to tell a
 //! device's missed re-check from other stalls).
@@ -89,6 +90,19 @@ struct Opts {
     /// Extra arguments for vdpa-blk (repeatable).
     #[arg(long = "vdpa-arg", allow_hyphen_values = true)]
     vdpa_args: Vec<String>,
+    /// Also measure the workspace's vdpa-blk with these extra arguments, as
+    /// server NAME, alternating with the others (`NAME=ARGS`, the
+    /// arguments split on spaces; repeatable): e.g. `event=--poll-us 0`
+    /// beside the default mode.
+    #[arg(long = "variant", value_name = "NAME=ARGS", value_parser = parse_variant)]
+    variants: Vec<(String, Vec<String>)>,
+    /// Also measure another vdpa-blk binary (an earlier build), alternating
+    /// with the others.
+    #[arg(long, value_name = "PATH")]
+    compare_bin: Option<PathBuf>,
+    /// The name of `--compare-bin` in the report.
+    #[arg(long, default_value = "before")]
+    compare_name: String,
     /// Kick after every batch even when the device asks not to
     /// (`VRING_USED_F_NO_NOTIFY`): a diagnostic for stalls.
     #[arg(long)]
@@ -125,6 +139,28 @@ fn range(v: &[f64]) -> (f64, f64) {
     let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     (lo, hi)
+}
+
+fn parse_variant(s: &str) -> Result<(String, Vec<String>), String> {
+    let (name, args) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=ARGS"))?;
+    if name.is_empty() || name == "qsd" || name == "vdpa-blk" {
+        return Err(format!("variant name {name:?}: empty or taken"));
+    }
+    Ok((
+        name.into(),
+        args.split_whitespace().map(String::from).collect(),
+    ))
+}
+
+/// One server of the run: its name in the report, what it is, and the
+/// extra arguments it gets (vdpa-blk only).
+#[derive(Clone, Debug)]
+struct Server {
+    name: String,
+    kind: BlkServerKind,
+    args: Vec<String>,
 }
 
 fn parse_op(s: &str) -> Option<Op> {
@@ -244,10 +280,15 @@ fn main() -> ExitCode {
         eprintln!("unknown --backing {b} (file, null)");
         return ExitCode::from(2);
     }
-    let mut servers = Vec::new();
+    let mut servers: Vec<Server> = Vec::new();
+    let server = |name: &str, kind: BlkServerKind, args: Vec<String>| Server {
+        name: name.into(),
+        kind,
+        args,
+    };
     if opts.only.as_deref() != Some("vdpa-blk") {
         match qsd_bin() {
-            Ok(b) => servers.push(BlkServerKind::Qsd(b)),
+            Ok(b) => servers.push(server("qsd", BlkServerKind::Qsd(b), Vec::new())),
             Err(e) => {
                 eprintln!("qemu-storage-daemon: {e}");
                 return ExitCode::FAILURE;
@@ -260,11 +301,29 @@ fn main() -> ExitCode {
             || std::env::var_os("IOASIS_VDPA_BLK_BIN").is_some();
         if wanted {
             match vdpa_blk_bin() {
-                Ok(b) => servers.push(BlkServerKind::VdpaBlk(b)),
+                Ok(b) => {
+                    servers.push(server(
+                        "vdpa-blk",
+                        BlkServerKind::VdpaBlk(b.clone()),
+                        opts.vdpa_args.clone(),
+                    ));
+                    for (name, args) in &opts.variants {
+                        let mut all = opts.vdpa_args.clone();
+                        all.extend(args.iter().cloned());
+                        servers.push(server(name, BlkServerKind::VdpaBlk(b.clone()), all));
+                    }
+                }
                 Err(e) => {
                     eprintln!("vdpa-blk: {e}");
                     return ExitCode::FAILURE;
                 }
+            }
+            if let Some(b) = &opts.compare_bin {
+                servers.push(server(
+                    &opts.compare_name,
+                    BlkServerKind::VdpaBlk(b.clone()),
+                    opts.vdpa_args.clone(),
+                ));
             }
         } else {
             println!("note: no vdpa-blk in this workspace: measuring qemu-storage-daemon only");
@@ -281,7 +340,11 @@ fn main() -> ExitCode {
         opts.size_mib,
         servers
             .iter()
-            .map(|s| s.name())
+            .map(|s| if s.args.is_empty() {
+                s.name.clone()
+            } else {
+                format!("{} ({})", s.name, s.args.join(" "))
+            })
             .collect::<Vec<_>>()
             .join(", ")
     );
@@ -323,8 +386,9 @@ fn main() -> ExitCode {
             let mut order = servers.clone();
             let n = order.len().max(1);
             order.rotate_left(round % n);
-            for kind in &order {
-                let sock = work.join(&format!("{}-{backing}.sock", kind.name()));
+            for srv in &order {
+                let kind = &srv.kind;
+                let sock = work.join(&format!("{}-{backing}.sock", srv.name));
                 let img = if backing == "file" {
                     Image::File(image.clone())
                 } else {
@@ -332,15 +396,15 @@ fn main() -> ExitCode {
                 };
                 let mut export = BlkExport::new(&sock, img).queue_size(qsize);
                 export.qsd_aio = opts.qsd_aio.clone();
-                export.vdpa_args = opts.vdpa_args.clone();
-                let tag = format!("r{round}-{}-{backing}", kind.name());
+                export.vdpa_args = srv.args.clone();
+                let tag = format!("r{round}-{}-{backing}", srv.name);
                 match measure_server(kind, &export, &opts, &plan, work.path(), &tag) {
                     Ok(figs) => {
                         for (op, depth, f, r) in figs {
                             println!(
                                 "round {} {backing:4} {:8} {:9} qd{depth:<3}: {:>9.0} IOPS, p50 {:>7.1} us, p99 {:>7.1} us (issued {} = completed {})",
                                 round + 1,
-                                kind.name(),
+                                srv.name,
                                 op.name(),
                                 f.iops,
                                 f.p50_us,
@@ -351,20 +415,20 @@ fn main() -> ExitCode {
                             results
                                 .entry((backing.clone(), op.name().into(), depth))
                                 .or_default()
-                                .entry(kind.name().into())
+                                .entry(srv.name.clone())
                                 .or_default()
                                 .push(Some(f));
                         }
                     }
                     Err(e) => {
-                        println!("round {} {backing} {}: FAILED: {e}", round + 1, kind.name());
+                        println!("round {} {backing} {}: FAILED: {e}", round + 1, srv.name);
                         failures.push(e);
                         for &op in &ops {
                             for &depth in &depths {
                                 results
                                     .entry((backing.clone(), op.name().into(), depth))
                                     .or_default()
-                                    .entry(kind.name().into())
+                                    .entry(srv.name.clone())
                                     .or_default()
                                     .push(None);
                             }
@@ -392,14 +456,29 @@ fn main() -> ExitCode {
                 median(fig(v, |f| f.p99_us)),
             ));
         }
-        if let (Some(v), Some(q)) = (per.get("vdpa-blk"), per.get("qsd")) {
-            let (r, lo, hi) = ratio(v, q, |f| f.iops);
-            line.push_str(&format!(" | vdpa-blk/qsd {r:.2}x ({lo:.2}-{hi:.2})"));
+        if let Some(q) = per.get("qsd") {
+            for (name, v) in per.iter().filter(|(n, _)| *n != "qsd") {
+                let (r, lo, hi) = ratio(v, q, |f| f.iops);
+                line.push_str(&format!(" | {name}/qsd {r:.2}x ({lo:.2}-{hi:.2})"));
+            }
+        }
+        if let Some(m) = per.get("vdpa-blk") {
+            for (name, v) in per.iter().filter(|(n, _)| *n != "qsd" && *n != "vdpa-blk") {
+                let (r, lo, hi) = ratio(v, m, |f| f.iops);
+                line.push_str(&format!(" | {name}/vdpa-blk {r:.2}x ({lo:.2}-{hi:.2})"));
+            }
         }
         println!("{line}");
     }
-    if servers.len() == 2 {
-        println!("\ntargets:");
+    if servers.iter().any(|s| s.name == "qsd") && servers.iter().any(|s| s.name == "vdpa-blk") {
+        println!(
+            "\ntargets (vdpa-blk as started{}):",
+            if opts.vdpa_args.is_empty() {
+                ", the default mode".to_string()
+            } else {
+                format!(" with {}", opts.vdpa_args.join(" "))
+            }
+        );
         for op in ops.iter().map(|o| o.name()) {
             let get = |b: &str, d: u16| results.get(&(b.to_string(), op.to_string(), d));
             if let Some(per) = get("file", 32) {
