@@ -78,19 +78,25 @@ impl<'a> Queue<'a> {
         step: &mut impl FnMut(&mut Queue<'a>, &mut Chain) -> Result<Flow>,
     ) -> Result<Flow> {
         let mut flow = Flow::Continue;
+        let mut signalled = false;
         while self.pop(chain)? {
             if step(self, chain)? == Flow::Stop {
                 flow = Flow::Stop;
                 break;
             }
             if self.vring.num_added > 0 {
-                // Each completion is published, and signalled if the
-                // driver asked to be, before the next chain is popped:
-                // a driver that is awake reaps and refills while the
-                // device goes on, rather than both taking turns over
-                // whole batches. A busy driver with EVENT_IDX asks for
-                // no signal until it re-arms, so this costs it none.
-                self.notify()?;
+                // Each completion is published before the next chain is
+                // popped, and the first of the pass is signalled (if the
+                // driver asked to be): a driver that wakes reaps and
+                // refills while the device goes on, rather than both
+                // taking turns over whole batches. The rest of the pass is
+                // signalled once at its end.
+                if signalled {
+                    self.publish_used();
+                } else {
+                    self.notify()?;
+                    signalled = true;
+                }
             }
         }
         if self.dirty || self.vring.num_added > 0 {
