@@ -136,6 +136,8 @@ pub struct BlkFrontend {
     /// The block of the next request, when [`request`](Self::request) chose it.
     rng_override: Option<u64>,
     always_kick: bool,
+    /// The used flags read after the last publish, and whether it kicked.
+    last_kick: std::cell::Cell<(u16, bool)>,
 }
 
 impl std::fmt::Debug for BlkFrontend {
@@ -255,6 +257,7 @@ impl BlkFrontend {
             rng: 0x853c_49e6_748f_ea9b,
             rng_override: None,
             always_kick: false,
+            last_kick: std::cell::Cell::new((0, false)),
         })
     }
 
@@ -321,7 +324,9 @@ impl BlkFrontend {
     fn publish_and_kick(&self) -> Res<()> {
         self.ring.publish().map_err(ctx("publish"))?;
         let flags = self.ring.used_flags().map_err(ctx("used flags"))?;
-        if self.always_kick || flags & VRING_USED_F_NO_NOTIFY == 0 {
+        let kick = self.always_kick || flags & VRING_USED_F_NO_NOTIFY == 0;
+        self.last_kick.set((flags, kick));
+        if kick {
             self.kick.write(1).map_err(ctx("kick"))?;
         }
         Ok(())
@@ -455,8 +460,16 @@ impl BlkFrontend {
             let now = Instant::now();
             if now >= hard_end {
                 return Err(format!(
-                    "{} requests still in flight {drain_timeout:?} after the end: issued {issued}, completed {completed}",
-                    in_flight
+                    "{} requests still in flight {drain_timeout:?} after the end: issued {issued}, \
+                     completed {completed}; avail index {}, used index {}, used flags {:#x} \
+                     (a device that sleeps with VRING_USED_F_NO_NOTIFY set misses the kick); \
+                     after the last publish the flags were {:#x} and the driver {}",
+                    in_flight,
+                    self.ring.avail_idx(),
+                    self.used_idx().unwrap_or(0),
+                    self.ring.used_flags().unwrap_or(0xffff),
+                    self.last_kick.get().0,
+                    if self.last_kick.get().1 { "kicked" } else { "did not kick" },
                 ));
             }
             if !ended && now >= window_end {

@@ -9,6 +9,12 @@
 //! to the logical block size (the kernel refuses those with `EINVAL`): the
 //! two are coherent, direct I/O writes back and invalidates the page cache
 //! range it covers.
+//!
+//! A file on a memory file system (tmpfs, ramfs, hugetlbfs) is
+//! [`in_memory`](Backing::in_memory): its I/O never waits for a device, but
+//! those file systems offer no non-blocking I/O (`RWF_NOWAIT` is refused),
+//! so io_uring would hand every request to one of its kernel worker
+//! threads. The worker reads and writes such a file itself instead.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
@@ -89,6 +95,8 @@ enum Store {
         /// With `O_DIRECT`: a buffered descriptor for unaligned requests.
         buffered: Option<File>,
         block_device: bool,
+        /// On a memory file system.
+        in_memory: bool,
     },
     Null,
 }
@@ -156,12 +164,14 @@ impl Backing {
             Some(d) => (d, Some(buffered)),
             None => (buffered, None),
         };
+        let in_memory = !block_device && on_memory_fs(&file);
         Ok(Backing {
             store: Store::File {
                 path: path.clone(),
                 file,
                 buffered,
                 block_device,
+                in_memory,
             },
             size: size - size % 512,
             blk_size,
@@ -211,6 +221,18 @@ impl Backing {
         )
     }
 
+    /// A file on a memory file system (tmpfs, ramfs, hugetlbfs): its reads
+    /// and writes never wait for a device (see the module docs).
+    pub fn in_memory(&self) -> bool {
+        matches!(
+            self.store,
+            Store::File {
+                in_memory: true,
+                ..
+            }
+        )
+    }
+
     /// The descriptor for a request whose buffers are `aligned` (to the
     /// logical block size); `None` for the null disk.
     pub fn fd(&self, aligned: bool) -> Option<RawFd> {
@@ -254,6 +276,18 @@ impl Backing {
             ),
         }
     }
+}
+
+/// True if `file` lives on tmpfs, ramfs or hugetlbfs (false if that
+/// cannot be told).
+fn on_memory_fs(file: &File) -> bool {
+    use nix::sys::statfs::{fstatfs, FsType, HUGETLBFS_MAGIC, TMPFS_MAGIC};
+    // Neither nix nor libc names ramfs (linux/magic.h: RAMFS_MAGIC).
+    const RAMFS_MAGIC: FsType = FsType(0x8584_58f6);
+    fstatfs(file).is_ok_and(|s| {
+        let t = s.filesystem_type();
+        t == TMPFS_MAGIC || t == RAMFS_MAGIC || t == HUGETLBFS_MAGIC
+    })
 }
 
 fn open(path: &Path, read_only: bool, direct: bool) -> std::io::Result<File> {

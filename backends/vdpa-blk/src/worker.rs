@@ -9,7 +9,7 @@
 //! slots are full (or an unmap waits for this worker's I/O) the worker
 //! stops popping and serves the queue again as completions free slots.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -318,6 +318,10 @@ impl BlkWorker {
         if self.ring.is_none() {
             return self.null(q, chain, &mut cur, status_off, op, st);
         }
+        if self.backing.in_memory() && matches!(op, Op::Read { .. } | Op::Write { .. }) {
+            let hdr_len = cur.read_offset();
+            return self.in_memory(q, chain, hdr_len, status_off, op);
+        }
         let n_ops = match op {
             Op::Discard { .. } | Op::WriteZeroes { .. } => ranges.len(),
             _ => 1,
@@ -546,6 +550,69 @@ impl BlkWorker {
         q.add_used(chain.head(), used_len)?;
         count_done(self.stats.queue(usize::from(q.index())), status);
         Ok(Flow::Continue)
+    }
+
+    /// A read or write of a file on a memory file system, done here with
+    /// `preadv`/`pwritev` on the guest's buffers as translated in this
+    /// access section (see [`Backing::in_memory`]): it never waits for a
+    /// device, and io_uring would hand it to a kernel worker thread.
+    fn in_memory(
+        &mut self,
+        q: &mut Queue<'_>,
+        chain: &mut Chain,
+        hdr_len: u64,
+        status_off: u64,
+        op: Op,
+    ) -> ioasis::queue::Result<Flow> {
+        let index = q.index();
+        let head = chain.head();
+        let (part, at, offset, len, write) = match op {
+            Op::Read { offset, len } => (Part::Writable, 0, offset, len, false),
+            Op::Write { offset, len } => (Part::Readable, hdr_len, offset, len, true),
+            _ => return self.answer(q, chain, status_off, VIRTIO_BLK_S_IOERR, 1),
+        };
+        let mut iov = Vec::with_capacity(4);
+        let covered = q.iovecs(chain, part, at, len, &mut iov)?;
+        let fd = self.backing.fd(false).unwrap_or(-1);
+        let stats = self.stats.clone();
+        let st = stats.queue(usize::from(index));
+        let status = if covered < len || iov.len() > IOV_MAX {
+            st.malformed.fetch_add(1, Relaxed);
+            log_limited!(
+                Level::Warn,
+                "queue {index}: request {head}: {} buffer fragments covering {covered} of {len} bytes; failed",
+                iov.len()
+            );
+            VIRTIO_BLK_S_IOERR
+        } else {
+            match rw_all(fd, &mut iov, offset, write) {
+                Ok(n) if n == len => VIRTIO_BLK_S_OK,
+                Ok(n) => {
+                    log_limited!(
+                        Level::Error,
+                        "queue {index}: request {head}: {} of {len} bytes at {offset} done; failed",
+                        n
+                    );
+                    VIRTIO_BLK_S_IOERR
+                }
+                Err(e) => {
+                    log_limited!(
+                        Level::Error,
+                        "queue {index}: request {head}: {} at {offset}: {e}",
+                        if write { "pwritev" } else { "preadv" }
+                    );
+                    VIRTIO_BLK_S_IOERR
+                }
+            }
+        };
+        if status == VIRTIO_BLK_S_OK {
+            count_succeeded(st, op);
+        }
+        let used = match op {
+            Op::Read { len, .. } if status == VIRTIO_BLK_S_OK => len as u32 + 1,
+            _ => 1,
+        };
+        self.answer(q, chain, status_off, status, used)
     }
 
     /// The null disk: every request succeeds at once; reads return zeroes.
@@ -897,6 +964,13 @@ impl Worker for BlkWorker {
             if std::mem::take(&mut self.polling) {
                 // Kicks back on, and the ring checked once more after.
                 self.serve_all(queues, Serve::Rearm)?;
+                if self.starved != 0 && self.in_flight() == 0 {
+                    // The re-check found chains the pass could not take
+                    // (a driver that adds one per completion outruns the
+                    // pass's bound): the driver may not kick for them, so
+                    // serve again rather than sleep.
+                    return Ok(Idle::Poll);
+                }
             }
             return Ok(Idle::Sleep);
         }
@@ -991,4 +1065,63 @@ fn count_done(st: &QueueStats, status: u8) {
     if status != VIRTIO_BLK_S_OK {
         st.errors.fetch_add(1, Relaxed);
     }
+}
+
+/// Reads (or writes, if `write`) the whole of `iov` at `offset` of `fd`,
+/// going on after short transfers (at most a few rounds: a file on a
+/// memory file system transfers all at once but for a signal); returns the
+/// bytes done, short only at the end of the file. `iov` is consumed.
+///
+/// Raw `preadv`/`pwritev` rather than nix's: the buffers are guest memory
+/// the framework translated, which Rust slices must not alias.
+fn rw_all(fd: RawFd, iov: &mut [libc::iovec], offset: u64, write: bool) -> std::io::Result<u64> {
+    let mut done = 0u64;
+    let mut first = 0;
+    for _ in 0..16 {
+        let rest = &iov[first..];
+        if rest.is_empty() {
+            break;
+        }
+        let at = i64::try_from(offset + done).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+        let count =
+            libc::c_int::try_from(rest.len()).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+        // SAFETY: every iovec points at guest memory the framework
+        // translated in the caller's access section, with the access the
+        // direction needs (writable for a read into it), and stays valid
+        // until that section ends, after this call; the kernel checks the
+        // ranges. `rest` outlives the call.
+        let n = unsafe {
+            if write {
+                libc::pwritev(fd, rest.as_ptr(), count, at)
+            } else {
+                libc::preadv(fd, rest.as_ptr(), count, at)
+            }
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            break;
+        }
+        let mut n = n as usize;
+        done += n as u64;
+        while n > 0 && first < iov.len() {
+            let v = &mut iov[first];
+            if n >= v.iov_len {
+                n -= v.iov_len;
+                first += 1;
+            } else {
+                // SAFETY: `n` < the iovec's length: the base stays inside
+                // the same buffer.
+                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+                v.iov_len -= n;
+                n = 0;
+            }
+        }
+    }
+    Ok(done)
 }
