@@ -2,7 +2,8 @@
 //! ([`ioasis_integration::blk_frontend`], the block benchmark's load
 //! generator) request by request: what it writes reads back and lands in
 //! the image; a disk served read-only fails writes at the device (not only
-//! in a guest's block layer) and its image stays as it was.
+//! in a guest's block layer) and its image stays as it was; a driver that
+//! resubmits every request as soon as it completes gets every one back.
 //!
 //! The server is vdpa-blk when the workspace has it, qemu-storage-daemon
 //! otherwise ([`ioasis_integration::blk_server::test_server`]).
@@ -72,6 +73,63 @@ fn test_written_block_reads_back_and_lands_in_image() {
         after == expected,
         "the image holds the written block and nothing else changed"
     );
+}
+
+/// A driver that puts each request back the moment it completes (depth 1
+/// on a 4-entry ring, then depth 4), for a second each, against the
+/// server as users start it (vdpa-blk polls adaptively after work): every
+/// request issued is completed, none is left waiting for a kick the
+/// driver was told not to send. Runs on the null disk and on a file.
+///
+/// Shown to fail when a worker sleeps right after re-arming the kicks
+/// although its last pass left chains (`RUSTFLAGS='--cfg
+/// ioasis_broken="sleepstarved"' cargo test -p ioasis-integration --test
+/// blk_device back_to_back`: "1 requests still in flight", within a few
+/// hundred requests).
+#[test]
+fn test_back_to_back_requests_are_all_completed() {
+    let test = "test_back_to_back_requests_are_all_completed";
+    let Some(kind) = ready(test, test_server()) else {
+        return;
+    };
+    let dir = WorkDir::new("blk-dev-b2b").or_panic("workdir");
+    let img = dir.join("disk.img");
+    let bytes = 64 * IO_SIZE;
+    fs::write(&img, vec![0u8; bytes]).unwrap_or_else(|e| panic!("write the image: {e}"));
+    for (name, image) in [
+        ("null", Image::Null(bytes as u64)),
+        ("file", Image::File(img)),
+    ] {
+        let sock = dir.join(&format!("{name}.sock"));
+        let mut server = BlkServer::spawn(
+            &kind,
+            &BlkExport::new(&sock, image),
+            dir.path(),
+            name,
+        )
+        .or_panic("start the server");
+        for depth in [1u16, 4] {
+            let mut fe = BlkFrontend::connect(&sock, depth, bytes as u64)
+                .unwrap_or_else(|e| panic!("{e}\n{}", server.log_tail()));
+            let r = fe
+                .run(
+                    Op::RandRead,
+                    depth,
+                    Duration::ZERO,
+                    Duration::from_secs(1),
+                    Duration::from_secs(5),
+                )
+                .unwrap_or_else(|e| {
+                    panic!("{name} disk, depth {depth}: {e}\n{}", server.log_tail())
+                });
+            assert_eq!(r.issued, r.completed, "{name} disk, depth {depth}");
+            assert!(
+                r.completed > 0,
+                "{name} disk, depth {depth}: nothing completed"
+            );
+        }
+        server.stop(Duration::from_secs(10));
+    }
 }
 
 /// A read-only disk: a write fails at the device (a status other than OK),
