@@ -76,16 +76,18 @@ fn test_written_block_reads_back_and_lands_in_image() {
 }
 
 /// A driver that puts each request back the moment it completes (depth 1
-/// on a 4-entry ring, then depth 4), for a second each, against the
+/// on a 4-entry ring four times, then depth 4), half a second each, against the
 /// server as users start it (vdpa-blk polls adaptively after work): every
 /// request issued is completed, none is left waiting for a kick the
 /// driver was told not to send. Runs on the null disk and on a file.
 ///
 /// Shown to fail when a worker sleeps right after re-arming the kicks
 /// although its last pass left chains (`RUSTFLAGS='--cfg
-/// ioasis_broken="sleepstarved"' cargo test -p ioasis-integration --test
-/// blk_device back_to_back`: "1 requests still in flight", within a few
-/// hundred requests).
+/// ioasis_broken="sleepstarved"' cargo build --release -p vdpa-blk` into
+/// another target directory, then this test with `IOASIS_VDPA_BLK_BIN`
+/// pointing at that binary): 3 runs out of 3 failed on the null disk at
+/// depth 1, "1 requests still in flight", after 78 to 16 719 requests; the
+/// fixed build passed 3 out of 3.
 #[test]
 fn test_back_to_back_requests_are_all_completed() {
     let test = "test_back_to_back_requests_are_all_completed";
@@ -101,14 +103,11 @@ fn test_back_to_back_requests_are_all_completed() {
         ("file", Image::File(img)),
     ] {
         let sock = dir.join(&format!("{name}.sock"));
-        let mut server = BlkServer::spawn(
-            &kind,
-            &BlkExport::new(&sock, image),
-            dir.path(),
-            name,
-        )
-        .or_panic("start the server");
-        for depth in [1u16, 4] {
+        let mut server = BlkServer::spawn(&kind, &BlkExport::new(&sock, image), dir.path(), name)
+            .or_panic("start the server");
+        // A fresh connection starts the worker's polling window at 0: the
+        // runs at depth 1 go through its opening several times.
+        for depth in [1u16, 1, 1, 1, 4] {
             let mut fe = BlkFrontend::connect(&sock, depth, bytes as u64)
                 .unwrap_or_else(|e| panic!("{e}\n{}", server.log_tail()));
             let r = fe
@@ -116,7 +115,7 @@ fn test_back_to_back_requests_are_all_completed() {
                     Op::RandRead,
                     depth,
                     Duration::ZERO,
-                    Duration::from_secs(1),
+                    Duration::from_millis(500),
                     Duration::from_secs(5),
                 )
                 .unwrap_or_else(|e| {
