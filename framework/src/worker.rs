@@ -61,6 +61,16 @@ use crate::transport::{MissReport, Transport};
 const CTL_TOKEN: u64 = 1 << 62;
 /// Poll interval while a miss could not be sent yet.
 const RETRY: Duration = Duration::from_millis(10);
+/// How long a reported miss counts as asked for: a queue that parks on a
+/// page reported this recently (ahead of its chain) waits for the update
+/// on its way rather than asking again. Shorter than [`RETRY`], so the
+/// retry that follows asks again if no update came.
+const ASKED_FOR: Duration = Duration::from_millis(5);
+/// The granule of [`ASKED_FOR`]'s bookkeeping (a frontend answers a miss
+/// with at least the page around it).
+const ASKED_PAGE: u64 = 4096;
+/// Most pages remembered as asked for.
+const ASKED_MAX: usize = 64;
 /// Events handled per epoll_wait.
 const MAX_EVENTS: usize = 64;
 /// Most worker calls in one final pass of a queue (each consumes at least one
@@ -84,6 +94,11 @@ pub(crate) struct ConnShared {
     pub needs_reset: AtomicBool,
     /// The features the driver acknowledged (what [`WorkerContext`] says).
     pub features: AtomicU64,
+    /// Bumped by the transport before it unmaps anything from the address
+    /// space (sequentially consistent): a worker that misses an address
+    /// and then reads it sees the removal that unmapped it. Workers forget
+    /// the misses they reported when it changes ([`Runner::report`]).
+    pub removals: Arc<AtomicU64>,
     /// The running worker threads' controls.
     workers: Mutex<Vec<Arc<Ctl>>>,
 }
@@ -97,6 +112,7 @@ impl ConnShared {
             transport,
             needs_reset: AtomicBool::new(false),
             features: AtomicU64::new(0),
+            removals: Arc::default(),
             workers: Mutex::new(Vec::new()),
         }
     }
@@ -273,6 +289,8 @@ impl WorkerSet {
                 kicks: Vec::new(),
                 kicks_seen: None,
                 pending_report: false,
+                asked: Vec::with_capacity(ASKED_MAX),
+                asked_removals: 0,
                 errors: 0,
             };
             let handle = std::thread::Builder::new()
@@ -391,6 +409,11 @@ struct Runner {
     /// Each ring's `(started, kick_gen)` when `kicks` was last built.
     kicks_seen: Option<Vec<(bool, u64)>>,
     pending_report: bool,
+    /// Pages whose misses this thread reported lately, and when (see
+    /// [`Runner::report`]).
+    asked: Vec<(u64, Instant)>,
+    /// [`ConnShared::removals`] when `asked` was last checked.
+    asked_removals: u64,
     /// Errors returned by the worker (logged at powers of two).
     errors: u64,
 }
@@ -400,6 +423,15 @@ fn lock(m: &Mutex<Vring>) -> std::sync::MutexGuard<'_, Vring> {
         Ok(g) => g,
         Err(p) => p.into_inner(),
     }
+}
+
+/// Remembers in `asked` that the page of `iova` was asked for at `now`
+/// (the oldest entry makes room).
+fn note_asked(asked: &mut Vec<(u64, Instant)>, iova: u64, now: Instant) {
+    if asked.len() >= ASKED_MAX {
+        asked.remove(0);
+    }
+    asked.push((iova & !(ASKED_PAGE - 1), now));
 }
 
 /// Watches `fd` (an eventfd offering only `AsRawFd`) for input under `token`.
@@ -758,7 +790,16 @@ impl Runner {
         }
     }
 
-    /// Reports unreported misses of parked queues.
+    /// Reports unreported misses of parked queues, and the misses their
+    /// queue layer found in the chains behind ([`Vring::ahead`]), so that
+    /// the frontend answers them one after another (QEMU reads a miss,
+    /// sends its update and waits for the reply before the next: with the
+    /// next misses already queued it goes on at once instead of waiting for
+    /// this thread's round trip). Each page is asked for once
+    /// ([`ASKED_FOR`]): a queue that parks on a page reported ahead waits
+    /// for the update on its way. What was asked is forgotten when anything
+    /// is unmapped ([`ConnShared::removals`]): an update that came and was
+    /// invalidated since is asked for again.
     fn report(&mut self) {
         self.pending_report = false;
         let iotlb = self.shared.iotlb_mode.load(Ordering::SeqCst);
@@ -780,11 +821,55 @@ impl Runner {
                 v.parked = Some(p);
                 continue;
             }
-            match self.shared.transport.report_miss(*index, p.iova, p.access) {
-                MissReport::Done => p.reported = true,
-                MissReport::Retry => self.pending_report = true,
+            let now = Instant::now();
+            // A page answered and then unmapped again (the driver reusing
+            // an I/O address) must be asked for again, at once.
+            let removals = self.shared.removals.load(Ordering::SeqCst);
+            if removals != self.asked_removals {
+                self.asked.clear();
+                self.asked_removals = removals;
+            }
+            self.asked
+                .retain(|&(_, at)| now.saturating_duration_since(at) < ASKED_FOR);
+            if self
+                .asked
+                .iter()
+                .any(|&(page, _)| page == p.iova & !(ASKED_PAGE - 1))
+            {
+                // Reported ahead of this chain a moment ago: its update is
+                // on its way and resumes the queue. Not asked again unless
+                // it takes longer than `ASKED_FOR` (the retry then reports
+                // it).
+                self.pending_report = true;
+            } else {
+                match self.shared.transport.report_miss(*index, p.iova, p.access) {
+                    MissReport::Done => {
+                        p.reported = true;
+                        note_asked(&mut self.asked, p.iova, now);
+                    }
+                    MissReport::Retry => self.pending_report = true,
+                }
             }
             v.parked = Some(p);
+            // The chains behind it: their misses are reported now, so that
+            // the frontend answers them back to back.
+            let ahead = std::mem::take(&mut v.ahead);
+            for &(iova, access) in &ahead {
+                if self
+                    .asked
+                    .iter()
+                    .any(|&(page, _)| page == iova & !(ASKED_PAGE - 1))
+                {
+                    continue;
+                }
+                match self.shared.transport.report_miss(*index, iova, access) {
+                    MissReport::Done => note_asked(&mut self.asked, iova, now),
+                    // Asked again when its chain misses.
+                    MissReport::Retry => break,
+                }
+            }
+            v.ahead = ahead;
+            v.ahead.clear();
         }
     }
 }

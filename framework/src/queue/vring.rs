@@ -23,6 +23,12 @@ pub(crate) struct Parked {
     pub reported: bool,
 }
 
+/// Most chains behind a parked one whose buffers are checked for misses.
+pub(crate) const LOOK_AHEAD_CHAINS: u16 = 16;
+/// Most misses of the chains behind a parked one kept for the worker to
+/// report.
+pub(crate) const LOOK_AHEAD_MISSES: usize = 16;
+
 /// Per-queue state shared between the connection thread and the worker.
 #[derive(Debug)]
 pub(crate) struct Vring {
@@ -41,6 +47,12 @@ pub(crate) struct Vring {
     pub started: bool,
     /// Waiting for the frontend to map an address.
     pub parked: Option<Parked>,
+    /// When parked: addresses the chains behind the one that missed will
+    /// miss too (one per page, at most [`LOOK_AHEAD_MISSES`]), found when it
+    /// parked, for the worker to report along with the miss (so that the
+    /// frontend answers them one after another instead of one per round trip
+    /// through the worker). Taken by the worker when it reports.
+    pub ahead: Vec<(u64, Access)>,
     /// A non-recoverable error hit this queue; it stays stopped until reset.
     pub broken: bool,
     /// Chains completed with an error status (counted, rate-limited warnings).
@@ -77,6 +89,7 @@ impl Vring {
             enabled: false,
             started: false,
             parked: None,
+            ahead: Vec::new(),
             broken: false,
             errors: 0,
             num_added: 0,

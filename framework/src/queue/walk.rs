@@ -10,7 +10,14 @@ use virtio_queue::{QueueOwnedT, QueueT};
 
 use super::chain::Frag;
 use super::ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use super::vring::{LOOK_AHEAD_CHAINS, LOOK_AHEAD_MISSES};
 use super::{Chain, Desc, Queue, QueueError, Result, Rings};
+
+/// Descriptors of one chain looked at by [`Queue::look_ahead`].
+const LOOK_AHEAD_DESCS: usize = 4;
+/// The granule in which looked-ahead misses are told apart (the frontend
+/// answers a miss with at least the page around it).
+const LOOK_AHEAD_PAGE: u64 = 4096;
 use crate::dma::{Access, DmaError};
 
 impl<'a> Queue<'a> {
@@ -298,7 +305,9 @@ impl<'a> Queue<'a> {
         if let Some(e) = bad {
             if e.is_miss() && self.park_on_miss {
                 // Not consumed: popped again once the frontend maps it.
-                return Err(self.dma_err(e));
+                let err = self.dma_err(e);
+                self.look_ahead(&r, next);
+                return Err(err);
             }
             self.vring.q.set_next_avail(next.wrapping_add(1));
             self.complete_bad(head);
@@ -319,6 +328,69 @@ impl<'a> Queue<'a> {
             queue: self.index,
             head,
         })
+    }
+
+    /// The queue just parked on a miss of the chain at avail slot `missed`:
+    /// records in [`Vring::ahead`](super::Vring) the pages of the next
+    /// available chains' buffers that miss too (at most
+    /// [`LOOK_AHEAD_CHAINS`] chains, direct descriptors only, each page
+    /// once, the parked address's page left out), so that the worker reports
+    /// them with the miss. Only looks: probe translations (no fault, no
+    /// event), nothing consumed; the chains are popped, and miss again if
+    /// still unmapped, when their turn comes. The driver made these chains
+    /// available, so their buffers are its to map.
+    fn look_ahead(&mut self, r: &Rings, missed: u16) {
+        self.vring.ahead.clear();
+        let Some(parked) = self.vring.parked else {
+            return;
+        };
+        let mut pages = [parked.iova & !(LOOK_AHEAD_PAGE - 1); LOOK_AHEAD_MISSES + 1];
+        let mut found = 1;
+        let avail = r.avail_idx();
+        let pending = avail.wrapping_sub(missed);
+        if pending > r.size {
+            // Malformed; the next pop says so.
+            return;
+        }
+        let probe = self.dma.probe();
+        for k in 1..pending.min(LOOK_AHEAD_CHAINS + 1) {
+            let mut idx = r.avail_entry(missed.wrapping_add(k) & (r.size - 1));
+            for _ in 0..LOOK_AHEAD_DESCS {
+                if idx >= r.size {
+                    break;
+                }
+                let d = r.desc(idx);
+                if d.flags & VRING_DESC_F_INDIRECT != 0 {
+                    break;
+                }
+                let access = if d.flags & VRING_DESC_F_WRITE != 0 {
+                    Access::Write
+                } else {
+                    Access::Read
+                };
+                if d.len > 0 {
+                    let miss = probe
+                        .check(d.addr, u64::from(d.len), access)
+                        .err()
+                        .and_then(|e| e.miss_address());
+                    if let Some((iova, access)) = miss {
+                        let page = iova & !(LOOK_AHEAD_PAGE - 1);
+                        if !pages[..found].contains(&page) {
+                            pages[found] = page;
+                            found += 1;
+                            self.vring.ahead.push((iova, access));
+                            if found > LOOK_AHEAD_MISSES {
+                                return;
+                            }
+                        }
+                    }
+                }
+                if d.flags & VRING_DESC_F_NEXT == 0 {
+                    break;
+                }
+                idx = d.next;
+            }
+        }
     }
 
     /// Translates one buffer into host fragments appended to `chain`.
@@ -538,6 +610,57 @@ mod tests {
         });
         assert_eq!(f.driver.used_idx().expect("idx"), 1);
         let _ = &f.ring_mem;
+    }
+
+    /// A miss parks the queue and records the pages of the chains behind
+    /// that miss too, once each, without the parked page, the mapped ones
+    /// or anything consumed.
+    #[test]
+    fn test_miss_looks_ahead_at_the_chains_behind() {
+        let mut f = fixture(false);
+        // The second page is mapped; the others are not.
+        f.iommu
+            .ioas_map(
+                f.ioas,
+                &f.buf_mem,
+                0x1000,
+                0x1000,
+                Some(BUF_IOVA + 0x1000),
+                Perm::RW,
+            )
+            .expect("map");
+        for (off, writable) in [
+            (0x0, false),
+            (0x800, false),
+            (0x1000, false),
+            (0x2010, true),
+            (0x2800, false),
+            (0x3000, false),
+        ] {
+            f.driver
+                .add_chain(&[Buf {
+                    addr: BUF_IOVA + off,
+                    len: 64,
+                    writable,
+                }])
+                .expect("chain");
+        }
+        f.driver.publish().expect("publish");
+        let mut chain = Chain::new();
+        with_queue(&f, |q| {
+            let mut q = q.expect("queue serving");
+            q.pop(&mut chain).expect_err("miss");
+        });
+        let v = f.vrings[0].1.lock().expect("lock");
+        assert_eq!(v.parked.map(|p| p.iova), Some(BUF_IOVA));
+        assert_eq!(
+            v.ahead,
+            vec![
+                (BUF_IOVA + 0x2010, Access::Write),
+                (BUF_IOVA + 0x3000, Access::Read)
+            ]
+        );
+        assert_eq!(v.q.next_avail(), 0, "nothing consumed");
     }
 
     #[test]

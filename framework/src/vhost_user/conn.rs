@@ -153,9 +153,14 @@ impl Connection {
         }
         let max = served.device.max_queue_size();
         let vrings = new_vrings(n, max)?;
-        let space = AddressSpace::new(&served.iommu, served.dev_id, served.rid.clone())?;
         let backend = Arc::new(BackendChannel::default());
         let shared = Arc::new(ConnShared::new(backend.clone()));
+        let space = AddressSpace::new(
+            &served.iommu,
+            served.dev_id,
+            served.rid.clone(),
+            shared.removals.clone(),
+        )?;
         let shared_rings = Arc::new(Mutex::new(vrings.clone()));
         // The frontend's process speaks for this connection (its sessions
         // may take the RID over).

@@ -16,6 +16,7 @@
 //!   rule). A shadow of the updates makes all of that exact.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use iommu_core::{DevId, InvalidationTicket, IoasId, Iommu, Perm};
@@ -58,6 +59,9 @@ pub(crate) struct AddressSpace {
     rid: Arc<RidOwnership>,
     /// Mapped areas: iova -> entry (one IOAS area each).
     areas: BTreeMap<u64, Entry>,
+    /// Bumped before anything is unmapped (shared with the workers, see
+    /// [`AddressSpace::new`]).
+    removals: Arc<AtomicU64>,
 }
 
 fn perm_of(p: u8) -> Perm {
@@ -72,7 +76,16 @@ fn perm_of(p: u8) -> Perm {
 impl AddressSpace {
     /// Allocates an IOAS and attaches the device to it, unless a service
     /// session owns the RID (then the IOAS is attached when it lets go).
-    pub fn new(iommu: &Iommu, dev_id: DevId, rid: Arc<RidOwnership>) -> Result<Self> {
+    /// `removals` is bumped (sequentially consistent) before each unmap of
+    /// the IOAS starts: a worker that finds an address unmapped and then
+    /// reads the count sees every removal that unmapped it (the workers
+    /// forget which misses they reported when it changes).
+    pub fn new(
+        iommu: &Iommu,
+        dev_id: DevId,
+        rid: Arc<RidOwnership>,
+        removals: Arc<AtomicU64>,
+    ) -> Result<Self> {
         let ioas = iommu.ioas_alloc().map_err(|source| Error::Ioas {
             op: "allocate",
             source,
@@ -98,6 +111,7 @@ impl AddressSpace {
             mode: Mode::Table,
             rid,
             areas: BTreeMap::new(),
+            removals,
         })
     }
 
@@ -169,9 +183,15 @@ impl AddressSpace {
     /// translation of it (a worker wedged in a write to the frontend's
     /// eventfd inside its access section is interrupted).
     fn unmap_all(&self) -> iommu_core::Result<u64> {
+        self.removed();
         let (n, t) = self.iommu.ioas_unmap_begin(self.ioas, 0, u64::MAX)?;
         crate::peer_write::wait_ticket(t);
         Ok(n)
+    }
+
+    /// Counts a removal (before it starts).
+    fn removed(&self) {
+        self.removals.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Unmaps everything.
@@ -239,6 +259,9 @@ impl AddressSpace {
     fn unmap_areas(&mut self, areas: &[(u64, u64)]) -> Result<()> {
         let mut tickets: Vec<InvalidationTicket> = Vec::with_capacity(areas.len());
         let mut first_err = None;
+        if !areas.is_empty() {
+            self.removed();
+        }
         for &(iova, len) in areas {
             self.areas.remove(&iova);
             match self.iommu.ioas_unmap_begin(self.ioas, iova, len) {
@@ -345,6 +368,7 @@ impl AddressSpace {
             .unwrap_or(last)
             .min(last);
         let len = hi - lo + 1;
+        self.removed();
         let ticket = match self.iommu.ioas_cut_begin(self.ioas, lo, len) {
             Ok((_, t)) => t,
             Err(source) => {
@@ -466,7 +490,8 @@ mod tests {
         let iommu = Iommu::new();
         let core = iommu_core::IommuDevice::new("t", iommu_core::HwInfo::default());
         let dev_id = iommu.bind(&core).expect("bind");
-        let mut space = AddressSpace::new(&iommu, dev_id, Arc::default()).expect("space");
+        let mut space =
+            AddressSpace::new(&iommu, dev_id, Arc::default(), Arc::default()).expect("space");
         let mem = iommu_core::Memory::anonymous("g", (2 * PAGES * PAGE) as usize).expect("mem");
         // Page i of guest memory holds byte i.
         for i in 0..2 * PAGES {
