@@ -66,7 +66,23 @@ impl Disk {
     }
 
     fn start_with(null: Option<u64>, read_only: bool, queues: u16, iotlb: bool) -> Disk {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(
+            tempfile::tempdir().expect("tempdir"),
+            null,
+            read_only,
+            queues,
+            iotlb,
+        )
+    }
+
+    /// A disk whose image lives in `dir`.
+    fn start_in(
+        dir: tempfile::TempDir,
+        null: Option<u64>,
+        read_only: bool,
+        queues: u16,
+        iotlb: bool,
+    ) -> Disk {
         let image = dir.path().join("disk.img");
         std::fs::write(&image, pattern(0xa5, DISK)).expect("image");
         let spec = match null {
@@ -416,6 +432,56 @@ fn test_iotlb_mode() {
     assert_eq!((r.status, r.data), (VIRTIO_BLK_S_OK, w.clone()));
     assert_eq!(&d.image()[40 * 512..40 * 512 + 8192], &w[..]);
     let _ = &d.raw;
+}
+
+/// An image on tmpfs takes the in-memory path (the worker reads and
+/// writes it itself rather than through io_uring): reads, writes of
+/// several descriptors, reads back and the file, with the memory table and
+/// through IOTLB translation.
+#[test]
+fn test_image_on_tmpfs_takes_the_in_memory_path() {
+    let Some(shm) = ["/dev/shm"]
+        .into_iter()
+        .map(std::path::Path::new)
+        .find(|p| p.is_dir())
+    else {
+        ioasis_test_skip::skip("no /dev/shm: the in-memory path needs a tmpfs");
+        return;
+    };
+    for iotlb in [false, true] {
+        let dir = tempfile::tempdir_in(shm).expect("tempdir on tmpfs");
+        let mut d = Disk::start_in(dir, None, false, 1, iotlb);
+        let backing = Backing::open(&ImageSpec::File(d.image.clone()), true).expect("open");
+        if !backing.in_memory() {
+            ioasis_test_skip::skip("/dev/shm is not a memory file system here");
+            return;
+        }
+        let r = d.request(0, VIRTIO_BLK_T_IN, 16, &[], 8192);
+        assert_eq!(
+            (r.status, r.used_len),
+            (VIRTIO_BLK_S_OK, 8193),
+            "iotlb {iotlb}"
+        );
+        assert_eq!(r.data, pattern(0xa5, DISK)[16 * 512..16 * 512 + 8192]);
+        let w = pattern(9, 12288);
+        let r = d.request(0, VIRTIO_BLK_T_OUT, 100, &w, 0);
+        assert_eq!(
+            (r.status, r.used_len),
+            (VIRTIO_BLK_S_OK, 1),
+            "iotlb {iotlb}"
+        );
+        let r = d.request(0, VIRTIO_BLK_T_IN, 100, &[], 12288);
+        assert_eq!(r.data, w, "iotlb {iotlb}");
+        assert_eq!(&d.image()[100 * 512..100 * 512 + 12288], &w[..]);
+        // The last sector, and one past the end (refused before any I/O).
+        let last = (DISK / 512 - 1) as u64;
+        let r = d.request(0, VIRTIO_BLK_T_IN, last, &[], 512);
+        assert_eq!(r.status, VIRTIO_BLK_S_OK);
+        let r = d.request(0, VIRTIO_BLK_T_IN, last, &[], 1024);
+        assert_eq!(r.status, VIRTIO_BLK_S_IOERR);
+        assert_eq!(d.device.stats().errors(), 1, "the refused read is counted");
+        let _ = &d.raw;
+    }
 }
 
 #[test]
