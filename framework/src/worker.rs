@@ -18,9 +18,11 @@
 //!
 //! A queue that misses a translation is parked by the queue layer; after the
 //! call the thread reports the miss through the transport (when addresses
-//! are IOVAs) and sleeps until the connection thread resumes it through the
-//! control eventfd, once the address space covers the address. Nothing spins
-//! and no popped chain is lost.
+//! are IOVAs), with the misses the queue layer found in the chains behind
+//! it, each page once (so that the driver side answers them back to back,
+//! see [`Runner::report`]), and sleeps until the connection thread resumes
+//! it through the control eventfd, once the address space covers the
+//! address. Nothing spins and no popped chain is lost.
 //!
 //! When the driver stops a ring (vhost-user's GET_VRING_BASE) or disables
 //! it (SET_VRING_ENABLE 0), buffers it already made available count as
