@@ -3,7 +3,20 @@
 //! pages directly (no copy): each chain is deferred ([`Queue::defer`]: its
 //! buffers stay pinned against unmap while the kernel works on them) and
 //! completed when its completion arrives on the ring's eventfd. The null
-//! disk completes every request at once, without I/O.
+//! disk completes every request at once, without I/O, and so does a file on
+//! a memory file system (see [`Backing::in_memory`](crate::backing::Backing::in_memory)):
+//! the worker reads or writes it with `preadv`/`pwritev` on the buffers as
+//! translated in the pass, since io_uring would hand each such request to a
+//! kernel worker thread.
+//!
+//! Completions are published one by one as the pass makes them, the first
+//! of a pass signalled at once ([`Queue::serve`]). After work the worker
+//! polls its queues with the driver's kicks suppressed for a window that
+//! follows the load ([`PollMode`], `--poll-us`), reaping io_uring
+//! completions from the ring as it goes; when the window closes it re-arms
+//! the kicks, checks the ring once more, and sleeps, unless that last pass
+//! left chains (the driver may not kick for them: it added them while kicks
+//! were off).
 //!
 //! At most one ring's worth of requests is in flight per queue; when the
 //! slots are full (or an unmap waits for this worker's I/O) the worker
