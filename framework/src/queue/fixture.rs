@@ -64,7 +64,8 @@ pub(super) fn fixture(map_bufs: bool) -> Fixture {
     }
 }
 
-pub(super) fn with_queue<R>(f: &Fixture, body: impl FnOnce(Option<Queue<'_>>) -> R) -> R {
+/// Runs `body` with the fixture's queues in one access section.
+pub(super) fn with_queues<R>(f: &Fixture, body: impl FnOnce(&mut Queues<'_>) -> R) -> R {
     let mut tr = f.core.translator();
     let section = Section::new(&mut tr, None, false);
     let mut qs = Queues::new(
@@ -74,7 +75,18 @@ pub(super) fn with_queue<R>(f: &Fixture, body: impl FnOnce(Option<Queue<'_>>) ->
         Writer::unattached(),
         &crate::transport::Local,
     );
-    body(qs.get(0))
+    body(&mut qs)
+}
+
+pub(super) fn with_queue<R>(f: &Fixture, body: impl FnOnce(Option<Queue<'_>>) -> R) -> R {
+    with_queues(f, |qs| body(qs.get(0)))
+}
+
+/// Gives queue 0 a call eventfd (the driver's signals land there).
+pub(super) fn set_call(f: &Fixture) -> vmm_sys_util::eventfd::EventFd {
+    let call = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+    f.vrings[0].1.lock().expect("lock").signals.call = Some(call.try_clone().expect("clone"));
+    call
 }
 
 /// Makes `n` one-buffer chains of 16 bytes at `BUF_IOVA` available.

@@ -106,18 +106,11 @@ impl<'a> Queue<'a> {
 
 #[cfg(test)]
 mod tests {
-    use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
     use crate::queue::fixture::*;
     use crate::queue::Chain;
     use crate::testing::Buf;
-
-    fn set_call(f: &Fixture) -> EventFd {
-        let call = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-        f.vrings[0].1.lock().expect("lock").signals.call = Some(call.try_clone().expect("clone"));
-        call
-    }
 
     fn avail_flags(f: &Fixture, flags: u16) {
         let off = usize::try_from(f.driver.avail_addr() - RING_IOVA).expect("offset");

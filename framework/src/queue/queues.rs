@@ -272,7 +272,6 @@ impl<'a> Queue<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dma::Section;
     use crate::queue::fixture::*;
     use crate::queue::Chain;
 
@@ -280,40 +279,33 @@ mod tests {
     fn test_ring_translation_follows_a_moved_used_ring() {
         let mut f = fixture(true);
         offer(&mut f, 1, true);
-        let mut tr = f.core.translator();
-        let section = Section::new(&mut tr, None, false);
-        let mut qs = Queues::new(
-            &f.vrings,
-            Dma::from_section(&section),
-            true,
-            Writer::unattached(),
-            &crate::transport::Local,
-        );
-        drop(qs.get(0).expect("queue serving"));
-        // The frontend moves the used ring (SET_VRING_ADDR) between two gets
-        // of one section: the second must not use the first's translation.
-        f.vrings[0]
-            .1
-            .lock()
-            .expect("lock")
-            .q
-            .try_set_used_ring_address(vm_memory::GuestAddress(RING_IOVA + 0x2000))
-            .expect("used");
-        {
-            let mut q = qs.get(0).expect("queue serving");
-            let mut chain = Chain::new();
-            assert!(q.pop(&mut chain).expect("pop"));
-            q.add_used(chain.head(), 7).expect("used");
-            q.publish_used();
-        }
-        let mut moved = [0u8; 12];
-        f.ring_mem.read_at(0x2000, &mut moved).expect("read");
-        assert_eq!(u16::from_le_bytes([moved[2], moved[3]]), 1, "new used idx");
-        assert_eq!(
-            u32::from_le_bytes([moved[8], moved[9], moved[10], moved[11]]),
-            7
-        );
-        assert_eq!(f.driver.used_idx().expect("idx"), 0, "old ring untouched");
+        with_queues(&f, |qs| {
+            drop(qs.get(0).expect("queue serving"));
+            // The frontend moves the used ring (SET_VRING_ADDR) between two gets
+            // of one section: the second must not use the first's translation.
+            f.vrings[0]
+                .1
+                .lock()
+                .expect("lock")
+                .q
+                .try_set_used_ring_address(vm_memory::GuestAddress(RING_IOVA + 0x2000))
+                .expect("used");
+            {
+                let mut q = qs.get(0).expect("queue serving");
+                let mut chain = Chain::new();
+                assert!(q.pop(&mut chain).expect("pop"));
+                q.add_used(chain.head(), 7).expect("used");
+                q.publish_used();
+            }
+            let mut moved = [0u8; 12];
+            f.ring_mem.read_at(0x2000, &mut moved).expect("read");
+            assert_eq!(u16::from_le_bytes([moved[2], moved[3]]), 1, "new used idx");
+            assert_eq!(
+                u32::from_le_bytes([moved[8], moved[9], moved[10], moved[11]]),
+                7
+            );
+            assert_eq!(f.driver.used_idx().expect("idx"), 0, "old ring untouched");
+        });
     }
 
     /// A device that finished deferred I/O asks once whether the queue
@@ -332,28 +324,21 @@ mod tests {
             .q
             .try_set_used_ring_address(vm_memory::GuestAddress(BUF_IOVA + 0x10_0000))
             .expect("used");
-        let mut tr = f.core.translator();
-        let section = Section::new(&mut tr, None, false);
-        let mut qs = Queues::new(
-            &f.vrings,
-            Dma::from_section(&section),
-            true,
-            Writer::unattached(),
-            &crate::transport::Local,
-        );
-        assert!(matches!(qs.lookup(0), Lookup::Parked), "a miss parks");
-        assert!(matches!(qs.lookup(0), Lookup::Parked), "still parked");
-        let used = f.driver.used_addr();
-        {
-            let mut v = f.vrings[0].1.lock().expect("lock");
-            // What the connection thread does on the frontend's answer.
-            v.parked = None;
-            v.q.try_set_used_ring_address(vm_memory::GuestAddress(used))
-                .expect("used");
-        }
-        assert!(matches!(qs.lookup(0), Lookup::Ready(_)), "resumed");
-        f.vrings[0].1.lock().expect("lock").started = false;
-        assert!(matches!(qs.lookup(0), Lookup::Stopped), "stopped");
-        assert!(matches!(qs.lookup(9), Lookup::Stopped), "not this thread's");
+        with_queues(&f, |qs| {
+            assert!(matches!(qs.lookup(0), Lookup::Parked), "a miss parks");
+            assert!(matches!(qs.lookup(0), Lookup::Parked), "still parked");
+            let used = f.driver.used_addr();
+            {
+                let mut v = f.vrings[0].1.lock().expect("lock");
+                // What the connection thread does on the frontend's answer.
+                v.parked = None;
+                v.q.try_set_used_ring_address(vm_memory::GuestAddress(used))
+                    .expect("used");
+            }
+            assert!(matches!(qs.lookup(0), Lookup::Ready(_)), "resumed");
+            f.vrings[0].1.lock().expect("lock").started = false;
+            assert!(matches!(qs.lookup(0), Lookup::Stopped), "stopped");
+            assert!(matches!(qs.lookup(9), Lookup::Stopped), "not this thread's");
+        });
     }
 }

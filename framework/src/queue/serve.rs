@@ -108,16 +108,9 @@ impl<'a> Queue<'a> {
 
 #[cfg(test)]
 mod tests {
-    use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
     use crate::queue::fixture::*;
-
-    fn set_call(f: &Fixture) -> EventFd {
-        let call = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-        f.vrings[0].1.lock().expect("lock").signals.call = Some(call.try_clone().expect("clone"));
-        call
-    }
 
     fn used_flags(f: &Fixture) -> u16 {
         let mut b = [0u8; 2];
