@@ -7,7 +7,7 @@
 #
 # Usage: scripts/model-check.sh [--prove-fail]
 #
-# --prove-fail also builds the two test-only broken variants (dev profile)
+# --prove-fail also builds four test-only broken variants (dev profile)
 # and requires the models to fail there with "UNMAP PROMISE BROKEN":
 #   --cfg ioasis_broken="departed" (target/loom-departed): replace, detach
 #       and unbind no longer record the leaving device's open sections in
@@ -15,6 +15,11 @@
 #   --cfg ioasis_broken="acqrel" (target/loom-acqrel): the active/gen
 #       store-then-load pairs weakened to Release/Acquire; the unmap models
 #       must fail.
+#   --cfg ioasis_broken="unpinned" (target/loom-unpinned): a section's end
+#       ignores access pins; the three pin models must fail.
+#   --cfg ioasis_broken="firstunpin" (target/loom-firstunpin): the first
+#       release of two pins ends the translator's section; the two-pin
+#       model must fail.
 #
 # LOOM_MAX_PREEMPTIONS, when set, replaces every model's own preemption
 # bound (see the test file's docs).
@@ -47,19 +52,21 @@ echo "== loom models passed ($((SECONDS - t0))s)"
 
 [ "$prove_fail" = 1 ] || exit 0
 
-# $1 variant, the rest: the models that must fail in it. Built in the dev
-# profile and run with at most 2 preemptions (LOOM_MAX_PREEMPTIONS, when
-# set, instead): the models find both bugs within that bound, in fewer
-# iterations than an optimised build would save time for.
+# $1 variant, $2 preemption bound, the rest: the models that must fail in
+# it. Built in the dev profile and run with at most $2 preemptions
+# (LOOM_MAX_PREEMPTIONS, when set, instead): the models find each bug
+# within that bound (the pin variants need 3: at 2, unmap_during_pinned_io
+# passes on the unpinned build and unmap_during_two_pins on the firstunpin
+# build), in fewer iterations than an optimised build would save time for.
 must_fail() {
-    local v=$1 out rc m
-    shift
+    local v=$1 bound=$2 out rc m
+    shift 2
     local dir="$base/loom-$v" flags="--cfg ioasis_broken=\"$v\""
     echo "== ioasis_broken=\"$v\" (target/loom-$v): $* must fail"
     models "$dir" "$flags" dev --no-run
     for m in "$@"; do
         rc=0
-        out=$(LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-2}" \
+        out=$(LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-$bound}" \
             models "$dir" "$flags" dev -- --exact "$m" 2>&1) || rc=$?
         if [ "$rc" -eq 0 ] || ! grep -q "UNMAP PROMISE BROKEN" <<<"$out"; then
             echo "$out"
@@ -71,6 +78,9 @@ must_fail() {
     done
 }
 
-must_fail departed replace_during_unmap detach_during_unmap unbind_during_unmap
-must_fail acqrel unmap_one_translator unmap_two_translators
-echo "== the models fail on both broken variants ($((SECONDS - t0))s)"
+must_fail departed 2 replace_during_unmap detach_during_unmap unbind_during_unmap
+must_fail acqrel 2 unmap_one_translator unmap_two_translators
+must_fail unpinned 3 unmap_during_pinned_io unmap_during_two_pins \
+    drain_requested_during_pinned_io
+must_fail firstunpin 3 unmap_during_two_pins
+echo "== the models fail on all four broken variants ($((SECONDS - t0))s)"

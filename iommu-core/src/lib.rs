@@ -139,8 +139,10 @@
 //! see the new `gen` and flush as usual, so new translations are fresh.
 //! A pin covers the whole device, not a range: an unmap of any range waits
 //! for all of the translator's pinned work. (`--cfg
-//! ioasis_broken="unpinned"` makes a section's end ignore pins, for the
-//! tests that show they catch an unmap returning under pinned I/O.)
+//! ioasis_broken="unpinned"` makes a section's end ignore pins, and
+//! `--cfg ioasis_broken="firstunpin"` makes the first release of several
+//! pins end the section, for the tests and loom models that show they
+//! catch an unmap returning under pinned I/O.)
 //!
 //! The blocking forms are `*_begin` plus `wait`. Idle translators cost the
 //! invalidator two atomic operations each and never delay it. A thread must
@@ -178,17 +180,29 @@
 //! | `detach_during_unmap` | a translator; [`Iommu::detach`] | 4 | 12156 |
 //! | `unbind_during_unmap` | a translator; [`Iommu::unbind`] | 4 | 14830 |
 //! | `fault_answer_during_unmap` | a translator that faults on a fault-capable HWPT, waits for the answer outside its section and retries; a responder that maps the page and answers | 4 | 33563 |
+//! | `unmap_during_pinned_io` | a translator that pins ([`AccessSection::pin`]), ends its section, then writes through the pinned host pointer and unpins | any (exhaustive) | 2003 |
+//! | `unmap_during_two_pins` | a translator that pins in two sections, then writes and releases through each pin in turn | any (exhaustive) | 1349 |
+//! | `drain_requested_during_pinned_io` | a pin holder woken by its nudge hook: [`Translator::drain_requested`] is true, it writes and unpins; a pin taken after the unmap returned is not asked to drain | any (exhaustive) | 1430 |
+//!
+//! In the three pin models the write through the pinned pointer (deferred
+//! I/O) lands after the section that translated it ended: only the pin
+//! keeps the unmap from returning before it.
 //!
 //! Run them with `scripts/model-check.sh` (release build in `target/loom`;
-//! the six models' times add up to 14-29 s on the project's 2-core
-//! machine, shared with other builds; two run at a time).
-//! `scripts/model-check.sh --prove-fail` also builds two test-only broken
+//! the nine models' times add up to 10-30 s on the project's 2-core
+//! machine, shared with other builds, the three pin models' to under 1 s;
+//! two run at a time).
+//! `scripts/model-check.sh --prove-fail` also builds four test-only broken
 //! variants and requires the models to fail there: with
 //! `--cfg ioasis_broken="departed"` (a device that leaves an IOAS inside a
 //! section is not recorded in it) the replace, detach and unbind models
 //! fail after 147 to 192 executions; with `--cfg ioasis_broken="acqrel"`
 //! (both store-then-load pairs Release/Acquire) the unmap models fail on
-//! their first execution. `scripts/test.sh` runs both.
+//! their first execution; with `--cfg ioasis_broken="unpinned"` (a
+//! section's end ignores pins) the three pin models fail after 4 to 36
+//! executions; with `--cfg ioasis_broken="firstunpin"` (the first release
+//! of two pins ends the section) the two-pin model fails after 12.
+//! `scripts/test.sh` runs them all.
 //!
 //! Bounds of the model: one device per model (the IOAS's user table is a
 //! hash map, whose order loom could not replay across executions); loom

@@ -29,6 +29,20 @@
 //! | `detach_during_unmap` | a translator (two sections), `detach` |
 //! | `unbind_during_unmap` | a translator (two sections), `unbind` |
 //! | `fault_answer_during_unmap` | a translator whose second access faults on a fault-capable HWPT and waits for the answer outside its section, then retries; a responder that maps the page and answers SUCCESS |
+//! | `unmap_during_pinned_io` | a translator that translates and pins ([`AccessSection::pin`]) in a section, ends it, then writes through the pinned host pointer, unpins, and writes once more in a section of its own |
+//! | `unmap_during_two_pins` | a translator that pins in two sections, then writes through the first pointer, releases the first pin, writes through the second and releases the second |
+//! | `drain_requested_during_pinned_io` | a translator that pins, waits for its nudge hook (the unmapper calls [`InvalidationTicket::nudge`]), checks [`Translator::drain_requested`], writes through the pinned pointer and unpins; after the unmap returned, its new section misses and a new pin is not asked to drain |
+//!
+//! The pin models stand for deferred I/O (an io_uring request into
+//! translated guest buffers, completed after the section that translated
+//! them): the write through the pinned pointer lands outside any
+//! [`AccessSection`], and only the pin keeps the unmap from returning. A
+//! worker whose translation misses (the unmap came first) submits nothing.
+//! In `drain_requested_during_pinned_io` the holder waits (on a loom
+//! condition variable) for its nudge or for the unmap's return, whichever
+//! comes first: the second can only come first when a broken build let
+//! the unmap return under the pin, and then its write lands after the
+//! promise.
 //!
 //! One more model is not about unmaps: `fault_slots_back_before_the_answer`
 //! (a device with a [`FaultBudget`] of 1 and a bound of 1 faults, waits for
@@ -55,9 +69,9 @@
 //!
 //! # Able to fail
 //!
-//! `scripts/model-check.sh --prove-fail` builds both test-only variants
-//! (dev profile, `LOOM_MAX_PREEMPTIONS=2`) and requires the models named
-//! below to fail with "UNMAP PROMISE BROKEN":
+//! `scripts/model-check.sh --prove-fail` builds four test-only variants
+//! (dev profile, `LOOM_MAX_PREEMPTIONS=2`, 3 for the pin variants) and
+//! requires the models named below to fail with "UNMAP PROMISE BROKEN":
 //! - `--cfg ioasis_broken="departed"` (replace, detach and unbind no longer
 //!   record the open sections of the leaving device in the IOAS: the code
 //!   before the fix): `replace_during_unmap` and `detach_during_unmap`
@@ -68,7 +82,18 @@
 //! - `--cfg ioasis_broken="acqrel"` (the `active`/`gen` store-then-load
 //!   pairs weakened to Release/Acquire): both unmap models fail on their
 //!   first execution, each side's load returning the value from before the
-//!   other's store (store buffering); the other four models fail too.
+//!   other's store (store buffering); the other four models fail too;
+//! - `--cfg ioasis_broken="unpinned"` (a section's end ignores access
+//!   pins): `unmap_during_pinned_io` fails after 36 executions,
+//!   `unmap_during_two_pins` after 12, `drain_requested_during_pinned_io`
+//!   after 4 (the pinned write lands after the unmap returned), at 3
+//!   preemptions (`unmap_during_pinned_io` passes at 2, 12 executions);
+//! - `--cfg ioasis_broken="firstunpin"` (the first release of several pins
+//!   ends the translator's section): `unmap_during_two_pins` fails after
+//!   12 executions (the write through the second pointer lands after the
+//!   unmap returned, which waited for the first release only), at 3
+//!   preemptions (it passes at 2, 11 executions); the models with one pin
+//!   pass there, as they must (checked exhaustively).
 //!
 //! The concurrency stress test does not catch the `acqrel` build: it
 //! passed 25 runs of 25 (`tests/stress.rs` as of ebe5b3c, 1 s each;
@@ -92,6 +117,9 @@
 //! | `unbind_during_unmap` | 4 | 14830 | 2.6-5.3 s |
 //! | `fault_answer_during_unmap` | 4 | 33563 | 6.5-13.8 s |
 //! | `fault_slots_back_before_the_answer` | any (exhaustive) | 45 | 0.01 s |
+//! | `unmap_during_pinned_io` | any (exhaustive) | 2003 | 0.28-0.38 s |
+//! | `unmap_during_two_pins` | any (exhaustive) | 1349 | 0.20-0.27 s |
+//! | `drain_requested_during_pinned_io` | any (exhaustive) | 1430 | 0.21-0.32 s |
 //!
 //! At 3 preemptions the four 3-thread models explore 1365 to 3632
 //! executions (under 1 s each), at 5 96152 to 220282 (26-46 s each);
@@ -497,5 +525,180 @@ fn fault_slots_back_before_the_answer() {
         assert_eq!((budget.outstanding(), dev.outstanding_faults()), (1, 1));
         assert_eq!(fq.stats().overflows, 0);
         drop(fq);
+    });
+}
+
+/// Writes `s` through a host pointer translated in an earlier access
+/// section and pinned since: deferred I/O (an io_uring write into guest
+/// memory) completing after its section ended.
+fn write_pinned(f: Fragment, s: [u8; 8]) {
+    assert!(f.len >= s.len(), "the fragment covers the stamp");
+    // SAFETY: `f` was translated from `IOVA`, which maps `Pages::old` at
+    // offset 0; the test keeps that memory mapped (its `Arc<Memory>`) for
+    // every execution, and `f.len` covers the 8 bytes. Whether the write
+    // may still land there (the unmap has not returned) is what the models
+    // check, not whether the memory exists.
+    unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), f.ptr, s.len()) };
+}
+
+/// In `t`'s next access section: translates `IOVA` for a write (without
+/// fault or event) and pins it; `None` once the translator no longer
+/// reaches the old area (the I/O is not submitted then).
+fn pinned_io(t: &mut Translator) -> Option<(Fragment, AccessPin)> {
+    let mut a = t.access();
+    let f = a
+        .translate_contiguous_nofault(None, IOVA, 8, Perm::WRITE)
+        .ok()?;
+    Some((f, a.pin()))
+}
+
+/// A worker thread: one deferred write at `IOVA`, pinned in a section
+/// that ends before the write lands, then released; then a plain write
+/// in a section of its own.
+fn pinned_writer(mut t: Translator, id: u64) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        // The section has ended here; only the pin holds the unmap.
+        if let Some((f, pin)) = pinned_io(&mut t) {
+            write_pinned(f, stamp(id, 1));
+            t.unpin(pin);
+        }
+        let _ = t.write(None, IOVA, &stamp(id, 2));
+    })
+}
+
+/// Deferred I/O: the worker's write through its pinned host pointer
+/// lands after its section ended; the unmap returns only after the
+/// release, so the write never lands after the promise.
+///
+/// Able to fail: with `--cfg ioasis_broken="unpinned"` (a section's end
+/// ignores pins) the unmap returns before the write lands
+/// (`scripts/model-check.sh --prove-fail`).
+#[test]
+fn unmap_during_pinned_io() {
+    check("unmap_during_pinned_io", None, |pages| {
+        let mut s = setup(pages, 1);
+        let promises = Promises::default();
+        let w = pinned_writer(s.translators.remove(0), 1);
+        unmap_and_check(&s, pages, &promises, vec![w]);
+    });
+}
+
+/// Two deferred writes of one translator, pinned in two sections and
+/// released in order, each written just before its own release: the
+/// unmap waits for the second release, not the first (the second write
+/// lands between the two). A section begun while the first pin is held
+/// flushes the cache if the unmap has begun, so its translation misses
+/// and the second write is not submitted.
+///
+/// Able to fail: with `--cfg ioasis_broken="unpinned"`.
+#[test]
+fn unmap_during_two_pins() {
+    check("unmap_during_two_pins", None, |pages| {
+        let mut s = setup(pages, 1);
+        let promises = Promises::default();
+        let mut t = s.translators.remove(0);
+        let w = thread::spawn(move || {
+            let first = pinned_io(&mut t);
+            let second = pinned_io(&mut t);
+            for (n, (f, pin)) in (1..).zip([first, second].into_iter().flatten()) {
+                write_pinned(f, stamp(1, n));
+                t.unpin(pin);
+            }
+        });
+        unmap_and_check(&s, pages, &promises, vec![w]);
+    });
+}
+
+/// What the pin holder of `drain_requested_during_pinned_io` has been
+/// told.
+#[derive(Default)]
+struct Told {
+    /// The unmap's ticket called the translator's nudge hook.
+    nudged: bool,
+    /// The unmap returned.
+    unmapped: bool,
+}
+
+/// A flag set under a loom lock, waited for on its condition variable.
+#[derive(Clone, Default)]
+struct Tell(Arc<(Mutex<Told>, Condvar)>);
+
+impl Tell {
+    fn set(&self, what: impl FnOnce(&mut Told)) {
+        what(&mut self.0 .0.lock().unwrap());
+        self.0 .1.notify_all();
+    }
+    /// Blocks until `until` holds (loom fails the model if it never does:
+    /// a deadlock); returns `(nudged, unmapped)`.
+    fn wait(&self, until: impl Fn(&Told) -> bool) -> (bool, bool) {
+        let mut g = self.0 .0.lock().unwrap();
+        while !until(&g) {
+            g = self.0 .1.wait(g).unwrap();
+        }
+        (g.nudged, g.unmapped)
+    }
+}
+
+/// `Translator::drain_requested`: the unmapper begins the unmap, nudges
+/// the translators it waits for and waits. The pin holder, woken by its
+/// nudge hook, sees `drain_requested()` true, lets its pinned write land
+/// and releases; then the unmap completes. After the unmap returned, a
+/// new section misses at the unmapped `IOVA`, and a pin taken in it is not
+/// asked to drain: nothing waits for it.
+///
+/// The holder waits for the nudge or the unmap's return, whichever comes
+/// first: only a broken protocol lets the unmap return while the pin is
+/// held, and then the pinned write lands after the promise. Able to fail:
+/// with `--cfg ioasis_broken="unpinned"`.
+#[test]
+fn drain_requested_during_pinned_io() {
+    check("drain_requested_during_pinned_io", None, |pages| {
+        let mut s = setup(pages, 1);
+        let promises = Promises::default();
+        let tell = Tell::default();
+        let mut t = s.translators.remove(0);
+        t.set_nudge(Some({
+            let tell = tell.clone();
+            Arc::new(move || tell.set(|w| w.nudged = true))
+        }));
+        let holder = {
+            let tell = tell.clone();
+            thread::spawn(move || {
+                if let Some((f, pin)) = pinned_io(&mut t) {
+                    let (nudged, _) = tell.wait(|w| w.nudged || w.unmapped);
+                    if nudged {
+                        assert!(
+                            t.drain_requested(),
+                            "nudged for an unmap, but drain_requested() is false"
+                        );
+                    }
+                    write_pinned(f, stamp(1, 1));
+                    t.unpin(pin);
+                }
+                tell.wait(|w| w.unmapped);
+                let pin = {
+                    let mut a = t.access();
+                    assert!(
+                        a.translate_contiguous_nofault(None, IOVA, 8, Perm::WRITE)
+                            .is_err(),
+                        "a section after the unmap still reaches the old area"
+                    );
+                    a.pin()
+                };
+                assert!(
+                    !t.drain_requested(),
+                    "a pin taken after the unmap returned is asked to drain"
+                );
+                t.unpin(pin);
+            })
+        };
+        let (n, ticket) = s.iommu.ioas_unmap_begin(s.old, IOVA, LEN).unwrap();
+        assert_eq!(n, LEN);
+        ticket.nudge();
+        ticket.wait();
+        promises.made("the unmap", &pages.old);
+        tell.set(|w| w.unmapped = true);
+        holder.join().unwrap();
+        promises.check(&pages.old);
     });
 }
