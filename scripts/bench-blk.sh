@@ -7,7 +7,7 @@
 # within one run).
 #
 #   scripts/bench-blk.sh [--rounds N] [--secs S] [--warmup-ms MS] [--depth D]... [--op randread|randwrite]... [--backing file|null]... [--size-mib M] [--dir DIR] [--only qsd|vdpa-blk] [--qsd-aio MODE] [--vdpa-arg ARG]...
-#       [--variant NAME=ARGS]... [--compare-bin PATH [--compare-name NAME]]
+#       [--variant NAME=ARGS]... [--compare-bin PATH [--compare-name NAME]] [--idle-secs S]
 #
 # Each round measures, for a raw image file in tmpfs (--dir, default
 # /dev/shm) and for each server's null disk (vdpa-blk null:SIZE,

@@ -33,7 +33,7 @@
 //! Usage: `ioasis-bench-blk [--rounds N] [--secs S] [--warmup-ms MS]
 //! [--depth D]... [--op randread|randwrite]... [--size-mib M] [--dir DIR]
 //! [--backing file|null]... [--only qsd|vdpa-blk] [--qsd-aio MODE]
-//! [--variant NAME=ARGS]... [--compare-bin PATH [--compare-name NAME]]
+//! [--variant NAME=ARGS]... [--compare-bin PATH [--compare-name NAME]] [--idle-secs S]
 //! [--vdpa-arg ARG]... [--always-kick]` (`--always-kick`: kick after every
 //! batch even when the device set `VRING_USED_F_NO_NOTIFY`, to tell a
 //! device's missed re-check from other stalls).
@@ -103,6 +103,12 @@ struct Opts {
     /// The name of `--compare-bin` in the report.
     #[arg(long, default_value = "before")]
     compare_name: String,
+    /// After each server's measurements, keep its frontend connected with
+    /// nothing in flight for S seconds and report the server's CPU over
+    /// that time (from /proc/PID/stat); the run fails if a vdpa-blk used
+    /// 1 % of a CPU or more (0: not measured).
+    #[arg(long, default_value_t = 0.0, value_name = "S")]
+    idle_secs: f64,
     /// Kick after every batch even when the device asks not to
     /// (`VRING_USED_F_NO_NOTIFY`): a diagnostic for stalls.
     #[arg(long)]
@@ -201,7 +207,7 @@ fn measure_server(
     plan: &Plan,
     dir: &Path,
     tag: &str,
-) -> Result<Vec<(Op, u16, Figures, RunResult)>, String> {
+) -> Result<ServerRun, String> {
     let (ops, depths, disk_bytes) = (&plan.ops, &plan.depths, plan.disk_bytes);
     let mut server =
         BlkServer::spawn(kind, export, dir, tag).map_err(|e| format!("start {tag}: {e}"))?;
@@ -241,12 +247,53 @@ fn measure_server(
             out.push((op, depth, f, r));
         }
     }
+    let idle = if opts.idle_secs > 0.0 {
+        // Polling windows close within a millisecond of the last request.
+        std::thread::sleep(Duration::from_millis(500));
+        let pid = server.proc_mut().pid();
+        let before = cpu_seconds(pid).map_err(|e| format!("{tag}: {e}"))?;
+        std::thread::sleep(Duration::from_secs_f64(opts.idle_secs));
+        let after = cpu_seconds(pid).map_err(|e| format!("{tag}: {e}"))?;
+        Some(100.0 * (after - before) / opts.idle_secs)
+    } else {
+        None
+    };
     drop(fe);
     server
         .check_running("the measurement")
         .map_err(|e| format!("{tag}: {e}"))?;
     server.stop(Duration::from_secs(10));
-    Ok(out)
+    Ok(ServerRun { figures: out, idle })
+}
+
+/// What one server's measurements gave: the figures of each operation and
+/// depth, and its CPU while idle (`--idle-secs`), in per cent of a CPU.
+struct ServerRun {
+    figures: Vec<(Op, u16, Figures, RunResult)>,
+    idle: Option<f64>,
+}
+
+/// CPU time (user + system) process `pid` has used, in seconds.
+fn cpu_seconds(pid: u32) -> Result<f64, String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
+    // The fields after the command name, which is in parentheses and may
+    // hold spaces: state is field 3, utime and stime fields 14 and 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| format!("/proc/{pid}/stat: no command name"))?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<f64, String> {
+        f.get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|v| v as f64)
+            .ok_or_else(|| format!("/proc/{pid}/stat: field {} unreadable", i + 3))
+    };
+    // SAFETY: sysconf reads a constant of the system; no pointers.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as f64 } else { 100.0 };
+    Ok((ticks(11)? + ticks(12)?) / hz)
 }
 
 fn main() -> ExitCode {
@@ -399,7 +446,23 @@ fn main() -> ExitCode {
                 export.vdpa_args = srv.args.clone();
                 let tag = format!("r{round}-{}-{backing}", srv.name);
                 match measure_server(kind, &export, &opts, &plan, work.path(), &tag) {
-                    Ok(figs) => {
+                    Ok(ServerRun {
+                        figures: figs,
+                        idle,
+                    }) => {
+                        if let Some(cpu) = idle {
+                            println!(
+                                "round {} {backing:4} {:8} idle      : {cpu:.2} % of a CPU over {} s (connected, nothing in flight)",
+                                round + 1,
+                                srv.name,
+                                opts.idle_secs
+                            );
+                            if srv.name != "qsd" && cpu >= 1.0 {
+                                failures.push(format!(
+                                    "{tag}: idle, {cpu:.2} % of a CPU (1 % or more)"
+                                ));
+                            }
+                        }
                         for (op, depth, f, r) in figs {
                             println!(
                                 "round {} {backing:4} {:8} {:9} qd{depth:<3}: {:>9.0} IOPS, p50 {:>7.1} us, p99 {:>7.1} us (issued {} = completed {})",
