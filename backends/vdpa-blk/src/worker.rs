@@ -238,6 +238,24 @@ impl BlkWorker {
         Ok(())
     }
 
+    /// Serves again the queues that stopped popping (slots full, a drain,
+    /// or the bound of a pass).
+    fn serve_starved(&mut self, queues: &mut Queues<'_>) -> Result<()> {
+        for index in queues.indices().collect::<Vec<_>>() {
+            if self.starved & bit(index) != 0 {
+                self.serve_queue(index, queues)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Chains are left that no completion will wake the worker for (none
+    /// in flight), and the driver may not kick for them either: the worker
+    /// must look again rather than sleep.
+    fn chains_left_unwatched(&self) -> bool {
+        self.starved != 0 && Worker::in_flight(self) == 0
+    }
+
     /// Serves every queue of the thread.
     fn serve_all(&mut self, queues: &mut Queues<'_>, how: Serve) -> Result<()> {
         for index in queues.indices().collect::<Vec<_>>() {
@@ -934,11 +952,7 @@ impl Worker for BlkWorker {
         self.reap(queues)?;
         // Slots freed: serve the queues that stopped for lack of them.
         if self.starved != 0 && !queues.dma().drain_requested() {
-            for index in queues.indices().collect::<Vec<_>>() {
-                if self.starved & bit(index) != 0 {
-                    self.serve_queue(index, queues)?;
-                }
-            }
+            self.serve_starved(queues)?;
         }
         Ok(())
     }
@@ -949,14 +963,9 @@ impl Worker for BlkWorker {
                 // An unmap waits for our I/O: look again in a new section.
                 return Ok(Idle::Poll);
             }
-            for index in queues.indices().collect::<Vec<_>>() {
-                if self.starved & bit(index) != 0 {
-                    self.serve_queue(index, queues)?;
-                }
-            }
-            if self.starved != 0 && self.in_flight() == 0 {
-                // Still chains left and no completion to wake us: keep
-                // looking (a full ring wakes us with its completions).
+            self.serve_starved(queues)?;
+            if self.chains_left_unwatched() {
+                // A full ring wakes us with its completions; this does not.
                 return Ok(Idle::Poll);
             }
         }
@@ -977,10 +986,7 @@ impl Worker for BlkWorker {
             if std::mem::take(&mut self.polling) {
                 // Kicks back on, and the ring checked once more after.
                 self.serve_all(queues, Serve::Rearm)?;
-                if self.starved != 0
-                    && self.in_flight() == 0
-                    && !cfg!(ioasis_broken = "sleepstarved")
-                {
+                if self.chains_left_unwatched() && !cfg!(ioasis_broken = "sleepstarved") {
                     // The re-check found chains the pass could not take
                     // (a driver that adds one per completion outruns the
                     // pass's bound): the driver may not kick for them, so
