@@ -49,6 +49,7 @@
 pub mod config_space;
 pub mod context;
 pub mod device;
+mod dirty_log;
 pub mod dma;
 #[cfg(feature = "fault-injection")]
 pub mod fault_injection;

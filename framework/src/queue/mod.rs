@@ -59,6 +59,7 @@
 //! | `deferred.rs` | deferred completion: [`Queue::defer`] pins a chain for I/O in flight, [`Queues::finish`] releases it ([`InFlight`]) |
 //! | `inflight.rs` | inflight I/O tracking in a region shared with the frontend, resubmission after a restart |
 //! | `serve.rs` | the notification loop every device repeats ([`Queue::serve`]) |
+//! | `log.rs` | dirty logging of completions and the used ring while the frontend migrates the guest |
 //! | `used.rs` | completions: [`Queue::add_used`], [`Queue::add_used_batch`], [`Queue::publish_used`] |
 //! | `notify.rs` | notification suppression: [`Queue::notify`], [`Queue::signal`], kicks on and off |
 //! | `vring.rs` | the per-queue state shared by the connection and the worker |
@@ -73,6 +74,7 @@ mod error;
 mod fixture;
 pub(crate) mod inflight;
 mod iovec;
+mod log;
 mod notify;
 mod queues;
 mod ring;
@@ -132,6 +134,10 @@ pub struct Queue<'a> {
 impl Drop for Queue<'_> {
     fn drop(&mut self) {
         self.publish_used();
+        if let Some(log) = &self.vring.log {
+            // After the handle's last write to the used ring.
+            self.log_used_ring(log);
+        }
     }
 }
 

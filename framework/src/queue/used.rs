@@ -20,6 +20,10 @@ impl<'a> Queue<'a> {
                 size,
             });
         }
+        if let (Some(log), true) = (&self.vring.log, len > 0) {
+            // The device wrote the buffers before completing them.
+            self.log_chain(log, head, len);
+        }
         self.vring.num_added = self.vring.num_added.saturating_add(1);
         if let Some(i) = self.vring.inflight.as_mut() {
             i.used(head);

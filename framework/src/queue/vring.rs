@@ -74,6 +74,9 @@ pub(crate) struct Vring {
     /// each came from `resubmit` (what [`Queue::unpop`](super::Queue::unpop)
     /// gives back); kept only with inflight tracking.
     pub tail: Vec<(u16, bool)>,
+    /// The frontend's dirty log while it migrates the guest (`None`:
+    /// logging off): completions and used-ring writes are recorded there.
+    pub log: Option<std::sync::Arc<crate::dirty_log::DirtyLog>>,
 }
 
 impl Vring {
@@ -97,6 +100,7 @@ impl Vring {
             inflight: None,
             resubmit: VecDeque::new(),
             tail: Vec::new(),
+            log: None,
         })
     }
 

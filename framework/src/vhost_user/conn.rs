@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use iommu_core::Memory;
 use log::{debug, error};
 use vhost::vhost_user::message::{
-    VhostUserConfig, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVringState,
+    VhostUserConfig, VhostUserInflight, VhostUserLog, VhostUserProtocolFeatures,
+    VhostUserVringState,
 };
 use virtio_queue::QueueT;
 use vm_memory::{ByteValued, GuestAddress};
@@ -24,6 +25,7 @@ use super::msg::{
 use super::owner::{ConnHolder, SharedRings};
 use super::{Error, Result};
 use crate::device::Device;
+use crate::dirty_log::{DirtyLog, LoggedRegion};
 use crate::ownership::{Peer, RidOwnership};
 use crate::queue::inflight::InflightRegion;
 use crate::queue::{queue_region_size, Vring};
@@ -56,13 +58,16 @@ pub const TRANSPORT_FEATURES: u64 = VIRTIO_F_VERSION_1
 
 /// `VIRTIO_F_RING_PACKED`: packed rings (not supported: split rings only).
 pub const VIRTIO_F_RING_PACKED: u64 = 1 << 34;
-/// `VHOST_F_LOG_ALL`: dirty logging (not supported).
+/// `VHOST_F_LOG_ALL`: the device logs its writes into guest memory in the
+/// frontend's dirty log (live migration). A transport feature: offered for
+/// every device, never passed to the device.
 pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
 
 /// Virtio features offered for `device`: its own, without the transport
-/// bits the framework cannot honour, plus [`TRANSPORT_FEATURES`].
+/// bits the framework cannot honour, plus [`TRANSPORT_FEATURES`] and
+/// [`VHOST_F_LOG_ALL`].
 pub fn offered_features(device: &dyn Device) -> u64 {
-    (device.features() & !(VIRTIO_F_RING_PACKED | VHOST_F_LOG_ALL)) | TRANSPORT_FEATURES
+    (device.features() & !VIRTIO_F_RING_PACKED) | TRANSPORT_FEATURES | VHOST_F_LOG_ALL
 }
 
 /// Protocol features offered for `device`.
@@ -72,7 +77,8 @@ pub fn offered_protocol_features(device: &dyn Device) -> VhostUserProtocolFeatur
         | VhostUserProtocolFeatures::BACKEND_REQ
         | VhostUserProtocolFeatures::RESET_DEVICE
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-        | VhostUserProtocolFeatures::STATUS;
+        | VhostUserProtocolFeatures::STATUS
+        | VhostUserProtocolFeatures::LOG_SHMFD;
     if device.config_size() > 0 {
         p |= VhostUserProtocolFeatures::CONFIG;
     }
@@ -127,6 +133,11 @@ pub(crate) struct Connection {
     inflight: Option<Arc<InflightRegion>>,
     /// An fd the next reply carries (GET_INFLIGHT_FD).
     reply_fd: Option<std::os::fd::OwnedFd>,
+    /// The dirty log the frontend gave (SET_LOG_BASE); written while
+    /// `VHOST_F_LOG_ALL` is negotiated.
+    log_bitmap: Option<Arc<Memory>>,
+    /// SET_LOG_FD's eventfd (kept; the shared log needs no signal).
+    log_fd: Option<std::fs::File>,
 }
 
 /// How long a ring's stop waits for the worker's final pass over it.
@@ -201,6 +212,8 @@ impl Connection {
             wake_after_reply: false,
             inflight: None,
             reply_fd: None,
+            log_bitmap: None,
+            log_fd: None,
         })
     }
 
@@ -337,7 +350,34 @@ impl Connection {
         self.shared.iotlb_mode.store(false, Ordering::SeqCst);
         self.shared.needs_reset.store(false, Ordering::SeqCst);
         self.served.rid.lock().set_holder_iovas(None);
+        self.refresh_log();
         self.space.set_mode(Mode::Table, &self.table)
+    }
+
+    /// Gives every ring the dirty log to write, built from the current
+    /// memory table, or none when logging is off (no log, or
+    /// `VHOST_F_LOG_ALL` not negotiated). Called whenever one of the three
+    /// changes.
+    fn refresh_log(&self) {
+        let log = match (&self.log_bitmap, self.features & VHOST_F_LOG_ALL != 0) {
+            (Some(bitmap), true) => {
+                let regions = self
+                    .table
+                    .regions()
+                    .iter()
+                    .map(|r| LoggedRegion {
+                        mem: r.mem.clone(),
+                        gpa: r.desc.gpa,
+                    })
+                    .collect();
+                Some(Arc::new(DirtyLog::new(bitmap.clone(), regions)))
+            }
+            _ => None,
+        };
+        debug!("dirty logging {}", if log.is_some() { "on" } else { "off" });
+        for m in &self.vrings {
+            self.lock(m).log = log.clone();
+        }
     }
 
     /// Unparks every parked queue (the address space changed); the workers
@@ -433,6 +473,13 @@ impl Connection {
                 if f & !offered != 0 {
                     return Err(Error::FeaturesNotOffered(f & !offered));
                 }
+                if f ^ self.features == VHOST_F_LOG_ALL {
+                    // Migration starts or ends on a running device: only
+                    // the log changes (the device never sees this bit).
+                    self.features = f;
+                    self.refresh_log();
+                    return Ok(None);
+                }
                 let iotlb = f & VIRTIO_F_ACCESS_PLATFORM != 0;
                 {
                     // Held across the device's update so that a session's
@@ -442,7 +489,8 @@ impl Connection {
                         self.shared.needs_reset.store(true, Ordering::SeqCst);
                         return Err(Error::AccessPlatformRequired { owner });
                     }
-                    dev.set_features(f).map_err(Error::Device)?;
+                    dev.set_features(f & !VHOST_F_LOG_ALL)
+                        .map_err(Error::Device)?;
                     st.set_holder_iovas(Some(iotlb));
                 }
                 self.features = f;
@@ -458,6 +506,7 @@ impl Connection {
                     v.in_order = in_order;
                 }
                 self.reapply_ring_addrs();
+                self.refresh_log();
                 Ok(None)
             }
             Request::SetOwner => {
@@ -497,6 +546,7 @@ impl Connection {
                     mapped.push(MemTable::map_region(d, f)?);
                 }
                 self.table.replace(mapped);
+                self.refresh_log();
                 self.space.table_replaced(&self.table)?;
                 self.reapply_ring_addrs();
                 self.resume_parked(false);
@@ -509,6 +559,7 @@ impl Connection {
                 if self.table.add_shared(r.clone())? == Added::Shared {
                     return Ok(None);
                 }
+                self.refresh_log();
                 self.space.region_added(&r)?;
                 self.reapply_ring_addrs();
                 self.resume_parked(false);
@@ -517,6 +568,7 @@ impl Connection {
             Request::RemMemReg(d) => {
                 // Unmapped with its last reference only.
                 if let Some(r) = self.table.release(&d)? {
+                    self.refresh_log();
                     self.space.region_removed(&r)?;
                 }
                 Ok(None)
@@ -535,7 +587,9 @@ impl Connection {
                 desc,
                 used,
                 avail,
+                log,
             } => {
+                debug!("queue {index}: used ring logged by the frontend at {log:x?}");
                 self.ring_addrs[usize::from(index)] = Some(RingAddr { desc, used, avail });
                 self.apply_ring_addr(index)?;
                 Ok(None)
@@ -730,7 +784,34 @@ impl Connection {
                 }
                 Ok(Some(u64::from(s).to_ne_bytes().to_vec()))
             }
-            Request::SetLogBase | Request::SetLogFd => Err(Error::Unsupported("dirty logging")),
+            Request::SetLogBase { size, offset, fd } => {
+                if self.protocol & VhostUserProtocolFeatures::LOG_SHMFD.bits() == 0 {
+                    return Err(Error::Log(
+                        "SET_LOG_BASE without VHOST_USER_PROTOCOL_F_LOG_SHMFD".into(),
+                    ));
+                }
+                // Bounded by MAX_LOG_SIZE when decoded.
+                let len = usize::try_from(size)
+                    .map_err(|_| Error::Log(format!("log of {size} bytes")))?;
+                let bitmap = Memory::from_memfd(fd.into(), offset, len).map_err(|e| {
+                    Error::Log(format!(
+                        "mapping the log ({size} bytes at {offset:#x}): {e}"
+                    ))
+                })?;
+                // A resize replaces the log: later writes go to the new one
+                // (the frontend reads the old one once more before it lets
+                // go of it).
+                self.log_bitmap = Some(bitmap);
+                self.refresh_log();
+                // The frontend waits for this reply (with LOG_SHMFD): the
+                // log's geometry, as rust-vmm's frontend expects (QEMU
+                // reads any payload).
+                Ok(Some(VhostUserLog::new(size, offset).as_slice().to_vec()))
+            }
+            Request::SetLogFd(fd) => {
+                self.log_fd = fd;
+                Ok(None)
+            }
             Request::GetInflightFd {
                 num_queues,
                 queue_size,
@@ -787,8 +868,8 @@ fn req_name(r: &Request) -> &'static str {
         Request::SetOwner => "SET_OWNER",
         Request::ResetOwner => "RESET_OWNER",
         Request::SetMemTable(_) => "SET_MEM_TABLE",
-        Request::SetLogBase => "SET_LOG_BASE",
-        Request::SetLogFd => "SET_LOG_FD",
+        Request::SetLogBase { .. } => "SET_LOG_BASE",
+        Request::SetLogFd(_) => "SET_LOG_FD",
         Request::SetVringNum { .. } => "SET_VRING_NUM",
         Request::SetVringAddr { .. } => "SET_VRING_ADDR",
         Request::SetVringBase { .. } => "SET_VRING_BASE",

@@ -55,8 +55,10 @@
 //! SET_OWNER, RESET_OWNER, SET_MEM_TABLE, ADD/REM_MEM_REG, GET_MAX_MEM_SLOTS,
 //! SET_VRING_NUM/ADDR/BASE/KICK/CALL/ERR, GET_VRING_BASE, SET_VRING_ENABLE,
 //! GET/SET_CONFIG, GET_QUEUE_NUM, SET/GET_STATUS, RESET_DEVICE, REPLY_ACK,
-//! SET_BACKEND_REQ_FD and IOTLB_MSG. Dirty logging (SET_LOG_BASE/FD) is not
-//! offered and is refused.
+//! SET_BACKEND_REQ_FD, IOTLB_MSG and, for live migration, SET_LOG_BASE /
+//! SET_LOG_FD with `VHOST_F_LOG_ALL` and `VHOST_USER_PROTOCOL_F_LOG_SHMFD`
+//! (every device: the queue layer logs completed buffers and the used
+//! ring, see `crate::dirty_log`).
 
 pub(crate) mod backend_req;
 pub(crate) mod conn;
@@ -83,6 +85,11 @@ pub enum Error {
     /// could not be made or mapped).
     #[error("Inflight region: {0}")]
     Inflight(String),
+    /// SET_LOG_BASE failed: the connection is dropped, since the frontend
+    /// waits for a reply that cannot say so, and a migration without the
+    /// device's log would copy a guest its device is still writing.
+    #[error("Dirty log: {0}")]
+    Log(String),
     /// A malformed message or a socket failure: the connection is dropped.
     #[error("Protocol error")]
     Msg(#[source] msg::MsgError),
@@ -238,7 +245,7 @@ impl Error {
     /// answered with a failure (REPLY_ACK) and the connection goes on.
     pub fn is_fatal(&self) -> bool {
         match self {
-            Error::Msg(_) | Error::BadDevice(_) => true,
+            Error::Msg(_) | Error::BadDevice(_) | Error::Log(_) => true,
             Error::RegionTooLarge { .. }
             | Error::Mmap { .. }
             | Error::TooManyRegions

@@ -14,9 +14,10 @@ use std::os::unix::net::UnixStream;
 
 use nix::sys::socket::MsgFlags;
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserConfig, VhostUserInflight, VhostUserMemory, VhostUserMemoryRegion,
-    VhostUserSingleMemoryRegion, VhostUserVringAddr, VhostUserVringState, MAX_ATTACHED_FD_ENTRIES,
-    MAX_MSG_SIZE, VHOST_USER_CONFIG_SIZE,
+    FrontendReq, VhostUserConfig, VhostUserInflight, VhostUserLog, VhostUserMemory,
+    VhostUserMemoryRegion, VhostUserSingleMemoryRegion, VhostUserVringAddr,
+    VhostUserVringAddrFlags, VhostUserVringState, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE,
+    VHOST_USER_CONFIG_SIZE,
 };
 use vm_memory::ByteValued;
 
@@ -357,6 +358,13 @@ pub enum VringFdKind {
     Err,
 }
 
+/// Largest dirty log SET_LOG_BASE may give (1 GiB of bitmap: 32 TiB of
+/// guest memory in 4 KiB pages).
+pub const MAX_LOG_SIZE: u64 = 1 << 30;
+
+/// `VHOST_VRING_F_LOG` in SET_VRING_ADDR's flags.
+const VHOST_VRING_F_LOG: u32 = VhostUserVringAddrFlags::VHOST_VRING_F_LOG.bits();
+
 /// A decoded, validated frontend request.
 #[derive(Debug)]
 pub enum Request {
@@ -370,10 +378,18 @@ pub enum Request {
     ResetOwner,
     /// SET_MEM_TABLE: regions (non-overlapping) with their fds.
     SetMemTable(Vec<(RegionDesc, File)>),
-    /// SET_LOG_BASE (refused: logging is not offered).
-    SetLogBase,
-    /// SET_LOG_FD (refused).
-    SetLogFd,
+    /// SET_LOG_BASE: the dirty log, `size` bytes at `offset` of `fd`
+    /// (`size` in `1..=MAX_LOG_SIZE`).
+    SetLogBase {
+        /// Bytes of bitmap.
+        size: u64,
+        /// Offset in the fd.
+        offset: u64,
+        /// The shared memory.
+        fd: File,
+    },
+    /// SET_LOG_FD: the eventfd to signal log updates on, or none.
+    SetLogFd(Option<File>),
     /// SET_VRING_NUM.
     SetVringNum {
         /// Queue.
@@ -391,6 +407,10 @@ pub enum Request {
         used: u64,
         /// Available ring address (aligned to 2).
         avail: u64,
+        /// `VHOST_VRING_F_LOG`: the frontend logs this ring's used ring at
+        /// this guest physical address (the device logs what it writes by
+        /// the guest page behind its own translation, the same page).
+        log: Option<u64>,
     },
     /// SET_VRING_BASE.
     SetVringBase {
@@ -648,8 +668,36 @@ pub fn decode(hdr: &Header, payload: &[u8], fds: Vec<File>, limits: &Limits) -> 
             Ok(Request::SetStatus(status))
         }
         F::SET_MEM_TABLE => decode_mem_table(req, payload, fds, limits),
-        F::SET_LOG_BASE => Ok(Request::SetLogBase),
-        F::SET_LOG_FD => Ok(Request::SetLogFd),
+        F::SET_LOG_BASE => {
+            expect_size(req, payload, std::mem::size_of::<VhostUserLog>())?;
+            expect_fds(req, &fds, 1)?;
+            let m: VhostUserLog = read_pod(payload);
+            let (size, offset) = (m.mmap_size, m.mmap_offset);
+            if size == 0 || size > MAX_LOG_SIZE {
+                return Err(MsgError::Field {
+                    req,
+                    field: "log mmap_size",
+                    value: size,
+                });
+            }
+            let fd = fds.into_iter().next().ok_or(MsgError::FdCount {
+                req,
+                got: 0,
+                want: 1,
+            })?;
+            Ok(Request::SetLogBase { size, offset, fd })
+        }
+        F::SET_LOG_FD => {
+            expect_size(req, payload, 0)?;
+            if fds.len() > 1 {
+                return Err(MsgError::FdCount {
+                    req,
+                    got: fds.len(),
+                    want: 1,
+                });
+            }
+            Ok(Request::SetLogFd(fds.into_iter().next()))
+        }
         F::SET_VRING_NUM => {
             expect_fds(req, &fds, 0)?;
             let (index, num) = vring_state(req, payload, limits)?;
@@ -704,8 +752,7 @@ pub fn decode(hdr: &Header, payload: &[u8], fds: Vec<File>, limits: &Limits) -> 
             let a: VhostUserVringAddr = read_pod(payload);
             let index = vring_index(req, u64::from(a.index), limits)?;
             let (flags, desc, used, avail) = (a.flags, a.descriptor, a.used, a.available);
-            if flags != 0 {
-                // VHOST_VRING_F_LOG: logging is not offered.
+            if flags & !VHOST_VRING_F_LOG != 0 {
                 return Err(MsgError::Field {
                     req,
                     field: "vring flags",
@@ -725,11 +772,13 @@ pub fn decode(hdr: &Header, payload: &[u8], fds: Vec<File>, limits: &Limits) -> 
                     });
                 }
             }
+            let log_addr = a.log;
             Ok(Request::SetVringAddr {
                 index,
                 desc,
                 used,
                 avail,
+                log: (flags & VHOST_VRING_F_LOG != 0).then_some(log_addr),
             })
         }
         F::SET_VRING_KICK | F::SET_VRING_CALL | F::SET_VRING_ERR => {
