@@ -522,28 +522,29 @@ impl SectionOps for Section<'_> {
             return failed;
         };
         let perm = access.perm();
-        // Ask for the whole host-contiguous run from `iova` without side
+        // Ask for the whole host-contiguous run around `iova` without side
         // effects: a success is the same in both modes, and the run is
-        // remembered, so the handle answers later accesses to it inline.
+        // remembered from its start, so the handle answers later accesses
+        // anywhere in it inline. (Remembered from `iova` on, a run missed
+        // for every buffer below the first one seen: with a frontend's
+        // buffer pool in one region, 22 % of the loop's buffer
+        // translations went to the translator.)
         let rest = (u64::MAX - iova).saturating_add(1);
-        let r = match acc.translate_contiguous_nofault(at.pasid, iova, rest, perm) {
-            Ok(run) if run.len > 0 => {
+        let r = match acc.run_nofault(at.pasid, iova, rest, perm) {
+            Ok(run) => {
                 self.remember(Hot {
                     pasid: at.pasid,
-                    iova,
-                    len: run.len as u64,
+                    iova: run.iova,
+                    len: run.len,
                     ptr: run.ptr,
                     perm,
                 });
+                let off = iova - run.iova;
                 return Fragment {
-                    ptr: run.ptr,
-                    len: run.len.min(usize::try_from(len).unwrap_or(usize::MAX)),
+                    ptr: run.ptr.wrapping_add(off as usize),
+                    len: (run.len - off).min(len) as usize,
                 };
             }
-            Ok(_) => Err(iommu_core::Error::Unmapped {
-                pasid: at.pasid,
-                iova,
-            }),
             Err(e) if at.probe => Err(e),
             // Raising: translate again with the access's own length, so
             // that the fault group (or event) covers what it needs.
@@ -1363,6 +1364,24 @@ mod tests {
         assert!(e.pending_fault().is_some(), "{e:?}");
         drop(section);
         assert_eq!(r.faults.stats().raised, 1, "speculation raised nothing");
+    }
+
+    /// A run is remembered from the start of its mapping, not from the
+    /// first address asked for: buffers below it hit too (with the memory
+    /// table, a frontend's whole buffer pool is one run).
+    #[test]
+    fn test_remembered_run_covers_bytes_before_the_first_access() {
+        let r = fault_rig();
+        let mut tr = r.dev.translator();
+        let section = Section::new(&mut tr, Some(PASID), false);
+        let dma = Dma::from_section(&section);
+        let hi = dma.fragment(P + 0x800, 8, Access::Read).expect("mapped");
+        let lo = section
+            .hot
+            .prefix(Some(PASID), P, 8, Perm::READ)
+            .expect("remembered below the first access");
+        assert_eq!(lo.ptr.wrapping_add(0x800), hi.as_ptr());
+        assert_eq!(lo.len, 8);
     }
 
     #[test]

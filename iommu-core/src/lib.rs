@@ -292,7 +292,7 @@ pub use fault_budget::{FaultBudget, FaultSlot};
 pub use memory::Memory;
 pub use sync::{InvalidationTicket, Nudge, TranslatorInfo};
 pub use translate::{
-    AccessPin, AccessSection, Fragment, Translator, TranslatorStats, TRANSLATION_CACHE_ENTRIES,
-    TRANSLATION_CACHE_WAYS,
+    AccessPin, AccessSection, Fragment, Run, Translator, TranslatorStats,
+    TRANSLATION_CACHE_ENTRIES, TRANSLATION_CACHE_WAYS,
 };
 pub use types::*;

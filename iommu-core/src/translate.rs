@@ -65,6 +65,20 @@ pub struct Fragment {
     pub len: usize,
 }
 
+/// A whole host-contiguous run of translated I/O addresses:
+/// `[iova, iova + len)` is host memory at `ptr`. Valid, like a
+/// [`Fragment`], only until the [`AccessSection`] it came from ends;
+/// `iova + len - 1` never overflows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// First I/O address of the run.
+    pub iova: u64,
+    /// Host address of `iova`.
+    pub ptr: *mut u8,
+    /// Length in bytes (at least 1).
+    pub len: u64,
+}
+
 /// Counters of a translator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TranslatorStats {
@@ -788,6 +802,38 @@ impl AccessSection<'_> {
         self.translate_contiguous_in(pasid, iova, len, perm, Mode::NoFault)
     }
 
+    /// The whole host-contiguous run that holds `iova` and allows `perm`,
+    /// as far as the translation cache keeps it (a mapping, or the part of
+    /// it a dirty-tracked domain tracks as one), including the bytes before
+    /// `iova`: a caller that remembers translations covers later accesses
+    /// below `iova` too. `left` is the length the caller means to access
+    /// from `iova` (what a miss reports). Fails as
+    /// [`AccessSection::translate_nofault`] does, without fault or event.
+    #[inline(always)]
+    pub fn run_nofault(
+        &mut self,
+        pasid: Option<u32>,
+        iova: u64,
+        left: u64,
+        perm: Perm,
+    ) -> Result<Run> {
+        if left == 0 {
+            return Err(Error::ZeroLength);
+        }
+        let key = pasid_key(pasid);
+        let e = match self.t.hit(key, iova, perm) {
+            Some(e) => *e,
+            None => self.t.fill(key, pasid, iova, perm, left, Mode::NoFault)?,
+        };
+        Ok(Run {
+            iova: e.start,
+            ptr: e.host as usize as *mut u8,
+            // `start + span` is `last`: only the whole 64-bit space has
+            // no length that fits; it loses its last byte.
+            len: e.span.saturating_add(1),
+        })
+    }
+
     #[inline(always)]
     fn translate_contiguous_in(
         &mut self,
@@ -1065,6 +1111,43 @@ mod tests {
                 iova: 9 * P
             })
         );
+        assert_quiet(&fq, &eq);
+    }
+
+    #[test]
+    fn test_run_nofault_covers_the_mapping_around_iova() {
+        let (_iommu, dev, fq, eq, mem) = fault_capable();
+        let mut t = dev.translator();
+        {
+            let mut a = t.access();
+            // The read-write page at 2P, asked from inside it.
+            let run = a
+                .run_nofault(None, 2 * P + 100, 8, Perm::WRITE)
+                .expect("mapped");
+            assert_eq!((run.iova, run.len), (2 * P, P));
+            let host = mem.as_ptr() as usize + P as usize;
+            assert_eq!(run.ptr as usize, host, "the run starts at its mapping");
+            // Read-only at P: not for writing, and a hole is a miss.
+            assert_eq!(
+                a.run_nofault(None, P + 8, 1, Perm::WRITE),
+                Err(Error::AccessDenied {
+                    pasid: None,
+                    iova: P + 8,
+                    perm: Perm::WRITE
+                })
+            );
+            assert_eq!(
+                a.run_nofault(None, 5 * P, 1, Perm::READ),
+                Err(Error::Unmapped {
+                    pasid: None,
+                    iova: 5 * P
+                })
+            );
+            assert_eq!(
+                a.run_nofault(None, P, 0, Perm::READ),
+                Err(Error::ZeroLength)
+            );
+        }
         assert_quiet(&fq, &eq);
     }
 
