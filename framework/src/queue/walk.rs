@@ -153,21 +153,8 @@ impl<'a> Queue<'a> {
                     continue;
                 }
                 let writable = d.flags & VRING_DESC_F_WRITE != 0;
-                if d.addr.checked_add(u64::from(d.len)).is_none() {
-                    break;
-                }
-                chain.descs.push(Desc {
-                    addr: d.addr,
-                    len: d.len,
-                    writable,
-                });
-                if writable {
-                    chain.writable += u64::from(d.len);
-                } else {
-                    chain.readable += u64::from(d.len);
-                }
-                if let Err(e) = self.translate_into(chain, d.addr, d.len, writable) {
-                    bad = Some(e);
+                if let Err(e) = self.push_buffer(chain, d.addr, d.len, writable) {
+                    bad = e;
                     break;
                 }
                 if d.flags & VRING_DESC_F_NEXT == 0 {
@@ -279,21 +266,8 @@ impl<'a> Queue<'a> {
                 return self.pop_slow(chain);
             }
             let writable = d.flags & VRING_DESC_F_WRITE != 0;
-            if d.addr.checked_add(u64::from(d.len)).is_none() {
-                break None;
-            }
-            chain.descs.push(Desc {
-                addr: d.addr,
-                len: d.len,
-                writable,
-            });
-            if writable {
-                chain.writable += u64::from(d.len);
-            } else {
-                chain.readable += u64::from(d.len);
-            }
-            if let Err(e) = self.translate_into(chain, d.addr, d.len, writable) {
-                break Some(e);
+            if let Err(e) = self.push_buffer(chain, d.addr, d.len, writable) {
+                break e;
             }
             if d.flags & VRING_DESC_F_NEXT == 0 {
                 self.vring.q.set_next_avail(next.wrapping_add(1));
@@ -391,6 +365,36 @@ impl<'a> Queue<'a> {
                 idx = d.next;
             }
         }
+    }
+
+    /// Appends one direct descriptor's buffer to `chain`: the descriptor,
+    /// its length to the readable or writable total, and its host
+    /// fragments. The step every walk of a descriptor table repeats.
+    /// `Err(None)`: the buffer wraps around the address space (a malformed
+    /// chain); `Err(Some(e))`: its translation failed.
+    #[inline(always)]
+    fn push_buffer(
+        &self,
+        chain: &mut Chain,
+        addr: u64,
+        len: u32,
+        writable: bool,
+    ) -> std::result::Result<(), Option<DmaError>> {
+        if addr.checked_add(u64::from(len)).is_none() {
+            return Err(None);
+        }
+        chain.descs.push(Desc {
+            addr,
+            len,
+            writable,
+        });
+        if writable {
+            chain.writable += u64::from(len);
+        } else {
+            chain.readable += u64::from(len);
+        }
+        self.translate_into(chain, addr, len, writable)
+            .map_err(Some)
     }
 
     /// Translates one buffer into host fragments appended to `chain`.
