@@ -14,6 +14,12 @@ use std::sync::Arc;
 
 use iommu_core::Memory;
 
+mod packed;
+pub use packed::{
+    walk_arbitrary, PackedDriverRing, PackedRaw, WalkReport, PACKED_DESC_F_AVAIL,
+    PACKED_DESC_F_INDIRECT, PACKED_DESC_F_NEXT, PACKED_DESC_F_USED, PACKED_DESC_F_WRITE,
+};
+
 /// `VRING_DESC_F_NEXT`.
 pub const VRING_DESC_F_NEXT: u16 = 1;
 /// `VRING_DESC_F_WRITE`.

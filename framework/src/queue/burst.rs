@@ -112,7 +112,7 @@ impl<'a> Queue<'a> {
     /// before it are returned with it and must be completed as usual.
     pub fn pop_burst(&mut self, chains: &mut [Chain]) -> Burst {
         let mut burst = Burst::default();
-        if let Some(r) = self.rings {
+        if let (Some(r), None) = (self.rings, &self.vring.packed) {
             self.prefetch_descs(r, chains.len());
         }
         // Every skipped chain consumed an avail entry: at most `size` of them.

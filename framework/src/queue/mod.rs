@@ -64,6 +64,7 @@
 //! | `notify.rs` | notification suppression: [`Queue::notify`], [`Queue::signal`], kicks on and off |
 //! | `vring.rs` | the per-queue state shared by the connection and the worker |
 //! | `error.rs` | [`QueueError`] |
+//! | `packed/` | packed rings (`VIRTIO_F_RING_PACKED`) behind the same API, see its module docs |
 
 mod burst;
 mod chain;
@@ -76,6 +77,7 @@ pub(crate) mod inflight;
 mod iovec;
 mod log;
 mod notify;
+pub(crate) mod packed;
 mod queues;
 mod ring;
 mod serve;
@@ -136,7 +138,11 @@ impl Drop for Queue<'_> {
         self.publish_used();
         if let Some(log) = &self.vring.log {
             // After the handle's last write to the used ring.
-            self.log_used_ring(log);
+            if self.vring.packed.is_some() {
+                self.packed_log_rings(log);
+            } else {
+                self.log_used_ring(log);
+            }
         }
     }
 }
@@ -175,12 +181,20 @@ impl<'a> Queue<'a> {
     }
 
     /// Next available index the device will pop.
+    /// For a packed ring: the slot, with the wrap counter in bit 15.
     pub fn next_avail(&self) -> u16 {
+        if let Some(p) = &self.vring.packed {
+            return p.next_avail();
+        }
         self.vring.q.next_avail()
     }
 
     /// Next used index the device will fill.
+    /// For a packed ring: the slot, with the wrap counter in bit 15.
     pub fn next_used(&self) -> u16 {
+        if let Some(p) = &self.vring.packed {
+            return p.next_used();
+        }
         Wrapping(self.vring.q.next_used()).0
     }
 }

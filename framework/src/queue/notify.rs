@@ -15,6 +15,9 @@ impl<'a> Queue<'a> {
     /// with `EVENT_IDX`, when the used index passed its `used_event`;
     /// without, unless it set `VRING_AVAIL_F_NO_INTERRUPT`.
     pub fn notify(&mut self) -> Result<()> {
+        if self.vring.packed.is_some() {
+            return self.packed_notify();
+        }
         self.publish_used();
         let added = std::mem::take(&mut self.vring.num_added);
         // The used index must be visible before the driver's suppression
@@ -69,6 +72,9 @@ impl<'a> Queue<'a> {
     /// Asks the driver to kick again (clears suppression). Returns true if
     /// chains became available meanwhile: process them before sleeping.
     pub fn enable_notification(&mut self) -> Result<bool> {
+        if self.vring.packed.is_some() {
+            return self.packed_enable_notification();
+        }
         let dma = self.dma;
         self.vring
             .q
@@ -85,6 +91,9 @@ impl<'a> Queue<'a> {
     /// first line is the one the driver polls, and a store to it, even of
     /// the same value, takes it away from the driver's core.
     pub fn disable_notification(&mut self) -> Result<()> {
+        if self.vring.packed.is_some() {
+            return self.packed_disable_notification();
+        }
         if let Some(r) = self.rings {
             if !r.event_idx && r.used_flags() & VRING_USED_F_NO_NOTIFY == 0 {
                 r.set_used_flags(VRING_USED_F_NO_NOTIFY);

@@ -9,7 +9,7 @@ use std::sync::{Mutex, TryLockError};
 
 use virtio_queue::QueueT;
 
-use super::{Queue, Result, Rings, Vring};
+use super::{Queue, QueueError, Result, Rings, Vring};
 use crate::dma::{Access, Dma};
 use crate::peer_write::Writer;
 use crate::transport::Transport;
@@ -227,19 +227,37 @@ impl<'a> Queue<'a> {
     fn check_rings(&mut self) -> Result<()> {
         let size = u64::from(self.vring.q.size());
         let event = u64::from(self.vring.q.event_idx_enabled()) * 2;
-        let checks = [
-            (self.vring.q.desc_table(), size * 16, Access::Read),
-            (
+        if let Some(p) = &self.vring.packed {
+            let (a, u) = (p.avail_idx, p.used_idx);
+            if a >= self.vring.q.size() || u >= self.vring.q.size() {
+                self.vring.broken = true;
+                return Err(QueueError::Ring {
+                    queue: self.index,
+                    msg: format!("packed ring positions {a} / {u} outside a ring of {size}"),
+                });
+            }
+        }
+        let checks = match &self.vring.packed {
+            Some(_) => super::packed::ring::area_checks(
+                self.vring.q.desc_table(),
                 self.vring.q.avail_ring(),
-                4 + size * 2 + event,
-                Access::Read,
-            ),
-            (
                 self.vring.q.used_ring(),
-                4 + size * 8 + event,
-                Access::Write,
+                self.vring.q.size(),
             ),
-        ];
+            None => [
+                (self.vring.q.desc_table(), size * 16, Access::Read),
+                (
+                    self.vring.q.avail_ring(),
+                    4 + size * 2 + event,
+                    Access::Read,
+                ),
+                (
+                    self.vring.q.used_ring(),
+                    4 + size * 8 + event,
+                    Access::Write,
+                ),
+            ],
+        };
         let mut ptrs = [std::ptr::null_mut::<u8>(); 3];
         let mut contiguous = true;
         for (i, (addr, len, access)) in checks.into_iter().enumerate() {

@@ -12,6 +12,9 @@ impl<'a> Queue<'a> {
     /// sees moves at the next [`notify`](Queue::notify),
     /// [`publish_used`](Queue::publish_used) or when the queue is dropped.
     pub fn add_used(&mut self, head: u16, len: u32) -> Result<()> {
+        if self.vring.packed.is_some() {
+            return self.packed_add_used(head, len);
+        }
         let size = self.vring.q.size();
         if head >= size {
             return Err(QueueError::BadHead {
@@ -71,6 +74,9 @@ impl<'a> Queue<'a> {
         &mut self,
         heads: &[u16],
     ) -> std::result::Result<(), (usize, QueueError)> {
+        if self.vring.packed.is_some() {
+            return self.packed_add_used_batch(heads);
+        }
         let size = self.vring.q.size();
         if let Some(&head) = heads.iter().find(|&&h| h >= size) {
             let e = QueueError::BadHead {
@@ -106,6 +112,9 @@ impl<'a> Queue<'a> {
     /// release-ordered write for a whole burst). [`notify`](Queue::notify)
     /// and dropping the queue do it too.
     pub fn publish_used(&mut self) {
+        if self.vring.packed.is_some() {
+            return self.packed_publish();
+        }
         if std::mem::take(&mut self.dirty) {
             if let Some(r) = self.rings {
                 let idx = self.vring.q.next_used();

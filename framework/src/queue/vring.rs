@@ -77,6 +77,10 @@ pub(crate) struct Vring {
     /// The frontend's dirty log while it migrates the guest (`None`:
     /// logging off): completions and used-ring writes are recorded there.
     pub log: Option<std::sync::Arc<crate::dirty_log::DirtyLog>>,
+    /// `VIRTIO_F_RING_PACKED` was negotiated: the ring is packed and this
+    /// is its device state (the addresses in `q` are then the descriptor
+    /// ring, the driver area and the device area).
+    pub packed: Option<super::packed::PackedState>,
 }
 
 impl Vring {
@@ -101,6 +105,7 @@ impl Vring {
             resubmit: VecDeque::new(),
             tail: Vec::new(),
             log: None,
+            packed: None,
         })
     }
 

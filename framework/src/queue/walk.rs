@@ -30,6 +30,9 @@ impl<'a> Queue<'a> {
     /// and the miss is returned; a malformed chain is completed with length 0
     /// and reported as [`QueueError::BadChain`].
     pub fn pop(&mut self, chain: &mut Chain) -> Result<bool> {
+        if self.vring.packed.is_some() {
+            return self.packed_pop(chain);
+        }
         chain.clear();
         if self.vring.inflight.is_some() {
             if self.vring.inflight.as_ref().is_some_and(|i| i.recover) {
@@ -191,6 +194,9 @@ impl<'a> Queue<'a> {
     /// in a row since this queue was handed out or since the last malformed
     /// chain it completed.
     pub fn unpop(&mut self, n: u16) -> bool {
+        if self.vring.packed.is_some() {
+            return self.packed_unpop(n);
+        }
         if self.vring.inflight.is_some() {
             // Chains from the resubmission list go back to its front, the
             // others to the avail ring (and are no longer in flight).

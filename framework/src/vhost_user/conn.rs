@@ -28,6 +28,7 @@ use crate::device::Device;
 use crate::dirty_log::{DirtyLog, LoggedRegion};
 use crate::ownership::{Peer, RidOwnership};
 use crate::queue::inflight::InflightRegion;
+use crate::queue::packed::PackedState;
 use crate::queue::{queue_region_size, Vring};
 use crate::worker::{ConnShared, FinalPass, WorkerSet};
 
@@ -54,20 +55,21 @@ pub const TRANSPORT_FEATURES: u64 = VIRTIO_F_VERSION_1
     | VIRTIO_F_ACCESS_PLATFORM
     | VIRTIO_RING_F_INDIRECT_DESC
     | VIRTIO_RING_F_EVENT_IDX
+    | VIRTIO_F_RING_PACKED
     | VHOST_USER_F_PROTOCOL_FEATURES;
 
-/// `VIRTIO_F_RING_PACKED`: packed rings (not supported: split rings only).
+/// `VIRTIO_F_RING_PACKED`: packed rings (`crate::queue`'s packed module),
+/// offered for every device.
 pub const VIRTIO_F_RING_PACKED: u64 = 1 << 34;
 /// `VHOST_F_LOG_ALL`: the device logs its writes into guest memory in the
 /// frontend's dirty log (live migration). A transport feature: offered for
 /// every device, never passed to the device.
 pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
 
-/// Virtio features offered for `device`: its own, without the transport
-/// bits the framework cannot honour, plus [`TRANSPORT_FEATURES`] and
-/// [`VHOST_F_LOG_ALL`].
+/// Virtio features offered for `device`: its own plus
+/// [`TRANSPORT_FEATURES`] and [`VHOST_F_LOG_ALL`].
 pub fn offered_features(device: &dyn Device) -> u64 {
-    (device.features() & !VIRTIO_F_RING_PACKED) | TRANSPORT_FEATURES | VHOST_F_LOG_ALL
+    device.features() | TRANSPORT_FEATURES | VHOST_F_LOG_ALL
 }
 
 /// Protocol features offered for `device`.
@@ -500,10 +502,14 @@ impl Connection {
                 self.space.set_mode(mode, &self.table)?;
                 let event_idx = f & VIRTIO_RING_F_EVENT_IDX != 0;
                 let in_order = f & VIRTIO_F_IN_ORDER != 0;
+                let packed = f & VIRTIO_F_RING_PACKED != 0;
                 for m in &self.vrings {
                     let mut v = self.lock(m);
                     v.q.set_event_idx(event_idx);
                     v.in_order = in_order;
+                    if packed != v.packed.is_some() {
+                        v.packed = packed.then(PackedState::new);
+                    }
                 }
                 self.reapply_ring_addrs();
                 self.refresh_log();
@@ -599,6 +605,11 @@ impl Connection {
                 if v.started {
                     return Err(Error::RingStarted { index });
                 }
+                if let Some(p) = v.packed.as_mut() {
+                    p.set_base(base);
+                    return Ok(None);
+                }
+                let base = u16::try_from(base).map_err(|_| Error::BadRingBase { index, base })?;
                 v.q.set_next_avail(base);
                 v.q.set_next_used(base);
                 Ok(None)
@@ -615,7 +626,10 @@ impl Connection {
                     v.kick_gen = v.kick_gen.wrapping_add(1);
                     v.parked = None;
                     v.q.set_ready(false);
-                    v.q.next_avail()
+                    match &v.packed {
+                        Some(p) => p.base(),
+                        None => u32::from(v.q.next_avail()),
+                    }
                 };
                 let any_started = self.vrings.iter().any(|m| self.lock(m).started);
                 if any_started {
@@ -623,7 +637,7 @@ impl Connection {
                 } else if let Some(w) = self.workers.take() {
                     w.stop();
                 }
-                let s = VhostUserVringState::new(u32::from(index), u32::from(base));
+                let s = VhostUserVringState::new(u32::from(index), base);
                 Ok(Some(s.as_slice().to_vec()))
             }
             Request::SetVringFd { kind, index, fd } => {
@@ -659,7 +673,9 @@ impl Connection {
                         {
                             let mut v = self.vring(index);
                             // Recovered when the worker first serves it.
-                            v.inflight = inflight;
+                            // A packed ring is not tracked (the region's
+                            // packed layout is not implemented).
+                            v.inflight = inflight.filter(|_| v.packed.is_none());
                             v.resubmit.clear();
                             if efd.is_none() {
                                 crate::log_limited!(log::Level::Warn, "queue {index}: started without a kick fd; it runs only when polled");

@@ -197,6 +197,14 @@ pub enum Error {
         /// Size.
         num: u16,
     },
+    /// A split ring's base that does not fit its 16-bit index.
+    #[error("Queue {index} cannot start at {base:#x}")]
+    BadRingBase {
+        /// Queue.
+        index: u16,
+        /// The base given.
+        base: u32,
+    },
     /// Features the backend did not offer.
     #[error("Features {0:#x} were not offered")]
     FeaturesNotOffered(u64),
@@ -260,6 +268,7 @@ impl Error {
             | Error::RingAddress { .. }
             | Error::RingStarted { .. }
             | Error::BadRingSize { .. }
+            | Error::BadRingBase { .. }
             | Error::FeaturesNotOffered(_)
             | Error::ProtocolFeaturesNotOffered(_)
             | Error::Device(_)

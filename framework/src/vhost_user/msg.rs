@@ -416,8 +416,11 @@ pub enum Request {
     SetVringBase {
         /// Queue.
         index: u16,
-        /// Next available index.
-        base: u16,
+        /// The ring's state: for a split ring the next available index
+        /// (at most 16 bits, checked when applied); for a packed ring the
+        /// next available slot and wrap counter (bits 0-15) and the next
+        /// used ones (bits 16-31).
+        base: u32,
     },
     /// GET_VRING_BASE.
     GetVringBase {
@@ -719,11 +722,6 @@ pub fn decode(hdr: &Header, payload: &[u8], fds: Vec<File>, limits: &Limits) -> 
         F::SET_VRING_BASE => {
             expect_fds(req, &fds, 0)?;
             let (index, base) = vring_state(req, payload, limits)?;
-            let base = u16::try_from(base).map_err(|_| MsgError::Field {
-                req,
-                field: "vring base",
-                value: u64::from(base),
-            })?;
             Ok(Request::SetVringBase { index, base })
         }
         F::GET_VRING_BASE => {

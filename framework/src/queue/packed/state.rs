@@ -1,0 +1,194 @@
+//! A packed ring's device-side state, kept with the queue between
+//! handles: where the device reads the next available descriptor and
+//! writes the next used one, each with its wrap counter; the descriptors
+//! each outstanding buffer took (a used descriptor moves the used position
+//! past all of them); and the ring state's encoding in `GET_VRING_BASE` /
+//! `SET_VRING_BASE`.
+
+/// The device's side of one packed ring.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PackedState {
+    /// Ring slot of the next descriptor to read (`< size`).
+    pub(crate) avail_idx: u16,
+    /// The driver's wrap counter for the lap `avail_idx` is in.
+    pub(crate) avail_wrap: bool,
+    /// Ring slot the next used descriptor is written to (`< size`).
+    pub(crate) used_idx: u16,
+    /// The device's wrap counter for the lap `used_idx` is in.
+    pub(crate) used_wrap: bool,
+    /// Per buffer id: ring descriptors its chain took (0: not outstanding).
+    pub(crate) ndescs: Vec<u16>,
+    /// Per buffer id: its chain's device-writable buffers, for the dirty
+    /// log (the ring slots may already be overwritten by used descriptors
+    /// when the buffer completes, so they are kept from the pop).
+    pub(crate) writable: Vec<Vec<(u64, u32)>>,
+    /// Ring descriptors of the last chains popped, a ring of `size`
+    /// entries indexed by pop count: what [`Queue::unpop`] rolls back.
+    ///
+    /// [`Queue::unpop`]: crate::queue::Queue::unpop
+    pub(crate) recent: Vec<u16>,
+    /// Pops made (modulo `size`): `recent`'s write position.
+    pub(crate) pops: u16,
+    /// The first used descriptor of the current batch: its slot and the
+    /// flags not yet written. Written last, after a release fence, so the
+    /// driver sees the whole batch at once.
+    pub(crate) pending: Option<(u16, u16)>,
+    /// The used position at the last notification check (slot, wrap),
+    /// for `RING_EVENT_FLAGS_DESC`.
+    pub(crate) signalled: Option<(u16, bool)>,
+    /// Ring descriptors used since the last notification check.
+    pub(crate) since_signal: u32,
+}
+
+impl Default for PackedState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PackedState {
+    /// A ring at its start: both positions at slot 0 with wrap counters
+    /// set (the spec's initial state).
+    pub(crate) fn new() -> Self {
+        PackedState {
+            avail_idx: 0,
+            avail_wrap: true,
+            used_idx: 0,
+            used_wrap: true,
+            ndescs: Vec::new(),
+            writable: Vec::new(),
+            recent: Vec::new(),
+            pops: 0,
+            pending: None,
+            signalled: None,
+            since_signal: 0,
+        }
+    }
+
+    /// Sizes the per-id tables for a ring of `size` (once per size).
+    pub(crate) fn fit(&mut self, size: u16) {
+        let n = usize::from(size);
+        if self.ndescs.len() != n {
+            self.ndescs = vec![0; n];
+            self.writable = vec![Vec::new(); n];
+            self.recent = vec![0; n];
+            self.pops = 0;
+        }
+    }
+
+    /// The state as `GET_VRING_BASE` carries it for a packed ring: bits
+    /// 0-14 the next available slot, bit 15 its wrap counter, bits 16-30
+    /// the next used slot, bit 31 its wrap counter (the vhost-user spec's
+    /// layout, which QEMU reads back the same way).
+    pub(crate) fn base(&self) -> u32 {
+        let half = |idx: u16, wrap: bool| u32::from(idx & 0x7fff) | (u32::from(wrap) << 15);
+        half(self.avail_idx, self.avail_wrap) | (half(self.used_idx, self.used_wrap) << 16)
+    }
+
+    /// Restores the state from `SET_VRING_BASE`'s `num` ([`base`]'s
+    /// layout). A frontend that sends only the low half (DPDK's
+    /// virtio_user, and any frontend starting a ring afresh) means the used
+    /// position is the available one: nothing was in flight. Per-chain
+    /// bookkeeping starts empty.
+    ///
+    /// [`base`]: PackedState::base
+    pub(crate) fn set_base(&mut self, num: u32) {
+        let avail = (num & 0xffff) as u16;
+        let used = if num >> 16 == 0 {
+            avail
+        } else {
+            (num >> 16) as u16
+        };
+        self.avail_idx = avail & 0x7fff;
+        self.avail_wrap = avail & 0x8000 != 0;
+        self.used_idx = used & 0x7fff;
+        self.used_wrap = used & 0x8000 != 0;
+        self.ndescs.iter_mut().for_each(|n| *n = 0);
+        self.pops = 0;
+        self.pending = None;
+        self.signalled = None;
+        self.since_signal = 0;
+    }
+
+    /// The next available position as one 16-bit value (slot, wrap in bit
+    /// 15), what [`Queue::next_avail`](crate::queue::Queue::next_avail)
+    /// reports for a packed ring.
+    pub(crate) fn next_avail(&self) -> u16 {
+        self.avail_idx | (u16::from(self.avail_wrap) << 15)
+    }
+
+    /// The next used position, as [`next_avail`](PackedState::next_avail).
+    pub(crate) fn next_used(&self) -> u16 {
+        self.used_idx | (u16::from(self.used_wrap) << 15)
+    }
+}
+
+/// Moves ring position (`idx`, `wrap`) forward by `n <= size` slots,
+/// flipping the wrap counter when it passes the ring's end.
+#[inline]
+pub(crate) fn advance(idx: u16, wrap: bool, n: u16, size: u16) -> (u16, bool) {
+    let next = u32::from(idx) + u32::from(n);
+    if next >= u32::from(size) {
+        ((next - u32::from(size)) as u16, !wrap)
+    } else {
+        (next as u16, wrap)
+    }
+}
+
+/// Moves ring position (`idx`, `wrap`) back by `n <= size` slots.
+#[inline]
+pub(crate) fn retreat(idx: u16, wrap: bool, n: u16, size: u16) -> (u16, bool) {
+    if n > idx {
+        (idx + size - n, !wrap)
+    } else {
+        (idx - n, wrap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_base_round_trips_both_positions_and_wrap_counters() {
+        let mut s = PackedState::new();
+        s.avail_idx = 5;
+        s.avail_wrap = false;
+        s.used_idx = 3;
+        s.used_wrap = true;
+        let num = s.base();
+        assert_eq!(num, 5 | (3 << 16) | (1 << 31));
+        let mut t = PackedState::new();
+        t.set_base(num);
+        assert_eq!(
+            (t.avail_idx, t.avail_wrap, t.used_idx, t.used_wrap),
+            (5, false, 3, true)
+        );
+    }
+
+    #[test]
+    fn test_low_half_only_means_used_is_avail() {
+        // DPDK's virtio_user starts a packed ring with 0x8000.
+        let mut t = PackedState::new();
+        t.set_base(0x8000);
+        assert_eq!(
+            (t.avail_idx, t.avail_wrap, t.used_idx, t.used_wrap),
+            (0, true, 0, true)
+        );
+        t.set_base(7);
+        assert_eq!(
+            (t.avail_idx, t.avail_wrap, t.used_idx, t.used_wrap),
+            (7, false, 7, false)
+        );
+    }
+
+    #[test]
+    fn test_advance_and_retreat_flip_the_wrap_counter_at_the_end() {
+        assert_eq!(advance(14, true, 2, 16), (0, false));
+        assert_eq!(advance(3, true, 16, 16), (3, false));
+        assert_eq!(advance(3, false, 4, 16), (7, false));
+        assert_eq!(retreat(0, false, 2, 16), (14, true));
+        assert_eq!(retreat(5, true, 5, 16), (0, true));
+        assert_eq!(retreat(3, true, 16, 16), (3, false));
+    }
+}

@@ -1,0 +1,144 @@
+//! Completions on a packed ring: a used descriptor (buffer id, bytes
+//! written, flags in the device's lap) written at the device's used
+//! position, which then moves past every descriptor the buffer's chain
+//! took. The first used descriptor of a batch has its flags written last,
+//! after a release fence ([`Queue::publish_used`]), so the driver sees the
+//! batch at once and never a descriptor before its id and length (as
+//! DPDK's vhost does). An in-order device completes a batch with one used
+//! descriptor, the last buffer's.
+
+use std::sync::atomic::{fence, Ordering};
+
+use virtio_queue::QueueT;
+
+use super::desc::used_flags;
+use super::ring::{HostRing, Mem, RingMem};
+use super::state::advance;
+use crate::queue::{Queue, QueueError, Result};
+
+impl<'a> Queue<'a> {
+    /// [`Queue::add_used`] on a packed ring.
+    pub(in crate::queue) fn packed_add_used(&mut self, head: u16, len: u32) -> Result<()> {
+        let size = self.vring.q.size();
+        let n = match self.vring.packed.as_ref() {
+            Some(p) if usize::from(head) < p.ndescs.len() => p.ndescs[usize::from(head)],
+            _ => {
+                return Err(QueueError::BadHead {
+                    queue: self.index,
+                    head,
+                    size,
+                })
+            }
+        };
+        if let (Some(log), true) = (self.vring.log.clone(), len > 0) {
+            self.packed_log_buffer(&log, head, len);
+        }
+        let r = match self.rings {
+            Some(r) => self.packed_put_used(&HostRing::new(r), head, len, n),
+            None => {
+                let ring = self.packed_dma_ring();
+                self.packed_put_used(&ring, head, len, n)
+            }
+        };
+        r.map_err(|e| self.dma_err(e))
+    }
+
+    /// [`Queue::add_used_batch`] on a packed ring: with `VIRTIO_F_IN_ORDER`
+    /// one used descriptor (the last head's) for the whole batch, without
+    /// one per head.
+    pub(in crate::queue) fn packed_add_used_batch(
+        &mut self,
+        heads: &[u16],
+    ) -> std::result::Result<(), (usize, QueueError)> {
+        let size = self.vring.q.size();
+        let known = |h: u16| usize::from(h) < usize::from(size);
+        if let Some(&head) = heads.iter().find(|&&h| !known(h)) {
+            let e = QueueError::BadHead {
+                queue: self.index,
+                head,
+                size,
+            };
+            return Err((0, e));
+        }
+        let (true, Some(&last)) = (self.vring.in_order, heads.last()) else {
+            for (i, &h) in heads.iter().enumerate() {
+                self.packed_add_used(h, 0).map_err(|e| (i, e))?;
+            }
+            return Ok(());
+        };
+        let Some(p) = self.vring.packed.as_mut() else {
+            return Ok(());
+        };
+        p.fit(size);
+        // A driver cannot have more than `size` descriptors outstanding.
+        let total: u32 = heads
+            .iter()
+            .map(|&h| u32::from(p.ndescs[usize::from(h)].max(1)))
+            .sum();
+        let total = u16::try_from(total.min(u32::from(size))).unwrap_or(size);
+        let r = match self.rings {
+            Some(r) => self.packed_put_used(&HostRing::new(r), last, 0, total),
+            None => {
+                let ring = self.packed_dma_ring();
+                self.packed_put_used(&ring, last, 0, total)
+            }
+        };
+        let added = u16::try_from(heads.len()).unwrap_or(u16::MAX);
+        self.vring.num_added = self.vring.num_added.saturating_add(added.saturating_sub(1));
+        r.map_err(|e| (0, self.dma_err(e)))
+    }
+
+    /// Writes a used descriptor for buffer `id` with `len` bytes written,
+    /// covering `n` ring descriptors, at the used position, and moves it.
+    pub(super) fn packed_put_used<R: RingMem>(
+        &mut self,
+        ring: &R,
+        id: u16,
+        len: u32,
+        n: u16,
+    ) -> Mem<()> {
+        let size = ring.size();
+        let Some(p) = self.vring.packed.as_mut() else {
+            return Ok(());
+        };
+        let slot = p.used_idx;
+        ring.write_used(slot, id, len)?;
+        let flags = used_flags(p.used_wrap, len > 0);
+        if p.pending.is_none() {
+            p.pending = Some((slot, flags));
+        } else {
+            ring.set_flags(slot, flags)?;
+        }
+        let n = n.clamp(1, size.max(1));
+        (p.used_idx, p.used_wrap) = advance(slot, p.used_wrap, n, size);
+        p.since_signal = p.since_signal.saturating_add(u32::from(n));
+        if let Some(c) = p.ndescs.get_mut(usize::from(id)) {
+            *c = 0;
+        }
+        self.vring.num_added = self.vring.num_added.saturating_add(1);
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// [`Queue::publish_used`] on a packed ring: the batch's first used
+    /// descriptor gets its flags, after everything written before.
+    pub(in crate::queue) fn packed_publish(&mut self) {
+        self.dirty = false;
+        let Some((slot, flags)) = self.vring.packed.as_mut().and_then(|p| p.pending.take()) else {
+            return;
+        };
+        fence(Ordering::Release);
+        let r = match self.rings {
+            Some(r) => HostRing::new(r).set_flags(slot, flags),
+            None => self.packed_dma_ring().set_flags(slot, flags),
+        };
+        if let Err(e) = r {
+            crate::log_limited!(
+                log::Level::Error,
+                "queue {}: used descriptor {slot} not published: {e}",
+                self.index
+            );
+            self.vring.broken = true;
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! The packed ring walk: popping the next available chain. A chain is the
+//! run of ring descriptors from the next available slot up to the first
+//! without `NEXT` (its buffer id is that last descriptor's), or one
+//! descriptor pointing at an indirect table. Every buffer is translated
+//! into the chain's host fragments before it is returned, as on the split
+//! ring.
+//!
+//! Malformed chains (a descriptor of the chain not available in the
+//! expected lap, i.e. a wrong wrap counter, consumed with it; more descriptors than the
+//! ring has; an indirect table that is empty, misaligned in length, nested
+//! or outside memory in the memory-table mode; a buffer id outside the
+//! ring; an address range that overflows) are consumed as far as they were
+//! read, completed once with length 0 under the id last read, counted in
+//! the queue's errors, and the queue goes on with the next slot.
+
+use log::warn;
+use virtio_queue::QueueT;
+
+use super::desc::{is_avail, PackedDesc, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DESC_LEN};
+use super::ring::{DmaRing, HostRing, RingMem};
+use super::state::{advance, retreat};
+use crate::dma::{Access, DmaError};
+use crate::queue::chain::Frag;
+use crate::queue::{Chain, Desc, Queue, QueueError, Result};
+
+/// How a walk ended.
+enum End {
+    /// A whole chain.
+    Chain,
+    /// Malformed: consumed and completed with length 0.
+    Bad,
+    /// A buffer or table access failed.
+    Dma(DmaError),
+}
+
+impl<'a> Queue<'a> {
+    /// The packed ring's field accessor through the DMA handle (areas that
+    /// are not host-contiguous).
+    pub(in crate::queue) fn packed_dma_ring(&self) -> DmaRing<'a> {
+        DmaRing {
+            dma: self.dma,
+            desc: self.vring.q.desc_table(),
+            driver: self.vring.q.avail_ring(),
+            device: self.vring.q.used_ring(),
+            size: self.vring.q.size(),
+        }
+    }
+
+    /// [`Queue::pop`] on a packed ring.
+    pub(in crate::queue) fn packed_pop(&mut self, chain: &mut Chain) -> Result<bool> {
+        chain.clear();
+        match self.rings {
+            Some(r) => self.packed_pop_in(&HostRing::new(r), chain),
+            None => {
+                let ring = self.packed_dma_ring();
+                self.packed_pop_in(&ring, chain)
+            }
+        }
+    }
+
+    fn packed_pop_in<R: RingMem>(&mut self, ring: &R, chain: &mut Chain) -> Result<bool> {
+        let size = ring.size();
+        let Some(p) = self.vring.packed.as_mut() else {
+            return Ok(false);
+        };
+        p.fit(size);
+        let (start, wrap) = (p.avail_idx, p.avail_wrap);
+        let flags = match ring.flags(start) {
+            Ok(f) => f,
+            Err(e) => return Err(self.dma_err(e)),
+        };
+        if !is_avail(flags, wrap) {
+            return Ok(false);
+        }
+        chain.epoch = self.epoch;
+        let (mut slot, mut w) = (start, wrap);
+        let mut count = 0u16;
+        let mut id = 0u16;
+        let end = loop {
+            // At most `size` descriptors: a longer chain never ends.
+            if count >= size {
+                break End::Bad;
+            }
+            if count > 0 {
+                match ring.flags(slot) {
+                    // The driver makes a chain's head available last: the
+                    // rest must be there, in the same lap. One that is not
+                    // is consumed with the chain it was meant for.
+                    Ok(f) if is_avail(f, w) => {}
+                    Ok(_) => {
+                        count += 1;
+                        break End::Bad;
+                    }
+                    Err(e) => break End::Dma(e),
+                }
+            }
+            let d = match ring.desc(slot) {
+                Ok(d) => d,
+                Err(e) => break End::Dma(e),
+            };
+            count += 1;
+            id = d.id;
+            if d.flags & DESC_F_INDIRECT != 0 {
+                if d.flags & DESC_F_NEXT != 0 {
+                    break End::Bad;
+                }
+                break self.packed_indirect(d, chain);
+            }
+            if let Err(e) = self.packed_push(chain, d.addr, d.len, d.flags & DESC_F_WRITE != 0) {
+                break e;
+            }
+            if d.flags & DESC_F_NEXT == 0 {
+                break End::Chain;
+            }
+            (slot, w) = advance(slot, w, 1, size);
+        };
+        let end = match end {
+            End::Chain if id >= size => End::Bad,
+            e => e,
+        };
+        match end {
+            End::Chain => {
+                chain.head = id;
+                let Some(p) = self.vring.packed.as_mut() else {
+                    return Ok(false);
+                };
+                (p.avail_idx, p.avail_wrap) = advance(start, wrap, count, size);
+                p.ndescs[usize::from(id)] = count;
+                let wr = &mut p.writable[usize::from(id)];
+                wr.clear();
+                wr.extend(
+                    chain
+                        .descs
+                        .iter()
+                        .filter(|d| d.writable)
+                        .map(|d| (d.addr, d.len)),
+                );
+                let at = usize::from(p.pops);
+                p.recent[at] = count;
+                p.pops = if p.pops + 1 >= size { 0 } else { p.pops + 1 };
+                self.tail_pops = self.tail_pops.saturating_add(1);
+                Ok(true)
+            }
+            End::Dma(e) if e.is_miss() && self.park_on_miss => {
+                // Not consumed: popped again once the frontend maps it.
+                chain.clear();
+                Err(self.dma_err(e))
+            }
+            End::Dma(e) => {
+                chain.clear();
+                self.packed_consume(start, wrap, count);
+                self.packed_complete_bad(ring, id, count);
+                if e.is_miss() {
+                    // Memory table: the address is outside guest memory.
+                    self.packed_warn_bad_address(id, &e);
+                    return Err(QueueError::BadChain {
+                        queue: self.index,
+                        head: id,
+                    });
+                }
+                // Permission failure or fault: the chain cannot be served.
+                Err(self.dma_err(e))
+            }
+            End::Bad => {
+                chain.clear();
+                self.packed_consume(start, wrap, count);
+                self.packed_complete_bad(ring, id, count);
+                Err(QueueError::BadChain {
+                    queue: self.index,
+                    head: id,
+                })
+            }
+        }
+    }
+
+    /// Moves the available position past `count` slots from (`start`,
+    /// `wrap`).
+    fn packed_consume(&mut self, start: u16, wrap: bool, count: u16) {
+        let size = self.vring.q.size();
+        if let Some(p) = self.vring.packed.as_mut() {
+            (p.avail_idx, p.avail_wrap) = advance(start, wrap, count.max(1), size);
+        }
+    }
+
+    /// Reads the indirect table `d` points at into `chain`.
+    fn packed_indirect(&mut self, d: PackedDesc, chain: &mut Chain) -> End {
+        if d.len == 0 || u64::from(d.len) % DESC_LEN != 0 {
+            return End::Bad;
+        }
+        if d.addr.checked_add(u64::from(d.len)).is_none() {
+            return End::Bad;
+        }
+        let n = u64::from(d.len) / DESC_LEN;
+        if n > u64::from(u16::MAX) {
+            return End::Bad;
+        }
+        for k in 0..n {
+            let b: [u8; 16] = match self.dma.read_obj(d.addr + DESC_LEN * k) {
+                Ok(b) => b,
+                Err(e) => return End::Dma(e),
+            };
+            let e = PackedDesc::from_le_bytes(b);
+            if e.flags & DESC_F_INDIRECT != 0 {
+                return End::Bad;
+            }
+            // In a packed indirect table the descriptors follow each other;
+            // `NEXT` and the id are not used.
+            if let Err(end) = self.packed_push(chain, e.addr, e.len, e.flags & DESC_F_WRITE != 0) {
+                return end;
+            }
+        }
+        End::Chain
+    }
+
+    /// Appends a buffer to `chain` and translates it into host fragments.
+    #[inline]
+    fn packed_push(
+        &self,
+        chain: &mut Chain,
+        addr: u64,
+        len: u32,
+        writable: bool,
+    ) -> std::result::Result<(), End> {
+        if addr.checked_add(u64::from(len)).is_none() {
+            return Err(End::Bad);
+        }
+        chain.descs.push(Desc {
+            addr,
+            len,
+            writable,
+        });
+        if writable {
+            chain.writable += u64::from(len);
+        } else {
+            chain.readable += u64::from(len);
+        }
+        let access = if writable {
+            Access::Write
+        } else {
+            Access::Read
+        };
+        let mut at = addr;
+        let mut left = u64::from(len);
+        while left > 0 {
+            let f = self.dma.fragment(at, left, access).map_err(End::Dma)?;
+            chain.frags.push(Frag {
+                addr: f.as_ptr() as usize,
+                len: f.len(),
+                writable,
+            });
+            at = at.wrapping_add(f.len() as u64);
+            left -= f.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Completes a malformed chain of `count` ring descriptors under `id`
+    /// with length 0, once, and counts it.
+    fn packed_complete_bad<R: RingMem>(&mut self, ring: &R, id: u16, count: u16) {
+        // Chains popped before this one can no longer be given back.
+        self.tail_pops = 0;
+        self.vring.errors += 1;
+        if self.vring.errors.is_power_of_two() {
+            warn!(
+                "queue {}: completing bad packed chain {id} with length 0 ({} so far)",
+                self.index, self.vring.errors
+            );
+        }
+        if let Err(e) = self.packed_put_used(ring, id, 0, count) {
+            log::error!("queue {}: cannot complete bad chain {id}: {e}", self.index);
+            self.vring.broken = true;
+        }
+    }
+
+    fn packed_warn_bad_address(&self, id: u16, e: &DmaError) {
+        if self.vring.errors.is_power_of_two() {
+            warn!(
+                "queue {}: packed chain {id} has a buffer outside guest memory ({e}); completed with length 0",
+                self.index
+            );
+        }
+    }
+
+    /// [`Queue::unpop`] on a packed ring: the available position moves
+    /// back over the last `n` chains' descriptors.
+    pub(in crate::queue) fn packed_unpop(&mut self, n: u16) -> bool {
+        let size = self.vring.q.size();
+        if n > self.tail_pops || n > size {
+            return false;
+        }
+        let Some(p) = self.vring.packed.as_mut() else {
+            return false;
+        };
+        if p.recent.len() != usize::from(size) {
+            return false;
+        }
+        let mut total = 0u32;
+        for k in 1..=n {
+            let at = (u32::from(p.pops) + u32::from(size) - u32::from(k)) % u32::from(size);
+            total += u32::from(p.recent[at as usize]);
+        }
+        let Ok(total) = u16::try_from(total) else {
+            return false;
+        };
+        if total > size {
+            return false;
+        }
+        (p.avail_idx, p.avail_wrap) = retreat(p.avail_idx, p.avail_wrap, total, size);
+        p.pops = ((u32::from(p.pops) + u32::from(size) - u32::from(n)) % u32::from(size)) as u16;
+        self.tail_pops -= n;
+        true
+    }
+}
