@@ -78,3 +78,38 @@ if command -v ip >/dev/null; then
         warn "cannot create network namespaces: tap tests cannot run"
     fi
 fi
+
+# A vDPA-capable guest kernel for the VDUSE tests. The host's kernel (and
+# Debian's 6.1, which the other guests boot) lacks VDUSE; Debian's 6.12
+# (bookworm security suite) ships vduse.ko, vdpa.ko and virtio_vdpa.ko. It
+# is unpacked, not installed: installing would change the kernel the other
+# guest tests pick from /boot. The tests read it from
+# IOASIS_VDUSE_KERNEL_DIR (default below): vmlinuz-<version> and
+# lib/modules/<version>/ under it.
+VDUSE_DIR="${IOASIS_VDUSE_KERNEL_DIR:-/var/cache/ioasis/vduse-kernel}"
+vduse_kernel() {
+    local pkg deb
+    pkg=$(apt-cache depends linux-image-6.12-amd64 2>/dev/null | awk '/Depends: linux-image-6\.12\./ {print $2; exit}')
+    if [ -z "$pkg" ]; then
+        $SUDO apt-get update -qq || true
+        pkg=$(apt-cache depends linux-image-6.12-amd64 2>/dev/null | awk '/Depends: linux-image-6\.12\./ {print $2; exit}')
+    fi
+    [ -n "$pkg" ] || { warn "no linux-image-6.12-amd64 in the package lists (bookworm-security): VDUSE tests skip"; return 0; }
+    local version=${pkg#linux-image-}
+    if [ -f "$VDUSE_DIR/vmlinuz-$version" ] && [ -d "$VDUSE_DIR/lib/modules/$version/kernel/drivers/vdpa" ]; then
+        echo "== VDUSE guest kernel: $VDUSE_DIR/vmlinuz-$version"
+        return 0
+    fi
+    $SUDO mkdir -p "$VDUSE_DIR/deb"
+    ( cd "$VDUSE_DIR/deb" && $SUDO apt-get download -qq "$pkg" ) || { warn "cannot download $pkg: VDUSE tests skip"; return 0; }
+    deb=$(ls -t "$VDUSE_DIR"/deb/"${pkg}"_*.deb | head -n 1)
+    $SUDO rm -rf "$VDUSE_DIR/x"
+    $SUDO dpkg -x "$deb" "$VDUSE_DIR/x"
+    $SUDO mkdir -p "$VDUSE_DIR/lib/modules"
+    $SUDO rm -rf "$VDUSE_DIR/lib/modules/$version"
+    $SUDO mv "$VDUSE_DIR/x/lib/modules/$version" "$VDUSE_DIR/lib/modules/$version"
+    $SUDO mv "$VDUSE_DIR/x/boot/vmlinuz-$version" "$VDUSE_DIR/vmlinuz-$version"
+    $SUDO rm -rf "$VDUSE_DIR/x" "$VDUSE_DIR/deb"
+    echo "== VDUSE guest kernel: $VDUSE_DIR/vmlinuz-$version (unpacked from $pkg)"
+}
+vduse_kernel

@@ -253,10 +253,30 @@ pub trait Device: Send + Sync + 'static {
         false
     }
 
-    /// The driver wrote the virtio device status (vhost-user `SET_STATUS`).
+    /// The driver wrote the virtio device status (vhost-user `SET_STATUS`,
+    /// VDUSE's `SET_STATUS` request).
     fn set_status(&self, status: u8) {
         let _ = status;
     }
+
+    /// The transport the device is served over, said once when the server
+    /// takes the device ([`Server::add_device`](crate::server::Server::add_device),
+    /// [`Server::add_vduse_device`](crate::server::Server::add_vduse_device)),
+    /// before the framework asks for its features, queues or config space.
+    /// A device leaves out there what a transport refuses (VDUSE: a net
+    /// device's control queue). The default ignores it.
+    fn set_transport(&self, transport: TransportKind) {
+        let _ = transport;
+    }
+}
+
+/// Which transport a device is served over ([`Device::set_transport`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportKind {
+    /// vhost-user: a frontend (QEMU, DPDK virtio-user) on a unix socket.
+    VhostUser,
+    /// VDUSE: a vDPA device of the kernel ([`crate::vduse`]).
+    Vduse,
 }
 
 /// The data plane of one worker thread, built by [`Device::worker`].

@@ -23,6 +23,10 @@
 //! becomes the device's IOAS (IOVA = guest physical address); with it, the
 //! frontend's IOTLB updates and invalidations become maps and unmaps of that
 //! IOAS, and a miss is sent back to the frontend while the queue waits.
+//! The VDUSE transport ([`vduse`]) serves the same devices as vDPA devices
+//! of the kernel (`/dev/vduse`): the kernel's IOTLB regions become the
+//! device's IOAS, kicks arrive on eventfds and calls are injected
+//! interrupts.
 //!
 //! The `/dev/iommu` service through which other processes share the
 //! server's IOAS objects is crate `ioasis-service`, below this one;
@@ -61,6 +65,7 @@ pub mod termination;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 mod transport;
+pub mod vduse;
 pub mod vhost_user;
 mod worker;
 

@@ -58,6 +58,7 @@ use crate::ownership::RidOwnership;
 use crate::ratelimit::RateLimit;
 use crate::socket_policy::SocketPolicy;
 use crate::termination::Termination;
+use crate::vduse;
 use crate::vhost_user::conn::{Connection, Served};
 
 /// Errors of the server.
@@ -94,6 +95,15 @@ pub enum ServerError {
         /// iommu-core's error.
         #[source]
         source: iommu_core::Error,
+    },
+    /// A VDUSE device could not be created or set up.
+    #[error("VDUSE device {label:?}")]
+    Vduse {
+        /// The label.
+        label: String,
+        /// The transport's error.
+        #[source]
+        source: vduse::Error,
     },
     /// An event loop system call failed.
     #[error("Event loop {op} failed")]
@@ -233,10 +243,20 @@ struct Hosted {
     paused: Option<Instant>,
 }
 
+/// A device served over VDUSE: its kernel device and control state until
+/// [`Server::run`] hands them to the device's control thread.
+struct VduseHosted {
+    label: String,
+    parts: Option<(vduse::KernelDevice, vduse::Control)>,
+    stop: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
 /// One backend process's device server.
 pub struct Server {
     iommu: Iommu,
     hosted: Vec<Hosted>,
+    vduse: Vec<VduseHosted>,
     extra: Vec<Extra>,
     directory: DeviceDirectory,
     stop: Arc<EventFd>,
@@ -289,6 +309,7 @@ impl Server {
         Server {
             iommu,
             hosted: Vec::new(),
+            vduse: Vec::new(),
             extra: Vec::new(),
             directory: DeviceDirectory::default(),
             stop: Arc::new(stop),
@@ -347,32 +368,8 @@ impl Server {
         info: HwInfo,
     ) -> Result<()> {
         let path = path.as_ref().to_path_buf();
-        let invalid = |reason| ServerError::InvalidDevice {
-            label: label.to_string(),
-            reason,
-        };
-        let n = device.num_queues();
-        if n == 0 || n > 64 {
-            return Err(invalid("num_queues must be in 1..=64"));
-        }
-        let max = device.max_queue_size();
-        if max == 0 || !max.is_power_of_two() || max > crate::queue::MAX_QUEUE_SIZE {
-            return Err(invalid("max_queue_size must be a power of two up to 32768"));
-        }
-        let masks = device.queues_per_thread();
-        let all = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
-        let mut seen = 0u64;
-        for m in &masks {
-            if m & seen != 0 || m & !all != 0 || *m == 0 {
-                return Err(invalid(
-                    "queues_per_thread masks must be non-empty, disjoint and within num_queues",
-                ));
-            }
-            seen |= m;
-        }
-        if seen != all {
-            return Err(invalid("queues_per_thread must cover every queue"));
-        }
+        device.set_transport(crate::device::TransportKind::VhostUser);
+        check_device(label, &*device)?;
         if self.directory.get(label).is_some() {
             return Err(ServerError::DuplicateLabel(label.to_string()));
         }
@@ -416,6 +413,63 @@ impl Server {
             pending: None,
             backoff: AcceptBackoff::new(),
             paused: None,
+        });
+        Ok(())
+    }
+
+    /// Serves `device` as `label` over VDUSE: creates the kernel's VDUSE
+    /// device `name` (`/dev/vduse/NAME`; or takes over an existing one of
+    /// that name, see [`crate::vduse`]) with the device's type, features,
+    /// queues and config space, sets up its queues, and serves it from
+    /// [`run`](Server::run) on a thread of its own. The device is then
+    /// ready for `vdpa dev add name NAME mgmtdev vduse`. It is destroyed
+    /// when the server shuts down, unless it is still on the vDPA bus.
+    /// Needs the `vduse` module, and `CAP_NET_ADMIN` for a net device.
+    pub fn add_vduse_device(
+        &mut self,
+        label: &str,
+        name: &str,
+        device: Arc<dyn Device>,
+    ) -> Result<()> {
+        device.set_transport(crate::device::TransportKind::Vduse);
+        check_device(label, &*device)?;
+        if self.directory.get(label).is_some() {
+            return Err(ServerError::DuplicateLabel(label.to_string()));
+        }
+        let err = |source| ServerError::Vduse {
+            label: label.to_string(),
+            source,
+        };
+        let kernel = vduse::KernelDevice::create(name, &*device).map_err(err)?;
+        let core = iommu_core::IommuDevice::new(label, HwInfo::default());
+        let dev_id = self
+            .iommu
+            .bind(&core)
+            .map_err(|source| ServerError::Iommu {
+                label: label.to_string(),
+                source,
+            })?;
+        let fd = kernel.fd.try_clone().map_err(|source| {
+            err(vduse::Error::Sys {
+                op: "dup of the device fd",
+                source,
+            })
+        })?;
+        let control = vduse::Control::new(Arc::new(fd), device, &self.iommu, core.clone(), dev_id)
+            .map_err(err)?;
+        self.directory.insert(
+            label.to_string(),
+            DirectoryEntry {
+                device: core,
+                dev_id,
+                socket: vduse::dev_path(name),
+            },
+        );
+        self.vduse.push(VduseHosted {
+            label: label.to_string(),
+            parts: Some((kernel, control)),
+            stop: Arc::new(eventfd("eventfd")?),
+            thread: None,
         });
         Ok(())
     }
@@ -528,6 +582,9 @@ impl Server {
         }
         for (i, x) in self.extra.iter().enumerate() {
             add(x.listener.as_fd(), TOKEN_EXTRA + i as u64)?;
+        }
+        for v in &mut self.vduse {
+            start_vduse(v);
         }
         let mut events = [EpollEvent::empty(); 16];
         'outer: loop {
@@ -684,6 +741,14 @@ impl Server {
     }
 
     fn shutdown_all(&mut self) {
+        for v in &mut self.vduse {
+            let _ = v.stop.write(1);
+            if let Some(t) = v.thread.take() {
+                if t.join().is_err() {
+                    error!("VDUSE device {:?}: control thread panicked", v.label);
+                }
+            }
+        }
         for h in &mut self.hosted {
             h.pending = None;
             if let Some(a) = h.active.take() {
@@ -770,6 +835,70 @@ fn start_connection(h: &mut Hosted, stream: UnixStream, reaped: &Arc<EventFd>) {
             })
         }
         Err(e) => error!("device {:?}: spawning connection thread: {e}", h.label),
+    }
+}
+
+/// Checks a device's description (queue count and sizes, thread masks).
+fn check_device(label: &str, device: &dyn Device) -> Result<()> {
+    let invalid = |reason| ServerError::InvalidDevice {
+        label: label.to_string(),
+        reason,
+    };
+    let n = device.num_queues();
+    if n == 0 || n > 64 {
+        return Err(invalid("num_queues must be in 1..=64"));
+    }
+    let max = device.max_queue_size();
+    if max == 0 || !max.is_power_of_two() || max > crate::queue::MAX_QUEUE_SIZE {
+        return Err(invalid("max_queue_size must be a power of two up to 32768"));
+    }
+    let masks = device.queues_per_thread();
+    let all = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
+    let mut seen = 0u64;
+    for m in &masks {
+        if m & seen != 0 || m & !all != 0 || *m == 0 {
+            return Err(invalid(
+                "queues_per_thread masks must be non-empty, disjoint and within num_queues",
+            ));
+        }
+        seen |= m;
+    }
+    if seen != all {
+        return Err(invalid("queues_per_thread must cover every queue"));
+    }
+    Ok(())
+}
+
+/// Starts the control thread of a VDUSE device: it serves the device until
+/// the server shuts down, then destroys it.
+fn start_vduse(v: &mut VduseHosted) {
+    let Some((kernel, mut control)) = v.parts.take() else {
+        return;
+    };
+    let label = v.label.clone();
+    let stop = v.stop.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("ioasis-vduse-{label}"))
+        .spawn(move || {
+            info!(
+                "device {label:?} served over VDUSE as {:?}{}",
+                kernel.name(),
+                if kernel.existed {
+                    " (an existing device, taken over)"
+                } else {
+                    ""
+                }
+            );
+            if let Err(e) = control.run(&stop) {
+                error!("VDUSE device {label:?}: {}", crate::error_chain(&e));
+            }
+            // Every fd of the device closes before it is destroyed.
+            drop(control);
+            kernel.destroy();
+        });
+    match spawned {
+        Ok(t) => v.thread = Some(t),
+        Err(e) => error!("VDUSE device {:?}: spawning its thread: {e}", v.label),
     }
 }
 

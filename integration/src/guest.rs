@@ -67,7 +67,8 @@ pub fn marker(name: &str) -> String {
     format!("{MARKER_PREFIX}{name}@@")
 }
 
-const INIT: &str = r#"#!/bin/sh
+/// The `/init` of every guest initramfs.
+pub(crate) const INIT: &str = r#"#!/bin/sh
 /bin/busybox --install -s
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
@@ -96,7 +97,8 @@ sync
 poweroff -f
 "#;
 
-const LIB: &str = r#"# Helpers for guest test scripts.
+/// `/lib/ioasis.sh`, the helpers of guest scripts.
+pub(crate) const LIB: &str = r#"# Helpers for guest test scripts.
 mark() { echo "@@IOASIS:$*@@"; }
 virtio_if() {
     n=${1:-0}
@@ -175,6 +177,16 @@ impl GuestKit {
             .map_err(|e| Error::Unavailable(format!("guest kit: {e}")))
     }
 
+    /// A kit of `kernel` (version `version`) and an initramfs built
+    /// elsewhere (the VDUSE guests' kit, [`crate::vduse_kit`]).
+    pub(crate) fn from_parts(kernel: PathBuf, version: String, base: PathBuf) -> GuestKit {
+        GuestKit {
+            kernel,
+            version,
+            base,
+        }
+    }
+
     /// The kernel image.
     pub fn kernel(&self) -> &Path {
         &self.kernel
@@ -222,7 +234,11 @@ impl GuestKit {
                 }
                 end += 1;
             }
-            w.file(path, 0o644, data);
+            // Programs (and the dynamic loader) are executable.
+            let exec = ["bin/", "sbin/", "lib64/"]
+                .iter()
+                .any(|d| path.starts_with(d));
+            w.file(path, if exec { 0o755 } else { 0o644 }, data);
         }
         bytes.extend_from_slice(&w.finish());
         let path = dir.join(format!("{name}.cpio"));
@@ -379,7 +395,7 @@ fn find_kernel() -> Result<(PathBuf, String)> {
 }
 
 /// Canonical module name: file stem without `.ko*`, `-` as `_`.
-fn module_name(path: &str) -> String {
+pub(crate) fn module_name(path: &str) -> String {
     let file = path.rsplit('/').next().unwrap_or(path);
     let stem = file.split(".ko").next().unwrap_or(file);
     stem.replace('-', "_")
@@ -472,7 +488,7 @@ fn load_order(modules_dep: &str, name: &str) -> Option<Vec<(String, String)>> {
 }
 
 /// Reads a module, decompressing `.xz`, `.zst` and `.gz` with the system tools.
-fn read_module(path: &Path) -> Result<Vec<u8>> {
+pub(crate) fn read_module(path: &Path) -> Result<Vec<u8>> {
     let name = path.to_string_lossy();
     let tool = if name.ends_with(".xz") {
         Some(("xz", "xz-utils"))

@@ -22,6 +22,9 @@
 //! - [`vdpa_net`]: the workspace's `vdpa-net` daemon and its JSON statistics;
 //! - [`tcp_bulk`]: a bulk TCP transfer from a guest on vdpa-net to a tap in
 //!   a namespace;
+//! - [`vduse_kit`]: the guest kit of the VDUSE tests (Debian's 6.12
+//!   kernel, which has VDUSE, with the vDPA modules and the `vdpa` tool),
+//!   and the daemon with its shared libraries for such a guest;
 //! - [`accounting`]: counts two sides of a run must agree on (every frame
 //!   sent is counted), failing with the number lost.
 //!
@@ -53,6 +56,7 @@ pub mod qemu;
 pub mod tcp_bulk;
 pub mod testpmd;
 pub mod vdpa_net;
+pub mod vduse_kit;
 
 pub use env::{heavy_lock, ready, WorkDir};
 pub use error::{Error, OrPanic, Result};

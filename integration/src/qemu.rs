@@ -85,6 +85,8 @@ pub struct QemuConfig {
     files: Vec<(String, Vec<u8>)>,
     script: String,
     append: String,
+    /// The kit to boot ([`GuestKit::get`] when unset).
+    kit: Option<&'static GuestKit>,
 }
 
 impl QemuConfig {
@@ -100,6 +102,7 @@ impl QemuConfig {
             files: Vec::new(),
             script: script.to_string(),
             append: String::new(),
+            kit: None,
         }
     }
 
@@ -148,6 +151,13 @@ impl QemuConfig {
     pub fn file(mut self, path: &str, data: Vec<u8>) -> QemuConfig {
         self.files
             .push((path.trim_start_matches('/').to_string(), data));
+        self
+    }
+
+    /// Boots `kit` instead of the default kit (the VDUSE guests' kernel,
+    /// [`crate::vduse_kit`]).
+    pub fn kit(mut self, kit: &'static GuestKit) -> QemuConfig {
+        self.kit = Some(kit);
         self
     }
 
@@ -283,7 +293,10 @@ impl Qemu {
     /// Builds the guest's initramfs and starts QEMU, logging into `dir`.
     pub fn launch(cfg: &QemuConfig, dir: &Path) -> Result<Qemu> {
         let qemu = require_tool("qemu-system-x86_64", "qemu-system-x86")?;
-        let kit = GuestKit::get()?;
+        let kit = match cfg.kit {
+            Some(k) => k,
+            None => GuestKit::get()?,
+        };
         let initrd = kit.initrd_with_files(
             dir,
             &format!("{}-initrd", cfg.name),

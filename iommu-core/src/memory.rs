@@ -79,6 +79,33 @@ impl Memory {
                 size,
             });
         }
+        Memory::map_shared(fd, offset, len, usize::try_from(st.st_blksize).unwrap_or(0))
+    }
+
+    /// Maps `len` bytes of a device file `fd` (one whose size says nothing
+    /// of what it can map, such as the IOVA domain file a VDUSE device's
+    /// `VDUSE_IOTLB_GET_FD` returns) from byte `offset`, shared and
+    /// read-write. The file's driver decides which offsets fault in pages;
+    /// an access it refuses is answered like one past the end of a shrunk
+    /// memfd ([`sigbus`](crate::sigbus)), and [`Memory::truncated`] says so.
+    ///
+    /// Errors: `len == 0` → [`Error::ZeroLength`]; a mapping the driver
+    /// refuses (permission, range) → [`Error::Os`].
+    pub fn from_device_fd(fd: OwnedFd, offset: u64, len: usize) -> Result<Arc<Memory>> {
+        if len == 0 {
+            return Err(Error::ZeroLength);
+        }
+        offset.checked_add(len as u64).ok_or(Error::Overflow {
+            start: offset,
+            length: len as u64,
+        })?;
+        Memory::map_shared(fd, offset, len, 0)
+    }
+
+    /// Maps `len` bytes of `fd` from `offset` (range already checked),
+    /// shared and read-write, guarded against SIGBUS with pages of
+    /// `granule` bytes (0: the base page).
+    fn map_shared(fd: OwnedFd, offset: u64, len: usize, granule: usize) -> Result<Arc<Memory>> {
         let delta = offset % page_size();
         let map_off = offset - delta;
         let map_len = usize::try_from(delta)
@@ -113,9 +140,8 @@ impl Memory {
         let ptr = NonNull::new(map_base.as_ptr().wrapping_add(delta_us)).ok_or(Error::Invalid {
             what: "mmap returned a null mapping",
         })?;
-        // The file's page size: a hugetlbfs file's pages are replaced whole
-        // if it shrinks under the mapping.
-        let granule = usize::try_from(st.st_blksize).unwrap_or(0);
+        // `granule`: the file's page size (a hugetlbfs file's pages are
+        // replaced whole if it shrinks under the mapping).
         let guard = crate::sigbus::Guard::register(map_base.as_ptr() as usize, map_len, granule);
         Ok(Arc::new(Memory {
             ptr,

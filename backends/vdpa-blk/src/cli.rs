@@ -7,13 +7,23 @@ use crate::device::BlkOptions;
 use ioasis::poll::PollMode;
 
 /// Serves a raw image, a block device or a null disk as a virtio-blk
-/// device over vhost-user.
+/// device over vhost-user or VDUSE.
 #[derive(Debug, Parser)]
 #[command(name = "vdpa-blk", version, about)]
 pub struct Args {
     /// Unix socket the frontend (QEMU, ...) connects to.
-    #[arg(long, value_name = "PATH")]
-    pub socket_path: String,
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "vduse",
+        conflicts_with = "vduse"
+    )]
+    pub socket_path: Option<String>,
+    /// Serve the disk as the kernel's VDUSE device NAME (`/dev/vduse/NAME`,
+    /// then `vdpa dev add name NAME mgmtdev vduse`) instead of over a
+    /// vhost-user socket.
+    #[arg(long, value_name = "NAME")]
+    pub vduse: Option<String>,
     /// Raw image file or block device, or `null:SIZE` (no I/O, reads return
     /// zeroes; SIZE like 4096, 64M, 1G).
     #[arg(
@@ -57,7 +67,34 @@ fn parse_queue_size(s: &str) -> Result<u16, String> {
     Ok(n as u16)
 }
 
+/// Where the disk is served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A vhost-user socket.
+    Socket(String),
+    /// A VDUSE device name.
+    Vduse(String),
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Socket(p) => write!(f, "socket {p}"),
+            Endpoint::Vduse(n) => write!(f, "VDUSE device {n}"),
+        }
+    }
+}
+
 impl Args {
+    /// Where the disk is served (clap requires exactly one of the two).
+    pub fn endpoint(&self) -> Endpoint {
+        match (&self.socket_path, &self.vduse) {
+            (_, Some(n)) => Endpoint::Vduse(n.clone()),
+            (Some(p), None) => Endpoint::Socket(p.clone()),
+            (None, None) => Endpoint::Socket(String::new()),
+        }
+    }
+
     /// The image to open.
     pub fn image(&self) -> ImageSpec {
         match (&self.image, self.null) {
@@ -102,8 +139,22 @@ mod tests {
         let b = Args::try_parse_from(["vdpa-blk", "--socket-path", "/s", "--null", "4K"])
             .expect("null");
         assert_eq!(b.image(), ImageSpec::Null(4096));
+        assert_eq!(b.endpoint(), Endpoint::Socket("/s".into()));
+        let v =
+            Args::try_parse_from(["vdpa-blk", "--vduse", "blk0", "--null", "4K"]).expect("vduse");
+        assert_eq!(v.endpoint(), Endpoint::Vduse("blk0".into()));
         for bad in [
             vec!["vdpa-blk", "--socket-path", "/s"],
+            vec!["vdpa-blk", "--null", "4K"],
+            vec![
+                "vdpa-blk",
+                "--socket-path",
+                "/s",
+                "--vduse",
+                "b",
+                "--null",
+                "4K",
+            ],
             vec![
                 "vdpa-blk",
                 "--socket-path",

@@ -1,4 +1,4 @@
-//! `vdpa-blk`: serves one disk over vhost-user (see `--help`).
+//! `vdpa-blk`: serves one disk over vhost-user or VDUSE (see `--help`).
 //!
 //! Statistics go to standard output as JSON lines, logs to standard error
 //! (`RUST_LOG`, default `info`). SIGINT or SIGTERM stops the daemon; a
@@ -14,7 +14,7 @@ use ioasis::server::Server;
 use ioasis::termination::Termination;
 use log::{error, info};
 use vdpa_blk::backing::Backing;
-use vdpa_blk::cli::Args;
+use vdpa_blk::cli::{Args, Endpoint};
 use vdpa_blk::stats::DeviceStats;
 use vdpa_blk::BlkDevice;
 
@@ -45,18 +45,25 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let endpoint = args.endpoint();
     info!(
-        "disk {}, {} queue(s) of at most {} entries, socket {}",
+        "disk {}, {} queue(s) of at most {} entries, {endpoint}",
         backing.describe(),
         args.queues,
         args.queue_size,
-        args.socket_path
     );
     let device = Arc::new(BlkDevice::new(backing, args.options()));
     let stats = device.stats();
     let mut server = Server::new();
-    if let Err(e) = server.add_device("blk0", &args.socket_path, device) {
-        eprintln!("vdpa-blk: {}: {e}", args.socket_path);
+    let added = match &endpoint {
+        Endpoint::Socket(path) => server.add_device("blk0", path, device),
+        Endpoint::Vduse(name) => server.add_vduse_device("blk0", name, device),
+    };
+    if let Err(e) = added {
+        eprintln!(
+            "vdpa-blk: {endpoint}: {}",
+            ioasis::service::sys::error_chain(&e)
+        );
         return ExitCode::from(1);
     }
     let shutdown = server.shutdown_handle();
@@ -105,7 +112,9 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     };
-    let _ = std::fs::remove_file(&args.socket_path);
+    if let Endpoint::Socket(path) = &endpoint {
+        let _ = std::fs::remove_file(path);
+    }
     print_stats(&stats, start, true);
     code
 }

@@ -1,0 +1,113 @@
+//! The workspace's daemons serving VDUSE devices inside a guest whose
+//! kernel has VDUSE (Debian's 6.12, unpacked by `scripts/setup.sh`; see
+//! [`ioasis_integration::vduse_kit`]): the daemon runs in the guest,
+//! creates the kernel's device, `vdpa dev add` puts it on the vDPA bus
+//! where `virtio_vdpa` binds it, and the guest's own driver uses it.
+//!
+//! Each test boots one TCG guest (12-25 s) and checks several things in
+//! it. The daemon and its shared libraries go into the guest's initramfs.
+
+use std::time::Duration;
+
+use ioasis_integration::bins::workspace_bin;
+use ioasis_integration::env::require_tool;
+use ioasis_integration::guest::marker;
+use ioasis_integration::guest_disk::{pattern, write_pattern_script, BLOCK, PATTERN_PATH};
+use ioasis_integration::qemu::{Qemu, QemuConfig, GUEST_TIMEOUT};
+use ioasis_integration::vduse_kit::{binary_files, kit};
+use ioasis_integration::{heavy_lock, ready, OrPanic, Result, WorkDir};
+
+/// Guest RAM: the kernel's bounce buffer of a VDUSE device is 64 MiB.
+const GUEST_MB: u32 = 512;
+
+/// Shell functions of the VDUSE scripts: start a daemon in the background
+/// (`start_daemon NAME ARGS...`, log in `/tmp/NAME.log`), wait for a path
+/// (`wait_for PATH`, up to 10 s), show the daemon's log and fail
+/// (`fail_with MARKER`).
+const VDUSE_LIB: &str = r#"
+wait_for() {
+    i=0
+    while [ ! -e "$1" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+    [ -e "$1" ]
+}
+start_daemon() {
+    n=$1; shift
+    RUST_LOG=info "$@" >/tmp/$n.out 2>/tmp/$n.log &
+    DPID=$!
+}
+fail_with() {
+    echo "--- daemon log"; tail -n 30 /tmp/*.log
+    mark "$1"; exit 1
+}
+"#;
+
+/// The daemon binary, QEMU and the VDUSE kit.
+fn need(package: &str) -> Result<std::path::PathBuf> {
+    let bin = workspace_bin(package, package)?;
+    require_tool("qemu-system-x86_64", "qemu-system-x86")?;
+    kit()?;
+    Ok(bin)
+}
+
+/// vdpa-blk serves a disk image of the guest's tmpfs as VDUSE device
+/// `vblk0`; `vdpa dev add` binds it to `virtio_vdpa` and a `vda` appears.
+/// The guest writes a pattern over the whole disk (O_DIRECT in 64 KiB and
+/// 4 KiB requests, buffered with fsync), drops its caches and reads it
+/// back (O_DIRECT and buffered), each compared with the pattern; then the
+/// image file the daemon serves is compared with it too (`IMAGE_OK`).
+/// After `vdpa dev del` the daemon exits on SIGTERM and destroys the
+/// kernel's device (`/dev/vduse/vblk0` is gone: `DESTROYED`).
+#[test]
+fn test_vduse_blk_pattern_in_guest() {
+    let test = "test_vduse_blk_pattern_in_guest";
+    let Some(bin) = ready(test, need("vdpa-blk")) else {
+        return;
+    };
+    let _lock = heavy_lock().or_panic("heavy lock");
+    let dir = WorkDir::new("vduse-blk").or_panic("workdir");
+    let blocks = 1024;
+    let script = format!(
+        "{VDUSE_LIB}\
+         dd if=/dev/zero of=/tmp/disk.img bs=4k count={blocks} 2>/dev/null\n\
+         start_daemon vdpa-blk /bin/vdpa-blk --vduse vblk0 --image /tmp/disk.img\n\
+         wait_for /dev/vduse/vblk0 || fail_with NO_VDUSE_DEVICE\n\
+         mark VDUSE_DEVICE\n\
+         timeout 60 vdpa dev add name vblk0 mgmtdev vduse || fail_with VDPA_ADD_FAILED\n\
+         mark VDPA_ADDED\n\
+         wait_for /sys/block/vda || fail_with NO_DISK\n\
+         drv=$(basename \"$(readlink /sys/bus/vdpa/devices/vblk0/driver)\")\n\
+         mark \"VDPA_DRIVER $drv\"\n\
+         {rw}\
+         same \"$(sum_of < /tmp/disk.img)\" \"$want\" || fail_with IMAGE_BAD\n\
+         mark IMAGE_OK\n\
+         vdpa dev del vblk0 || fail_with VDPA_DEL_FAILED\n\
+         kill $DPID; wait $DPID; echo \"daemon exit $?\"\n\
+         [ -e /dev/vduse/vblk0 ] || mark DESTROYED\n\
+         tail -n 5 /tmp/vdpa-blk.log\n",
+        rw = write_pattern_script("vda", blocks, 0),
+    );
+    let mut cfg = QemuConfig::new("vduse-blk", &script)
+        .kit(kit().or_panic("kit"))
+        .mem_mb(GUEST_MB)
+        .file(PATTERN_PATH, pattern(blocks));
+    for (path, data) in binary_files(&bin, "vdpa-blk").or_panic("daemon files") {
+        cfg = cfg.file(&path, data);
+    }
+    let mut guest = Qemu::launch(&cfg, dir.path()).or_panic("start QEMU");
+    guest
+        .expect_marker("IMAGE_OK", "IMAGE_BAD", GUEST_TIMEOUT)
+        .or_panic("the pattern through VDUSE");
+    let rc = guest.wait_end(GUEST_TIMEOUT).or_panic("guest end");
+    let console = guest.console_text();
+    assert_eq!(rc, 0, "guest script failed:\n{console}");
+    assert!(
+        console.contains(&marker("VDPA_DRIVER virtio_vdpa")),
+        "the vDPA device is bound to virtio_vdpa:\n{console}"
+    );
+    assert!(console.contains(&marker("RW_OK")), "{console}");
+    assert!(
+        console.contains(&marker("DESTROYED")),
+        "the daemon destroyed its device on exit:\n{console}"
+    );
+    let _ = (BLOCK, Duration::ZERO);
+}
