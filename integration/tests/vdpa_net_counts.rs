@@ -14,6 +14,10 @@
 //! - from `source` into testpmd rxonly: frames keep arriving (see
 //!   `source_keeps_delivering`).
 //!
+//! The same again with packed virtqueues (`packed_vq=1` on testpmd's
+//! virtio_user: `VIRTIO_F_RING_PACKED` negotiated, the framework's packed
+//! ring on every queue).
+//!
 //! The comparison can fail: with `IOASIS_TEST_COUNT_SKEW=1` the frontend's
 //! count is raised by one before it is compared, and both tests fail with
 //! "1 lost" (checked once when they were written:
@@ -27,7 +31,8 @@ use std::time::Duration;
 
 use common::{need_testpmd_and_vdpa_net, STOP_TIMEOUT};
 use ioasis_integration::accounting::{verify, CountCheck};
-use ioasis_integration::testpmd::{Testpmd, TestpmdConfig};
+use ioasis_integration::process::read_lossy;
+use ioasis_integration::testpmd::{virtio_user_vdev, Testpmd, TestpmdConfig};
 use ioasis_integration::vdpa_net::{Counters, VdpaNet, VdpaNetConfig};
 use ioasis_integration::{heavy_lock, ready, OrPanic, WorkDir};
 
@@ -57,31 +62,46 @@ fn daemon(dir: &Path, sock: &Path, port: &str, poll_us: Option<u32>) -> VdpaNet 
     VdpaNet::spawn(&cfg, dir, None).or_panic("start vdpa-net")
 }
 
-/// An interactive testpmd frontend on `sock` in forward mode `fwd`.
-fn frontend(dir: &Path, sock: &Path, name: &str, fwd: &str) -> Testpmd {
-    let cfg = TestpmdConfig::frontend(name, sock, fwd)
+/// An interactive testpmd frontend on `sock` in forward mode `fwd`, on
+/// packed rings if `packed`.
+fn frontend(dir: &Path, sock: &Path, name: &str, fwd: &str, packed: bool) -> Testpmd {
+    let mut cfg = TestpmdConfig::frontend(name, sock, fwd)
         .interactive()
         .duration(Duration::from_secs(120));
+    if packed {
+        cfg = cfg.vdevs(vec![format!(
+            "{},packed_vq=1",
+            virtio_user_vdev(0, sock, 1)
+        )]);
+    }
     Testpmd::spawn(&cfg, dir).or_panic("start testpmd")
 }
 
-/// Stops the daemon and returns its device's counters.
-fn stop(vdpa: &mut VdpaNet, sock: &Path) -> Counters {
+/// Stops the daemon and returns its device's counters, after checking
+/// from its log that the rings were packed if `packed` (split otherwise).
+fn stop(vdpa: &mut VdpaNet, sock: &Path, packed: bool) -> Counters {
     let last = vdpa.stop(STOP_TIMEOUT).or_panic("stop vdpa-net");
+    let log = read_lossy(vdpa.proc_mut().stderr_path());
+    assert_eq!(
+        log.contains("packed virtqueues"),
+        packed,
+        "ring layout negotiated (packed expected: {packed}): {}",
+        vdpa.log_tail()
+    );
     vdpa.device_counters(&last, sock)
 }
 
 /// txonly into `sink` for [`SEND`]: every frame sent is counted.
-fn sink_counts_every_frame(dir: &Path, poll_us: Option<u32>) {
+fn sink_counts_every_frame(dir: &Path, poll_us: Option<u32>, packed: bool) {
     let sock = dir.join("sink.sock");
     let mut vdpa = daemon(dir, &sock, "sink", poll_us);
-    let mut front = frontend(dir, &sock, "sink-frontend", "txonly");
+    let mut front = frontend(dir, &sock, "sink-frontend", "txonly", packed);
     front.command("start").or_panic("start");
     std::thread::sleep(SEND);
     front.stop_forwarding(COMMAND).or_panic("stop");
     let p = front.show_port_stats(0, COMMAND).or_panic("port stats");
     front.quit(STOP_TIMEOUT).or_panic("quit testpmd");
-    let c = stop(&mut vdpa, &sock);
+    let c = stop(&mut vdpa, &sock, packed);
     eprintln!(
         "sink: testpmd sent {}, vdpa-net counted {c:?}",
         p.tx_packets
@@ -99,10 +119,10 @@ fn sink_counts_every_frame(dir: &Path, poll_us: Option<u32>) {
 
 /// io forwarding through `reflect` with [`LOOP_BURSTS`] bursts circulating
 /// for [`SEND`], then drained: every frame sent came back.
-fn loop_returns_every_frame(dir: &Path, poll_us: Option<u32>) {
+fn loop_returns_every_frame(dir: &Path, poll_us: Option<u32>, packed: bool) {
     let sock = dir.join("loop.sock");
     let mut vdpa = daemon(dir, &sock, "reflect", poll_us);
-    let mut front = frontend(dir, &sock, "loop-frontend", "io");
+    let mut front = frontend(dir, &sock, "loop-frontend", "io", packed);
     front
         .command(&format!("start tx_first {LOOP_BURSTS}"))
         .or_panic("start");
@@ -111,7 +131,7 @@ fn loop_returns_every_frame(dir: &Path, poll_us: Option<u32>) {
     front.drain(DRAIN, COMMAND).or_panic("drain");
     let p = front.show_port_stats(0, COMMAND).or_panic("port stats");
     front.quit(STOP_TIMEOUT).or_panic("quit testpmd");
-    let c = stop(&mut vdpa, &sock);
+    let c = stop(&mut vdpa, &sock, packed);
     eprintln!(
         "loop: testpmd sent {} received {}, vdpa-net {c:?}",
         p.tx_packets, p.rx_packets
@@ -142,10 +162,10 @@ fn loop_returns_every_frame(dir: &Path, poll_us: Option<u32>) {
 /// adaptive default mode did that until the polling session cleared the
 /// stale block (checked to fail with that fix reverted: 0 frames in the
 /// second second).
-fn source_keeps_delivering(dir: &Path, poll_us: Option<u32>) {
+fn source_keeps_delivering(dir: &Path, poll_us: Option<u32>, packed: bool) {
     let sock = dir.join("source.sock");
     let mut vdpa = daemon(dir, &sock, "source", poll_us);
-    let mut front = frontend(dir, &sock, "source-frontend", "rxonly");
+    let mut front = frontend(dir, &sock, "source-frontend", "rxonly", packed);
     front.command("start").or_panic("start");
     std::thread::sleep(SEND / 2);
     let first = front.show_port_stats(0, COMMAND).or_panic("port stats");
@@ -153,7 +173,7 @@ fn source_keeps_delivering(dir: &Path, poll_us: Option<u32>) {
     let second = front.show_port_stats(0, COMMAND).or_panic("port stats");
     front.stop_forwarding(COMMAND).or_panic("stop");
     front.quit(STOP_TIMEOUT).or_panic("quit testpmd");
-    let c = stop(&mut vdpa, &sock);
+    let c = stop(&mut vdpa, &sock, packed);
     let late = second.rx_packets.saturating_sub(first.rx_packets);
     eprintln!(
         "source: testpmd received {} then {late} more, vdpa-net {c:?}",
@@ -173,22 +193,22 @@ fn source_keeps_delivering(dir: &Path, poll_us: Option<u32>) {
     );
 }
 
-fn every_frame_counted(test: &str, poll_us: Option<u32>) {
+fn every_frame_counted(test: &str, poll_us: Option<u32>, packed: bool) {
     let Some(_) = ready(test, need_testpmd_and_vdpa_net()) else {
         return;
     };
     let _lock = heavy_lock().or_panic("heavy lock");
     let dir = WorkDir::new(test).or_panic("workdir");
-    sink_counts_every_frame(dir.path(), poll_us);
-    loop_returns_every_frame(dir.path(), poll_us);
-    source_keeps_delivering(dir.path(), poll_us);
+    sink_counts_every_frame(dir.path(), poll_us, packed);
+    loop_returns_every_frame(dir.path(), poll_us, packed);
+    source_keeps_delivering(dir.path(), poll_us, packed);
 }
 
 /// vdpa-net as users start it (no `--poll-us`). The count check fails with
 /// `IOASIS_TEST_COUNT_SKEW=1` (see the module's documentation).
 #[test]
 fn test_default_mode_counts_every_frame() {
-    every_frame_counted("test_default_mode_counts_every_frame", None);
+    every_frame_counted("test_default_mode_counts_every_frame", None, false);
 }
 
 /// vdpa-net polling (`--poll-us 1000`), as the benchmark's polling mode.
@@ -196,5 +216,14 @@ fn test_default_mode_counts_every_frame() {
 /// documentation).
 #[test]
 fn test_polling_mode_counts_every_frame() {
-    every_frame_counted("test_polling_mode_counts_every_frame", Some(1000));
+    every_frame_counted("test_polling_mode_counts_every_frame", Some(1000), false);
+}
+
+/// vdpa-net as users start it, testpmd on packed rings (`packed_vq=1`):
+/// txonly into `sink`, the loop through `reflect`, rxonly from `source`,
+/// every frame counted. The count check fails with
+/// `IOASIS_TEST_COUNT_SKEW=1` (see the module's documentation).
+#[test]
+fn test_packed_rings_count_every_frame() {
+    every_frame_counted("test_packed_rings_count_every_frame", None, true);
 }

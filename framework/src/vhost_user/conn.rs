@@ -503,6 +503,9 @@ impl Connection {
                 let event_idx = f & VIRTIO_RING_F_EVENT_IDX != 0;
                 let in_order = f & VIRTIO_F_IN_ORDER != 0;
                 let packed = f & VIRTIO_F_RING_PACKED != 0;
+                if packed {
+                    log::info!("features {f:#x}: packed virtqueues (VIRTIO_F_RING_PACKED)");
+                }
                 for m in &self.vrings {
                     let mut v = self.lock(m);
                     v.q.set_event_idx(event_idx);
