@@ -4,7 +4,7 @@
 # alternating the backends round by round and comparing medians (this kind of
 # machine is shared and noisy: compare only within one run).
 #
-#   scripts/bench-net.sh [--rounds N] [--secs S] [--tap] [--tcp] [--only-reference] [--no-pin] [--poll-us N] [--mode default|poll]... [--test NAME]... [--guest-iommu MODE]... [--guest-packets N] [--vdpa-arg ARG]...
+#   scripts/bench-net.sh [--rounds N] [--secs S] [--tap] [--tcp] [--only-reference] [--no-pin] [--poll-us N] [--mode default|poll]... [--test NAME]... [--guest-iommu MODE]... [--guest-packets N] [--vdpa-arg ARG]... [--packed]
 #
 # vdpa-net is measured in two modes in the same run, each against net_vhost:
 # as users start it (no --poll-us, not pinned; "vdpa-net") and polling
@@ -21,6 +21,10 @@
 # (exit status 1) and says how many. The output names the commit
 # (IOASIS_BENCH_COMMIT, set here; -dirty when tracked files differ from it),
 # each mode's flags and the load average before and after.
+#
+# --packed: the frontend drives every backend on packed rings (packed_vq=1),
+# and each vdpa-net mode is also measured on split rings in the same rounds
+# ("MODE split").
 #
 # --test NAME (to-backend, loop, from-backend, tap, guest-pktgen; repeatable) runs only
 # those. --tap adds the tap benchmark (frames from testpmd through the backend into a

@@ -34,6 +34,11 @@
 //!   every round checks that pktgen's sent count equals the backend's
 //!   count (see `bench_net/guest_pktgen.rs`).
 //!
+//! With `--packed` the frontend drives every backend on packed rings
+//! (`packed_vq=1`), and each vdpa-net mode is measured on split rings too,
+//! in the same rounds (`MODE split`): vdpa-net packed against net_vhost
+//! packed, and against vdpa-net split, from one run.
+//!
 //! vdpa-net is measured in two modes in the same run, each round against
 //! the same net_vhost figure: as users start it (no `--poll-us`, not
 //! pinned; `vdpa-net`) and polling (`--poll-us 1000`, pinned to CPU 1 where
@@ -82,7 +87,9 @@ use ioasis_integration::env::{heavy_lock, require_tool, which, WorkDir};
 use ioasis_integration::netns::Netns;
 use ioasis_integration::process::wait_for_path;
 use ioasis_integration::tcp_bulk::{TcpBulk, Transfer, BULK_BYTES};
-use ioasis_integration::testpmd::{median, net_vhost_vdev, ForwardStats, Testpmd, TestpmdConfig};
+use ioasis_integration::testpmd::{
+    median, net_vhost_vdev, virtio_user_vdev, ForwardStats, Testpmd, TestpmdConfig,
+};
 use ioasis_integration::vdpa_net::{vdpa_net_bin, VdpaNet, VdpaNetConfig};
 use ioasis_integration::{Error, Result};
 
@@ -119,6 +126,9 @@ enum Backend {
         /// Another build of vdpa-net (`--compare-bin`); `None`: the
         /// workspace's own.
         bin: Option<PathBuf>,
+        /// Served on split rings even in a `--packed` run (the packed
+        /// against split comparison).
+        split: bool,
     },
 }
 
@@ -128,6 +138,11 @@ impl Backend {
             Backend::Reference => "net_vhost",
             Backend::VdpaNet { name, .. } => name,
         }
+    }
+
+    /// Whether the frontend drives it on packed rings in this run.
+    fn packed(&self, opts: &Opts) -> bool {
+        opts.packed && !matches!(self, Backend::VdpaNet { split: true, .. })
     }
 
     /// How it runs, for the run's header.
@@ -271,6 +286,12 @@ struct Cli {
     /// The name of `--compare-bin` in the output.
     #[arg(long, value_name = "NAME", default_value = "base")]
     compare_name: String,
+    /// The frontend drives every backend on packed rings (virtio_user's
+    /// `packed_vq=1`: net_vhost and vdpa-net both serve packed rings);
+    /// each vdpa-net mode is also measured on split rings in the same
+    /// rounds, named `MODE split`.
+    #[arg(long)]
+    packed: bool,
     /// Test only: adds N frames to what the frontend sent before the counts
     /// are compared, to show that the check fails.
     #[arg(long, value_name = "N", default_value_t = 0, hide = true)]
@@ -296,6 +317,8 @@ struct Opts {
     guest_iommu: Option<Vec<GuestIommu>>,
     guest_packets: Option<u64>,
     check_skew: u64,
+    /// `--packed`: the frontend negotiates packed rings.
+    packed: bool,
     /// `--compare-bin` and its name.
     compare: Option<(PathBuf, String)>,
 }
@@ -319,6 +342,7 @@ impl Opts {
                     args: args.clone(),
                     pin: *pin,
                     bin: Some(bin.clone()),
+                    split: false,
                 };
                 v.push(b);
                 v.push(other);
@@ -338,6 +362,7 @@ impl Opts {
                 args: self.vdpa_args.clone(),
                 pin: self.pin,
                 bin: None,
+                split: false,
             }];
         }
         let modes = if self.modes.is_empty() {
@@ -353,6 +378,7 @@ impl Opts {
                     args: self.vdpa_args.clone(),
                     pin: false,
                     bin: None,
+                    split: false,
                 }),
                 Mode::Poll if self.poll_us > 0 => {
                     let mut args = self.vdpa_args.clone();
@@ -363,10 +389,34 @@ impl Opts {
                         args,
                         pin: self.pin,
                         bin: None,
+                        split: false,
                     });
                 }
                 Mode::Poll => {}
             }
+        }
+        if self.packed {
+            // Each mode again on split rings, in the same rounds.
+            let split: Vec<Backend> = v
+                .iter()
+                .filter_map(|b| match b {
+                    Backend::VdpaNet {
+                        name,
+                        args,
+                        pin,
+                        bin,
+                        ..
+                    } => Some(Backend::VdpaNet {
+                        name: format!("{name} split"),
+                        args: args.clone(),
+                        pin: *pin,
+                        bin: bin.clone(),
+                        split: true,
+                    }),
+                    Backend::Reference => None,
+                })
+                .collect();
+            v.extend(split);
         }
         v
     }
@@ -549,9 +599,15 @@ fn measure(b: &Backend, t: Test, opts: &Opts) -> Result<Outcome> {
         Test::Loop => "flowgen",
         Test::FromBackend => "rxonly",
     };
-    let cfg = TestpmdConfig::frontend("frontend", &sock, fwd)
+    let mut cfg = TestpmdConfig::frontend("frontend", &sock, fwd)
         .interactive()
         .duration(Duration::from_secs(opts.secs + 120));
+    if b.packed(opts) {
+        cfg = cfg.vdevs(vec![format!(
+            "{},packed_vq=1",
+            virtio_user_vdev(0, &sock, 1)
+        )]);
+    }
     let mut front = Testpmd::spawn(&cfg, dir.path())?;
     let tap_before = match &ns {
         Some(ns) => ns.link_stats("btap0")?.rx_packets,
@@ -754,6 +810,7 @@ fn parse_opts() -> Opts {
             .then_some(cli.guest_iommu),
         guest_packets: cli.guest_packets,
         check_skew: cli.check_skew,
+        packed: cli.packed,
         compare: cli.compare_bin.map(|b| (b, cli.compare_name)),
     }
 }
@@ -828,7 +885,12 @@ fn main() -> ExitCode {
         println!("mode {}: {}", b.name(), b.mode());
     }
     println!(
-        "frontend: testpmd virtio_user, forwarding lcore on CPU 0; every frame sent is counted on the other side"
+        "frontend: testpmd virtio_user{}, forwarding lcore on CPU 0; every frame sent is counted on the other side",
+        if opts.packed {
+            " on packed rings (packed_vq=1; the `split` modes on split rings)"
+        } else {
+            ""
+        }
     );
     if opts.no_frontend_tests {
         return finish(guest_pktgen_run(&opts), &load_before);

@@ -104,6 +104,7 @@ fn backends(opts: &Opts) -> Vec<(String, PktgenBackend)> {
                 args,
                 pin,
                 bin,
+                ..
             } = b
             {
                 v.push((
