@@ -12,7 +12,8 @@
 //! The base initramfs (cached under `target/ioasis-guest/`) has the same
 //! `/init` and `/lib/ioasis.sh` as every guest ([`crate::guest`]), loads
 //! [`VDUSE_MODULES`] with their dependencies at boot, and carries
-//! `/sbin/vdpa` and `/sbin/ip` (iproute2, with their libraries). A test
+//! `/sbin/vdpa` and `/usr/bin/ip.iproute2` (iproute2's `ip`, for network
+//! namespaces), with their libraries. A test
 //! adds the daemon it runs in the guest with [`binary_files`].
 
 use std::collections::hash_map::DefaultHasher;
@@ -36,9 +37,13 @@ pub const DEFAULT_KERNEL_DIR: &str = "/var/cache/ioasis/vduse-kernel";
 /// The modules the guests load at boot (with their dependencies, first).
 pub const VDUSE_MODULES: &[&str] = &["vduse", "virtio_vdpa", "virtio_blk", "virtio_net", "tun"];
 
-/// The host tools the guests carry (`/sbin/<name>`), with the Debian
-/// package that has each.
-const TOOLS: &[(&str, &str)] = &[("vdpa", "iproute2"), ("ip", "iproute2")];
+/// The host tools the guests carry, where each goes and the Debian package
+/// that has it. iproute2's `ip` (network namespaces) goes beside busybox's
+/// applet, which `/init` installs as `ip`.
+const TOOLS: &[(&str, &str, &str)] = &[
+    ("vdpa", "sbin/vdpa", "iproute2"),
+    ("ip", "usr/bin/ip.iproute2", "iproute2"),
+];
 
 /// The directory the VDUSE kernel is read from.
 pub fn kernel_dir() -> PathBuf {
@@ -218,16 +223,17 @@ fn build() -> Result<GuestKit> {
             Error::Unavailable("no static busybox (Debian package busybox-static)".into())
         })?;
     let mut tools = Vec::new();
-    for (tool, pkg) in TOOLS {
+    for (tool, at, pkg) in TOOLS {
         let p = which(tool)
             .ok_or_else(|| Error::Unavailable(format!("`{tool}` (package {pkg}) is missing")))?;
-        tools.push((*tool, p));
+        tools.push((*at, p));
     }
     let mut h = DefaultHasher::new();
     INIT.hash(&mut h);
     LIB.hash(&mut h);
     version.hash(&mut h);
     VDUSE_MODULES.hash(&mut h);
+    TOOLS.hash(&mut h);
     for p in std::iter::once(&busybox).chain(tools.iter().map(|(_, p)| p)) {
         p.hash(&mut h);
         fs::metadata(p)
@@ -287,10 +293,9 @@ fn build() -> Result<GuestKit> {
     }
     w.file("etc/ioasis-modules", 0o644, order.as_bytes());
     let mut dirs: Vec<String> = Vec::new();
-    for (tool, path) in &tools {
+    for (at, path) in &tools {
         let data = fs::read(path).map_err(io(format!("read {}", path.display())))?;
-        // /sbin/ip replaces busybox's applet (network namespaces).
-        w.file(&format!("sbin/{tool}"), 0o755, &data);
+        w.file(at, 0o755, &data);
         for lib in shared_libraries(path)? {
             let rel = lib.to_string_lossy().trim_start_matches('/').to_string();
             if dirs.contains(&rel) {

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! vdpa-net --socket-path PATH --port PORT [--queues N] [--mac MAC] [OPTIONS]
+//! vdpa-net --vduse NAME --port PORT [--queues N] [--mac MAC] [OPTIONS]
 //! vdpa-net --device socket=PATH,port=PORT[,queues=N][,mac=MAC]... [OPTIONS]
 //! ```
 //!
@@ -25,7 +26,9 @@ use ioasis::poll::PollMode;
 const AFTER_HELP: &str = "\
 PORT is tap=IFNAME, switch=NAME, sink, reflect, source[=LEN] (a fresh frame per packet) or
 source-fixed[=LEN] (one frame offered again). --socket-path and --port are shorthand
-for one --device; both forms may be given together.
+for one --device; both forms may be given together. --vduse NAME in place of --socket-path
+serves that device as the kernel's VDUSE device NAME (then `vdpa dev add name NAME mgmtdev
+vduse`), without a control queue (the kernel refuses one).
 Without --poll-us a worker polls after work for a window that follows the load (0 to 200 µs,
 notifications off), then sleeps; --poll-us N polls a fixed N µs, --poll-us 0 never polls.
 Statistics go to stdout, one JSON object per line; logs go to stderr (RUST_LOG).";
@@ -36,24 +39,29 @@ Statistics go to stdout, one JSON object per line; logs go to stderr (RUST_LOG).
     name = "vdpa-net",
     bin_name = "vdpa-net",
     version,
-    about = "Serves virtio-net devices over vhost-user.",
+    about = "Serves virtio-net devices over vhost-user or VDUSE.",
     override_usage = "vdpa-net --socket-path PATH --port PORT [--queues N] [--mac MAC] [OPTIONS]\n       \
+                      vdpa-net --vduse NAME --port PORT [--queues N] [--mac MAC] [OPTIONS]\n       \
                       vdpa-net --device SPEC [--device SPEC]... [OPTIONS]",
     after_help = AFTER_HELP,
-    args_override_self = true
+    args_override_self = true,
+    group = clap::ArgGroup::new("endpoint").args(["socket_path", "vduse"]).multiple(false)
 )]
 pub struct Cli {
     /// Unix socket the device listens on
     #[arg(long, value_name = "PATH", value_parser = parse_socket_path, requires = "port")]
     socket_path: Option<String>,
+    /// Serve the device as the kernel's VDUSE device NAME (/dev/vduse/NAME)
+    #[arg(long, value_name = "NAME", value_parser = parse_socket_path, requires = "port")]
+    vduse: Option<String>,
     /// Where the device's frames go (see PORT below)
-    #[arg(long, value_name = "PORT", value_parser = parse_port, requires = "socket_path")]
+    #[arg(long, value_name = "PORT", value_parser = parse_port, requires = "endpoint")]
     port: Option<PortSpec>,
     /// Queue pairs, 1 to 8 [default: 1]
-    #[arg(long, value_name = "N", value_parser = parse_queues, requires = "socket_path")]
+    #[arg(long, value_name = "N", value_parser = parse_queues, requires = "endpoint")]
     queues: Option<u16>,
     /// MAC in the config space [default: one derived from the socket path]
-    #[arg(long, value_name = "MAC", value_parser = parse_unicast_mac, requires = "socket_path")]
+    #[arg(long, value_name = "MAC", value_parser = parse_unicast_mac, requires = "endpoint")]
     mac: Option<MacAddr>,
     /// A device: socket=PATH,port=PORT[,queues=N][,mac=MAC]; repeatable
     #[arg(long = "device", value_name = "SPEC", value_parser = parse_device)]
@@ -85,6 +93,9 @@ pub struct Options {
     pub stats_interval: f64,
     /// Mode and group of the device sockets.
     pub socket_policy: SocketPolicy,
+    /// `--vduse NAME`: the first device is served as the kernel's VDUSE
+    /// device NAME (its `socket` is that name, not a path).
+    pub vduse: Option<String>,
 }
 
 impl Options {
@@ -119,7 +130,8 @@ impl Cli {
     /// no socket twice.
     pub fn into_options(self) -> Result<Options, clap::Error> {
         let mut specs = Vec::with_capacity(self.devices.len() + 1);
-        if let (Some(socket), Some(port)) = (self.socket_path, self.port) {
+        let vduse = self.vduse.clone();
+        if let (Some(socket), Some(port)) = (self.socket_path.or(self.vduse), self.port) {
             specs.push(DeviceSpec {
                 socket,
                 port,
@@ -158,6 +170,7 @@ impl Cli {
             devices,
             stats_interval: self.stats_interval,
             socket_policy,
+            vduse,
         })
     }
 }
@@ -292,6 +305,24 @@ mod tests {
         assert_eq!(d.poll, PollMode::Fixed(Duration::from_micros(50)));
         assert_eq!(d.tap_io, TapIo::Auto);
         assert_eq!(o.stats_interval, 1.0);
+    }
+
+    /// `--vduse NAME` in place of `--socket-path`: the device's name is
+    /// NAME; it excludes `--socket-path` and needs `--port`.
+    #[test]
+    fn test_vduse_form() {
+        let o = p("--vduse vnet0 --port tap=t0 --queues 2").unwrap();
+        assert_eq!(o.vduse.as_deref(), Some("vnet0"));
+        assert_eq!(o.devices.len(), 1);
+        assert_eq!(o.devices[0].socket, "vnet0");
+        assert_eq!(o.devices[0].queues, 2);
+        assert_eq!(p("--socket-path /tmp/a --port sink").unwrap().vduse, None);
+        for bad in [
+            "--vduse vnet0",
+            "--vduse vnet0 --socket-path /tmp/a --port sink",
+        ] {
+            assert_eq!(p(bad).err().map(|e| e.exit_code()), Some(2), "{bad:?}");
+        }
     }
 
     #[test]

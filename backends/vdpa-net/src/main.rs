@@ -1,4 +1,4 @@
-//! `vdpa-net`: serves virtio-net devices over vhost-user (see `--help`).
+//! `vdpa-net`: serves virtio-net devices over vhost-user or VDUSE (see `--help`).
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -61,11 +61,23 @@ fn main() -> ExitCode {
     }
     let stats: Vec<Arc<DeviceStats>> = backends.iter().map(|b| b.stats()).collect();
     let sockets: Vec<String> = opts.devices.iter().map(|d| d.socket.clone()).collect();
-    let server = match serve::start(&sockets, &backends, opts.socket_policy) {
+    // The files to remove at exit (a VDUSE device's name is not a file).
+    let files: Vec<String> = sockets
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !(*i == 0 && opts.vduse.is_some()))
+        .map(|(_, s)| s.clone())
+        .collect();
+    let server = match serve::start(
+        &sockets,
+        &backends,
+        opts.socket_policy,
+        opts.vduse.as_deref(),
+    ) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("vdpa-net: {e}");
-            for s in &sockets {
+            eprintln!("vdpa-net: {}", error_chain(&e));
+            for s in &files {
                 let _ = std::fs::remove_file(s);
             }
             return ExitCode::from(1);
@@ -94,7 +106,7 @@ fn main() -> ExitCode {
     }
     info!("signal received, shutting down");
     server.stop();
-    for s in &sockets {
+    for s in &files {
         let _ = std::fs::remove_file(s);
     }
     print_stats(&stats, start, true);

@@ -671,9 +671,27 @@ impl NetDevice {
         }
     }
 
-    /// Number of virtqueues: two per pair plus the control queue.
+    /// Number of virtqueues: two per pair plus the control queue (when
+    /// offered).
     pub fn num_queues(&self) -> usize {
-        2 * self.max_pairs as usize + 1
+        2 * self.max_pairs as usize + usize::from(self.has_ctrl_queue())
+    }
+
+    /// Whether the device has a control queue (`VIRTIO_NET_F_CTRL_VQ`
+    /// offered).
+    pub fn has_ctrl_queue(&self) -> bool {
+        self.offered & bit(VIRTIO_NET_F_CTRL_VQ) != 0
+    }
+
+    /// Leaves out the control queue and what needs it (its commands, and
+    /// multiqueue, whose pairs the driver enables there): for a transport
+    /// that refuses a control queue (VDUSE). The driver then uses one
+    /// queue pair.
+    pub fn without_ctrl_queue(&mut self) {
+        self.offered &= !(bit(VIRTIO_NET_F_CTRL_VQ)
+            | bit(VIRTIO_NET_F_CTRL_RX)
+            | bit(VIRTIO_NET_F_CTRL_MAC_ADDR)
+            | bit(VIRTIO_NET_F_MQ));
     }
 
     /// Index of the control queue.
@@ -947,6 +965,27 @@ mod tests {
         ));
         d.reset();
         assert_eq!(d.active_pairs, 1);
+    }
+
+    /// Without a control queue (VDUSE): one queue fewer, and neither the
+    /// control queue nor what needs it is offered.
+    #[test]
+    fn test_without_ctrl_queue() {
+        let mut d = NetDevice::new([2, 0, 0, 0, 0, 1], 4, PortOffloads::default(), None);
+        assert!(d.has_ctrl_queue());
+        assert_eq!(d.num_queues(), 9);
+        d.without_ctrl_queue();
+        assert!(!d.has_ctrl_queue());
+        assert_eq!(d.num_queues(), 8);
+        for b in [
+            VIRTIO_NET_F_CTRL_VQ,
+            VIRTIO_NET_F_CTRL_RX,
+            VIRTIO_NET_F_CTRL_MAC_ADDR,
+            VIRTIO_NET_F_MQ,
+        ] {
+            assert_eq!(d.offered & bit(b), 0, "bit {b}");
+        }
+        assert_ne!(d.offered & bit(VIRTIO_F_VERSION_1), 0);
     }
 
     #[test]

@@ -28,16 +28,23 @@ impl Running {
 }
 
 /// Starts serving `backends` on `sockets` (same order, socket files made
-/// under `policy`); every device shares the server's iommu context.
+/// under `policy`); every device shares the server's iommu context. With
+/// `vduse`, the first device is served as the kernel's VDUSE device of that
+/// name instead (its entry in `sockets` is not used).
 pub fn start(
     sockets: &[String],
     backends: &[Arc<VhostUserNetBackend>],
     policy: SocketPolicy,
+    vduse: Option<&str>,
 ) -> Result<Running, ServerError> {
     let mut server = Server::new();
     server.set_socket_policy(policy);
     for (i, (s, b)) in sockets.iter().zip(backends).enumerate() {
-        server.add_device(&format!("net{i}"), s, b.clone())?;
+        let label = format!("net{i}");
+        match vduse {
+            Some(name) if i == 0 => server.add_vduse_device(&label, name, b.clone())?,
+            _ => server.add_device(&label, s, b.clone())?,
+        }
     }
     let shutdown = server.shutdown_handle();
     let thread = std::thread::Builder::new()

@@ -20,7 +20,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ioasis::device::{
-    Device, DeviceError, EventHandle, EventRegistrar, Idle, Interest, Queues, Result, Worker,
+    Device, DeviceError, EventHandle, EventRegistrar, Idle, Interest, Queues, Result,
+    TransportKind, Worker,
 };
 use ioasis::poll::{AdaptiveWindow, PollMode, Preemptions};
 use log::{debug, info, warn};
@@ -187,16 +188,30 @@ impl Device for VhostUserNetBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        let pairs = lock(&self.shared.net).max_pairs as u32;
+        let (pairs, ctrl) = {
+            let n = lock(&self.shared.net);
+            (n.max_pairs as u32, n.has_ctrl_queue())
+        };
         (0..pairs)
             .map(|i| {
                 let mut m = (1u64 << (2 * i)) | (1u64 << (2 * i + 1));
-                if i == 0 {
+                if i == 0 && ctrl {
                     m |= 1u64 << (2 * pairs);
                 }
                 m
             })
             .collect()
+    }
+
+    fn set_transport(&self, transport: TransportKind) {
+        if transport == TransportKind::Vduse {
+            // The kernel refuses a VDUSE net device with a control queue.
+            lock(&self.shared.net).without_ctrl_queue();
+            info!(
+                "{}: served over VDUSE: no control queue (one queue pair in use)",
+                self.shared.label
+            );
+        }
     }
 
     fn reset(&self) {

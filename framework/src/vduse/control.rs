@@ -61,6 +61,9 @@ pub(crate) struct Control {
     shared: Arc<ConnShared>,
     transport: Arc<VduseTransport>,
     workers: Option<WorkerSet>,
+    /// The queues are set up for DRIVER_OK and the workers start once the
+    /// answer is written (see [`Control::start`]).
+    start_pending: bool,
     status: u8,
     max_queue_size: u16,
 }
@@ -116,6 +119,7 @@ impl Control {
             shared,
             transport,
             workers: None,
+            start_pending: false,
             status: 0,
             max_queue_size: max,
         })
@@ -211,6 +215,9 @@ impl Control {
                 // ENOENT: the kernel gave up waiting for it.
                 warn!("VDUSE answer to request {id}: {e}");
             }
+            if std::mem::take(&mut self.start_pending) {
+                self.start_workers();
+            }
         }
         Ok(())
     }
@@ -223,7 +230,7 @@ impl Control {
             }
             Request::SetStatus { status } => {
                 let was = self.status;
-                if status & DRIVER_OK != 0 && self.workers.is_none() {
+                if status & DRIVER_OK != 0 && self.workers.is_none() && !self.start_pending {
                     self.start()?;
                 } else if status & DRIVER_OK == 0 && (was & DRIVER_OK != 0 || status == 0) {
                     self.stop();
@@ -239,8 +246,11 @@ impl Control {
         }
     }
 
-    /// DRIVER_OK: set the queues up from the kernel's state and start the
-    /// workers.
+    /// DRIVER_OK: set the queues up from the kernel's state; the workers
+    /// start once the answer is written ([`Control::start_workers`]). The
+    /// driver may hold locks while it waits for the answer (virtio-net
+    /// holds the RTNL lock, which a device's worker needs to set up a
+    /// tap's offloads): nothing of the device's own runs before it.
     fn start(&mut self) -> Result<()> {
         let features = sys::get_features(&*self.dev).map_err(|source| Error::Sys {
             op: "VDUSE_DEV_GET_FEATURES",
@@ -315,19 +325,34 @@ impl Control {
             })?;
             started += 1;
         }
-        let workers = WorkerSet::start(&self.device, &self.vrings, &self.core, &self.shared)
-            .map_err(Error::Worker)?;
-        self.workers = Some(workers);
+        self.start_pending = true;
         info!(
-            "VDUSE device running: features {features:#x}, {started} of {} queues, {regions} regions mapped",
+            "VDUSE device starting: features {features:#x}, {started} of {} queues, {regions} regions mapped",
             self.vrings.len()
         );
         Ok(())
     }
 
+    /// Starts the workers of a device whose queues [`Control::start`] set
+    /// up. A failure leaves the device stopped (logged): the driver is not
+    /// told (VDUSE has no way to set `NEEDS_RESET`), its requests wait.
+    fn start_workers(&mut self) {
+        match WorkerSet::start(&self.device, &self.vrings, &self.core, &self.shared) {
+            Ok(w) => {
+                self.workers = Some(w);
+                info!("VDUSE device running");
+            }
+            Err(e) => error!(
+                "VDUSE device: starting its workers failed; it serves nothing until the driver resets it: {}",
+                crate::error_chain(&e)
+            ),
+        }
+    }
+
     /// The driver took DRIVER_OK back (or reset the device): workers stop,
     /// queues and device reset, the IOAS emptied.
     fn stop(&mut self) {
+        self.start_pending = false;
         if let Some(w) = self.workers.take() {
             w.stop();
             info!("VDUSE device stopped");
