@@ -87,6 +87,9 @@ pub struct QemuConfig {
     append: String,
     /// The kit to boot ([`GuestKit::get`] when unset).
     kit: Option<&'static GuestKit>,
+    /// `packed=on` on every virtio device: the guest's drivers use packed
+    /// virtqueues.
+    packed: bool,
 }
 
 impl QemuConfig {
@@ -103,6 +106,7 @@ impl QemuConfig {
             script: script.to_string(),
             append: String::new(),
             kit: None,
+            packed: false,
         }
     }
 
@@ -158,6 +162,13 @@ impl QemuConfig {
     /// [`crate::vduse_kit`]).
     pub fn kit(mut self, kit: &'static GuestKit) -> QemuConfig {
         self.kit = Some(kit);
+        self
+    }
+
+    /// Offers packed virtqueues on every virtio device (`packed=on`; the
+    /// backend must offer `VIRTIO_F_RING_PACKED` too).
+    pub fn packed(mut self) -> QemuConfig {
+        self.packed = true;
         self
     }
 
@@ -245,6 +256,9 @@ impl QemuConfig {
                 netdev.push_str(&format!(",queues={}", n.queues));
                 dev.push_str(",mq=on");
             }
+            if self.packed {
+                dev.push_str(",packed=on");
+            }
             if iommu {
                 push(&[
                     "-device",
@@ -263,6 +277,9 @@ impl QemuConfig {
             }
             push(&["-chardev", &chardev]);
             let mut dev = format!("vhost-user-blk-pci,chardev=cb{i},num-queues={}", b.queues);
+            if self.packed {
+                dev.push_str(",packed=on");
+            }
             if iommu {
                 let chassis = self.netdevs.len() + i + 1;
                 push(&[
