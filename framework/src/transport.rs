@@ -5,17 +5,18 @@
 //! few things it must tell the driver go through one small trait,
 //! [`Transport`], so that the data plane knows no transport:
 //!
-//! | event | vhost-user ([`crate::vhost_user`]) | VDUSE |
+//! | event | vhost-user ([`crate::vhost_user`]) | VDUSE ([`crate::vduse`]) |
 //! |---|---|---|
 //! | kick (driver → device) | the frontend's kick eventfd, per ring | an eventfd per ring handed to the kernel (`VDUSE_VQ_SETUP_KICKFD`) |
 //! | call (device → driver) | write the frontend's call eventfd | `VDUSE_VQ_INJECT_IRQ` on the device fd |
-//! | translation miss | `VHOST_IOTLB_MISS` on the backend request channel, answered later by an IOTLB update | ask the kernel (`VDUSE_IOTLB_GET_FD`), map, resume |
+//! | translation miss | `VHOST_IOTLB_MISS` on the backend request channel, answered later by an IOTLB update | to the device's control thread, which asks the kernel (`VDUSE_IOTLB_GET_FD`), maps the region and resumes the queue |
 //! | access failure | `VHOST_IOTLB_ACCESS_FAIL` on the backend channel | logged |
-//! | failed ring | write the frontend's error eventfd | the device status (`NEEDS_RESET`) and a config interrupt |
+//! | failed ring | write the frontend's error eventfd | logged (Linux 6.12's VDUSE has no way for a device to set `NEEDS_RESET`) |
 //!
 //! Kicks need no method: both transports deliver them as an eventfd per
 //! ring, which the transport installs in the ring's state
-//! and the worker watches. A transport that signals the
+//! and the worker watches (VDUSE: an eventfd of the daemon's, handed to
+//! the kernel with `VDUSE_VQ_SETUP_KICKFD`). A transport that signals the
 //! driver through eventfds (vhost-user) keeps the defaults of
 //! [`call`](Transport::call) and [`queue_failed`](Transport::queue_failed),
 //! which write the ring's call and error eventfds; one that injects
