@@ -30,7 +30,10 @@ impl<'a> Queue<'a> {
     /// and the miss is returned; a malformed chain is completed with length 0
     /// and reported as [`QueueError::BadChain`].
     pub fn pop(&mut self, chain: &mut Chain) -> Result<bool> {
-        if self.vring.packed.is_some() || self.vring.inflight.is_some() {
+        if self.vring.packed.is_some() {
+            return self.packed_pop(chain);
+        }
+        if self.vring.inflight.is_some() {
             return self.pop_other(chain);
         }
         chain.clear();
@@ -57,15 +60,12 @@ impl<'a> Queue<'a> {
         r
     }
 
-    /// [`pop`](Queue::pop) of a packed ring, or of a split ring with
-    /// inflight tracking: resubmitted heads first, every head popped
-    /// recorded in the region shared with the frontend.
+    /// [`pop`](Queue::pop) of a split ring with inflight tracking:
+    /// resubmitted heads first, every head popped recorded in the region
+    /// shared with the frontend.
     #[cold]
     #[inline(never)]
     fn pop_other(&mut self, chain: &mut Chain) -> Result<bool> {
-        if self.vring.packed.is_some() {
-            return self.packed_pop(chain);
-        }
         chain.clear();
         if self.vring.inflight.as_ref().is_some_and(|i| i.recover) {
             self.recover_inflight();

@@ -21,16 +21,16 @@ impl Queue<'_> {
         if cfg!(ioasis_broken = "nolog") {
             return;
         }
-        let Some(bufs) = self
-            .vring
-            .packed
-            .as_ref()
-            .and_then(|p| p.writable.get(usize::from(id)))
-        else {
+        let Some(p) = self.vring.packed.as_ref() else {
             return;
         };
+        let Some(&(addr, blen, more)) = p.writable.get(usize::from(id)) else {
+            return;
+        };
+        let rest = p.writable_more.get(usize::from(id)).filter(|_| more > 0);
+        let bufs = std::iter::once((addr, blen)).chain(rest.into_iter().flatten().copied());
         let mut left = u64::from(len);
-        for &(addr, blen) in bufs {
+        for (addr, blen) in bufs {
             if left == 0 {
                 break;
             }

@@ -18,10 +18,15 @@ pub(crate) struct PackedState {
     pub(crate) used_wrap: bool,
     /// Per buffer id: ring descriptors its chain took (0: not outstanding).
     pub(crate) ndescs: Vec<u16>,
-    /// Per buffer id: its chain's device-writable buffers, for the dirty
-    /// log (the ring slots may already be overwritten by used descriptors
-    /// when the buffer completes, so they are kept from the pop).
-    pub(crate) writable: Vec<Vec<(u64, u32)>>,
+    /// Per buffer id: its chain's first device-writable buffer (address,
+    /// length; length 0: none) and how many more it has, for the dirty log
+    /// (the ring slots may already be overwritten by used descriptors when
+    /// the buffer completes, so they are kept from the pop). One flat store
+    /// per pop; a chain with more writable buffers keeps the rest in
+    /// `writable_more`.
+    pub(crate) writable: Vec<(u64, u32, u16)>,
+    /// Per buffer id: the writable buffers after the first, when there are.
+    pub(crate) writable_more: Vec<Vec<(u64, u32)>>,
     /// Ring descriptors of the last chains popped, a ring of `size`
     /// entries indexed by pop count: what [`Queue::unpop`] rolls back.
     ///
@@ -29,10 +34,12 @@ pub(crate) struct PackedState {
     pub(crate) recent: Vec<u16>,
     /// Pops made (modulo `size`): `recent`'s write position.
     pub(crate) pops: u16,
-    /// The first used descriptor of the current batch: its slot and the
-    /// flags not yet written. Written last, after a release fence, so the
-    /// driver sees the whole batch at once.
-    pub(crate) pending: Option<(u16, u16)>,
+    /// Used descriptors of the current batch, not yet written: all are
+    /// written when the batch is published, the first one's flags last
+    /// after a release fence, so the driver sees the whole batch at once
+    /// and the descriptor ring's lines (which the driver polls and refills)
+    /// are written in one go, not between the device's buffer copies.
+    pub(crate) shadow: Vec<UsedEntry>,
     /// The used position at the last notification check (slot, wrap),
     /// for `RING_EVENT_FLAGS_DESC`.
     pub(crate) signalled: Option<(u16, bool)>,
@@ -57,20 +64,23 @@ impl PackedState {
             used_wrap: true,
             ndescs: Vec::new(),
             writable: Vec::new(),
+            writable_more: Vec::new(),
             recent: Vec::new(),
             pops: 0,
-            pending: None,
+            shadow: Vec::new(),
             signalled: None,
             since_signal: 0,
         }
     }
 
     /// Sizes the per-id tables for a ring of `size` (once per size).
+    #[inline]
     pub(crate) fn fit(&mut self, size: u16) {
         let n = usize::from(size);
         if self.ndescs.len() != n {
             self.ndescs = vec![0; n];
-            self.writable = vec![Vec::new(); n];
+            self.writable = vec![(0, 0, 0); n];
+            self.writable_more = vec![Vec::new(); n];
             self.recent = vec![0; n];
             self.pops = 0;
         }
@@ -105,7 +115,7 @@ impl PackedState {
         self.used_wrap = used & 0x8000 != 0;
         self.ndescs.iter_mut().for_each(|n| *n = 0);
         self.pops = 0;
-        self.pending = None;
+        self.shadow.clear();
         self.signalled = None;
         self.since_signal = 0;
     }
@@ -121,6 +131,19 @@ impl PackedState {
     pub(crate) fn next_used(&self) -> u16 {
         self.used_idx | (u16::from(self.used_wrap) << 15)
     }
+}
+
+/// A used descriptor waiting for its batch's publication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct UsedEntry {
+    /// Ring slot.
+    pub(crate) slot: u16,
+    /// Buffer id.
+    pub(crate) id: u16,
+    /// Bytes written.
+    pub(crate) len: u32,
+    /// Flags (the device's lap, `WRITE` if written).
+    pub(crate) flags: u16,
 }
 
 /// Moves ring position (`idx`, `wrap`) forward by `n <= size` slots,

@@ -13,7 +13,7 @@ use virtio_queue::QueueT;
 
 use super::desc::used_flags;
 use super::ring::{HostRing, Mem, RingMem};
-use super::state::advance;
+use super::state::{advance, UsedEntry};
 use crate::queue::{Queue, QueueError, Result};
 
 impl<'a> Queue<'a> {
@@ -98,17 +98,27 @@ impl<'a> Queue<'a> {
         n: u16,
     ) -> Mem<()> {
         let size = ring.size();
+        if self
+            .vring
+            .packed
+            .as_ref()
+            .is_some_and(|p| p.shadow.len() >= usize::from(size))
+        {
+            // More completions than the ring holds without a publication:
+            // only a device completing chains it did not pop gets here.
+            self.packed_flush(ring)?;
+        }
         let Some(p) = self.vring.packed.as_mut() else {
             return Ok(());
         };
         let slot = p.used_idx;
-        ring.write_used(slot, id, len)?;
         let flags = used_flags(p.used_wrap, len > 0);
-        if p.pending.is_none() {
-            p.pending = Some((slot, flags));
-        } else {
-            ring.set_flags(slot, flags)?;
-        }
+        p.shadow.push(UsedEntry {
+            slot,
+            id,
+            len,
+            flags,
+        });
         let n = n.clamp(1, size.max(1));
         (p.used_idx, p.used_wrap) = advance(slot, p.used_wrap, n, size);
         p.since_signal = p.since_signal.saturating_add(u32::from(n));
@@ -120,25 +130,56 @@ impl<'a> Queue<'a> {
         Ok(())
     }
 
-    /// [`Queue::publish_used`] on a packed ring: the batch's first used
-    /// descriptor gets its flags, after everything written before.
+    /// [`Queue::publish_used`] on a packed ring: the batch's used
+    /// descriptors are written, the first one's flags last, after
+    /// everything written before.
     pub(in crate::queue) fn packed_publish(&mut self) {
         self.dirty = false;
-        let Some((slot, flags)) = self.vring.packed.as_mut().and_then(|p| p.pending.take()) else {
+        if self
+            .vring
+            .packed
+            .as_ref()
+            .is_none_or(|p| p.shadow.is_empty())
+        {
             return;
-        };
-        fence(Ordering::Release);
+        }
         let r = match self.rings {
-            Some(r) => HostRing::new(r).set_flags(slot, flags),
-            None => self.packed_dma_ring().set_flags(slot, flags),
+            Some(r) => self.packed_flush(&HostRing::new(r)),
+            None => {
+                let ring = self.packed_dma_ring();
+                self.packed_flush(&ring)
+            }
         };
         if let Err(e) = r {
             crate::log_limited!(
                 log::Level::Error,
-                "queue {}: used descriptor {slot} not published: {e}",
+                "queue {}: used descriptors not published: {e}",
                 self.index
             );
             self.vring.broken = true;
         }
+    }
+
+    /// Writes the batch's used descriptors: each one's id and length, the
+    /// flags of all but the first, then (release) the first one's flags.
+    fn packed_flush<R: RingMem>(&mut self, ring: &R) -> Mem<()> {
+        let Some(p) = self.vring.packed.as_mut() else {
+            return Ok(());
+        };
+        let Some(first) = p.shadow.first().copied() else {
+            return Ok(());
+        };
+        let write = || -> Mem<()> {
+            ring.write_used(first.slot, first.id, first.len)?;
+            for e in &p.shadow[1..] {
+                ring.write_used(e.slot, e.id, e.len)?;
+                ring.set_flags(e.slot, e.flags)?;
+            }
+            fence(Ordering::Release);
+            ring.set_flags(first.slot, first.flags)
+        };
+        let r = write();
+        p.shadow.clear();
+        r
     }
 }

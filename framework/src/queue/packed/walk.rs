@@ -47,6 +47,7 @@ impl<'a> Queue<'a> {
     }
 
     /// [`Queue::pop`] on a packed ring.
+    #[inline(never)]
     pub(in crate::queue) fn packed_pop(&mut self, chain: &mut Chain) -> Result<bool> {
         chain.clear();
         match self.rings {
@@ -126,15 +127,19 @@ impl<'a> Queue<'a> {
                 };
                 (p.avail_idx, p.avail_wrap) = advance(start, wrap, count, size);
                 p.ndescs[usize::from(id)] = count;
-                let wr = &mut p.writable[usize::from(id)];
-                wr.clear();
-                wr.extend(
-                    chain
-                        .descs
-                        .iter()
-                        .filter(|d| d.writable)
-                        .map(|d| (d.addr, d.len)),
-                );
+                let mut first = (0, 0, 0u16);
+                for d in chain.descs.iter().filter(|d| d.writable) {
+                    if first.1 == 0 && first.2 == 0 && d.len > 0 {
+                        first = (d.addr, d.len, 0);
+                    } else if d.len > 0 {
+                        if first.2 == 0 {
+                            p.writable_more[usize::from(id)].clear();
+                        }
+                        first.2 += 1;
+                        p.writable_more[usize::from(id)].push((d.addr, d.len));
+                    }
+                }
+                p.writable[usize::from(id)] = first;
                 let at = usize::from(p.pops);
                 p.recent[at] = count;
                 p.pops = if p.pops + 1 >= size { 0 } else { p.pops + 1 };
