@@ -455,8 +455,18 @@ impl Server {
                 source,
             })
         })?;
-        let control = vduse::Control::new(Arc::new(fd), device, &self.iommu, core.clone(), dev_id)
-            .map_err(err)?;
+        let mut control = vduse::Control::new(
+            Arc::new(fd),
+            device,
+            &self.iommu,
+            core.clone(),
+            dev_id,
+            kernel.inflight.clone(),
+        )
+        .map_err(err)?;
+        if kernel.existed {
+            control.take_over().map_err(err)?;
+        }
         self.directory.insert(
             label.to_string(),
             DirectoryEntry {

@@ -38,6 +38,7 @@ use super::transport::VduseTransport;
 use super::{Error, Result};
 use crate::device::Device;
 use crate::epoll::{self, EpollEvent};
+use crate::queue::inflight::InflightRegion;
 use crate::queue::Vring;
 use crate::vhost_user::{VIRTIO_F_IN_ORDER, VIRTIO_RING_F_EVENT_IDX};
 use crate::worker::{ConnShared, WorkerSet};
@@ -61,6 +62,8 @@ pub(crate) struct Control {
     shared: Arc<ConnShared>,
     transport: Arc<VduseTransport>,
     workers: Option<WorkerSet>,
+    /// The device's inflight record, kept across daemon restarts.
+    inflight: Option<Arc<InflightRegion>>,
     /// The queues are set up for DRIVER_OK and the workers start once the
     /// answer is written (see [`Control::start`]).
     start_pending: bool,
@@ -98,6 +101,7 @@ impl Control {
         iommu: &iommu_core::Iommu,
         core: iommu_core::IommuDevice,
         dev_id: iommu_core::DevId,
+        inflight: Option<Arc<InflightRegion>>,
     ) -> Result<Control> {
         let max = device.max_queue_size();
         let vrings = new_vrings(device.num_queues(), max)?;
@@ -119,6 +123,7 @@ impl Control {
             shared,
             transport,
             workers: None,
+            inflight,
             start_pending: false,
             status: 0,
             max_queue_size: max,
@@ -312,6 +317,13 @@ impl Control {
                 v.q.set_next_avail(info.state[0]);
                 v.q.set_next_used(info.state[0]);
                 v.q.set_ready(true);
+                // With an inflight record the queue resumes where the
+                // record says when the worker first serves it.
+                v.inflight = self
+                    .inflight
+                    .as_ref()
+                    .and_then(|r| r.queue(u16::try_from(i).ok()?));
+                v.resubmit.clear();
                 v.kick = Some(ours);
                 v.kick_gen = v.kick_gen.wrapping_add(1);
                 v.enabled = true;
@@ -330,6 +342,34 @@ impl Control {
             "VDUSE device starting: features {features:#x}, {started} of {} queues, {regions} regions mapped",
             self.vrings.len()
         );
+        Ok(())
+    }
+
+    /// A device taken over from a daemon that exited while the driver had
+    /// it running (its queues are ready): the driver sends no new
+    /// `DRIVER_OK`, so the queues are set up and the workers started from
+    /// the kernel's state now. With an inflight record the requests the old
+    /// daemon had in flight are resubmitted and each queue resumes after
+    /// them; without one a queue resumes at the kernel's avail index (what
+    /// the old daemon had popped and not completed is lost).
+    pub fn take_over(&mut self) -> Result<()> {
+        let mut running = false;
+        for i in 0..self.vrings.len() {
+            let index = u32::try_from(i).map_err(|_| Error::BadDevice("queue index"))?;
+            let info = sys::vq_info(&*self.dev, index).map_err(|source| Error::Sys {
+                op: "VDUSE_VQ_GET_INFO",
+                source,
+            })?;
+            running |= info.ready != 0;
+        }
+        if !running {
+            return Ok(());
+        }
+        info!("VDUSE device taken over while running: resuming its queues");
+        self.start()?;
+        self.start_pending = false;
+        self.start_workers();
+        self.status |= DRIVER_OK;
         Ok(())
     }
 
@@ -369,6 +409,12 @@ impl Control {
             Err(e) => error!("resetting the queues: {e}"),
         }
         self.device.reset();
+        // What was in flight before a reset is not to be done again.
+        if let Some(r) = &self.inflight {
+            if let Err(e) = r.mem.fill(0, r.mem.len(), 0) {
+                error!("clearing the inflight record: {e}");
+            }
+        }
         self.shared.needs_reset.store(false, Ordering::SeqCst);
         if let Err(e) = self.space.clear() {
             error!("emptying the address space: {e}");

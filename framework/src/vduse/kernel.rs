@@ -13,12 +13,17 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use iommu_core::Memory;
 
 use log::{info, warn};
 
 use super::sys::{self, DevConfig, DevConfigBuf, VDUSE_NAME_MAX};
 use super::{Error, Result};
 use crate::device::Device;
+use crate::queue::inflight::InflightRegion;
+use crate::queue::queue_region_size;
 use crate::vhost_user::{
     VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
@@ -55,6 +60,60 @@ pub(crate) struct KernelDevice {
     pub fd: File,
     /// The device existed before (taken over, not created).
     pub existed: bool,
+    /// The inflight record of a device that tracks its requests in flight
+    /// ([`Device::inflight_tracking`]): a file that outlives the daemon.
+    pub inflight: Option<Arc<InflightRegion>>,
+    inflight_path: Option<PathBuf>,
+}
+
+/// Where the inflight record of device `name` is kept: a file in the
+/// temporary directory (`TMPDIR`, else `/tmp`), which a daemon restarted
+/// with the same name finds again.
+pub fn inflight_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("ioasis-vduse-{name}.inflight"))
+}
+
+/// Opens (`keep`: as it is) or creates afresh (zeroed) the inflight record
+/// of `device` at `path`.
+fn open_inflight(
+    path: &std::path::Path,
+    device: &dyn Device,
+    keep: bool,
+) -> Result<Arc<InflightRegion>> {
+    let num_queues = u16::try_from(device.num_queues())
+        .map_err(|_| Error::BadDevice("too many queues for an inflight record"))?;
+    let queue_size = device.max_queue_size();
+    let len = usize::from(num_queues) * queue_region_size(queue_size);
+    let sys = |op, source| Error::Sys { op, source };
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(!keep)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| sys("open the inflight record", e))?;
+    let have = f
+        .metadata()
+        .map_err(|e| sys("stat the inflight record", e))?
+        .len();
+    if have != len as u64 {
+        // Another shape (or a new file): start clean.
+        f.set_len(0)
+            .map_err(|e| sys("truncate the inflight record", e))?;
+        f.set_len(len as u64)
+            .map_err(|e| sys("size the inflight record", e))?;
+    }
+    let mem = Memory::from_memfd(f.into(), 0, len).map_err(|source| Error::Map {
+        iova: 0,
+        len: len as u64,
+        source,
+    })?;
+    Ok(Arc::new(InflightRegion {
+        mem,
+        num_queues,
+        queue_size,
+    }))
 }
 
 /// The path of device `name`'s char device.
@@ -137,11 +196,19 @@ impl KernelDevice {
                 return Err(e);
             }
         };
+        let (inflight, inflight_path) = if device.inflight_tracking() {
+            let path = inflight_path(name);
+            (Some(open_inflight(&path, device, existed)?), Some(path))
+        } else {
+            (None, None)
+        };
         let dev = KernelDevice {
             name: name.to_string(),
             name_bytes,
             fd,
             existed,
+            inflight,
+            inflight_path,
         };
         let max = device.max_queue_size();
         for i in 0..num_queues {
@@ -167,6 +234,7 @@ impl KernelDevice {
             name,
             name_bytes,
             fd,
+            inflight_path,
             ..
         } = self;
         drop(fd);
@@ -178,7 +246,12 @@ impl KernelDevice {
             }
         };
         match sys::destroy_dev(&control, &name_bytes) {
-            Ok(()) => info!("VDUSE device {name:?} destroyed"),
+            Ok(()) => {
+                info!("VDUSE device {name:?} destroyed");
+                if let Some(p) = inflight_path {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => warn!(
                 "VDUSE device {name:?} is still on the vDPA bus and stays (`vdpa dev del {name}` removes it; a daemon started with --vduse {name} takes it over)"
             ),

@@ -42,19 +42,28 @@
 //! # A daemon restarted while the device exists
 //!
 //! The kernel keeps a VDUSE device that is on the vDPA bus when its daemon
-//! exits (it cannot be destroyed then), with its config space and queue
-//! addresses; requests it sent meanwhile wait (at most its `msg_timeout`,
-//! 30 s, after which the kernel marks the device broken for good). A daemon
-//! started again with the same name takes the device over
+//! exits (it cannot be destroyed then), with its config space, features
+//! and queue addresses; requests it sent meanwhile wait (at most its
+//! `msg_timeout`, 30 s, after which the kernel marks the device broken for
+//! good), and one the old daemon had read but not answered is queued again.
+//! A daemon started again with the same name takes the device over
 //! ([`Server::add_vduse_device`](crate::server::Server::add_vduse_device)
-//! opens it instead of creating it) and answers the waiting requests. Linux
-//! 6.12's VDUSE keeps no record of which buffers the old daemon had popped
-//! and not completed, and has no request that tells a new daemon that the
-//! driver already set `DRIVER_OK`: a device taken over while running stays
-//! stopped until the driver resets it (for `virtio_vdpa`, unbinding and
-//! binding the driver, or `vdpa dev del` and `vdpa dev add`). vhost-user's
-//! inflight region (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`) has no VDUSE
-//! counterpart there.
+//! opens it instead of creating it). The kernel sends no new `DRIVER_OK`
+//! to it, so when the device's queues are ready the new daemon sets them
+//! up from `VDUSE_VQ_GET_INFO` and starts its workers at once.
+//!
+//! Linux 6.12's VDUSE keeps no record of which buffers the old daemon had
+//! popped and not completed (vhost-user's frontend keeps the inflight
+//! region, `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`). A device that asks for
+//! inflight tracking ([`Device::inflight_tracking`](crate::device::Device::inflight_tracking),
+//! vdpa-blk) gets the same record in a file that outlives the daemon
+//! (`$TMPDIR/ioasis-vduse-NAME.inflight`; emptied on a driver reset,
+//! removed when the device is destroyed): the new daemon resubmits what it
+//! lists and resumes each queue after it. Without it a queue resumes at
+//! the kernel's avail index and what was in flight is lost.
+//! `cargo test -p ioasis-integration --test vduse_guest restart` kills
+//! vdpa-blk under four writers of the guest and restarts it: every write
+//! completes and the disk holds the pattern.
 
 mod control;
 mod kernel;
