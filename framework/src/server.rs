@@ -252,6 +252,17 @@ struct VduseHosted {
     thread: Option<JoinHandle<()>>,
 }
 
+impl Drop for VduseHosted {
+    /// A device whose server never ran is destroyed here (once its control
+    /// state, which holds the device's fd, is gone).
+    fn drop(&mut self) {
+        if let Some((kernel, control)) = self.parts.take() {
+            drop(control);
+            kernel.destroy();
+        }
+    }
+}
+
 /// One backend process's device server.
 pub struct Server {
     iommu: Iommu,
