@@ -120,6 +120,27 @@ impl PackedState {
         self.since_signal = 0;
     }
 
+    /// Adds a used descriptor for buffer `id` (`len` bytes written,
+    /// covering `n` ring descriptors, at least 1) to the batch at the used
+    /// position, and moves the position past them. Nothing is written to
+    /// the ring until the batch is published.
+    #[inline]
+    pub(crate) fn push_used(&mut self, id: u16, len: u32, n: u16, size: u16) {
+        let slot = self.used_idx;
+        self.shadow.push(UsedEntry {
+            slot,
+            id,
+            len,
+            flags: super::desc::used_flags(self.used_wrap, len > 0),
+        });
+        let n = n.clamp(1, size.max(1));
+        (self.used_idx, self.used_wrap) = advance(slot, self.used_wrap, n, size);
+        self.since_signal = self.since_signal.saturating_add(u32::from(n));
+        if let Some(c) = self.ndescs.get_mut(usize::from(id)) {
+            *c = 0;
+        }
+    }
+
     /// The next available position as one 16-bit value (slot, wrap in bit
     /// 15), what [`Queue::next_avail`](crate::queue::Queue::next_avail)
     /// reports for a packed ring.

@@ -11,9 +11,7 @@ use std::sync::atomic::{fence, Ordering};
 
 use virtio_queue::QueueT;
 
-use super::desc::used_flags;
 use super::ring::{HostRing, Mem, RingMem};
-use super::state::{advance, UsedEntry};
 use crate::queue::{Queue, QueueError, Result};
 
 impl<'a> Queue<'a> {
@@ -30,8 +28,20 @@ impl<'a> Queue<'a> {
                 })
             }
         };
-        if let (Some(log), true) = (self.vring.log.clone(), len > 0) {
-            self.packed_log_buffer(&log, head, len);
+        if len > 0 && self.vring.log.is_some() {
+            if let Some(log) = self.vring.log.clone() {
+                self.packed_log_buffer(&log, head, len);
+            }
+        }
+        // The common case: room in the batch, nothing written to the ring
+        // until the batch is published.
+        if let Some(p) = self.vring.packed.as_mut() {
+            if p.shadow.len() < usize::from(size) {
+                p.push_used(head, len, n, size);
+                self.vring.num_added = self.vring.num_added.saturating_add(1);
+                self.dirty = true;
+                return Ok(());
+            }
         }
         let r = match self.rings {
             Some(r) => self.packed_put_used(&HostRing::new(r), head, len, n),
@@ -111,20 +121,7 @@ impl<'a> Queue<'a> {
         let Some(p) = self.vring.packed.as_mut() else {
             return Ok(());
         };
-        let slot = p.used_idx;
-        let flags = used_flags(p.used_wrap, len > 0);
-        p.shadow.push(UsedEntry {
-            slot,
-            id,
-            len,
-            flags,
-        });
-        let n = n.clamp(1, size.max(1));
-        (p.used_idx, p.used_wrap) = advance(slot, p.used_wrap, n, size);
-        p.since_signal = p.since_signal.saturating_add(u32::from(n));
-        if let Some(c) = p.ndescs.get_mut(usize::from(id)) {
-            *c = 0;
-        }
+        p.push_used(id, len, n, size);
         self.vring.num_added = self.vring.num_added.saturating_add(1);
         self.dirty = true;
         Ok(())
