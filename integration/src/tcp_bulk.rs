@@ -87,11 +87,12 @@ pub fn guest_features(console: &str) -> String {
         .to_string();
     let has = |bit: usize| bits.as_bytes().get(bit) == Some(&b'1');
     format!(
-        "CSUM={} HOST_TSO4={} HOST_TSO6={} MRG_RXBUF={} ({bits})",
+        "CSUM={} HOST_TSO4={} HOST_TSO6={} MRG_RXBUF={} RING_PACKED={} ({bits})",
         has(0),
         has(11),
         has(12),
-        has(15)
+        has(15),
+        has(34)
     )
 }
 
@@ -110,6 +111,18 @@ impl TcpBulk {
     /// the guest in `dir` and waits until it serves the file. `busybox` runs
     /// the download inside the namespace.
     pub fn start(bin: &Path, extra_args: &[String], busybox: &Path, dir: &Path) -> Result<TcpBulk> {
+        TcpBulk::start_on(bin, extra_args, busybox, dir, false)
+    }
+
+    /// [`start`](TcpBulk::start), the guest's device with `packed=on` if
+    /// `packed` (packed virtqueues).
+    pub fn start_on(
+        bin: &Path,
+        extra_args: &[String],
+        busybox: &Path,
+        dir: &Path,
+        packed: bool,
+    ) -> Result<TcpBulk> {
         let ns = Netns::new()?;
         let sock = dir.join("net.sock");
         let mut cfg = VdpaNetConfig::new()
@@ -121,10 +134,11 @@ impl TcpBulk {
         let vdpa = VdpaNet::spawn_bin(bin, &cfg, dir, Some(&ns))?;
         ns.wait_link(TAP, SETUP_TIMEOUT)?;
         ns.addr_up(TAP, &format!("{HOST_IP}/24"))?;
-        let mut guest = Qemu::launch(
-            &QemuConfig::new("guest", &serve_script()).netdev(&sock, "52:54:00:00:00:01"),
-            dir,
-        )?;
+        let mut qcfg = QemuConfig::new("guest", &serve_script()).netdev(&sock, "52:54:00:00:00:01");
+        if packed {
+            qcfg = qcfg.packed();
+        }
+        let mut guest = Qemu::launch(&qcfg, dir)?;
         guest.expect_marker(
             &format!("PING_OK {HOST_IP}"),
             &format!("PING_FAIL {HOST_IP}"),

@@ -305,7 +305,18 @@ fn vdpa_rx(v: &serde_json::Value, sock: &std::path::Path) -> u64 {
 
 #[test]
 fn test_guest_tcp_bulk_to_netns_uses_large_frames() {
-    let test = "test_guest_tcp_bulk_to_netns_uses_large_frames";
+    tcp_bulk("test_guest_tcp_bulk_to_netns_uses_large_frames", false);
+}
+
+/// The same TCP transfer with the guest's virtio-net on packed virtqueues
+/// (`packed=on`; the guest's feature bits say `VIRTIO_F_RING_PACKED` was
+/// negotiated).
+#[test]
+fn test_guest_tcp_bulk_on_packed_rings() {
+    tcp_bulk("test_guest_tcp_bulk_on_packed_rings", true);
+}
+
+fn tcp_bulk(test: &str, packed: bool) {
     let Some((bin, busybox)) = ready(
         test,
         need_qemu_and_vdpa_net()
@@ -316,8 +327,8 @@ fn test_guest_tcp_bulk_to_netns_uses_large_frames() {
     };
     let _lock = heavy_lock().or_panic("heavy lock");
     let dir = WorkDir::new("vdpa-tcp").or_panic("workdir");
-    let bulk =
-        TcpBulk::start(&bin, &[], &busybox, dir.path()).or_panic("guest serving over the tap");
+    let bulk = TcpBulk::start_on(&bin, &[], &busybox, dir.path(), packed)
+        .or_panic("guest serving over the tap");
     let t = bulk.transfer().or_panic("download from the guest");
     let features = bulk.features();
     bulk.stop(STOP_TIMEOUT).or_panic("stop vdpa-net");
@@ -330,6 +341,10 @@ fn test_guest_tcp_bulk_to_netns_uses_large_frames() {
         t.bytes
     );
     assert_eq!(t.received, BULK_BYTES);
+    assert!(
+        features.contains(&format!("RING_PACKED={packed}")),
+        "ring layout (packed expected: {packed}): guest features {features}"
+    );
     // Without TSO every data frame carries at most one MSS (<= 1460 bytes of
     // payload): fewer frames than that prove large frames on the tap.
     assert!(
