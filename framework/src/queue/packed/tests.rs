@@ -497,6 +497,23 @@ fn test_unpop_gives_back_the_last_chains() {
     assert_eq!(n, 3);
 }
 
+/// A base outside the ring (SET_VRING_BASE from a broken frontend) fails
+/// the queue with an error when it is first served, never an access
+/// outside the ring.
+#[test]
+fn test_base_outside_the_ring_fails_the_queue() {
+    let p = packed(true);
+    p.vring()
+        .packed
+        .as_mut()
+        .expect("packed")
+        .set_base(20 | 1 << 15);
+    with_queues(&p.f, |qs| {
+        assert!(matches!(qs.lookup(1), crate::queue::Lookup::Stopped));
+    });
+    assert!(p.vring().broken);
+}
+
 #[test]
 fn test_rings_reached_through_the_dma_handle_when_not_contiguous() {
     // A ring whose translation is not kept (as when its pages are not
