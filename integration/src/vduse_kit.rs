@@ -34,8 +34,16 @@ use crate::process::run;
 /// overrides it).
 pub const DEFAULT_KERNEL_DIR: &str = "/var/cache/ioasis/vduse-kernel";
 
-/// The modules the guests load at boot (with their dependencies, first).
-pub const VDUSE_MODULES: &[&str] = &["vduse", "virtio_vdpa", "virtio_blk", "virtio_net", "tun"];
+/// The modules the guests load at boot (with their dependencies, first):
+/// `virtio_pci` too, for QEMU's vhost-user devices beside the VDUSE ones.
+pub const VDUSE_MODULES: &[&str] = &[
+    "virtio_pci",
+    "vduse",
+    "virtio_vdpa",
+    "virtio_blk",
+    "virtio_net",
+    "tun",
+];
 
 /// The host tools the guests carry, where each goes and the Debian package
 /// that has it. iproute2's `ip` (network namespaces) goes beside busybox's

@@ -8,6 +8,7 @@
 //! it. The daemon and its shared libraries go into the guest's initramfs.
 
 use ioasis_integration::bins::workspace_bin;
+use ioasis_integration::blk_server::{BlkExport, BlkServer, BlkServerKind, Image};
 use ioasis_integration::env::require_tool;
 use ioasis_integration::guest::marker;
 use ioasis_integration::guest_disk::{pattern, write_pattern_script, PATTERN_PATH};
@@ -263,4 +264,109 @@ fn test_vduse_blk_daemon_restart_in_guest() {
     for l in console.lines().filter(|l| l.contains("resubmitted")) {
         eprintln!("restarted daemon: {l}");
     }
+}
+
+/// Bytes each timed read moves (2048 requests of 64 KiB).
+const BENCH_BYTES: u64 = 128 << 20;
+/// Rounds of the comparison (each reads both disks, the order alternating).
+const BENCH_ROUNDS: usize = 5;
+
+/// The same guest reads the same kind of disk through both transports:
+/// `vda` is a vhost-user-blk disk of QEMU served by vdpa-blk on the host,
+/// `vdb` a VDUSE disk served by vdpa-blk inside the guest; each round
+/// reads 128 MiB from each with `dd bs=64k iflag=direct` (the order
+/// alternating), timed with `/proc/uptime`. Every read must move all its
+/// 2048 requests. Prints the medians and ranges in MB/s and the ratio
+/// VDUSE / vhost-user. Under TCG the VDUSE daemon runs on the emulated
+/// CPU and the vhost-user one natively on the host, so the ratio measures
+/// the emulation more than the transport.
+/// `cargo test -p ioasis-integration --test vduse_guest -- --ignored --nocapture bench`
+#[test]
+#[ignore = "a measurement: run it alone, under the bench lock"]
+fn test_vduse_blk_bench_against_vhost_user() {
+    let test = "test_vduse_blk_bench_against_vhost_user";
+    let Some(bin) = ready(test, need("vdpa-blk")) else {
+        return;
+    };
+    let _lock = heavy_lock().or_panic("heavy lock");
+    let dir = WorkDir::new("vduse-bench").or_panic("workdir");
+    let img = dir.join("host.img");
+    if let Err(e) = std::fs::write(&img, vec![0u8; BENCH_BYTES as usize]) {
+        panic!("host image: {e}");
+    }
+    let sock = dir.join("host.sock");
+    let mut host = BlkServer::spawn(
+        &BlkServerKind::VdpaBlk(bin.clone()),
+        &BlkExport::new(&sock, Image::File(img)),
+        dir.path(),
+        "host-blk",
+    )
+    .or_panic("host vdpa-blk");
+    let count = BENCH_BYTES / 65536;
+    let script = format!(
+        "{VDUSE_LIB}\
+         dd if=/dev/zero of=/tmp/disk.img bs=1M count={mb} 2>/dev/null\n\
+         start_daemon vdpa-blk /bin/vdpa-blk --vduse vblk0 --image /tmp/disk.img\n\
+         wait_for /dev/vduse/vblk0 || fail_with NO_VDUSE_DEVICE\n\
+         timeout 60 vdpa dev add name vblk0 mgmtdev vduse || fail_with VDPA_ADD_FAILED\n\
+         wait_for /sys/block/vdb || fail_with NO_DISK\n\
+         t() {{\n\
+         \x20   s=$(cut -d' ' -f1 /proc/uptime)\n\
+         \x20   n=$(dd if=/dev/$1 of=/dev/null bs=64k count={count} iflag=direct 2>&1 | grep -c '^{count}+0 records in')\n\
+         \x20   e=$(cut -d' ' -f1 /proc/uptime)\n\
+         \x20   mark \"BENCH $1 $s $e $n\"\n\
+         }}\n\
+         for r in 1 2 3 4 5; do\n\
+         \x20   if [ $((r % 2)) = 1 ]; then t vda; t vdb; else t vdb; t vda; fi\n\
+         done\n\
+         mark BENCH_DONE\n",
+        mb = BENCH_BYTES >> 20,
+    );
+    let mut cfg = QemuConfig::new("vduse-bench", &script)
+        .kit(kit().or_panic("kit"))
+        .mem_mb(GUEST_MB + 256)
+        .blkdev(&sock, 1);
+    for (path, data) in binary_files(&bin, "vdpa-blk").or_panic("daemon files") {
+        cfg = cfg.file(&path, data);
+    }
+    let mut guest = Qemu::launch(&cfg, dir.path()).or_panic("start QEMU");
+    guest
+        .wait_marker("BENCH_DONE", GUEST_TIMEOUT * 3)
+        .or_panic("the comparison");
+    let console = guest.console_text();
+    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for l in console.lines() {
+        let Some(rest) = l.split("@@IOASIS:BENCH ").nth(1) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.trim_end_matches("@@").split(' ').collect();
+        let [disk, s, e, n] = f[..] else { continue };
+        assert_eq!(n, "1", "every read moved its {count} requests: {l}");
+        let (Ok(s), Ok(e)) = (s.parse::<f64>(), e.parse::<f64>()) else {
+            panic!("bad timestamps: {l}");
+        };
+        let secs = e - s;
+        let side = usize::from(disk == "vdb");
+        rates[side].push(BENCH_BYTES as f64 / 1e6 / secs.max(0.01));
+    }
+    assert!(
+        rates.iter().all(|r| r.len() == BENCH_ROUNDS),
+        "{BENCH_ROUNDS} reads of each disk: {rates:?}\n{console}"
+    );
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let [mut vu, mut vd] = rates;
+    let (mu, md) = (median(&mut vu), median(&mut vd));
+    eprintln!(
+        "vhost-user (host daemon): median {mu:.1} MB/s, range {:.1}-{:.1}; VDUSE (guest daemon): median {md:.1} MB/s, range {:.1}-{:.1}; VDUSE / vhost-user = {:.2}",
+        vu[0],
+        vu[vu.len() - 1],
+        vd[0],
+        vd[vd.len() - 1],
+        md / mu
+    );
+    drop(guest);
+    host.stop(std::time::Duration::from_secs(10));
 }
