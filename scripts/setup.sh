@@ -5,7 +5,9 @@
 #
 # - installs the system packages the tests use (QEMU, qemu-storage-daemon
 #   as the reference vhost-user-blk server, DPDK's testpmd, a Debian kernel
-#   for guests, a static busybox for their initramfs, cpio, iproute2);
+#   for guests, a static busybox for their initramfs, cpio, iproute2, and
+#   libc6-dev, whose static C library links the migration tests' guest
+#   program `guest-stream` static);
 # - reserves 2 MiB hugepages (IOASIS_HUGEPAGES, default 600) and mounts
 #   hugetlbfs at /dev/hugepages, then deletes hugepage files that no running
 #   process maps (left behind by a killed DPDK process, they starve the next);
@@ -13,7 +15,7 @@
 # - deletes network namespaces of earlier test runs whose process is gone.
 set -euo pipefail
 
-PKGS=(qemu-system-x86 qemu-system-common dpdk dpdk-dev linux-image-amd64 busybox-static cpio iproute2)
+PKGS=(qemu-system-x86 qemu-system-common dpdk dpdk-dev linux-image-amd64 busybox-static cpio iproute2 libc6-dev)
 HUGEPAGES="${IOASIS_HUGEPAGES:-600}"
 
 SUDO=""

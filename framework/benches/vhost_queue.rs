@@ -5,7 +5,9 @@
 //!   iommu-core translation (the `Harness`, no sockets), batches of 256,
 //!   popping one chain at a time and in bursts of 32 (`Queue::pop_burst`);
 //! - the same chains through the whole vhost-user path: a server, vhost's
-//!   `Frontend`, a kick per batch and the call eventfd back.
+//!   `Frontend`, a kick per batch and the call eventfd back;
+//! - the same with dirty logging on (a live migration's cost per chain:
+//!   the chain walked again and its written bytes and the used ring logged).
 //!
 //! `cargo bench -p ioasis --bench vhost_queue` (add `-- --quick` for a
 //! shorter run).
@@ -151,7 +153,9 @@ fn bench_harness(rounds: usize, batches: usize, burst: bool) -> f64 {
     median(per_chain)
 }
 
-fn bench_vhost_user(rounds: usize, batches: usize) -> f64 {
+/// `log`: with dirty logging on (`VHOST_F_LOG_ALL` and a shared log), as
+/// while the frontend migrates the guest.
+fn bench_vhost_user(rounds: usize, batches: usize, log: bool) -> f64 {
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("bench.sock");
     let mut server = Server::new();
@@ -178,7 +182,9 @@ fn bench_vhost_user(rounds: usize, batches: usize) -> f64 {
     fe.set_features(features).expect("features");
     let p = fe.get_protocol_features().expect("protocol");
     fe.set_protocol_features(
-        p & (VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ),
+        p & (VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::LOG_SHMFD),
     )
     .expect("set protocol");
     fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
@@ -212,6 +218,22 @@ fn bench_vhost_user(rounds: usize, batches: usize) -> f64 {
     fe.set_vring_call(0, &call).expect("call");
     fe.set_vring_kick(0, &kick).expect("kick");
     fe.set_vring_enable(0, true).expect("enable");
+    // Kept alive while the server may write it.
+    let log_mem = log.then(|| {
+        let len = (gpa + size as u64) / 0x1000 / 8;
+        let m = iommu_core::Memory::anonymous("log", len as usize).expect("log");
+        fe.set_log_base(
+            0,
+            Some(vhost::VhostUserDirtyLogRegion {
+                mmap_size: len,
+                mmap_offset: 0,
+                mmap_handle: m.fd().expect("log fd").as_raw_fd(),
+            }),
+        )
+        .expect("log base");
+        fe.set_features(features | (1 << 26)).expect("LOG_ALL");
+        m
+    });
     let mut used = 0u16;
     let mut per_chain = Vec::new();
     for _ in 0..rounds {
@@ -243,6 +265,7 @@ fn bench_vhost_user(rounds: usize, batches: usize) -> f64 {
         per_chain.push(ns / (batches as f64 * f64::from(QSIZE)));
     }
     drop(fe);
+    drop(log_mem);
     stop.shutdown();
     t.join().expect("server");
     median(per_chain)
@@ -264,10 +287,15 @@ fn main() {
     if std::env::args().any(|a| a == "--harness-only") {
         return;
     }
-    let v = bench_vhost_user(rounds, batches);
+    let v = bench_vhost_user(rounds, batches, false);
     println!(
         "vhost-user end to end (kick per {QSIZE} chains, EVENT_IDX): {v:.0} ns/chain, {:.2} M chains/s",
         1e3 / v
     );
     println!("end-to-end / queue-layer cost ratio: {:.2}", v / h);
+    let l = bench_vhost_user(rounds, batches, true);
+    println!(
+        "vhost-user end to end, dirty logging on (VHOST_F_LOG_ALL): {l:.0} ns/chain, {:.2} M chains/s",
+        1e3 / l
+    );
 }

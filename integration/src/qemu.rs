@@ -90,6 +90,8 @@ pub struct QemuConfig {
     /// `packed=on` on every virtio device: the guest's drivers use packed
     /// virtqueues.
     packed: bool,
+    qmp: Option<PathBuf>,
+    incoming: Option<String>,
 }
 
 impl QemuConfig {
@@ -107,6 +109,8 @@ impl QemuConfig {
             append: String::new(),
             kit: None,
             packed: false,
+            qmp: None,
+            incoming: None,
         }
     }
 
@@ -191,6 +195,19 @@ impl QemuConfig {
         self
     }
 
+    /// Serves QMP on the unix socket `path` (see [`crate::qmp`]).
+    pub fn qmp(mut self, path: &Path) -> QemuConfig {
+        self.qmp = Some(path.to_path_buf());
+        self
+    }
+
+    /// Starts as a migration destination waiting on `uri` (`-incoming`,
+    /// e.g. `unix:/path`): the guest runs once the source's state arrived.
+    pub fn incoming(mut self, uri: &str) -> QemuConfig {
+        self.incoming = Some(uri.to_string());
+        self
+    }
+
     /// Appends to the kernel command line.
     pub fn append(mut self, extra: &str) -> QemuConfig {
         self.append.push(' ');
@@ -230,6 +247,12 @@ impl QemuConfig {
         push(&["-kernel", &kernel.to_string_lossy()]);
         push(&["-initrd", &initrd.to_string_lossy()]);
         push(&["-append", &self.cmdline()]);
+        if let Some(q) = &self.qmp {
+            push(&["-qmp", &format!("unix:{},server=on,wait=off", q.display())]);
+        }
+        if let Some(uri) = &self.incoming {
+            push(&["-incoming", uri]);
+        }
         push(&[
             "-object",
             &format!("memory-backend-memfd,id=mem,size={}M,share=on", self.mem_mb),

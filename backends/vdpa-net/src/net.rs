@@ -36,6 +36,11 @@ pub const VIRTIO_NET_F_STATUS: u32 = 16;
 pub const VIRTIO_NET_F_CTRL_VQ: u32 = 17;
 /// VIRTIO_NET_F_CTRL_RX: receive-mode commands on the control queue.
 pub const VIRTIO_NET_F_CTRL_RX: u32 = 18;
+/// VIRTIO_NET_F_GUEST_ANNOUNCE: the driver announces the device itself
+/// (gratuitous ARP) when asked to, after a live migration. With vhost-user,
+/// QEMU asks (config status and control queue are QEMU's there); the device
+/// only offers it and accepts the driver's acknowledgement.
+pub const VIRTIO_NET_F_GUEST_ANNOUNCE: u32 = 21;
 /// VIRTIO_NET_F_MQ: multiqueue with automatic steering.
 pub const VIRTIO_NET_F_MQ: u32 = 22;
 /// VIRTIO_NET_F_CTRL_MAC_ADDR: the MAC address can be set on the control queue.
@@ -122,6 +127,10 @@ pub const VIRTIO_NET_CTRL_MAC: u8 = 1;
 pub const VIRTIO_NET_CTRL_MAC_TABLE_SET: u8 = 0;
 /// VIRTIO_NET_CTRL_MAC_ADDR_SET.
 pub const VIRTIO_NET_CTRL_MAC_ADDR_SET: u8 = 1;
+/// VIRTIO_NET_CTRL_ANNOUNCE: announcement class.
+pub const VIRTIO_NET_CTRL_ANNOUNCE: u8 = 3;
+/// VIRTIO_NET_CTRL_ANNOUNCE_ACK.
+pub const VIRTIO_NET_CTRL_ANNOUNCE_ACK: u8 = 0;
 /// VIRTIO_NET_CTRL_MQ: multiqueue class.
 pub const VIRTIO_NET_CTRL_MQ: u8 = 4;
 /// VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET.
@@ -246,6 +255,7 @@ pub fn device_features(pairs: u16, offloads: PortOffloads, mtu: Option<u16>) -> 
         | bit(VIRTIO_NET_F_CTRL_VQ)
         | bit(VIRTIO_NET_F_CTRL_RX)
         | bit(VIRTIO_NET_F_CTRL_MAC_ADDR)
+        | bit(VIRTIO_NET_F_GUEST_ANNOUNCE)
         | bit(VIRTIO_F_IN_ORDER);
     if pairs > 1 {
         f |= bit(VIRTIO_NET_F_MQ);
@@ -563,6 +573,8 @@ pub enum CtrlCommand {
     MacAddrSet(MacAddr),
     /// VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET.
     VqPairsSet(u16),
+    /// VIRTIO_NET_CTRL_ANNOUNCE_ACK: the driver announced the device.
+    AnnounceAck,
 }
 
 fn parse_mac_table(b: &[u8]) -> Option<(Option<Vec<MacAddr>>, &[u8])> {
@@ -624,6 +636,15 @@ pub fn parse_ctrl(b: &[u8], features: Features) -> Result<CtrlCommand> {
             }
             _ => Err(unsupported),
         },
+        VIRTIO_NET_CTRL_ANNOUNCE if features.has(VIRTIO_NET_F_GUEST_ANNOUNCE) => {
+            if cmd != VIRTIO_NET_CTRL_ANNOUNCE_ACK {
+                return Err(unsupported);
+            }
+            if !data.is_empty() {
+                return Err(bad());
+            }
+            Ok(CtrlCommand::AnnounceAck)
+        }
         VIRTIO_NET_CTRL_MQ if features.has(VIRTIO_NET_F_MQ) => {
             if cmd != VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET {
                 return Err(unsupported);
@@ -779,6 +800,9 @@ impl NetDevice {
                 }
                 self.active_pairs = *n;
             }
+            // The device never sets VIRTIO_NET_S_ANNOUNCE itself: nothing
+            // to clear.
+            CtrlCommand::AnnounceAck => {}
         }
         Ok(cmd)
     }
@@ -995,6 +1019,26 @@ mod tests {
         assert!(matches!(
             d.handle_ctrl(&[4, 0, 1, 0]),
             Err(Error::CtrlUnsupported { .. })
+        ));
+    }
+
+    #[test]
+    fn test_ctrl_announce_ack_only_when_negotiated() {
+        let mut d = NetDevice::new([2, 0, 0, 0, 0, 1], 1, PortOffloads::default(), None);
+        assert_ne!(d.offered & bit(VIRTIO_NET_F_GUEST_ANNOUNCE), 0);
+        assert_eq!(
+            d.handle_ctrl(&[3, 0]),
+            Err(Error::CtrlUnsupported { class: 3, cmd: 0 })
+        );
+        d.set_features(d.offered);
+        assert_eq!(d.handle_ctrl(&[3, 0]), Ok(CtrlCommand::AnnounceAck));
+        assert_eq!(
+            d.handle_ctrl(&[3, 1]),
+            Err(Error::CtrlUnsupported { class: 3, cmd: 1 })
+        );
+        assert!(matches!(
+            d.handle_ctrl(&[3, 0, 1]),
+            Err(Error::CtrlBadPayload { .. })
         ));
     }
 

@@ -26,6 +26,10 @@ use crate::dma::{Access, Dma};
 /// translations, as the device made them). A range that no longer
 /// translates is logged up to where it stops.
 pub(super) fn log_iova(log: &DirtyLog, dma: Dma<'_>, mut iova: u64, len: u64) {
+    if cfg!(ioasis_broken = "nolog") {
+        // Test-only: a device that logs nothing.
+        return;
+    }
     let dma = dma.probe();
     let Some(end) = iova.checked_add(len) else {
         return;
@@ -69,10 +73,6 @@ impl Queue<'_> {
     #[cold]
     #[inline(never)]
     pub(super) fn log_chain(&self, log: &DirtyLog, head: u16, len: u32) {
-        if cfg!(ioasis_broken = "nolog") {
-            // Test-only: the completion's buffers are not logged.
-            return;
-        }
         let size = self.vring.q.size();
         let (mut base, mut limit, mut idx) = (self.vring.q.desc_table(), size, head);
         let mut left = u64::from(len);

@@ -376,9 +376,14 @@ impl Connection {
             }
             _ => None,
         };
-        debug!("dirty logging {}", if log.is_some() { "on" } else { "off" });
+        let mut changed = false;
         for m in &self.vrings {
-            self.lock(m).log = log.clone();
+            let mut v = self.lock(m);
+            changed |= v.log.is_some() != log.is_some();
+            v.log = log.clone();
+        }
+        if changed {
+            log::info!("dirty logging {}", if log.is_some() { "on" } else { "off" });
         }
     }
 
@@ -631,7 +636,18 @@ impl Connection {
                     v.q.set_ready(false);
                     match &v.packed {
                         Some(p) => p.base(),
-                        None => u32::from(v.q.next_avail()),
+                        None => {
+                            let (avail, used) = (v.q.next_avail(), v.q.next_used());
+                            if avail != used {
+                                crate::log_limited!(
+                                    log::Level::Warn,
+                                    "queue {index}: stopped with {} chains popped and not completed",
+                                    avail.wrapping_sub(used)
+                                );
+                            }
+                            debug!("queue {index}: stopped at avail {avail}, used {used}");
+                            u32::from(avail)
+                        }
                     }
                 };
                 let any_started = self.vrings.iter().any(|m| self.lock(m).started);
