@@ -704,14 +704,17 @@ impl NetDevice {
         self.offered & bit(VIRTIO_NET_F_CTRL_VQ) != 0
     }
 
-    /// Leaves out the control queue and what needs it (its commands, and
-    /// multiqueue, whose pairs the driver enables there): for a transport
-    /// that refuses a control queue (VDUSE). The driver then uses one
-    /// queue pair.
+    /// Leaves out the control queue and what needs it (its commands,
+    /// multiqueue, whose pairs the driver enables there, and the guest's
+    /// announcement, which the driver acknowledges there: Linux's
+    /// virtio_net refuses to probe a device offering GUEST_ANNOUNCE without
+    /// CTRL_VQ): for a transport that refuses a control queue (VDUSE). The
+    /// driver then uses one queue pair.
     pub fn without_ctrl_queue(&mut self) {
         self.offered &= !(bit(VIRTIO_NET_F_CTRL_VQ)
             | bit(VIRTIO_NET_F_CTRL_RX)
             | bit(VIRTIO_NET_F_CTRL_MAC_ADDR)
+            | bit(VIRTIO_NET_F_GUEST_ANNOUNCE)
             | bit(VIRTIO_NET_F_MQ));
     }
 
@@ -1005,6 +1008,7 @@ mod tests {
             VIRTIO_NET_F_CTRL_VQ,
             VIRTIO_NET_F_CTRL_RX,
             VIRTIO_NET_F_CTRL_MAC_ADDR,
+            VIRTIO_NET_F_GUEST_ANNOUNCE,
             VIRTIO_NET_F_MQ,
         ] {
             assert_eq!(d.offered & bit(b), 0, "bit {b}");
