@@ -406,7 +406,7 @@ impl<'a> Queue<'a> {
     /// `Err(None)`: the buffer wraps around the address space (a malformed
     /// chain); `Err(Some(e))`: its translation failed.
     #[inline(always)]
-    fn push_buffer(
+    pub(super) fn push_buffer(
         &self,
         chain: &mut Chain,
         addr: u64,

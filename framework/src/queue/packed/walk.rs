@@ -19,9 +19,8 @@ use virtio_queue::QueueT;
 use super::desc::{is_avail, PackedDesc, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DESC_LEN};
 use super::ring::{DmaRing, HostRing, RingMem};
 use super::state::{advance, retreat};
-use crate::dma::{Access, DmaError};
-use crate::queue::chain::Frag;
-use crate::queue::{Chain, Desc, Queue, QueueError, Result};
+use crate::dma::DmaError;
+use crate::queue::{Chain, Queue, QueueError, Result};
 
 /// How a walk ended.
 enum End {
@@ -217,7 +216,9 @@ impl<'a> Queue<'a> {
         End::Chain
     }
 
-    /// Appends a buffer to `chain` and translates it into host fragments.
+    /// Appends a buffer to `chain` and translates it into host fragments:
+    /// the split walk's step ([`Queue::push_buffer`]), its outcome told as
+    /// the packed walk's [`End`].
     #[inline]
     fn packed_push(
         &self,
@@ -226,37 +227,8 @@ impl<'a> Queue<'a> {
         len: u32,
         writable: bool,
     ) -> std::result::Result<(), End> {
-        if addr.checked_add(u64::from(len)).is_none() {
-            return Err(End::Bad);
-        }
-        chain.descs.push(Desc {
-            addr,
-            len,
-            writable,
-        });
-        if writable {
-            chain.writable += u64::from(len);
-        } else {
-            chain.readable += u64::from(len);
-        }
-        let access = if writable {
-            Access::Write
-        } else {
-            Access::Read
-        };
-        let mut at = addr;
-        let mut left = u64::from(len);
-        while left > 0 {
-            let f = self.dma.fragment(at, left, access).map_err(End::Dma)?;
-            chain.frags.push(Frag {
-                addr: f.as_ptr() as usize,
-                len: f.len(),
-                writable,
-            });
-            at = at.wrapping_add(f.len() as u64);
-            left -= f.len() as u64;
-        }
-        Ok(())
+        self.push_buffer(chain, addr, len, writable)
+            .map_err(|e| e.map_or(End::Bad, End::Dma))
     }
 
     /// Completes a malformed chain of `count` ring descriptors under `id`
