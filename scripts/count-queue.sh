@@ -4,7 +4,7 @@
 # rates of the other benchmarks swing by 2x on this kind of shared machine;
 # this count does not move between runs of one build).
 #
-#   scripts/count-queue.sh [BENCH_BINARY]
+#   scripts/count-queue.sh [BENCH_BINARY] [--packed] [--one-buffer]
 #
 # Runs the queue-layer part of `cargo bench -p ioasis --bench vhost_queue`
 # (`--quick --harness-only`: 2 x 3 x 50 batches of 256 chains, each chain
@@ -13,11 +13,22 @@
 # translation) under `valgrind --tool=callgrind`, counting only the device
 # side (the worker's process_queue, not the driver filling the ring), and
 # prints instructions per chain. With BENCH_BINARY it counts that build (for
-# comparing two commits: build each, keep the binaries).
+# comparing two commits: build each, keep the binaries). `--packed` runs the
+# same on packed rings (128 chains of two descriptors per batch), and
+# `--one-buffer` gives each chain one 64-byte writable descriptor that the
+# device fills (a receive queue's shape; 256 chains per batch, popped in
+# bursts of 32 in both halves), on either layout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "valgrind is needed (apt-get install valgrind)" >&2; exit 2; }
-bin=${1:-}
+bin=
+args=()
+for a in "$@"; do
+    case $a in
+        --packed|--one-buffer) args+=("$a") ;;
+        *) bin=$a ;;
+    esac
+done
 if [ -z "$bin" ]; then
     bin=$(cargo bench -j2 -p ioasis --bench vhost_queue --no-run 2>&1 \
         | grep -o 'target/release/deps/vhost_queue-[0-9a-f]*' | tail -1)
@@ -26,9 +37,9 @@ fi
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 valgrind --tool=callgrind --callgrind-out-file="$out" \
-    '--toggle-collect=*EchoWorker*process_queue*' "$bin" --quick --harness-only >/dev/null 2>"$out.log" \
-    || { cat "$out.log" >&2; rm -f "$out.log"; exit 1; }
+    '--toggle-collect=*EchoWorker*process_queue*' "$bin" --quick --harness-only "${args[@]}" >"$out.stdout" 2>"$out.log" \
+    || { cat "$out.log" >&2; rm -f "$out.log" "$out.stdout"; exit 1; }
 ir=$(grep -o 'Collected : [0-9]*' "$out.log" | grep -o '[0-9]*$')
-rm -f "$out.log"
-chains=$((2 * 3 * 50 * 256))
-echo "queue layer: $ir instructions for $chains chains: $(awk -v i="$ir" -v c="$chains" 'BEGIN { printf "%.1f", i / c }') per chain ($bin)"
+chains=$(sed -n 's/^chains: //p' "$out.stdout")
+rm -f "$out.log" "$out.stdout"
+echo "queue layer${args[*]:+ (${args[*]})}: $ir instructions for $chains chains: $(awk -v i="$ir" -v c="$chains" 'BEGIN { printf "%.1f", i / c }') per chain ($bin)"

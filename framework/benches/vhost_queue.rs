@@ -10,7 +10,15 @@
 //!   the chain walked again and its written bytes and the used ring logged).
 //!
 //! `cargo bench -p ioasis --bench vhost_queue` (add `-- --quick` for a
-//! shorter run).
+//! shorter run, `-- --harness-only` for the queue layer alone).
+//!
+//! `-- --packed` runs the queue-layer part on packed rings
+//! (`VIRTIO_F_RING_PACKED`; 128 chains of two descriptors fill a ring of
+//! 256), `-- --one-buffer` gives every chain a single 64-byte writable
+//! descriptor which the device fills (a receive queue's shape: what a
+//! frontend such as DPDK's virtio_user posts), for either layout. The
+//! harness then prints the chains it ran (`chains: N`, what
+//! `scripts/count-queue.sh` divides by).
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -19,7 +27,7 @@ use std::time::{Duration, Instant};
 use ioasis::device::{Device, DeviceError, Queues, Worker};
 use ioasis::queue::Chain;
 use ioasis::server::Server;
-use ioasis::testing::{Buf, DriverRing, Harness};
+use ioasis::testing::{Buf, DriverRing, Harness, PackedDriverRing};
 use ioasis::vhost_user::{
     VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
@@ -32,9 +40,11 @@ const QSIZE: u16 = 256;
 const LEN: u32 = 64;
 
 /// Echoes every chain's readable bytes into its writable part; `burst`
-/// pops with [`ioasis::queue::Queue::pop_burst`].
+/// pops with [`ioasis::queue::Queue::pop_burst`]; `one_buffer`: the chains
+/// have one writable buffer, filled with 64 bytes ([`FillEchoWorker`]).
 struct Echo {
     burst: bool,
+    one_buffer: bool,
 }
 
 struct EchoWorker {
@@ -58,6 +68,12 @@ impl Device for Echo {
         QSIZE
     }
     fn worker(&self, _thread: usize) -> Result<Box<dyn Worker>, DeviceError> {
+        if self.one_buffer {
+            return Ok(Box::new(FillEchoWorker {
+                chains: vec![Chain::new(); 32],
+                buf: [0x5a; 64],
+            }));
+        }
         Ok(Box::new(EchoWorker {
             chain: Chain::new(),
             chains: vec![Chain::new(); 32],
@@ -111,6 +127,82 @@ impl Worker for EchoWorker {
     }
 }
 
+/// Fills every chain's writable buffer with 64 bytes, popping in bursts of
+/// 32 (a receive queue: one writable buffer per chain).
+struct FillEchoWorker {
+    chains: Vec<Chain>,
+    buf: [u8; 64],
+}
+
+impl Worker for FillEchoWorker {
+    fn process_queue(&mut self, index: u16, queues: &mut Queues<'_>) -> Result<(), DeviceError> {
+        let Some(mut q) = queues.get(index) else {
+            return Ok(());
+        };
+        for _ in 0..=q.size() {
+            q.disable_notification()?;
+            let mut n = 0;
+            // Bounded: each burst takes at least one chain of the ring.
+            for _ in 0..=q.size() {
+                let b = q.pop_burst(&mut self.chains);
+                for c in &self.chains[..b.popped] {
+                    let wrote = q.write(c, 0, &self.buf)?;
+                    q.add_used(c.head(), wrote as u32)?;
+                }
+                n += b.popped + b.bad;
+                if let Some(e) = b.error {
+                    return Err(e.into());
+                }
+                if b.popped < self.chains.len() {
+                    break;
+                }
+            }
+            if n > 0 {
+                q.notify()?;
+            }
+            if !q.enable_notification()? {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The chains of one batch: one readable and one writable buffer each, or
+/// with `one_buffer` a single writable one.
+fn chain_bufs(base: u64, i: u16, one_buffer: bool) -> Vec<Buf> {
+    let a = base + u64::from(i) * 0x100;
+    if one_buffer {
+        return vec![Buf {
+            addr: a,
+            len: LEN,
+            writable: true,
+        }];
+    }
+    vec![
+        Buf {
+            addr: a,
+            len: LEN,
+            writable: false,
+        },
+        Buf {
+            addr: a + 0x80,
+            len: LEN,
+            writable: true,
+        },
+    ]
+}
+
+/// Takes back every used descriptor of a packed ring and makes `n` chains
+/// available.
+fn fill_packed(ring: &mut PackedDriverRing, base: u64, n: u16, one_buffer: bool) {
+    while ring.take_used().expect("used").is_some() {}
+    for i in 0..n {
+        ring.add_chain(&chain_bufs(base, i, one_buffer))
+            .expect("chain");
+    }
+}
+
 fn fill(ring: &mut DriverRing, base: u64, n: u16) {
     for i in 0..n {
         let a = base + u64::from(i) * 0x100;
@@ -136,21 +228,62 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn bench_harness(rounds: usize, batches: usize, burst: bool) -> f64 {
-    let dev = Echo { burst };
-    let mut h = Harness::new(&dev, QSIZE).expect("harness");
+/// The harness's rings and chains.
+#[derive(Clone, Copy)]
+struct Shape {
+    packed: bool,
+    one_buffer: bool,
+}
+
+impl Shape {
+    /// Chains per batch: a packed ring holds as many descriptors as its
+    /// size, a split ring's driver reuses its table's slots.
+    fn chains(self) -> u16 {
+        if self.packed && !self.one_buffer {
+            QSIZE / 2
+        } else {
+            QSIZE
+        }
+    }
+}
+
+/// Returns the median ns per chain and the chains run.
+fn bench_harness(rounds: usize, batches: usize, burst: bool, shape: Shape) -> (f64, u64) {
+    let dev = Echo {
+        burst,
+        one_buffer: shape.one_buffer,
+    };
+    let mut h = if shape.packed {
+        Harness::new_packed(&dev, QSIZE)
+    } else {
+        Harness::new(&dev, QSIZE)
+    }
+    .expect("harness");
     let mut w = dev.worker(0).expect("worker");
     let mut per_chain = Vec::new();
+    let n = shape.chains();
     for _ in 0..rounds {
         let start = Instant::now();
         for _ in 0..batches {
-            fill(h.ring(0), Harness::BUFFER_AREA, QSIZE);
+            if shape.packed {
+                fill_packed(h.packed_ring(0), Harness::BUFFER_AREA, n, shape.one_buffer);
+            } else if shape.one_buffer {
+                let ring = h.ring(0);
+                for i in 0..n {
+                    ring.add_chain(&chain_bufs(Harness::BUFFER_AREA, i, true))
+                        .expect("chain");
+                }
+                ring.publish().expect("publish");
+            } else {
+                fill(h.ring(0), Harness::BUFFER_AREA, n);
+            }
             h.process(&mut *w, 0).expect("process");
         }
         let ns = start.elapsed().as_nanos() as f64;
-        per_chain.push(ns / (batches as f64 * f64::from(QSIZE)));
+        per_chain.push(ns / (batches as f64 * f64::from(n)));
     }
-    median(per_chain)
+    let chains = (rounds * batches) as u64 * u64::from(n);
+    (median(per_chain), chains)
 }
 
 /// `log`: with dirty logging on (`VHOST_F_LOG_ALL` and a shared log), as
@@ -160,7 +293,14 @@ fn bench_vhost_user(rounds: usize, batches: usize, log: bool) -> f64 {
     let sock = dir.path().join("bench.sock");
     let mut server = Server::new();
     server
-        .add_device("bench", &sock, Arc::new(Echo { burst: true }))
+        .add_device(
+            "bench",
+            &sock,
+            Arc::new(Echo {
+                burst: true,
+                one_buffer: false,
+            }),
+        )
         .expect("add");
     let stop = server.shutdown_handle();
     let t = std::thread::spawn(move || server.run().expect("run"));
@@ -274,17 +414,29 @@ fn bench_vhost_user(rounds: usize, batches: usize, log: bool) -> f64 {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (rounds, batches) = if quick { (3, 50) } else { (7, 400) };
-    let h = bench_harness(rounds, batches, false);
+    let shape = Shape {
+        packed: std::env::args().any(|a| a == "--packed"),
+        one_buffer: std::env::args().any(|a| a == "--one-buffer"),
+    };
+    let what = match (shape.packed, shape.one_buffer) {
+        (false, false) => "",
+        (true, false) => ", packed rings",
+        (false, true) => ", one writable buffer per chain",
+        (true, true) => ", packed rings, one writable buffer per chain",
+    };
+    // One writable buffer: the worker always pops in bursts.
+    let (h, c1) = bench_harness(rounds, batches, false, shape);
     println!(
-        "queue layer (harness, translation, no sockets): {h:.0} ns/chain, {:.2} M chains/s",
+        "queue layer (harness, translation, no sockets{what}): {h:.0} ns/chain, {:.2} M chains/s",
         1e3 / h
     );
-    let b = bench_harness(rounds, batches, true);
+    let (b, c2) = bench_harness(rounds, batches, true, shape);
     println!(
-        "queue layer, pop_burst of 32 (harness): {b:.0} ns/chain, {:.2} M chains/s",
+        "queue layer, pop_burst of 32 (harness{what}): {b:.0} ns/chain, {:.2} M chains/s",
         1e3 / b
     );
-    if std::env::args().any(|a| a == "--harness-only") {
+    println!("chains: {}", c1 + c2);
+    if std::env::args().any(|a| a == "--harness-only") || shape.packed || shape.one_buffer {
         return;
     }
     let v = bench_vhost_user(rounds, batches, false);

@@ -316,6 +316,7 @@ pub struct Harness {
     mem: Arc<Memory>,
     vrings: Vec<(u16, Arc<std::sync::Mutex<crate::queue::Vring>>)>,
     rings: Vec<DriverRing>,
+    packed: Vec<PackedDriverRing>,
     park_on_miss: bool,
 }
 
@@ -344,6 +345,20 @@ impl Harness {
     /// Sets up every queue of `device` with `size` entries, started and
     /// enabled, on a fresh iommu context.
     pub fn new(device: &dyn crate::device::Device, size: u16) -> Result<Self, HarnessError> {
+        Self::with_layout(device, size, false)
+    }
+
+    /// Like [`new`](Self::new) with packed rings (`VIRTIO_F_RING_PACKED`):
+    /// the driver side of queue `i` is [`packed_ring`](Self::packed_ring).
+    pub fn new_packed(device: &dyn crate::device::Device, size: u16) -> Result<Self, HarnessError> {
+        Self::with_layout(device, size, true)
+    }
+
+    fn with_layout(
+        device: &dyn crate::device::Device,
+        size: u16,
+        packed: bool,
+    ) -> Result<Self, HarnessError> {
         use virtio_queue::QueueT;
         let n = device.num_queues();
         if n == 0 || n > 16 {
@@ -365,26 +380,37 @@ impl Harness {
         )?;
         let mut vrings = Vec::with_capacity(n);
         let mut rings = Vec::with_capacity(n);
+        let mut packed_rings = Vec::new();
         for i in 0..n {
             let addr = i as u64 * Self::RING_STRIDE;
-            let ring = DriverRing::new(mem.clone(), addr as usize, addr, size)?;
             let mut v = crate::queue::Vring::new(device.max_queue_size())
                 .ok_or(HarnessError::Device("bad max_queue_size"))?;
             v.q.try_set_size(size)
                 .map_err(|_| HarnessError::Device("queue size above the device maximum"))?;
+            let (desc, avail, used) = if packed {
+                let ring = PackedDriverRing::new(mem.clone(), addr as usize, addr, size)?;
+                let a = (ring.desc_addr(), ring.driver_addr(), ring.device_addr());
+                packed_rings.push(ring);
+                v.packed = Some(crate::queue::packed::PackedState::new());
+                a
+            } else {
+                let ring = DriverRing::new(mem.clone(), addr as usize, addr, size)?;
+                let a = (ring.desc_addr(), ring.avail_addr(), ring.used_addr());
+                rings.push(ring);
+                a
+            };
             let bad = |_| HarnessError::Device("ring alignment");
-            v.q.try_set_desc_table_address(vm_memory::GuestAddress(ring.desc_addr()))
+            v.q.try_set_desc_table_address(vm_memory::GuestAddress(desc))
                 .map_err(bad)?;
-            v.q.try_set_avail_ring_address(vm_memory::GuestAddress(ring.avail_addr()))
+            v.q.try_set_avail_ring_address(vm_memory::GuestAddress(avail))
                 .map_err(bad)?;
-            v.q.try_set_used_ring_address(vm_memory::GuestAddress(ring.used_addr()))
+            v.q.try_set_used_ring_address(vm_memory::GuestAddress(used))
                 .map_err(bad)?;
             v.q.set_ready(true);
             v.started = true;
             v.enabled = true;
             let index = u16::try_from(i).map_err(|_| HarnessError::Device("queue index"))?;
             vrings.push((index, Arc::new(std::sync::Mutex::new(v))));
-            rings.push(ring);
         }
         let translator = core.translator();
         Ok(Harness {
@@ -395,6 +421,7 @@ impl Harness {
             mem,
             vrings,
             rings,
+            packed: packed_rings,
             park_on_miss: true,
         })
     }
@@ -443,9 +470,19 @@ impl Harness {
     /// The driver side of queue `index`.
     ///
     /// # Panics
-    /// If `index` is not a queue of the device.
+    /// If `index` is not a queue of the device, or the harness has packed
+    /// rings ([`new_packed`](Self::new_packed)).
     pub fn ring(&mut self, index: u16) -> &mut DriverRing {
         &mut self.rings[usize::from(index)]
+    }
+
+    /// The driver side of packed queue `index`.
+    ///
+    /// # Panics
+    /// If `index` is not a queue of the device, or the harness has split
+    /// rings ([`new`](Self::new)).
+    pub fn packed_ring(&mut self, index: u16) -> &mut PackedDriverRing {
+        &mut self.packed[usize::from(index)]
     }
 
     /// Runs `f` on the queues inside one access section, as a worker's

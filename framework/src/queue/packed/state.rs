@@ -5,6 +5,8 @@
 //! past all of them); and the ring state's encoding in `GET_VRING_BASE` /
 //! `SET_VRING_BASE`.
 
+use crate::queue::Desc;
+
 /// The device's side of one packed ring.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct PackedState {
@@ -74,16 +76,42 @@ impl PackedState {
     }
 
     /// Sizes the per-id tables for a ring of `size` (once per size).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn fit(&mut self, size: u16) {
-        let n = usize::from(size);
-        if self.ndescs.len() != n {
-            self.ndescs = vec![0; n];
-            self.writable = vec![(0, 0, 0); n];
-            self.writable_more = vec![Vec::new(); n];
-            self.recent = vec![0; n];
-            self.pops = 0;
+        if self.ndescs.len() != usize::from(size) {
+            self.resize(size);
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn resize(&mut self, size: u16) {
+        let n = usize::from(size);
+        self.ndescs = vec![0; n];
+        self.writable = vec![(0, 0, 0); n];
+        self.writable_more = vec![Vec::new(); n];
+        self.recent = vec![0; n];
+        self.pops = 0;
+        self.shadow.reserve(n);
+    }
+
+    /// What [`writable`](PackedState::writable) keeps of buffer `id`'s
+    /// chain of `descs` (more than one descriptor): its first writable
+    /// buffer with bytes, the others in `writable_more`.
+    pub(crate) fn keep_writables(&mut self, id: u16, descs: &[Desc]) -> (u64, u32, u16) {
+        let mut first = (0, 0, 0u16);
+        for d in descs.iter().filter(|d| d.writable && d.len > 0) {
+            if first.1 == 0 {
+                first = (d.addr, d.len, 0);
+            } else {
+                if first.2 == 0 {
+                    self.writable_more[usize::from(id)].clear();
+                }
+                first.2 += 1;
+                self.writable_more[usize::from(id)].push((d.addr, d.len));
+            }
+        }
+        first
     }
 
     /// The state as `GET_VRING_BASE` carries it for a packed ring: bits

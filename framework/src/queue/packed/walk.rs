@@ -73,46 +73,18 @@ impl<'a> Queue<'a> {
             return Ok(false);
         }
         chain.epoch = self.epoch;
-        let (mut slot, mut w) = (start, wrap);
-        let mut count = 0u16;
-        let mut id = 0u16;
-        let end = loop {
-            // At most `size` descriptors: a longer chain never ends.
-            if count >= size {
-                break End::Bad;
+        let (end, count, id) = match ring.desc(start) {
+            // The common chain: one direct descriptor.
+            Ok(d) if d.flags & (DESC_F_NEXT | DESC_F_INDIRECT) == 0 => {
+                let end = match self.push_buffer(chain, d.addr, d.len, d.flags & DESC_F_WRITE != 0)
+                {
+                    Ok(()) => End::Chain,
+                    Err(e) => e.map_or(End::Bad, End::Dma),
+                };
+                (end, 1, d.id)
             }
-            if count > 0 {
-                match ring.flags(slot) {
-                    // The driver makes a chain's head available last: the
-                    // rest must be there, in the same lap. One that is not
-                    // is consumed with the chain it was meant for.
-                    Ok(f) if is_avail(f, w) => {}
-                    Ok(_) => {
-                        count += 1;
-                        break End::Bad;
-                    }
-                    Err(e) => break End::Dma(e),
-                }
-            }
-            let d = match ring.desc(slot) {
-                Ok(d) => d,
-                Err(e) => break End::Dma(e),
-            };
-            count += 1;
-            id = d.id;
-            if d.flags & DESC_F_INDIRECT != 0 {
-                if d.flags & DESC_F_NEXT != 0 {
-                    break End::Bad;
-                }
-                break self.packed_indirect(d, chain);
-            }
-            if let Err(e) = self.packed_push(chain, d.addr, d.len, d.flags & DESC_F_WRITE != 0) {
-                break e;
-            }
-            if d.flags & DESC_F_NEXT == 0 {
-                break End::Chain;
-            }
-            (slot, w) = advance(slot, w, 1, size);
+            Ok(d) => self.packed_walk_chain(ring, chain, start, wrap, d),
+            Err(e) => (End::Dma(e), 0, 0),
         };
         let end = match end {
             End::Chain if id >= size => End::Bad,
@@ -126,19 +98,11 @@ impl<'a> Queue<'a> {
                 };
                 (p.avail_idx, p.avail_wrap) = advance(start, wrap, count, size);
                 p.ndescs[usize::from(id)] = count;
-                let mut first = (0, 0, 0u16);
-                for d in chain.descs.iter().filter(|d| d.writable) {
-                    if first.1 == 0 && first.2 == 0 && d.len > 0 {
-                        first = (d.addr, d.len, 0);
-                    } else if d.len > 0 {
-                        if first.2 == 0 {
-                            p.writable_more[usize::from(id)].clear();
-                        }
-                        first.2 += 1;
-                        p.writable_more[usize::from(id)].push((d.addr, d.len));
-                    }
-                }
-                p.writable[usize::from(id)] = first;
+                p.writable[usize::from(id)] = match chain.descs.as_slice() {
+                    [d] if d.writable && d.len > 0 => (d.addr, d.len, 0),
+                    [_] => (0, 0, 0),
+                    descs => p.keep_writables(id, descs),
+                };
                 let at = usize::from(p.pops);
                 p.recent[at] = count;
                 p.pops = if p.pops + 1 >= size { 0 } else { p.pops + 1 };
@@ -175,6 +139,59 @@ impl<'a> Queue<'a> {
                 })
             }
         }
+    }
+
+    /// Walks the rest of a chain whose first descriptor `first` (at
+    /// `start`, lap `wrap`) has `NEXT` or `INDIRECT`: returns how the walk
+    /// ended, the ring descriptors it took and the last buffer id read.
+    fn packed_walk_chain<R: RingMem>(
+        &mut self,
+        ring: &R,
+        chain: &mut Chain,
+        start: u16,
+        wrap: bool,
+        first: PackedDesc,
+    ) -> (End, u16, u16) {
+        let size = ring.size();
+        let (mut slot, mut w) = (start, wrap);
+        let mut count = 0u16;
+        let mut d = first;
+        let end = loop {
+            count += 1;
+            if d.flags & DESC_F_INDIRECT != 0 {
+                if d.flags & DESC_F_NEXT != 0 {
+                    break End::Bad;
+                }
+                break self.packed_indirect(d, chain);
+            }
+            if let Err(e) = self.packed_push(chain, d.addr, d.len, d.flags & DESC_F_WRITE != 0) {
+                break e;
+            }
+            if d.flags & DESC_F_NEXT == 0 {
+                break End::Chain;
+            }
+            // At most `size` descriptors: a longer chain never ends.
+            if count >= size {
+                break End::Bad;
+            }
+            (slot, w) = advance(slot, w, 1, size);
+            match ring.flags(slot) {
+                // The driver makes a chain's head available last: the rest
+                // must be there, in the same lap. One that is not is
+                // consumed with the chain it was meant for.
+                Ok(f) if is_avail(f, w) => {}
+                Ok(_) => {
+                    count += 1;
+                    break End::Bad;
+                }
+                Err(e) => break End::Dma(e),
+            }
+            d = match ring.desc(slot) {
+                Ok(d) => d,
+                Err(e) => break End::Dma(e),
+            };
+        };
+        (end, count, d.id)
     }
 
     /// Moves the available position past `count` slots from (`start`,
