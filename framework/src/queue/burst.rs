@@ -132,13 +132,22 @@ impl<'a> Queue<'a> {
                 Some(p) => prefetch_packed(r, p.avail_idx, chains.len()),
             }
         }
+        // A split ring without inflight tracking (the common case) is
+        // walked here directly, without `pop`'s per-chain dispatch.
+        let plain = self.vring.packed.is_none() && self.vring.inflight.is_none();
         // Every skipped chain consumed an avail entry: at most `size` of them.
         let limit = chains.len() + usize::from(self.size());
         for _ in 0..limit {
             let Some(c) = chains.get_mut(burst.popped) else {
                 break;
             };
-            match self.pop(c) {
+            let r = if plain {
+                c.clear();
+                self.pop_avail(c)
+            } else {
+                self.pop(c)
+            };
+            match r {
                 Ok(true) => {
                     // The caller reads or writes the buffers after the burst
                     // is popped: start bringing the first chains' lines in

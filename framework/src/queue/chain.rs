@@ -82,6 +82,7 @@ impl<'a> Queue<'a> {
     /// Copies device-readable bytes of `chain`, starting `offset` bytes into
     /// its readable part, into `buf`. Returns the number of bytes copied
     /// (less than `buf.len()` at the end of the readable part).
+    #[inline]
     pub fn read(&mut self, chain: &Chain, offset: u64, buf: &mut [u8]) -> Result<usize> {
         if chain.epoch == self.epoch {
             return Ok(copy_frags(
@@ -104,6 +105,16 @@ impl<'a> Queue<'a> {
                 },
             ));
         }
+        self.read_slow(chain, offset, buf)
+    }
+
+    /// [`read`](Queue::read) of a chain popped in an earlier access
+    /// section: translated again, descriptor by descriptor. Out of line so
+    /// that the common case inlined into the caller stays small (a call
+    /// to the whole cost every read about 20 instructions of saving and
+    /// restoring registers; `scripts/count-net.sh`).
+    #[inline(never)]
+    fn read_slow(&mut self, chain: &Chain, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let dma = &self.dma;
         walk_descs(chain, false, offset, buf.len(), |addr, done, n| {
             dma.read(addr, &mut buf[done..done + n])
@@ -114,6 +125,7 @@ impl<'a> Queue<'a> {
     /// Copies `data` into the device-writable part of `chain`, starting
     /// `offset` bytes into it. Returns the number of bytes written (less than
     /// `data.len()` when the writable part is too short).
+    #[inline]
     pub fn write(&mut self, chain: &Chain, offset: u64, data: &[u8]) -> Result<usize> {
         if chain.epoch == self.epoch {
             return Ok(copy_frags(
@@ -136,6 +148,13 @@ impl<'a> Queue<'a> {
                 },
             ));
         }
+        self.write_slow(chain, offset, data)
+    }
+
+    /// [`write`](Queue::write) of a chain popped in an earlier access
+    /// section (see [`read_slow`](Queue::read_slow)).
+    #[inline(never)]
+    fn write_slow(&mut self, chain: &Chain, offset: u64, data: &[u8]) -> Result<usize> {
         let dma = &self.dma;
         walk_descs(chain, true, offset, data.len(), |addr, done, n| {
             dma.write(addr, &data[done..done + n])

@@ -11,7 +11,34 @@ impl<'a> Queue<'a> {
     /// [`notify`](Queue::notify) after a batch. The used index the driver
     /// sees moves at the next [`notify`](Queue::notify),
     /// [`publish_used`](Queue::publish_used) or when the queue is dropped.
+    #[inline]
     pub fn add_used(&mut self, head: u16, len: u32) -> Result<()> {
+        // The common case inline: a split ring at its host address, neither
+        // logged nor tracked in flight. A call to the general path below
+        // cost every completion about 30 instructions of saving and
+        // restoring registers (`scripts/count-net.sh`).
+        if let (Some(r), None, None, None) = (
+            self.rings,
+            &self.vring.packed,
+            &self.vring.log,
+            &self.vring.inflight,
+        ) {
+            if head < r.size {
+                let next = self.vring.q.next_used();
+                r.write_used(next & (r.size - 1), u32::from(head), len);
+                self.vring.q.set_next_used(next.wrapping_add(1));
+                self.vring.num_added = self.vring.num_added.saturating_add(1);
+                self.dirty = true;
+                return Ok(());
+            }
+        }
+        self.add_used_other(head, len)
+    }
+
+    /// [`add_used`](Queue::add_used) of a packed ring, a logged or tracked
+    /// one, one reached through virtio-queue, or a head out of range.
+    #[inline(never)]
+    fn add_used_other(&mut self, head: u16, len: u32) -> Result<()> {
         if self.vring.packed.is_some() {
             return self.packed_add_used(head, len);
         }

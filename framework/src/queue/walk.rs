@@ -49,7 +49,7 @@ impl<'a> Queue<'a> {
     /// the way out cost every pop about 10 instructions
     /// (`scripts/count-queue.sh`: 619.5 -> 608.9 per chain).
     #[inline(always)]
-    fn pop_avail(&mut self, chain: &mut Chain) -> Result<bool> {
+    pub(super) fn pop_avail(&mut self, chain: &mut Chain) -> Result<bool> {
         let r = match self.rings {
             Some(r) => self.pop_fast(r, chain),
             None => self.pop_slow(chain),
@@ -273,6 +273,7 @@ impl<'a> Queue<'a> {
 
     /// The fast path of [`pop`](Queue::pop): the chain is read straight from
     /// the translated descriptor table. Indirect chains go to the slow path.
+    #[inline(always)]
     fn pop_fast(&mut self, r: Rings, chain: &mut Chain) -> Result<bool> {
         let next = self.vring.q.next_avail();
         if next == self.avail_cache {
