@@ -81,6 +81,8 @@ pub(crate) struct Vring {
     /// is its device state (the addresses in `q` are then the descriptor
     /// ring, the driver area and the device area).
     pub packed: Option<super::packed::PackedState>,
+    /// Inflight tracking of a packed ring (the region's packed layout).
+    pub packed_inflight: Option<super::packed::inflight::PackedInflight>,
 }
 
 impl Vring {
@@ -106,6 +108,7 @@ impl Vring {
             tail: Vec::new(),
             log: None,
             packed: None,
+            packed_inflight: None,
         })
     }
 

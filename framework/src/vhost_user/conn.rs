@@ -681,20 +681,22 @@ impl Connection {
                 match kind {
                     VringFdKind::Kick => {
                         let protocol = self.features & VHOST_USER_F_PROTOCOL_FEATURES != 0;
-                        let inflight = self
-                            .inflight
-                            .as_ref()
-                            .filter(|_| {
-                                self.protocol & VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits()
-                                    != 0
-                            })
-                            .and_then(|r| r.queue(index));
+                        let region = self.inflight.clone().filter(|_| {
+                            self.protocol & VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits() != 0
+                        });
                         {
                             let mut v = self.vring(index);
-                            // Recovered when the worker first serves it.
-                            // A packed ring is not tracked (the region's
-                            // packed layout is not implemented).
-                            v.inflight = inflight.filter(|_| v.packed.is_none());
+                            // Recovered when the worker first serves it, in
+                            // the region's split or packed layout.
+                            let packed = v.packed.is_some();
+                            v.inflight = region
+                                .as_ref()
+                                .filter(|_| !packed)
+                                .and_then(|r| r.queue(index));
+                            v.packed_inflight = region
+                                .as_ref()
+                                .filter(|_| packed)
+                                .and_then(|r| r.packed_queue(index));
                             v.resubmit.clear();
                             if efd.is_none() {
                                 crate::log_limited!(log::Level::Warn, "queue {index}: started without a kick fd; it runs only when polled");
@@ -852,7 +854,12 @@ impl Connection {
                 queue_size,
             } => {
                 self.require_inflight()?;
-                let size = usize::from(num_queues) * queue_region_size(queue_size);
+                // Room for either layout: whether the rings will be packed
+                // is not known yet (QEMU asks before it sets the features).
+                let size = usize::from(num_queues)
+                    * queue_region_size(queue_size).max(
+                        crate::queue::packed::inflight::packed_queue_region_size(queue_size),
+                    );
                 let mem = Memory::anonymous("vhost-user inflight", size)
                     .map_err(|e| Error::Inflight(format!("creating the region: {e}")))?;
                 let fd = mem

@@ -40,9 +40,11 @@
 //!   than the ring, bad indirect tables, ids outside the ring) are
 //!   completed once with length 0 and counted; the queue goes on.
 //!
-//! Not done: inflight tracking (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`
-//! has its own packed layout; a packed queue is not tracked), and ring
-//! sizes that are not a power of two (the packed ring allows them;
+//! - Inflight tracking (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`) in the
+//!   region's packed layout: chains in flight are resubmitted by a
+//!   restarted backend ([`inflight`]).
+//!
+//! Not done: ring sizes that are not a power of two (the packed ring allows them;
 //! virtio-queue's queue state, which keeps the size, does not).
 //!
 //! # Layout
@@ -55,10 +57,12 @@
 //! | `walk.rs` | popping a chain, malformed chains, unpop |
 //! | `used.rs` | completions and their publication |
 //! | `event.rs` | event suppression both ways |
+//! | `inflight.rs` | inflight tracking in the region's packed layout, resubmission after a restart |
 //! | `log.rs` | dirty logging of what the packed ring wrote |
 
 pub(crate) mod desc;
 pub(crate) mod event;
+pub(crate) mod inflight;
 mod log;
 pub(crate) mod ring;
 pub(crate) mod state;

@@ -70,7 +70,10 @@ impl<'a> Queue<'a> {
             };
             return Err((0, e));
         }
-        let (true, Some(&last)) = (self.vring.in_order, heads.last()) else {
+        // With inflight tracking each buffer gets its used descriptor, so
+        // that its recorded entries are freed.
+        let in_order = self.vring.in_order && self.vring.packed_inflight.is_none();
+        let (true, Some(&last)) = (in_order, heads.last()) else {
             for (i, &h) in heads.iter().enumerate() {
                 self.packed_add_used(h, 0).map_err(|e| (i, e))?;
             }
@@ -160,6 +163,28 @@ impl<'a> Queue<'a> {
     /// Writes the batch's used descriptors: each one's id and length, the
     /// flags of all but the first, then (release) the first one's flags.
     fn packed_flush<R: RingMem>(&mut self, ring: &R) -> Mem<()> {
+        if self.vring.packed_inflight.is_some() {
+            return self.packed_flush_tracked(ring);
+        }
+        self.packed_flush_ring(ring)
+    }
+
+    /// [`packed_flush`](Queue::packed_flush) with inflight tracking: the
+    /// region is told before and after the ring is written.
+    #[cold]
+    #[inline(never)]
+    fn packed_flush_tracked<R: RingMem>(&mut self, ring: &R) -> Mem<()> {
+        self.packed_inflight_before_publish();
+        let r = self.packed_flush_ring(ring);
+        if r.is_ok() {
+            self.packed_inflight_after_publish();
+        }
+        r
+    }
+
+    /// Writes the batch's used descriptors to the ring.
+    #[inline(always)]
+    fn packed_flush_ring<R: RingMem>(&mut self, ring: &R) -> Mem<()> {
         let Some(p) = self.vring.packed.as_mut() else {
             return Ok(());
         };

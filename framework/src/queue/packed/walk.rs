@@ -23,7 +23,7 @@ use crate::dma::DmaError;
 use crate::queue::{Chain, Queue, QueueError, Result};
 
 /// How a walk ended.
-enum End {
+pub(super) enum End {
     /// A whole chain.
     Chain,
     /// Malformed: consumed and completed with length 0.
@@ -48,6 +48,9 @@ impl<'a> Queue<'a> {
     /// [`Queue::pop`] on a packed ring.
     #[inline(never)]
     pub(in crate::queue) fn packed_pop(&mut self, chain: &mut Chain) -> Result<bool> {
+        if self.vring.packed_inflight.is_some() {
+            return self.packed_pop_tracked(chain);
+        }
         chain.clear();
         match self.rings {
             Some(r) => self.packed_pop_in(&HostRing::new(r), chain),
@@ -58,7 +61,11 @@ impl<'a> Queue<'a> {
         }
     }
 
-    fn packed_pop_in<R: RingMem>(&mut self, ring: &R, chain: &mut Chain) -> Result<bool> {
+    pub(super) fn packed_pop_in<R: RingMem>(
+        &mut self,
+        ring: &R,
+        chain: &mut Chain,
+    ) -> Result<bool> {
         let size = ring.size();
         let Some(p) = self.vring.packed.as_mut() else {
             return Ok(false);
@@ -204,7 +211,7 @@ impl<'a> Queue<'a> {
     }
 
     /// Reads the indirect table `d` points at into `chain`.
-    fn packed_indirect(&mut self, d: PackedDesc, chain: &mut Chain) -> End {
+    pub(super) fn packed_indirect(&mut self, d: PackedDesc, chain: &mut Chain) -> End {
         if d.len == 0 || u64::from(d.len) % DESC_LEN != 0 {
             return End::Bad;
         }
@@ -279,7 +286,8 @@ impl<'a> Queue<'a> {
     /// back over the last `n` chains' descriptors.
     pub(in crate::queue) fn packed_unpop(&mut self, n: u16) -> bool {
         let size = self.vring.q.size();
-        if n > self.tail_pops || n > size {
+        // Recorded chains stay with the device (see `inflight.rs`).
+        if n > self.tail_pops || n > size || self.vring.packed_inflight.is_some() {
             return false;
         }
         let Some(p) = self.vring.packed.as_mut() else {
