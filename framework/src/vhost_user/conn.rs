@@ -67,7 +67,7 @@ pub const VIRTIO_F_RING_PACKED: u64 = 1 << 34;
 pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
 
 /// Virtio features offered for `device`: its own plus
-/// [`TRANSPORT_FEATURES`] and [`VHOST_F_LOG_ALL`].
+/// [`TRANSPORT_FEATURES`] and `VHOST_F_LOG_ALL` (dirty logging).
 pub fn offered_features(device: &dyn Device) -> u64 {
     device.features() | TRANSPORT_FEATURES | VHOST_F_LOG_ALL
 }
