@@ -57,6 +57,8 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy --all-targets -D warnings"
 cargo clippy -j2 --workspace --all-targets -- -D warnings
+step "cargo doc -D warnings (every public item documented, no broken links)"
+RUSTDOCFLAGS="-D warnings" cargo doc -j2 --workspace --no-deps -q
 
 # One build of everything the tests run: the daemons the end-to-end tests
 # drive, and every test executable.

@@ -18,6 +18,8 @@
 //! writes, discards and write-zeroes with `IOERR`. Guest IOMMU
 //! (`VIRTIO_F_ACCESS_PLATFORM`, IOTLB messages) comes with the framework.
 
+#![deny(missing_docs)]
+
 pub mod backing;
 pub mod cli;
 pub mod config;

@@ -17,6 +17,7 @@
 
 // Tests may unwrap: a failure is the test's report.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
+#![deny(missing_docs)]
 
 pub mod cli;
 pub mod engine;
