@@ -25,6 +25,8 @@
 //! - [`vduse_kit`]: the guest kit of the VDUSE tests (Debian's 6.12
 //!   kernel, which has VDUSE, with the vDPA modules and the `vdpa` tool),
 //!   and the daemon with its shared libraries for such a guest;
+//! - [`vduse_testpmd`]: DPDK testpmd inside such a guest, driving vdpa-net
+//!   over vhost-user and over VDUSE bound to `vhost_vdpa`;
 //! - [`accounting`]: counts two sides of a run must agree on (every frame
 //!   sent is counted), failing with the number lost.
 //!
@@ -59,6 +61,7 @@ pub mod tcp_bulk;
 pub mod testpmd;
 pub mod vdpa_net;
 pub mod vduse_kit;
+pub mod vduse_testpmd;
 
 pub use env::{heavy_lock, ready, WorkDir};
 pub use error::{Error, OrPanic, Result};

@@ -92,6 +92,8 @@ pub struct QemuConfig {
     packed: bool,
     qmp: Option<PathBuf>,
     incoming: Option<String>,
+    /// `-cpu MODEL` (QEMU's default model when unset).
+    cpu: Option<String>,
 }
 
 impl QemuConfig {
@@ -111,6 +113,7 @@ impl QemuConfig {
             packed: false,
             qmp: None,
             incoming: None,
+            cpu: None,
         }
     }
 
@@ -195,6 +198,13 @@ impl QemuConfig {
         self
     }
 
+    /// Sets the vCPU model (`-cpu MODEL`; e.g. `max`, whose TCG vCPU has
+    /// the SSE4.2 that Debian's DPDK needs, where QEMU's default lacks it).
+    pub fn cpu(mut self, model: &str) -> QemuConfig {
+        self.cpu = Some(model.to_string());
+        self
+    }
+
     /// Serves QMP on the unix socket `path` (see [`crate::qmp`]).
     pub fn qmp(mut self, path: &Path) -> QemuConfig {
         self.qmp = Some(path.to_path_buf());
@@ -243,6 +253,9 @@ impl QemuConfig {
         let mut push = |v: &[&str]| a.extend(v.iter().map(|s| s.to_string()));
         push(&["-m", &format!("{}M", self.mem_mb)]);
         push(&["-smp", &self.smp.to_string()]);
+        if let Some(cpu) = &self.cpu {
+            push(&["-cpu", cpu]);
+        }
         push(&["-serial", &format!("file:{}", console.display())]);
         push(&["-kernel", &kernel.to_string_lossy()]);
         push(&["-initrd", &initrd.to_string_lossy()]);

@@ -45,6 +45,20 @@ pub const VDUSE_MODULES: &[&str] = &[
     "tun",
 ];
 
+/// Modules the initramfs carries with their dependencies but does not
+/// load at boot: a script loads them with `load_module NAME` (order in
+/// `/etc/ioasis-load-NAME`). `vhost_vdpa` stays out of the boot list so
+/// that `virtio_vdpa`, which the other tests check, binds new devices.
+pub const VDUSE_ON_DEMAND_MODULES: &[&str] = &["vhost_vdpa"];
+
+/// The DPDK poll-mode drivers a guest's `dpdk-testpmd` loads with `-d`
+/// (from [`TESTPMD_PMD_DIR`]): virtio_user and the ring mempool.
+pub const TESTPMD_PMDS: &[&str] = &["librte_net_virtio.so.23", "librte_mempool_ring.so.23"];
+
+/// Where Debian's DPDK 22.11 keeps its poll-mode drivers (the host path,
+/// which the guest gets too).
+pub const TESTPMD_PMD_DIR: &str = "/usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0";
+
 /// The host tools the guests carry, where each goes and the Debian package
 /// that has it. iproute2's `ip` (network namespaces) goes beside busybox's
 /// applet, which `/init` installs as `ip`.
@@ -220,6 +234,38 @@ pub fn binary_files(binary: &Path, name: &str) -> Result<Vec<(String, Vec<u8>)>>
     Ok(out)
 }
 
+/// Files that put Debian's `dpdk-testpmd` at `/bin/dpdk-testpmd` of a
+/// guest with its shared libraries, and the poll-mode drivers of
+/// [`TESTPMD_PMDS`] (with theirs) at their host paths under
+/// [`TESTPMD_PMD_DIR`]; a script loads those with `-d`. Only these
+/// drivers go in: EAL would `dlopen` every driver of a complete driver
+/// directory, and many need libraries of hardware the guest lacks.
+/// [`Error::Unavailable`] without `dpdk-testpmd` (package dpdk).
+pub fn testpmd_files() -> Result<Vec<(String, Vec<u8>)>> {
+    let testpmd = which("dpdk-testpmd")
+        .ok_or_else(|| Error::Unavailable("`dpdk-testpmd` (package dpdk) is missing".into()))?;
+    let mut out = binary_files(&testpmd, "dpdk-testpmd")?;
+    for pmd in TESTPMD_PMDS {
+        let path = Path::new(TESTPMD_PMD_DIR).join(pmd);
+        if !path.is_file() {
+            return Err(Error::Unavailable(format!(
+                "DPDK driver {} is missing (package dpdk 22.11)",
+                path.display()
+            )));
+        }
+        for (at, data) in binary_files(&path, "unused")?.into_iter().skip(1) {
+            if !out.iter().any(|(p, _)| *p == at) {
+                out.push((at, data));
+            }
+        }
+        out.push((
+            path.to_string_lossy().trim_start_matches('/').to_string(),
+            fs::read(&path).map_err(io(format!("read {}", path.display())))?,
+        ));
+    }
+    Ok(out)
+}
+
 fn build() -> Result<GuestKit> {
     let dir = kernel_dir();
     let (kernel, version) = find_kernel(&dir)?;
@@ -241,6 +287,7 @@ fn build() -> Result<GuestKit> {
     LIB.hash(&mut h);
     version.hash(&mut h);
     VDUSE_MODULES.hash(&mut h);
+    VDUSE_ON_DEMAND_MODULES.hash(&mut h);
     TOOLS.hash(&mut h);
     for p in std::iter::once(&busybox).chain(tools.iter().map(|(_, p)| p)) {
         p.hash(&mut h);
@@ -300,6 +347,22 @@ fn build() -> Result<GuestKit> {
         order.push('\n');
     }
     w.file("etc/ioasis-modules", 0o644, order.as_bytes());
+    for wanted in VDUSE_ON_DEMAND_MODULES {
+        let chain = resolve(&module_files(&root.join("kernel")), &builtin, &[wanted])?;
+        let mut order = String::new();
+        for (name, data) in &chain {
+            if !modules.iter().any(|(n, _)| n == name) {
+                w.file(&format!("lib/modules/{name}.ko"), 0o644, data);
+            }
+            order.push_str(name);
+            order.push('\n');
+        }
+        w.file(
+            &format!("etc/ioasis-load-{wanted}"),
+            0o644,
+            order.as_bytes(),
+        );
+    }
     let mut dirs: Vec<String> = Vec::new();
     for (at, path) in &tools {
         let data = fs::read(path).map_err(io(format!("read {}", path.display())))?;

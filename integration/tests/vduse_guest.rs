@@ -13,7 +13,8 @@ use ioasis_integration::env::require_tool;
 use ioasis_integration::guest::marker;
 use ioasis_integration::guest_disk::{pattern, write_pattern_script, PATTERN_PATH};
 use ioasis_integration::qemu::{Qemu, QemuConfig, GUEST_TIMEOUT};
-use ioasis_integration::vduse_kit::{binary_files, kit};
+use ioasis_integration::vduse_kit::{binary_files, kit, testpmd_files};
+use ioasis_integration::vduse_testpmd::{parse_runs, Run, Side, GUEST_LIB};
 use ioasis_integration::{heavy_lock, ready, OrPanic, Result, WorkDir};
 
 /// Guest RAM: the kernel's bounce buffer of a VDUSE device is 64 MiB.
@@ -369,4 +370,154 @@ fn test_vduse_blk_bench_against_vhost_user() {
     );
     drop(guest);
     host.stop(std::time::Duration::from_secs(10));
+}
+
+/// A guest that runs DPDK testpmd against vdpa-net: 2 vCPUs (testpmd on
+/// vCPU 0, the daemons on vCPU 1), QEMU's `max` vCPU model (Debian's DPDK
+/// needs SSE4.2), RAM for testpmd's 256 MiB, the daemon, testpmd and its
+/// drivers in the initramfs. `script` runs after the daemons are up.
+fn testpmd_guest(name: &str, bin: &std::path::Path, runs: &str) -> QemuConfig {
+    let script = format!("{VDUSE_LIB}{GUEST_LIB}start_sides\n{runs}mark TESTPMD_DONE\n");
+    let mut cfg = QemuConfig::new(name, &script)
+        .kit(kit().or_panic("kit"))
+        .mem_mb(1024)
+        .smp(2)
+        .cpu("max");
+    let mut seen = std::collections::HashSet::new();
+    let files = binary_files(bin, "vdpa-net").or_panic("daemon files");
+    for (path, data) in files
+        .into_iter()
+        .chain(testpmd_files().or_panic("testpmd files"))
+    {
+        if seen.insert(path.clone()) {
+            cfg = cfg.file(&path, data);
+        }
+    }
+    cfg
+}
+
+/// vdpa-net, testpmd and the VDUSE kit.
+fn need_testpmd() -> Result<std::path::PathBuf> {
+    let bin = need("vdpa-net")?;
+    testpmd_files()?;
+    Ok(bin)
+}
+
+/// The VDUSE device bound to the kernel's `vhost_vdpa` instead of
+/// `virtio_vdpa`, driven from userspace: vdpa-net serves `vnet0` with a
+/// `sink` port, the test binds it to `vhost_vdpa` and DPDK testpmd in the
+/// guest sends into it for 2 s through a `virtio_user` port on
+/// `/dev/vhost-vdpa-0` (txonly). testpmd's memory reaches the daemon
+/// through `vhost_vdpa`'s IOTLB updates (`VDUSE_IOTLB_GET_FD` on its
+/// memfd), not the kernel's bounce buffer. Every packet testpmd sent must
+/// be counted by the sink (else the test fails with the number lost;
+/// the check is `parse_runs`', whose unit test shows it failing).
+#[test]
+fn test_vduse_net_vhost_vdpa_testpmd_in_guest() {
+    let test = "test_vduse_net_vhost_vdpa_testpmd_in_guest";
+    let Some(bin) = ready(test, need_testpmd()) else {
+        return;
+    };
+    let _lock = heavy_lock().or_panic("heavy lock");
+    let dir = WorkDir::new("vduse-vhost-vdpa").or_panic("workdir");
+    let cfg = testpmd_guest("vduse-vhost-vdpa", &bin, &Side::Vduse.run_line(2));
+    let mut guest = Qemu::launch(&cfg, dir.path()).or_panic("start QEMU");
+    guest
+        .wait_marker("TESTPMD_DONE", GUEST_TIMEOUT * 2)
+        .or_panic("testpmd through vhost_vdpa");
+    let rc = guest.wait_end(GUEST_TIMEOUT).or_panic("guest end");
+    let console = guest.console_text();
+    assert_eq!(rc, 0, "guest script failed:\n{console}");
+    assert!(
+        console.contains(&marker("VDPA_DRIVER vhost_vdpa")),
+        "the vDPA device is bound to vhost_vdpa:\n{console}"
+    );
+    let runs = parse_runs(&console).unwrap_or_else(|e| panic!("{e}\n{console}"));
+    assert_eq!(runs.len(), 1, "{console}");
+    eprintln!(
+        "vhost_vdpa: {} packets in {:.2} s ({:.0} packets/s), all counted by the sink",
+        runs[0].packets,
+        runs[0].secs,
+        runs[0].pps()
+    );
+}
+
+/// Rounds of the testpmd comparison: each runs both sides once, the order
+/// alternating.
+const TESTPMD_ROUNDS: usize = 4;
+/// Seconds testpmd sends in each run of the comparison.
+const TESTPMD_SECS: u32 = 5;
+
+/// The fair comparison of the transports: the same guest, the same
+/// frontend (DPDK testpmd's `virtio_user`, txonly, 64-byte frames, on
+/// vCPU 0), the same daemon (vdpa-net with a `sink` port, on vCPU 1), once
+/// over vhost-user (`/tmp/vu.sock`) and once over VDUSE bound to
+/// `vhost_vdpa` (`/dev/vhost-vdpa-0`). Rounds alternate the order; every
+/// run must have every packet counted by the sink. Prints the medians
+/// and ranges in packets per second, the ratio VDUSE / vhost-user, the
+/// commit and the load.
+/// `cargo test -p ioasis-integration --test vduse_guest -- --ignored --nocapture testpmd_bench`
+#[test]
+#[ignore = "a measurement: run it alone, under the bench lock"]
+fn test_vduse_net_testpmd_bench_against_vhost_user() {
+    let test = "test_vduse_net_testpmd_bench_against_vhost_user";
+    let Some(bin) = ready(test, need_testpmd()) else {
+        return;
+    };
+    let _lock = heavy_lock().or_panic("heavy lock");
+    let commit = ioasis_integration::bench_record::commit();
+    let load = ioasis_integration::bench_record::loadavg();
+    let dir = WorkDir::new("vduse-testpmd-bench").or_panic("workdir");
+    let mut runs = String::new();
+    for r in 0..TESTPMD_ROUNDS {
+        let (a, b) = if r % 2 == 0 {
+            (Side::VhostUser, Side::Vduse)
+        } else {
+            (Side::Vduse, Side::VhostUser)
+        };
+        runs.push_str(&a.run_line(TESTPMD_SECS));
+        runs.push_str(&b.run_line(TESTPMD_SECS));
+    }
+    let cfg = testpmd_guest("vduse-testpmd-bench", &bin, &runs);
+    let mut guest = Qemu::launch(&cfg, dir.path()).or_panic("start QEMU");
+    guest
+        .wait_marker("TESTPMD_DONE", GUEST_TIMEOUT * 6)
+        .or_panic("the comparison");
+    let console = guest.console_text();
+    let all = parse_runs(&console).unwrap_or_else(|e| panic!("{e}\n{console}"));
+    let side = |s: Side| -> Vec<Run> { all.iter().copied().filter(|r| r.side == s).collect() };
+    let (vu, vd) = (side(Side::VhostUser), side(Side::Vduse));
+    assert!(
+        vu.len() == TESTPMD_ROUNDS && vd.len() == TESTPMD_ROUNDS,
+        "{TESTPMD_ROUNDS} runs of each side:\n{console}"
+    );
+    let stats = |runs: &[Run]| -> (f64, f64, f64) {
+        let mut v: Vec<f64> = runs.iter().map(Run::pps).collect();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        (median, v[0], v[n - 1])
+    };
+    let ((mu, lu, hu), (md, ld, hd)) = (stats(&vu), stats(&vd));
+    for r in &all {
+        eprintln!(
+            "run {}: {} packets in {:.2} s = {:.0} packets/s (all counted)",
+            r.side.tag(),
+            r.packets,
+            r.secs,
+            r.pps()
+        );
+    }
+    eprintln!(
+        "commit {commit}, load {load} -> {}\n\
+         vhost-user (virtio_user on the socket): median {mu:.0} packets/s, range {lu:.0}-{hu:.0}\n\
+         VDUSE (virtio_user on vhost_vdpa): median {md:.0} packets/s, range {ld:.0}-{hd:.0}\n\
+         VDUSE / vhost-user = {:.2}",
+        ioasis_integration::bench_record::loadavg(),
+        md / mu
+    );
 }
