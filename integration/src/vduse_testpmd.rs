@@ -229,7 +229,9 @@ mod tests {
         assert_eq!(runs[2].packets, 500);
 
         let lost = m("RUN vd 1 2 10") + &m(r#"STATS vd {"rx_packets":9}"#);
-        assert!(parse_runs(&lost).expect_err("a lost packet").contains("1 lost"));
+        assert!(parse_runs(&lost)
+            .expect_err("a lost packet")
+            .contains("1 lost"));
         let none = m("RUN vd 1 2 0") + &m(r#"STATS vd {"rx_packets":0}"#);
         assert!(parse_runs(&none).is_err());
         assert!(parse_runs(&m("RUN vd 1 2 10")).is_err());

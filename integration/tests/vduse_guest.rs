@@ -443,19 +443,35 @@ fn test_vduse_net_vhost_vdpa_testpmd_in_guest() {
 }
 
 /// Rounds of the testpmd comparison: each runs both sides once, the order
-/// alternating.
-const TESTPMD_ROUNDS: usize = 4;
+/// alternating (after one warm-up round that is checked but not counted).
+const TESTPMD_ROUNDS: usize = 6;
 /// Seconds testpmd sends in each run of the comparison.
 const TESTPMD_SECS: u32 = 5;
+
+/// The median of `v` (mean of the middle two for an even count) and the
+/// range.
+fn median_range(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    (median, v[0], v[n - 1])
+}
 
 /// The fair comparison of the transports: the same guest, the same
 /// frontend (DPDK testpmd's `virtio_user`, txonly, 64-byte frames, on
 /// vCPU 0), the same daemon (vdpa-net with a `sink` port, on vCPU 1), once
 /// over vhost-user (`/tmp/vu.sock`) and once over VDUSE bound to
-/// `vhost_vdpa` (`/dev/vhost-vdpa-0`). Rounds alternate the order; every
-/// run must have every packet counted by the sink. Prints the medians
-/// and ranges in packets per second, the ratio VDUSE / vhost-user, the
-/// commit and the load.
+/// `vhost_vdpa` (`/dev/vhost-vdpa-0`). A warm-up round, then rounds that
+/// alternate the order; every run must have every packet counted by the
+/// sink. Prints each run, the medians and ranges in packets per second,
+/// the ratio of the medians and the median of the rounds' own ratios
+/// (VDUSE / vhost-user; the two runs of a round are next to each other in
+/// time, so a round's ratio suffers less from a machine whose load
+/// changes), the commit and the load.
 /// `cargo test -p ioasis-integration --test vduse_guest -- --ignored --nocapture testpmd_bench`
 #[test]
 #[ignore = "a measurement: run it alone, under the bench lock"]
@@ -469,7 +485,7 @@ fn test_vduse_net_testpmd_bench_against_vhost_user() {
     let load = ioasis_integration::bench_record::loadavg();
     let dir = WorkDir::new("vduse-testpmd-bench").or_panic("workdir");
     let mut runs = String::new();
-    for r in 0..TESTPMD_ROUNDS {
+    for r in 0..=TESTPMD_ROUNDS {
         let (a, b) = if r % 2 == 0 {
             (Side::VhostUser, Side::Vduse)
         } else {
@@ -481,42 +497,52 @@ fn test_vduse_net_testpmd_bench_against_vhost_user() {
     let cfg = testpmd_guest("vduse-testpmd-bench", &bin, &runs);
     let mut guest = Qemu::launch(&cfg, dir.path()).or_panic("start QEMU");
     guest
-        .wait_marker("TESTPMD_DONE", GUEST_TIMEOUT * 6)
+        .wait_marker("TESTPMD_DONE", GUEST_TIMEOUT * 8)
         .or_panic("the comparison");
     let console = guest.console_text();
     let all = parse_runs(&console).unwrap_or_else(|e| panic!("{e}\n{console}"));
-    let side = |s: Side| -> Vec<Run> { all.iter().copied().filter(|r| r.side == s).collect() };
-    let (vu, vd) = (side(Side::VhostUser), side(Side::Vduse));
-    assert!(
-        vu.len() == TESTPMD_ROUNDS && vd.len() == TESTPMD_ROUNDS,
-        "{TESTPMD_ROUNDS} runs of each side:\n{console}"
+    assert_eq!(
+        all.len(),
+        2 * (TESTPMD_ROUNDS + 1),
+        "two runs in each round:\n{console}"
     );
-    let stats = |runs: &[Run]| -> (f64, f64, f64) {
-        let mut v: Vec<f64> = runs.iter().map(Run::pps).collect();
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        let median = if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        };
-        (median, v[0], v[n - 1])
-    };
-    let ((mu, lu, hu), (md, ld, hd)) = (stats(&vu), stats(&vd));
-    for r in &all {
+    for (i, r) in all.iter().enumerate() {
         eprintln!(
-            "run {}: {} packets in {:.2} s = {:.0} packets/s (all counted)",
+            "{} {}: {} packets in {:.2} s = {:.0} packets/s (all counted)",
+            if i < 2 { "warm-up" } else { "run" },
             r.side.tag(),
             r.packets,
             r.secs,
             r.pps()
         );
     }
+    let counted = &all[2..];
+    let rate = |s: Side| -> Vec<f64> {
+        counted
+            .iter()
+            .filter(|r| r.side == s)
+            .map(Run::pps)
+            .collect()
+    };
+    let ratios: Vec<f64> = counted
+        .chunks(2)
+        .map(|pair| {
+            let vd = pair.iter().find(|r| r.side == Side::Vduse);
+            let vu = pair.iter().find(|r| r.side == Side::VhostUser);
+            match (vd, vu) {
+                (Some(d), Some(u)) => d.pps() / u.pps(),
+                _ => panic!("a round without both sides:\n{console}"),
+            }
+        })
+        .collect();
+    let (mu, lu, hu) = median_range(rate(Side::VhostUser));
+    let (md, ld, hd) = median_range(rate(Side::Vduse));
+    let (mr, lr, hr) = median_range(ratios);
     eprintln!(
-        "commit {commit}, load {load} -> {}\n\
+        "commit {commit}, load {load} -> {}, {TESTPMD_ROUNDS} rounds of {TESTPMD_SECS} s\n\
          vhost-user (virtio_user on the socket): median {mu:.0} packets/s, range {lu:.0}-{hu:.0}\n\
          VDUSE (virtio_user on vhost_vdpa): median {md:.0} packets/s, range {ld:.0}-{hd:.0}\n\
-         VDUSE / vhost-user = {:.2}",
+         VDUSE / vhost-user: ratio of the medians {:.2}; rounds' ratios median {mr:.2}, range {lr:.2}-{hr:.2}",
         ioasis_integration::bench_record::loadavg(),
         md / mu
     );
