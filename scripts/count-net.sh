@@ -4,7 +4,7 @@
 # doing (packet rates on this kind of shared machine swing by 2x; this count
 # does not move between runs of one build).
 #
-#   scripts/count-net.sh [BENCH_BINARY]
+#   scripts/count-net.sh [BENCH_BINARY] [--packed]
 #
 # Runs `cargo bench -p vdpa-net --bench device -- --count-loop`: the `reflect`
 # port on the framework's queue harness (real split rings in iommu-core
@@ -14,11 +14,20 @@
 # a 2 KiB receive buffer (MRG_RXBUF, 12-byte header), every head completed.
 # The bench checks that the device took and returned every frame. Only the
 # worker's `process_queue` is counted (not the harness playing the driver).
-# With BENCH_BINARY it counts that build (for comparing two commits).
+# With BENCH_BINARY it counts that build (for comparing two commits); with
+# --packed the rings are packed (VIRTIO_F_RING_PACKED; the driver takes
+# back the used descriptors before each round).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "valgrind is needed (apt-get install valgrind)" >&2; exit 2; }
-bin=${1:-}
+bin=
+args=()
+for a in "$@"; do
+    case $a in
+        --packed) args+=("$a") ;;
+        *) bin=$a ;;
+    esac
+done
 if [ -z "$bin" ]; then
     bin=$(cargo bench -j2 -p vdpa-net --bench device --no-run 2>&1 \
         | grep -o 'target/release/deps/device-[0-9a-f]*' | tail -1)
@@ -30,9 +39,9 @@ trap 'rm -f "$out" "$out".*' EXIT
 # rounds begin; the final dump ("$out") holds the counted rounds alone.
 valgrind --tool=callgrind --callgrind-out-file="$out" \
     '--dump-before=*counted_reflect_rounds*' '--toggle-collect=*process_queue*' \
-    "$bin" --count-loop >"$out.stdout" 2>"$out.log" \
+    "$bin" --count-loop "${args[@]}" >"$out.stdout" 2>"$out.log" \
     || { cat "$out.stdout" "$out.log" >&2; exit 1; }
 frames=$(grep -o '^count-loop: [0-9]* frames reflected' "$out.stdout" | grep -o '[0-9]*')
 [ -n "$frames" ] || { cat "$out.stdout" >&2; exit 1; }
 ir=$(grep -o '^totals: [0-9]*' "$out" | grep -o '[0-9]*$')
-echo "vdpa-net loop: $ir instructions for $frames frames: $(awk -v i="$ir" -v f="$frames" 'BEGIN { printf "%.1f", i / f }') per frame ($bin)"
+echo "vdpa-net loop${args[*]:+ (${args[*]})}: $ir instructions for $frames frames: $(awk -v i="$ir" -v f="$frames" 'BEGIN { printf "%.1f", i / f }') per frame ($bin)"

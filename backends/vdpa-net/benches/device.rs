@@ -4,11 +4,12 @@
 //!
 //! `-- --count-loop` runs a fixed number of `reflect` rounds outside
 //! criterion (after a warm-up that fills the port's buffer pool) for
-//! `scripts/count-net.sh`, which counts their instructions with callgrind.
+//! `scripts/count-net.sh`, which counts their instructions with callgrind;
+//! `-- --count-loop --packed` the same on packed rings.
 
 use criterion::{criterion_group, Criterion, Throughput};
 use ioasis::device::{Device, Worker};
-use ioasis::testing::{Buf, Harness};
+use ioasis::testing::{Buf, Harness, PackedDriverRing};
 use vdpa_net::net::{bit, VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF};
 use vdpa_net::port::{PortSpec, TapIo};
 use vdpa_net::{NetConfig, PollMode, VhostUserNetBackend};
@@ -89,6 +90,33 @@ fn reflect_round(h: &mut Harness, w: &mut dyn Worker) {
     h.process(w, 1).expect("process");
 }
 
+/// [`reflect_round`] on packed rings: the driver first takes back what the
+/// device used in the round before.
+fn reflect_round_packed(h: &mut Harness, w: &mut dyn Worker) {
+    let a = Harness::BUFFER_AREA;
+    let rx = a + 0x1000;
+    for q in 0..2 {
+        let ring: &mut PackedDriverRing = h.packed_ring(q);
+        while ring.take_used().expect("used").is_some() {}
+    }
+    for i in 0..RING {
+        let buf = Buf {
+            addr: rx + u64::from(i) * 2048,
+            len: 2048,
+            writable: true,
+        };
+        h.packed_ring(0).add_chain(&[buf]).expect("rx chain");
+        h.packed_ring(1)
+            .add_chain(&[Buf {
+                addr: a,
+                len: 76,
+                writable: false,
+            }])
+            .expect("tx chain");
+    }
+    h.process(w, 1).expect("process");
+}
+
 fn loop_rig() -> (VhostUserNetBackend, Box<dyn Worker>) {
     let dev = device(PortSpec::Reflect);
     let w = dev.worker(0).expect("worker");
@@ -114,25 +142,37 @@ const COUNT_ROUNDS: usize = 400;
 
 /// The counted rounds (callgrind collects inside this function only).
 #[inline(never)]
-fn counted_reflect_rounds(h: &mut Harness, w: &mut dyn Worker) {
+fn counted_reflect_rounds(
+    h: &mut Harness,
+    w: &mut dyn Worker,
+    round: fn(&mut Harness, &mut dyn Worker),
+) {
     for _ in 0..COUNT_ROUNDS {
-        reflect_round(h, w);
+        round(h, w);
     }
 }
 
 /// `--count-loop`: [`COUNT_ROUNDS`] rounds of `RING` frames after 8 rounds
-/// of warm-up, and the frames the device counted, which must be all of them.
-fn count_loop() {
+/// of warm-up, and the frames the device counted, which must be all of them;
+/// on packed rings with `packed`.
+fn count_loop(packed: bool) {
     let (dev, mut w) = loop_rig();
-    let mut h = Harness::new(&dev, RING).expect("harness");
+    let (mut h, round): (Harness, fn(&mut Harness, &mut dyn Worker)) = if packed {
+        (
+            Harness::new_packed(&dev, RING).expect("harness"),
+            reflect_round_packed,
+        )
+    } else {
+        (Harness::new(&dev, RING).expect("harness"), reflect_round)
+    };
     h.memory()
         .write_at(Harness::BUFFER_AREA as usize, &frame())
         .expect("frame");
     for _ in 0..8 {
-        reflect_round(&mut h, &mut *w);
+        round(&mut h, &mut *w);
     }
     let before = dev.stats().total();
-    counted_reflect_rounds(&mut h, &mut *w);
+    counted_reflect_rounds(&mut h, &mut *w, round);
     let after = dev.stats().total();
     let frames = (COUNT_ROUNDS * usize::from(RING)) as u64;
     let (rx, tx) = (
@@ -150,7 +190,7 @@ criterion_group!(benches, bench_tx_sink, bench_loop_reflect);
 
 fn main() {
     if std::env::args().any(|a| a == "--count-loop") {
-        count_loop();
+        count_loop(std::env::args().any(|a| a == "--packed"));
         return;
     }
     benches();

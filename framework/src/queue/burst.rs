@@ -135,6 +135,11 @@ impl<'a> Queue<'a> {
         // A split ring without inflight tracking (the common case) is
         // walked here directly, without `pop`'s per-chain dispatch.
         let plain = self.vring.packed.is_none() && self.vring.inflight.is_none();
+        if self.vring.packed.is_some() && self.vring.packed_inflight.is_none() {
+            if let Some(r) = self.rings {
+                return self.packed_pop_burst(r, chains);
+            }
+        }
         // Every skipped chain consumed an avail entry: at most `size` of them.
         let limit = chains.len() + usize::from(self.size());
         for _ in 0..limit {

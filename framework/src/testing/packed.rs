@@ -356,8 +356,10 @@ pub struct WalkReport {
 /// whether a miss parks the queue (IOTLB) or is the driver's error
 /// (memory table), the descriptor ring's bytes and an indirect-table area
 /// (both in a 64 KiB memory mapped at I/O address 0; descriptors may point
-/// anywhere). Pops until the ring looks empty, completing every chain at
-/// once, at most `4 * size + 4` times.
+/// anywhere), and whether it pops one chain at a time or in bursts of
+/// four (`Queue::pop_burst`, whose packed path walks the ring in one
+/// loop). Pops until the ring looks empty, completing every chain at
+/// once, at most `4 * size + 4` times (bursts).
 ///
 /// Panics if an invariant breaks: a popped chain without descriptors or
 /// whose lengths do not add up, more pops than the bound, or, when the
@@ -375,6 +377,7 @@ pub fn walk_arbitrary(data: &[u8]) -> WalkReport {
     let (&head, rest) = data.split_first().unwrap_or((&0, &[]));
     let size = 2u16 << (head & 3);
     let park = head & 4 != 0;
+    let in_bursts = head & 8 != 0;
     let (&start, rest) = rest.split_first().unwrap_or((&0, &[]));
     let ring_len = 16 * usize::from(size);
     let (ring, tables) = rest.split_at(rest.len().min(ring_len));
@@ -433,26 +436,51 @@ pub fn walk_arbitrary(data: &[u8]) -> WalkReport {
     let Some(mut q) = qs.get(0) else {
         return report;
     };
-    let mut chain = Chain::new();
+    let mut chains = vec![Chain::new(); if in_bursts { 4 } else { 1 }];
     let bound = 4 * usize::from(size) + 4;
     let mut pops = 0;
+    let check = |chain: &Chain| {
+        assert!(!chain.descriptors().is_empty(), "a chain without buffers");
+        let (r, w) = chain.descriptors().iter().fold((0u64, 0u64), |(r, w), d| {
+            if d.writable {
+                (r, w + u64::from(d.len))
+            } else {
+                (r + u64::from(d.len), w)
+            }
+        });
+        assert_eq!((r, w), (chain.readable_len(), chain.writable_len()));
+    };
     loop {
         pops += 1;
         assert!(
             pops <= bound,
             "more than {bound} pops from a ring of {size}"
         );
-        match q.pop(&mut chain) {
+        if in_bursts {
+            let b = q.pop_burst(&mut chains);
+            for c in &chains[..b.popped] {
+                check(c);
+                let head = c.head();
+                assert!(
+                    q.add_used(head, 0).is_ok(),
+                    "completing popped chain {head}"
+                );
+            }
+            report.chains += b.popped;
+            report.bad += b.bad;
+            if b.error.is_some() {
+                report.stopped = true;
+                break;
+            }
+            if b.popped < chains.len() {
+                break;
+            }
+            continue;
+        }
+        let chain = &mut chains[0];
+        match q.pop(chain) {
             Ok(true) => {
-                assert!(!chain.descriptors().is_empty(), "a chain without buffers");
-                let (r, w) = chain.descriptors().iter().fold((0u64, 0u64), |(r, w), d| {
-                    if d.writable {
-                        (r, w + u64::from(d.len))
-                    } else {
-                        (r + u64::from(d.len), w)
-                    }
-                });
-                assert_eq!((r, w), (chain.readable_len(), chain.writable_len()));
+                check(chain);
                 let head = chain.head();
                 assert!(
                     q.add_used(head, 0).is_ok(),

@@ -20,7 +20,7 @@ use super::desc::{is_avail, PackedDesc, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRI
 use super::ring::{DmaRing, HostRing, RingMem};
 use super::state::{advance, retreat};
 use crate::dma::DmaError;
-use crate::queue::{Chain, Queue, QueueError, Result};
+use crate::queue::{Burst, Chain, Queue, QueueError, Result, Rings, PREFETCH_AHEAD};
 
 /// How a walk ended.
 pub(super) enum End {
@@ -61,6 +61,41 @@ impl<'a> Queue<'a> {
         }
     }
 
+    /// [`Queue::pop_burst`] on a packed ring whose areas are at host
+    /// addresses, without inflight tracking: the walk of each chain inlined
+    /// in one loop (no dispatch per chain), the burst's rules as there.
+    #[inline(never)]
+    pub(in crate::queue) fn packed_pop_burst(&mut self, r: Rings, chains: &mut [Chain]) -> Burst {
+        let ring = HostRing::new(r);
+        let mut burst = Burst::default();
+        // Every skipped chain consumed ring slots: at most `size` of them.
+        let limit = chains.len() + usize::from(ring.size());
+        for _ in 0..limit {
+            let Some(c) = chains.get_mut(burst.popped) else {
+                break;
+            };
+            c.clear();
+            match self.packed_pop_in(&ring, c) {
+                Ok(true) => {
+                    // As `pop_burst`: the first chains' buffers start
+                    // loading now.
+                    if burst.popped < PREFETCH_AHEAD {
+                        self.prefetch(c);
+                    }
+                    burst.popped += 1;
+                }
+                Ok(false) => break,
+                Err(QueueError::BadChain { .. }) => burst.bad += 1,
+                Err(e) => {
+                    burst.error = Some(e);
+                    break;
+                }
+            }
+        }
+        burst
+    }
+
+    #[inline(always)]
     pub(super) fn packed_pop_in<R: RingMem>(
         &mut self,
         ring: &R,
@@ -81,14 +116,17 @@ impl<'a> Queue<'a> {
         }
         chain.epoch = self.epoch;
         let (end, count, id) = match ring.desc(start) {
-            // The common chain: one direct descriptor.
+            // The common chain: one direct descriptor, done here.
             Ok(d) if d.flags & (DESC_F_NEXT | DESC_F_INDIRECT) == 0 => {
-                let end = match self.push_buffer(chain, d.addr, d.len, d.flags & DESC_F_WRITE != 0)
-                {
-                    Ok(()) => End::Chain,
-                    Err(e) => e.map_or(End::Bad, End::Dma),
-                };
-                (end, 1, d.id)
+                let writable = d.flags & DESC_F_WRITE != 0;
+                match self.push_buffer(chain, d.addr, d.len, writable) {
+                    Ok(()) if d.id < size => {
+                        self.packed_popped_one(start, wrap, d, writable, chain);
+                        return Ok(true);
+                    }
+                    Ok(()) => (End::Bad, 1, d.id),
+                    Err(e) => (e.map_or(End::Bad, End::Dma), 1, d.id),
+                }
             }
             Ok(d) => self.packed_walk_chain(ring, chain, start, wrap, d),
             Err(e) => (End::Dma(e), 0, 0),
@@ -146,6 +184,39 @@ impl<'a> Queue<'a> {
                 })
             }
         }
+    }
+
+    /// The bookkeeping of a chain of one direct descriptor `d` popped at
+    /// (`start`, `wrap`): what the general path does for a whole chain.
+    #[inline(always)]
+    fn packed_popped_one(
+        &mut self,
+        start: u16,
+        wrap: bool,
+        d: PackedDesc,
+        writable: bool,
+        chain: &mut Chain,
+    ) {
+        chain.head = d.id;
+        if let Some(p) = self.vring.packed.as_mut() {
+            let size = p.ndescs.len() as u16;
+            (p.avail_idx, p.avail_wrap) = advance(start, wrap, 1, size);
+            let id = usize::from(d.id);
+            if let (Some(n), Some(w)) = (p.ndescs.get_mut(id), p.writable.get_mut(id)) {
+                *n = 1;
+                *w = if writable && d.len > 0 {
+                    (d.addr, d.len, 0)
+                } else {
+                    (0, 0, 0)
+                };
+            }
+            let at = usize::from(p.pops);
+            if let Some(r) = p.recent.get_mut(at) {
+                *r = 1;
+            }
+            p.pops = if p.pops + 1 >= size { 0 } else { p.pops + 1 };
+        }
+        self.tail_pops = self.tail_pops.saturating_add(1);
     }
 
     /// Walks the rest of a chain whose first descriptor `first` (at
