@@ -14,7 +14,7 @@
 use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SigSet, Signal};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -102,6 +102,37 @@ impl Termination {
     }
 }
 
+impl Termination {
+    /// A daemon's main loop: waits for SIGINT or SIGTERM, or until
+    /// `finished()` says the work ended by itself (asked after every wait:
+    /// without ticks, only once a signal came; the thread sleeps until then),
+    /// calling `tick()` every `interval` meanwhile (`None`: never; the
+    /// daemons print their statistics there). A tick that comes late is
+    /// not caught up: the next one is due an interval after it.
+    pub fn wait_ticking(
+        &mut self,
+        interval: Option<Duration>,
+        mut finished: impl FnMut() -> bool,
+        mut tick: impl FnMut(),
+    ) {
+        let mut next = interval.map(|i| Instant::now() + i);
+        loop {
+            let timeout = next.map(|n| n.saturating_duration_since(Instant::now()));
+            if self.wait(timeout) || finished() {
+                return;
+            }
+            if let (Some(n), Some(i)) = (next.as_mut(), interval) {
+                let now = Instant::now();
+                if now >= *n {
+                    tick();
+                    let due = *n + i;
+                    *n = if due < now { now + i } else { due };
+                }
+            }
+        }
+    }
+}
+
 /// The read end the handlers write a byte into per signal: readable once a
 /// signal came, for an event loop to watch (as [`Server`] does).
 ///
@@ -117,5 +148,42 @@ impl Drop for Termination {
         for id in self.ids.drain(..) {
             signal_hook::low_level::unregister(id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_wait_ticking_ticks_until_finished() {
+        let mut t = Termination::new().expect("termination");
+        let (mut ticks, mut asked) = (0u32, 0u32);
+        let start = Instant::now();
+        // Bounded: `finished` says yes on its 50th question (about 50 ms).
+        t.wait_ticking(
+            Some(Duration::from_millis(5)),
+            || {
+                asked += 1;
+                asked >= 50
+            },
+            || ticks += 1,
+        );
+        assert!(ticks >= 1, "no tick in {:?}", start.elapsed());
+        assert!(ticks <= asked);
+        assert!(start.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn test_wait_ticking_returns_at_a_signal_without_ticking() {
+        let mut t = Termination::new().expect("termination");
+        let mut ticks = 0u32;
+        // The byte a signal handler writes, written directly (raising
+        // SIGTERM would reach every test thread's handlers).
+        let (rx, tx) = UnixStream::pair().expect("pair");
+        t.rx = rx;
+        std::io::Write::write_all(&mut &tx, &[1]).expect("write");
+        t.wait_ticking(None, || false, || ticks += 1);
+        assert_eq!(ticks, 0);
     }
 }

@@ -80,25 +80,11 @@ fn main() -> ExitCode {
     let start = Instant::now();
     let interval =
         (args.stats_interval_ms > 0).then(|| Duration::from_millis(args.stats_interval_ms));
-    let mut next = interval.map(|i| start + i);
-    loop {
-        let timeout = next.map(|n| n.saturating_duration_since(Instant::now()));
-        if termination.wait(timeout) {
-            break;
-        }
-        if thread.is_finished() {
-            break;
-        }
-        if let (Some(n), Some(i)) = (next.as_mut(), interval) {
-            if Instant::now() >= *n {
-                print_stats(&stats, start, false);
-                *n += i;
-                if *n < Instant::now() {
-                    *n = Instant::now() + i;
-                }
-            }
-        }
-    }
+    termination.wait_ticking(
+        interval,
+        || thread.is_finished(),
+        || print_stats(&stats, start, false),
+    );
     info!("shutting down");
     shutdown.shutdown();
     let code = match thread.join() {

@@ -54,7 +54,11 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 error!("device {}: {e}", d.socket);
-                eprintln!("vdpa-net: device {}: {}", d.socket, error_chain(&e));
+                eprintln!(
+                    "vdpa-net: device {}: {}",
+                    d.socket,
+                    ioasis::service::sys::error_chain(&e)
+                );
                 return ExitCode::from(1);
             }
         }
@@ -76,7 +80,7 @@ fn main() -> ExitCode {
     ) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("vdpa-net: {}", error_chain(&e));
+            eprintln!("vdpa-net: {}", ioasis::service::sys::error_chain(&e));
             for s in &files {
                 let _ = std::fs::remove_file(s);
             }
@@ -87,23 +91,7 @@ fn main() -> ExitCode {
     let start = Instant::now();
     let interval =
         (opts.stats_interval > 0.0).then(|| Duration::from_secs_f64(opts.stats_interval));
-    let mut next = interval.map(|i| start + i);
-    loop {
-        let timeout = next.map(|n| n.saturating_duration_since(Instant::now()));
-        if termination.wait(timeout) {
-            break;
-        }
-        if let (Some(n), Some(i)) = (next.as_mut(), interval) {
-            if Instant::now() >= *n {
-                print_stats(&stats, start, false);
-                *n += i;
-                // Do not try to catch up after a stall.
-                if *n < Instant::now() {
-                    *n = Instant::now() + i;
-                }
-            }
-        }
-    }
+    termination.wait_ticking(interval, || false, || print_stats(&stats, start, false));
     info!("signal received, shutting down");
     server.stop();
     for s in &files {
@@ -111,15 +99,4 @@ fn main() -> ExitCode {
     }
     print_stats(&stats, start, true);
     ExitCode::SUCCESS
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
