@@ -83,6 +83,7 @@ impl<'a> Queue<'a> {
     /// [`Queue::add_used_batch`] on a packed ring: with `VIRTIO_F_IN_ORDER`
     /// one used descriptor (the last head's) for the whole batch, without
     /// one per head.
+    #[inline(never)]
     pub(in crate::queue) fn packed_add_used_batch(
         &mut self,
         heads: &[u16],
@@ -100,6 +101,23 @@ impl<'a> Queue<'a> {
         // With inflight tracking each buffer gets its used descriptor, so
         // that its recorded entries are freed.
         let in_order = self.vring.in_order && self.vring.packed_inflight.is_none();
+        if !in_order && self.vring.log.is_none() {
+            // The common case: every head joins the batch, the ring state
+            // borrowed once for all of them.
+            if let Some(p) = self.vring.packed.as_mut() {
+                let room = usize::from(size).saturating_sub(p.shadow.len());
+                if p.ndescs.len() == usize::from(size) && heads.len() <= room {
+                    for &h in heads {
+                        let n = p.ndescs[usize::from(h)];
+                        p.push_used(h, 0, n, size);
+                    }
+                    let added = u16::try_from(heads.len()).unwrap_or(u16::MAX);
+                    self.vring.num_added = self.vring.num_added.saturating_add(added);
+                    self.dirty |= !heads.is_empty();
+                    return Ok(());
+                }
+            }
+        }
         let (true, Some(&last)) = (in_order, heads.last()) else {
             for (i, &h) in heads.iter().enumerate() {
                 self.packed_add_used(h, 0).map_err(|e| (i, e))?;
