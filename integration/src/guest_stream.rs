@@ -89,15 +89,58 @@ pub fn guest_file() -> Result<Vec<u8>> {
     std::fs::read(&p).map_err(io(format!("read {}", p.display())))
 }
 
-/// Guest script lines: address the first virtio-net interface with `cidr`
-/// and receive the stream (at most `max` records kept) until its end.
+/// Bytes of socket receive buffer the guest's sockets get (`rmem_default`
+/// and `rmem_max`): room for the records queued while the receiver holds
+/// (see [`control`]); more arriving meanwhile are dropped.
+pub const GUEST_RMEM: u32 = 1 << 20;
+
+/// Guest script lines: address the first virtio-net interface with `cidr`,
+/// print the features its driver negotiated (marker `FEATURES <bits>`, bit
+/// 0 first, as sysfs shows them) and receive the stream (at most `max`
+/// records kept) until its end.
 pub fn receive_script(cidr: &str, max: usize) -> String {
     format!(
         "IF=$(virtio_if) || {{ mark NO_NET; exit 1; }}\n\
          net_up $IF {cidr} || exit 1\n\
+         mark FEATURES $(cat /sys/class/net/$IF/device/features)\n\
+         echo {GUEST_RMEM} > /proc/sys/net/core/rmem_max\n\
+         echo {GUEST_RMEM} > /proc/sys/net/core/rmem_default\n\
          chmod 755 /{GUEST_PATH}\n\
          /{GUEST_PATH} recv {PORT} {max}\n"
     )
+}
+
+/// Whether feature bit `bit` is set in the `FEATURES` marker of a guest
+/// console (`None`: no such marker).
+pub fn negotiated(console: &str, bit: usize) -> Option<bool> {
+    let bits = console
+        .split("@@IOASIS:FEATURES ")
+        .nth(1)?
+        .split("@@")
+        .next()?;
+    bits.trim().as_bytes().get(bit).map(|&b| b == b'1')
+}
+
+/// Sends the control word `word` (`HOLD`, `QUIET` or `RESUME`) a few times
+/// from `ns` to the receiver at `addr`: on `HOLD` it stops reading the
+/// stream until `RESUME`, leaving what arrives meanwhile queued on its
+/// socket; `QUIET` (during a hold) stops the thread that keeps some of its
+/// memory dirty.
+pub fn control(ns: &Netns, addr: &str, word: &str, dir: &Path) -> Result<()> {
+    let bin = guest_stream_bin()?;
+    let mut cmd = ns.command(&bin);
+    cmd.args(["ctl", &format!("{addr}:{}", PORT + 1), word]);
+    let mut proc = Proc::spawn("stream-ctl", &mut cmd, dir, Output::Split)?;
+    let status = proc.wait_timeout(std::time::Duration::from_secs(10))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(Error::Command {
+            cmd: format!("guest-stream ctl {addr} {word}"),
+            status,
+            stderr: proc.log_tail(),
+        })
+    }
 }
 
 /// A sender running in `ns` towards `addr` (the guest's address) at `pps`
