@@ -20,8 +20,9 @@
 //!   wait (up to 10 s) for its carrier;
 //! - `try_ping COUNT DEADLINE_SECS ADDR`: ping, print the output and a
 //!   `PING_OK ADDR` or `PING_FAIL ADDR` marker;
-//! - `load_module NAME`: load one of [`ON_DEMAND_MODULES`] with its
-//!   dependencies (fails if the kernel has no such module).
+//! - `load_module NAME [PARAM=VALUE...]`: load one of [`ON_DEMAND_MODULES`]
+//!   with its dependencies, the parameters given to NAME itself (fails if
+//!   the kernel has no such module).
 //!
 //! Modules in [`ON_DEMAND_MODULES`] (the packet generator, `pktgen`) are in
 //! the initramfs with their dependencies (from the kernel's `modules.dep`,
@@ -125,9 +126,14 @@ net_up() {
 }
 load_module() {
     [ -f "/etc/ioasis-load-$1" ] || { echo "no module $1 in the initramfs"; return 1; }
-    for m in $(cat "/etc/ioasis-load-$1"); do
+    _lm=$1; shift
+    for m in $(cat "/etc/ioasis-load-$_lm"); do
         grep -q "^$m " /proc/modules && continue
-        insmod "/lib/modules/$m.ko" || return 1
+        if [ "$m" = "$_lm" ]; then
+            insmod "/lib/modules/$m.ko" "$@" || return 1
+        else
+            insmod "/lib/modules/$m.ko" || return 1
+        fi
     done
 }
 try_ping() {

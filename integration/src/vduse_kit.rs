@@ -48,8 +48,10 @@ pub const VDUSE_MODULES: &[&str] = &[
 /// Modules the initramfs carries with their dependencies but does not
 /// load at boot: a script loads them with `load_module NAME` (order in
 /// `/etc/ioasis-load-NAME`). `vhost_vdpa` stays out of the boot list so
-/// that `virtio_vdpa`, which the other tests check, binds new devices.
-pub const VDUSE_ON_DEMAND_MODULES: &[&str] = &["vhost_vdpa"];
+/// that `virtio_vdpa`, which the other tests check, binds new devices;
+/// `null_blk` (a memory-backed disk whose requests complete after a set
+/// delay) takes module parameters.
+pub const VDUSE_ON_DEMAND_MODULES: &[&str] = &["vhost_vdpa", "null_blk"];
 
 /// The DPDK poll-mode drivers a guest's `dpdk-testpmd` loads with `-d`
 /// (from [`TESTPMD_PMD_DIR`]): virtio_user and the ring mempool.

@@ -191,18 +191,35 @@ fn test_vduse_net_traffic_in_guest() {
 /// The data of the bulk transfers in the guest.
 const BULK_PATH: &str = "/data/bulk";
 
-/// vdpa-blk killed with SIGKILL while four writers of the guest write a
-/// pattern over the VDUSE disk (O_DIRECT, 4 KiB requests), and started
-/// again with the same name: it takes the kernel's device over (the driver
-/// still has it running), resubmits from its inflight record whatever the
-/// killed daemon had popped and not completed (its log says how many; the
-/// test prints it), and every write completes; the pattern then reads back
-/// right and is what the image file holds (`RESTART_OK`). The kill must
-/// land while the guest still writes (`KILLED_MIDWAY`). In the runs so far
-/// the kill found nothing popped and not completed (the log said 0
-/// resubmitted): what this shows is the takeover and that no write is
-/// lost; resubmission itself is `cargo test -p ioasis --test
-/// vhost_inflight`'s.
+/// Milliseconds each request of the restart test's disk takes (`null_blk`
+/// in timer mode): long enough that, whenever the daemon is killed, the
+/// readers' requests are almost surely inside it.
+const SLOW_DISK_MS: u32 = 50;
+
+/// vdpa-blk killed with SIGKILL while requests are in flight inside it,
+/// and started again with the same name. The disk it serves is the
+/// guest's `null_blk` (memory-backed, every request completing 50 ms after
+/// it was submitted, readahead off), holding a pattern; four readers of
+/// the guest read it back through the VDUSE disk (O_DIRECT, 4 KiB
+/// requests, one outstanding each), so the daemon nearly always holds
+/// requests it popped and not completed (in the runs so far 4 were
+/// resubmitted, one per reader). Reads, not writes: over VDUSE vdpa-blk does buffered I/O
+/// (O_DIRECT on the kernel's bounce buffer fails with EFAULT, see
+/// vdpa-blk's worker), and a buffered write completes at once into the
+/// page cache. The restarted daemon takes the kernel's device over (the
+/// driver still has it running), resubmits from its inflight record what
+/// the killed one had in flight (its log says how many: the test requires
+/// at least one, `IN_FLIGHT_AT_KILL`, else it showed nothing), and every
+/// read completes with the pattern's data (`RESTART_OK`).
+///
+/// Shown to fail when what was in flight is not done again: with vdpa-blk
+/// built with `RUSTFLAGS='--cfg ioasis_broken="dropinflight"'` (the ring
+/// resumes after the requests in flight without resubmitting them) and
+/// given to the test as `IOASIS_VDPA_BLK_BIN`, the reads in flight at the
+/// kill never complete and the test fails with `READS_LOST`. (The older
+/// `noresubmit` build passes it: resubmitting nothing, it rewinds the ring
+/// to the used index, and with requests completed in order that pops the
+/// same requests again.)
 #[test]
 fn test_vduse_blk_daemon_restart_in_guest() {
     let test = "test_vduse_blk_daemon_restart_in_guest";
@@ -211,38 +228,47 @@ fn test_vduse_blk_daemon_restart_in_guest() {
     };
     let _lock = heavy_lock().or_panic("heavy lock");
     let dir = WorkDir::new("vduse-blk-restart").or_panic("workdir");
-    let blocks = 4096;
+    let blocks = 1024;
     let script = format!(
         "{VDUSE_LIB}\
          P={PATTERN_PATH}\n\
-         dd if=/dev/zero of=/tmp/disk.img bs=4k count={blocks} 2>/dev/null\n\
-         start_daemon vdpa-blk /bin/vdpa-blk --vduse vblk0 --image /tmp/disk.img\n\
+         load_module null_blk memory_backed=1 gb=1 bs=4096 irqmode=2 completion_nsec={nsec} || fail_with NO_NULL_BLK\n\
+         wait_for /dev/nullb0 || fail_with NO_NULL_BLK\n\
+         dd if=$P of=/dev/nullb0 bs=64k oflag=direct 2>/dev/null || fail_with NO_NULL_BLK\n\
+         blockdev --setra 0 /dev/nullb0\n\
+         start_daemon vdpa-blk /bin/vdpa-blk --vduse vblk0 --image /dev/nullb0\n\
          wait_for /dev/vduse/vblk0 || fail_with NO_VDUSE_DEVICE\n\
          timeout 60 vdpa dev add name vblk0 mgmtdev vduse || fail_with VDPA_ADD_FAILED\n\
          wait_for /sys/block/vda || fail_with NO_DISK\n\
+         sync; echo 3 > /proc/sys/vm/drop_caches\n\
          for q in 0 1 2 3; do\n\
-         \x20   ( dd if=$P of=/dev/vda bs=4k skip=$((q * {quarter})) seek=$((q * {quarter})) count={quarter} oflag=direct conv=notrunc,fsync 2>/tmp/dd$q.err; echo $? > /tmp/dd$q.rc ) &\n\
+         \x20   ( dd if=/dev/vda of=/tmp/part$q bs=4k skip=$((q * {quarter})) count={quarter} iflag=direct 2>/tmp/dd$q.err; echo $? > /tmp/dd$q.rc ) &\n\
          done\n\
          sleep 1\n\
          [ ! -e /tmp/dd0.rc ] && [ ! -e /tmp/dd3.rc ] && mark KILLED_MIDWAY\n\
+         echo \"nullb0 in flight (reads writes): $(cat /sys/block/nullb0/inflight)\"\n\
          kill -9 $DPID; wait $DPID 2>/dev/null\n\
+         grep -o 'O_DIRECT failed with EFAULT.*' /tmp/vdpa-blk.log | head -n 1\n\
          sleep 1\n\
-         start_daemon vdpa-blk2 /bin/vdpa-blk --vduse vblk0 --image /tmp/disk.img\n\
+         start_daemon vdpa-blk2 /bin/vdpa-blk --vduse vblk0 --image /dev/nullb0\n\
          for q in 0 1 2 3; do\n\
          \x20   i=0; while [ ! -e /tmp/dd$q.rc ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done\n\
-         \x20   [ \"$(cat /tmp/dd$q.rc 2>/dev/null)\" = 0 ] || {{ cat /tmp/dd$q.err; fail_with WRITES_LOST; }}\n\
+         \x20   [ \"$(cat /tmp/dd$q.rc 2>/dev/null)\" = 0 ] || {{ cat /tmp/dd$q.err; fail_with READS_LOST; }}\n\
          done\n\
-         grep -o 'resubmitted.*' /tmp/vdpa-blk2.log | head -n 3\n\
-         sync; echo 3 > /proc/sys/vm/drop_caches\n\
+         mark READS_DONE\n\
+         grep -o 'inflight region: [0-9]* request.*' /tmp/vdpa-blk2.log\n\
+         n=$(grep -o 'inflight region: [0-9]*' /tmp/vdpa-blk2.log | awk '{{s += $3}} END {{print s + 0}}')\n\
+         mark \"RESUBMITTED $n\"\n\
+         [ \"$n\" -gt 0 ] && mark IN_FLIGHT_AT_KILL\n\
          want=$(sha256sum < $P | cut -d' ' -f1)\n\
-         got=$(dd if=/dev/vda bs=64k iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)\n\
+         got=$(cat /tmp/part0 /tmp/part1 /tmp/part2 /tmp/part3 | sha256sum | cut -d' ' -f1)\n\
          [ \"$got\" = \"$want\" ] || fail_with READ_BACK_BAD\n\
-         [ \"$(sha256sum < /tmp/disk.img | cut -d' ' -f1)\" = \"$want\" ] || fail_with IMAGE_BAD\n\
          mark RESTART_OK\n\
          vdpa dev del vblk0\n\
          kill $DPID; wait $DPID\n\
          tail -n 5 /tmp/vdpa-blk2.log\n",
         quarter = blocks / 4,
+        nsec = u64::from(SLOW_DISK_MS) * 1_000_000,
     );
     let mut cfg = QemuConfig::new("vduse-restart", &script)
         .kit(kit().or_panic("kit"))
@@ -253,18 +279,34 @@ fn test_vduse_blk_daemon_restart_in_guest() {
     }
     let mut guest = Qemu::launch(&cfg, dir.path()).or_panic("start QEMU");
     guest
+        .expect_marker("READS_DONE", "READS_LOST", GUEST_TIMEOUT * 2)
+        .or_panic("every read completes across a daemon restart");
+    guest
         .wait_marker("RESTART_OK", GUEST_TIMEOUT)
-        .or_panic("writes across a daemon restart");
+        .or_panic("the right data across a daemon restart");
     let rc = guest.wait_end(GUEST_TIMEOUT).or_panic("guest end");
     let console = guest.console_text();
     assert_eq!(rc, 0, "guest script failed:\n{console}");
     assert!(
         console.contains(&marker("KILLED_MIDWAY")),
-        "the daemon was killed while the guest wrote (else the test shows nothing):\n{console}"
+        "the daemon was killed while the guest read (else the test shows nothing):\n{console}"
     );
-    for l in console.lines().filter(|l| l.contains("resubmitted")) {
-        eprintln!("restarted daemon: {l}");
+    for l in console.lines().filter(|l| {
+        [
+            "RESUBMITTED",
+            "inflight region",
+            "nullb0 in flight",
+            "EFAULT",
+        ]
+        .iter()
+        .any(|w| l.contains(w))
+    }) {
+        eprintln!("guest: {l}");
     }
+    assert!(
+        console.contains(&marker("IN_FLIGHT_AT_KILL")),
+        "requests were in flight inside the daemon at the kill (its successor resubmitted some), else the test shows nothing:\n{console}"
+    );
 }
 
 /// Bytes each timed read moves (2048 requests of 64 KiB).

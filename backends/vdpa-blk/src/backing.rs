@@ -8,7 +8,9 @@
 //! buffered descriptor serves requests whose guest buffers are not aligned
 //! to the logical block size (the kernel refuses those with `EINVAL`): the
 //! two are coherent, direct I/O writes back and invalidates the page cache
-//! range it covers.
+//! range it covers. Memory the kernel cannot pin for direct I/O (Linux
+//! 6.12's VDUSE bounce buffer: `EFAULT`) makes the worker that met it go
+//! buffered from then on (logged once).
 //!
 //! A file on a memory file system (tmpfs, ramfs, hugetlbfs) is
 //! [`in_memory`](Backing::in_memory): its I/O never waits for a device, but

@@ -32,7 +32,7 @@ use ioasis::device::{EventRegistrar, Idle, Interest, Result, Worker};
 use ioasis::log_limited;
 use ioasis::poll::{AdaptiveWindow, PollMode, Preemptions};
 use ioasis::queue::{Chain, Cursor, Flow, InFlight, Lookup, Part, Queue, Queues};
-use log::Level;
+use log::{warn, Level};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backing::Backing;
@@ -61,6 +61,45 @@ enum IoOp {
     Writev { offset: u64, len: u64, direct: bool },
     Fsync,
     Fallocate { range: ZeroRange, mode: i32 },
+}
+
+/// The operation to do again after `op` completed with `res`, if any:
+/// `O_DIRECT` refused for these buffers (alignment the submission check
+/// did not catch: `EINVAL`; memory the kernel cannot pin for direct I/O,
+/// such as Linux 6.12's VDUSE bounce buffer: `EFAULT`) is retried
+/// buffered, and `ZERO_RANGE` on a file system without it (`EOPNOTSUPP`)
+/// as a hole punched.
+fn retry_of(op: IoOp, res: i32) -> Option<IoOp> {
+    let refused = matches!(-res, libc::EINVAL | libc::EFAULT);
+    match op {
+        IoOp::Readv {
+            offset,
+            len,
+            direct: true,
+        } if refused => Some(IoOp::Readv {
+            offset,
+            len,
+            direct: false,
+        }),
+        IoOp::Writev {
+            offset,
+            len,
+            direct: true,
+        } if refused => Some(IoOp::Writev {
+            offset,
+            len,
+            direct: false,
+        }),
+        IoOp::Fallocate { range, mode }
+            if -res == libc::EOPNOTSUPP && mode & libc::FALLOC_FL_ZERO_RANGE != 0 =>
+        {
+            Some(IoOp::Fallocate {
+                range,
+                mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            })
+        }
+        _ => None,
+    }
 }
 
 /// A request in flight.
@@ -138,6 +177,10 @@ pub struct BlkWorker {
     work: u64,
     /// `work` at the window's last observation.
     seen_work: u64,
+    /// An `O_DIRECT` request failed with `EFAULT`: the kernel cannot pin
+    /// the driver's memory for direct I/O (Linux 6.12's VDUSE bounce
+    /// buffer is such memory), so requests go buffered from then on.
+    direct_refused: bool,
 }
 
 impl std::fmt::Debug for BlkWorker {
@@ -200,6 +243,7 @@ impl BlkWorker {
             polling: false,
             work: 0,
             seen_work: 0,
+            direct_refused: false,
         })
     }
 
@@ -374,7 +418,7 @@ impl BlkWorker {
             _ => 1,
         };
         let hdr_len = cur.read_offset();
-        let direct = self.backing.direct();
+        let direct = self.backing.direct() && !self.direct_refused;
         let ops: Vec<IoOp> = match op {
             Op::Read { offset, len } => vec![IoOp::Readv {
                 offset,
@@ -719,45 +763,15 @@ impl BlkWorker {
             IoOp::Readv { len, .. } | IoOp::Writev { len, .. } => Some(len),
             _ => None,
         };
-        // Retries: O_DIRECT refused for these buffers (alignment the
-        // check did not catch), or a file system without ZERO_RANGE.
-        let retry = match (op, -res) {
-            (
-                IoOp::Readv {
-                    offset,
-                    len,
-                    direct: true,
-                },
-                libc::EINVAL,
-            ) => Some(IoOp::Readv {
-                offset,
-                len,
-                direct: false,
-            }),
-            (
-                IoOp::Writev {
-                    offset,
-                    len,
-                    direct: true,
-                },
-                libc::EINVAL,
-            ) => Some(IoOp::Writev {
-                offset,
-                len,
-                direct: false,
-            }),
-            (IoOp::Fallocate { range, mode }, libc::EOPNOTSUPP)
-                if mode & libc::FALLOC_FL_ZERO_RANGE != 0 =>
-            {
-                Some(IoOp::Fallocate {
-                    range,
-                    mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                })
-            }
-            _ => None,
-        };
+        let retry = retry_of(op, res);
         if let Some(again) = retry {
             s.ops[i] = again;
+            if -res == libc::EFAULT && !self.direct_refused {
+                self.direct_refused = true;
+                warn!(
+                    "O_DIRECT failed with EFAULT on the driver's memory (memory the kernel cannot pin for direct I/O): this worker does buffered I/O from now on"
+                );
+            }
             if self.sq_room(1) {
                 self.push_op(slot, i, false);
                 return true;
@@ -1146,4 +1160,118 @@ fn rw_all(fd: RawFd, iov: &mut [libc::iovec], offset: u64, write: bool) -> std::
         }
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `O_DIRECT` refused with `EINVAL` (alignment) or `EFAULT` (memory
+    /// the kernel cannot pin, as Linux 6.12's VDUSE bounce buffer) is
+    /// retried buffered, once; other errors, and buffered I/O, are not.
+    #[test]
+    fn test_direct_refusals_retry_buffered() {
+        for err in [libc::EINVAL, libc::EFAULT] {
+            let r = retry_of(
+                IoOp::Readv {
+                    offset: 4096,
+                    len: 512,
+                    direct: true,
+                },
+                -err,
+            );
+            assert!(
+                matches!(
+                    r,
+                    Some(IoOp::Readv {
+                        offset: 4096,
+                        len: 512,
+                        direct: false
+                    })
+                ),
+                "{err}: {r:?}"
+            );
+            let w = retry_of(
+                IoOp::Writev {
+                    offset: 0,
+                    len: 8192,
+                    direct: true,
+                },
+                -err,
+            );
+            assert!(
+                matches!(
+                    w,
+                    Some(IoOp::Writev {
+                        offset: 0,
+                        len: 8192,
+                        direct: false
+                    })
+                ),
+                "{err}: {w:?}"
+            );
+            // Buffered I/O failing the same way is an I/O error.
+            for op in [
+                IoOp::Readv {
+                    offset: 0,
+                    len: 512,
+                    direct: false,
+                },
+                IoOp::Writev {
+                    offset: 0,
+                    len: 512,
+                    direct: false,
+                },
+            ] {
+                assert!(retry_of(op, -err).is_none(), "{err}: {op:?}");
+            }
+        }
+        for err in [libc::EIO, libc::ENOSPC, libc::EOPNOTSUPP] {
+            let op = IoOp::Readv {
+                offset: 0,
+                len: 512,
+                direct: true,
+            };
+            assert!(retry_of(op, -err).is_none(), "{err}");
+        }
+        // Success and short transfers are not retried.
+        let op = IoOp::Writev {
+            offset: 0,
+            len: 512,
+            direct: true,
+        };
+        assert!(retry_of(op, 512).is_none());
+        assert!(retry_of(op, 100).is_none());
+        assert!(retry_of(IoOp::Fsync, -libc::EFAULT).is_none());
+    }
+
+    /// `ZERO_RANGE` refused by the file system becomes a hole punched.
+    #[test]
+    fn test_zero_range_unsupported_punches() {
+        let range = ZeroRange {
+            offset: 0,
+            len: 4096,
+            unmap: false,
+        };
+        let r = retry_of(
+            IoOp::Fallocate {
+                range,
+                mode: libc::FALLOC_FL_ZERO_RANGE,
+            },
+            -libc::EOPNOTSUPP,
+        );
+        assert!(
+            matches!(r, Some(IoOp::Fallocate { mode, .. })
+                if mode == libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE),
+            "{r:?}"
+        );
+        assert!(retry_of(
+            IoOp::Fallocate {
+                range,
+                mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            },
+            -libc::EOPNOTSUPP
+        )
+        .is_none());
+    }
 }

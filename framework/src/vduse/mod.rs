@@ -62,8 +62,10 @@
 //! lists and resumes each queue after it. Without it a queue resumes at
 //! the kernel's avail index and what was in flight is lost.
 //! `cargo test -p ioasis-integration --test vduse_guest restart` kills
-//! vdpa-blk under four writers of the guest and restarts it: every write
-//! completes and the disk holds the pattern.
+//! vdpa-blk while four readers of the guest have requests inside it and
+//! restarts it: the new daemon resubmits them and every read completes with
+//! the right data (it fails with the test-only build
+//! `--cfg ioasis_broken="dropinflight"`).
 
 mod control;
 mod kernel;
