@@ -216,10 +216,11 @@ const SLOW_DISK_MS: u32 = 50;
 /// built with `RUSTFLAGS='--cfg ioasis_broken="dropinflight"'` (the ring
 /// resumes after the requests in flight without resubmitting them) and
 /// given to the test as `IOASIS_VDPA_BLK_BIN`, the reads in flight at the
-/// kill never complete and the test fails with `READS_LOST`. (The older
-/// `noresubmit` build passes it: resubmitting nothing, it rewinds the ring
-/// to the used index, and with requests completed in order that pops the
-/// same requests again.)
+/// kill never complete and the test fails with `READS_LOST`. The
+/// `noresubmit` build resubmits nothing but rewinds the ring to the used
+/// index, which pops the same requests again (they completed in order):
+/// every read completes, and the test fails only because the log says 0
+/// resubmitted (no `IN_FLIGHT_AT_KILL`).
 #[test]
 fn test_vduse_blk_daemon_restart_in_guest() {
     let test = "test_vduse_blk_daemon_restart_in_guest";
