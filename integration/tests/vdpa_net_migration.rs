@@ -301,6 +301,19 @@ fn migrate_under_traffic(test: &str, iommu: IommuMode) {
         c.tx_packets > 0,
         "the destination device carried the stream: {last}"
     );
+    // QEMU's complaints about the device's IOTLB traffic, for the record
+    // (see the strict IOMMU test): misses it read after the device
+    // stopped, and misses for I/O addresses no longer mapped.
+    let log = |name: &str| std::fs::read_to_string(rig.dir.join(name)).unwrap_or_default();
+    let count = |text: &str, what: &str| text.matches(what).count();
+    for side in ["src", "dst"] {
+        let text = log(&format!("{side}-qemu.log"));
+        eprintln!(
+            "[{test}] {side} QEMU: {} IOTLB messages after the device stopped, {} translation failures",
+            count(&text, "Unexpected IOTLB message"),
+            count(&text, "translation failure")
+        );
+    }
 }
 
 /// `ram.dirty-sync-count` of a `query-migrate` reply: how often QEMU
@@ -313,6 +326,39 @@ fn dirty_syncs(st: &MigrationState) -> Option<u64> {
 #[test]
 fn test_guest_migrates_under_traffic() {
     migrate_under_traffic("test_guest_migrates_under_traffic", IommuMode::Off);
+}
+
+/// The same with the guest's intel-iommu in strict mode (the driver unmaps
+/// every buffer once it is done with it): the device reaches the guest's
+/// memory through I/O addresses it learns from IOTLB misses, and logs the
+/// guest physical pages behind them.
+///
+/// Before the guests got 8 KiB more RAM this variant failed most runs: the
+/// destination guest crashed, or its receive queue waited on misses for
+/// I/O addresses the destination's I/O page tables did not map (QEMU:
+/// "detected translation failure"), stale guest memory from QEMU 7.2's
+/// TCG dirty tracking (see the module's doc). With it, 4 runs of 4
+/// delivered the stream intact (22-26 s, downtime 9-11 ms), and the
+/// `nolog` build failed it as it fails the test above (1 run of 1: 19
+/// held records out of order, 17 malformed).
+///
+/// What QEMU still prints, and why it is harmless: on the source, tens of
+/// "Unexpected IOTLB message when virtio device is stopped": misses the
+/// device sent while QEMU was stopping it (the final pass of
+/// GET_VRING_BASE, and the misses reported ahead for the chains behind a
+/// parked one), which QEMU 7.2 reads from the backend channel only after
+/// `vhost_dev_stop` cleared the device, and drops (no reply is asked for,
+/// so nothing waits on them). On either side, a translation failure or
+/// two per run: a miss asked again for a page the driver had unmapped
+/// meanwhile (the worker forgets what it asked whenever anything is
+/// unmapped, all the time in strict mode); the queue that needs the page
+/// has it by then.
+#[test]
+fn test_guest_migrates_under_traffic_strict_iommu() {
+    migrate_under_traffic(
+        "test_guest_migrates_under_traffic_strict_iommu",
+        IommuMode::Strict,
+    );
 }
 
 /// A migration cancelled while RAM is being copied: the source's device
