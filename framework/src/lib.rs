@@ -27,6 +27,8 @@
 //! of the kernel (`/dev/vduse`): the kernel's IOTLB regions become the
 //! device's IOAS, kicks arrive on eventfds and calls are injected
 //! interrupts.
+//! The virtio feature and status bits both transports negotiate are in
+//! [`virtio`]; neither transport imports the other.
 //!
 //! The `/dev/iommu` service through which other processes share the
 //! server's IOAS objects is crate `ioasis-service`, below this one;
@@ -67,6 +69,7 @@ pub mod testing;
 mod transport;
 pub mod vduse;
 pub mod vhost_user;
+pub mod virtio;
 mod worker;
 
 /// The `/dev/iommu` service (crate `ioasis-service`): server, client and

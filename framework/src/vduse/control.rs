@@ -40,7 +40,7 @@ use crate::device::Device;
 use crate::epoll::{self, EpollEvent};
 use crate::queue::inflight::InflightRegion;
 use crate::queue::Vring;
-use crate::vhost_user::{VIRTIO_F_IN_ORDER, VIRTIO_RING_F_EVENT_IDX};
+use crate::virtio::{VIRTIO_F_IN_ORDER, VIRTIO_RING_F_EVENT_IDX};
 use crate::worker::{ConnShared, WorkerSet};
 
 /// `VIRTIO_CONFIG_S_DRIVER_OK`.

@@ -24,8 +24,8 @@ use super::{Error, Result};
 use crate::device::Device;
 use crate::queue::inflight::InflightRegion;
 use crate::queue::queue_region_size;
-use crate::vhost_user::{
-    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+use crate::virtio::{
+    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 
@@ -33,8 +33,10 @@ use crate::vhost_user::{
 pub const CONTROL_PATH: &str = "/dev/vduse/control";
 
 /// Bits the framework never offers over VDUSE: packed rings (split rings
-/// only), dirty logging and vhost-user's protocol-features bit.
-const NOT_OFFERED: u64 = (1 << 34) | (1 << 26) | (1 << 30);
+/// only), and bits 26 and 30, which vhost-user uses for dirty logging
+/// (`VHOST_F_LOG_ALL`) and its protocol features: a device model that
+/// lists them must not pass them to the kernel.
+const NOT_OFFERED: u64 = VIRTIO_F_RING_PACKED | (1 << 26) | (1 << 30);
 
 /// The transport features the framework offers over VDUSE on top of the
 /// device's (the kernel refuses a device without `ACCESS_PLATFORM`).

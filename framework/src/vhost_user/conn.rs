@@ -30,25 +30,14 @@ use crate::ownership::{Peer, RidOwnership};
 use crate::queue::inflight::InflightRegion;
 use crate::queue::packed::PackedState;
 use crate::queue::{queue_region_size, Vring};
+use crate::virtio::{
+    VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_IN_ORDER, VIRTIO_F_RING_PACKED,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
 use crate::worker::{ConnShared, FinalPass, WorkerSet};
 
-/// `VIRTIO_F_VERSION_1`.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-/// `VIRTIO_F_ACCESS_PLATFORM`: addresses are I/O virtual addresses.
-pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
-/// `VIRTIO_RING_F_INDIRECT_DESC`.
-pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
-/// `VIRTIO_RING_F_EVENT_IDX`.
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
-/// `VIRTIO_F_IN_ORDER`: buffers are used in the order they were made
-/// available. Offered only by a device that guarantees it (the framework
-/// passes it through); the queue layer then batches used elements in
-/// [`Queue::add_used_batch`](crate::queue::Queue::add_used_batch).
-pub const VIRTIO_F_IN_ORDER: u64 = 1 << 35;
 /// `VHOST_USER_F_PROTOCOL_FEATURES`.
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
-/// `VIRTIO_CONFIG_S_NEEDS_RESET`.
-pub const VIRTIO_CONFIG_S_NEEDS_RESET: u8 = 0x40;
 
 /// The transport features the framework offers on top of the device's.
 pub const TRANSPORT_FEATURES: u64 = VIRTIO_F_VERSION_1
@@ -58,9 +47,6 @@ pub const TRANSPORT_FEATURES: u64 = VIRTIO_F_VERSION_1
     | VIRTIO_F_RING_PACKED
     | VHOST_USER_F_PROTOCOL_FEATURES;
 
-/// `VIRTIO_F_RING_PACKED`: packed rings (`crate::queue`'s packed module),
-/// offered for every device.
-pub const VIRTIO_F_RING_PACKED: u64 = 1 << 34;
 /// `VHOST_F_LOG_ALL`: the device logs its writes into guest memory in the
 /// frontend's dirty log (live migration). A transport feature: offered for
 /// every device, never passed to the device.

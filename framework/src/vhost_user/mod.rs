@@ -68,9 +68,13 @@ pub mod msg;
 pub(crate) mod owner;
 
 pub use conn::{
-    offered_features, offered_protocol_features, TRANSPORT_FEATURES,
-    VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_IN_ORDER,
-    VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    offered_features, offered_protocol_features, TRANSPORT_FEATURES, VHOST_USER_F_PROTOCOL_FEATURES,
+};
+// The virtio feature bits, where users of this transport have found them
+// so far; they are the transport-independent ones of `crate::virtio`.
+pub use crate::virtio::{
+    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_IN_ORDER, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 pub use iotlb::MAX_IOTLB_ENTRIES;
 pub use mem::MAX_MEM_SLOTS;
