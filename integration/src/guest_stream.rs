@@ -124,8 +124,8 @@ pub fn negotiated(console: &str, bit: usize) -> Option<bool> {
 /// Sends the control word `word` (`HOLD`, `QUIET` or `RESUME`) a few times
 /// from `ns` to the receiver at `addr`: on `HOLD` it stops reading the
 /// stream until `RESUME`, leaving what arrives meanwhile queued on its
-/// socket; `QUIET` (during a hold) stops the thread that keeps some of its
-/// memory dirty.
+/// socket; `QUIET` (also during a hold) stops the thread that keeps some
+/// of its memory dirty.
 pub fn control(ns: &Netns, addr: &str, word: &str, dir: &Path) -> Result<()> {
     let bin = guest_stream_bin()?;
     let mut cmd = ns.command(&bin);

@@ -31,6 +31,9 @@
 //!   byte (the sender sends no UDP checksum, so a record whose bytes are
 //!   stale reaches the reader as it is).
 //! - A migration cancelled half way: the source goes on with the stream.
+//! - Ignored (a measurement, BENCHMARKS.md): QEMU's downtime and total
+//!   time with vdpa-net and with DPDK's net_vhost as the backend, rounds
+//!   alternated.
 //!
 //! The guest boots with 8 KiB more than 256 MiB of RAM: QEMU 7.2's TCG
 //! loses guest stores after a dirty bitmap sync of a RAM block sized in
@@ -57,8 +60,10 @@ use ioasis_integration::guest_stream::{
     control, guest_file, negotiated, receive_script, Sender, GUEST_PATH,
 };
 use ioasis_integration::netns::Netns;
+use ioasis_integration::process::wait_for_path;
 use ioasis_integration::qemu::{IommuMode, Qemu, QemuConfig, GUEST_TIMEOUT};
 use ioasis_integration::qmp::{MigrationState, Qmp};
+use ioasis_integration::testpmd::{net_vhost_vdev, require_testpmd, Testpmd, TestpmdConfig};
 use ioasis_integration::vdpa_net::{VdpaNet, VdpaNetConfig};
 use ioasis_integration::{heavy_lock, ready, OrPanic, WorkDir};
 use serde_json::json;
@@ -92,7 +97,36 @@ const MIGRATION_TIMEOUT: Duration = Duration::from_secs(180);
 struct Rig {
     dir: WorkDir,
     ns: Netns,
-    vdpa: VdpaNet,
+    backend: Backend,
+}
+
+/// What serves the two QEMUs' sockets.
+enum Backend {
+    VdpaNet(VdpaNet),
+    /// DPDK's net_vhost in testpmd (io forwarding: each vhost port with a
+    /// net_tap port).
+    NetVhost(Testpmd),
+}
+
+impl Rig {
+    fn vdpa(&self) -> &VdpaNet {
+        match &self.backend {
+            Backend::VdpaNet(v) => v,
+            Backend::NetVhost(_) => panic!("this rig's backend is net_vhost"),
+        }
+    }
+
+    /// Stops the backend: vdpa-net's last counters, or testpmd's forward
+    /// statistics (as text).
+    fn stop_backend(&mut self) -> serde_json::Value {
+        match &mut self.backend {
+            Backend::VdpaNet(v) => v.stop(STOP_TIMEOUT).or_panic("stop vdpa-net"),
+            Backend::NetVhost(t) => {
+                let r = t.stop(STOP_TIMEOUT).or_panic("stop testpmd");
+                json!({ "testpmd": format!("{r:?}") })
+            }
+        }
+    }
 }
 
 /// One daemon, a device per side (taps `msrc` and `mdst`, bridged).
@@ -104,6 +138,47 @@ fn rig(test: &str) -> Rig {
         .device(&dir.join("dst.sock"), "tap=mdst")
         .stats_interval(1);
     let vdpa = VdpaNet::spawn(&cfg, dir.path(), Some(&ns)).or_panic("start vdpa-net");
+    bridge(&ns);
+    Rig {
+        dir,
+        ns,
+        backend: Backend::VdpaNet(vdpa),
+    }
+}
+
+/// The same with DPDK's net_vhost: one testpmd in the namespace, ports
+/// net_vhost0 (source) and net_tap0 (`msrc`), net_vhost1 (destination) and
+/// net_tap1 (`mdst`), forwarded in pairs; its forwarding lcore polls CPU 1.
+fn net_vhost_rig(test: &str) -> Rig {
+    let dir = WorkDir::new(test).or_panic("workdir");
+    let ns = Netns::new().or_panic("netns");
+    let (src, dst) = (dir.join("src.sock"), dir.join("dst.sock"));
+    let mut t = Testpmd::spawn(
+        &TestpmdConfig::reference_backend("backend", &src, "io")
+            .vdevs(vec![
+                net_vhost_vdev(0, &src, 1, false),
+                "net_tap0,iface=msrc".to_string(),
+                net_vhost_vdev(1, &dst, 1, false),
+                "net_tap1,iface=mdst".to_string(),
+            ])
+            .in_netns(ns.name())
+            .duration(Duration::from_secs(600)),
+        dir.path(),
+    )
+    .or_panic("start net_vhost + net_tap");
+    for sock in [&src, &dst] {
+        wait_for_path(sock, SETUP_TIMEOUT, Some(t.proc_mut())).or_panic("vhost socket");
+    }
+    bridge(&ns);
+    Rig {
+        dir,
+        ns,
+        backend: Backend::NetVhost(t),
+    }
+}
+
+/// Bridges the taps `msrc` and `mdst` (`br0`, addressed [`HOST_CIDR`]).
+fn bridge(ns: &Netns) {
     for tap in ["msrc", "mdst"] {
         ns.wait_link(tap, SETUP_TIMEOUT).or_panic("tap");
     }
@@ -115,7 +190,6 @@ fn rig(test: &str) -> Rig {
         ns.ip(&["link", "set", tap, "up"]).or_panic("tap up");
     }
     ns.addr_up("br0", HOST_CIDR).or_panic("address the bridge");
-    Rig { dir, ns, vdpa }
 }
 
 fn guest(name: &str, rig: &Rig, sock: &str, iommu: IommuMode, bin: &[u8]) -> QemuConfig {
@@ -295,8 +369,8 @@ fn migrate_under_traffic(test: &str, iommu: IommuMode) {
     std::thread::sleep(Duration::from_secs(1));
     let sent = sender.finish().or_panic("sender end");
     verdict(&mut dst, sent);
-    let last = rig.vdpa.stop(STOP_TIMEOUT).or_panic("stop vdpa-net");
-    let c = rig.vdpa.device_counters(&last, &rig.dir.join("dst.sock"));
+    let last = rig.stop_backend();
+    let c = rig.vdpa().device_counters(&last, &rig.dir.join("dst.sock"));
     assert!(
         c.tx_packets > 0,
         "the destination device carried the stream: {last}"
@@ -392,7 +466,93 @@ fn test_cancelled_migration_leaves_source_running() {
     std::thread::sleep(FLOW);
     let sent = sender.finish().or_panic("sender end");
     verdict(&mut src, sent);
-    let last = rig.vdpa.stop(STOP_TIMEOUT).or_panic("stop vdpa-net");
-    let c = rig.vdpa.device_counters(&last, &rig.dir.join("src.sock"));
+    let last = rig.stop_backend();
+    let c = rig.vdpa().device_counters(&last, &rig.dir.join("src.sock"));
     assert!(c.tx_packets > 0, "{last}");
+}
+
+/// One migration under the stream with the backend `net_vhost` picks (the
+/// guest keeps no memory dirty on purpose: QUIET first), checked like the
+/// tests; QEMU's downtime, total time (ms) and bytes transferred.
+fn measured_migration(test: &str, net_vhost: bool) -> (u64, u64, u64) {
+    let mut rig = if net_vhost {
+        net_vhost_rig(test)
+    } else {
+        rig(test)
+    };
+    let (mut src, mut dst, mut src_qmp, _dst_qmp) = start_pair(&rig, IommuMode::Off);
+    control(&rig.ns, GUEST_IP, "QUIET", rig.dir.path()).or_panic("QUIET");
+    src.wait_marker("QUIET", SETUP_TIMEOUT)
+        .or_panic("the guest stops dirtying its memory");
+    let sender = Sender::start(&rig.ns, GUEST_IP, PPS, rig.dir.path()).or_panic("sender");
+    std::thread::sleep(FLOW);
+    migrate(&rig, &mut src_qmp, BANDWIDTH, DOWNTIME_MS);
+    let st = src_qmp
+        .wait_migration(MIGRATION_TIMEOUT, finished)
+        .or_panic("migration");
+    assert_eq!(st.status, "completed", "{:?}", st.raw);
+    src.kill();
+    std::thread::sleep(FLOW);
+    let sent = sender.finish().or_panic("sender end");
+    verdict(&mut dst, sent);
+    rig.stop_backend();
+    (
+        st.downtime_ms.unwrap_or(0),
+        st.total_ms.unwrap_or(0),
+        st.transferred.unwrap_or(0),
+    )
+}
+
+/// Migration downtime and total time as QEMU reports them, with vdpa-net
+/// and with DPDK's net_vhost (testpmd, io forwarding to net_tap ports on
+/// the same bridge) as the backend of the same guests under the same
+/// stream: 3000 records/s of 1400 bytes, 32 MiB/s, downtime limit 300 ms,
+/// `IOASIS_MIGRATION_ROUNDS` rounds (default 3), the two backends
+/// alternated, first one then the other. A measurement, so ignored: run it
+/// under `flock /work/wt/bench.lock`, with `-- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bench_migration_downtime_vdpa_net_vs_net_vhost() {
+    let test = "bench_migration_downtime_vdpa_net_vs_net_vhost";
+    let Some(_) = ready(
+        test,
+        need_qemu_and_vdpa_net()
+            .and_then(|_| require_testpmd())
+            .and_then(|_| Netns::new()),
+    ) else {
+        return;
+    };
+    let _lock = heavy_lock().or_panic("heavy lock");
+    let rounds: usize = std::env::var("IOASIS_MIGRATION_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let mut figures: [Vec<(u64, u64, u64)>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..rounds {
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for net_vhost in order {
+            let name = if net_vhost { "net_vhost" } else { "vdpa-net" };
+            let f = measured_migration(&format!("{test}-{name}"), net_vhost);
+            eprintln!(
+                "[{test}] round {round} {name}: downtime {} ms, total {} ms, {} bytes",
+                f.0, f.1, f.2
+            );
+            figures[usize::from(net_vhost)].push(f);
+        }
+    }
+    for (i, name) in ["vdpa-net", "net_vhost"].iter().enumerate() {
+        let median = |pick: fn(&(u64, u64, u64)) -> u64| {
+            ioasis_integration::testpmd::median(figures[i].iter().map(pick).collect())
+        };
+        eprintln!(
+            "[{test}] {name}: median downtime {} ms, total {} ms, {} bytes over {rounds} rounds",
+            median(|f| f.0),
+            median(|f| f.1),
+            median(|f| f.2)
+        );
+    }
 }

@@ -26,7 +26,7 @@
 //! in the receive buffers the device wrote them to (virtio_net attaches a
 //! frame's payload to the socket buffer without copying it), pages no CPU
 //! of the guest touches until the reader copies them out.
-//! Until `QUIET` comes during a hold (marker `QUIET`), a thread of the
+//! Until `QUIET` comes (marker `QUIET`; during a hold too), a thread of the
 //! receiver writes a byte into every page of [`DIRTY_BYTES`] of its own
 //! memory every [`DIRTY_EVERY`], so that a migration under way with a small
 //! downtime limit cannot converge before then (its last pass would always
@@ -231,6 +231,8 @@ fn recv(port: u16, max: usize) -> std::io::Result<bool> {
                     s.set_nonblocking(true)?;
                     draining = true;
                     idle = Instant::now();
+                } else if &word[..w] == b"QUIET" && !stop_dirty.swap(true, Ordering::Relaxed) {
+                    println!("@@IOASIS:QUIET@@");
                 }
             }
         }
