@@ -94,13 +94,15 @@ pub fn guest_file() -> Result<Vec<u8>> {
 /// (see [`control`]); more arriving meanwhile are dropped.
 pub const GUEST_RMEM: u32 = 1 << 20;
 
-/// Guest script lines: address the first virtio-net interface with `cidr`,
-/// print the features its driver negotiated (marker `FEATURES <bits>`, bit
-/// 0 first, as sysfs shows them) and receive the stream (at most `max`
-/// records kept) until its end.
-pub fn receive_script(cidr: &str, max: usize) -> String {
+/// Guest script lines: give the first virtio-net interface the MAC address
+/// `mac` (through the driver, which tells the device on its control
+/// queue), address it with `cidr`, print the features its driver
+/// negotiated (marker `FEATURES <bits>`, bit 0 first, as sysfs shows them)
+/// and receive the stream (at most `max` records kept) until its end.
+pub fn receive_script(cidr: &str, mac: &str, max: usize) -> String {
     format!(
         "IF=$(virtio_if) || {{ mark NO_NET; exit 1; }}\n\
+         ip link set $IF address {mac} || {{ mark NO_MAC; exit 1; }}\n\
          net_up $IF {cidr} || exit 1\n\
          mark FEATURES $(cat /sys/class/net/$IF/device/features)\n\
          echo {GUEST_RMEM} > /proc/sys/net/core/rmem_max\n\
