@@ -51,11 +51,11 @@
 //! Shown to fail with a device that logs nothing: vdpa-net built with
 //! `RUSTFLAGS='--cfg ioasis_broken="nolog"' CARGO_TARGET_DIR=/work/target-broken-mig
 //! cargo build -j2 -p vdpa-net` and the test run with
-//! `IOASIS_VDPA_NET_BIN=/work/target-broken-mig/debug/vdpa-net` failed 2 runs
-//! of 2: the records read after RESUME were older records (18 and 20 out
-//! of order) or half old (55 and 18 malformed, their bytes wrong from the
-//! buffer's page boundary on), while the correct build passed 3 runs of 3
-//! (21-25 s each, downtime 6-8 ms).
+//! `IOASIS_VDPA_NET_BIN=/work/target-broken-mig/debug/vdpa-net` failed 3 runs
+//! of 3: the records read after RESUME were older records (16 to 20 out
+//! of order) or half old (16 to 55 malformed, their bytes wrong from the
+//! buffer's page boundary on), while with the correct build the stream
+//! came through intact in 10 runs of 10 (21-25 s each, downtime 6-16 ms).
 
 mod common;
 
@@ -441,10 +441,10 @@ fn test_guest_migrates_under_traffic() {
 /// destination guest crashed, or its receive queue waited on misses for
 /// I/O addresses the destination's I/O page tables did not map (QEMU:
 /// "detected translation failure"), stale guest memory from QEMU 7.2's
-/// TCG dirty tracking (see the module's doc). With it, 4 runs of 4
-/// delivered the stream intact (22-26 s, downtime 9-11 ms), and the
-/// `nolog` build failed it as it fails the test above (1 run of 1: 19
-/// held records out of order, 17 malformed).
+/// TCG dirty tracking (see the module's doc). With it, 10 runs of 10
+/// delivered the stream intact (22-26 s, downtime 9-13 ms), and the
+/// `nolog` build failed it as it fails the test above (2 runs of 2: 19 and
+/// 20 held records out of order, 17 and 18 malformed).
 ///
 /// What QEMU still prints, and why it is harmless: on the source, tens of
 /// "Unexpected IOTLB message when virtio device is stopped": misses the
