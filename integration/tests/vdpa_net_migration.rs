@@ -447,12 +447,13 @@ fn test_guest_migrates_under_traffic() {
 /// 20 held records out of order, 17 and 18 malformed).
 ///
 /// What QEMU still prints, and why it is harmless: on the source, tens of
-/// "Unexpected IOTLB message when virtio device is stopped": misses the
-/// device sent while QEMU was stopping it (the final pass of
-/// GET_VRING_BASE, and the misses reported ahead for the chains behind a
-/// parked one), which QEMU 7.2 reads from the backend channel only after
-/// `vhost_dev_stop` cleared the device, and drops (no reply is asked for,
-/// so nothing waits on them). On either side, a translation failure or
+/// "Unexpected IOTLB message when virtio device is stopped" (0 to 30 a
+/// run): misses the device sent in the last moments before QEMU stopped
+/// its rings (with debug logging, none was sent between the stop's first
+/// message and GET_VRING_BASE's reply), which QEMU 7.2 read from the
+/// backend channel only after `vhost_dev_stop` had cleared the device, and
+/// dropped (no reply is asked for, so nothing waits on them). On either
+/// side, a translation failure or
 /// two per run: a miss asked again for a page the driver had unmapped
 /// meanwhile (the worker forgets what it asked whenever anything is
 /// unmapped, all the time in strict mode); the queue that needs the page
