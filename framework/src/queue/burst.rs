@@ -125,7 +125,6 @@ impl<'a> Queue<'a> {
     /// [`Burst::bad`]. An error ends the burst early; the chains popped
     /// before it are returned with it and must be completed as usual.
     pub fn pop_burst(&mut self, chains: &mut [Chain]) -> Burst {
-        let mut burst = Burst::default();
         if let Some(r) = self.rings {
             match &self.vring.packed {
                 None => self.prefetch_descs(r, chains.len()),
@@ -140,19 +139,38 @@ impl<'a> Queue<'a> {
                 return self.packed_pop_burst(r, chains);
             }
         }
-        // Every skipped chain consumed an avail entry: at most `size` of them.
-        let limit = chains.len() + usize::from(self.size());
+        let size = self.size();
+        self.burst_loop(chains, size, |q, c| {
+            if plain {
+                c.clear();
+                q.pop_avail(c)
+            } else {
+                q.pop(c)
+            }
+        })
+    }
+
+    /// The loop of a burst, for every kind of ring: `pop_one` fills each of
+    /// `chains` in turn (as [`pop`](Queue::pop) does) until the ring has no
+    /// more, the slice is full or an error other than a malformed chain
+    /// comes; malformed chains are counted and their entry reused, and the
+    /// first [`PREFETCH_AHEAD`] chains' buffers start loading. `size` is the
+    /// ring's: every skipped chain consumed at least one ring entry, so the
+    /// loop ends after `chains.len() + size` turns whatever the driver wrote.
+    #[inline(always)]
+    pub(in crate::queue) fn burst_loop(
+        &mut self,
+        chains: &mut [Chain],
+        size: u16,
+        mut pop_one: impl FnMut(&mut Self, &mut Chain) -> Result<bool>,
+    ) -> Burst {
+        let mut burst = Burst::default();
+        let limit = chains.len() + usize::from(size);
         for _ in 0..limit {
             let Some(c) = chains.get_mut(burst.popped) else {
                 break;
             };
-            let r = if plain {
-                c.clear();
-                self.pop_avail(c)
-            } else {
-                self.pop(c)
-            };
-            match r {
+            match pop_one(self, c) {
                 Ok(true) => {
                     // The caller reads or writes the buffers after the burst
                     // is popped: start bringing the first chains' lines in

@@ -20,7 +20,7 @@ use super::desc::{is_avail, PackedDesc, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRI
 use super::ring::{DmaRing, HostRing, RingMem};
 use super::state::{advance, retreat};
 use crate::dma::DmaError;
-use crate::queue::{Burst, Chain, Queue, QueueError, Result, Rings, PREFETCH_AHEAD};
+use crate::queue::{Burst, Chain, Queue, QueueError, Result, Rings};
 
 /// How a walk ended.
 pub(super) enum End {
@@ -63,36 +63,15 @@ impl<'a> Queue<'a> {
 
     /// [`Queue::pop_burst`] on a packed ring whose areas are at host
     /// addresses, without inflight tracking: the walk of each chain inlined
-    /// in one loop (no dispatch per chain), the burst's rules as there.
+    /// in one loop (no dispatch per chain), the burst's loop
+    /// ([`Queue::burst_loop`]) shared with it.
     #[inline(never)]
     pub(in crate::queue) fn packed_pop_burst(&mut self, r: Rings, chains: &mut [Chain]) -> Burst {
         let ring = HostRing::new(r);
-        let mut burst = Burst::default();
-        // Every skipped chain consumed ring slots: at most `size` of them.
-        let limit = chains.len() + usize::from(ring.size());
-        for _ in 0..limit {
-            let Some(c) = chains.get_mut(burst.popped) else {
-                break;
-            };
+        self.burst_loop(chains, ring.size(), |q, c| {
             c.clear();
-            match self.packed_pop_in(&ring, c) {
-                Ok(true) => {
-                    // As `pop_burst`: the first chains' buffers start
-                    // loading now.
-                    if burst.popped < PREFETCH_AHEAD {
-                        self.prefetch(c);
-                    }
-                    burst.popped += 1;
-                }
-                Ok(false) => break,
-                Err(QueueError::BadChain { .. }) => burst.bad += 1,
-                Err(e) => {
-                    burst.error = Some(e);
-                    break;
-                }
-            }
-        }
-        burst
+            q.packed_pop_in(&ring, c)
+        })
     }
 
     #[inline(always)]
