@@ -49,6 +49,18 @@ fn need_server_and_qemu() -> Result<BlkServerKind> {
     Ok(kind)
 }
 
+/// [`need_server_and_qemu`] for the packed-ring tests: vdpa-blk only
+/// (qemu-storage-daemon's export does not offer packed virtqueues, so QEMU
+/// would fall back to split rings).
+fn need_vdpa_blk_and_qemu() -> Result<BlkServerKind> {
+    need_server_and_qemu().and_then(|k| match k {
+        BlkServerKind::VdpaBlk(_) => Ok(k),
+        BlkServerKind::Qsd(_) => Err(ioasis_integration::Error::Unavailable(
+            "needs vdpa-blk: qemu-storage-daemon's export does not offer packed virtqueues".into(),
+        )),
+    })
+}
+
 /// A test-only switch (`IOASIS_TEST_<NAME>=1`) that breaks a guarantee
 /// on purpose, to show that the test catches it.
 fn broken(name: &str) -> bool {
@@ -209,16 +221,7 @@ fn pattern_with_iommu(test: &str, mode: IommuMode) {
 #[test]
 fn test_guest_disk_on_packed_rings() {
     let test = "test_guest_disk_on_packed_rings";
-    let Some(kind) = ready(
-        test,
-        need_server_and_qemu().and_then(|k| match k {
-            BlkServerKind::VdpaBlk(_) => Ok(k),
-            BlkServerKind::Qsd(_) => Err(ioasis_integration::Error::Unavailable(
-                "needs vdpa-blk: qemu-storage-daemon's export does not offer packed virtqueues"
-                    .into(),
-            )),
-        }),
-    ) else {
+    let Some(kind) = ready(test, need_vdpa_blk_and_qemu()) else {
         return;
     };
     let _lock = heavy_lock().or_panic("heavy lock");
@@ -349,16 +352,7 @@ fn test_guest_writes_survive_backend_kill_and_restart() {
 #[test]
 fn test_guest_writes_on_packed_rings_survive_backend_kill_and_restart() {
     let test = "test_guest_writes_on_packed_rings_survive_backend_kill_and_restart";
-    let Some(kind) = ready(
-        test,
-        need_server_and_qemu().and_then(|k| match k {
-            BlkServerKind::VdpaBlk(_) => Ok(k),
-            BlkServerKind::Qsd(_) => Err(ioasis_integration::Error::Unavailable(
-                "needs vdpa-blk: qemu-storage-daemon's export does not offer packed virtqueues"
-                    .into(),
-            )),
-        }),
-    ) else {
+    let Some(kind) = ready(test, need_vdpa_blk_and_qemu()) else {
         return;
     };
     kill_and_restart(kind, "blk-restart-packed", true);
