@@ -2,7 +2,8 @@
 //! through a tap in a network namespace, with and without the guest's
 //! intel-iommu (lazy and strict invalidation), two guests joined by the
 //! in-process switch, a VMM killed mid-traffic, and a TCP bulk transfer;
-//! ping on packed virtqueues (`packed=on`), with and without the IOMMU.
+//! ping on packed virtqueues (`packed=on`), with and without the IOMMU,
+//! and the TCP transfer on packed virtqueues.
 
 mod common;
 
