@@ -350,8 +350,8 @@ impl Control {
     /// `DRIVER_OK`, so the queues are set up and the workers started from
     /// the kernel's state now. With an inflight record the requests the old
     /// daemon had in flight are resubmitted and each queue resumes after
-    /// them; without one a queue resumes at the kernel's avail index (what
-    /// the old daemon had popped and not completed is lost).
+    /// them; without one a queue resumes at its used index
+    /// ([`Control::resume_at_used`]).
     pub fn take_over(&mut self) -> Result<()> {
         let mut running = false;
         for i in 0..self.vrings.len() {
@@ -367,10 +367,51 @@ impl Control {
         }
         info!("VDUSE device taken over while running: resuming its queues");
         self.start()?;
+        self.resume_at_used();
         self.start_pending = false;
         self.start_workers();
         self.status |= DRIVER_OK;
         Ok(())
+    }
+
+    /// The queues of a device taken over that keep no inflight record:
+    /// Linux 6.12's VDUSE reports the avail index the driver started a
+    /// queue at (`VDUSE_VQ_GET_INFO`; the device's progress never reaches
+    /// the kernel), so each resumes at the index of its used ring, where
+    /// the old daemon's completions ended. The chains it had popped and not
+    /// completed are popped again (right when it completed in order, as
+    /// vdpa-net does; a device that completes out of order asks for
+    /// inflight tracking). A ring that cannot be read resumes at the
+    /// kernel's index (logged).
+    fn resume_at_used(&self) {
+        if cfg!(ioasis_broken = "vduseavail") {
+            // Test-only: resume at the kernel's avail index.
+            return;
+        }
+        let mut t = self.core.translator();
+        for (i, m) in self.vrings.iter().enumerate() {
+            let mut v = self.shared.lock_vring(m);
+            if !v.started || v.inflight.is_some() || v.packed.is_some() {
+                continue;
+            }
+            let at = v.q.used_ring().wrapping_add(2);
+            let mut idx = [0u8; 2];
+            match t.read_nofault(None, at, &mut idx) {
+                Ok(()) => {
+                    let idx = u16::from_le_bytes(idx);
+                    info!(
+                        "queue {i}: resuming at its used index {idx} (the kernel's avail index: {})",
+                        v.q.next_avail()
+                    );
+                    v.q.set_next_avail(idx);
+                    v.q.set_next_used(idx);
+                }
+                Err(e) => warn!(
+                    "queue {i}: reading its used index at {at:#x}: {e}; resuming at the kernel's avail index {}",
+                    v.q.next_avail()
+                ),
+            }
+        }
     }
 
     /// Starts the workers of a device whose queues [`Control::start`] set

@@ -59,13 +59,32 @@
 //! vdpa-blk) gets the same record in a file that outlives the daemon
 //! (`$TMPDIR/ioasis-vduse-NAME.inflight`; emptied on a driver reset,
 //! removed when the device is destroyed): the new daemon resubmits what it
-//! lists and resumes each queue after it. Without it a queue resumes at
-//! the kernel's avail index and what was in flight is lost.
+//! lists and resumes each queue after it. Without it (vdpa-net) a queue
+//! resumes at the index of its used ring, where the old daemon's
+//! completions ended, and what it had popped and not completed is popped
+//! again: right for a device that completes in order. Not the avail index
+//! `VDUSE_VQ_GET_INFO` reports: 6.12 keeps the one the driver started the
+//! queue at (0 with `virtio_vdpa`), as the device's progress never reaches
+//! the kernel.
+//!
+//! What a restart does not cover on 6.12: a request of the kernel's (a
+//! status change, a reset, an IOTLB update) that waits for a daemon longer
+//! than the device's `msg_timeout` (30 s) marks the device broken for good
+//! (only `vdpa dev del` and a new device help); a device without an
+//! inflight record that completes out of order would do some chains twice
+//! and lose others; a request the old daemon had half done (a write that
+//! reached the disk, its completion not) is done again; the kernel's own
+//! resources of the old daemon (a tap device it created, with its
+//! addresses and namespace) go with it and come back as the new daemon
+//! creates them, unconfigured.
 //! `cargo test -p ioasis-integration --test vduse_guest restart` kills
 //! vdpa-blk while four readers of the guest have requests inside it and
 //! restarts it: the new daemon resubmits them and every read completes with
 //! the right data (it fails with the test-only build
-//! `--cfg ioasis_broken="dropinflight"`).
+//! `--cfg ioasis_broken="dropinflight"`); `... vduse_guest net_daemon_restart`
+//! kills vdpa-net after traffic and restarts it: ping and a 4 MiB transfer
+//! go through again (it fails with `--cfg ioasis_broken="vduseavail"`,
+//! which resumes at the kernel's avail index).
 
 mod control;
 mod kernel;
