@@ -286,8 +286,8 @@ const SLOW_DISK_MS: u32 = 50;
 /// it was submitted, readahead off), holding a pattern; four readers of
 /// the guest read it back through the VDUSE disk (O_DIRECT, 4 KiB
 /// requests, one outstanding each), so the daemon nearly always holds
-/// requests it popped and not completed (in 4 runs 1 to 4 were
-/// resubmitted). Reads, not writes: over VDUSE vdpa-blk does buffered I/O
+/// requests it popped and not completed (in 6 runs 1 to 4 were
+/// resubmitted, 4 in five of them). Reads, not writes: over VDUSE vdpa-blk does buffered I/O
 /// (O_DIRECT on the kernel's bounce buffer fails with EFAULT, see
 /// vdpa-blk's worker), and a buffered write completes at once into the
 /// page cache. The restarted daemon takes the kernel's device over (the
