@@ -11,12 +11,88 @@
 //! device is realized and on every guest read) and writes it with
 //! SET_CONFIG. The framework checks every range against `config_size`
 //! before calling the device.
+//!
+//! A device whose config space changes under the driver (a disk that grew)
+//! updates it and then tells the driver through a [`ConfigNotifier`]
+//! ([`Server::config_notifier`](crate::server::Server::config_notifier)):
+//! over vhost-user a `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` on the backend
+//! request channel (the frontend re-reads the space with GET_CONFIG and
+//! interrupts the guest), over VDUSE the kernel's copy of the space is
+//! replaced (`VDUSE_DEV_SET_CONFIG`) and a config interrupt injected
+//! (`VDUSE_DEV_INJECT_CONFIG_IRQ`).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use vm_memory::ByteValued;
 
-use crate::device::{DeviceError, Result};
+use crate::device::{Device, DeviceError, Result};
+use crate::transport::ConfigTarget;
+
+/// What became of a config change ([`ConfigNotifier::notify`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfigChange {
+    /// The driver was told (VDUSE: the kernel's copy updated and the
+    /// interrupt injected; vhost-user: the message sent).
+    Signalled,
+    /// The driver side has the new space but the driver is not running
+    /// the device (VDUSE without `DRIVER_OK`): it reads the new space when
+    /// it starts.
+    NotRunning,
+    /// No driver is connected (vhost-user between frontends): the next
+    /// one reads the new space.
+    NoDriver,
+    /// The driver cannot be told, for this reason (the frontend did not
+    /// negotiate what it takes); it sees the change only when it reads the
+    /// space again by itself.
+    CannotTell(&'static str),
+}
+
+/// Tells a device's driver that its config space changed: the device
+/// (or its control side: a daemon's signal handler thread) updates the
+/// space first, then calls [`notify`](ConfigNotifier::notify). Obtained
+/// from [`Server::config_notifier`](crate::server::Server::config_notifier);
+/// cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct ConfigNotifier {
+    device: Arc<dyn Device>,
+    target: Arc<ConfigTarget>,
+}
+
+impl std::fmt::Debug for ConfigNotifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigNotifier")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConfigNotifier {
+    pub(crate) fn new(device: Arc<dyn Device>, target: Arc<ConfigTarget>) -> ConfigNotifier {
+        ConfigNotifier { device, target }
+    }
+
+    /// Reads the device's whole config space ([`Device::read_config`]) and
+    /// hands it to the transport the device is served over now, which
+    /// tells the driver. May wait briefly (a full backend channel); never
+    /// for the driver's answer.
+    pub fn notify(&self) -> Result<ConfigChange> {
+        let size = self.device.config_size() as usize;
+        if size == 0 {
+            return Ok(ConfigChange::CannotTell("the device has no config space"));
+        }
+        let mut config = vec![0u8; size];
+        self.device.read_config(0, &mut config)?;
+        let Some(transport) = self.target.get() else {
+            return Ok(ConfigChange::NoDriver);
+        };
+        transport
+            .config_changed(&config)
+            .map_err(|source| DeviceError::Io {
+                op: "signalling a config change",
+                source,
+            })
+    }
+}
 
 /// A config space of type `T`, readable and (for the bytes a device allows)
 /// writable by the driver. Thread-safe: the connection thread reads it while
@@ -117,5 +193,74 @@ mod tests {
         assert!(c.write(0, &[9], &writable).is_err());
         c.write(8, &[9], &writable).expect("writable");
         assert_eq!(c.get().b, 9);
+    }
+
+    /// A device with a config space of [`Cfg`].
+    struct CfgDevice(ConfigSpace<Cfg>);
+
+    impl Device for CfgDevice {
+        fn device_type(&self) -> u32 {
+            2
+        }
+        fn features(&self) -> u64 {
+            0
+        }
+        fn num_queues(&self) -> usize {
+            1
+        }
+        fn max_queue_size(&self) -> u16 {
+            8
+        }
+        fn worker(&self, _thread: usize) -> Result<Box<dyn crate::device::Worker>> {
+            Err(DeviceError::Unsupported("no workers"))
+        }
+        fn config_size(&self) -> u32 {
+            self.0.size()
+        }
+        fn read_config(&self, offset: u32, data: &mut [u8]) -> Result<()> {
+            self.0.read(offset, data)
+        }
+    }
+
+    /// A transport that records the config spaces it was given.
+    #[derive(Debug, Default)]
+    struct Recorder(Mutex<Vec<Vec<u8>>>);
+
+    impl crate::transport::Transport for Recorder {
+        fn report_miss(
+            &self,
+            _index: u16,
+            _iova: u64,
+            _access: crate::dma::Access,
+        ) -> crate::transport::MissReport {
+            crate::transport::MissReport::Done
+        }
+        fn access_failed(&self, _iova: u64, _access: crate::dma::Access) {}
+        fn config_changed(&self, config: &[u8]) -> std::io::Result<ConfigChange> {
+            self.0.lock().expect("lock").push(config.to_vec());
+            Ok(ConfigChange::Signalled)
+        }
+    }
+
+    /// A change reaches the transport the device is served over now, with
+    /// the space as it reads after the update; none while it is served
+    /// over nothing, and none once that transport is gone.
+    #[test]
+    fn test_notifier_reaches_the_current_transport() {
+        let device = Arc::new(CfgDevice(ConfigSpace::new(Cfg { a: 1, b: 2 })));
+        let target = Arc::new(ConfigTarget::default());
+        let n = ConfigNotifier::new(device.clone(), target.clone());
+        assert_eq!(n.notify().expect("no driver"), ConfigChange::NoDriver);
+        let rec = Arc::new(Recorder::default());
+        let t: Arc<dyn crate::transport::Transport> = rec.clone();
+        target.set(Some(&t));
+        device.0.set(Cfg { a: 0x0300, b: 2 });
+        assert_eq!(n.clone().notify().expect("told"), ConfigChange::Signalled);
+        assert_eq!(
+            *rec.0.lock().expect("lock"),
+            vec![vec![0, 3, 0, 0, 0, 0, 0, 0, 2]]
+        );
+        drop((t, rec));
+        assert_eq!(n.notify().expect("gone"), ConfigChange::NoDriver);
     }
 }

@@ -50,6 +50,7 @@ use log::{error, info, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::accept::{self, AcceptBackoff};
+use crate::config_space::ConfigNotifier;
 use crate::device::Device;
 use crate::epoll::{self, Epoll, EpollEvent};
 use crate::eventfd;
@@ -58,6 +59,7 @@ use crate::ownership::RidOwnership;
 use crate::ratelimit::RateLimit;
 use crate::socket_policy::SocketPolicy;
 use crate::termination::Termination;
+use crate::transport::ConfigTarget;
 use crate::vduse;
 use crate::vhost_user::conn::{Connection, Served};
 
@@ -276,6 +278,9 @@ pub struct Server {
     policy: SocketPolicy,
     /// SIGINT/SIGTERM, once [`Server::handle_signals`] was called.
     signals: Option<Termination>,
+    /// The served devices (vhost-user and VDUSE) by label, with where
+    /// their config changes go ([`Server::config_notifier`]).
+    notifiers: BTreeMap<String, ConfigNotifier>,
 }
 
 impl std::fmt::Debug for Server {
@@ -327,6 +332,7 @@ impl Server {
             reaped: Arc::new(reaped),
             policy: SocketPolicy::default(),
             signals: None,
+            notifiers: BTreeMap::new(),
         }
     }
 
@@ -405,6 +411,11 @@ impl Server {
             },
         );
         let rid = Arc::new(RidOwnership::new());
+        let config_target = Arc::new(ConfigTarget::default());
+        self.notifiers.insert(
+            label.to_string(),
+            ConfigNotifier::new(device.clone(), config_target.clone()),
+        );
         match self.directory.rids.write() {
             Ok(mut m) => m.insert(label.to_string(), rid.clone()),
             Err(p) => p.into_inner().insert(label.to_string(), rid.clone()),
@@ -419,6 +430,7 @@ impl Server {
                 dev_id,
                 iommu: self.iommu.clone(),
                 rid,
+                config_target,
             },
             active: None,
             pending: None,
@@ -468,7 +480,7 @@ impl Server {
         })?;
         let mut control = vduse::Control::new(
             Arc::new(fd),
-            device,
+            device.clone(),
             &self.iommu,
             core.clone(),
             dev_id,
@@ -478,6 +490,22 @@ impl Server {
         if kernel.existed {
             control.take_over().map_err(err)?;
         }
+        let config_target = Arc::new(ConfigTarget::default());
+        config_target.set(Some(&control.transport()));
+        let notifier = ConfigNotifier::new(device, config_target);
+        if kernel.existed {
+            // The kernel kept the old daemon's config space: this one's
+            // may differ (a disk resized meanwhile).
+            match notifier.notify() {
+                Ok(c) => info!(
+                    "VDUSE device {name:?} taken over: config space given to the kernel ({c:?})"
+                ),
+                Err(e) => warn!(
+                    "VDUSE device {name:?} taken over: giving the kernel the config space: {e}"
+                ),
+            }
+        }
+        self.notifiers.insert(label.to_string(), notifier);
         self.directory.insert(
             label.to_string(),
             DirectoryEntry {
@@ -493,6 +521,16 @@ impl Server {
             thread: None,
         });
         Ok(())
+    }
+
+    /// What tells the driver of the device `label` (added with
+    /// [`add_device`](Server::add_device) or
+    /// [`add_vduse_device`](Server::add_vduse_device)) that its config space
+    /// changed: the device updates the space, then calls
+    /// [`ConfigNotifier::notify`] (from any thread, also once the server
+    /// runs). `None` for an unknown label.
+    pub fn config_notifier(&self, label: &str) -> Option<ConfigNotifier> {
+        self.notifiers.get(label).cloned()
     }
 
     /// Adds a device the server does not serve itself (one with its own

@@ -12,6 +12,7 @@
 //! | translation miss | `VHOST_IOTLB_MISS` on the backend request channel, answered later by an IOTLB update | to the device's control thread, which asks the kernel (`VDUSE_IOTLB_GET_FD`), maps the region and resumes the queue |
 //! | access failure | `VHOST_IOTLB_ACCESS_FAIL` on the backend channel | logged |
 //! | failed ring | write the frontend's error eventfd | logged (Linux 6.12's VDUSE has no way for a device to set `NEEDS_RESET`) |
+//! | config change (device → driver) | `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` on the backend channel (the frontend then re-reads the space with GET_CONFIG); needs `VHOST_USER_PROTOCOL_F_CONFIG` and a backend channel, else logged | `VDUSE_DEV_SET_CONFIG` (the kernel serves the driver's reads from its own copy) then `VDUSE_DEV_INJECT_CONFIG_IRQ` |
 //!
 //! Kicks need no method: both transports deliver them as an eventfd per
 //! ring, which the transport installs in the ring's state
@@ -25,19 +26,25 @@
 //! of operations (IOTLB miss, interrupt injection).
 //!
 //! A config change (the device's config space changed under the driver)
-//! is the next operation this trait takes when a device needs it:
-//! vhost-user's `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`, VDUSE's
-//! `VDUSE_DEV_INJECT_CONFIG_IRQ`.
+//! comes from the device's control side rather than a worker: a
+//! [`ConfigNotifier`](crate::config_space::ConfigNotifier) the server hands
+//! out ([`Server::config_notifier`](crate::server::Server::config_notifier))
+//! reads the device's config space and gives it to
+//! [`config_changed`](Transport::config_changed) of the transport the
+//! device is served over now (a [`ConfigTarget`]; none while no frontend is
+//! connected).
 //!
-//! Every method is called from a worker thread, outside any lock but the
+//! Every other method is called from a worker thread, outside any lock but the
 //! ring's it is given; none may block for long (writes to a peer's eventfd
 //! go through the thread's [`Writer`], which the framework interrupts if
 //! the peer wedges it).
 
 use std::io;
+use std::sync::{Arc, Mutex, Weak};
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::config_space::ConfigChange;
 use crate::dma::Access;
 use crate::peer_write::{Writer, Written};
 
@@ -104,6 +111,45 @@ pub(crate) trait Transport: Send + Sync + std::fmt::Debug {
                 "queue {index}: signalling error fd: {e}"
             ),
         }
+    }
+
+    /// The device's config space changed and now reads `config` (all of
+    /// it): update the driver side's copy if it keeps one and tell the
+    /// driver. Called from the thread that asked
+    /// ([`ConfigNotifier::notify`](crate::config_space::ConfigNotifier::notify)),
+    /// not a worker; may wait briefly (a full socket). The default says the
+    /// driver cannot be told.
+    fn config_changed(&self, config: &[u8]) -> io::Result<ConfigChange> {
+        let _ = config;
+        Ok(ConfigChange::CannotTell(
+            "the transport has no config change signal",
+        ))
+    }
+}
+
+/// The transport a device's config changes go to: the one it is served
+/// over now (a vhost-user connection's backend channel while a frontend is
+/// connected; a VDUSE device's transport while it is served). Held weakly:
+/// a connection that ends takes its transport with it.
+#[derive(Debug, Default)]
+pub(crate) struct ConfigTarget {
+    current: Mutex<Option<Weak<dyn Transport>>>,
+}
+
+impl ConfigTarget {
+    /// The device is served over `transport` from now on (`None`: over
+    /// nothing).
+    pub fn set(&self, transport: Option<&Arc<dyn Transport>>) {
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = transport.map(Arc::downgrade);
+    }
+
+    /// The transport the device is served over now, if any.
+    pub fn get(&self) -> Option<Arc<dyn Transport>> {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(Weak::upgrade)
     }
 }
 

@@ -130,6 +130,12 @@ impl Control {
         })
     }
 
+    /// The device's transport (where its config changes go while this
+    /// control state serves it).
+    pub fn transport(&self) -> Arc<dyn crate::transport::Transport> {
+        self.transport.clone()
+    }
+
     fn lock<'a>(&self, m: &'a Mutex<Vring>) -> MutexGuard<'a, Vring> {
         self.shared.lock_vring(m)
     }

@@ -10,8 +10,8 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref};
-use vmm_sys_util::{ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
+use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref, ioctl_with_ref};
+use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
 /// The ioctl type of every VDUSE ioctl (`VDUSE_BASE`).
 const VDUSE_BASE: u32 = 0x81;
@@ -121,6 +121,28 @@ pub struct VqEventfd {
     pub fd: i32,
 }
 
+/// `struct vduse_config_data` without its trailing bytes (which follow it
+/// in the same buffer, see [`ConfigDataBuf`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConfigData {
+    /// Offset into the config space.
+    pub offset: u32,
+    /// Bytes that follow.
+    pub length: u32,
+}
+
+/// A `struct vduse_config_data` with its bytes, as VDUSE_DEV_SET_CONFIG
+/// reads it.
+#[repr(C)]
+#[derive(Debug)]
+pub struct ConfigDataBuf {
+    /// The fixed part.
+    pub head: ConfigData,
+    /// The bytes (the kernel reads `head.length` of them).
+    pub buffer: [u8; 4096],
+}
+
 /// `VDUSE_EVENTFD_DEASSIGN`.
 pub const VDUSE_EVENTFD_DEASSIGN: i32 = -1;
 
@@ -129,6 +151,8 @@ ioctl_iow_nr!(VDUSE_CREATE_DEV, VDUSE_BASE, 0x02, DevConfig);
 ioctl_iow_nr!(VDUSE_DESTROY_DEV, VDUSE_BASE, 0x03, [u8; VDUSE_NAME_MAX]);
 ioctl_iowr_nr!(VDUSE_IOTLB_GET_FD, VDUSE_BASE, 0x10, IotlbEntry);
 ioctl_ior_nr!(VDUSE_DEV_GET_FEATURES, VDUSE_BASE, 0x11, u64);
+ioctl_iow_nr!(VDUSE_DEV_SET_CONFIG, VDUSE_BASE, 0x12, ConfigData);
+ioctl_io_nr!(VDUSE_DEV_INJECT_CONFIG_IRQ, VDUSE_BASE, 0x13);
 ioctl_iow_nr!(VDUSE_VQ_SETUP, VDUSE_BASE, 0x14, VqConfig);
 ioctl_iowr_nr!(VDUSE_VQ_GET_INFO, VDUSE_BASE, 0x15, VqInfo);
 ioctl_iow_nr!(VDUSE_VQ_SETUP_KICKFD, VDUSE_BASE, 0x16, VqEventfd);
@@ -244,6 +268,34 @@ pub fn inject_irq(dev: &impl AsRawFd, index: u32) -> io::Result<()> {
     check(unsafe { ioctl_with_ref(dev, VDUSE_VQ_INJECT_IRQ(), &index) }).map(|_| ())
 }
 
+/// VDUSE_DEV_SET_CONFIG: replaces the kernel's copy of the config space
+/// from `offset` with `data` (1 to 4096 bytes within the device's space;
+/// the kernel refuses anything else with `EINVAL`). The kernel serves the
+/// driver's config reads from this copy.
+pub fn set_config(dev: &impl AsRawFd, offset: u32, data: &[u8]) -> io::Result<()> {
+    let mut buf = ConfigDataBuf {
+        head: ConfigData { offset, length: 0 },
+        buffer: [0; 4096],
+    };
+    let Some(dst) = buf.buffer.get_mut(..data.len()) else {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    dst.copy_from_slice(data);
+    buf.head.length =
+        u32::try_from(data.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: the kernel reads the fixed part and then `length` bytes after
+    // it, all inside `buf` (length is at most its 4096 bytes), which lives
+    // through the call.
+    check(unsafe { ioctl_with_ref(dev, VDUSE_DEV_SET_CONFIG(), &buf) }).map(|_| ())
+}
+
+/// VDUSE_DEV_INJECT_CONFIG_IRQ: a config interrupt to the driver
+/// (`EINVAL` while the driver has not set `DRIVER_OK`).
+pub fn inject_config_irq(dev: &impl AsRawFd) -> io::Result<()> {
+    // SAFETY: the ioctl takes no argument and touches no memory of ours.
+    check(unsafe { ioctl(dev, VDUSE_DEV_INJECT_CONFIG_IRQ()) }).map(|_| ())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,6 +313,10 @@ mod tests {
         assert_eq!(VDUSE_CREATE_DEV(), 0x4150_8102);
         assert_eq!(VDUSE_VQ_GET_INFO(), 0xc030_8115);
         assert_eq!(VDUSE_VQ_INJECT_IRQ(), 0x4004_8117);
+        // _IOW(0x81, 0x12, 8 bytes) and _IO(0x81, 0x13).
+        assert_eq!(std::mem::size_of::<ConfigData>(), 8);
+        assert_eq!(VDUSE_DEV_SET_CONFIG(), 0x4008_8112);
+        assert_eq!(VDUSE_DEV_INJECT_CONFIG_IRQ(), 0x8113);
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! device fd, misses go to the device's control thread (which asks the
 //! kernel for the region with `VDUSE_IOTLB_GET_FD`, maps it and resumes the
 //! queue), access failures and failed rings are logged (Linux 6.12's VDUSE
-//! has no way for a device to set `NEEDS_RESET`).
+//! has no way for a device to set `NEEDS_RESET`), a config change replaces
+//! the kernel's copy of the config space (`VDUSE_DEV_SET_CONFIG`: the
+//! kernel answers the driver's config reads from it) and injects a config
+//! interrupt (`VDUSE_DEV_INJECT_CONFIG_IRQ`).
 
 use std::fs::File;
 use std::io;
@@ -12,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::sys;
+use crate::config_space::ConfigChange;
 use crate::dma::Access;
 use crate::peer_write::Writer;
 use crate::transport::{MissReport, Signals, Transport};
@@ -87,6 +91,20 @@ impl Transport for VduseTransport {
                 );
                 Ok(())
             }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn config_changed(&self, config: &[u8]) -> io::Result<ConfigChange> {
+        sys::set_config(&*self.dev, 0, config)?;
+        if cfg!(ioasis_broken = "noconfigirq") {
+            // Test-only: the kernel's copy changes, the driver is not told.
+            return Ok(ConfigChange::Signalled);
+        }
+        match sys::inject_config_irq(&*self.dev) {
+            Ok(()) => Ok(ConfigChange::Signalled),
+            // Not DRIVER_OK: the driver reads the new space when it starts.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(ConfigChange::NotRunning),
             Err(e) => Err(e),
         }
     }

@@ -85,6 +85,9 @@ pub(crate) struct Served {
     pub iommu: iommu_core::Iommu,
     /// Who holds the RID (this connection or a service session).
     pub rid: Arc<RidOwnership>,
+    /// Where the device's config changes go: this connection's backend
+    /// channel while it lasts.
+    pub config_target: Arc<crate::transport::ConfigTarget>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -154,6 +157,8 @@ impl Connection {
         let vrings = new_vrings(n, max)?;
         let backend = Arc::new(BackendChannel::default());
         let shared = Arc::new(ConnShared::new(backend.clone()));
+        let transport: Arc<dyn crate::transport::Transport> = backend.clone();
+        served.config_target.set(Some(&transport));
         let space = AddressSpace::new(
             &served.iommu,
             served.dev_id,
@@ -256,6 +261,7 @@ impl Connection {
             w.stop();
         }
         self.served.device.reset();
+        self.served.config_target.set(None);
         self.backend.set(None);
         self.served.rid.disconnect_holder();
         // The address space detaches (unless a session owns the RID) and is
@@ -536,6 +542,8 @@ impl Connection {
                     return Err(Error::ProtocolFeaturesNotOffered(p & !offered));
                 }
                 self.protocol = p;
+                self.backend
+                    .set_config_negotiated(p & VhostUserProtocolFeatures::CONFIG.bits() != 0);
                 Ok(None)
             }
             Request::GetQueueNum => Ok(Some((self.vrings.len() as u64).to_ne_bytes().to_vec())),
