@@ -23,6 +23,7 @@ use std::io::{Seek, SeekFrom};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use log::{info, warn};
 
@@ -83,7 +84,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 #[derive(Debug)]
 pub struct Backing {
     store: Store,
-    size: u64,
+    /// Disk size in bytes (a multiple of 512); changes when the image is
+    /// resized and [`Backing::refresh_size`] re-reads it.
+    size: AtomicU64,
     blk_size: u32,
     read_only: bool,
 }
@@ -114,7 +117,7 @@ impl Backing {
             ImageSpec::Null(size) => {
                 return Ok(Backing {
                     store: Store::Null,
-                    size: *size,
+                    size: AtomicU64::new(*size),
                     blk_size: 512,
                     read_only,
                 })
@@ -144,12 +147,7 @@ impl Backing {
                 ),
             ));
         }
-        let size = if block_device {
-            let mut f = &buffered;
-            f.seek(SeekFrom::End(0))?
-        } else {
-            meta.len()
-        };
+        let size = store_size(&buffered, block_device)?;
         let blk_size = if block_device {
             logical_block_size(&buffered).unwrap_or(512)
         } else {
@@ -175,7 +173,7 @@ impl Backing {
                 block_device,
                 in_memory,
             },
-            size: size - size % 512,
+            size: AtomicU64::new(size - size % 512),
             blk_size,
             read_only,
         })
@@ -183,7 +181,24 @@ impl Backing {
 
     /// Disk size in bytes (a multiple of 512).
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Reads the image's size again (a file grown or shrunk with
+    /// `truncate`, a block device resized) and keeps it, rounded down to a
+    /// whole sector: returns it. Requests are checked against it from then
+    /// on. The null disk keeps its size.
+    pub fn refresh_size(&self) -> std::io::Result<u64> {
+        let Store::File {
+            file, block_device, ..
+        } = &self.store
+        else {
+            return Ok(self.size());
+        };
+        let size = store_size(file, *block_device)?;
+        let size = size - size % 512;
+        self.size.store(size, Ordering::Release);
+        Ok(size)
     }
 
     /// Logical block size.
@@ -262,7 +277,7 @@ impl Backing {
                 } else {
                     "file"
                 },
-                self.size,
+                self.size(),
                 self.blk_size,
                 if self.direct() {
                     "O_DIRECT"
@@ -273,10 +288,20 @@ impl Backing {
             ),
             Store::Null => format!(
                 "null disk ({} bytes{})",
-                self.size,
+                self.size(),
                 if self.read_only { ", read-only" } else { "" }
             ),
         }
+    }
+}
+
+/// The size of the image open as `f`, in bytes.
+fn store_size(f: &File, block_device: bool) -> std::io::Result<u64> {
+    if block_device {
+        let mut f = f;
+        f.seek(SeekFrom::End(0))
+    } else {
+        Ok(f.metadata()?.len())
     }
 }
 
@@ -349,5 +374,22 @@ mod tests {
         assert!(n.is_null() && n.fd(true).is_none());
         assert!(Backing::open(&ImageSpec::File(dir.path().to_path_buf()), true).is_err());
         assert!(Backing::open(&ImageSpec::File(dir.path().join("none")), true).is_err());
+    }
+
+    #[test]
+    fn test_refresh_size_follows_the_image() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("disk.img");
+        std::fs::write(&p, vec![0u8; 8192]).expect("image");
+        let b = Backing::open(&ImageSpec::File(p.clone()), false).expect("open");
+        assert_eq!(b.refresh_size().expect("same"), 8192);
+        let f = OpenOptions::new().write(true).open(&p).expect("reopen");
+        f.set_len(3 * 8192 + 100).expect("grow");
+        assert_eq!(b.refresh_size().expect("grown"), 3 * 8192);
+        assert_eq!(b.size(), 3 * 8192);
+        f.set_len(4096).expect("shrink");
+        assert_eq!(b.refresh_size().expect("shrunk"), 4096);
+        let n = Backing::open(&ImageSpec::Null(1 << 20), false).expect("null");
+        assert_eq!(n.refresh_size().expect("null"), 1 << 20);
     }
 }

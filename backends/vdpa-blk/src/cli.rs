@@ -9,7 +9,15 @@ use ioasis::poll::PollMode;
 /// Serves a raw image, a block device or a null disk as a virtio-blk
 /// device over vhost-user or VDUSE.
 #[derive(Debug, Parser)]
-#[command(name = "vdpa-blk", version, about)]
+#[command(
+    name = "vdpa-blk",
+    version,
+    about,
+    after_help = "Signals: SIGINT or SIGTERM stops the daemon. SIGHUP re-reads the image's size \
+(after it was grown or shrunk, e.g. with `truncate -s`) and, if the capacity changed, puts it \
+in the config space and tells the driver: over VDUSE a config interrupt, over vhost-user \
+VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (the frontend then re-reads the config space)."
+)]
 pub struct Args {
     /// Unix socket the frontend (QEMU, ...) connects to.
     #[arg(

@@ -9,9 +9,9 @@ use ioasis::device::{Device, DeviceError, Result, Worker};
 
 use crate::backing::Backing;
 use crate::config::{
-    Geometry, VirtioBlkConfig, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
-    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
-    VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_ID_BLOCK,
+    Geometry, VirtioBlkConfig, SECTOR_SIZE, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD,
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_ID_BLOCK,
 };
 use crate::request::ID_BYTES;
 use crate::stats::DeviceStats;
@@ -74,6 +74,26 @@ impl BlkDevice {
     /// The config space as the driver reads it.
     pub fn config(&self) -> VirtioBlkConfig {
         self.config.get()
+    }
+
+    /// Reads the image's size again (the analog of qemu-storage-daemon's
+    /// `block_resize`: the image was grown or shrunk under the daemon) and,
+    /// if the capacity changed, puts the new one in the config space:
+    /// returns the old and new capacity in sectors then (`None`: no
+    /// change). Requests are checked against the new size from now on; the
+    /// caller tells the driver
+    /// ([`ConfigNotifier::notify`](ioasis::config_space::ConfigNotifier::notify)).
+    pub fn resize(&self) -> std::io::Result<Option<(u64, u64)>> {
+        let size = self.backing.refresh_size()?;
+        let new = size / SECTOR_SIZE;
+        let mut c = self.config.get();
+        let old = u64::from_le(c.capacity);
+        if new == old {
+            return Ok(None);
+        }
+        c.capacity = new.to_le();
+        self.config.set(c);
+        Ok(Some((old, new)))
     }
 }
 
@@ -141,5 +161,41 @@ impl Device for BlkDevice {
     fn queues_per_thread(&self) -> Vec<u64> {
         // One thread (and io_uring) per queue.
         (0..self.num_queues().min(64)).map(|i| 1u64 << i).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backing::ImageSpec;
+
+    #[test]
+    fn test_resize_updates_the_capacity_once() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("disk.img");
+        std::fs::write(&p, vec![0u8; 64 * 512]).expect("image");
+        let backing = Backing::open(&ImageSpec::File(p.clone()), false).expect("open");
+        let d = BlkDevice::new(
+            backing,
+            BlkOptions {
+                queues: 1,
+                queue_size: 64,
+                serial: String::new(),
+                poll: PollMode::default(),
+            },
+        );
+        assert_eq!(d.resize().expect("same"), None);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .and_then(|f| f.set_len(200 * 512))
+            .expect("grow");
+        assert_eq!(d.resize().expect("grown"), Some((64, 200)));
+        assert_eq!({ d.config().capacity }, 200u64.to_le());
+        let mut cap = [0u8; 8];
+        d.read_config(0, &mut cap).expect("read");
+        assert_eq!(u64::from_le_bytes(cap), 200);
+        assert_eq!(d.backing().size(), 200 * 512);
+        assert_eq!(d.resize().expect("again"), None);
     }
 }

@@ -11,6 +11,8 @@
 //!   thread per queue;
 //! - [`worker`]: each worker's io_uring, deferred completion of the guest's
 //!   buffers (pinned against unmap while the kernel uses them);
+//! - [`resize`]: SIGHUP re-reads the image's size and tells the driver
+//!   of a new capacity (a config change);
 //! - [`stats`]: counters as JSON lines; [`cli`]: the command line.
 //!
 //! Supported requests: `IN`, `OUT`, `FLUSH`, `GET_ID`, `DISCARD`,
@@ -25,6 +27,7 @@ pub mod cli;
 pub mod config;
 pub mod device;
 pub mod request;
+pub mod resize;
 pub mod stats;
 pub mod worker;
 

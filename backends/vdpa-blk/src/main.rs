@@ -3,6 +3,8 @@
 //! Statistics go to standard output as JSON lines, logs to standard error
 //! (`RUST_LOG`, default `info`). SIGINT or SIGTERM stops the daemon; a
 //! frontend that disconnects may connect again and gets the device anew.
+//! SIGHUP re-reads the image's size and tells the driver of a new capacity
+//! ([`vdpa_blk::resize`]).
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -15,6 +17,7 @@ use ioasis::termination::Termination;
 use log::{error, info};
 use vdpa_blk::backing::Backing;
 use vdpa_blk::cli::{Args, Endpoint};
+use vdpa_blk::resize::{resize_and_notify, Hangup};
 use vdpa_blk::stats::DeviceStats;
 use vdpa_blk::BlkDevice;
 
@@ -38,6 +41,13 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let hangup = match Hangup::for_main_thread() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("vdpa-blk: cannot take SIGHUP: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let backing = match Backing::open(&args.image(), args.read_only) {
         Ok(b) => b,
         Err(e) => {
@@ -56,14 +66,21 @@ fn main() -> ExitCode {
     let stats = device.stats();
     let mut server = Server::new();
     let added = match &endpoint {
-        Endpoint::Socket(path) => server.add_device("blk0", path, device),
-        Endpoint::Vduse(name) => server.add_vduse_device("blk0", name, device),
+        Endpoint::Socket(path) => server.add_device("blk0", path, device.clone()),
+        Endpoint::Vduse(name) => server.add_vduse_device("blk0", name, device.clone()),
     };
     if let Err(e) = added {
         eprintln!(
             "vdpa-blk: {endpoint}: {}",
             ioasis::service::sys::error_chain(&e)
         );
+        return ExitCode::from(1);
+    }
+    let notifier = server.config_notifier("blk0");
+    if let Err(e) = hangup.spawn(move || {
+        resize_and_notify(&device, notifier.as_ref());
+    }) {
+        eprintln!("vdpa-blk: spawning the SIGHUP thread: {e}");
         return ExitCode::from(1);
     }
     let shutdown = server.shutdown_handle();

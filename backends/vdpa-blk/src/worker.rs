@@ -361,6 +361,8 @@ impl BlkWorker {
         let Some(hdr) = cur.read_obj::<BlkHeader>(q, chain)? else {
             return self.refuse(q, chain, status_off, Reject::Malformed("short header"));
         };
+        // The disk may have been resized (SIGHUP: BlkDevice::resize).
+        self.limits.capacity = self.backing.size() / SECTOR_SIZE;
         let op = match classify(
             &hdr,
             cur.readable(),
