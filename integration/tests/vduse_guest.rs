@@ -111,6 +111,95 @@ fn test_vduse_blk_pattern_in_guest() {
     );
 }
 
+/// Sectors of the resize test's disk before and after it grows (4 MiB to
+/// 8 MiB).
+const RESIZE_BEFORE: u64 = 8192;
+const RESIZE_AFTER: u64 = 16384;
+
+/// A disk resized under the daemon reaches the guest as a config change:
+/// vdpa-blk serves a 4 MiB image as VDUSE device `vblk0`, the guest's
+/// `vda` has 8192 sectors (`/sys/block/vda/size`); the image is grown to
+/// 8 MiB with `truncate -s` and the daemon sent SIGHUP, which makes it
+/// read the size again, update its config space, give the kernel the new
+/// copy (`VDUSE_DEV_SET_CONFIG`) and inject a config interrupt
+/// (`VDUSE_DEV_INJECT_CONFIG_IRQ`): within 10 s `vda` has 16384 sectors
+/// (`RESIZE_SEEN`), and a block past the old end reads and writes through
+/// the disk into the image (`TAIL_OK`).
+///
+/// Shown to fail without the interrupt: with vdpa-blk built with
+/// `RUSTFLAGS='--cfg ioasis_broken="noconfigirq"'` (the kernel's copy is
+/// updated, no interrupt injected) and given to the test as
+/// `IOASIS_VDPA_BLK_BIN`, `vda` keeps 8192 sectors (`SIZE_NOT_SEEN`).
+#[test]
+fn test_vduse_blk_resize_in_guest() {
+    let test = "test_vduse_blk_resize_in_guest";
+    let Some(bin) = ready(test, need("vdpa-blk")) else {
+        return;
+    };
+    let _lock = heavy_lock().or_panic("heavy lock");
+    let dir = WorkDir::new("vduse-blk-resize").or_panic("workdir");
+    let script = format!(
+        "{VDUSE_LIB}\
+         truncate -s {before_bytes} /tmp/disk.img\n\
+         start_daemon vdpa-blk /bin/vdpa-blk --vduse vblk0 --image /tmp/disk.img\n\
+         wait_for /dev/vduse/vblk0 || fail_with NO_VDUSE_DEVICE\n\
+         timeout 60 vdpa dev add name vblk0 mgmtdev vduse || fail_with VDPA_ADD_FAILED\n\
+         wait_for /sys/block/vda || fail_with NO_DISK\n\
+         mark \"SIZE_BEFORE $(cat /sys/block/vda/size)\"\n\
+         [ \"$(cat /sys/block/vda/size)\" = {before} ] || fail_with SIZE_WRONG\n\
+         truncate -s {after_bytes} /tmp/disk.img\n\
+         kill -HUP $DPID\n\
+         i=0\n\
+         while [ \"$(cat /sys/block/vda/size)\" != {after} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done\n\
+         mark \"SIZE_AFTER $(cat /sys/block/vda/size)\"\n\
+         grep -e SIGHUP -e driver /tmp/vdpa-blk.log\n\
+         [ \"$(cat /sys/block/vda/size)\" = {after} ] || fail_with SIZE_NOT_SEEN\n\
+         mark RESIZE_SEEN\n\
+         kill -0 $DPID || fail_with DAEMON_GONE\n\
+         echo tail-of-the-grown-disk > /tmp/tail\n\
+         dd if=/tmp/tail of=/dev/vda bs=4k seek={tail_block} count=1 conv=notrunc,sync,fsync 2>/dev/null || fail_with TAIL_WRITE\n\
+         sync; echo 3 > /proc/sys/vm/drop_caches\n\
+         dd if=/dev/vda bs=4k skip={tail_block} count=1 iflag=direct 2>/dev/null | grep -q tail-of-the-grown-disk || fail_with TAIL_READ\n\
+         dd if=/tmp/disk.img bs=4k skip={tail_block} count=1 2>/dev/null | grep -q tail-of-the-grown-disk || fail_with TAIL_IMAGE\n\
+         mark TAIL_OK\n\
+         vdpa dev del vblk0 || fail_with VDPA_DEL_FAILED\n\
+         kill $DPID; wait $DPID; echo \"daemon exit $?\"\n",
+        before = RESIZE_BEFORE,
+        after = RESIZE_AFTER,
+        before_bytes = RESIZE_BEFORE * 512,
+        after_bytes = RESIZE_AFTER * 512,
+        // A 4 KiB block in the grown half.
+        tail_block = RESIZE_AFTER * 512 / 4096 - 3,
+    );
+    let mut cfg = QemuConfig::new("vduse-resize", &script)
+        .kit(kit().or_panic("kit"))
+        .mem_mb(GUEST_MB);
+    for (path, data) in binary_files(&bin, "vdpa-blk").or_panic("daemon files") {
+        cfg = cfg.file(&path, data);
+    }
+    let mut guest = Qemu::launch(&cfg, dir.path()).or_panic("start QEMU");
+    guest
+        .expect_marker("RESIZE_SEEN", "SIZE_NOT_SEEN", GUEST_TIMEOUT)
+        .or_panic("the guest sees the disk grow");
+    let rc = guest.wait_end(GUEST_TIMEOUT).or_panic("guest end");
+    let console = guest.console_text();
+    for l in console
+        .lines()
+        .filter(|l| l.contains("SIZE_") || l.contains("SIGHUP") || l.contains("driver"))
+    {
+        eprintln!("guest: {l}");
+    }
+    assert_eq!(rc, 0, "guest script failed:\n{console}");
+    assert!(
+        console.contains(&marker(&format!("SIZE_BEFORE {RESIZE_BEFORE}"))),
+        "{console}"
+    );
+    assert!(
+        console.contains(&marker("TAIL_OK")),
+        "I/O past the old end goes through:\n{console}"
+    );
+}
+
 /// vdpa-net serves a VDUSE net device `vnet0` whose port is a tap of the
 /// guest (`vtap0`, moved into a network namespace `peer`); `vdpa dev add`
 /// binds it to `virtio_vdpa` and a virtio-net interface appears (without
