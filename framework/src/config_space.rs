@@ -1,7 +1,7 @@
 //! A device config space laid out as a `#[repr(C)]` struct of
 //! little-endian fields (the virtio spec's layout), served to
-//! [`Device::read_config`](crate::device::Device::read_config) /
-//! [`Device::write_config`](crate::device::Device::write_config) by byte
+//! [`Device::read_config`] /
+//! [`Device::write_config`] by byte
 //! ranges.
 //!
 //! When the config protocol feature is offered: the framework offers
@@ -110,7 +110,7 @@ impl<T: ByteValued> ConfigSpace<T> {
         }
     }
 
-    /// Its size in bytes (what [`Device::config_size`](crate::device::Device::config_size) returns).
+    /// Its size in bytes (what [`Device::config_size`] returns).
     pub fn size(&self) -> u32 {
         u32::try_from(std::mem::size_of::<T>()).unwrap_or(u32::MAX)
     }

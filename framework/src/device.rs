@@ -28,6 +28,11 @@
 //!   SET_CONFIG then reach [`Device::read_config`] / [`Device::write_config`]
 //!   with the range already checked against it
 //!   ([`crate::config_space::ConfigSpace`] serves a `#[repr(C)]` struct).
+//!   A device whose space changes under the driver (a disk resized)
+//!   updates it and calls the
+//!   [`ConfigNotifier`](crate::config_space::ConfigNotifier) of
+//!   [`Server::config_notifier`](crate::server::Server::config_notifier),
+//!   which tells the driver through the transport.
 //! - **When workers start.** All of a device's worker threads (one per
 //!   mask of [`Device::queues_per_thread`]) are built and started together
 //!   when the frontend starts the first ring (its SET_VRING_KICK), with the

@@ -18,7 +18,8 @@
 //!
 //! The data plane (the worker threads) knows no transport: what it tells the
 //! driver (misses, access failures, calls, failed rings) goes through a small
-//! internal transport trait. The vhost-user transport ([`vhost_user`])
+//! internal transport trait, and so does a device's config change
+//! ([`config_space::ConfigNotifier`]). The vhost-user transport ([`vhost_user`])
 //! implements it and owns the backend side of the protocol. Without `VIRTIO_F_ACCESS_PLATFORM` the frontend's memory table
 //! becomes the device's IOAS (IOVA = guest physical address); with it, the
 //! frontend's IOTLB updates and invalidations become maps and unmaps of that

@@ -18,7 +18,8 @@
 //! | addresses | memory table or IOTLB messages | always IOVAs of the kernel's domain, mapped from `VDUSE_IOTLB_GET_FD` |
 //! | kick | the frontend's eventfd | our eventfd, given with `VDUSE_VQ_SETUP_KICKFD` |
 //! | call | the frontend's eventfd | `VDUSE_VQ_INJECT_IRQ` |
-//! | config space | GET_CONFIG / SET_CONFIG | given at creation; the kernel serves reads, refuses writes |
+//! | config space | GET_CONFIG / SET_CONFIG | given at creation; the kernel serves reads from its copy, refuses writes |
+//! | config change | `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` | `VDUSE_DEV_SET_CONFIG` (the kernel's copy), then `VDUSE_DEV_INJECT_CONFIG_IRQ` |
 //!
 //! What the kernel refuses at creation (a bare `EINVAL`): a device without
 //! `VIRTIO_F_ACCESS_PLATFORM` (the framework always offers it), a net
