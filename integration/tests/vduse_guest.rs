@@ -86,13 +86,8 @@ fn test_vduse_blk_pattern_in_guest() {
          tail -n 5 /tmp/vdpa-blk.log\n",
         rw = write_pattern_script("vda", blocks, 0),
     );
-    let mut cfg = QemuConfig::new("vduse-blk", &script)
-        .kit(kit().or_panic("kit"))
-        .mem_mb(GUEST_MB)
-        .file(PATTERN_PATH, pattern(blocks));
-    for (path, data) in binary_files(&bin, "vdpa-blk").or_panic("daemon files") {
-        cfg = cfg.file(&path, data);
-    }
+    let cfg =
+        daemon_guest("vduse-blk", &script, &bin, "vdpa-blk").file(PATTERN_PATH, pattern(blocks));
     let mut guest = Qemu::launch(&cfg, dir.path()).or_panic("start QEMU");
     guest
         .expect_marker("IMAGE_OK", "IMAGE_BAD", GUEST_TIMEOUT)
@@ -171,12 +166,7 @@ fn test_vduse_blk_resize_in_guest() {
         // A 4 KiB block in the grown half.
         tail_block = RESIZE_AFTER * 512 / 4096 - 3,
     );
-    let mut cfg = QemuConfig::new("vduse-resize", &script)
-        .kit(kit().or_panic("kit"))
-        .mem_mb(GUEST_MB);
-    for (path, data) in binary_files(&bin, "vdpa-blk").or_panic("daemon files") {
-        cfg = cfg.file(&path, data);
-    }
+    let cfg = daemon_guest("vduse-resize", &script, &bin, "vdpa-blk");
     let mut guest = Qemu::launch(&cfg, dir.path()).or_panic("start QEMU");
     guest
         .expect_marker("RESIZE_SEEN", "SIZE_NOT_SEEN", GUEST_TIMEOUT)
@@ -252,13 +242,7 @@ fn test_vduse_net_traffic_in_guest() {
          tail -n 5 /tmp/vdpa-net.log\n",
         BULK = BULK_PATH,
     );
-    let mut cfg = QemuConfig::new("vduse-net", &script)
-        .kit(kit().or_panic("kit"))
-        .mem_mb(GUEST_MB)
-        .file(BULK_PATH, pattern(1024));
-    for (path, data) in binary_files(&bin, "vdpa-net").or_panic("daemon files") {
-        cfg = cfg.file(&path, data);
-    }
+    let cfg = daemon_guest("vduse-net", &script, &bin, "vdpa-net").file(BULK_PATH, pattern(1024));
     let mut guest = Qemu::launch(&cfg, dir.path()).or_panic("start QEMU");
     guest
         .wait_marker("BULK_OK", GUEST_TIMEOUT)
@@ -345,13 +329,8 @@ fn test_vduse_net_daemon_restart_in_guest() {
          tail -n 5 /tmp/vdpa-net2.log\n",
         BULK = BULK_PATH,
     );
-    let mut cfg = QemuConfig::new("vduse-net-restart", &script)
-        .kit(kit().or_panic("kit"))
-        .mem_mb(GUEST_MB)
-        .file(BULK_PATH, pattern(1024));
-    for (path, data) in binary_files(&bin, "vdpa-net").or_panic("daemon files") {
-        cfg = cfg.file(&path, data);
-    }
+    let cfg =
+        daemon_guest("vduse-net-restart", &script, &bin, "vdpa-net").file(BULK_PATH, pattern(1024));
     let mut guest = Qemu::launch(&cfg, dir.path()).or_panic("start QEMU");
     guest
         .wait_marker("NET_RESTART_OK", GUEST_TIMEOUT * 2)
@@ -444,13 +423,8 @@ fn test_vduse_blk_daemon_restart_in_guest() {
         quarter = blocks / 4,
         nsec = u64::from(SLOW_DISK_MS) * 1_000_000,
     );
-    let mut cfg = QemuConfig::new("vduse-restart", &script)
-        .kit(kit().or_panic("kit"))
-        .mem_mb(GUEST_MB)
+    let cfg = daemon_guest("vduse-restart", &script, &bin, "vdpa-blk")
         .file(PATTERN_PATH, pattern(blocks));
-    for (path, data) in binary_files(&bin, "vdpa-blk").or_panic("daemon files") {
-        cfg = cfg.file(&path, data);
-    }
     let mut guest = Qemu::launch(&cfg, dir.path()).or_panic("start QEMU");
     guest
         .expect_marker("READS_DONE", "READS_LOST", GUEST_TIMEOUT * 2)
@@ -539,13 +513,9 @@ fn test_vduse_blk_bench_against_vhost_user() {
          mark BENCH_DONE\n",
         mb = BENCH_BYTES >> 20,
     );
-    let mut cfg = QemuConfig::new("vduse-bench", &script)
-        .kit(kit().or_panic("kit"))
+    let cfg = daemon_guest("vduse-bench", &script, &bin, "vdpa-blk")
         .mem_mb(GUEST_MB + 256)
         .blkdev(&sock, 1);
-    for (path, data) in binary_files(&bin, "vdpa-blk").or_panic("daemon files") {
-        cfg = cfg.file(&path, data);
-    }
     let mut guest = Qemu::launch(&cfg, dir.path()).or_panic("start QEMU");
     guest
         .wait_marker("BENCH_DONE", GUEST_TIMEOUT * 3)
@@ -586,6 +556,19 @@ fn test_vduse_blk_bench_against_vhost_user() {
     );
     drop(guest);
     host.stop(std::time::Duration::from_secs(10));
+}
+
+/// A guest of the VDUSE kit ([`GUEST_MB`] of RAM) that runs `script` with
+/// `daemon` (`vdpa-blk` or `vdpa-net`, the build at `bin`) and its shared
+/// libraries in its initramfs.
+fn daemon_guest(name: &str, script: &str, bin: &std::path::Path, daemon: &str) -> QemuConfig {
+    let mut cfg = QemuConfig::new(name, script)
+        .kit(kit().or_panic("kit"))
+        .mem_mb(GUEST_MB);
+    for (path, data) in binary_files(bin, daemon).or_panic("daemon files") {
+        cfg = cfg.file(&path, data);
+    }
+    cfg
 }
 
 /// A guest that runs DPDK testpmd against vdpa-net: 2 vCPUs (testpmd on
