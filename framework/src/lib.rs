@@ -63,6 +63,7 @@ pub mod fault_injection;
 pub mod iommu;
 pub mod poll;
 pub mod queue;
+mod removed;
 pub mod server;
 pub mod termination;
 #[cfg(any(test, feature = "test-utils"))]

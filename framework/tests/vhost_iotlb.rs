@@ -6,6 +6,7 @@
 mod vhost_common;
 
 use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
 use ioasis::testing::Buf;
 use ioasis::vhost_user::msg::{
@@ -412,4 +413,148 @@ fn test_invalidation_churn_while_processing_loses_nothing() {
             "chain {i} echoed"
         );
     }
+}
+
+/// How long a worker counts a reported miss as asked for (the worker's
+/// `ASKED_FOR`), and its retry interval while a queue waits on such a
+/// miss (`RETRY`).
+const ASKED_FOR: Duration = Duration::from_millis(100);
+const RETRY: Duration = Duration::from_millis(10);
+/// How long a test waits for a second ask that should not come.
+const QUIET: Duration = Duration::from_millis(20);
+
+fn update(s: &Setup, iova: u64, size: u64, off: usize, perm: u8) {
+    assert_eq!(
+        iotlb(
+            &s.raw,
+            VHOST_IOTLB_UPDATE,
+            iova,
+            size,
+            s.guest.va(off),
+            perm
+        ),
+        0
+    );
+}
+
+fn invalidate(s: &Setup, iova: u64, size: u64) {
+    assert_eq!(iotlb(&s.raw, VHOST_IOTLB_INVALIDATE, iova, size, 0, 0), 0);
+}
+
+/// A page the device asked for, was answered for, used, and that the
+/// frontend then invalidated, is asked for again at once when the next
+/// chain misses it (a strict guest IOMMU reuses I/O addresses right
+/// away), not only when the worker's retry finds the ask expired.
+/// Fails with `--cfg ioasis_broken="missforgetnone"` (the worker never
+/// forgets an ask on an unmap: the second miss waits until a retry finds
+/// the ask expired, 100 ms).
+#[test]
+fn test_invalidated_then_asked_page_is_asked_again_at_once() {
+    let mut s = setup();
+    let page = BUF_IOVA;
+    let dst = BUF_IOVA + 0x4000;
+    update(&s, dst, 0x1000, BUF_OFF + 0x4000, VHOST_ACCESS_WO);
+    echo_chain(&mut s, page, dst);
+    let m = backend_msg(&s.backend);
+    assert_eq!((m.typ, m.iova), (VHOST_IOTLB_MISS, page));
+    let mut asked_at = Instant::now();
+    let mut conclusive = 0;
+    for round in 1..=20u16 {
+        update(&s, page, 0x1000, BUF_OFF, VHOST_ACCESS_RO);
+        wait_used(&s.q, round);
+        invalidate(&s, page, 0x1000);
+        let kick = Instant::now();
+        echo_chain(&mut s, page, dst);
+        let m = backend_msg(&s.backend);
+        let took = kick.elapsed();
+        assert_eq!((m.typ, m.iova), (VHOST_IOTLB_MISS, page), "round {round}");
+        // Only a round that re-used the page while the first ask still
+        // counted tells forgetting from expiry.
+        if kick.duration_since(asked_at) < ASKED_FOR - Duration::from_millis(1) {
+            conclusive += 1;
+            assert!(
+                took < RETRY - Duration::from_millis(1),
+                "round {round}: the invalidated page was asked again after {took:?}, \
+                 not at once"
+            );
+        }
+        asked_at = Instant::now();
+    }
+    assert!(
+        conclusive > 0,
+        "no round re-used the page within {ASKED_FOR:?}"
+    );
+}
+
+/// A miss reported ahead of its chain stays asked while the frontend
+/// unmaps other pages (a strict guest IOMMU unmaps every buffer the device
+/// used): when the chain's turn comes it waits for the update on its way
+/// instead of asking again. Fails with `--cfg ioasis_broken="missforgetall"`
+/// (every unmap forgets every ask: the chain asks again).
+#[test]
+fn test_unmap_elsewhere_keeps_a_miss_on_its_way_asked() {
+    let mut s = setup();
+    let (p1, p2) = (BUF_IOVA, BUF_IOVA + 0x1000);
+    let dst = BUF_IOVA + 0x4000;
+    let other = BUF_IOVA + 0x6000;
+    update(&s, dst, 0x1000, BUF_OFF + 0x4000, VHOST_ACCESS_WO);
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&s.backend);
+    let mut conclusive = 0;
+    let mut used = 0u16;
+    for round in 0..10 {
+        update(&s, other, 0x1000, BUF_OFF + 0x6000, VHOST_ACCESS_RW);
+        // Two chains at once: the first misses p1, the look-ahead finds p2.
+        for src in [p1, p2] {
+            s.q.ring
+                .add_chain(&[
+                    Buf {
+                        addr: src,
+                        len: 4,
+                        writable: false,
+                    },
+                    Buf {
+                        addr: dst,
+                        len: 64,
+                        writable: true,
+                    },
+                ])
+                .expect("chain");
+        }
+        s.q.ring.publish().expect("publish");
+        s.q.kick.write(1).expect("kick");
+        let m = backend_msg(&s.backend);
+        assert_eq!((m.typ, m.iova), (VHOST_IOTLB_MISS, p1), "round {round}");
+        let m = backend_msg(&s.backend);
+        assert_eq!((m.typ, m.iova), (VHOST_IOTLB_MISS, p2), "round {round}");
+        let asked_at = Instant::now();
+        // An unmap elsewhere, then p1's update: the first chain completes,
+        // the second parks on p2, whose update is on its way.
+        invalidate(&s, other, 0x1000);
+        update(&s, p1, 0x1000, BUF_OFF, VHOST_ACCESS_RO);
+        let deadline = asked_at + QUIET;
+        let now = Instant::now();
+        if now < deadline {
+            conclusive += 1;
+            if wait_readable(fd, deadline - now) {
+                let m = backend_msg(&s.backend);
+                panic!(
+                    "round {round}: asked again for {:#x} {:?} after it was reported, \
+                     though no unmap overlapped it",
+                    m.iova,
+                    asked_at.elapsed()
+                );
+            }
+        }
+        update(&s, p2, 0x1000, BUF_OFF + 0x1000, VHOST_ACCESS_RO);
+        used += 2;
+        wait_used(&s.q, used);
+        // Whatever the retry asked meanwhile, and the pages unmapped for
+        // the next round.
+        while wait_readable(fd, RETRY * 2) {
+            let m = backend_msg(&s.backend);
+            assert_eq!(m.typ, VHOST_IOTLB_MISS);
+        }
+        invalidate(&s, p1, 0x2000);
+    }
+    assert!(conclusive > 0, "no round was quick enough to tell");
 }

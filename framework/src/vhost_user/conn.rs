@@ -164,6 +164,7 @@ impl Connection {
             served.dev_id,
             served.rid.clone(),
             shared.removals.clone(),
+            shared.removed.clone(),
         )?;
         let shared_rings = Arc::new(Mutex::new(vrings.clone()));
         // The frontend's process speaks for this connection (its sessions

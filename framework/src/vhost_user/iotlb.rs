@@ -16,7 +16,7 @@
 //!   rule). A shadow of the updates makes all of that exact.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use iommu_core::{DevId, InvalidationTicket, IoasId, Iommu, Perm};
@@ -26,6 +26,7 @@ use super::mem::{MemTable, Region};
 use super::msg::{VHOST_ACCESS_RO, VHOST_ACCESS_RW, VHOST_ACCESS_WO};
 use super::{Error, Result};
 use crate::ownership::RidOwnership;
+use crate::removed::RemovedRanges;
 
 /// Largest number of IOTLB translations a frontend may install at once.
 pub const MAX_IOTLB_ENTRIES: usize = 1 << 16;
@@ -62,6 +63,8 @@ pub(crate) struct AddressSpace {
     /// Bumped before anything is unmapped (shared with the workers, see
     /// [`AddressSpace::new`]).
     removals: Arc<AtomicU64>,
+    /// The range of each removal, recorded before `removals` is bumped.
+    removed: Arc<RemovedRanges>,
 }
 
 fn perm_of(p: u8) -> Perm {
@@ -78,13 +81,15 @@ impl AddressSpace {
     /// session owns the RID (then the IOAS is attached when it lets go).
     /// `removals` is bumped (sequentially consistent) before each unmap of
     /// the IOAS starts: a worker that finds an address unmapped and then
-    /// reads the count sees every removal that unmapped it (the workers
-    /// forget which misses they reported when it changes).
+    /// reads the count sees every removal that unmapped it. Each removal's
+    /// range is recorded in `removed` under its number first (the workers
+    /// forget the misses they reported that a removal overlapped).
     pub fn new(
         iommu: &Iommu,
         dev_id: DevId,
         rid: Arc<RidOwnership>,
         removals: Arc<AtomicU64>,
+        removed: Arc<RemovedRanges>,
     ) -> Result<Self> {
         let ioas = iommu.ioas_alloc().map_err(|source| Error::Ioas {
             op: "allocate",
@@ -112,6 +117,7 @@ impl AddressSpace {
             rid,
             areas: BTreeMap::new(),
             removals,
+            removed,
         })
     }
 
@@ -183,15 +189,15 @@ impl AddressSpace {
     /// translation of it (a worker wedged in a write to the frontend's
     /// eventfd inside its access section is interrupted).
     fn unmap_all(&self) -> iommu_core::Result<u64> {
-        self.removed();
+        self.removed(0, u64::MAX);
         let (n, t) = self.iommu.ioas_unmap_begin(self.ioas, 0, u64::MAX)?;
         crate::peer_write::wait_ticket(t);
         Ok(n)
     }
 
-    /// Counts a removal (before it starts).
-    fn removed(&self) {
-        self.removals.fetch_add(1, Ordering::SeqCst);
+    /// Records and counts a removal of `first..=last` (before it starts).
+    fn removed(&self, first: u64, last: u64) {
+        self.removed.record(&self.removals, first, last);
     }
 
     /// Unmaps everything.
@@ -259,8 +265,15 @@ impl AddressSpace {
     fn unmap_areas(&mut self, areas: &[(u64, u64)]) -> Result<()> {
         let mut tickets: Vec<InvalidationTicket> = Vec::with_capacity(areas.len());
         let mut first_err = None;
-        if !areas.is_empty() {
-            self.removed();
+        if let (Some(first), Some(last)) = (
+            areas.iter().map(|&(iova, _)| iova).min(),
+            areas
+                .iter()
+                .map(|&(iova, len)| iova.saturating_add(len.saturating_sub(1)))
+                .max(),
+        ) {
+            // One removal covering all of them.
+            self.removed(first, last);
         }
         for &(iova, len) in areas {
             self.areas.remove(&iova);
@@ -368,7 +381,7 @@ impl AddressSpace {
             .unwrap_or(last)
             .min(last);
         let len = hi - lo + 1;
-        self.removed();
+        self.removed(lo, hi);
         let ticket = match self.iommu.ioas_cut_begin(self.ioas, lo, len) {
             Ok((_, t)) => t,
             Err(source) => {
@@ -490,8 +503,14 @@ mod tests {
         let iommu = Iommu::new();
         let core = iommu_core::IommuDevice::new("t", iommu_core::HwInfo::default());
         let dev_id = iommu.bind(&core).expect("bind");
-        let mut space =
-            AddressSpace::new(&iommu, dev_id, Arc::default(), Arc::default()).expect("space");
+        let mut space = AddressSpace::new(
+            &iommu,
+            dev_id,
+            Arc::default(),
+            Arc::default(),
+            Arc::default(),
+        )
+        .expect("space");
         let mem = iommu_core::Memory::anonymous("g", (2 * PAGES * PAGE) as usize).expect("mem");
         // Page i of guest memory holds byte i.
         for i in 0..2 * PAGES {
