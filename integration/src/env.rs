@@ -102,8 +102,9 @@ pub fn workspace_root() -> PathBuf {
 /// A scratch directory for one test: sockets, logs, consoles.
 ///
 /// It lives under `/tmp` (unix socket paths must stay short) and is removed
-/// on drop, unless the thread is panicking: then its path is printed and its
-/// logs are kept for the post-mortem.
+/// on drop, unless the thread is panicking or `IOASIS_KEEP_LOGS` is set:
+/// then its path is printed and its logs are kept for the post-mortem (or,
+/// with `RUST_LOG=debug`, for counting a daemon's messages).
 #[derive(Debug)]
 pub struct WorkDir {
     path: PathBuf,
@@ -138,7 +139,7 @@ impl WorkDir {
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
-        if thread::panicking() {
+        if thread::panicking() || std::env::var_os("IOASIS_KEEP_LOGS").is_some() {
             eprintln!("logs kept in {}", self.path.display());
         } else {
             let _ = fs::remove_dir_all(&self.path);
