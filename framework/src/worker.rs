@@ -66,9 +66,8 @@ const CTL_TOKEN: u64 = 1 << 62;
 const RETRY: Duration = Duration::from_millis(10);
 /// How long a reported miss counts as asked for: a queue that parks on a
 /// page reported this recently (ahead of its chain) waits for the update
-/// on its way rather than asking again (the retries every [`RETRY`] ask
-/// again once it expired). Until then only an unmap that overlaps the page
-/// (or a ring change) forgets the ask. Long enough for a frontend to work
+/// on its way rather than asking again. Until then only an unmap that
+/// overlaps the page (or a ring change) forgets the ask. Long enough for a frontend to work
 /// through the misses queued before it: QEMU answers one at a time, each
 /// after its update's reply, and under TCG a batch of 17 took longer than
 /// the 5 ms this used to be. The page was asked again meanwhile, QEMU
@@ -892,9 +891,12 @@ impl Runner {
                 .any(|&(page, _)| page == p.iova & !(ASKED_PAGE - 1))
             {
                 // Reported ahead of this chain lately: its update is on its
-                // way and resumes the queue. Not asked again unless it
-                // takes longer than `ASKED_FOR` (a retry then reports it).
-                self.pending_report = true;
+                // way and resumes the queue, as for a miss reported now
+                // (neither is asked again while the queue waits; a polling
+                // worker would otherwise look at it on every turn, taking
+                // the ring's lock from the connection thread that resumes
+                // it).
+                p.reported = true;
             } else {
                 match self.shared.transport.report_miss(*index, p.iova, p.access) {
                     MissReport::Done => {

@@ -446,8 +446,8 @@ fn invalidate(s: &Setup, iova: u64, size: u64) {
 /// chain misses it (a strict guest IOMMU reuses I/O addresses right
 /// away), not only when the worker's retry finds the ask expired.
 /// Fails with `--cfg ioasis_broken="missforgetnone"` (the worker never
-/// forgets an ask on an unmap: the second miss waits until a retry finds
-/// the ask expired, 100 ms).
+/// forgets an ask on an unmap: the queue waits for an update that does not
+/// come, and the second miss is never sent).
 #[test]
 fn test_invalidated_then_asked_page_is_asked_again_at_once() {
     let mut s = setup();
