@@ -454,7 +454,7 @@ fn test_guest_migrates_under_traffic() {
 /// backend channel only after `vhost_dev_stop` had cleared the device, and
 /// dropped (no reply is asked for, so nothing waits on them).
 ///
-/// Before 18e6106 QEMU also printed a translation failure on either side
+/// Up to 96e0ca8 QEMU also printed a translation failure on either side
 /// each run (and "New fault is not recorded due to compression of
 /// faults": the guest's IOMMU recorded more DMA faults): a miss asked
 /// again for a page the driver had used and unmapped meanwhile. The
@@ -463,7 +463,8 @@ fn test_guest_migrates_under_traffic() {
 /// `RUST_LOG=debug`, 27 825 of 47 890 misses were asked again while the
 /// first ask was unanswered. Now an ask counts for 100 ms and only an
 /// unmap that overlaps its page forgets it: 11 of 32 480, and no
-/// translation failure on either side (one run each; the count:
+/// translation failure on either side (one run each, `IOASIS_KEEP_LOGS=1
+/// RUST_LOG=debug`, `scripts/iotlb-asks.py` on the daemon's log; the count:
 /// misses sent, `IOTLB Update`/`Invalidate` lines, a page asked again
 /// before an update or an invalidation covered it).
 #[test]
