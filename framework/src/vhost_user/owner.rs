@@ -52,6 +52,10 @@ impl RidHolder for ConnHolder {
             return;
         };
         let rings: Vec<Arc<Mutex<Vring>>> = rings.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        // The device's address space changed outside the connection's own
+        // (a session's attachment or mappings): a removal without a range,
+        // so the workers forget every miss they asked for and ask again.
+        conn.removals.fetch_add(1, Ordering::SeqCst);
         let mut any = false;
         for (index, m) in rings.iter().enumerate() {
             if conn.lock_vring(m).parked.take().is_some() {
