@@ -56,7 +56,7 @@ use crate::dma::{Dma, Section};
 use crate::epoll::{self, CtlOp, Epoll, EpollEvent, EpollFlags};
 use crate::peer_write::{self, Writer};
 use crate::queue::{Queues, Vring};
-use crate::removed::RemovedRanges;
+use crate::removed::{RemovalCount, RemovedRanges};
 use crate::transport::{MissReport, Transport};
 
 /// Token of the control eventfd in a worker's epoll set (queue tokens are
@@ -110,7 +110,7 @@ pub(crate) struct ConnShared {
     /// and then reads it sees the removal that unmapped it. Workers forget
     /// the misses they reported that a removal since overlapped
     /// ([`Runner::report`]).
-    pub removals: Arc<AtomicU64>,
+    pub removals: Arc<RemovalCount>,
     /// The ranges of the last removals, by their number in `removals`
     /// (recorded by the vhost-user address space; a removal counted
     /// without one makes the workers forget every miss).
@@ -943,7 +943,7 @@ mod tests {
     #[test]
     fn test_forget_removed_forgets_only_overlapped_pages() {
         let removed = RemovedRanges::default();
-        let count = AtomicU64::new(0);
+        let count = RemovalCount::new(0);
         let now = Instant::now();
         let mut asked = Vec::new();
         for iova in [0x1000, 0x2234, 0x5000, 0x9fff] {
@@ -965,7 +965,7 @@ mod tests {
     #[test]
     fn test_forget_removed_forgets_all_when_a_range_is_unknown() {
         let removed = RemovedRanges::default();
-        let count = AtomicU64::new(0);
+        let count = RemovalCount::new(0);
         let now = Instant::now();
         let mut asked = Vec::new();
         note_asked(&mut asked, 0x5000, now);

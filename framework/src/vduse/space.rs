@@ -14,11 +14,13 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use iommu_core::{DevId, IoasId, Iommu, Memory, Perm};
 use log::debug;
+
+use crate::removed::RemovalCount;
 
 use super::sys::{self, IotlbEntry, VDUSE_ACCESS_RO, VDUSE_ACCESS_RW, VDUSE_ACCESS_WO};
 use super::{Error, Result};
@@ -47,7 +49,7 @@ pub(crate) struct Space {
     ioas: IoasId,
     areas: BTreeMap<u64, Area>,
     /// Bumped before anything is unmapped (the workers' reported misses).
-    removals: Arc<AtomicU64>,
+    removals: Arc<RemovalCount>,
 }
 
 fn perm_of(p: u8) -> Perm {
@@ -61,7 +63,7 @@ fn perm_of(p: u8) -> Perm {
 
 impl Space {
     /// Allocates an IOAS and attaches device `dev_id` to it.
-    pub fn new(iommu: &Iommu, dev_id: DevId, removals: Arc<AtomicU64>) -> Result<Space> {
+    pub fn new(iommu: &Iommu, dev_id: DevId, removals: Arc<RemovalCount>) -> Result<Space> {
         let ioas = iommu.ioas_alloc().map_err(|source| Error::Ioas {
             op: "allocate",
             source,

@@ -16,7 +16,6 @@
 //!   rule). A shadow of the updates makes all of that exact.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use iommu_core::{DevId, InvalidationTicket, IoasId, Iommu, Perm};
@@ -26,7 +25,7 @@ use super::mem::{MemTable, Region};
 use super::msg::{VHOST_ACCESS_RO, VHOST_ACCESS_RW, VHOST_ACCESS_WO};
 use super::{Error, Result};
 use crate::ownership::RidOwnership;
-use crate::removed::RemovedRanges;
+use crate::removed::{RemovalCount, RemovedRanges};
 
 /// Largest number of IOTLB translations a frontend may install at once.
 pub const MAX_IOTLB_ENTRIES: usize = 1 << 16;
@@ -62,7 +61,7 @@ pub(crate) struct AddressSpace {
     areas: BTreeMap<u64, Entry>,
     /// Bumped before anything is unmapped (shared with the workers, see
     /// [`AddressSpace::new`]).
-    removals: Arc<AtomicU64>,
+    removals: Arc<RemovalCount>,
     /// The range of each removal, recorded before `removals` is bumped.
     removed: Arc<RemovedRanges>,
 }
@@ -88,7 +87,7 @@ impl AddressSpace {
         iommu: &Iommu,
         dev_id: DevId,
         rid: Arc<RidOwnership>,
-        removals: Arc<AtomicU64>,
+        removals: Arc<RemovalCount>,
         removed: Arc<RemovedRanges>,
     ) -> Result<Self> {
         let ioas = iommu.ioas_alloc().map_err(|source| Error::Ioas {
