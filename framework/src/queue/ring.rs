@@ -27,7 +27,7 @@ pub(super) struct RawDesc {
 }
 
 /// Host addresses of a queue's three ring areas, translated for the whole
-/// area each and valid for the access section the [`Queue`] lives in.
+/// area each and valid for the access section the [`Queue`](super::Queue) lives in.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Rings {
     pub(super) desc: *const u8,

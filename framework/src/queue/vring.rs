@@ -62,7 +62,7 @@ pub(crate) struct Vring {
     pub num_added: u16,
     /// `VIRTIO_F_IN_ORDER` was negotiated: buffers are used in the order
     /// they were made available, and a batch of them may be completed with
-    /// one used element (see [`Queue::add_used_batch`]).
+    /// one used element (see [`Queue::add_used_batch`](super::Queue::add_used_batch)).
     pub in_order: bool,
     /// Inflight tracking (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`), when the
     /// frontend gave a region.
