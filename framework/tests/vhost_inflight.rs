@@ -18,76 +18,13 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use ioasis::device::{Device, DeviceError, Queues, Worker};
-use ioasis::queue::Chain;
+use ioasis::device::Device;
 use ioasis::testing::Buf;
 use ioasis::vhost_user::{VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1};
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::{VhostBackend, VringConfigData};
 use vhost_common::*;
-
-/// Completes a chain whose first readable byte is 1 at once; one whose
-/// byte is 0 is popped and held (never completed) while `hold` is set.
-struct HoldDevice {
-    hold: Arc<AtomicBool>,
-    /// Times each head was completed.
-    completions: Arc<Vec<AtomicUsize>>,
-}
-
-impl Device for HoldDevice {
-    fn device_type(&self) -> u32 {
-        0x2a
-    }
-    fn features(&self) -> u64 {
-        0
-    }
-    fn num_queues(&self) -> usize {
-        1
-    }
-    fn max_queue_size(&self) -> u16 {
-        16
-    }
-    fn inflight_tracking(&self) -> bool {
-        true
-    }
-    fn worker(&self, _thread: usize) -> Result<Box<dyn Worker>, DeviceError> {
-        Ok(Box::new(HoldWorker {
-            hold: self.hold.clone(),
-            completions: self.completions.clone(),
-            chain: Chain::new(),
-        }))
-    }
-}
-
-struct HoldWorker {
-    hold: Arc<AtomicBool>,
-    completions: Arc<Vec<AtomicUsize>>,
-    chain: Chain,
-}
-
-impl Worker for HoldWorker {
-    fn process_queue(&mut self, index: u16, queues: &mut Queues<'_>) -> Result<(), DeviceError> {
-        let Some(mut q) = queues.get(index) else {
-            return Ok(());
-        };
-        let hold = self.hold.load(Ordering::SeqCst);
-        while q.pop(&mut self.chain)? {
-            let mut b = [0u8; 1];
-            q.read(&self.chain, 0, &mut b)?;
-            if b[0] == 0 && hold {
-                continue;
-            }
-            let head = self.chain.head();
-            q.add_used(head, 0)?;
-            if let Some(c) = self.completions.get(usize::from(head)) {
-                c.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-        q.notify()?;
-        Ok(())
-    }
-}
 
 const FEATURES: u64 = VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES;
 

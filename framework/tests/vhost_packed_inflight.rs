@@ -22,8 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ioasis::device::{Device, DeviceError, Queues, Worker};
-use ioasis::queue::Chain;
+use ioasis::device::Device;
 use ioasis::testing::{Buf, PackedDriverRing};
 use ioasis::vhost_user::{
     VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
@@ -33,73 +32,6 @@ use vhost::vhost_user::VhostUserFrontend;
 use vhost::{VhostBackend, VringConfigData};
 use vhost_common::*;
 use vmm_sys_util::eventfd::EventFd;
-
-/// Completes a chain whose first readable byte is 1 at once; one whose
-/// byte is 0 is popped and held (never completed) while `hold` is set.
-struct HoldDevice {
-    hold: Arc<AtomicBool>,
-    /// Times each buffer id was completed.
-    completions: Arc<Vec<AtomicUsize>>,
-}
-
-impl Device for HoldDevice {
-    fn device_type(&self) -> u32 {
-        0x2a
-    }
-    fn features(&self) -> u64 {
-        0
-    }
-    fn num_queues(&self) -> usize {
-        1
-    }
-    fn max_queue_size(&self) -> u16 {
-        16
-    }
-    fn inflight_tracking(&self) -> bool {
-        true
-    }
-    fn worker(&self, _thread: usize) -> Result<Box<dyn Worker>, DeviceError> {
-        Ok(Box::new(HoldWorker {
-            hold: self.hold.clone(),
-            completions: self.completions.clone(),
-            chain: Chain::new(),
-        }))
-    }
-}
-
-struct HoldWorker {
-    hold: Arc<AtomicBool>,
-    completions: Arc<Vec<AtomicUsize>>,
-    chain: Chain,
-}
-
-impl Worker for HoldWorker {
-    fn process_queue(&mut self, index: u16, queues: &mut Queues<'_>) -> Result<(), DeviceError> {
-        let Some(mut q) = queues.get(index) else {
-            return Ok(());
-        };
-        let hold = self.hold.load(Ordering::SeqCst);
-        // Bounded: a ring of 16 holds at most 16 chains.
-        for _ in 0..=16 {
-            if !q.pop(&mut self.chain)? {
-                break;
-            }
-            let mut b = [0u8; 1];
-            q.read(&self.chain, 0, &mut b)?;
-            if b[0] == 0 && hold {
-                continue;
-            }
-            let head = self.chain.head();
-            let len = self.chain.writable_len() as u32;
-            q.add_used(head, len)?;
-            if let Some(c) = self.completions.get(usize::from(head)) {
-                c.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-        q.notify()?;
-        Ok(())
-    }
-}
 
 const FEATURES: u64 = VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES | VIRTIO_F_RING_PACKED;
 

@@ -5,7 +5,7 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -456,5 +456,75 @@ impl EchoClient {
             .read_at(BUF_OFF + 0x100, &mut back)
             .expect("read");
         assert_eq!(back.to_vec(), out, "echoed bytes");
+    }
+}
+
+/// Completes a chain whose first readable byte is 1 at once; one whose
+/// byte is 0 is popped and held (never completed) while `hold` is set.
+/// Completions report the chain's writable length. The inflight tests'
+/// device, on split and packed rings.
+pub struct HoldDevice {
+    /// Hold chains whose first byte is 0.
+    pub hold: Arc<AtomicBool>,
+    /// Times each head (a packed ring's buffer id) was completed.
+    pub completions: Arc<Vec<AtomicUsize>>,
+}
+
+impl Device for HoldDevice {
+    fn device_type(&self) -> u32 {
+        0x2a
+    }
+    fn features(&self) -> u64 {
+        0
+    }
+    fn num_queues(&self) -> usize {
+        1
+    }
+    fn max_queue_size(&self) -> u16 {
+        16
+    }
+    fn inflight_tracking(&self) -> bool {
+        true
+    }
+    fn worker(&self, _thread: usize) -> Result<Box<dyn Worker>, DeviceError> {
+        Ok(Box::new(HoldWorker {
+            hold: self.hold.clone(),
+            completions: self.completions.clone(),
+            chain: Chain::new(),
+        }))
+    }
+}
+
+struct HoldWorker {
+    hold: Arc<AtomicBool>,
+    completions: Arc<Vec<AtomicUsize>>,
+    chain: Chain,
+}
+
+impl Worker for HoldWorker {
+    fn process_queue(&mut self, index: u16, queues: &mut Queues<'_>) -> Result<(), DeviceError> {
+        let Some(mut q) = queues.get(index) else {
+            return Ok(());
+        };
+        let hold = self.hold.load(Ordering::SeqCst);
+        // Bounded: a ring of 16 holds at most 16 chains.
+        for _ in 0..=16 {
+            if !q.pop(&mut self.chain)? {
+                break;
+            }
+            let mut b = [0u8; 1];
+            q.read(&self.chain, 0, &mut b)?;
+            if b[0] == 0 && hold {
+                continue;
+            }
+            let head = self.chain.head();
+            let len = self.chain.writable_len() as u32;
+            q.add_used(head, len)?;
+            if let Some(c) = self.completions.get(usize::from(head)) {
+                c.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        q.notify()?;
+        Ok(())
     }
 }
