@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use ioasis::ownership::RidOwnership;
 use ioasis::service::{sealed_memfd, Client, MapPerm, Service, ServiceThread};
-use ioasis::testing::Buf;
 use ioasis::vhost_user::msg::{
     IotlbMsg, FLAG_NEED_REPLY, VERSION_1, VHOST_ACCESS_RW, VHOST_IOTLB_INVALIDATE,
     VHOST_IOTLB_MISS, VHOST_IOTLB_UPDATE,
@@ -123,25 +122,6 @@ impl World {
         }
         panic!("RID owner is {:?}, want {want:?}", rid.owner());
     }
-}
-
-fn echo_chain(q: &mut QueueSetup, src: u64, dst: u64) {
-    q.ring
-        .add_chain(&[
-            Buf {
-                addr: src,
-                len: 4,
-                writable: false,
-            },
-            Buf {
-                addr: dst,
-                len: 64,
-                writable: true,
-            },
-        ])
-        .expect("chain");
-    q.ring.publish().expect("publish");
-    q.kick.write(1).expect("kick");
 }
 
 fn backend_msg(s: &UnixStream) -> IotlbMsg {

@@ -75,30 +75,11 @@ fn backend_msg(s: &UnixStream) -> IotlbMsg {
     m
 }
 
-fn echo_chain(s: &mut Setup, src: u64, dst: u64) {
-    s.q.ring
-        .add_chain(&[
-            Buf {
-                addr: src,
-                len: 4,
-                writable: false,
-            },
-            Buf {
-                addr: dst,
-                len: 64,
-                writable: true,
-            },
-        ])
-        .expect("chain");
-    s.q.ring.publish().expect("publish");
-    s.q.kick.write(1).expect("kick");
-}
-
 #[test]
 fn test_miss_parks_queue_then_update_resumes() {
     let mut s = setup();
     s.guest.mem.write_at(BUF_OFF, b"iotl").expect("write");
-    echo_chain(&mut s, BUF_IOVA, BUF_IOVA + 0x1000);
+    echo_chain(&mut s.q, BUF_IOVA, BUF_IOVA + 0x1000);
     // The readable buffer is not mapped: a miss for it, and nothing completed.
     let m = backend_msg(&s.backend);
     assert_eq!(
@@ -163,11 +144,11 @@ fn test_whole_range_invalidation_then_ring_miss() {
         ),
         0
     );
-    echo_chain(&mut s, BUF_IOVA, BUF_IOVA + 0x1000);
+    echo_chain(&mut s.q, BUF_IOVA, BUF_IOVA + 0x1000);
     wait_used(&s.q, 1);
     // Real frontends invalidate everything at once: iova 0, size u64::MAX.
     assert_eq!(iotlb(&s.raw, VHOST_IOTLB_INVALIDATE, 0, u64::MAX, 0, 0), 0);
-    echo_chain(&mut s, BUF_IOVA, BUF_IOVA + 0x1000);
+    echo_chain(&mut s.q, BUF_IOVA, BUF_IOVA + 0x1000);
     let m = backend_msg(&s.backend);
     assert_eq!(m.typ, VHOST_IOTLB_MISS);
     assert!(
@@ -229,7 +210,7 @@ fn test_partial_invalidation_keeps_the_rest_mapped() {
         0
     );
     // Left and right pages still translate.
-    echo_chain(&mut s, BUF_IOVA, BUF_IOVA + 0x2000);
+    echo_chain(&mut s.q, BUF_IOVA, BUF_IOVA + 0x2000);
     wait_used(&s.q, 1);
     let mut out = [0u8; 4];
     s.guest
@@ -238,7 +219,7 @@ fn test_partial_invalidation_keeps_the_rest_mapped() {
         .expect("read");
     assert_eq!(&out, b"left");
     // The middle one misses.
-    echo_chain(&mut s, BUF_IOVA, BUF_IOVA + 0x1000);
+    echo_chain(&mut s.q, BUF_IOVA, BUF_IOVA + 0x1000);
     let m = backend_msg(&s.backend);
     assert_eq!((m.typ, m.iova), (VHOST_IOTLB_MISS, BUF_IOVA + 0x1000));
 }
@@ -258,7 +239,7 @@ fn test_permission_failure_sends_access_fail() {
         ),
         0
     );
-    echo_chain(&mut s, BUF_IOVA, BUF_IOVA + 0x1000);
+    echo_chain(&mut s.q, BUF_IOVA, BUF_IOVA + 0x1000);
     let m = backend_msg(&s.backend);
     assert_eq!(
         (m.typ, m.iova, m.perm),
@@ -454,7 +435,7 @@ fn test_invalidated_then_asked_page_is_asked_again_at_once() {
     let page = BUF_IOVA;
     let dst = BUF_IOVA + 0x4000;
     update(&s, dst, 0x1000, BUF_OFF + 0x4000, VHOST_ACCESS_WO);
-    echo_chain(&mut s, page, dst);
+    echo_chain(&mut s.q, page, dst);
     let m = backend_msg(&s.backend);
     assert_eq!((m.typ, m.iova), (VHOST_IOTLB_MISS, page));
     let mut asked_at = Instant::now();
@@ -464,7 +445,7 @@ fn test_invalidated_then_asked_page_is_asked_again_at_once() {
         wait_used(&s.q, round);
         invalidate(&s, page, 0x1000);
         let kick = Instant::now();
-        echo_chain(&mut s, page, dst);
+        echo_chain(&mut s.q, page, dst);
         let m = backend_msg(&s.backend);
         let took = kick.elapsed();
         assert_eq!((m.typ, m.iova), (VHOST_IOTLB_MISS, page), "round {round}");
@@ -505,20 +486,7 @@ fn test_unmap_elsewhere_keeps_a_miss_on_its_way_asked() {
         update(&s, other, 0x1000, BUF_OFF + 0x6000, VHOST_ACCESS_RW);
         // Two chains at once: the first misses p1, the look-ahead finds p2.
         for src in [p1, p2] {
-            s.q.ring
-                .add_chain(&[
-                    Buf {
-                        addr: src,
-                        len: 4,
-                        writable: false,
-                    },
-                    Buf {
-                        addr: dst,
-                        len: 64,
-                        writable: true,
-                    },
-                ])
-                .expect("chain");
+            add_echo_chain(&mut s.q, src, dst);
         }
         s.q.ring.publish().expect("publish");
         s.q.kick.write(1).expect("kick");

@@ -13,7 +13,7 @@ use std::time::Duration;
 use ioasis::device::{Device, DeviceError, Queues, Worker};
 use ioasis::queue::Chain;
 use ioasis::server::{Server, ShutdownHandle};
-use ioasis::testing::DriverRing;
+use ioasis::testing::{Buf, DriverRing};
 use ioasis::vhost_user::msg::{self, Header, FLAG_NEED_REPLY, HDR_SIZE, VERSION_1};
 use iommu_core::Memory;
 use nix::sys::socket::MsgFlags;
@@ -457,6 +457,33 @@ impl EchoClient {
             .expect("read");
         assert_eq!(back.to_vec(), out, "echoed bytes");
     }
+}
+
+/// Adds an echo chain to `q`'s ring (not yet published): 4 readable bytes
+/// at `src`, 64 writable at `dst`.
+pub fn add_echo_chain(q: &mut QueueSetup, src: u64, dst: u64) {
+    q.ring
+        .add_chain(&[
+            Buf {
+                addr: src,
+                len: 4,
+                writable: false,
+            },
+            Buf {
+                addr: dst,
+                len: 64,
+                writable: true,
+            },
+        ])
+        .expect("chain");
+}
+
+/// Adds an echo chain to `q`'s ring ([`add_echo_chain`]), publishes it and
+/// kicks.
+pub fn echo_chain(q: &mut QueueSetup, src: u64, dst: u64) {
+    add_echo_chain(q, src, dst);
+    q.ring.publish().expect("publish");
+    q.kick.write(1).expect("kick");
 }
 
 /// Completes a chain whose first readable byte is 1 at once; one whose
