@@ -17,16 +17,13 @@
 
 use std::sync::atomic::Ordering;
 
-#[cfg(not(loom))]
-use std::sync::atomic::AtomicU64;
-
-#[cfg(loom)]
-use model::AtomicU64;
+// std's `AtomicU64`; under `--cfg loom` iommu-core's loom model of it.
+use iommu_core::atomic::AtomicU64;
 
 /// The type of a connection's removal count
 /// ([`ConnShared::removals`](crate::worker::ConnShared)): std's
-/// `AtomicU64`, loom's under `--cfg loom` (so that the model sees the
-/// count's order against the slots).
+/// `AtomicU64`, loom's model of it under `--cfg loom` (so that the model
+/// sees the count's order against the slots).
 pub(crate) type RemovalCount = AtomicU64;
 
 /// Removals whose ranges are kept (a strict guest IOMMU unmaps tens of
@@ -152,51 +149,6 @@ mod tests {
     }
 }
 
-/// loom's `AtomicU64`, `SeqCst` modelled with fences, as in iommu-core's
-/// `src/prim.rs`: loom 0.7 checks a `SeqCst` access only as `AcqRel`, so
-/// each one is the access with a `SeqCst` fence before and after it (what
-/// x86-64 compiles it to). Every access here is `SeqCst`.
-#[cfg(loom)]
-mod model {
-    use loom::sync::atomic;
-    use std::sync::atomic::Ordering;
-
-    /// The fence that stands for the `SeqCst` part of an access.
-    fn sc(order: Ordering) {
-        if order == Ordering::SeqCst {
-            atomic::fence(Ordering::SeqCst);
-        }
-    }
-
-    /// loom's `AtomicU64`, `SeqCst` modelled with fences.
-    #[derive(Debug, Default)]
-    pub(crate) struct AtomicU64(atomic::AtomicU64);
-
-    #[allow(dead_code)] // `new` is for the model only
-    impl AtomicU64 {
-        pub(crate) fn new(v: u64) -> Self {
-            Self(atomic::AtomicU64::new(v))
-        }
-        pub(crate) fn load(&self, order: Ordering) -> u64 {
-            sc(order);
-            let v = self.0.load(order);
-            sc(order);
-            v
-        }
-        pub(crate) fn store(&self, v: u64, order: Ordering) {
-            sc(order);
-            self.0.store(v, order);
-            sc(order);
-        }
-        pub(crate) fn fetch_add(&self, v: u64, order: Ordering) -> u64 {
-            sc(order);
-            let old = self.0.fetch_add(v, order);
-            sc(order);
-            old
-        }
-    }
-}
-
 /// A loom model of the seqlock: a writer records three removals in a ring
 /// of 2 (the third overwrites the first's slot) while a worker reads the
 /// count and then the ranges since the count it saw before, twice.
@@ -220,7 +172,7 @@ mod model {
 /// took removal 3's last address for removal 1's. Checked by hand as
 /// well: a writer that does not zero the slot's seq first fails after 6
 /// executions (removal 3's range read as removal 1's, at any bound from
-/// 2); with the `SeqCst` fences of [`model`] left out (every access
+/// 2); with the `SeqCst` fences of `iommu_core::atomic::AtomicU64`'s model left out (every access
 /// checked as acquire/release only) the model passes (4260 executions),
 /// so the seqlock does not depend on them.
 #[cfg(all(test, loom))]

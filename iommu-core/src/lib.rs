@@ -279,6 +279,14 @@ pub mod memory;
 mod prim;
 mod queue_file;
 pub mod sigbus;
+/// iommu-core's own `AtomicU64`, for crates above whose synchronisation is
+/// model-checked together with it: std's in every normal build; under
+/// `--cfg loom` loom's, with each `SeqCst` access modelled as the access
+/// between two `SeqCst` fences (loom 0.7 checks `SeqCst` only as `AcqRel`;
+/// see `src/prim.rs`). The framework's range ring of recent unmaps uses it.
+pub mod atomic {
+    pub use crate::prim::AtomicU64;
+}
 mod sync;
 mod translate;
 mod types;

@@ -30,7 +30,9 @@
 //! models catch the test-only `ioasis_broken="acqrel"` build.
 
 #[cfg(not(loom))]
-pub(crate) use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize};
+pub use std::sync::atomic::AtomicU64;
+#[cfg(not(loom))]
+pub(crate) use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize};
 #[cfg(not(loom))]
 pub(crate) use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -39,7 +41,9 @@ pub(crate) use loom::sync::{
     Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
 };
 #[cfg(loom)]
-pub(crate) use model::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize};
+pub use model::AtomicU64;
+#[cfg(loom)]
+pub(crate) use model::{AtomicBool, AtomicU32, AtomicUsize};
 
 #[cfg(loom)]
 mod model {
@@ -57,38 +61,44 @@ mod model {
     macro_rules! atomic_int {
         ($name:ident, $t:ty) => {
             /// loom's atomic of the same name, `SeqCst` modelled with fences.
-            #[derive(Default)]
-            pub(crate) struct $name(atomic::$name);
+            #[derive(Debug, Default)]
+            pub struct $name(atomic::$name);
 
             #[allow(dead_code)] // each type uses a different subset
             impl $name {
-                pub(crate) fn new(v: $t) -> Self {
+                /// As std's.
+                pub fn new(v: $t) -> Self {
                     Self(atomic::$name::new(v))
                 }
-                pub(crate) fn load(&self, order: Ordering) -> $t {
+                /// As std's.
+                pub fn load(&self, order: Ordering) -> $t {
                     sc(order);
                     let v = self.0.load(order);
                     sc(order);
                     v
                 }
-                pub(crate) fn store(&self, v: $t, order: Ordering) {
+                /// As std's.
+                pub fn store(&self, v: $t, order: Ordering) {
                     sc(order);
                     self.0.store(v, order);
                     sc(order);
                 }
-                pub(crate) fn fetch_add(&self, v: $t, order: Ordering) -> $t {
+                /// As std's.
+                pub fn fetch_add(&self, v: $t, order: Ordering) -> $t {
                     sc(order);
                     let old = self.0.fetch_add(v, order);
                     sc(order);
                     old
                 }
-                pub(crate) fn fetch_sub(&self, v: $t, order: Ordering) -> $t {
+                /// As std's.
+                pub fn fetch_sub(&self, v: $t, order: Ordering) -> $t {
                     sc(order);
                     let old = self.0.fetch_sub(v, order);
                     sc(order);
                     old
                 }
-                pub(crate) fn fetch_update<F>(
+                /// As std's.
+                pub fn fetch_update<F>(
                     &self,
                     set: Ordering,
                     fetch: Ordering,
