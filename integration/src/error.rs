@@ -70,6 +70,16 @@ pub enum Error {
         /// The value measured.
         got: u64,
     },
+    /// Data that must arrive intact differs from what was sent.
+    #[error("{what}: sent {expected}, received {got}")]
+    Corrupt {
+        /// What was compared.
+        what: String,
+        /// The sender's digest (or value).
+        expected: String,
+        /// The receiver's.
+        got: String,
+    },
     /// A prerequisite of the machine (tool, kernel, module, root) is missing:
     /// the test skips ([`crate::env::ready`]).
     #[error("unavailable: {0}")]

@@ -6,6 +6,10 @@
 //! [`BULK_BYTES`] file with busybox httpd (which sends it with sendfile(),
 //! so the guest's TCP hands TSO-sized segments to the driver whenever the
 //! device offers TSO), and busybox wget inside the namespace downloads it.
+//! The file is random; its MD5 digest, taken in the guest, must equal the
+//! downloaded copy's or the transfer fails (the guest's TCP checksums are
+//! offloaded and never verified on the way, so only the digest shows a
+//! corrupted frame).
 //! Each [`Transfer`] carries the bytes received, the time taken and the
 //! frames and bytes the tap received meanwhile. Used by the vdpa-net guest
 //! test and by `ioasis-bench-net --tcp`.
@@ -16,7 +20,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::guest::ping_script;
 use crate::netns::Netns;
-use crate::qemu::{Qemu, QemuConfig, GUEST_TIMEOUT};
+use crate::qemu::{IommuMode, Qemu, QemuConfig, GUEST_TIMEOUT};
 use crate::vdpa_net::{VdpaNet, VdpaNetConfig};
 
 /// The tap vdpa-net opens inside the namespace.
@@ -64,34 +68,43 @@ impl Transfer {
 }
 
 /// The guest's script: reach the namespace, print the device's virtio
-/// features (`FEATURES` marker), then serve the file (`SERVING` marker).
+/// features (`FEATURES` marker), write the random file and print its MD5
+/// digest (`SUM` marker), then serve it (`SERVING` marker).
 pub fn serve_script() -> String {
     format!(
         "{}mark \"FEATURES $(cat /sys/class/net/$IF/device/features)\"\n\
-         mkdir -p /tmp/www && dd if=/dev/zero of=/tmp/www/big bs=1048576 count={BULK_MB} 2>/dev/null\n\
+         mkdir -p /tmp/www && dd if=/dev/urandom of=/tmp/www/big bs=1048576 count={BULK_MB} 2>/dev/null\n\
+         mark \"SUM $(md5sum /tmp/www/big | cut -d ' ' -f 1)\"\n\
          httpd -p 8080 -h /tmp/www && mark SERVING\n\
          sleep 600\n",
         ping_script(&format!("{GUEST_IP}/24"), HOST_IP, 1)
     )
 }
 
-/// The virtio feature bits a guest printed (`FEATURES` marker) in
-/// `console`, summarised (bit 0 first).
-pub fn guest_features(console: &str) -> String {
-    let bits = console
-        .split("@@IOASIS:FEATURES ")
+/// The text a guest printed with marker `name` (`mark "NAME text"`) in
+/// `console`; empty if none.
+fn marker_text(console: &str, name: &str) -> String {
+    console
+        .split(&format!("@@IOASIS:{name} "))
         .nth(1)
         .and_then(|r| r.split("@@").next())
         .unwrap_or("")
         .trim()
-        .to_string();
+        .to_string()
+}
+
+/// The virtio feature bits a guest printed (`FEATURES` marker) in
+/// `console`, summarised (bit 0 first).
+pub fn guest_features(console: &str) -> String {
+    let bits = marker_text(console, "FEATURES");
     let has = |bit: usize| bits.as_bytes().get(bit) == Some(&b'1');
     format!(
-        "CSUM={} HOST_TSO4={} HOST_TSO6={} MRG_RXBUF={} RING_PACKED={} ({bits})",
+        "CSUM={} HOST_TSO4={} HOST_TSO6={} MRG_RXBUF={} ACCESS_PLATFORM={} RING_PACKED={} ({bits})",
         has(0),
         has(11),
         has(12),
         has(15),
+        has(33),
         has(34)
     )
 }
@@ -104,6 +117,10 @@ pub struct TcpBulk {
     vdpa: VdpaNet,
     ns: Netns,
     busybox: PathBuf,
+    /// Where the namespace side stores the download.
+    copy: PathBuf,
+    /// The file's MD5 digest, as the guest printed it.
+    sum: String,
 }
 
 impl TcpBulk {
@@ -111,17 +128,20 @@ impl TcpBulk {
     /// the guest in `dir` and waits until it serves the file. `busybox` runs
     /// the download inside the namespace.
     pub fn start(bin: &Path, extra_args: &[String], busybox: &Path, dir: &Path) -> Result<TcpBulk> {
-        TcpBulk::start_on(bin, extra_args, busybox, dir, false)
+        TcpBulk::start_on(bin, extra_args, busybox, dir, false, IommuMode::Off)
     }
 
     /// [`start`](TcpBulk::start), the guest's device with `packed=on` if
-    /// `packed` (packed virtqueues).
+    /// `packed` (packed virtqueues), behind the guest's intel-iommu in
+    /// `iommu` mode (every ring and buffer address then an I/O virtual
+    /// address the device translates through IOTLB messages).
     pub fn start_on(
         bin: &Path,
         extra_args: &[String],
         busybox: &Path,
         dir: &Path,
         packed: bool,
+        iommu: IommuMode,
     ) -> Result<TcpBulk> {
         let ns = Netns::new()?;
         let sock = dir.join("net.sock");
@@ -134,7 +154,9 @@ impl TcpBulk {
         let vdpa = VdpaNet::spawn_bin(bin, &cfg, dir, Some(&ns))?;
         ns.wait_link(TAP, SETUP_TIMEOUT)?;
         ns.addr_up(TAP, &format!("{HOST_IP}/24"))?;
-        let mut qcfg = QemuConfig::new("guest", &serve_script()).netdev(&sock, "52:54:00:00:00:01");
+        let mut qcfg = QemuConfig::new("guest", &serve_script())
+            .netdev(&sock, "52:54:00:00:00:01")
+            .iommu(iommu);
         if packed {
             qcfg = qcfg.packed();
         }
@@ -145,32 +167,55 @@ impl TcpBulk {
             GUEST_TIMEOUT,
         )?;
         guest.wait_marker("SERVING", GUEST_TIMEOUT)?;
+        let sum = marker_text(&guest.console_text(), "SUM");
+        if sum.len() != 32 {
+            return Err(Error::Parse {
+                what: format!("the file's digest {sum:?}"),
+                path: PathBuf::from("guest console"),
+                detail: "no SUM marker of 32 hex digits".into(),
+            });
+        }
         Ok(TcpBulk {
             guest,
             vdpa,
             ns,
             busybox: busybox.to_path_buf(),
+            copy: dir.join("big"),
+            sum,
         })
     }
 
-    /// Downloads the file once from the namespace side.
+    /// Downloads the file once from the namespace side; fails unless the
+    /// copy's MD5 digest equals the guest's.
     pub fn transfer(&self) -> Result<Transfer> {
         let before = self.ns.link_stats(TAP)?;
         let start = Instant::now();
-        let out = self.ns.sh(
-            &format!(
-                "{} wget -q -O - http://{GUEST_IP}:8080/big | wc -c",
-                self.busybox.display()
-            ),
+        let (bb, copy) = (self.busybox.display(), self.copy.display());
+        self.ns.sh(
+            &format!("{bb} wget -q -O {copy} http://{GUEST_IP}:8080/big"),
             TRANSFER_TIMEOUT,
         )?;
         let secs = start.elapsed().as_secs_f64();
         let after = self.ns.link_stats(TAP)?;
-        let received = out.trim().parse().map_err(|e| Error::Parse {
-            what: format!("byte count {:?}", out.trim()),
-            path: PathBuf::from("wget output"),
+        let out = self.ns.sh(
+            &format!("{bb} wc -c < {copy} && {bb} md5sum {copy}"),
+            TRANSFER_TIMEOUT,
+        )?;
+        let mut words = out.split_whitespace();
+        let count = words.next().unwrap_or("");
+        let received = count.parse().map_err(|e| Error::Parse {
+            what: format!("byte count {count:?}"),
+            path: PathBuf::from("wc output"),
             detail: format!("{e}"),
         })?;
+        let got = words.next().unwrap_or("");
+        if got != self.sum {
+            return Err(Error::Corrupt {
+                what: format!("MD5 digest of the {received}-byte download"),
+                expected: self.sum.clone(),
+                got: got.to_string(),
+            });
+        }
         Ok(Transfer {
             received,
             secs,
