@@ -855,6 +855,20 @@ impl<'a> Dma<'a> {
         })
     }
 
+    /// The host address of all `len` bytes at `iova` when one run this
+    /// section already translated (for this PASID and `access`) holds them
+    /// (what [`Dma::fragment`] would return whole, without a result to build
+    /// or a call to make); `None` otherwise, and for `len == 0`, without any
+    /// side effect: the caller then asks [`Dma::fragment`]. The queue's
+    /// one-buffer pop uses it (see `queue/walk.rs`).
+    #[inline(always)]
+    pub(crate) fn hot_whole(&self, iova: u64, len: u64, access: Access) -> Option<*mut u8> {
+        match self.hot.prefix(self.at.pasid, iova, len, access.perm()) {
+            Some(f) if len != 0 && f.len as u64 == len => Some(f.ptr),
+            _ => None,
+        }
+    }
+
     /// Copies `len` bytes from `src` to `dst` (both device addresses of
     /// this handle's PASID; memmove semantics per pair of host fragments).
     /// Both ranges are translated first: on error nothing was copied. The

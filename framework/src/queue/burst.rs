@@ -140,14 +140,17 @@ impl<'a> Queue<'a> {
             }
         }
         let size = self.size();
-        self.burst_loop(chains, size, |q, c| {
-            if plain {
-                c.clear();
-                q.pop_avail(c)
-            } else {
-                q.pop(c)
-            }
-        })
+        self.burst_loop(
+            chains,
+            size,
+            |q, c| {
+                if plain {
+                    q.pop_avail(c)
+                } else {
+                    q.pop(c)
+                }
+            },
+        )
     }
 
     /// The loop of a burst, for every kind of ring: `pop_one` fills each of

@@ -68,6 +68,27 @@ impl Chain {
         self.writable
     }
 
+    /// Makes this the chain `head` of the one buffer `desc`, whose bytes
+    /// are at host address `host` in the section of `epoch`: what
+    /// [`clear`](Chain::clear) and a walk of that one descriptor leave,
+    /// without the walk's running sums and loop (the one-buffer pop, see
+    /// `walk.rs`).
+    #[inline(always)]
+    pub(super) fn set_one(&mut self, head: u16, epoch: u64, desc: Desc, host: usize) {
+        self.head = head;
+        self.epoch = epoch;
+        let len = u64::from(desc.len);
+        (self.readable, self.writable) = if desc.writable { (0, len) } else { (len, 0) };
+        self.descs.clear();
+        self.descs.push(desc);
+        self.frags.clear();
+        self.frags.push(Frag {
+            addr: host,
+            len: desc.len as usize,
+            writable: desc.writable,
+        });
+    }
+
     pub(super) fn clear(&mut self) {
         self.head = 0;
         self.descs.clear();

@@ -41,7 +41,8 @@ impl<'a> Queue<'a> {
     }
 
     /// Pops the next chain of a split ring from its avail ring, counted for
-    /// [`unpop`](Queue::unpop).
+    /// [`unpop`](Queue::unpop). `chain` need not be cleared first: whatever
+    /// the outcome, it holds nothing it held before.
     ///
     /// Kept apart from packed rings and inflight tracking so that
     /// [`pop`](Queue::pop)'s common path hands this result on as it is: a
@@ -52,7 +53,10 @@ impl<'a> Queue<'a> {
     pub(super) fn pop_avail(&mut self, chain: &mut Chain) -> Result<bool> {
         let r = match self.rings {
             Some(r) => self.pop_fast(r, chain),
-            None => self.pop_slow(chain),
+            None => {
+                chain.clear();
+                self.pop_slow(chain)
+            }
         };
         if matches!(r, Ok(true)) {
             self.tail_pops = self.tail_pops.saturating_add(1);
@@ -283,6 +287,8 @@ impl<'a> Queue<'a> {
     fn pop_fast(&mut self, r: Rings, chain: &mut Chain) -> Result<bool> {
         let next = self.vring.q.next_avail();
         if next == self.avail_cache {
+            // Whatever the outcome, `chain` holds nothing popped before.
+            chain.clear();
             self.refresh_avail(&r)?;
             if next == self.avail_cache {
                 return Ok(false);
@@ -290,6 +296,14 @@ impl<'a> Queue<'a> {
         }
         // The size is a power of two (virtio-queue checks it).
         let head = r.avail_entry(next & (r.size - 1));
+        // One buffer already translated: no walk, no running sums, no
+        // fragment call (scripts/count-net.sh: 1089.5 -> 989.7 per frame,
+        // with the burst no longer clearing each chain first).
+        if self.pop_one_hot(r, head, chain) {
+            self.vring.q.set_next_avail(next.wrapping_add(1));
+            return Ok(true);
+        }
+        chain.clear();
         let mut idx = head;
         let mut count = 0u16;
         chain.head = head;
@@ -342,6 +356,66 @@ impl<'a> Queue<'a> {
             queue: self.index,
             head,
         })
+    }
+
+    /// The common split chain, whole: `head` is one direct descriptor whose
+    /// buffer lies in a run this section already translated (DPDK's
+    /// virtio-user posts nothing else with ANY_LAYOUT, on either ring).
+    /// Fills `chain` with it and returns true; returns false, having
+    /// changed nothing the walk relies on, for anything else (which
+    /// [`pop_fast`](Queue::pop_fast)'s walk then takes, checks and
+    /// translates in full). The same checks as the walk: head in the ring,
+    /// no `NEXT` or `INDIRECT`, the buffer inside the address space, every
+    /// byte translated for the device's access.
+    #[inline(always)]
+    fn pop_one_hot(&self, r: Rings, head: u16, chain: &mut Chain) -> bool {
+        if head >= r.size {
+            return false;
+        }
+        let d = r.desc(head);
+        if d.flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT) != 0 {
+            return false;
+        }
+        self.set_one_hot(
+            chain,
+            head,
+            d.addr,
+            d.len,
+            d.flags & VRING_DESC_F_WRITE != 0,
+        )
+    }
+
+    /// Makes `chain` the chain `head` of one buffer when the section already
+    /// holds that buffer's translation for the device's access (and it does
+    /// not wrap around the address space); returns false, changing nothing,
+    /// otherwise. The one-buffer pop of both ring layouts.
+    #[inline(always)]
+    pub(super) fn set_one_hot(
+        &self,
+        chain: &mut Chain,
+        head: u16,
+        addr: u64,
+        len: u32,
+        writable: bool,
+    ) -> bool {
+        let access = if writable {
+            Access::Write
+        } else {
+            Access::Read
+        };
+        if addr.checked_add(u64::from(len)).is_none() {
+            return false;
+        }
+        let Some(host) = self.dma.hot_whole(addr, u64::from(len), access) else {
+            return false;
+        };
+        let desc = Desc {
+            addr,
+            len,
+            writable,
+        };
+        chain.set_one(head, self.epoch, desc, host as usize);
+        true
     }
 
     /// The queue just parked on a miss of the chain at avail slot `missed`:

@@ -98,6 +98,13 @@ impl<'a> Queue<'a> {
             // The common chain: one direct descriptor, done here.
             Ok(d) if d.flags & (DESC_F_NEXT | DESC_F_INDIRECT) == 0 => {
                 let writable = d.flags & DESC_F_WRITE != 0;
+                // Its buffer already translated in this section: no walk
+                // (scripts/count-net.sh --packed: 1252.3 -> 1169.2 per frame,
+                // with the split ring's one-buffer pop).
+                if d.id < size && self.set_one_hot(chain, d.id, d.addr, d.len, writable) {
+                    self.packed_popped_one(start, wrap, d, writable, chain);
+                    return Ok(true);
+                }
                 match self.push_buffer(chain, d.addr, d.len, writable) {
                     Ok(()) if d.id < size => {
                         self.packed_popped_one(start, wrap, d, writable, chain);
