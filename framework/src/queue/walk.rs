@@ -368,7 +368,7 @@ impl<'a> Queue<'a> {
     /// no `NEXT` or `INDIRECT`, the buffer inside the address space, every
     /// byte translated for the device's access.
     #[inline(always)]
-    fn pop_one_hot(&self, r: Rings, head: u16, chain: &mut Chain) -> bool {
+    pub(super) fn pop_one_hot(&self, r: Rings, head: u16, chain: &mut Chain) -> bool {
         if head >= r.size {
             return false;
         }
