@@ -90,6 +90,29 @@ fn late_write(q: &Queue<'_>, iova: u64, data: &[u8], delay: Duration) {
     }
 }
 
+/// Fault injection: once a late write is armed, remembers the buffer of
+/// the frame just written into `chain`; the next frame then claims it and
+/// is written into that same buffer again after the section ends.
+#[cfg(feature = "fault-injection")]
+fn inject_late(late: &mut Option<u64>, q: &Queue<'_>, chain: &Chain, parts: &RxParts<'_>) {
+    match late.take() {
+        // The next frame, again into the first one's buffer, once the
+        // section has ended.
+        Some(iova) => {
+            if let Some(delay) = ioasis::fault_injection::claim(FAULT_KIND) {
+                let mut bytes = parts.hdr.to_vec();
+                bytes.extend_from_slice(parts.frame);
+                late_write(q, iova, &bytes, delay);
+            }
+        }
+        None => {
+            if ioasis::fault_injection::armed(FAULT_KIND) {
+                *late = first_writable(chain);
+            }
+        }
+    }
+}
+
 /// Why a transmit chain's frame was dropped (the chain is still completed,
 /// with length 0, and counted as an error).
 #[derive(Debug, thiserror::Error)]
@@ -469,6 +492,44 @@ impl PairEngine {
                 data[..VNET_HDR_LEN].fill(0);
             }
             let total = hdr_len + frame_len;
+            // The common frame: the 12-byte header, and the first held
+            // chain one buffer with room for all of it (what DPDK's
+            // virtio-user and Linux post with MRG_RXBUF): one copy and one
+            // completion, without the gathering and merging loops below,
+            // which do the same for it (scripts/count-net.sh: 874.3 ->
+            // 807.5 per frame, --packed 1094.6 -> 1027.8).
+            if hdr_len == VNET_HDR_LEN && *held > 0 {
+                let c = &chains[*first];
+                let one = c.readable_len() == 0
+                    && usize::try_from(c.writable_len()).is_ok_and(|w| w >= total);
+                if one {
+                    data[10..12].copy_from_slice(&1u16.to_le_bytes());
+                    if let Some(c) = chains[..*first + *held].get(*first + PREFETCH_AHEAD) {
+                        q.prefetch(c);
+                    }
+                    let c = &chains[*first];
+                    if let Err(e) = q.write(c, 0, data) {
+                        fatal = Some(e);
+                        return false;
+                    }
+                    used.push((c.head(), total as u32));
+                    #[cfg(feature = "fault-injection")]
+                    inject_late(
+                        late,
+                        q,
+                        c,
+                        &RxParts {
+                            hdr: &[],
+                            frame: data,
+                        },
+                    );
+                    *first += 1;
+                    *held -= 1;
+                    pkts += 1;
+                    bytes += frame_len as u64;
+                    return true;
+                }
+            }
             // Gather enough chains: those held from an earlier frame first.
             let mut cap = 0usize;
             let mut k = 0usize;
@@ -574,22 +635,7 @@ impl PairEngine {
                 start += w;
             }
             #[cfg(feature = "fault-injection")]
-            match late.take() {
-                // The next frame, again into the first one's buffer, once
-                // the section has ended.
-                Some(iova) => {
-                    if let Some(delay) = ioasis::fault_injection::claim(FAULT_KIND) {
-                        let mut bytes = parts.hdr.to_vec();
-                        bytes.extend_from_slice(parts.frame);
-                        late_write(q, iova, &bytes, delay);
-                    }
-                }
-                None => {
-                    if ioasis::fault_injection::armed(FAULT_KIND) {
-                        *late = first_writable(&chains[*first]);
-                    }
-                }
-            }
+            inject_late(late, q, &chains[*first], &parts);
             *first += k;
             *held -= k;
             pkts += 1;
