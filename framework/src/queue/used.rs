@@ -114,6 +114,24 @@ impl<'a> Queue<'a> {
             return Err((0, e));
         }
         let (Some(r), true, Some(&last)) = (self.rings, self.vring.in_order, heads.last()) else {
+            if let (Some(r), None, None) = (self.rings, &self.vring.log, &self.vring.inflight) {
+                // One element per head, the choice of path made once for
+                // the batch (a driver without IN_ORDER, such as Linux's or
+                // the count's; scripts/count-net.sh: 807.5 -> 784.1 per
+                // frame). Every head was checked against the size above.
+                let mut next = self.vring.q.next_used();
+                for &h in heads {
+                    r.write_used(next & (size - 1), u32::from(h), 0);
+                    next = next.wrapping_add(1);
+                }
+                if !heads.is_empty() {
+                    self.vring.q.set_next_used(next);
+                    let n = u16::try_from(heads.len()).unwrap_or(u16::MAX);
+                    self.vring.num_added = self.vring.num_added.saturating_add(n);
+                    self.dirty = true;
+                }
+                return Ok(());
+            }
             for (i, &h) in heads.iter().enumerate() {
                 self.add_used(h, 0).map_err(|e| (i, e))?;
             }
