@@ -79,14 +79,29 @@ impl Chain {
         self.epoch = epoch;
         let len = u64::from(desc.len);
         (self.readable, self.writable) = if desc.writable { (0, len) } else { (len, 0) };
-        self.descs.clear();
-        self.descs.push(desc);
-        self.frags.clear();
-        self.frags.push(Frag {
+        let frag = Frag {
             addr: host,
             len: desc.len as usize,
             writable: desc.writable,
-        });
+        };
+        // A reused chain of one buffer (the steady state) is overwritten in
+        // place, without the vectors' length stores and capacity checks
+        // (scripts/count-net.sh: 742.3 -> 739.9 per frame, --packed 986.2 ->
+        // 980.9).
+        match self.descs.as_mut_slice() {
+            [d] => *d = desc,
+            _ => {
+                self.descs.clear();
+                self.descs.push(desc);
+            }
+        }
+        match self.frags.as_mut_slice() {
+            [f] => *f = frag,
+            _ => {
+                self.frags.clear();
+                self.frags.push(frag);
+            }
+        }
     }
 
     pub(super) fn clear(&mut self) {
@@ -106,6 +121,20 @@ impl<'a> Queue<'a> {
     #[inline]
     pub fn read(&mut self, chain: &Chain, offset: u64, buf: &mut [u8]) -> Result<usize> {
         if chain.epoch == self.epoch {
+            if let Some((f, at, n)) = one_frag(chain, false, offset, buf.len()) {
+                // SAFETY: as below: the chain's only fragment, translated for
+                // read in this open section; `at + n <= f.len`,
+                // `n <= buf.len()`; guest memory is reached through raw
+                // pointers only.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        (f.addr as *const u8).wrapping_add(at),
+                        buf.as_mut_ptr(),
+                        n,
+                    )
+                };
+                return Ok(n);
+            }
             return Ok(copy_frags(
                 chain,
                 false,
@@ -149,6 +178,19 @@ impl<'a> Queue<'a> {
     #[inline]
     pub fn write(&mut self, chain: &Chain, offset: u64, data: &[u8]) -> Result<usize> {
         if chain.epoch == self.epoch {
+            if let Some((f, at, n)) = one_frag(chain, true, offset, data.len()) {
+                // SAFETY: as below: the chain's only fragment, translated for
+                // write in this open section; `at + n <= f.len`,
+                // `n <= data.len()`; the source is a distinct Rust slice.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        data.as_ptr(),
+                        (f.addr as *mut u8).wrapping_add(at),
+                        n,
+                    )
+                };
+                return Ok(n);
+            }
             return Ok(copy_frags(
                 chain,
                 true,
@@ -214,6 +256,27 @@ fn walk_descs<E>(
         skip = 0;
     }
     Ok(done)
+}
+
+/// The common chain of one fragment of the direction asked: that fragment,
+/// the offset in it and the bytes to copy (what [`copy_frags`] would copy,
+/// without its loop: scripts/count-net.sh 784.1 -> 742.3 per frame,
+/// --packed 1027.8 -> 986.2); `None` for any
+/// other chain.
+#[inline(always)]
+fn one_frag(
+    chain: &Chain,
+    writable: bool,
+    offset: u64,
+    want: usize,
+) -> Option<(&Frag, usize, usize)> {
+    match chain.frags.as_slice() {
+        [f] if f.writable == writable => {
+            let at = usize::try_from(offset).unwrap_or(usize::MAX).min(f.len);
+            Some((f, at, (f.len - at).min(want)))
+        }
+        _ => None,
+    }
 }
 
 /// Walks the readable (or writable) fragments of `chain` from `offset`,
@@ -290,5 +353,36 @@ mod tests {
         let mut out = [0u8; 7];
         f.buf_mem.read_at(0x1000, &mut out).expect("read back");
         assert_eq!(&out[2..], b"world");
+    }
+
+    /// A chain of one buffer (copied without the fragment loop) reads and
+    /// writes what the loop would: clipped at its end, nothing past it,
+    /// nothing in the other direction.
+    #[test]
+    fn test_one_buffer_chain_copies_like_the_loop() {
+        let mut f = fixture(true);
+        f.driver
+            .add_chain(&[Buf {
+                addr: BUF_IOVA + 0x100,
+                len: 8,
+                writable: true,
+            }])
+            .expect("chain");
+        f.driver.publish().expect("publish");
+        let mut chain = Chain::new();
+        with_queue(&f, |q| {
+            let mut q = q.expect("queue serving");
+            assert!(q.pop(&mut chain).expect("pop"));
+            assert_eq!(q.write(&chain, 0, b"abcd").expect("write"), 4);
+            assert_eq!(q.write(&chain, 5, b"wxyz").expect("clipped"), 3);
+            assert_eq!(q.write(&chain, 8, b"!").expect("at the end"), 0);
+            assert_eq!(q.write(&chain, u64::MAX, b"!").expect("past it"), 0);
+            let mut buf = [0u8; 4];
+            assert_eq!(q.read(&chain, 0, &mut buf).expect("no readable part"), 0);
+            q.add_used(chain.head(), 8).expect("used");
+        });
+        let mut out = [0u8; 9];
+        f.buf_mem.read_at(0x100, &mut out).expect("read back");
+        assert_eq!(&out, b"abcd\0wxy\0");
     }
 }
