@@ -202,10 +202,7 @@ impl<'a> Queue<'a> {
             };
         }
         if self.vring.packed.is_some() {
-            for (i, &(head, len)) in used.iter().enumerate() {
-                self.packed_add_used(head, len).map_err(|e| (i, e))?;
-            }
-            return Ok(());
+            return self.packed_add_used_lens(used);
         }
         for (i, &(head, len)) in used.iter().enumerate() {
             self.add_used(head, len).map_err(|e| (i, e))?;

@@ -169,6 +169,33 @@ impl PackedState {
         }
     }
 
+    /// [`push_used`](PackedState::push_used) for each (`id`, `len`) of
+    /// `used`, in order, the used position and the count since the last
+    /// signal kept in registers through the batch (the batch completions'
+    /// path: scripts/count-net.sh --packed 980.9 -> 956.4 per frame, with
+    /// the receive side's batch joining it whole). Each `id` must
+    /// be `< size`; the caller checked the batch has room.
+    #[inline(always)]
+    pub(crate) fn push_used_all(&mut self, used: impl Iterator<Item = (u16, u32)>, size: u16) {
+        let (mut slot, mut wrap, mut since) = (self.used_idx, self.used_wrap, self.since_signal);
+        for (id, len) in used {
+            let c = self.ndescs.get_mut(usize::from(id));
+            let n = c.as_ref().map_or(0, |c| **c).clamp(1, size.max(1));
+            if let Some(c) = c {
+                *c = 0;
+            }
+            self.shadow.push(UsedEntry {
+                slot,
+                id,
+                len,
+                flags: super::desc::used_flags(wrap, len > 0),
+            });
+            (slot, wrap) = advance(slot, wrap, n, size);
+            since = since.saturating_add(u32::from(n));
+        }
+        (self.used_idx, self.used_wrap, self.since_signal) = (slot, wrap, since);
+    }
+
     /// The next available position as one 16-bit value (slot, wrap in bit
     /// 15), what [`Queue::next_avail`](crate::queue::Queue::next_avail)
     /// reports for a packed ring.

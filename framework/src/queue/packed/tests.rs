@@ -467,6 +467,41 @@ fn test_in_order_batch_is_one_used_descriptor() {
     assert_eq!(s.used_idx, 10, "past the batch's ten descriptors");
 }
 
+/// `add_used_lens` on a packed ring: one used descriptor per head with its
+/// length, each past its chain's descriptors; a head outside the ring ends
+/// the batch after the ones before it.
+#[test]
+fn test_add_used_lens_on_a_packed_ring() {
+    let mut p = packed(true);
+    let ids: Vec<u16> = (0..3)
+        .map(|i| {
+            p.ring
+                .add_chain(&[buf(i * 0x10, 8, true), buf(0x100, 8, true)])
+                .expect("chain")
+        })
+        .collect();
+    let mut chains = vec![Chain::new(); 4];
+    p.with(|mut q| {
+        assert_eq!(q.pop_burst(&mut chains).popped, 3);
+        let used: Vec<(u16, u32)> = chains[..2]
+            .iter()
+            .zip([5u32, 9])
+            .map(|(c, l)| (c.head(), l))
+            .collect();
+        q.add_used_lens(&used).expect("lens");
+        let r = q.add_used_lens(&[(chains[2].head(), 16), (999, 1)]);
+        assert!(matches!(r, Err((1, QueueError::BadHead { head: 999, .. }))));
+        q.notify().expect("notify");
+    });
+    assert_eq!(p.ring.take_used().expect("used"), Some((ids[0], 5)));
+    assert_eq!(p.ring.take_used().expect("used"), Some((ids[1], 9)));
+    assert_eq!(p.ring.take_used().expect("used"), Some((ids[2], 16)));
+    assert_eq!(p.ring.take_used().expect("used"), None);
+    let v = p.vring();
+    let s = v.packed.as_ref().expect("packed");
+    assert_eq!(s.used_idx, 6, "past the three chains' six descriptors");
+}
+
 #[test]
 fn test_unpop_gives_back_the_last_chains() {
     let mut p = packed(true);

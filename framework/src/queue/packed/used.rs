@@ -80,6 +80,34 @@ impl<'a> Queue<'a> {
         r.map_err(|e| self.dma_err(e))
     }
 
+    /// [`Queue::add_used_lens`] on a packed ring: without the dirty log
+    /// and with room in the batch, every (head, length) joins the batch
+    /// with the ring state borrowed once; else one at a time through
+    /// [`packed_add_used`](Self::packed_add_used). On error, how many were
+    /// completed with it.
+    pub(in crate::queue) fn packed_add_used_lens(
+        &mut self,
+        used: &[(u16, u32)],
+    ) -> std::result::Result<(), (usize, QueueError)> {
+        let size = self.vring.q.size();
+        if self.vring.log.is_none() && used.iter().all(|&(h, _)| h < size) {
+            if let Some(p) = self.vring.packed.as_mut() {
+                let room = usize::from(size).saturating_sub(p.shadow.len());
+                if p.ndescs.len() == usize::from(size) && used.len() <= room {
+                    p.push_used_all(used.iter().copied(), size);
+                    let added = u16::try_from(used.len()).unwrap_or(u16::MAX);
+                    self.vring.num_added = self.vring.num_added.saturating_add(added);
+                    self.dirty |= !used.is_empty();
+                    return Ok(());
+                }
+            }
+        }
+        for (i, &(head, len)) in used.iter().enumerate() {
+            self.packed_add_used(head, len).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
+
     /// [`Queue::add_used_batch`] on a packed ring: with `VIRTIO_F_IN_ORDER`
     /// one used descriptor (the last head's) for the whole batch, without
     /// one per head.
@@ -107,10 +135,7 @@ impl<'a> Queue<'a> {
             if let Some(p) = self.vring.packed.as_mut() {
                 let room = usize::from(size).saturating_sub(p.shadow.len());
                 if p.ndescs.len() == usize::from(size) && heads.len() <= room {
-                    for &h in heads {
-                        let n = p.ndescs[usize::from(h)];
-                        p.push_used(h, 0, n, size);
-                    }
+                    p.push_used_all(heads.iter().map(|&h| (h, 0)), size);
                     let added = u16::try_from(heads.len()).unwrap_or(u16::MAX);
                     self.vring.num_added = self.vring.num_added.saturating_add(added);
                     self.dirty |= !heads.is_empty();
