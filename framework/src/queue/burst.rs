@@ -6,6 +6,7 @@
 use virtio_queue::QueueT;
 
 use super::chain::Frag;
+use super::walk::pop_one_hot;
 use super::{Chain, Queue, QueueError, Result, Rings};
 
 /// What one [`Queue::pop_burst`] did.
@@ -50,7 +51,7 @@ pub const PREFETCH_BYTES: usize = 80;
 /// of `f`, for writing if the device writes them: the lines then arrive
 /// owned, without a second round trip to the driver's core.
 #[inline(always)]
-fn prefetch_frag(f: &Frag, skip: usize) {
+pub(super) fn prefetch_frag(f: &Frag, skip: usize) {
     let skip = skip.min(f.len);
     let start = f.addr.saturating_add(skip);
     let end = start.saturating_add((f.len - skip).min(PREFETCH_BYTES));
@@ -170,17 +171,21 @@ impl<'a> Queue<'a> {
         let ready = usize::from(self.avail_cache.wrapping_sub(next))
             .min(usize::from(r.size))
             .min(chains.len());
+        // The handle and the epoch in registers through the loop.
+        let (dma, epoch, skip) = (self.dma, self.epoch, self.prefetch_skip);
         let mut k = 0usize;
         while k < ready {
             let Some(c) = chains.get_mut(k) else {
                 break;
             };
             let slot = next.wrapping_add(k as u16) & (r.size - 1);
-            if !self.pop_one_hot(r, r.avail_entry(slot), c) {
+            if !pop_one_hot(&dma, epoch, r, r.avail_entry(slot), c) {
                 break;
             }
             if k < PREFETCH_AHEAD {
-                self.prefetch(c);
+                if let Some(f) = c.frags.first() {
+                    prefetch_frag(f, skip);
+                }
             }
             k += 1;
         }

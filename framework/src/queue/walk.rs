@@ -299,7 +299,7 @@ impl<'a> Queue<'a> {
         // One buffer already translated: no walk, no running sums, no
         // fragment call (scripts/count-net.sh: 1089.5 -> 989.7 per frame,
         // with the burst no longer clearing each chain first).
-        if self.pop_one_hot(r, head, chain) {
+        if pop_one_hot(&self.dma, self.epoch, r, head, chain) {
             self.vring.q.set_next_avail(next.wrapping_add(1));
             return Ok(true);
         }
@@ -358,33 +358,6 @@ impl<'a> Queue<'a> {
         })
     }
 
-    /// The common split chain, whole: `head` is one direct descriptor whose
-    /// buffer lies in a run this section already translated (DPDK's
-    /// virtio-user posts nothing else with ANY_LAYOUT, on either ring).
-    /// Fills `chain` with it and returns true; returns false, having
-    /// changed nothing the walk relies on, for anything else (which
-    /// [`pop_fast`](Queue::pop_fast)'s walk then takes, checks and
-    /// translates in full). The same checks as the walk: head in the ring,
-    /// no `NEXT` or `INDIRECT`, the buffer inside the address space, every
-    /// byte translated for the device's access.
-    #[inline(always)]
-    pub(super) fn pop_one_hot(&self, r: Rings, head: u16, chain: &mut Chain) -> bool {
-        if head >= r.size {
-            return false;
-        }
-        let d = r.desc(head);
-        if d.flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT) != 0 {
-            return false;
-        }
-        self.set_one_hot(
-            chain,
-            head,
-            d.addr,
-            d.len,
-            d.flags & VRING_DESC_F_WRITE != 0,
-        )
-    }
-
     /// Makes `chain` the chain `head` of one buffer when the section already
     /// holds that buffer's translation for the device's access (and it does
     /// not wrap around the address space); returns false, changing nothing,
@@ -398,24 +371,7 @@ impl<'a> Queue<'a> {
         len: u32,
         writable: bool,
     ) -> bool {
-        let access = if writable {
-            Access::Write
-        } else {
-            Access::Read
-        };
-        if addr.checked_add(u64::from(len)).is_none() {
-            return false;
-        }
-        let Some(host) = self.dma.hot_whole(addr, u64::from(len), access) else {
-            return false;
-        };
-        let desc = Desc {
-            addr,
-            len,
-            writable,
-        };
-        chain.set_one(head, self.epoch, desc, host as usize);
-        true
+        fill_one_hot(&self.dma, self.epoch, chain, head, addr, len, writable)
     }
 
     /// The queue just parked on a miss of the chain at avail slot `missed`:
@@ -678,6 +634,66 @@ impl<'a> Queue<'a> {
             self.vring.broken = true;
         }
     }
+}
+
+/// The common split chain, whole: `head` is one direct descriptor whose
+/// buffer lies in a run the section of `dma` already translated (DPDK's
+/// virtio-user posts nothing else with ANY_LAYOUT, on either ring).
+/// Fills `chain` with it (for the queue of `epoch`) and returns true;
+/// returns false, having changed nothing the walk relies on, for anything
+/// else (which `pop_fast`'s walk then takes, checks and translates
+/// in full). The same checks as the walk: head in the ring, no `NEXT` or
+/// `INDIRECT`, the buffer inside the address space, every byte translated
+/// for the device's access.
+#[inline(always)]
+pub(super) fn pop_one_hot(
+    dma: &crate::dma::Dma<'_>,
+    epoch: u64,
+    r: Rings,
+    head: u16,
+    chain: &mut Chain,
+) -> bool {
+    if head >= r.size {
+        return false;
+    }
+    let d = r.desc(head);
+    if d.flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT) != 0 {
+        return false;
+    }
+    let writable = d.flags & VRING_DESC_F_WRITE != 0;
+    fill_one_hot(dma, epoch, chain, head, d.addr, d.len, writable)
+}
+
+/// [`Queue::set_one_hot`] with the queue's DMA handle and epoch passed
+/// apart, for a loop that holds the ring state borrowed (the packed burst).
+#[inline(always)]
+pub(super) fn fill_one_hot(
+    dma: &crate::dma::Dma<'_>,
+    epoch: u64,
+    chain: &mut Chain,
+    head: u16,
+    addr: u64,
+    len: u32,
+    writable: bool,
+) -> bool {
+    let access = if writable {
+        Access::Write
+    } else {
+        Access::Read
+    };
+    if addr.checked_add(u64::from(len)).is_none() {
+        return false;
+    }
+    let Some(host) = dma.hot_whole(addr, u64::from(len), access) else {
+        return false;
+    };
+    let desc = Desc {
+        addr,
+        len,
+        writable,
+    };
+    chain.set_one(head, epoch, desc, host as usize);
+    true
 }
 
 #[cfg(test)]

@@ -20,6 +20,8 @@ use super::desc::{is_avail, PackedDesc, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRI
 use super::ring::{DmaRing, HostRing, RingMem};
 use super::state::{advance, retreat};
 use crate::dma::DmaError;
+use crate::queue::burst::prefetch_frag;
+use crate::queue::walk::fill_one_hot;
 use crate::queue::{Burst, Chain, Queue, QueueError, Result, Rings, PREFETCH_AHEAD};
 
 /// How a walk ended.
@@ -85,36 +87,57 @@ impl<'a> Queue<'a> {
     #[inline(always)]
     fn packed_pop_hot(&mut self, ring: &HostRing, chains: &mut [Chain]) -> usize {
         let size = ring.size();
-        match self.vring.packed.as_mut() {
-            Some(p) => p.fit(size),
-            None => return 0,
-        }
+        let (dma, epoch, skip) = (self.dma, self.epoch, self.prefetch_skip);
+        let Some(p) = self.vring.packed.as_mut() else {
+            return 0;
+        };
+        p.fit(size);
+        // The available position and the pop counter in registers through
+        // the loop, the ring state borrowed once (scripts/count-net.sh
+        // --packed: 956.4 -> 934.0 per frame).
+        let (mut slot, mut wrap, mut pops) = (p.avail_idx, p.avail_wrap, p.pops);
         let mut k = 0usize;
         while let Some(c) = chains.get_mut(k) {
-            let Some(p) = self.vring.packed.as_ref() else {
-                break;
-            };
-            let (start, wrap) = (p.avail_idx, p.avail_wrap);
-            match ring.flags(start) {
+            match ring.flags(slot) {
                 Ok(f) if is_avail(f, wrap) => {}
                 _ => break,
             }
-            let Ok(d) = ring.desc(start) else {
+            let Ok(d) = ring.desc(slot) else {
                 break;
             };
             let writable = d.flags & DESC_F_WRITE != 0;
             if d.flags & (DESC_F_NEXT | DESC_F_INDIRECT) != 0
                 || d.id >= size
-                || !self.set_one_hot(c, d.id, d.addr, d.len, writable)
+                || !fill_one_hot(&dma, epoch, c, d.id, d.addr, d.len, writable)
             {
                 break;
             }
-            self.packed_popped_one(start, wrap, d, writable, c);
+            // What `packed_popped_one` records, for the chain of one
+            // descriptor.
+            (slot, wrap) = advance(slot, wrap, 1, size);
+            let id = usize::from(d.id);
+            if let (Some(n), Some(w)) = (p.ndescs.get_mut(id), p.writable.get_mut(id)) {
+                *n = 1;
+                *w = if writable && d.len > 0 {
+                    (d.addr, d.len, 0)
+                } else {
+                    (0, 0, 0)
+                };
+            }
+            if let Some(r) = p.recent.get_mut(usize::from(pops)) {
+                *r = 1;
+            }
+            pops = if pops + 1 >= size { 0 } else { pops + 1 };
             if k < PREFETCH_AHEAD {
-                self.prefetch(c);
+                if let Some(f) = c.frags.first() {
+                    prefetch_frag(f, skip);
+                }
             }
             k += 1;
         }
+        (p.avail_idx, p.avail_wrap, p.pops) = (slot, wrap, pops);
+        // k <= chains.len(), and every chain took a ring slot: k <= size.
+        self.tail_pops = self.tail_pops.saturating_add(k as u16);
         k
     }
 
