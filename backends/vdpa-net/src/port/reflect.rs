@@ -63,19 +63,20 @@ impl Port for ReflectPort {
     }
 
     fn recv(&mut self, max: usize, deliver: &mut dyn FnMut(&mut [u8]) -> bool) -> Result<usize> {
+        // The frames are handed out in place, then the delivered ones move
+        // to the spare pool at once (not popped one by one:
+        // scripts/count-net.sh 703.1 -> 696.2 per frame).
         let mut n = 0;
-        while n < max {
-            let Some(front) = self.queue.front_mut() else {
-                break;
-            };
-            if !deliver(front.as_mut_slice()) {
-                break;
+        let (a, b) = self.queue.as_mut_slices();
+        'all: for part in [a, b] {
+            for p in part.iter_mut() {
+                if n == max || !deliver(p.as_mut_slice()) {
+                    break 'all;
+                }
+                n += 1;
             }
-            if let Some(b) = self.queue.pop_front() {
-                self.spare.push(b);
-            }
-            n += 1;
         }
+        self.spare.extend(self.queue.drain(..n));
         Ok(n)
     }
 
@@ -133,6 +134,43 @@ mod tests {
         assert_eq!(r.recv(10, &mut |_| false).unwrap(), 0);
         assert_eq!(r.recv(0, &mut |_| true).unwrap(), 0);
         assert_eq!(r.recv(10, &mut |_| true).unwrap(), 1);
+    }
+
+    /// Frames come back in order, at most `max` a call, across the queue's
+    /// wrap in its storage too (`recv` hands out both parts in place).
+    #[test]
+    fn test_reflect_keeps_order_across_the_queue_wrap() {
+        let mut r = ReflectPort::new();
+        let mut next_sent = 0usize;
+        let mut send = |r: &mut ReflectPort, n: usize| {
+            let mut batch: Vec<PacketBuf> = (0..n)
+                .map(|i| frame(((next_sent + i) % 251) as u8, 0, 60))
+                .collect();
+            next_sent += n;
+            assert_eq!(r.send(&mut batch).sent, n);
+        };
+        let mut next_got = 0usize;
+        let mut recv = |r: &mut ReflectPort, max: usize| {
+            let mut seen = Vec::new();
+            let n = r
+                .recv(max, &mut |f| {
+                    // The source MAC now carries what was the destination.
+                    seen.push(f[VNET_HDR_LEN + 6]);
+                    true
+                })
+                .unwrap();
+            for s in seen {
+                assert_eq!(usize::from(s), next_got % 251, "in order");
+                next_got += 1;
+            }
+            n
+        };
+        send(&mut r, PORT_QUEUE_LEN - 4);
+        assert_eq!(recv(&mut r, PORT_QUEUE_LEN - 24), PORT_QUEUE_LEN - 24);
+        send(&mut r, 50);
+        assert_eq!(recv(&mut r, 60), 60);
+        assert_eq!(recv(&mut r, 60), 10);
+        assert_eq!(recv(&mut r, 60), 0);
     }
 
     #[test]
