@@ -220,6 +220,15 @@ impl BlkServer {
         })
     }
 
+    /// Starts `kind` serving the image file `image` read-write on one queue
+    /// at `dir/disk.sock` (logs `dir/server.out`/`.err`): the common case
+    /// of the tests. Returns the server and its socket.
+    pub fn on_file(kind: &BlkServerKind, image: &Path, dir: &Path) -> Result<(BlkServer, PathBuf)> {
+        let sock = dir.join("disk.sock");
+        let export = BlkExport::new(&sock, Image::File(image.to_path_buf()));
+        Ok((BlkServer::spawn(kind, &export, dir, "server")?, sock))
+    }
+
     /// Which server this is.
     pub fn kind(&self) -> &BlkServerKind {
         &self.kind

@@ -33,14 +33,8 @@ fn test_written_block_reads_back_and_lands_in_image() {
     let img = dir.join("disk.img");
     let before = pattern(64);
     fs::write(&img, &before).unwrap_or_else(|e| panic!("write the image: {e}"));
-    let sock = dir.join("disk.sock");
-    let mut server = BlkServer::spawn(
-        &kind,
-        &BlkExport::new(&sock, Image::File(img.clone())),
-        dir.path(),
-        "server",
-    )
-    .or_panic("start the server");
+    let (mut server, sock) =
+        BlkServer::on_file(&kind, &img, dir.path()).or_panic("start the server");
     let mut fe = BlkFrontend::connect(&sock, 1, before.len() as u64)
         .unwrap_or_else(|e| panic!("{e}\n{}", server.log_tail()));
     let (status, _) = fe

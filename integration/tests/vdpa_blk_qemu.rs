@@ -195,14 +195,8 @@ fn pattern_with_iommu(test: &str, mode: IommuMode) {
     let pat = pattern(blocks);
     let img = dir.join("disk.img");
     create_image(&img, &vec![0; blocks * BLOCK]);
-    let sock = dir.join("disk.sock");
-    let mut server = BlkServer::spawn(
-        &kind,
-        &BlkExport::new(&sock, Image::File(img.clone())),
-        dir.path(),
-        "server",
-    )
-    .or_panic("start the server");
+    let (mut server, sock) =
+        BlkServer::on_file(&kind, &img, dir.path()).or_panic("start the server");
     let cfg = QemuConfig::new("guest", &write_pattern_script("vda", blocks, 0))
         .blkdev(&sock, 1)
         .iommu(mode)
@@ -231,14 +225,8 @@ fn test_guest_disk_on_packed_rings() {
     let pat = pattern(blocks);
     let img = dir.join("disk.img");
     create_image(&img, &vec![0; blocks * BLOCK]);
-    let sock = dir.join("disk.sock");
-    let mut server = BlkServer::spawn(
-        &kind,
-        &BlkExport::new(&sock, Image::File(img.clone())),
-        dir.path(),
-        "server",
-    )
-    .or_panic("start the server");
+    let (mut server, sock) =
+        BlkServer::on_file(&kind, &img, dir.path()).or_panic("start the server");
     let cfg = QemuConfig::new("guest", &write_pattern_script("vda", blocks, 0))
         .blkdev(&sock, 1)
         .packed()
@@ -282,14 +270,8 @@ fn test_guest_disk_resized_by_sighup() {
     let (before, after) = (2048u64, 6144u64);
     let img = dir.join("disk.img");
     create_image(&img, &vec![0; (before * 512) as usize]);
-    let sock = dir.join("disk.sock");
-    let mut server = BlkServer::spawn(
-        &kind,
-        &BlkExport::new(&sock, Image::File(img.clone())),
-        dir.path(),
-        "server",
-    )
-    .or_panic("start the server");
+    let (mut server, sock) =
+        BlkServer::on_file(&kind, &img, dir.path()).or_panic("start the server");
     let tail_block = after * 512 / 4096 - 3;
     let script = format!(
         "mark \"SIZE_BEFORE $(cat /sys/block/vda/size)\"\n\
