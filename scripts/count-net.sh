@@ -20,19 +20,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "valgrind is needed (apt-get install valgrind)" >&2; exit 2; }
-bin=
-args=()
-for a in "$@"; do
-    case $a in
-        --packed) args+=("$a") ;;
-        *) bin=$a ;;
-    esac
-done
-if [ -z "$bin" ]; then
-    bin=$(cargo bench -j2 -p vdpa-net --bench device --no-run 2>&1 \
-        | grep -o 'target/release/deps/device-[0-9a-f]*' | tail -1)
-fi
-[ -x "$bin" ] || { echo "no benchmark binary: $bin" >&2; exit 2; }
+. scripts/lib/count.sh
+count_args --packed -- "$@"
+count_bench_binary vdpa-net device
 out=$(mktemp)
 trap 'rm -f "$out" "$out".*' EXIT
 # The warm-up's counts are dumped (to "$out.1") and zeroed when the counted

@@ -21,19 +21,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "valgrind is needed (apt-get install valgrind)" >&2; exit 2; }
-bin=
-args=()
-for a in "$@"; do
-    case $a in
-        --packed|--one-buffer) args+=("$a") ;;
-        *) bin=$a ;;
-    esac
-done
-if [ -z "$bin" ]; then
-    bin=$(cargo bench -j2 -p ioasis --bench vhost_queue --no-run 2>&1 \
-        | grep -o 'target/release/deps/vhost_queue-[0-9a-f]*' | tail -1)
-fi
-[ -x "$bin" ] || { echo "no benchmark binary: $bin" >&2; exit 2; }
+. scripts/lib/count.sh
+count_args --packed --one-buffer -- "$@"
+count_bench_binary ioasis vhost_queue
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 valgrind --tool=callgrind --callgrind-out-file="$out" \
