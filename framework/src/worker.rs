@@ -52,7 +52,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::context::{Waker, WorkerContext};
 use crate::device::{device_token_of, Device, DeviceError, EventRegistrar, Idle, Worker};
-use crate::dma::{Dma, Section};
+use crate::dma::{Access, Dma, Section};
 use crate::epoll::{self, CtlOp, Epoll, EpollEvent, EpollFlags};
 use crate::peer_write::{self, Writer};
 use crate::queue::{Queues, Vring};
@@ -426,9 +426,9 @@ struct Runner {
     /// Each ring's `(started, kick_gen)` when `kicks` was last built.
     kicks_seen: Option<Vec<(bool, u64)>>,
     pending_report: bool,
-    /// Pages whose misses this thread reported lately, and when (see
-    /// [`Runner::report`]).
-    asked: Vec<(u64, Instant)>,
+    /// Pages whose misses this thread reported lately, for which access,
+    /// and when (see [`Runner::report`]).
+    asked: Vec<Asked>,
     /// [`ConnShared::removals`] when `asked` was last checked.
     asked_removals: u64,
     /// Errors returned by the worker (logged at powers of two).
@@ -442,20 +442,47 @@ fn lock(m: &Mutex<Vring>) -> std::sync::MutexGuard<'_, Vring> {
     }
 }
 
-/// Remembers in `asked` that the page of `iova` was asked for at `now`
-/// (the oldest entry makes room).
-fn note_asked(asked: &mut Vec<(u64, Instant)>, iova: u64, now: Instant) {
+/// A miss this thread reported: the page, the access asked for, when.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Asked {
+    page: u64,
+    access: Access,
+    at: Instant,
+}
+
+/// Remembers in `asked` that the page of `iova` was asked for `access` at
+/// `now` (the oldest entry makes room).
+fn note_asked(asked: &mut Vec<Asked>, iova: u64, access: Access, now: Instant) {
     if asked.len() >= ASKED_MAX {
         asked.remove(0);
     }
-    asked.push((iova & !(ASKED_PAGE - 1), now));
+    asked.push(Asked {
+        page: iova & !(ASKED_PAGE - 1),
+        access,
+        at: now,
+    });
+}
+
+/// Whether a miss of `iova` for `access` was asked already: the same page
+/// asked for that access, or for both. An ask for the other access does not
+/// count: the frontend translates a miss for the access it names, and a
+/// page the driver mapped for one direction only (a transmit buffer the
+/// device may only read) answers a read and not a write, or the reverse, so
+/// a queue that needs the other access would wait for an update that never
+/// comes (the quickstart's transmit from unmapped memory, whose page the
+/// receive queue had asked for writing, waited so).
+fn already_asked(asked: &[Asked], iova: u64, access: Access) -> bool {
+    let page = iova & !(ASKED_PAGE - 1);
+    asked
+        .iter()
+        .any(|a| a.page == page && (a.access == access || a.access == Access::ReadWrite))
 }
 
 /// Forgets the pages in `asked` that the removals numbered `from + 1..=to`
 /// overlapped (all of them if one of those ranges is not known): a page
 /// answered and unmapped since must be asked for again at once, while one
 /// whose update is still on its way stays asked.
-fn forget_removed(asked: &mut Vec<(u64, Instant)>, removed: &RemovedRanges, from: u64, to: u64) {
+fn forget_removed(asked: &mut Vec<Asked>, removed: &RemovedRanges, from: u64, to: u64) {
     #[cfg(ioasis_broken = "missforgetnone")]
     {
         let _ = (asked, removed, from, to);
@@ -468,7 +495,7 @@ fn forget_removed(asked: &mut Vec<(u64, Instant)>, removed: &RemovedRanges, from
     #[cfg(not(any(ioasis_broken = "missforgetnone", ioasis_broken = "missforgetall")))]
     {
         let known = removed.each_since(from, to, |first, last| {
-            asked.retain(|&(page, _)| page > last || page.saturating_add(ASKED_PAGE - 1) < first)
+            asked.retain(|a| a.page > last || a.page.saturating_add(ASKED_PAGE - 1) < first)
         });
         if !known {
             asked.clear();
@@ -884,12 +911,8 @@ impl Runner {
                 self.asked_removals = removals;
             }
             self.asked
-                .retain(|&(_, at)| now.saturating_duration_since(at) < ASKED_FOR);
-            if self
-                .asked
-                .iter()
-                .any(|&(page, _)| page == p.iova & !(ASKED_PAGE - 1))
-            {
+                .retain(|a| now.saturating_duration_since(a.at) < ASKED_FOR);
+            if already_asked(&self.asked, p.iova, p.access) {
                 // Reported ahead of this chain lately: its update is on its
                 // way and resumes the queue, as for a miss reported now
                 // (neither is asked again while the queue waits; a polling
@@ -901,7 +924,7 @@ impl Runner {
                 match self.shared.transport.report_miss(*index, p.iova, p.access) {
                     MissReport::Done => {
                         p.reported = true;
-                        note_asked(&mut self.asked, p.iova, now);
+                        note_asked(&mut self.asked, p.iova, p.access, now);
                     }
                     MissReport::Retry => self.pending_report = true,
                 }
@@ -911,15 +934,11 @@ impl Runner {
             // the frontend answers them back to back.
             let ahead = std::mem::take(&mut v.ahead);
             for &(iova, access) in &ahead {
-                if self
-                    .asked
-                    .iter()
-                    .any(|&(page, _)| page == iova & !(ASKED_PAGE - 1))
-                {
+                if already_asked(&self.asked, iova, access) {
                     continue;
                 }
                 match self.shared.transport.report_miss(*index, iova, access) {
-                    MissReport::Done => note_asked(&mut self.asked, iova, now),
+                    MissReport::Done => note_asked(&mut self.asked, iova, access, now),
                     // Asked again when its chain misses.
                     MissReport::Retry => break,
                 }
@@ -934,8 +953,25 @@ impl Runner {
 mod tests {
     use super::*;
 
-    fn pages(asked: &[(u64, Instant)]) -> Vec<u64> {
-        asked.iter().map(|&(p, _)| p).collect()
+    fn pages(asked: &[Asked]) -> Vec<u64> {
+        asked.iter().map(|a| a.page).collect()
+    }
+
+    /// A page asked for one access is not asked for the other (fails if
+    /// asks are told apart by page alone, as before this test: the
+    /// quickstart's transmit then waited for ever).
+    #[test]
+    fn test_an_ask_covers_its_own_access_only() {
+        let now = Instant::now();
+        let mut asked = Vec::new();
+        note_asked(&mut asked, 0x5010, Access::Write, now);
+        assert!(already_asked(&asked, 0x5ff0, Access::Write));
+        assert!(!already_asked(&asked, 0x5000, Access::Read));
+        assert!(!already_asked(&asked, 0x5000, Access::ReadWrite));
+        assert!(!already_asked(&asked, 0x6000, Access::Write));
+        note_asked(&mut asked, 0x9000, Access::ReadWrite, now);
+        assert!(already_asked(&asked, 0x9000, Access::Read));
+        assert!(already_asked(&asked, 0x9000, Access::Write));
     }
 
     /// An unmap forgets exactly the asks it overlapped (fails with
@@ -947,7 +983,7 @@ mod tests {
         let now = Instant::now();
         let mut asked = Vec::new();
         for iova in [0x1000, 0x2234, 0x5000, 0x9fff] {
-            note_asked(&mut asked, iova, now);
+            note_asked(&mut asked, iova, Access::Write, now);
         }
         // Ends inside 0x2000's page; starts inside 0x9000's page.
         removed.record(&count, 0x1800, 0x2000);
@@ -955,7 +991,7 @@ mod tests {
         forget_removed(&mut asked, &removed, 0, count.load(Ordering::SeqCst));
         assert_eq!(pages(&asked), [0x5000]);
         // Already seen removals change nothing.
-        note_asked(&mut asked, 0x1000, now);
+        note_asked(&mut asked, 0x1000, Access::Write, now);
         forget_removed(&mut asked, &removed, 2, 2);
         assert_eq!(pages(&asked), [0x5000, 0x1000]);
     }
@@ -968,11 +1004,11 @@ mod tests {
         let count = RemovalCount::new(0);
         let now = Instant::now();
         let mut asked = Vec::new();
-        note_asked(&mut asked, 0x5000, now);
+        note_asked(&mut asked, 0x5000, Access::Write, now);
         count.fetch_add(1, Ordering::SeqCst);
         forget_removed(&mut asked, &removed, 0, 1);
         assert!(asked.is_empty());
-        note_asked(&mut asked, 0x5000, now);
+        note_asked(&mut asked, 0x5000, Access::Write, now);
         for _ in 0..=crate::removed::REMOVED_SLOTS {
             removed.record(&count, 0x1000, 0x1fff);
         }
