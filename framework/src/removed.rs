@@ -179,42 +179,10 @@ mod tests {
 mod loom_model {
     use super::*;
     use loom::sync::Arc;
-    use std::sync::atomic::AtomicUsize;
-    use std::time::Instant;
 
     /// Removal `n`'s range: page `n`.
     fn range_of(n: u64) -> (u64, u64) {
         (n << 12, (n << 12) | 0xfff)
-    }
-
-    /// Runs `model` under loom with at most `bound` preemptions (`None`:
-    /// every interleaving), or `LOOM_MAX_PREEMPTIONS` when set; prints what
-    /// was explored (the format of iommu-core's tests/loom.rs).
-    fn check(name: &str, bound: Option<usize>, model: impl Fn() + Sync + Send + 'static) {
-        let mut b = loom::model::Builder::new();
-        if std::env::var_os("LOOM_MAX_PREEMPTIONS").is_none() {
-            b.preemption_bound = bound;
-        }
-        let bound = b.preemption_bound;
-        let iterations = std::sync::Arc::new(AtomicUsize::new(0));
-        let counted = iterations.clone();
-        let start = Instant::now();
-        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            b.check(move || {
-                counted.fetch_add(1, Ordering::Relaxed);
-                model();
-            })
-        }));
-        println!(
-            "loom model {name}: {} after {} iterations, preemption bound {}, {:.2}s",
-            if run.is_ok() { "passed" } else { "FAILED" },
-            iterations.load(Ordering::Relaxed),
-            bound.map_or("none (exhaustive)".to_string(), |b| b.to_string()),
-            start.elapsed().as_secs_f64()
-        );
-        if let Err(panic) = run {
-            std::panic::resume_unwind(panic);
-        }
     }
 
     /// Reads the ranges of removals `from + 1..=to` and checks them.
@@ -231,7 +199,7 @@ mod loom_model {
 
     #[test]
     fn removed_ranges_seqlock() {
-        check("removed_ranges_seqlock", None, || {
+        iommu_core::model::check("removed_ranges_seqlock", None, || {
             let r = Arc::new(RemovedRanges::<2>::default());
             let count = Arc::new(RemovalCount::new(0));
             let (rr, rc) = (r.clone(), count.clone());

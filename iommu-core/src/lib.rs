@@ -287,6 +287,47 @@ pub mod sigbus;
 pub mod atomic {
     pub use crate::prim::AtomicU64;
 }
+/// The runner of every loom model of the workspace (iommu-core's
+/// `tests/loom.rs`, the framework's `RemovedRanges` model), so that all of
+/// them honour `LOOM_MAX_PREEMPTIONS` alike and report in the one format
+/// `scripts/model-check.sh` reads. Only under `--cfg loom`.
+#[cfg(loom)]
+pub mod model {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    /// Runs `model` under loom with at most `bound` preemptions (`None`:
+    /// every interleaving), or `LOOM_MAX_PREEMPTIONS` when set, and prints
+    /// "loom model NAME: passed|FAILED after N iterations, preemption bound
+    /// B, Ts"; a failing model's panic is then resumed.
+    pub fn check(name: &str, bound: Option<usize>, model: impl Fn() + Sync + Send + 'static) {
+        let mut b = loom::model::Builder::new();
+        if std::env::var_os("LOOM_MAX_PREEMPTIONS").is_none() {
+            b.preemption_bound = bound;
+        }
+        let bound = b.preemption_bound;
+        let iterations = Arc::new(AtomicUsize::new(0));
+        let counted = iterations.clone();
+        let start = Instant::now();
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            b.check(move || {
+                counted.fetch_add(1, Ordering::Relaxed);
+                model();
+            })
+        }));
+        println!(
+            "loom model {name}: {} after {} iterations, preemption bound {}, {:.2}s",
+            if run.is_ok() { "passed" } else { "FAILED" },
+            iterations.load(Ordering::Relaxed),
+            bound.map_or("none (exhaustive)".to_string(), |b| b.to_string()),
+            start.elapsed().as_secs_f64()
+        );
+        if let Err(panic) = run {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
 mod sync;
 mod translate;
 mod types;

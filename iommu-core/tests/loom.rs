@@ -127,9 +127,7 @@
 #![cfg(loom)]
 #![allow(clippy::unwrap_used)]
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
-use std::time::Instant;
 
 use iommu_core::*;
 use loom::sync::{Condvar, Mutex};
@@ -202,36 +200,14 @@ fn stamp(t: u64, n: u64) -> [u8; 8] {
     (t << 32 | n).to_le_bytes()
 }
 
-/// Runs `model` under loom with at most `bound` preemptions (`None`:
-/// every interleaving), or `LOOM_MAX_PREEMPTIONS` when set; prints what
-/// was explored.
+/// Runs `model` on fresh pages (cleared before every execution) with
+/// [`iommu_core::model::check`].
 fn check(name: &str, bound: Option<usize>, model: impl Fn(&Pages) + Sync + Send + 'static) {
-    let mut b = loom::model::Builder::new();
-    if std::env::var_os("LOOM_MAX_PREEMPTIONS").is_none() {
-        b.preemption_bound = bound;
-    }
-    let bound = b.preemption_bound;
-    let iterations = Arc::new(AtomicUsize::new(0));
-    let counted = iterations.clone();
     let pages = Pages::make();
-    let start = Instant::now();
-    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        b.check(move || {
-            counted.fetch_add(1, Ordering::Relaxed);
-            pages.clear();
-            model(&pages);
-        })
-    }));
-    println!(
-        "loom model {name}: {} after {} iterations, preemption bound {}, {:.2}s",
-        if run.is_ok() { "passed" } else { "FAILED" },
-        iterations.load(Ordering::Relaxed),
-        bound.map_or("none (exhaustive)".to_string(), |b| b.to_string()),
-        start.elapsed().as_secs_f64()
-    );
-    if let Err(panic) = run {
-        std::panic::resume_unwind(panic);
-    }
+    iommu_core::model::check(name, bound, move || {
+        pages.clear();
+        model(&pages);
+    });
 }
 
 /// A bound device attached (auto domain) to an IOAS with `pages.old` at
