@@ -268,7 +268,7 @@ struct Cli {
     #[arg(long = "guest-iommu", value_name = "MODE", value_enum)]
     guest_iommu: Vec<GuestIommu>,
     /// Frames pktgen sends per guest-pktgen round (default per mode: none
-    /// 300000, lazy 100000, strict 20000).
+    /// 800000, lazy 200000, strict 40000).
     #[arg(long, value_name = "N",
           value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     guest_packets: Option<u64>,
