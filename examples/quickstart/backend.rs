@@ -82,6 +82,7 @@ pub fn run(dir: &Path) -> Res<()> {
         mac: NET_MAC,
         poll: PollMode::default(),
         tap_io: TapIo::Auto,
+        worker_cpus: Vec::new(),
     };
     let net = Arc::new(VhostUserNetBackend::new(&net_cfg).map_err(ctx("net0"))?);
     let stats = net.stats();

@@ -243,6 +243,16 @@ pub trait Device: Send + Sync + 'static {
         vec![mask]
     }
 
+    /// The CPUs worker thread `thread` runs on: the framework restricts the
+    /// thread to them before [`Worker::init`]. `None`, the default: no
+    /// restriction. Only the workers are pinned; the connection thread that
+    /// answers the frontend stays free to run elsewhere (see
+    /// [`crate::affinity`]).
+    fn worker_cpus(&self, thread: usize) -> Option<Vec<usize>> {
+        let _ = thread;
+        None
+    }
+
     /// Resets device state (the frontend reset the device, or disconnected).
     /// Workers have already been dropped when this is called.
     fn reset(&self) {}

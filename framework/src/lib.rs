@@ -53,6 +53,7 @@
 //! [`Worker`]: device::Worker
 #![deny(missing_docs)]
 
+pub mod affinity;
 pub mod config_space;
 pub mod context;
 pub mod device;

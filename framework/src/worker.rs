@@ -310,9 +310,19 @@ impl WorkerSet {
                 asked_removals: 0,
                 errors: 0,
             };
+            let cpus = device.worker_cpus(thread);
             let handle = std::thread::Builder::new()
                 .name(format!("ioasis-worker-{thread}"))
-                .spawn(move || runner.run_attached())
+                .spawn(move || {
+                    if let Some(cpus) = cpus {
+                        // A CPU the process may no longer use: the worker
+                        // runs unpinned rather than not at all.
+                        if let Err(e) = crate::affinity::pin_current_thread(&cpus) {
+                            error!("worker {thread}: not pinned to CPUs {cpus:?}: {e}");
+                        }
+                    }
+                    runner.run_attached()
+                })
                 .map_err(|source| WorkerError::Io {
                     thread,
                     op: "spawn",

@@ -24,6 +24,7 @@ fn device(port: PortSpec) -> VhostUserNetBackend {
         mac: [2, 0, 0, 0, 0, 1],
         poll: PollMode::Off,
         tap_io: TapIo::Syscall,
+        worker_cpus: Vec::new(),
     };
     let d = VhostUserNetBackend::new(&cfg).expect("device");
     d.set_features(bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MRG_RXBUF))

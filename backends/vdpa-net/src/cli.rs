@@ -72,6 +72,12 @@ pub struct Cli {
     /// After work, poll N µs with notifications off (0: never) [default: adaptive]
     #[arg(long, value_name = "N", value_parser = parse_poll_us)]
     poll_us: Option<u64>,
+    /// Pin the data-plane workers to these CPUs (`1`, `0,2-3`): the n-th
+    /// queue pair's worker (counted across the devices in order) to the n-th
+    /// CPU, round robin; the connection and server threads stay unpinned
+    /// [default: no pinning]
+    #[arg(long, value_name = "LIST", value_parser = parse_worker_cpus)]
+    worker_cpus: Option<CpuList>,
     /// Tap I/O: auto (uring if available), uring or syscall
     #[arg(long, value_name = "MODE", default_value = "auto", value_parser = tap_io_parser(),
           hide_possible_values = true)]
@@ -162,7 +168,21 @@ impl Cli {
                 mac,
                 poll: PollMode::from_poll_us(self.poll_us),
                 tap_io: self.tap_io,
+                worker_cpus: Vec::new(),
             });
+        }
+        if let Some(CpuList(cpus)) = &self.worker_cpus {
+            check_allowed(cpus)?;
+            let mut next = 0usize;
+            for d in &mut devices {
+                d.worker_cpus = (0..d.queues.clamp(1, MAX_QUEUE_PAIRS))
+                    .map(|_| {
+                        let c = cpus[next % cpus.len()];
+                        next += 1;
+                        c
+                    })
+                    .collect();
+            }
         }
         let socket_policy = SocketPolicy::new(self.socket_mode, self.socket_group)
             .map_err(|e| usage_error(ErrorKind::ValueValidation, &format!("--socket-mode: {e}")))?;
@@ -213,6 +233,32 @@ fn parse_stats_interval(v: &str) -> Result<f64, String> {
     match v.parse::<f64>() {
         Ok(s) if s.is_finite() && (0.0..=86400.0).contains(&s) => Ok(s),
         _ => Err("expected seconds, 0 to 86400".into()),
+    }
+}
+
+/// A `--worker-cpus` list (a type of its own: clap reads an
+/// `Option<Vec<_>>` field as a repeatable option).
+#[derive(Debug, Clone)]
+struct CpuList(Vec<usize>);
+
+fn parse_worker_cpus(v: &str) -> Result<CpuList, String> {
+    ioasis::affinity::parse_cpu_list(v).map(CpuList)
+}
+
+/// `--worker-cpus` names only CPUs this process may run on.
+fn check_allowed(cpus: &[usize]) -> Result<(), clap::Error> {
+    let allowed = ioasis::affinity::allowed_cpus().map_err(|e| {
+        usage_error(
+            ErrorKind::Io,
+            &format!("--worker-cpus: reading this process's CPUs: {e}"),
+        )
+    })?;
+    match cpus.iter().find(|c| !allowed.contains(c)) {
+        None => Ok(()),
+        Some(c) => Err(usage_error(
+            ErrorKind::ValueValidation,
+            &format!("--worker-cpus: CPU {c} is not one this process may run on ({allowed:?})"),
+        )),
     }
 }
 
@@ -290,6 +336,37 @@ mod tests {
         assert_eq!(o.devices[0].poll, PollMode::Off);
         let o = p("--socket-path /tmp/a --port sink --poll-us 1000").unwrap();
         assert_eq!(o.devices[0].poll, PollMode::Fixed(Duration::from_millis(1)));
+    }
+
+    /// `--worker-cpus`: one CPU per queue pair, counted across the devices,
+    /// round robin; a CPU the process may not use is refused.
+    #[test]
+    fn test_worker_cpus() {
+        let o = p("--socket-path /tmp/a --port sink").unwrap();
+        assert!(o.devices[0].worker_cpus.is_empty());
+        let allowed = ioasis::affinity::allowed_cpus().unwrap();
+        let c = allowed[0];
+        let o = p(&format!(
+            "--device socket=/tmp/a,port=sink,queues=2 --device socket=/tmp/b,port=sink --worker-cpus {c}"
+        ))
+        .unwrap();
+        assert_eq!(o.devices[0].worker_cpus, vec![c, c]);
+        assert_eq!(o.devices[1].worker_cpus, vec![c]);
+        if let Some(&d) = allowed.get(1) {
+            let o = p(&format!(
+                "--device socket=/tmp/a,port=sink,queues=2 --device socket=/tmp/b,port=sink --worker-cpus {c},{d}"
+            ))
+            .unwrap();
+            assert_eq!(o.devices[0].worker_cpus, vec![c, d]);
+            assert_eq!(o.devices[1].worker_cpus, vec![c]);
+        }
+        let beyond = allowed.last().unwrap() + 1;
+        let e = p(&format!(
+            "--socket-path /tmp/a --port sink --worker-cpus {beyond}"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("--worker-cpus"), "{e}");
+        assert!(p("--socket-path /tmp/a --port sink --worker-cpus 1-0").is_err());
     }
 
     #[test]

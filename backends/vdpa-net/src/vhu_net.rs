@@ -59,6 +59,9 @@ pub struct NetConfig {
     pub poll: PollMode,
     /// How tap ports do their I/O.
     pub tap_io: TapIo,
+    /// The CPU each queue pair's worker is pinned to, by pair (empty: not
+    /// pinned; a pair beyond the list: not pinned).
+    pub worker_cpus: Vec<usize>,
 }
 
 /// State shared by the control plane and the workers of one device.
@@ -71,6 +74,8 @@ struct Shared {
     ports: Vec<Mutex<Option<Box<dyn Port>>>>,
     stats: Arc<DeviceStats>,
     poll: PollMode,
+    /// See [`NetConfig::worker_cpus`].
+    worker_cpus: Vec<usize>,
     label: String,
 }
 
@@ -102,6 +107,7 @@ impl VhostUserNetBackend {
             ports: ports.into_iter().map(|p| Mutex::new(Some(p))).collect(),
             stats,
             poll: cfg.poll,
+            worker_cpus: cfg.worker_cpus.clone(),
             label: cfg.socket.clone(),
         };
         Ok(VhostUserNetBackend {
@@ -159,6 +165,11 @@ impl Device for VhostUserNetBackend {
             features,
             ctrl,
         )))
+    }
+
+    fn worker_cpus(&self, thread: usize) -> Option<Vec<usize>> {
+        // Worker `thread` serves queue pair `thread` (queues_per_thread).
+        self.shared.worker_cpus.get(thread).map(|&c| vec![c])
     }
 
     fn config_size(&self) -> u32 {
