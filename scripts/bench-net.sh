@@ -8,8 +8,9 @@
 #
 # vdpa-net is measured in two modes in the same run, each against net_vhost:
 # as users start it (no --poll-us, not pinned; "vdpa-net") and polling
-# (--poll-us 1000, pinned to CPU 1, where net_vhost forwards while testpmd's
-# frontend forwards on CPU 0; "vdpa-net poll"). --mode picks one, --poll-us N
+# (--poll-us 1000, its worker pinned to CPU 1 with --worker-cpus 1, where
+# net_vhost forwards while testpmd's frontend forwards on CPU 0; "vdpa-net
+# poll"). --mode picks one, --poll-us N
 # sets the polling window (0: no polling mode), --no-pin unpins it.
 #
 # Every measurement checks itself: the frames the frontend sent equal the

@@ -22,18 +22,16 @@
 //! traffic lasted too short for a whole second inside it.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::accounting::CountCheck;
-use crate::env::which;
-use crate::error::{io, Error, Result};
+use crate::error::{Error, Result};
 use crate::process::wait_for_path;
 use crate::qemu::{IommuMode, Qemu, QemuConfig, GUEST_TIMEOUT};
 use crate::testpmd::{median, net_vhost_vdev, Testpmd, TestpmdConfig};
-use crate::vdpa_net::{find_device, VdpaNet, VdpaNetConfig};
+use crate::vdpa_net::{find_device, pin_workers, VdpaNet, VdpaNetConfig};
 
 /// The guest's MAC address.
 pub const GUEST_MAC: &str = "52:54:00:00:00:01";
@@ -157,7 +155,8 @@ pub enum PktgenBackend {
     /// DPDK's net_vhost in testpmd, rxonly, forwarding lcore on CPU 1.
     NetVhost,
     /// vdpa-net (`bin`) with the `sink` port and extra arguments `args`,
-    /// pinned to CPU 1 (where net_vhost's lcore runs) if `pin`.
+    /// its worker pinned to CPU 1 (where net_vhost's lcore runs) if `pin`
+    /// ([`pin_workers`]).
     VdpaNet {
         /// The daemon binary.
         bin: PathBuf,
@@ -212,7 +211,7 @@ impl Running {
                     cfg = cfg.arg(a);
                 }
                 let bin = if *pin {
-                    pinned(bin, 1, dir)?
+                    pin_workers(bin, 1, &mut cfg, dir)?
                 } else {
                     bin.clone()
                 };
@@ -290,30 +289,6 @@ impl Running {
 /// Frames the device on `sock` received in a vdpa-net statistics line.
 fn device_rx(line: &Value, sock: &Path) -> u64 {
     crate::vdpa_net::counters(find_device(line, sock).unwrap_or(line)).rx_packets
-}
-
-/// A wrapper script in `dir` that runs `bin` pinned to `cpu` with taskset
-/// (`bin` itself when taskset is missing).
-pub fn pinned(bin: &Path, cpu: u32, dir: &Path) -> Result<PathBuf> {
-    let Some(ts) = which("taskset") else {
-        log::warn!("taskset missing: {} runs unpinned", bin.display());
-        return Ok(bin.to_path_buf());
-    };
-    let path = dir.join(format!("pinned-cpu{cpu}.sh"));
-    std::fs::write(
-        &path,
-        format!(
-            "#!/bin/sh\nexec {} -c {cpu} {} \"$@\"\n",
-            ts.display(),
-            bin.display()
-        ),
-    )
-    .map_err(io(format!("write {}", path.display())))?;
-    crate::process::run(
-        Command::new("chmod").arg("+x").arg(&path),
-        Duration::from_secs(10),
-    )?;
-    Ok(path)
 }
 
 /// Boots a guest with `iommu` on `backend`, sends `count` frames with

@@ -32,6 +32,51 @@ pub fn vdpa_net_bin() -> Result<PathBuf> {
     workspace_bin("vdpa-net", "vdpa-net")
 }
 
+/// Runs vdpa-net `bin` with its workers pinned to `cpu`: through
+/// `--worker-cpus CPU` added to `cfg`, so the connection thread (IOTLB
+/// updates, ring setup) stays free to run elsewhere as DPDK's control
+/// threads stay off its polling lcores; for a build without that option
+/// (an older binary compared against), the whole process under
+/// `taskset -c CPU` through a wrapper script written in `dir`, or unpinned
+/// with a warning when taskset is missing. Returns the program to start.
+pub fn pin_workers(bin: &Path, cpu: u32, cfg: &mut VdpaNetConfig, dir: &Path) -> Result<PathBuf> {
+    let help = std::process::Command::new(bin)
+        .arg("--help")
+        .output()
+        .map_err(|e| Error::Io {
+            what: format!("{} --help", bin.display()),
+            source: e,
+        })?;
+    if String::from_utf8_lossy(&help.stdout).contains("--worker-cpus") {
+        *cfg = std::mem::take(cfg)
+            .arg("--worker-cpus")
+            .arg(&cpu.to_string());
+        return Ok(bin.to_path_buf());
+    }
+    let Some(ts) = crate::env::which("taskset") else {
+        log::warn!("taskset missing: {} runs unpinned", bin.display());
+        return Ok(bin.to_path_buf());
+    };
+    let path = dir.join(format!("vdpa-net-pinned-cpu{cpu}.sh"));
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\nexec {} -c {cpu} {} \"$@\"\n",
+            ts.display(),
+            bin.display()
+        ),
+    )
+    .map_err(|e| Error::Io {
+        what: format!("write {}", path.display()),
+        source: e,
+    })?;
+    crate::process::run(
+        std::process::Command::new("chmod").arg("+x").arg(&path),
+        Duration::from_secs(10),
+    )?;
+    Ok(path)
+}
+
 /// One device the daemon serves.
 #[derive(Debug, Clone)]
 pub struct DeviceSpec {

@@ -53,13 +53,69 @@ fn skew() -> u64 {
         .unwrap_or(0)
 }
 
-/// A vdpa-net daemon with one device on `port`, with `poll_us` if given.
+/// A vdpa-net daemon with one device on `port`, with `poll_us` if given,
+/// its worker then pinned to the last CPU the test may use
+/// (`--worker-cpus`, as the benchmark's polling mode runs it).
 fn daemon(dir: &Path, sock: &Path, port: &str, poll_us: Option<u32>) -> VdpaNet {
     let mut cfg = VdpaNetConfig::new().device(sock, port).stats_interval(1);
     if let Some(us) = poll_us {
-        cfg = cfg.poll_us(us);
+        cfg = cfg
+            .poll_us(us)
+            .arg("--worker-cpus")
+            .arg(&worker_cpu().to_string());
     }
     VdpaNet::spawn(&cfg, dir, None).or_panic("start vdpa-net")
+}
+
+/// The CPU the polling mode's worker is pinned to.
+fn worker_cpu() -> usize {
+    let all = ioasis::affinity::allowed_cpus().expect("the test's CPUs");
+    *all.last().expect("the test may run on some CPU")
+}
+
+/// Each thread of process `pid`: its name and `Cpus_allowed_list`.
+fn thread_cpus(pid: u32) -> Vec<(String, String)> {
+    let dir = format!("/proc/{pid}/task");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&dir)
+        .expect("the daemon's threads")
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap_or_default();
+        out.push((comm.trim().to_string(), cpus.trim().to_string()));
+    }
+    out
+}
+
+/// With `--worker-cpus`, the worker alone is pinned: it may run on the
+/// given CPU only, the other threads (connection, server, main) where the
+/// test may run.
+fn check_worker_pinned(vdpa: &mut VdpaNet) {
+    let cpu = worker_cpu().to_string();
+    let threads = thread_cpus(vdpa.proc_mut().pid());
+    let workers: Vec<_> = threads
+        .iter()
+        .filter(|(n, _)| n.starts_with("ioasis-worker"))
+        .collect();
+    assert!(!workers.is_empty(), "no worker thread: {threads:?}");
+    assert!(workers.iter().all(|(_, c)| *c == cpu), "{threads:?}");
+    if ioasis::affinity::allowed_cpus()
+        .expect("the test's CPUs")
+        .len()
+        > 1
+    {
+        assert!(
+            threads
+                .iter()
+                .any(|(n, c)| !n.starts_with("ioasis-worker") && *c != cpu),
+            "every thread pinned: {threads:?}"
+        );
+    }
 }
 
 /// An interactive testpmd frontend on `sock` in forward mode `fwd`, on
@@ -98,6 +154,9 @@ fn sink_counts_every_frame(dir: &Path, poll_us: Option<u32>, packed: bool) {
     let mut front = frontend(dir, &sock, "sink-frontend", "txonly", packed);
     front.command("start").or_panic("start");
     std::thread::sleep(SEND);
+    if poll_us.is_some() {
+        check_worker_pinned(&mut vdpa);
+    }
     front.stop_forwarding(COMMAND).or_panic("stop");
     let p = front.show_port_stats(0, COMMAND).or_panic("port stats");
     front.quit(STOP_TIMEOUT).or_panic("quit testpmd");
@@ -211,7 +270,8 @@ fn test_default_mode_counts_every_frame() {
     every_frame_counted("test_default_mode_counts_every_frame", None, false);
 }
 
-/// vdpa-net polling (`--poll-us 1000`), as the benchmark's polling mode.
+/// vdpa-net polling (`--poll-us 1000`, its worker pinned with
+/// `--worker-cpus`, which is checked), as the benchmark's polling mode.
 /// The count check fails with `IOASIS_TEST_COUNT_SKEW=1` (see the module's
 /// documentation).
 #[test]

@@ -41,9 +41,11 @@
 //!
 //! vdpa-net is measured in two modes in the same run, each round against
 //! the same net_vhost figure: as users start it (no `--poll-us`, not
-//! pinned; `vdpa-net`) and polling (`--poll-us 1000`, pinned to CPU 1 where
-//! net_vhost's forwarding lcore runs while testpmd's frontend forwards on
-//! CPU 0; `vdpa-net poll`). `--mode` picks one; `--poll-us N` sets the
+//! pinned; `vdpa-net`) and polling (`--poll-us 1000`, its worker pinned to
+//! CPU 1 with `--worker-cpus 1`, where net_vhost's forwarding lcore runs
+//! while testpmd's frontend forwards on CPU 0; `vdpa-net poll`; the other
+//! threads unpinned, as net_vhost's control threads are; a binary without
+//! `--worker-cpus` runs wholly under `taskset -c 1`). `--mode` picks one; `--poll-us N` sets the
 //! window (0: no polling mode); `--no-pin` unpins; a `--vdpa-arg --poll-us`
 //! replaces both by one run with the given arguments.
 //!
@@ -76,21 +78,21 @@
 //! [--vdpa-arg ARG]...` (`--help` prints every flag).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use guest_pktgen::GuestIommu;
 use ioasis_integration::accounting::{verify, CountCheck};
 use ioasis_integration::bench_record::{commit, loadavg};
-use ioasis_integration::env::{heavy_lock, require_tool, which, WorkDir};
+use ioasis_integration::env::{heavy_lock, require_tool, WorkDir};
 use ioasis_integration::netns::Netns;
 use ioasis_integration::process::wait_for_path;
 use ioasis_integration::tcp_bulk::{TcpBulk, Transfer, BULK_BYTES};
 use ioasis_integration::testpmd::{
     median, net_vhost_vdev, virtio_user_vdev, ForwardStats, Testpmd, TestpmdConfig,
 };
-use ioasis_integration::vdpa_net::{vdpa_net_bin, VdpaNet, VdpaNetConfig};
+use ioasis_integration::vdpa_net::{pin_workers, vdpa_net_bin, VdpaNet, VdpaNetConfig};
 use ioasis_integration::{Error, Result};
 
 #[path = "bench_net/guest_pktgen.rs"]
@@ -115,7 +117,7 @@ const DRAIN: Duration = Duration::from_millis(500);
 enum Backend {
     /// DPDK's net_vhost in testpmd.
     Reference,
-    /// vdpa-net with these extra arguments, pinned to CPU 1 or not.
+    /// vdpa-net with these extra arguments, its worker pinned to CPU 1 or not.
     VdpaNet {
         /// Its name in the output (`vdpa-net`, `vdpa-net poll`).
         name: String,
@@ -162,7 +164,7 @@ impl Backend {
                     args.join(" ")
                 },
                 if *pin {
-                    ", pinned to CPU 1"
+                    ", worker pinned to CPU 1"
                 } else {
                     ", not pinned"
                 }
@@ -218,7 +220,7 @@ impl TestName {
 enum Mode {
     /// As users start it: no `--poll-us`, not pinned.
     Default,
-    /// `--poll-us N` (`--poll-us`, default 1000), pinned to CPU 1.
+    /// `--poll-us N` (`--poll-us`, default 1000), worker pinned to CPU 1.
     Poll,
 }
 
@@ -532,30 +534,14 @@ fn start_backend(
             for a in args {
                 cfg = cfg.arg(a);
             }
-            // Pinned to CPU 1, where net_vhost's forwarding lcore runs, so
-            // both backends get the same share of the machine.
-            let pinned;
-            let bin = match which("taskset").filter(|_| *pin) {
-                Some(ts) => {
-                    pinned = dir.join("vdpa-net-pinned.sh");
-                    std::fs::write(
-                        &pinned,
-                        format!(
-                            "#!/bin/sh\nexec {} -c 1 {} \"$@\"\n",
-                            ts.display(),
-                            bin.display()
-                        ),
-                    )
-                    .map_err(|e| Error::Io {
-                        what: "write wrapper".into(),
-                        source: e,
-                    })?;
-                    let _ = Command::new("chmod").arg("+x").arg(&pinned).status();
-                    pinned.as_path()
-                }
-                None => bin.as_path(),
+            // Workers pinned to CPU 1, where net_vhost's forwarding lcore
+            // runs, so both backends get the same share of the machine.
+            let bin = if *pin {
+                pin_workers(bin, 1, &mut cfg, dir)?
+            } else {
+                bin.clone()
             };
-            Ok(Running::Vdpa(VdpaNet::spawn_bin(bin, &cfg, dir, ns)?))
+            Ok(Running::Vdpa(VdpaNet::spawn_bin(&bin, &cfg, dir, ns)?))
         }
     }
 }
@@ -832,15 +818,17 @@ fn spread(v: &[u64]) -> String {
     }
 }
 
-/// The ratio of medians and the range of the per-round ratios of `v`
-/// against `r` (rounds where both were measured).
+/// `v` against `r`: the ratio of the medians, then the median and the
+/// range of the per-round ratios (each round's two sides ran back to back,
+/// so a minute the machine spends in a slow state weighs on both), then
+/// the best round against the best round.
 fn ratio(v: &[Option<u64>], r: &[Option<u64>]) -> String {
     let mv = median(v.iter().flatten().copied().collect());
     let mr = median(r.iter().flatten().copied().collect());
     if mv == 0 || mr == 0 {
         return "-".into();
     }
-    let per: Vec<f64> = v
+    let mut per: Vec<f64> = v
         .iter()
         .zip(r)
         .filter_map(|(a, b)| match (a, b) {
@@ -848,9 +836,22 @@ fn ratio(v: &[Option<u64>], r: &[Option<u64>]) -> String {
             _ => None,
         })
         .collect();
-    let lo = per.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = per.iter().copied().fold(0.0, f64::max);
-    format!("{:.2}x ({lo:.2}-{hi:.2})", mv as f64 / mr as f64)
+    per.sort_by(f64::total_cmp);
+    let (Some(lo), Some(hi)) = (per.first(), per.last()) else {
+        return format!("{:.2}x", mv as f64 / mr as f64);
+    };
+    let n = per.len();
+    let mid = if n % 2 == 1 {
+        per[n / 2]
+    } else {
+        (per[n / 2 - 1] + per[n / 2]) / 2.0
+    };
+    let best = |x: &[Option<u64>]| x.iter().flatten().copied().max().unwrap_or(0);
+    format!(
+        "{:.2}x; per round {mid:.2}x ({lo:.2}-{hi:.2}); best {:.2}x",
+        mv as f64 / mr as f64,
+        best(v) as f64 / best(r).max(1) as f64
+    )
 }
 
 fn main() -> ExitCode {
@@ -967,7 +968,7 @@ fn main() -> ExitCode {
         }
     }
     println!(
-        "\n64-byte frames, medians (min-max) over {} rounds of {} s (Mpps); ratios against net_vhost: of the medians (range of the per-round ratios):",
+        "\n64-byte frames, medians (min-max) over {} rounds of {} s (Mpps); ratios against net_vhost: of the medians; per round, median (range) of the ratios of the rounds' two sides; best round against best round:",
         opts.rounds, opts.secs
     );
     let mut header = String::from("| test | net_vhost |");

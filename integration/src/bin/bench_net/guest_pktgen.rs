@@ -199,7 +199,7 @@ pub fn run(opts: &Opts, asked: &[GuestIommu], packets: Option<u64>) -> bool {
         }
     }
     println!(
-        "\nguest pktgen, {}-byte frames, medians (min-max) over {} rounds (kpps); ratios against net_vhost: of the medians (range of the per-round ratios):",
+        "\nguest pktgen, {}-byte frames, medians (min-max) over {} rounds (kpps); ratios against net_vhost: of the medians; per round, median (range) of the ratios of the rounds' two sides; best round against best round:",
         ioasis_integration::guest_pktgen::FRAME_BYTES,
         opts.rounds
     );
