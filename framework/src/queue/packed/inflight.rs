@@ -498,6 +498,8 @@ impl<'a> Queue<'a> {
         (p.used_idx, p.used_wrap) = used;
         (p.avail_idx, p.avail_wrap) = advance(used.0, used.1, taken, size);
         p.shadow.clear();
+        p.gate = None;
+        p.written = 0;
         info!(
             "queue {}: packed inflight region: {n} chain(s) resubmitted; used position {} (wrap {})",
             self.index, used.0, used.1

@@ -30,6 +30,11 @@ pub(crate) trait RingMem {
     fn write_used(&self, slot: u16, id: u16, len: u32) -> Mem<()>;
     /// Writes the flags of descriptor `slot`.
     fn set_flags(&self, slot: u16, flags: u16) -> Mem<()>;
+    /// Writes used descriptor `slot` whole: `len`, `id` and `flags` (the
+    /// 8 bytes from offset 8, one store at a host address). Only for a
+    /// descriptor the driver does not read before a later release: not the
+    /// first of a batch.
+    fn write_used_flags(&self, slot: u16, id: u16, len: u32, flags: u16) -> Mem<()>;
     /// The driver's event suppression structure: (`off_wrap`, `flags`).
     fn driver_event(&self) -> Mem<(u16, u16)>;
     /// The device's event suppression flags.
@@ -70,6 +75,28 @@ impl HostRing {
         self.desc
             .wrapping_add(DESC_LEN as usize * usize::from(slot) + off)
     }
+
+    /// [`RingMem::write_used`], which cannot fail at a host address.
+    #[inline(always)]
+    pub(crate) fn put_used(&self, slot: u16, id: u16, len: u32) {
+        // SAFETY: slot < size, inside the ring translated for write; the
+        // length at offset 8 is 4-aligned, the id at offset 12 2-aligned.
+        unsafe {
+            std::ptr::write_volatile(self.at(slot, 8).cast::<u32>(), len.to_le());
+            std::ptr::write_volatile(self.at(slot, 12).cast::<u16>(), id.to_le());
+        }
+    }
+
+    /// [`RingMem::write_used_flags`], which cannot fail at a host address:
+    /// one 8-byte store.
+    #[inline(always)]
+    pub(crate) fn put_used_flags(&self, slot: u16, id: u16, len: u32, flags: u16) {
+        let v = u64::from(len) | (u64::from(id) << 32) | (u64::from(flags) << 48);
+        // SAFETY: slot < size, inside the ring translated for write; offset
+        // 8 of a 16-aligned descriptor is 8-aligned: length, id and flags
+        // in their little-endian layout.
+        unsafe { std::ptr::write_volatile(self.at(slot, 8).cast::<u64>(), v.to_le()) };
+    }
 }
 
 impl RingMem for HostRing {
@@ -108,12 +135,7 @@ impl RingMem for HostRing {
 
     #[inline]
     fn write_used(&self, slot: u16, id: u16, len: u32) -> Mem<()> {
-        // SAFETY: slot < size, inside the ring translated for write; the
-        // length at offset 8 is 4-aligned, the id at offset 12 2-aligned.
-        unsafe {
-            std::ptr::write_volatile(self.at(slot, 8).cast::<u32>(), len.to_le());
-            std::ptr::write_volatile(self.at(slot, 12).cast::<u16>(), id.to_le());
-        }
+        self.put_used(slot, id, len);
         Ok(())
     }
 
@@ -121,6 +143,12 @@ impl RingMem for HostRing {
     fn set_flags(&self, slot: u16, flags: u16) -> Mem<()> {
         // SAFETY: as in `write_used`: the flags at offset 14.
         unsafe { std::ptr::write_volatile(self.at(slot, 14).cast::<u16>(), flags.to_le()) };
+        Ok(())
+    }
+
+    #[inline]
+    fn write_used_flags(&self, slot: u16, id: u16, len: u32, flags: u16) -> Mem<()> {
+        self.put_used_flags(slot, id, len, flags);
         Ok(())
     }
 
@@ -205,6 +233,14 @@ impl RingMem for DmaRing<'_> {
 
     fn set_flags(&self, slot: u16, flags: u16) -> Mem<()> {
         self.dma.write_obj(self.slot(slot, 14), &flags.to_le())
+    }
+
+    fn write_used_flags(&self, slot: u16, id: u16, len: u32, flags: u16) -> Mem<()> {
+        let mut b = [0u8; 8];
+        b[..4].copy_from_slice(&len.to_le_bytes());
+        b[4..6].copy_from_slice(&id.to_le_bytes());
+        b[6..].copy_from_slice(&flags.to_le_bytes());
+        self.dma.write(self.slot(slot, 8), &b)
     }
 
     fn driver_event(&self) -> Mem<(u16, u16)> {

@@ -42,6 +42,18 @@ pub(crate) struct PackedState {
     /// and the descriptor ring's lines (which the driver polls and refills)
     /// are written in one go, not between the device's buffer copies.
     pub(crate) shadow: Vec<UsedEntry>,
+    /// The first used descriptor of the current batch when the batch was
+    /// written to the ring as it was completed (a batch of completions
+    /// without the dirty log or inflight tracking, see
+    /// `write_used_all`): its slot and flags, its id and length
+    /// already written, its flags written at publication, last, after a
+    /// release fence. The batch's other descriptors, written whole, stay
+    /// unseen until then: the driver reads the used descriptors in ring
+    /// order from this one. `shadow` entries, if any, follow it.
+    pub(crate) gate: Option<(u16, u16)>,
+    /// Used descriptors of the current batch written to the ring already
+    /// (the `gate` one and those after it), beside the `shadow` ones.
+    pub(crate) written: u16,
     /// The used position at the last notification check (slot, wrap),
     /// for `RING_EVENT_FLAGS_DESC`.
     pub(crate) signalled: Option<(u16, bool)>,
@@ -70,6 +82,8 @@ impl PackedState {
             recent: Vec::new(),
             pops: 0,
             shadow: Vec::new(),
+            gate: None,
+            written: 0,
             signalled: None,
             since_signal: 0,
         }
@@ -144,6 +158,8 @@ impl PackedState {
         self.ndescs.iter_mut().for_each(|n| *n = 0);
         self.pops = 0;
         self.shadow.clear();
+        self.gate = None;
+        self.written = 0;
         self.signalled = None;
         self.since_signal = 0;
     }
@@ -194,6 +210,13 @@ impl PackedState {
             since = since.saturating_add(u32::from(n));
         }
         (self.used_idx, self.used_wrap, self.since_signal) = (slot, wrap, since);
+    }
+
+    /// Used descriptors in the current batch, not yet published (written
+    /// to the ring or not).
+    #[inline(always)]
+    pub(crate) fn batched(&self) -> usize {
+        self.shadow.len() + usize::from(self.written)
     }
 
     /// The next available position as one 16-bit value (slot, wrap in bit

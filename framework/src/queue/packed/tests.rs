@@ -502,6 +502,51 @@ fn test_add_used_lens_on_a_packed_ring() {
     assert_eq!(s.used_idx, 6, "past the three chains' six descriptors");
 }
 
+/// A batch of completions is seen by the driver whole and only when it is
+/// published: batch completions (`add_used_lens`, `add_used_batch`) write
+/// their used descriptors to the ring at once, a single one (`add_used`)
+/// joins the batch after them, and the driver sees none of them until
+/// `publish_used` writes the first one's flags, then all of them in order.
+///
+/// Checked once to fail: with the batch's first descriptor written whole
+/// at once (`--cfg ioasis_broken="gatefirst"`, `write_used_ring`), the
+/// driver sees it before the publication
+/// (`cargo test -p ioasis --lib queue::packed::tests::test_a_batch_is_seen_whole`).
+#[test]
+fn test_a_batch_is_seen_whole_when_published() {
+    let mut p = packed(true);
+    let ids: Vec<u16> = (0..5)
+        .map(|i| p.ring.add_chain(&[buf(i * 0x10, 8, true)]).expect("chain"))
+        .collect();
+    let mut chains = vec![Chain::new(); 5];
+    let ring = &mut p.ring;
+    with_queues(&p.f, |qs| {
+        let mut q = qs.get(1).expect("packed queue serving");
+        assert_eq!(q.pop_burst(&mut chains).popped, 5);
+        q.add_used_lens(&[(chains[0].head(), 3), (chains[1].head(), 4)])
+            .expect("lens");
+        q.add_used_batch(&[chains[2].head()]).expect("batch");
+        q.add_used(chains[3].head(), 6).expect("used");
+        assert_eq!(ring.take_used().expect("used"), None, "not published yet");
+        q.publish_used();
+        q.add_used_batch(&[chains[4].head()]).expect("batch");
+    });
+    let want = [
+        (ids[0], 3),
+        (ids[1], 4),
+        (ids[2], 0),
+        (ids[3], 6),
+        (ids[4], 0),
+    ];
+    for w in want {
+        assert_eq!(p.ring.take_used().expect("used"), Some(w));
+    }
+    assert_eq!(p.ring.take_used().expect("used"), None);
+    let v = p.vring();
+    let s = v.packed.as_ref().expect("packed");
+    assert_eq!((s.used_idx, s.gate, s.written), (5, None, 0));
+}
+
 #[test]
 fn test_unpop_gives_back_the_last_chains() {
     let mut p = packed(true);
