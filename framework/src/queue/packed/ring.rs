@@ -30,11 +30,6 @@ pub(crate) trait RingMem {
     fn write_used(&self, slot: u16, id: u16, len: u32) -> Mem<()>;
     /// Writes the flags of descriptor `slot`.
     fn set_flags(&self, slot: u16, flags: u16) -> Mem<()>;
-    /// Writes used descriptor `slot` whole: `len`, `id` and `flags` (the
-    /// 8 bytes from offset 8, one store at a host address). Only for a
-    /// descriptor the driver does not read before a later release: not the
-    /// first of a batch.
-    fn write_used_flags(&self, slot: u16, id: u16, len: u32, flags: u16) -> Mem<()>;
     /// The driver's event suppression structure: (`off_wrap`, `flags`).
     fn driver_event(&self) -> Mem<(u16, u16)>;
     /// The device's event suppression flags.
@@ -87,8 +82,9 @@ impl HostRing {
         }
     }
 
-    /// [`RingMem::write_used_flags`], which cannot fail at a host address:
-    /// one 8-byte store.
+    /// Writes used descriptor `slot` whole: `len`, `id` and `flags` (the 8
+    /// bytes from offset 8) in one store. Only for a descriptor the driver
+    /// does not read before a later release: not the first of a batch.
     #[inline(always)]
     pub(crate) fn put_used_flags(&self, slot: u16, id: u16, len: u32, flags: u16) {
         let v = u64::from(len) | (u64::from(id) << 32) | (u64::from(flags) << 48);
@@ -143,12 +139,6 @@ impl RingMem for HostRing {
     fn set_flags(&self, slot: u16, flags: u16) -> Mem<()> {
         // SAFETY: as in `write_used`: the flags at offset 14.
         unsafe { std::ptr::write_volatile(self.at(slot, 14).cast::<u16>(), flags.to_le()) };
-        Ok(())
-    }
-
-    #[inline]
-    fn write_used_flags(&self, slot: u16, id: u16, len: u32, flags: u16) -> Mem<()> {
-        self.put_used_flags(slot, id, len, flags);
         Ok(())
     }
 
@@ -233,14 +223,6 @@ impl RingMem for DmaRing<'_> {
 
     fn set_flags(&self, slot: u16, flags: u16) -> Mem<()> {
         self.dma.write_obj(self.slot(slot, 14), &flags.to_le())
-    }
-
-    fn write_used_flags(&self, slot: u16, id: u16, len: u32, flags: u16) -> Mem<()> {
-        let mut b = [0u8; 8];
-        b[..4].copy_from_slice(&len.to_le_bytes());
-        b[4..6].copy_from_slice(&id.to_le_bytes());
-        b[6..].copy_from_slice(&flags.to_le_bytes());
-        self.dma.write(self.slot(slot, 8), &b)
     }
 
     fn driver_event(&self) -> Mem<(u16, u16)> {
