@@ -7,8 +7,11 @@
 //! has an IOMMU). The guest (see [`pktgen_script`]) disables IPv6 on its
 //! interface and gives it no address, so pktgen's frames are the only ones
 //! it sends; it records the interface's transmit count before pktgen starts
-//! (`TX_BEFORE`, normally 0), runs pktgen for a bounded `count` and prints
-//! pktgen's report (`/proc/net/pktgen/<if>`), then waits to be killed.
+//! (`TX_BEFORE`, normally 0), runs pktgen for a bounded `count`, prints
+//! the interrupts its virtio devices took meanwhile (`GUEST_IRQS`: mostly
+//! the used-buffer notifications the backend sent, each costly for a TCG
+//! guest) and pktgen's report (`/proc/net/pktgen/<if>`), then waits to be
+//! killed.
 //!
 //! [`run_pktgen`] boots the guest on the backend, waits (bounded) for the
 //! report and for the backend's count to reach what the guest sent, stops
@@ -74,10 +77,15 @@ for c in "count {count}" "pkt_size {FRAME_BYTES}" "clone_skb 0" "delay 0" \
          "dst 10.0.0.2" "dst_mac {DST_MAC}"; do
     echo "$c" > $PG/$IF || {{ mark PKTGEN_FAIL "$c"; exit 1; }}
 done
+irqs() {{
+    awk '/virtio/ {{ for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i }} END {{ print s + 0 }}' /proc/interrupts
+}}
 sleep 0.5
+IRQS=$(irqs)
 mark "TX_BEFORE $(cat /sys/class/net/$IF/statistics/tx_packets)"
 mark PKTGEN_START
 echo start > $PG/pgctrl
+mark "GUEST_IRQS $(( $(irqs) - IRQS ))"
 echo "--- pktgen report"
 cat $PG/$IF
 echo "--- guest tx_packets $(cat /sys/class/net/$IF/statistics/tx_packets) tx_dropped $(cat /sys/class/net/$IF/statistics/tx_dropped)"
@@ -178,6 +186,8 @@ pub struct PktgenRun {
     pub counted: u64,
     /// The backend's steady rate ([`steady_rate`]), if the run was long enough.
     pub backend_pps: Option<u64>,
+    /// Interrupts of the guest's virtio devices while pktgen ran.
+    pub guest_irqs: Option<u64>,
     /// Frames the guest sent (plus `skew`) against frames the backend counted.
     pub check: CountCheck,
 }
@@ -339,6 +349,7 @@ pub fn run_pktgen(
         tx_before,
         counted,
         backend_pps: steady_rate(&intervals),
+        guest_irqs: marker_value(&console, "GUEST_IRQS"),
         check: CountCheck::new(
             format!(
                 "frames the guest sent (pktgen {} + {tx_before} before it) / the backend counted",

@@ -126,7 +126,7 @@ fn backends(opts: &Opts) -> Vec<(String, PktgenBackend)> {
 /// One round's line.
 fn report(round: usize, mode: GuestIommu, name: &str, r: &PktgenRun) -> String {
     format!(
-        "round {} guest-pktgen {:<6} {:<13} {:>8} kpps into the backend, pktgen {:>8} kpps ({} frames in {:.2} s, {} refused)  [{}]",
+        "round {} guest-pktgen {:<6} {:<13} {:>8} kpps into the backend, pktgen {:>8} kpps ({} frames in {:.2} s, {} refused, {} guest interrupts per 1000 frames)  [{}]",
         round + 1,
         mode.name(),
         name,
@@ -135,6 +135,10 @@ fn report(round: usize, mode: GuestIommu, name: &str, r: &PktgenRun) -> String {
         r.pktgen.sent,
         r.pktgen.usec as f64 / 1e6,
         r.pktgen.errors,
+        r.guest_irqs.map_or("-".into(), |n| format!(
+            "{:.1}",
+            n as f64 * 1000.0 / r.pktgen.sent.max(1) as f64
+        )),
         r.check
     )
 }
