@@ -36,6 +36,15 @@ pub(crate) struct PackedState {
     pub(crate) recent: Vec<u16>,
     /// Pops made (modulo `size`): `recent`'s write position.
     pub(crate) pops: u16,
+    /// Whether the pops record their ring descriptors in `recent`: off
+    /// until the first chain of more than one descriptor is popped (which
+    /// fills in the ones before it that [`Queue::unpop`] may reach), so
+    /// while it is off every chain popped took one and `n` chains took `n`
+    /// descriptors; the pops of one-descriptor chains record nothing
+    /// (scripts/count-net.sh --packed).
+    ///
+    /// [`Queue::unpop`]: crate::queue::Queue::unpop
+    pub(crate) recent_kept: bool,
     /// Used descriptors of the current batch, not yet written: all are
     /// written when the batch is published, the first one's flags last
     /// after a release fence, so the driver sees the whole batch at once
@@ -81,6 +90,7 @@ impl PackedState {
             writable_more: Vec::new(),
             recent: Vec::new(),
             pops: 0,
+            recent_kept: false,
             shadow: Vec::new(),
             gate: None,
             written: 0,

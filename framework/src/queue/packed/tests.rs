@@ -577,6 +577,51 @@ fn test_unpop_gives_back_the_last_chains() {
     assert_eq!(n, 3);
 }
 
+/// `unpop` over chains of one descriptor, popped by the burst's loop
+/// without a record each, and over a chain of two popped after them: the
+/// available position goes back over exactly their descriptors, and the
+/// same chains are popped again.
+///
+/// Checked once to fail: without the one-descriptor entries written for
+/// the chains before the first longer one
+/// (`--cfg ioasis_broken="norecentfill"`, `packed_pop_in`), the position
+/// goes back over the wrong count
+/// (`cargo test -p ioasis --lib queue::packed::tests::test_unpop_over`).
+#[test]
+fn test_unpop_over_one_and_two_descriptor_chains() {
+    let mut p = packed(true);
+    let shapes: [&[Buf]; 4] = [
+        &[buf(0, 8, false)],
+        &[buf(0x10, 8, false)],
+        &[buf(0x20, 8, false), buf(0x100, 8, true)],
+        &[buf(0x30, 8, false)],
+    ];
+    let ids: Vec<u16> = shapes
+        .iter()
+        .map(|c| p.ring.add_chain(c).expect("chain"))
+        .collect();
+    let mut chains = vec![Chain::new(); 4];
+    p.with(|mut q| {
+        assert_eq!(q.pop_burst(&mut chains[..2]).popped, 2);
+        assert!(q.unpop(1), "one-descriptor chains alone");
+        assert_eq!(q.pop_burst(&mut chains[1..]).popped, 3);
+        assert!(q.unpop(4));
+    });
+    {
+        let v = p.vring();
+        let s = v.packed.as_ref().expect("packed");
+        assert_eq!((s.avail_idx, s.avail_wrap), (0, true), "back at the start");
+    }
+    p.with(|mut q| {
+        assert_eq!(q.pop_burst(&mut chains).popped, 4);
+        let heads: Vec<u16> = chains.iter().map(Chain::head).collect();
+        assert_eq!(heads, ids);
+        let v = &q.vring;
+        let s = v.packed.as_ref().expect("packed");
+        assert_eq!(s.avail_idx, 5, "past the five descriptors");
+    });
+}
+
 /// A base outside the ring (SET_VRING_BASE from a broken frontend) fails
 /// the queue with an error when it is first served, never an access
 /// outside the ring.

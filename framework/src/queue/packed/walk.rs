@@ -91,11 +91,17 @@ impl<'a> Queue<'a> {
         let Some(p) = self.vring.packed.as_mut() else {
             return 0;
         };
+        let keep = p.recent_kept;
         p.fit(size);
         // The available position and the pop counter in registers through
         // the loop, the ring state borrowed once (scripts/count-net.sh
         // --packed: 956.4 -> 934.0 per frame).
         let (mut slot, mut wrap, mut pops) = (p.avail_idx, p.avail_wrap, p.pops);
+        // The per-id tables sliced to the ring's size once: an id checked
+        // against the size indexes them without another check.
+        let n = usize::from(size);
+        let (ndescs, writables, recent) =
+            (&mut p.ndescs[..n], &mut p.writable[..n], &mut p.recent[..n]);
         let mut k = 0usize;
         while let Some(c) = chains.get_mut(k) {
             match ring.flags(slot) {
@@ -115,17 +121,18 @@ impl<'a> Queue<'a> {
             // What `packed_popped_one` records, for the chain of one
             // descriptor.
             (slot, wrap) = advance(slot, wrap, 1, size);
+            // d.id < size: inside the tables.
             let id = usize::from(d.id);
-            if let (Some(n), Some(w)) = (p.ndescs.get_mut(id), p.writable.get_mut(id)) {
-                *n = 1;
-                *w = if writable && d.len > 0 {
-                    (d.addr, d.len, 0)
-                } else {
-                    (0, 0, 0)
-                };
-            }
-            if let Some(r) = p.recent.get_mut(usize::from(pops)) {
-                *r = 1;
+            ndescs[id] = 1;
+            writables[id] = if writable && d.len > 0 {
+                (d.addr, d.len, 0)
+            } else {
+                (0, 0, 0)
+            };
+            if keep {
+                if let Some(r) = recent.get_mut(usize::from(pops)) {
+                    *r = 1;
+                }
             }
             pops = if pops + 1 >= size { 0 } else { pops + 1 };
             if k < PREFETCH_AHEAD {
@@ -201,8 +208,24 @@ impl<'a> Queue<'a> {
                     [_] => (0, 0, 0),
                     descs => p.keep_writables(id, descs),
                 };
-                let at = usize::from(p.pops);
-                p.recent[at] = count;
+                if count != 1 && !p.recent_kept {
+                    // The chains popped before it in the tail took one
+                    // descriptor each.
+                    let tail = if cfg!(ioasis_broken = "norecentfill") {
+                        0
+                    } else {
+                        self.tail_pops.min(size)
+                    };
+                    for k in 1..=tail {
+                        let at =
+                            (u32::from(p.pops) + u32::from(size) - u32::from(k)) % u32::from(size);
+                        p.recent[at as usize] = 1;
+                    }
+                    p.recent_kept = true;
+                }
+                if p.recent_kept {
+                    p.recent[usize::from(p.pops)] = count;
+                }
                 p.pops = if p.pops + 1 >= size { 0 } else { p.pops + 1 };
                 self.tail_pops = self.tail_pops.saturating_add(1);
                 Ok(true)
@@ -263,9 +286,10 @@ impl<'a> Queue<'a> {
                     (0, 0, 0)
                 };
             }
-            let at = usize::from(p.pops);
-            if let Some(r) = p.recent.get_mut(at) {
-                *r = 1;
+            if p.recent_kept {
+                if let Some(r) = p.recent.get_mut(usize::from(p.pops)) {
+                    *r = 1;
+                }
             }
             p.pops = if p.pops + 1 >= size { 0 } else { p.pops + 1 };
         }
@@ -420,8 +444,10 @@ impl<'a> Queue<'a> {
         if p.recent.len() != usize::from(size) {
             return false;
         }
-        let mut total = 0u32;
-        for k in 1..=n {
+        // Not kept: each of the tail's chains took one ring descriptor.
+        let kept = p.recent_kept;
+        let mut total = if kept { 0 } else { u32::from(n) };
+        for k in (1..=n).filter(|_| kept) {
             let at = (u32::from(p.pops) + u32::from(size) - u32::from(k)) % u32::from(size);
             total += u32::from(p.recent[at as usize]);
         }
