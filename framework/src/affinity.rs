@@ -60,6 +60,18 @@ pub fn allowed_cpus() -> std::io::Result<Vec<usize>> {
         .collect())
 }
 
+/// Checks that this process may run on every CPU of `cpus`; the error
+/// says which one it may not, and which it may.
+pub fn check_allowed(cpus: &[usize]) -> Result<(), String> {
+    let allowed = allowed_cpus().map_err(|e| format!("reading this process's CPUs: {e}"))?;
+    match cpus.iter().find(|c| !allowed.contains(c)) {
+        None => Ok(()),
+        Some(c) => Err(format!(
+            "CPU {c} is not one this process may run on ({allowed:?})"
+        )),
+    }
+}
+
 /// Restricts the calling thread to `cpus` (not empty).
 pub fn pin_current_thread(cpus: &[usize]) -> std::io::Result<()> {
     let mut set = CpuSet::new();
@@ -105,5 +117,8 @@ mod tests {
         .expect("thread");
         assert_eq!(seen, vec![first]);
         assert!(pin_current_thread(&[]).is_err());
+        assert_eq!(check_allowed(&all), Ok(()));
+        let beyond = all.iter().max().expect("some CPU") + 1;
+        assert!(check_allowed(&[beyond]).is_err());
     }
 }

@@ -65,6 +65,23 @@ pub struct Args {
     /// the load]
     #[arg(long, value_name = "N")]
     pub poll_us: Option<u64>,
+    /// Pin the queues' workers to these CPUs (`1`, `0,2-3`): the n-th
+    /// queue's worker to the n-th CPU, round robin; the connection thread
+    /// stays unpinned [default: no pinning]
+    #[arg(long, value_name = "LIST", value_parser = parse_worker_cpus)]
+    pub worker_cpus: Option<CpuList>,
+}
+
+/// A `--worker-cpus` list (a type of its own: clap reads an
+/// `Option<Vec<_>>` field as a repeatable option).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CpuList(pub Vec<usize>);
+
+/// A CPU list this process may run on.
+fn parse_worker_cpus(s: &str) -> Result<CpuList, String> {
+    let cpus = ioasis::affinity::parse_cpu_list(s)?;
+    ioasis::affinity::check_allowed(&cpus)?;
+    Ok(CpuList(cpus))
 }
 
 fn parse_queue_size(s: &str) -> Result<u16, String> {
@@ -120,6 +137,7 @@ impl Args {
             queue_size: self.queue_size,
             serial: self.serial.clone(),
             poll: PollMode::from_poll_us(self.poll_us),
+            worker_cpus: self.worker_cpus.clone().map(|c| c.0).unwrap_or_default(),
         }
     }
 }
@@ -127,6 +145,41 @@ impl Args {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--worker-cpus`: the list as given, each CPU one the process may
+    /// use; the device pins worker n to the n-th CPU, round robin.
+    #[test]
+    fn test_worker_cpus() {
+        let all = ioasis::affinity::allowed_cpus().expect("CPUs");
+        let first = all[0].to_string();
+        let a = Args::try_parse_from(["vdpa-blk", "--socket-path", "/s", "--null", "4K"])
+            .expect("parse");
+        assert!(a.options().worker_cpus.is_empty());
+        let a = Args::try_parse_from([
+            "vdpa-blk",
+            "--socket-path",
+            "/s",
+            "--null",
+            "4K",
+            "--worker-cpus",
+            &first,
+        ])
+        .expect("parse");
+        assert_eq!(a.options().worker_cpus, vec![all[0]]);
+        let beyond = (all.iter().max().expect("a CPU") + 1).to_string();
+        for bad in [beyond.as_str(), "x", "2-1"] {
+            let r = Args::try_parse_from([
+                "vdpa-blk",
+                "--socket-path",
+                "/s",
+                "--null",
+                "4K",
+                "--worker-cpus",
+                bad,
+            ]);
+            assert!(r.is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn test_parse() {

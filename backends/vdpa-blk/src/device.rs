@@ -28,6 +28,9 @@ pub struct BlkOptions {
     pub serial: String,
     /// How workers poll after work before they sleep (`--poll-us`).
     pub poll: PollMode,
+    /// CPUs the queues' workers are pinned to, round robin (`--worker-cpus`;
+    /// empty: not pinned).
+    pub worker_cpus: Vec<usize>,
 }
 
 /// A virtio-blk device over a [`Backing`].
@@ -158,6 +161,11 @@ impl Device for BlkDevice {
         true
     }
 
+    fn worker_cpus(&self, thread: usize) -> Option<Vec<usize>> {
+        let cpus = &self.opts.worker_cpus;
+        (!cpus.is_empty()).then(|| vec![cpus[thread % cpus.len()]])
+    }
+
     fn queues_per_thread(&self) -> Vec<u64> {
         // One thread (and io_uring) per queue.
         (0..self.num_queues().min(64)).map(|i| 1u64 << i).collect()
@@ -182,6 +190,7 @@ mod tests {
                 queue_size: 64,
                 serial: String::new(),
                 poll: PollMode::default(),
+                worker_cpus: Vec::new(),
             },
         );
         assert_eq!(d.resize().expect("same"), None);

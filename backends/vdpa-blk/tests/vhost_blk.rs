@@ -97,6 +97,7 @@ impl Disk {
                 queue_size: 16,
                 serial: "test-serial-0123".into(),
                 poll: ioasis::poll::PollMode::Off,
+                worker_cpus: Vec::new(),
             },
         ));
         let srv = TestServer::start(vec![("blk", device.clone() as Arc<dyn Device>)]);

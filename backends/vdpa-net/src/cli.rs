@@ -172,7 +172,9 @@ impl Cli {
             });
         }
         if let Some(CpuList(cpus)) = &self.worker_cpus {
-            check_allowed(cpus)?;
+            ioasis::affinity::check_allowed(cpus).map_err(|e| {
+                usage_error(ErrorKind::ValueValidation, &format!("--worker-cpus: {e}"))
+            })?;
             let mut next = 0usize;
             for d in &mut devices {
                 d.worker_cpus = (0..d.queues.clamp(1, MAX_QUEUE_PAIRS))
@@ -243,23 +245,6 @@ struct CpuList(Vec<usize>);
 
 fn parse_worker_cpus(v: &str) -> Result<CpuList, String> {
     ioasis::affinity::parse_cpu_list(v).map(CpuList)
-}
-
-/// `--worker-cpus` names only CPUs this process may run on.
-fn check_allowed(cpus: &[usize]) -> Result<(), clap::Error> {
-    let allowed = ioasis::affinity::allowed_cpus().map_err(|e| {
-        usage_error(
-            ErrorKind::Io,
-            &format!("--worker-cpus: reading this process's CPUs: {e}"),
-        )
-    })?;
-    match cpus.iter().find(|c| !allowed.contains(c)) {
-        None => Ok(()),
-        Some(c) => Err(usage_error(
-            ErrorKind::ValueValidation,
-            &format!("--worker-cpus: CPU {c} is not one this process may run on ({allowed:?})"),
-        )),
-    }
 }
 
 fn parse_poll_us(v: &str) -> Result<u64, String> {
