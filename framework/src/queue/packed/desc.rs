@@ -52,9 +52,12 @@ impl PackedDesc {
 
 /// True when `flags` mark a descriptor the driver made available in the
 /// lap whose wrap counter is `wrap`: `AVAIL` equal to it, `USED` not.
+/// One mask and one compare (scripts/count-net.sh --packed: 807.8 ->
+/// 799.8 per frame against the two flag tests apart).
 #[inline]
 pub(crate) fn is_avail(flags: u16, wrap: bool) -> bool {
-    (flags & DESC_F_AVAIL != 0) == wrap && (flags & DESC_F_USED != 0) != wrap
+    let want = if wrap { DESC_F_AVAIL } else { DESC_F_USED };
+    flags & (DESC_F_AVAIL | DESC_F_USED) == want
 }
 
 /// The flags of a used descriptor written in the lap `wrap`: `AVAIL` and
@@ -80,6 +83,17 @@ mod tests {
         assert!(is_avail(DESC_F_USED, false));
         assert!(!is_avail(used_flags(true, false), true), "used, not avail");
         assert!(!is_avail(used_flags(false, true), false));
+        for flags in [0, DESC_F_AVAIL, DESC_F_USED, DESC_F_AVAIL | DESC_F_USED] {
+            for wrap in [false, true] {
+                let spec =
+                    (flags & DESC_F_AVAIL != 0) == wrap && (flags & DESC_F_USED != 0) != wrap;
+                assert_eq!(
+                    is_avail(flags | DESC_F_NEXT, wrap),
+                    spec,
+                    "{flags:#x} {wrap}"
+                );
+            }
+        }
         assert_eq!(
             used_flags(true, true),
             DESC_F_AVAIL | DESC_F_USED | DESC_F_WRITE

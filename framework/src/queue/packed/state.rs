@@ -34,14 +34,14 @@ pub(crate) struct PackedState {
     ///
     /// [`Queue::unpop`]: crate::queue::Queue::unpop
     pub(crate) recent: Vec<u16>,
-    /// Pops made (modulo `size`): `recent`'s write position.
+    /// Pops recorded (modulo `size`): `recent`'s write position.
     pub(crate) pops: u16,
     /// Whether the pops record their ring descriptors in `recent`: off
     /// until the first chain of more than one descriptor is popped (which
     /// fills in the ones before it that [`Queue::unpop`] may reach), so
     /// while it is off every chain popped took one and `n` chains took `n`
-    /// descriptors; the pops of one-descriptor chains record nothing
-    /// (scripts/count-net.sh --packed).
+    /// descriptors; the pops of one-descriptor chains record nothing and
+    /// leave `pops` as it is (scripts/count-net.sh --packed).
     ///
     /// [`Queue::unpop`]: crate::queue::Queue::unpop
     pub(crate) recent_kept: bool,

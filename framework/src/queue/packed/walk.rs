@@ -133,8 +133,8 @@ impl<'a> Queue<'a> {
                 if let Some(r) = recent.get_mut(usize::from(pops)) {
                     *r = 1;
                 }
+                pops = if pops + 1 >= size { 0 } else { pops + 1 };
             }
-            pops = if pops + 1 >= size { 0 } else { pops + 1 };
             if k < PREFETCH_AHEAD {
                 if let Some(f) = c.frags.first() {
                     prefetch_frag(f, skip);
@@ -210,23 +210,22 @@ impl<'a> Queue<'a> {
                 };
                 if count != 1 && !p.recent_kept {
                     // The chains popped before it in the tail took one
-                    // descriptor each.
+                    // descriptor each: their entries, before this one's.
                     let tail = if cfg!(ioasis_broken = "norecentfill") {
                         0
                     } else {
                         self.tail_pops.min(size)
                     };
-                    for k in 1..=tail {
-                        let at =
-                            (u32::from(p.pops) + u32::from(size) - u32::from(k)) % u32::from(size);
-                        p.recent[at as usize] = 1;
+                    for _ in 0..tail {
+                        p.recent[usize::from(p.pops)] = 1;
+                        p.pops = if p.pops + 1 >= size { 0 } else { p.pops + 1 };
                     }
                     p.recent_kept = true;
                 }
                 if p.recent_kept {
                     p.recent[usize::from(p.pops)] = count;
+                    p.pops = if p.pops + 1 >= size { 0 } else { p.pops + 1 };
                 }
-                p.pops = if p.pops + 1 >= size { 0 } else { p.pops + 1 };
                 self.tail_pops = self.tail_pops.saturating_add(1);
                 Ok(true)
             }
@@ -290,8 +289,8 @@ impl<'a> Queue<'a> {
                 if let Some(r) = p.recent.get_mut(usize::from(p.pops)) {
                     *r = 1;
                 }
+                p.pops = if p.pops + 1 >= size { 0 } else { p.pops + 1 };
             }
-            p.pops = if p.pops + 1 >= size { 0 } else { p.pops + 1 };
         }
         self.tail_pops = self.tail_pops.saturating_add(1);
     }
@@ -458,7 +457,10 @@ impl<'a> Queue<'a> {
             return false;
         }
         (p.avail_idx, p.avail_wrap) = retreat(p.avail_idx, p.avail_wrap, total, size);
-        p.pops = ((u32::from(p.pops) + u32::from(size) - u32::from(n)) % u32::from(size)) as u16;
+        if kept {
+            p.pops =
+                ((u32::from(p.pops) + u32::from(size) - u32::from(n)) % u32::from(size)) as u16;
+        }
         self.tail_pops -= n;
         true
     }
