@@ -87,7 +87,17 @@ impl HostRing {
     /// does not read before a later release: not the first of a batch.
     #[inline(always)]
     pub(crate) fn put_used_flags(&self, slot: u16, id: u16, len: u32, flags: u16) {
-        let v = u64::from(len) | (u64::from(id) << 32) | (u64::from(flags) << 48);
+        self.put_used_word(
+            slot,
+            u64::from(len) | (u64::from(id) << 32) | (u64::from(flags) << 48),
+        );
+    }
+
+    /// [`put_used_flags`](HostRing::put_used_flags) with the three fields
+    /// as one value: the length in bits 0-31, the id in 32-47, the flags
+    /// in 48-63.
+    #[inline(always)]
+    pub(crate) fn put_used_word(&self, slot: u16, v: u64) {
         // SAFETY: slot < size, inside the ring translated for write; offset
         // 8 of a 16-aligned descriptor is 8-aligned: length, id and flags
         // in their little-endian layout.
