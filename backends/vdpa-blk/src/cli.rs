@@ -150,34 +150,26 @@ mod tests {
     /// use; the device pins worker n to the n-th CPU, round robin.
     #[test]
     fn test_worker_cpus() {
-        let all = ioasis::affinity::allowed_cpus().expect("CPUs");
-        let first = all[0].to_string();
-        let a = Args::try_parse_from(["vdpa-blk", "--socket-path", "/s", "--null", "4K"])
-            .expect("parse");
-        assert!(a.options().worker_cpus.is_empty());
-        let a = Args::try_parse_from([
-            "vdpa-blk",
-            "--socket-path",
-            "/s",
-            "--null",
-            "4K",
-            "--worker-cpus",
-            &first,
-        ])
-        .expect("parse");
-        assert_eq!(a.options().worker_cpus, vec![all[0]]);
-        let beyond = (all.iter().max().expect("a CPU") + 1).to_string();
-        for bad in [beyond.as_str(), "x", "2-1"] {
-            let r = Args::try_parse_from([
+        let with = |cpus: &str| {
+            Args::try_parse_from([
                 "vdpa-blk",
                 "--socket-path",
                 "/s",
                 "--null",
                 "4K",
                 "--worker-cpus",
-                bad,
-            ]);
-            assert!(r.is_err(), "{bad}");
+                cpus,
+            ])
+        };
+        let all = ioasis::affinity::allowed_cpus().expect("CPUs");
+        let a = Args::try_parse_from(["vdpa-blk", "--socket-path", "/s", "--null", "4K"])
+            .expect("parse");
+        assert!(a.options().worker_cpus.is_empty());
+        let a = with(&all[0].to_string()).expect("parse");
+        assert_eq!(a.options().worker_cpus, vec![all[0]]);
+        let beyond = (all.iter().max().expect("a CPU") + 1).to_string();
+        for bad in [beyond.as_str(), "x", "2-1"] {
+            assert!(with(bad).is_err(), "{bad}");
         }
     }
 
