@@ -391,7 +391,9 @@ fn write_used_ring(
     // `size` entries).
     let mut take = |id: u16| {
         let c = ndescs.get_mut(usize::from(id))?;
-        let n = (*c).clamp(1, size);
+        // Not `clamp`: its check of its bounds cost the loop about 1.6
+        // instructions per completion (scripts/count-net.sh --packed).
+        let n = (*c).max(1).min(size);
         *c = 0;
         Some(n)
     };
