@@ -585,8 +585,9 @@ fn test_unpop_gives_back_the_last_chains() {
 /// Checked once to fail: without the one-descriptor entries written for
 /// the chains before the first longer one
 /// (`--cfg ioasis_broken="norecentfill"`, `packed_pop_in`), the position
-/// goes back over the wrong count
-/// (`cargo test -p ioasis --lib queue::packed::tests::test_unpop_over`).
+/// goes back over the wrong count; the differential test
+/// `prop_split_and_packed_pop_the_same_chains` fails too
+/// (`cargo test -p ioasis --lib queue::packed`).
 #[test]
 fn test_unpop_over_one_and_two_descriptor_chains() {
     let mut p = packed(true);
@@ -731,10 +732,12 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
     /// The split and the packed ring, given the same requests (batches of
-    /// up to five, over several laps, popped one by one or in bursts), pop
-    /// the same chains (descriptors,
-    /// lengths, bytes read) and give the driver the same completions, in
-    /// the order the device made them.
+    /// up to five, over several laps, popped one by one or in bursts, the
+    /// last up to two given back with `unpop` and popped again), pop the
+    /// same chains (descriptors, lengths, bytes read) and give the driver
+    /// the same completions (one by one, as one `add_used_lens` batch,
+    /// half and half, or as one `add_used_batch`), in the order the device
+    /// made them.
     #[test]
     fn prop_split_and_packed_pop_the_same_chains(
         batches in proptest::collection::vec(
@@ -800,6 +803,14 @@ proptest! {
                     let b = pq.pop_burst(&mut packed_chains[..n]);
                     prop_assert_eq!((b.popped, b.bad, b.error.is_none()), (n, 0, true));
                 }
+                // The last `m` given back and popped again.
+                let m = ((order >> 16) % 3).min(n as u64) as usize;
+                if m > 0 {
+                    prop_assert!(sq.unpop(m as u16));
+                    prop_assert!(pq.unpop(m as u16));
+                    prop_assert_eq!(sq.pop_batch(&mut split_chains[n - m..n]).expect("split pop"), m);
+                    prop_assert_eq!(pq.pop_batch(&mut packed_chains[n - m..n]).expect("packed pop"), m);
+                }
                 for k in 0..n {
                     let (s, c) = (&split_chains[k], &packed_chains[k]);
                     prop_assert_eq!(s.head(), split_ids[k]);
@@ -818,12 +829,31 @@ proptest! {
                     ks.swap(i, (o % (i as u64 + 1)) as usize);
                     o /= i as u64 + 1;
                 }
-                for &k in &ks {
-                    let len = (k as u32 + 1) * 3;
-                    sq.add_used(split_chains[k].head(), len).expect("split used");
-                    pq.add_used(packed_chains[k].head(), len).expect("packed used");
-                    done.push(k);
+                let mode = (order >> 8) % 4;
+                let len_of = |k: usize| if mode == 3 { 0 } else { (k as u32 + 1) * 3 };
+                let used = |chains: &[Chain], ks: &[usize]| -> Vec<(u16, u32)> {
+                    ks.iter().map(|&k| (chains[k].head(), len_of(k))).collect()
+                };
+                // How many complete as one batch (the rest one by one).
+                let batch = match mode {
+                    0 => 0,
+                    2 => n / 2,
+                    _ => n,
+                };
+                let (first, rest) = ks.split_at(batch);
+                if mode == 3 {
+                    let heads = |chains: &[Chain]| -> Vec<u16> { first.iter().map(|&k| chains[k].head()).collect() };
+                    sq.add_used_batch(&heads(&split_chains)).expect("split batch");
+                    pq.add_used_batch(&heads(&packed_chains)).expect("packed batch");
+                } else {
+                    sq.add_used_lens(&used(&split_chains, first)).expect("split lens");
+                    pq.add_used_lens(&used(&packed_chains, first)).expect("packed lens");
                 }
+                for &k in rest {
+                    sq.add_used(split_chains[k].head(), len_of(k)).expect("split used");
+                    pq.add_used(packed_chains[k].head(), len_of(k)).expect("packed used");
+                }
+                done.extend_from_slice(&ks);
                 sq.notify().expect("notify");
                 pq.notify().expect("notify");
                 Ok(())
