@@ -370,6 +370,10 @@ fn write_used_all(
     (done, bad)
 }
 
+/// A used descriptor's flags in the driver's wrap (avail and used set),
+/// shifted to their place in the descriptor's second word.
+const LAP: u64 = ((DESC_F_AVAIL | DESC_F_USED) as u64) << 48;
+
 /// The loop of [`write_used_all`], out of line: its registers are its
 /// own (inlined into the general completion functions, it spilled the
 /// used position and the tables' addresses to the stack).
@@ -417,7 +421,6 @@ fn write_used_ring(
     }
     // The rest: each written whole as one value, the lap's flags kept
     // shifted in place (scripts/count-net.sh --packed).
-    const LAP: u64 = ((DESC_F_AVAIL | DESC_F_USED) as u64) << 48;
     const WRITTEN: u64 = (DESC_F_WRITE as u64) << 48;
     let mut lap = if wrap { LAP } else { 0 };
     let mut at = u32::from(slot);
@@ -434,14 +437,25 @@ fn write_used_ring(
             u64::from(len) | (u64::from(id) << 32) | lap | written,
         );
         at += u32::from(n);
-        if at >= u32::from(size) {
-            at -= u32::from(size);
-            lap ^= LAP;
-        }
         moved += u32::from(n);
         done += 1;
+        if at >= u32::from(size) {
+            // Once a lap: a call, so that the loop tests and branches
+            // instead of computing both outcomes and selecting one
+            // (scripts/count-net.sh --packed).
+            (at, lap) = next_lap(at, lap, size);
+        }
     }
     (p.used_idx, p.used_wrap) = (at as u16, lap != 0);
     p.since_signal = p.since_signal.saturating_add(moved);
     (done, bad)
+}
+
+/// The used position `at` (at least `size`, at most `2 * size - 1`) moved
+/// into the ring's next lap, and the lap's flags `lap` flipped: out of the
+/// loop of [`write_used_ring`], taken once a lap.
+#[cold]
+#[inline(never)]
+fn next_lap(at: u32, lap: u64, size: u16) -> (u32, u64) {
+    (at - u32::from(size), lap ^ LAP)
 }
