@@ -88,20 +88,24 @@ impl HostRing {
     #[inline(always)]
     pub(crate) fn put_used_flags(&self, slot: u16, id: u16, len: u32, flags: u16) {
         self.put_used_word(
-            slot,
+            u32::from(slot),
             u64::from(len) | (u64::from(id) << 32) | (u64::from(flags) << 48),
         );
     }
 
     /// [`put_used_flags`](HostRing::put_used_flags) with the three fields
     /// as one value: the length in bits 0-31, the id in 32-47, the flags
-    /// in 48-63.
+    /// in 48-63. The slot as a `u32` (below the size), which a loop keeps
+    /// without cutting it to 16 bits for each descriptor.
     #[inline(always)]
-    pub(crate) fn put_used_word(&self, slot: u16, v: u64) {
+    pub(crate) fn put_used_word(&self, slot: u32, v: u64) {
+        let at = self
+            .desc
+            .wrapping_add(DESC_LEN as usize * slot as usize + 8);
         // SAFETY: slot < size, inside the ring translated for write; offset
         // 8 of a 16-aligned descriptor is 8-aligned: length, id and flags
         // in their little-endian layout.
-        unsafe { std::ptr::write_volatile(self.at(slot, 8).cast::<u64>(), v.to_le()) };
+        unsafe { std::ptr::write_volatile(at.cast::<u64>(), v.to_le()) };
     }
 }
 

@@ -502,6 +502,30 @@ fn test_add_used_lens_on_a_packed_ring() {
     assert_eq!(s.used_idx, 6, "past the three chains' six descriptors");
 }
 
+/// A batch completion of a head that is not outstanding (a device
+/// completing it twice) moves the used position by one descriptor, not by
+/// its chain's: the count the pop recorded was taken by the first
+/// completion (`write_used_ring`'s out-of-line case for a count outside 1
+/// to the ring size).
+#[test]
+fn test_a_head_completed_twice_in_a_batch_moves_by_one() {
+    let mut p = packed(true);
+    for i in 0..2 {
+        p.ring
+            .add_chain(&[buf(i * 0x10, 8, true), buf(0x100, 8, true)])
+            .expect("chain");
+    }
+    let mut chains = vec![Chain::new(); 2];
+    p.with(|mut q| {
+        assert_eq!(q.pop_burst(&mut chains).popped, 2);
+        let (a, b) = (chains[0].head(), chains[1].head());
+        q.add_used_lens(&[(a, 5), (b, 9), (b, 9)]).expect("lens");
+    });
+    let v = p.vring();
+    let s = v.packed.as_ref().expect("packed");
+    assert_eq!(s.used_idx, 5, "two chains of two, then one");
+}
+
 /// A batch of completions is seen by the driver whole and only when it is
 /// published: batch completions (`add_used_lens`, `add_used_batch`) write
 /// their used descriptors to the ring at once, a single one (`add_used`)
