@@ -105,7 +105,11 @@ impl<'a> Queue<'a> {
             return self.packed_add_used_batch(heads);
         }
         let size = self.vring.q.size();
-        if let Some(&head) = heads.iter().find(|&&h| h >= size) {
+        // As on packed rings (`packed_add_used_batch`): the largest head
+        // first, a loop without exits; the first bad head only if any.
+        let largest = heads.iter().fold(0, |m, &h| m.max(h));
+        if !heads.is_empty() && largest >= size {
+            let head = heads.iter().find(|&&h| h >= size).map_or(largest, |&h| h);
             let e = QueueError::BadHead {
                 queue: self.index,
                 head,
