@@ -368,12 +368,18 @@ fn write_used_all(
         return (0, None);
     };
     let (done, bad) = write_used_ring(ring, p, used);
+    let bad = u16::try_from(bad).ok();
     // done <= the room `direct_used` checked (< 2^16).
     let n = done as u16;
+    let done = done as usize;
     p.written += n;
     v.num_added = v.num_added.saturating_add(n);
     (done, bad)
 }
+
+/// [`write_used_ring`]'s bad id when there is none (ids are 16 bits): its
+/// result is two `u32`s, returned in registers.
+const NO_BAD: u32 = u32::MAX;
 
 /// A used descriptor's flags in the driver's wrap (avail and used set),
 /// shifted to their place in the descriptor's second word.
@@ -387,13 +393,13 @@ fn write_used_ring(
     ring: HostRing,
     p: &mut PackedState,
     mut used: impl Iterator<Item = (u16, u32)>,
-) -> (usize, Option<u16>) {
+) -> (u32, u32) {
     let size = ring.size();
     let ndescs = p.ndescs.as_mut_slice();
     let (mut slot, mut wrap) = (p.used_idx, p.used_wrap);
     // Ring descriptors used in this call: at most size * size < 2^32.
     let mut moved = 0u32;
-    let mut done = 0usize;
+    let mut done = 0u32;
     // The used descriptors the chain of buffer `id` took (0: `id` not
     // outstanding, a device completing a head twice; the used position
     // still moves by one); None: `id` outside the ring (`ndescs` has
@@ -412,10 +418,10 @@ fn write_used_ring(
     };
     if p.gate.is_none() {
         let Some((id, len)) = used.next() else {
-            return (0, None);
+            return (0, NO_BAD);
         };
         let Some(n) = take(id) else {
-            return (0, Some(id));
+            return (0, u32::from(id));
         };
         let flags = super::desc::used_flags(wrap, len > 0);
         if cfg!(ioasis_broken = "gatefirst") {
@@ -461,7 +467,7 @@ fn write_used_ring(
     moved += laps * u32::from(size) + at - start;
     (p.used_idx, p.used_wrap) = (at as u16, lap != 0);
     p.since_signal = p.since_signal.saturating_add(moved);
-    (done, bad)
+    (done, bad.map_or(NO_BAD, u32::from))
 }
 
 /// The used position `at` (at least `size`, at most `2 * size - 1`) moved
