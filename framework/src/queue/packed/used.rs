@@ -12,8 +12,8 @@
 //! descriptors as they come, each but the batch's first whole in one
 //! store; single completions and the other cases keep theirs in the
 //! state's shadow batch until the publication (scripts/count-net.sh
-//! --packed: 892.0 -> 846.1 per frame; the loop's later steps, to 766.0
-//! at 9bc1227: BENCHMARKS.md, "The packed loop's instruction count").
+//! --packed: 892.0 -> 846.1 per frame; the loop's later steps, to 762.6
+//! at 476a4f5: BENCHMARKS.md, "The packed loop's instruction count").
 
 use std::sync::atomic::{fence, Ordering};
 
