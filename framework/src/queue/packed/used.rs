@@ -13,7 +13,8 @@
 //! store; single completions and the other cases keep theirs in the
 //! state's shadow batch until the publication (scripts/count-net.sh
 //! --packed: 892.0 -> 846.1 per frame; the loop's later steps, to 762.6
-//! at 476a4f5: BENCHMARKS.md, "The packed loop's instruction count").
+//! at 476a4f5, 743.1 with the pops' at 167c355: BENCHMARKS.md, "The
+//! packed loop's instruction count").
 
 use std::sync::atomic::{fence, Ordering};
 
