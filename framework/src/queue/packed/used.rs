@@ -58,13 +58,7 @@ impl<'a> Queue<'a> {
         let size = self.vring.q.size();
         let n = match self.vring.packed.as_ref() {
             Some(p) if usize::from(head) < p.ndescs.len() => p.ndescs[usize::from(head)],
-            _ => {
-                return Err(QueueError::BadHead {
-                    queue: self.index,
-                    head,
-                    size,
-                })
-            }
+            _ => return Err(self.bad_head(head)),
         };
         if len > 0 && self.vring.log.is_some() {
             if let Some(log) = self.vring.log.clone() {
@@ -108,14 +102,7 @@ impl<'a> Queue<'a> {
             self.dirty |= done > 0;
             return match bad {
                 None => Ok(()),
-                Some(head) => Err((
-                    done,
-                    QueueError::BadHead {
-                        queue: self.index,
-                        head,
-                        size,
-                    },
-                )),
+                Some(head) => Err((done, self.bad_head(head))),
             };
         }
         if self.vring.log.is_none() && used.iter().all(|&(h, _)| h < size) {
@@ -146,19 +133,7 @@ impl<'a> Queue<'a> {
         heads: &[u16],
     ) -> std::result::Result<(), (usize, QueueError)> {
         let size = self.vring.q.size();
-        // The largest head first, a loop without exits the compiler does 8
-        // or 16 heads at a time; the first head outside the ring only when
-        // there is one (scripts/count-net.sh --packed).
-        let largest = heads.iter().fold(0, |m, &h| m.max(h));
-        if !heads.is_empty() && largest >= size {
-            let head = heads.iter().find(|&&h| h >= size).map_or(largest, |&h| h);
-            let e = QueueError::BadHead {
-                queue: self.index,
-                head,
-                size,
-            };
-            return Err((0, e));
-        }
+        self.check_heads(heads)?;
         // With inflight tracking each buffer gets its used descriptor, so
         // that its recorded entries are freed.
         let in_order = self.vring.in_order && self.vring.packed_inflight.is_none();
