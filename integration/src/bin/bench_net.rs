@@ -45,9 +45,9 @@
 //! CPU 1 with `--worker-cpus 1`, where net_vhost's forwarding lcore runs
 //! while testpmd's frontend forwards on CPU 0; `vdpa-net poll`; the other
 //! threads unpinned, as net_vhost's control threads are; a binary without
-//! `--worker-cpus` runs wholly under `taskset -c 1`). `--mode` picks one; `--poll-us N` sets the
-//! window (0: no polling mode); `--no-pin` unpins; a `--vdpa-arg --poll-us`
-//! replaces both by one run with the given arguments.
+//! `--worker-cpus` runs wholly under `taskset -c 1`). `--mode` picks one;
+//! `--poll-us N` sets the window (0: no polling mode); `--no-pin` unpins; a
+//! `--vdpa-arg --poll-us` replaces both by one run with the given arguments.
 //!
 //! Every measurement checks itself (see [`ioasis_integration::accounting`]):
 //! the frontend is an interactive testpmd whose port counters are read
